@@ -1,0 +1,194 @@
+"""The reference implementation.  See the package docstring; every function follows SPEC.md literally."""
+
+from __future__ import annotations
+
+import torch
+
+
+# ----------------------------------------------------------------------------------------------- logits
+def ref_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               temperature: float = 1.0, vocab: int | None = None) -> torch.Tensor:
+    """``[..., V]`` logits divided by the temperature; only the first ``vocab`` rows of ``weight``."""
+    if vocab is not None:
+        weight = weight[:vocab]
+        bias = None if bias is None else bias[:vocab]
+    z = hidden @ weight.T
+    if bias is not None:
+        z = z + bias
+    return z / temperature
+
+
+def ref_token_logprobs(hidden, weight, target_ids, bias=None, temperature=1.0):
+    """log softmax(z)[y] for every token: ``[...]``."""
+    logp = torch.log_softmax(ref_logits(hidden, weight, bias, temperature), dim=-1)
+    return logp.gather(-1, target_ids.long().unsqueeze(-1)).squeeze(-1)
+
+
+def ref_token_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, *,
+                         student_bias=None, teacher_bias=None, divergence="reverse_kl", temperature=1.0):
+    """Per-token D_t (SPEC section 3) from fully materialized log-softmaxes: ``[...]``."""
+    V = student_weight.shape[0]
+    logp_s = torch.log_softmax(ref_logits(student_hidden, student_weight, student_bias, temperature), dim=-1)
+    logp_t = torch.log_softmax(ref_logits(teacher_hidden, teacher_weight, teacher_bias, temperature, vocab=V), dim=-1)
+    if divergence == "reverse_kl":
+        return (logp_s.exp() * (logp_s - logp_t)).sum(-1)
+    if divergence == "forward_kl":
+        return (logp_t.exp() * (logp_t - logp_s)).sum(-1)
+    raise ValueError(f"unknown divergence {divergence!r}")
+
+
+# ------------------------------------------------------------------------------------------------ steps
+def ref_step_ids_from_mask(response_mask: torch.Tensor) -> torch.Tensor:
+    """Walk each row: a 1 after a 0 (or at the row start) opens a new step."""
+    mask = response_mask.reshape(-1, response_mask.shape[-1]).tolist()
+    out = []
+    for row in mask:
+        ids, step, inside = [], -1, False
+        for v in row:
+            if v:
+                if not inside:
+                    step += 1
+                inside = True
+                ids.append(step)
+            else:
+                inside = False
+                ids.append(-1)
+        out.append(ids)
+    return torch.tensor(out, dtype=torch.int64).reshape(response_mask.shape)
+
+
+def ref_step_divergence(token_signal: torch.Tensor, step_ids: torch.Tensor) -> list[list[float]]:
+    """Per row, the list [d_1, ..., d_K] of step means of the signal (Python floats, float64 sums)."""
+    rows = []
+    for sig, ids in zip(token_signal.reshape(-1, token_signal.shape[-1]).tolist(),
+                        step_ids.reshape(-1, step_ids.shape[-1]).tolist()):
+        members: dict[int, list[float]] = {}
+        for s, k in zip(sig, ids):
+            if k >= 0:
+                members.setdefault(k, []).append(s)
+        rows.append([sum(members[k]) / len(members[k]) for k in sorted(members)])
+    return rows
+
+
+def ref_step_weights_running_product(d: list[float], epsilon: float = 1e-6, delta: float = 0.2) -> list[float]:
+    """SPEC eq. 7 literally: w_1 = 1, w_k = min(prod_{u<k} (d_u + eps)/(d_{u+1} + eps), 1 + delta)."""
+    weights = []
+    product = 1.0
+    for k in range(len(d)):
+        if k == 0:
+            weights.append(1.0)
+            continue
+        product *= (d[k - 1] + epsilon) / (d[k] + epsilon)
+        weights.append(min(product, 1.0 + delta))
+    return weights
+
+
+def _token_weights(step_ids: torch.Tensor, per_row_weights: list[list[float]], dtype) -> torch.Tensor:
+    flat_ids = step_ids.reshape(-1, step_ids.shape[-1]).tolist()
+    out = [[(per_row_weights[b][k] if k >= 0 else 0.0) for k in row] for b, row in enumerate(flat_ids)]
+    return torch.tensor(out, dtype=dtype).reshape(step_ids.shape)
+
+
+def ref_sod_step_weights(student_logprobs, teacher_logprobs, response_mask, epsilon=1e-6, delta=0.2):
+    """Token weights from the authors' signal |old - teacher| (0 outside steps)."""
+    step_ids = ref_step_ids_from_mask(response_mask)
+    signal = (student_logprobs.double() - teacher_logprobs.double()).abs()
+    d = ref_step_divergence(signal, step_ids)
+    w = [ref_step_weights_running_product(row, epsilon, delta) for row in d]
+    return _token_weights(step_ids, w, torch.float64)
+
+
+# ------------------------------------------------------------------------------------------------- loss
+def ref_fused_sod_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, response_mask=None, *,
+                       step_ids=None, target_ids=None, divergence="reverse_kl", step_divergence="kl",
+                       epsilon=1e-6, delta=0.2, temperature=1.0, coef=1.0, student_bias=None,
+                       teacher_bias=None, reduction="token_mean"):
+    """SPEC section 6 with everything materialized.  Differentiable through torch autograd.
+
+    Returns ``(loss, stats)`` where stats is a dict with ``token_divergence [B,T]`` (0 outside steps),
+    ``token_weights [B,T]``, ``step_divergence`` and ``step_weights`` (lists of per-row lists),
+    ``num_steps`` (list).  Inputs may be ``[T, H]`` (one sequence).
+    """
+    single = student_hidden.dim() == 2
+    if step_ids is None:
+        step_ids = ref_step_ids_from_mask(response_mask)
+    if single:
+        student_hidden, teacher_hidden = student_hidden.unsqueeze(0), teacher_hidden.unsqueeze(0)
+        step_ids = step_ids.unsqueeze(0)
+        target_ids = None if target_ids is None else target_ids.unsqueeze(0)
+    m = (step_ids >= 0)
+    D = ref_token_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                             student_bias=student_bias, teacher_bias=teacher_bias, divergence=divergence,
+                             temperature=temperature)
+    D = torch.where(m, D, torch.zeros_like(D))
+    if step_divergence == "sampled":
+        V = student_weight.shape[0]
+        ls = torch.log_softmax(ref_logits(student_hidden, student_weight, student_bias, temperature), -1)
+        lt = torch.log_softmax(ref_logits(teacher_hidden, teacher_weight, teacher_bias, temperature, vocab=V), -1)
+        y = target_ids.long().unsqueeze(-1)
+        signal = (ls.gather(-1, y) - lt.gather(-1, y)).squeeze(-1).abs()
+    else:
+        signal = D
+    d = ref_step_divergence(signal.detach().double(), step_ids)
+    if step_divergence == "none":
+        w = [[1.0] * len(row) for row in d]
+    else:
+        w = [ref_step_weights_running_product(row, epsilon, delta) for row in d]
+    tw = _token_weights(step_ids, w, D.dtype).to(D.device)
+    per_token = coef * m.to(D.dtype) * tw * D
+    if reduction == "none":
+        loss = per_token[0] if single else per_token
+    elif reduction == "sum":
+        loss = per_token.sum()
+    else:
+        loss = per_token.sum() / max(int(m.sum()), 1)
+    stats = {
+        "token_divergence": D[0] if single else D,
+        "token_weights": tw[0] if single else tw,
+        "step_divergence": d,
+        "step_weights": w,
+        "num_steps": [len(row) for row in d],
+    }
+    return loss, stats
+
+
+# ------------------------------------------------------------------------------------- policy gradient
+def ref_grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """Loop over groups; torch.std (Bessel) per group; a group of one uses mean 0, std 1."""
+    out = torch.empty(rewards.shape, dtype=torch.float64)
+    r = rewards.double()
+    for g in set(group_ids.tolist()):
+        idx = [i for i, x in enumerate(group_ids.tolist()) if x == g]
+        vals = r[idx]
+        if len(idx) == 1:
+            mean, std = 0.0, 1.0
+        else:
+            mean, std = vals.mean(), vals.std()
+        out[idx] = (vals - mean) / (std + 1e-6)
+    return out
+
+
+def ref_sod_advantages(grpo_advantages, student_logprobs, teacher_logprobs, response_mask, coef=1.0,
+                       epsilon=1e-6, delta=0.2):
+    m = (response_mask != 0).double()
+    w = ref_sod_step_weights(student_logprobs, teacher_logprobs, response_mask, epsilon, delta)
+    r = (teacher_logprobs.double() - student_logprobs.double()) * m
+    return grpo_advantages.double()[:, None] * m + coef * w * r
+
+
+def ref_ppo_dual_clip_loss(logp_new, old_logp, advantages, response_mask, clip_low=0.2, clip_high=0.28,
+                           dual_clip=3.0, reduction="token_mean"):
+    """PPO clipped surrogate with dual clip, token mean over the mask (SPEC section 7)."""
+    ratio = torch.exp(torch.clamp(logp_new - old_logp, -20.0, 20.0))
+    A = advantages
+    unclipped = -A * ratio
+    clipped = -A * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    loss = torch.maximum(unclipped, clipped)
+    loss = torch.where(A < 0, torch.minimum(loss, -dual_clip * A), loss)
+    m = (response_mask != 0).to(loss.dtype)
+    per_token = loss * m
+    if reduction == "none":
+        return per_token
+    if reduction == "sum":
+        return per_token.sum()
+    return per_token.sum() / max(int(m.sum()), 1)

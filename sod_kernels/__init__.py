@@ -1,0 +1,29 @@
+"""sod-kernels: fused kernels for step-wise on-policy distillation (SOD) of small language-model agents.
+
+Public API:
+- :func:`fused_sod_loss` / :class:`SODLoss`: the step-weighted vocabulary-wide KL distillation loss from
+  hidden states and lm_head weights, never materializing tokens x vocabulary logits.
+- Step helpers: :func:`step_ids_from_mask`, :func:`step_weights_from_divergence`, :func:`sod_step_weights`.
+- Advantages: :func:`grpo_advantages`, :func:`sod_advantages`.
+"""
+
+from .advantages import grpo_advantages, sod_advantages
+from .modules import SODLoss
+from .sod_loss import SODStats, fused_sod_loss
+from .steps import (StepWeights, sod_step_statistics, sod_step_weights, step_ids_from_mask,
+                    step_weights_from_divergence)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SODLoss",
+    "SODStats",
+    "StepWeights",
+    "fused_sod_loss",
+    "grpo_advantages",
+    "sod_advantages",
+    "sod_step_statistics",
+    "sod_step_weights",
+    "step_ids_from_mask",
+    "step_weights_from_divergence",
+]

@@ -1,0 +1,99 @@
+"""Input checks shared by every public entry point (SPEC section 8).
+
+Each check raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError`` (wrong shape or value)
+with a message that names the argument and says what was expected.  Checks that need to look at tensor
+values (a mask that is not 0/1, step ids that skip a number) cost one host synchronisation each; the
+public functions take ``check_inputs=False`` for callers that have already validated their data.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+DIVERGENCES = ("reverse_kl", "forward_kl")
+STEP_DIVERGENCES = ("kl", "sampled", "none")
+REDUCTIONS = ("token_mean", "sum", "none")
+BACKENDS = ("auto", "triton", "torch")
+
+
+def check_tensor(x, name: str, *, ndim: tuple[int, ...] | None = None, floating: bool | None = None,
+                 integer: bool | None = None) -> torch.Tensor:
+    """Check that ``x`` is a tensor with one of the allowed ranks and the right kind of dtype."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None and x.dim() not in ndim:
+        want = " or ".join(f"{d}-D" for d in ndim)
+        raise ValueError(f"{name} must be {want}, got shape {tuple(x.shape)}")
+    if floating is True and not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if integer is True and (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer tensor, got dtype {x.dtype}")
+    return x
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    """All given (non-None) tensors must live on one device."""
+    present = {k: v for k, v in tensors.items() if v is not None}
+    devices = {v.device for v in present.values()}
+    if len(devices) > 1:
+        where = ", ".join(f"{k} on {v.device}" for k, v in present.items())
+        raise ValueError(f"all tensors must be on the same device, got {where}")
+
+
+def check_shape(x: torch.Tensor, name: str, shape: tuple[int, ...], what: str) -> None:
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)} ({what}), got {tuple(x.shape)}")
+
+
+def check_choice(value, name: str, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def check_positive(value, name: str, *, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    bad = (value < 0) if allow_zero else (value <= 0)
+    if not math.isfinite(value) or bad:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value}")
+    return value
+
+
+def check_finite_number(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
+
+
+def check_binary_mask(mask: torch.Tensor, name: str = "response_mask", *, check_values: bool = True) -> None:
+    """``mask`` must be bool, integer or floating with every entry 0 or 1."""
+    check_tensor(mask, name)
+    if mask.dtype.is_complex:
+        raise TypeError(f"{name} must be a bool, integer or floating tensor, got dtype {mask.dtype}")
+    if check_values and mask.dtype != torch.bool and mask.numel() > 0:
+        if bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError(f"{name} must contain only 0 and 1")
+
+
+def check_step_ids_values(step_ids: torch.Tensor, name: str = "step_ids") -> None:
+    """Step ids of each row: -1 (not distilled) or a 0-based step index; the indices of a row never
+    decrease, start at 0 and never skip a number (so every index names a non-empty set of tokens)."""
+    if step_ids.numel() == 0:
+        return
+    if bool((step_ids < -1).any()):
+        raise ValueError(f"{name} must be -1 (not distilled) or a step index >= 0; found values below -1")
+    # Running maximum of the ids seen strictly before each position (-1 before the first step).
+    seen = torch.cummax(step_ids, dim=-1).values
+    before = torch.cat([torch.full_like(seen[..., :1], -1), seen[..., :-1]], dim=-1)
+    valid = step_ids >= 0
+    if bool((valid & (step_ids < before)).any()):
+        raise ValueError(f"{name} must never decrease along a row (ignoring -1 entries)")
+    if bool((valid & (step_ids > before + 1)).any()):
+        raise ValueError(f"{name} must start at 0 in each row and never skip a step index")

@@ -1,0 +1,160 @@
+"""``fused_sod_loss``: the step-weighted on-policy distillation loss (SPEC sections 3-6).
+
+Pipeline (all backends): find the distilled rows (one host sync, to size the work), compute the
+per-token divergence ``D`` for those rows only with the chosen backend (never materializing
+tokens x vocabulary), derive the step divergences and weights with the shared O(tokens) helpers in
+:mod:`sod_kernels.steps`, and reduce ``coef * w * D``.  The gradient reaches the backend as ``dL/dD`` per
+row, which it folds into recomputed logit tiles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._validation import (BACKENDS, DIVERGENCES, REDUCTIONS, STEP_DIVERGENCES, check_choice, check_finite_number,
+                          check_positive, check_same_device, check_shape, check_tensor)
+from .steps import DEFAULT_DELTA, DEFAULT_EPSILON, resolve_step_ids, step_weights_from_divergence, trim_steps
+from .token_divergence import TokenDivergence, resolve_backend
+
+
+@dataclass
+class SODStats:
+    """What ``fused_sod_loss(..., return_stats=True)`` returns (all but ``loss`` detached).
+
+    loss:            the loss, as without stats.
+    token_divergence ``[B, T]`` D_t (0 outside steps), float32 (float64 for float64 inputs).
+    token_weights    ``[B, T]`` weight of each token's step (0 outside steps).
+    step_divergence  ``[B, K]`` d_k (K = most steps in a row; 0-padded).
+    step_weights     ``[B, K]`` w_k (0-padded).
+    num_steps        ``[B]`` int64.
+    For ``[T, H]`` inputs the leading ``B`` dimension is dropped.
+    """
+
+    loss: torch.Tensor
+    token_divergence: torch.Tensor
+    token_weights: torch.Tensor
+    step_divergence: torch.Tensor
+    step_weights: torch.Tensor
+    num_steps: torch.Tensor
+
+
+def _check_model(hidden, weight, bias, prefix: str):
+    check_tensor(hidden, f"{prefix}_hidden", ndim=(2, 3), floating=True)
+    check_tensor(weight, f"{prefix}_weight", ndim=(2,), floating=True)
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{prefix}_hidden's last dimension ({hidden.shape[-1]}) must equal the hidden size of "
+                         f"{prefix}_weight [V, H] ({weight.shape[1]})")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"{prefix}_hidden ({hidden.dtype}) and {prefix}_weight ({weight.dtype}) must have one dtype")
+    if bias is not None:
+        check_tensor(bias, f"{prefix}_bias", ndim=(1,), floating=True)
+        check_shape(bias, f"{prefix}_bias", (weight.shape[0],), f"one entry per row of {prefix}_weight")
+
+
+def fused_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
+                   teacher_weight: torch.Tensor, response_mask: torch.Tensor | None = None, *,
+                   step_ids: torch.Tensor | None = None, target_ids: torch.Tensor | None = None,
+                   divergence: str = "reverse_kl", step_divergence: str = "kl", epsilon: float = DEFAULT_EPSILON,
+                   delta: float = DEFAULT_DELTA, temperature: float = 1.0, coef: float = 1.0,
+                   student_bias: torch.Tensor | None = None, teacher_bias: torch.Tensor | None = None,
+                   reduction: str = "token_mean", return_stats: bool = False, backend: str = "auto",
+                   check_inputs: bool = True):
+    """Step-weighted on-policy distillation loss from hidden states, without materializing logits.
+
+    ``L = coef * sum_{b,t} m[b,t] * w[b,t] * D[b,t] / normalizer`` (SPEC section 6).
+
+    Args:
+        student_hidden: ``[B, T, Hs]`` or ``[T, Hs]``, float32 / bfloat16 / float16 (float64 on the torch
+            backend); receives a gradient.
+        student_weight: ``[Vs, Hs]`` lm_head weight, same dtype as ``student_hidden``; receives a gradient.
+        teacher_hidden: ``[B, T, Ht]`` or ``[T, Ht]``; teacher_weight ``[Vt, Ht]`` with ``Vt >= Vs`` (only
+            the first ``Vs`` rows are used). The teacher never receives a gradient.
+        response_mask: ``[B, T]`` 0/1, 1 on tokens the student generated. Exactly one of this and
+            ``step_ids`` ([B, T] int, -1 outside steps, 0-based step index otherwise).
+        target_ids: ``[B, T]`` sampled tokens in ``[0, Vs)``; needed for ``step_divergence="sampled"``.
+        divergence: ``"reverse_kl"`` (default) or ``"forward_kl"``.
+        step_divergence: ``"kl"`` (d_k = step mean of D), ``"sampled"`` (step mean of
+            ``|log p_s(y) - log p_t(y)|``) or ``"none"`` (every weight 1: plain OPD).
+        epsilon, delta: SPEC section 5 (``epsilon > 0``, ``delta >= 0``).
+        temperature: ``> 0``; logits are divided by it (no tau^2 factor).
+        coef: multiplies the loss.
+        student_bias, teacher_bias: optional ``[Vs]`` / ``[Vt]``.
+        reduction: ``"token_mean"`` (divide by the number of distilled tokens, at least 1), ``"sum"``, or
+            ``"none"`` (per-token ``[B, T]`` tensor).
+        return_stats: also return step divergences and weights (one extra host sync).
+        backend: ``"auto"`` (Triton for CUDA tensors, chunked PyTorch for CPU), ``"triton"``, ``"torch"``.
+        check_inputs: validate mask / step id values and the loss's finiteness (host syncs); on by default.
+    Returns:
+        The loss (float32, or float64 for float64 inputs), or :class:`SODStats` if ``return_stats``.
+    """
+    check_choice(divergence, "divergence", DIVERGENCES)
+    check_choice(step_divergence, "step_divergence", STEP_DIVERGENCES)
+    check_choice(reduction, "reduction", REDUCTIONS)
+    check_choice(backend, "backend", BACKENDS)
+    epsilon = check_positive(epsilon, "epsilon")
+    delta = check_positive(delta, "delta", allow_zero=True)
+    temperature = check_positive(temperature, "temperature")
+    coef = check_finite_number(coef, "coef")
+    _check_model(student_hidden, student_weight, student_bias, "student")
+    _check_model(teacher_hidden, teacher_weight, teacher_bias, "teacher")
+    lead = tuple(student_hidden.shape[:-1])
+    if tuple(teacher_hidden.shape[:-1]) != lead:
+        raise ValueError(f"teacher_hidden's leading shape {tuple(teacher_hidden.shape[:-1])} must equal "
+                         f"student_hidden's {lead}")
+    Vs = student_weight.shape[0]
+    if teacher_weight.shape[0] < Vs:
+        raise ValueError(f"teacher_weight has a smaller vocabulary ({teacher_weight.shape[0]}) than student_weight "
+                         f"({Vs}); Vt >= Vs is required (a padded teacher vocabulary is sliced to Vs)")
+    check_same_device(student_hidden=student_hidden, student_weight=student_weight, teacher_hidden=teacher_hidden,
+                      teacher_weight=teacher_weight, response_mask=response_mask, step_ids=step_ids,
+                      target_ids=target_ids, student_bias=student_bias, teacher_bias=teacher_bias)
+    if step_divergence == "sampled" and target_ids is None:
+        raise ValueError("step_divergence='sampled' needs target_ids (the sampled tokens)")
+    if target_ids is not None:
+        check_tensor(target_ids, "target_ids", ndim=(len(lead),), integer=True)
+        check_shape(target_ids, "target_ids", lead, "the leading shape of student_hidden")
+        if check_inputs and target_ids.numel() and bool(((target_ids < 0) | (target_ids >= Vs)).any()):
+            raise ValueError(f"target_ids must lie in [0, {Vs}) (the student vocabulary)")
+    ids = resolve_step_ids(response_mask, step_ids, lead, check_inputs=check_inputs)
+    impl = resolve_backend(backend, student_hidden.device)
+
+    single = student_hidden.dim() == 2
+    step_rows = ids.unsqueeze(0) if single else ids
+    B, T = step_rows.shape
+    flat_ids = step_rows.reshape(-1)
+    row_index = torch.nonzero(flat_ids >= 0).squeeze(1)
+    num_active = row_index.numel()  # the one host sync the API needs: it sizes the kernels' work
+    sh = student_hidden.reshape(-1, student_hidden.shape[-1]).contiguous()
+    th = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).contiguous()
+    y = None if target_ids is None else target_ids.reshape(-1).to(torch.int64).contiguous()
+    D, _, _, lp_s, lp_t = TokenDivergence.apply(sh, student_weight.contiguous(), student_bias, th,
+                                                teacher_weight.contiguous(), teacher_bias, row_index, y,
+                                                divergence, temperature, impl)
+    acc = D.dtype
+    token_divergence = torch.zeros(B * T, dtype=acc, device=D.device).index_copy(0, row_index, D).view(B, T)
+    if step_divergence == "sampled":
+        signal = torch.zeros(B * T, dtype=acc, device=D.device).index_copy(0, row_index, (lp_s - lp_t).abs())
+        signal = signal.view(B, T)
+    else:
+        signal = token_divergence
+    weights = step_weights_from_divergence(signal, step_rows, epsilon=epsilon, delta=delta,
+                                           weighted=step_divergence != "none")
+    per_token = coef * weights.token_weights * token_divergence
+    if reduction == "none":
+        loss = per_token[0] if single else per_token
+    elif reduction == "sum":
+        loss = per_token.sum()
+    else:
+        loss = per_token.sum() / max(num_active, 1)
+    if check_inputs and num_active and not bool(torch.isfinite(loss.detach()).all()):
+        raise ValueError("the loss is not finite: student_hidden, teacher_hidden or the weights/biases contain "
+                         "NaN or Inf (or the logits overflow)")
+    if not return_stats:
+        return loss
+    w = trim_steps(weights)
+    pick = (lambda x: x[0]) if single else (lambda x: x)
+    return SODStats(loss=loss, token_divergence=pick(token_divergence.detach()), token_weights=pick(w.token_weights),
+                    step_divergence=pick(w.step_divergence), step_weights=pick(w.step_weights),
+                    num_steps=pick(w.num_steps))

@@ -1,0 +1,84 @@
+"""The differentiable per-token divergence, shared by every backend.
+
+``TokenDivergence.apply`` computes, for the distilled rows ``row_index`` only, the vocabulary-wide
+divergence ``D`` between student and teacher (SPEC section 3) and returns it as a tensor that carries a
+gradient to the student's hidden states, weight and bias.  Everything downstream (step weights,
+reductions, ``coef``) is ordinary O(tokens) PyTorch, so autograd hands the backend exactly
+``dL/dD_i`` per row, and the backend folds it into each recomputed logit tile.
+
+A backend is a module with two functions (see :mod:`sod_kernels.chunked_torch` for the contract):
+``divergence_forward(...) -> (D, lse_s, lse_t, logp_s_y, logp_t_y)`` and
+``divergence_backward(..., grad_divergence) -> (d_hidden, d_weight, d_bias)``.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+import torch
+
+from . import chunked_torch
+
+
+def triton_interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``"auto"`` -> ``"triton"`` for CUDA tensors, ``"torch"`` otherwise; checks that Triton can run."""
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and device.type != "cuda" and not triton_interpreter_enabled():
+        raise ValueError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before sod_kernels "
+                         f"is imported to run the kernels on {device.type} tensors; use backend='torch' or 'auto'")
+    return backend
+
+
+def backend_module(name: str) -> ModuleType:
+    if name == "torch":
+        return chunked_torch
+    from . import triton_divergence  # imported lazily: Triton is only needed for this path
+    return triton_divergence
+
+
+class TokenDivergence(torch.autograd.Function):
+    """``D[i]`` for the rows ``row_index`` (plus non-differentiable lse and sampled log-probs).
+
+    Inputs: student_hidden ``[N, Hs]``, student_weight ``[Vs, Hs]``, student_bias ``[Vs]`` or None,
+    teacher_hidden ``[N, Ht]``, teacher_weight ``[Vt, Ht]``, teacher_bias or None, row_index ``[Na]``
+    int64, target_ids ``[N]`` int64 or None, divergence name, temperature, backend name.
+    Outputs (each ``[Na]``, float32 or float64): D, lse_student, lse_teacher, logp_student(y),
+    logp_teacher(y) (the last two empty when target_ids is None).
+    """
+
+    @staticmethod
+    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                row_index, target_ids, divergence, temperature, backend):
+        ops = backend_module(backend)
+        D, lse_s, lse_t, lp_s, lp_t = ops.divergence_forward(
+            student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+            row_index, target_ids, divergence=divergence, temperature=temperature)
+        if lp_s is None:
+            lp_s, lp_t = D.new_empty(0), D.new_empty(0)
+        ctx.save_for_backward(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                              teacher_bias, row_index, lse_s, lse_t, D)
+        ctx.options = (divergence, temperature, backend)
+        ctx.mark_non_differentiable(lse_s, lse_t, lp_s, lp_t)
+        return D, lse_s, lse_t, lp_s, lp_t
+
+    @staticmethod
+    def backward(ctx, grad_D, *unused):
+        sh, sw, sb, th, tw, tb, row_index, lse_s, lse_t, D = ctx.saved_tensors
+        divergence, temperature, backend = ctx.options
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        if grad_D is None or row_index.numel() == 0:
+            dh = torch.zeros_like(sh) if need_h else None
+            dw = torch.zeros_like(sw) if need_w else None
+            db = torch.zeros_like(sb) if (need_b and sb is not None) else None
+        else:
+            dh, dw, db = backend_module(backend).divergence_backward(
+                sh, sw, sb, th, tw, tb, row_index, lse_s, lse_t, D, grad_D.contiguous(),
+                divergence=divergence, temperature=temperature, need_hidden=need_h, need_weight=need_w,
+                need_bias=need_b)
+        return dh, dw, db, None, None, None, None, None, None, None, None
