@@ -107,7 +107,7 @@ def ref_fused_sod_loss(student_hidden, student_weight, teacher_hidden, teacher_w
 
     Returns ``(loss, stats)`` where stats is a dict with ``token_divergence [B,T]`` (0 outside steps),
     ``token_weights [B,T]``, ``step_divergence`` and ``step_weights`` (lists of per-row lists),
-    ``num_steps`` (list).  Inputs may be ``[T, H]`` (one sequence).
+    ``num_steps`` (list).  Inputs may be ``[T, H]`` (one sequence): then the row dimension is dropped.
     """
     single = student_hidden.dim() == 2
     if step_ids is None:
@@ -145,9 +145,9 @@ def ref_fused_sod_loss(student_hidden, student_weight, teacher_hidden, teacher_w
     stats = {
         "token_divergence": D[0] if single else D,
         "token_weights": tw[0] if single else tw,
-        "step_divergence": d,
-        "step_weights": w,
-        "num_steps": [len(row) for row in d],
+        "step_divergence": d[0] if single else d,
+        "step_weights": w[0] if single else w,
+        "num_steps": len(d[0]) if single else [len(row) for row in d],
     }
     return loss, stats
 

@@ -1,0 +1,120 @@
+"""Backward kernel of the vocabulary-wide divergence: d(hidden), d(weight), d(bias) of the student.
+
+``kl_backward_kernel`` -- one program per (row block of ``BLOCK_M`` distilled rows, vocabulary tile of
+``BLOCK_V`` columns), in the grouped order of :func:`kl_tiles.grouped_program`.  A program
+
+1. recomputes the student and teacher logit tiles (two K-loops of ``tl.dot``, as in the forward);
+2. forms d(logits) in registers from the saved per-row ``lse_s, lse_t, D`` and the upstream
+   ``grad_divergence`` ``g`` (SPEC section 6, raw logits ``x = z * tau``):
+   reverse KL ``dx = g p_s (log p_s - log p_t - D) / tau``; forward KL ``dx = g (p_s - p_t) / tau``;
+3. contracts it, chunk by chunk of ``BLOCK_K`` hidden columns, with the student weight tile
+   (``dx @ W[tile]`` -> d(hidden) rows) and with the gathered hidden rows (``dx^T @ h`` -> d(weight) tile),
+   and adds both into float32 gradient buffers with relaxed ``tl.atomic_add``; d(bias) gets the column
+   sums of ``dx``.
+
+Why atomics rather than two owner kernels (rows-owner for d(hidden), vocabulary-owner for d(weight)):
+an owner kernel keeps its output block in registers while it loops over the other dimension, i.e. a
+``BLOCK_M x Hs`` (or ``BLOCK_V x Hs``) float32 accumulator: 128 x 1024 x 4 B = 512 KB at the headline
+size, far beyond a program's registers (64K x 4 B per SM) and shared memory (228 KB).  Tiling Hs across
+programs would make each program recompute every logit tile ``Hs / BLOCK_K`` times (16x the 17.8 TFLOP
+recompute).  So the owner layout does not fit our shapes, while the atomic layout recomputes each logit
+tile exactly once: ``2 N V (Hs + Ht)`` recompute + ``4 N V Hs`` for the two gradient products, the
+floor in PERF.md.  The price is atomic traffic: ``N V Hs (1/BLOCK_V + 1/BLOCK_M)`` float32 adds
+(~40 G adds at the headline size with 128 x 128 tiles), resolved in L2; the grouped ordering keeps the
+target rows of d(hidden) and d(weight) in L2 while their programs are resident.  Larger tiles reduce it
+proportionally (``BLOCK_V = 256`` does not fit registers with two live logit tiles).
+
+Memory: d(hidden) ``[N, Hs]``, d(weight) ``[Vs, Hs]``, d(bias) ``[Vs]`` float32 buffers (the
+gradients themselves, accumulated in fp32 and cast to the input dtype by the caller) plus nothing of size
+tokens x vocabulary: d(logits) lives only in registers (and, converted to the input dtype, in shared
+memory as a ``tl.dot`` operand).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .kl_tiles import grouped_program, logit_tile
+
+
+@triton.jit
+def kl_backward_kernel(sh_ptr, sw_ptr, sb_ptr, th_ptr, tw_ptr, tb_ptr, row_index_ptr, lse_s_ptr, lse_t_ptr, d_ptr,
+                       grad_ptr, dh_ptr, dw_ptr, db_ptr, n_rows, vocab, hs, ht, stride_sh, stride_sw, stride_th,
+                       stride_tw, inv_temp,
+                       HAS_SBIAS: tl.constexpr, HAS_TBIAS: tl.constexpr, FORWARD_KL: tl.constexpr,
+                       NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+                       EVEN_HS: tl.constexpr, EVEN_HT: tl.constexpr, CAST_FP32: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+                       BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """Accumulate one (row block, vocabulary tile)'s contribution to the student gradients.
+
+    Inputs as in ``kl_forward_kernel``; lse_s, lse_t, d (= D), grad: ``[n_rows]`` float32 per distilled
+    row.  Outputs (float32, pre-zeroed, accumulated atomically): dh ``[N, Hs]`` (row stride Hs),
+    dw ``[Vs, Hs]``, db ``[Vs]``, each touched only if the matching NEED_* is set.
+    """
+    pid = tl.program_id(0)
+    num_row_blocks = tl.cdiv(n_rows, BLOCK_M)
+    num_v_tiles = tl.cdiv(vocab, BLOCK_V)
+    row_block, v_tile = grouped_program(pid, num_row_blocks, num_v_tiles, GROUP_M)
+
+    offs_m = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < n_rows
+    rows = tl.load(row_index_ptr + offs_m, mask=row_ok, other=0).to(tl.int64)
+    offs_v = v_tile * BLOCK_V + tl.arange(0, BLOCK_V)
+    v_ok = offs_v < vocab
+    safe_v = tl.minimum(offs_v, vocab - 1)
+
+    zs = logit_tile(sh_ptr, rows, stride_sh, sw_ptr, safe_v, stride_sw, sb_ptr, hs, inv_temp,
+                    HAS_SBIAS, EVEN_HS, CAST_FP32, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_K)
+    zt = logit_tile(th_ptr, rows, stride_th, tw_ptr, safe_v, stride_tw, tb_ptr, ht, inv_temp,
+                    HAS_TBIAS, EVEN_HT, CAST_FP32, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_K)
+    lse_s = tl.load(lse_s_ptr + offs_m, mask=row_ok, other=0.0)
+    lse_t = tl.load(lse_t_ptr + offs_m, mask=row_ok, other=0.0)
+    scale = tl.load(grad_ptr + offs_m, mask=row_ok, other=0.0) * inv_temp
+    logp_s = zs - lse_s[:, None]
+    logp_t = zt - lse_t[:, None]
+    p_s = tl.exp(logp_s)
+    if FORWARD_KL:
+        dx = p_s - tl.exp(logp_t)
+    else:
+        div = tl.load(d_ptr + offs_m, mask=row_ok, other=0.0)
+        dx = p_s * (logp_s - logp_t - div[:, None])
+    dx = tl.where(row_ok[:, None] & v_ok[None, :], dx * scale[:, None], 0.0)
+
+    if NEED_DB:
+        tl.atomic_add(db_ptr + offs_v, tl.sum(dx, axis=0), mask=v_ok, sem="relaxed")
+    if NEED_DH or NEED_DW:
+        if CAST_FP32:
+            dx_op = dx
+        else:
+            dx_op = dx.to(sw_ptr.dtype.element_ty)
+        offs_k = tl.arange(0, BLOCK_K)
+        w_ptrs = sw_ptr + safe_v.to(tl.int64)[:, None] * stride_sw + offs_k[None, :]
+        h_ptrs = sh_ptr + rows[:, None] * stride_sh + offs_k[None, :]
+        dh_ptrs = dh_ptr + rows[:, None] * hs + offs_k[None, :]
+        dw_ptrs = dw_ptr + safe_v.to(tl.int64)[:, None] * hs + offs_k[None, :]
+        for k in range(0, hs, BLOCK_K):
+            k_ok = (k + offs_k) < hs
+            if NEED_DH:
+                if EVEN_HS:
+                    w = tl.load(w_ptrs)
+                else:
+                    w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
+                if CAST_FP32:
+                    w = w.to(tl.float32)
+                dh = tl.dot(dx_op, w, input_precision=DOT_PRECISION)
+                tl.atomic_add(dh_ptrs, dh, mask=row_ok[:, None] & k_ok[None, :], sem="relaxed")
+            if NEED_DW:
+                if EVEN_HS:
+                    h = tl.load(h_ptrs)
+                else:
+                    h = tl.load(h_ptrs, mask=k_ok[None, :], other=0.0)
+                if CAST_FP32:
+                    h = h.to(tl.float32)
+                dw = tl.dot(tl.trans(dx_op), h, input_precision=DOT_PRECISION)
+                tl.atomic_add(dw_ptrs, dw, mask=v_ok[:, None] & k_ok[None, :], sem="relaxed")
+            w_ptrs += BLOCK_K
+            h_ptrs += BLOCK_K
+            dh_ptrs += BLOCK_K
+            dw_ptrs += BLOCK_K

@@ -1,0 +1,216 @@
+"""Log-probability of the sampled token, fused with the lm_head (SPEC section 7: ``logp_new``).
+
+``fused_token_logprobs(hidden, weight, target_ids)`` returns ``log softmax(hidden @ weight.T / tau)[y]``
+for every position without ever holding the ``tokens x vocabulary`` logits: the log-sum-exp is
+accumulated online over vocabulary tiles and the target logit is one gathered dot product
+``hidden[i] . weight[y_i]``.  The backward pass recomputes the logit tiles from the saved per-row lse:
+``d logit = g * (onehot(y) - p) / tau``, contracted with the weight (d hidden) and the hidden states
+(d weight), and summed over rows (d bias).
+
+Two backends implement the same pair of functions (``logprob_forward`` / ``logprob_backward``):
+- ``"torch"``: this module, chunked PyTorch (rows in chunks of ``C`` so that one ``C x V`` block of about
+  ``CHUNK_ELEMENTS`` floats exists at a time); CPU default; float64 supported.
+- ``"triton"``: :mod:`sod_kernels.triton_token_logprobs`; CUDA default; on CPU tensors it needs
+  ``TRITON_INTERPRET=1``.
+
+:class:`TokenLogprobs` is the autograd Function both backends plug into; it works on a row subset
+``row_index`` so that callers (the policy loss) only pay for the tokens they use.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+
+from ._validation import BACKENDS, check_choice, check_positive, check_same_device, check_shape, check_tensor
+from .chunked_torch import _logits, compute_dtype, rows_per_chunk
+from .token_divergence import resolve_backend
+
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ------------------------------------------------------------------------------------ chunked torch backend
+def _weights_in(dtype: torch.dtype, weight: torch.Tensor, bias: torch.Tensor | None):
+    return weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+def logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, row_index: torch.Tensor,
+                    target_ids: torch.Tensor, *, temperature: float, chunk_size: int | None = None):
+    """Sampled-token log-probs of the rows ``row_index`` (chunked PyTorch).
+
+    Args:
+        hidden: ``[N, H]``; weight ``[V, H]``; bias ``[V]`` or None (one floating dtype).
+        row_index: ``[Na]`` int64 rows to compute.
+        target_ids: ``[N]`` int64 in ``[0, V)``.
+    Returns:
+        ``(logp [Na], lse [Na])`` in float32 (float64 for float64 inputs); ``lse`` is the log-sum-exp of
+        the temperature-scaled logits, saved for the backward pass.
+    """
+    dt = compute_dtype(hidden.dtype)
+    w, b = _weights_in(dt, weight, bias)
+    Na = row_index.numel()
+    logp = torch.empty(Na, dtype=dt, device=hidden.device)
+    lse = torch.empty_like(logp)
+    C = rows_per_chunk(w.shape[0], chunk_size)
+    with torch.no_grad():
+        for start in range(0, Na, C):
+            rows = row_index[start:start + C]
+            h = hidden[rows].to(dt)
+            chunk_lse = torch.logsumexp(_logits(h, w, b, temperature), dim=-1)
+            y = target_ids[rows]
+            # The one gathered dot product: hidden . weight[y] (+ bias[y]), scaled like the tile logits.
+            target_logit = (h * w[y]).sum(-1)
+            if b is not None:
+                target_logit = target_logit + b[y]
+            lse[start:start + C] = chunk_lse
+            logp[start:start + C] = target_logit / temperature - chunk_lse
+    return logp, lse
+
+
+def logprob_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, row_index: torch.Tensor,
+                     target_ids: torch.Tensor, lse: torch.Tensor, grad_logp: torch.Tensor, *, temperature: float,
+                     need_hidden: bool = True, need_weight: bool = True, need_bias: bool = True,
+                     chunk_size: int | None = None):
+    """Gradients of ``sum_i grad_logp[i] * logp[i]`` w.r.t. hidden ``[N, H]``, weight ``[V, H]``, bias ``[V]``.
+
+    Per row, with raw logits ``x``: ``d logp / dx = (onehot(y) - softmax(x / tau)) / tau``.  Rows outside
+    ``row_index`` get zero gradient.  Returns the three gradients in the inputs' dtypes (None where not
+    needed).
+    """
+    dt = compute_dtype(hidden.dtype)
+    w, b = _weights_in(dt, weight, bias)
+    V = w.shape[0]
+    d_hidden = torch.zeros(hidden.shape, dtype=dt, device=hidden.device) if need_hidden else None
+    d_weight = torch.zeros(w.shape, dtype=dt, device=w.device) if need_weight else None
+    d_bias = torch.zeros(V, dtype=dt, device=w.device) if (need_bias and bias is not None) else None
+    C = rows_per_chunk(V, chunk_size)
+    with torch.no_grad():
+        for start in range(0, row_index.numel(), C):
+            rows = row_index[start:start + C]
+            scale = grad_logp[start:start + C].to(dt)[:, None] / temperature
+            h = hidden[rows].to(dt)
+            dx = (_logits(h, w, b, temperature) - lse[start:start + C, None]).exp_()
+            dx.neg_()
+            dx.scatter_add_(1, target_ids[rows][:, None], torch.ones_like(dx[:, :1]))
+            dx *= scale
+            if d_hidden is not None:
+                d_hidden.index_add_(0, rows, dx @ w)
+            if d_weight is not None:
+                d_weight.addmm_(dx.T, h)
+            if d_bias is not None:
+                d_bias += dx.sum(0)
+    return (None if d_hidden is None else d_hidden.to(hidden.dtype),
+            None if d_weight is None else d_weight.to(weight.dtype),
+            None if d_bias is None else d_bias.to(bias.dtype))
+
+
+# --------------------------------------------------------------------------------------------- autograd
+def backend_module(name: str) -> ModuleType:
+    if name == "torch":
+        import sys
+        return sys.modules[__name__]
+    from . import triton_token_logprobs  # imported lazily: Triton is only needed for this path
+    return triton_token_logprobs
+
+
+class TokenLogprobs(torch.autograd.Function):
+    """``logp[i] = log softmax(hidden[row_index[i]] @ weight.T / tau)[target_ids[row_index[i]]]``.
+
+    Inputs: hidden ``[N, H]``, weight ``[V, H]``, bias ``[V]`` or None, row_index ``[Na]`` int64,
+    target_ids ``[N]`` int64, temperature, backend name.  Output: ``[Na]`` float32 (float64 for float64
+    inputs), differentiable w.r.t. hidden, weight and bias.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, row_index, target_ids, temperature, backend):
+        logp, lse = backend_module(backend).logprob_forward(hidden, weight, bias, row_index, target_ids,
+                                                            temperature=temperature)
+        ctx.save_for_backward(hidden, weight, bias, row_index, target_ids, lse)
+        ctx.options = (temperature, backend)
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        hidden, weight, bias, row_index, target_ids, lse = ctx.saved_tensors
+        temperature, backend = ctx.options
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        if grad_logp is None or row_index.numel() == 0:
+            dh = torch.zeros_like(hidden) if need_h else None
+            dw = torch.zeros_like(weight) if need_w else None
+            db = torch.zeros_like(bias) if (need_b and bias is not None) else None
+        else:
+            dh, dw, db = backend_module(backend).logprob_backward(
+                hidden, weight, bias, row_index, target_ids, lse, grad_logp.contiguous(), temperature=temperature,
+                need_hidden=need_h, need_weight=need_w, need_bias=need_b)
+        return dh, dw, db, None, None, None, None
+
+
+def check_lm_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, hidden_name: str,
+                  weight_name: str, bias_name: str) -> None:
+    """``hidden [..., H]`` floating, ``weight [V, H]`` of the same dtype, ``bias [V]`` or None."""
+    check_tensor(hidden, hidden_name, ndim=(2, 3), floating=True)
+    check_tensor(weight, weight_name, ndim=(2,), floating=True)
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{hidden_name}'s last dimension ({hidden.shape[-1]}) must equal the hidden size of "
+                         f"{weight_name} [V, H] ({weight.shape[1]})")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"{hidden_name} ({hidden.dtype}) and {weight_name} ({weight.dtype}) must have one dtype")
+    if weight.shape[0] == 0:
+        raise ValueError(f"{weight_name} must have at least one vocabulary row, got shape {tuple(weight.shape)}")
+    if bias is not None:
+        check_tensor(bias, bias_name, ndim=(1,), floating=True)
+        check_shape(bias, bias_name, (weight.shape[0],), f"one entry per row of {weight_name}")
+
+
+def check_target_ids(target_ids: torch.Tensor, lead: tuple[int, ...], vocab: int, *, check_values: bool,
+                     name: str = "target_ids", hidden_name: str = "hidden") -> None:
+    check_tensor(target_ids, name, ndim=(len(lead),), integer=True)
+    check_shape(target_ids, name, lead, f"the leading shape of {hidden_name}")
+    if check_values and target_ids.numel() and bool(((target_ids < 0) | (target_ids >= vocab)).any()):
+        raise ValueError(f"{name} must lie in [0, {vocab}) (the vocabulary of the weight)")
+
+
+def resolve_logprob_backend(backend: str, hidden: torch.Tensor, hidden_name: str = "hidden") -> str:
+    """``backend`` name -> ``"torch"`` / ``"triton"``; the Triton path takes fp32 / bf16 / fp16 only."""
+    check_choice(backend, "backend", BACKENDS)
+    impl = resolve_backend(backend, hidden.device)
+    if impl == "triton" and hidden.dtype not in TRITON_DTYPES:
+        if backend == "auto":
+            return "torch"
+        raise TypeError(f"backend='triton' supports {hidden_name} in float32, bfloat16 or float16, got "
+                        f"{hidden.dtype}; use backend='torch' for float64")
+    return impl
+
+
+def fused_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, target_ids: torch.Tensor, *,
+                         bias: torch.Tensor | None = None, temperature: float = 1.0, backend: str = "auto",
+                         check_inputs: bool = True) -> torch.Tensor:
+    """``log softmax(hidden @ weight.T (+ bias)) / temperature)[target_ids]`` without materializing logits.
+
+    Args:
+        hidden: ``[B, T, H]`` or ``[T, H]``, float32 / bfloat16 / float16 (float64 on the torch backend);
+            receives a gradient.
+        weight: ``[V, H]`` lm_head weight, same dtype; receives a gradient.
+        target_ids: ``[B, T]`` (or ``[T]``) integer tokens in ``[0, V)``.
+        bias: optional ``[V]``; receives a gradient.
+        temperature: ``> 0``; the logits are divided by it.
+        backend: ``"auto"`` (Triton for CUDA tensors, chunked PyTorch otherwise), ``"triton"``, ``"torch"``.
+        check_inputs: check that ``target_ids`` lie in ``[0, V)`` (one host sync).
+    Returns:
+        ``[B, T]`` (or ``[T]``) float32 (float64 for float64 inputs) log-probabilities.
+    Memory: O(N + V H) beyond the inputs (the logits are never stored); time: the ``2 N V H`` FLOPs of the
+    logit product forward, and twice that plus the recomputation backward.
+    """
+    check_lm_head(hidden, weight, bias, hidden_name="hidden", weight_name="weight", bias_name="bias")
+    temperature = check_positive(temperature, "temperature")
+    lead = tuple(hidden.shape[:-1])
+    check_target_ids(target_ids, lead, weight.shape[0], check_values=check_inputs)
+    check_same_device(hidden=hidden, weight=weight, target_ids=target_ids, bias=bias)
+    impl = resolve_logprob_backend(backend, hidden)
+    flat = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+    y = target_ids.reshape(-1).to(torch.int64).contiguous()
+    rows = torch.arange(flat.shape[0], device=flat.device)
+    logp = TokenLogprobs.apply(flat, weight.contiguous(), None if bias is None else bias.contiguous(), rows, y,
+                               temperature, impl)
+    return logp.reshape(lead)
