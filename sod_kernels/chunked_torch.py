@@ -5,7 +5,7 @@ only a few ``C x V`` logit blocks exist at a time; the backward pass recomputes 
 the saved per-token statistics (lse_s, lse_t, D) instead of storing them.
 
 Cost for ``Na`` distilled tokens: forward ``2 Na V (Hs + Ht)`` FLOPs; backward the same again plus
-``4 Na V Hs`` for d(hidden) and d(weight).  Extra memory: O(Na) statistics plus ~6 chunk blocks of
+``4 Na V Hs`` for d(hidden) and d(weight).  Extra memory: O(Na) statistics plus 2-3 chunk blocks of
 ``C x V`` floats (``C`` is chosen so one block holds about ``CHUNK_ELEMENTS`` floats) plus, for bf16/fp16
 weights, one float32 copy of each weight (O(V H), never O(N V)).
 
@@ -32,11 +32,9 @@ def rows_per_chunk(vocab: int, chunk_size: int | None = None) -> int:
 
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float) -> torch.Tensor:
-    z = hidden @ weight.T
-    if bias is not None:
-        z = z + bias
+    z = hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)
     if temperature != 1.0:
-        z = z / temperature
+        z.div_(temperature)
     return z
 
 
@@ -73,21 +71,25 @@ def divergence_forward(student_hidden, student_weight, student_bias, teacher_hid
     C = rows_per_chunk(V, chunk_size)
     with torch.no_grad():
         for start in range(0, Na, C):
-            rows = row_index[start:start + C]
-            zs = _logits(student_hidden[rows].to(dt), ws, bs, temperature)
-            zt = _logits(teacher_hidden[rows].to(dt), wt, bt, temperature)
-            ls, lt = torch.logsumexp(zs, -1), torch.logsumexp(zt, -1)
-            lse_s[start:start + C], lse_t[start:start + C] = ls, lt
-            logp_s = zs - ls[:, None]
-            logp_t = zt - lt[:, None]
-            if divergence == "reverse_kl":
-                D[start:start + C] = (logp_s.exp() * (logp_s - logp_t)).sum(-1)
-            else:
-                D[start:start + C] = (logp_t.exp() * (logp_t - logp_s)).sum(-1)
+            stop = min(start + C, Na)
+            rows = row_index[start:stop]
+            # Two C x V blocks live at a time (plus logsumexp's transient): everything else is in place.
+            logp_s = _logits(student_hidden[rows].to(dt), ws, bs, temperature)
+            logp_t = _logits(teacher_hidden[rows].to(dt), wt, bt, temperature)
+            lse_s[start:stop] = torch.logsumexp(logp_s, -1)
+            lse_t[start:stop] = torch.logsumexp(logp_t, -1)
+            logp_s -= lse_s[start:stop, None]
+            logp_t -= lse_t[start:stop, None]
             if target_ids is not None:
                 y = target_ids[rows].unsqueeze(1)
-                lp_s[start:start + C] = logp_s.gather(1, y).squeeze(1)
-                lp_t[start:start + C] = logp_t.gather(1, y).squeeze(1)
+                lp_s[start:stop] = logp_s.gather(1, y).squeeze(1)
+                lp_t[start:stop] = logp_t.gather(1, y).squeeze(1)
+            if divergence == "reverse_kl":      # sum p_s (log p_s - log p_t)
+                log_ratio = logp_t.neg_().add_(logp_s)
+                D[start:stop] = (logp_s.exp_().mul_(log_ratio)).sum(-1)
+            else:                               # sum p_t (log p_t - log p_s)
+                log_ratio = logp_s.neg_().add_(logp_t)
+                D[start:stop] = (logp_t.exp_().mul_(log_ratio)).sum(-1)
     return D, lse_s, lse_t, lp_s, lp_t
 
 
@@ -113,17 +115,19 @@ def divergence_backward(student_hidden, student_weight, student_bias, teacher_hi
     C = rows_per_chunk(V, chunk_size)
     with torch.no_grad():
         for start in range(0, row_index.numel(), C):
-            rows = row_index[start:start + C]
-            scale = grad_divergence[start:start + C].to(dt)[:, None] / temperature
+            stop = min(start + C, row_index.numel())
+            rows = row_index[start:stop]
+            scale = grad_divergence[start:stop].to(dt)[:, None] / temperature
             h = student_hidden[rows].to(dt)
-            logp_s = _logits(h, ws, bs, temperature) - lse_student[start:start + C, None]
-            logp_t = _logits(teacher_hidden[rows].to(dt), wt, bt, temperature) - lse_teacher[start:start + C, None]
-            p_s = logp_s.exp()
-            if divergence == "reverse_kl":
-                dx = p_s * (logp_s - logp_t - token_divergence[start:start + C, None])
-            else:
-                dx = p_s - logp_t.exp()
-            dx *= scale
+            # Recompute the chunk's log-probs; d(raw logits) is formed in place in the student block.
+            logp_s = _logits(h, ws, bs, temperature).sub_(lse_student[start:stop, None])
+            logp_t = _logits(teacher_hidden[rows].to(dt), wt, bt, temperature).sub_(lse_teacher[start:stop, None])
+            if divergence == "reverse_kl":      # p_s (log p_s - log p_t - D)
+                centered = logp_t.neg_().add_(logp_s).sub_(token_divergence[start:stop, None])
+                dx = logp_s.exp_().mul_(centered)
+            else:                               # p_s - p_t
+                dx = logp_s.exp_().sub_(logp_t.exp_())
+            dx.mul_(scale)
             if d_hidden is not None:
                 d_hidden.index_add_(0, rows, dx @ ws)
             if d_weight is not None:
