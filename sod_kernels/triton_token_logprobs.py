@@ -18,8 +18,8 @@ rather than two atomic-free kernels (one per row block for d hidden, one per voc
 d weight): it recomputes each logit tile once instead of twice, which is the dominant cost, at the price
 of atomic traffic of ``O(N H (V / BLOCK_V) + V H (N / BLOCK_M))`` fp32 adds that go to L2.
 
-Precision: tiles are multiplied in the input dtype (bf16 / fp16 on tensor cores; fp32 as ``tf32x3``
-on a GPU, about fp32 accuracy) with fp32 accumulation.  The constexpr ``UPCAST`` casts every tile to
+Precision: tiles are multiplied in the input dtype (bf16 / fp16 on tensor cores; fp32 exactly, with
+``input_precision="ieee"``) with fp32 accumulation.  The constexpr ``UPCAST`` casts every tile to
 fp32 before ``tl.dot``; it is switched on automatically under ``TRITON_INTERPRET=1`` for bf16 inputs,
 whose ``tl.dot`` the interpreter computes wrongly (PERF.md).
 
@@ -35,10 +35,12 @@ import torch
 import triton
 import triton.language as tl
 
-# Block sizes for a GPU (Hopper: BLOCK_M >= 64 and num_warps a multiple of 4 give warpgroup MMA).
-GPU_FORWARD = dict(BLOCK_M=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3)
-GPU_MERGE = dict(BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=1)
-GPU_BACKWARD = dict(BLOCK_M=64, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3)
+# Block sizes for a GPU (Hopper: BLOCK_M >= 64 and num_warps a multiple of 4 give warpgroup MMA).  Chosen
+# with benchmarks/codegen.py for sm_90 (bf16): BLOCK_K = 32 is the largest K step without register spills
+# (BLOCK_K = 64 spills 65-160 LDL/STL in both kernels at 255 registers); the merge has no tl.dot.
+GPU_FORWARD = dict(BLOCK_M=128, BLOCK_V=128, BLOCK_K=32, num_warps=8, num_stages=3)
+GPU_MERGE = dict(BLOCK_M=32, BLOCK_K=64, num_warps=4, num_stages=1)
+GPU_BACKWARD = dict(BLOCK_M=64, BLOCK_V=128, BLOCK_K=32, num_warps=8, num_stages=3)
 # Block sizes under the interpreter: the smallest tl.dot tiles, so that tiny test sizes span many tiles.
 INTERPRETER_FORWARD = dict(BLOCK_M=16, BLOCK_V=32, BLOCK_K=16, num_warps=4, num_stages=1)
 INTERPRETER_MERGE = dict(BLOCK_M=16, BLOCK_K=16, num_warps=4, num_stages=1)
@@ -47,8 +49,9 @@ INTERPRETER_BACKWARD = dict(BLOCK_M=16, BLOCK_V=32, BLOCK_K=16, num_warps=4, num
 PROGRAMS_PER_SM = 2
 INTERPRETER_SPLITS = 3  # exercises the split merge on tiny inputs
 MAX_SPLITS = 64
+HEADLINE_SM_COUNT = 132  # H100 SXM
 
-_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+FP32_DOT_PRECISION = "ieee"
 
 
 def interpreter_enabled() -> bool:
@@ -60,7 +63,9 @@ def _needs_upcast(dtype: torch.dtype) -> bool:
 
 
 def _dot_precision() -> str:
-    return "ieee" if interpreter_enabled() else "tf32x3"
+    """fp32 tiles are multiplied exactly ("ieee"), as the divergence kernels do (SPEC section 9's 1e-5);
+    16-bit tiles ignore this and use tensor cores."""
+    return FP32_DOT_PRECISION
 
 
 # ------------------------------------------------------------------------------------------------ kernels
@@ -207,15 +212,18 @@ def _forward_configs():
     return GPU_FORWARD, GPU_MERGE
 
 
+def choose_splits_for(num_rows: int, vocab: int, block_m: int, block_v: int, sm_count: int) -> int:
+    """Vocabulary splits so that (row blocks x splits) programs occupy every SM ``PROGRAMS_PER_SM`` times."""
+    wanted = triton.cdiv(PROGRAMS_PER_SM * sm_count, max(triton.cdiv(num_rows, block_m), 1))
+    return max(1, min(wanted, triton.cdiv(vocab, block_v), MAX_SPLITS))
+
+
 def choose_splits(num_rows: int, vocab: int, block_m: int, block_v: int, device: torch.device) -> int:
-    """Vocabulary splits: enough (row block, split) programs to occupy every SM ``PROGRAMS_PER_SM`` times."""
-    tiles = triton.cdiv(vocab, block_v)
+    """:func:`choose_splits_for` on the device's SM count; ``INTERPRETER_SPLITS`` under the interpreter."""
     if interpreter_enabled() or device.type != "cuda":
-        wanted = INTERPRETER_SPLITS
-    else:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        wanted = triton.cdiv(PROGRAMS_PER_SM * sms, max(triton.cdiv(num_rows, block_m), 1))
-    return max(1, min(wanted, tiles, MAX_SPLITS))
+        return max(1, min(INTERPRETER_SPLITS, triton.cdiv(vocab, block_v)))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return choose_splits_for(num_rows, vocab, block_m, block_v, sms)
 
 
 def logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, row_index: torch.Tensor,
@@ -282,3 +290,50 @@ def logprob_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         d_hidden.index_copy_(0, row_index, d_rows.to(hidden.dtype))
     return (d_hidden, d_weight.to(weight.dtype) if need_weight else None,
             d_bias.to(bias.dtype) if need_bias else None)
+
+
+# ------------------------------------------------------------------------------------------------ codegen
+# The headline size of PERF.md (student side): N=16384 rows, H=1024, V=151936, bf16.
+HEADLINE_ROWS = 16384
+HEADLINE_VOCAB = 151936
+
+
+def codegen_specs() -> list[dict]:
+    """The three kernels at the headline-size bf16 configs, for ``benchmarks.codegen`` (sm_90 compile check)."""
+    common = {"hidden_ptr": "*bf16", "weight_ptr": "*bf16", "bias_ptr": "*bf16", "rows_ptr": "*i64"}
+    ints = {"Na": "i32", "V": "i32", "H": "i32", "stride_h": "i32", "stride_w": "i32"}
+    fwd, merge, bwd = dict(GPU_FORWARD), dict(GPU_MERGE), dict(GPU_BACKWARD)
+    specs = []
+    warps, stages = fwd.pop("num_warps"), fwd.pop("num_stages")
+    specs.append({
+        "name": f"logprob_partial[bm{fwd['BLOCK_M']} bv{fwd['BLOCK_V']} bk{fwd['BLOCK_K']}]",
+        "fn": _logprob_partial_kernel,
+        "signature": {**common, "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32", **ints, "inv_temp": "fp32",
+                      "tiles_per_split": "i32", "num_splits": "i32"},
+        "constexprs": {"HAS_BIAS": False, "UPCAST": False, "DOT_PRECISION": FP32_DOT_PRECISION, **fwd},
+        "num_warps": warps, "num_stages": stages,
+    })
+    warps, stages = merge.pop("num_warps"), merge.pop("num_stages")
+    splits = choose_splits_for(HEADLINE_ROWS, HEADLINE_VOCAB, GPU_FORWARD["BLOCK_M"], GPU_FORWARD["BLOCK_V"],
+                               HEADLINE_SM_COUNT)
+    specs.append({
+        "name": f"logprob_merge[bm{merge['BLOCK_M']} bk{merge['BLOCK_K']}]",
+        "fn": _logprob_merge_kernel,
+        "signature": {**common, "targets_ptr": "*i64", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32",
+                      "logp_ptr": "*fp32", "lse_ptr": "*fp32", "Na": "i32", "H": "i32", "stride_h": "i32",
+                      "stride_w": "i32", "inv_temp": "fp32", "num_splits": "i32"},
+        "constexprs": {"HAS_BIAS": False, "BLOCK_S": triton.next_power_of_2(splits), **merge},
+        "num_warps": warps, "num_stages": stages, "expect_hgmma": False,
+    })
+    warps, stages = bwd.pop("num_warps"), bwd.pop("num_stages")
+    specs.append({
+        "name": f"logprob_backward[bm{bwd['BLOCK_M']} bv{bwd['BLOCK_V']} bk{bwd['BLOCK_K']}]",
+        "fn": _logprob_backward_kernel,
+        "signature": {**common, "targets_ptr": "*i64", "lse_ptr": "*fp32", "grad_ptr": "*fp32",
+                      "d_hidden_ptr": "*fp32", "d_weight_ptr": "*fp32", "d_bias_ptr": "*fp32", **ints,
+                      "inv_temp": "fp32"},
+        "constexprs": {"HAS_BIAS": False, "NEED_HIDDEN": True, "NEED_WEIGHT": True, "NEED_BIAS": False,
+                       "UPCAST": False, "DOT_PRECISION": FP32_DOT_PRECISION, **bwd},
+        "num_warps": warps, "num_stages": stages,
+    })
+    return specs

@@ -1,0 +1,168 @@
+"""``fused_sod_policy_loss``: the policy-gradient form of SOD that the authors' trainer optimizes (SPEC 7).
+
+PPO's clipped surrogate with dual clip on per-token advantages (typically from
+:func:`sod_kernels.sod_policy_inputs`), with the new policy's log-probs of the sampled tokens computed by
+:func:`sod_kernels.fused_token_logprobs` for the masked-in tokens only (a row index, as in
+``fused_sod_loss``), so neither the ``tokens x vocabulary`` logits nor the log-probs of prompt / tool /
+padding tokens are ever computed.  Everything after the log-probs is O(tokens) PyTorch; autograd hands the
+log-prob backend ``dL/dlogp`` per token, folded into its recomputed logit tiles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._validation import (REDUCTIONS, check_binary_mask, check_choice, check_positive, check_same_device,
+                          check_shape, check_tensor)
+from .token_logprobs import TokenLogprobs, check_lm_head, check_target_ids, resolve_logprob_backend
+
+LOG_RATIO_CLAMP = 20.0  # SPEC 7: ratio = exp(clamp(logp_new - old_logp, -20, 20))
+
+
+@dataclass
+class PolicyLossStats:
+    """What ``fused_sod_policy_loss(..., return_stats=True)`` returns (all but ``loss`` detached).
+
+    Fractions and means are over the masked-in tokens (0 for an empty mask); 0-D float32 tensors
+    (float64 for float64 inputs).
+
+    loss:            the loss, as without stats.
+    clip_frac_low:   share of tokens with ``A < 0`` and ``ratio < 1 - clip_low`` (lower clip active).
+    clip_frac_high:  share of tokens with ``A > 0`` and ``ratio > 1 + clip_high`` (upper clip active).
+    clip_frac_dual:  share of tokens with ``A < 0`` where the dual clip ``-c A`` bounds the loss.
+    mean_ratio:      mean of ``ratio = exp(clamp(logp_new - old_logp, -20, 20))``.
+    approx_kl:       ``KL(pi_old || pi_new)`` estimated as the mean of ``(ratio - 1) - log ratio`` (Schulman's
+                     "k3" estimator; unbiased and >= 0 for tokens sampled from the old policy).
+    logprobs:        ``[B, T]`` (or ``[T]``) new log-probs of the sampled tokens, 0 outside the mask.
+    """
+
+    loss: torch.Tensor
+    clip_frac_low: torch.Tensor
+    clip_frac_high: torch.Tensor
+    clip_frac_dual: torch.Tensor
+    mean_ratio: torch.Tensor
+    approx_kl: torch.Tensor
+    logprobs: torch.Tensor
+
+
+def _check_per_token(x: torch.Tensor, name: str, lead: tuple[int, ...]) -> None:
+    check_tensor(x, name, ndim=(len(lead),), floating=True)
+    check_shape(x, name, lead, "the leading shape of student_hidden")
+
+
+def ppo_dual_clip(logp_new: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip_low: float,
+                  clip_high: float, dual_clip: float | None):
+    """Per-token PPO dual-clip loss (SPEC 7) and its branch masks; all tensors ``[Na]``.
+
+    Returns ``(loss, ratio, log_ratio, low, high, dual)``: ``low`` / ``high`` / ``dual`` are bool masks of
+    the tokens whose loss the lower clip, the upper clip or the dual clip decided.
+    """
+    log_ratio = torch.clamp(logp_new - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    loss = torch.maximum(unclipped, clipped)
+    negative = advantages < 0
+    low = negative & (clipped > unclipped)
+    high = (advantages > 0) & (clipped > unclipped)
+    if dual_clip is None:
+        dual = torch.zeros_like(negative)
+    else:
+        bound = -dual_clip * advantages
+        dual = negative & (loss > bound)
+        loss = torch.where(negative, torch.minimum(loss, bound), loss)
+    return loss, ratio, log_ratio, low, high, dual
+
+
+def fused_sod_policy_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, target_ids: torch.Tensor,
+                          old_logprobs: torch.Tensor, advantages: torch.Tensor, response_mask: torch.Tensor, *,
+                          clip_low: float = 0.2, clip_high: float = 0.28, dual_clip: float | None = 3.0,
+                          temperature: float = 1.0, student_bias: torch.Tensor | None = None,
+                          reduction: str = "token_mean", return_stats: bool = False, backend: str = "auto",
+                          check_inputs: bool = True):
+    """PPO dual-clip policy loss on SOD advantages, from hidden states (SPEC section 7).
+
+    ``ratio = exp(clamp(logp_new - old_logprobs, -20, 20))``,
+    ``l = max(-A ratio, -A clip(ratio, 1 - clip_low, 1 + clip_high))``, and where ``A < 0``
+    ``l = min(l, -dual_clip A)``; ``L = sum(m l) / max(sum m, 1)`` for ``reduction="token_mean"``.
+
+    Args:
+        student_hidden: ``[B, T, H]`` or ``[T, H]`` (float32 / bfloat16 / float16; float64 on the torch
+            backend); receives a gradient.
+        student_weight: ``[V, H]`` lm_head weight, same dtype; receives a gradient.
+        target_ids: ``[B, T]`` sampled tokens in ``[0, V)``.
+        old_logprobs: ``[B, T]`` floating, log-probs of the sampled tokens at rollout time (detached).
+        advantages: ``[B, T]`` floating per-token advantages (detached), e.g. ``sod_policy_inputs(...).advantages``.
+        response_mask: ``[B, T]`` 0/1, 1 on tokens the student generated.
+        clip_low, clip_high: ``>= 0`` (``clip_low < 1``); dual_clip: ``> 1``, or None for no dual clip.
+        temperature: ``> 0``; the student logits are divided by it (use the sampling temperature).
+        student_bias: optional ``[V]``.
+        reduction: ``"token_mean"`` (default), ``"sum"``, or ``"none"`` (per-token ``[B, T]``, 0 off the mask).
+        return_stats: return :class:`PolicyLossStats` (a few host-free reductions) instead of the loss.
+        backend: ``"auto"`` (Triton on CUDA, chunked PyTorch on CPU), ``"triton"`` or ``"torch"``.
+        check_inputs: validate mask and target values and the loss's finiteness (host syncs).
+    Returns:
+        The loss (float32, or float64 for float64 hidden states), or :class:`PolicyLossStats`.
+    Gradients reach ``student_hidden``, ``student_weight`` and ``student_bias`` only.  An empty mask gives a
+    loss of exactly 0 and zero gradients.
+    """
+    check_choice(reduction, "reduction", REDUCTIONS)
+    clip_low = check_positive(clip_low, "clip_low", allow_zero=True)
+    if clip_low >= 1.0:
+        raise ValueError(f"clip_low must be < 1 (the ratio's lower bound is 1 - clip_low), got {clip_low}")
+    clip_high = check_positive(clip_high, "clip_high", allow_zero=True)
+    if dual_clip is not None:
+        dual_clip = check_positive(dual_clip, "dual_clip")
+        if dual_clip <= 1.0:
+            raise ValueError(f"dual_clip must be > 1 (or None to disable the dual clip), got {dual_clip}")
+    temperature = check_positive(temperature, "temperature")
+    check_lm_head(student_hidden, student_weight, student_bias, hidden_name="student_hidden",
+                  weight_name="student_weight", bias_name="student_bias")
+    lead = tuple(student_hidden.shape[:-1])
+    check_target_ids(target_ids, lead, student_weight.shape[0], check_values=check_inputs,
+                     hidden_name="student_hidden")
+    _check_per_token(old_logprobs, "old_logprobs", lead)
+    _check_per_token(advantages, "advantages", lead)
+    check_tensor(response_mask, "response_mask", ndim=(len(lead),))
+    check_shape(response_mask, "response_mask", lead, "the leading shape of student_hidden")
+    check_binary_mask(response_mask, "response_mask", check_values=check_inputs)
+    check_same_device(student_hidden=student_hidden, student_weight=student_weight, target_ids=target_ids,
+                      old_logprobs=old_logprobs, advantages=advantages, response_mask=response_mask,
+                      student_bias=student_bias)
+    impl = resolve_logprob_backend(backend, student_hidden, "student_hidden")
+
+    flat_mask = response_mask.reshape(-1) != 0
+    row_index = torch.nonzero(flat_mask).squeeze(1)
+    num_active = row_index.numel()  # one host sync: it sizes the log-prob kernels' work
+    hidden = student_hidden.reshape(-1, student_hidden.shape[-1]).contiguous()
+    y = target_ids.reshape(-1).to(torch.int64).contiguous()
+    logp = TokenLogprobs.apply(hidden, student_weight.contiguous(),
+                               None if student_bias is None else student_bias.contiguous(), row_index, y,
+                               temperature, impl)
+    acc = logp.dtype
+    old = old_logprobs.detach().reshape(-1)[row_index].to(acc)
+    adv = advantages.detach().reshape(-1)[row_index].to(acc)
+    per_row, ratio, log_ratio, low, high, dual = ppo_dual_clip(logp, old, adv, clip_low, clip_high, dual_clip)
+    normalizer = max(num_active, 1)
+    if reduction == "none":
+        loss = torch.zeros(flat_mask.numel(), dtype=acc, device=logp.device).index_copy(0, row_index, per_row)
+        loss = loss.view(lead)
+    elif reduction == "sum":
+        loss = per_row.sum()
+    else:
+        loss = per_row.sum() / normalizer
+    if check_inputs and num_active and not bool(torch.isfinite(per_row.detach()).all()):
+        raise ValueError("the policy loss is not finite: student_hidden, student_weight / student_bias, "
+                         "old_logprobs or advantages contain NaN or Inf (or the logits overflow)")
+    if not return_stats:
+        return loss
+    with torch.no_grad():
+        share = lambda flags: flags.to(acc).sum() / normalizer  # noqa: E731
+        logprobs = torch.zeros(flat_mask.numel(), dtype=acc, device=logp.device).index_copy(0, row_index,
+                                                                                           logp.detach())
+        return PolicyLossStats(loss=loss, clip_frac_low=share(low), clip_frac_high=share(high),
+                               clip_frac_dual=share(dual), mean_ratio=ratio.sum() / normalizer,
+                               approx_kl=((ratio - 1.0) - log_ratio).sum() / normalizer,
+                               logprobs=logprobs.view(lead))
