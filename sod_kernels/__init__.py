@@ -5,23 +5,34 @@ Public API:
   hidden states and lm_head weights, never materializing tokens x vocabulary logits.
 - Step helpers: :func:`step_ids_from_mask`, :func:`step_weights_from_divergence`, :func:`sod_step_weights`.
 - Advantages: :func:`grpo_advantages`, :func:`sod_advantages`.
+- Policy-gradient form (SPEC section 7): :func:`fused_token_logprobs` (sampled-token log-probs from hidden
+  states), :func:`sod_policy_inputs` (advantages + step statistics), :func:`fused_sod_policy_loss` (PPO
+  dual clip).
 """
 
 from .advantages import grpo_advantages, sod_advantages
 from .modules import SODLoss
+from .policy_inputs import PolicyInputs, sod_policy_inputs
+from .policy_loss import PolicyLossStats, fused_sod_policy_loss
 from .sod_loss import SODStats, fused_sod_loss
 from .steps import (StepWeights, sod_step_statistics, sod_step_weights, step_ids_from_mask,
                     step_weights_from_divergence)
+from .token_logprobs import fused_token_logprobs
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "PolicyInputs",
+    "PolicyLossStats",
     "SODLoss",
     "SODStats",
     "StepWeights",
     "fused_sod_loss",
+    "fused_sod_policy_loss",
+    "fused_token_logprobs",
     "grpo_advantages",
     "sod_advantages",
+    "sod_policy_inputs",
     "sod_step_statistics",
     "sod_step_weights",
     "step_ids_from_mask",
