@@ -30,6 +30,9 @@ returning one dict per (kernel, config) to compile, with the configs used at the
 - ``"constexprs"`` (dict str -> value): the value of every ``tl.constexpr`` argument (block sizes,
   switches).  They are added to the signature as ``"constexpr"`` automatically.
 - ``"num_warps"`` (int), ``"num_stages"`` (int): launch options, as passed at the headline size.
+- ``"divisible_by_16"`` (list of str, optional): integer arguments whose value is a multiple of 16 at the
+  headline size (strides, hidden sizes), so the compiler gets the same ``tt.divisibility`` hints the JIT
+  gives them at launch.  Pointer arguments always get the hint (torch allocations are 16-byte aligned).
 - ``"expect_hgmma"`` (bool, optional, default True): whether the kernel's matrix products must become
   ``HGMMA`` instructions (set False for kernels without ``tl.dot``, such as a small merge kernel).
 
@@ -101,7 +104,7 @@ def discover_specs(modules=KERNEL_MODULES) -> tuple[list[dict], list[str]]:
 def compile_spec(spec: dict):
     """Compile one spec for sm_90; returns the compiled kernel (with ``asm["cubin"]``)."""
     import triton
-    from triton.backends.compiler import GPUTarget
+    from triton.backends.compiler import BaseBackend, GPUTarget
     from triton.compiler import ASTSource
 
     fn = spec["fn"]
@@ -113,7 +116,13 @@ def compile_spec(spec: dict):
         raise ValueError(f"codegen spec {spec['name']!r}: arguments missing from signature/constexprs {missing}, "
                          f"unknown arguments {extra}")
     full_signature = {a: (signature[a] if a in signature else "constexpr") for a in fn.arg_names}
-    source = ASTSource(fn, full_signature, constexprs=constexprs)
+    aligned = set(spec.get("divisible_by_16", ())) | {a for a, t in signature.items() if t.startswith("*")}
+    unknown = aligned - set(signature)
+    if unknown:
+        raise ValueError(f"codegen spec {spec['name']!r}: divisible_by_16 names unknown arguments {sorted(unknown)}")
+    hint = BaseBackend.parse_attr("D")  # the JIT's "divisible by 16" specialization
+    attrs = {(fn.arg_names.index(a),): hint for a in aligned}
+    source = ASTSource(fn, full_signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget(*HOPPER_TARGET),
                           options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]})
 

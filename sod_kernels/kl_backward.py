@@ -118,3 +118,29 @@ def kl_backward_kernel(sh_ptr, sw_ptr, sb_ptr, th_ptr, tw_ptr, tb_ptr, row_index
             h_ptrs += BLOCK_K
             dh_ptrs += BLOCK_K
             dw_ptrs += BLOCK_K
+
+
+def codegen_specs() -> list[dict]:
+    """Headline-size (bf16, H100) compile specs of this module's kernel; format in benchmarks/codegen.py."""
+    from .triton_configs import HEADLINE, block_constexprs, headline_launch
+
+    cfg, _, _ = headline_launch()
+    hs, ht = HEADLINE["hs"], HEADLINE["ht"]
+    signature = {"sh_ptr": "*bf16", "sw_ptr": "*bf16", "sb_ptr": "*bf16", "th_ptr": "*bf16", "tw_ptr": "*bf16",
+                 "tb_ptr": "*bf16", "row_index_ptr": "*i64", "lse_s_ptr": "*fp32", "lse_t_ptr": "*fp32",
+                 "d_ptr": "*fp32", "grad_ptr": "*fp32", "dh_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32",
+                 "n_rows": "i32", "vocab": "i32", "hs": "i32", "ht": "i32", "stride_sh": "i32", "stride_sw": "i32",
+                 "stride_th": "i32", "stride_tw": "i32", "inv_temp": "fp32"}
+    specs = []
+    for forward_kl in (False, True):
+        constexprs = {"HAS_SBIAS": False, "HAS_TBIAS": False, "FORWARD_KL": forward_kl, "NEED_DH": True,
+                      "NEED_DW": True, "NEED_DB": False, "EVEN_HS": hs % cfg.block_k == 0,
+                      "EVEN_HT": ht % cfg.block_k == 0, "CAST_FP32": False, "DOT_PRECISION": "tf32",
+                      **block_constexprs(cfg)}
+        label = "forward_kl" if forward_kl else "reverse_kl"
+        specs.append({"name": f"kl_backward_kernel ({label}, d hidden + d weight)", "fn": kl_backward_kernel,
+                      "signature": signature, "constexprs": constexprs, "num_warps": cfg.num_warps,
+                      "num_stages": cfg.num_stages,
+                      "divisible_by_16": ["n_rows", "vocab", "hs", "ht", "stride_sh", "stride_sw", "stride_th",
+                                          "stride_tw"]})
+    return specs

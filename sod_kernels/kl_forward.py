@@ -44,26 +44,28 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kl_tiles import grouped_program, logit_tile
+from .kl_tiles import gathered_logit, grouped_program, logit_tile
 
 # Rows of the partial-statistics buffer ``partial[NUM_PARTIALS, splits, Na]``.
-P_MAX_S, P_SUM_S, P_MAX_T, P_SUM_T, P_ACC, P_ZY_S, P_ZY_T = range(7)
-NUM_PARTIALS = 7
+# W is the model weighting the KL sum (student for reverse KL, teacher for forward KL), O the other one.
+P_MAX_W, P_SUM_W, P_MAX_O, P_SUM_O, P_ACC = (tl.constexpr(i) for i in range(5))
+NUM_PARTIALS = 5
+MERGE_BLOCK_K = 64  # hidden columns per step of the merge kernel's gathered target-logit dot products
+MERGE_BLOCK_ROWS = 128  # rows per program of kl_merge_kernel
+MERGE_NUM_WARPS = 4
 
 
 @triton.jit
-def kl_forward_kernel(sh_ptr, sw_ptr, sb_ptr, th_ptr, tw_ptr, tb_ptr, row_index_ptr, target_ptr, partial_ptr,
+def kl_forward_kernel(sh_ptr, sw_ptr, sb_ptr, th_ptr, tw_ptr, tb_ptr, row_index_ptr, partial_ptr,
                       n_rows, vocab, hs, ht, stride_sh, stride_sw, stride_th, stride_tw, tiles_per_split,
                       num_splits, inv_temp,
-                      HAS_SBIAS: tl.constexpr, HAS_TBIAS: tl.constexpr, HAS_TARGET: tl.constexpr,
-                      FORWARD_KL: tl.constexpr, EVEN_HS: tl.constexpr, EVEN_HT: tl.constexpr,
+                      HAS_SBIAS: tl.constexpr, HAS_TBIAS: tl.constexpr, FORWARD_KL: tl.constexpr, EVEN_HS: tl.constexpr, EVEN_HT: tl.constexpr,
                       CAST_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """Partial softmax/KL statistics of one (row block, vocabulary split).
 
     sh ``[N, Hs]``, sw ``[Vs, Hs]``, sb ``[Vs]``, th ``[N, Ht]``, tw ``[Vt, Ht]``, tb ``[Vt]`` (input dtype;
-    biases read only if HAS_*BIAS); row_index ``[n_rows]`` int64; target ``[N]`` int64 (if HAS_TARGET);
-    partial ``[NUM_PARTIALS, num_splits, n_rows]`` float32, written.  ``vocab`` = Vs.
+    biases read only if HAS_*BIAS); row_index ``[n_rows]`` int64; partial ``[NUM_PARTIALS, num_splits, n_rows]`` float32, written.  ``vocab`` = Vs.
     """
     pid = tl.program_id(0)
     num_row_blocks = tl.cdiv(n_rows, BLOCK_M)
@@ -72,17 +74,15 @@ def kl_forward_kernel(sh_ptr, sw_ptr, sb_ptr, th_ptr, tw_ptr, tb_ptr, row_index_
     offs_m = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < n_rows
     rows = tl.load(row_index_ptr + offs_m, mask=row_ok, other=0).to(tl.int64)
-    if HAS_TARGET:
-        y = tl.load(target_ptr + rows)
 
+    # "w" is the model whose probabilities weight the KL sum (student for reverse KL, teacher for forward
+    # KL), "o" the other one: D = A / l_w - lse_w + lse_o with A = sum exp(z_w - m_w) (z_w - z_o).
     neg_inf = float("-inf")
-    m_s = tl.full((BLOCK_M,), neg_inf, tl.float32)
-    m_t = tl.full((BLOCK_M,), neg_inf, tl.float32)
-    l_s = tl.zeros((BLOCK_M,), tl.float32)
-    l_t = tl.zeros((BLOCK_M,), tl.float32)
+    m_w = tl.full((BLOCK_M,), neg_inf, tl.float32)
+    m_o = tl.full((BLOCK_M,), neg_inf, tl.float32)
+    l_w = tl.zeros((BLOCK_M,), tl.float32)
+    l_o = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M,), tl.float32)
-    zy_s = tl.zeros((BLOCK_M,), tl.float32)
-    zy_t = tl.zeros((BLOCK_M,), tl.float32)
 
     v_begin = split * tiles_per_split * BLOCK_V
     n_tiles = tl.minimum(tiles_per_split, tl.cdiv(vocab - v_begin, BLOCK_V))
@@ -94,87 +94,115 @@ def kl_forward_kernel(sh_ptr, sw_ptr, sb_ptr, th_ptr, tw_ptr, tb_ptr, row_index_
                         HAS_SBIAS, EVEN_HS, CAST_FP32, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_K)
         zt = logit_tile(th_ptr, rows, stride_th, tw_ptr, safe_v, stride_tw, tb_ptr, ht, inv_temp,
                         HAS_TBIAS, EVEN_HT, CAST_FP32, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_K)
-        zs = tl.where(v_ok[None, :], zs, neg_inf)
-        zt = tl.where(v_ok[None, :], zt, neg_inf)
-        m_s_new = tl.maximum(m_s, tl.max(zs, axis=1))
-        m_t_new = tl.maximum(m_t, tl.max(zt, axis=1))
-        alpha_s = tl.exp(m_s - m_s_new)
-        alpha_t = tl.exp(m_t - m_t_new)
-        e_s = tl.exp(zs - m_s_new[:, None])
-        e_t = tl.exp(zt - m_t_new[:, None])
-        l_s = l_s * alpha_s + tl.sum(e_s, axis=1)
-        l_t = l_t * alpha_t + tl.sum(e_t, axis=1)
-        diff = tl.where(v_ok[None, :], zs - zt, 0.0)
         if FORWARD_KL:
-            acc = acc * alpha_t - tl.sum(e_t * diff, axis=1)
+            z_w = zt
+            z_o = zs
         else:
-            acc = acc * alpha_s + tl.sum(e_s * diff, axis=1)
-        m_s = m_s_new
-        m_t = m_t_new
-        if HAS_TARGET:
-            hit = offs_v[None, :] == y[:, None]
-            zy_s += tl.sum(tl.where(hit, zs, 0.0), axis=1)
-            zy_t += tl.sum(tl.where(hit, zt, 0.0), axis=1)
+            z_w = zs
+            z_o = zt
+        # The epilogue is ordered so that at most three logit-sized tiles are live (registers): the other
+        # model's statistics first, then the difference (z_o dies), then the weighting model's.
+        z_o_masked = tl.where(v_ok[None, :], z_o, neg_inf)
+        m_o_new = tl.maximum(m_o, tl.max(z_o_masked, axis=1))
+        l_o = l_o * tl.exp(m_o - m_o_new) + tl.sum(tl.exp(z_o_masked - m_o_new[:, None]), axis=1)
+        m_o = m_o_new
+        diff = z_w - z_o  # finite everywhere: masked columns hold clamped (valid) logits
+        z_w_masked = tl.where(v_ok[None, :], z_w, neg_inf)
+        m_w_new = tl.maximum(m_w, tl.max(z_w_masked, axis=1))
+        alpha_w = tl.exp(m_w - m_w_new)
+        e_w = tl.exp(z_w_masked - m_w_new[:, None])  # 0 on masked columns
+        l_w = l_w * alpha_w + tl.sum(e_w, axis=1)
+        acc = acc * alpha_w + tl.sum(e_w * diff, axis=1)
+        m_w = m_w_new
 
     out = partial_ptr + split.to(tl.int64) * n_rows + offs_m
     plane = num_splits.to(tl.int64) * n_rows
-    tl.store(out + P_MAX_S * plane, m_s, mask=row_ok)
-    tl.store(out + P_SUM_S * plane, l_s, mask=row_ok)
-    tl.store(out + P_MAX_T * plane, m_t, mask=row_ok)
-    tl.store(out + P_SUM_T * plane, l_t, mask=row_ok)
+    tl.store(out + P_MAX_W * plane, m_w, mask=row_ok)
+    tl.store(out + P_SUM_W * plane, l_w, mask=row_ok)
+    tl.store(out + P_MAX_O * plane, m_o, mask=row_ok)
+    tl.store(out + P_SUM_O * plane, l_o, mask=row_ok)
     tl.store(out + P_ACC * plane, acc, mask=row_ok)
-    if HAS_TARGET:
-        tl.store(out + P_ZY_S * plane, zy_s, mask=row_ok)
-        tl.store(out + P_ZY_T * plane, zy_t, mask=row_ok)
 
 
 @triton.jit
-def kl_merge_kernel(partial_ptr, d_ptr, lse_s_ptr, lse_t_ptr, lp_s_ptr, lp_t_ptr, n_rows, num_splits,
-                    HAS_TARGET: tl.constexpr, FORWARD_KL: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Merge ``partial [NUM_PARTIALS, num_splits, n_rows]`` into D, lse_s, lse_t (and log p(y)), each
-    ``[n_rows]`` float32, with log-sum-exp algebra over the splits."""
+def kl_merge_kernel(partial_ptr, sh_ptr, sw_ptr, sb_ptr, th_ptr, tw_ptr, tb_ptr, row_index_ptr, target_ptr, d_ptr,
+                    lse_s_ptr, lse_t_ptr, lp_s_ptr, lp_t_ptr, n_rows, num_splits, hs, ht, stride_sh, stride_sw,
+                    stride_th, stride_tw, inv_temp,
+                    HAS_SBIAS: tl.constexpr, HAS_TBIAS: tl.constexpr, HAS_TARGET: tl.constexpr,
+                    FORWARD_KL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Merge ``partial [NUM_PARTIALS, num_splits, n_rows]`` into D, lse_s, lse_t, each ``[n_rows]``
+    float32, with log-sum-exp algebra over the splits; with HAS_TARGET also the sampled tokens'
+    log-probabilities ``lp_s, lp_t [n_rows]`` from gathered dot products ``h[row] . W[y[row]]``
+    (target ``[N]`` int64; the other inputs as in ``kl_forward_kernel``)."""
     offs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ok = offs < n_rows
     plane = num_splits.to(tl.int64) * n_rows
     neg_inf = float("-inf")
-    m_s = tl.full((BLOCK_R,), neg_inf, tl.float32)
-    m_t = tl.full((BLOCK_R,), neg_inf, tl.float32)
-    l_s = tl.zeros((BLOCK_R,), tl.float32)
-    l_t = tl.zeros((BLOCK_R,), tl.float32)
+    m_w = tl.full((BLOCK_R,), neg_inf, tl.float32)
+    m_o = tl.full((BLOCK_R,), neg_inf, tl.float32)
+    l_w = tl.zeros((BLOCK_R,), tl.float32)
+    l_o = tl.zeros((BLOCK_R,), tl.float32)
     acc = tl.zeros((BLOCK_R,), tl.float32)
-    zy_s = tl.zeros((BLOCK_R,), tl.float32)
-    zy_t = tl.zeros((BLOCK_R,), tl.float32)
-    for split in range(0, num_splits):
-        src = partial_ptr + split.to(tl.int64) * n_rows + offs
-        pm_s = tl.load(src + P_MAX_S * plane, mask=ok, other=0.0)
-        pm_t = tl.load(src + P_MAX_T * plane, mask=ok, other=0.0)
-        new_s = tl.maximum(m_s, pm_s)
-        new_t = tl.maximum(m_t, pm_t)
-        old_scale_s = tl.exp(m_s - new_s)
-        old_scale_t = tl.exp(m_t - new_t)
-        part_scale_s = tl.exp(pm_s - new_s)
-        part_scale_t = tl.exp(pm_t - new_t)
-        l_s = l_s * old_scale_s + tl.load(src + P_SUM_S * plane, mask=ok, other=0.0) * part_scale_s
-        l_t = l_t * old_scale_t + tl.load(src + P_SUM_T * plane, mask=ok, other=0.0) * part_scale_t
-        p_acc = tl.load(src + P_ACC * plane, mask=ok, other=0.0)
-        if FORWARD_KL:
-            acc = acc * old_scale_t + p_acc * part_scale_t
-        else:
-            acc = acc * old_scale_s + p_acc * part_scale_s
-        m_s = new_s
-        m_t = new_t
-        if HAS_TARGET:
-            zy_s += tl.load(src + P_ZY_S * plane, mask=ok, other=0.0)
-            zy_t += tl.load(src + P_ZY_T * plane, mask=ok, other=0.0)
-    lse_s = m_s + tl.log(l_s)
-    lse_t = m_t + tl.log(l_t)
+    src = partial_ptr + offs
+    for _ in range(0, num_splits):
+        part_m_w = tl.load(src + P_MAX_W * plane, mask=ok, other=0.0)
+        part_m_o = tl.load(src + P_MAX_O * plane, mask=ok, other=0.0)
+        new_w = tl.maximum(m_w, part_m_w)
+        new_o = tl.maximum(m_o, part_m_o)
+        old_scale_w = tl.exp(m_w - new_w)
+        part_scale_w = tl.exp(part_m_w - new_w)
+        l_w = l_w * old_scale_w + tl.load(src + P_SUM_W * plane, mask=ok, other=1.0) * part_scale_w
+        acc = acc * old_scale_w + tl.load(src + P_ACC * plane, mask=ok, other=0.0) * part_scale_w
+        l_o = l_o * tl.exp(m_o - new_o) + tl.load(src + P_SUM_O * plane, mask=ok, other=1.0) * tl.exp(part_m_o - new_o)
+        m_w = new_w
+        m_o = new_o
+        src += n_rows
+    lse_w = m_w + tl.log(l_w)
+    lse_o = m_o + tl.log(l_o)
+    tl.store(d_ptr + offs, acc / l_w - lse_w + lse_o, mask=ok)
     if FORWARD_KL:
-        d = acc / l_t - lse_t + lse_s
+        lse_s = lse_o
+        lse_t = lse_w
     else:
-        d = acc / l_s - lse_s + lse_t
-    tl.store(d_ptr + offs, d, mask=ok)
+        lse_s = lse_w
+        lse_t = lse_o
     tl.store(lse_s_ptr + offs, lse_s, mask=ok)
     tl.store(lse_t_ptr + offs, lse_t, mask=ok)
     if HAS_TARGET:
+        rows = tl.load(row_index_ptr + offs, mask=ok, other=0).to(tl.int64)
+        y = tl.load(target_ptr + rows).to(tl.int64)
+        zy_s = gathered_logit(sh_ptr, rows, stride_sh, sw_ptr, y, stride_sw, sb_ptr, hs, inv_temp, HAS_SBIAS,
+                              BLOCK_R, BLOCK_K)
+        zy_t = gathered_logit(th_ptr, rows, stride_th, tw_ptr, y, stride_tw, tb_ptr, ht, inv_temp, HAS_TBIAS,
+                              BLOCK_R, BLOCK_K)
         tl.store(lp_s_ptr + offs, zy_s - lse_s, mask=ok)
         tl.store(lp_t_ptr + offs, zy_t - lse_t, mask=ok)
+
+def codegen_specs() -> list[dict]:
+    """Headline-size (bf16, H100) compile specs of this module's kernels; format in benchmarks/codegen.py."""
+    from .triton_configs import HEADLINE, block_constexprs, headline_launch
+
+    cfg, _, _ = headline_launch()
+    hs, ht = HEADLINE["hs"], HEADLINE["ht"]
+    models = {"sh_ptr": "*bf16", "sw_ptr": "*bf16", "sb_ptr": "*bf16", "th_ptr": "*bf16", "tw_ptr": "*bf16",
+              "tb_ptr": "*bf16", "row_index_ptr": "*i64"}
+    sizes = {"hs": "i32", "ht": "i32", "stride_sh": "i32", "stride_sw": "i32", "stride_th": "i32", "stride_tw": "i32"}
+    aligned = ["n_rows", *sizes]
+    signature = {**models, "partial_ptr": "*fp32", "n_rows": "i32", "vocab": "i32", **sizes, "tiles_per_split": "i32",
+                 "num_splits": "i32", "inv_temp": "fp32"}
+    specs = []
+    for forward_kl in (False, True):
+        constexprs = {"HAS_SBIAS": False, "HAS_TBIAS": False, "FORWARD_KL": forward_kl,
+                      "EVEN_HS": hs % cfg.block_k == 0, "EVEN_HT": ht % cfg.block_k == 0, "CAST_FP32": False,
+                      "DOT_PRECISION": "tf32", **block_constexprs(cfg)}
+        specs.append({"name": "kl_forward_kernel (" + ("forward_kl" if forward_kl else "reverse_kl") + ")",
+                      "fn": kl_forward_kernel, "signature": signature, "constexprs": constexprs,
+                      "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "divisible_by_16": aligned + ["vocab"]})
+    merge_signature = {"partial_ptr": "*fp32", **models, "target_ptr": "*i64", "d_ptr": "*fp32", "lse_s_ptr": "*fp32",
+                       "lse_t_ptr": "*fp32", "lp_s_ptr": "*fp32", "lp_t_ptr": "*fp32", "n_rows": "i32",
+                       "num_splits": "i32", **sizes, "inv_temp": "fp32"}
+    specs.append({"name": "kl_merge_kernel (reverse_kl, target)", "fn": kl_merge_kernel, "signature": merge_signature,
+                  "constexprs": {"HAS_SBIAS": False, "HAS_TBIAS": False, "HAS_TARGET": True, "FORWARD_KL": False,
+                                 "BLOCK_R": MERGE_BLOCK_ROWS, "BLOCK_K": MERGE_BLOCK_K},
+                  "num_warps": MERGE_NUM_WARPS, "num_stages": 1, "divisible_by_16": aligned, "expect_hgmma": False})
+    return specs

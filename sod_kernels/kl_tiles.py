@@ -11,6 +11,8 @@
   so the hot loads carry no row/column mask (only a K mask when the hidden size is not a multiple of
   ``BLOCK_K``); callers mask the resulting logits.  Offsets that multiply a row or column index by a
   stride are computed in int64 (``V * H`` and ``N * H`` can exceed 2**31).
+- :func:`gathered_logit`: the logit of one given column per row (the sampled token), as a gathered
+  elementwise dot product, so the sampled log-probabilities never touch the tile loop.
 """
 
 from __future__ import annotations
@@ -62,4 +64,25 @@ def logit_tile(h_ptr, rows, stride_h, w_ptr, safe_cols, stride_w, b_ptr, K, inv_
         w_ptrs += BLOCK_K
     if HAS_BIAS:
         acc += tl.load(b_ptr + safe_cols).to(tl.float32)[None, :]
+    return acc * inv_temp
+
+
+@triton.jit
+def gathered_logit(h_ptr, rows, stride_h, w_ptr, cols, stride_w, b_ptr, K, inv_temp, HAS_BIAS: tl.constexpr,
+                   BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``[BLOCK_R]`` float32 logits ``(hidden[rows[i]] . weight[cols[i]] + bias[cols[i]]) * inv_temp``: one
+    gathered dot product per row (the sampled token's logit), ``rows`` and ``cols`` int64 valid indices."""
+    offs_k = tl.arange(0, BLOCK_K)
+    h_ptrs = h_ptr + rows[:, None] * stride_h + offs_k[None, :]
+    w_ptrs = w_ptr + cols[:, None] * stride_w + offs_k[None, :]
+    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        k_ok = (k + offs_k) < K
+        h = tl.load(h_ptrs, mask=k_ok[None, :], other=0.0).to(tl.float32)
+        w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(h * w, axis=1)
+        h_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols).to(tl.float32)
     return acc * inv_temp

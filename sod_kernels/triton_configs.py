@@ -80,3 +80,16 @@ def forward_splits(n_rows: int, vocab: int, cfg: KernelConfig, *, interpret: boo
         splits = min(max(wanted, 1), num_tiles)
         tiles_per_split = -(-num_tiles // splits)
     return -(-num_tiles // tiles_per_split), tiles_per_split
+
+
+def headline_launch() -> tuple[KernelConfig, int, int]:
+    """``(config, num_splits, tiles_per_split)`` used on an H100 at the headline size (codegen checks)."""
+    h = HEADLINE
+    cfg = kernel_config(h["n_rows"], h["dtype"], interpret=False, capability=(9, 0))
+    splits, tiles = forward_splits(h["n_rows"], h["vocab"], cfg, interpret=False, sm_count=DEFAULT_SM_COUNT)
+    return cfg, splits, tiles
+
+
+def block_constexprs(cfg: KernelConfig) -> dict:
+    """The block-size constexprs every divergence kernel takes."""
+    return {"BLOCK_M": cfg.block_m, "BLOCK_V": cfg.block_v, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m}
