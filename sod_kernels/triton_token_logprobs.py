@@ -50,6 +50,7 @@ PROGRAMS_PER_SM = 2
 INTERPRETER_SPLITS = 3  # exercises the split merge on tiny inputs
 MAX_SPLITS = 64
 HEADLINE_SM_COUNT = 132  # H100 SXM
+INT32_LIMIT = 2 ** 31
 
 FP32_DOT_PRECISION = "ieee"
 
@@ -226,6 +227,13 @@ def choose_splits(num_rows: int, vocab: int, block_m: int, block_v: int, device:
     return choose_splits_for(num_rows, vocab, block_m, block_v, sms)
 
 
+def check_int32_offsets(num_rows: int, vocab: int, hidden: int) -> None:
+    """Tile offsets inside the kernels are 32-bit (fewer registers): ``V * H`` and ``Na * H`` must fit."""
+    if vocab * hidden >= INT32_LIMIT or num_rows * hidden >= INT32_LIMIT:
+        raise ValueError(f"backend='triton' needs weight.numel() ({vocab * hidden}) and the used rows x hidden size "
+                         f"({num_rows * hidden}) below 2**31; use backend='torch' for larger problems")
+
+
 def logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, row_index: torch.Tensor,
                     target_ids: torch.Tensor, *, temperature: float, num_splits: int | None = None):
     """Triton forward; same contract as :func:`sod_kernels.token_logprobs.logprob_forward`.
@@ -236,6 +244,7 @@ def logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     """
     Na = row_index.numel()
     V, H = weight.shape
+    check_int32_offsets(Na, V, H)
     logp = torch.empty(Na, dtype=torch.float32, device=hidden.device)
     lse = torch.empty_like(logp)
     if Na == 0:
