@@ -1,0 +1,319 @@
+"""Multi-turn tool rollouts: the student writes an assistant turn, its tool call runs in the sandbox, the
+observation is appended as a tool turn, and so on until a final answer or ``max_turns``.
+
+Token bookkeeping is exact: the rollout keeps the token ids it fed the model, so ``response_mask`` is 1
+precisely on the tokens the student sampled (including the turn's stop token) and 0 on the prompt, the
+tool output and the chat-template tokens around it.  The template tokens that follow an assistant turn are
+found by rendering the model's own chat template around a marker (see :class:`ChatFormat`), so the same code
+serves the built-in tiny models and real chat models (Qwen3-style ``<tool_call>`` / ``<tool_response>``).
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
+
+import torch
+
+from .task import FaultInjector, Problem, extract_answer, extract_tool_call, reward
+
+TOOL_SCHEMA = {
+    "type": "function",
+    "function": {
+        "name": "python",
+        "description": "Run Python code and return what it prints.",
+        "parameters": {"type": "object", "properties": {"code": {"type": "string", "description": "Python code"}},
+                       "required": ["code"]},
+    },
+}
+ASSISTANT_MARKER = "\u2063SOD-ASSISTANT-TURN\u2063"
+USER_MARKER = "\u2063SOD-USER\u2063"
+MAX_OBSERVATION_CHARS = 400
+
+
+@dataclass
+class ToolObservation:
+    """What a tool executor returns (the sandbox's ``ToolResult`` has the same fields)."""
+
+    output: str
+    ok: bool = True
+    timed_out: bool = False
+
+
+ToolExecutor = Callable[[str], ToolObservation]
+
+
+class ChatFormat:
+    """Token-level view of a chat template: the prompt, and the template tokens around a tool turn."""
+
+    def __init__(self, tokenizer, system_prompt: str | None = None, use_tools_schema: bool = False):
+        self.tokenizer = tokenizer
+        self.system_prompt = system_prompt
+        self.tools = [TOOL_SCHEMA] if use_tools_schema else None
+        self.stop_ids = sorted({i for i in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>"))
+                                if i is not None and i != tokenizer.unk_token_id})
+        if not self.stop_ids:
+            raise ValueError("the tokenizer has neither an eos token nor <|im_end|>; assistant turns cannot stop")
+        self._end_of_turn_text = self._render_after_assistant(None)
+
+    def _render(self, messages, add_generation_prompt: bool) -> str:
+        kwargs = {"tools": self.tools} if self.tools else {}
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                  tokenize=False, **kwargs)
+
+    def _messages(self, question: str) -> list[dict]:
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return messages + [{"role": "user", "content": question}]
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` with no added special tokens."""
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def prompt_ids(self, question: str) -> list[int]:
+        """The conversation start up to and including the assistant generation prompt."""
+        return self.encode(self._render(self._messages(question), add_generation_prompt=True))
+
+    def _render_after_assistant(self, observation: str | None) -> str:
+        messages = self._messages(USER_MARKER) + [{"role": "assistant", "content": ASSISTANT_MARKER}]
+        if observation is None:
+            text = self._render(messages, add_generation_prompt=False)
+        else:
+            text = self._render(messages + [{"role": "tool", "content": observation}], add_generation_prompt=True)
+        position = text.rfind(ASSISTANT_MARKER)
+        if position < 0:
+            raise ValueError("the chat template dropped the assistant message content; cannot locate turn ends")
+        return text[position + len(ASSISTANT_MARKER):]
+
+    def tool_turn_ids(self, observation: str, last_token: int | None) -> list[int]:
+        """Template tokens after an assistant turn, the tool turn holding ``observation``, and the next
+        generation prompt.  ``last_token`` is the turn's last sampled token: when it is the template's
+        end-of-turn token it is not repeated."""
+        ids = self.encode(self._render_after_assistant(observation))
+        if ids and last_token is not None and ids[0] == last_token and last_token in self.stop_ids:
+            ids = ids[1:]
+        return ids
+
+    def assistant_turn_ids(self, content: str) -> list[int]:
+        """A whole assistant turn as the model would write it: ``content`` then the end-of-turn token."""
+        end = self.encode(self._end_of_turn_text)
+        stop = end[0] if end and end[0] in self.stop_ids else self.stop_ids[0]
+        return self.encode(content) + [stop]
+
+    def conversation(self, question: str, assistant_turns: Sequence[str], observations: Sequence[str]):
+        """Token ids and response mask of a full scripted conversation (for supervised warm-starts).
+
+        ``assistant_turns[k]`` is followed by ``observations[k]`` when there is one; the last turn usually
+        has none (the final answer).  Returns ``(ids, mask)``.
+        """
+        ids = self.prompt_ids(question)
+        mask = [0] * len(ids)
+        for k, content in enumerate(assistant_turns):
+            turn = self.assistant_turn_ids(content)
+            ids += turn
+            mask += [1] * len(turn)
+            if k < len(observations):
+                tail = self.tool_turn_ids(observations[k], last_token=turn[-1])
+                ids += tail
+                mask += [0] * len(tail)
+        return ids, mask
+
+
+@dataclass
+class GeneratedTurn:
+    """One sampled assistant turn: token ids (through the stop token if sampled) and their log-probs."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+
+
+class TurnGenerator(Protocol):
+    """Anything that continues a batch of token contexts by one assistant turn."""
+
+    def __call__(self, contexts: Sequence[Sequence[int]], max_new_tokens: int) -> list[GeneratedTurn]:
+        ...
+
+
+class HFTurnGenerator:
+    """Batched sampling with Hugging Face ``generate`` (KV cache on), left padding, stop at end of turn.
+
+    ``temperature == 0`` means greedy decoding; log-probs are then those of the untempered softmax.
+    Log-probs are computed from the raw logits at the sampling temperature (no top-k / top-p).
+    """
+
+    def __init__(self, model, pad_token_id: int, stop_ids: Sequence[int], temperature: float):
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        self.model = model
+        self.pad_token_id = pad_token_id
+        self.stop_ids = list(stop_ids)
+        self.temperature = temperature
+
+    @torch.no_grad()
+    def __call__(self, contexts: Sequence[Sequence[int]], max_new_tokens: int) -> list[GeneratedTurn]:
+        if not contexts:
+            return []
+        device = next(self.model.parameters()).device
+        width = max(len(c) for c in contexts)
+        input_ids = torch.full((len(contexts), width), self.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(contexts), width), dtype=torch.long)
+        for i, context in enumerate(contexts):
+            input_ids[i, width - len(context):] = torch.tensor(context, dtype=torch.long)
+            attention[i, width - len(context):] = 1
+        sample = self.temperature > 0
+        was_training = self.model.training
+        self.model.eval()
+        options = dict(do_sample=True, temperature=self.temperature, top_k=0, top_p=1.0) if sample else \
+            dict(do_sample=False)
+        out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                  max_new_tokens=max_new_tokens, eos_token_id=self.stop_ids,
+                                  pad_token_id=self.pad_token_id, output_logits=True,
+                                  return_dict_in_generate=True, use_cache=True, **options)
+        self.model.train(was_training)
+        new = out.sequences[:, width:].cpu()
+        logits = torch.stack(out.logits, dim=1).float().cpu()[:, :new.shape[1]]
+        scale = self.temperature if sample else 1.0
+        logp = torch.log_softmax(logits / scale, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        turns = []
+        stops = set(self.stop_ids)
+        for row, row_logp in zip(new.tolist(), logp.tolist()):
+            length = len(row)
+            for j, token in enumerate(row):
+                if token in stops:
+                    length = j + 1
+                    break
+            turns.append(GeneratedTurn(row[:length], row_logp[:length]))
+        return turns
+
+
+@dataclass
+class Trajectory:
+    """One multi-turn rollout.
+
+    token_ids / response_mask / sample_logprobs are aligned (log-probs 0 where the mask is 0).
+    steps: per assistant turn, ``(start, end)`` token span in ``token_ids``.
+    fault_after_step: 1-based indices of the steps whose tool observation was corrupted.
+    """
+
+    group: int
+    problem: Problem
+    token_ids: list[int]
+    response_mask: list[int]
+    sample_logprobs: list[float]
+    prompt_length: int
+    assistant_texts: list[str] = field(default_factory=list)
+    observations: list[str] = field(default_factory=list)
+    steps: list[tuple[int, int]] = field(default_factory=list)
+    fault_after_step: list[int] = field(default_factory=list)
+    final_answer: str | None = None
+    reward: float = 0.0
+    finished: bool = False
+
+    @property
+    def num_generated(self) -> int:
+        """Number of tokens the student generated."""
+        return sum(self.response_mask)
+
+
+def execute_batch(executor: ToolExecutor, codes: Sequence[str], workers: int) -> list[ToolObservation]:
+    """Run tool calls concurrently (each call is its own sandboxed process) and keep their order."""
+    if workers <= 1 or len(codes) <= 1:
+        return [executor(code) for code in codes]
+    with ThreadPoolExecutor(max_workers=min(workers, len(codes))) as pool:
+        return list(pool.map(executor, codes))
+
+
+def format_observation(result) -> str:
+    """The text of a tool turn from an executor result (trimmed; a timeout or error is stated)."""
+    text = str(result.output).strip()
+    if getattr(result, "timed_out", False):
+        text = (text + "\n" if text else "") + "Error: timed out"
+    if len(text) > MAX_OBSERVATION_CHARS:
+        text = text[:MAX_OBSERVATION_CHARS] + "..."
+    return text
+
+
+@dataclass
+class RolloutSettings:
+    """Limits of one rollout batch."""
+
+    max_turns: int
+    max_new_tokens: int
+    max_total_tokens: int
+    tool_workers: int = 4
+
+
+def run_rollouts(problems: Sequence[Problem], groups: Sequence[int], generate: TurnGenerator, chat: ChatFormat,
+                 executor: ToolExecutor, settings: RolloutSettings, faults: FaultInjector | None = None,
+                 fault_keys: Sequence[int] = ()) -> list[Trajectory]:
+    """Roll out every problem to a final answer or ``max_turns`` assistant turns, batching generation.
+
+    ``fault_keys`` (e.g. the update index) are mixed into the fault injector's draw together with the
+    sample index and turn, so faults are reproducible.
+    """
+    if settings.max_turns < 1:
+        raise ValueError(f"max_turns must be >= 1, got {settings.max_turns}")
+    if len(problems) != len(groups):
+        raise ValueError(f"problems ({len(problems)}) and groups ({len(groups)}) must have one entry each")
+    trajectories = []
+    for problem, group in zip(problems, groups):
+        prompt = chat.prompt_ids(problem.question)
+        trajectories.append(Trajectory(group=group, problem=problem, token_ids=list(prompt),
+                                       response_mask=[0] * len(prompt), sample_logprobs=[0.0] * len(prompt),
+                                       prompt_length=len(prompt)))
+    active = list(range(len(trajectories)))
+    for turn in range(settings.max_turns):
+        if not active:
+            break
+        outputs = generate([trajectories[i].token_ids for i in active], settings.max_new_tokens)
+        pending = []
+        for i, out in zip(active, outputs):
+            traj = trajectories[i]
+            start = len(traj.token_ids)
+            traj.token_ids += out.token_ids
+            traj.response_mask += [1] * len(out.token_ids)
+            traj.sample_logprobs += out.logprobs
+            traj.steps.append((start, len(traj.token_ids)))
+            text = chat.tokenizer.decode(out.token_ids, skip_special_tokens=False)
+            traj.assistant_texts.append(text)
+            code = extract_tool_call(text)
+            if code is None:
+                traj.final_answer = extract_answer(text)
+                traj.finished = True
+            elif turn + 1 < settings.max_turns:
+                pending.append((i, code, out.token_ids[-1] if out.token_ids else None))
+        results = execute_batch(executor, [code for _, code, _ in pending], settings.tool_workers)
+        still = []
+        for (i, _, last_token), result in zip(pending, results):
+            traj = trajectories[i]
+            observation = format_observation(result)
+            if faults is not None:
+                observation, faulted = faults.maybe_corrupt(observation, *fault_keys, i, turn)
+                if faulted:
+                    traj.fault_after_step.append(turn + 1)
+            traj.observations.append(observation)
+            tail = chat.tool_turn_ids(observation, last_token=last_token)
+            if len(traj.token_ids) + len(tail) + settings.max_new_tokens > settings.max_total_tokens:
+                continue
+            traj.token_ids += tail
+            traj.response_mask += [0] * len(tail)
+            traj.sample_logprobs += [0.0] * len(tail)
+            still.append(i)
+        active = still
+    for traj in trajectories:
+        traj.reward = reward(traj.final_answer, traj.problem.answer)
+    return trajectories
+
+
+def trajectory_record(traj: Trajectory) -> dict:
+    """A JSON-serialisable summary of a trajectory (for logs)."""
+    return {"group": traj.group, "question": traj.problem.question, "answer": traj.problem.answer,
+            "final_answer": traj.final_answer, "reward": traj.reward, "turns": traj.assistant_texts,
+            "observations": traj.observations, "fault_after_step": traj.fault_after_step,
+            "tokens": len(traj.token_ids), "generated": traj.num_generated}
+
+
+def dumps_trajectory(traj: Trajectory) -> str:
+    """One JSON line describing ``traj``."""
+    return json.dumps(trajectory_record(traj))

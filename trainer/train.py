@@ -1,0 +1,472 @@
+"""The on-policy SOD training loop: rollouts, teacher scoring, the fused loss, metrics and checkpoints.
+
+One update = roll out ``prompts_per_step x rollouts_per_prompt`` trajectories with the current student,
+score them with the teacher (final hidden states only), and take one optimizer step on
+
+- ``kl``: ``fused_sod_loss`` (vocabulary-wide step-weighted reverse KL), or
+- ``pg``: ``fused_sod_policy_loss`` on ``sod_policy_inputs`` advantages (GRPO + SOD-weighted teacher reward),
+  with the teacher's sampled-token log-probs from ``fused_token_logprobs``.
+
+Batches larger than ``micro_batch_size`` are split; the loss of each micro-batch is a sum divided by the
+number of distilled tokens of the whole batch, so accumulation equals one big batch exactly.
+
+Alignment: the hidden state at position t predicts token t+1, so the model reads ``ids[:, :-1]``'s
+positions and the targets, mask and rollout log-probs are ``[:, 1:]``.
+
+Checkpoints (``checkpoint.pt``) are written atomically and hold the student, the optimizer, the Python /
+NumPy / torch RNG states and the number of finished updates; ``metrics.jsonl`` and ``steps.jsonl`` are cut
+back to that update on resume, so a run killed at any moment resumes with no update lost or repeated.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+import sod_kernels
+
+from .config import TrainConfig
+from .models import hidden_states, lm_head_weight, load_model, load_tokenizer
+from .rollout import ChatFormat, HFTurnGenerator, RolloutSettings, ToolExecutor, Trajectory, run_rollouts
+from .task import FaultInjector, Problem, ProblemSource
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"
+STEPS_NAME = "steps.jsonl"
+CONFIG_NAME = "config.json"
+DEFAULT_HF_SYSTEM_PROMPT = ("You solve problems with a Python tool. Call it as <tool_call>{\"name\": \"python\", "
+                            "\"arguments\": {\"code\": \"...\"}}</tool_call>; it returns what the code prints. "
+                            "End with 'Answer: <number>'.")
+POLICY_FUNCTIONS = ("fused_sod_policy_loss", "fused_token_logprobs", "sod_policy_inputs")
+
+
+def policy_functions():
+    """The three ``sod_kernels`` functions the ``pg`` objective needs, or a clear error if missing."""
+    missing = [name for name in POLICY_FUNCTIONS if not hasattr(sod_kernels, name)]
+    if missing:
+        raise ValueError(f"objective='pg' needs sod_kernels.{', sod_kernels.'.join(missing)}, which this "
+                         f"sod_kernels version does not export; use objective='kl'")
+    return tuple(getattr(sod_kernels, name) for name in POLICY_FUNCTIONS)
+
+
+@dataclass
+class Batch:
+    """Right-padded tensors of a list of trajectories (already shifted for next-token prediction).
+
+    input_ids / attention_mask: ``[B, T]`` (the model input); target_ids, response_mask, old_logprobs:
+    ``[B, T-1]`` aligned with hidden states ``[:, :-1]``.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    target_ids: torch.Tensor
+    response_mask: torch.Tensor
+    old_logprobs: torch.Tensor
+
+
+def collate(trajectories: Sequence[Trajectory], pad_id: int, width: int | None = None) -> Batch:
+    """Pad trajectories on the right to ``width`` (default: the longest) and shift targets by one."""
+    T = width or max(len(t.token_ids) for t in trajectories)
+    B = len(trajectories)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention = torch.zeros((B, T), dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    logp = torch.zeros((B, T), dtype=torch.float32)
+    for i, traj in enumerate(trajectories):
+        n = len(traj.token_ids)
+        ids[i, :n] = torch.tensor(traj.token_ids, dtype=torch.long)
+        attention[i, :n] = 1
+        mask[i, :n] = torch.tensor(traj.response_mask, dtype=torch.long)
+        logp[i, :n] = torch.tensor(traj.sample_logprobs, dtype=torch.float32)
+    return Batch(input_ids=ids, attention_mask=attention, target_ids=ids[:, 1:], response_mask=mask[:, 1:],
+                 old_logprobs=logp[:, 1:])
+
+
+def model_hidden(model, batch: Batch) -> torch.Tensor:
+    """Hidden states that predict ``batch.target_ids``: ``[B, T-1, H]``."""
+    return hidden_states(model, batch.input_ids, batch.attention_mask)[:, :-1]
+
+
+def capture_rng() -> dict:
+    """Python, NumPy and torch RNG states."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def restore_rng(state: dict) -> None:
+    """Inverse of :func:`capture_rng`."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def atomic_torch_save(payload, path: Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace`` onto ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        torch.save(payload, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def truncate_jsonl(path: Path, keep: Callable[[dict], bool]) -> None:
+    """Rewrite a JSONL log keeping the records ``keep`` accepts (drops a torn last line too)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if keep(record):
+            kept.append(line)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def step_records(update: int, trajectories: Sequence[Trajectory], step_divergence: torch.Tensor,
+                 step_weights: torch.Tensor, offset: int = 0) -> list[dict]:
+    """Per-sample step logs: d_k, w_k, tokens per step, faults, reward."""
+    records = []
+    for i, traj in enumerate(trajectories):
+        k = len(traj.steps)
+        records.append({"update": update, "sample": offset + i, "group": traj.group, "reward": traj.reward,
+                        "d": [round(float(x), 6) for x in step_divergence[i, :k]],
+                        "w": [round(float(x), 6) for x in step_weights[i, :k]],
+                        "tokens": [end - start for start, end in traj.steps],
+                        "fault_after_step": traj.fault_after_step})
+    return records
+
+
+class SODTrainer:
+    """Owns the student, teacher, optimizer and logs of one run (see the module docstring)."""
+
+    def __init__(self, config: TrainConfig, student, teacher, tokenizer, executor: ToolExecutor,
+                 problems: ProblemSource | None = None, log: Callable[[str], None] = print):
+        self.config = config.validate()
+        self.student = student
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.executor = executor
+        self.problems = problems or ProblemSource(config.seed, config.dataset)
+        self.log = log
+        system_prompt = config.system_prompt
+        self.chat = ChatFormat(tokenizer, system_prompt=system_prompt)
+        self.settings = RolloutSettings(max_turns=config.max_turns, max_new_tokens=config.max_new_tokens,
+                                        max_total_tokens=config.max_total_tokens, tool_workers=config.tool_workers)
+        self.faults = FaultInjector(config.tool_fault_rate, config.seed)
+        self.optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, betas=tuple(config.betas),
+                                           weight_decay=config.weight_decay)
+        self.step = 0
+        self.output = Path(config.output_dir)
+        if config.objective == "pg":
+            policy_functions()
+        if teacher.get_output_embeddings().weight.shape[0] < student.get_output_embeddings().weight.shape[0]:
+            raise ValueError("the teacher's vocabulary is smaller than the student's; they must share a tokenizer "
+                             "(a padded teacher vocabulary is allowed)")
+
+    # ----------------------------------------------------------------------------------------------
+    # rollouts
+    def generator(self, model, temperature: float) -> HFTurnGenerator:
+        """A batched sampler for ``model`` with this run's stop tokens."""
+        return HFTurnGenerator(model, self.tokenizer.pad_token_id, self.chat.stop_ids, temperature)
+
+    def rollout(self, update: int) -> list[Trajectory]:
+        """The trajectories of update ``update`` (problems and faults are a pure function of it)."""
+        c = self.config
+        problems, groups = [], []
+        for i in range(c.prompts_per_step):
+            problem = self.problems.train(update * c.prompts_per_step + i)
+            problems += [problem] * c.rollouts_per_prompt
+            groups += [i] * c.rollouts_per_prompt
+        return run_rollouts(problems, groups, self.generator(self.student, c.temperature), self.chat, self.executor,
+                            self.settings, faults=self.faults, fault_keys=(update,))
+
+    def micro_batches(self, trajectories: Sequence[Trajectory]) -> list[tuple[int, list[Trajectory]]]:
+        """``(offset, trajectories)`` chunks of at most ``micro_batch_size``."""
+        n = self.config.micro_batch_size
+        return [(i, list(trajectories[i:i + n])) for i in range(0, len(trajectories), n)]
+
+    # ----------------------------------------------------------------------------------------------
+    # the update
+    def _kl_update(self, trajectories, total_tokens: int):
+        c = self.config
+        pad = self.tokenizer.pad_token_id
+        weight_s = lm_head_weight(self.student)
+        weight_t = lm_head_weight(self.teacher)
+        loss_total, kl_sum, logs = 0.0, 0.0, []
+        for offset, chunk in self.micro_batches(trajectories):
+            batch = collate(chunk, pad)
+            with torch.no_grad():
+                teacher_h = model_hidden(self.teacher, batch).to(weight_s.dtype)
+            student_h = model_hidden(self.student, batch)
+            stats = sod_kernels.fused_sod_loss(
+                student_h, weight_s, teacher_h, weight_t.to(weight_s.dtype), batch.response_mask,
+                target_ids=batch.target_ids, divergence=c.divergence, step_divergence=c.step_divergence,
+                epsilon=c.epsilon, delta=c.delta, temperature=c.temperature, coef=c.coef, reduction="sum",
+                return_stats=True)
+            loss = stats.loss / total_tokens
+            loss.backward()
+            loss_total += float(loss.detach())
+            kl_sum += float((stats.token_divergence * batch.response_mask).sum())
+            logs += step_records(self.step, chunk, stats.step_divergence, stats.step_weights, offset)
+        return loss_total, kl_sum / total_tokens, logs, {}
+
+    def _pg_update(self, trajectories, total_tokens: int):
+        c = self.config
+        policy_loss, token_logprobs, policy_inputs = policy_functions()
+        pad = self.tokenizer.pad_token_id
+        weight_s = lm_head_weight(self.student)
+        vocab = weight_s.shape[0]
+        weight_t = lm_head_weight(self.teacher)[:vocab].to(weight_s.dtype)
+        full = collate(trajectories, pad)
+        teacher_logp = torch.zeros_like(full.old_logprobs)
+        chunks = self.micro_batches(trajectories)
+        for offset, chunk in chunks:
+            batch = collate(chunk, pad)
+            with torch.no_grad():
+                teacher_h = model_hidden(self.teacher, batch).to(weight_s.dtype)
+                logp = token_logprobs(teacher_h, weight_t, batch.target_ids, temperature=c.temperature)
+            teacher_logp[offset:offset + len(chunk), :logp.shape[1]] = logp * batch.response_mask
+        rewards = torch.tensor([t.reward for t in trajectories], dtype=torch.float32)
+        groups = torch.tensor([t.group for t in trajectories], dtype=torch.long)
+        inputs = policy_inputs(rewards, groups, full.old_logprobs, teacher_logp, full.response_mask, coef=c.coef,
+                               epsilon=c.epsilon, delta=c.delta)
+        if c.step_divergence == "none":
+            # Plain OPD: the teacher reward enters unweighted (every step weight 1).
+            reward_term = (teacher_logp - full.old_logprobs) * full.response_mask
+            advantages = inputs.grpo_advantages[:, None] * full.response_mask + c.coef * reward_term
+            step_weights = (inputs.step_weights > 0).to(inputs.step_weights.dtype)
+        else:
+            advantages = inputs.advantages
+            step_weights = inputs.step_weights
+        loss_total, kl_sum, extra = 0.0, 0.0, {"clip_frac": 0.0, "approx_kl": 0.0}
+        for offset, chunk in chunks:
+            batch = collate(chunk, pad)
+            width = batch.target_ids.shape[1]
+            rows = slice(offset, offset + len(chunk))
+            student_h = model_hidden(self.student, batch)
+            stats = policy_loss(student_h, weight_s, batch.target_ids, batch.old_logprobs,
+                                advantages[rows, :width].contiguous(), batch.response_mask, clip_low=c.clip_low,
+                                clip_high=c.clip_high, dual_clip=c.dual_clip, temperature=c.temperature,
+                                reduction="sum", return_stats=True)
+            loss = stats.loss / total_tokens
+            loss.backward()
+            loss_total += float(loss.detach())
+            share = float(batch.response_mask.sum()) / total_tokens
+            extra["clip_frac"] += share * float(stats.clip_frac_low + stats.clip_frac_high + stats.clip_frac_dual)
+            extra["approx_kl"] += share * float(stats.approx_kl)
+            with torch.no_grad():
+                teacher_h = model_hidden(self.teacher, batch).to(weight_s.dtype)
+                kl = sod_kernels.fused_sod_loss(student_h.detach(), weight_s.detach(), teacher_h, weight_t,
+                                                batch.response_mask, step_divergence="none",
+                                                temperature=c.temperature, reduction="sum")
+            kl_sum += float(kl)
+        logs = step_records(self.step, trajectories, inputs.step_divergence, step_weights)
+        return loss_total, kl_sum / total_tokens, logs, extra
+
+    def update(self, trajectories: Sequence[Trajectory]) -> tuple[dict, list[dict]]:
+        """One optimizer step on ``trajectories``; returns (metrics, per-sample step logs)."""
+        c = self.config
+        total_tokens = max(sum(sum(t.response_mask[1:]) for t in trajectories), 1)
+        self.student.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        if c.objective == "kl":
+            loss, kl, logs, extra = self._kl_update(trajectories, total_tokens)
+        else:
+            loss, kl, logs, extra = self._pg_update(trajectories, total_tokens)
+        params = [p for p in self.student.parameters() if p.grad is not None]
+        if c.grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c.grad_clip))
+        else:
+            grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) \
+                if params else 0.0
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        steps = [len(r["d"]) for r in logs]
+        first = [r["d"][0] for r in logs if r["d"]]
+        last_w = [r["w"][-1] for r in logs if r["w"]]
+        metrics = {"loss": loss, "kl": kl, "mean_steps": float(np.mean(steps)) if steps else 0.0,
+                   "max_steps": max(steps) if steps else 0, "mean_d1": float(np.mean(first)) if first else 0.0,
+                   "mean_last_weight": float(np.mean(last_w)) if last_w else 0.0,
+                   "reward": float(np.mean([t.reward for t in trajectories])), "grad_norm": grad_norm,
+                   "faults": sum(len(t.fault_after_step) for t in trajectories),
+                   "distilled_tokens": total_tokens, **extra}
+        return metrics, logs
+
+    # ----------------------------------------------------------------------------------------------
+    # checkpoints
+    def checkpoint_path(self) -> Path:
+        """``output_dir/checkpoint.pt``."""
+        return self.output / CHECKPOINT_NAME
+
+    def save_checkpoint(self) -> None:
+        """Atomically write model, optimizer, RNG states and the number of finished updates."""
+        payload = {"step": self.step, "model": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
+                   "rng": capture_rng(), "config": self.config.to_dict()}
+        atomic_torch_save(payload, self.checkpoint_path())
+
+    def load_checkpoint(self) -> None:
+        """Restore from ``checkpoint.pt`` and cut the logs back to its step."""
+        path = self.checkpoint_path()
+        if not path.is_file():
+            raise ValueError(f"resume=True but {str(path)!r} does not exist; start without --resume")
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+        self.student.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        restore_rng(payload["rng"])
+        self.step = int(payload["step"])
+        for name in (METRICS_NAME, STEPS_NAME):
+            truncate_jsonl(self.output / name, lambda record: record.get("update", -1) < self.step)
+
+    # ----------------------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Create the output folder, then seed or resume."""
+        self.output.mkdir(parents=True, exist_ok=True)
+        (self.output / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2))
+        if self.config.resume and self.checkpoint_path().is_file():
+            self.load_checkpoint()
+            self.log(f"resumed from {self.checkpoint_path()} at update {self.step}")
+        elif self.config.resume:
+            raise ValueError(f"resume=True but {str(self.checkpoint_path())!r} does not exist")
+        else:
+            seed_everything(self.config.seed)
+            for name in (METRICS_NAME, STEPS_NAME):
+                (self.output / name).unlink(missing_ok=True)
+
+    def train_step(self) -> dict:
+        """Roll out, update, log; returns the update's metrics."""
+        start = time.perf_counter()
+        trajectories = self.rollout(self.step)
+        rollout_s = time.perf_counter() - start
+        metrics, logs = self.update(trajectories)
+        elapsed = time.perf_counter() - start
+        tokens = sum(len(t.token_ids) for t in trajectories)
+        metrics = {"update": self.step, **metrics, "tokens_per_s": tokens / max(elapsed, 1e-9),
+                   "rollout_s": rollout_s, "update_s": elapsed - rollout_s}
+        with open(self.output / STEPS_NAME, "a") as handle:
+            handle.writelines(json.dumps(record) + "\n" for record in logs)
+        with open(self.output / METRICS_NAME, "a") as handle:
+            handle.write(json.dumps(metrics) + "\n")
+        self.step += 1
+        if self.step % self.config.checkpoint_every == 0 or self.step == self.config.updates:
+            self.save_checkpoint()
+        return metrics
+
+    def train(self, progress: Callable[[dict], None] | None = None) -> list[dict]:
+        """Run the remaining updates; ``progress`` is called with each update's metrics."""
+        self.prepare()
+        history = []
+        while self.step < self.config.updates:
+            metrics = self.train_step()
+            history.append(metrics)
+            if progress is not None:
+                progress(metrics)
+        return history
+
+
+def format_metrics(metrics: dict) -> str:
+    """One line of the most useful metrics."""
+    keys = ("update", "loss", "kl", "reward", "mean_steps", "mean_d1", "mean_last_weight", "tokens_per_s")
+    parts = []
+    for key in keys:
+        value = metrics.get(key)
+        if value is None:
+            continue
+        parts.append(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}")
+    return " ".join(parts)
+
+
+@dataclass
+class EvalResult:
+    """Held-out evaluation of a policy: accuracy, student-teacher KL and per-trajectory step statistics."""
+
+    accuracy: float
+    kl: float
+    trajectories: list[Trajectory]
+    step_divergence: list[list[float]]
+    step_weights: list[list[float]]
+
+
+def evaluate(policy, teacher, tokenizer, chat: ChatFormat, executor: ToolExecutor, problems: Sequence[Problem],
+             settings: RolloutSettings, *, temperature: float = 0.0, faults: FaultInjector | None = None,
+             micro_batch_size: int = 32, loss_temperature: float = 1.0, epsilon: float = 1e-6,
+             delta: float = 0.2, step_divergence: str = "kl") -> EvalResult:
+    """Roll out ``policy`` on ``problems`` (greedy by default) and score the rollouts with the teacher.
+
+    KL is the token mean of the reverse KL(policy || teacher) over the policy's generated tokens.  Uses a
+    forked RNG so evaluation never changes a training run's random stream.
+    """
+    with torch.random.fork_rng(devices=[]):
+        generator = HFTurnGenerator(policy, tokenizer.pad_token_id, chat.stop_ids, temperature)
+        trajectories = run_rollouts(problems, list(range(len(problems))), generator, chat, executor, settings,
+                                    faults=faults, fault_keys=(-1,))
+    weight_p = lm_head_weight(policy)
+    weight_t = lm_head_weight(teacher)
+    kl_sum, tokens, divergences, weights = 0.0, 0, [], []
+    signal = "kl" if step_divergence == "none" else step_divergence
+    with torch.no_grad():
+        for i in range(0, len(trajectories), micro_batch_size):
+            chunk = trajectories[i:i + micro_batch_size]
+            batch = collate(chunk, tokenizer.pad_token_id)
+            stats = sod_kernels.fused_sod_loss(
+                model_hidden(policy, batch), weight_p, model_hidden(teacher, batch).to(weight_p.dtype),
+                weight_t.to(weight_p.dtype), batch.response_mask, target_ids=batch.target_ids,
+                step_divergence=signal, epsilon=epsilon, delta=delta, temperature=loss_temperature,
+                reduction="sum", return_stats=True)
+            kl_sum += float(stats.loss)
+            tokens += int(batch.response_mask.sum())
+            for row, traj in enumerate(chunk):
+                k = len(traj.steps)
+                divergences.append([float(x) for x in stats.step_divergence[row, :k]])
+                weights.append([float(x) for x in stats.step_weights[row, :k]])
+    accuracy = float(np.mean([t.reward for t in trajectories])) if trajectories else math.nan
+    return EvalResult(accuracy=accuracy, kl=kl_sum / max(tokens, 1), trajectories=trajectories,
+                      step_divergence=divergences, step_weights=weights)
+
+
+def build_trainer(config: TrainConfig, executor: ToolExecutor, log: Callable[[str], None] = print) -> SODTrainer:
+    """Load tokenizer and models named by ``config`` (presets or local folders) and build the trainer."""
+    config.validate()
+    torch.set_num_threads(config.threads)
+    tokenizer = load_tokenizer(config.student)
+    student = load_model(config.student, tokenizer, seed=config.seed)
+    teacher = load_model(config.teacher, tokenizer, seed=config.seed + 1)
+    if config.student_init:
+        init = Path(config.student_init)
+        if init.is_dir():
+            student = load_model(str(init), tokenizer, seed=config.seed)
+        elif init.is_file():
+            student.load_state_dict(torch.load(init, map_location="cpu", weights_only=False)["model"])
+        else:
+            raise ValueError(f"student_init must be a model folder or checkpoint file, got {config.student_init!r}")
+    if config.system_prompt is None and not Path(config.student).is_dir():
+        system_prompt = None
+    else:
+        system_prompt = config.system_prompt or DEFAULT_HF_SYSTEM_PROMPT
+    config = TrainConfig.from_dict({**config.to_dict(), "system_prompt": system_prompt})
+    return SODTrainer(config, student, teacher, tokenizer, executor, log=log)
