@@ -75,7 +75,7 @@ def run_requiring(needed: tuple[str, ...], code: str, policy: SandboxPolicy | No
 
 
 def processes_of_uid(uid: int) -> list[int]:
-    """Live pids whose real uid is ``uid``."""
+    """Pids of live (not yet dead: zombies excluded) processes whose real uid is ``uid``."""
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -83,8 +83,8 @@ def processes_of_uid(uid: int) -> list[int]:
                 status = Path(f"/proc/{entry}/status").read_text()
             except OSError:
                 continue
-            uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
-            if int(uid_line.split()[1]) == uid:
+            fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+            if int(fields["Uid"].split()[0]) == uid and fields["State"].split()[0] not in ("Z", "X"):
                 pids.append(int(entry))
     return pids
 

@@ -92,6 +92,7 @@ STATUS_READ_TIMEOUT_S = 1.0
 READ_CHUNK_BYTES = 64 * 1024
 UID_SWEEP_ROUNDS = 200
 UID_SWEEP_PAUSE_S = 0.005
+DEAD_STATES = ("Z", "X")  # /proc/PID/status states of processes that are already dead (zombie, dead)
 PROBE_MARKER = "SOD-SANDBOX-PROBE:"
 TOOL_ARGV = ("-I", "-S", "-u", "-X", "utf8", CODE_FILENAME)
 
@@ -707,19 +708,17 @@ def _kill_group(pgid: int) -> None:
 
 
 def _processes_of_uid(uid: int) -> list[int]:
-    """Pids of the live processes whose real uid is ``uid``."""
+    """Pids of the live (not zombie) processes whose real uid is ``uid``."""
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/status", encoding="ascii", errors="replace") as handle:
-                for line in handle:
-                    if line.startswith("Uid:"):
-                        if int(line.split()[1]) == uid:
-                            pids.append(int(entry))
-                        break
-        except (OSError, ValueError):
+                fields = dict(line.split(":", 1) for line in handle if ":" in line)
+            if int(fields["Uid"].split()[0]) == uid and fields["State"].split()[0] not in DEAD_STATES:
+                pids.append(int(entry))
+        except (OSError, ValueError, KeyError, IndexError):
             continue
     return pids
 
