@@ -24,6 +24,8 @@ import pytest
 
 from trainer.sandbox import (
     FILESYSTEM_ISOLATION,
+    KEY_SPEC_SESSION_KEYRING,
+    KEYCTL_GET_KEYRING_ID,
     NETWORK_ISOLATION,
     PRIVILEGE_DROP,
     PROCESS_ISOLATION,
@@ -33,7 +35,9 @@ from trainer.sandbox import (
     SandboxCapabilities,
     SandboxPolicy,
     SandboxUnavailableError,
+    SYS_KEYCTL,
     ToolResult,
+    _session_keyring_id,
     check_policy,
     run_python,
     sandbox_capabilities,
@@ -397,6 +401,21 @@ if os.fork() == 0:
     os._exit(0)
 print("daemon started")
 """
+
+
+def test_trainer_keyring_and_host_run_dir_are_out_of_reach():
+    code = ("import ctypes, os\n"
+            f"print('keyring', ctypes.CDLL(None).syscall({SYS_KEYCTL.get(os.uname().machine)}, "
+            f"{KEYCTL_GET_KEYRING_ID}, {KEY_SPEC_SESSION_KEYRING}, 0))\n"
+            "print('run', os.listdir('/run') if os.path.isdir('/run') else [])\n")
+    result = run_requiring((PRIVILEGE_DROP, FILESYSTEM_ISOLATION), code)
+    if result is None:
+        return
+    assert result.ok, result.output
+    own_keyring = _session_keyring_id()
+    child_keyring = int(result.output.split("keyring")[1].split()[0])
+    assert own_keyring is not None and (own_keyring <= 0 or child_keyring != own_keyring)
+    assert "run []" in result.output
 
 
 def test_escaping_daemon_is_killed():

@@ -46,6 +46,7 @@ from __future__ import annotations
 # The launcher process runs this file as a script and stops at the ``__main__`` block below, before the
 # heavier imports the trainer side needs (dataclasses, subprocess, ...): only these light modules load there.
 import ctypes
+import errno
 import json
 import math
 import os
@@ -85,6 +86,9 @@ CONFIG_FILENAME = "config.json"
 HOST_WORKDIR_NAME = "work"
 INTERPRETER_STAGE_NAME = "interpreter"
 HIDING_TMPFS_OPTIONS = "mode=0755,size=64k,nr_inodes=256"
+HIDDEN_HOST_DIRS = ("/run",)  # host rendezvous points (unix sockets, pid files) replaced by an empty tmpfs
+PRIVATE_SHM_DIR = "/dev/shm"  # replaced by a small private tmpfs, so that multiprocessing's semaphores work
+PRIVATE_SHM_OPTIONS = "mode=1777,size=16m,nr_inodes=1024"
 SETUP_FAILED_EXIT = 121  # launcher/init exit status when the sandbox could not be set up
 LAUNCHER_GRACE_S = 5.0  # the launcher kills its init this long after the wall timeout (trainer gone?)
 POST_EXIT_DRAIN_S = 0.2  # after the launcher exits, read what is left in the pipe for at most this long
@@ -115,6 +119,10 @@ AT_FDCWD = -100
 AT_RECURSIVE = 0x8000
 MOUNT_ATTR_RDONLY = 0x1
 MOUNT_ATTR_NOSUID = 0x2
+SYS_KEYCTL = {"x86_64": 250, "aarch64": 219}  # keyctl(2) has no libc wrapper; numbers differ per machine
+KEYCTL_GET_KEYRING_ID = 0
+KEYCTL_JOIN_SESSION_KEYRING = 1
+KEY_SPEC_SESSION_KEYRING = -3
 
 SIGNAL_HINTS = {
     signal.SIGKILL: "killed (memory exhausted, CPU hard limit, or killed from outside)",
@@ -294,7 +302,12 @@ class _Launcher:
             self.mount(stage, prefix, None, MS_MOVE)
         if self.use[PROCESS_ISOLATION]:
             self.mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        for path in HIDDEN_HOST_DIRS:
+            if os.path.isdir(path) and not os.path.islink(path):
+                self.mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, HIDING_TMPFS_OPTIONS)
         self.make_tree_readonly("/")
+        if os.path.isdir(PRIVATE_SHM_DIR) and not os.path.islink(PRIVATE_SHM_DIR):
+            self.mount("tmpfs", PRIVATE_SHM_DIR, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, PRIVATE_SHM_OPTIONS)
         options = (f"mode=0700,uid={self.uid},gid={self.gid},size={self.config['workdir_bytes']},"
                    f"nr_inodes={self.config['workdir_inodes']}")
         self.mount("tmpfs", ISOLATED_WORKDIR, "tmpfs", MS_NOSUID | MS_NODEV, options)
@@ -337,6 +350,20 @@ class _Launcher:
         os.setresuid(self.uid, self.uid, self.uid)
         if os.getresuid() != (self.uid,) * 3 or os.getgroups():
             raise _SetupError(PRIVILEGE_DROP, "credentials did not change")
+        self.new_session_keyring()
+
+    def new_session_keyring(self) -> None:
+        """Leave the trainer's session keyring (still possessed after the uid change) for a new, empty one."""
+        machine = os.uname().machine
+        if machine not in SYS_KEYCTL:
+            raise _SetupError(PRIVILEGE_DROP, f"keyctl syscall number unknown on {machine}: cannot leave the "
+                                              "trainer's session keyring")
+        self.libc.syscall.restype = ctypes.c_long
+        result = self.libc.syscall(ctypes.c_long(SYS_KEYCTL[machine]), ctypes.c_int(KEYCTL_JOIN_SESSION_KEYRING),
+                                   ctypes.c_char_p(None))
+        if result < 0 and ctypes.get_errno() != errno.ENOSYS:  # ENOSYS: kernel without keyrings, nothing to leak
+            err = ctypes.get_errno()
+            raise OSError(err, f"keyctl(JOIN_SESSION_KEYRING): {os.strerror(err)}")
 
 
 def _launcher_main(argv: list[str]) -> int:
@@ -619,7 +646,8 @@ def _launch(plan: dict, code: str, timeout_s: float, max_output_bytes: int) -> _
             handle.write(code)
         config = dict(plan, run_dir=run_dir, host_workdir=workdir, status_fd=status_write)
         config_path = os.path.join(run_dir, CONFIG_FILENAME)
-        with open(config_path, "w", encoding="utf-8") as handle:
+        with open(os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w",
+                  encoding="utf-8") as handle:
             json.dump(config, handle)
         proc = subprocess.Popen([plan["interpreter"], "-I", "-S", os.path.abspath(__file__), config_path],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -824,8 +852,25 @@ try:
     info["cwd_writable"] = True
 except OSError:
     info["cwd_writable"] = False
+info["hidden_dirs_empty"] = all(not os.path.isdir(d) or not os.listdir(d) for d in {list(HIDDEN_HOST_DIRS)!r})
+info["session_keyring"] = None
+if {SYS_KEYCTL.get(os.uname().machine)!r} is not None:
+    import ctypes
+    info["session_keyring"] = ctypes.CDLL(None).syscall({SYS_KEYCTL.get(os.uname().machine)!r},
+                                                        {KEYCTL_GET_KEYRING_ID}, {KEY_SPEC_SESSION_KEYRING}, 0)
 print({PROBE_MARKER!r} + json.dumps(info), flush=True)
 """
+
+
+def _session_keyring_id() -> int | None:
+    """This process's session keyring id (None where keyctl's number is unknown; -1 without keyrings)."""
+    number = SYS_KEYCTL.get(os.uname().machine)
+    if number is None:
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    return libc.syscall(ctypes.c_long(number), ctypes.c_int(KEYCTL_GET_KEYRING_ID),
+                        ctypes.c_int(KEY_SPEC_SESSION_KEYRING), ctypes.c_int(0))
 
 
 def _own_namespaces() -> dict[str, str | None]:
@@ -899,12 +944,15 @@ def _probe_capabilities(interpreter: str, temp_root: str) -> SandboxCapabilities
     elif not is_root:
         drop = Protection(PRIVILEGE_DROP, False, f"not running as root (euid {os.geteuid()}): cannot change uid")
     else:
+        own_keyring = _session_keyring_id()
+        keyring_left = own_keyring is not None and (own_keyring <= 0 or info["session_keyring"] != own_keyring)
         drop = verdict(PRIVILEGE_DROP,
                        list(info["resuid"]) == [uid] * 3 and list(info["resgid"]) == [uid] * 3
-                       and not info["groups"],
+                       and not info["groups"] and keyring_left,
                        f"dedicated uid/gid {SANDBOX_UID_BASE}+launcher pid, no supplementary groups, "
-                       "no_new_privs",
-                       f"code ran with uids {info['resuid']} gids {info['resgid']} groups {info['groups']}")
+                       "own session keyring, no_new_privs",
+                       f"code ran with uids {info['resuid']} gids {info['resgid']} groups {info['groups']}, "
+                       f"session keyring {info['session_keyring']} (trainer's: {own_keyring})")
     limits = info["rlimits"]
     expected = {"RLIMIT_AS": policy.memory_bytes, "RLIMIT_NPROC": policy.max_processes,
                 "RLIMIT_NOFILE": policy.max_open_files, "RLIMIT_FSIZE": policy.max_file_bytes, "RLIMIT_CORE": 0}
@@ -913,8 +961,10 @@ def _probe_capabilities(interpreter: str, temp_root: str) -> SandboxCapabilities
         verdict(NETWORK_ISOLATION, new_ns("net"), "new network namespace (no interfaces up)",
                 "the code shared the trainer's network namespace"),
         verdict(FILESYSTEM_ISOLATION,
-                new_ns("mnt") and info["root_readonly"] and info["cwd_writable"] and info["cwd"] == ISOLATED_WORKDIR,
-                f"private mount namespace: read-only nosuid /, fresh tmpfs at {ISOLATED_WORKDIR} as working dir",
+                new_ns("mnt") and info["root_readonly"] and info["cwd_writable"] and info["cwd"] == ISOLATED_WORKDIR
+                and info["hidden_dirs_empty"],
+                f"private mount namespace: read-only nosuid /, fresh tmpfs at {ISOLATED_WORKDIR} as working dir, "
+                f"{', '.join(HIDDEN_HOST_DIRS)} hidden, private {PRIVATE_SHM_DIR}",
                 f"mount namespace new={new_ns('mnt')}, root read-only={info['root_readonly']}, "
                 f"cwd {info['cwd']} writable={info['cwd_writable']}"),
         verdict(PROCESS_ISOLATION, new_ns("pid"), "new pid and IPC namespaces (init kills all on exit)",
