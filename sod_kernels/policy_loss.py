@@ -92,7 +92,8 @@ def fused_sod_policy_loss(student_hidden: torch.Tensor, student_weight: torch.Te
         student_hidden: ``[B, T, H]`` or ``[T, H]`` (float32 / bfloat16 / float16; float64 on the torch
             backend); receives a gradient.
         student_weight: ``[V, H]`` lm_head weight, same dtype; receives a gradient.
-        target_ids: ``[B, T]`` sampled tokens in ``[0, V)``.
+        target_ids: ``[B, T]`` sampled tokens, in ``[0, V)`` wherever ``response_mask`` is 1 (other
+            positions are never read, so padding ids such as -100 are fine).
         old_logprobs: ``[B, T]`` floating, log-probs of the sampled tokens at rollout time (detached).
         advantages: ``[B, T]`` floating per-token advantages (detached), e.g. ``sod_policy_inputs(...).advantages``.
         response_mask: ``[B, T]`` 0/1, 1 on tokens the student generated.
@@ -121,8 +122,8 @@ def fused_sod_policy_loss(student_hidden: torch.Tensor, student_weight: torch.Te
     check_lm_head(student_hidden, student_weight, student_bias, hidden_name="student_hidden",
                   weight_name="student_weight", bias_name="student_bias")
     lead = tuple(student_hidden.shape[:-1])
-    check_target_ids(target_ids, lead, student_weight.shape[0], check_values=check_inputs,
-                     hidden_name="student_hidden")
+    # Values are checked below on the masked-in tokens only: padding may hold ids such as -100.
+    check_target_ids(target_ids, lead, student_weight.shape[0], check_values=False, hidden_name="student_hidden")
     _check_per_token(old_logprobs, "old_logprobs", lead)
     _check_per_token(advantages, "advantages", lead)
     check_tensor(response_mask, "response_mask", ndim=(len(lead),))
@@ -138,6 +139,11 @@ def fused_sod_policy_loss(student_hidden: torch.Tensor, student_weight: torch.Te
     num_active = row_index.numel()  # one host sync: it sizes the log-prob kernels' work
     hidden = student_hidden.reshape(-1, student_hidden.shape[-1]).contiguous()
     y = target_ids.reshape(-1).to(torch.int64).contiguous()
+    if check_inputs and num_active:
+        used = y[row_index]
+        if bool(((used < 0) | (used >= student_weight.shape[0])).any()):
+            raise ValueError(f"target_ids must lie in [0, {student_weight.shape[0]}) (the vocabulary of "
+                             "student_weight) wherever response_mask is 1")
     logp = TokenLogprobs.apply(hidden, student_weight.contiguous(),
                                None if student_bias is None else student_bias.contiguous(), row_index, y,
                                temperature, impl)

@@ -153,7 +153,7 @@ def test_masked_tokens_do_not_count(backend):
     off = p["mask"] == 0
     noisy["old"][off] = float("nan")
     noisy["adv"][off] = 1e6
-    noisy["y"][off] = 0
+    noisy["y"][off] = -100  # padding ids outside the vocabulary are never read
     again, _ = ours(noisy, torch.float32, backend)
     assert again.item() == pytest.approx(base.item(), rel=1e-6)
     per_token, _ = ours(p, torch.float32, backend, reduction="none")
@@ -202,6 +202,7 @@ def test_errors_name_the_argument():
         (dict(student_hidden=torch.randn(B, T, H + 1)), ValueError, "student_hidden"),
         (dict(student_weight=torch.randn(V, H).double()), TypeError, "student_weight"),
         (dict(target_ids=torch.full((B, T), V)), ValueError, "target_ids"),
+        (dict(target_ids=torch.full((B, T), -1)), ValueError, "target_ids"),
         (dict(old_logprobs=torch.randn(B, T + 1)), ValueError, "old_logprobs"),
         (dict(old_logprobs=torch.zeros(B, T, dtype=torch.int64)), TypeError, "old_logprobs"),
         (dict(advantages=torch.randn(B)), ValueError, "advantages"),
