@@ -21,12 +21,13 @@ never run in a ``fork`` of the (multi-threaded) trainer.  Protections, as named 
 
 * ``privilege_drop``: the code runs as a dedicated uid/gid (``SANDBOX_UID_BASE`` + the launcher's pid,
   unique among live runs, so RLIMIT_NPROC counts only this run and runs cannot signal each other), with no
-  supplementary groups and ``PR_SET_NO_NEW_PRIVS``.  Needs root.
+  supplementary groups, a new session keyring (not the trainer's) and ``PR_SET_NO_NEW_PRIVS``.  Needs root.
 * ``network_isolation``: a new, empty network namespace (not even loopback is up).
 * ``filesystem_isolation``: a private mount namespace in which every mount is read-only and nosuid
   (``mount_setattr(AT_RECURSIVE)``), ``/tmp`` is a fresh size-limited tmpfs that is the code's working
-  directory, and a directory that hides the interpreter from the unprivileged uid (e.g. ``/root`` with
-  mode 700 around a pyenv install) is replaced by a tmpfs exposing only the interpreter's prefix.
+  directory, ``/run`` (host unix sockets) is hidden, ``/dev/shm`` is private, and a directory that hides
+  the interpreter from the unprivileged uid (e.g. ``/root`` with mode 700 around a pyenv install) is
+  replaced by a tmpfs exposing only the interpreter's prefix.
 * ``process_isolation``: new pid and IPC namespaces; the code cannot see or signal outside processes,
   and when the init process dies the kernel kills everything left inside (daemons that called setsid too).
 * ``resource_limits``: RLIMIT_AS, RLIMIT_CPU, RLIMIT_NPROC, RLIMIT_NOFILE, RLIMIT_FSIZE, RLIMIT_CORE=0.
@@ -179,8 +180,7 @@ class _Launcher:
             action(*args)
             return True
         except (OSError, _SetupError) as exc:
-            self.report(event="step_failed", protection=protection,
-                        error=f"{protection}: {getattr(action, '__name__', 'step')}: {exc}")
+            self.report(event="step_failed", protection=protection, error=str(exc))
             if self.strict:
                 os._exit(SETUP_FAILED_EXIT)
             self.use[protection] = False
@@ -190,11 +190,11 @@ class _Launcher:
     def _check(self, result: int, what: str) -> None:
         if result != 0:
             err = ctypes.get_errno()
-            raise OSError(err, f"{what}: {os.strerror(err)}")
+            raise OSError(err, f"{what} failed: {os.strerror(err)}")
 
-    def unshare(self, flags: int) -> None:
-        """unshare(2)."""
-        self._check(self.libc.unshare(ctypes.c_int(flags)), f"unshare({flags:#x})")
+    def unshare(self, flags: int, names: str) -> None:
+        """unshare(2) with ``flags`` (spelled ``names`` in messages)."""
+        self._check(self.libc.unshare(ctypes.c_int(flags)), f"unshare({names})")
 
     def mount(self, source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None):
         """mount(2)."""
@@ -220,14 +220,14 @@ class _Launcher:
     def run_launcher(self) -> int:
         """Enter the namespaces, fork the init process, wait for it (killing it after the deadline)."""
         os.umask(0o022)
-        if self.use[PRIVILEGE_DROP] and not self.use[FILESYSTEM_ISOLATION]:
+        if self.use[PRIVILEGE_DROP]:  # needed if the private /tmp is unavailable or fails (probe mode)
             self.step(PRIVILEGE_DROP, self.share_host_workdir)
         if self.use[NETWORK_ISOLATION]:
-            self.step(NETWORK_ISOLATION, self.unshare, CLONE_NEWNET)
+            self.step(NETWORK_ISOLATION, self.unshare, CLONE_NEWNET, "CLONE_NEWNET")
         if self.use[FILESYSTEM_ISOLATION]:
-            self.step(FILESYSTEM_ISOLATION, self.unshare, CLONE_NEWNS)
+            self.step(FILESYSTEM_ISOLATION, self.unshare, CLONE_NEWNS, "CLONE_NEWNS")
         if self.use[PROCESS_ISOLATION]:
-            self.step(PROCESS_ISOLATION, self.unshare, CLONE_NEWPID | CLONE_NEWIPC)
+            self.step(PROCESS_ISOLATION, self.unshare, CLONE_NEWPID | CLONE_NEWIPC, "CLONE_NEWPID|CLONE_NEWIPC")
         init_pid = os.fork()
         if init_pid == 0:
             self._child_guard(self.run_init)
@@ -243,7 +243,7 @@ class _Launcher:
         return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else SETUP_FAILED_EXIT
 
     def share_host_workdir(self) -> None:
-        """Without a private /tmp: give the dedicated uid the host work directory (and a way into it)."""
+        """Give the dedicated uid the host work directory and a way into it (the config stays 0600)."""
         os.chmod(self.config["run_dir"], 0o711)
         os.chown(self.config["host_workdir"], self.uid, self.gid)
         os.chmod(os.path.join(self.config["host_workdir"], CODE_FILENAME), 0o644)
@@ -804,7 +804,8 @@ def _signal_name(number: int) -> str:
 def _tool_result(raw: _RawOutcome, timeout_s: float, cap: int) -> ToolResult:
     """Turn a :class:`_RawOutcome` into the :class:`ToolResult` the model sees."""
     exit_event = next((e for e in raw.events if e.get("event") == "exit"), None)
-    errors = [e.get("error", "") for e in raw.events if e.get("event") in ("setup_failed", "step_failed")]
+    errors = [": ".join(filter(None, [e.get("protection"), e.get("error", "")]))
+              for e in raw.events if e.get("event") in ("setup_failed", "step_failed")]
     exit_code = exit_event.get("exit_code") if exit_event else None
     killed_by = exit_event.get("signal") if exit_event else None
     sandbox_error = "; ".join(errors) if errors else None
