@@ -52,6 +52,7 @@ HUGE_PRINT_BYTES = 100_000_000
 RSS_GROWTH_LIMIT_KB = 50 * 1024  # the test process may not buffer the 100 MB print
 SHORT_TIMEOUT_S = 1.5
 SLOW_MARGIN_S = 3.0  # start-up and kill overhead allowed on a loaded 2-core machine
+GENEROUS_TIMEOUT_S = 30.0  # for runs that must end by themselves (limits), even on a loaded machine
 SECRET_ENV = "SOD_SANDBOX_TEST_SECRET"
 
 
@@ -220,7 +221,7 @@ def test_infinite_loop_times_out_and_partial_output_is_kept():
 
 
 def test_cpu_time_limit_kills_busy_code():
-    result = run_requiring((RESOURCE_LIMITS,), "while True: pass", timeout_s=8.0,
+    result = run_requiring((RESOURCE_LIMITS,), "while True: pass", timeout_s=GENEROUS_TIMEOUT_S,
                            policy=SandboxPolicy(cpu_time_s=1))
     if result is None:
         return
@@ -255,14 +256,13 @@ except OSError as exc:
 print("started", started)
 """
     result = run_requiring((RESOURCE_LIMITS, PRIVILEGE_DROP), code,
-                           policy=SandboxPolicy(max_processes=FLOOD_LIMIT), timeout_s=10.0)
+                           policy=SandboxPolicy(max_processes=FLOOD_LIMIT), timeout_s=GENEROUS_TIMEOUT_S)
     if result is None:
         return
     assert result.ok and not result.timed_out, result.output
     assert "fork failed: BlockingIOError 11" in result.output
     started = int(result.output.split("started")[-1])
     assert 0 < started < FLOOD_LIMIT
-    assert result.duration_s < 10.0
     assert_nothing_left(result)
 
 
@@ -279,17 +279,19 @@ def test_huge_print_is_truncated_and_memory_stays_bounded():
 
 def test_endless_writer_is_truncated():
     result = run_requiring((), "import sys\nwhile True:\n    sys.stdout.write('y' * 1000)",
-                           policy=SandboxPolicy(max_output_bytes=SMALL_OUTPUT_BYTES), timeout_s=10.0)
-    assert result.truncated and not result.timed_out and result.duration_s < 10.0
+                           policy=SandboxPolicy(max_output_bytes=SMALL_OUTPUT_BYTES),
+                           timeout_s=GENEROUS_TIMEOUT_S)
+    assert result.truncated and not result.timed_out
     assert result.output.split("\n[sandbox:")[0] == "y" * SMALL_OUTPUT_BYTES
 
 
 def test_writes_outside_the_working_directory_fail(tmp_path):
     host_dir = Path(tempfile.mkdtemp(prefix="sod-sandbox-test-"))
     try:
-        targets = [host_dir / "x", REPO_ROOT / f"sandbox-escape-{uuid.uuid4().hex}.txt",
-                   REPO_ROOT / "trainer" / "sandbox.py"]
-        original = targets[2].read_bytes()
+        existing = host_dir / "world-writable.txt"
+        existing.write_text("original")
+        existing.chmod(0o666)
+        targets = [host_dir / "x", REPO_ROOT / f"sandbox-escape-{uuid.uuid4().hex}.txt", existing]
         code = "import sys\n" + "".join(
             f"try:\n    open({str(t)!r}, 'a').write('pwned')\n    print('WROTE', {str(t)!r})\n"
             f"except OSError as exc:\n    print('blocked', type(exc).__name__)\n" for t in targets)
@@ -299,7 +301,7 @@ def test_writes_outside_the_working_directory_fail(tmp_path):
         assert result.ok and "WROTE" not in result.output
         assert result.output.count("blocked") == len(targets)
         assert not targets[0].exists() and not targets[1].exists()
-        assert targets[2].read_bytes() == original
+        assert existing.read_text() == "original"
     finally:
         for leftover in host_dir.iterdir():
             leftover.unlink()
@@ -419,10 +421,10 @@ def test_trainer_keyring_and_host_run_dir_are_out_of_reach():
 
 
 def test_escaping_daemon_is_killed():
-    result = run_requiring((PRIVILEGE_DROP,), _DAEMON_CODE, timeout_s=10.0)
+    result = run_requiring((PRIVILEGE_DROP,), _DAEMON_CODE, timeout_s=GENEROUS_TIMEOUT_S)
     if result is None:
         return
-    assert result.ok and not result.timed_out and result.duration_s < 10.0, result.output
+    assert result.ok and not result.timed_out, result.output
     assert_nothing_left(result)
 
 
@@ -436,7 +438,7 @@ def test_escaping_daemon_is_killed_without_pid_namespace():
                                             | {PROCESS_ISOLATION}))
         return
     reduced = caps.without(PROCESS_ISOLATION, "waived by the test")
-    result = run_python(_DAEMON_CODE, capabilities=reduced, timeout_s=10.0,
+    result = run_python(_DAEMON_CODE, capabilities=reduced, timeout_s=GENEROUS_TIMEOUT_S,
                         policy=SandboxPolicy(allow_missing=frozenset(reduced.missing())))
-    assert result.ok and not result.timed_out and result.duration_s < 10.0, result.output
+    assert result.ok and not result.timed_out, result.output
     assert_nothing_left(result)

@@ -69,7 +69,7 @@ PROTECTIONS = (PRIVILEGE_DROP, NETWORK_ISOLATION, FILESYSTEM_ISOLATION, PROCESS_
 # --- defaults ----------------------------------------------------------------------------------------------
 DEFAULT_TIMEOUT_S = 10.0
 DEFAULT_MEMORY_BYTES = 512 * 1024 * 1024
-DEFAULT_MAX_PROCESSES = 32
+DEFAULT_MAX_PROCESSES = 16  # with RLIMIT_AS per process, bounds one run to 16 x memory_bytes of address space
 DEFAULT_MAX_OPEN_FILES = 256
 DEFAULT_MAX_FILE_BYTES = 16 * 1024 * 1024
 DEFAULT_WORKDIR_BYTES = 64 * 1024 * 1024
