@@ -318,8 +318,9 @@ def render_markdown(doc: dict, image_prefix: str = "") -> str:
 
 def policy_lines(policy: dict) -> list[str]:
     """The policy-helper section: a table the policy module rendered, or the reason it is absent."""
-    if policy.get("markdown"):
-        return [policy["markdown"].rstrip()]
+    if policy.get("markdown"):  # demote its headings below this report's
+        text = [("###" + line) if line.startswith("#") else line for line in policy["markdown"].rstrip().splitlines()]
+        return text
     return [policy.get("note", "not measured")]
 
 

@@ -17,6 +17,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -38,6 +39,19 @@ CPU_MATMUL_TARGET_FLOPS = 5e10                    # size of the CPU reference ma
 CPU_MATMUL_MAX_ROWS = 2048
 CPU_MATMUL_MIN_ROWS = 64
 DEFAULT_CPU_MEM_CAP_GIB = 8.0
+
+
+class Interrupted(Exception):
+    """Raised by the SIGTERM handler: the run stops starting cases and writes what it has."""
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(f"signal {signum}")
+
+
+def install_sigterm_handler() -> None:
+    """Turn SIGTERM (e.g. from ``timeout``) into :class:`Interrupted`, so partial results are written."""
+    signal.signal(signal.SIGTERM, _raise_interrupted)
 
 
 @dataclass(frozen=True)
@@ -308,7 +322,14 @@ def run(config: RunConfig, log=print) -> dict:
         log(f"[{index + 1}/{len(groups)}] {first['method']}: {len(group)} case(s) from "
             f"N={first['tokens']} V={first['vocab']} Hs={first['student_width']} Ht={first['teacher_width']}")
         timeout = (group_deadline - now if group_deadline else 24 * 3600.0) + WORKER_GRACE_S[kind]
-        records, note = run_worker(job, config, timeout, log)
+        try:
+            records, note = run_worker(job, config, timeout, log)
+        except Interrupted as exc:
+            log(f"interrupted ({exc}): the remaining cases are recorded as skipped")
+            for rest in groups[index:]:
+                results.extend(missing_record(case, config, "skipped", "run interrupted (SIGTERM)")
+                               for case in rest)
+            break
         status = "timeout" if note and "killed" in note else "error"
         records += [missing_record(case, config, status, note or "worker ended before this case")
                     for case in group[len(records):]]

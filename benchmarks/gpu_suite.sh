@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# One command for a (bare) GPU machine: the CUDA tests, then the whole benchmark sweep, in under
+# 9 minutes by design, everything written into one folder.
+#
+#   bash benchmarks/gpu_suite.sh                      # CUDA; results in $OUT (or runs/gpu-suite)
+#   bash benchmarks/gpu_suite.sh --device cpu         # the same pipeline on CPU (quick sizes)
+#   bash benchmarks/gpu_suite.sh --out DIR --budget 540 --skip-tests -- --methods sod_triton,naive
+#
+# Options: --device cuda|cpu (default cuda), --out DIR (default $OUT, else runs/gpu-suite),
+# --budget SECONDS for the whole suite (default 540), --test-timeout SECONDS (default 200),
+# --skip-tests; arguments after -- go to `python -m benchmarks`.
+#
+# The machine starts bare (torch, triton, transformers, pytest, hypothesis; nothing can be downloaded):
+# - liger-kernel is installed from a wheel in .whl/ if one was carried there (run tool: carry [".whl"]),
+#   into a private folder on PYTHONPATH; otherwise Liger is recorded as "not installed";
+# - without matplotlib the plots are skipped with a note; JSON and Markdown are always written;
+# - without .git, set SOD_GIT_COMMIT=<sha> so that the results name the commit (a digest of the
+#   sources is recorded either way).
+# Time: the tests run under `timeout`; the sweep gets what is left minus a reserve, and the runner
+# enforces it (fair share per method, no case starts after the deadline, overrunning workers killed).
+# Afterwards: copy DIR/*.json, *.md, *.png into benchmarks/results/ and run
+# `python -m benchmarks.report` to refresh benchmarks/results/LATEST.md.
+set -uo pipefail
+
+DEVICE=cuda
+OUT_DIR="${OUT:-}"
+BUDGET=540
+TEST_TIMEOUT=200
+RESERVE=75          # seconds kept for a worker overrunning its share (45 s grace), reports and policy
+RUN_TESTS=1
+EXTRA=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --device) DEVICE="$2"; shift 2 ;;
+    --out) OUT_DIR="$2"; shift 2 ;;
+    --budget) BUDGET="$2"; shift 2 ;;
+    --test-timeout) TEST_TIMEOUT="$2"; shift 2 ;;
+    --skip-tests) RUN_TESTS=0; shift ;;
+    --) shift; EXTRA=("$@"); break ;;
+    *) echo "unknown option $1 (see the header of $0)" >&2; exit 2 ;;
+  esac
+done
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+OUT_DIR="${OUT_DIR:-$ROOT/runs/gpu-suite}"
+mkdir -p "$OUT_DIR"
+OUT_DIR="$(cd "$OUT_DIR" && pwd)"
+LOG="$OUT_DIR/suite.log"
+START=$(date +%s)
+log() { echo "[gpu_suite +$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
+
+if [[ -x "$ROOT/.venv/bin/python" ]] && "$ROOT/.venv/bin/python" -c "import torch" 2>/dev/null; then
+  PY="$ROOT/.venv/bin/python"
+else
+  PY="$(command -v python3 || command -v python)"
+fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+log "python: $PY; device: $DEVICE; output: $OUT_DIR; budget: ${BUDGET}s"
+
+# liger-kernel: present, or from a carried wheel, or recorded as not installed.
+if ! "$PY" -c "import liger_kernel" 2>/dev/null; then
+  WHEEL="$(ls "$ROOT"/.whl/liger_kernel-*.whl 2>/dev/null | head -n 1)"
+  if [[ -n "$WHEEL" ]]; then
+    SITE="$OUT_DIR/.site"
+    if "$PY" -m pip install -q --no-deps --no-index --target "$SITE" "$WHEEL" >>"$LOG" 2>&1; then
+      export PYTHONPATH="$PYTHONPATH:$SITE"
+      log "liger-kernel installed from $WHEEL"
+    else
+      log "liger-kernel wheel $WHEEL did not install: Liger recorded as not installed"
+    fi
+  else
+    log "no liger-kernel and no wheel in .whl/: Liger recorded as not installed"
+  fi
+fi
+"$PY" -c "import matplotlib" 2>/dev/null || log "matplotlib missing: plots will be skipped (JSON and Markdown still written)"
+
+{
+  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__); print('devices', [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])"
+  command -v nvidia-smi >/dev/null && nvidia-smi
+  "$PY" -m pip list 2>/dev/null
+} >"$OUT_DIR/environment.txt" 2>&1
+
+if [[ "$RUN_TESTS" == 1 ]]; then
+  log "tests: python -m pytest -q tests (timeout ${TEST_TIMEOUT}s)"
+  timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -q -p no:cacheprovider tests --junitxml="$OUT_DIR/pytest.xml" \
+    >"$OUT_DIR/pytest.log" 2>&1
+  RC=$?
+  if [[ $RC == 124 || $RC == 137 ]]; then
+    log "tests: stopped after ${TEST_TIMEOUT}s (see pytest.log, pytest.xml)"
+  else
+    log "tests: exit $RC; $(tail -n 1 "$OUT_DIR/pytest.log")"
+  fi
+fi
+
+ELAPSED=$(( $(date +%s) - START ))
+SWEEP=$(( BUDGET - ELAPSED - RESERVE ))
+if (( SWEEP < 60 )); then SWEEP=60; fi
+ARGS=(--device "$DEVICE" --out "$OUT_DIR" --time-budget "$SWEEP")
+if [[ "$DEVICE" == cpu ]]; then ARGS+=(--quick); fi
+log "sweep: python -m benchmarks ${ARGS[*]} ${EXTRA[*]:-}"
+# A last line of defence only: the runner keeps to its budget; SIGTERM makes it write what it has.
+timeout -k 20 $(( SWEEP + RESERVE - 5 )) "$PY" -m benchmarks "${ARGS[@]}" "${EXTRA[@]}" 2>&1 | tee -a "$LOG"
+RC=${PIPESTATUS[0]}
+log "sweep: exit $RC; total $(( $(date +%s) - START ))s"
+ls -la "$OUT_DIR" >>"$LOG"
+exit "$RC"
