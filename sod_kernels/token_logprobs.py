@@ -8,8 +8,9 @@ accumulated online over vocabulary tiles and the target logit is one gathered do
 (d weight), and summed over rows (d bias).
 
 Two backends implement the same pair of functions (``logprob_forward`` / ``logprob_backward``):
-- ``"torch"``: this module, chunked PyTorch (rows in chunks of ``C`` so that one ``C x V`` block of about
-  ``CHUNK_ELEMENTS`` floats exists at a time); CPU default; float64 supported.
+- ``"torch"``: this module, chunked PyTorch (rows in chunks of ``C``: ``chunked_torch.rows_per_chunk`` rows,
+  at least ``MIN_CHUNK_ROWS``, so that about two ``C x V`` blocks exist at a time); CPU default; float64
+  supported.
 - ``"triton"``: :mod:`sod_kernels.triton_token_logprobs`; CUDA default; on CPU tensors it needs
   ``TRITON_INTERPRET=1``.
 
@@ -28,6 +29,16 @@ from .chunked_torch import _logits, compute_dtype, rows_per_chunk
 from .token_divergence import resolve_backend
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# At least this many rows per chunk: with the divergence backend's ~2M-float blocks a 152k vocabulary gets
+# 13-row chunks, whose thin matrix products run ~2.5x slower on CPU than 128-row ones (measured with
+# benchmarks/policy.py); a 128 x 152k fp32 block is 78 MB, still nothing like N x V.
+MIN_CHUNK_ROWS = 128
+
+
+def _chunk_rows(vocab: int, chunk_size: int | None) -> int:
+    if chunk_size is not None:
+        return rows_per_chunk(vocab, chunk_size)
+    return max(rows_per_chunk(vocab), MIN_CHUNK_ROWS)
 
 
 # ------------------------------------------------------------------------------------ chunked torch backend
@@ -52,7 +63,7 @@ def logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     Na = row_index.numel()
     logp = torch.empty(Na, dtype=dt, device=hidden.device)
     lse = torch.empty_like(logp)
-    C = rows_per_chunk(w.shape[0], chunk_size)
+    C = _chunk_rows(w.shape[0], chunk_size)
     with torch.no_grad():
         for start in range(0, Na, C):
             rows = row_index[start:start + C]
@@ -84,14 +95,14 @@ def logprob_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     d_hidden = torch.zeros(hidden.shape, dtype=dt, device=hidden.device) if need_hidden else None
     d_weight = torch.zeros(w.shape, dtype=dt, device=w.device) if need_weight else None
     d_bias = torch.zeros(V, dtype=dt, device=w.device) if (need_bias and bias is not None) else None
-    C = rows_per_chunk(V, chunk_size)
+    C = _chunk_rows(V, chunk_size)
     with torch.no_grad():
         for start in range(0, row_index.numel(), C):
             rows = row_index[start:start + C]
             scale = grad_logp[start:start + C].to(dt)[:, None] / temperature
             h = hidden[rows].to(dt)
-            dx = (_logits(h, w, b, temperature) - lse[start:start + C, None]).exp_()
-            dx.neg_()
+            dx = _logits(h, w, b, temperature)
+            dx.sub_(lse[start:start + C, None]).exp_().neg_()
             dx.scatter_add_(1, target_ids[rows][:, None], torch.ones_like(dx[:, :1]))
             dx *= scale
             if d_hidden is not None:

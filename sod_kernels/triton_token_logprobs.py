@@ -41,6 +41,9 @@ import triton.language as tl
 GPU_FORWARD = dict(BLOCK_M=128, BLOCK_V=128, BLOCK_K=32, num_warps=8, num_stages=3)
 GPU_MERGE = dict(BLOCK_M=32, BLOCK_K=64, num_warps=4, num_stages=1)
 GPU_BACKWARD = dict(BLOCK_M=64, BLOCK_V=128, BLOCK_K=32, num_warps=8, num_stages=3)
+# float32 inputs multiply exactly on CUDA cores (no HGMMA): smaller tiles, also spill-free on sm_90.
+GPU_FORWARD_FP32 = dict(BLOCK_M=64, BLOCK_V=64, BLOCK_K=16, num_warps=4, num_stages=3)
+GPU_BACKWARD_FP32 = dict(BLOCK_M=64, BLOCK_V=64, BLOCK_K=16, num_warps=8, num_stages=3)
 # Block sizes under the interpreter: the smallest tl.dot tiles, so that tiny test sizes span many tiles.
 INTERPRETER_FORWARD = dict(BLOCK_M=16, BLOCK_V=32, BLOCK_K=16, num_warps=4, num_stages=1)
 INTERPRETER_MERGE = dict(BLOCK_M=16, BLOCK_K=16, num_warps=4, num_stages=1)
@@ -207,10 +210,16 @@ def _logprob_backward_kernel(hidden_ptr, weight_ptr, bias_ptr, rows_ptr, targets
 
 
 # ------------------------------------------------------------------------------------------------ wrappers
-def _forward_configs():
+def _forward_configs(dtype: torch.dtype):
     if interpreter_enabled():
         return INTERPRETER_FORWARD, INTERPRETER_MERGE
-    return GPU_FORWARD, GPU_MERGE
+    return (GPU_FORWARD_FP32 if dtype == torch.float32 else GPU_FORWARD), GPU_MERGE
+
+
+def _backward_config(dtype: torch.dtype):
+    if interpreter_enabled():
+        return INTERPRETER_BACKWARD
+    return GPU_BACKWARD_FP32 if dtype == torch.float32 else GPU_BACKWARD
 
 
 def choose_splits_for(num_rows: int, vocab: int, block_m: int, block_v: int, sm_count: int) -> int:
@@ -249,7 +258,7 @@ def logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     lse = torch.empty_like(logp)
     if Na == 0:
         return logp, lse
-    fwd, merge = _forward_configs()
+    fwd, merge = _forward_configs(hidden.dtype)
     splits = num_splits or choose_splits(Na, V, fwd["BLOCK_M"], fwd["BLOCK_V"], hidden.device)
     tiles = triton.cdiv(V, fwd["BLOCK_V"])
     tiles_per_split = triton.cdiv(tiles, max(1, min(splits, tiles)))
@@ -285,7 +294,7 @@ def logprob_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     d_rows = torch.zeros(Na if need_hidden else 0, H, dtype=torch.float32, device=dev)
     d_weight = torch.zeros(V if need_weight else 0, H, dtype=torch.float32, device=dev)
     d_bias = torch.zeros(V if need_bias else 0, dtype=torch.float32, device=dev)
-    cfg = INTERPRETER_BACKWARD if interpreter_enabled() else GPU_BACKWARD
+    cfg = _backward_config(hidden.dtype)
     grid = (triton.cdiv(Na, cfg["BLOCK_M"]), triton.cdiv(V, cfg["BLOCK_V"]))
     if Na and (need_hidden or need_weight or need_bias):
         _logprob_backward_kernel[grid](
@@ -308,24 +317,49 @@ HEADLINE_VOCAB = 151936
 
 
 def codegen_specs() -> list[dict]:
-    """The three kernels at the headline-size bf16 configs, for ``benchmarks.codegen`` (sm_90 compile check)."""
-    common = {"hidden_ptr": "*bf16", "weight_ptr": "*bf16", "bias_ptr": "*bf16", "rows_ptr": "*i64"}
+    """The three kernels at the headline-size configs (bf16, plus the float32 partial and backward kernels),
+    for ``benchmarks.codegen`` (sm_90 compile check)."""
+    return _codegen_specs("bf16", GPU_FORWARD, GPU_BACKWARD, merge=True) + \
+        _codegen_specs("fp32", GPU_FORWARD_FP32, GPU_BACKWARD_FP32, merge=False)
+
+
+def _codegen_specs(dtype: str, forward: dict, backward: dict, *, merge: bool) -> list[dict]:
+    common = {"hidden_ptr": f"*{dtype}", "weight_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "rows_ptr": "*i64"}
     ints = {"Na": "i32", "V": "i32", "H": "i32", "stride_h": "i32", "stride_w": "i32"}
-    fwd, merge, bwd = dict(GPU_FORWARD), dict(GPU_MERGE), dict(GPU_BACKWARD)
+    fwd, bwd = dict(forward), dict(backward)
+    merge_cfg = dict(GPU_MERGE)
+    hgmma = dtype != "fp32"
     specs = []
     warps, stages = fwd.pop("num_warps"), fwd.pop("num_stages")
     specs.append({
-        "name": f"logprob_partial[bm{fwd['BLOCK_M']} bv{fwd['BLOCK_V']} bk{fwd['BLOCK_K']}]",
+        "name": f"logprob_partial[{dtype} bm{fwd['BLOCK_M']} bv{fwd['BLOCK_V']} bk{fwd['BLOCK_K']}]",
         "fn": _logprob_partial_kernel,
         "signature": {**common, "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32", **ints, "inv_temp": "fp32",
                       "tiles_per_split": "i32", "num_splits": "i32"},
         "constexprs": {"HAS_BIAS": False, "UPCAST": False, "DOT_PRECISION": FP32_DOT_PRECISION, **fwd},
-        "num_warps": warps, "num_stages": stages,
+        "num_warps": warps, "num_stages": stages, "expect_hgmma": hgmma,
     })
+    if merge:
+        specs.append(_merge_spec(common, merge_cfg))
+    warps, stages = bwd.pop("num_warps"), bwd.pop("num_stages")
+    specs.append({
+        "name": f"logprob_backward[{dtype} bm{bwd['BLOCK_M']} bv{bwd['BLOCK_V']} bk{bwd['BLOCK_K']}]",
+        "fn": _logprob_backward_kernel,
+        "signature": {**common, "targets_ptr": "*i64", "lse_ptr": "*fp32", "grad_ptr": "*fp32",
+                      "d_hidden_ptr": "*fp32", "d_weight_ptr": "*fp32", "d_bias_ptr": "*fp32", **ints,
+                      "inv_temp": "fp32"},
+        "constexprs": {"HAS_BIAS": False, "NEED_HIDDEN": True, "NEED_WEIGHT": True, "NEED_BIAS": False,
+                       "UPCAST": False, "DOT_PRECISION": FP32_DOT_PRECISION, **bwd},
+        "num_warps": warps, "num_stages": stages, "expect_hgmma": hgmma,
+    })
+    return specs
+
+
+def _merge_spec(common: dict, merge: dict) -> dict:
     warps, stages = merge.pop("num_warps"), merge.pop("num_stages")
     splits = choose_splits_for(HEADLINE_ROWS, HEADLINE_VOCAB, GPU_FORWARD["BLOCK_M"], GPU_FORWARD["BLOCK_V"],
                                HEADLINE_SM_COUNT)
-    specs.append({
+    return {
         "name": f"logprob_merge[bm{merge['BLOCK_M']} bk{merge['BLOCK_K']}]",
         "fn": _logprob_merge_kernel,
         "signature": {**common, "targets_ptr": "*i64", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32",
@@ -333,16 +367,4 @@ def codegen_specs() -> list[dict]:
                       "stride_w": "i32", "inv_temp": "fp32", "num_splits": "i32"},
         "constexprs": {"HAS_BIAS": False, "BLOCK_S": triton.next_power_of_2(splits), **merge},
         "num_warps": warps, "num_stages": stages, "expect_hgmma": False,
-    })
-    warps, stages = bwd.pop("num_warps"), bwd.pop("num_stages")
-    specs.append({
-        "name": f"logprob_backward[bm{bwd['BLOCK_M']} bv{bwd['BLOCK_V']} bk{bwd['BLOCK_K']}]",
-        "fn": _logprob_backward_kernel,
-        "signature": {**common, "targets_ptr": "*i64", "lse_ptr": "*fp32", "grad_ptr": "*fp32",
-                      "d_hidden_ptr": "*fp32", "d_weight_ptr": "*fp32", "d_bias_ptr": "*fp32", **ints,
-                      "inv_temp": "fp32"},
-        "constexprs": {"HAS_BIAS": False, "NEED_HIDDEN": True, "NEED_WEIGHT": True, "NEED_BIAS": False,
-                       "UPCAST": False, "DOT_PRECISION": FP32_DOT_PRECISION, **bwd},
-        "num_warps": warps, "num_stages": stages,
-    })
-    return specs
+    }
