@@ -8,6 +8,7 @@ own protection.  Floods are linear and bounded, and limits are always in place b
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import resource
 import signal
@@ -442,3 +443,58 @@ def test_escaping_daemon_is_killed_without_pid_namespace():
                         policy=SandboxPolicy(allow_missing=frozenset(reduced.missing())))
     assert result.ok and not result.timed_out, result.output
     assert_nothing_left(result)
+
+
+_REPORT_CODE = """
+import dataclasses
+import os
+print("uid", os.getuid())
+print("cwd", os.getcwd())
+print("net", os.readlink("/proc/self/ns/net"))
+print("pid", os.getpid())
+open("scratch.txt", "w").write("ok")
+"""
+
+
+@pytest.mark.parametrize("waived", PROTECTIONS)
+def test_explicitly_waived_protection_runs_without_it(waived):
+    """With ``allow_missing``, code still runs correctly without the waived protection, which is not faked."""
+    caps = sandbox_capabilities().without(waived, "waived by the test")
+    allowed = set(caps.missing())
+    try:
+        result = run_python(_REPORT_CODE, capabilities=caps, policy=SandboxPolicy(allow_missing=allowed))
+    except SandboxUnavailableError as refusal:
+        # Only one dependency exists: an interpreter behind an untraversable directory needs the mount
+        # namespace to be started by the unprivileged uid.
+        assert waived == FILESYSTEM_ISOLATION and set(refusal.missing) == {PRIVILEGE_DROP}, refusal
+        assert "cannot traverse" in str(refusal) and caps.interpreter in str(refusal)
+        result = run_python(_REPORT_CODE, capabilities=caps,
+                            policy=SandboxPolicy(allow_missing=allowed | {PRIVILEGE_DROP}))
+    assert result.ok, result.output
+    lines = dict(line.split(" ", 1) for line in result.output.splitlines())
+    if waived == PRIVILEGE_DROP:
+        assert result.sandbox_uid is None and int(lines["uid"]) == os.getuid()
+    if waived == NETWORK_ISOLATION:
+        assert lines["net"] == os.readlink("/proc/self/ns/net")
+    if waived == FILESYSTEM_ISOLATION:
+        assert lines["cwd"] != "/tmp" and lines["cwd"].endswith("/work")
+        assert not Path(lines["cwd"]).exists()  # the host work directory is removed afterwards
+    if waived == PROCESS_ISOLATION:
+        assert int(lines["pid"]) > 2
+
+
+def test_sandbox_set_up_failure_is_reported_not_raised():
+    """A sandbox that cannot be set up reports it in the result (training goes on); the code never runs."""
+    marker = Path(tempfile.gettempdir()) / f"sod-sandbox-ran-{uuid.uuid4().hex}"
+    code = f"open({str(marker)!r}, 'w').write('ran')\nprint('ran')"
+    impossible = SandboxPolicy(max_open_files=2 ** 40)  # above the kernel's nr_open: setrlimit must fail
+    result = run_requiring((RESOURCE_LIMITS,), code, policy=impossible)
+    if result is not None:
+        assert not result.ok and result.exit_code is None and "ran" not in result.output.split("[sandbox")[0]
+        assert result.sandbox_error and "resource_limits" in result.sandbox_error
+        assert "[sandbox error: resource_limits" in result.output
+        assert not marker.exists()
+    broken = dataclasses.replace(sandbox_capabilities(), interpreter="/nonexistent/bin/python3")
+    result = run_python(code, capabilities=broken, policy=SandboxPolicy(allow_missing=broken.missing()))
+    assert not result.ok and result.sandbox_error and "could not start" in result.output
+    assert not marker.exists()

@@ -179,7 +179,7 @@ class _Launcher:
         try:
             action(*args)
             return True
-        except (OSError, _SetupError) as exc:
+        except (OSError, ValueError, _SetupError) as exc:
             self.report(event="step_failed", protection=protection, error=str(exc))
             if self.strict:
                 os._exit(SETUP_FAILED_EXIT)
@@ -535,10 +535,26 @@ def check_policy(policy: SandboxPolicy | None = None,
     The trainer can call this at start to fail fast (and print ``describe()`` of the result).
     """
     policy = policy or SandboxPolicy()
-    caps = capabilities if capabilities is not None else sandbox_capabilities()
+    caps = _consistent(capabilities if capabilities is not None else sandbox_capabilities())
     missing = {name: caps.get(name).detail for name in caps.missing() if name not in policy.allow_missing}
     if missing:
         raise SandboxUnavailableError(missing)
+    return caps
+
+
+def _consistent(caps: SandboxCapabilities) -> SandboxCapabilities:
+    """``caps`` with the dependencies between protections applied.
+
+    The unprivileged uid can only start an interpreter hidden behind an untraversable directory (e.g.
+    ``/root``) through the private mount namespace; without filesystem isolation, privilege drop is then
+    unavailable too.
+    """
+    if caps.available(PRIVILEGE_DROP) and not caps.available(FILESYSTEM_ISOLATION):
+        hidden = _first_hidden_ancestor(_interpreter_prefix(caps.interpreter))
+        if hidden is not None:
+            return caps.without(PRIVILEGE_DROP, f"the interpreter {caps.interpreter} lies under {hidden}, which "
+                                                "an unprivileged uid cannot traverse, and filesystem isolation "
+                                                "(which would expose it) is unavailable")
     return caps
 
 
@@ -586,7 +602,11 @@ def _first_hidden_ancestor(path: str) -> str | None:
     current = os.sep
     for part in [p for p in os.path.dirname(path).split(os.sep) if p]:
         current = os.path.join(current, part)
-        if not os.stat(current).st_mode & stat.S_IXOTH:
+        try:
+            mode = os.stat(current).st_mode
+        except OSError:  # missing: starting the interpreter will fail and be reported then
+            return None
+        if not mode & stat.S_IXOTH:
             return current
     return None
 
@@ -809,6 +829,8 @@ def _tool_result(raw: _RawOutcome, timeout_s: float, cap: int) -> ToolResult:
     exit_code = exit_event.get("exit_code") if exit_event else None
     killed_by = exit_event.get("signal") if exit_event else None
     sandbox_error = "; ".join(errors) if errors else None
+    if sandbox_error is not None:
+        exit_code = None  # the exit status of a process that failed before running the code means nothing
     if exit_event is None and not (raw.timed_out or raw.truncated) and sandbox_error is None:
         sandbox_error = f"the sandbox launcher ended without a result (status {raw.launcher_status})"
     notes = []
