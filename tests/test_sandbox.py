@@ -498,3 +498,23 @@ def test_sandbox_set_up_failure_is_reported_not_raised():
     result = run_python(code, capabilities=broken, policy=SandboxPolicy(allow_missing=broken.missing()))
     assert not result.ok and result.sandbox_error and "could not start" in result.output
     assert not marker.exists()
+
+
+HIGH_FD_COUNT = 1100  # past select()'s FD_SETSIZE of 1024: the pipes to the sandbox get high numbers
+
+
+def test_works_when_the_trainer_has_many_open_files():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = HIGH_FD_COUNT + 100
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, max(hard, wanted)))
+    fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(HIGH_FD_COUNT)]
+    try:
+        result = run_requiring((), "print('fine')")
+        assert result.ok and result.output == "fine\n"
+        slow = run_requiring((), "import time\nprint('start', flush=True)\ntime.sleep(60)", timeout_s=1.0)
+        assert slow.timed_out and slow.output.startswith("start\n")
+    finally:
+        for fd in fds:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -135,6 +135,13 @@ SIGNAL_HINTS = {
 }
 
 
+def _wait_readable(fd: int, timeout_s: float) -> bool:
+    """Wait up to ``timeout_s`` for ``fd`` to be readable (or hung up); poll(2), so any fd number works."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(max(0, math.ceil(timeout_s * 1000))))
+
+
 # ===========================================================================================================
 # Launcher side: runs as ``python -I -S sandbox.py CONFIG`` (root, single-threaded, empty environment)
 # ===========================================================================================================
@@ -236,7 +243,7 @@ class _Launcher:
             os.dup2(devnull, fd)
         os.close(devnull)
         pidfd = os.pidfd_open(init_pid)
-        if not select.select([pidfd], [], [], self.config["deadline_s"])[0]:
+        if not _wait_readable(pidfd, self.config["deadline_s"]):
             self.report(event="launcher_deadline")
             os.kill(init_pid, signal.SIGKILL)
         _, status = os.waitpid(init_pid, 0)
@@ -728,7 +735,7 @@ def _read_output(fd: int, pidfd: int, deadline: float, cap: int) -> tuple[bytear
         if launcher_done:
             drain_until = min(deadline, time.monotonic() + POST_EXIT_DRAIN_S)
             while pipe_open and time.monotonic() < drain_until:
-                if not select.select([fd], [], [], max(0.0, drain_until - time.monotonic()))[0]:
+                if not _wait_readable(fd, drain_until - time.monotonic()):
                     break
                 pipe_open = _read_some(fd, output, cap)
                 if len(output) > cap:
@@ -795,7 +802,7 @@ def _read_status(fd: int) -> list[dict]:
     os.set_blocking(fd, False)
     until = time.monotonic() + STATUS_READ_TIMEOUT_S
     while time.monotonic() < until:
-        if not select.select([fd], [], [], max(0.0, until - time.monotonic()))[0]:
+        if not _wait_readable(fd, until - time.monotonic()):
             break
         try:
             chunk = os.read(fd, READ_CHUNK_BYTES)
