@@ -39,6 +39,11 @@ a cap on the bytes read from the combined stdout/stderr pipe (the group is kille
 :func:`sandbox_capabilities` probes once per process (cached) by launching a trial sandbox and verifying,
 from inside it, what actually took effect (uids, namespace ids, read-only root, rlimits).
 
+The code runs with ``-I -S -u -X utf8``: standard library only (no site-packages, no script directory
+on ``sys.path``), unbuffered output so that a timed-out run still shows what it printed.  Memory is bounded
+per process (RLIMIT_AS) and the number of processes per run (RLIMIT_NPROC), so one run can use at most
+``max_processes * memory_bytes`` of address space; no cgroup caps the run as a whole.
+
 This module only imports the standard library: the launcher runs it as a script with ``-I -S``.
 """
 
