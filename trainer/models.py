@@ -32,7 +32,7 @@ class TinyPreset:
 
 
 PRESETS = {
-    "tiny-teacher": TinyPreset(hidden_size=128, layers=4, heads=4, kv_heads=2, intermediate_size=384),
+    "tiny-teacher": TinyPreset(hidden_size=96, layers=3, heads=4, kv_heads=2, intermediate_size=256),
     "tiny-student": TinyPreset(hidden_size=64, layers=2, heads=4, kv_heads=2, intermediate_size=192),
 }
 

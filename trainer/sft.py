@@ -108,7 +108,7 @@ def supervised_train(model, examples: Sequence[tuple[list[int], list[int]]], *, 
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if progress is not None:
             progress(step, losses[-1])
     model.eval()

@@ -46,6 +46,8 @@ CONFIG_NAME = "config.json"
 DEFAULT_HF_SYSTEM_PROMPT = ("You solve problems with a Python tool. Call it as <tool_call>{\"name\": \"python\", "
                             "\"arguments\": {\"code\": \"...\"}}</tool_call>; it returns what the code prints. "
                             "End with 'Answer: <number>'.")
+# Fault-injection key of held-out evaluations (training updates use their update index).
+EVAL_FAULT_KEY = 2**31 - 1
 POLICY_FUNCTIONS = ("fused_sod_policy_loss", "fused_token_logprobs", "sod_policy_inputs")
 
 
@@ -424,7 +426,7 @@ def evaluate(policy, teacher, tokenizer, chat: ChatFormat, executor: ToolExecuto
     with torch.random.fork_rng(devices=[]):
         generator = HFTurnGenerator(policy, tokenizer.pad_token_id, chat.stop_ids, temperature)
         trajectories = run_rollouts(problems, list(range(len(problems))), generator, chat, executor, settings,
-                                    faults=faults, fault_keys=(-1,))
+                                    faults=faults, fault_keys=(EVAL_FAULT_KEY,))
     weight_p = lm_head_weight(policy)
     weight_t = lm_head_weight(teacher)
     kl_sum, tokens, divergences, weights = 0.0, 0, [], []
