@@ -691,20 +691,22 @@ def _launch(plan: dict, code: str, timeout_s: float, max_output_bytes: int) -> _
         output, truncated, timed_out = _read_output(proc.stdout.fileno(), pidfd, start + timeout_s,
                                                     max_output_bytes)
     finally:
-        if status_write is not None:
-            os.close(status_write)
-        if proc is not None:
-            # Kill the group before reaping the launcher, so that its pid (the group id) cannot be reused.
-            _kill_group(proc.pid)
-            if plan["use"][PRIVILEGE_DROP]:
-                _kill_uid(SANDBOX_UID_BASE + proc.pid)
-            launcher_status = proc.wait()
-            proc.stdout.close()
-        if pidfd is not None:
-            os.close(pidfd)
-        events = _read_status(status_read)
-        os.close(status_read)
-        shutil.rmtree(run_dir, ignore_errors=True)
+        try:
+            if status_write is not None:
+                os.close(status_write)
+            if proc is not None:
+                # Kill the group before reaping the launcher, so that its pid (the group id) is not reused.
+                _kill_group(proc.pid)
+                if plan["use"][PRIVILEGE_DROP]:
+                    _kill_uid(SANDBOX_UID_BASE + proc.pid)
+                launcher_status = proc.wait()
+                proc.stdout.close()
+            events = _read_status(status_read)
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
+            os.close(status_read)
+            shutil.rmtree(run_dir, ignore_errors=True)
     return _RawOutcome(output=bytes(output), truncated=truncated, timed_out=timed_out, events=events,
                        duration_s=time.monotonic() - start, launcher_pid=proc.pid,
                        launcher_status=launcher_status,
