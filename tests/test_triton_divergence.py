@@ -1,0 +1,268 @@
+"""The Triton backend of fused_sod_loss (sod_kernels.triton_divergence) against reference/ in float64.
+
+Without CUDA the kernels run under Triton's interpreter (conftest sets TRITON_INTERPRET=1), where the
+config table picks tiny blocks (16 x 32 x 16) so that the odd test sizes below span several row blocks,
+vocabulary tiles and splits with masked edges everywhere; 16-bit inputs then go through the kernels'
+in-kernel float32 cast (the interpreter cannot multiply bf16 tiles).  With CUDA the same tests run the
+real kernels.  Tolerances follow SPEC section 9.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from reference import ref_fused_sod_loss
+from sod_kernels import chunked_torch, fused_sod_loss, step_ids_from_mask
+from sod_kernels import triton_divergence
+from sod_kernels.triton_configs import KernelConfig, forward_splits, kernel_config
+from tests.conftest import HAS_CUDA
+from tests.helpers import step_masks
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# SPEC section 9 (fp16 gradients are held to a tighter bound than bf16's: 3 more mantissa bits).
+LOSS_RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-4, torch.float16: 1e-4}
+GRAD_RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+STAT_ATOL = 1e-5
+FLOAT32_BYTES = 4
+D_ABS_ERROR = 1e-6  # float32 error of one token's D (log-sum-exp terms of size O(1..log V))
+
+
+def _inputs(lead, Hs, Ht, V, Vt, dtype, seed, bias, scale):
+    """Student/teacher hidden states, weights, biases (float64 drawn, cast to dtype) and target ids."""
+    g = torch.Generator().manual_seed(seed)
+    sh = torch.randn(*lead, Hs, generator=g, dtype=torch.float64)
+    sw = torch.randn(V, Hs, generator=g, dtype=torch.float64) * scale / Hs ** 0.5
+    th = torch.randn(*lead, Ht, generator=g, dtype=torch.float64)
+    tw = torch.randn(Vt, Ht, generator=g, dtype=torch.float64) * scale / Ht ** 0.5
+    sb = torch.randn(V, generator=g, dtype=torch.float64) if bias else None
+    tb = torch.randn(Vt, generator=g, dtype=torch.float64) if bias else None
+    y = torch.randint(0, V, lead, generator=g)
+    cast = lambda x: None if x is None else x.to(dtype).to(DEVICE)  # noqa: E731
+    return [cast(x) for x in (sh, sw, th, tw, sb, tb)], y.to(DEVICE)
+
+
+def _rel_err(got, ref):
+    got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
+    ref_norm = float(ref.norm())
+    if ref_norm == 0.0:
+        return float(got.norm())
+    return float((got - ref).norm()) / ref_norm
+
+
+def _padded(rows: list[list[float]], width: int) -> torch.Tensor:
+    return torch.tensor([r + [0.0] * (width - len(r)) for r in rows], dtype=torch.float64).reshape(len(rows), width)
+
+
+def _check_fused_against_reference(mask, lead, Hs, Ht, V, Vt, dtype, seed, bias, scale, **options):
+    (sh, sw, th, tw, sb, tb), y = _inputs(lead, Hs, Ht, V, Vt, dtype, seed, bias, scale)
+    mask = mask.to(DEVICE)
+    kw = dict(target_ids=y, epsilon=1e-4, delta=0.25, coef=0.7, **options)
+    leaves = [x.detach().requires_grad_() for x in (sh, sw) + ((sb,) if bias else ())]
+    stats = fused_sod_loss(leaves[0], leaves[1], th, tw, mask, student_bias=leaves[2] if bias else None,
+                           teacher_bias=tb, return_stats=True, backend="triton", **kw)
+    ref_leaves = [x.detach().double().cpu().requires_grad_() for x in leaves]
+    up = lambda x: None if x is None else x.detach().double().cpu()  # noqa: E731
+    ref_loss, ref = ref_fused_sod_loss(ref_leaves[0], ref_leaves[1], up(th), up(tw), mask.cpu(),
+                                       student_bias=ref_leaves[2] if bias else None, teacher_bias=up(tb),
+                                       **{**kw, "target_ids": y.cpu()})
+    loss = stats.loss
+    assert loss.dtype == torch.float32
+    rtol = LOSS_RTOL[dtype]
+    # Absolute floor: each float32 D carries ~1 ulp of its O(1) log-sum-exp terms (SPEC section 3's formula
+    # subtracts them), so the loss may be off by D_ABS_ERROR * coef * sum(w) / normalizer.
+    normalizer = 1.0 if options["reduction"] != "token_mean" else max(int((mask != 0).sum()), 1)
+    floor = D_ABS_ERROR * kw["coef"] * float(ref["token_weights"].sum()) / normalizer
+    assert torch.allclose(loss.detach().double().cpu(), ref_loss.detach(), rtol=rtol, atol=max(floor, 1e-12))
+    assert torch.allclose(stats.token_divergence.double().cpu(), ref["token_divergence"].detach(), rtol=rtol,
+                          atol=STAT_ATOL)
+    assert torch.allclose(stats.token_weights.double().cpu(), ref["token_weights"].detach(), rtol=rtol * 10,
+                          atol=STAT_ATOL)
+    # Per-step statistics, as rows of the 2-D batch ([T, H] inputs drop the row in both implementations).
+    got_d, got_w, got_k = stats.step_divergence.cpu(), stats.step_weights.cpu(), stats.num_steps.cpu()
+    ref_d, ref_w, ref_k = ref["step_divergence"], ref["step_weights"], ref["num_steps"]
+    if len(lead) == 1:
+        got_d, got_w, got_k = got_d[None], got_w[None], got_k[None]
+        ref_d, ref_w, ref_k = [ref_d], [ref_w], [ref_k]
+    width = got_d.shape[-1]
+    assert width >= max([len(r) for r in ref_d], default=0)
+    assert torch.allclose(got_d.double(), _padded(ref_d, width), rtol=rtol * 10, atol=STAT_ATOL)
+    assert torch.allclose(got_w.double(), _padded(ref_w, width), rtol=rtol * 10, atol=STAT_ATOL)
+    assert got_k.tolist() == list(ref_k)
+
+    upstream = torch.randn(loss.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    (loss * upstream.to(loss.device, loss.dtype)).sum().backward()
+    (ref_loss * upstream).sum().backward()
+    for got, want in zip(leaves, ref_leaves):
+        assert got.grad is not None and got.grad.dtype == dtype and got.grad.shape == got.shape
+        assert _rel_err(got.grad, want.grad) < GRAD_RTOL[dtype], (_rel_err(got.grad, want.grad), dtype)
+
+
+@settings(max_examples=30)
+@given(mask=step_masks(max_rows=3, max_len=21, max_steps=5), single=st.booleans(), Hs=st.integers(1, 40),
+       Ht=st.integers(1, 40), V=st.integers(2, 230), pad=st.sampled_from([0, 0, 3, 37]),
+       divergence=st.sampled_from(["reverse_kl", "forward_kl"]), step_divergence=st.sampled_from(["kl", "sampled", "none"]),
+       reduction=st.sampled_from(["token_mean", "sum", "none"]), temperature=st.sampled_from([1.0, 0.6, 1.7]),
+       bias=st.booleans(), dtype=st.sampled_from(DTYPES), scale=st.sampled_from([0.5, 1.0, 3.0]),
+       seed=st.integers(0, 2**31 - 2))
+def test_fused_sod_loss_matches_reference(mask, single, Hs, Ht, V, pad, divergence, step_divergence, reduction,
+                                          temperature, bias, dtype, scale, seed):
+    if single:
+        mask = mask[:1] if mask.shape[0] else torch.zeros(1, mask.shape[1], dtype=mask.dtype)
+    lead = (mask.shape[1],) if single else tuple(mask.shape)
+    _check_fused_against_reference(mask[0] if single else mask, lead, Hs, Ht, V, V + pad, dtype, seed, bias, scale,
+                                   divergence=divergence, step_divergence=step_divergence, reduction=reduction,
+                                   temperature=temperature)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl"])
+def test_peaked_distributions(dtype, divergence):
+    """Logits spread over tens of nats (near one-hot softmaxes, most p_s underflow): still within SPEC."""
+    mask = torch.tensor([[0, 1, 1, 1, 0, 1, 1, 0, 1, 1, 1, 1, 0, 0, 1, 1, 1]])
+    _check_fused_against_reference(mask, tuple(mask.shape), 24, 33, 197, 205, dtype, seed=11, bias=True, scale=12.0,
+                                   divergence=divergence, step_divergence="kl", reduction="token_mean",
+                                   temperature=0.8)
+
+
+@settings(max_examples=20)
+@given(n=st.integers(1, 40), rows_frac=st.floats(0.05, 1.0), Hs=st.integers(1, 50), Ht=st.integers(1, 50),
+       V=st.integers(1, 300), pad=st.integers(0, 20), divergence=st.sampled_from(["reverse_kl", "forward_kl"]),
+       temperature=st.sampled_from([1.0, 0.45, 2.0]), bias=st.booleans(), target=st.booleans(),
+       dtype=st.sampled_from(DTYPES), splits=st.sampled_from([None, 1, 2, 5, 1000]),
+       blocks=st.sampled_from([None, (16, 16, 16, 1), (32, 64, 32, 3), (16, 128, 64, 8)]),
+       need=st.sampled_from([(True, True, True), (True, False, False), (False, True, False), (False, False, True)]),
+       seed=st.integers(0, 2**31 - 2))
+def test_divergence_kernels_match_chunked_backend(n, rows_frac, Hs, Ht, V, pad, divergence, temperature, bias,
+                                                  target, dtype, splits, blocks, need, seed):
+    """divergence_forward/backward directly, with explicit split counts and block configs, against the
+    chunked backend run in float64 on the same (dtype-rounded) inputs."""
+    (sh, sw, th, tw, sb, tb), y = _inputs((n,), Hs, Ht, V, V + pad, dtype, seed, bias, scale=2.0)
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(n, generator=g)[:max(1, int(rows_frac * n))].sort().values.to(DEVICE)
+    cfg = None if blocks is None else KernelConfig(*blocks[:3], group_m=blocks[3], num_warps=4, num_stages=2)
+    y = y if target else None
+    opts = dict(divergence=divergence, temperature=temperature)
+    got = triton_divergence.divergence_forward(sh, sw, sb, th, tw, tb, rows, y, config=cfg, num_splits=splits, **opts)
+    up = lambda x: None if x is None else x.double()  # noqa: E731
+    want = chunked_torch.divergence_forward(up(sh), up(sw), up(sb), up(th), up(tw), up(tb), rows, y, **opts)
+    for a, b in zip(got, want):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.dtype == torch.float32 and a.shape == (rows.numel(),)
+            assert torch.allclose(a.double(), b, rtol=1e-5, atol=1e-5), float((a.double() - b).abs().max())
+    grad = torch.randn(rows.numel(), generator=g, dtype=torch.float64).to(DEVICE)
+    need_h, need_w, need_b = need
+    back = dict(need_hidden=need_h, need_weight=need_w, need_bias=need_b, **opts)
+    dh, dw, db = triton_divergence.divergence_backward(sh, sw, sb, th, tw, tb, rows, got[1], got[2], got[0],
+                                                       grad.float(), config=cfg, **back)
+    rh, rw, rb = chunked_torch.divergence_backward(up(sh), up(sw), up(sb), up(th), up(tw), up(tb), rows, want[1],
+                                                   want[2], want[0], grad, **back)
+    for a, b, needed in ((dh, rh, need_h), (dw, rw, need_w), (db, rb, need_b and bias)):
+        assert (a is None) == (not needed) == (b is None)
+        if a is not None:
+            assert a.dtype == dtype and a.shape == b.shape
+            assert _rel_err(a, b) < GRAD_RTOL[dtype], _rel_err(a, b)
+    if dh is not None:  # rows outside row_index get exactly zero gradient
+        outside = torch.ones(n, dtype=torch.bool, device=DEVICE)
+        outside[rows] = False
+        assert not dh[outside].any()
+
+
+@pytest.mark.parametrize("reduction", ["token_mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_all_masked_batch_gives_exact_zero(reduction, dtype):
+    (sh, sw, th, tw, sb, tb), y = _inputs((2, 9), 12, 10, 70, 75, dtype, seed=3, bias=True, scale=1.0)
+    leaves = [x.requires_grad_() for x in (sh, sw, sb)]
+    loss = fused_sod_loss(sh, sw, th, tw, torch.zeros(2, 9, dtype=torch.int64, device=DEVICE), target_ids=y,
+                          student_bias=sb, teacher_bias=tb, reduction=reduction, backend="triton")
+    assert not loss.detach().any() and torch.isfinite(loss).all()
+    loss.sum().backward()
+    for leaf in leaves:
+        assert leaf.grad is not None and not leaf.grad.any()
+
+
+@pytest.mark.parametrize("step_divergence", ["kl", "sampled"])
+def test_step_ids_equal_the_equivalent_mask(step_divergence):
+    mask = torch.tensor([[1, 1, 0, 0, 1, 1, 1, 0, 1, 0, 0], [0, 0, 1, 1, 1, 1, 0, 1, 1, 0, 1]])
+    (sh, sw, th, tw, _, _), y = _inputs(tuple(mask.shape), 17, 21, 150, 150, torch.float32, seed=5, bias=False,
+                                        scale=2.0)
+    results = []
+    for kwargs in ({"response_mask": mask.to(DEVICE)}, {"step_ids": step_ids_from_mask(mask).to(DEVICE)}):
+        h = sh.detach().clone().requires_grad_()
+        stats = fused_sod_loss(h, sw, th, tw, target_ids=y, step_divergence=step_divergence, return_stats=True,
+                               backend="triton", **kwargs)
+        stats.loss.backward()
+        results.append((stats.loss.detach(), stats.step_weights, stats.token_divergence, h.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_float64_is_refused_with_a_pointer_to_the_torch_backend():
+    (sh, sw, th, tw, _, _), _ = _inputs((4,), 8, 8, 20, 20, torch.float64, seed=0, bias=False, scale=1.0)
+    with pytest.raises(TypeError, match="backend='torch'"):
+        fused_sod_loss(sh, sw, th, tw, torch.ones(4, dtype=torch.int64, device=DEVICE), backend="triton")
+    with pytest.raises(TypeError, match="float64"):
+        triton_divergence.divergence_forward(sh, sw, None, th, tw, None, torch.arange(4, device=DEVICE), None,
+                                             divergence="reverse_kl", temperature=1.0)
+
+
+class _RecordSizes(TorchDispatchMode):
+    """Records the size in bytes of every tensor produced by an op while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes: list[tuple[str, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        flat = out if isinstance(out, (tuple, list)) else (out,)
+        for t in flat:
+            if isinstance(t, torch.Tensor):
+                self.sizes.append((str(func), t.numel() * t.element_size()))
+        return out
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl"])
+def test_triton_path_allocates_nothing_of_size_tokens_x_vocabulary(divergence):
+    """At N = 64 tokens, V = 480, H = 6: N x V = 30720 elements, more than all inputs and gradients
+    together (~9k); no tensor created during forward + backward may reach a quarter of an N x V float32
+    block in bytes (the interpreter's own argument copies are byte tensors, hence bytes)."""
+    N, H, V = 64, 6, 480
+    (sh, sw, th, tw, sb, tb), y = _inputs((N,), H, H, V, V + 8, torch.float32, seed=2, bias=True, scale=2.0)
+    mask = (torch.arange(N, device=DEVICE) % 5 != 0).to(torch.int64)
+    leaves = [x.requires_grad_() for x in (sh, sw, sb)]
+    recorder = _RecordSizes()
+    with recorder:
+        loss = fused_sod_loss(sh, sw, th, tw, mask, target_ids=y, student_bias=sb, teacher_bias=tb,
+                              divergence=divergence, step_divergence="sampled", backend="triton")
+        loss.backward()
+    assert all(leaf.grad is not None for leaf in leaves)
+    assert recorder.sizes, "the dispatch recorder saw no tensor at all"
+    largest = max(recorder.sizes, key=lambda item: item[1])
+    assert largest[1] < N * V * FLOAT32_BYTES // 4, largest
+
+
+@given(n_rows=st.integers(1, 200_000), vocab=st.integers(1, 300_000), sms=st.sampled_from([1, 108, 132]),
+       dtype=st.sampled_from(DTYPES), interpret=st.booleans())
+def test_forward_splits_cover_the_vocabulary_with_non_empty_splits(n_rows, vocab, sms, dtype, interpret):
+    cfg = kernel_config(n_rows, dtype, interpret=interpret, capability=(9, 0))
+    splits, tiles_per_split = forward_splits(n_rows, vocab, cfg, interpret=interpret, sm_count=sms)
+    num_tiles = -(-vocab // cfg.block_v)
+    assert splits >= 1 and tiles_per_split >= 1
+    assert (splits - 1) * tiles_per_split < num_tiles <= splits * tiles_per_split
+
+
+def test_hopper_configs_suit_warpgroup_mma():
+    """16-bit configs on sm_90: BLOCK_M >= 64 per warpgroup, num_warps a multiple of 4, 3-4 stages."""
+    for n_rows in (1, 64, 65, 16384, 131072):
+        for dtype in (torch.bfloat16, torch.float16):
+            cfg = kernel_config(n_rows, dtype, interpret=False, capability=(9, 0))
+            assert cfg.num_warps % 4 == 0 and cfg.block_m >= 64 and cfg.block_v >= 128
+            assert 3 <= cfg.num_stages <= 4
+            # two live fp32 logit tiles must fit next to each other: <= 64 accumulator registers each
+            assert cfg.block_m * cfg.block_v // (32 * cfg.num_warps) <= 64
