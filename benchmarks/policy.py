@@ -281,6 +281,17 @@ def markdown(env: dict, step_records: list[dict], logprob_records: list[dict]) -
         lines.append(f"| {r['N']} | {r['H']} | {r['V']} | {r['dtype']} | {ft} | {nt} | {sp} "
                      f"| {_mib(f.get('extra_memory_bytes'))} | {_mib(n.get('extra_memory_bytes'))} | {mr} "
                      f"| {_mib(r['logits_bytes_fp32'])} |")
+    if env["device"] == "cpu":
+        lines += [
+            "",
+            "Reading the CPU numbers: the fused log-prob path is compute-bound like the naive one and recomputes "
+            "the logits in the backward pass (4 logit-sized matrix products instead of 3), so on CPU it trades "
+            "some time for memory that stays flat in N (its extra memory is the fp32 d(weight) buffer plus two "
+            "chunk blocks); speed is the Triton path's job, on a GPU. The vectorised step helpers do ~50 passes "
+            "over `[B, T]`-sized tensors (their per-step buffers have capacity T, so that they need no host "
+            "sync on a GPU); on one CPU thread that is only a few times faster than the Python loop. Timings "
+            "on a shared machine carry noise of tens of percent between runs.",
+        ]
     return "\n".join(lines) + "\n"
 
 
