@@ -72,14 +72,14 @@ def kl_backward_kernel(sh_ptr, sw_ptr, sb_ptr, th_ptr, tw_ptr, tb_ptr, row_index
     lse_s = tl.load(lse_s_ptr + offs_m, mask=row_ok, other=0.0)
     lse_t = tl.load(lse_t_ptr + offs_m, mask=row_ok, other=0.0)
     scale = tl.load(grad_ptr + offs_m, mask=row_ok, other=0.0) * inv_temp
-    logp_s = zs - lse_s[:, None]
-    logp_t = zt - lse_t[:, None]
-    p_s = tl.exp(logp_s)
+    p_s = tl.exp(zs - lse_s[:, None])
     if FORWARD_KL:
-        dx = p_s - tl.exp(logp_t)
+        dx = p_s - tl.exp(zt - lse_t[:, None])
     else:
-        div = tl.load(d_ptr + offs_m, mask=row_ok, other=0.0)
-        dx = p_s * (logp_s - logp_t - div[:, None])
+        # log p_s - log p_t - D = (z_s - z_t) - c with the per-row c = D + (lse_s - lse_t) = E_ps[z_s - z_t]:
+        # no O(log V) log-sum-exp enters the per-element difference (see kl_merge_kernel).
+        c = tl.load(d_ptr + offs_m, mask=row_ok, other=0.0) + (lse_s - lse_t)
+        dx = p_s * ((zs - zt) - c[:, None])
     dx = tl.where(row_ok[:, None] & v_ok[None, :], dx * scale[:, None], 0.0)
 
     if NEED_DB:

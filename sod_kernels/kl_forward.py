@@ -51,6 +51,8 @@ from .kl_tiles import gathered_logit, grouped_program, logit_tile
 P_MAX_W, P_SUM_W, P_MAX_O, P_SUM_O, P_ACC = (tl.constexpr(i) for i in range(5))
 NUM_PARTIALS = 5
 MERGE_BLOCK_K = 64  # hidden columns per step of the merge kernel's gathered target-logit dot products
+# Running maxima start finite (below any real logit) so that frame shifts never compute inf - inf.
+INITIAL_MAX = tl.constexpr(-1e30)
 MERGE_BLOCK_ROWS = 128  # rows per program of kl_merge_kernel
 MERGE_NUM_WARPS = 4
 
@@ -78,8 +80,8 @@ def kl_forward_kernel(sh_ptr, sw_ptr, sb_ptr, th_ptr, tw_ptr, tb_ptr, row_index_
     # "w" is the model whose probabilities weight the KL sum (student for reverse KL, teacher for forward
     # KL), "o" the other one: D = A / l_w - lse_w + lse_o with A = sum exp(z_w - m_w) (z_w - z_o).
     neg_inf = float("-inf")
-    m_w = tl.full((BLOCK_M,), neg_inf, tl.float32)
-    m_o = tl.full((BLOCK_M,), neg_inf, tl.float32)
+    m_w = tl.full((BLOCK_M,), INITIAL_MAX, tl.float32)
+    m_o = tl.full((BLOCK_M,), INITIAL_MAX, tl.float32)
     l_w = tl.zeros((BLOCK_M,), tl.float32)
     l_o = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M,), tl.float32)
@@ -102,18 +104,19 @@ def kl_forward_kernel(sh_ptr, sw_ptr, sb_ptr, th_ptr, tw_ptr, tb_ptr, row_index_
             z_o = zt
         # The epilogue is ordered so that at most three logit-sized tiles are live (registers): the other
         # model's statistics first, then the difference (z_o dies), then the weighting model's.
+        m_w_new = tl.maximum(m_w, tl.max(tl.where(v_ok[None, :], z_w, neg_inf), axis=1))
         z_o_masked = tl.where(v_ok[None, :], z_o, neg_inf)
         m_o_new = tl.maximum(m_o, tl.max(z_o_masked, axis=1))
         l_o = l_o * tl.exp(m_o - m_o_new) + tl.sum(tl.exp(z_o_masked - m_o_new[:, None]), axis=1)
-        m_o = m_o_new
-        diff = z_w - z_o  # finite everywhere: masked columns hold clamped (valid) logits
-        z_w_masked = tl.where(v_ok[None, :], z_w, neg_inf)
-        m_w_new = tl.maximum(m_w, tl.max(z_w_masked, axis=1))
+        # (z_w - m_w) - (z_o - m_o): finite everywhere (masked columns hold clamped, valid logits)
+        frame = m_w_new - m_o_new
+        diff = z_w - z_o - frame[:, None]
         alpha_w = tl.exp(m_w - m_w_new)
-        e_w = tl.exp(z_w_masked - m_w_new[:, None])  # 0 on masked columns
+        e_w = tl.exp(tl.where(v_ok[None, :], z_w, neg_inf) - m_w_new[:, None])  # 0 on masked columns
+        acc = alpha_w * (acc - (frame - (m_w - m_o)) * l_w) + tl.sum(e_w * diff, axis=1)
         l_w = l_w * alpha_w + tl.sum(e_w, axis=1)
-        acc = acc * alpha_w + tl.sum(e_w * diff, axis=1)
         m_w = m_w_new
+        m_o = m_o_new
 
     out = partial_ptr + split.to(tl.int64) * n_rows + offs_m
     plane = num_splits.to(tl.int64) * n_rows
@@ -137,9 +140,8 @@ def kl_merge_kernel(partial_ptr, sh_ptr, sw_ptr, sb_ptr, th_ptr, tw_ptr, tb_ptr,
     offs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ok = offs < n_rows
     plane = num_splits.to(tl.int64) * n_rows
-    neg_inf = float("-inf")
-    m_w = tl.full((BLOCK_R,), neg_inf, tl.float32)
-    m_o = tl.full((BLOCK_R,), neg_inf, tl.float32)
+    m_w = tl.full((BLOCK_R,), INITIAL_MAX, tl.float32)
+    m_o = tl.full((BLOCK_R,), INITIAL_MAX, tl.float32)
     l_w = tl.zeros((BLOCK_R,), tl.float32)
     l_o = tl.zeros((BLOCK_R,), tl.float32)
     acc = tl.zeros((BLOCK_R,), tl.float32)
@@ -147,19 +149,27 @@ def kl_merge_kernel(partial_ptr, sh_ptr, sw_ptr, sb_ptr, th_ptr, tw_ptr, tb_ptr,
     for _ in range(0, num_splits):
         part_m_w = tl.load(src + P_MAX_W * plane, mask=ok, other=0.0)
         part_m_o = tl.load(src + P_MAX_O * plane, mask=ok, other=0.0)
+        part_l_w = tl.load(src + P_SUM_W * plane, mask=ok, other=1.0)
         new_w = tl.maximum(m_w, part_m_w)
         new_o = tl.maximum(m_o, part_m_o)
-        old_scale_w = tl.exp(m_w - new_w)
-        part_scale_w = tl.exp(part_m_w - new_w)
-        l_w = l_w * old_scale_w + tl.load(src + P_SUM_W * plane, mask=ok, other=1.0) * part_scale_w
-        acc = acc * old_scale_w + tl.load(src + P_ACC * plane, mask=ok, other=0.0) * part_scale_w
+        frame = new_w - new_o
+        old_scale = tl.exp(m_w - new_w)
+        part_scale = tl.exp(part_m_w - new_w)
+        acc = old_scale * (acc - (frame - (m_w - m_o)) * l_w) + part_scale * (
+            tl.load(src + P_ACC * plane, mask=ok, other=0.0) - (frame - (part_m_w - part_m_o)) * part_l_w)
+        l_w = l_w * old_scale + part_l_w * part_scale
         l_o = l_o * tl.exp(m_o - new_o) + tl.load(src + P_SUM_O * plane, mask=ok, other=1.0) * tl.exp(part_m_o - new_o)
         m_w = new_w
         m_o = new_o
         src += n_rows
     lse_w = m_w + tl.log(l_w)
     lse_o = m_o + tl.log(l_o)
-    tl.store(d_ptr + offs, acc / l_w - lse_w + lse_o, mask=ok)
+    # D = E_w[z_w - z_o] - (lse_w - lse_o) with E_w[z_w - z_o] = A / l_w + (m_w - m_o) (A is kept in the
+    # (m_w, m_o) frame).  Grouped so that D + (lse_w - lse_o), recomputed from the stored float32 values by
+    # the backward, returns E_w[z_w - z_o] without the rounding of the O(log V) log-sum-exps: the
+    # differences of nearby values are exact (Sterbenz), so gradients of nearly equal distributions keep
+    # their relative accuracy.
+    tl.store(d_ptr + offs, acc / l_w - ((lse_w - lse_o) - (m_w - m_o)), mask=ok)
     if FORWARD_KL:
         lse_s = lse_o
         lse_t = lse_w
