@@ -29,8 +29,9 @@ from .runner import (DEFAULT_CPU_MEM_CAP_GIB, install_sigterm_handler, GIB, QUIC
                      preset_sizes, result_stem, run)
 
 QUICK_TIME_BUDGET_S = 270.0
-QUICK_REPS = 3
+DEFAULT_REPS = 3                # timed repeats per CPU case (CUDA: do_bench chooses its own count)
 QUICK_CASE_BUDGET_S = 5.0
+CPU_CASE_BUDGET_S = 15.0        # seconds of timed repeats per CPU case (at least one repeat runs)
 SEED_BITS = 30
 CODEGEN_TIMEOUT_S = 300
 
@@ -59,9 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated subset of {','.join(FAMILIES)}")
     p.add_argument("--modes", type=lambda s: _choices(s, MODES, "--modes"), default=MODES,
                    help="comma-separated subset of fwd,fwd_bwd")
-    p.add_argument("--reps", type=int, help="timed repeats per case (default 5; 3 with --quick)")
+    p.add_argument("--reps", type=int, help="timed repeats per CPU case (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up iterations per case (default 1)")
-    p.add_argument("--case-budget", type=float, help="seconds of timed repeats per case on CPU (default 20)")
+    p.add_argument("--case-budget", type=float, help="seconds of timed repeats per case on CPU (default 15)")
     p.add_argument("--time-budget", type=float, help="seconds for the whole sweep; later cases are skipped")
     p.add_argument("--mem-cap-gib", type=float,
                    help=f"CPU memory cap per case in GiB (RLIMIT_AS; default {DEFAULT_CPU_MEM_CAP_GIB})")
@@ -91,8 +92,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return RunConfig(
         device=args.device, dtype=args.dtype or ("bfloat16" if cuda else "float32"), sizes=sizes,
         methods=args.methods, families=args.families, modes=args.modes, warmup=args.warmup,
-        reps=args.reps or (QUICK_REPS if quick else 5),
-        case_budget_s=args.case_budget or (QUICK_CASE_BUDGET_S if quick else 20.0),
+        reps=args.reps or DEFAULT_REPS,
+        case_budget_s=args.case_budget or (QUICK_CASE_BUDGET_S if quick else CPU_CASE_BUDGET_S),
         time_budget_s=args.time_budget or (QUICK_TIME_BUDGET_S if quick else None),
         mem_cap_bytes=cap, threads=args.threads,
         seed=args.seed if args.seed is not None else secrets.randbits(SEED_BITS), preset=preset,

@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu_suite.sh --out DIR --budget 540 --skip-tests -- --methods sod_triton,naive
 #
 # Options: --device cuda|cpu (default cuda), --out DIR (default $OUT, else runs/gpu-suite),
-# --budget SECONDS for the whole suite (default 540), --test-timeout SECONDS (default 200),
+# --budget SECONDS for the whole suite (default 540), --test-timeout SECONDS (default 180),
 # --skip-tests; arguments after -- go to `python -m benchmarks`.
 #
 # The machine starts bare (torch, triton, transformers, pytest, hypothesis; nothing can be downloaded):
@@ -25,7 +25,7 @@ set -uo pipefail
 DEVICE=cuda
 OUT_DIR="${OUT:-}"
 BUDGET=540
-TEST_TIMEOUT=200
+TEST_TIMEOUT=180
 RESERVE=75          # seconds kept for a worker overrunning its share (45 s grace), reports and policy
 RUN_TESTS=1
 EXTRA=()

@@ -39,6 +39,7 @@ DO_BENCH_WARMUP_MS = 25
 DO_BENCH_REP_MS = 100
 DO_BENCH_MAX_ITERATION_S = 0.5
 SLOW_GPU_REPEATS = 3
+DO_BENCH_FALLBACK_REPEATS = 10
 MATMUL_REPEATS = 5
 GPU_MATMUL_SIZE = 8192                          # square bf16 matmul timed as the GPU's dense rate
 OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "std::bad_alloc",
@@ -173,16 +174,23 @@ def cuda_extra_memory(step: Callable[[], object], before: Callable[[], None], de
         "torch.cuda.max_memory_allocated - memory_allocated before"
 
 
-def cuda_times(step: Callable[[], object], grads: list[torch.Tensor], iteration_s: float,
-               warmup_ms: float = DO_BENCH_WARMUP_MS, rep_ms: float = DO_BENCH_REP_MS) -> tuple[list[float], str]:
-    """Iteration times (seconds) with ``triton.testing.do_bench``, or CUDA events for slow iterations."""
-    if iteration_s <= DO_BENCH_MAX_ITERATION_S:
-        from triton.testing import do_bench
+def do_bench_times(step: Callable[[], object], grads: list[torch.Tensor] | None = None,
+                   warmup_ms: float = DO_BENCH_WARMUP_MS, rep_ms: float = DO_BENCH_REP_MS) -> tuple[list[float], str]:
+    """Every timed run of ``triton.testing.do_bench`` in seconds (CUDA events where do_bench lacks "all")."""
+    from triton.testing import do_bench
 
+    try:
         ms = do_bench(step, warmup=warmup_ms, rep=rep_ms, grad_to_none=grads or None, return_mode="all")
         return [t / 1e3 for t in ms], "triton.testing.do_bench"
+    except (AssertionError, TypeError):  # older Triton: no return_mode="all"
+        return cuda_event_times(step, grads or [], DO_BENCH_FALLBACK_REPEATS), \
+            f"CUDA events, {DO_BENCH_FALLBACK_REPEATS} repeats (this Triton's do_bench returns no per-run times)"
+
+
+def cuda_event_times(step: Callable[[], object], grads: list[torch.Tensor], repeats: int) -> list[float]:
+    """Seconds of ``repeats`` iterations, each between two CUDA events (gradients dropped before each)."""
     times = []
-    for _ in range(SLOW_GPU_REPEATS):
+    for _ in range(repeats):
         for g in grads:
             g.grad = None
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -191,7 +199,15 @@ def cuda_times(step: Callable[[], object], grads: list[torch.Tensor], iteration_
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
-    return times, f"CUDA events, {SLOW_GPU_REPEATS} repeats (iteration > {DO_BENCH_MAX_ITERATION_S} s)"
+    return times
+
+
+def cuda_times(step: Callable[[], object], grads: list[torch.Tensor], iteration_s: float) -> tuple[list[float], str]:
+    """Iteration times (seconds) with ``triton.testing.do_bench``, or CUDA events for slow iterations."""
+    if iteration_s <= DO_BENCH_MAX_ITERATION_S:
+        return do_bench_times(step, grads)
+    return cuda_event_times(step, grads, SLOW_GPU_REPEATS), \
+        f"CUDA events, {SLOW_GPU_REPEATS} repeats (iteration > {DO_BENCH_MAX_ITERATION_S} s)"
 
 
 # -------------------------------------------------------------------------------------- matmul rates
@@ -202,10 +218,8 @@ def matmul_rate(device: str, dtype: torch.dtype, m: int, k: int, n: int) -> dict
     b = torch.randn(n, k, device=device, dtype=dtype, generator=gen)
     flops = 2 * m * k * n
     if device.startswith("cuda"):
-        from triton.testing import do_bench
-
-        ms = do_bench(lambda: a @ b.T, return_mode="median")
-        seconds, timer = ms / 1e3, "triton.testing.do_bench"
+        times, timer = do_bench_times(lambda: a @ b.T)
+        seconds = statistics.median(times)
     else:
         a @ b.T
         times = []

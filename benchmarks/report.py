@@ -77,14 +77,21 @@ def index_results(doc: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------------ tables
 def judged_summary(doc: dict) -> list[str]:
-    """Ratios of ours to naive and Liger at the judged size (if the run has it)."""
-    judged = [s for s in doc["sizes"] if "judged" in s.get("tags", [])]
-    if not judged:
-        return []
+    """Ratios of ours to naive and Liger at the judged (CPU) and headline (GPU) sizes, if the run has them."""
+    lines = []
+    for tag, title in (("judged", "The judged configuration"), ("headline", "The headline size")):
+        for size in [s for s in doc["sizes"] if tag in s.get("tags", [])]:
+            lines += ratio_table(doc, size, title)
+    return lines
+
+
+def ratio_table(doc: dict, size_dict: dict, title: str) -> list[str]:
+    """One summary table: ours against naive / naive compiled / Liger (compiled and not) at one size."""
     ours = OURS[doc["device_kind"]]
-    size = size_of(judged[0])
+    size = size_of(size_dict)
     results = index_results(doc)
-    lines = [f"### The judged configuration: {size_label(judged[0])}, {doc['dtype']}, {doc.get('threads')} threads",
+    lines = [f"### {title}: {size_label(size_dict)}, {doc['dtype']}, {doc['device_name']}"
+             + (f", {doc.get('threads')} threads" if doc["device_kind"] == "cpu" else ""),
              "",
              f"Ours = `{ours}`.  Targets: extra memory at most {MEMORY_TARGET:.0%} of naive's, time no slower than "
              "Liger compiled.  Liger computes the *unweighted* loss (it has no step weights); ours and naive "

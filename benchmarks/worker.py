@@ -108,13 +108,17 @@ def run_cases(job: dict, out) -> None:
                 inputs_key, stats = size_key(case), input_statistics(inputs)
                 stats["seed"] = seed
             record["input_stats"] = stats
+            failed = False
             try:
                 with measure.address_space_cap(None if device.startswith("cuda") else cap):
                     record.update(measure_case(case, job, inputs))
             except Exception as exc:  # a failing case is a result (OOM or error), not the end of the run
+                failed = True
                 record.update(status="oom" if measure.is_oom(exc) else "error",
                               message=f"{type(exc).__name__}: {str(exc)[:400]}")
+            if failed:  # after the except block, so the traceback no longer pins the failed buffers
                 inputs.zero_grads()
+                measure.release_free_memory()
                 if device.startswith("cuda"):
                     torch.cuda.empty_cache()
         out.write(json.dumps(record) + "\n")
