@@ -9,7 +9,11 @@ from hypothesis import strategies as st
 
 from reference import ref_ppo_dual_clip_loss, ref_token_logprobs
 from sod_kernels import PolicyLossStats, fused_sod_policy_loss
+from tests.conftest import HAS_CUDA
 from tests.helpers import random_mask
+
+# The Triton backend runs on CUDA tensors where there is a GPU, else under the interpreter on CPU tensors.
+TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 FP32_LOSS_RTOL = 1e-5
 FP32_GRAD_RTOL = 1e-4
@@ -18,8 +22,12 @@ TRITON_EXAMPLES = 8
 
 
 def rel_err(got, want) -> float:
-    want = want.double()
-    return ((got.double() - want).norm() / want.norm().clamp(min=1e-30)).item()
+    want = want.double().cpu()
+    return ((got.double().cpu() - want).norm() / want.norm().clamp(min=1e-30)).item()
+
+
+def device_of(backend: str) -> str:
+    return TRITON_DEVICE if backend == "triton" else "cpu"
 
 
 def make_problem(B, T, H, V, seed, *, mask=None, dtype=torch.float64, bias=False, ratios=None, advantages=None,
@@ -51,9 +59,12 @@ def reference(p, temperature=1.0, **clip):
 
 
 def ours(p, dtype, backend, temperature=1.0, **kwargs):
-    ins = [t.to(dtype).requires_grad_() if t is not None else None for t in (p["hidden"], p["weight"], p["bias"])]
-    out = fused_sod_policy_loss(ins[0], ins[1], p["y"], p["old"].float(), p["adv"].float(), p["mask"],
-                                student_bias=ins[2], temperature=temperature, backend=backend, **kwargs)
+    dev = device_of(backend)
+    ins = [t.to(dtype).to(dev).requires_grad_() if t is not None else None
+           for t in (p["hidden"], p["weight"], p["bias"])]
+    out = fused_sod_policy_loss(ins[0], ins[1], p["y"].to(dev), p["old"].float().to(dev), p["adv"].float().to(dev),
+                                p["mask"].to(dev), student_bias=ins[2], temperature=temperature, backend=backend,
+                                **kwargs)
     loss = out.loss if isinstance(out, PolicyLossStats) else out
     loss.sum().backward()
     return out, ins
@@ -112,13 +123,15 @@ def test_each_clip_branch_forced(backend):
     p = make_problem(1, T, 16, 50, seed=7, dtype=torch.float32, ratios=torch.tensor([BRANCH_RATIOS], dtype=torch.float64),
                      advantages=torch.tensor([BRANCH_ADVANTAGES], dtype=torch.float64),
                      mask=torch.ones(1, T, dtype=torch.int64))
-    hidden = p["hidden"].float().requires_grad_()
-    stats = fused_sod_policy_loss(hidden, p["weight"].float(), p["y"], p["old"].float(), p["adv"].float(),
-                                  p["mask"], reduction="none", return_stats=True, backend=backend)
-    assert torch.allclose(stats.loss[0].double(), torch.tensor(BRANCH_LOSSES, dtype=torch.float64), rtol=1e-5)
+    dev = device_of(backend)
+    hidden = p["hidden"].float().to(dev).requires_grad_()
+    stats = fused_sod_policy_loss(hidden, p["weight"].float().to(dev), p["y"].to(dev), p["old"].float().to(dev),
+                                  p["adv"].float().to(dev), p["mask"].to(dev), reduction="none", return_stats=True,
+                                  backend=backend)
+    assert torch.allclose(stats.loss[0].double().cpu(), torch.tensor(BRANCH_LOSSES, dtype=torch.float64), rtol=1e-5)
     stats.loss.sum().backward()
     # A clipped token's loss is constant in logp_new: its hidden state gets exactly zero gradient.
-    row_grad = hidden.grad[0].abs().sum(-1)
+    row_grad = hidden.grad[0].abs().sum(-1).cpu()
     for t, clipped in enumerate(CLIPPED):
         assert (row_grad[t] == 0) if clipped else (row_grad[t] > 0), t
     assert stats.clip_frac_high.item() == pytest.approx(1 / T)
@@ -127,7 +140,7 @@ def test_each_clip_branch_forced(backend):
     ratios = torch.tensor(BRANCH_RATIOS, dtype=torch.float64)
     assert stats.mean_ratio.item() == pytest.approx(ratios.mean().item(), rel=1e-5)
     assert stats.approx_kl.item() == pytest.approx(((ratios - 1) - ratios.log()).mean().item(), rel=1e-4)
-    assert torch.allclose(stats.logprobs.double(), p["old"] + ratios.log(), atol=1e-5)
+    assert torch.allclose(stats.logprobs.double().cpu(), p["old"] + ratios.log(), atol=1e-5)
 
 
 def test_dual_clip_disabled():
@@ -157,6 +170,7 @@ def test_masked_tokens_do_not_count(backend):
     again, _ = ours(noisy, torch.float32, backend)
     assert again.item() == pytest.approx(base.item(), rel=1e-6)
     per_token, _ = ours(p, torch.float32, backend, reduction="none")
+    per_token = per_token.cpu()
     assert bool((per_token[off] == 0).all())
     assert base.item() == pytest.approx(per_token.sum().item() / int(p["mask"].sum()), rel=1e-6)
     total, _ = ours(p, torch.float32, backend, reduction="sum")

@@ -10,6 +10,10 @@ from reference import ref_token_logprobs
 from sod_kernels import fused_token_logprobs
 from sod_kernels import token_logprobs as torch_backend
 from sod_kernels import triton_token_logprobs as triton_backend
+from tests.conftest import HAS_CUDA
+
+# The Triton backend runs on CUDA tensors where there is a GPU, else under the interpreter on CPU tensors.
+TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 FP32_VALUE_RTOL = 1e-5
 FP32_GRAD_RTOL = 1e-4
@@ -18,8 +22,12 @@ TRITON_EXAMPLES = 12  # the interpreter takes ~1-2 s per forward + backward
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    want = want.double()
-    return ((got.double() - want).norm() / want.norm().clamp(min=1e-30)).item()
+    want = want.double().cpu()
+    return ((got.double().cpu() - want).norm() / want.norm().clamp(min=1e-30)).item()
+
+
+def device_of(backend: str) -> str:
+    return TRITON_DEVICE if backend == "triton" else "cpu"
 
 
 def make_inputs(lead, H, V, dtype, bias, seed, peaked=False):
@@ -39,11 +47,12 @@ def check_against_reference(lead, H, V, dtype, bias, temperature, backend, seed,
     ref_in = [t.clone().requires_grad_() if t is not None else None for t in (hidden, weight, b)]
     ref = ref_token_logprobs(ref_in[0], ref_in[1], y, ref_in[2], temperature)
     (ref * upstream).sum().backward()
-    ins = [t.to(dtype).requires_grad_() if t is not None else None for t in (hidden, weight, b)]
-    got = fused_token_logprobs(ins[0], ins[1], y, bias=ins[2], temperature=temperature, backend=backend)
+    dev = device_of(backend)
+    ins = [t.to(dtype).to(dev).requires_grad_() if t is not None else None for t in (hidden, weight, b)]
+    got = fused_token_logprobs(ins[0], ins[1], y.to(dev), bias=ins[2], temperature=temperature, backend=backend)
     assert got.shape == tuple(lead)
     assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    (got * upstream.to(got.dtype)).sum().backward()
+    (got * upstream.to(got.dtype).to(dev)).sum().backward()
     # Log-probs are computed in fp32 from the exact (rounded) inputs, whatever their dtype.
     value_tol = 1e-10 if dtype == torch.float64 else FP32_VALUE_RTOL
     assert rel_err(got.detach(), ref.detach()) < value_tol
@@ -87,27 +96,31 @@ def test_triton_vocabulary_splits_merge_exactly(num_splits):
     hidden, weight, b = hidden.float(), weight.float(), b.float()
     rows = torch.tensor([0, 3, 4, 7, 28, 15, 9])
     want, want_lse = torch_backend.logprob_forward(hidden, weight, b, rows, y, temperature=1.3)
-    got, got_lse = triton_backend.logprob_forward(hidden, weight, b, rows, y, temperature=1.3, num_splits=num_splits)
-    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
-    assert torch.allclose(got_lse, want_lse, rtol=1e-5, atol=1e-5)
+    on = lambda x: x.to(TRITON_DEVICE)  # noqa: E731
+    got, got_lse = triton_backend.logprob_forward(on(hidden), on(weight), on(b), on(rows), on(y), temperature=1.3,
+                                                  num_splits=num_splits)
+    assert torch.allclose(got.cpu(), want, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(got_lse.cpu(), want_lse, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_row_subset_gives_zero_gradient_elsewhere(backend):
     hidden, weight, _, y = make_inputs((20,), 16, 100, torch.float32, False, seed=5)
-    hidden = hidden.float().requires_grad_()
-    weight = weight.float().requires_grad_()
+    dev = device_of(backend)
+    hidden = hidden.float().to(dev).requires_grad_()
+    weight = weight.float().to(dev).requires_grad_()
     rows = torch.tensor([2, 5, 11])
-    logp = torch_backend.TokenLogprobs.apply(hidden, weight, None, rows, y, 1.0, backend)
+    logp = torch_backend.TokenLogprobs.apply(hidden, weight, None, rows.to(dev), y.to(dev), 1.0, backend)
     logp.sum().backward()
     untouched = torch.ones(20, dtype=torch.bool)
     untouched[rows] = False
-    assert bool((hidden.grad[untouched] == 0).all())
-    assert bool((hidden.grad[rows].abs().sum(-1) > 0).all())
-    ref_h = hidden.detach().double()[rows].requires_grad_()
-    ref_w = weight.detach().double().requires_grad_()
+    grad = hidden.grad.cpu()
+    assert bool((grad[untouched] == 0).all())
+    assert bool((grad[rows].abs().sum(-1) > 0).all())
+    ref_h = hidden.detach().double().cpu()[rows].requires_grad_()
+    ref_w = weight.detach().double().cpu().requires_grad_()
     ref_token_logprobs(ref_h, ref_w, y[rows]).sum().backward()
-    assert rel_err(hidden.grad[rows], ref_h.grad) < FP32_GRAD_RTOL
+    assert rel_err(grad[rows], ref_h.grad) < FP32_GRAD_RTOL
     assert rel_err(weight.grad, ref_w.grad) < FP32_GRAD_RTOL
 
 
@@ -119,7 +132,8 @@ def test_extreme_logits_stay_finite(backend):
     weight = torch.zeros(70, 8)
     weight[:, 0] = torch.linspace(-1000.0, 1000.0, 70)
     y = torch.tensor([69, 0, 35, 69])
-    got = fused_token_logprobs(hidden, weight, y, backend=backend)
+    dev = device_of(backend)
+    got = fused_token_logprobs(hidden.to(dev), weight.to(dev), y.to(dev), backend=backend).cpu()
     want = ref_token_logprobs(hidden.double(), weight.double(), y)
     assert torch.isfinite(got).all()
     assert torch.allclose(got.double(), want, rtol=1e-6, atol=1e-3)
@@ -161,10 +175,10 @@ def largest_allocation(fn) -> int:
 
 def test_triton_path_allocates_nothing_of_size_rows_x_vocab():
     N, H, V = 64, 16, 500  # N * V = 32000 dominates V * H = 8000 and N * H = 1024
-    hidden = torch.randn(N, H, requires_grad=True)
-    weight = (torch.randn(V, H) / 4).requires_grad_()
-    bias = torch.randn(V, requires_grad=True)
-    y = torch.randint(0, V, (N,))
+    hidden = torch.randn(N, H, device=TRITON_DEVICE, requires_grad=True)
+    weight = (torch.randn(V, H, device=TRITON_DEVICE) / 4).requires_grad_()
+    bias = torch.randn(V, device=TRITON_DEVICE, requires_grad=True)
+    y = torch.randint(0, V, (N,), device=TRITON_DEVICE)
 
     def fused():
         fused_token_logprobs(hidden, weight, y, bias=bias, backend="triton").sum().backward()
@@ -199,7 +213,9 @@ def test_errors_name_the_argument():
 
 
 def test_triton_backend_rejects_float64():
-    h, w, y = torch.randn(3, 8, dtype=torch.float64), torch.randn(10, 8, dtype=torch.float64), torch.zeros(3).long()
+    h = torch.randn(3, 8, dtype=torch.float64, device=TRITON_DEVICE)
+    w = torch.randn(10, 8, dtype=torch.float64, device=TRITON_DEVICE)
+    y = torch.zeros(3, dtype=torch.int64, device=TRITON_DEVICE)
     with pytest.raises(TypeError, match="hidden"):
         fused_token_logprobs(h, w, y, backend="triton")
-    assert fused_token_logprobs(h, w, y).dtype == torch.float64  # auto on CPU: the torch backend
+    assert fused_token_logprobs(h, w, y).dtype == torch.float64  # auto falls back to the torch backend
