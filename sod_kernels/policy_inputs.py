@@ -64,7 +64,7 @@ def sod_policy_inputs(rewards: torch.Tensor, group_ids: torch.Tensor, old_logpro
         coef: weight of the distillation reward; epsilon ``> 0``, delta ``>= 0``: SPEC section 5.
         check_inputs: check that the mask holds only 0/1 (one host sync).
     Returns:
-        :class:`PolicyInputs`.  Cost: O(B T) vectorised work and one host sync (to trim the per-step
+        :class:`PolicyInputs`.  Cost: O(B T) vectorised work and one host sync (to size the per-step
         tensors to K columns).
     """
     check_tensor(old_logprobs, "old_logprobs", ndim=(2,), floating=True)
@@ -84,15 +84,18 @@ def sod_policy_inputs(rewards: torch.Tensor, group_ids: torch.Tensor, old_logpro
 
     grpo = grpo_advantages(rewards, group_ids)
     step_ids = step_ids_from_mask(response_mask, check_inputs=False)
+    # The one host sync: size the per-step tensors to the most steps in a row (K) instead of T.
+    K = int(step_ids.max()) + 1 if step_ids.numel() else 0
     old, teacher = old_logprobs.detach(), teacher_logprobs.detach()
-    weights = step_weights_from_divergence((old - teacher).abs(), step_ids, epsilon=epsilon, delta=delta)
+    weights = step_weights_from_divergence((old - teacher).abs(), step_ids, epsilon=epsilon, delta=delta,
+                                           max_steps=max(K, 1))
     acc = weights.token_weights.dtype
     m = (response_mask != 0).to(acc)
     reward = (teacher.to(acc) - old.to(acc)) * m
     advantages = grpo.detach().to(acc)[:, None] * m + coef * weights.token_weights * reward
 
-    trimmed = trim_steps(weights)
-    B, K = trimmed.step_weights.shape
+    trimmed = trim_steps(weights)  # K columns (0 when no row has a step)
+    B = step_ids.shape[0]
     inside = step_ids >= 0
     step_tokens = torch.zeros(B, max(K, 1), dtype=torch.int64, device=step_ids.device)
     step_tokens.scatter_add_(1, step_ids.clamp(min=0), inside.to(torch.int64))
