@@ -78,7 +78,14 @@ fi
 {
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__); print('devices', [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])"
   command -v nvidia-smi >/dev/null && nvidia-smi
-  "$PY" -m pip list 2>/dev/null
+  "$PY" - <<'PYEOF'
+import importlib.metadata as md
+for dist in ("torch", "triton", "liger-kernel", "matplotlib", "transformers", "pytest", "hypothesis", "numpy"):
+    try:
+        print(dist, md.version(dist))
+    except md.PackageNotFoundError:
+        print(dist, "not installed")
+PYEOF
 } >"$OUT_DIR/environment.txt" 2>&1
 
 if [[ "$RUN_TESTS" == 1 ]]; then
