@@ -197,7 +197,7 @@ def resolve_logprob_backend(backend: str, hidden: torch.Tensor, hidden_name: str
 def fused_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, target_ids: torch.Tensor, *,
                          bias: torch.Tensor | None = None, temperature: float = 1.0, backend: str = "auto",
                          check_inputs: bool = True) -> torch.Tensor:
-    """``log softmax(hidden @ weight.T (+ bias)) / temperature)[target_ids]`` without materializing logits.
+    """``log softmax((hidden @ weight.T (+ bias)) / temperature)[target_ids]`` without materializing logits.
 
     Args:
         hidden: ``[B, T, H]`` or ``[T, H]``, float32 / bfloat16 / float16 (float64 on the torch backend);
