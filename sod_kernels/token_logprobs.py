@@ -210,8 +210,9 @@ def fused_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, target_ids:
         check_inputs: check that ``target_ids`` lie in ``[0, V)`` (one host sync).
     Returns:
         ``[B, T]`` (or ``[T]``) float32 (float64 for float64 inputs) log-probabilities.
-    Memory: O(N + V H) beyond the inputs (the logits are never stored); time: the ``2 N V H`` FLOPs of the
-    logit product forward, and twice that plus the recomputation backward.
+    Memory beyond the inputs and gradients: O(N) statistics, fp32 gradient buffers on the Triton path, and
+    about two ``C x V`` chunk blocks on the torch path (the ``N x V`` logits are never stored).  Time: the
+    ``2 N V H`` FLOPs of the logit product forward; backward the recomputed product plus ``4 N V H``.
     """
     check_lm_head(hidden, weight, bias, hidden_name="hidden", weight_name="weight", bias_name="bias")
     temperature = check_positive(temperature, "temperature")
