@@ -51,8 +51,10 @@ from .kl_tiles import gathered_logit, grouped_program, logit_tile
 P_MAX_W, P_SUM_W, P_MAX_O, P_SUM_O, P_ACC = (tl.constexpr(i) for i in range(5))
 NUM_PARTIALS = 5
 MERGE_BLOCK_K = 64  # hidden columns per step of the merge kernel's gathered target-logit dot products
-# Running maxima start finite (below any real logit) so that frame shifts never compute inf - inf.
-INITIAL_MAX = tl.constexpr(-1e30)
+# Masked columns' logit and the running maxima's start: finite, far below any real logit, so that
+# exp() of it is 0 and frame shifts never compute inf - inf.
+MIN_LOGIT = tl.constexpr(-1e30)
+INITIAL_MAX = MIN_LOGIT
 MERGE_BLOCK_ROWS = 128  # rows per program of kl_merge_kernel
 MERGE_NUM_WARPS = 4
 
@@ -79,7 +81,6 @@ def kl_forward_kernel(sh_ptr, sw_ptr, sb_ptr, th_ptr, tw_ptr, tb_ptr, row_index_
 
     # "w" is the model whose probabilities weight the KL sum (student for reverse KL, teacher for forward
     # KL), "o" the other one: D = A / l_w - lse_w + lse_o with A = sum exp(z_w - m_w) (z_w - z_o).
-    neg_inf = float("-inf")
     m_w = tl.full((BLOCK_M,), INITIAL_MAX, tl.float32)
     m_o = tl.full((BLOCK_M,), INITIAL_MAX, tl.float32)
     l_w = tl.zeros((BLOCK_M,), tl.float32)
@@ -102,17 +103,18 @@ def kl_forward_kernel(sh_ptr, sw_ptr, sb_ptr, th_ptr, tw_ptr, tb_ptr, row_index_
         else:
             z_w = zs
             z_o = zt
-        # The epilogue is ordered so that at most three logit-sized tiles are live (registers): the other
-        # model's statistics first, then the difference (z_o dies), then the weighting model's.
-        m_w_new = tl.maximum(m_w, tl.max(tl.where(v_ok[None, :], z_w, neg_inf), axis=1))
-        z_o_masked = tl.where(v_ok[None, :], z_o, neg_inf)
-        m_o_new = tl.maximum(m_o, tl.max(z_o_masked, axis=1))
-        l_o = l_o * tl.exp(m_o - m_o_new) + tl.sum(tl.exp(z_o_masked - m_o_new[:, None]), axis=1)
-        # (z_w - m_w) - (z_o - m_o): finite everywhere (masked columns hold clamped, valid logits)
+        # Masked columns get a finite logit far below any real one: exp() of it is exactly 0 and the
+        # difference of two masked logits is 0, so no tile needs a second (masked) copy.  The epilogue is
+        # ordered so that at most three logit-sized tiles are live (registers).
+        z_w = tl.where(v_ok[None, :], z_w, MIN_LOGIT)
+        z_o = tl.where(v_ok[None, :], z_o, MIN_LOGIT)
+        m_w_new = tl.maximum(m_w, tl.max(z_w, axis=1))
+        m_o_new = tl.maximum(m_o, tl.max(z_o, axis=1))
+        l_o = l_o * tl.exp(m_o - m_o_new) + tl.sum(tl.exp(z_o - m_o_new[:, None]), axis=1)
         frame = m_w_new - m_o_new
-        diff = z_w - z_o - frame[:, None]
+        diff = z_w - z_o - frame[:, None]  # (z_w - m_w) - (z_o - m_o); z_o dies here
         alpha_w = tl.exp(m_w - m_w_new)
-        e_w = tl.exp(tl.where(v_ok[None, :], z_w, neg_inf) - m_w_new[:, None])  # 0 on masked columns
+        e_w = tl.exp(z_w - m_w_new[:, None])  # 0 on masked columns
         acc = alpha_w * (acc - (frame - (m_w - m_o)) * l_w) + tl.sum(e_w * diff, axis=1)
         l_w = l_w * alpha_w + tl.sum(e_w, axis=1)
         m_w = m_w_new

@@ -4,14 +4,18 @@ Autotuning is avoided on purpose: the forward and backward are launched once per
 shapes that change every step (the number of distilled rows), and each autotune pass would re-time the
 whole sweep.  The table below is keyed on what matters for the kernels' codegen:
 
-- dtype: 16-bit inputs use tensor cores (HGMMA on Hopper, mma.sync on Ampere) with 128 x 128 tiles over
-  8 warps (two fp32 logit accumulators live at once = 128 registers per thread); float32 inputs run
-  ``tl.dot`` in "ieee" precision (exact fp32, no tf32 rounding, SPEC section 9's 1e-5) on 64 x 64 tiles.
-- few rows (``Na <= 64``): BLOCK_M = 64 with 4 warps (one warpgroup), so a tiny batch wastes less.
-- GPU generation: consumer Ampere/Ada (sm_86/sm_89: ~100 KB shared memory per block) gets 2 pipeline
-  stages instead of 3.
+- dtype and GPU generation.  16-bit inputs on Hopper (sm_90+) use warpgroup MMA (HGMMA) on 128 x 128
+  tiles over 8 warps: two fp32 logit accumulators live at once = 128 registers per thread, no spills.
+  On Ampere/Ada (sm_8x, mma.sync keeps operands in registers too) 128 x 128 spills, so 128 x 64 tiles
+  with BLOCK_K = 32 (no spills, 57 KB of shared memory in the backward: fits sm_86's ~100 KB).
+  float32 inputs run ``tl.dot`` in "ieee" precision (exact fp32 on FMA units, no tf32 rounding: SPEC
+  section 9's 1e-5), whose register-held operands need smaller 32 x 64 tiles.
+- few rows (``Na <= 64``, Hopper): BLOCK_M = 64 with 4 warps (one warpgroup), so a tiny batch wastes less.
 - the Triton interpreter (CPU tests): tiny blocks (16 x 32 x 16) so that test sizes of a few hundred
   columns still exercise several tiles, splits and masked edges.
+
+Every entry was compiled for its target (``benchmarks/codegen.py`` and ad-hoc sm_80/sm_86 builds):
+no local-memory spills.
 
 The number of vocabulary splits of the forward is chosen so that ``row blocks x splits`` makes
 ``FORWARD_WAVES`` waves over the GPU's SMs (``INTERPRETER_TILES_PER_SPLIT`` tiles per split under the
@@ -39,14 +43,14 @@ class KernelConfig:
 
 HALF_CONFIG = KernelConfig(block_m=128, block_v=128, block_k=64, group_m=8, num_warps=8, num_stages=3)
 HALF_SMALL_CONFIG = KernelConfig(block_m=64, block_v=128, block_k=64, group_m=8, num_warps=4, num_stages=3)
-FP32_CONFIG = KernelConfig(block_m=64, block_v=64, block_k=32, group_m=8, num_warps=4, num_stages=3)
+AMPERE_HALF_CONFIG = KernelConfig(block_m=128, block_v=64, block_k=32, group_m=8, num_warps=8, num_stages=3)
+FP32_CONFIG = KernelConfig(block_m=32, block_v=64, block_k=32, group_m=8, num_warps=4, num_stages=2)
 INTERPRETER_CONFIG = KernelConfig(block_m=16, block_v=32, block_k=16, group_m=2, num_warps=4, num_stages=1)
 SMALL_ROWS = 64
+HOPPER = (9, 0)
 FORWARD_WAVES = 4
 INTERPRETER_TILES_PER_SPLIT = 2
 DEFAULT_SM_COUNT = 132
-LOW_SMEM_CAPABILITIES = ((8, 6), (8, 7), (8, 9))
-LOW_SMEM_STAGES = 2
 
 # The headline size of PERF.md, whose configs benchmarks/codegen.py compiles.
 HEADLINE = dict(n_rows=16384, hs=1024, ht=2560, vocab=151936, dtype=torch.bfloat16)
@@ -54,18 +58,17 @@ HEADLINE = dict(n_rows=16384, hs=1024, ht=2560, vocab=151936, dtype=torch.bfloat
 
 def kernel_config(n_rows: int, dtype: torch.dtype, *, interpret: bool, capability: tuple[int, int] | None = None
                   ) -> KernelConfig:
-    """The config for ``n_rows`` distilled rows of ``dtype`` inputs (forward and backward share it)."""
+    """The config for ``n_rows`` distilled rows of ``dtype`` inputs (forward and backward share it).
+
+    ``capability``: the CUDA device's (major, minor); None means Hopper-class.
+    """
     if interpret:
         return INTERPRETER_CONFIG
     if dtype == torch.float32:
-        cfg = FP32_CONFIG
-    elif n_rows <= SMALL_ROWS:
-        cfg = HALF_SMALL_CONFIG
-    else:
-        cfg = HALF_CONFIG
-    if capability in LOW_SMEM_CAPABILITIES:
-        cfg = KernelConfig(cfg.block_m, cfg.block_v, cfg.block_k, cfg.group_m, cfg.num_warps, LOW_SMEM_STAGES)
-    return cfg
+        return FP32_CONFIG
+    if capability is not None and tuple(capability) < HOPPER:
+        return AMPERE_HALF_CONFIG
+    return HALF_SMALL_CONFIG if n_rows <= SMALL_ROWS else HALF_CONFIG
 
 
 def forward_splits(n_rows: int, vocab: int, cfg: KernelConfig, *, interpret: bool, sm_count: int | None = None
