@@ -4,9 +4,8 @@ Everything here is O(tokens), vectorised (no Python loop over tokens, steps or r
 synchronisation unless stated, so the Triton path, the chunked PyTorch path and the policy-gradient
 helpers all call the same functions and cannot drift apart.
 
-Shapes: ``B`` rows of ``T`` tokens; ``S`` = step capacity of the returned per-step tensors (``T`` unless a
-smaller ``max_steps`` is given; every row has at most ``ceil(T / 2)`` maximal runs of ones, and at most
-``T`` steps when given explicit ``step_ids``).
+Shapes: ``B`` rows of ``T`` tokens; ``S`` = step capacity of the returned per-step tensors (on CPU the
+largest step count; on accelerators ``T``, which bounds it without a host sync; or ``max_steps``).
 """
 
 from __future__ import annotations
@@ -31,12 +30,11 @@ def step_ids_from_mask(response_mask: torch.Tensor, *, check_inputs: bool = True
     """
     check_tensor(response_mask, "response_mask", ndim=(1, 2))
     check_binary_mask(response_mask, "response_mask", check_values=check_inputs)
-    m = response_mask != 0
-    previous = torch.zeros_like(m)
-    previous[..., 1:] = m[..., :-1]
-    starts = m & ~previous
-    ids = torch.cumsum(starts, dim=-1, dtype=torch.int64) - 1
-    return torch.where(m, ids, torch.full_like(ids, -1))
+    m = response_mask if response_mask.dtype == torch.bool else response_mask != 0
+    starts = m.clone()
+    starts[..., 1:] &= ~m[..., :-1]  # a 1 whose left neighbour is 0 (or the row start) opens a step
+    ids = torch.cumsum(starts, dim=-1, dtype=torch.int64).sub_(1)
+    return ids.masked_fill_(~m, -1)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -82,29 +80,36 @@ def step_weights_from_divergence(token_signal: torch.Tensor, step_ids: torch.Ten
         epsilon, delta: SPEC section 5.
         weighted: False gives every step weight 1 (``step_divergence="none"``, plain OPD); the step
             divergences are still reported.
-        max_steps: capacity ``S`` of the per-step outputs; default ``T`` (no host sync). Steps with an
+        max_steps: capacity ``S`` of the per-step outputs. Default: on CPU the largest step count (reading
+            it costs nothing there); on accelerators ``T``, so that no host sync is needed. Steps with an
             index ``>= max_steps`` must not occur.
     Returns:
         :class:`StepWeights`, float32 (float64 when ``token_signal`` is float64).
     """
     B, T = step_ids.shape
-    S = T if max_steps is None else max(int(max_steps), 1)
+    device = step_ids.device
     acc = accumulation_dtype(token_signal.dtype)
     valid = step_ids >= 0
-    index = step_ids.clamp(min=0).to(torch.int64)
-    signal = torch.where(valid, token_signal.detach().to(acc), torch.zeros((), dtype=acc, device=step_ids.device))
-    sums = torch.zeros(B, S, dtype=acc, device=step_ids.device).scatter_add_(1, index, signal)
-    counts = torch.zeros(B, S, dtype=acc, device=step_ids.device).scatter_add_(1, index, valid.to(acc))
-    num_steps = (step_ids.amax(dim=1).to(torch.int64) + 1).clamp(min=0) if T > 0 else \
-        torch.zeros(B, dtype=torch.int64, device=step_ids.device)
-    exists = torch.arange(S, device=step_ids.device) < num_steps[:, None]
-    step_divergence = torch.where(exists, sums / counts.clamp(min=1), torch.zeros((), dtype=acc, device=sums.device))
+    num_steps = step_ids.amax(dim=1).add_(1).clamp_(min=0) if T > 0 else \
+        torch.zeros(B, dtype=torch.int64, device=device)
+    if max_steps is not None:
+        S = max(int(max_steps), 1)
+    elif device.type == "cpu":
+        S = max(int(num_steps.max()), 1) if B > 0 else 1  # reading a CPU value costs no device sync
+    else:
+        S = max(T, 1)  # capacity bound: no host sync on accelerators
+    index = step_ids.clamp(min=0)
+    signal = token_signal.detach().to(acc).masked_fill(~valid, 0)
+    sums = torch.zeros(B, S, dtype=acc, device=device).scatter_add_(1, index, signal)
+    counts = torch.zeros(B, S, dtype=acc, device=device).scatter_add_(1, index, valid.to(acc))
+    exists = torch.arange(S, device=device) < num_steps[:, None]
+    step_divergence = (sums / counts.clamp_(min=1)).masked_fill_(~exists, 0)
     if weighted:
         step_weights = closed_form_weights(step_divergence, epsilon, delta)
     else:
         step_weights = torch.ones_like(step_divergence)
-    step_weights = torch.where(exists, step_weights, torch.zeros((), dtype=acc, device=sums.device))
-    token_weights = torch.where(valid, step_weights.gather(1, index), torch.zeros((), dtype=acc, device=sums.device))
+    step_weights.masked_fill_(~exists, 0)
+    token_weights = step_weights.gather(1, index).masked_fill_(~valid, 0)
     return StepWeights(token_weights, step_divergence, step_weights, num_steps)
 
 
