@@ -72,7 +72,8 @@ def measure_case(case: dict, job: dict, inputs: BenchInputs) -> dict:
         times, timer = measure.cuda_times(run, grads, mem_s)
     else:
         extra, mem_s, how = measure.cpu_extra_memory(run, before)
-        times = measure.cpu_times(run, before, job["reps"], job["case_budget_s"], already=[mem_s])
+        times = measure.cpu_times(run, before, case.get("reps") or job["reps"], job["case_budget_s"],
+                                  already=[mem_s])
         timer = "time.perf_counter (first timed iteration also measured memory)"
     loss = last.get("loss")
     return {"status": "ok", "warmup_s": first_s, "times_s": times, **measure.summarize(times), "timer": timer,
