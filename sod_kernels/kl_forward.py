@@ -3,40 +3,51 @@
 ``kl_forward_kernel`` -- one program per (row block of ``BLOCK_M`` distilled rows, vocabulary split).
 The rows are gathered through ``row_index``.  A program sweeps its split in ``BLOCK_V``-column tiles; for
 each tile it runs two K-loops of ``tl.dot`` (student over Hs, teacher over Ht, fp32 accumulators),
-scales by 1/temperature, adds the biases, and updates per row, entirely in registers:
+scales by 1/temperature, adds the biases, and updates per row, entirely in registers, for the model W
+whose probabilities weight the KL sum (the student for reverse KL, the teacher for forward KL) and the
+other model O:
 
-- the student's running max ``m_s`` and rescaled sum ``l_s = sum exp(z_s - m_s)``, same for the teacher;
-- the KL accumulator under the same rescaling: reverse KL ``A = sum exp(z_s - m_s) (z_s - z_t)``
-  (forward KL: ``A = sum exp(z_t - m_t) (z_t - z_s)``);
-- the logits of the sampled token ``y`` when the tile holds it (only one split does).
+- running maxima ``m_w, m_o`` and rescaled sums ``l_w = sum exp(z_w - m_w)``, ``l_o`` (online log-sum-exp);
+- the KL accumulator under the same rescaling, kept in the max-shifted frame
+  ``A' = sum exp(z_w - m_w) ((z_w - m_w) - (z_o - m_o))``.  This is SPEC's
+  ``A = sum exp(z_w - m_w) (z_w - z_o)`` minus ``(m_w - m_o) l_w`` -- the same quantity, shifted so that
+  constant offsets between the two models' logits never enter the sum; when a max moves, ``A'`` is
+  rescaled by ``exp(m_w - m_w_new)`` and shifted by the frame change times ``l_w``.
 
-It writes ``NUM_PARTIALS = 7`` floats per (row, split) to ``partial [7, splits, Na]`` (float32).
-``kl_merge_kernel`` then combines the splits with log-sum-exp algebra (rescale every partial sum and
-accumulator to the common max): ``lse = M + log L``, reverse KL ``D = A / L_s - lse_s + lse_t``, forward KL
-``D = A / L_t - lse_t + lse_s``, ``log p(y) = z(y) - lse``.  Only the first ``vocab = Vs`` teacher rows are
-read (a padded teacher weight is never copied or sliced).
+It writes ``NUM_PARTIALS = 5`` floats per (row, split) to ``partial [5, splits, Na]`` (float32).
+``kl_merge_kernel`` combines the splits with the same algebra (rescale every partial sum and accumulator
+to the common maxima): ``lse = M + log L``, and SPEC's ``D = A / L_w - lse_w + lse_o``, evaluated as
+``A' / L_w - ((lse_w - lse_o) - (M_w - M_o))`` (reverse KL: W = student; forward KL: W = teacher).  It also
+computes the sampled tokens' log-probabilities ``z(y) - lse`` from one gathered dot product per row and
+model (``kl_tiles.gathered_logit``), which keeps the target out of the tile loop (in the tile loop the
+hit-test tile cost 18 spilled registers).  Only the first ``vocab = Vs`` teacher rows are read (a padded
+teacher weight is never copied or sliced).
 
 Design, with the headline size (N = 16384, Hs = 1024, Ht = 2560, V = 151936, bf16) in mind:
 
-- FLOPs: ``2 N V (Hs + Ht)`` = 17.8 TFLOP... of which none is wasted (the two products are all there
-  is); the online softmax/KL epilogue is ~15 flops per logit pair, <1% of the 7168 flops per pair of
-  the two K-loops.
-- Bytes: a 128 x 128 tile with K = Hs + Ht = 3584 loads (128 + 128) * 3584 * 2 B = 1.8 MB for
+- FLOPs: ``2 N V (Hs + Ht)`` = 17.8 TFLOP (~23 ms at the 790 TFLOP/s dense bf16 rate), none wasted: the
+  two products are the floor of PERF.md.  The epilogue is ~20 flops per logit pair against the 7168 of
+  the two K-loops (<0.3%).
+- Bytes: a 128 x 128 tile with K = Hs + Ht = 3584 loads (128 + 128) * 3584 * 2 B = 1.8 MB of operands for
   2 * 128 * 128 * 3584 = 117 MFLOP: 64 FLOP/B.  The H100 needs ~260 FLOP/B from HBM (790 TFLOP/s over
-  3 TB/s), so the operands must come from L2.  With the grouped ordering (:func:`kl_tiles.grouped_program`)
-  the ~132 resident programs cover ``~132 / splits`` row blocks x all splits: their hidden states
-  (0.9 MB per 128-row block) stay in L2 while they sweep, and each weight tile is fetched from HBM once
-  per group of row blocks rather than once per row block.  HBM traffic is then about
-  ``(V (Hs + Ht) * 2 B) * (row blocks / resident row blocks) + N (Hs + Ht) * 2 B``, ~5 GB at the headline
-  size (~2 ms at 3 TB/s) against ~11 ms of tensor-core time at 790 TFLOP/s: compute bound.
-  Without the grouping each program would stream its split's weights alone and the hidden states would be
-  re-read from HBM once per vocabulary tile (~140 GB).
+  3 TB/s), so operands must come from L2.  With the grouped ordering (:func:`kl_tiles.grouped_program`)
+  the ~132 resident programs cover ``~132 / splits`` row blocks x all splits (26 row blocks x 5 splits at
+  the headline size): their hidden states (0.9 MB per 128-row block, ~24 MB together) stay in L2 while
+  they sweep, and each weight tile is fetched from HBM once per group of resident row blocks instead of
+  once per row block.  HBM traffic is then about ``V (Hs + Ht) 2 B * (row blocks / resident row blocks)
+  + N (Hs + Ht) 2 B`` = 1.09 GB * 128 / 26 + 0.12 GB ~ 5.5 GB (~1.8 ms at 3 TB/s) against ~23 ms of
+  tensor-core time: compute bound as far as HBM goes.  Without the grouping the hidden states would be
+  re-read from HBM once per vocabulary tile (~140 GB, 45+ ms).  The 64 FLOP/B asks ~12 TB/s of L2 at the
+  full tensor rate; whether L2 keeps up is not measured here (no GPU in development).
 - Registers: the student tile stays live through the teacher K-loop, so two fp32 accumulators of
-  ``BLOCK_M x BLOCK_V``: 128 x 128 over 8 warps is 64 + 64 registers per thread (128 x 256 would spill).
-  BLOCK_M >= 64 per warpgroup and num_warps a multiple of 4 let Triton emit HGMMA on Hopper.
-- Splits: the vocabulary is split so that ``row blocks x splits`` is a few waves of programs (small N
-  still fills the GPU).  The partials cost ``7 * splits * Na`` floats: O(tokens), never O(tokens x V).
-- The merge kernel reads ``7 * splits`` floats per row and writes 3-5: negligible.
+  ``BLOCK_M x BLOCK_V``: 128 x 128 over 8 warps is 64 + 64 registers per thread (128 x 256 would need
+  256 and spill).  BLOCK_M >= 64 per warpgroup and num_warps a multiple of 4 let Triton emit HGMMA on
+  Hopper; masked columns get a finite ``MIN_LOGIT`` so no second (masked) copy of a tile is live.
+  Compiled for sm_90 (benchmarks/codegen.py): 227-248 registers, 96 KB shared memory, no spills.
+- Splits: the vocabulary is split so that ``row blocks x splits`` is ``FORWARD_WAVES`` waves of programs
+  (small N still fills the GPU).  The partials cost ``5 * splits * Na`` floats: O(tokens), never
+  O(tokens x V).  The merge kernel reads ``5 * splits`` floats and two gathered hidden/weight rows per
+  distilled row: negligible.
 """
 
 from __future__ import annotations

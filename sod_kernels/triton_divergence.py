@@ -32,7 +32,7 @@ import torch
 from .kl_backward import kl_backward_kernel
 from .kl_forward import MERGE_BLOCK_K, MERGE_BLOCK_ROWS, MERGE_NUM_WARPS, NUM_PARTIALS, kl_forward_kernel, kl_merge_kernel
 from .token_divergence import triton_interpreter_enabled
-from .triton_configs import KernelConfig, forward_splits, kernel_config
+from .triton_configs import GRADIENT_FILTER_16BIT, KernelConfig, forward_splits, kernel_config
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DIVERGENCE_NAMES = ("reverse_kl", "forward_kl")
@@ -77,6 +77,18 @@ def _launch_options(n_rows: int, dtype: torch.dtype, device: torch.device, confi
     cast_fp32 = interpret and dtype != torch.float32
     precision = "ieee" if (dtype == torch.float32 or cast_fp32) else "tf32"
     return cfg, interpret, cast_fp32, precision
+
+
+def _filter_threshold(gradient_filter: float | None, divergence: str, dtype: torch.dtype) -> float:
+    """The backward's tile-skipping threshold on the student probabilities (0: no filtering)."""
+    if gradient_filter is None:
+        return GRADIENT_FILTER_16BIT if (divergence == "reverse_kl" and dtype != torch.float32) else 0.0
+    if not (0.0 <= gradient_filter < 1.0):
+        raise ValueError(f"gradient_filter must be None or in [0, 1), got {gradient_filter}")
+    if gradient_filter > 0 and divergence != "reverse_kl":
+        raise ValueError("gradient_filter applies to divergence='reverse_kl' only (forward KL needs the teacher's "
+                         "probabilities of every tile)")
+    return float(gradient_filter)
 
 
 def divergence_forward(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
@@ -145,7 +157,8 @@ def divergence_forward(student_hidden, student_weight, student_bias, teacher_hid
 def divergence_backward(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                         row_index, lse_student, lse_teacher, token_divergence, grad_divergence, *, divergence: str,
                         temperature: float, need_hidden: bool = True, need_weight: bool = True,
-                        need_bias: bool = True, config: KernelConfig | None = None):
+                        need_bias: bool = True, config: KernelConfig | None = None,
+                        gradient_filter: float | None = None):
     """Gradients of ``sum_i grad_divergence[i] * D[i]`` w.r.t. the student's hidden, weight and bias.
 
     Args:
@@ -154,11 +167,16 @@ def divergence_backward(student_hidden, student_weight, student_bias, teacher_hi
         grad_divergence: ``[Na]`` upstream gradient of each row's D.
         need_hidden, need_weight, need_bias: which gradients to compute.
         config: override of the launch config (tests).
+        gradient_filter: reverse KL only: skip a (row block, vocabulary tile) whose student probabilities
+            are all below this value (after the student recompute: no teacher recompute, no gradient
+            products).  None: :data:`triton_configs.GRADIENT_FILTER_16BIT` for bfloat16/float16 inputs, off
+            for float32; 0: off.
     Returns:
         ``(d_hidden [N, Hs], d_weight [Vs, Hs], d_bias [Vs])`` in the inputs' dtypes (None where not
         needed or, for the bias, where ``student_bias`` is None); rows outside ``row_index`` get zero.
     """
     _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, divergence, temperature)
+    threshold = _filter_threshold(gradient_filter, divergence, student_hidden.dtype)
     device = student_hidden.device
     need_bias = need_bias and student_bias is not None
     vocab, hs = student_weight.shape
@@ -182,9 +200,10 @@ def divergence_backward(student_hidden, student_weight, student_bias, teacher_hi
                 vec(lse_teacher), vec(token_divergence), vec(grad_divergence),
                 d_hidden if need_hidden else lse_student, d_weight if need_weight else lse_student,
                 d_bias if need_bias else lse_student, n_rows, vocab, hs, ht, sh.stride(0), sw.stride(0),
-                th.stride(0), tw.stride(0), 1.0 / temperature,
+                th.stride(0), tw.stride(0), 1.0 / temperature, threshold,
                 HAS_SBIAS=sb is not None, HAS_TBIAS=tb is not None, FORWARD_KL=divergence == "forward_kl",
-                NEED_DH=need_hidden, NEED_DW=need_weight, NEED_DB=need_bias, EVEN_HS=hs % cfg.block_k == 0,
+                NEED_DH=need_hidden, NEED_DW=need_weight, NEED_DB=need_bias, FILTER=threshold > 0,
+                EVEN_HS=hs % cfg.block_k == 0,
                 EVEN_HT=ht % cfg.block_k == 0, CAST_FP32=cast_fp32, DOT_PRECISION=precision,
                 BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)

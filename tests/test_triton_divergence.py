@@ -282,3 +282,68 @@ def test_hopper_configs_suit_warpgroup_mma():
             assert 3 <= cfg.num_stages <= 4
             # two live fp32 logit tiles must fit next to each other: <= 64 accumulator registers each
             assert cfg.block_m * cfg.block_v // (32 * cfg.num_warps) <= 64
+
+
+def _rare_token_problem(dtype, n=40, Hs=24, Ht=20, V=453, Vt=460, common=50, seed=7):
+    """LM-like peaked inputs: only the first ``common`` tokens are ever likely (the others carry a bias of
+    about -40 nats), the teacher correlated with the student."""
+    g = torch.Generator().manual_seed(seed)
+    sh = torch.randn(n, Hs, generator=g, dtype=torch.float64)
+    sw = torch.randn(V, Hs, generator=g, dtype=torch.float64) * 3.0 / Hs ** 0.5
+    th = torch.cat([sh[:, :min(Hs, Ht)], torch.randn(n, max(Ht - Hs, 0), generator=g, dtype=torch.float64)], 1)
+    tw = torch.cat([sw[:, :min(Hs, Ht)], torch.randn(V, max(Ht - Hs, 0), generator=g, dtype=torch.float64)], 1)
+    tw = torch.cat([tw + 0.3 * torch.randn(V, Ht, generator=g, dtype=torch.float64),
+                    torch.randn(Vt - V, Ht, generator=g, dtype=torch.float64)]) * 3.0 / Ht ** 0.5
+    rare = torch.arange(Vt) >= common
+    tb = torch.where(rare, -40.0, 0.0).to(torch.float64) + 0.1 * torch.randn(Vt, generator=g, dtype=torch.float64)
+    sb = tb[:V] + 0.1 * torch.randn(V, generator=g, dtype=torch.float64)
+    rows = torch.arange(0, n, 1)[torch.randperm(n, generator=g)[: n - 7]].sort().values
+    return [x.to(dtype).to(DEVICE) for x in (sh, sw, sb, th, tw, tb)], rows.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gradient_filter_skips_negligible_tiles_within_tolerance(dtype):
+    """Reverse KL, 16-bit inputs: the default filter skips tiles whose student probabilities are all below
+    GRADIENT_FILTER_16BIT; the gradients stay within SPEC's 16-bit tolerance of the float64 reference."""
+    (sh, sw, sb, th, tw, tb), rows = _rare_token_problem(dtype)
+    cfg = KernelConfig(block_m=16, block_v=32, block_k=16, group_m=2, num_warps=4, num_stages=1)
+    opts = dict(divergence="reverse_kl", temperature=0.9)
+    D, lse_s, lse_t, _, _ = triton_divergence.divergence_forward(sh, sw, sb, th, tw, tb, rows, None, config=cfg,
+                                                                 **opts)
+    grad = torch.linspace(0.5, 1.5, rows.numel(), device=DEVICE)
+    filtered = triton_divergence.divergence_backward(sh, sw, sb, th, tw, tb, rows, lse_s, lse_t, D, grad, config=cfg,
+                                                     **opts)
+    unfiltered = triton_divergence.divergence_backward(sh, sw, sb, th, tw, tb, rows, lse_s, lse_t, D, grad,
+                                                       config=cfg, gradient_filter=0.0, **opts)
+    up = lambda x: x.double()  # noqa: E731
+    want = chunked_torch.divergence_forward(up(sh), up(sw), up(sb), up(th), up(tw), up(tb), rows, None, **opts)
+    ref = chunked_torch.divergence_backward(up(sh), up(sw), up(sb), up(th), up(tw), up(tb), rows, want[1], want[2],
+                                            want[0], grad.double(), **opts)
+    for got, plain, reference in zip(filtered, unfiltered, ref):
+        assert _rel_err(got, reference) < GRAD_RTOL[dtype]
+        assert _rel_err(plain, reference) < GRAD_RTOL[dtype]
+    # Tiles of rare tokens only (columns from 64 on, with 32-column tiles) were skipped: exactly zero there,
+    # while the unfiltered gradient is not (in bf16; float16 cannot even represent those ~1e-9 values).
+    first_rare_tile = 64
+    assert not filtered[1][first_rare_tile:].any() and not filtered[2][first_rare_tile:].any()
+    if dtype == torch.bfloat16:
+        assert unfiltered[1][first_rare_tile:].any()
+
+
+def test_gradient_filter_threshold_is_honoured_and_validated():
+    (sh, sw, sb, th, tw, tb), rows = _rare_token_problem(torch.bfloat16, common=453)
+    opts = dict(divergence="reverse_kl", temperature=1.0)
+    D, lse_s, lse_t, _, _ = triton_divergence.divergence_forward(sh, sw, sb, th, tw, tb, rows, None, **opts)
+    grad = torch.ones(rows.numel(), device=DEVICE)
+    # no student probability reaches 0.9 (checked in float64), so a 0.9 threshold skips every tile
+    z = (sh.double() @ sw.double().T + sb.double())[rows]
+    assert float(torch.softmax(z, dim=-1).max()) < 0.9
+    skipped = triton_divergence.divergence_backward(sh, sw, sb, th, tw, tb, rows, lse_s, lse_t, D, grad,
+                                                    gradient_filter=0.9, **opts)
+    assert all(not g.any() for g in skipped)
+    with pytest.raises(ValueError, match="gradient_filter"):
+        triton_divergence.divergence_backward(sh, sw, sb, th, tw, tb, rows, lse_s, lse_t, D, grad,
+                                              gradient_filter=1e-6, divergence="forward_kl", temperature=1.0)
+    with pytest.raises(ValueError, match="gradient_filter"):
+        triton_divergence.divergence_backward(sh, sw, sb, th, tw, tb, rows, lse_s, lse_t, D, grad,
+                                              gradient_filter=-1.0, **opts)
