@@ -124,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     config.out_dir.mkdir(parents=True, exist_ok=True)
     install_sigterm_handler()
     doc = run(config)
-    if not args.no_policy:
+    if doc["interrupted"]:
+        doc["policy"] = {"note": "policy helpers not measured: the run was interrupted"}
+    elif not args.no_policy:
         from .policy_bridge import policy_section
 
         left = None if config.time_budget_s is None else config.time_budget_s - doc["wall_s"]

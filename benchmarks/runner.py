@@ -258,9 +258,8 @@ def calibrate(config: RunConfig) -> dict:
     job = {"kind": "calibrate", "device": config.device, "dtype": config.dtype, "threads": config.threads,
            "seed": config.seed, "matmul_shapes": calibration_shapes(config)}
     records, note = run_worker(job, config, timeout_s=600)
-    if not records:
-        return {"device_name": "unknown", "matmul": [], "error": note}
-    return records[0]
+    found = [r["calibration"] for r in records if "calibration" in r]
+    return found[0] if found else {"device_name": "unknown", "matmul": [], "error": note}
 
 
 def matmul_ceiling(calibrations: list[dict], size: dict, device_kind: str) -> float | None:
@@ -293,6 +292,15 @@ def add_floors(record: dict, element_size: int, ceiling: float | None) -> dict:
 ELEMENT_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
+def fallback_device_name(kind: str) -> str:
+    """Device name when no worker reported one (the run was interrupted before its first case)."""
+    if kind == "cpu":
+        from .worker import cpu_model_name
+
+        return cpu_model_name()
+    return "unknown CUDA device"
+
+
 def missing_record(case: dict, config: RunConfig, status: str, message: str) -> dict:
     """The record of a case that produced no figures (unavailable method, timeout, crashed worker)."""
     info = METHOD_INFO[case["method"]]
@@ -306,8 +314,8 @@ def run(config: RunConfig, log=print) -> dict:
     started = time.time()
     deadline = started + config.time_budget_s if config.time_budget_s else None
     load_before = os.getloadavg()
-    log(f"calibrating the matrix-product rate on {config.device} ...")
-    calibrations = [calibrate(config)]
+    calibrations: list[dict] = []
+    interrupted = False
     results: list[dict] = []
     kind = config.device_kind()
     groups = []
@@ -326,6 +334,8 @@ def run(config: RunConfig, log=print) -> dict:
                "seed": config.seed, "cases": group, "warmup": config.warmup, "reps": config.reps,
                "case_budget_s": config.case_budget_s, "mem_cap_bytes": config.mem_cap_bytes,
                "deadline": group_deadline}
+        if not calibrations:  # the first worker measures the matrix-product rate before its cases
+            job["matmul_shapes"] = calibration_shapes(config)
         first = group[0]
         log(f"[{index + 1}/{len(groups)}] {first['method']}: {len(group)} case(s) from "
             f"N={first['tokens']} V={first['vocab']} Hs={first['student_width']} Ht={first['teacher_width']}")
@@ -333,11 +343,14 @@ def run(config: RunConfig, log=print) -> dict:
         try:
             records, note = run_worker(job, config, timeout, log)
         except Interrupted as exc:
+            interrupted = True
             log(f"interrupted ({exc}): the remaining cases are recorded as skipped")
             for rest in groups[index:]:
                 results.extend(missing_record(case, config, "skipped", "run interrupted (SIGTERM)")
                                for case in rest)
             break
+        calibrations += [r["calibration"] for r in records if "calibration" in r]
+        records = [r for r in records if "calibration" not in r]
         status = "timeout" if note and "killed" in note else "error"
         records += [missing_record(case, config, status, note or "worker ended before this case")
                     for case in group[len(records):]]
@@ -346,18 +359,22 @@ def run(config: RunConfig, log=print) -> dict:
                 + (f"{record['median_s']:.4f} s  {record['extra_memory_bytes'] / GIB:.3f} GiB"
                    if record["status"] == "ok" else record.get("message", "")[:100]))
         results.extend(records)
-    if kind == "cpu" and config.drift_check:
+    if not calibrations and not interrupted:
+        log(f"calibrating the matrix-product rate on {config.device} ...")
+        calibrations.append(calibrate(config))
+    if kind == "cpu" and config.drift_check and not interrupted:
         log("re-measuring the matrix-product rate (drift check) ...")
         calibrations.append(calibrate(config))
     element_size = ELEMENT_SIZES[config.dtype]
     for record in results:
         add_floors(record, element_size, matmul_ceiling(calibrations, record, kind))
     finished = time.time()
+    first_calibration = calibrations[0] if calibrations else {}
     return {
         "schema": 1,
         "date": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": config.device, "device_kind": kind, "device_name": calibrations[0].get("device_name", "unknown"),
-        "threads": calibrations[0].get("threads"),
+        "device": config.device, "device_kind": kind, "device_name": first_calibration.get("device_name") or fallback_device_name(kind),
+        "threads": first_calibration.get("threads"),
         "dtype": config.dtype, "preset": config.preset, "seed": config.seed,
         "versions": _versions(), "code": code_identity(),
         "settings": {"group_by": config.group_by or ("method" if kind == "cuda" else "method_size"),
@@ -367,7 +384,7 @@ def run(config: RunConfig, log=print) -> dict:
                      "modes": list(config.modes), "step_tokens": STEP_TOKENS,
                      "naive_footprint_copies": NAIVE_FOOTPRINT_COPIES},
         "sizes": [asdict(s) for s in config.sizes],
-        "calibration": calibrations,
+        "calibration": calibrations, "interrupted": interrupted,
         "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
         "wall_s": finished - started,
         "results": results,

@@ -9,7 +9,8 @@ is appended to ``OUT.jsonl`` at once, so a timeout loses only the case in flight
 Job file keys: ``kind`` (``"cases"`` or ``"calibrate"``), ``device``, ``dtype``, ``threads`` (CPU thread
 count or null), ``seed``; for cases: ``cases`` (list of dicts with ``method, family, mode, tokens, vocab,
 student_width, teacher_width``), ``warmup``, ``reps``, ``case_budget_s``, ``mem_cap_bytes`` (CPU cap or
-null), ``deadline`` (Unix time after which no case starts, or null); for calibrate: ``matmul_shapes``.
+null), ``deadline`` (Unix time after which no case starts, or null); ``matmul_shapes`` (optional for
+cases): measure the matrix-product rate first and write it as the first line (``{"calibration": ...}``).
 """
 
 from __future__ import annotations
@@ -134,7 +135,8 @@ def run_calibration(job: dict, out) -> None:
     else:
         name = cpu_model_name()
     rates = [measure.matmul_rate(device, DTYPES[dt], *shape) for shape, dt in job["matmul_shapes"]]
-    out.write(json.dumps({"device_name": name, "threads": torch.get_num_threads(), "matmul": rates}) + "\n")
+    out.write(json.dumps({"calibration": {"device_name": name, "threads": torch.get_num_threads(),
+                                           "matmul": rates}}) + "\n")
     out.flush()
 
 
@@ -162,9 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     if job.get("threads"):
         torch.set_num_threads(int(job["threads"]))
     with open(args[1], "a") as out:
-        if job["kind"] == "calibrate":
+        if job.get("matmul_shapes"):  # a calibration job, or the first case group calibrating on the way
             run_calibration(job, out)
-        else:
+        if job["kind"] == "cases":
             run_cases(job, out)
     return 0
 
