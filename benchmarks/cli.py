@@ -25,7 +25,7 @@ from .floors import MODES
 from .inputs import FAMILIES
 from .methods import METHODS
 from .report import write_latest, write_run
-from .runner import (DEFAULT_CPU_MEM_CAP_GIB, install_sigterm_handler, GIB, QUICK_DIR, REPO_ROOT, RESULTS_DIR, RunConfig, parse_sizes,
+from .runner import (DEFAULT_CPU_MEM_CAP_GIB, Interrupted, install_sigterm_handler, GIB, QUICK_DIR, REPO_ROOT, RESULTS_DIR, RunConfig, parse_sizes,
                      preset_sizes, result_stem, run)
 
 QUICK_TIME_BUDGET_S = 270.0
@@ -130,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         from .policy_bridge import policy_section
 
         left = None if config.time_budget_s is None else config.time_budget_s - doc["wall_s"]
-        doc["policy"] = policy_section(config.device, config.preset == "quick", config.threads, left)
+        try:
+            doc["policy"] = policy_section(config.device, config.preset == "quick", config.threads, left)
+        except Interrupted:
+            doc["policy"] = {"note": "policy helpers not measured: interrupted (SIGTERM) while they ran"}
     stem = result_stem(doc)
     paths = write_run(doc, config.out_dir, stem, plots=not args.no_plots)
     if args.codegen:
