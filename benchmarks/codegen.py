@@ -165,7 +165,9 @@ def analyse(spec: dict) -> dict:
     info = inspect_cubin(kernel.asm["cubin"])
     shared = int(kernel.metadata.shared)
     blocks, warps = implied_occupancy(info["registers"] or 0, shared, spec["num_warps"])
-    config = ", ".join(f"{k}={v}" for k, v in spec.get("constexprs", {}).items() if k.isupper())
+    # Block sizes and other numeric constexprs; boolean switches and strings are left to the spec's name.
+    config = ", ".join(f"{k}={v}" for k, v in spec.get("constexprs", {}).items()
+                       if isinstance(v, int) and not isinstance(v, bool))
     return {
         "module": spec["module"], "name": spec["name"], "config": config, "num_warps": spec["num_warps"],
         "num_stages": spec["num_stages"], "shared_bytes": shared, "blocks_per_sm": blocks, "warps_per_sm": warps,

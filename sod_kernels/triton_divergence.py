@@ -8,7 +8,8 @@ Same contract as :mod:`sod_kernels.chunked_torch` (see :mod:`sod_kernels.token_d
   and KL accumulator over ``tl.dot`` logit tiles) and ``kl_merge_kernel`` (log-sum-exp merge of the
   splits);
 - :mod:`sod_kernels.kl_backward`: ``kl_backward_kernel`` (row block x vocabulary tile, recomputed logits,
-  d(logits) in registers, atomic fp32 accumulation of d(hidden), d(weight), d(bias)).
+  d(logits) in registers, atomic fp32 accumulation of d(hidden), d(weight), d(bias); reverse-KL gradient
+  filtering of negligible tiles for 16-bit inputs).
 
 Their design and FLOP/byte arguments are in those modules' docstrings; launch configs come from
 :mod:`sod_kernels.triton_configs`.

@@ -118,7 +118,7 @@ def _check_fused_against_reference(mask, lead, Hs, Ht, V, Vt, dtype, seed, bias,
         assert _rel_err(got.grad, want_grad) < GRAD_RTOL[dtype], (_rel_err(got.grad, want_grad), dtype)
 
 
-@settings(max_examples=30)
+@settings(max_examples=60)
 @given(mask=step_masks(max_rows=3, max_len=21, max_steps=5), single=st.booleans(), Hs=st.integers(1, 40),
        Ht=st.integers(1, 40), V=st.integers(2, 230), pad=st.sampled_from([0, 0, 3, 37]),
        divergence=st.sampled_from(["reverse_kl", "forward_kl"]), step_divergence=st.sampled_from(["kl", "sampled", "none"]),
@@ -145,7 +145,7 @@ def test_peaked_distributions(dtype, divergence):
                                    temperature=0.8)
 
 
-@settings(max_examples=20)
+@settings(max_examples=40)
 @given(n=st.integers(1, 40), rows_frac=st.floats(0.05, 1.0), Hs=st.integers(1, 50), Ht=st.integers(1, 50),
        V=st.integers(1, 300), pad=st.integers(0, 20), divergence=st.sampled_from(["reverse_kl", "forward_kl"]),
        temperature=st.sampled_from([1.0, 0.45, 2.0]), bias=st.booleans(), target=st.booleans(),
