@@ -36,10 +36,10 @@ Gradient filtering (reverse KL; on by default for 16-bit inputs, threshold
 ``p_s |log p_s| <= theta |log theta|`` (14 theta) for ``p_s < theta < 1/e``, the skipped part of a row's
 d(logits) is bounded by ``g theta (14 + |log p_t| + D) / tau`` per element: below ``1.1e-4 g / tau``
 for any teacher log-probability above -100 (against O(g / tau) entries where the student's mass is).
-This is an approximation, sized for 16-bit gradients.  LM-like inputs (peaked softmaxes; most tokens at p_s < 1e-8) skip most tiles;
-near-uniform inputs over V < 1e6 never do (p_s ~ 1/V > theta).  The tests check the filtered gradients
-against the float64 reference on peaked inputs (SPEC's 16-bit tolerance) and that skipped tiles are
-exactly zero.  Forward KL is never filtered: its d(logits) needs p_t of every tile.
+This is an approximation, sized for 16-bit gradients.  LM-like inputs (peaked softmaxes; most tokens
+at p_s < 1e-8) skip most tiles; near-uniform inputs over V < 1e6 never do (p_s ~ 1/V > theta).  The
+tests check the filtered gradients against the float64 reference on peaked inputs (SPEC's 16-bit
+tolerance) and that skipped tiles are exactly zero.  Forward KL is never filtered: its d(logits) needs p_t of every tile.
 
 Memory: d(hidden) ``[N, Hs]``, d(weight) ``[Vs, Hs]``, d(bias) ``[Vs]`` float32 buffers (the
 gradients themselves, accumulated in fp32 and cast to the input dtype by the caller) plus nothing of size

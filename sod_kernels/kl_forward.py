@@ -74,13 +74,15 @@ MERGE_NUM_WARPS = 4
 def kl_forward_kernel(sh_ptr, sw_ptr, sb_ptr, th_ptr, tw_ptr, tb_ptr, row_index_ptr, partial_ptr,
                       n_rows, vocab, hs, ht, stride_sh, stride_sw, stride_th, stride_tw, tiles_per_split,
                       num_splits, inv_temp,
-                      HAS_SBIAS: tl.constexpr, HAS_TBIAS: tl.constexpr, FORWARD_KL: tl.constexpr, EVEN_HS: tl.constexpr, EVEN_HT: tl.constexpr,
+                      HAS_SBIAS: tl.constexpr, HAS_TBIAS: tl.constexpr, FORWARD_KL: tl.constexpr,
+                      EVEN_HS: tl.constexpr, EVEN_HT: tl.constexpr,
                       CAST_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """Partial softmax/KL statistics of one (row block, vocabulary split).
 
     sh ``[N, Hs]``, sw ``[Vs, Hs]``, sb ``[Vs]``, th ``[N, Ht]``, tw ``[Vt, Ht]``, tb ``[Vt]`` (input dtype;
-    biases read only if HAS_*BIAS); row_index ``[n_rows]`` int64; partial ``[NUM_PARTIALS, num_splits, n_rows]`` float32, written.  ``vocab`` = Vs.
+    biases read only if HAS_*BIAS); row_index ``[n_rows]`` int64; partial
+    ``[NUM_PARTIALS, num_splits, n_rows]`` float32, written.  ``vocab`` = Vs.
     """
     pid = tl.program_id(0)
     num_row_blocks = tl.cdiv(n_rows, BLOCK_M)

@@ -31,7 +31,8 @@ import contextlib
 import torch
 
 from .kl_backward import kl_backward_kernel
-from .kl_forward import MERGE_BLOCK_K, MERGE_BLOCK_ROWS, MERGE_NUM_WARPS, NUM_PARTIALS, kl_forward_kernel, kl_merge_kernel
+from .kl_forward import (MERGE_BLOCK_K, MERGE_BLOCK_ROWS, MERGE_NUM_WARPS, NUM_PARTIALS, kl_forward_kernel,
+                         kl_merge_kernel)
 from .token_divergence import triton_interpreter_enabled
 from .triton_configs import GRADIENT_FILTER_16BIT, KernelConfig, forward_splits, kernel_config
 
