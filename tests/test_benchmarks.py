@@ -122,7 +122,7 @@ def test_harness_writes_json_markdown_plots_and_latest(tmp_path):
 def test_oom_is_recorded_under_a_tiny_cap(tmp_path):
     # A real allocation failure (RLIMIT_AS) for the chunked backend, and a predicted one for naive.
     cap = 64 * 1024
-    cases = [{"method": m, "family": "worst_case", "mode": "fwd_bwd", "tokens": 256, "vocab": 2048,
+    cases = [{"method": m, "family": "worst_case", "mode": "fwd_bwd", "tokens": 512, "vocab": 4096,
               "student_width": 16, "teacher_width": 24} for m in ("naive", "sod_torch")]
     job = {"kind": "cases", "device": "cpu", "dtype": "float32", "threads": 1, "seed": 3, "cases": cases,
            "warmup": 1, "reps": 1, "case_budget_s": 1.0, "mem_cap_bytes": cap, "deadline": None}
@@ -132,7 +132,7 @@ def test_oom_is_recorded_under_a_tiny_cap(tmp_path):
     subprocess.run([sys.executable, "-m", "benchmarks.worker", str(job_path), str(out_path)], cwd=REPO_ROOT,
                    env=worker_env(config), check=True, timeout=120)
     naive, ours = (json.loads(line) for line in out_path.read_text().splitlines())
-    assert naive["status"] == "oom_predicted" and predicted_extra_bytes("naive", 256, 2048) > cap
+    assert naive["status"] == "oom_predicted" and predicted_extra_bytes("naive", 512, 4096) > cap
     assert ours["status"] == "oom", ours
     table = report.status_cell(ours) + report.status_cell(naive)
     assert table == "OOMOOM (predicted)"
