@@ -18,6 +18,7 @@ from .methods import METHOD_INFO, METHODS
 
 GIB = float(1 << 30)
 MIB = float(1 << 20)
+BUSY_LOAD_PER_CORE = 0.75         # above this 1-minute load average per core the run is flagged as shared
 MEMORY_TARGET = 0.03               # the package's target: at most 3 % of the naive extra memory
 LATEST_NAME = "LATEST.md"
 CODEGEN_NAME = "codegen.md"
@@ -246,6 +247,11 @@ def header(doc: dict) -> list[str]:
              ""]
     if doc.get("note"):
         lines += [f"Note: {doc['note']}", ""]
+    cores = doc.get("cpu_count")
+    if cores and max(load["before"][0], load["after"][0]) > cores * BUSY_LOAD_PER_CORE:
+        lines += [f"Caution: the machine was shared during this run (1-minute load average above "
+                  f"{BUSY_LOAD_PER_CORE:g} per core on {cores} cores); CPU times are noisy, compare ratios within "
+                  "the run and mind the IQR.", ""]
     rates = []
     for i, cal in enumerate(doc["calibration"]):
         when = "start" if i == 0 else "end"

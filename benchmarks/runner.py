@@ -386,6 +386,7 @@ def run(config: RunConfig, log=print) -> dict:
         "sizes": [asdict(s) for s in config.sizes],
         "calibration": calibrations, "interrupted": interrupted,
         "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
+        "cpu_count": os.cpu_count(),
         "wall_s": finished - started,
         "results": results,
         **config.extra,
