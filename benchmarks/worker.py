@@ -99,19 +99,18 @@ def run_cases(job: dict, out) -> None:
             record.update(status="oom_predicted", predicted_extra_bytes=predicted,
                           message=f"predicted footprint {predicted} B exceeds the {cap} B cap; not run")
         else:
-            if size_key(case) != inputs_key:
-                inputs = None
-                measure.release_free_memory()
-                if device.startswith("cuda"):
-                    torch.cuda.empty_cache()
-                seed = case_seed(job["seed"], *size_key(case))
-                inputs = make_inputs(case["family"], case["tokens"], case["vocab"], case["student_width"],
-                                     case["teacher_width"], dtype=dtype, device=device, seed=seed)
-                inputs_key, stats = size_key(case), input_statistics(inputs)
-                stats["seed"] = seed
-            record["input_stats"] = stats
             failed = False
             try:
+                if size_key(case) != inputs_key:
+                    inputs, inputs_key = None, None
+                    measure.release_free_memory()
+                    if device.startswith("cuda"):
+                        torch.cuda.empty_cache()
+                    seed = case_seed(job["seed"], *size_key(case))
+                    inputs = make_inputs(case["family"], case["tokens"], case["vocab"], case["student_width"],
+                                         case["teacher_width"], dtype=dtype, device=device, seed=seed)
+                    inputs_key, stats = size_key(case), {**input_statistics(inputs), "seed": seed}
+                record["input_stats"] = stats
                 with measure.address_space_cap(None if device.startswith("cuda") else cap):
                     record.update(measure_case(case, job, inputs))
             except Exception as exc:  # a failing case is a result (OOM or error), not the end of the run
@@ -119,7 +118,8 @@ def run_cases(job: dict, out) -> None:
                 record.update(status="oom" if measure.is_oom(exc) else "error",
                               message=f"{type(exc).__name__}: {str(exc)[:400]}")
             if failed:  # after the except block, so the traceback no longer pins the failed buffers
-                inputs.zero_grads()
+                if inputs is not None:
+                    inputs.zero_grads()
                 measure.release_free_memory()
                 if device.startswith("cuda"):
                     torch.cuda.empty_cache()
