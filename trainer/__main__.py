@@ -14,6 +14,10 @@ from tqdm import tqdm
 # Refuse any hub access: models and tokenizers must be local.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# OpenMP worker threads sleep instead of spinning while they wait: with 2 cores shared with the sandboxed tool
+# processes (and anything else), spinning threads made tiny-model steps several times slower.  Must be set
+# before torch is imported (it is imported lazily below).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .config import add_config_arguments, config_from_args  # noqa: E402
 

@@ -30,6 +30,7 @@ class TrainConfig:
     clip_high: float = 0.28  # pg: PPO clip epsilon above
     dual_clip: float = 3.0  # pg: dual-clip constant c
     lr: float = 1e-3  # AdamW learning rate
+    warmup_updates: int = 0  # linear learning-rate warm-up over this many updates (0: constant)
     weight_decay: float = 0.0  # AdamW weight decay
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
     grad_clip: float = 1.0  # max gradient norm (<= 0 disables)
@@ -45,7 +46,8 @@ class TrainConfig:
     tool_workers: int = 4  # concurrent sandboxed tool calls
     tool_fault_rate: float = 0.0  # probability that a tool observation is corrupted
     sandbox_allow_missing: tuple[str, ...] = ()  # protections the sandbox may run without (passed through)
-    system_prompt: str | None = None  # system message (None: none for presets, a tool prompt for HF models)
+    system_prompt: str | None = None  # system message describing the tool and answer format (None: none)
+    tools_schema: bool = False  # pass the python tool's JSON schema to the chat template (Qwen3-style models)
     seed: int = 0  # seeds models (presets), sampling, problems and faults
     output_dir: str = "runs/train"  # metrics, step logs, checkpoints
     checkpoint_every: int = 10  # updates between checkpoints (the last update is always saved)
@@ -78,6 +80,8 @@ class TrainConfig:
             raise ValueError(f"temperature must be > 0 for on-policy sampling, got {self.temperature}")
         if not 0.0 <= self.tool_fault_rate <= 1.0:
             raise ValueError(f"tool_fault_rate must lie in [0, 1], got {self.tool_fault_rate}")
+        if self.warmup_updates < 0:
+            raise ValueError(f"warmup_updates must be >= 0, got {self.warmup_updates}")
         if self.eval_prompts < 0:
             raise ValueError(f"eval_prompts must be >= 0, got {self.eval_prompts}")
         return self

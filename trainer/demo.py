@@ -42,16 +42,20 @@ SFT_POOL = 3000
 class DemoSettings:
     """Sizes of the demo (defaults: about 8 minutes on 2 CPU cores)."""
 
-    teacher_sft_steps: int = 280
-    teacher_lr: float = 3e-3
-    student_sft_steps: int = 120
+    teacher_sft_steps: int = 250
+    teacher_lr: float = 4e-3
+    student_sft_steps: int = 300
     student_lr: float = 3e-3
     student_noise: float = 0.25
     sft_batch: int = 32
-    updates: int = 30
+    updates: int = 40
     prompts_per_step: int = 16
     rollouts_per_prompt: int = 2
     lr: float = 1e-3
+    warmup_updates: int = 5
+    # Sampling (and loss) temperature of the distillation rollouts: at 1.0 the tiny student's samples wander
+    # too far for the teacher's advice to help; 0.7 keeps them near its competent region.
+    temperature: float = 0.7
     max_turns: int = 5
     max_new_tokens: int = 24
     max_total_tokens: int = 400
@@ -174,6 +178,7 @@ def run_demo(argv: list[str] | None = None) -> dict:
                              micro_batch_size=args.prompts_per_step * args.rollouts_per_prompt,
                              max_turns=settings.max_turns, max_new_tokens=settings.max_new_tokens,
                              max_total_tokens=settings.max_total_tokens, lr=settings.lr,
+                             temperature=settings.temperature, warmup_updates=settings.warmup_updates,
                              tool_fault_rate=args.tool_fault_rate, seed=args.seed, output_dir=str(out / name),
                              checkpoint_every=max(args.updates, 1), threads=args.threads,
                              sandbox_allow_missing=tuple(args.sandbox_allow_missing))

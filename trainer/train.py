@@ -43,9 +43,6 @@ CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 STEPS_NAME = "steps.jsonl"
 CONFIG_NAME = "config.json"
-DEFAULT_HF_SYSTEM_PROMPT = ("You solve problems with a Python tool. Call it as <tool_call>{\"name\": \"python\", "
-                            "\"arguments\": {\"code\": \"...\"}}</tool_call>; it returns what the code prints. "
-                            "End with 'Answer: <number>'.")
 # Fault-injection key of held-out evaluations (training updates use their update index).
 EVAL_FAULT_KEY = 2**31 - 1
 POLICY_FUNCTIONS = ("fused_sod_policy_loss", "fused_token_logprobs", "sod_policy_inputs")
@@ -176,8 +173,8 @@ class SODTrainer:
         self.executor = executor
         self.problems = problems or ProblemSource(config.seed, config.dataset)
         self.log = log
-        system_prompt = config.system_prompt
-        self.chat = ChatFormat(tokenizer, system_prompt=system_prompt)
+        self.chat = ChatFormat(tokenizer, system_prompt=config.system_prompt,
+                               use_tools_schema=config.tools_schema)
         self.settings = RolloutSettings(max_turns=config.max_turns, max_new_tokens=config.max_new_tokens,
                                         max_total_tokens=config.max_total_tokens, tool_workers=config.tool_workers)
         self.faults = FaultInjector(config.tool_fault_rate, config.seed)
@@ -248,11 +245,13 @@ class SODTrainer:
         full = collate(trajectories, pad)
         teacher_logp = torch.zeros_like(full.old_logprobs)
         chunks = self.micro_batches(trajectories)
+        teacher_hidden = []
         for offset, chunk in chunks:
             batch = collate(chunk, pad)
             with torch.no_grad():
                 teacher_h = model_hidden(self.teacher, batch).to(weight_s.dtype)
                 logp = token_logprobs(teacher_h, weight_t, batch.target_ids, temperature=c.temperature)
+            teacher_hidden.append(teacher_h)
             teacher_logp[offset:offset + len(chunk), :logp.shape[1]] = logp * batch.response_mask
         rewards = torch.tensor([t.reward for t in trajectories], dtype=torch.float32)
         groups = torch.tensor([t.group for t in trajectories], dtype=torch.long)
@@ -267,7 +266,7 @@ class SODTrainer:
             advantages = inputs.advantages
             step_weights = inputs.step_weights
         loss_total, kl_sum, extra = 0.0, 0.0, {"clip_frac": 0.0, "approx_kl": 0.0}
-        for offset, chunk in chunks:
+        for (offset, chunk), teacher_h in zip(chunks, teacher_hidden):
             batch = collate(chunk, pad)
             width = batch.target_ids.shape[1]
             rows = slice(offset, offset + len(chunk))
@@ -283,7 +282,6 @@ class SODTrainer:
             extra["clip_frac"] += share * float(stats.clip_frac_low + stats.clip_frac_high + stats.clip_frac_dual)
             extra["approx_kl"] += share * float(stats.approx_kl)
             with torch.no_grad():
-                teacher_h = model_hidden(self.teacher, batch).to(weight_s.dtype)
                 kl = sod_kernels.fused_sod_loss(student_h.detach(), weight_s.detach(), teacher_h, weight_t,
                                                 batch.response_mask, step_divergence="none",
                                                 temperature=c.temperature, reduction="sum")
@@ -291,11 +289,18 @@ class SODTrainer:
         logs = step_records(self.step, trajectories, inputs.step_divergence, step_weights)
         return loss_total, kl_sum / total_tokens, logs, extra
 
+    def learning_rate(self, update: int) -> float:
+        """The learning rate of update ``update`` (linear warm-up, then constant; a pure function of it)."""
+        warmup = self.config.warmup_updates
+        return self.config.lr * (min(1.0, (update + 1) / warmup) if warmup > 0 else 1.0)
+
     def update(self, trajectories: Sequence[Trajectory]) -> tuple[dict, list[dict]]:
         """One optimizer step on ``trajectories``; returns (metrics, per-sample step logs)."""
         c = self.config
         total_tokens = max(sum(sum(t.response_mask[1:]) for t in trajectories), 1)
         self.student.train()
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.learning_rate(self.step)
         self.optimizer.zero_grad(set_to_none=True)
         if c.objective == "kl":
             loss, kl, logs, extra = self._kl_update(trajectories, total_tokens)
@@ -317,7 +322,7 @@ class SODTrainer:
                    "mean_last_weight": float(np.mean(last_w)) if last_w else 0.0,
                    "reward": float(np.mean([t.reward for t in trajectories])), "grad_norm": grad_norm,
                    "faults": sum(len(t.fault_after_step) for t in trajectories),
-                   "distilled_tokens": total_tokens, **extra}
+                   "distilled_tokens": total_tokens, "lr": self.learning_rate(self.step), **extra}
         return metrics, logs
 
     # ----------------------------------------------------------------------------------------------
@@ -440,7 +445,7 @@ def evaluate(policy, teacher, tokenizer, chat: ChatFormat, executor: ToolExecuto
                 weight_t.to(weight_p.dtype), batch.response_mask, target_ids=batch.target_ids,
                 step_divergence=signal, epsilon=epsilon, delta=delta, temperature=loss_temperature,
                 reduction="sum", return_stats=True)
-            kl_sum += float(stats.loss)
+            kl_sum += float((stats.token_divergence * batch.response_mask).sum())
             tokens += int(batch.response_mask.sum())
             for row, traj in enumerate(chunk):
                 k = len(traj.steps)
@@ -466,9 +471,4 @@ def build_trainer(config: TrainConfig, executor: ToolExecutor, log: Callable[[st
             student.load_state_dict(torch.load(init, map_location="cpu", weights_only=False)["model"])
         else:
             raise ValueError(f"student_init must be a model folder or checkpoint file, got {config.student_init!r}")
-    if config.system_prompt is None and not Path(config.student).is_dir():
-        system_prompt = None
-    else:
-        system_prompt = config.system_prompt or DEFAULT_HF_SYSTEM_PROMPT
-    config = TrainConfig.from_dict({**config.to_dict(), "system_prompt": system_prompt})
     return SODTrainer(config, student, teacher, tokenizer, executor, log=log)
