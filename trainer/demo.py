@@ -48,14 +48,12 @@ class DemoSettings:
     student_lr: float = 3e-3
     student_noise: float = 0.25
     sft_batch: int = 32
-    updates: int = 40
+    updates: int = 60
     prompts_per_step: int = 16
     rollouts_per_prompt: int = 2
     lr: float = 1e-3
     warmup_updates: int = 5
-    # Sampling (and loss) temperature of the distillation rollouts: at 1.0 the tiny student's samples wander
-    # too far for the teacher's advice to help; 0.7 keeps them near its competent region.
-    temperature: float = 0.7
+    temperature: float = 1.0
     max_turns: int = 5
     max_new_tokens: int = 24
     max_total_tokens: int = 400
