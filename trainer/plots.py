@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 CLEAN = "no fault"
 BEFORE = "faulted run, up to the fault"
@@ -57,6 +58,7 @@ def plot_step_profiles(profiles: dict[str, dict], path: Path, title: str) -> Pat
     axes[1].set_ylabel("SOD step weight w_k")
     for axis in axes:
         axis.set_xlabel("step index k (assistant turn)")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
     axes[1].legend(fontsize=7)
     fig.suptitle(title)
