@@ -325,7 +325,10 @@ def render_markdown(doc: dict, image_prefix: str = "") -> str:
     lines += ["### Inputs (first 64 rows of each problem)", ""] + input_table(doc)
     policy = doc.get("policy")
     if policy:
-        lines += ["### Policy-gradient helpers", ""] + policy_lines(policy) + [""]
+        lines += ["### Policy-gradient helpers", ""]
+        if policy.get("added"):
+            lines += [f"(Policy section {policy['added']}.)", ""]
+        lines += policy_lines(policy) + [""]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -402,14 +405,43 @@ def write_latest(folder: Path, repo_root: Path) -> Path | None:
     return latest
 
 
+def add_policy(run_json: Path, quick: bool) -> Path:
+    """Measure the policy helpers now and store them in an existing run (for runs whose budget ran out).
+
+    The section records when and how it was added; the run's Markdown is rewritten from the JSON.
+    """
+    import datetime as dt
+
+    from .policy_bridge import policy_section
+
+    doc = json.loads(run_json.read_text())
+    section = policy_section(doc["device"], quick, doc.get("threads"))
+    section["added"] = (f"measured {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')} by "
+                        "`python -m benchmarks.report --add-policy`, after the sweep")
+    doc["policy"] = section
+    run_json.write_text(json.dumps(doc, indent=1) + "\n")
+    run_json.with_suffix(".md").write_text(render_markdown(doc))
+    return run_json
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m benchmarks.report [FOLDER]``: regenerate LATEST.md from the run files in FOLDER."""
+    """``python -m benchmarks.report [FOLDER] [--add-policy RUN.json [--quick]]``: rebuild LATEST.md.
+
+    With ``--add-policy``, first measure the policy helpers and store them in the run file ``RUN.json``.
+    """
+    import argparse
+
     from .runner import REPO_ROOT, RESULTS_DIR
 
-    args = sys.argv[1:] if argv is None else argv
-    folder = Path(args[0]) if args else RESULTS_DIR
-    latest = write_latest(folder, REPO_ROOT)
-    print(latest if latest else f"no run files in {folder}")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=main.__doc__.split("\n")[0])
+    parser.add_argument("folder", nargs="?", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--add-policy", type=Path, help="run file to which the policy section is added")
+    parser.add_argument("--quick", action="store_true", help="with --add-policy: one small size per benchmark")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.add_policy:
+        print(f"policy section added to {add_policy(args.add_policy, args.quick)}")
+    latest = write_latest(args.folder, REPO_ROOT)
+    print(latest if latest else f"no run files in {args.folder}")
     return 0
 
 
