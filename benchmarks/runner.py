@@ -327,6 +327,10 @@ def run(config: RunConfig, log=print) -> dict:
             results.extend(missing_record(case, config, "unavailable", reason) for case in group)
     for index, group in enumerate(groups):
         now = time.time()
+        if deadline is not None and now > deadline:  # no process needed to say so
+            results.extend(missing_record(case, config, "skipped", "suite time budget exhausted before this case "
+                                          "started") for case in group)
+            continue
         group_deadline = deadline
         if deadline is not None and kind == "cuda":
             group_deadline = now + max(deadline - now, 0.0) / (len(groups) - index)
