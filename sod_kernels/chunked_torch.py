@@ -1,13 +1,18 @@
 """Chunked PyTorch backend of the per-token divergence (SPEC section 3) and its student gradient.
 
-Used for CPU tensors (and as a fallback anywhere).  Rows are processed in chunks of ``C`` tokens so that
-only a few ``C x V`` logit blocks exist at a time; the backward pass recomputes each chunk's logits from
-the saved per-token statistics (lse_s, lse_t, D) instead of storing them.
+Used for CPU tensors (and as a fallback anywhere).  Work is cut into tiles of ``R`` rows x ``BV``
+vocabulary columns (``BV = min(V, VOCAB_TILE)``, ``R`` chosen so one tile holds about ``CHUNK_ELEMENTS``
+floats).  The forward pass sweeps the vocabulary tiles of a row chunk with an online log-sum-exp (running
+max and sum per row for both models, and the KL accumulator ``A`` rescaled with the softmax sum, SPEC
+section 3); the backward pass recomputes each tile's logits from the saved per-token statistics
+(lse_s, lse_t, D) instead of storing them.  Tiles (rather than chunks of full vocabulary rows) keep the
+matrix products large in both dimensions (``R`` rows share each weight tile), which is what makes this
+path fast on CPUs: a chunk of few rows against the whole vocabulary streams the full weights from memory
+for every few rows.
 
 Cost for ``Na`` distilled tokens: forward ``2 Na V (Hs + Ht)`` FLOPs; backward the same again plus
-``4 Na V Hs`` for d(hidden) and d(weight).  Extra memory: O(Na) statistics plus 2-3 chunk blocks of
-``C x V`` floats (``C`` is chosen so one block holds about ``CHUNK_ELEMENTS`` floats) plus, for bf16/fp16
-weights, one float32 copy of each weight (O(V H), never O(N V)).
+``4 Na V Hs`` for d(hidden) and d(weight).  Extra memory: O(Na) statistics plus 3 tile blocks of
+``R x BV`` floats plus, for bf16/fp16 weights, one float32 copy of each weight (O(V H), never O(N V)).
 
 The interface (``divergence_forward`` / ``divergence_backward``) is the one every backend implements;
 see :mod:`sod_kernels.token_divergence`.
@@ -17,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-CHUNK_ELEMENTS = 1 << 21  # floats in one chunk x vocabulary block (8 MiB in float32)
+CHUNK_ELEMENTS = 1 << 21  # floats in one rows x vocabulary tile (8 MiB in float32)
+VOCAB_TILE = 2048         # vocabulary columns per tile (fewer when V is smaller)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -25,10 +31,23 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def vocab_tile(vocab: int) -> int:
+    """Vocabulary columns per tile."""
+    return max(min(vocab, VOCAB_TILE), 1)
+
+
 def rows_per_chunk(vocab: int, chunk_size: int | None = None) -> int:
+    """Rows per chunk when a block spans the whole vocabulary (``CHUNK_ELEMENTS / V``), or ``chunk_size``."""
     if chunk_size is not None:
         return max(int(chunk_size), 1)
     return max(CHUNK_ELEMENTS // max(vocab, 1), 1)
+
+
+def rows_per_tile(vocab: int, chunk_size: int | None = None) -> int:
+    """Rows per tile: ``CHUNK_ELEMENTS / BV`` (or ``chunk_size``)."""
+    if chunk_size is not None:
+        return max(int(chunk_size), 1)
+    return max(CHUNK_ELEMENTS // vocab_tile(vocab), 1)
 
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float) -> torch.Tensor:
@@ -43,6 +62,10 @@ def _prepared(weight: torch.Tensor, bias: torch.Tensor | None, vocab: int, dtype
     weight = weight[:vocab].to(dtype)
     bias = None if bias is None else bias[:vocab].to(dtype)
     return weight, bias
+
+
+def _tile(weight: torch.Tensor, bias: torch.Tensor | None, v0: int, v1: int):
+    return weight[v0:v1], None if bias is None else bias[v0:v1]
 
 
 def divergence_forward(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
@@ -61,35 +84,65 @@ def divergence_forward(student_hidden, student_weight, student_bias, teacher_hid
     """
     V = student_weight.shape[0]
     dt = compute_dtype(student_hidden.dtype)
+    device = student_hidden.device
     ws, bs = _prepared(student_weight, student_bias, V, dt)
     wt, bt = _prepared(teacher_weight, teacher_bias, V, dt)
     Na = row_index.numel()
-    D = torch.empty(Na, dtype=dt, device=student_hidden.device)
+    D = torch.empty(Na, dtype=dt, device=device)
     lse_s, lse_t = torch.empty_like(D), torch.empty_like(D)
     lp_s = torch.empty_like(D) if target_ids is not None else None
     lp_t = torch.empty_like(D) if target_ids is not None else None
-    C = rows_per_chunk(V, chunk_size)
+    R, BV = rows_per_tile(V, chunk_size), vocab_tile(V)
+    reverse = divergence == "reverse_kl"
     with torch.no_grad():
-        for start in range(0, Na, C):
-            stop = min(start + C, Na)
+        for start in range(0, Na, R):
+            stop = min(start + R, Na)
             rows = row_index[start:stop]
-            # Two C x V blocks live at a time (plus logsumexp's transient): everything else is in place.
-            logp_s = _logits(student_hidden[rows].to(dt), ws, bs, temperature)
-            logp_t = _logits(teacher_hidden[rows].to(dt), wt, bt, temperature)
-            lse_s[start:stop] = torch.logsumexp(logp_s, -1)
-            lse_t[start:stop] = torch.logsumexp(logp_t, -1)
-            logp_s -= lse_s[start:stop, None]
-            logp_t -= lse_t[start:stop, None]
-            if target_ids is not None:
-                y = target_ids[rows].unsqueeze(1)
-                lp_s[start:stop] = logp_s.gather(1, y).squeeze(1)
-                lp_t[start:stop] = logp_t.gather(1, y).squeeze(1)
-            if divergence == "reverse_kl":      # sum p_s (log p_s - log p_t)
-                log_ratio = logp_t.neg_().add_(logp_s)
-                D[start:stop] = (logp_s.exp_().mul_(log_ratio)).sum(-1)
-            else:                               # sum p_t (log p_t - log p_s)
-                log_ratio = logp_s.neg_().add_(logp_t)
-                D[start:stop] = (logp_t.exp_().mul_(log_ratio)).sum(-1)
+            n = stop - start
+            hs, ht = student_hidden[rows].to(dt), teacher_hidden[rows].to(dt)
+            m_s = torch.full((n,), float("-inf"), dtype=dt, device=device)
+            m_t = m_s.clone()
+            l_s, l_t, acc = (torch.zeros(n, dtype=dt, device=device) for _ in range(3))
+            y = None if target_ids is None else target_ids[rows]
+            zy_s = zy_t = None
+            if y is not None:
+                zy_s, zy_t = torch.zeros(n, dtype=dt, device=device), torch.zeros(n, dtype=dt, device=device)
+            scratch = None
+            for v0 in range(0, V, BV):
+                v1 = min(v0 + BV, V)
+                zs = _logits(hs, *_tile(ws, bs, v0, v1), temperature)
+                zt = _logits(ht, *_tile(wt, bt, v0, v1), temperature)
+                if y is not None:
+                    inside = (y >= v0) & (y < v1)
+                    col = (y - v0).clamp(0, v1 - v0 - 1).unsqueeze(1)
+                    zy_s = torch.where(inside, zs.gather(1, col).squeeze(1), zy_s)
+                    zy_t = torch.where(inside, zt.gather(1, col).squeeze(1), zy_t)
+                new_s = torch.maximum(m_s, zs.amax(1))
+                new_t = torch.maximum(m_t, zt.amax(1))
+                alpha_s, alpha_t = (m_s - new_s).exp_(), (m_t - new_t).exp_()
+                if scratch is None or scratch.shape != zs.shape:
+                    scratch = torch.empty_like(zs)
+                # The model whose distribution weighs the KL goes last: its exp stays in `scratch`.
+                first, first_max, first_sum, first_alpha = (zt, new_t, l_t, alpha_t) if reverse else \
+                    (zs, new_s, l_s, alpha_s)
+                first_sum.mul_(first_alpha).add_(torch.sub(first, first_max[:, None], out=scratch).exp_().sum(1))
+                if reverse:      # zt <- zs - zt; scratch <- exp(zs - m_s)
+                    diff = zt.neg_().add_(zs)
+                    weights = torch.sub(zs, new_s[:, None], out=scratch).exp_()
+                    l_s.mul_(alpha_s).add_(weights.sum(1))
+                    acc.mul_(alpha_s).add_(weights.mul_(diff).sum(1))
+                else:            # zs <- zt - zs; scratch <- exp(zt - m_t)
+                    diff = zs.neg_().add_(zt)
+                    weights = torch.sub(zt, new_t[:, None], out=scratch).exp_()
+                    l_t.mul_(alpha_t).add_(weights.sum(1))
+                    acc.mul_(alpha_t).add_(weights.mul_(diff).sum(1))
+                m_s, m_t = new_s, new_t
+            ls, lt = m_s + l_s.log(), m_t + l_t.log()
+            lse_s[start:stop], lse_t[start:stop] = ls, lt
+            # reverse: sum p_s (z_s - z_t) - lse_s + lse_t;  forward: sum p_t (z_t - z_s) - lse_t + lse_s
+            D[start:stop] = acc / l_s - ls + lt if reverse else acc / l_t - lt + ls
+            if y is not None:
+                lp_s[start:stop], lp_t[start:stop] = zy_s - ls, zy_t - lt
     return D, lse_s, lse_t, lp_s, lp_t
 
 
@@ -112,28 +165,35 @@ def divergence_backward(student_hidden, student_weight, student_bias, teacher_hi
     d_hidden = torch.zeros(student_hidden.shape, dtype=dt, device=student_hidden.device) if need_hidden else None
     d_weight = torch.zeros(ws.shape, dtype=dt, device=ws.device) if need_weight else None
     d_bias = torch.zeros(V, dtype=dt, device=ws.device) if (need_bias and student_bias is not None) else None
-    C = rows_per_chunk(V, chunk_size)
+    R, BV = rows_per_tile(V, chunk_size), vocab_tile(V)
     with torch.no_grad():
-        for start in range(0, row_index.numel(), C):
-            stop = min(start + C, row_index.numel())
+        for start in range(0, row_index.numel(), R):
+            stop = min(start + R, row_index.numel())
             rows = row_index[start:stop]
             scale = grad_divergence[start:stop].to(dt)[:, None] / temperature
-            h = student_hidden[rows].to(dt)
-            # Recompute the chunk's log-probs; d(raw logits) is formed in place in the student block.
-            logp_s = _logits(h, ws, bs, temperature).sub_(lse_student[start:stop, None])
-            logp_t = _logits(teacher_hidden[rows].to(dt), wt, bt, temperature).sub_(lse_teacher[start:stop, None])
-            if divergence == "reverse_kl":      # p_s (log p_s - log p_t - D)
-                centered = logp_t.neg_().add_(logp_s).sub_(token_divergence[start:stop, None])
-                dx = logp_s.exp_().mul_(centered)
-            else:                               # p_s - p_t
-                dx = logp_s.exp_().sub_(logp_t.exp_())
-            dx.mul_(scale)
+            h, ht = student_hidden[rows].to(dt), teacher_hidden[rows].to(dt)
+            ls, lt = lse_student[start:stop, None], lse_teacher[start:stop, None]
+            shift = lt - token_divergence[start:stop, None]
+            d_rows = torch.zeros(stop - start, ws.shape[1], dtype=dt, device=ws.device) if need_hidden else None
+            for v0 in range(0, V, BV):
+                v1 = min(v0 + BV, V)
+                w_tile, b_tile = _tile(ws, bs, v0, v1)
+                logp_s = _logits(h, w_tile, b_tile, temperature).sub_(ls)
+                zt = _logits(ht, *_tile(wt, bt, v0, v1), temperature)
+                if divergence == "reverse_kl":      # p_s (log p_s - log p_t - D), log p_t = z_t - lse_t
+                    centered = zt.neg_().add_(logp_s).add_(shift)
+                    dx = logp_s.exp_().mul_(centered)
+                else:                               # p_s - p_t
+                    dx = logp_s.exp_().sub_(zt.sub_(lt).exp_())
+                dx.mul_(scale)
+                if d_rows is not None:
+                    d_rows.addmm_(dx, w_tile)
+                if d_weight is not None:
+                    d_weight[v0:v1].addmm_(dx.T, h)
+                if d_bias is not None:
+                    d_bias[v0:v1] += dx.sum(0)
             if d_hidden is not None:
-                d_hidden.index_add_(0, rows, dx @ ws)
-            if d_weight is not None:
-                d_weight.addmm_(dx.T, h)
-            if d_bias is not None:
-                d_bias += dx.sum(0)
+                d_hidden.index_add_(0, rows, d_rows)
     cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
     return cast(d_hidden, student_hidden), cast(d_weight, student_weight), \
         None if d_bias is None else d_bias.to(student_bias.dtype)

@@ -34,13 +34,16 @@ def _rel(a, b):
        V=st.integers(2, 70), pad=st.integers(0, 5), divergence=st.sampled_from(["reverse_kl", "forward_kl"]),
        step_divergence=st.sampled_from(["kl", "sampled", "none"]), reduction=st.sampled_from(["token_mean", "sum", "none"]),
        temperature=st.sampled_from([1.0, 0.6, 1.7]), bias=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64]),
-       chunk=st.sampled_from([None, 1, 3]), seed=st.integers(0, 2**31 - 1))
+       chunk=st.sampled_from([None, 1, 3]), vocab_tile=st.sampled_from([None, 1, 7, 16]),
+       seed=st.integers(0, 2**31 - 1))
 def test_torch_backend_matches_reference(mask, Hs, Ht, V, pad, divergence, step_divergence, reduction, temperature,
-                                         bias, dtype, chunk, seed):
+                                         bias, dtype, chunk, vocab_tile, seed):
     (sh, sw, th, tw, sb, tb), y = _problem(mask, Hs, Ht, V, V + pad, dtype, seed, bias)
     with pytest.MonkeyPatch.context() as mp:
+        if vocab_tile is not None:  # several vocabulary tiles per row: the online log-sum-exp path
+            mp.setattr(chunked_torch, "VOCAB_TILE", vocab_tile)
         if chunk is not None:
-            mp.setattr(chunked_torch, "CHUNK_ELEMENTS", chunk * V)
+            mp.setattr(chunked_torch, "CHUNK_ELEMENTS", chunk * chunked_torch.vocab_tile(V))
         _check_against_reference(mask, sh, sw, th, tw, sb, tb, y, bias, dtype, divergence=divergence,
                                  step_divergence=step_divergence, temperature=temperature, reduction=reduction)
 
@@ -174,7 +177,7 @@ def test_no_tokens_by_vocabulary_tensor_is_created(monkeypatch):
     from torch.utils._python_dispatch import TorchDispatchMode
 
     N, V, H = 96, 1000, 8
-    monkeypatch.setattr(chunked_torch, "CHUNK_ELEMENTS", 8 * V)
+    monkeypatch.setattr(chunked_torch, "CHUNK_ELEMENTS", 8 * V)  # 8 rows x the whole vocabulary per tile
     sizes = []
 
     class Record(TorchDispatchMode):
