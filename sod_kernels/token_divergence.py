@@ -42,6 +42,13 @@ def backend_module(name: str) -> ModuleType:
     return triton_divergence
 
 
+def zero_student_grads(hidden, weight, bias, need_hidden: bool, need_weight: bool, need_bias: bool):
+    """Gradients when no row is computed (or no upstream gradient): exact zeros where needed, else None."""
+    return (torch.zeros_like(hidden) if need_hidden else None,
+            torch.zeros_like(weight) if need_weight else None,
+            torch.zeros_like(bias) if (need_bias and bias is not None) else None)
+
+
 class TokenDivergence(torch.autograd.Function):
     """``D[i]`` for the rows ``row_index`` (plus non-differentiable lse and sampled log-probs).
 
@@ -73,9 +80,7 @@ class TokenDivergence(torch.autograd.Function):
         divergence, temperature, backend = ctx.options
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         if grad_D is None or row_index.numel() == 0:
-            dh = torch.zeros_like(sh) if need_h else None
-            dw = torch.zeros_like(sw) if need_w else None
-            db = torch.zeros_like(sb) if (need_b and sb is not None) else None
+            dh, dw, db = zero_student_grads(sh, sw, sb, need_h, need_w, need_b)
         else:
             dh, dw, db = backend_module(backend).divergence_backward(
                 sh, sw, sb, th, tw, tb, row_index, lse_s, lse_t, D, grad_D.contiguous(),

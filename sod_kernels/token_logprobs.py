@@ -26,7 +26,7 @@ import torch
 
 from ._validation import BACKENDS, check_choice, check_positive, check_same_device, check_shape, check_tensor
 from .chunked_torch import _logits, compute_dtype, rows_per_chunk
-from .token_divergence import resolve_backend
+from .token_divergence import resolve_backend, zero_student_grads
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # At least this many rows per chunk: with the divergence backend's ~2M-float blocks a 152k vocabulary gets
@@ -147,9 +147,7 @@ class TokenLogprobs(torch.autograd.Function):
         temperature, backend = ctx.options
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         if grad_logp is None or row_index.numel() == 0:
-            dh = torch.zeros_like(hidden) if need_h else None
-            dw = torch.zeros_like(weight) if need_w else None
-            db = torch.zeros_like(bias) if (need_b and bias is not None) else None
+            dh, dw, db = zero_student_grads(hidden, weight, bias, need_h, need_w, need_b)
         else:
             dh, dw, db = backend_module(backend).logprob_backward(
                 hidden, weight, bias, row_index, target_ids, lse, grad_logp.contiguous(), temperature=temperature,
