@@ -102,8 +102,10 @@ def ref_sod_step_weights(student_logprobs, teacher_logprobs, response_mask, epsi
 def ref_fused_sod_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, response_mask=None, *,
                        step_ids=None, target_ids=None, divergence="reverse_kl", step_divergence="kl",
                        epsilon=1e-6, delta=0.2, temperature=1.0, coef=1.0, student_bias=None,
-                       teacher_bias=None, reduction="token_mean"):
+                       teacher_bias=None, reduction="token_mean", token_weights=None):
     """SPEC section 6 with everything materialized.  Differentiable through torch autograd.
+
+    ``token_weights`` (SPEC section 10): precomputed ``[B,T]`` weights that replace the step weights.
 
     Returns ``(loss, stats)`` where stats is a dict with ``token_divergence [B,T]`` (0 outside steps),
     ``token_weights [B,T]``, ``step_divergence`` and ``step_weights`` (lists of per-row lists),
@@ -135,6 +137,9 @@ def ref_fused_sod_loss(student_hidden, student_weight, teacher_hidden, teacher_w
     else:
         w = [ref_step_weights_running_product(row, epsilon, delta) for row in d]
     tw = _token_weights(step_ids, w, D.dtype).to(D.device)
+    if token_weights is not None:
+        given = token_weights.unsqueeze(0) if single else token_weights
+        tw = torch.where(m, given.detach().to(D.dtype), torch.zeros_like(D))
     per_token = coef * m.to(D.dtype) * tw * D
     if reduction == "none":
         loss = per_token[0] if single else per_token

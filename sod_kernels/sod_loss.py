@@ -53,10 +53,21 @@ def _check_model(hidden, weight, bias, prefix: str):
         check_shape(bias, f"{prefix}_bias", (weight.shape[0],), f"one entry per row of {prefix}_weight")
 
 
+def check_token_weights(token_weights, lead: tuple[int, ...], *, check_values: bool) -> None:
+    """``token_weights``: floating, the leading shape of the hidden states, finite and ``>= 0``."""
+    check_tensor(token_weights, "token_weights", ndim=(len(lead),), floating=True)
+    check_shape(token_weights, "token_weights", lead, "the leading shape of student_hidden")
+    if check_values and token_weights.numel():
+        w = token_weights.detach()
+        if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+            raise ValueError("token_weights must be finite and >= 0")
+
+
 def fused_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
                    teacher_weight: torch.Tensor, response_mask: torch.Tensor | None = None, *,
                    step_ids: torch.Tensor | None = None, target_ids: torch.Tensor | None = None,
-                   divergence: str = "reverse_kl", step_divergence: str = "kl", epsilon: float = DEFAULT_EPSILON,
+                   token_weights: torch.Tensor | None = None, divergence: str = "reverse_kl",
+                   step_divergence: str | None = None, epsilon: float = DEFAULT_EPSILON,
                    delta: float = DEFAULT_DELTA, temperature: float = 1.0, coef: float = 1.0,
                    student_bias: torch.Tensor | None = None, teacher_bias: torch.Tensor | None = None,
                    reduction: str = "token_mean", return_stats: bool = False, backend: str = "auto",
@@ -74,9 +85,14 @@ def fused_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
         response_mask: ``[B, T]`` 0/1, 1 on tokens the student generated. Exactly one of this and
             ``step_ids`` ([B, T] int, -1 outside steps, 0-based step index otherwise).
         target_ids: ``[B, T]`` sampled tokens in ``[0, Vs)``; needed for ``step_divergence="sampled"``.
+        token_weights: optional ``[B, T]`` (or ``[T]``) precomputed per-token weights (finite, ``>= 0``, treated
+            as constants) that replace the step weights: ``L = coef * sum m * token_weights * D / normalizer``.
+            Use it for weights computed elsewhere (e.g. the sampled signal from rollout-time log-probs).
+            Cannot be combined with ``step_divergence="kl"`` / ``"sampled"``.
         divergence: ``"reverse_kl"`` (default) or ``"forward_kl"``.
-        step_divergence: ``"kl"`` (d_k = step mean of D), ``"sampled"`` (step mean of
-            ``|log p_s(y) - log p_t(y)|``) or ``"none"`` (every weight 1: plain OPD).
+        step_divergence: ``"kl"`` (d_k = step mean of D; the default without ``token_weights``),
+            ``"sampled"`` (step mean of ``|log p_s(y) - log p_t(y)|``) or ``"none"`` (every weight 1: plain
+            OPD; the default with ``token_weights``).
         epsilon, delta: SPEC section 5 (``epsilon > 0``, ``delta >= 0``).
         temperature: ``> 0``; logits are divided by it (no tau^2 factor).
         coef: multiplies the loss.
@@ -90,7 +106,12 @@ def fused_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
         The loss (float32, or float64 for float64 inputs), or :class:`SODStats` if ``return_stats``.
     """
     check_choice(divergence, "divergence", DIVERGENCES)
+    if step_divergence is None:
+        step_divergence = "kl" if token_weights is None else "none"
     check_choice(step_divergence, "step_divergence", STEP_DIVERGENCES)
+    if token_weights is not None and step_divergence != "none":
+        raise ValueError(f"token_weights replaces the step weights: it cannot be combined with "
+                         f"step_divergence={step_divergence!r} (leave step_divergence unset or pass 'none')")
     check_choice(reduction, "reduction", REDUCTIONS)
     check_choice(backend, "backend", BACKENDS)
     epsilon = check_positive(epsilon, "epsilon")
@@ -118,6 +139,9 @@ def fused_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
         if check_inputs and target_ids.numel() and bool(((target_ids < 0) | (target_ids >= Vs)).any()):
             raise ValueError(f"target_ids must lie in [0, {Vs}) (the student vocabulary)")
     ids = resolve_step_ids(response_mask, step_ids, lead, check_inputs=check_inputs)
+    if token_weights is not None:
+        check_token_weights(token_weights, lead, check_values=check_inputs)
+        check_same_device(student_hidden=student_hidden, token_weights=token_weights)
     impl = resolve_backend(backend, student_hidden.device)
 
     single = student_hidden.dim() == 2
@@ -141,6 +165,9 @@ def fused_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
         signal = token_divergence
     weights = step_weights_from_divergence(signal, step_rows, epsilon=epsilon, delta=delta,
                                            weighted=step_divergence != "none")
+    if token_weights is not None:
+        given = token_weights.detach().to(acc).reshape(B, T)
+        weights = weights._replace(token_weights=given.masked_fill(step_rows < 0, 0))
     per_token = coef * weights.token_weights * token_divergence
     if reduction == "none":
         loss = per_token[0] if single else per_token
