@@ -16,6 +16,7 @@ DIVERGENCES = ("reverse_kl", "forward_kl")
 STEP_DIVERGENCES = ("kl", "sampled", "none")
 REDUCTIONS = ("token_mean", "sum", "none")
 BACKENDS = ("auto", "triton", "torch")
+MEMORY_MODES = ("fast", "low")
 
 
 def check_tensor(x, name: str, *, ndim: tuple[int, ...] | None = None, floating: bool | None = None,
