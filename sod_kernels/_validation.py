@@ -98,3 +98,9 @@ def check_step_ids_values(step_ids: torch.Tensor, name: str = "step_ids") -> Non
         raise ValueError(f"{name} must never decrease along a row (ignoring -1 entries)")
     if bool((valid & (step_ids > before + 1)).any()):
         raise ValueError(f"{name} must start at 0 in each row and never skip a step index")
+
+
+def check_chunk_size(chunk_size) -> None:
+    """``chunk_size``: None or a positive int (rows per chunk)."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")

@@ -195,3 +195,32 @@ def kl_logit_grad(xs: torch.Tensor, xt: torch.Tensor, student_bias: torch.Tensor
         xt.stride(0), out.stride(0), 1.0 / temperature, HAS_SBIAS=student_bias is not None,
         HAS_TBIAS=teacher_bias is not None, FORWARD_KL=forward_kl, BLOCK_V=block, num_warps=NUM_WARPS)
     return out
+
+
+def codegen_specs() -> list[dict]:
+    """The two kernels at the headline launch (bf16 gradient blocks, with biases), for
+    ``benchmarks.codegen`` (sm_90 compile check: registers, no spills)."""
+    vec = {"max_s_ptr": "*fp32", "lse_s_ptr": "*fp32", "max_t_ptr": "*fp32", "lse_t_ptr": "*fp32",
+           "centre_ptr": "*fp32", "scale_ptr": "*fp32"}
+    specs = []
+    for forward_kl in (False, True):
+        tag = "forward" if forward_kl else "reverse"
+        specs.append({
+            "name": f"kl_partial_stats_kernel[{tag} bv{STATS_BLOCK_V}]", "fn": kl_partial_stats_kernel,
+            "signature": {"xs_ptr": "*fp32", "xt_ptr": "*fp32", "sb_ptr": "*bf16", "tb_ptr": "*bf16",
+                          "part_ptr": "*fp32", "n_rows": "i32", "vocab": "i32", "stride_xs": "i32",
+                          "stride_xt": "i32", "cols_per_split": "i32", "num_splits": "i32", "inv_temp": "fp32"},
+            "constexprs": {"HAS_SBIAS": True, "HAS_TBIAS": True, "FORWARD_KL": forward_kl, "BLOCK_V": STATS_BLOCK_V},
+            "num_warps": NUM_WARPS, "num_stages": 1, "expect_hgmma": False,
+            "divisible_by_16": ["vocab", "stride_xs", "stride_xt", "cols_per_split"],
+        })
+        specs.append({
+            "name": f"kl_logit_grad_kernel[{tag} bv{GRAD_BLOCK_V}]", "fn": kl_logit_grad_kernel,
+            "signature": {"xs_ptr": "*fp32", "xt_ptr": "*fp32", "sb_ptr": "*bf16", "tb_ptr": "*bf16",
+                          "grad_ptr": "*bf16", **vec, "vocab": "i32", "stride_xs": "i32", "stride_xt": "i32",
+                          "stride_g": "i32", "inv_temp": "fp32"},
+            "constexprs": {"HAS_SBIAS": True, "HAS_TBIAS": True, "FORWARD_KL": forward_kl, "BLOCK_V": GRAD_BLOCK_V},
+            "num_warps": NUM_WARPS, "num_stages": 1, "expect_hgmma": False,
+            "divisible_by_16": ["vocab", "stride_xs", "stride_xt", "stride_g"],
+        })
+    return specs

@@ -131,3 +131,24 @@ def logprob_logit_grad(x: torch.Tensor, bias: torch.Tensor | None, targets: torc
         x.stride(0), out.stride(0), 1.0 / temperature, HAS_BIAS=bias is not None,
         WITH_ENTROPY=grad_entropy is not None, BLOCK_V=block, num_warps=NUM_WARPS)
     return out
+
+
+def codegen_specs() -> list[dict]:
+    """The two kernels at the headline launch (bf16 gradient blocks, with bias and entropy), for
+    ``benchmarks.codegen`` (sm_90 compile check)."""
+    return [{
+        "name": f"logprob_partial_stats_kernel[bv{STATS_BLOCK_V}]", "fn": logprob_partial_stats_kernel,
+        "signature": {"x_ptr": "*fp32", "b_ptr": "*bf16", "part_ptr": "*fp32", "n_rows": "i32", "vocab": "i32",
+                      "stride_x": "i32", "cols_per_split": "i32", "num_splits": "i32", "inv_temp": "fp32"},
+        "constexprs": {"HAS_BIAS": True, "WITH_ENTROPY": True, "BLOCK_V": STATS_BLOCK_V},
+        "num_warps": NUM_WARPS, "num_stages": 1, "expect_hgmma": False,
+        "divisible_by_16": ["vocab", "stride_x", "cols_per_split"],
+    }, {
+        "name": f"logprob_logit_grad_kernel[bv{GRAD_BLOCK_V}]", "fn": logprob_logit_grad_kernel,
+        "signature": {"x_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*i64", "grad_ptr": "*bf16", "max_ptr": "*fp32",
+                      "lse_ptr": "*fp32", "mean_ptr": "*fp32", "a_ptr": "*fp32", "e_ptr": "*fp32", "vocab": "i32",
+                      "stride_x": "i32", "stride_g": "i32", "inv_temp": "fp32"},
+        "constexprs": {"HAS_BIAS": True, "WITH_ENTROPY": True, "BLOCK_V": GRAD_BLOCK_V},
+        "num_warps": NUM_WARPS, "num_stages": 1, "expect_hgmma": False,
+        "divisible_by_16": ["vocab", "stride_x", "stride_g"],
+    }]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._validation import (REDUCTIONS, check_binary_mask, check_choice, check_positive, check_same_device,
+from ._validation import (REDUCTIONS, check_binary_mask, check_choice, check_chunk_size, check_positive, check_same_device,
                           check_shape, check_tensor)
 from .token_divergence import no_autocast
 from .token_logprobs import TokenLogprobs, check_lm_head, check_target_ids, resolve_logprob_backend
@@ -85,12 +85,13 @@ class SinglePassPolicyLoss(torch.autograd.Function):
     :func:`ppo_dual_clip` on ``O(chunk)`` tensors (the same expression the two-pass path differentiates)
     and folded into ``d(logits)`` right after the chunk's log-sum-exp.  Inputs: hidden ``[N, H]``, weight,
     bias, row_index ``[Na]``, target_ids ``[N]``, temperature, old log-probs and advantages ``[Na]``,
-    ``(clip_low, clip_high, dual_clip)``, the divisor of the sum (``Na`` for a token mean, 1 for a sum).
+    ``(clip_low, clip_high, dual_clip)``, the divisor of the sum (``Na`` for a token mean, 1 for a sum),
+    rows per chunk (or None).
     Outputs: the loss (0-D float32, differentiable) and ``logp [Na]`` (not differentiable).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, row_index, target_ids, temperature, old, adv, clip, divisor):
+    def forward(ctx, hidden, weight, bias, row_index, target_ids, temperature, old, adv, clip, divisor, chunk_size):
         from .triton_token_logprobs import single_pass_token_loss
 
         def token_loss(start, stop, logp):
@@ -103,7 +104,8 @@ class SinglePassPolicyLoss(torch.autograd.Function):
         need = ctx.needs_input_grad
         total, logp, grads = single_pass_token_loss(hidden, weight, bias, row_index, target_ids,
                                                     temperature=temperature, token_loss=token_loss,
-                                                    need_hidden=need[0], need_weight=need[1], need_bias=need[2])
+                                                    need_hidden=need[0], need_weight=need[1], need_bias=need[2],
+                                                    chunk_size=chunk_size)
         ctx.grads = grads
         ctx.mark_non_differentiable(logp)
         return (total / divisor).to(torch.float32), logp
@@ -118,7 +120,7 @@ class SinglePassPolicyLoss(torch.autograd.Function):
         one = grad_loss.new_ones(())
         scaled = tuple(None if g is None else (g if torch.equal(grad_loss, one) else g * grad_loss.to(g.dtype))
                        for g in grads)
-        return scaled + (None,) * 7
+        return scaled + (None,) * 8
 
 
 def fused_sod_policy_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, target_ids: torch.Tensor,
@@ -126,7 +128,7 @@ def fused_sod_policy_loss(student_hidden: torch.Tensor, student_weight: torch.Te
                           clip_low: float = 0.2, clip_high: float = 0.28, dual_clip: float | None = 3.0,
                           temperature: float = 1.0, student_bias: torch.Tensor | None = None,
                           reduction: str = "token_mean", return_stats: bool = False, backend: str = "auto",
-                          check_inputs: bool = True):
+                          chunk_size: int | None = None, check_inputs: bool = True):
     """PPO dual-clip policy loss on SOD advantages, from hidden states (SPEC section 7).
 
     ``ratio = exp(clamp(logp_new - old_logprobs, -20, 20))``,
@@ -147,7 +149,10 @@ def fused_sod_policy_loss(student_hidden: torch.Tensor, student_weight: torch.Te
         student_bias: optional ``[V]``.
         reduction: ``"token_mean"`` (default), ``"sum"``, or ``"none"`` (per-token ``[B, T]``, 0 off the mask).
         return_stats: return :class:`PolicyLossStats` (a few host-free reductions) instead of the loss.
-        backend: ``"auto"`` (Triton on CUDA, chunked PyTorch on CPU), ``"triton"`` or ``"torch"``.
+        backend: ``"auto"`` (Triton on CUDA, chunked PyTorch on CPU), ``"triton"`` or ``"torch"``.  On the Triton
+            backend a scalar reduction runs in one pass (the gradient is formed right after each chunk's
+            log-sum-exp); ``reduction="none"`` recomputes the logits in backward.
+        chunk_size: rows per chunk (default: from a memory budget and the vocabulary size).
         check_inputs: validate mask and target values and the loss's finiteness (host syncs).
     Returns:
         The loss (float32, or float64 for float64 hidden states), or :class:`PolicyLossStats`.
@@ -164,6 +169,7 @@ def fused_sod_policy_loss(student_hidden: torch.Tensor, student_weight: torch.Te
         if dual_clip <= 1.0:
             raise ValueError(f"dual_clip must be > 1 (or None to disable the dual clip), got {dual_clip}")
     temperature = check_positive(temperature, "temperature")
+    check_chunk_size(chunk_size)
     check_lm_head(student_hidden, student_weight, student_bias, hidden_name="student_hidden",
                   weight_name="student_weight", bias_name="student_bias")
     lead = tuple(student_hidden.shape[:-1])
@@ -202,9 +208,9 @@ def fused_sod_policy_loss(student_hidden: torch.Tensor, student_weight: torch.Te
                 (hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
             divisor = float(normalizer) if reduction == "token_mean" else 1.0
             loss, logp = SinglePassPolicyLoss.apply(hidden, weight, bias, row_index, y, temperature, old, adv,
-                                                    clip, divisor)
+                                                    clip, divisor, chunk_size)
         else:
-            logp, _ = TokenLogprobs.apply(hidden, weight, bias, row_index, y, temperature, impl, False)
+            logp, _ = TokenLogprobs.apply(hidden, weight, bias, row_index, y, temperature, impl, False, chunk_size)
     per_row, ratio, log_ratio, low, high, dual = ppo_dual_clip(logp, old, adv, clip_low, clip_high, dual_clip)
     if loss is None:
         if reduction == "none":

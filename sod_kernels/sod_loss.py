@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._validation import (BACKENDS, MEMORY_MODES, DIVERGENCES, REDUCTIONS, STEP_DIVERGENCES, check_choice, check_finite_number,
+from ._validation import (BACKENDS, MEMORY_MODES, check_chunk_size, DIVERGENCES, REDUCTIONS, STEP_DIVERGENCES, check_choice, check_finite_number,
                           check_positive, check_same_device, check_shape, check_tensor)
 from .steps import DEFAULT_DELTA, DEFAULT_EPSILON, resolve_step_ids, step_weights_from_divergence, trim_steps
 from .chunked_core import FAST_CHUNK_BYTES, chunk_rows, even_chunks
@@ -186,8 +186,7 @@ def fused_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
     check_choice(reduction, "reduction", REDUCTIONS)
     check_choice(backend, "backend", BACKENDS)
     check_choice(memory, "memory", MEMORY_MODES)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    check_chunk_size(chunk_size)
     epsilon = check_positive(epsilon, "epsilon")
     delta = check_positive(delta, "delta", allow_zero=True)
     temperature = check_positive(temperature, "temperature")

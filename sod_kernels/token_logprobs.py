@@ -25,7 +25,7 @@ from types import ModuleType
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._validation import BACKENDS, check_choice, check_positive, check_same_device, check_shape, check_tensor
+from ._validation import BACKENDS, check_choice, check_chunk_size, check_positive, check_same_device, check_shape, check_tensor
 from .chunked_torch import _logits, compute_dtype, rows_per_chunk
 from .token_divergence import no_autocast, resolve_backend, zero_student_grads
 
@@ -145,33 +145,36 @@ class TokenLogprobs(torch.autograd.Function):
     ``with_entropy``, the entropy ``H[i]`` of the same softmax.
 
     Inputs: hidden ``[N, H]``, weight ``[V, H]``, bias ``[V]`` or None, row_index ``[Na]`` int64,
-    target_ids ``[N]`` int64, temperature, backend name, with_entropy.  Outputs: ``logp [Na]`` and
+    target_ids ``[N]`` int64, temperature, backend name, with_entropy, chunk_size (rows per chunk or None).
+    Outputs: ``logp [Na]`` and
     ``entropy [Na]`` (empty without ``with_entropy``), float32 (float64 for float64 inputs), both
     differentiable w.r.t. hidden, weight and bias.  First-order only.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, row_index, target_ids, temperature, backend, with_entropy=False):
+    def forward(ctx, hidden, weight, bias, row_index, target_ids, temperature, backend, with_entropy=False,
+                chunk_size=None):
         with no_autocast(hidden.device):
             logp, lse, entropy, frame = backend_module(backend).logprob_forward(
-                hidden, weight, bias, row_index, target_ids, temperature=temperature, with_entropy=with_entropy)
+                hidden, weight, bias, row_index, target_ids, temperature=temperature, with_entropy=with_entropy,
+                chunk_size=chunk_size)
         if entropy is None:
             entropy = logp.new_empty(0)
         ctx.save_for_backward(hidden, weight, bias, row_index, target_ids, lse)
         ctx.extra = (entropy.detach() if with_entropy else None, frame)
-        ctx.options = (temperature, backend, with_entropy)
+        ctx.options = (temperature, backend, with_entropy, chunk_size)
         return logp, entropy
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, bias, row_index, target_ids, lse = ctx.saved_tensors
-        temperature, backend, with_entropy = ctx.options
+        temperature, backend, with_entropy, chunk_size = ctx.options
         entropy, frame = ctx.extra
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         if grad_logp is None and grad_entropy is None or row_index.numel() == 0:
             dh, dw, db = zero_student_grads(hidden, weight, bias, need_h, need_w, need_b)
-            return dh, dw, db, None, None, None, None, None
+            return dh, dw, db, None, None, None, None, None, None
         if grad_logp is None:
             grad_logp = lse.new_zeros(lse.shape)
         extra = {}
@@ -181,8 +184,8 @@ class TokenLogprobs(torch.autograd.Function):
         with no_autocast(hidden.device):
             dh, dw, db = backend_module(backend).logprob_backward(
                 hidden, weight, bias, row_index, target_ids, lse, grad_logp.contiguous(), temperature=temperature,
-                need_hidden=need_h, need_weight=need_w, need_bias=need_b, **extra)
-        return dh, dw, db, None, None, None, None, None
+                need_hidden=need_h, need_weight=need_w, need_bias=need_b, chunk_size=chunk_size, **extra)
+        return dh, dw, db, None, None, None, None, None, None
 
 
 def check_lm_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, hidden_name: str,
@@ -224,7 +227,7 @@ def resolve_logprob_backend(backend: str, hidden: torch.Tensor, hidden_name: str
 
 def fused_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, target_ids: torch.Tensor, *,
                          bias: torch.Tensor | None = None, temperature: float = 1.0, backend: str = "auto",
-                         return_entropy: bool = False, check_inputs: bool = True):
+                         return_entropy: bool = False, chunk_size: int | None = None, check_inputs: bool = True):
     """``log softmax((hidden @ weight.T (+ bias)) / temperature)[target_ids]`` without materializing logits.
 
     Args:
@@ -237,6 +240,7 @@ def fused_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, target_ids:
         backend: ``"auto"`` (Triton for CUDA tensors, chunked PyTorch otherwise), ``"triton"``, ``"torch"``.
         return_entropy: also return the entropy ``H = -sum_v p(v) log p(v)`` of each position's softmax (same
             pass, differentiable), as ``(logprobs, entropy)``.
+        chunk_size: rows per chunk (default: from a memory budget and the vocabulary size).
         check_inputs: check that ``target_ids`` lie in ``[0, V)`` (one host sync).
     Returns:
         ``[B, T]`` (or ``[T]``) float32 (float64 for float64 inputs) log-probabilities, or
@@ -247,6 +251,7 @@ def fused_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, target_ids:
     """
     check_lm_head(hidden, weight, bias, hidden_name="hidden", weight_name="weight", bias_name="bias")
     temperature = check_positive(temperature, "temperature")
+    check_chunk_size(chunk_size)
     lead = tuple(hidden.shape[:-1])
     check_target_ids(target_ids, lead, weight.shape[0], check_values=check_inputs)
     check_same_device(hidden=hidden, weight=weight, target_ids=target_ids, bias=bias)
@@ -255,7 +260,7 @@ def fused_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, target_ids:
     y = target_ids.reshape(-1).to(torch.int64).contiguous()
     rows = torch.arange(flat.shape[0], device=flat.device)
     logp, entropy = TokenLogprobs.apply(flat, weight.contiguous(), None if bias is None else bias.contiguous(),
-                                        rows, y, temperature, impl, bool(return_entropy))
+                                        rows, y, temperature, impl, bool(return_entropy), chunk_size)
     if return_entropy:
         return logp.reshape(lead), entropy.reshape(lead)
     return logp.reshape(lead)
