@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-CHUNK = 16
+CHUNK = 32
 
 
 def _doubling_scan(values: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from reference import (ref_sod_step_weights, ref_step_divergence, ref_step_ids_f
                        ref_step_weights_running_product)
 from sod_kernels import (sod_policy_inputs, sod_step_statistics, sod_step_weights, step_ids_from_mask,
                          step_weights_from_divergence)
+from sod_kernels._segments import segmented_cumsum
 from sod_kernels.steps import closed_form_weights, trim_steps
 from tests.helpers import step_masks
 
@@ -280,3 +281,22 @@ def test_step_weights_input_checks():
         step_weights_from_divergence(torch.rand(1, 4), ids, epsilon=0.0)
     with pytest.raises(ValueError, match="delta"):
         step_weights_from_divergence(torch.rand(1, 4), ids, delta=-0.5)
+
+
+@given(st.integers(0, 3), st.integers(0, 3 * 32 * 32 + 5), st.integers(1, 400), st.integers(0, 2 ** 30))
+def test_segmented_cumsum_equals_a_loop(rows, length, segments, seed):
+    g = torch.Generator().manual_seed(seed)
+    seg = torch.sort(torch.randint(-1, segments, (rows, length), generator=g), dim=1).values
+    values = torch.rand(rows, length, generator=g, dtype=torch.float64)
+    if values.numel():
+        values.view(-1)[int(torch.randint(0, values.numel(), (1,), generator=g))] = float("nan")
+    got = segmented_cumsum(values, seg)
+    for r in range(rows):
+        total, prev = 0.0, None
+        for n in range(length):
+            k = int(seg[r, n])
+            total = (total if k == prev else 0.0) + float(values[r, n])
+            prev = k
+            want = torch.tensor(total, dtype=torch.float64)
+            # A NaN stays inside its own segment.
+            assert torch.allclose(got[r, n], want, rtol=1e-12, atol=0, equal_nan=True)
