@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._validation import (REDUCTIONS, check_binary_mask, check_choice, check_chunk_size, check_positive, check_same_device,
-                          check_shape, check_tensor)
+from ._validation import (REDUCTIONS, check_binary_mask, check_choice, check_chunk_size, check_lm_head,
+                          check_positive, check_same_device, check_shape, check_tensor)
 from .token_divergence import no_autocast
-from .token_logprobs import TokenLogprobs, check_lm_head, check_target_ids, resolve_logprob_backend
+from .token_logprobs import TokenLogprobs, check_target_ids, resolve_logprob_backend
 
 LOG_RATIO_CLAMP = 20.0  # SPEC 7: ratio = exp(clamp(logp_new - old_logp, -20, 20))
 

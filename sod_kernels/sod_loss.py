@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._validation import (BACKENDS, MEMORY_MODES, check_chunk_size, DIVERGENCES, REDUCTIONS, STEP_DIVERGENCES, check_choice, check_finite_number,
-                          check_positive, check_same_device, check_shape, check_tensor)
+from ._validation import (BACKENDS, DIVERGENCES, MEMORY_MODES, REDUCTIONS, STEP_DIVERGENCES, check_choice,
+                          check_chunk_size, check_finite_number, check_lm_head, check_positive, check_same_device,
+                          check_shape, check_tensor)
 from .steps import DEFAULT_DELTA, DEFAULT_EPSILON, resolve_step_ids, step_weights_from_divergence, trim_steps
 from .chunked_core import FAST_CHUNK_BYTES, chunk_rows, even_chunks
 from .chunked_torch import compute_dtype
@@ -42,19 +43,6 @@ class SODStats:
     step_divergence: torch.Tensor
     step_weights: torch.Tensor
     num_steps: torch.Tensor
-
-
-def _check_model(hidden, weight, bias, prefix: str):
-    check_tensor(hidden, f"{prefix}_hidden", ndim=(2, 3), floating=True)
-    check_tensor(weight, f"{prefix}_weight", ndim=(2,), floating=True)
-    if hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"{prefix}_hidden's last dimension ({hidden.shape[-1]}) must equal the hidden size of "
-                         f"{prefix}_weight [V, H] ({weight.shape[1]})")
-    if hidden.dtype != weight.dtype:
-        raise TypeError(f"{prefix}_hidden ({hidden.dtype}) and {prefix}_weight ({weight.dtype}) must have one dtype")
-    if bias is not None:
-        check_tensor(bias, f"{prefix}_bias", ndim=(1,), floating=True)
-        check_shape(bias, f"{prefix}_bias", (weight.shape[0],), f"one entry per row of {prefix}_weight")
 
 
 def _needs_student_grad(hidden, weight, bias) -> bool:
@@ -191,8 +179,9 @@ def fused_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
     delta = check_positive(delta, "delta", allow_zero=True)
     temperature = check_positive(temperature, "temperature")
     coef = check_finite_number(coef, "coef")
-    _check_model(student_hidden, student_weight, student_bias, "student")
-    _check_model(teacher_hidden, teacher_weight, teacher_bias, "teacher")
+    for who, h, w, b in (("student", student_hidden, student_weight, student_bias),
+                         ("teacher", teacher_hidden, teacher_weight, teacher_bias)):
+        check_lm_head(h, w, b, hidden_name=f"{who}_hidden", weight_name=f"{who}_weight", bias_name=f"{who}_bias")
     lead = tuple(student_hidden.shape[:-1])
     if tuple(teacher_hidden.shape[:-1]) != lead:
         raise ValueError(f"teacher_hidden's leading shape {tuple(teacher_hidden.shape[:-1])} must equal "

@@ -25,7 +25,7 @@ from types import ModuleType
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._validation import BACKENDS, check_choice, check_chunk_size, check_positive, check_same_device, check_shape, check_tensor
+from ._validation import BACKENDS, check_choice, check_chunk_size, check_lm_head, check_positive, check_same_device, check_shape, check_tensor
 from .chunked_torch import _logits, compute_dtype, rows_per_chunk
 from .token_divergence import no_autocast, resolve_backend, zero_student_grads
 
@@ -186,23 +186,6 @@ class TokenLogprobs(torch.autograd.Function):
                 hidden, weight, bias, row_index, target_ids, lse, grad_logp.contiguous(), temperature=temperature,
                 need_hidden=need_h, need_weight=need_w, need_bias=need_b, chunk_size=chunk_size, **extra)
         return dh, dw, db, None, None, None, None, None, None
-
-
-def check_lm_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, hidden_name: str,
-                  weight_name: str, bias_name: str) -> None:
-    """``hidden [..., H]`` floating, ``weight [V, H]`` of the same dtype, ``bias [V]`` or None."""
-    check_tensor(hidden, hidden_name, ndim=(2, 3), floating=True)
-    check_tensor(weight, weight_name, ndim=(2,), floating=True)
-    if hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"{hidden_name}'s last dimension ({hidden.shape[-1]}) must equal the hidden size of "
-                         f"{weight_name} [V, H] ({weight.shape[1]})")
-    if hidden.dtype != weight.dtype:
-        raise TypeError(f"{hidden_name} ({hidden.dtype}) and {weight_name} ({weight.dtype}) must have one dtype")
-    if weight.shape[0] == 0:
-        raise ValueError(f"{weight_name} must have at least one vocabulary row, got shape {tuple(weight.shape)}")
-    if bias is not None:
-        check_tensor(bias, bias_name, ndim=(1,), floating=True)
-        check_shape(bias, bias_name, (weight.shape[0],), f"one entry per row of {weight_name}")
 
 
 def check_target_ids(target_ids: torch.Tensor, lead: tuple[int, ...], vocab: int, *, check_values: bool,
