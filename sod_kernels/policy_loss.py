@@ -13,11 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ._validation import (REDUCTIONS, check_binary_mask, check_choice, check_chunk_size, check_lm_head,
                           check_positive, check_same_device, check_shape, check_tensor)
-from .token_divergence import no_autocast
+from .token_divergence import no_autocast, refuse_double_backward
 from .token_logprobs import TokenLogprobs, check_target_ids, resolve_logprob_backend
 
 LOG_RATIO_CLAMP = 20.0  # SPEC 7: ratio = exp(clamp(logp_new - old_logp, -20, 20))
@@ -111,8 +110,8 @@ class SinglePassPolicyLoss(torch.autograd.Function):
         return (total / divisor).to(torch.float32), logp
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss, unused):
+        refuse_double_backward("fused_sod_policy_loss")
         grads, ctx.grads = ctx.grads, None
         if grads is None:
             raise RuntimeError("fused_sod_policy_loss's single-pass gradients were already used: call backward once "

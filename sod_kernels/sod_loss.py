@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ._validation import (BACKENDS, DIVERGENCES, MEMORY_MODES, REDUCTIONS, STEP_DIVERGENCES, check_choice,
                           check_chunk_size, check_finite_number, check_lm_head, check_positive, check_same_device,
@@ -21,7 +20,7 @@ from .steps import DEFAULT_DELTA, DEFAULT_EPSILON, resolve_step_ids, step_weight
 from .chunked_core import FAST_CHUNK_BYTES, chunk_rows, even_chunks
 from .chunked_torch import compute_dtype
 from .step_plan import InPassStepWeights
-from .token_divergence import TokenDivergence, no_autocast, resolve_backend
+from .token_divergence import TokenDivergence, no_autocast, refuse_double_backward, resolve_backend
 
 
 @dataclass
@@ -93,8 +92,8 @@ class SinglePassKL(torch.autograd.Function):
         return res.loss, res.D, lp_s, lp_t
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss, *unused):
+        refuse_double_backward("fused_sod_loss")
         grads, ctx.grads = ctx.grads, None
         if grads is None:
             raise RuntimeError("fused_sod_loss's single-pass gradients were already used: call backward once per "

@@ -17,7 +17,6 @@ import os
 from types import ModuleType
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import chunked_torch
 
@@ -41,6 +40,15 @@ def no_autocast(device: torch.device):
     float32 statistics whatever the caller's autocast state (forward and backward alike)."""
     kind = device.type if device.type in ("cuda", "cpu", "xpu", "mps") else "cpu"
     return torch.autocast(device_type=kind, enabled=False)
+
+
+def refuse_double_backward(what: str) -> None:
+    """Called first in every backward: with ``create_graph=True`` autograd runs backward with grad mode on,
+    and these gradients are not themselves differentiable, so refuse instead of returning a gradient that
+    silently drops out of a second-order computation (SPEC 13)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{what} supports first-order gradients only: double backward (create_graph=True, "
+                           "Hessian-vector products) is not supported")
 
 
 def backend_module(name: str) -> ModuleType:
@@ -90,8 +98,8 @@ class TokenDivergence(torch.autograd.Function):
         return D, lse_s, lse_t, lp_s, lp_t
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_D, *unused):
+        refuse_double_backward("fused_sod_loss")
         sh, sw, sb, th, tw, tb, row_index, lse_s, lse_t, D = ctx.saved_tensors
         divergence, temperature, backend, options = ctx.options
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]

@@ -23,11 +23,10 @@ from __future__ import annotations
 from types import ModuleType
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ._validation import BACKENDS, check_choice, check_chunk_size, check_lm_head, check_positive, check_same_device, check_shape, check_tensor
 from .chunked_torch import _logits, compute_dtype, rows_per_chunk
-from .token_divergence import no_autocast, resolve_backend, zero_student_grads
+from .token_divergence import no_autocast, refuse_double_backward, resolve_backend, zero_student_grads
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # At least this many rows per chunk: with the divergence backend's ~2M-float blocks a 152k vocabulary gets
@@ -166,8 +165,8 @@ class TokenLogprobs(torch.autograd.Function):
         return logp, entropy
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_logp, grad_entropy):
+        refuse_double_backward("fused_token_logprobs")
         hidden, weight, bias, row_index, target_ids, lse = ctx.saved_tensors
         temperature, backend, with_entropy, chunk_size = ctx.options
         entropy, frame = ctx.extra
