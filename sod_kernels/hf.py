@@ -45,9 +45,11 @@ __all__ = [
     "chat_step_ids",
     "distillation_inputs",
     "final_hidden_states",
+    "fold_logit_scale",
     "lm_head",
     "logit_processing",
     "model_body",
+    "refuse_softcap",
     "sampled_token_logprobs",
     "shift_for_next_token",
 ]
@@ -213,15 +215,19 @@ def check_logit_processing(model, input_ids: torch.Tensor | None = None, *, atol
     return head.processing
 
 
-def _refuse_softcap(head: LMHead, who: str) -> None:
+def refuse_softcap(head: LMHead, who: str) -> None:
+    """``ValueError`` naming ``who`` (e.g. "student") when the model soft-caps its logits."""
     if head.processing.softcap is not None:
         raise ValueError(f"the {who} model soft-caps its logits (final_logit_softcapping="
                          f"{head.processing.softcap}); the fused losses compute softmax(hidden @ weight.T + bias) "
                          "and do not support soft-capped logits")
 
 
-def _scaled(hidden: torch.Tensor, head: LMHead) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Fold the logit scale into the hidden states and the bias: ``s (h W^T + b) = (s h) W^T + s b``."""
+def fold_logit_scale(hidden: torch.Tensor, head: LMHead) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fold the model's logit scale into ``hidden`` (``[..., H]``) and the bias: ``s (h W^T + b) = (s h) W^T + s b``.
+
+    Returns ``(hidden, bias)``, unchanged when the scale is 1; the product is differentiable.
+    """
     s = head.processing.scale
     if s == 1.0:
         return hidden, head.bias
@@ -316,12 +322,12 @@ def distillation_inputs(student, teacher, input_ids: torch.Tensor, attention_mas
     shifted = shift_for_next_token(input_ids, response_mask=response_mask, step_ids=step_ids,
                                    attention_mask=attention_mask)
     s_head, t_head = lm_head(student), lm_head(teacher)
-    _refuse_softcap(s_head, "student")
-    _refuse_softcap(t_head, "teacher")
-    s_hidden, s_bias = _scaled(final_hidden_states(student, input_ids, attention_mask, **model_kwargs)[:, :-1],
+    refuse_softcap(s_head, "student")
+    refuse_softcap(t_head, "teacher")
+    s_hidden, s_bias = fold_logit_scale(final_hidden_states(student, input_ids, attention_mask, **model_kwargs)[:, :-1],
                                s_head)
     with torch.no_grad():
-        t_hidden, t_bias = _scaled(final_hidden_states(teacher, input_ids, attention_mask, **model_kwargs)[:, :-1],
+        t_hidden, t_bias = fold_logit_scale(final_hidden_states(teacher, input_ids, attention_mask, **model_kwargs)[:, :-1],
                                    t_head)
     inputs: dict[str, torch.Tensor | None] = {
         "student_hidden": s_hidden, "student_weight": s_head.weight, "student_bias": s_bias,
@@ -345,7 +351,7 @@ def sampled_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch
     """
     check_positive(temperature, "temperature")
     head = lm_head(model)
-    _refuse_softcap(head, "given")
-    hidden, bias = _scaled(final_hidden_states(model, input_ids, attention_mask, **model_kwargs)[:, :-1], head)
+    refuse_softcap(head, "given")
+    hidden, bias = fold_logit_scale(final_hidden_states(model, input_ids, attention_mask, **model_kwargs)[:, :-1], head)
     return fused_token_logprobs(hidden, head.weight, input_ids[:, 1:], bias=bias, temperature=temperature,
                                 backend=backend)

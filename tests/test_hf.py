@@ -6,8 +6,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import sod_kernels  # noqa: E402
-from reference.sod_reference import ref_step_divergence, ref_step_ids_from_mask, ref_step_weights_running_product  # noqa: E402
+from reference.sod_reference import ref_step_ids_from_mask  # noqa: E402
 from sod_kernels import hf  # noqa: E402
+from tests.hf_helpers import qwen3 as _qwen3  # noqa: E402
+from tests.hf_helpers import reference_loss as _reference_loss  # noqa: E402
 
 V = 96
 SMALL = dict(vocab_size=V, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
@@ -15,26 +17,11 @@ SMALL = dict(vocab_size=V, num_hidden_layers=2, num_attention_heads=4, num_key_v
 
 
 def qwen3(hidden=32, vocab=V, tie=False, seed=0):
-    torch.manual_seed(seed)
-    config = transformers.Qwen3Config(**{**SMALL, "vocab_size": vocab}, hidden_size=hidden,
-                                      intermediate_size=2 * hidden, tie_word_embeddings=tie)
-    return transformers.Qwen3ForCausalLM(config).eval()
+    return _qwen3(vocab, hidden, tie=tie, seed=seed)
 
 
-def reference_loss(student, teacher, input_ids, attention_mask, step_ids, temperature=1.0, delta=0.2):
-    """SOD loss from the models' own logits: shift by hand, reverse KL in float64, SPEC eq. 7 weights."""
-    with torch.no_grad():
-        zs = student(input_ids=input_ids, attention_mask=attention_mask).logits.double()[:, :-1] / temperature
-        zt = teacher(input_ids=input_ids, attention_mask=attention_mask).logits.double()[:, :-1] / temperature
-    vs = zs.shape[-1]
-    ls, lt = torch.log_softmax(zs, -1), torch.log_softmax(zt[..., :vs], -1)
-    D = (ls.exp() * (ls - lt)).sum(-1)
-    ids = step_ids[:, 1:]
-    d = ref_step_divergence(D.clamp(min=0), ids)
-    w = [ref_step_weights_running_product(row, 1e-6, delta) for row in d]
-    weights = torch.tensor([[w[b][k] if k >= 0 else 0.0 for k in row] for b, row in enumerate(ids.tolist())],
-                           dtype=torch.float64)
-    return (weights * D).sum() / (ids >= 0).sum()
+def reference_loss(student, teacher, input_ids, attention_mask, step_ids, temperature=1.0):
+    return _reference_loss(student, teacher, input_ids, attention_mask, step_ids, temperature=temperature)
 
 
 def batch(B=3, L=20, seed=1):
