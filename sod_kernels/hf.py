@@ -324,11 +324,11 @@ def distillation_inputs(student, teacher, input_ids: torch.Tensor, attention_mas
     s_head, t_head = lm_head(student), lm_head(teacher)
     refuse_softcap(s_head, "student")
     refuse_softcap(t_head, "teacher")
-    s_hidden, s_bias = fold_logit_scale(final_hidden_states(student, input_ids, attention_mask, **model_kwargs)[:, :-1],
-                               s_head)
+    s_hidden = final_hidden_states(student, input_ids, attention_mask, **model_kwargs)[:, :-1]
+    s_hidden, s_bias = fold_logit_scale(s_hidden, s_head)
     with torch.no_grad():
-        t_hidden, t_bias = fold_logit_scale(final_hidden_states(teacher, input_ids, attention_mask, **model_kwargs)[:, :-1],
-                                   t_head)
+        t_hidden = final_hidden_states(teacher, input_ids, attention_mask, **model_kwargs)[:, :-1]
+        t_hidden, t_bias = fold_logit_scale(t_hidden, t_head)
     inputs: dict[str, torch.Tensor | None] = {
         "student_hidden": s_hidden, "student_weight": s_head.weight, "student_bias": s_bias,
         "teacher_hidden": t_hidden, "teacher_weight": t_head.weight.detach(),
@@ -352,6 +352,7 @@ def sampled_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch
     check_positive(temperature, "temperature")
     head = lm_head(model)
     refuse_softcap(head, "given")
-    hidden, bias = fold_logit_scale(final_hidden_states(model, input_ids, attention_mask, **model_kwargs)[:, :-1], head)
+    hidden = final_hidden_states(model, input_ids, attention_mask, **model_kwargs)[:, :-1]
+    hidden, bias = fold_logit_scale(hidden, head)
     return fused_token_logprobs(hidden, head.weight, input_ids[:, 1:], bias=bias, temperature=temperature,
                                 backend=backend)
