@@ -21,7 +21,7 @@ Every Triton kernel module of ``sod_kernels`` listed in :data:`KERNEL_MODULES` d
 returning one dict per (kernel, config) to compile, with the configs used at the headline size
 (N=16384, Hs=1024, Ht=2560, V=151936, bf16).  Keys:
 
-- ``"name"`` (str): a unique label for the table, e.g. ``"kl_forward[bm128 bv128 bk64]"``.
+- ``"name"`` (str): a unique label for the table, e.g. ``"kl_logit_grad_kernel[reverse bv2048]"``.
 - ``"fn"``: the ``@triton.jit`` function itself.
 - ``"signature"`` (dict str -> str): the Triton type of every *runtime* (non-constexpr) argument of
   ``fn``, e.g. ``{"hidden_ptr": "*bf16", "row_index_ptr": "*i64", "n_rows": "i32", "inv_temp": "fp32"}``.
@@ -56,9 +56,8 @@ import tempfile
 from pathlib import Path
 
 KERNEL_MODULES = (
-    "sod_kernels.kl_forward",
-    "sod_kernels.kl_backward",
-    "sod_kernels.triton_token_logprobs",
+    "sod_kernels.kl_epilogue",
+    "sod_kernels.logprob_epilogue",
 )
 
 HOPPER_TARGET = ("cuda", 90, 32)

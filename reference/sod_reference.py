@@ -131,7 +131,7 @@ def ref_fused_sod_loss(student_hidden, student_weight, teacher_hidden, teacher_w
         signal = (ls.gather(-1, y) - lt.gather(-1, y)).squeeze(-1).abs()
     else:
         signal = D
-    d = ref_step_divergence(signal.detach().double(), step_ids)
+    d = ref_step_divergence(signal.detach().double().clamp(min=0), step_ids)
     if step_divergence == "none":
         w = [[1.0] * len(row) for row in d]
     else:

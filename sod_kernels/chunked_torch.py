@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+MIN_LOGIT = -1e30         # start of the running maxima: finite, so frame changes never compute inf - inf
 CHUNK_ELEMENTS = 1 << 21  # floats in one rows x vocabulary tile (8 MiB in float32)
 VOCAB_TILE = 2048         # vocabulary columns per tile (fewer when V is smaller)
 
@@ -78,9 +79,11 @@ def divergence_forward(student_hidden, student_weight, student_bias, teacher_hid
         row_index: ``[Na]`` int64 rows to compute.
         target_ids: ``[N]`` int64 sampled tokens, or None.
     Returns:
-        ``(D, lse_student, lse_teacher, student_target_logprob, teacher_target_logprob)``, each ``[Na]`` in
-        float32 (float64 for float64 inputs); the last two are None without ``target_ids``.  The lse are
-        of the temperature-scaled logits over the first ``Vs`` columns.
+        ``(D, lse_student, lse_teacher, student_target_logprob, teacher_target_logprob, frame)``, each ``[Na]``
+        in float32 (float64 for float64 inputs); the sampled log-probs are None without ``target_ids``.  The
+        lse are of the temperature-scaled logits over the first ``Vs`` columns; ``frame [3, Na]`` holds the
+        maxima ``M_s``, ``M_t`` and ``c' = E_w[(z_w - M_w) - (z_o - M_o)]`` for the backward's
+        cancellation-free reverse-KL gradient.
     """
     V = student_weight.shape[0]
     dt = compute_dtype(student_hidden.dtype)
@@ -92,6 +95,7 @@ def divergence_forward(student_hidden, student_weight, student_bias, teacher_hid
     lse_s, lse_t = torch.empty_like(D), torch.empty_like(D)
     lp_s = torch.empty_like(D) if target_ids is not None else None
     lp_t = torch.empty_like(D) if target_ids is not None else None
+    frame = torch.empty(3, Na, dtype=dt, device=device)
     R, BV = rows_per_tile(V, chunk_size), vocab_tile(V)
     reverse = divergence == "reverse_kl"
     with torch.no_grad():
@@ -100,9 +104,11 @@ def divergence_forward(student_hidden, student_weight, student_bias, teacher_hid
             rows = row_index[start:stop]
             n = stop - start
             hs, ht = student_hidden[rows].to(dt), teacher_hidden[rows].to(dt)
-            m_s = torch.full((n,), float("-inf"), dtype=dt, device=device)
-            m_t = m_s.clone()
-            l_s, l_t, acc = (torch.zeros(n, dtype=dt, device=device) for _ in range(3))
+            # "w" weighs the KL sum (student for reverse KL, teacher for forward KL), "o" is the other model.
+            # A' = sum exp(z_w - m_w) ((z_w - m_w) - (z_o - m_o)) lives in the max-shifted frame (SPEC 3, 9).
+            m_w = torch.full((n,), MIN_LOGIT, dtype=dt, device=device)
+            m_o = m_w.clone()
+            l_w, l_o, acc = (torch.zeros(n, dtype=dt, device=device) for _ in range(3))
             y = None if target_ids is None else target_ids[rows]
             zy_s = zy_t = None
             if y is not None:
@@ -117,44 +123,44 @@ def divergence_forward(student_hidden, student_weight, student_bias, teacher_hid
                     col = (y - v0).clamp(0, v1 - v0 - 1).unsqueeze(1)
                     zy_s = torch.where(inside, zs.gather(1, col).squeeze(1), zy_s)
                     zy_t = torch.where(inside, zt.gather(1, col).squeeze(1), zy_t)
-                new_s = torch.maximum(m_s, zs.amax(1))
-                new_t = torch.maximum(m_t, zt.amax(1))
-                alpha_s, alpha_t = (m_s - new_s).exp_(), (m_t - new_t).exp_()
+                z_w, z_o = (zs, zt) if reverse else (zt, zs)
+                new_w, new_o = torch.maximum(m_w, z_w.amax(1)), torch.maximum(m_o, z_o.amax(1))
+                acc.add_(l_w * ((m_w - new_w) - (m_o - new_o))).mul_((m_w - new_w).exp_())  # re-frame A'
+                l_w.mul_((m_w - new_w).exp_())
+                l_o.mul_((m_o - new_o).exp_())
                 if scratch is None or scratch.shape != zs.shape:
                     scratch = torch.empty_like(zs)
-                # The model whose distribution weighs the KL goes last: its exp stays in `scratch`.
-                first, first_max, first_sum, first_alpha = (zt, new_t, l_t, alpha_t) if reverse else \
-                    (zs, new_s, l_s, alpha_s)
-                first_sum.mul_(first_alpha).add_(torch.sub(first, first_max[:, None], out=scratch).exp_().sum(1))
-                if reverse:      # zt <- zs - zt; scratch <- exp(zs - m_s)
-                    diff = zt.neg_().add_(zs)
-                    weights = torch.sub(zs, new_s[:, None], out=scratch).exp_()
-                    l_s.mul_(alpha_s).add_(weights.sum(1))
-                    acc.mul_(alpha_s).add_(weights.mul_(diff).sum(1))
-                else:            # zs <- zt - zs; scratch <- exp(zt - m_t)
-                    diff = zs.neg_().add_(zt)
-                    weights = torch.sub(zt, new_t[:, None], out=scratch).exp_()
-                    l_t.mul_(alpha_t).add_(weights.sum(1))
-                    acc.mul_(alpha_t).add_(weights.mul_(diff).sum(1))
-                m_s, m_t = new_s, new_t
-            ls, lt = m_s + l_s.log(), m_t + l_t.log()
+                z_w.sub_(new_w[:, None])
+                z_o.sub_(new_o[:, None])
+                l_o.add_(torch.exp(z_o, out=scratch).sum(1))
+                weights = torch.exp(z_w, out=scratch)
+                l_w.add_(weights.sum(1))
+                acc.add_(weights.mul_(z_o.neg_().add_(z_w)).sum(1))
+                m_w, m_o = new_w, new_o
+            centre = acc / l_w
+            log_w, log_o = l_w.log(), l_o.log()
+            lse_w, lse_o = m_w + log_w, m_o + log_o
+            D[start:stop] = centre - log_w + log_o
+            ls, lt = (lse_w, lse_o) if reverse else (lse_o, lse_w)
             lse_s[start:stop], lse_t[start:stop] = ls, lt
-            # reverse: sum p_s (z_s - z_t) - lse_s + lse_t;  forward: sum p_t (z_t - z_s) - lse_t + lse_s
-            D[start:stop] = acc / l_s - ls + lt if reverse else acc / l_t - lt + ls
+            frame[0, start:stop], frame[1, start:stop] = (m_w, m_o) if reverse else (m_o, m_w)
+            frame[2, start:stop] = centre
             if y is not None:
                 lp_s[start:stop], lp_t[start:stop] = zy_s - ls, zy_t - lt
-    return D, lse_s, lse_t, lp_s, lp_t
+    return D, lse_s, lse_t, lp_s, lp_t, frame
 
 
 def divergence_backward(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                         row_index, lse_student, lse_teacher, token_divergence, grad_divergence, *, divergence: str,
                         temperature: float, need_hidden: bool = True, need_weight: bool = True,
-                        need_bias: bool = True, chunk_size: int | None = None):
+                        need_bias: bool = True, frame: torch.Tensor | None = None, chunk_size: int | None = None):
     """Gradients of ``sum_i grad_divergence[i] * D[i]`` with respect to the student's hidden, weight, bias.
 
     ``grad_divergence`` is ``[Na]`` (the upstream gradient of each row's D: coef * w * m / normalizer
     times the caller's upstream gradient).  Per row, with raw logits ``x = z * temperature``:
-    reverse KL ``dD/dx = p_s (log p_s - log p_t - D) / tau``; forward KL ``dD/dx = (p_s - p_t) / tau``.
+    reverse KL ``dD/dx = p_s (log p_s - log p_t - D) / tau``, formed as
+    ``p_s ((z_s - M_s) - (z_t - M_t) - c')`` from the forward's ``frame`` (cancellation-free for saturated
+    logits; without ``frame`` from ``lse`` and ``D``); forward KL ``dD/dx = (p_s - p_t) / tau``.
     Returns ``(d_hidden [N, Hs], d_weight [Vs, Hs], d_bias [Vs])`` in the inputs' dtypes (None where not
     needed); rows outside ``row_index`` get zero gradient.
     """
@@ -173,18 +179,21 @@ def divergence_backward(student_hidden, student_weight, student_bias, teacher_hi
             scale = grad_divergence[start:stop].to(dt)[:, None] / temperature
             h, ht = student_hidden[rows].to(dt), teacher_hidden[rows].to(dt)
             ls, lt = lse_student[start:stop, None], lse_teacher[start:stop, None]
-            shift = lt - token_divergence[start:stop, None]
+            if frame is not None:  # reverse KL: (z_s - M_s) - (z_t - M_t) - c' = z_s - z_t + shift
+                shift = (frame[1, start:stop] - frame[0, start:stop] - frame[2, start:stop])[:, None]
+            else:                  # (z_s - lse_s) - (z_t - lse_t) - D
+                shift = lt - ls - token_divergence[start:stop, None]
             d_rows = torch.zeros(stop - start, ws.shape[1], dtype=dt, device=ws.device) if need_hidden else None
             for v0 in range(0, V, BV):
                 v1 = min(v0 + BV, V)
                 w_tile, b_tile = _tile(ws, bs, v0, v1)
-                logp_s = _logits(h, w_tile, b_tile, temperature).sub_(ls)
+                zs = _logits(h, w_tile, b_tile, temperature)
                 zt = _logits(ht, *_tile(wt, bt, v0, v1), temperature)
-                if divergence == "reverse_kl":      # p_s (log p_s - log p_t - D), log p_t = z_t - lse_t
-                    centered = zt.neg_().add_(logp_s).add_(shift)
-                    dx = logp_s.exp_().mul_(centered)
+                if divergence == "reverse_kl":      # p_s ((z_s - z_t) + shift)
+                    centered = zt.neg_().add_(zs).add_(shift)
+                    dx = zs.sub_(ls).exp_().mul_(centered)
                 else:                               # p_s - p_t
-                    dx = logp_s.exp_().sub_(zt.sub_(lt).exp_())
+                    dx = zs.sub_(ls).exp_().sub_(zt.sub_(lt).exp_())
                 dx.mul_(scale)
                 if d_rows is not None:
                     d_rows.addmm_(dx, w_tile)

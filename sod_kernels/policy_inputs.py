@@ -75,6 +75,8 @@ def sod_policy_inputs(rewards: torch.Tensor, group_ids: torch.Tensor, old_logpro
     check_shape(response_mask, "response_mask", shape, "same as old_logprobs")
     check_tensor(rewards, "rewards", ndim=(1,))
     check_shape(rewards, "rewards", shape[:1], "one reward per row of old_logprobs")
+    check_tensor(group_ids, "group_ids", ndim=(1,), integer=True)
+    check_shape(group_ids, "group_ids", shape[:1], "one group id per row of old_logprobs")
     check_same_device(rewards=rewards, group_ids=group_ids, old_logprobs=old_logprobs,
                       teacher_logprobs=teacher_logprobs, response_mask=response_mask)
     coef = check_finite_number(coef, "coef")
@@ -96,10 +98,6 @@ def sod_policy_inputs(rewards: torch.Tensor, group_ids: torch.Tensor, old_logpro
 
     trimmed = trim_steps(weights)  # K columns (0 when no row has a step)
     B = step_ids.shape[0]
-    inside = step_ids >= 0
-    step_tokens = torch.zeros(B, max(K, 1), dtype=torch.int64, device=step_ids.device)
-    step_tokens.scatter_add_(1, step_ids.clamp(min=0), inside.to(torch.int64))
-    step_tokens = step_tokens[:, :K]
     num_steps = trimmed.num_steps
     has_steps = num_steps > 0
     rows_with_steps = has_steps.to(acc).sum().clamp(min=1)
@@ -112,6 +110,6 @@ def sod_policy_inputs(rewards: torch.Tensor, group_ids: torch.Tensor, old_logpro
         first = last = torch.zeros(B, dtype=acc, device=step_ids.device)
     return PolicyInputs(
         advantages=advantages, grpo_advantages=grpo, token_weights=weights.token_weights,
-        step_divergence=trimmed.step_divergence, step_weights=trimmed.step_weights, step_tokens=step_tokens,
+        step_divergence=trimmed.step_divergence, step_weights=trimmed.step_weights, step_tokens=trimmed.step_tokens,
         num_steps=num_steps, mean_num_steps=num_steps.to(acc).sum() / max(B, 1),
         mean_first_divergence=first.sum() / rows_with_steps, mean_last_weight=last.sum() / rows_with_steps)

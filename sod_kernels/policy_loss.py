@@ -13,10 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.function import once_differentiable
 
-from ._validation import (REDUCTIONS, check_binary_mask, check_choice, check_positive, check_same_device,
-                          check_shape, check_tensor)
-from .token_logprobs import TokenLogprobs, check_lm_head, check_target_ids, resolve_logprob_backend
+from ._validation import (REDUCTIONS, check_binary_mask, check_choice, check_chunk_size, check_lm_head,
+                          check_positive, check_same_device, check_shape, check_tensor)
+from .token_divergence import no_autocast
+from .token_logprobs import TokenLogprobs, check_target_ids, resolve_logprob_backend
 
 LOG_RATIO_CLAMP = 20.0  # SPEC 7: ratio = exp(clamp(logp_new - old_logp, -20, 20))
 
@@ -76,12 +78,57 @@ def ppo_dual_clip(logp_new: torch.Tensor, old_logp: torch.Tensor, advantages: to
     return loss, ratio, log_ratio, low, high, dual
 
 
+class SinglePassPolicyLoss(torch.autograd.Function):
+    """The PPO dual-clip loss and its student gradients in one pass (Triton backend, scalar reductions).
+
+    The loss is a per-token function of ``logp_new``; its derivative is taken per chunk by autograd through
+    :func:`ppo_dual_clip` on ``O(chunk)`` tensors (the same expression the two-pass path differentiates)
+    and folded into ``d(logits)`` right after the chunk's log-sum-exp.  Inputs: hidden ``[N, H]``, weight,
+    bias, row_index ``[Na]``, target_ids ``[N]``, temperature, old log-probs and advantages ``[Na]``,
+    ``(clip_low, clip_high, dual_clip)``, the divisor of the sum (``Na`` for a token mean, 1 for a sum),
+    rows per chunk (or None).
+    Outputs: the loss (0-D float32, differentiable) and ``logp [Na]`` (not differentiable).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, row_index, target_ids, temperature, old, adv, clip, divisor, chunk_size):
+        from .triton_token_logprobs import single_pass_token_loss
+
+        def token_loss(start, stop, logp):
+            with torch.enable_grad():
+                x = logp.detach().requires_grad_()
+                per = ppo_dual_clip(x, old[start:stop], adv[start:stop], *clip)[0]
+                (grad,) = torch.autograd.grad(per.sum(), x)
+            return per.detach().sum(), grad / divisor
+
+        need = ctx.needs_input_grad
+        total, logp, grads = single_pass_token_loss(hidden, weight, bias, row_index, target_ids,
+                                                    temperature=temperature, token_loss=token_loss,
+                                                    need_hidden=need[0], need_weight=need[1], need_bias=need[2],
+                                                    chunk_size=chunk_size)
+        ctx.grads = grads
+        ctx.mark_non_differentiable(logp)
+        return (total / divisor).to(torch.float32), logp
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, unused):
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("fused_sod_policy_loss's single-pass gradients were already used: call backward once "
+                               "per forward (or pass reduction='none' for a recomputing backward)")
+        one = grad_loss.new_ones(())
+        scaled = tuple(None if g is None else (g if torch.equal(grad_loss, one) else g * grad_loss.to(g.dtype))
+                       for g in grads)
+        return scaled + (None,) * 8
+
+
 def fused_sod_policy_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, target_ids: torch.Tensor,
                           old_logprobs: torch.Tensor, advantages: torch.Tensor, response_mask: torch.Tensor, *,
                           clip_low: float = 0.2, clip_high: float = 0.28, dual_clip: float | None = 3.0,
                           temperature: float = 1.0, student_bias: torch.Tensor | None = None,
                           reduction: str = "token_mean", return_stats: bool = False, backend: str = "auto",
-                          check_inputs: bool = True):
+                          chunk_size: int | None = None, check_inputs: bool = True):
     """PPO dual-clip policy loss on SOD advantages, from hidden states (SPEC section 7).
 
     ``ratio = exp(clamp(logp_new - old_logprobs, -20, 20))``,
@@ -102,7 +149,10 @@ def fused_sod_policy_loss(student_hidden: torch.Tensor, student_weight: torch.Te
         student_bias: optional ``[V]``.
         reduction: ``"token_mean"`` (default), ``"sum"``, or ``"none"`` (per-token ``[B, T]``, 0 off the mask).
         return_stats: return :class:`PolicyLossStats` (a few host-free reductions) instead of the loss.
-        backend: ``"auto"`` (Triton on CUDA, chunked PyTorch on CPU), ``"triton"`` or ``"torch"``.
+        backend: ``"auto"`` (Triton on CUDA, chunked PyTorch on CPU), ``"triton"`` or ``"torch"``.  On the Triton
+            backend a scalar reduction runs in one pass (the gradient is formed right after each chunk's
+            log-sum-exp); ``reduction="none"`` recomputes the logits in backward.
+        chunk_size: rows per chunk (default: from a memory budget and the vocabulary size).
         check_inputs: validate mask and target values and the loss's finiteness (host syncs).
     Returns:
         The loss (float32, or float64 for float64 hidden states), or :class:`PolicyLossStats`.
@@ -119,6 +169,7 @@ def fused_sod_policy_loss(student_hidden: torch.Tensor, student_weight: torch.Te
         if dual_clip <= 1.0:
             raise ValueError(f"dual_clip must be > 1 (or None to disable the dual clip), got {dual_clip}")
     temperature = check_positive(temperature, "temperature")
+    check_chunk_size(chunk_size)
     check_lm_head(student_hidden, student_weight, student_bias, hidden_name="student_hidden",
                   weight_name="student_weight", bias_name="student_bias")
     lead = tuple(student_hidden.shape[:-1])
@@ -144,21 +195,31 @@ def fused_sod_policy_loss(student_hidden: torch.Tensor, student_weight: torch.Te
         if bool(((used < 0) | (used >= student_weight.shape[0])).any()):
             raise ValueError(f"target_ids must lie in [0, {student_weight.shape[0]}) (the vocabulary of "
                              "student_weight) wherever response_mask is 1")
-    logp = TokenLogprobs.apply(hidden, student_weight.contiguous(),
-                               None if student_bias is None else student_bias.contiguous(), row_index, y,
-                               temperature, impl)
-    acc = logp.dtype
+    weight = student_weight.contiguous()
+    bias = None if student_bias is None else student_bias.contiguous()
+    acc = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
     old = old_logprobs.detach().reshape(-1)[row_index].to(acc)
     adv = advantages.detach().reshape(-1)[row_index].to(acc)
-    per_row, ratio, log_ratio, low, high, dual = ppo_dual_clip(logp, old, adv, clip_low, clip_high, dual_clip)
     normalizer = max(num_active, 1)
-    if reduction == "none":
-        loss = torch.zeros(flat_mask.numel(), dtype=acc, device=logp.device).index_copy(0, row_index, per_row)
-        loss = loss.view(lead)
-    elif reduction == "sum":
-        loss = per_row.sum()
-    else:
-        loss = per_row.sum() / normalizer
+    clip = (clip_low, clip_high, dual_clip)
+    loss = None
+    with no_autocast(student_hidden.device):
+        if impl == "triton" and reduction != "none" and num_active and torch.is_grad_enabled() and \
+                (hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+            divisor = float(normalizer) if reduction == "token_mean" else 1.0
+            loss, logp = SinglePassPolicyLoss.apply(hidden, weight, bias, row_index, y, temperature, old, adv,
+                                                    clip, divisor, chunk_size)
+        else:
+            logp, _ = TokenLogprobs.apply(hidden, weight, bias, row_index, y, temperature, impl, False, chunk_size)
+    per_row, ratio, log_ratio, low, high, dual = ppo_dual_clip(logp, old, adv, clip_low, clip_high, dual_clip)
+    if loss is None:
+        if reduction == "none":
+            loss = torch.zeros(flat_mask.numel(), dtype=acc, device=logp.device).index_copy(0, row_index, per_row)
+            loss = loss.view(lead)
+        elif reduction == "sum":
+            loss = per_row.sum()
+        else:
+            loss = per_row.sum() / normalizer
     if check_inputs and num_active and not bool(torch.isfinite(per_row.detach()).all()):
         raise ValueError("the policy loss is not finite: student_hidden, student_weight / student_bias, "
                          "old_logprobs or advantages contain NaN or Inf (or the logits overflow)")

@@ -12,11 +12,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.function import once_differentiable
 
-from ._validation import (BACKENDS, DIVERGENCES, REDUCTIONS, STEP_DIVERGENCES, check_choice, check_finite_number,
-                          check_positive, check_same_device, check_shape, check_tensor)
+from ._validation import (BACKENDS, DIVERGENCES, MEMORY_MODES, REDUCTIONS, STEP_DIVERGENCES, check_choice,
+                          check_chunk_size, check_finite_number, check_lm_head, check_positive, check_same_device,
+                          check_shape, check_tensor)
 from .steps import DEFAULT_DELTA, DEFAULT_EPSILON, resolve_step_ids, step_weights_from_divergence, trim_steps
-from .token_divergence import TokenDivergence, resolve_backend
+from .chunked_core import FAST_CHUNK_BYTES, chunk_rows, even_chunks
+from .chunked_torch import compute_dtype
+from .step_plan import InPassStepWeights
+from .token_divergence import TokenDivergence, no_autocast, resolve_backend
 
 
 @dataclass
@@ -40,17 +45,65 @@ class SODStats:
     num_steps: torch.Tensor
 
 
-def _check_model(hidden, weight, bias, prefix: str):
-    check_tensor(hidden, f"{prefix}_hidden", ndim=(2, 3), floating=True)
-    check_tensor(weight, f"{prefix}_weight", ndim=(2,), floating=True)
-    if hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"{prefix}_hidden's last dimension ({hidden.shape[-1]}) must equal the hidden size of "
-                         f"{prefix}_weight [V, H] ({weight.shape[1]})")
-    if hidden.dtype != weight.dtype:
-        raise TypeError(f"{prefix}_hidden ({hidden.dtype}) and {prefix}_weight ({weight.dtype}) must have one dtype")
-    if bias is not None:
-        check_tensor(bias, f"{prefix}_bias", ndim=(1,), floating=True)
-        check_shape(bias, f"{prefix}_bias", (weight.shape[0],), f"one entry per row of {prefix}_weight")
+def _needs_student_grad(hidden, weight, bias) -> bool:
+    return torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or
+                                        (bias is not None and bias.requires_grad))
+
+
+def _single_pass_plan(step_rows, row_index, given, step_divergence, epsilon, delta, chunk_size, vocab, elem):
+    """``(chunks, chunk_weights)`` for :class:`SinglePassKL`, or None when a step is longer than a chunk."""
+    n = row_index.numel()
+    rows = chunk_rows(n, vocab, 8 + elem, budget=FAST_CHUNK_BYTES, chunk_size=chunk_size)
+    if given is not None:
+        w = given.reshape(-1)[row_index].to(torch.float32)
+        return even_chunks(n, rows), lambda a, b, D, signal: w[a:b]
+    if step_divergence == "none":
+        return even_chunks(n, rows), lambda a, b, D, signal: torch.ones_like(D)
+    steps = InPassStepWeights(step_rows, row_index, epsilon=epsilon, delta=delta)
+    chunks = steps.chunks(rows, n)
+    if chunks is None:
+        return None
+    return chunks, lambda a, b, D, signal: steps.chunk_weights(a, b, signal)
+
+
+class SinglePassKL(torch.autograd.Function):
+    """The weighted loss and its student gradients in one pass (Triton backend, scalar reductions).
+
+    Inputs: the flattened student/teacher hidden ``[N, H]``, weights, biases, ``row_index``, ``target_ids``
+    or None, divergence, temperature, the chunks and their weight function (see
+    :func:`sod_kernels.triton_divergence.single_pass_loss`), coef, normalizer, whether the weights use the
+    sampled signal.  Outputs: loss (0-D float32, differentiable), ``D``, ``logp_s(y)``, ``logp_t(y)``
+    (``[Na]``, not differentiable; the last two empty without targets).  The gradients are computed in the
+    forward for an upstream gradient of 1 and scaled in backward; first-order only.
+    """
+
+    @staticmethod
+    def forward(ctx, sh, sw, sb, th, tw, tb, row_index, y, divergence, temperature, chunks, chunk_weights, coef,
+                normalizer, sampled_signal):
+        from .triton_divergence import KLProblem, single_pass_loss
+        problem = KLProblem.build(sh, sw, sb, th, tw, tb, row_index, y, divergence, temperature)
+        need = ctx.needs_input_grad
+        res = single_pass_loss(problem, chunks, chunk_weights, coef=coef, normalizer=normalizer,
+                               need_hidden=need[0], need_weight=need[1], need_bias=need[2],
+                               sampled_signal=sampled_signal)
+        ctx.grads = res.grads
+        lp_s = res.lp_s if res.lp_s is not None else res.D.new_empty(0)
+        lp_t = res.lp_t if res.lp_t is not None else res.D.new_empty(0)
+        ctx.mark_non_differentiable(res.D, lp_s, lp_t)
+        return res.loss, res.D, lp_s, lp_t
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, *unused):
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("fused_sod_loss's single-pass gradients were already used: call backward once per "
+                               "forward (retain_graph is not supported by the single pass; pass memory='low' or "
+                               "reduction='none' for a recomputing backward)")
+        one = grad_loss.new_ones(())
+        scaled = tuple(None if g is None else (g if torch.equal(grad_loss, one) else g * grad_loss.to(g.dtype))
+                       for g in grads)
+        return scaled + (None,) * 12
 
 
 def check_token_weights(token_weights, lead: tuple[int, ...], *, check_values: bool) -> None:
@@ -71,7 +124,7 @@ def fused_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
                    delta: float = DEFAULT_DELTA, temperature: float = 1.0, coef: float = 1.0,
                    student_bias: torch.Tensor | None = None, teacher_bias: torch.Tensor | None = None,
                    reduction: str = "token_mean", return_stats: bool = False, backend: str = "auto",
-                   check_inputs: bool = True):
+                   memory: str = "fast", chunk_size: int | None = None, check_inputs: bool = True):
     """Step-weighted on-policy distillation loss from hidden states, without materializing logits.
 
     ``L = coef * sum_{b,t} m[b,t] * w[b,t] * D[b,t] / normalizer`` (SPEC section 6).
@@ -101,6 +154,12 @@ def fused_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
             ``"none"`` (per-token ``[B, T]`` tensor).
         return_stats: also return step divergences and weights (one extra host sync).
         backend: ``"auto"`` (Triton for CUDA tensors, chunked PyTorch for CPU), ``"triton"``, ``"torch"``.
+        memory: Triton backend: ``"fast"`` (default: the loss and its gradients in one pass over row chunks
+            whenever the weights are known in-pass, i.e. scalar reductions with ``token_weights``, ``"none"``,
+            or ``"kl"``/``"sampled"`` steps that fit a chunk; extra memory about 1.3 GiB at a 152k x 1024
+            student head) or ``"low"`` (two passes over rows x vocabulary-slice blocks, recomputing the
+            logits in backward: a few hundred MiB).
+        chunk_size: rows per chunk (default: from a memory budget and the vocabulary size).
         check_inputs: validate mask / step id values and the loss's finiteness (host syncs); on by default.
     Returns:
         The loss (float32, or float64 for float64 inputs), or :class:`SODStats` if ``return_stats``.
@@ -114,12 +173,15 @@ def fused_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
                          f"step_divergence={step_divergence!r} (leave step_divergence unset or pass 'none')")
     check_choice(reduction, "reduction", REDUCTIONS)
     check_choice(backend, "backend", BACKENDS)
+    check_choice(memory, "memory", MEMORY_MODES)
+    check_chunk_size(chunk_size)
     epsilon = check_positive(epsilon, "epsilon")
     delta = check_positive(delta, "delta", allow_zero=True)
     temperature = check_positive(temperature, "temperature")
     coef = check_finite_number(coef, "coef")
-    _check_model(student_hidden, student_weight, student_bias, "student")
-    _check_model(teacher_hidden, teacher_weight, teacher_bias, "teacher")
+    for who, h, w, b in (("student", student_hidden, student_weight, student_bias),
+                         ("teacher", teacher_hidden, teacher_weight, teacher_bias)):
+        check_lm_head(h, w, b, hidden_name=f"{who}_hidden", weight_name=f"{who}_weight", bias_name=f"{who}_bias")
     lead = tuple(student_hidden.shape[:-1])
     if tuple(teacher_hidden.shape[:-1]) != lead:
         raise ValueError(f"teacher_hidden's leading shape {tuple(teacher_hidden.shape[:-1])} must equal "
@@ -153,28 +215,44 @@ def fused_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
     sh = student_hidden.reshape(-1, student_hidden.shape[-1]).contiguous()
     th = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).contiguous()
     y = None if target_ids is None else target_ids.reshape(-1).to(torch.int64).contiguous()
-    D, _, _, lp_s, lp_t = TokenDivergence.apply(sh, student_weight.contiguous(), student_bias, th,
-                                                teacher_weight.contiguous(), teacher_bias, row_index, y,
-                                                divergence, temperature, impl)
-    acc = D.dtype
-    token_divergence = torch.zeros(B * T, dtype=acc, device=D.device).index_copy(0, row_index, D).view(B, T)
+    sw, tw = student_weight.contiguous(), teacher_weight.contiguous()
+    acc = compute_dtype(student_hidden.dtype)
+    given = None if token_weights is None else token_weights.detach().to(acc).reshape(B, T)
+    loss = None
+    with no_autocast(student_hidden.device):
+        if impl == "triton" and memory == "fast" and reduction != "none" and num_active and \
+                _needs_student_grad(student_hidden, student_weight, student_bias):
+            plan = _single_pass_plan(step_rows, row_index, given, step_divergence, epsilon, delta, chunk_size,
+                                     student_weight.shape[0], student_hidden.element_size())
+            if plan is not None:
+                chunks, chunk_weights = plan
+                normalizer = float(max(num_active, 1)) if reduction == "token_mean" else 1.0
+                loss, D, lp_s, lp_t = SinglePassKL.apply(
+                    sh, sw, student_bias, th, tw, teacher_bias, row_index, y, divergence, temperature, chunks,
+                    chunk_weights, coef, normalizer, step_divergence == "sampled")
+        if loss is None:
+            options = {"chunk_size": chunk_size, "memory": memory} if impl == "triton" else {}
+            D, _, _, lp_s, lp_t = TokenDivergence.apply(sh, sw, student_bias, th, tw, teacher_bias, row_index, y,
+                                                        divergence, temperature, impl, options)
+    token_divergence = torch.zeros(B * T, dtype=acc, device=D.device).index_copy(0, row_index, D.to(acc)).view(B, T)
     if step_divergence == "sampled":
-        signal = torch.zeros(B * T, dtype=acc, device=D.device).index_copy(0, row_index, (lp_s - lp_t).abs())
+        signal = torch.zeros(B * T, dtype=acc, device=D.device).index_copy(0, row_index, (lp_s - lp_t).abs().to(acc))
         signal = signal.view(B, T)
     else:
         signal = token_divergence
-    weights = step_weights_from_divergence(signal, step_rows, epsilon=epsilon, delta=delta,
-                                           weighted=step_divergence != "none")
-    if token_weights is not None:
-        given = token_weights.detach().to(acc).reshape(B, T)
-        weights = weights._replace(token_weights=given.masked_fill(step_rows < 0, 0))
-    per_token = coef * weights.token_weights * token_divergence
-    if reduction == "none":
-        loss = per_token[0] if single else per_token
-    elif reduction == "sum":
-        loss = per_token.sum()
-    else:
-        loss = per_token.sum() / max(num_active, 1)
+    if loss is None or return_stats:
+        weights = step_weights_from_divergence(signal, step_rows, epsilon=epsilon, delta=delta,
+                                               weighted=step_divergence != "none")
+        if given is not None:
+            weights = weights._replace(token_weights=given.masked_fill(step_rows < 0, 0))
+    if loss is None:
+        per_token = coef * weights.token_weights * token_divergence
+        if reduction == "none":
+            loss = per_token[0] if single else per_token
+        elif reduction == "sum":
+            loss = per_token.sum()
+        else:
+            loss = per_token.sum() / max(num_active, 1)
     if check_inputs and num_active and not bool(torch.isfinite(loss.detach()).all()):
         raise ValueError("the loss is not finite: student_hidden, teacher_hidden or the weights/biases contain "
                          "NaN or Inf (or the logits overflow)")
@@ -182,6 +260,6 @@ def fused_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
         return loss
     w = trim_steps(weights)
     pick = (lambda x: x[0]) if single else (lambda x: x)
-    return SODStats(loss=loss, token_divergence=pick(token_divergence.detach()), token_weights=pick(w.token_weights),
+    return SODStats(loss=loss, token_divergence=pick(token_divergence.detach().clamp(min=0)), token_weights=pick(w.token_weights),
                     step_divergence=pick(w.step_divergence), step_weights=pick(w.step_weights),
                     num_steps=pick(w.num_steps))

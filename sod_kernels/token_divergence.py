@@ -17,6 +17,7 @@ import os
 from types import ModuleType
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import chunked_torch
 
@@ -33,6 +34,13 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before sod_kernels "
                          f"is imported to run the kernels on {device.type} tensors; use backend='torch' or 'auto'")
     return backend
+
+
+def no_autocast(device: torch.device):
+    """A context in which autocast is off for ``device``: the losses compute in their inputs' dtypes with
+    float32 statistics whatever the caller's autocast state (forward and backward alike)."""
+    kind = device.type if device.type in ("cuda", "cpu", "xpu", "mps") else "cpu"
+    return torch.autocast(device_type=kind, enabled=False)
 
 
 def backend_module(name: str) -> ModuleType:
@@ -54,36 +62,45 @@ class TokenDivergence(torch.autograd.Function):
 
     Inputs: student_hidden ``[N, Hs]``, student_weight ``[Vs, Hs]``, student_bias ``[Vs]`` or None,
     teacher_hidden ``[N, Ht]``, teacher_weight ``[Vt, Ht]``, teacher_bias or None, row_index ``[Na]``
-    int64, target_ids ``[N]`` int64 or None, divergence name, temperature, backend name.
+    int64, target_ids ``[N]`` int64 or None, divergence name, temperature, backend name, backend options
+    (a dict: ``chunk_size`` / ``memory`` for the Triton backend).
+    The backward is first-order only: differentiating the gradient again raises an error.
     Outputs (each ``[Na]``, float32 or float64): D, lse_student, lse_teacher, logp_student(y),
     logp_teacher(y) (the last two empty when target_ids is None).
     """
 
     @staticmethod
     def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                row_index, target_ids, divergence, temperature, backend):
+                row_index, target_ids, divergence, temperature, backend, options=None):
         ops = backend_module(backend)
-        D, lse_s, lse_t, lp_s, lp_t = ops.divergence_forward(
-            student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-            row_index, target_ids, divergence=divergence, temperature=temperature)
+        options = dict(options or {})
+        with no_autocast(student_hidden.device):
+            outs = ops.divergence_forward(
+                student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                row_index, target_ids, divergence=divergence, temperature=temperature, **options)
+        D, lse_s, lse_t, lp_s, lp_t = outs[:5]
+        if len(outs) > 5:  # the backend's per-row frame for its backward (Triton: maxima and centre)
+            options["frame"] = outs[5]
         if lp_s is None:
             lp_s, lp_t = D.new_empty(0), D.new_empty(0)
         ctx.save_for_backward(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                               teacher_bias, row_index, lse_s, lse_t, D)
-        ctx.options = (divergence, temperature, backend)
+        ctx.options = (divergence, temperature, backend, options)
         ctx.mark_non_differentiable(lse_s, lse_t, lp_s, lp_t)
         return D, lse_s, lse_t, lp_s, lp_t
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_D, *unused):
         sh, sw, sb, th, tw, tb, row_index, lse_s, lse_t, D = ctx.saved_tensors
-        divergence, temperature, backend = ctx.options
+        divergence, temperature, backend, options = ctx.options
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         if grad_D is None or row_index.numel() == 0:
             dh, dw, db = zero_student_grads(sh, sw, sb, need_h, need_w, need_b)
         else:
-            dh, dw, db = backend_module(backend).divergence_backward(
-                sh, sw, sb, th, tw, tb, row_index, lse_s, lse_t, D, grad_D.contiguous(),
-                divergence=divergence, temperature=temperature, need_hidden=need_h, need_weight=need_w,
-                need_bias=need_b)
-        return dh, dw, db, None, None, None, None, None, None, None, None
+            with no_autocast(sh.device):
+                dh, dw, db = backend_module(backend).divergence_backward(
+                    sh, sw, sb, th, tw, tb, row_index, lse_s, lse_t, D, grad_D.contiguous(),
+                    divergence=divergence, temperature=temperature, need_hidden=need_h, need_weight=need_w,
+                    need_bias=need_b, **options)
+        return dh, dw, db, None, None, None, None, None, None, None, None, None

@@ -11,8 +11,8 @@ Two backends implement the same pair of functions (``logprob_forward`` / ``logpr
 - ``"torch"``: this module, chunked PyTorch (rows in chunks of ``C``: ``chunked_torch.rows_per_chunk`` rows,
   at least ``MIN_CHUNK_ROWS``, so that about two ``C x V`` blocks exist at a time); CPU default; float64
   supported.
-- ``"triton"``: :mod:`sod_kernels.triton_token_logprobs`; CUDA default; on CPU tensors it needs
-  ``TRITON_INTERPRET=1``.
+- ``"triton"``: :mod:`sod_kernels.triton_token_logprobs` (the chunked core: cuBLAS logit blocks, Triton
+  epilogues, atomic-free contractions); CUDA default; on CPU tensors it needs ``TRITON_INTERPRET=1``.
 
 :class:`TokenLogprobs` is the autograd Function both backends plug into; it works on a row subset
 ``row_index`` so that callers (the policy loss) only pay for the tokens they use.
@@ -23,10 +23,11 @@ from __future__ import annotations
 from types import ModuleType
 
 import torch
+from torch.autograd.function import once_differentiable
 
-from ._validation import BACKENDS, check_choice, check_positive, check_same_device, check_shape, check_tensor
+from ._validation import BACKENDS, check_choice, check_chunk_size, check_lm_head, check_positive, check_same_device, check_shape, check_tensor
 from .chunked_torch import _logits, compute_dtype, rows_per_chunk
-from .token_divergence import resolve_backend, zero_student_grads
+from .token_divergence import no_autocast, resolve_backend, zero_student_grads
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # At least this many rows per chunk: with the divergence backend's ~2M-float blocks a 152k vocabulary gets
@@ -47,7 +48,8 @@ def _weights_in(dtype: torch.dtype, weight: torch.Tensor, bias: torch.Tensor | N
 
 
 def logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, row_index: torch.Tensor,
-                    target_ids: torch.Tensor, *, temperature: float, chunk_size: int | None = None):
+                    target_ids: torch.Tensor, *, temperature: float, with_entropy: bool = False,
+                    chunk_size: int | None = None):
     """Sampled-token log-probs of the rows ``row_index`` (chunked PyTorch).
 
     Args:
@@ -55,20 +57,26 @@ def logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         row_index: ``[Na]`` int64 rows to compute.
         target_ids: ``[N]`` int64 in ``[0, V)``.
     Returns:
-        ``(logp [Na], lse [Na])`` in float32 (float64 for float64 inputs); ``lse`` is the log-sum-exp of
-        the temperature-scaled logits, saved for the backward pass.
+        ``(logp [Na], lse [Na], entropy [Na] or None, None)`` in float32 (float64 for float64 inputs); ``lse``
+        is the log-sum-exp of the temperature-scaled logits, saved for the backward pass; ``entropy`` is
+        that of the softmax (``with_entropy``).
     """
     dt = compute_dtype(hidden.dtype)
     w, b = _weights_in(dt, weight, bias)
     Na = row_index.numel()
     logp = torch.empty(Na, dtype=dt, device=hidden.device)
     lse = torch.empty_like(logp)
+    entropy = torch.empty_like(logp) if with_entropy else None
     C = _chunk_rows(w.shape[0], chunk_size)
     with torch.no_grad():
         for start in range(0, Na, C):
             rows = row_index[start:start + C]
             h = hidden[rows].to(dt)
-            chunk_lse = torch.logsumexp(_logits(h, w, b, temperature), dim=-1)
+            z = _logits(h, w, b, temperature)
+            chunk_lse = torch.logsumexp(z, dim=-1)
+            if with_entropy:  # H = -sum p log p, with log p = z - lse
+                log_p = z.sub_(chunk_lse[:, None])
+                entropy[start:start + C] = -(log_p.exp() * log_p).sum(-1)
             y = target_ids[rows]
             # The one gathered dot product: hidden . weight[y] (+ bias[y]), scaled like the tile logits.
             target_logit = (h * w[y]).sum(-1)
@@ -76,16 +84,19 @@ def logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
                 target_logit = target_logit + b[y]
             lse[start:start + C] = chunk_lse
             logp[start:start + C] = target_logit / temperature - chunk_lse
-    return logp, lse
+    return logp, lse, entropy, None
 
 
 def logprob_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, row_index: torch.Tensor,
                      target_ids: torch.Tensor, lse: torch.Tensor, grad_logp: torch.Tensor, *, temperature: float,
+                     grad_entropy: torch.Tensor | None = None, entropy: torch.Tensor | None = None,
                      need_hidden: bool = True, need_weight: bool = True, need_bias: bool = True,
                      chunk_size: int | None = None):
-    """Gradients of ``sum_i grad_logp[i] * logp[i]`` w.r.t. hidden ``[N, H]``, weight ``[V, H]``, bias ``[V]``.
+    """Gradients of ``sum_i grad_logp[i] logp[i] (+ grad_entropy[i] H[i])`` w.r.t. hidden ``[N, H]``, weight
+    ``[V, H]``, bias ``[V]``.
 
-    Per row, with raw logits ``x``: ``d logp / dx = (onehot(y) - softmax(x / tau)) / tau``.  Rows outside
+    Per row, with raw logits ``x``: ``d logp / dx = (onehot(y) - p) / tau`` and
+    ``dH / dx = -p (log p + H) / tau`` (``entropy`` = H is needed with ``grad_entropy``).  Rows outside
     ``row_index`` get zero gradient.  Returns the three gradients in the inputs' dtypes (None where not
     needed).
     """
@@ -101,10 +112,14 @@ def logprob_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
             rows = row_index[start:start + C]
             scale = grad_logp[start:start + C].to(dt)[:, None] / temperature
             h = hidden[rows].to(dt)
-            dx = _logits(h, w, b, temperature)
-            dx.sub_(lse[start:start + C, None]).exp_().neg_()
+            log_p = _logits(h, w, b, temperature).sub_(lse[start:start + C, None])
+            p = log_p.exp()
+            dx = p.neg()
             dx.scatter_add_(1, target_ids[rows][:, None], torch.ones_like(dx[:, :1]))
             dx *= scale
+            if grad_entropy is not None:
+                g_h = grad_entropy[start:start + C].to(dt)[:, None] / temperature
+                dx -= g_h * p * log_p.add_(entropy[start:start + C, None].to(dt))
             if d_hidden is not None:
                 d_hidden.index_add_(0, rows, dx @ w)
             if d_weight is not None:
@@ -126,50 +141,51 @@ def backend_module(name: str) -> ModuleType:
 
 
 class TokenLogprobs(torch.autograd.Function):
-    """``logp[i] = log softmax(hidden[row_index[i]] @ weight.T / tau)[target_ids[row_index[i]]]``.
+    """``logp[i] = log softmax(hidden[row_index[i]] @ weight.T / tau)[target_ids[row_index[i]]]`` and, with
+    ``with_entropy``, the entropy ``H[i]`` of the same softmax.
 
     Inputs: hidden ``[N, H]``, weight ``[V, H]``, bias ``[V]`` or None, row_index ``[Na]`` int64,
-    target_ids ``[N]`` int64, temperature, backend name.  Output: ``[Na]`` float32 (float64 for float64
-    inputs), differentiable w.r.t. hidden, weight and bias.
+    target_ids ``[N]`` int64, temperature, backend name, with_entropy, chunk_size (rows per chunk or None).
+    Outputs: ``logp [Na]`` and
+    ``entropy [Na]`` (empty without ``with_entropy``), float32 (float64 for float64 inputs), both
+    differentiable w.r.t. hidden, weight and bias.  First-order only.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, row_index, target_ids, temperature, backend):
-        logp, lse = backend_module(backend).logprob_forward(hidden, weight, bias, row_index, target_ids,
-                                                            temperature=temperature)
+    def forward(ctx, hidden, weight, bias, row_index, target_ids, temperature, backend, with_entropy=False,
+                chunk_size=None):
+        with no_autocast(hidden.device):
+            logp, lse, entropy, frame = backend_module(backend).logprob_forward(
+                hidden, weight, bias, row_index, target_ids, temperature=temperature, with_entropy=with_entropy,
+                chunk_size=chunk_size)
+        if entropy is None:
+            entropy = logp.new_empty(0)
         ctx.save_for_backward(hidden, weight, bias, row_index, target_ids, lse)
-        ctx.options = (temperature, backend)
-        return logp
+        ctx.extra = (entropy.detach() if with_entropy else None, frame)
+        ctx.options = (temperature, backend, with_entropy, chunk_size)
+        return logp, entropy
 
     @staticmethod
-    def backward(ctx, grad_logp):
+    @once_differentiable
+    def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, bias, row_index, target_ids, lse = ctx.saved_tensors
-        temperature, backend = ctx.options
+        temperature, backend, with_entropy, chunk_size = ctx.options
+        entropy, frame = ctx.extra
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        if grad_logp is None or row_index.numel() == 0:
+        if grad_logp is None and grad_entropy is None or row_index.numel() == 0:
             dh, dw, db = zero_student_grads(hidden, weight, bias, need_h, need_w, need_b)
-        else:
+            return dh, dw, db, None, None, None, None, None, None
+        if grad_logp is None:
+            grad_logp = lse.new_zeros(lse.shape)
+        extra = {}
+        if with_entropy and grad_entropy is not None:
+            extra = {"grad_entropy": grad_entropy.contiguous()}
+            extra.update({"frame": frame} if backend == "triton" else {"entropy": entropy})
+        with no_autocast(hidden.device):
             dh, dw, db = backend_module(backend).logprob_backward(
                 hidden, weight, bias, row_index, target_ids, lse, grad_logp.contiguous(), temperature=temperature,
-                need_hidden=need_h, need_weight=need_w, need_bias=need_b)
-        return dh, dw, db, None, None, None, None
-
-
-def check_lm_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, hidden_name: str,
-                  weight_name: str, bias_name: str) -> None:
-    """``hidden [..., H]`` floating, ``weight [V, H]`` of the same dtype, ``bias [V]`` or None."""
-    check_tensor(hidden, hidden_name, ndim=(2, 3), floating=True)
-    check_tensor(weight, weight_name, ndim=(2,), floating=True)
-    if hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"{hidden_name}'s last dimension ({hidden.shape[-1]}) must equal the hidden size of "
-                         f"{weight_name} [V, H] ({weight.shape[1]})")
-    if hidden.dtype != weight.dtype:
-        raise TypeError(f"{hidden_name} ({hidden.dtype}) and {weight_name} ({weight.dtype}) must have one dtype")
-    if weight.shape[0] == 0:
-        raise ValueError(f"{weight_name} must have at least one vocabulary row, got shape {tuple(weight.shape)}")
-    if bias is not None:
-        check_tensor(bias, bias_name, ndim=(1,), floating=True)
-        check_shape(bias, bias_name, (weight.shape[0],), f"one entry per row of {weight_name}")
+                need_hidden=need_h, need_weight=need_w, need_bias=need_b, chunk_size=chunk_size, **extra)
+        return dh, dw, db, None, None, None, None, None, None
 
 
 def check_target_ids(target_ids: torch.Tensor, lead: tuple[int, ...], vocab: int, *, check_values: bool,
@@ -194,7 +210,7 @@ def resolve_logprob_backend(backend: str, hidden: torch.Tensor, hidden_name: str
 
 def fused_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, target_ids: torch.Tensor, *,
                          bias: torch.Tensor | None = None, temperature: float = 1.0, backend: str = "auto",
-                         check_inputs: bool = True) -> torch.Tensor:
+                         return_entropy: bool = False, chunk_size: int | None = None, check_inputs: bool = True):
     """``log softmax((hidden @ weight.T (+ bias)) / temperature)[target_ids]`` without materializing logits.
 
     Args:
@@ -205,15 +221,20 @@ def fused_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, target_ids:
         bias: optional ``[V]``; receives a gradient.
         temperature: ``> 0``; the logits are divided by it.
         backend: ``"auto"`` (Triton for CUDA tensors, chunked PyTorch otherwise), ``"triton"``, ``"torch"``.
+        return_entropy: also return the entropy ``H = -sum_v p(v) log p(v)`` of each position's softmax (same
+            pass, differentiable), as ``(logprobs, entropy)``.
+        chunk_size: rows per chunk (default: from a memory budget and the vocabulary size).
         check_inputs: check that ``target_ids`` lie in ``[0, V)`` (one host sync).
     Returns:
-        ``[B, T]`` (or ``[T]``) float32 (float64 for float64 inputs) log-probabilities.
-    Memory beyond the inputs and gradients: O(N) statistics, fp32 gradient buffers on the Triton path, and
-    about two ``C x V`` chunk blocks on the torch path (the ``N x V`` logits are never stored).  Time: the
+        ``[B, T]`` (or ``[T]``) float32 (float64 for float64 inputs) log-probabilities, or
+        ``(logprobs, entropy)`` with ``return_entropy``.
+    Memory beyond the inputs and gradients: O(N) statistics and about two ``C x V`` chunk blocks (plus a
+    float32 d(weight) accumulator on the Triton path); the ``N x V`` logits are never stored.  Time: the
     ``2 N V H`` FLOPs of the logit product forward; backward the recomputed product plus ``4 N V H``.
     """
     check_lm_head(hidden, weight, bias, hidden_name="hidden", weight_name="weight", bias_name="bias")
     temperature = check_positive(temperature, "temperature")
+    check_chunk_size(chunk_size)
     lead = tuple(hidden.shape[:-1])
     check_target_ids(target_ids, lead, weight.shape[0], check_values=check_inputs)
     check_same_device(hidden=hidden, weight=weight, target_ids=target_ids, bias=bias)
@@ -221,6 +242,8 @@ def fused_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, target_ids:
     flat = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     y = target_ids.reshape(-1).to(torch.int64).contiguous()
     rows = torch.arange(flat.shape[0], device=flat.device)
-    logp = TokenLogprobs.apply(flat, weight.contiguous(), None if bias is None else bias.contiguous(), rows, y,
-                               temperature, impl)
+    logp, entropy = TokenLogprobs.apply(flat, weight.contiguous(), None if bias is None else bias.contiguous(),
+                                        rows, y, temperature, impl, bool(return_entropy), chunk_size)
+    if return_entropy:
+        return logp.reshape(lead), entropy.reshape(lead)
     return logp.reshape(lead)

@@ -1,43 +1,44 @@
-"""Triton backend of the per-token divergence (SPEC section 3) and its student gradient.
+"""GPU backend of ``fused_sod_loss``: the KL epilogue on the chunked core (:mod:`sod_kernels.chunked_core`).
 
-Same contract as :mod:`sod_kernels.chunked_torch` (see :mod:`sod_kernels.token_divergence`):
-``divergence_forward(...) -> (D, lse_s, lse_t, logp_s_y, logp_t_y)`` and
-``divergence_backward(...) -> (d_hidden, d_weight, d_bias)``.  The kernels:
+Three ways to run, all deterministic (no atomics) and none holding ``tokens x vocabulary`` memory:
 
-- :mod:`sod_kernels.kl_forward`: ``kl_forward_kernel`` (row block x vocabulary split, online log-sum-exp
-  and KL accumulator over ``tl.dot`` logit tiles) and ``kl_merge_kernel`` (log-sum-exp merge of the
-  splits);
-- :mod:`sod_kernels.kl_backward`: ``kl_backward_kernel`` (row block x vocabulary tile, recomputed logits,
-  d(logits) in registers, atomic fp32 accumulation of d(hidden), d(weight), d(bias); reverse-KL gradient
-  filtering of negligible tiles for 16-bit inputs).
+- :func:`single_pass_loss` (default whenever the weights are known in-pass: ``token_weights``,
+  ``step_divergence="none"``, or ``"kl"``/``"sampled"`` with chunks cut at step boundaries; scalar
+  reductions).  Per row chunk: both logit products (float32 output), the statistics kernel, the loss, and
+  right away ``d(logits)`` and its two products.  ``2 N V (Hs + Ht) + 4 N V Hs`` FLOPs: the single-pass
+  minimum.  The gradients are formed during the forward for an upstream gradient of 1 and scaled by the
+  real one in backward.
+- :func:`divergence_forward` / :func:`divergence_backward` (the :class:`~sod_kernels.token_divergence.TokenDivergence`
+  contract; used for ``reduction="none"``, forward-only calls, and steps longer than a chunk): the forward
+  keeps only O(N) statistics; the backward recomputes the logit blocks.  ``2 N V (Hs + Ht)`` more FLOPs.
+- ``memory="low"``: the same two passes over ``rows x vocabulary-slice`` blocks (the backward with the
+  vocabulary slices outermost, so the float32 ``d(weight)`` accumulator is one slice, not ``V x Hs``).
 
-Their design and FLOP/byte arguments are in those modules' docstrings; launch configs come from
-:mod:`sod_kernels.triton_configs`.
+Headline arithmetic (N = 16384, V = 151936, Hs = 1024, Ht = 2560, bf16): products 2.80e13 FLOP in one pass
+(36 ms at 780 TFLOP/s); the epilogue moves ``8 N V`` (statistics) + ``10 N V`` (gradient) bytes = 45 GB
+(~11 ms at 4.3 TB/s); the d(weight) accumulation ``8 V Hs`` bytes per chunk.  Chunk rows come from a byte
+budget (:data:`chunked_core.FAST_CHUNK_BYTES`, ~500 rows at V = 152k).
 
-Memory beyond inputs and outputs: the forward's partials ``7 x splits x Na`` float32; the backward's
-float32 gradient buffers ``[N, Hs]``, ``[Vs, Hs]``, ``[Vs]`` (cast to the input dtype at the end; for
-float32 inputs they are the outputs).  Nothing of size tokens x vocabulary is ever allocated.
-
-Dtypes: float32, bfloat16, float16.  float64 raises TypeError (use ``backend="torch"``).  Under the
-Triton interpreter (``TRITON_INTERPRET=1``, CPU tensors) 16-bit tiles are cast to float32 inside the
-kernels (``CAST_FP32``) because the interpreter cannot multiply bf16 tiles; on a GPU the 16-bit tensor
-core path is used.
+Dtypes: float32, bfloat16, float16 (products with float32 accumulation and float32 logits; the gradient
+blocks in the input dtype).  float64 raises TypeError (use ``backend="torch"``).
 """
 
 from __future__ import annotations
 
-import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from .kl_backward import kl_backward_kernel
-from .kl_forward import (MERGE_BLOCK_K, MERGE_BLOCK_ROWS, MERGE_NUM_WARPS, NUM_PARTIALS, kl_forward_kernel,
-                         kl_merge_kernel)
-from .token_divergence import triton_interpreter_enabled
-from .triton_configs import GRADIENT_FILTER_16BIT, KernelConfig, forward_splits, kernel_config
+from .chunked_core import (FAST_CHUNK_BYTES, LOW_MEMORY_CHUNK_BYTES, GradAccumulator, LMHead, chunk_rows,
+                           even_chunks, gather_rows, logits_into, row_selector)
+from .kl_epilogue import KLRowStats, kl_logit_grad, kl_partials, kl_row_stats, merge_kl_partials
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DIVERGENCE_NAMES = ("reverse_kl", "forward_kl")
+MEMORY_MODES = ("fast", "low")
+LOW_MEMORY_ROWS = 1024   # rows per block in the low-memory mode (the vocabulary slice is sized from the budget)
+SLICE_MULTIPLE = 2048
 
 
 def _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, divergence, temperature):
@@ -61,153 +62,288 @@ def _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight
                          f"({student_weight.shape[0]})")
 
 
-def _row_major(t: torch.Tensor | None) -> torch.Tensor | None:
-    """The tensor itself when its last dimension is contiguous (kernels take a row stride), else a copy."""
-    if t is None or t.stride(-1) == 1:
-        return t
-    return t.contiguous()
+@dataclass
+class KLProblem:
+    """The inputs of one call, as the chunk loops see them (rows of ``row_index`` in order)."""
+
+    student: LMHead
+    teacher: LMHead
+    row_index: torch.Tensor
+    contiguous: bool          # row_index is arange(N): chunks are slices, no gathers
+    target_ids: torch.Tensor | None
+    forward_kl: bool
+    temperature: float
+
+    @classmethod
+    def build(cls, sh, sw, sb, th, tw, tb, row_index, target_ids, divergence, temperature) -> KLProblem:
+        _check_inputs(sh, sw, th, tw, divergence, temperature)
+        vocab = sw.shape[0]
+        rows = row_index.to(torch.int64).contiguous()
+        n = rows.numel()
+        contiguous = n == sh.shape[0] and (n == 0 or bool(rows[-1] == n - 1))  # rows ascend and are unique
+        return cls(LMHead(_row_major(sh), _row_major(sw), sb, vocab), LMHead(_row_major(th), _row_major(tw), tb, vocab),
+                   rows, contiguous, None if target_ids is None else target_ids.to(torch.int64), divergence == "forward_kl",
+                   float(temperature))
+
+    @property
+    def n_rows(self) -> int:
+        return self.row_index.numel()
+
+    @property
+    def vocab(self) -> int:
+        return self.student.vocab
+
+    def rows(self, start: int, stop: int):
+        return row_selector(self.row_index, start, stop, self.contiguous)
+
+    def targets(self, start: int, stop: int) -> torch.Tensor | None:
+        if self.target_ids is None:
+            return None
+        return self.target_ids[self.rows(start, stop)]
+
+    def bias(self, head: LMHead, columns: slice | None = None) -> torch.Tensor | None:
+        b = head.used_bias
+        return b if (b is None or columns is None) else b[columns]
 
 
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+def _row_major(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _launch_options(n_rows: int, dtype: torch.dtype, device: torch.device, config: KernelConfig | None):
-    interpret = triton_interpreter_enabled()
-    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    cfg = config or kernel_config(n_rows, dtype, interpret=interpret, capability=capability)
-    cast_fp32 = interpret and dtype != torch.float32
-    precision = "ieee" if (dtype == torch.float32 or cast_fp32) else "tf32"
-    return cfg, interpret, cast_fp32, precision
+class _Blocks:
+    """Reusable ``[rows, cols]`` float32 logit blocks for both models and a gradient block."""
+
+    def __init__(self, rows: int, cols: int, device, grad_dtype: torch.dtype | None):
+        self.xs = torch.empty(rows, cols, dtype=torch.float32, device=device)
+        self.xt = torch.empty(rows, cols, dtype=torch.float32, device=device)
+        self.grad = None if grad_dtype is None else torch.empty(rows, cols, dtype=grad_dtype, device=device)
+
+    def logits(self, p: KLProblem, start: int, stop: int, columns: slice | None = None):
+        """``(student hidden rows, xs, xt)`` of rows ``[start, stop)`` and the given vocabulary columns."""
+        rows = p.rows(start, stop)
+        hs, ht = gather_rows(p.student.hidden, rows), gather_rows(p.teacher.hidden, rows)
+        ws, wt = p.student.used_weight, p.teacher.used_weight
+        if columns is not None:
+            ws, wt = ws[columns], wt[columns]
+        n, width = stop - start, ws.shape[0]
+        return hs, logits_into(_view(self.xs, n, width), hs, ws), logits_into(_view(self.xt, n, width), ht, wt)
+
+    def grad_block(self, n: int, width: int) -> torch.Tensor:
+        return _view(self.grad, n, width)
 
 
-def _filter_threshold(gradient_filter: float | None, divergence: str, dtype: torch.dtype) -> float:
-    """The backward's tile-skipping threshold on the student probabilities (0: no filtering)."""
-    if gradient_filter is None:
-        return GRADIENT_FILTER_16BIT if (divergence == "reverse_kl" and dtype != torch.float32) else 0.0
-    if not (0.0 <= gradient_filter < 1.0):
-        raise ValueError(f"gradient_filter must be None or in [0, 1), got {gradient_filter}")
-    if gradient_filter > 0 and divergence != "reverse_kl":
-        raise ValueError("gradient_filter applies to divergence='reverse_kl' only (forward KL needs the teacher's "
-                         "probabilities of every tile)")
-    return float(gradient_filter)
+def _view(buffer: torch.Tensor, n: int, width: int) -> torch.Tensor:
+    """A contiguous ``[n, width]`` view at the start of a reusable buffer."""
+    return buffer.view(-1)[:n * width].view(n, width)
 
 
+def _sampled_logprobs(p: KLProblem, start: int, stop: int, xs, xt, stats: KLRowStats):
+    """``(log p_s(y), log p_t(y))`` of the chunk's rows from the whole-vocabulary blocks."""
+    y = p.targets(start, stop)
+    col = y[:, None]
+    zs, zt = xs.gather(1, col).squeeze(1), xt.gather(1, col).squeeze(1)
+    if p.student.bias is not None:
+        zs = zs + p.student.bias[y].float()
+    if p.teacher.bias is not None:
+        zt = zt + p.teacher.bias[y].float()
+    return zs / p.temperature - stats.lse_s, zt / p.temperature - stats.lse_t
+
+
+class ForwardResult:
+    """Per-row outputs ``[Na]`` float32: D, lse_s, lse_t, logp_s(y), logp_t(y) (None without targets), and
+    ``frame [3, Na]`` (max_s, max_t, centre) that the backward's gradient kernel needs."""
+
+    def __init__(self, n: int, device, with_targets: bool):
+        empty = lambda: torch.empty(n, dtype=torch.float32, device=device)  # noqa: E731
+        self.D, self.lse_s, self.lse_t = empty(), empty(), empty()
+        self.lp_s = empty() if with_targets else None
+        self.lp_t = empty() if with_targets else None
+        self.frame = torch.empty(3, n, dtype=torch.float32, device=device)
+
+    def store(self, start: int, stop: int, stats: KLRowStats, sampled=None) -> None:
+        self.D[start:stop], self.lse_s[start:stop], self.lse_t[start:stop] = stats.D, stats.lse_s, stats.lse_t
+        self.frame[0, start:stop], self.frame[1, start:stop], self.frame[2, start:stop] = \
+            stats.max_s, stats.max_t, stats.centre
+        if sampled is not None:
+            self.lp_s[start:stop], self.lp_t[start:stop] = sampled
+
+    def stats(self, start: int, stop: int) -> KLRowStats:
+        return KLRowStats(self.D[start:stop], self.lse_s[start:stop], self.lse_t[start:stop],
+                          self.frame[0, start:stop], self.frame[1, start:stop], self.frame[2, start:stop])
+
+
+def _slices(vocab: int, rows: int, budget: int) -> list[slice]:
+    width = max(budget // max(rows * 10, 1), 1)
+    if width > SLICE_MULTIPLE:
+        width -= width % SLICE_MULTIPLE
+    width = min(width, vocab)
+    return [slice(v, min(v + width, vocab)) for v in range(0, vocab, width)]
+
+
+# ------------------------------------------------------------------------------------------ two passes
 def divergence_forward(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                       row_index, target_ids, *, divergence: str, temperature: float,
-                       config: KernelConfig | None = None, num_splits: int | None = None):
-    """Per-token divergence and softmax statistics for the rows ``row_index`` (Triton kernels).
+                       row_index, target_ids, *, divergence: str, temperature: float, chunk_size: int | None = None,
+                       memory: str = "fast"):
+    """Per-token divergence and softmax statistics of the rows ``row_index`` (no gradient work).
 
-    Args:
-        student_hidden: ``[N, Hs]``; student_weight ``[Vs, Hs]``; student_bias ``[Vs]`` or None.
-        teacher_hidden: ``[N, Ht]``; teacher_weight ``[Vt, Ht]`` (``Vt >= Vs``, only the first ``Vs`` rows
-            are read); teacher_bias ``[Vt]`` or None.  float32, bfloat16 or float16.
-        row_index: ``[Na]`` int64 rows to compute.
-        target_ids: ``[N]`` int64 sampled tokens in ``[0, Vs)``, or None.
-        divergence: ``"reverse_kl"`` or ``"forward_kl"``; temperature: ``> 0``.
-        config: override of the launch config (tests); num_splits: override of the vocabulary split count
-            (rounded so that every split is non-empty).
-    Returns:
-        ``(D, lse_student, lse_teacher, student_target_logprob, teacher_target_logprob)``, each ``[Na]``
-        float32; the last two are None without ``target_ids``.
+    Args: ``student_hidden [N, Hs]``, ``student_weight [Vs, Hs]``, ``student_bias [Vs]`` or None,
+    ``teacher_hidden [N, Ht]``, ``teacher_weight [Vt >= Vs, Ht]`` (first Vs rows used), ``teacher_bias`` or
+    None; ``row_index [Na]`` int64 ascending; ``target_ids [N]`` int64 or None; ``chunk_size``: rows per
+    chunk (default from the memory budget); ``memory``: ``"fast"`` or ``"low"``.
+    Returns ``(D, lse_student, lse_teacher, logp_student(y), logp_teacher(y), frame)``: ``[Na]`` float32
+    each (the sampled log-probs None without targets), ``frame [3, Na]`` for :func:`divergence_backward`.
     """
-    _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, divergence, temperature)
-    device = student_hidden.device
-    n_rows = row_index.numel()
-    vocab, hs = student_weight.shape
-    ht = teacher_hidden.shape[1]
-    empty = lambda: torch.empty(n_rows, dtype=torch.float32, device=device)  # noqa: E731
-    D, lse_s, lse_t = empty(), empty(), empty()
-    lp_s = empty() if target_ids is not None else None
-    lp_t = empty() if target_ids is not None else None
-    if n_rows == 0:
-        return D, lse_s, lse_t, lp_s, lp_t
-    cfg, interpret, cast_fp32, precision = _launch_options(n_rows, student_hidden.dtype, device, config)
-    sm_count = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
-    if num_splits is None:
-        splits, tiles_per_split = forward_splits(n_rows, vocab, cfg, interpret=interpret, sm_count=sm_count)
+    p = KLProblem.build(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                        row_index, target_ids, divergence, temperature)
+    out = ForwardResult(p.n_rows, student_hidden.device, target_ids is not None)
+    if memory == "low":
+        _forward_low_memory(p, out, chunk_size)
     else:
-        num_tiles = -(-vocab // cfg.block_v)
-        tiles_per_split = -(-num_tiles // max(min(int(num_splits), num_tiles), 1))
-        splits = -(-num_tiles // tiles_per_split)
-    sh, sw, th, tw = (_row_major(t) for t in (student_hidden, student_weight, teacher_hidden, teacher_weight))
-    sb = None if student_bias is None else student_bias.contiguous()
-    tb = None if teacher_bias is None else teacher_bias.contiguous()
-    rows = row_index.to(torch.int64).contiguous()
-    y = None if target_ids is None else target_ids.to(torch.int64).contiguous()
-    partial = torch.empty((NUM_PARTIALS, splits, n_rows), dtype=torch.float32, device=device)
-    row_blocks = -(-n_rows // cfg.block_m)
-    forward_kl = divergence == "forward_kl"
-    inv_temp = 1.0 / temperature
-    with _device_guard(student_hidden):
-        kl_forward_kernel[(row_blocks * splits,)](
-            sh, sw, sw if sb is None else sb, th, tw, tw if tb is None else tb, rows, partial, n_rows, vocab, hs,
-            ht, sh.stride(0), sw.stride(0), th.stride(0), tw.stride(0), tiles_per_split, splits, inv_temp,
-            HAS_SBIAS=sb is not None, HAS_TBIAS=tb is not None, FORWARD_KL=forward_kl,
-            EVEN_HS=hs % cfg.block_k == 0, EVEN_HT=ht % cfg.block_k == 0, CAST_FP32=cast_fp32,
-            DOT_PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
-            GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        kl_merge_kernel[(-(-n_rows // MERGE_BLOCK_ROWS),)](
-            partial, sh, sw, sw if sb is None else sb, th, tw, tw if tb is None else tb, rows,
-            rows if y is None else y, D, lse_s, lse_t, D if lp_s is None else lp_s, D if lp_t is None else lp_t,
-            n_rows, splits, hs, ht, sh.stride(0), sw.stride(0), th.stride(0), tw.stride(0), inv_temp,
-            HAS_SBIAS=sb is not None, HAS_TBIAS=tb is not None, HAS_TARGET=y is not None, FORWARD_KL=forward_kl,
-            BLOCK_R=MERGE_BLOCK_ROWS, BLOCK_K=MERGE_BLOCK_K, num_warps=MERGE_NUM_WARPS)
-    return D, lse_s, lse_t, lp_s, lp_t
+        rows = chunk_rows(p.n_rows, p.vocab, 8, budget=FAST_CHUNK_BYTES, chunk_size=chunk_size)
+        blocks = _Blocks(min(rows, max(p.n_rows, 1)), p.vocab, student_hidden.device, None)
+        for start, stop in even_chunks(p.n_rows, rows):
+            _, xs, xt = blocks.logits(p, start, stop)
+            stats = kl_row_stats(xs, xt, p.bias(p.student), p.bias(p.teacher), forward_kl=p.forward_kl,
+                                 temperature=p.temperature)
+            sampled = _sampled_logprobs(p, start, stop, xs, xt, stats) if target_ids is not None else None
+            out.store(start, stop, stats, sampled)
+    return out.D, out.lse_s, out.lse_t, out.lp_s, out.lp_t, out.frame
+
+
+def _forward_low_memory(p: KLProblem, out: ForwardResult, chunk_size: int | None) -> None:
+    rows = chunk_size or LOW_MEMORY_ROWS
+    slices = _slices(p.vocab, min(rows, max(p.n_rows, 1)), LOW_MEMORY_CHUNK_BYTES)
+    width = slices[0].stop - slices[0].start if slices else 1
+    blocks = _Blocks(min(rows, max(p.n_rows, 1)), width, p.student.hidden.device, None)
+    for start, stop in even_chunks(p.n_rows, rows):
+        parts = []
+        for cols in slices:
+            _, xs, xt = blocks.logits(p, start, stop, cols)
+            parts.append(kl_partials(xs, xt, p.bias(p.student, cols), p.bias(p.teacher, cols),
+                                     forward_kl=p.forward_kl, temperature=p.temperature))
+        stats = merge_kl_partials(torch.cat(parts, dim=2), forward_kl=p.forward_kl)
+        sampled = _sampled_logprobs_gathered(p, start, stop, stats) if p.target_ids is not None else None
+        out.store(start, stop, stats, sampled)
+
+
+def _sampled_logprobs_gathered(p: KLProblem, start: int, stop: int, stats: KLRowStats):
+    """Sampled log-probs from one gathered dot product per row and model (no whole-vocabulary block)."""
+    rows, y = p.rows(start, stop), p.targets(start, stop)
+    out = []
+    for head, lse in ((p.student, stats.lse_s), (p.teacher, stats.lse_t)):
+        h = gather_rows(head.hidden, rows).float()
+        z = (h * head.weight.index_select(0, y).float()).sum(1)
+        if head.bias is not None:
+            z = z + head.bias[y].float()
+        out.append(z / p.temperature - lse)
+    return tuple(out)
 
 
 def divergence_backward(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                         row_index, lse_student, lse_teacher, token_divergence, grad_divergence, *, divergence: str,
                         temperature: float, need_hidden: bool = True, need_weight: bool = True,
-                        need_bias: bool = True, config: KernelConfig | None = None,
-                        gradient_filter: float | None = None):
+                        need_bias: bool = True, frame: torch.Tensor | None = None, chunk_size: int | None = None,
+                        memory: str = "fast"):
     """Gradients of ``sum_i grad_divergence[i] * D[i]`` w.r.t. the student's hidden, weight and bias.
 
-    Args:
-        student_hidden ... teacher_bias, row_index: as in :func:`divergence_forward`.
-        lse_student, lse_teacher, token_divergence: ``[Na]`` float32 from :func:`divergence_forward`.
-        grad_divergence: ``[Na]`` upstream gradient of each row's D.
-        need_hidden, need_weight, need_bias: which gradients to compute.
-        config: override of the launch config (tests).
-        gradient_filter: reverse KL only: skip a (row block, vocabulary tile) whose student probabilities
-            are all below this value (after the student recompute: no teacher recompute, no gradient
-            products).  None: :data:`triton_configs.GRADIENT_FILTER_16BIT` for bfloat16/float16 inputs, off
-            for float32; 0: off.
-    Returns:
-        ``(d_hidden [N, Hs], d_weight [Vs, Hs], d_bias [Vs])`` in the inputs' dtypes (None where not
-        needed or, for the bias, where ``student_bias`` is None); rows outside ``row_index`` get zero.
+    ``frame`` is :func:`divergence_forward`'s last output (recomputed from the logits when None).
+    Returns ``(d_hidden [N, Hs], d_weight [Vs, Hs], d_bias [Vs])`` in the inputs' dtypes (None where not
+    needed); rows outside ``row_index`` get zero gradient.
     """
-    _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, divergence, temperature)
-    threshold = _filter_threshold(gradient_filter, divergence, student_hidden.dtype)
-    device = student_hidden.device
-    need_bias = need_bias and student_bias is not None
-    vocab, hs = student_weight.shape
-    ht = teacher_hidden.shape[1]
-    f32 = torch.float32
-    d_hidden = torch.zeros(student_hidden.shape, dtype=f32, device=device) if need_hidden else None
-    d_weight = torch.zeros((vocab, hs), dtype=f32, device=device) if need_weight else None
-    d_bias = torch.zeros(vocab, dtype=f32, device=device) if need_bias else None
-    n_rows = row_index.numel()
-    if n_rows and (need_hidden or need_weight or need_bias):
-        cfg, _, cast_fp32, precision = _launch_options(n_rows, student_hidden.dtype, device, config)
-        sh, sw, th, tw = (_row_major(t) for t in (student_hidden, student_weight, teacher_hidden, teacher_weight))
-        sb = None if student_bias is None else student_bias.contiguous()
-        tb = None if teacher_bias is None else teacher_bias.contiguous()
-        rows = row_index.to(torch.int64).contiguous()
-        vec = lambda t: t.to(f32).contiguous()  # noqa: E731  ([Na] vectors)
-        grid = (-(-n_rows // cfg.block_m) * -(-vocab // cfg.block_v),)
-        with _device_guard(student_hidden):
-            kl_backward_kernel[grid](
-                sh, sw, sw if sb is None else sb, th, tw, tw if tb is None else tb, rows, vec(lse_student),
-                vec(lse_teacher), vec(token_divergence), vec(grad_divergence),
-                d_hidden if need_hidden else lse_student, d_weight if need_weight else lse_student,
-                d_bias if need_bias else lse_student, n_rows, vocab, hs, ht, sh.stride(0), sw.stride(0),
-                th.stride(0), tw.stride(0), 1.0 / temperature, threshold,
-                HAS_SBIAS=sb is not None, HAS_TBIAS=tb is not None, FORWARD_KL=divergence == "forward_kl",
-                NEED_DH=need_hidden, NEED_DW=need_weight, NEED_DB=need_bias, FILTER=threshold > 0,
-                EVEN_HS=hs % cfg.block_k == 0,
-                EVEN_HT=ht % cfg.block_k == 0, CAST_FP32=cast_fp32, DOT_PRECISION=precision,
-                BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
-    return cast(d_hidden, student_hidden), cast(d_weight, student_weight), cast(d_bias, student_bias)
+    p = KLProblem.build(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                        row_index, None, divergence, temperature)
+    acc = GradAccumulator(p.student, p.row_index, p.contiguous, need_hidden=need_hidden, need_weight=need_weight,
+                          need_bias=need_bias, sliced=memory == "low")
+    if not acc.active or p.n_rows == 0:
+        return acc.finish()
+    scale = grad_divergence.to(torch.float32) / p.temperature
+    saved = None
+    if frame is not None:
+        saved = ForwardResult.__new__(ForwardResult)
+        saved.D, saved.lse_s, saved.lse_t, saved.frame = token_divergence, lse_student, lse_teacher, frame
+    if memory == "low":
+        _backward_low_memory(p, acc, scale, saved, chunk_size)
+        return acc.finish()
+    rows = chunk_rows(p.n_rows, p.vocab, 8 + student_hidden.element_size(), budget=FAST_CHUNK_BYTES,
+                      chunk_size=chunk_size)
+    blocks = _Blocks(min(rows, p.n_rows), p.vocab, student_hidden.device, student_hidden.dtype)
+    for start, stop in even_chunks(p.n_rows, rows):
+        hs, xs, xt = blocks.logits(p, start, stop)
+        stats = saved.stats(start, stop) if saved is not None else \
+            kl_row_stats(xs, xt, p.bias(p.student), p.bias(p.teacher), forward_kl=p.forward_kl,
+                         temperature=p.temperature)
+        grad = kl_logit_grad(xs, xt, p.bias(p.student), p.bias(p.teacher), stats, scale[start:stop],
+                             blocks.grad_block(stop - start, p.vocab), forward_kl=p.forward_kl,
+                             temperature=p.temperature)
+        acc.add(grad, start, stop, hs)
+    return acc.finish()
+
+
+def _backward_low_memory(p: KLProblem, acc: GradAccumulator, scale, saved, chunk_size) -> None:
+    if saved is None:  # the statistics first (one more pass), then the vocabulary-sliced gradient
+        fwd = ForwardResult(p.n_rows, p.student.hidden.device, False)
+        _forward_low_memory(p, fwd, chunk_size)
+        saved = fwd
+    rows = chunk_size or LOW_MEMORY_ROWS
+    slices = _slices(p.vocab, min(rows, p.n_rows), LOW_MEMORY_CHUNK_BYTES)
+    width = slices[0].stop - slices[0].start
+    blocks = _Blocks(min(rows, p.n_rows), width, p.student.hidden.device, p.student.hidden.dtype)
+    for cols in slices:
+        acc.begin_slice(cols)
+        for start, stop in even_chunks(p.n_rows, rows):
+            hs, xs, xt = blocks.logits(p, start, stop, cols)
+            grad = kl_logit_grad(xs, xt, p.bias(p.student, cols), p.bias(p.teacher, cols), saved.stats(start, stop),
+                                 scale[start:stop], blocks.grad_block(stop - start, cols.stop - cols.start),
+                                 forward_kl=p.forward_kl, temperature=p.temperature)
+            acc.add(grad, start, stop, hs, columns=cols)
+        acc.end_slice()
+
+
+# ------------------------------------------------------------------------------------------- one pass
+@dataclass
+class SinglePassResult:
+    """What :func:`single_pass_loss` returns: the loss (0-D float32), per-row D / sampled log-probs
+    (``[Na]`` float32, the latter None without targets) and the student's gradients for an upstream
+    gradient of 1 (None where not needed)."""
+
+    loss: torch.Tensor
+    D: torch.Tensor
+    lp_s: torch.Tensor | None
+    lp_t: torch.Tensor | None
+    grads: tuple
+
+
+def single_pass_loss(p: KLProblem, chunks: list[tuple[int, int]],
+                     chunk_weights: Callable[[int, int, torch.Tensor, torch.Tensor | None], torch.Tensor], *,
+                     coef: float, normalizer: float, need_hidden: bool, need_weight: bool, need_bias: bool,
+                     sampled_signal: bool = False) -> SinglePassResult:
+    """``L = coef * sum_i w_i D_i / normalizer`` and its student gradients in one pass over ``chunks``.
+
+    ``chunk_weights(start, stop, D, signal)`` returns the ``[stop - start]`` weights of a chunk's rows
+    (``signal`` = the sampled-token gap ``|logp_s(y) - logp_t(y)|`` if ``sampled_signal``, else ``D``).
+    """
+    device = p.student.hidden.device
+    out = ForwardResult(p.n_rows, device, p.target_ids is not None)
+    acc = GradAccumulator(p.student, p.row_index, p.contiguous, need_hidden=need_hidden, need_weight=need_weight,
+                          need_bias=need_bias)
+    longest = max((b - a for a, b in chunks), default=1)
+    blocks = _Blocks(longest, p.vocab, device, p.student.hidden.dtype if acc.active else None)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    grad_scale = coef / (normalizer * p.temperature)
+    for start, stop in chunks:
+        hs, xs, xt = blocks.logits(p, start, stop)
+        stats = kl_row_stats(xs, xt, p.bias(p.student), p.bias(p.teacher), forward_kl=p.forward_kl,
+                             temperature=p.temperature)
+        sampled = _sampled_logprobs(p, start, stop, xs, xt, stats) if p.target_ids is not None else None
+        out.store(start, stop, stats, sampled)
+        signal = (sampled[0] - sampled[1]).abs() if sampled_signal else stats.D
+        w = chunk_weights(start, stop, stats.D, signal)
+        total += (w.to(torch.float64) * stats.D.to(torch.float64)).sum()
+        if acc.active:
+            grad = kl_logit_grad(xs, xt, p.bias(p.student), p.bias(p.teacher), stats,
+                                 (w * grad_scale).to(torch.float32), blocks.grad_block(stop - start, p.vocab),
+                                 forward_kl=p.forward_kl, temperature=p.temperature)
+            acc.add(grad, start, stop, hs)
+    del blocks
+    loss = (total * (coef / normalizer)).to(torch.float32)
+    return SinglePassResult(loss, out.D, out.lp_s, out.lp_t, acc.finish())

@@ -1,6 +1,7 @@
-"""Static codegen checks: every Triton kernel compiles for Hopper (sm_90) without a GPU, its matrix
-products become warpgroup MMA (HGMMA) instructions and nothing spills to local memory, at the configs
-used for the headline size (N=16384, Hs=1024, Ht=2560, V=151936, bf16).
+"""Static codegen checks: every Triton kernel compiles for Hopper (sm_90) without a GPU and nothing spills
+to local memory, at the configs used for the headline size (N=16384, Hs=1024, Ht=2560, V=151936, bf16).
+(The matrix products themselves are cuBLAS calls; a kernel that had ``tl.dot`` would also be checked for
+warpgroup MMA instructions.)
 
 The compile runs in a subprocess without TRITON_INTERPRET (conftest sets it for the interpreter tests,
 and it turns kernels into interpreted functions that cannot be compiled): ``python -m benchmarks.codegen
@@ -23,7 +24,8 @@ COMPILE_TIMEOUT_S = 600
 # sm_90 limits: 255 registers per thread, 227 KB of shared memory per block.
 MAX_REGISTERS = 255
 MAX_SHARED_BYTES = 227 * 1024
-DIVERGENCE_KERNELS = {"kl_forward_kernel", "kl_merge_kernel", "kl_backward_kernel"}
+EPILOGUE_KERNELS = {"kl_partial_stats_kernel", "kl_logit_grad_kernel", "logprob_partial_stats_kernel",
+                    "logprob_logit_grad_kernel"}
 
 
 def _codegen_report() -> dict:
@@ -35,13 +37,12 @@ def _codegen_report() -> dict:
 
 
 @pytest.mark.codegen
-def test_kernels_compile_for_hopper_with_warpgroup_mma_and_no_spills():
+def test_kernels_compile_for_hopper_without_spills():
     """One compile pass (tens of seconds) checks every discovered kernel and config."""
     report = _codegen_report()
-    names = {row["name"].split(" ")[0] for row in report["rows"]}
-    assert DIVERGENCE_KERNELS <= names, names
-    assert "sod_kernels.kl_forward" not in report["absent"]
-    assert "sod_kernels.kl_backward" not in report["absent"]
+    names = {row["name"].split("[")[0] for row in report["rows"]}
+    assert EPILOGUE_KERNELS <= names, names
+    assert not report["absent"], report["absent"]
     for row in report["rows"]:
         label = f"{row['module']}: {row['name']}"
         assert row["ldl"] == 0 and row["stl"] == 0 and row["local_bytes"] == 0, (label, row)

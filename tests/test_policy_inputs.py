@@ -8,7 +8,9 @@ from hypothesis import strategies as st
 from reference import ref_grpo_advantages, ref_sod_step_weights, ref_step_divergence, ref_step_ids_from_mask, \
     ref_step_weights_running_product
 from reference.authors_loop import authors_sod_advantages, authors_step_weights
-from sod_kernels import PolicyInputs, grpo_advantages, sod_advantages, sod_policy_inputs, sod_step_weights
+from sod_kernels import (PolicyInputs, grpo_advantages, sod_advantages, sod_policy_inputs, sod_step_statistics,
+                         sod_step_weights)
+from sod_kernels.steps import trim_steps
 from tests.helpers import step_masks
 
 LONG_ROW_EXAMPLES = 10
@@ -150,3 +152,24 @@ def test_errors_name_the_argument():
     for change, error, name in cases:
         with pytest.raises(error, match=name):
             sod_policy_inputs(**dict(base, **change))
+
+
+@pytest.mark.parametrize("convert", [lambda x: x.numpy(), lambda x: x.tolist()], ids=["numpy", "list"])
+def test_non_tensor_group_ids_name_the_argument(convert):
+    mask = torch.ones(3, 4)
+    rewards, groups, old, teacher = rollout(mask, seed=0)
+    with pytest.raises(TypeError, match="group_ids must be a torch.Tensor"):
+        sod_policy_inputs(rewards, convert(groups), old, teacher, mask)
+
+
+@given(step_masks(max_rows=4, max_len=60), st.integers(0, 2 ** 30))
+def test_step_tokens_and_weights_come_from_the_shared_helper(mask, seed):
+    rewards, groups, old, teacher = rollout(mask, seed)
+    out = sod_policy_inputs(rewards, groups, old.float(), teacher.float(), mask)
+    stats = trim_steps(sod_step_statistics(old.float(), teacher.float(), mask))
+    assert torch.equal(out.step_tokens, stats.step_tokens) and torch.equal(out.step_weights, stats.step_weights)
+    assert torch.equal(out.token_weights, stats.token_weights)
+    K = out.step_weights.shape[1]
+    exists = torch.arange(K) < out.num_steps[:, None]
+    w = out.step_weights[exists]
+    assert bool(torch.isfinite(w).all() and (w > 0).all() and (w <= torch.tensor(1.2)).all())

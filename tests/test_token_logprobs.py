@@ -90,17 +90,19 @@ def test_single_sequence_input_odd_sizes(backend, dtype):
     check_against_reference((37,), 45, 301, dtype, True, 0.9, backend, seed=3)
 
 
-@pytest.mark.parametrize("num_splits", [1, 2, 5])
-def test_triton_vocabulary_splits_merge_exactly(num_splits):
+@pytest.mark.parametrize("chunk_size", [None, 1, 2, 5])
+def test_triton_chunks_and_vocabulary_splits_merge_exactly(chunk_size):
     hidden, weight, b, y = make_inputs((29,), 20, 250, torch.float32, True, seed=11)
     hidden, weight, b = hidden.float(), weight.float(), b.float()
-    rows = torch.tensor([0, 3, 4, 7, 28, 15, 9])
-    want, want_lse = torch_backend.logprob_forward(hidden, weight, b, rows, y, temperature=1.3)
+    rows = torch.tensor([0, 3, 4, 7, 9, 15, 28])
+    want, want_lse, want_h, _ = torch_backend.logprob_forward(hidden, weight, b, rows, y, temperature=1.3,
+                                                              with_entropy=True)
     on = lambda x: x.to(TRITON_DEVICE)  # noqa: E731
-    got, got_lse = triton_backend.logprob_forward(on(hidden), on(weight), on(b), on(rows), on(y), temperature=1.3,
-                                                  num_splits=num_splits)
+    got, got_lse, got_h, _ = triton_backend.logprob_forward(on(hidden), on(weight), on(b), on(rows), on(y),
+                                                            temperature=1.3, with_entropy=True, chunk_size=chunk_size)
     assert torch.allclose(got.cpu(), want, rtol=1e-5, atol=1e-5)
     assert torch.allclose(got_lse.cpu(), want_lse, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(got_h.cpu(), want_h, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -110,7 +112,7 @@ def test_row_subset_gives_zero_gradient_elsewhere(backend):
     hidden = hidden.float().to(dev).requires_grad_()
     weight = weight.float().to(dev).requires_grad_()
     rows = torch.tensor([2, 5, 11])
-    logp = torch_backend.TokenLogprobs.apply(hidden, weight, None, rows.to(dev), y.to(dev), 1.0, backend)
+    logp, _ = torch_backend.TokenLogprobs.apply(hidden, weight, None, rows.to(dev), y.to(dev), 1.0, backend)
     logp.sum().backward()
     untouched = torch.ones(20, dtype=torch.bool)
     untouched[rows] = False
@@ -180,14 +182,14 @@ def test_triton_path_allocates_nothing_of_size_rows_x_vocab():
     bias = torch.randn(V, device=TRITON_DEVICE, requires_grad=True)
     y = torch.randint(0, V, (N,), device=TRITON_DEVICE)
 
-    def fused():
-        fused_token_logprobs(hidden, weight, y, bias=bias, backend="triton").sum().backward()
+    def fused():  # 8-row chunks: blocks of 8 x V
+        fused_token_logprobs(hidden, weight, y, bias=bias, backend="triton", chunk_size=8).sum().backward()
 
     def materialized():
         torch.log_softmax(hidden @ weight.T + bias, -1).gather(1, y[:, None]).sum().backward()
 
     assert largest_allocation(materialized) >= N * V  # the recorder sees a logits-sized tensor when there is one
-    assert largest_allocation(fused) <= V * H  # the largest: the fp32 d(weight) buffer
+    assert largest_allocation(fused) <= V * H  # the largest: the fp32 d(weight) accumulator
 
 
 def test_errors_name_the_argument():

@@ -1,10 +1,10 @@
 """The Triton backend of fused_sod_loss (sod_kernels.triton_divergence) against reference/ in float64.
 
-Without CUDA the kernels run under Triton's interpreter (conftest sets TRITON_INTERPRET=1), where the
-config table picks tiny blocks (16 x 32 x 16) so that the odd test sizes below span several row blocks,
-vocabulary tiles and splits with masked edges everywhere; 16-bit inputs then go through the kernels'
-in-kernel float32 cast (the interpreter cannot multiply bf16 tiles).  With CUDA the same tests run the
-real kernels.  Tolerances follow SPEC section 9.
+Without CUDA the epilogue kernels run under Triton's interpreter (conftest sets TRITON_INTERPRET=1) with
+tiny column blocks (16) so that the odd test sizes below span several blocks and vocabulary splits with
+masked edges; the logit products then run on the CPU in float32.  With CUDA the same tests run the real
+kernels and cuBLAS products.  Chunk sizes are drawn small so that rows span several chunks (and steps
+several chunks, which sends "kl"/"sampled" weights to the two-pass path).  Tolerances follow SPEC 9.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from reference import ref_fused_sod_loss
 from sod_kernels import chunked_torch, fused_sod_loss, step_ids_from_mask
-from sod_kernels import triton_divergence
-from sod_kernels.triton_configs import KernelConfig, forward_splits, kernel_config
+from sod_kernels import sod_loss, triton_divergence
 from tests.conftest import HAS_CUDA
 from tests.helpers import step_masks
 
@@ -61,13 +60,15 @@ def _padded(rows: list[list[float]], width: int) -> torch.Tensor:
     return torch.tensor([r + [0.0] * (width - len(r)) for r in rows], dtype=torch.float64).reshape(len(rows), width)
 
 
-def _check_fused_against_reference(mask, lead, Hs, Ht, V, Vt, dtype, seed, bias, scale, **options):
+def _check_fused_against_reference(mask, lead, Hs, Ht, V, Vt, dtype, seed, bias, scale, memory="fast",
+                                   chunk_size=None, **options):
     (sh, sw, th, tw, sb, tb), y = _inputs(lead, Hs, Ht, V, Vt, dtype, seed, bias, scale)
     mask = mask.to(DEVICE)
     kw = dict(target_ids=y, epsilon=1e-4, delta=0.25, coef=0.7, **options)
     leaves = [x.detach().requires_grad_() for x in (sh, sw) + ((sb,) if bias else ())]
     stats = fused_sod_loss(leaves[0], leaves[1], th, tw, mask, student_bias=leaves[2] if bias else None,
-                           teacher_bias=tb, return_stats=True, backend="triton", **kw)
+                           teacher_bias=tb, return_stats=True, backend="triton", memory=memory,
+                           chunk_size=chunk_size, **kw)
     ref_leaves = [x.detach().double().cpu().requires_grad_() for x in leaves]
     up = lambda x: None if x is None else x.detach().double().cpu()  # noqa: E731
     ref_loss, ref = ref_fused_sod_loss(ref_leaves[0], ref_leaves[1], up(th), up(tw), mask.cpu(),
@@ -113,7 +114,7 @@ def _check_fused_against_reference(mask, lead, Hs, Ht, V, Vt, dtype, seed, bias,
     floor = D_ABS_ERROR * kw["coef"] * float(weights.sum()) / divisor
     assert torch.allclose(loss.detach().double().cpu(), ref_loss.detach(), rtol=rtol, atol=max(floor, 1e-12))
 
-    upstream = torch.randn(loss.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    upstream = torch.randn(loss.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64) + 0.5
     (loss * upstream.to(loss.device, loss.dtype)).sum().backward()
     (ref_loss * upstream).sum().backward()
     for got, want in zip(leaves, ref_leaves):
@@ -129,15 +130,16 @@ def _check_fused_against_reference(mask, lead, Hs, Ht, V, Vt, dtype, seed, bias,
        step_divergence=st.sampled_from(["kl", "sampled", "none"]),
        reduction=st.sampled_from(["token_mean", "sum", "none"]), temperature=st.sampled_from([1.0, 0.6, 1.7]),
        bias=st.booleans(), dtype=st.sampled_from(DTYPES), scale=st.sampled_from([0.5, 1.0, 3.0]),
+       memory=st.sampled_from(["fast", "fast", "low"]), chunk_size=st.sampled_from([None, 1, 4, 9]),
        seed=st.integers(0, 2**31 - 2))
 def test_fused_sod_loss_matches_reference(mask, single, Hs, Ht, V, pad, divergence, step_divergence, reduction,
-                                          temperature, bias, dtype, scale, seed):
+                                          temperature, bias, dtype, scale, memory, chunk_size, seed):
     if single:
         mask = mask[:1] if mask.shape[0] else torch.zeros(1, mask.shape[1], dtype=mask.dtype)
     lead = (mask.shape[1],) if single else tuple(mask.shape)
     _check_fused_against_reference(mask[0] if single else mask, lead, Hs, Ht, V, V + pad, dtype, seed, bias, scale,
                                    divergence=divergence, step_divergence=step_divergence, reduction=reduction,
-                                   temperature=temperature)
+                                   temperature=temperature, memory=memory, chunk_size=chunk_size)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -154,24 +156,24 @@ def test_peaked_distributions(dtype, divergence):
 @given(n=st.integers(1, 40), rows_frac=st.floats(0.05, 1.0), Hs=st.integers(1, 50), Ht=st.integers(1, 50),
        V=st.integers(1, 300), pad=st.integers(0, 20), divergence=st.sampled_from(["reverse_kl", "forward_kl"]),
        temperature=st.sampled_from([1.0, 0.45, 2.0]), bias=st.booleans(), target=st.booleans(),
-       dtype=st.sampled_from(DTYPES), splits=st.sampled_from([None, 1, 2, 5, 1000]),
-       blocks=st.sampled_from([None, (16, 16, 16, 1), (32, 64, 32, 3), (16, 128, 64, 8)]),
+       dtype=st.sampled_from(DTYPES), chunk_size=st.sampled_from([None, 1, 3, 16]),
+       memory=st.sampled_from(["fast", "low"]), saved_frame=st.booleans(),
        need=st.sampled_from([(True, True, True), (True, False, False), (False, True, False), (False, False, True)]),
        seed=st.integers(0, 2**31 - 2))
 def test_divergence_kernels_match_chunked_backend(n, rows_frac, Hs, Ht, V, pad, divergence, temperature, bias,
-                                                  target, dtype, splits, blocks, need, seed):
-    """divergence_forward/backward directly, with explicit split counts and block configs, against the
-    chunked backend run in float64 on the same (dtype-rounded) inputs."""
+                                                  target, dtype, chunk_size, memory, saved_frame, need, seed):
+    """divergence_forward/backward directly, with explicit chunk sizes and both memory modes, against the
+    chunked PyTorch backend run in float64 on the same (dtype-rounded) inputs."""
     (sh, sw, th, tw, sb, tb), y = _inputs((n,), Hs, Ht, V, V + pad, dtype, seed, bias, scale=2.0)
     g = torch.Generator().manual_seed(seed)
     rows = torch.randperm(n, generator=g)[:max(1, int(rows_frac * n))].sort().values.to(DEVICE)
-    cfg = None if blocks is None else KernelConfig(*blocks[:3], group_m=blocks[3], num_warps=4, num_stages=2)
     y = y if target else None
     opts = dict(divergence=divergence, temperature=temperature)
-    got = triton_divergence.divergence_forward(sh, sw, sb, th, tw, tb, rows, y, config=cfg, num_splits=splits, **opts)
+    got = triton_divergence.divergence_forward(sh, sw, sb, th, tw, tb, rows, y, chunk_size=chunk_size, memory=memory,
+                                               **opts)
     up = lambda x: None if x is None else x.double()  # noqa: E731
     want = chunked_torch.divergence_forward(up(sh), up(sw), up(sb), up(th), up(tw), up(tb), rows, y, **opts)
-    for a, b in zip(got, want):
+    for a, b in zip(got[:5], want):
         assert (a is None) == (b is None)
         if a is not None:
             assert a.dtype == torch.float32 and a.shape == (rows.numel(),)
@@ -180,7 +182,8 @@ def test_divergence_kernels_match_chunked_backend(n, rows_frac, Hs, Ht, V, pad, 
     need_h, need_w, need_b = need
     back = dict(need_hidden=need_h, need_weight=need_w, need_bias=need_b, **opts)
     dh, dw, db = triton_divergence.divergence_backward(sh, sw, sb, th, tw, tb, rows, got[1], got[2], got[0],
-                                                       grad.float(), config=cfg, **back)
+                                                       grad.float(), frame=got[5] if saved_frame else None,
+                                                       chunk_size=chunk_size, memory=memory, **back)
     rh, rw, rb = chunked_torch.divergence_backward(up(sh), up(sw), up(sb), up(th), up(tw), up(tb), rows, want[1],
                                                    want[2], want[0], grad, **back)
     for a, b, needed in ((dh, rh, need_h), (dw, rw, need_w), (db, rb, need_b and bias)):
@@ -251,8 +254,8 @@ class _RecordSizes(TorchDispatchMode):
 @pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl"])
 def test_triton_path_allocates_nothing_of_size_tokens_x_vocabulary(divergence):
     """At N = 64 tokens, V = 480, H = 6: N x V = 30720 elements, more than all inputs and gradients
-    together (~9k); no tensor created during forward + backward may reach a quarter of an N x V float32
-    block in bytes (the interpreter's own argument copies are byte tensors, hence bytes)."""
+    together (~9k); with 8-row chunks no tensor created during forward + backward may reach a quarter of an
+    N x V float32 block in bytes (the interpreter's own argument copies are byte tensors, hence bytes)."""
     N, H, V = 64, 6, 480
     (sh, sw, th, tw, sb, tb), y = _inputs((N,), H, H, V, V + 8, torch.float32, seed=2, bias=True, scale=2.0)
     mask = (torch.arange(N, device=DEVICE) % 5 != 0).to(torch.int64)
@@ -260,95 +263,9 @@ def test_triton_path_allocates_nothing_of_size_tokens_x_vocabulary(divergence):
     recorder = _RecordSizes()
     with recorder:
         loss = fused_sod_loss(sh, sw, th, tw, mask, target_ids=y, student_bias=sb, teacher_bias=tb,
-                              divergence=divergence, step_divergence="sampled", backend="triton")
+                              divergence=divergence, step_divergence="sampled", backend="triton", chunk_size=8)
         loss.backward()
     assert all(leaf.grad is not None for leaf in leaves)
     assert recorder.sizes, "the dispatch recorder saw no tensor at all"
     largest = max(recorder.sizes, key=lambda item: item[1])
     assert largest[1] < N * V * FLOAT32_BYTES // 4, largest
-
-
-@given(n_rows=st.integers(1, 200_000), vocab=st.integers(1, 300_000), sms=st.sampled_from([1, 108, 132]),
-       dtype=st.sampled_from(DTYPES), interpret=st.booleans())
-def test_forward_splits_cover_the_vocabulary_with_non_empty_splits(n_rows, vocab, sms, dtype, interpret):
-    cfg = kernel_config(n_rows, dtype, interpret=interpret, capability=(9, 0))
-    splits, tiles_per_split = forward_splits(n_rows, vocab, cfg, interpret=interpret, sm_count=sms)
-    num_tiles = -(-vocab // cfg.block_v)
-    assert splits >= 1 and tiles_per_split >= 1
-    assert (splits - 1) * tiles_per_split < num_tiles <= splits * tiles_per_split
-
-
-def test_hopper_configs_suit_warpgroup_mma():
-    """16-bit configs on sm_90: BLOCK_M >= 64 per warpgroup, num_warps a multiple of 4, 3-4 stages."""
-    for n_rows in (1, 64, 65, 16384, 131072):
-        for dtype in (torch.bfloat16, torch.float16):
-            cfg = kernel_config(n_rows, dtype, interpret=False, capability=(9, 0))
-            assert cfg.num_warps % 4 == 0 and cfg.block_m >= 64 and cfg.block_v >= 128
-            assert 3 <= cfg.num_stages <= 4
-            # two live fp32 logit tiles must fit next to each other: <= 64 accumulator registers each
-            assert cfg.block_m * cfg.block_v // (32 * cfg.num_warps) <= 64
-
-
-def _rare_token_problem(dtype, n=40, Hs=24, Ht=20, V=453, Vt=460, common=50, seed=7):
-    """LM-like peaked inputs: only the first ``common`` tokens are ever likely (the others carry a bias of
-    about -40 nats), the teacher correlated with the student."""
-    g = torch.Generator().manual_seed(seed)
-    sh = torch.randn(n, Hs, generator=g, dtype=torch.float64)
-    sw = torch.randn(V, Hs, generator=g, dtype=torch.float64) * 3.0 / Hs ** 0.5
-    th = torch.cat([sh[:, :min(Hs, Ht)], torch.randn(n, max(Ht - Hs, 0), generator=g, dtype=torch.float64)], 1)
-    tw = torch.cat([sw[:, :min(Hs, Ht)], torch.randn(V, max(Ht - Hs, 0), generator=g, dtype=torch.float64)], 1)
-    tw = torch.cat([tw + 0.3 * torch.randn(V, Ht, generator=g, dtype=torch.float64),
-                    torch.randn(Vt - V, Ht, generator=g, dtype=torch.float64)]) * 3.0 / Ht ** 0.5
-    rare = torch.arange(Vt) >= common
-    tb = torch.where(rare, -40.0, 0.0).to(torch.float64) + 0.1 * torch.randn(Vt, generator=g, dtype=torch.float64)
-    sb = tb[:V] + 0.1 * torch.randn(V, generator=g, dtype=torch.float64)
-    rows = torch.arange(0, n, 1)[torch.randperm(n, generator=g)[: n - 7]].sort().values
-    return [x.to(dtype).to(DEVICE) for x in (sh, sw, sb, th, tw, tb)], rows.to(DEVICE)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gradient_filter_skips_negligible_tiles_within_tolerance(dtype):
-    """Reverse KL, 16-bit inputs: the default filter skips tiles whose student probabilities are all below
-    GRADIENT_FILTER_16BIT; the gradients stay within SPEC's 16-bit tolerance of the float64 reference."""
-    (sh, sw, sb, th, tw, tb), rows = _rare_token_problem(dtype)
-    cfg = KernelConfig(block_m=16, block_v=32, block_k=16, group_m=2, num_warps=4, num_stages=1)
-    opts = dict(divergence="reverse_kl", temperature=0.9)
-    D, lse_s, lse_t, _, _ = triton_divergence.divergence_forward(sh, sw, sb, th, tw, tb, rows, None, config=cfg,
-                                                                 **opts)
-    grad = torch.linspace(0.5, 1.5, rows.numel(), device=DEVICE)
-    filtered = triton_divergence.divergence_backward(sh, sw, sb, th, tw, tb, rows, lse_s, lse_t, D, grad, config=cfg,
-                                                     **opts)
-    unfiltered = triton_divergence.divergence_backward(sh, sw, sb, th, tw, tb, rows, lse_s, lse_t, D, grad,
-                                                       config=cfg, gradient_filter=0.0, **opts)
-    up = lambda x: x.double()  # noqa: E731
-    want = chunked_torch.divergence_forward(up(sh), up(sw), up(sb), up(th), up(tw), up(tb), rows, None, **opts)
-    ref = chunked_torch.divergence_backward(up(sh), up(sw), up(sb), up(th), up(tw), up(tb), rows, want[1], want[2],
-                                            want[0], grad.double(), **opts)
-    for got, plain, reference in zip(filtered, unfiltered, ref):
-        assert _rel_err(got, reference) < GRAD_RTOL[dtype]
-        assert _rel_err(plain, reference) < GRAD_RTOL[dtype]
-    # Tiles of rare tokens only (columns from 64 on, with 32-column tiles) were skipped: exactly zero there,
-    # while the unfiltered gradient is not (in bf16; float16 cannot even represent those ~1e-9 values).
-    first_rare_tile = 64
-    assert not filtered[1][first_rare_tile:].any() and not filtered[2][first_rare_tile:].any()
-    if dtype == torch.bfloat16:
-        assert unfiltered[1][first_rare_tile:].any()
-
-
-def test_gradient_filter_threshold_is_honoured_and_validated():
-    (sh, sw, sb, th, tw, tb), rows = _rare_token_problem(torch.bfloat16, common=453)
-    opts = dict(divergence="reverse_kl", temperature=1.0)
-    D, lse_s, lse_t, _, _ = triton_divergence.divergence_forward(sh, sw, sb, th, tw, tb, rows, None, **opts)
-    grad = torch.ones(rows.numel(), device=DEVICE)
-    # no student probability reaches 0.9 (checked in float64), so a 0.9 threshold skips every tile
-    z = (sh.double() @ sw.double().T + sb.double())[rows]
-    assert float(torch.softmax(z, dim=-1).max()) < 0.9
-    skipped = triton_divergence.divergence_backward(sh, sw, sb, th, tw, tb, rows, lse_s, lse_t, D, grad,
-                                                    gradient_filter=0.9, **opts)
-    assert all(not g.any() for g in skipped)
-    with pytest.raises(ValueError, match="gradient_filter"):
-        triton_divergence.divergence_backward(sh, sw, sb, th, tw, tb, rows, lse_s, lse_t, D, grad,
-                                              gradient_filter=1e-6, divergence="forward_kl", temperature=1.0)
-    with pytest.raises(ValueError, match="gradient_filter"):
-        triton_divergence.divergence_backward(sh, sw, sb, th, tw, tb, rows, lse_s, lse_t, D, grad,
-                                              gradient_filter=-1.0, **opts)
