@@ -175,6 +175,13 @@ def test_actor_log_probs_equal_the_logits_path():
     mb = micro_batch()
     got = verl.actor_log_probs(model, mb, temperature=0.9)
     torch.testing.assert_close(got.double(), logits_logprobs(model, mb, 0.9), rtol=1e-5, atol=1e-5)
+    logp, entropy = verl.actor_log_probs(model, mb, temperature=0.9, return_entropy=True)
+    with torch.no_grad():
+        logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
+                       position_ids=mb["position_ids"]).logits.double()[:, -R - 1:-1] / 0.9
+    want = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1)
+    torch.testing.assert_close(entropy.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logp, got)
     bad = dict(mb, responses=mb["responses"].roll(1, dims=1))
     with pytest.raises(ValueError, match="last R tokens"):
         verl.actor_log_probs(model, bad)

@@ -173,16 +173,19 @@ def _response_hidden(model, micro_batch: Mapping):
     return hidden, head.weight, bias
 
 
-def actor_log_probs(model, micro_batch: Mapping, *, temperature: float = 1.0, backend: str = "auto") -> torch.Tensor:
+def actor_log_probs(model, micro_batch: Mapping, *, temperature: float = 1.0, return_entropy: bool = False,
+                    backend: str = "auto"):
     """``[B, R]`` log-probs of ``micro_batch["responses"]`` under ``model`` at ``temperature``, fused.
 
     Replaces the actor's (or the reference/teacher worker's) ``logits / T -> log_softmax -> gather`` over
     ``input_ids [B, P + R]`` (with ``attention_mask`` and ``position_ids`` when present): the same numbers,
-    without the ``[B, R, V]`` logits. Differentiable when gradients are enabled.
+    without the ``[B, R, V]`` logits. With ``return_entropy`` also the entropy of each position's softmax at
+    ``temperature`` (verl's ``calculate_entropy``), as ``(log_probs, entropy)``. Differentiable when
+    gradients are enabled.
     """
     hidden, weight, bias = _response_hidden(model, micro_batch)
     return fused_token_logprobs(hidden, weight, micro_batch["responses"], bias=bias, temperature=temperature,
-                                backend=backend)
+                                return_entropy=return_entropy, backend=backend)
 
 
 def actor_policy_loss(model, micro_batch: Mapping, *, clip_ratio: float = 0.2, clip_ratio_low: float | None = None,
