@@ -2,14 +2,13 @@
 
 import pytest
 import torch
+import transformers
 
-transformers = pytest.importorskip("transformers")
-
-import sod_kernels  # noqa: E402
-from reference.sod_reference import ref_step_ids_from_mask  # noqa: E402
-from sod_kernels import hf  # noqa: E402
-from tests.hf_helpers import qwen3 as _qwen3  # noqa: E402
-from tests.hf_helpers import reference_loss as _reference_loss  # noqa: E402
+import sod_kernels
+from reference.sod_reference import ref_step_ids_from_mask
+from sod_kernels import hf
+from tests.hf_helpers import qwen3 as _qwen3
+from tests.hf_helpers import reference_loss as _reference_loss
 
 V = 96
 SMALL = dict(vocab_size=V, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,

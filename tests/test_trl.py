@@ -3,16 +3,14 @@ completions (tool outputs masked by tool_mask) against the SOD loss recomputed f
 
 import math
 
+import datasets
 import pytest
 import torch
+import transformers
 
-pytest.importorskip("trl")
-transformers = pytest.importorskip("transformers")
-datasets = pytest.importorskip("datasets")
-
-from reference.sod_reference import ref_step_ids_from_mask  # noqa: E402
-from sod_kernels.integrations.trl import SODDistillationConfig, SODDistillationTrainer  # noqa: E402
-from tests.hf_helpers import qwen3, reference_loss  # noqa: E402
+from reference.sod_reference import ref_step_ids_from_mask
+from sod_kernels.integrations.trl import SODDistillationConfig, SODDistillationTrainer
+from tests.hf_helpers import qwen3, reference_loss
 
 
 @pytest.fixture(scope="module")

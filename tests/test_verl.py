@@ -10,9 +10,7 @@ import sod_kernels
 from reference.authors_loop import authors_sod_advantages, authors_step_weights
 from reference.sod_reference import ref_ppo_dual_clip_loss
 from sod_kernels.integrations import verl
-
-transformers = pytest.importorskip("transformers")
-from tests.hf_helpers import qwen3  # noqa: E402
+from tests.hf_helpers import qwen3
 
 
 class FakeDataProto:
