@@ -399,7 +399,8 @@ def write_latest(folder: Path, repo_root: Path) -> Path | None:
     for kind in ("cuda", "cpu"):
         if kind in chosen:
             path, doc = chosen[kind]
-            parts += [render_markdown(doc, prefix), f"Source: `{prefix}{path.name}`.", ""]
+            # Image links relative to LATEST.md itself (the plots sit next to it); the source path is text.
+            parts += [render_markdown(doc), f"Source: `{prefix}{path.name}`.", ""]
     codegen = folder / CODEGEN_NAME
     if codegen.exists():
         parts += ["## Code generation for sm_90 (`python -m benchmarks.codegen`)", "",
