@@ -160,6 +160,25 @@ def test_a_failed_write_keeps_both_checkpoints(tmp_path, monkeypatch):
     assert trainer.saved_step == 2
 
 
+def test_ctrl_c_between_the_renames_puts_the_current_checkpoint_back(tmp_path, monkeypatch):
+    trainer = run(tmp_path, "a")
+    current = (tmp_path / "a" / CHECKPOINT_NAME).read_bytes()
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the new file is about to take checkpoint.pt's place
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint()
+    monkeypatch.undo()
+    assert (tmp_path / "a" / CHECKPOINT_NAME).read_bytes() == current
+    assert not list((tmp_path / "a").glob(".*tmp*"))
+
+
 def test_save_keeps_the_replaced_checkpoint_as_previous(tmp_path):
     run(tmp_path, "a", updates=3)
     assert torch.load(tmp_path / "a" / CHECKPOINT_NAME, weights_only=True)["step"] == 3

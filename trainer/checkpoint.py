@@ -95,6 +95,7 @@ def save_checkpoint(payload: dict, output: str | Path) -> Path:
     output = Path(output)
     path = output / CHECKPOINT_NAME
     tmp = output / f".{CHECKPOINT_NAME}{TEMPORARY_MARKER}{os.getpid()}"
+    rotated = False
     try:
         with open(tmp, "wb") as handle:
             torch.save(payload, handle)
@@ -105,11 +106,14 @@ def save_checkpoint(payload: dict, output: str | Path) -> Path:
             raise CheckpointError(f"checkpoint {str(tmp)!r} read back step {written['step']}, wrote "
                                   f"{payload['step']}")
         del written
-        if path.exists():
+        rotated = path.exists()
+        if rotated:
             os.replace(path, output / PREVIOUS_NAME)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        if rotated and not path.exists():  # interrupted between the two renames: put the current one back
+            os.replace(output / PREVIOUS_NAME, path)
         raise
     _fsync_dir(output)
     return path
