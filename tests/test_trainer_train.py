@@ -83,8 +83,9 @@ def test_two_updates_write_metrics_and_checkpoint_and_resume_bit_for_bit(tmp_pat
     assert without_timing(resumed_metrics) == without_timing(metrics)
     for (name, a), (_, b) in zip(straight.student.state_dict().items(), resumed.student.state_dict().items()):
         assert torch.equal(a, b), name
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(ValueError, match="no checkpoint in .*nothing-here"):
         make_trainer(small_config(tmp_path, "nothing-here", resume=True)).train()
+    assert not (tmp_path / "nothing-here").exists()  # a failed resume creates nothing
 
 
 @pytest.mark.parametrize("objective", ["kl", "pg"])

@@ -6,10 +6,10 @@ Nothing is downloaded: models are built-in presets or local folders, datasets lo
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shlex
 import sys
-
-from tqdm import tqdm
 
 # Refuse any hub access: models and tokenizers must be local.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,49 +21,151 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .config import add_config_arguments, config_from_args  # noqa: E402
 
+INTERRUPTED_EXIT = 130  # the shell's code for a process ended by SIGINT
 
-def train_main(argv: list[str]) -> None:
-    """Parse config flags, build the trainer and run it with a progress bar."""
-    from .tools import describe_sandbox, sandbox_executor
-    from .train import build_trainer, format_metrics
 
+class RunLog:
+    """The command line's output: metrics every ``log_every`` updates and messages, as text or JSON lines.
+
+    text: readable lines; a tqdm progress bar only when stdout and stderr are both terminals (a log file
+    or pipe gets plain ``[update/total]`` lines, never carriage-return bar redraws).  json: one JSON object
+    per line with an ``event`` key (``message``, ``update``, ``eval``, ``interrupted``).
+    """
+
+    def __init__(self, log_format: str, total: int, label: str, log_every: int, stream=None):
+        self.json = log_format == "json"
+        self.stream = stream or sys.stdout
+        self.total = total
+        self.log_every = log_every
+        self.bar = None
+        interactive = self.stream.isatty() and sys.stderr.isatty()
+        if not self.json and interactive:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=label)
+
+    def _write(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def event(self, name: str, text: str, **fields) -> None:
+        """A line: ``text`` in text mode, ``{"event": name, **fields}`` in JSON mode."""
+        self._write(json.dumps({"event": name, **fields}) if self.json else text)
+
+    def message(self, text: str) -> None:
+        """A free-form message (start-up information, resume notes)."""
+        self.event("message", text, message=text)
+
+    def update(self, metrics: dict) -> None:
+        """One finished update: advance the bar; every ``log_every`` updates (and the last) log a line."""
+        from .train import format_metrics
+
+        done = metrics["update"] + 1
+        if self.bar is not None:
+            self.bar.n = done
+            self.bar.refresh()
+        if done % self.log_every == 0 or done == self.total:
+            self.event("update", f"[{done}/{self.total}] {format_metrics(metrics)}", **metrics)
+
+    def close(self) -> None:
+        """Close the progress bar (if any)."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command that continues the run started by ``argv`` (its flags plus ``--resume``)."""
+    return shlex.join(["python", "-m", "trainer", *argv, *([] if argv[-1:] == ["--resume"] else ["--resume"])])
+
+
+def fail(parser: argparse.ArgumentParser, log: RunLog, error: Exception) -> int:
+    """Print ``error`` as one ``prog: error: ...`` line on stderr; returns exit status 2."""
+    log.close()
+    print(f"{parser.prog}: error: {error}", file=sys.stderr, flush=True)
+    return 2
+
+
+def train_main(argv: list[str]) -> int:
+    """Parse config flags, build the trainer and run it; returns the exit status (130 after Ctrl-C).
+
+    Bad flags and a folder that cannot be used (``--resume`` without a checkpoint, a fresh start into a
+    folder holding a run without ``--overwrite``) are argparse errors (exit 2) and create nothing; a refused
+    or unreadable checkpoint is a one-line error (exit 2).
+    """
     parser = argparse.ArgumentParser(prog="python -m trainer", description="On-policy SOD distillation with "
                                      "sandboxed multi-turn Python tool rollouts.")
     add_config_arguments(parser)
-    config = config_from_args(parser.parse_args(argv))
-    print(describe_sandbox())
-    executor = sandbox_executor(config.tool_timeout_s, config.sandbox_allow_missing)
-    trainer = build_trainer(config, executor, log=tqdm.write)
-    bar = tqdm(total=config.updates, desc=f"{config.objective}/{config.step_divergence}")
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+        from .checkpoint import check_output_dir
 
-    def progress(metrics):
-        bar.n = metrics["update"] + 1
-        bar.refresh()
-        if (metrics["update"] + 1) % config.log_every == 0:
-            tqdm.write(format_metrics(metrics))
+        check_output_dir(config)
+    except ValueError as error:
+        parser.error(str(error))
+    log = RunLog(config.log_format, config.updates, f"{config.objective}/{config.step_divergence}",
+                 config.log_every)
+    trainer = None
+    try:
+        from .checkpoint import CheckpointError
+        from .tools import describe_sandbox, sandbox_executor
+        from .train import build_trainer
 
-    trainer.train(progress)
-    bar.close()
-    if config.eval_prompts:
-        from .train import evaluate
+        log.message(describe_sandbox())
+        executor = sandbox_executor(config.tool_timeout_s, config.sandbox_allow_missing)
+        try:
+            trainer = build_trainer(config, executor, log=log.message)
+        except ValueError as error:  # a model or dataset that cannot be used
+            return fail(parser, log, error)
+        try:
+            trainer.train(log.update)
+        except CheckpointError as error:  # unreadable checkpoints, or a resume under other settings
+            return fail(parser, log, error)
+        log.close()
+        if config.eval_prompts:
+            from .train import evaluate
 
-        problems = [trainer.problems.held_out(i) for i in range(config.eval_prompts)]
-        result = evaluate(trainer.student, trainer.teacher, trainer.tokenizer, trainer.chat, executor, problems,
-                          trainer.settings)
-        print(f"held-out accuracy {result.accuracy:.4f}, student-teacher KL {result.kl:.4f}")
+            problems = [trainer.problems.held_out(i) for i in range(config.eval_prompts)]
+            result = evaluate(trainer.student, trainer.teacher, trainer.tokenizer, trainer.chat, executor,
+                              problems, trainer.settings)
+            log.event("eval", f"held-out accuracy {result.accuracy:.4f}, student-teacher KL {result.kl:.4f}",
+                      accuracy=result.accuracy, kl=result.kl, prompts=len(problems))
+    except KeyboardInterrupt:
+        log.close()
+        saved = trainer.saved_step if trainer is not None else 0
+        where = os.path.join(config.output_dir, "checkpoint.pt")
+        if saved:
+            text = (f"interrupted: {saved} of {config.updates} updates are saved in {where}; continue with: "
+                    f"{resume_command(argv)}")
+        else:
+            text = (f"interrupted: no update was saved yet (the first checkpoint comes after update "
+                    f"{min(config.checkpoint_every, config.updates)}); start again with --overwrite")
+        log.event("interrupted", text, saved_updates=saved, updates=config.updates,
+                  resume=resume_command(argv) if saved else None)
+        return INTERRUPTED_EXIT
+    return 0
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Dispatch ``demo`` / ``train`` (the default)."""
+    """Dispatch ``demo`` / ``train`` (the default); exit with the run's status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "demo":
         from .demo import run_demo
 
         run_demo(argv[1:])
-    elif argv and argv[0] == "train":
-        train_main(argv[1:])
-    else:
-        train_main(argv)
+        return
+    code = train_main(argv[1:] if argv and argv[0] == "train" else argv)
+    if code == INTERRUPTED_EXIT:
+        # Leave at once: tool-call threads still waiting on a sandboxed process would otherwise be joined at
+        # exit (a second Ctrl-C there prints a concurrent.futures traceback); sandboxed processes die with us.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from pathlib import Path
 OBJECTIVES = ("kl", "pg")
 STEP_DIVERGENCES = ("kl", "sampled", "none")
 DIVERGENCES = ("reverse_kl", "forward_kl")
+LOG_FORMATS = ("text", "json")
 
 
 @dataclass
@@ -51,10 +52,13 @@ class TrainConfig:
     seed: int = 0  # seeds models (presets), sampling, problems and faults
     output_dir: str = "runs/train"  # metrics, step logs, checkpoints
     checkpoint_every: int = 10  # updates between checkpoints (the last update is always saved)
-    resume: bool = False  # continue from output_dir/checkpoint.pt
+    resume: bool = False  # continue from output_dir/checkpoint.pt (the settings must match the checkpoint's)
+    overwrite: bool = False  # start fresh in an output_dir that holds a run, deleting its checkpoints and logs
+    allow_config_change: bool = False  # resume even though settings differ from the checkpoint's (listed)
     student_init: str | None = None  # optional checkpoint/model folder whose weights start the student
     eval_prompts: int = 0  # held-out prompts evaluated at the end (0 = skip)
     log_every: int = 1  # print metrics every N updates
+    log_format: str = "text"  # text: readable lines (a progress bar on a terminal) | json: one object a line
     threads: int = 2  # torch CPU threads
 
     def validate(self) -> "TrainConfig":
@@ -65,6 +69,8 @@ class TrainConfig:
             raise ValueError(f"step_divergence must be one of {STEP_DIVERGENCES}, got {self.step_divergence!r}")
         if self.divergence not in DIVERGENCES:
             raise ValueError(f"divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"log_format must be one of {LOG_FORMATS}, got {self.log_format!r}")
         positive = ("updates", "prompts_per_step", "rollouts_per_prompt", "micro_batch_size", "max_turns",
                     "max_new_tokens", "max_total_tokens", "checkpoint_every", "log_every", "threads",
                     "tool_workers")
@@ -129,6 +135,23 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
 
 
+def probability(text: str) -> float:
+    """argparse type of a probability: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text!r}")
+    return value
+
+
+# Fields whose flags take one of a fixed set of values, and fields with a stricter argparse type.
+CHOICES = {"objective": OBJECTIVES, "step_divergence": STEP_DIVERGENCES, "divergence": DIVERGENCES,
+           "log_format": LOG_FORMATS}
+TYPES = {"tool_fault_rate": probability}
+
+
 def _comment_help() -> dict[str, str]:
     """Per-field help text taken from the trailing comments of the dataclass source."""
     import inspect
@@ -150,7 +173,11 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         default = f.default
         kwargs = {"default": argparse.SUPPRESS, "help": f"{help_text.get(f.name, '')} (default: {default})"}
-        if isinstance(default, bool):
+        if f.name in CHOICES:
+            parser.add_argument(flag, choices=CHOICES[f.name], **kwargs)
+        elif f.name in TYPES:
+            parser.add_argument(flag, type=TYPES[f.name], **kwargs)
+        elif isinstance(default, bool):
             parser.add_argument(flag, nargs="?", const=True, type=_parse_bool, **kwargs)
         elif isinstance(default, tuple):
             element = float if default and isinstance(default[0], float) else str

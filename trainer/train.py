@@ -13,9 +13,12 @@ number of distilled tokens of the whole batch, so accumulation equals one big ba
 Alignment: the hidden state at position t predicts token t+1, so the model reads ``ids[:, :-1]``'s
 positions and the targets, mask and rollout log-probs are ``[:, 1:]``.
 
-Checkpoints (``checkpoint.pt``) are written atomically and hold the student, the optimizer, the Python /
-NumPy / torch RNG states and the number of finished updates; ``metrics.jsonl`` and ``steps.jsonl`` are cut
-back to that update on resume, so a run killed at any moment resumes with no update lost or repeated.
+Checkpoints (``checkpoint.pt``, see :mod:`trainer.checkpoint`) are written atomically, read back before they
+replace the previous one (kept as ``checkpoint.prev.pt``) and hold the student, the optimizer, the Python /
+NumPy / torch RNG states, the number of finished updates, the config and a digest of the data, tokenizer and
+teacher; a resume under different settings is refused unless ``allow_config_change``.  ``metrics.jsonl`` and
+``steps.jsonl`` are cut back to the checkpoint's update on resume, so a run killed at any moment resumes with
+no update lost or repeated.  A fresh start removes the folder's previous checkpoints and logs.
 """
 
 from __future__ import annotations
@@ -34,15 +37,13 @@ import torch
 
 import sod_kernels
 
+from . import checkpoint as ckpt
+from .checkpoint import CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, STEPS_NAME, CheckpointError
 from .config import TrainConfig
 from .models import hidden_states, lm_head_weight, load_model, load_tokenizer
 from .rollout import ChatFormat, HFTurnGenerator, RolloutSettings, ToolExecutor, Trajectory, run_rollouts
 from .task import FaultInjector, Problem, ProblemSource
 
-CHECKPOINT_NAME = "checkpoint.pt"
-METRICS_NAME = "metrics.jsonl"
-STEPS_NAME = "steps.jsonl"
-CONFIG_NAME = "config.json"
 # Fault-injection key of held-out evaluations (training updates use their update index).
 EVAL_FAULT_KEY = 2**31 - 1
 POLICY_FUNCTIONS = ("fused_sod_policy_loss", "fused_token_logprobs", "sod_policy_inputs")
@@ -96,14 +97,20 @@ def model_hidden(model, batch: Batch) -> torch.Tensor:
 
 
 def capture_rng() -> dict:
-    """Python, NumPy and torch RNG states."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, NumPy and torch RNG states, as types a ``weights_only`` load accepts (NumPy's key array as
+    an int64 tensor)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
 
 
 def restore_rng(state: dict) -> None:
     """Inverse of :func:`capture_rng`."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
 
 
@@ -112,22 +119,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def atomic_torch_save(payload, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace`` onto ``path``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        torch.save(payload, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 def truncate_jsonl(path: Path, keep: Callable[[dict], bool]) -> None:
@@ -181,7 +172,9 @@ class SODTrainer:
         self.optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, betas=tuple(config.betas),
                                            weight_decay=config.weight_decay)
         self.step = 0
+        self.saved_step = 0  # finished updates held by the newest checkpoint on disk
         self.output = Path(config.output_dir)
+        self._fingerprint = None
         if config.objective == "pg":
             policy_functions()
         if teacher.get_output_embeddings().weight.shape[0] < student.get_output_embeddings().weight.shape[0]:
@@ -331,39 +324,68 @@ class SODTrainer:
         """``output_dir/checkpoint.pt``."""
         return self.output / CHECKPOINT_NAME
 
+    def fingerprint(self) -> dict[str, str]:
+        """Digests of this run's data, tokenizer and teacher (:func:`trainer.checkpoint.run_fingerprint`)."""
+        if self._fingerprint is None:
+            self._fingerprint = ckpt.run_fingerprint(self.problems, self.tokenizer, self.teacher)
+        return self._fingerprint
+
     def save_checkpoint(self) -> None:
-        """Atomically write model, optimizer, RNG states and the number of finished updates."""
+        """Write model, optimizer, RNG states, the number of finished updates, the config and the
+        fingerprint; the checkpoint it replaces is kept as ``checkpoint.prev.pt``."""
         payload = {"step": self.step, "model": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
-                   "rng": capture_rng(), "config": self.config.to_dict()}
-        atomic_torch_save(payload, self.checkpoint_path())
+                   "rng": capture_rng(), "config": self.config.to_dict(), "fingerprint": self.fingerprint()}
+        ckpt.save_checkpoint(payload, self.output)
+        self.saved_step = self.step
 
     def load_checkpoint(self) -> None:
-        """Restore from ``checkpoint.pt`` and cut the logs back to its step."""
-        path = self.checkpoint_path()
-        if not path.is_file():
-            raise ValueError(f"resume=True but {str(path)!r} does not exist; start without --resume")
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-        self.student.load_state_dict(payload["model"])
-        self.optimizer.load_state_dict(payload["optimizer"])
+        """Restore from the newest readable checkpoint and cut the logs back to its step.
+
+        Raises :class:`trainer.checkpoint.CheckpointError` (a ``ValueError``) naming the files if none is
+        readable, or listing the differing settings if the checkpoint's run had other settings and
+        ``allow_config_change`` is off.  Nothing in the folder changes when it raises.
+        """
+        path, payload, skipped = ckpt.load_latest_checkpoint(self.output)
+        changes = ckpt.resume_differences(payload["config"], self.config, payload.get("fingerprint"),
+                                          self.fingerprint())
+        if changes and not self.config.allow_config_change:
+            raise CheckpointError(ckpt.describe_mismatch(path, changes))
+        try:
+            self.student.load_state_dict(payload["model"])
+            self.optimizer.load_state_dict(payload["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            raise CheckpointError(f"checkpoint {str(path)!r} does not fit this student/optimizer: {error}") from error
         restore_rng(payload["rng"])
-        self.step = int(payload["step"])
+        self.step = self.saved_step = int(payload["step"])
+        for bad, reason in skipped:
+            self.log(f"skipped {reason}; moved it to {ckpt.set_aside(bad).name}")
+        if changes:
+            self.log("allow_config_change: continuing with changed settings: " + "; ".join(changes))
         for name in (METRICS_NAME, STEPS_NAME):
             truncate_jsonl(self.output / name, lambda record: record.get("update", -1) < self.step)
+        self.log(f"resumed from {path} at update {self.step}")
 
     # ----------------------------------------------------------------------------------------------
     def prepare(self) -> None:
-        """Create the output folder, then seed or resume."""
-        self.output.mkdir(parents=True, exist_ok=True)
-        (self.output / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2))
-        if self.config.resume and self.checkpoint_path().is_file():
+        """Seed or resume, then record the config.
+
+        ``resume``: restore the newest readable checkpoint (nothing is created if there is none).  Otherwise
+        a fresh start: seed everything and remove the folder's previous checkpoints and logs (the command
+        line refuses that without ``overwrite``, see :func:`trainer.checkpoint.check_output_dir`).  Either
+        way, temporary files left by a killed process are removed.
+        """
+        if self.config.resume and not any(p.exists() for p in ckpt.checkpoint_paths(self.output)):
+            raise CheckpointError(f"resume=True but there is no checkpoint in {str(self.output)!r} "
+                                  f"({CHECKPOINT_NAME} not found); start without --resume")
+        for path in ckpt.remove_stale_temporaries(self.output):
+            self.log(f"removed {path.name}, left by an interrupted write")
+        if self.config.resume:
             self.load_checkpoint()
-            self.log(f"resumed from {self.checkpoint_path()} at update {self.step}")
-        elif self.config.resume:
-            raise ValueError(f"resume=True but {str(self.checkpoint_path())!r} does not exist")
         else:
             seed_everything(self.config.seed)
-            for name in (METRICS_NAME, STEPS_NAME):
-                (self.output / name).unlink(missing_ok=True)
+            self.output.mkdir(parents=True, exist_ok=True)
+            ckpt.clear_run(self.output)
+        (self.output / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2))
 
     def train_step(self) -> dict:
         """Roll out, update, log; returns the update's metrics."""
