@@ -12,6 +12,7 @@ import dataclasses
 import errno
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -44,6 +45,7 @@ from trainer.sandbox import (
     _first_hidden_ancestor,
     _session_keyring_id,
     check_policy,
+    memory_plan,
     run_python,
     sandbox_capabilities,
 )
@@ -693,9 +695,10 @@ NASTY_CODE = ["s = '\udcff'", "print('\ud800')", "\x00", "print(1)\x00", "\ufeff
 def test_any_code_string_is_reported_never_raised(code):
     result = run_requiring((), code)
     assert isinstance(result, ToolResult) and result.sandbox_error is None, result.output
-    if "\udcff" in code or "\ud800" in code or "\x00" in code:
+    assert result.exit_code is not None and not result.timed_out, result.output  # the interpreter judged it
+    if "\udcff" in code or "\ud800" in code:  # not UTF-8: the interpreter refuses the source
         assert not result.ok and "SyntaxError" in result.output, result.output
-    else:
+    elif "\x00" not in code:  # NUL bytes: a SyntaxError since 3.11.4, silently cut before
         assert result.ok, result.output
 
 
@@ -755,8 +758,18 @@ def _running_tool_processes(caller: subprocess.Popen, deadline: float) -> list[i
     raise AssertionError("the tool run never started")
 
 
+@pytest.fixture
+def shared_tmp_path():
+    """A fresh temporary directory that the sandbox's unprivileged uid can traverse (pytest's cannot)."""
+    path = Path(tempfile.mkdtemp(prefix="sod-sandbox-test-", dir="/tmp"))
+    path.chmod(0o711)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.mark.parametrize("waive", [(), (FILESYSTEM_ISOLATION,), (PROCESS_ISOLATION,)], ids=str)
-def test_killed_caller_stops_the_code_and_removes_its_run_folder(tmp_path, waive):
+def test_killed_caller_stops_the_code_and_removes_its_run_folder(shared_tmp_path, waive):
+    tmp_path = shared_tmp_path
     if FILESYSTEM_ISOLATION in waive and _first_hidden_ancestor(os.path.realpath(sys.base_prefix)):
         waive += (PRIVILEGE_DROP,)  # the unprivileged uid could not start the interpreter (see _consistent)
     script = _CALLER.format(repo=str(REPO_ROOT), tmp=str(tmp_path), waive=waive)
@@ -840,3 +853,17 @@ def test_probe_names_missing_bubblewrap_and_libseccomp(monkeypatch):
     with pytest.raises(SandboxUnavailableError, match="bubblewrap") as refusal:
         run_python("print('must not run')", capabilities=caps)
     assert SYSCALL_FILTER in refusal.value.missing
+
+
+@pytest.mark.parametrize("memory_mib,max_processes", [(128, 16), (512, 16), (512, 1), (1024, 3), (3000, 16)])
+def test_memory_plan_bounds_the_whole_call(memory_mib, max_processes):
+    """Both ways of bounding a call keep the sum of its processes' memory within memory_bytes."""
+    policy = SandboxPolicy(memory_bytes=memory_mib * 1024 * 1024, max_processes=max_processes)
+    processes, address_space, cgroup = memory_plan(policy, None)
+    assert cgroup is None and 1 <= processes <= max_processes
+    assert processes * address_space <= policy.memory_bytes
+    assert address_space >= min(policy.memory_bytes, 256 * 1024 * 1024)  # room for real work in each
+    processes, address_space, cgroup = memory_plan(policy, "/sys/fs/cgroup/some/parent")
+    assert cgroup == {"base": "/sys/fs/cgroup/some/parent", "memory_max": policy.memory_bytes,
+                      "pids_max": max_processes + 3}
+    assert processes == max_processes and address_space == policy.memory_bytes

@@ -9,7 +9,8 @@ trainer at once instead of running code unprotected.
 Process layout (every run)::
 
     trainer ──Popen(env={}, new session; config + code in a memfd)──▶ launcher L   root, on the host
-              │ makes the run's cgroup (memory.max, pids.max) where cgroup v2 allows it
+              │ makes the run's cgroup (memory.max, pids.max) where cgroup v2 allows it,
+              │ a host run folder only without filesystem isolation
               └─fork, join the cgroup, exec──▶ bwrap: new net/uts/pid/ipc/mount namespaces, empty root
                    └─▶ bwrap's reaper (pid 1) ──▶ init W   pid 2, root, only CAP_SYS_ADMIN/SETUID/SETGID
                          │ tmpfs /tmp (size and inode limits, the code's working directory), private /dev/shm
@@ -41,9 +42,10 @@ Protections, as named in :data:`PROTECTIONS`:
 
 Memory bound of one call: ``SandboxPolicy.memory_bytes`` bounds the whole call, not each process.  Where a
 cgroup v2 with the memory controller can be made (:mod:`trainer.sandbox_cgroup`), the run's cgroup has
-``memory.max = memory_bytes`` (``memory.swap.max = 0``; the tmpfs pages the code writes are charged to it
-too) and ``pids.max = max_processes`` plus the sandbox's own 3 tasks; each process also has
-``RLIMIT_AS = memory_bytes``.  Elsewhere (cgroup v1, read-only cgroupfs) the run gets fewer processes:
+``memory.max = memory_bytes`` (``memory.swap.max = 0``; the sandbox's own init and the tmpfs pages the code
+writes are charged to it too; the kernel OOM-kills a process of the run when it is exceeded) and, where
+the pids controller is handed down too, ``pids.max = max_processes`` plus the sandbox's own 3 tasks; each
+process also has ``RLIMIT_AS = memory_bytes`` and ``RLIMIT_NPROC = max_processes``.  Elsewhere (cgroup v1, read-only cgroupfs) the run gets fewer processes:
 ``n = min(max_processes, memory_bytes // 256 MiB)`` (at least 1) processes of ``RLIMIT_AS = memory_bytes //
 n`` each, so that their address spaces add up to at most ``memory_bytes``; the tmpfs work directory
 (``workdir_bytes``) and ``/dev/shm`` (16 MiB) come on top of that.
@@ -357,18 +359,7 @@ def _interpreter_prefix(interpreter: str) -> str:
     return os.path.dirname(os.path.dirname(interpreter))
 
 
-def _first_hidden_ancestor(path: str) -> str | None:
-    """The first proper ancestor of ``path`` that users other than its owner and group cannot traverse."""
-    current = os.sep
-    for part in [p for p in os.path.dirname(path).split(os.sep) if p]:
-        current = os.path.join(current, part)
-        try:
-            mode = os.stat(current).st_mode
-        except OSError:  # missing: starting the interpreter will fail and be reported then
-            return None
-        if not mode & 0o001:
-            return current
-    return None
+_first_hidden_ancestor = _launcher.untraversable_ancestor
 
 
 def bwrap_path() -> str | None:

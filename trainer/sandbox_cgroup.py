@@ -1,13 +1,15 @@
-"""Where the sandbox can put one cgroup v2 per tool run, to bound the memory and task count of the whole run.
+"""Where the sandbox can put one cgroup v2 per tool run, to bound the memory of the whole run.
 
 A run's cgroup is ``BASE/sod-sandbox-<launcher pid>`` (made, joined and removed by the launcher, see
-:mod:`trainer.sandbox_launcher`).  BASE must be a cgroup v2 directory whose children get the ``memory`` and
-``pids`` controllers, that this process may write, and in which a child can be created: the parent of the
-trainer's own cgroup (the trainer's cgroup itself holds processes, and cgroup v2 allows controllers only
-for the children of a cgroup without processes), or the hierarchy's root when the trainer lives there.
-:func:`cgroup_base` finds one, trying it for real (make a child, set ``memory.max``, remove it).  On a
-cgroup v1 or hybrid machine whose memory controller is not in the v2 hierarchy, or in a container with a
-read-only cgroup filesystem, there is none; the sandbox then bounds a run by its process count instead.
+:mod:`trainer.sandbox_launcher`), with ``memory.max`` and, where the ``pids`` controller is handed down too,
+``pids.max``.  BASE must be a cgroup v2 directory that already hands the ``memory`` controller to its
+children (the sandbox does not change the machine's cgroup configuration), that this process may write,
+and in which a child can be made: the parent of the trainer's own cgroup (the trainer's cgroup itself holds
+processes, and cgroup v2 gives controllers only to the children of a cgroup without processes), or the
+hierarchy's root when the trainer lives there.  :func:`cgroup_base` finds one, trying it for real (make a
+child, set ``memory.max``, remove it).  On a cgroup v1 or hybrid machine whose memory controller is not in
+the v2 hierarchy, or in a container with a read-only cgroup filesystem, there is none; the sandbox then
+bounds a run by its process count instead.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import os
 
 from .sandbox_launcher import CGROUP_PREFIX
 
-CONTROLLERS = ("memory", "pids")
+REQUIRED_CONTROLLER = "memory"
 
 
 def _cgroup2_mount() -> tuple[str, str] | None:
@@ -54,17 +56,11 @@ def _read_words(path: str) -> set[str]:
 
 
 def _usable(base: str) -> str | None:
-    """None if a run cgroup can be made under ``base`` with both controllers; else the reason it cannot."""
-    available = _read_words(os.path.join(base, "cgroup.controllers"))
-    if not set(CONTROLLERS) <= available:
-        return (f"the cgroup v2 directory {base} offers controllers {sorted(available)}, not "
-                f"{'/'.join(CONTROLLERS)} (a cgroup v1 or hybrid machine?)")
-    if not set(CONTROLLERS) <= _read_words(os.path.join(base, "cgroup.subtree_control")):
-        try:
-            with open(os.path.join(base, "cgroup.subtree_control"), "w", encoding="ascii") as handle:
-                handle.write(" ".join(f"+{name}" for name in CONTROLLERS))
-        except OSError as exc:
-            return f"{base} does not hand the {'/'.join(CONTROLLERS)} controllers to its children ({exc.strerror})"
+    """None if a run cgroup with the memory controller can be made under ``base``; else why it cannot."""
+    handed_down = _read_words(os.path.join(base, "cgroup.subtree_control"))
+    if REQUIRED_CONTROLLER not in handed_down:
+        return (f"the cgroup v2 directory {base} hands {sorted(handed_down)} to its children, not the "
+                f"{REQUIRED_CONTROLLER} controller (a cgroup v1 or hybrid machine?)")
     trial = os.path.join(base, f"{CGROUP_PREFIX}trial-{os.getpid()}")
     try:
         os.mkdir(trial)
@@ -73,8 +69,6 @@ def _usable(base: str) -> str | None:
     except OSError as exc:
         return f"cannot create a cgroup under {base} ({exc.strerror})"
     try:
-        if not set(CONTROLLERS) <= _read_words(os.path.join(trial, "cgroup.controllers")):
-            return f"a cgroup under {base} lacks the {'/'.join(CONTROLLERS)} controllers"
         with open(os.path.join(trial, "memory.max"), "w", encoding="ascii") as handle:
             handle.write(str(64 * 1024 * 1024))
         return None

@@ -333,20 +333,26 @@ class _Launcher(_Process):
 
         self.run_dir = tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-", dir=self.config["temp_root"])
         os.chmod(self.run_dir, 0o711)
+        if self.use[PRIVILEGE_DROP]:
+            blocked = untraversable_ancestor(self.run_dir)
+            if blocked is not None:
+                raise _SetupError("", f"the host run folder {self.run_dir} lies under {blocked}, which the "
+                                      "dedicated uid cannot traverse: point TMPDIR at a directory it can")
         workdir = os.path.join(self.run_dir, HOST_WORKDIR_NAME)
         os.mkdir(workdir, 0o700)
         os.chown(workdir, self.uid, self.gid)
 
     def make_cgroup(self) -> None:
-        """A cgroup v2 for the whole run: memory.max, memory.swap.max = 0, pids.max."""
+        """A cgroup v2 for the whole run: memory.max, memory.swap.max = 0 and pids.max where they exist."""
         spec = self.config["cgroup"]
         path = os.path.join(spec["base"], f"{CGROUP_PREFIX}{os.getpid()}")
         remove_cgroup(path)  # a stale one from a dead launcher that had this pid
         os.mkdir(path)
         self.cgroup = path
-        settings = [("memory.max", spec["memory_max"]), ("pids.max", spec["pids_max"])]
-        if os.path.exists(os.path.join(path, "memory.swap.max")):
-            settings.append(("memory.swap.max", 0))
+        settings = [("memory.max", spec["memory_max"])]
+        for name, value in (("memory.swap.max", 0), ("pids.max", spec["pids_max"])):
+            if os.path.exists(os.path.join(path, name)):  # no swap accounting / no pids controller handed down
+                settings.append((name, value))
         for name, value in settings:
             with open(os.path.join(path, name), "w") as handle:
                 handle.write(str(value))
@@ -400,6 +406,20 @@ class _Launcher(_Process):
             kill_uid(self.uid)
         if self.run_dir:
             remove_tree(self.run_dir)
+
+
+def untraversable_ancestor(path: str) -> str | None:
+    """The first proper ancestor of ``path`` that users other than its owner and group cannot traverse."""
+    current = "/"
+    for part in [p for p in os.path.dirname(path).split("/") if p]:
+        current = os.path.join(current, part)
+        try:
+            mode = os.stat(current).st_mode
+        except OSError:  # missing: whatever needs it fails and is reported then
+            return None
+        if not mode & 0o001:
+            return current
+    return None
 
 
 def _raise_caller_gone(signum, frame) -> None:
