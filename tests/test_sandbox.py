@@ -702,6 +702,14 @@ def test_any_code_string_is_reported_never_raised(code):
         assert result.ok, result.output
 
 
+def test_code_larger_than_the_working_directory_is_reported():
+    result = run_requiring((FILESYSTEM_ISOLATION,), "#" * 300_000, policy=SandboxPolicy(workdir_bytes=100_000))
+    if result is None:
+        return
+    assert not result.ok and result.exit_code is None
+    assert "cannot write the code (300000 bytes)" in result.output and "No space left" in result.output
+
+
 _CALLER = """
 import sys, tempfile
 sys.path.insert(0, {repo!r})

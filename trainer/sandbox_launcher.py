@@ -457,6 +457,8 @@ class _Init(_Process):
         if tool_pid == 0:
             try:
                 self.exec_tool(workdir, code)
+            except _SetupError as exc:
+                self.report(event="setup_failed", protection=exc.protection, error=str(exc))
             except BaseException as exc:  # noqa: BLE001 - report anything, never return into init's code
                 self.report(event="setup_failed", error=f"{type(exc).__name__}: {exc}")
             os._exit(SETUP_FAILED_EXIT)
@@ -514,13 +516,17 @@ class _Init(_Process):
         """The code as ``main.py`` in the working directory (as the dedicated uid: it owns the directory)."""
         if self.config["mode"] != "run":
             return
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            view = memoryview(code)
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                view = memoryview(code)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise _SetupError("", f"cannot write the code ({len(code)} bytes) to {path}: {exc.strerror} (the "
+                                  f"working directory holds {self.config['workdir_bytes']} bytes)") from exc
 
     def set_limits(self) -> None:
         """setrlimit for each configured limit (soft = hard, except CPU: hard one second later)."""
