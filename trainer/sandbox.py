@@ -45,10 +45,11 @@ cgroup v2 with the memory controller can be made (:mod:`trainer.sandbox_cgroup`)
 ``memory.max = memory_bytes`` (``memory.swap.max = 0``; the sandbox's own init and the tmpfs pages the code
 writes are charged to it too; the kernel OOM-kills a process of the run when it is exceeded) and, where
 the pids controller is handed down too, ``pids.max = max_processes`` plus the sandbox's own 3 tasks; each
-process also has ``RLIMIT_AS = memory_bytes`` and ``RLIMIT_NPROC = max_processes``.  Elsewhere (cgroup v1, read-only cgroupfs) the run gets fewer processes:
-``n = min(max_processes, memory_bytes // 256 MiB)`` (at least 1) processes of ``RLIMIT_AS = memory_bytes //
-n`` each, so that their address spaces add up to at most ``memory_bytes``; the tmpfs work directory
-(``workdir_bytes``) and ``/dev/shm`` (16 MiB) come on top of that.
+process also has ``RLIMIT_AS = memory_bytes`` and ``RLIMIT_NPROC = max_processes``.  Elsewhere (cgroup
+v1, read-only cgroupfs) the run gets fewer processes: ``n = min(max_processes, memory_bytes // 256 MiB)``
+(at least 1) processes or threads (``RLIMIT_NPROC = n``; 2 for the default 512 MiB) of ``RLIMIT_AS =
+memory_bytes // n`` each, so that their address spaces add up to at most ``memory_bytes``; the tmpfs work
+directory (``workdir_bytes``) and ``/dev/shm`` (16 MiB) come on top of that.
 
 Why bubblewrap and libseccomp, and what is still written here: namespaces, the minimal root, ``/proc``,
 ``/dev``, the reaper and the parent-death chain are bubblewrap's (Debian ``bubblewrap``; run as root it

@@ -328,7 +328,7 @@ class _Launcher(_Process):
             self.step(RESOURCE_LIMITS, self.make_cgroup)
 
     def make_host_workdir(self) -> None:
-        """``TEMP/sod-sandbox-PID-XXXX/work``, owned by the dedicated uid; removed by :meth:`clean_up`."""
+        """``TEMP/sod-sandbox-PID-<random>/work``, owned by the dedicated uid; removed by :meth:`clean_up`."""
         import tempfile  # noqa: PLC0415 - only this path needs it
 
         self.run_dir = tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-", dir=self.config["temp_root"])
