@@ -9,8 +9,10 @@ own protection.  Floods are linear and bounded, and limits are always in place b
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from trainer.sandbox import (
+    BWRAP_PROTECTIONS,
     FILESYSTEM_ISOLATION,
     KEY_SPEC_SESSION_KEYRING,
     KEYCTL_GET_KEYRING_ID,
@@ -32,14 +35,17 @@ from trainer.sandbox import (
     PROCESS_ISOLATION,
     PROTECTIONS,
     RESOURCE_LIMITS,
+    SYSCALL_FILTER,
     Protection,
     SandboxCapabilities,
     SandboxPolicy,
     SandboxUnavailableError,
     SYS_KEYCTL,
     ToolResult,
+    _first_hidden_ancestor,
     _session_keyring_id,
     check_policy,
+    memory_plan,
     run_python,
     sandbox_capabilities,
 )
@@ -55,6 +61,9 @@ SHORT_TIMEOUT_S = 1.5
 SLOW_MARGIN_S = 3.0  # start-up and kill overhead allowed on a loaded 2-core machine
 GENEROUS_TIMEOUT_S = 30.0  # for runs that must end by themselves (limits), even on a loaded machine
 SECRET_ENV = "SOD_SANDBOX_TEST_SECRET"
+# For code that needs 3-4 processes or threads at once: without a cgroup, the process count of a run is
+# memory_bytes // 256 MiB (trainer/sandbox.py's docstring), 2 for the default policy.
+ROOMY_POLICY = dict(memory_bytes=1024 * 1024 * 1024)
 
 
 def run_requiring(needed: tuple[str, ...], code: str, policy: SandboxPolicy | None = None,
@@ -396,13 +405,16 @@ except OSError as exc:
 
 _DAEMON_CODE = """
 import os, time
+read_end, write_end = os.pipe()
 if os.fork() == 0:
     os.setsid()
     if os.fork() == 0:
+        os.write(write_end, b"up")
         time.sleep(60)
         os._exit(0)
     os._exit(0)
-print("daemon started")
+os.close(write_end)
+print("daemon started" if os.read(read_end, 2) == b"up" else "no daemon")
 """
 
 
@@ -422,10 +434,11 @@ def test_trainer_keyring_and_host_run_dir_are_out_of_reach():
 
 
 def test_escaping_daemon_is_killed():
-    result = run_requiring((PRIVILEGE_DROP,), _DAEMON_CODE, timeout_s=GENEROUS_TIMEOUT_S)
+    result = run_requiring((PRIVILEGE_DROP,), _DAEMON_CODE, timeout_s=GENEROUS_TIMEOUT_S,
+                           policy=SandboxPolicy(**ROOMY_POLICY))
     if result is None:
         return
-    assert result.ok and not result.timed_out, result.output
+    assert result.ok and not result.timed_out and "daemon started" in result.output, result.output
     assert_nothing_left(result)
 
 
@@ -440,8 +453,8 @@ def test_escaping_daemon_is_killed_without_pid_namespace():
         return
     reduced = caps.without(PROCESS_ISOLATION, "waived by the test")
     result = run_python(_DAEMON_CODE, capabilities=reduced, timeout_s=GENEROUS_TIMEOUT_S,
-                        policy=SandboxPolicy(allow_missing=frozenset(reduced.missing())))
-    assert result.ok and not result.timed_out, result.output
+                        policy=SandboxPolicy(allow_missing=frozenset(reduced.missing()), **ROOMY_POLICY))
+    assert result.ok and not result.timed_out and "daemon started" in result.output, result.output
     assert_nothing_left(result)
 
 
@@ -452,8 +465,13 @@ print("uid", os.getuid())
 print("cwd", os.getcwd())
 print("net", os.readlink("/proc/self/ns/net"))
 print("pid", os.getpid())
+print("filters", [line.split()[1] for line in open("/proc/self/status") if line.startswith("Seccomp_filters")][0])
 open("scratch.txt", "w").write("ok")
 """
+
+
+def _own_seccomp_filters() -> str:
+    return [line.split()[1] for line in open("/proc/self/status") if line.startswith("Seccomp_filters")][0]
 
 
 @pytest.mark.parametrize("waived", PROTECTIONS)
@@ -481,6 +499,8 @@ def test_explicitly_waived_protection_runs_without_it(waived):
         assert not Path(lines["cwd"]).exists()  # the host work directory is removed afterwards
     if waived == PROCESS_ISOLATION:
         assert int(lines["pid"]) > 2
+    if waived == SYSCALL_FILTER:
+        assert lines["filters"] == _own_seccomp_filters()
 
 
 def test_sandbox_set_up_failure_is_reported_not_raised():
@@ -518,3 +538,340 @@ def test_works_when_the_trainer_has_many_open_files():
         for fd in fds:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+# --- host filesystem, syscall filter, robustness, whole-call memory ----------------------------------------
+def _plant_secret_files() -> dict[Path, str]:
+    """Files with secret contents where a real machine keeps things: home, /var/tmp, /opt, the repository."""
+    tag = uuid.uuid4().hex
+    places = [Path.home() / f"sod-plant-{tag}.txt", Path("/var/tmp") / f"sod-plant-{tag}.txt",
+              Path("/opt") / f"sod-plant-{tag}" / "answers.txt", REPO_ROOT / f"sod-plant-{tag}.txt"]
+    planted = {}
+    for path in places:
+        try:
+            path.parent.mkdir(mode=0o755, exist_ok=True)
+            path.write_text(f"secret-{tag}")
+            path.chmod(0o644)
+            planted[path] = f"secret-{tag}"
+        except OSError:  # not writable for this user: plant where it can
+            continue
+    return planted
+
+
+def _remove_planted(planted: dict[Path, str]) -> None:
+    for path in planted:
+        path.unlink(missing_ok=True)
+        if path.parent.name.startswith("sod-plant-"):
+            path.parent.rmdir()
+
+
+def test_host_filesystem_is_invisible_except_the_interpreter():
+    planted = _plant_secret_files()
+    assert len(planted) >= 2  # at least /var/tmp and the repository are writable for any user
+    interpreter_dirs = {Path(os.path.realpath(sys.base_prefix)), *Path(os.path.realpath(sys.base_prefix)).parents}
+    host_dirs = [d for d in (Path("/var"), Path("/opt"), Path("/home"), Path("/srv"), Path("/mnt"), Path("/boot"),
+                             REPO_ROOT, REPO_ROOT.parent, Path.home()) if d not in interpreter_dirs]
+    probes = [str(p) for p in planted] + [str(REPO_ROOT / "trainer" / "sandbox.py"), "/etc/passwd",
+                                          "/etc/hostname", "/proc/1/environ"]
+    code = f"""
+import os
+for path in {probes!r}:
+    try:
+        print("READ", path, open(path).read()[:80])
+    except OSError as exc:
+        print("blocked", type(exc).__name__)
+for path in {[str(d) for d in host_dirs]!r}:
+    print("EXISTS" if os.path.exists(path) else "absent", path)
+print("etc", sorted(os.listdir("/etc")) if os.path.isdir("/etc") else [])
+print("root", sorted(os.listdir("/")))
+"""
+    try:
+        result = run_requiring((FILESYSTEM_ISOLATION, PROCESS_ISOLATION), code)
+        if result is None:
+            return
+        assert result.ok, result.output
+        assert "READ" not in result.output and "EXISTS" not in result.output, result.output
+        for path, secret in planted.items():
+            assert secret not in result.output and path.name not in result.output
+        assert result.output.count("blocked") == len(probes)
+        etc = result.output.split("etc ", 1)[1].splitlines()[0]
+        assert etc in ("[]", "['ld.so.cache']"), etc
+    finally:
+        _remove_planted(planted)
+
+
+_SYSCALLS = {  # name: (x86_64, aarch64) numbers
+    "unshare": (272, 97), "clone": (56, 220), "clone3": (435, 435), "mount": (165, 40), "setns": (308, 268),
+    "ptrace": (101, 117), "bpf": (321, 280), "keyctl": (250, 219), "io_uring_setup": (425, 425),
+    "perf_event_open": (298, 241),
+}
+
+_FILTER_CODE = """
+import ctypes, os, struct, subprocess, sys, threading
+NR = {numbers!r}
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+def call(name, *args):
+    ctypes.set_errno(0)
+    result = libc.syscall(ctypes.c_long(NR[name]), *[ctypes.c_long(a) if isinstance(a, int) else a for a in args])
+    if result == 0 and name == "clone":
+        os._exit(0)  # a child was created: leave at once
+    if result > 0 and name == "clone":
+        os.waitpid(result, 0)
+    elif result > 0 and name in ("io_uring_setup", "perf_event_open"):
+        os.close(result)
+    print(name, result, ctypes.get_errno())
+CLONE_NEWUSER, CLONE_NEWNS, CLONE_NEWNET, SIGCHLD = 0x10000000, 0x20000, 0x40000000, 17
+call("unshare", CLONE_NEWUSER)
+call("unshare", CLONE_NEWNS)
+call("clone", CLONE_NEWUSER | SIGCHLD, 0, 0, 0, 0)
+call("clone", CLONE_NEWNET | SIGCHLD, 0, 0, 0, 0)
+call("clone3", 0, 0)  # no arguments: EINVAL from the kernel, unless a filter answers first
+call("setns", 0, 0)
+call("mount", ctypes.c_char_p(b"none"), ctypes.c_char_p(b"/tmp"), ctypes.c_char_p(b"tmpfs"), 0, 0)
+call("ptrace", 12, 0x3FFFFFFF, 0, 0)  # PTRACE_GETREGS of no process: ESRCH from the kernel itself
+call("bpf", 0, ctypes.create_string_buffer(128), 128)
+call("keyctl", 0, -3, 0)
+call("io_uring_setup", 1, ctypes.create_string_buffer(120))
+attr = ctypes.create_string_buffer(128)
+struct.pack_into("<IIQ", attr, 0, 1, 128, 1)
+struct.pack_into("<Q", attr, 40, 1 | 1 << 5 | 1 << 6)
+call("perf_event_open", attr, 0, -1, -1, 0)
+box = []
+thread = threading.Thread(target=box.append, args=(1,))
+thread.start()
+thread.join()
+print("thread", box)
+pid = os.fork()
+if pid == 0:
+    os._exit(7)
+print("fork", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+print("subprocess", subprocess.run([sys.executable, "-I", "-S", "-c", "print(6 * 7)"],
+                                   capture_output=True, text=True).stdout.strip())
+"""
+
+
+def _filter_code() -> str:
+    column = {"x86_64": 0, "aarch64": 1}[os.uname().machine]
+    return _FILTER_CODE.format(numbers={name: nrs[column] for name, nrs in _SYSCALLS.items()})
+
+
+def _syscall_results(output: str) -> dict[str, list[tuple[int, int]]]:
+    results: dict[str, list[tuple[int, int]]] = {}
+    for line in output.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] in _SYSCALLS:
+            results.setdefault(parts[0], []).append((int(parts[1]), int(parts[2])))
+    return results
+
+
+def test_syscall_filter_denies_namespaces_and_kernel_attack_surface():
+    result = run_requiring((SYSCALL_FILTER,), _filter_code(), policy=SandboxPolicy(**ROOMY_POLICY))
+    if result is None:
+        return
+    assert result.ok, result.output
+    calls = _syscall_results(result.output)
+    assert set(calls) == set(_SYSCALLS), result.output
+    for name, outcomes in calls.items():
+        expected = errno.ENOSYS if name == "clone3" else errno.EPERM
+        assert outcomes == [(-1, expected)] * len(outcomes), (name, result.output)
+    assert "thread [1]" in result.output and "fork 7" in result.output and "subprocess 42" in result.output
+
+
+def test_syscall_filter_test_can_fail_when_the_filter_is_waived():
+    """Without the filter, the same ptrace call reaches the kernel (no such process) and keyctl works."""
+    caps = sandbox_capabilities().without(SYSCALL_FILTER, "waived by the test")
+    result = run_python(_filter_code(), capabilities=caps,
+                        policy=SandboxPolicy(allow_missing=caps.missing(), **ROOMY_POLICY))
+    calls = _syscall_results(result.output)
+    assert calls["ptrace"] == [(-1, errno.ESRCH)] and calls["keyctl"][0][0] != -1, result.output
+
+
+NASTY_CODE = ["s = '\udcff'", "print('\ud800')", "\x00", "print(1)\x00", "\ufeffprint('bom')", "",
+              "print('a')\r\nprint('b')\r", "#" * 200_000 + "\nprint('long')"]
+
+
+@pytest.mark.parametrize("code", NASTY_CODE, ids=range(len(NASTY_CODE)))
+def test_any_code_string_is_reported_never_raised(code):
+    result = run_requiring((), code)
+    assert isinstance(result, ToolResult) and result.sandbox_error is None, result.output
+    assert result.exit_code is not None and not result.timed_out, result.output  # the interpreter judged it
+    if "\udcff" in code or "\ud800" in code:  # not UTF-8: the interpreter refuses the source
+        assert not result.ok and "SyntaxError" in result.output, result.output
+    elif "\x00" not in code:  # NUL bytes: a SyntaxError since 3.11.4, silently cut before
+        assert result.ok, result.output
+
+
+def test_code_larger_than_the_working_directory_is_reported():
+    result = run_requiring((FILESYSTEM_ISOLATION,), "#" * 300_000, policy=SandboxPolicy(workdir_bytes=100_000))
+    if result is None:
+        return
+    assert not result.ok and result.exit_code is None
+    assert "cannot write the code (300000 bytes)" in result.output and "No space left" in result.output
+
+
+_CALLER = """
+import sys, tempfile
+sys.path.insert(0, {repo!r})
+tempfile.tempdir = {tmp!r}
+from trainer.sandbox import SandboxPolicy, run_python, sandbox_capabilities
+caps = sandbox_capabilities()
+for name in {waive!r}:
+    caps = caps.without(name, "waived by the test")
+print(run_python("import time\\nwhile True:\\n    time.sleep(0.01)", timeout_s=60, capabilities=caps,
+                 policy=SandboxPolicy(allow_missing=caps.missing())))
+"""
+
+
+def _descendants(root: int) -> list[int]:
+    """Pids of the live descendants of process ``root``."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [root]
+    while frontier:
+        children = [pid for pid, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                      if ":" in line)
+    except OSError:
+        return False
+    return fields["State"].split()[0] not in ("Z", "X")
+
+
+def _running_tool_processes(caller: subprocess.Popen, deadline: float) -> list[int]:
+    """The caller's descendants (launcher, sandbox, code) once the tool code itself is running."""
+    while time.monotonic() < deadline:
+        processes = _descendants(caller.pid)
+        for pid in processes:
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+                if argv[-1:] == [b"main.py"] and b"-u" in argv:  # the tool process itself
+                    return processes
+            except OSError:
+                continue
+        assert caller.poll() is None, caller.communicate()
+        time.sleep(0.02)
+    raise AssertionError("the tool run never started")
+
+
+@pytest.fixture
+def shared_tmp_path():
+    """A fresh temporary directory that the sandbox's unprivileged uid can traverse (pytest's cannot)."""
+    path = Path(tempfile.mkdtemp(prefix="sod-sandbox-test-", dir="/tmp"))
+    path.chmod(0o711)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.parametrize("waive", [(), (FILESYSTEM_ISOLATION,), (PROCESS_ISOLATION,)], ids=str)
+def test_killed_caller_stops_the_code_and_removes_its_run_folder(shared_tmp_path, waive):
+    tmp_path = shared_tmp_path
+    if FILESYSTEM_ISOLATION in waive and _first_hidden_ancestor(os.path.realpath(sys.base_prefix)):
+        waive += (PRIVILEGE_DROP,)  # the unprivileged uid could not start the interpreter (see _consistent)
+    script = _CALLER.format(repo=str(REPO_ROOT), tmp=str(tmp_path), waive=waive)
+    caller = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        processes = _running_tool_processes(caller, time.monotonic() + 30)
+        if FILESYSTEM_ISOLATION in waive:
+            assert list(tmp_path.iterdir()), "the host run folder should exist while the code runs"
+        caller.kill()
+        killed_at = time.monotonic()
+        caller.wait()
+        while time.monotonic() < killed_at + 1.0 and (any(map(_alive, processes)) or list(tmp_path.iterdir())):
+            time.sleep(0.02)
+        assert [pid for pid in processes if _alive(pid)] == [] and list(tmp_path.iterdir()) == []
+    finally:
+        caller.kill()
+        caller.wait()
+
+
+WHOLE_CALL_MEMORY = 512 * 1024 * 1024
+CHILD_CHUNK = 96 * 1024 * 1024
+
+_HOARDER_CODE = f"""
+import os
+holders = []
+for _ in range(8):
+    read_end, write_end = os.pipe()
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        print("fork refused", exc.errno)
+        break
+    if pid == 0:
+        os.close(read_end)
+        try:
+            block = b"x" * {CHILD_CHUNK}
+            os.write(write_end, b"ok")
+        except MemoryError:
+            os.write(write_end, b"no")
+        os.close(write_end)
+        import time
+        time.sleep(60)
+        os._exit(0)
+    os.close(write_end)
+    answer = os.read(read_end, 2)
+    os.close(read_end)
+    if answer == b"ok":
+        holders.append(pid)
+alive = [pid for pid in holders if os.waitpid(pid, os.WNOHANG) == (0, 0)]
+print("holding", len(alive))
+"""
+
+
+def test_memory_is_bounded_for_the_whole_call_not_per_process():
+    policy = SandboxPolicy(memory_bytes=WHOLE_CALL_MEMORY)
+    result = run_requiring((RESOURCE_LIMITS,), _HOARDER_CODE, policy=policy, timeout_s=GENEROUS_TIMEOUT_S)
+    if result is None:
+        return
+    assert "holding" in result.output, result.output
+    holding = int(result.output.split("holding")[1].split()[0])
+    assert holding >= 1, result.output  # the bound leaves room for real work
+    assert holding * CHILD_CHUNK <= WHOLE_CALL_MEMORY, result.output
+
+
+def test_probe_names_missing_bubblewrap_and_libseccomp(monkeypatch):
+    """On a machine without bubblewrap or libseccomp, the probe says what to install and runs are refused."""
+    from trainer import sandbox, sandbox_probe
+    from trainer.sandbox_seccomp import SyscallFilterUnavailable
+
+    def no_filter() -> bytes:
+        raise SyscallFilterUnavailable("cannot load libseccomp through pyseccomp (simulated)")
+
+    monkeypatch.setattr(sandbox, "bwrap_path", lambda: None)
+    monkeypatch.setattr(sandbox_probe, "syscall_filter_program", no_filter)
+    monkeypatch.setattr(sandbox, "syscall_filter_program", no_filter)
+    caps = sandbox_probe.probe_capabilities.__wrapped__(sandbox._interpreter_path(), tempfile.gettempdir())
+    for name in BWRAP_PROTECTIONS:
+        assert not caps.available(name) and "apt-get install bubblewrap" in caps.get(name).detail
+    assert not caps.available(SYSCALL_FILTER) and "libseccomp" in caps.get(SYSCALL_FILTER).detail
+    assert caps.available(RESOURCE_LIMITS), caps.describe()  # verified by a trial run without bubblewrap
+    with pytest.raises(SandboxUnavailableError, match="bubblewrap") as refusal:
+        run_python("print('must not run')", capabilities=caps)
+    assert SYSCALL_FILTER in refusal.value.missing
+
+
+@pytest.mark.parametrize("memory_mib,max_processes", [(128, 16), (512, 16), (512, 1), (1024, 3), (3000, 16)])
+def test_memory_plan_bounds_the_whole_call(memory_mib, max_processes):
+    """Both ways of bounding a call keep the sum of its processes' memory within memory_bytes."""
+    policy = SandboxPolicy(memory_bytes=memory_mib * 1024 * 1024, max_processes=max_processes)
+    processes, address_space, cgroup = memory_plan(policy, None)
+    assert cgroup is None and 1 <= processes <= max_processes
+    assert processes * address_space <= policy.memory_bytes
+    assert address_space >= min(policy.memory_bytes, 256 * 1024 * 1024)  # room for real work in each
+    processes, address_space, cgroup = memory_plan(policy, "/sys/fs/cgroup/some/parent")
+    assert cgroup == {"base": "/sys/fs/cgroup/some/parent", "memory_max": policy.memory_bytes,
+                      "pids_max": max_processes + 3}
+    assert processes == max_processes and address_space == policy.memory_bytes

@@ -1,134 +1,132 @@
 """Sandbox for the Python tool: run untrusted, model-written code and turn whatever happens into text.
 
-Entry point: :func:`run_python`.  It never raises because of what the code does (timeouts, crashes,
-``MemoryError``, signals, floods of output all become :class:`ToolResult` text the model sees); it raises
-:class:`SandboxUnavailableError` only when a protection the :class:`SandboxPolicy` requires is missing on
-this machine, so that a misconfigured machine stops the trainer at once instead of running code unprotected.
+Entry point: :func:`run_python`.  It never raises because of the code (any ``str``, even one that is not
+valid UTF-8 text: what it does, timeouts, crashes, ``MemoryError``, signals, floods of output all become
+:class:`ToolResult` text the model sees); it raises :class:`SandboxUnavailableError` only when a protection
+the :class:`SandboxPolicy` requires is missing on this machine, so that a misconfigured machine stops the
+trainer at once instead of running code unprotected.
 
 Process layout (every run)::
 
-    trainer ──Popen(env={}, new session)──▶ launcher L   root; fresh ``python -I -S sandbox.py``
-                                              │ unshare(net, mount, pid+ipc); backstop deadline
-                                              └─fork──▶ init C   pid 1 of the new pid namespace, root
-                                                          │ private mounts: read-only /, tmpfs /tmp,
-                                                          │ own /proc, interpreter made reachable
-                                                          └─fork──▶ tool G   rlimits, setgroups([]),
-                                                                     setresgid/setresuid(dedicated uid),
-                                                                     no_new_privs, execve(python -I -S …)
+    trainer ──Popen(env={}, new session; config + code in a memfd)──▶ launcher L   root, on the host
+              │ makes the run's cgroup (memory.max, pids.max) where cgroup v2 allows it,
+              │ a host run folder only without filesystem isolation
+              └─fork, join the cgroup, exec──▶ bwrap: new net/uts/pid/ipc/mount namespaces, empty root
+                   └─▶ bwrap's reaper (pid 1) ──▶ init W   pid 2, root, only CAP_SYS_ADMIN/SETUID/SETGID
+                         │ tmpfs /tmp (size and inode limits, the code's working directory), private /dev/shm
+                         └─fork──▶ tool G   setgroups([]), setresgid/setresuid(dedicated uid), new session
+                                    keyring, writes main.py, rlimits, no_new_privs, seccomp filter,
+                                    execve(python -I -S -u -X utf8 main.py)
 
-The launcher is a freshly exec'd, single-threaded interpreter, so namespace, mount and credential calls
-never run in a ``fork`` of the (multi-threaded) trainer.  Protections, as named in :data:`PROTECTIONS`:
+The launcher is a freshly exec'd, single-threaded interpreter (:mod:`trainer.sandbox_launcher`), so
+nothing runs in a ``fork`` of the multi-threaded trainer.  It dies with the trainer (PR_SET_PDEATHSIG), and
+then kills the run and removes what the run left (cgroup, host run folder) within milliseconds.
+Protections, as named in :data:`PROTECTIONS`:
 
 * ``privilege_drop``: the code runs as a dedicated uid/gid (``SANDBOX_UID_BASE`` + the launcher's pid,
   unique among live runs, so RLIMIT_NPROC counts only this run and runs cannot signal each other), with no
-  supplementary groups, a new session keyring (not the trainer's) and ``PR_SET_NO_NEW_PRIVS``.  Needs root.
-* ``network_isolation``: a new, empty network namespace (not even loopback is up).
-* ``filesystem_isolation``: a private mount namespace in which every mount is read-only and nosuid
-  (``mount_setattr(AT_RECURSIVE)``), ``/tmp`` is a fresh size-limited tmpfs that is the code's working
-  directory, ``/run`` (host unix sockets) is hidden, ``/dev/shm`` is private, and a directory that hides
-  the interpreter from the unprivileged uid (e.g. ``/root`` with mode 700 around a pyenv install) is
-  replaced by a tmpfs exposing only the interpreter's prefix.
+  supplementary groups, no capabilities, a new session keyring (not the trainer's) and
+  ``PR_SET_NO_NEW_PRIVS``.  Needs root.
+* ``network_isolation``: new network and UTS namespaces (only the namespace's own loopback exists).
+* ``filesystem_isolation``: a mount namespace whose root is an empty read-only tmpfs holding only what the
+  interpreter needs, read-only (:mod:`trainer.sandbox_fs`: the interpreter, its standard library without
+  ``site-packages``, the shared libraries it loads, the loader cache), a fresh ``/proc`` and minimal
+  ``/dev``, a private ``/dev/shm``, and a fresh size- and inode-limited tmpfs at ``/tmp`` as the working
+  directory.  Nothing else of the host (home directories, /var, /opt, the project, other checkouts).
 * ``process_isolation``: new pid and IPC namespaces; the code cannot see or signal outside processes,
-  and when the init process dies the kernel kills everything left inside (daemons that called setsid too).
-* ``resource_limits``: RLIMIT_AS, RLIMIT_CPU, RLIMIT_NPROC, RLIMIT_NOFILE, RLIMIT_FSIZE, RLIMIT_CORE=0.
+  and when the namespace's first process dies the kernel kills everything left inside (daemons too).
+* ``resource_limits``: the run's memory and task count as a whole (below), RLIMIT_AS, RLIMIT_CPU,
+  RLIMIT_NPROC, RLIMIT_NOFILE, RLIMIT_FSIZE, RLIMIT_CORE=0.
+* ``syscall_filter``: a seccomp filter compiled by libseccomp (:mod:`trainer.sandbox_seccomp`) that denies
+  new namespaces, mounts, ptrace, bpf, keyctl, io_uring, perf_event_open, userfaultfd, module loading, ...
 
-Always on: a separate process in its own session/process group, an empty environment, a fresh temporary
-directory removed afterwards, a wall-clock timeout after which the whole group is SIGKILLed and reaped, and
-a cap on the bytes read from the combined stdout/stderr pipe (the group is killed when the code exceeds it).
+Memory bound of one call: ``SandboxPolicy.memory_bytes`` bounds the whole call, not each process.  Where a
+cgroup v2 with the memory controller can be made (:mod:`trainer.sandbox_cgroup`), the run's cgroup has
+``memory.max = memory_bytes`` (``memory.swap.max = 0``; the sandbox's own init and the tmpfs pages the code
+writes are charged to it too; the kernel OOM-kills a process of the run when it is exceeded) and, where
+the pids controller is handed down too, ``pids.max = max_processes`` plus the sandbox's own 3 tasks; each
+process also has ``RLIMIT_AS = memory_bytes`` and ``RLIMIT_NPROC = max_processes``.  Elsewhere (cgroup
+v1, read-only cgroupfs) the run gets fewer processes: ``n = min(max_processes, memory_bytes // 256 MiB)``
+(at least 1) processes or threads (``RLIMIT_NPROC = n``; 2 for the default 512 MiB) of ``RLIMIT_AS =
+memory_bytes // n`` each, so that their address spaces add up to at most ``memory_bytes``; the tmpfs work
+directory (``workdir_bytes``) and ``/dev/shm`` (16 MiB) come on top of that.
 
-:func:`sandbox_capabilities` probes once per process (cached) by launching a trial sandbox and verifying,
-from inside it, what actually took effect (uids, namespace ids, read-only root, rlimits).
+Why bubblewrap and libseccomp, and what is still written here: namespaces, the minimal root, ``/proc``,
+``/dev``, the reaper and the parent-death chain are bubblewrap's (Debian ``bubblewrap``; run as root it
+needs no user namespace); the filter is compiled by libseccomp (Debian ``libseccomp2`` through PyPI
+``pyseccomp``).  Hand-written are only the parts neither tool offers: the dedicated per-run uid (bubblewrap
+maps ids only through a user namespace, which would leave the code's processes as root on the host), the
+init process that reports the code's exact exit status or signal, loading the compiled filter after the
+privilege drop (``prctl``), the cgroup, and the rlimits.  Without bubblewrap the namespace protections are
+unavailable, and the sandbox refuses to run unless they are explicitly waived.
 
-The code runs with ``-I -S -u -X utf8``: standard library only (no site-packages, no script directory
-on ``sys.path``), unbuffered output so that a timed-out run still shows what it printed.  Memory is bounded
-per process (RLIMIT_AS) and the number of processes per run (RLIMIT_NPROC), so one run can use at most
-``max_processes * memory_bytes`` of address space; no cgroup caps the run as a whole.
+Always on: a separate process in its own session/process group, an empty environment, a wall-clock
+timeout after which everything is SIGKILLed and reaped, and a cap on the bytes read from the combined
+stdout/stderr pipe (everything is killed when the code exceeds it).
 
-This module only imports the standard library: the launcher runs it as a script with ``-I -S``.
+:func:`sandbox_capabilities` probes once per process (cached, :mod:`trainer.sandbox_probe`) by launching a
+trial sandbox and verifying, from inside it, what actually took effect.
 """
 
 from __future__ import annotations
 
-# The launcher process runs this file as a script and stops at the ``__main__`` block below, before the
-# heavier imports the trainer side needs (dataclasses, subprocess, ...): only these light modules load there.
-import ctypes
-import errno
+import dataclasses
 import json
 import math
 import os
-import resource
 import select
+import shutil
 import signal
-import stat
+import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass, field
 
-# --- protections -------------------------------------------------------------------------------------------
-PRIVILEGE_DROP = "privilege_drop"
-NETWORK_ISOLATION = "network_isolation"
-FILESYSTEM_ISOLATION = "filesystem_isolation"
-PROCESS_ISOLATION = "process_isolation"
-RESOURCE_LIMITS = "resource_limits"
-PROTECTIONS = (PRIVILEGE_DROP, NETWORK_ISOLATION, FILESYSTEM_ISOLATION, PROCESS_ISOLATION, RESOURCE_LIMITS)
+from . import sandbox_launcher as _launcher
+from .sandbox_cgroup import cgroup_base
+from .sandbox_fs import bwrap_arguments, interpreter_files
+from .sandbox_launcher import (  # noqa: F401 - re-exported: part of this module's interface
+    BWRAP_PROTECTIONS,
+    CGROUP_PREFIX,
+    CODE_FILENAME,
+    FILESYSTEM_ISOLATION,
+    ISOLATED_WORKDIR,
+    KEY_SPEC_SESSION_KEYRING,
+    KEYCTL_GET_KEYRING_ID,
+    NETWORK_ISOLATION,
+    PRIVILEGE_DROP,
+    PROCESS_ISOLATION,
+    PROTECTIONS,
+    RESOURCE_LIMITS,
+    RUN_DIR_PREFIX,
+    SANDBOX_UID_BASE,
+    SETUP_FAILED_EXIT,
+    SYS_KEYCTL,
+    SYSCALL_FILTER,
+)
+from .sandbox_seccomp import SyscallFilterUnavailable, syscall_filter_program
 
 # --- defaults ----------------------------------------------------------------------------------------------
 DEFAULT_TIMEOUT_S = 10.0
-DEFAULT_MEMORY_BYTES = 512 * 1024 * 1024
-DEFAULT_MAX_PROCESSES = 16  # with RLIMIT_AS per process, bounds one run to 16 x memory_bytes of address space
+DEFAULT_MEMORY_BYTES = 512 * 1024 * 1024  # the whole call (all its processes), see the module docstring
+DEFAULT_MAX_PROCESSES = 16
 DEFAULT_MAX_OPEN_FILES = 256
 DEFAULT_MAX_FILE_BYTES = 16 * 1024 * 1024
 DEFAULT_WORKDIR_BYTES = 64 * 1024 * 1024
 DEFAULT_WORKDIR_INODES = 4096
 DEFAULT_MAX_OUTPUT_BYTES = 64 * 1024
 CPU_LIMIT_SLACK_S = 1  # RLIMIT_CPU soft limit = ceil(timeout) + this; the hard limit one second later
-PROBE_TIMEOUT_S = 20.0
+FALLBACK_PROCESS_BYTES = 256 * 1024 * 1024  # without a cgroup: address space per process, see the docstring
+SANDBOX_OWN_TASKS = 3  # bubblewrap, its reaper and the init process count against the cgroup's pids.max
 
-# --- layout and plumbing -----------------------------------------------------------------------------------
-SANDBOX_UID_BASE = 1_600_000_000  # dedicated uid/gid = base + launcher pid; far above any system/user range
-CODE_FILENAME = "main.py"
-ISOLATED_WORKDIR = "/tmp"  # the code's working directory inside the private mount namespace
-RUN_DIR_PREFIX = "sod-sandbox-"
-CONFIG_FILENAME = "config.json"
-HOST_WORKDIR_NAME = "work"
-INTERPRETER_STAGE_NAME = "interpreter"
-HIDING_TMPFS_OPTIONS = "mode=0755,size=64k,nr_inodes=256"
-HIDDEN_HOST_DIRS = ("/run",)  # host rendezvous points (unix sockets, pid files) replaced by an empty tmpfs
-PRIVATE_SHM_DIR = "/dev/shm"  # replaced by a small private tmpfs, so that multiprocessing's semaphores work
-PRIVATE_SHM_OPTIONS = "mode=1777,size=16m,nr_inodes=1024"
-SETUP_FAILED_EXIT = 121  # launcher/init exit status when the sandbox could not be set up
-LAUNCHER_GRACE_S = 5.0  # the launcher kills its init this long after the wall timeout (trainer gone?)
+# --- plumbing ----------------------------------------------------------------------------------------------
+LAUNCHER_GRACE_S = 5.0  # the launcher kills the sandbox this long after the wall timeout (trainer stuck?)
 POST_EXIT_DRAIN_S = 0.2  # after the launcher exits, read what is left in the pipe for at most this long
 STATUS_READ_TIMEOUT_S = 1.0
 READ_CHUNK_BYTES = 64 * 1024
-UID_SWEEP_ROUNDS = 200
-UID_SWEEP_PAUSE_S = 0.005
-DEAD_STATES = ("Z", "X")  # /proc/PID/status states of processes that are already dead (zombie, dead)
-PROBE_MARKER = "SOD-SANDBOX-PROBE:"
 TOOL_ARGV = ("-I", "-S", "-u", "-X", "utf8", CODE_FILENAME)
-
-# --- Linux ABI ---------------------------------------------------------------------------------------------
-CLONE_NEWNS = 0x00020000
-CLONE_NEWIPC = 0x08000000
-CLONE_NEWPID = 0x20000000
-CLONE_NEWNET = 0x40000000
-MS_NOSUID = 0x2
-MS_NODEV = 0x4
-MS_NOEXEC = 0x8
-MS_BIND = 0x1000
-MS_MOVE = 0x2000
-MS_REC = 0x4000
-MS_PRIVATE = 0x40000
-PR_SET_PDEATHSIG = 1
-PR_SET_NO_NEW_PRIVS = 38
-SYS_MOUNT_SETATTR = 442  # same number on every architecture (new-style syscall table)
-AT_FDCWD = -100
-AT_RECURSIVE = 0x8000
-MOUNT_ATTR_RDONLY = 0x1
-MOUNT_ATTR_NOSUID = 0x2
-SYS_KEYCTL = {"x86_64": 250, "aarch64": 219}  # keyctl(2) has no libc wrapper; numbers differ per machine
-KEYCTL_GET_KEYRING_ID = 0
-KEYCTL_JOIN_SESSION_KEYRING = 1
-KEY_SPEC_SESSION_KEYRING = -3
+LAUNCHER_SCRIPT = os.path.abspath(_launcher.__file__)
 
 SIGNAL_HINTS = {
     signal.SIGKILL: "killed (memory exhausted, CPU hard limit, or killed from outside)",
@@ -137,265 +135,8 @@ SIGNAL_HINTS = {
     signal.SIGSEGV: "crashed (segmentation fault)",
     signal.SIGABRT: "aborted",
     signal.SIGBUS: "crashed (bus error)",
+    signal.SIGSYS: "killed by the syscall filter (foreign-architecture syscall)",
 }
-
-
-def _wait_readable(fd: int, timeout_s: float) -> bool:
-    """Wait up to ``timeout_s`` for ``fd`` to be readable (or hung up); poll(2), so any fd number works."""
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return bool(poller.poll(max(0, math.ceil(timeout_s * 1000))))
-
-
-# ===========================================================================================================
-# Launcher side: runs as ``python -I -S sandbox.py CONFIG`` (root, single-threaded, empty environment)
-# ===========================================================================================================
-class _MountAttr(ctypes.Structure):
-    """``struct mount_attr`` for mount_setattr(2)."""
-
-    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
-                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
-
-
-class _SetupError(Exception):
-    """A sandbox set-up step failed; ``protection`` names the protection it belonged to."""
-
-    def __init__(self, protection: str, message: str):
-        super().__init__(message)
-        self.protection = protection
-
-
-class _Launcher:
-    """The launcher, init and tool-process steps; one instance per launcher process."""
-
-    def __init__(self, config: dict):
-        self.config = config
-        self.strict = config["mode"] == "run"
-        self.use = dict(config["use"])
-        self.status_fd = config["status_fd"]
-        self.libc = ctypes.CDLL(None, use_errno=True)
-        self.uid = SANDBOX_UID_BASE + os.getpid() if self.use[PRIVILEGE_DROP] else os.getuid()
-        self.gid = self.uid if self.use[PRIVILEGE_DROP] else os.getgid()
-
-    # --- reporting ---
-    def report(self, **event) -> None:
-        """Write one JSON status event for the trainer."""
-        data = (json.dumps(event) + "\n").encode()
-        try:
-            os.write(self.status_fd, data)
-        except OSError:
-            pass
-
-    def step(self, protection: str, action, *args) -> bool:
-        """Run set-up ``action``; on failure report it and abort (run mode) or turn the protection off (probe)."""
-        try:
-            action(*args)
-            return True
-        except (OSError, ValueError, _SetupError) as exc:
-            self.report(event="step_failed", protection=protection, error=str(exc))
-            if self.strict:
-                os._exit(SETUP_FAILED_EXIT)
-            self.use[protection] = False
-            return False
-
-    # --- syscalls ---
-    def _check(self, result: int, what: str) -> None:
-        if result != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"{what} failed: {os.strerror(err)}")
-
-    def unshare(self, flags: int, names: str) -> None:
-        """unshare(2) with ``flags`` (spelled ``names`` in messages)."""
-        self._check(self.libc.unshare(ctypes.c_int(flags)), f"unshare({names})")
-
-    def mount(self, source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None):
-        """mount(2)."""
-        enc = lambda s: None if s is None else os.fsencode(s)  # noqa: E731 - local helper
-        self._check(self.libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)),
-                    f"mount {source} on {target} ({fstype}, flags {flags:#x})")
-
-    def make_tree_readonly(self, path: str) -> None:
-        """mount_setattr(path, AT_RECURSIVE, ro+nosuid): every mount at or under ``path`` becomes read-only."""
-        attr = _MountAttr(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID, 0, 0, 0)
-        self.libc.syscall.restype = ctypes.c_long
-        result = self.libc.syscall(ctypes.c_long(SYS_MOUNT_SETATTR), ctypes.c_int(AT_FDCWD),
-                                   os.fsencode(path), ctypes.c_uint(AT_RECURSIVE), ctypes.byref(attr),
-                                   ctypes.c_size_t(ctypes.sizeof(attr)))
-        self._check(result, f"mount_setattr({path}, read-only, recursive)")
-
-    def prctl(self, option: int, value: int) -> None:
-        """prctl(2) with one argument."""
-        self._check(self.libc.prctl(ctypes.c_int(option), ctypes.c_ulong(value), ctypes.c_ulong(0),
-                                    ctypes.c_ulong(0), ctypes.c_ulong(0)), f"prctl({option})")
-
-    # --- launcher (L) ---
-    def run_launcher(self) -> int:
-        """Enter the namespaces, fork the init process, wait for it (killing it after the deadline)."""
-        os.umask(0o022)
-        if self.use[PRIVILEGE_DROP]:  # needed if the private /tmp is unavailable or fails (probe mode)
-            self.step(PRIVILEGE_DROP, self.share_host_workdir)
-        if self.use[NETWORK_ISOLATION]:
-            self.step(NETWORK_ISOLATION, self.unshare, CLONE_NEWNET, "CLONE_NEWNET")
-        if self.use[FILESYSTEM_ISOLATION]:
-            self.step(FILESYSTEM_ISOLATION, self.unshare, CLONE_NEWNS, "CLONE_NEWNS")
-        if self.use[PROCESS_ISOLATION]:
-            self.step(PROCESS_ISOLATION, self.unshare, CLONE_NEWPID | CLONE_NEWIPC, "CLONE_NEWPID|CLONE_NEWIPC")
-        init_pid = os.fork()
-        if init_pid == 0:
-            self._child_guard(self.run_init)
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):  # only the code should hold the output pipe open
-            os.dup2(devnull, fd)
-        os.close(devnull)
-        pidfd = os.pidfd_open(init_pid)
-        if not _wait_readable(pidfd, self.config["deadline_s"]):
-            self.report(event="launcher_deadline")
-            os.kill(init_pid, signal.SIGKILL)
-        _, status = os.waitpid(init_pid, 0)
-        return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else SETUP_FAILED_EXIT
-
-    def share_host_workdir(self) -> None:
-        """Give the dedicated uid the host work directory and a way into it (the config stays 0600)."""
-        os.chmod(self.config["run_dir"], 0o711)
-        os.chown(self.config["host_workdir"], self.uid, self.gid)
-        os.chmod(os.path.join(self.config["host_workdir"], CODE_FILENAME), 0o644)
-
-    def _child_guard(self, body) -> None:
-        """Run ``body`` in a forked child; never return into the parent's code path."""
-        try:
-            body()
-        except BaseException as exc:  # noqa: BLE001 - report anything, then leave without unwinding
-            self.report(event="setup_failed", error=f"{type(exc).__name__}: {exc}")
-        os._exit(SETUP_FAILED_EXIT)
-
-    # --- init (C) ---
-    def run_init(self) -> None:
-        """Set up mounts, fork the tool process, reap until it exits, report its status."""
-        self.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        workdir = self.config["host_workdir"]
-        if self.use[FILESYSTEM_ISOLATION]:
-            with open(os.path.join(workdir, CODE_FILENAME), "rb") as handle:
-                code = handle.read()
-            if self.step(FILESYSTEM_ISOLATION, self.isolate_filesystem, code):
-                workdir = ISOLATED_WORKDIR
-        tool_pid = os.fork()
-        if tool_pid == 0:
-            self._child_guard(lambda: self.exec_tool(workdir))
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
-        os.close(devnull)
-        while True:
-            try:
-                pid, status = os.waitpid(-1, 0)
-            except ChildProcessError:
-                self.report(event="setup_failed", error="the tool process vanished")
-                os._exit(SETUP_FAILED_EXIT)
-            if pid == tool_pid:
-                break
-        if os.WIFSIGNALED(status):
-            self.report(event="exit", signal=os.WTERMSIG(status))
-        else:
-            self.report(event="exit", exit_code=os.WEXITSTATUS(status))
-        os._exit(0)
-
-    def isolate_filesystem(self, code: bytes) -> None:
-        """Private mounts: interpreter reachable, own /proc, everything read-only, fresh tmpfs work dir."""
-        self.mount(None, "/", None, MS_REC | MS_PRIVATE)
-        hidden = self.config["hidden_ancestor"]
-        if hidden and self.use[PRIVILEGE_DROP]:
-            prefix = self.config["interpreter_prefix"]
-            stage = os.path.join(self.config["run_dir"], INTERPRETER_STAGE_NAME)
-            os.mkdir(stage, 0o700)
-            self.mount(prefix, stage, None, MS_BIND | MS_REC)
-            self.mount("tmpfs", hidden, "tmpfs", MS_NOSUID | MS_NODEV, HIDING_TMPFS_OPTIONS)
-            os.makedirs(prefix, mode=0o755, exist_ok=True)
-            self.mount(stage, prefix, None, MS_MOVE)
-        if self.use[PROCESS_ISOLATION]:
-            self.mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-        for path in HIDDEN_HOST_DIRS:
-            if os.path.isdir(path) and not os.path.islink(path):
-                self.mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, HIDING_TMPFS_OPTIONS)
-        self.make_tree_readonly("/")
-        if os.path.isdir(PRIVATE_SHM_DIR) and not os.path.islink(PRIVATE_SHM_DIR):
-            self.mount("tmpfs", PRIVATE_SHM_DIR, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, PRIVATE_SHM_OPTIONS)
-        options = (f"mode=0700,uid={self.uid},gid={self.gid},size={self.config['workdir_bytes']},"
-                   f"nr_inodes={self.config['workdir_inodes']}")
-        self.mount("tmpfs", ISOLATED_WORKDIR, "tmpfs", MS_NOSUID | MS_NODEV, options)
-        path = os.path.join(ISOLATED_WORKDIR, CODE_FILENAME)
-        with open(path, "wb") as handle:
-            handle.write(code)
-        os.chown(path, self.uid, self.gid)
-
-    # --- tool process (G) ---
-    def exec_tool(self, workdir: str) -> None:
-        """Apply limits, drop privileges, and exec the interpreter on the code (never returns)."""
-        if self.use[RESOURCE_LIMITS]:
-            self.step(RESOURCE_LIMITS, self.set_limits)
-        if self.use[PRIVILEGE_DROP]:
-            self.step(PRIVILEGE_DROP, self.drop_privileges)
-        self.prctl(PR_SET_NO_NEW_PRIVS, 1)
-        self.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # after the uid change, which would clear it
-        os.chdir(workdir)
-        os.umask(0o077)
-        for signum in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT):
-            signal.signal(signum, signal.SIG_DFL)
-        argv = self.config["argv"]
-        try:
-            os.execve(argv[0], argv, {})
-        except OSError as exc:
-            self.report(event="setup_failed", protection=PRIVILEGE_DROP if self.use[PRIVILEGE_DROP] else "",
-                        error=f"cannot execute {argv[0]}: {exc}")
-            os._exit(SETUP_FAILED_EXIT)
-
-    def set_limits(self) -> None:
-        """setrlimit for each configured limit (soft = hard, except CPU: hard one second later)."""
-        for name, value in self.config["limits"].items():
-            hard = value + 1 if name == "RLIMIT_CPU" else value
-            resource.setrlimit(getattr(resource, name), (value, hard))
-
-    def drop_privileges(self) -> None:
-        """Become the dedicated uid/gid with no supplementary groups, irrevocably."""
-        os.setgroups([])
-        os.setresgid(self.gid, self.gid, self.gid)
-        os.setresuid(self.uid, self.uid, self.uid)
-        if os.getresuid() != (self.uid,) * 3 or os.getgroups():
-            raise _SetupError(PRIVILEGE_DROP, "credentials did not change")
-        self.new_session_keyring()
-
-    def new_session_keyring(self) -> None:
-        """Leave the trainer's session keyring (still possessed after the uid change) for a new, empty one."""
-        machine = os.uname().machine
-        if machine not in SYS_KEYCTL:
-            raise _SetupError(PRIVILEGE_DROP, f"keyctl syscall number unknown on {machine}: cannot leave the "
-                                              "trainer's session keyring")
-        self.libc.syscall.restype = ctypes.c_long
-        result = self.libc.syscall(ctypes.c_long(SYS_KEYCTL[machine]), ctypes.c_int(KEYCTL_JOIN_SESSION_KEYRING),
-                                   ctypes.c_char_p(None))
-        if result < 0 and ctypes.get_errno() != errno.ENOSYS:  # ENOSYS: kernel without keyrings, nothing to leak
-            err = ctypes.get_errno()
-            raise OSError(err, f"keyctl(JOIN_SESSION_KEYRING): {os.strerror(err)}")
-
-
-def _launcher_main(argv: list[str]) -> int:
-    """Entry point of the launcher process: ``python -I -S sandbox.py CONFIG``."""
-    with open(argv[0], encoding="utf-8") as handle:
-        config = json.load(handle)
-    os.set_inheritable(config["status_fd"], False)  # closed on exec of the code; kept across forks
-    return _Launcher(config).run_launcher()
-
-
-if __name__ == "__main__":
-    sys.exit(_launcher_main(sys.argv[1:]))
-
-# --- trainer side (not reached in the launcher process) -----------------------------------------------------
-import dataclasses  # noqa: E402
-import functools  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
 
 
 # ===========================================================================================================
@@ -478,7 +219,10 @@ class SandboxPolicy:
 
     ``allow_missing`` names protections (from :data:`PROTECTIONS`) that may be unavailable; any other
     unavailable protection makes :func:`run_python` refuse with :class:`SandboxUnavailableError`.
-    ``cpu_time_s=None`` derives the CPU limit from the wall timeout.
+    ``cpu_time_s=None`` derives the CPU limit from the wall timeout.  ``memory_bytes`` bounds the whole
+    call (all its processes together: a cgroup, or fewer processes where no cgroup v2 is usable; see
+    the module docstring and :func:`memory_plan`); ``max_processes`` is the most processes and threads
+    the code may have at once (fewer without a cgroup).
     """
 
     memory_bytes: int = DEFAULT_MEMORY_BYTES
@@ -537,7 +281,9 @@ class ToolResult:
 
 def sandbox_capabilities() -> SandboxCapabilities:
     """Protections available on this machine, probed on first call and cached for the process."""
-    return _probe_capabilities(_interpreter_path(), tempfile.gettempdir())
+    from .sandbox_probe import probe_capabilities  # noqa: PLC0415 - the probe module imports this one
+
+    return probe_capabilities(_interpreter_path(), tempfile.gettempdir())
 
 
 def check_policy(policy: SandboxPolicy | None = None,
@@ -575,7 +321,8 @@ def run_python(code: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, policy: Sandb
     """Run ``code`` with the sandbox's interpreter (``python -I -S -u``) and report what happened.
 
     Raises :class:`SandboxUnavailableError` if the policy requires a missing protection, ``TypeError`` /
-    ``ValueError`` for bad arguments; everything the code itself does is reported in the result.
+    ``ValueError`` for bad arguments; everything about the code itself is reported in the result (a string
+    that is not valid UTF-8, e.g. with lone surrogates, is passed on as is and fails to compile there).
     """
     if not isinstance(code, str):
         raise TypeError(f"code must be a str, got {type(code).__name__}")
@@ -583,10 +330,10 @@ def run_python(code: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, policy: Sandb
         raise ValueError(f"timeout_s must be a positive finite number, got {timeout_s!r}")
     policy = policy or SandboxPolicy()
     caps = check_policy(policy, capabilities)
-    plan = _plan(caps, policy, timeout_s, probe=False)
     try:
-        raw = _launch(plan, code, timeout_s, policy.max_output_bytes)
-    except OSError as exc:  # the machine could not start a process (e.g. out of pids): not the code's fault
+        plan = _plan(caps, policy, timeout_s)
+        raw = _launch(plan, code.encode("utf-8", "surrogatepass"), timeout_s, policy.max_output_bytes)
+    except (OSError, _PlanError) as exc:  # the machine could not start the sandbox: not the code's fault
         error = f"could not start the sandbox: {exc}"
         return ToolResult(output=f"[sandbox error: {error}]", ok=False, timed_out=False, exit_code=None,
                           killed_by_signal=None, truncated=False, duration_s=0.0, sandbox_error=error)
@@ -594,8 +341,12 @@ def run_python(code: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, policy: Sandb
 
 
 # ===========================================================================================================
-# Trainer side: planning, launching, reading, reporting
+# Trainer side: planning
 # ===========================================================================================================
+class _PlanError(RuntimeError):
+    """A protection is claimed available but its tool is missing here (hand-made capabilities)."""
+
+
 def _interpreter_path() -> str:
     """The real path of the base interpreter (not a venv shim: the code runs with ``-I -S`` anyway)."""
     return os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
@@ -609,38 +360,65 @@ def _interpreter_prefix(interpreter: str) -> str:
     return os.path.dirname(os.path.dirname(interpreter))
 
 
-def _first_hidden_ancestor(path: str) -> str | None:
-    """The first proper ancestor of ``path`` that users other than its owner and group cannot traverse."""
-    current = os.sep
-    for part in [p for p in os.path.dirname(path).split(os.sep) if p]:
-        current = os.path.join(current, part)
-        try:
-            mode = os.stat(current).st_mode
-        except OSError:  # missing: starting the interpreter will fail and be reported then
-            return None
-        if not mode & stat.S_IXOTH:
-            return current
-    return None
+_first_hidden_ancestor = _launcher.untraversable_ancestor
 
 
-def _plan(caps: SandboxCapabilities, policy: SandboxPolicy, timeout_s: float, *, probe: bool,
+def bwrap_path() -> str | None:
+    """bubblewrap's absolute path, or None if it is not installed."""
+    return shutil.which("bwrap") or next((p for p in ("/usr/bin/bwrap", "/bin/bwrap") if os.access(p, os.X_OK)),
+                                         None)
+
+
+def memory_plan(policy: SandboxPolicy, cgroup: str | None) -> tuple[int, int, dict | None]:
+    """``(processes, address space per process, cgroup settings or None)`` bounding the whole call.
+
+    With a cgroup: ``memory.max = memory_bytes`` for the run, each process ``RLIMIT_AS = memory_bytes``.
+    Without: ``n`` processes of ``memory_bytes // n`` bytes each (see the module docstring).
+    """
+    if cgroup is not None:
+        return policy.max_processes, policy.memory_bytes, {
+            "base": cgroup, "memory_max": policy.memory_bytes,
+            "pids_max": policy.max_processes + SANDBOX_OWN_TASKS}
+    processes = max(1, min(policy.max_processes, policy.memory_bytes // FALLBACK_PROCESS_BYTES))
+    return processes, policy.memory_bytes // processes, None
+
+
+def _plan(caps: SandboxCapabilities, policy: SandboxPolicy, timeout_s: float, *, probe_script: str | None = None,
           use: dict[str, bool] | None = None, temp_root: str | None = None) -> dict:
-    """The launcher's configuration: which protections to apply and the limits (JSON-serialisable)."""
+    """The launcher's configuration: which protections to apply, how, and the limits (JSON-serialisable)."""
     use = use if use is not None else {name: caps.available(name) for name in PROTECTIONS}
-    prefix = _interpreter_prefix(caps.interpreter)
+    bwrap_argv = None
+    if any(use[name] for name in BWRAP_PROTECTIONS):
+        bwrap = bwrap_path()
+        if bwrap is None:
+            raise _PlanError("bubblewrap (bwrap) is not installed")
+        files = interpreter_files(caps.interpreter) if use[FILESYSTEM_ISOLATION] else None
+        bwrap_argv = bwrap_arguments(bwrap, use, files, as_root=os.geteuid() == 0, net=NETWORK_ISOLATION,
+                                     fs=FILESYSTEM_ISOLATION, proc=PROCESS_ISOLATION)
+    program = b""
+    if use[SYSCALL_FILTER]:
+        try:
+            program = syscall_filter_program()
+        except SyscallFilterUnavailable as exc:
+            raise _PlanError(str(exc)) from exc
+    cgroup = cgroup_base()[0] if use[RESOURCE_LIMITS] else None
+    processes, address_space, cgroup_spec = memory_plan(policy, cgroup)
     return {
-        "mode": "probe" if probe else "run",
+        "mode": "probe" if probe_script is not None else "run",
+        "trainer_pid": os.getpid(),
         "temp_root": temp_root or tempfile.gettempdir(),
         "interpreter": caps.interpreter,
-        "argv": [caps.interpreter, "-I", "-S", "-c", _PROBE_SCRIPT] if probe else [caps.interpreter, *TOOL_ARGV],
+        "argv": ([caps.interpreter, "-I", "-S", "-c", probe_script] if probe_script is not None
+                 else [caps.interpreter, *TOOL_ARGV]),
         "use": use,
-        "interpreter_prefix": prefix,
-        "hidden_ancestor": _first_hidden_ancestor(prefix),
+        "bwrap_argv": bwrap_argv,
+        "seccomp_bpf": program.hex(),
+        "cgroup": cgroup_spec,
         "deadline_s": timeout_s + LAUNCHER_GRACE_S,
         "limits": {
-            "RLIMIT_AS": policy.memory_bytes,
+            "RLIMIT_AS": address_space,
             "RLIMIT_CPU": policy.cpu_limit_s(timeout_s),
-            "RLIMIT_NPROC": policy.max_processes,
+            "RLIMIT_NPROC": processes,
             "RLIMIT_NOFILE": policy.max_open_files,
             "RLIMIT_FSIZE": policy.max_file_bytes,
             "RLIMIT_CORE": 0,
@@ -650,6 +428,9 @@ def _plan(caps: SandboxCapabilities, policy: SandboxPolicy, timeout_s: float, *,
     }
 
 
+# ===========================================================================================================
+# Trainer side: launching, reading, cleaning up, reporting
+# ===========================================================================================================
 @dataclass
 class _RawOutcome:
     """What :func:`_launch` observed, before it is turned into a :class:`ToolResult`."""
@@ -664,41 +445,36 @@ class _RawOutcome:
     sandbox_uid: int | None
 
 
-def _launch(plan: dict, code: str, timeout_s: float, max_output_bytes: int) -> _RawOutcome:
+def _launch(plan: dict, code: bytes, timeout_s: float, max_output_bytes: int) -> _RawOutcome:
     """Start the launcher on ``code``, read its output under the time and size caps, then kill and clean up."""
-    run_dir = tempfile.mkdtemp(prefix=RUN_DIR_PREFIX, dir=plan["temp_root"])
     status_read, status_write = os.pipe()
+    payload = os.memfd_create("sod-sandbox-run")
     proc = None
     pidfd = None
     start = time.monotonic()
     try:
-        workdir = os.path.join(run_dir, HOST_WORKDIR_NAME)
-        os.mkdir(workdir, 0o700)
-        with open(os.path.join(workdir, CODE_FILENAME), "w", encoding="utf-8") as handle:
-            handle.write(code)
-        config = dict(plan, run_dir=run_dir, host_workdir=workdir, status_fd=status_write)
-        config_path = os.path.join(run_dir, CONFIG_FILENAME)
-        with open(os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w",
-                  encoding="utf-8") as handle:
-            json.dump(config, handle)
-        proc = subprocess.Popen([plan["interpreter"], "-I", "-S", os.path.abspath(__file__), config_path],
+        _launcher.write_payload(payload, dict(plan, status_fd=status_write), code)
+        proc = subprocess.Popen([plan["interpreter"], "-I", "-S", LAUNCHER_SCRIPT, str(payload)],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                env={}, close_fds=True, pass_fds=(status_write,), start_new_session=True,
-                                cwd=run_dir)
+                                env={}, close_fds=True, pass_fds=(status_write, payload), start_new_session=True,
+                                cwd="/")
         os.close(status_write)
         status_write = None
+        os.close(payload)
+        payload = None
         pidfd = os.pidfd_open(proc.pid)
         output, truncated, timed_out = _read_output(proc.stdout.fileno(), pidfd, start + timeout_s,
                                                     max_output_bytes)
     finally:
         try:
-            if status_write is not None:
-                os.close(status_write)
+            for fd in (status_write, payload):
+                if fd is not None:
+                    os.close(fd)
             if proc is not None:
-                # Kill the group before reaping the launcher, so that its pid (the group id) is not reused.
+                # Kill and clean up before reaping the launcher, so that its pid (the group id, the uid's and
+                # the cgroup's suffix) is not reused meanwhile.
                 _kill_group(proc.pid)
-                if plan["use"][PRIVILEGE_DROP]:
-                    _kill_uid(SANDBOX_UID_BASE + proc.pid)
+                _clean_up_after(plan, proc.pid)
                 launcher_status = proc.wait()
                 proc.stdout.close()
             events = _read_status(status_read)
@@ -706,11 +482,27 @@ def _launch(plan: dict, code: str, timeout_s: float, max_output_bytes: int) -> _
             if pidfd is not None:
                 os.close(pidfd)
             os.close(status_read)
-            shutil.rmtree(run_dir, ignore_errors=True)
     return _RawOutcome(output=bytes(output), truncated=truncated, timed_out=timed_out, events=events,
                        duration_s=time.monotonic() - start, launcher_pid=proc.pid,
                        launcher_status=launcher_status,
                        sandbox_uid=SANDBOX_UID_BASE + proc.pid if plan["use"][PRIVILEGE_DROP] else None)
+
+
+def _clean_up_after(plan: dict, launcher_pid: int) -> None:
+    """What a launcher killed before its own cleanup may have left: processes, its cgroup, its run folder."""
+    if plan["cgroup"]:
+        _launcher.remove_cgroup(os.path.join(plan["cgroup"]["base"], f"{CGROUP_PREFIX}{launcher_pid}"))
+    if plan["use"][PRIVILEGE_DROP]:
+        _launcher.kill_uid(SANDBOX_UID_BASE + launcher_pid)
+    for folder in _launcher.host_run_dirs(plan["temp_root"], launcher_pid):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _wait_readable(fd: int, timeout_s: float) -> bool:
+    """Wait up to ``timeout_s`` for ``fd`` to be readable (or hung up); poll(2), so any fd number works."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(max(0, math.ceil(timeout_s * 1000))))
 
 
 def _read_output(fd: int, pidfd: int, deadline: float, cap: int) -> tuple[bytearray, bool, bool]:
@@ -769,42 +561,8 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
-def _processes_of_uid(uid: int) -> list[int]:
-    """Pids of the live (not zombie) processes whose real uid is ``uid``."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/status", encoding="ascii", errors="replace") as handle:
-                fields = dict(line.split(":", 1) for line in handle if ":" in line)
-            if int(fields["Uid"].split()[0]) == uid and fields["State"].split()[0] not in DEAD_STATES:
-                pids.append(int(entry))
-        except (OSError, ValueError, KeyError, IndexError):
-            continue
-    return pids
-
-
-def _kill_uid(uid: int) -> None:
-    """SIGKILL every process of the run's dedicated ``uid`` until none is left (or the rounds run out).
-
-    The pid namespace already makes this a no-op in the normal case; it is the backstop for processes
-    that left the process group when pid namespaces are unavailable.
-    """
-    for _ in range(UID_SWEEP_ROUNDS):
-        pids = _processes_of_uid(uid)
-        if not pids:
-            return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        time.sleep(UID_SWEEP_PAUSE_S)
-
-
 def _read_status(fd: int) -> list[dict]:
-    """The JSON status events the launcher, init and tool processes wrote before exiting."""
+    """The JSON status events the launcher, init and tool processes wrote (other lines: set-up errors)."""
     data = bytearray()
     os.set_blocking(fd, False)
     until = time.monotonic() + STATUS_READ_TIMEOUT_S
@@ -822,8 +580,8 @@ def _read_status(fd: int) -> list[dict]:
     for line in data.decode("utf-8", "replace").splitlines():
         try:
             events.append(json.loads(line))
-        except json.JSONDecodeError:
-            events.append({"event": "setup_failed", "error": f"unreadable status line {line!r}"})
+        except ValueError:
+            events.append({"event": "setup_failed", "error": line.strip()})
     return events
 
 
@@ -870,37 +628,10 @@ def _tool_result(raw: _RawOutcome, timeout_s: float, cap: int) -> ToolResult:
                       sandbox_uid=raw.sandbox_uid)
 
 
-# --- capability probe --------------------------------------------------------------------------------------
-_PROBE_SCRIPT = f"""
-import json, os, resource
-info = {{"resuid": os.getresuid(), "resgid": os.getresgid(), "groups": os.getgroups(), "cwd": os.getcwd(),
-        "root_readonly": bool(os.statvfs("/").f_flag & os.ST_RDONLY),
-        "rlimits": {{name: resource.getrlimit(getattr(resource, name))[0]
-                    for name in ("RLIMIT_AS", "RLIMIT_NPROC", "RLIMIT_NOFILE", "RLIMIT_FSIZE", "RLIMIT_CORE")}}}}
-info["ns"] = {{}}
-for kind in ("net", "mnt", "pid"):
-    try:
-        info["ns"][kind] = os.readlink("/proc/self/ns/" + kind)
-    except OSError:
-        info["ns"][kind] = None
-try:
-    with open("probe.txt", "w") as handle:
-        handle.write("ok")
-    info["cwd_writable"] = True
-except OSError:
-    info["cwd_writable"] = False
-info["hidden_dirs_empty"] = all(not os.path.isdir(d) or not os.listdir(d) for d in {list(HIDDEN_HOST_DIRS)!r})
-info["session_keyring"] = None
-if {SYS_KEYCTL.get(os.uname().machine)!r} is not None:
-    import ctypes
-    info["session_keyring"] = ctypes.CDLL(None).syscall({SYS_KEYCTL.get(os.uname().machine)!r},
-                                                        {KEYCTL_GET_KEYRING_ID}, {KEY_SPEC_SESSION_KEYRING}, 0)
-print({PROBE_MARKER!r} + json.dumps(info), flush=True)
-"""
-
-
 def _session_keyring_id() -> int | None:
     """This process's session keyring id (None where keyctl's number is unknown; -1 without keyrings)."""
+    import ctypes  # noqa: PLC0415 - only the probe and tests need it
+
     number = SYS_KEYCTL.get(os.uname().machine)
     if number is None:
         return None
@@ -908,106 +639,3 @@ def _session_keyring_id() -> int | None:
     libc.syscall.restype = ctypes.c_long
     return libc.syscall(ctypes.c_long(number), ctypes.c_int(KEYCTL_GET_KEYRING_ID),
                         ctypes.c_int(KEY_SPEC_SESSION_KEYRING), ctypes.c_int(0))
-
-
-def _own_namespaces() -> dict[str, str | None]:
-    """This process's namespace ids (``net:[4026531840]``-style), by kind."""
-    ids = {}
-    for kind in ("net", "mnt", "pid"):
-        try:
-            ids[kind] = os.readlink(f"/proc/self/ns/{kind}")
-        except OSError:
-            ids[kind] = None
-    return ids
-
-
-def _probe_once(interpreter: str, temp_root: str, use: dict[str, bool]) -> tuple[dict | None, _RawOutcome]:
-    """Launch a trial sandbox with the protections in ``use``; return what it saw from inside, if it ran."""
-    caps = SandboxCapabilities(tuple(Protection(n, use[n], "probing") for n in PROTECTIONS), interpreter)
-    plan = _plan(caps, SandboxPolicy(), PROBE_TIMEOUT_S, probe=True, use=use, temp_root=temp_root)
-    raw = _launch(plan, "", PROBE_TIMEOUT_S, DEFAULT_MAX_OUTPUT_BYTES)
-    for line in raw.output.decode("utf-8", "replace").splitlines():
-        if line.startswith(PROBE_MARKER):
-            return json.loads(line[len(PROBE_MARKER):]), raw
-    return None, raw
-
-
-def _step_errors(raw: _RawOutcome) -> dict[str, str]:
-    """Errors the trial sandbox reported, keyed by protection ("" for errors not tied to one)."""
-    errors: dict[str, str] = {}
-    for event in raw.events:
-        if event.get("event") in ("setup_failed", "step_failed"):
-            key = event.get("protection", "")
-            errors[key] = "; ".join(filter(None, [errors.get(key), event.get("error", "")]))
-    return errors
-
-
-@functools.lru_cache(maxsize=None)
-def _probe_capabilities(interpreter: str, temp_root: str) -> SandboxCapabilities:
-    """Probe which protections work, by launching trial sandboxes and verifying from inside them.
-
-    Pure in its arguments (the interpreter and the temporary-directory root); cached per process.
-    """
-    is_root = os.geteuid() == 0
-    use = {name: True for name in PROTECTIONS}
-    use[PRIVILEGE_DROP] = is_root
-    info, raw = _probe_once(interpreter, temp_root, use)
-    drop_failure = None
-    if info is None and is_root:
-        errors = _step_errors(raw)
-        drop_failure = ("the interpreter could not start as an unprivileged uid: "
-                        + ("; ".join(errors.values()) or raw.output.decode("utf-8", "replace")[-500:]))
-        use[PRIVILEGE_DROP] = False
-        info, raw = _probe_once(interpreter, temp_root, use)
-    errors = _step_errors(raw)
-    if info is None:
-        reason = ("the trial sandbox did not run: "
-                  + ("; ".join(errors.values()) or raw.output.decode("utf-8", "replace")[-500:]))
-        return SandboxCapabilities(tuple(Protection(n, False, reason) for n in PROTECTIONS), interpreter)
-    own = _own_namespaces()
-    policy = SandboxPolicy()
-    uid = SANDBOX_UID_BASE + raw.launcher_pid
-
-    def verdict(name: str, ok: bool, how: str, failure: str) -> Protection:
-        if ok:
-            return Protection(name, True, how)
-        return Protection(name, False, errors.get(name) or failure)
-
-    def new_ns(kind: str) -> bool:
-        return info["ns"].get(kind) is not None and info["ns"][kind] != own[kind]
-
-    if drop_failure is not None:
-        drop = Protection(PRIVILEGE_DROP, False, drop_failure)
-    elif not is_root:
-        drop = Protection(PRIVILEGE_DROP, False, f"not running as root (euid {os.geteuid()}): cannot change uid")
-    else:
-        own_keyring = _session_keyring_id()
-        keyring_left = own_keyring is not None and (own_keyring <= 0 or info["session_keyring"] != own_keyring)
-        drop = verdict(PRIVILEGE_DROP,
-                       list(info["resuid"]) == [uid] * 3 and list(info["resgid"]) == [uid] * 3
-                       and not info["groups"] and keyring_left,
-                       f"dedicated uid/gid {SANDBOX_UID_BASE}+launcher pid, no supplementary groups, "
-                       "own session keyring, no_new_privs",
-                       f"code ran with uids {info['resuid']} gids {info['resgid']} groups {info['groups']}, "
-                       f"session keyring {info['session_keyring']} (trainer's: {own_keyring})")
-    limits = info["rlimits"]
-    expected = {"RLIMIT_AS": policy.memory_bytes, "RLIMIT_NPROC": policy.max_processes,
-                "RLIMIT_NOFILE": policy.max_open_files, "RLIMIT_FSIZE": policy.max_file_bytes, "RLIMIT_CORE": 0}
-    protections = (
-        drop,
-        verdict(NETWORK_ISOLATION, new_ns("net"), "new network namespace (no interfaces up)",
-                "the code shared the trainer's network namespace"),
-        verdict(FILESYSTEM_ISOLATION,
-                new_ns("mnt") and info["root_readonly"] and info["cwd_writable"] and info["cwd"] == ISOLATED_WORKDIR
-                and info["hidden_dirs_empty"],
-                f"private mount namespace: read-only nosuid /, fresh tmpfs at {ISOLATED_WORKDIR} as working dir, "
-                f"{', '.join(HIDDEN_HOST_DIRS)} hidden, private {PRIVATE_SHM_DIR}",
-                f"mount namespace new={new_ns('mnt')}, root read-only={info['root_readonly']}, "
-                f"cwd {info['cwd']} writable={info['cwd_writable']}"),
-        verdict(PROCESS_ISOLATION, new_ns("pid"), "new pid and IPC namespaces (init kills all on exit)",
-                "the code shared the trainer's pid namespace"),
-        verdict(RESOURCE_LIMITS, all(limits.get(k) == v for k, v in expected.items()),
-                "rlimits AS, CPU, NPROC, NOFILE, FSIZE, CORE=0",
-                f"rlimits seen inside: {limits}"),
-    )
-    return SandboxCapabilities(protections, interpreter)
