@@ -10,7 +10,8 @@ A loss on this core is a loop over *row chunks* (``C`` distilled tokens against 
    the loss and its per-row upstream scale, one Triton kernel writing ``d(logits)`` in the input dtype);
 3. ``GradAccumulator.add``: ``d(hidden)[rows] = d(logits) @ W`` (written once per row: every row lies in
    exactly one chunk) and ``d(weight) += d(logits).T @ h[rows]``, ``d(bias) += colsum(d(logits))``,
-   accumulated in float32 across chunks by matrix products.  No atomics: the chunks run in a fixed order
+   accumulated in float32 across chunks by matrix products (the d(weight) product folds two chunks at a
+   time: see :class:`GradAccumulator`).  No atomics: the chunks run in a fixed order
    and each product accumulates in a fixed order, so results are bitwise reproducible on one GPU.
 
 Cost per chunk (student width ``Hs``, teacher ``Ht``, vocabulary ``V``): the logit products
@@ -19,10 +20,11 @@ products and read twice by the epilogue (statistics, then ``d(logits)``), ``d(lo
 entry for 16-bit inputs) is written once and read by the two products, and the float32 ``d(weight)``
 accumulator (``4 V Hs`` bytes) is read and written once per chunk.  The last term is why chunks should
 not be small: with ``C`` rows the accumulation moves ``8 V Hs`` bytes for ``2 C V Hs`` FLOPs, i.e.
-``C / 4`` FLOP per byte, compute bound on an H100/H200 (~200-300 FLOP/B) from ``C`` of about 1024; at the
-default ``C`` of ~512 rows it costs about as much as the product itself.
+``C / 4`` FLOP per byte, compute bound on an H100/H200 (~200-300 FLOP/B) from ``C`` of about 1024.  Measured
+on an H200 at the headline size with one product per 512-row chunk: 15.1 ms against 7.2 ms for a single
+K = 16384 product; folding two chunks per product halves that traffic.
 
-Memory: per chunk ``C x V`` float32 per model plus one ``C x V`` block of ``d(logits)``, the float32
+Memory: per chunk ``C x V`` float32 per model plus two ``C x V`` blocks of ``d(logits)``, the float32
 ``d(weight)`` accumulator, and O(N) statistics; never ``N x V``.  :func:`chunk_rows` sizes ``C`` from a
 byte budget.
 """
@@ -33,14 +35,14 @@ from dataclasses import dataclass
 
 import torch
 
-# Bytes the fast path's per-chunk blocks may take by default: with the float32 d(weight) accumulator of a
-# 152k x 1024 head (0.6 GB) this keeps the whole loss at about 1.3 GiB beyond its inputs and outputs.
+# Bytes the fast path's per-chunk blocks may take by default (at V = 152k: 448 rows for the KL loss, with
+# the float32 d(weight) accumulator of a 152k x 1024 head (0.6 GB) about 1.6 GiB beyond the inputs).
 FAST_CHUNK_BYTES = 768 << 20
 # The low-memory path keeps its blocks (and the d(weight) slice accumulators) near this size.
 LOW_MEMORY_CHUNK_BYTES = 96 << 20
 MIN_CHUNK_ROWS = 16
 MAX_CHUNK_ROWS = 8192
-ROW_MULTIPLE = 64  # chunk sizes are multiples of this (full tensor-core tiles) when they exceed it
+ROW_MULTIPLE = 32  # chunk sizes are multiples of this when they exceed it
 
 
 @dataclass(frozen=True)
@@ -65,8 +67,8 @@ class LMHead:
 def chunk_rows(n_rows: int, vocab: int, bytes_per_entry: int, *, budget: int = FAST_CHUNK_BYTES,
                chunk_size: int | None = None) -> int:
     """Rows per chunk: ``chunk_size`` if given, else as many as ``budget`` bytes of ``C x V`` blocks allow
-    (``bytes_per_entry`` = bytes per (row, column) across all of a chunk's blocks), a multiple of 64 rows
-    when above 64, between ``MIN_CHUNK_ROWS`` and ``MAX_CHUNK_ROWS``, and never more than ``n_rows``."""
+    (``bytes_per_entry`` = bytes per (row, column) across all of a chunk's blocks), a multiple of 32 rows
+    when above 32, between ``MIN_CHUNK_ROWS`` and ``MAX_CHUNK_ROWS``, and never more than ``n_rows``."""
     if chunk_size is not None:
         rows = int(chunk_size)
     else:
@@ -134,39 +136,69 @@ def _accumulate_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> 
 class GradAccumulator:
     """The student's gradients, accumulated block by block from ``d(logits)`` without atomics.
 
-    Rows are addressed by their position ``[start, stop)`` in the distilled-row order ``row_index``.
-    With whole-vocabulary blocks (the fast path) each row's d(hidden) is one matrix product with float32
-    accumulation, written once in the input dtype; with vocabulary slices (``sliced=True``, the low-memory
-    path) d(hidden) is a float32 accumulator.  d(weight) and d(bias) are float32 accumulators over the
-    blocks.  :meth:`finish` returns everything in the inputs' dtypes and shapes: ``d_hidden [N, H]`` (zero
-    on rows outside ``row_index``), ``d_weight [Vw, H]`` and ``d_bias [Vw]`` (zero past ``vocab``).
+    Rows are addressed by their position ``[start, stop)`` in the distilled-row order ``row_index``.  The
+    caller writes each block's ``d(logits)`` into :meth:`grad_block` and then calls :meth:`add`.
+
+    - Whole-vocabulary blocks (the fast path): each row's d(hidden) is one matrix product with float32
+      accumulation, written once in the input dtype.  d(weight) is a float32 accumulator; since every
+      accumulation reads and writes all ``4 V H`` of its bytes, the ``d(logits)`` blocks of ``GROUP`` chunks
+      are kept side by side in one buffer and folded by a single product with ``K = GROUP x C`` (half the
+      accumulator traffic of one product per chunk, for one more ``C x V`` gradient block of memory).
+    - Vocabulary slices (``sliced=True``, the low-memory path): d(hidden) is a float32 accumulator; d(weight)
+      is written slice by slice (:meth:`begin_slice` / :meth:`end_slice`) from a float32 accumulator of one
+      slice, so no ``V x H`` float32 buffer exists.
+    d(bias) is a float32 accumulator.  :meth:`finish` returns everything in the inputs' dtypes and shapes:
+    ``d_hidden [N, H]`` (zero on rows outside ``row_index``), ``d_weight [Vw, H]``, ``d_bias [Vw]``.
     """
 
+    GROUP = 2
+
     def __init__(self, head: LMHead, row_index: torch.Tensor, contiguous: bool, *, need_hidden: bool,
-                 need_weight: bool, need_bias: bool, sliced: bool = False):
+                 need_weight: bool, need_bias: bool, block_rows: int = 1, block_cols: int | None = None,
+                 sliced: bool = False):
         h, w = head.hidden, head.weight
         self.head, self.row_index, self.contiguous, self.sliced = head, row_index, contiguous, sliced
         n_active = row_index.numel()
         f32 = torch.float32
         self.d_hidden = torch.zeros(n_active, h.shape[1], dtype=f32 if sliced else h.dtype, device=h.device) \
             if need_hidden else None
-        # Whole-vocabulary blocks: one float32 accumulator; vocabulary slices: the output in the input dtype,
-        # filled slice by slice from a float32 accumulator of one slice (begin_slice / end_slice).
-        self.d_weight = (torch.empty if sliced else torch.zeros)(head.vocab, w.shape[1], dtype=w.dtype if sliced else f32,
-                                                                device=w.device) if need_weight else None
+        if need_weight:
+            self.d_weight = torch.empty(head.vocab, w.shape[1], dtype=w.dtype, device=w.device) if sliced else \
+                torch.zeros(head.vocab, w.shape[1], dtype=f32, device=w.device)
+        else:
+            self.d_weight = None
         self._slice, self._slice_acc = None, None
         self.d_bias = torch.zeros(head.vocab, dtype=f32, device=w.device) \
             if (need_bias and head.bias is not None) else None
+        group = self.GROUP if (self.d_weight is not None and not sliced) else 1
+        self._capacity = max(block_rows, 1) * group                # rows the gradient buffer holds
+        self._grad = None                                           # allocated at the first block
+        self._cols = block_cols if block_cols is not None else head.vocab
+        self._pending = 0                                           # rows of d(logits) not yet in d(weight)
+        self._pending_hidden = torch.empty(self._capacity, h.shape[1], dtype=h.dtype, device=h.device) \
+            if group > 1 else None
 
     @property
     def active(self) -> bool:
         return self.d_hidden is not None or self.d_weight is not None or self.d_bias is not None
 
+    def grad_block(self, n: int, width: int | None = None) -> torch.Tensor:
+        """A contiguous ``[n, width]`` block (input dtype) for the next chunk's ``d(logits)``."""
+        width = self._cols if width is None else width
+        if self._grad is None:
+            self._grad = torch.empty(self._capacity * self._cols, dtype=self.head.hidden.dtype,
+                                     device=self.head.hidden.device)
+        if self._pending_hidden is None:
+            return self._grad[: n * width].view(n, width)
+        if self._pending + n > self._capacity:
+            self._flush()
+        return self._grad[self._pending * width: (self._pending + n) * width].view(n, width)
+
     def add(self, d_logits: torch.Tensor, start: int, stop: int, hidden_rows: torch.Tensor,
             columns: slice | None = None) -> None:
-        """Fold one block: ``d_logits [C, Vc]`` (input dtype) of the distilled rows ``[start, stop)`` and
-        the vocabulary columns ``columns`` (default: all ``vocab``; only with ``sliced``);
-        ``hidden_rows [C, H]`` are those rows' hidden states."""
+        """Fold one block: ``d_logits [C, Vc]`` (from :meth:`grad_block`) of the distilled rows
+        ``[start, stop)`` and the vocabulary columns ``columns`` (default: all ``vocab``; only with
+        ``sliced``); ``hidden_rows [C, H]`` are those rows' hidden states."""
         if columns is not None and not self.sliced:
             raise ValueError("vocabulary-sliced blocks need a GradAccumulator made with sliced=True")
         cols = columns if columns is not None else slice(0, self.head.vocab)
@@ -181,10 +213,22 @@ class GradAccumulator:
                 if self._slice != cols:
                     raise ValueError("GradAccumulator.add: call begin_slice(columns) before adding a slice's blocks")
                 _accumulate_product(self._slice_acc, d_logits.T, hidden_rows)
+            elif self._pending_hidden is not None:  # folded with the next chunk's block by _flush
+                n = stop - start
+                self._pending_hidden[self._pending: self._pending + n] = hidden_rows
+                self._pending += n
             else:
-                _accumulate_product(self.d_weight[cols], d_logits.T, hidden_rows)
+                _accumulate_product(self.d_weight, d_logits.T, hidden_rows)
         if self.d_bias is not None:
             self.d_bias[cols] += d_logits.sum(0, dtype=torch.float32)
+
+    def _flush(self) -> None:
+        """``d(weight) += [pending d(logits)]^T [pending hidden rows]`` in one product."""
+        if self._pending:
+            n = self._pending
+            _accumulate_product(self.d_weight, self._grad[: n * self._cols].view(n, self._cols).T,
+                                self._pending_hidden[:n])
+            self._pending = 0
 
     def begin_slice(self, columns: slice) -> None:
         """Start the blocks of one vocabulary slice (sliced mode): a float32 d(weight) accumulator for it."""
@@ -201,6 +245,9 @@ class GradAccumulator:
 
     def finish(self):
         """``(d_hidden [N, H], d_weight [Vw, H], d_bias [Vw])`` in the inputs' dtypes (None where not needed)."""
+        if self.d_weight is not None and not self.sliced:
+            self._flush()
+        self._grad = self._pending_hidden = None
         h, w, b = self.head.hidden, self.head.weight, self.head.bias
         d_hidden = d_weight = d_bias = None
         if self.d_hidden is not None:

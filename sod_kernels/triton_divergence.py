@@ -111,12 +111,11 @@ def _row_major(t: torch.Tensor) -> torch.Tensor:
 
 
 class _Blocks:
-    """Reusable ``[rows, cols]`` float32 logit blocks for both models and a gradient block."""
+    """Reusable ``[rows, cols]`` float32 logit blocks for both models (gradient blocks: GradAccumulator)."""
 
-    def __init__(self, rows: int, cols: int, device, grad_dtype: torch.dtype | None):
+    def __init__(self, rows: int, cols: int, device):
         self.xs = torch.empty(rows, cols, dtype=torch.float32, device=device)
         self.xt = torch.empty(rows, cols, dtype=torch.float32, device=device)
-        self.grad = None if grad_dtype is None else torch.empty(rows, cols, dtype=grad_dtype, device=device)
 
     def logits(self, p: KLProblem, start: int, stop: int, columns: slice | None = None):
         """``(student hidden rows, xs, xt)`` of rows ``[start, stop)`` and the given vocabulary columns."""
@@ -127,9 +126,6 @@ class _Blocks:
             ws, wt = ws[columns], wt[columns]
         n, width = stop - start, ws.shape[0]
         return hs, logits_into(_view(self.xs, n, width), hs, ws), logits_into(_view(self.xt, n, width), ht, wt)
-
-    def grad_block(self, n: int, width: int) -> torch.Tensor:
-        return _view(self.grad, n, width)
 
 
 def _view(buffer: torch.Tensor, n: int, width: int) -> torch.Tensor:
@@ -200,7 +196,7 @@ def divergence_forward(student_hidden, student_weight, student_bias, teacher_hid
         _forward_low_memory(p, out, chunk_size)
     else:
         rows = chunk_rows(p.n_rows, p.vocab, 8, budget=FAST_CHUNK_BYTES, chunk_size=chunk_size)
-        blocks = _Blocks(min(rows, max(p.n_rows, 1)), p.vocab, student_hidden.device, None)
+        blocks = _Blocks(min(rows, max(p.n_rows, 1)), p.vocab, student_hidden.device)
         for start, stop in even_chunks(p.n_rows, rows):
             _, xs, xt = blocks.logits(p, start, stop)
             stats = kl_row_stats(xs, xt, p.bias(p.student), p.bias(p.teacher), forward_kl=p.forward_kl,
@@ -214,7 +210,7 @@ def _forward_low_memory(p: KLProblem, out: ForwardResult, chunk_size: int | None
     rows = chunk_size or LOW_MEMORY_ROWS
     slices = _slices(p.vocab, min(rows, max(p.n_rows, 1)), LOW_MEMORY_CHUNK_BYTES)
     width = slices[0].stop - slices[0].start if slices else 1
-    blocks = _Blocks(min(rows, max(p.n_rows, 1)), width, p.student.hidden.device, None)
+    blocks = _Blocks(min(rows, max(p.n_rows, 1)), width, p.student.hidden.device)
     for start, stop in even_chunks(p.n_rows, rows):
         parts = []
         for cols in slices:
@@ -252,8 +248,15 @@ def divergence_backward(student_hidden, student_weight, student_bias, teacher_hi
     """
     p = KLProblem.build(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                         row_index, None, divergence, temperature)
+    low = memory == "low"
+    rows = (chunk_size or LOW_MEMORY_ROWS) if low else \
+        chunk_rows(p.n_rows, p.vocab, 8 + 2 * student_hidden.element_size(), budget=FAST_CHUNK_BYTES,
+                   chunk_size=chunk_size)
+    rows = min(rows, max(p.n_rows, 1))
+    slices = _slices(p.vocab, rows, LOW_MEMORY_CHUNK_BYTES) if low else None
     acc = GradAccumulator(p.student, p.row_index, p.contiguous, need_hidden=need_hidden, need_weight=need_weight,
-                          need_bias=need_bias, sliced=memory == "low")
+                          need_bias=need_bias, block_rows=rows,
+                          block_cols=(slices[0].stop - slices[0].start) if low else p.vocab, sliced=low)
     if not acc.active or p.n_rows == 0:
         return acc.finish()
     scale = grad_divergence.to(torch.float32) / p.temperature
@@ -261,39 +264,33 @@ def divergence_backward(student_hidden, student_weight, student_bias, teacher_hi
     if frame is not None:
         saved = ForwardResult.__new__(ForwardResult)
         saved.D, saved.lse_s, saved.lse_t, saved.frame = token_divergence, lse_student, lse_teacher, frame
-    if memory == "low":
-        _backward_low_memory(p, acc, scale, saved, chunk_size)
+    if low:
+        _backward_low_memory(p, acc, scale, saved, rows, slices)
         return acc.finish()
-    rows = chunk_rows(p.n_rows, p.vocab, 8 + student_hidden.element_size(), budget=FAST_CHUNK_BYTES,
-                      chunk_size=chunk_size)
-    blocks = _Blocks(min(rows, p.n_rows), p.vocab, student_hidden.device, student_hidden.dtype)
+    blocks = _Blocks(rows, p.vocab, student_hidden.device)
     for start, stop in even_chunks(p.n_rows, rows):
         hs, xs, xt = blocks.logits(p, start, stop)
         stats = saved.stats(start, stop) if saved is not None else \
             kl_row_stats(xs, xt, p.bias(p.student), p.bias(p.teacher), forward_kl=p.forward_kl,
                          temperature=p.temperature)
         grad = kl_logit_grad(xs, xt, p.bias(p.student), p.bias(p.teacher), stats, scale[start:stop],
-                             blocks.grad_block(stop - start, p.vocab), forward_kl=p.forward_kl,
-                             temperature=p.temperature)
+                             acc.grad_block(stop - start), forward_kl=p.forward_kl, temperature=p.temperature)
         acc.add(grad, start, stop, hs)
     return acc.finish()
 
 
-def _backward_low_memory(p: KLProblem, acc: GradAccumulator, scale, saved, chunk_size) -> None:
+def _backward_low_memory(p: KLProblem, acc: GradAccumulator, scale, saved, rows: int, slices: list[slice]) -> None:
     if saved is None:  # the statistics first (one more pass), then the vocabulary-sliced gradient
         fwd = ForwardResult(p.n_rows, p.student.hidden.device, False)
-        _forward_low_memory(p, fwd, chunk_size)
+        _forward_low_memory(p, fwd, rows)
         saved = fwd
-    rows = chunk_size or LOW_MEMORY_ROWS
-    slices = _slices(p.vocab, min(rows, p.n_rows), LOW_MEMORY_CHUNK_BYTES)
-    width = slices[0].stop - slices[0].start
-    blocks = _Blocks(min(rows, p.n_rows), width, p.student.hidden.device, p.student.hidden.dtype)
+    blocks = _Blocks(rows, slices[0].stop - slices[0].start, p.student.hidden.device)
     for cols in slices:
         acc.begin_slice(cols)
         for start, stop in even_chunks(p.n_rows, rows):
             hs, xs, xt = blocks.logits(p, start, stop, cols)
             grad = kl_logit_grad(xs, xt, p.bias(p.student, cols), p.bias(p.teacher, cols), saved.stats(start, stop),
-                                 scale[start:stop], blocks.grad_block(stop - start, cols.stop - cols.start),
+                                 scale[start:stop], acc.grad_block(stop - start, cols.stop - cols.start),
                                  forward_kl=p.forward_kl, temperature=p.temperature)
             acc.add(grad, start, stop, hs, columns=cols)
         acc.end_slice()
@@ -324,10 +321,10 @@ def single_pass_loss(p: KLProblem, chunks: list[tuple[int, int]],
     """
     device = p.student.hidden.device
     out = ForwardResult(p.n_rows, device, p.target_ids is not None)
-    acc = GradAccumulator(p.student, p.row_index, p.contiguous, need_hidden=need_hidden, need_weight=need_weight,
-                          need_bias=need_bias)
     longest = max((b - a for a, b in chunks), default=1)
-    blocks = _Blocks(longest, p.vocab, device, p.student.hidden.dtype if acc.active else None)
+    acc = GradAccumulator(p.student, p.row_index, p.contiguous, need_hidden=need_hidden, need_weight=need_weight,
+                          need_bias=need_bias, block_rows=longest)
+    blocks = _Blocks(longest, p.vocab, device)
     total = torch.zeros((), dtype=torch.float64, device=device)
     grad_scale = coef / (normalizer * p.temperature)
     for start, stop in chunks:
@@ -341,7 +338,7 @@ def single_pass_loss(p: KLProblem, chunks: list[tuple[int, int]],
         total += (w.to(torch.float64) * stats.D.to(torch.float64)).sum()
         if acc.active:
             grad = kl_logit_grad(xs, xt, p.bias(p.student), p.bias(p.teacher), stats,
-                                 (w * grad_scale).to(torch.float32), blocks.grad_block(stop - start, p.vocab),
+                                 (w * grad_scale).to(torch.float32), acc.grad_block(stop - start),
                                  forward_kl=p.forward_kl, temperature=p.temperature)
             acc.add(grad, start, stop, hs)
     del blocks

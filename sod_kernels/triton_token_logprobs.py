@@ -59,18 +59,16 @@ class LogprobProblem:
         return self.row_index.numel()
 
     def chunks(self, grad: bool, chunk_size: int | None) -> list[tuple[int, int]]:
-        per_entry = 4 + (self.head.hidden.element_size() if grad else 0)
+        per_entry = 4 + (GradAccumulator.GROUP * self.head.hidden.element_size() if grad else 0)
         return even_chunks(self.n_rows, chunk_rows(self.n_rows, self.head.vocab, per_entry, budget=FAST_CHUNK_BYTES,
                                                    chunk_size=chunk_size))
 
 
 class _Block:
-    """Reusable float32 logit block and gradient block of at most ``rows`` rows."""
+    """Reusable float32 logit block of at most ``rows`` rows (gradient blocks: GradAccumulator)."""
 
-    def __init__(self, p: LogprobProblem, rows: int, grad: bool):
-        V, device = p.head.vocab, p.head.hidden.device
-        self.x = torch.empty(rows, V, dtype=torch.float32, device=device)
-        self.grad = torch.empty(rows, V, dtype=p.head.hidden.dtype, device=device) if grad else None
+    def __init__(self, p: LogprobProblem, rows: int):
+        self.x = torch.empty(rows, p.head.vocab, dtype=torch.float32, device=p.head.hidden.device)
 
     def logits(self, p: LogprobProblem, start: int, stop: int):
         rows = row_selector(p.row_index, start, stop, p.contiguous)
@@ -104,7 +102,7 @@ def logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     entropy = torch.empty_like(logp) if with_entropy else None
     frame = torch.zeros(2, n, dtype=torch.float32, device=device)
     chunks = p.chunks(False, chunk_size)
-    block = _Block(p, max((b - a for a, b in chunks), default=1), False)
+    block = _Block(p, max((b - a for a, b in chunks), default=1))
     for start, stop in chunks:
         rows, _, x = block.logits(p, start, stop)
         stats = logprob_row_stats(x, p.head.used_bias, temperature=p.temperature, with_entropy=with_entropy)
@@ -126,14 +124,15 @@ def logprob_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     Returns the three gradients in the inputs' dtypes (None where not needed); rows outside ``row_index``
     get zero gradient."""
     p = LogprobProblem.build(hidden, weight, bias, row_index, target_ids, temperature)
+    chunks = p.chunks(True, chunk_size)
+    longest = max((b - a for a, b in chunks), default=1)
     acc = GradAccumulator(p.head, p.row_index, p.contiguous, need_hidden=need_hidden, need_weight=need_weight,
-                          need_bias=need_bias)
+                          need_bias=need_bias, block_rows=longest)
     if not acc.active or p.n_rows == 0:
         return acc.finish()
     if grad_entropy is not None and frame is None:
         raise ValueError("logprob_backward: grad_entropy needs the frame returned by logprob_forward")
-    chunks = p.chunks(True, chunk_size)
-    block = _Block(p, max(b - a for a, b in chunks), True)
+    block = _Block(p, longest)
     for start, stop in chunks:
         rows, h, x = block.logits(p, start, stop)
         mean = frame[1, start:stop] if frame is not None else torch.zeros_like(lse[start:stop])
@@ -141,7 +140,7 @@ def logprob_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         stats = LogprobRowStats(lse[start:stop], big, mean, None)
         grad = logprob_logit_grad(x, p.head.used_bias, p.target_ids[rows], stats, grad_logp[start:stop],
                                   None if grad_entropy is None else grad_entropy[start:stop],
-                                  block.grad[: stop - start], temperature=p.temperature)
+                                  acc.grad_block(stop - start), temperature=p.temperature)
         acc.add(grad, start, stop, h)
     return acc.finish()
 
@@ -157,12 +156,14 @@ def single_pass_token_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: tor
     Returns ``(loss float64 0-D, logp [Na] float32, (d_hidden, d_weight, d_bias))``.
     """
     p = LogprobProblem.build(hidden, weight, bias, row_index, target_ids, temperature)
+    grads = need_hidden or need_weight or (need_bias and bias is not None)
+    chunks = p.chunks(grads, chunk_size)
+    longest = max((b - a for a, b in chunks), default=1)
     acc = GradAccumulator(p.head, p.row_index, p.contiguous, need_hidden=need_hidden, need_weight=need_weight,
-                          need_bias=need_bias)
+                          need_bias=need_bias, block_rows=longest)
     logp = torch.empty(p.n_rows, dtype=torch.float32, device=hidden.device)
     total = torch.zeros((), dtype=torch.float64, device=hidden.device)
-    chunks = p.chunks(acc.active, chunk_size)
-    block = _Block(p, max((b - a for a, b in chunks), default=1), acc.active)
+    block = _Block(p, longest)
     for start, stop in chunks:
         rows, h, x = block.logits(p, start, stop)
         stats = logprob_row_stats(x, p.head.used_bias, temperature=p.temperature, with_entropy=False)
@@ -171,7 +172,7 @@ def single_pass_token_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: tor
         part, dlogp = token_loss(start, stop, lp)
         total += part.to(torch.float64)
         if acc.active:
-            grad = logprob_logit_grad(x, p.head.used_bias, y, stats, dlogp, None, block.grad[: stop - start],
+            grad = logprob_logit_grad(x, p.head.used_bias, y, stats, dlogp, None, acc.grad_block(stop - start),
                                       temperature=p.temperature)
             acc.add(grad, start, stop, h)
     del block
