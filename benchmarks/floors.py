@@ -1,4 +1,4 @@
-"""The FLOP and byte floors of PERF.md, and the figures derived from them.
+"""The FLOP and byte floors of one pass, and the figures derived from them.
 
 For ``N`` distilled tokens, vocabulary ``V``, student width ``Hs``, teacher width ``Ht``:
 

@@ -90,7 +90,7 @@ def predicted_extra_bytes(name: str, tokens: int, vocab: int) -> int | None:
 
 def naive_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
                    teacher_weight: torch.Tensor, step_ids: torch.Tensor) -> torch.Tensor:
-    """SPEC's loss the obvious way: full ``[N, V]`` logits, float32 log-softmaxes, reverse KL, SOD weights.
+    """docs/math.md's loss the obvious way: full ``[N, V]`` logits, float32 log-softmaxes, reverse KL, SOD weights.
 
     ``student_hidden [N, Hs]``, ``student_weight [V, Hs]``, ``teacher_hidden [N, Ht]``,
     ``teacher_weight [V', Ht]`` (``V' >= V``), ``step_ids [1, N]``.  Returns the token-mean loss.

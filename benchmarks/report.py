@@ -219,7 +219,7 @@ def method_notes(doc: dict) -> list[str]:
         f"- **Time**: {timer}.",
         f"- **Extra memory**: {memory}.  It includes the student gradients a method returns.",
         f"- **Memory cap / OOM**: {oom}.",
-        "- **Floors** (PERF.md): forward `2NV(Hs+Ht)` FLOPs; forward+backward `2NV(Hs+Ht) + 4NVHs` (the "
+        "- **Floors**: forward `2NV(Hs+Ht)` FLOPs; forward+backward `2NV(Hs+Ht) + 4NVHs` (the "
         "minimum; achieved TFLOP/s always use it, so recomputation is not credited); bytes: inputs read "
         "once per pass, gradients written once.  Share = achieved rate / the dense matmul rate measured in "
         "this run (largest of the calibrations listed above, same (Ht, V) shape on CPU).",

@@ -1,4 +1,4 @@
-"""Plain, materializing PyTorch reference for SPEC.md sections 3-7: the oracle of every test.
+"""Plain, materializing PyTorch reference for docs/math.md: the oracle of every test.
 
 Obviously correct rather than fast: logits are materialized, steps and groups are found with Python
 loops, weights use the paper's running product.  Give it float64 tensors for float64 results.

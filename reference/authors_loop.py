@@ -1,10 +1,10 @@
-"""The SOD step weights as a per-token Python loop (SPEC section 5, the paper's Eq. 7, literally).
+"""The SOD step weights as a per-token Python loop (docs/math.md, the paper's Eq. 7, literally).
 
 This is how a trainer computes the weights when it walks each rollout token by token: plain Python
 loops over rows and tokens, a step closed when the response mask drops to 0, the step's mean
 ``|old_logp - teacher_logp|`` recorded, and the weight of step k the running product
 ``prod_{u<k} (d_u + eps) / (d_{u+1} + eps)`` capped at ``1 + delta`` (the cap applied to the output only).
-It is written from SPEC.md, not copied from the authors' code.  Tests use it as an independent oracle of
+It is written from docs/math.md, not copied from the authors' code.  Tests use it as an independent oracle of
 :func:`sod_kernels.sod_step_weights`, and ``benchmarks/policy.py`` times it as the baseline.
 
 Inputs are Python lists (``tensor.tolist()``) so that the loop measures the algorithm, not the per-element

@@ -1,4 +1,4 @@
-"""The reference implementation.  See the package docstring; every function follows SPEC.md literally."""
+"""The reference implementation.  See the package docstring; every function follows docs/math.md literally."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def ref_token_logprobs(hidden, weight, target_ids, bias=None, temperature=1.0):
 
 def ref_token_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, *,
                          student_bias=None, teacher_bias=None, divergence="reverse_kl", temperature=1.0):
-    """Per-token D_t (SPEC section 3) from fully materialized log-softmaxes: ``[...]``."""
+    """Per-token D_t (docs/math.md) from fully materialized log-softmaxes: ``[...]``."""
     V = student_weight.shape[0]
     logp_s = torch.log_softmax(ref_logits(student_hidden, student_weight, student_bias, temperature), dim=-1)
     logp_t = torch.log_softmax(ref_logits(teacher_hidden, teacher_weight, teacher_bias, temperature, vocab=V), dim=-1)
@@ -71,7 +71,7 @@ def ref_step_divergence(token_signal: torch.Tensor, step_ids: torch.Tensor) -> l
 
 
 def ref_step_weights_running_product(d: list[float], epsilon: float = 1e-6, delta: float = 0.2) -> list[float]:
-    """SPEC eq. 7 literally: w_1 = 1, w_k = min(prod_{u<k} (d_u + eps)/(d_{u+1} + eps), 1 + delta)."""
+    """docs/math.md literally: w_1 = 1, w_k = min(prod_{u<k} (d_u + eps)/(d_{u+1} + eps), 1 + delta)."""
     weights = []
     product = 1.0
     for k in range(len(d)):
@@ -103,9 +103,9 @@ def ref_fused_sod_loss(student_hidden, student_weight, teacher_hidden, teacher_w
                        step_ids=None, target_ids=None, divergence="reverse_kl", step_divergence="kl",
                        epsilon=1e-6, delta=0.2, temperature=1.0, coef=1.0, student_bias=None,
                        teacher_bias=None, reduction="token_mean", token_weights=None):
-    """SPEC section 6 with everything materialized.  Differentiable through torch autograd.
+    """docs/math.md with everything materialized.  Differentiable through torch autograd.
 
-    ``token_weights`` (SPEC section 10): precomputed ``[B,T]`` weights that replace the step weights.
+    ``token_weights`` (docs/math.md): precomputed ``[B,T]`` weights that replace the step weights.
 
     Returns ``(loss, stats)`` where stats is a dict with ``token_divergence [B,T]`` (0 outside steps),
     ``token_weights [B,T]``, ``step_divergence`` and ``step_weights`` (lists of per-row lists),
@@ -183,7 +183,7 @@ def ref_sod_advantages(grpo_advantages, student_logprobs, teacher_logprobs, resp
 
 def ref_ppo_dual_clip_loss(logp_new, old_logp, advantages, response_mask, clip_low=0.2, clip_high=0.28,
                            dual_clip=3.0, reduction="token_mean"):
-    """PPO clipped surrogate with dual clip, token mean over the mask (SPEC section 7)."""
+    """PPO clipped surrogate with dual clip, token mean over the mask (docs/math.md)."""
     ratio = torch.exp(torch.clamp(logp_new - old_logp, -20.0, 20.0))
     A = advantages
     unclipped = -A * ratio

@@ -5,7 +5,7 @@ Public API:
   hidden states and lm_head weights, never materializing tokens x vocabulary logits.
 - Step helpers: :func:`step_ids_from_mask`, :func:`step_weights_from_divergence`, :func:`sod_step_weights`.
 - Advantages: :func:`grpo_advantages`, :func:`sod_advantages`.
-- Policy-gradient form (SPEC section 7): :func:`fused_token_logprobs` (sampled-token log-probs from hidden
+- Policy-gradient form (docs/math.md): :func:`fused_token_logprobs` (sampled-token log-probs from hidden
   states), :func:`sod_policy_inputs` (advantages + step statistics), :func:`fused_sod_policy_loss` (PPO
   dual clip).
 """

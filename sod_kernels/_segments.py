@@ -1,4 +1,4 @@
-"""Deterministic segmented prefix sums, the reduction behind the step means (SPEC sections 4 and 13).
+"""Deterministic segmented prefix sums, the reduction behind the step means (docs/math.md).
 
 A float ``scatter_add_`` / ``index_add_`` adds in an order that depends on thread scheduling on CUDA, and
 ``torch.cumsum`` on floating CUDA tensors is documented as nondeterministic too.  The scan here uses only

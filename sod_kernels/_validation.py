@@ -1,4 +1,4 @@
-"""Input checks shared by every public entry point (SPEC section 8).
+"""Input checks shared by every public entry point (docs/math.md).
 
 Each check raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError`` (wrong shape or value)
 with a message that names the argument and says what was expected.  Checks that need to look at tensor

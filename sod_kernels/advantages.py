@@ -1,4 +1,4 @@
-"""GRPO and SOD advantages (SPEC section 7), vectorised over the batch."""
+"""GRPO and SOD advantages (docs/math.md), vectorised over the batch."""
 
 from __future__ import annotations
 

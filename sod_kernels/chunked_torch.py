@@ -1,9 +1,9 @@
-"""Chunked PyTorch backend of the per-token divergence (SPEC section 3) and its student gradient.
+"""Chunked PyTorch backend of the per-token divergence (docs/math.md) and its student gradient.
 
 Used for CPU tensors (and as a fallback anywhere).  Work is cut into tiles of ``R`` rows x ``BV``
 vocabulary columns (``BV = min(V, VOCAB_TILE)``, ``R`` chosen so one tile holds about ``CHUNK_ELEMENTS``
 floats).  The forward pass sweeps the vocabulary tiles of a row chunk with an online log-sum-exp (running
-max and sum per row for both models, and the KL accumulator ``A`` rescaled with the softmax sum, SPEC
+max and sum per row for both models, and the KL accumulator ``A`` rescaled with the softmax sum, docs/math.md
 section 3); the backward pass recomputes each tile's logits from the saved per-token statistics
 (lse_s, lse_t, D) instead of storing them.  Tiles (rather than chunks of full vocabulary rows) keep the
 matrix products large in both dimensions (``R`` rows share each weight tile), which is what makes this
@@ -105,7 +105,7 @@ def divergence_forward(student_hidden, student_weight, student_bias, teacher_hid
             n = stop - start
             hs, ht = student_hidden[rows].to(dt), teacher_hidden[rows].to(dt)
             # "w" weighs the KL sum (student for reverse KL, teacher for forward KL), "o" is the other model.
-            # A' = sum exp(z_w - m_w) ((z_w - m_w) - (z_o - m_o)) lives in the max-shifted frame (SPEC 3, 9).
+            # A' = sum exp(z_w - m_w) ((z_w - m_w) - (z_o - m_o)) lives in the max-shifted frame (docs/math.md).
             m_w = torch.full((n,), MIN_LOGIT, dtype=dt, device=device)
             m_o = m_w.clone()
             l_w, l_o, acc = (torch.zeros(n, dtype=dt, device=device) for _ in range(3))

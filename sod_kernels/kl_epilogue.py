@@ -9,7 +9,7 @@ student for reverse KL, the teacher for forward KL), O the other.
   an online log-sum-exp for both models and the KL accumulator in the max-shifted frame
   ``A' = sum exp(z_w - m_w) ((z_w - m_w) - (z_o - m_o))`` (rescaled and re-framed when a max moves), and
   writes 5 floats per (row, split).  :func:`kl_row_stats` merges the splits with the same algebra in a few
-  O(C x splits) tensor ops.  Then ``D = A'/L_w - log L_w + log L_o`` (SPEC 3, with nothing of size
+  O(C x splits) tensor ops.  Then ``D = A'/L_w - log L_w + log L_o`` (docs/math.md, with nothing of size
   O(log V) subtracted from anything large) and, for the gradient, ``c' = A'/L_w``.
 - ``kl_logit_grad_kernel`` (grid: rows x column blocks) writes ``d(logits) = scale_row * g`` in the gradient
   dtype, with ``g = p_s ((z_s - M_s) - (z_t - M_t) - c')`` for reverse KL (the cancellation-free form of

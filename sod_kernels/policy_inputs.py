@@ -2,7 +2,7 @@
 
 From rollout data (rewards, prompt groups, the old policy's and the teacher's sampled-token log-probs,
 the response mask) it returns what a PPO/GRPO trainer needs before :func:`sod_kernels.fused_sod_policy_loss`:
-the per-token advantages of SPEC section 7, ``A = A_grpo * m + coef * w * (teacher_logp - old_logp) * m``,
+the per-token advantages of docs/math.md, ``A = A_grpo * m + coef * w * (teacher_logp - old_logp) * m``,
 plus the per-step quantities the authors' trainer logs.  The step statistics are computed once by the
 shared helpers of :mod:`sod_kernels.steps` and the advantage uses the same formula as
 :func:`sod_kernels.sod_advantages` (tests pin that the two agree exactly).
@@ -61,7 +61,7 @@ def sod_policy_inputs(rewards: torch.Tensor, group_ids: torch.Tensor, old_logpro
         old_logprobs: ``[B, T]`` floating, the old (rollout) policy's log-probs of the sampled tokens.
         teacher_logprobs: ``[B, T]`` floating, the teacher's log-probs of the same tokens.
         response_mask: ``[B, T]`` 0/1, 1 on tokens the student generated; steps are its runs of ones.
-        coef: weight of the distillation reward; epsilon ``> 0``, delta ``>= 0``: SPEC section 5.
+        coef: weight of the distillation reward; epsilon ``> 0``, delta ``>= 0``: docs/math.md.
         check_inputs: check that the mask holds only 0/1 (one host sync).
     Returns:
         :class:`PolicyInputs`.  Cost: O(B T) vectorised work and one host sync (to size the per-step

@@ -1,4 +1,4 @@
-"""``fused_sod_policy_loss``: the policy-gradient form of SOD that the authors' trainer optimizes (SPEC 7).
+"""``fused_sod_policy_loss``: the policy-gradient form of SOD that the authors' trainer optimizes (docs/math.md).
 
 PPO's clipped surrogate with dual clip on per-token advantages (typically from
 :func:`sod_kernels.sod_policy_inputs`), with the new policy's log-probs of the sampled tokens computed by
@@ -19,7 +19,7 @@ from ._validation import (REDUCTIONS, check_binary_mask, check_choice, check_chu
 from .token_divergence import no_autocast, refuse_double_backward
 from .token_logprobs import TokenLogprobs, check_target_ids, resolve_logprob_backend
 
-LOG_RATIO_CLAMP = 20.0  # SPEC 7: ratio = exp(clamp(logp_new - old_logp, -20, 20))
+LOG_RATIO_CLAMP = 20.0  # docs/math.md: ratio = exp(clamp(logp_new - old_logp, -20, 20))
 
 
 @dataclass
@@ -55,7 +55,7 @@ def _check_per_token(x: torch.Tensor, name: str, lead: tuple[int, ...]) -> None:
 
 def ppo_dual_clip(logp_new: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip_low: float,
                   clip_high: float, dual_clip: float | None):
-    """Per-token PPO dual-clip loss (SPEC 7) and its branch masks; all tensors ``[Na]``.
+    """Per-token PPO dual-clip loss (docs/math.md) and its branch masks; all tensors ``[Na]``.
 
     Returns ``(loss, ratio, log_ratio, low, high, dual)``: ``low`` / ``high`` / ``dual`` are bool masks of
     the tokens whose loss the lower clip, the upper clip or the dual clip decided.
@@ -128,7 +128,7 @@ def fused_sod_policy_loss(student_hidden: torch.Tensor, student_weight: torch.Te
                           temperature: float = 1.0, student_bias: torch.Tensor | None = None,
                           reduction: str = "token_mean", return_stats: bool = False, backend: str = "auto",
                           chunk_size: int | None = None, check_inputs: bool = True):
-    """PPO dual-clip policy loss on SOD advantages, from hidden states (SPEC section 7).
+    """PPO dual-clip policy loss on SOD advantages, from hidden states (docs/math.md).
 
     ``ratio = exp(clamp(logp_new - old_logprobs, -20, 20))``,
     ``l = max(-A ratio, -A clip(ratio, 1 - clip_low, 1 + clip_high))``, and where ``A < 0``

@@ -1,4 +1,4 @@
-"""``fused_sod_loss``: the step-weighted on-policy distillation loss (SPEC sections 3-6).
+"""``fused_sod_loss``: the step-weighted on-policy distillation loss (docs/math.md).
 
 Pipeline (all backends): find the distilled rows (one host sync, to size the work), compute the
 per-token divergence ``D`` for those rows only with the chosen backend (never materializing
@@ -126,7 +126,7 @@ def fused_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
                    memory: str = "fast", chunk_size: int | None = None, check_inputs: bool = True):
     """Step-weighted on-policy distillation loss from hidden states, without materializing logits.
 
-    ``L = coef * sum_{b,t} m[b,t] * w[b,t] * D[b,t] / normalizer`` (SPEC section 6).
+    ``L = coef * sum_{b,t} m[b,t] * w[b,t] * D[b,t] / normalizer`` (docs/math.md).
 
     Args:
         student_hidden: ``[B, T, Hs]`` or ``[T, Hs]``, float32 / bfloat16 / float16 (float64 on the torch
@@ -145,7 +145,7 @@ def fused_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
         step_divergence: ``"kl"`` (d_k = step mean of D; the default without ``token_weights``),
             ``"sampled"`` (step mean of ``|log p_s(y) - log p_t(y)|``) or ``"none"`` (every weight 1: plain
             OPD; the default with ``token_weights``).
-        epsilon, delta: SPEC section 5 (``epsilon > 0``, ``delta >= 0``).
+        epsilon, delta: docs/math.md (``epsilon > 0``, ``delta >= 0``).
         temperature: ``> 0``; logits are divided by it (no tau^2 factor).
         coef: multiplies the loss.
         student_bias, teacher_bias: optional ``[Vs]`` / ``[Vt]``.

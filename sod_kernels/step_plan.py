@@ -1,4 +1,4 @@
-"""Step weights inside the forward pass (SPEC section 5 for chunks that hold whole steps).
+"""Step weights inside the forward pass (docs/math.md for chunks that hold whole steps).
 
 The distilled rows ``row_index`` are in row-major order, so each step is a contiguous run of them.  A
 chunk made of whole steps knows its step means ``d_k`` as soon as its divergences are known, and
@@ -23,7 +23,7 @@ class InPassStepWeights:
     Args:
         step_rows: ``[B, T]`` int64 step ids (-1 outside steps).
         row_index: ``[Na]`` int64 flat positions (into ``B * T``) of the distilled rows, ascending.
-        epsilon, delta: SPEC section 5.
+        epsilon, delta: docs/math.md.
     The constructor makes one host synchronisation (the step starts, ``O(steps)`` integers).
     """
 
@@ -52,7 +52,7 @@ class InPassStepWeights:
 
     def chunk_weights(self, start: int, stop: int, signal: torch.Tensor) -> torch.Tensor:
         """Token weights ``[stop - start]`` float64 of a chunk of whole steps, from its per-token signal
-        (D or the sampled-token gap), clamped at 0 as SPEC 3 asks of a signal."""
+        (D or the sampled-token gap), clamped at 0 as docs/math.md asks of a signal."""
         steps = self.step_of_row[start:stop]
         first, last = int(_first_step(self.starts, start)), int(_first_step(self.starts, stop))
         local = steps - first

@@ -1,4 +1,4 @@
-"""Step segmentation and the SOD step weights (SPEC sections 2, 4 and 5), shared by every backend.
+"""Step segmentation and the SOD step weights (docs/math.md), shared by every backend.
 
 Everything here is O(tokens), vectorised (no Python loop over tokens, steps or rows) and free of host
 synchronisation unless stated, so the Triton path, the chunked PyTorch path and the policy-gradient
@@ -65,7 +65,7 @@ class StepWeights(NamedTuple):
 
 def closed_form_weights(step_divergence: torch.Tensor, epsilon: float, delta: float, *,
                         dtype: torch.dtype | None = None) -> torch.Tensor:
-    """SPEC eq. 7 in closed form: ``w_k = min((d_1 + eps) / (d_k + eps), 1 + delta)``, ``w_1 = 1``.
+    """docs/math.md in closed form: ``w_k = min((d_1 + eps) / (d_k + eps), 1 + delta)``, ``w_1 = 1``.
 
     ``step_divergence`` is ``[B, S]`` floating with step 1 in column 0; returns ``[B, S]`` of ``dtype``
     (default: the dtype of ``step_divergence``).
@@ -88,7 +88,7 @@ def step_weights_from_divergence(token_signal: torch.Tensor, step_ids: torch.Ten
                                  weighted: bool = True, max_steps: int | None = None) -> StepWeights:
     """Segment means of a per-token signal and the SOD step weights, without a host sync.
 
-    The signal is clamped at 0 per token (SPEC section 3: a divergence used as a signal is ``max(D, 0)``),
+    The signal is clamped at 0 per token (docs/math.md: a divergence used as a signal is ``max(D, 0)``),
     the step sums are formed in float64 by a fixed-order segmented scan (bitwise reproducible on every
     device, no float atomics; see :mod:`sod_kernels._segments`), and the weights by
     :func:`closed_form_weights`.  O(B T) vectorised work.
@@ -96,9 +96,9 @@ def step_weights_from_divergence(token_signal: torch.Tensor, step_ids: torch.Ten
     Args:
         token_signal: ``[B, T]`` floating per-token divergence (D_t, or |log p_s(y) - log p_t(y)|); only
             entries with ``step_ids >= 0`` are read. Treated as a constant (detached).
-        step_ids: ``[B, T]`` signed integer, -1 outside steps, else the 0-based step index (see SPEC
+        step_ids: ``[B, T]`` signed integer, -1 outside steps, else the 0-based step index (see docs/math.md
             section 2; values are not checked here, see :func:`resolve_step_ids`).
-        epsilon: ``> 0``; delta: ``>= 0`` (SPEC section 5).
+        epsilon: ``> 0``; delta: ``>= 0`` (docs/math.md).
         weighted: False gives every step weight 1 (``step_divergence="none"``, plain OPD); the step
             divergences are still reported.
         max_steps: capacity ``S`` of the per-step outputs. Default: on CPU the largest step count (reading
@@ -172,7 +172,7 @@ def sod_step_weights(student_logprobs: torch.Tensor, teacher_logprobs: torch.Ten
                      check_inputs: bool = True) -> torch.Tensor:
     """Per-token SOD weights from sampled-token log-probs, as the paper's authors compute them.
 
-    ``d_k`` = mean over step k of ``|student_logprobs - teacher_logprobs|``; ``w_k`` per SPEC eq. 7.
+    ``d_k`` = mean over step k of ``|student_logprobs - teacher_logprobs|``; ``w_k`` per docs/math.md.
 
     Args:
         student_logprobs, teacher_logprobs: ``[B, T]`` floating (detached; the old policy's and the

@@ -1,7 +1,7 @@
 """The differentiable per-token divergence, shared by every backend.
 
 ``TokenDivergence.apply`` computes, for the distilled rows ``row_index`` only, the vocabulary-wide
-divergence ``D`` between student and teacher (SPEC section 3) and returns it as a tensor that carries a
+divergence ``D`` between student and teacher (docs/math.md) and returns it as a tensor that carries a
 gradient to the student's hidden states, weight and bias.  Everything downstream (step weights,
 reductions, ``coef``) is ordinary O(tokens) PyTorch, so autograd hands the backend exactly
 ``dL/dD_i`` per row, and the backend folds it into each recomputed logit tile.
@@ -45,7 +45,7 @@ def no_autocast(device: torch.device):
 def refuse_double_backward(what: str) -> None:
     """Called first in every backward: with ``create_graph=True`` autograd runs backward with grad mode on,
     and these gradients are not themselves differentiable, so refuse instead of returning a gradient that
-    silently drops out of a second-order computation (SPEC 13)."""
+    silently drops out of a second-order computation (docs/math.md)."""
     if torch.is_grad_enabled():
         raise RuntimeError(f"{what} supports first-order gradients only: double backward (create_graph=True, "
                            "Hessian-vector products) is not supported")

@@ -1,4 +1,4 @@
-"""Log-probability of the sampled token, fused with the lm_head (SPEC section 7: ``logp_new``).
+"""Log-probability of the sampled token, fused with the lm_head (docs/math.md: ``logp_new``).
 
 ``fused_token_logprobs(hidden, weight, target_ids)`` returns ``log softmax(hidden @ weight.T / tau)[y]``
 for every position without ever holding the ``tokens x vocabulary`` logits: the log-sum-exp is
