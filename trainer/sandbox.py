@@ -92,7 +92,7 @@ from .sandbox_launcher import (  # noqa: F401 - re-exported: part of this module
     CODE_FILENAME,
     FILESYSTEM_ISOLATION,
     ISOLATED_WORKDIR,
-    KEY_docs/math.md_SESSION_KEYRING,
+    KEY_SPEC_SESSION_KEYRING,
     KEYCTL_GET_KEYRING_ID,
     NETWORK_ISOLATION,
     PRIVILEGE_DROP,
@@ -638,4 +638,4 @@ def _session_keyring_id() -> int | None:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
     return libc.syscall(ctypes.c_long(number), ctypes.c_int(KEYCTL_GET_KEYRING_ID),
-                        ctypes.c_int(KEY_docs/math.md_SESSION_KEYRING), ctypes.c_int(0))
+                        ctypes.c_int(KEY_SPEC_SESSION_KEYRING), ctypes.c_int(0))

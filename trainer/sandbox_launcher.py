@@ -60,7 +60,7 @@ BPF_INSTRUCTION_BYTES = 8  # sizeof(struct sock_filter)
 SYS_KEYCTL = {"x86_64": 250, "aarch64": 219}  # keyctl(2) has no libc wrapper; numbers differ per machine
 KEYCTL_GET_KEYRING_ID = 0
 KEYCTL_JOIN_SESSION_KEYRING = 1
-KEY_docs/math.md_SESSION_KEYRING = -3
+KEY_SPEC_SESSION_KEYRING = -3
 
 
 class _SockFprog(ctypes.Structure):

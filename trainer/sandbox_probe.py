@@ -92,7 +92,7 @@ def _probe_once(interpreter: str, temp_root: str, use: dict[str, bool]) -> tuple
     keyctl = sb.SYS_KEYCTL.get(os.uname().machine)
     script = _PROBE_SCRIPT.format(hidden=list(HIDDEN_HOST_DIRS), host_paths=_host_paths(interpreter),
                                   modules=list(modules), keyctl=keyctl, get_id=sb.KEYCTL_GET_KEYRING_ID,
-                                  session=sb.KEY_docs/math.md_SESSION_KEYRING, marker=PROBE_MARKER)
+                                  session=sb.KEY_SPEC_SESSION_KEYRING, marker=PROBE_MARKER)
     try:
         plan = sb._plan(caps, sb.SandboxPolicy(), PROBE_TIMEOUT_S, probe_script=script, use=use,
                         temp_root=temp_root)

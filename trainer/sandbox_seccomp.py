@@ -34,7 +34,7 @@ DENIED_SYSCALLS = (
     "init_module", "finit_module", "delete_module", "kexec_load", "kexec_file_load", "reboot", "swapon",
     "swapoff", "acct", "quotactl", "syslog", "open_by_handle_at", "name_to_handle_at", "fanotify_init",
 )
-ARCH_docs/math.mdIFIC_DENIED = ("iopl", "ioperm")  # x86 only; skipped where libseccomp does not know them
+ARCH_SPECIFIC_DENIED = ("iopl", "ioperm")  # x86 only; skipped where libseccomp does not know them
 NAMESPACE_CLONE_FLAGS = {  # CLONE_NEWTIME (0x80) cannot be passed to clone(): it overlaps the exit signal
     "CLONE_NEWNS": 0x00020000, "CLONE_NEWCGROUP": 0x02000000, "CLONE_NEWUTS": 0x04000000,
     "CLONE_NEWIPC": 0x08000000, "CLONE_NEWUSER": 0x10000000, "CLONE_NEWPID": 0x20000000,
@@ -69,7 +69,7 @@ def syscall_filter_program() -> bytes:
         rules.set_attr(seccomp.Attr.CTL_NNP, 0)  # the sandbox sets no_new_privs itself
         for name in DENIED_SYSCALLS:
             rules.add_rule(seccomp.ERRNO(errno.EPERM), name)
-        for name in ARCH_docs/math.mdIFIC_DENIED:
+        for name in ARCH_SPECIFIC_DENIED:
             if seccomp.resolve_syscall(seccomp.Arch.NATIVE, name) >= 0:
                 rules.add_rule(seccomp.ERRNO(errno.EPERM), name)
         rules.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")

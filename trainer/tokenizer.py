@@ -21,7 +21,7 @@ PAD_TOKEN = "<|pad|>"
 UNK_TOKEN = "<|unk|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
-docs/math.mdIAL_TOKENS = (PAD_TOKEN, UNK_TOKEN, IM_START, IM_END, "<tool_call>", "</tool_call>", "<tool_response>",
+SPECIAL_TOKENS = (PAD_TOKEN, UNK_TOKEN, IM_START, IM_END, "<tool_call>", "</tool_call>", "<tool_response>",
                   "</tool_response>")
 ROLE_WORDS = ("system", "user", "assistant")
 
@@ -42,7 +42,7 @@ def task_vocabulary() -> list[str]:
     """The ordered vocabulary: special tokens, role and task words, then printable ASCII characters."""
     words = list(dict.fromkeys([*ROLE_WORDS, *WORD_VOCABULARY]))
     characters = [c for c in string.printable if c not in "\x0b\x0c\r"]
-    return [*docs/math.mdIAL_TOKENS, *words, *[c for c in characters if c not in words]]
+    return [*SPECIAL_TOKENS, *words, *[c for c in characters if c not in words]]
 
 
 def build_task_tokenizer() -> PreTrainedTokenizerFast:
@@ -51,11 +51,11 @@ def build_task_tokenizer() -> PreTrainedTokenizerFast:
     vocab = {token: i for i, token in enumerate(vocabulary)}
     model = models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN)
     tokenizer = Tokenizer(model)
-    words = sorted((w for w in vocabulary if len(w) > 1 and w not in docs/math.mdIAL_TOKENS), key=len, reverse=True)
+    words = sorted((w for w in vocabulary if len(w) > 1 and w not in SPECIAL_TOKENS), key=len, reverse=True)
     pattern = "|".join(re.escape(w) for w in words) + r"|[\s\S]"
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()
-    tokenizer.add_special_tokens(list(docs/math.mdIAL_TOKENS))
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=PAD_TOKEN, unk_token=UNK_TOKEN,
                                    eos_token=IM_END, bos_token=None)
     fast.chat_template = CHAT_TEMPLATE
