@@ -7,29 +7,35 @@ import torch
 
 # ----------------------------------------------------------------------------------------------- logits
 def ref_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-               temperature: float = 1.0, vocab: int | None = None) -> torch.Tensor:
-    """``[..., V]`` logits divided by the temperature; only the first ``vocab`` rows of ``weight``."""
+               temperature: float = 1.0, vocab: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """``[..., V]`` logits divided by the temperature; only the first ``vocab`` rows of ``weight``.  With
+    ``softcap`` the lm_head output ``x`` becomes ``softcap * tanh(x / softcap)`` before the division."""
     if vocab is not None:
         weight = weight[:vocab]
         bias = None if bias is None else bias[:vocab]
     z = hidden @ weight.T
     if bias is not None:
         z = z + bias
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
     return z / temperature
 
 
-def ref_token_logprobs(hidden, weight, target_ids, bias=None, temperature=1.0):
+def ref_token_logprobs(hidden, weight, target_ids, bias=None, temperature=1.0, softcap=None):
     """log softmax(z)[y] for every token: ``[...]``."""
-    logp = torch.log_softmax(ref_logits(hidden, weight, bias, temperature), dim=-1)
+    logp = torch.log_softmax(ref_logits(hidden, weight, bias, temperature, softcap=softcap), dim=-1)
     return logp.gather(-1, target_ids.long().unsqueeze(-1)).squeeze(-1)
 
 
 def ref_token_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, *,
-                         student_bias=None, teacher_bias=None, divergence="reverse_kl", temperature=1.0):
+                         student_bias=None, teacher_bias=None, divergence="reverse_kl", temperature=1.0,
+                         student_softcap=None, teacher_softcap=None):
     """Per-token D_t (docs/math.md) from fully materialized log-softmaxes: ``[...]``."""
     V = student_weight.shape[0]
-    logp_s = torch.log_softmax(ref_logits(student_hidden, student_weight, student_bias, temperature), dim=-1)
-    logp_t = torch.log_softmax(ref_logits(teacher_hidden, teacher_weight, teacher_bias, temperature, vocab=V), dim=-1)
+    logp_s = torch.log_softmax(ref_logits(student_hidden, student_weight, student_bias, temperature,
+                                          softcap=student_softcap), dim=-1)
+    logp_t = torch.log_softmax(ref_logits(teacher_hidden, teacher_weight, teacher_bias, temperature, vocab=V,
+                                          softcap=teacher_softcap), dim=-1)
     if divergence == "reverse_kl":
         return (logp_s.exp() * (logp_s - logp_t)).sum(-1)
     if divergence == "forward_kl":
@@ -102,10 +108,12 @@ def ref_sod_step_weights(student_logprobs, teacher_logprobs, response_mask, epsi
 def ref_fused_sod_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, response_mask=None, *,
                        step_ids=None, target_ids=None, divergence="reverse_kl", step_divergence="kl",
                        epsilon=1e-6, delta=0.2, temperature=1.0, coef=1.0, student_bias=None,
-                       teacher_bias=None, reduction="token_mean", token_weights=None):
+                       teacher_bias=None, reduction="token_mean", token_weights=None, student_softcap=None,
+                       teacher_softcap=None):
     """docs/math.md with everything materialized.  Differentiable through torch autograd.
 
     ``token_weights`` (docs/math.md): precomputed ``[B,T]`` weights that replace the step weights.
+    ``student_softcap`` / ``teacher_softcap``: each model's logit soft-cap (see :func:`ref_logits`) or None.
 
     Returns ``(loss, stats)`` where stats is a dict with ``token_divergence [B,T]`` (0 outside steps),
     ``token_weights [B,T]``, ``step_divergence`` and ``step_weights`` (lists of per-row lists),
@@ -121,12 +129,15 @@ def ref_fused_sod_loss(student_hidden, student_weight, teacher_hidden, teacher_w
     m = (step_ids >= 0)
     D = ref_token_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight,
                              student_bias=student_bias, teacher_bias=teacher_bias, divergence=divergence,
-                             temperature=temperature)
+                             temperature=temperature, student_softcap=student_softcap,
+                             teacher_softcap=teacher_softcap)
     D = torch.where(m, D, torch.zeros_like(D))
     if step_divergence == "sampled":
         V = student_weight.shape[0]
-        ls = torch.log_softmax(ref_logits(student_hidden, student_weight, student_bias, temperature), -1)
-        lt = torch.log_softmax(ref_logits(teacher_hidden, teacher_weight, teacher_bias, temperature, vocab=V), -1)
+        ls = torch.log_softmax(ref_logits(student_hidden, student_weight, student_bias, temperature,
+                                          softcap=student_softcap), -1)
+        lt = torch.log_softmax(ref_logits(teacher_hidden, teacher_weight, teacher_bias, temperature, vocab=V,
+                                          softcap=teacher_softcap), -1)
         y = target_ids.long().unsqueeze(-1)
         signal = (ls.gather(-1, y) - lt.gather(-1, y)).squeeze(-1).abs()
     else:

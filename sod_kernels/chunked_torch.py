@@ -51,11 +51,34 @@ def rows_per_tile(vocab: int, chunk_size: int | None = None) -> int:
     return max(CHUNK_ELEMENTS // vocab_tile(vocab), 1)
 
 
-def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float) -> torch.Tensor:
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float,
+            softcap: float | None = None) -> torch.Tensor:
+    """``[R, BV]`` logits ``z = (h W^T + b) / tau``, or ``cap tanh((h W^T + b) / cap) / tau`` with a soft-cap."""
     z = hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)
+    if softcap is not None:
+        z.div_(softcap).tanh_().mul_(softcap)
     if temperature != 1.0:
         z.div_(temperature)
     return z
+
+
+def _logits_and_slope(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float,
+                      softcap: float | None):
+    """``(z, slope)``: :func:`_logits` and the soft-cap's derivative ``1 - tanh^2(u) = cosh(u)^-2`` (``u`` the
+    raw logit over the cap; exact where the cap saturates, where ``1 - tanh^2`` would round to 0), or
+    ``(z, None)`` without a cap."""
+    if softcap is None:
+        return _logits(hidden, weight, bias, temperature), None
+    u = hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)
+    u.div_(softcap)
+    slope = torch.cosh(u).square_().reciprocal_()
+    z = u.tanh_().mul_(softcap / temperature)
+    return z, slope
+
+
+def apply_softcap(x: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """``softcap * tanh(x / softcap)`` of raw logits ``x`` (any shape), or ``x`` itself for None."""
+    return x if softcap is None else torch.tanh(x / softcap) * softcap
 
 
 def _prepared(weight: torch.Tensor, bias: torch.Tensor | None, vocab: int, dtype: torch.dtype):
@@ -70,7 +93,8 @@ def _tile(weight: torch.Tensor, bias: torch.Tensor | None, v0: int, v1: int):
 
 
 def divergence_forward(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                       row_index, target_ids, *, divergence: str, temperature: float, chunk_size: int | None = None):
+                       row_index, target_ids, *, divergence: str, temperature: float, chunk_size: int | None = None,
+                       student_softcap: float | None = None, teacher_softcap: float | None = None):
     """Per-token divergence and softmax statistics for the rows ``row_index``.
 
     Args:
@@ -78,6 +102,8 @@ def divergence_forward(student_hidden, student_weight, student_bias, teacher_hid
         teacher_hidden: ``[N, Ht]``; teacher_weight ``[Vt, Ht]`` (``Vt >= Vs``); teacher_bias ``[Vt]`` or None.
         row_index: ``[Na]`` int64 rows to compute.
         target_ids: ``[N]`` int64 sampled tokens, or None.
+        student_softcap, teacher_softcap: each model's soft-cap (``cap tanh(x / cap)`` of the raw logits
+            ``x``, before the temperature), or None.
     Returns:
         ``(D, lse_student, lse_teacher, student_target_logprob, teacher_target_logprob, frame)``, each ``[Na]``
         in float32 (float64 for float64 inputs); the sampled log-probs are None without ``target_ids``.  The
@@ -116,8 +142,8 @@ def divergence_forward(student_hidden, student_weight, student_bias, teacher_hid
             scratch = None
             for v0 in range(0, V, BV):
                 v1 = min(v0 + BV, V)
-                zs = _logits(hs, *_tile(ws, bs, v0, v1), temperature)
-                zt = _logits(ht, *_tile(wt, bt, v0, v1), temperature)
+                zs = _logits(hs, *_tile(ws, bs, v0, v1), temperature, student_softcap)
+                zt = _logits(ht, *_tile(wt, bt, v0, v1), temperature, teacher_softcap)
                 if y is not None:
                     inside = (y >= v0) & (y < v1)
                     col = (y - v0).clamp(0, v1 - v0 - 1).unsqueeze(1)
@@ -153,14 +179,16 @@ def divergence_forward(student_hidden, student_weight, student_bias, teacher_hid
 def divergence_backward(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                         row_index, lse_student, lse_teacher, token_divergence, grad_divergence, *, divergence: str,
                         temperature: float, need_hidden: bool = True, need_weight: bool = True,
-                        need_bias: bool = True, frame: torch.Tensor | None = None, chunk_size: int | None = None):
+                        need_bias: bool = True, frame: torch.Tensor | None = None, chunk_size: int | None = None,
+                        student_softcap: float | None = None, teacher_softcap: float | None = None):
     """Gradients of ``sum_i grad_divergence[i] * D[i]`` with respect to the student's hidden, weight, bias.
 
     ``grad_divergence`` is ``[Na]`` (the upstream gradient of each row's D: coef * w * m / normalizer
     times the caller's upstream gradient).  Per row, with raw logits ``x = z * temperature``:
     reverse KL ``dD/dx = p_s (log p_s - log p_t - D) / tau``, formed as
     ``p_s ((z_s - M_s) - (z_t - M_t) - c')`` from the forward's ``frame`` (cancellation-free for saturated
-    logits; without ``frame`` from ``lse`` and ``D``); forward KL ``dD/dx = (p_s - p_t) / tau``.
+    logits; without ``frame`` from ``lse`` and ``D``); forward KL ``dD/dx = (p_s - p_t) / tau``.  With soft-caps
+    ``z`` are the capped logits and ``dD/dx`` is multiplied by the student cap's slope ``1 - tanh^2(x / cap)``.
     Returns ``(d_hidden [N, Hs], d_weight [Vs, Hs], d_bias [Vs])`` in the inputs' dtypes (None where not
     needed); rows outside ``row_index`` get zero gradient.
     """
@@ -187,14 +215,16 @@ def divergence_backward(student_hidden, student_weight, student_bias, teacher_hi
             for v0 in range(0, V, BV):
                 v1 = min(v0 + BV, V)
                 w_tile, b_tile = _tile(ws, bs, v0, v1)
-                zs = _logits(h, w_tile, b_tile, temperature)
-                zt = _logits(ht, *_tile(wt, bt, v0, v1), temperature)
+                zs, slope = _logits_and_slope(h, w_tile, b_tile, temperature, student_softcap)
+                zt = _logits(ht, *_tile(wt, bt, v0, v1), temperature, teacher_softcap)
                 if divergence == "reverse_kl":      # p_s ((z_s - z_t) + shift)
                     centered = zt.neg_().add_(zs).add_(shift)
                     dx = zs.sub_(ls).exp_().mul_(centered)
                 else:                               # p_s - p_t
                     dx = zs.sub_(ls).exp_().sub_(zt.sub_(lt).exp_())
                 dx.mul_(scale)
+                if slope is not None:
+                    dx.mul_(slope)
                 if d_rows is not None:
                     d_rows.addmm_(dx, w_tile)
                 if d_weight is not None:

@@ -11,8 +11,8 @@ What the fused losses need from a causal LM, and what this module gets right:
   vocabulary as it is (:func:`lm_head`);
 - what the model does to its logits after the lm_head: a **logit scale** (Cohere ``logit_scale``, Granite
   ``1 / logits_scaling``, Falcon-H1 ``lm_head_multiplier``...) is folded into the hidden states exactly;
-  a **final soft-cap** (Gemma 2/3 ``final_logit_softcapping``) is reported and refused by the loss helpers,
-  because the fused losses compute plain softmaxes of ``hidden @ weight.T + bias``
+  a **final soft-cap** (Gemma 2/3 ``final_logit_softcapping``) is passed to the fused losses, which apply
+  it inside their kernels (``student_softcap`` / ``teacher_softcap`` / ``softcap``)
   (:func:`logit_processing`, :func:`check_logit_processing`);
 - the **one-token shift**: the hidden state at position ``t`` predicts token ``t + 1``, so the loss pairs
   ``hidden[:, :-1]`` with ``input_ids[:, 1:]`` and with the mask of those target tokens
@@ -216,11 +216,14 @@ def check_logit_processing(model, input_ids: torch.Tensor | None = None, *, atol
 
 
 def refuse_softcap(head: LMHead, who: str) -> None:
-    """``ValueError`` naming ``who`` (e.g. "student") when the model soft-caps its logits."""
+    """``ValueError`` naming ``who`` (e.g. "student") when the model soft-caps its logits: for a caller that
+    does not pass the cap on (the fused losses take it as ``student_softcap`` / ``teacher_softcap`` /
+    ``softcap``; :func:`distillation_inputs` and :func:`sampled_token_logprobs` do)."""
     if head.processing.softcap is not None:
         raise ValueError(f"the {who} model soft-caps its logits (final_logit_softcapping="
-                         f"{head.processing.softcap}); the fused losses compute softmax(hidden @ weight.T + bias) "
-                         "and do not support soft-capped logits")
+                         f"{head.processing.softcap}) and this caller does not pass the cap to the fused losses "
+                         "(their student_softcap / teacher_softcap / softcap arguments); it would train on "
+                         "different logits")
 
 
 def fold_logit_scale(hidden: torch.Tensor, head: LMHead) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -299,11 +302,12 @@ def shift_for_next_token(input_ids: torch.Tensor, *, hidden: torch.Tensor | None
 # ------------------------------------------------------------------------------------------- loss inputs
 def distillation_inputs(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                         response_mask: torch.Tensor | None = None, step_ids: torch.Tensor | None = None,
-                        **model_kwargs: Any) -> dict[str, torch.Tensor | None]:
+                        **model_kwargs: Any) -> dict[str, torch.Tensor | float | None]:
     """Keyword arguments of :func:`sod_kernels.fused_sod_loss` for a student and a teacher causal LM.
 
     Runs both model bodies on ``input_ids [B, L]`` (the teacher under ``torch.no_grad``), folds each
-    model's logit scale into its hidden states and bias, and shifts by one token.
+    model's logit scale into its hidden states and bias, passes each model's final soft-cap on, and shifts
+    by one token.
 
     Args:
         student, teacher: ``transformers`` causal LMs on one device (any hidden sizes; the teacher's
@@ -315,21 +319,21 @@ def distillation_inputs(student, teacher, input_ids: torch.Tensor, attention_mas
         model_kwargs: more inputs for both bodies (``position_ids``...).
     Returns:
         ``{"student_hidden", "student_weight", "student_bias", "teacher_hidden", "teacher_weight",
-        "teacher_bias", "target_ids", and "response_mask" or "step_ids"}``, all ``L - 1`` long.
+        "teacher_bias", "target_ids", and "response_mask" or "step_ids"}``, all ``L - 1`` long, plus
+        ``"student_softcap"`` / ``"teacher_softcap"`` (a float) for a model that soft-caps its logits
+        (``final_logit_softcapping``; applied after the folded logit scale, as the model does).
     Raises:
-        ValueError: a model soft-caps its logits, or the tensors look shifted already.
+        ValueError: the tensors look shifted already.
     """
     shifted = shift_for_next_token(input_ids, response_mask=response_mask, step_ids=step_ids,
                                    attention_mask=attention_mask)
     s_head, t_head = lm_head(student), lm_head(teacher)
-    refuse_softcap(s_head, "student")
-    refuse_softcap(t_head, "teacher")
     s_hidden = final_hidden_states(student, input_ids, attention_mask, **model_kwargs)[:, :-1]
     s_hidden, s_bias = fold_logit_scale(s_hidden, s_head)
     with torch.no_grad():
         t_hidden = final_hidden_states(teacher, input_ids, attention_mask, **model_kwargs)[:, :-1]
         t_hidden, t_bias = fold_logit_scale(t_hidden, t_head)
-    inputs: dict[str, torch.Tensor | None] = {
+    inputs: dict[str, torch.Tensor | float | None] = {
         "student_hidden": s_hidden, "student_weight": s_head.weight, "student_bias": s_bias,
         "teacher_hidden": t_hidden, "teacher_weight": t_head.weight.detach(),
         "teacher_bias": None if t_bias is None else t_bias.detach(), "target_ids": shifted.target_ids,
@@ -338,6 +342,9 @@ def distillation_inputs(student, teacher, input_ids: torch.Tensor, attention_mas
         inputs["response_mask"] = shifted.response_mask
     else:
         inputs["step_ids"] = shifted.step_ids
+    for key, head in (("student_softcap", s_head), ("teacher_softcap", t_head)):
+        if head.processing.softcap is not None:
+            inputs[key] = head.processing.softcap
     return inputs
 
 
@@ -346,13 +353,12 @@ def sampled_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch
     """``[B, L-1]`` log-probability of each next token, ``log softmax(logits[:, t] / tau)[input_ids[:, t+1]]``.
 
     Through :func:`sod_kernels.fused_token_logprobs` on the final hidden states (no logits materialized),
-    with the model's logit scale folded in. Differentiable when called with gradients enabled; float32
-    (float64 for a float64 model). Raises ``ValueError`` for a model that soft-caps its logits.
+    with the model's logit scale folded in and its final soft-cap applied inside the kernels.
+    Differentiable when called with gradients enabled; float32 (float64 for a float64 model).
     """
     check_positive(temperature, "temperature")
     head = lm_head(model)
-    refuse_softcap(head, "given")
     hidden = final_hidden_states(model, input_ids, attention_mask, **model_kwargs)[:, :-1]
     hidden, bias = fold_logit_scale(hidden, head)
     return fused_token_logprobs(hidden, head.weight, input_ids[:, 1:], bias=bias, temperature=temperature,
-                                backend=backend)
+                                backend=backend, softcap=head.processing.softcap)

@@ -1,9 +1,11 @@
 """The KL loss's epilogue on the chunked core: per-row statistics and ``d(logits)`` of a logit block.
 
 Input: the raw float32 logit blocks ``xs [C, V]`` (student) and ``xt [C, V]`` (teacher, first ``V`` columns)
-of one row chunk, as :func:`sod_kernels.chunked_core.logits_into` writes them.  Biases and ``1/tau`` are
-applied on load: ``z = (x + b) / tau``.  W is the model whose probabilities weight the KL sum (the
-student for reverse KL, the teacher for forward KL), O the other.
+of one row chunk, as :func:`sod_kernels.chunked_core.logits_into` writes them.  Biases, the optional
+soft-cap of each model and ``1/tau`` are applied on load: ``z = (x + b) / tau``, or with a cap ``c``
+``z = c tanh((x + b) / c) / tau`` (tanh from one exponential, ``e = exp(-2|u|)``, and the student's
+``d(logits)`` times the slope ``1 - tanh^2 = 4 e / (1 + e)^2``).  W is the model whose probabilities weight
+the KL sum (the student for reverse KL, the teacher for forward KL), O the other.
 
 - ``kl_partial_stats_kernel`` (grid: rows x vocabulary splits) sweeps its columns in ``BLOCK_V`` blocks with
   an online log-sum-exp for both models and the KL accumulator in the max-shifted frame
@@ -46,9 +48,42 @@ def _load_logits(x_ptr, b_ptr, cols, ok, inv_temp, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
+def _tanh_parts(u):
+    """``(tanh(u), exp(-2|u|))`` without overflow: ``tanh|u| = (1 - e) / (1 + e)`` with ``e = exp(-2|u|)``."""
+    e = tl.exp(-2.0 * tl.abs(u))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(u < 0, -t, t), e
+
+
+@triton.jit
+def _load_capped_logits(x_ptr, b_ptr, cols, ok, inv_temp, cap, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr):
+    """``z = cap tanh((x + b) / cap) / tau`` (``(x + b) / tau`` without ``HAS_CAP``)."""
+    x = tl.load(x_ptr + cols, mask=ok, other=0.0)
+    if HAS_BIAS:
+        x += tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    if HAS_CAP:
+        t, _ = _tanh_parts(x * (1.0 / cap))
+        x = cap * t
+    return x * inv_temp
+
+
+@triton.jit
+def _load_capped_logits_slope(x_ptr, b_ptr, cols, ok, inv_temp, cap, HAS_BIAS: tl.constexpr):
+    """``(z, dz_cap/dx)`` with a cap: ``z = cap tanh(u) / tau``, ``u = (x + b) / cap`` and the slope
+    ``1 - tanh(u)^2 = 4 e / (1 + e)^2``, ``e = exp(-2|u|)`` (no cancellation where the cap saturates)."""
+    x = tl.load(x_ptr + cols, mask=ok, other=0.0)
+    if HAS_BIAS:
+        x += tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    t, e = _tanh_parts(x * (1.0 / cap))
+    one_e = 1.0 + e
+    return (cap * t) * inv_temp, 4.0 * e / (one_e * one_e)
+
+
+@triton.jit
 def kl_partial_stats_kernel(xs_ptr, xt_ptr, sb_ptr, tb_ptr, part_ptr, n_rows, vocab, stride_xs, stride_xt,
-                            cols_per_split, num_splits, inv_temp, HAS_SBIAS: tl.constexpr,
-                            HAS_TBIAS: tl.constexpr, FORWARD_KL: tl.constexpr, BLOCK_V: tl.constexpr):
+                            cols_per_split, num_splits, inv_temp, scap, tcap, HAS_SBIAS: tl.constexpr,
+                            HAS_TBIAS: tl.constexpr, FORWARD_KL: tl.constexpr, BLOCK_V: tl.constexpr,
+                            HAS_SCAP: tl.constexpr, HAS_TCAP: tl.constexpr):
     """``part [5, n_rows, num_splits]`` float32 <- (m_w, l_w, m_o, l_o, A') of one (row, split)."""
     row = tl.program_id(0)
     split = tl.program_id(1)
@@ -64,8 +99,10 @@ def kl_partial_stats_kernel(xs_ptr, xt_ptr, sb_ptr, tb_ptr, part_ptr, n_rows, vo
     for start in range(0, cols_per_split, BLOCK_V):
         cols = v_begin + start + offs
         ok = cols < vocab
-        zs = tl.where(ok, _load_logits(xs_row, sb_ptr, cols, ok, inv_temp, HAS_SBIAS), MIN_LOGIT)
-        zt = tl.where(ok, _load_logits(xt_row, tb_ptr, cols, ok, inv_temp, HAS_TBIAS), MIN_LOGIT)
+        zs = tl.where(ok, _load_capped_logits(xs_row, sb_ptr, cols, ok, inv_temp, scap, HAS_SBIAS, HAS_SCAP),
+                      MIN_LOGIT)
+        zt = tl.where(ok, _load_capped_logits(xt_row, tb_ptr, cols, ok, inv_temp, tcap, HAS_TBIAS, HAS_TCAP),
+                      MIN_LOGIT)
         if FORWARD_KL:
             z_w = zt
             z_o = zs
@@ -96,15 +133,21 @@ def kl_partial_stats_kernel(xs_ptr, xt_ptr, sb_ptr, tb_ptr, part_ptr, n_rows, vo
 
 @triton.jit
 def kl_logit_grad_kernel(xs_ptr, xt_ptr, sb_ptr, tb_ptr, grad_ptr, max_s_ptr, lse_s_ptr, max_t_ptr, lse_t_ptr,
-                         centre_ptr, scale_ptr, vocab, stride_xs, stride_xt, stride_g, inv_temp,
+                         centre_ptr, scale_ptr, vocab, stride_xs, stride_xt, stride_g, inv_temp, scap, tcap,
                          HAS_SBIAS: tl.constexpr, HAS_TBIAS: tl.constexpr, FORWARD_KL: tl.constexpr,
-                         BLOCK_V: tl.constexpr):
-    """``grad[row, cols] = scale[row] * g`` (see the module docstring), in ``grad``'s dtype."""
+                         BLOCK_V: tl.constexpr, HAS_SCAP: tl.constexpr, HAS_TCAP: tl.constexpr):
+    """``grad[row, cols] = scale[row] * g`` (see the module docstring), in ``grad``'s dtype; with a student
+    soft-cap ``g`` is multiplied by the cap's slope ``dz/dx``."""
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     ok = cols < vocab
-    zs = _load_logits(xs_ptr + row.to(tl.int64) * stride_xs, sb_ptr, cols, ok, inv_temp, HAS_SBIAS)
-    zt = _load_logits(xt_ptr + row.to(tl.int64) * stride_xt, tb_ptr, cols, ok, inv_temp, HAS_TBIAS)
+    xs_row = xs_ptr + row.to(tl.int64) * stride_xs
+    if HAS_SCAP:
+        zs, slope = _load_capped_logits_slope(xs_row, sb_ptr, cols, ok, inv_temp, scap, HAS_SBIAS)
+    else:
+        zs = _load_logits(xs_row, sb_ptr, cols, ok, inv_temp, HAS_SBIAS)
+    zt = _load_capped_logits(xt_ptr + row.to(tl.int64) * stride_xt, tb_ptr, cols, ok, inv_temp, tcap, HAS_TBIAS,
+                             HAS_TCAP)
     scale = tl.load(scale_ptr + row)
     p_s = tl.exp(zs - tl.load(lse_s_ptr + row))
     if FORWARD_KL:
@@ -112,6 +155,8 @@ def kl_logit_grad_kernel(xs_ptr, xt_ptr, sb_ptr, tb_ptr, grad_ptr, max_s_ptr, ls
     else:
         centred = (zs - tl.load(max_s_ptr + row)) - (zt - tl.load(max_t_ptr + row)) - tl.load(centre_ptr + row)
         g = p_s * centred
+    if HAS_SCAP:
+        g = g * slope
     g = tl.where(ok, g * scale, 0.0)
     tl.store(grad_ptr + row.to(tl.int64) * stride_g + cols, g.to(grad_ptr.dtype.element_ty), mask=ok)
 
@@ -140,11 +185,17 @@ def _bias_arg(bias: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor
     return fallback if bias is None else bias
 
 
+def _cap_arg(softcap: float | None) -> float:
+    return 1.0 if softcap is None else float(softcap)
+
+
 def kl_partials(xs: torch.Tensor, xt: torch.Tensor, student_bias: torch.Tensor | None,
-                teacher_bias: torch.Tensor | None, *, forward_kl: bool, temperature: float) -> torch.Tensor:
+                teacher_bias: torch.Tensor | None, *, forward_kl: bool, temperature: float,
+                student_softcap: float | None = None, teacher_softcap: float | None = None) -> torch.Tensor:
     """Partial statistics ``[5, C, splits]`` float32 of the logit blocks ``xs``, ``xt`` (``[C, V]`` float32,
-    unit column stride); biases ``[V]`` or None.  Merge with :func:`merge_kl_partials` (partials of several
-    column slices of the same rows may be concatenated along the last dimension first)."""
+    unit column stride); biases ``[V]`` or None; soft-caps (``cap tanh((x + b) / cap)`` before ``1/tau``)
+    or None.  Merge with :func:`merge_kl_partials` (partials of several column slices of the same rows may
+    be concatenated along the last dimension first)."""
     n_rows, vocab = xs.shape
     block = INTERPRETER_BLOCK_V if _interpreting() else STATS_BLOCK_V
     n_blocks = triton.cdiv(vocab, block)
@@ -155,8 +206,10 @@ def kl_partials(xs: torch.Tensor, xt: torch.Tensor, student_bias: torch.Tensor |
     if n_rows:
         kl_partial_stats_kernel[(n_rows, splits)](
             xs, xt, _bias_arg(student_bias, xs), _bias_arg(teacher_bias, xt), part, n_rows, vocab, xs.stride(0),
-            xt.stride(0), cols_per_split, splits, 1.0 / temperature, HAS_SBIAS=student_bias is not None,
-            HAS_TBIAS=teacher_bias is not None, FORWARD_KL=forward_kl, BLOCK_V=block, num_warps=NUM_WARPS)
+            xt.stride(0), cols_per_split, splits, 1.0 / temperature, _cap_arg(student_softcap),
+            _cap_arg(teacher_softcap), HAS_SBIAS=student_bias is not None, HAS_TBIAS=teacher_bias is not None,
+            FORWARD_KL=forward_kl, BLOCK_V=block, HAS_SCAP=student_softcap is not None,
+            HAS_TCAP=teacher_softcap is not None, num_warps=NUM_WARPS)
     return part
 
 
@@ -177,40 +230,50 @@ def merge_kl_partials(part: torch.Tensor, *, forward_kl: bool) -> KLRowStats:
     return KLRowStats(D, lse_w, lse_o, big_w, big_o, centre)
 
 
-def kl_row_stats(xs, xt, student_bias, teacher_bias, *, forward_kl: bool, temperature: float) -> KLRowStats:
+def kl_row_stats(xs, xt, student_bias, teacher_bias, *, forward_kl: bool, temperature: float,
+                 student_softcap: float | None = None, teacher_softcap: float | None = None) -> KLRowStats:
     """:func:`kl_partials` merged: the statistics of whole-vocabulary blocks."""
-    part = kl_partials(xs, xt, student_bias, teacher_bias, forward_kl=forward_kl, temperature=temperature)
+    part = kl_partials(xs, xt, student_bias, teacher_bias, forward_kl=forward_kl, temperature=temperature,
+                       student_softcap=student_softcap, teacher_softcap=teacher_softcap)
     return merge_kl_partials(part, forward_kl=forward_kl)
 
 
 def kl_logit_grad(xs: torch.Tensor, xt: torch.Tensor, student_bias: torch.Tensor | None,
                   teacher_bias: torch.Tensor | None, stats: KLRowStats, scale: torch.Tensor, out: torch.Tensor, *,
-                  forward_kl: bool, temperature: float) -> torch.Tensor:
-    """``out [C, V]`` (gradient dtype) <- ``scale[:, None] * dD/dz`` of each row; ``scale [C]`` float32."""
+                  forward_kl: bool, temperature: float, student_softcap: float | None = None,
+                  teacher_softcap: float | None = None) -> torch.Tensor:
+    """``out [C, V]`` (gradient dtype) <- ``scale[:, None] * dD/dz`` of each row, times the student cap's slope
+    ``dz/dx`` with ``student_softcap``; ``scale [C]`` float32."""
     n_rows, vocab = xs.shape
     block = INTERPRETER_BLOCK_V if _interpreting() else GRAD_BLOCK_V
     kl_logit_grad_kernel[(n_rows, triton.cdiv(vocab, block))](
         xs, xt, _bias_arg(student_bias, xs), _bias_arg(teacher_bias, xt), out, stats.max_s, stats.lse_s,
         stats.max_t, stats.lse_t, stats.centre, scale.to(torch.float32).contiguous(), vocab, xs.stride(0),
-        xt.stride(0), out.stride(0), 1.0 / temperature, HAS_SBIAS=student_bias is not None,
-        HAS_TBIAS=teacher_bias is not None, FORWARD_KL=forward_kl, BLOCK_V=block, num_warps=NUM_WARPS)
+        xt.stride(0), out.stride(0), 1.0 / temperature, _cap_arg(student_softcap), _cap_arg(teacher_softcap),
+        HAS_SBIAS=student_bias is not None, HAS_TBIAS=teacher_bias is not None, FORWARD_KL=forward_kl,
+        BLOCK_V=block, HAS_SCAP=student_softcap is not None, HAS_TCAP=teacher_softcap is not None,
+        num_warps=NUM_WARPS)
     return out
 
 
 def codegen_specs() -> list[dict]:
-    """The two kernels at the headline launch (bf16 gradient blocks, with biases), for
-    ``benchmarks.codegen`` (sm_90 compile check: registers, no spills)."""
+    """The two kernels at the headline launch (bf16 gradient blocks, with biases), plus the reverse-KL pair
+    with both soft-caps on, for ``benchmarks.codegen`` (sm_90 compile check: registers, no spills)."""
     vec = {"max_s_ptr": "*fp32", "lse_s_ptr": "*fp32", "max_t_ptr": "*fp32", "lse_t_ptr": "*fp32",
            "centre_ptr": "*fp32", "scale_ptr": "*fp32"}
+    caps = {"scap": "fp32", "tcap": "fp32"}
     specs = []
-    for forward_kl in (False, True):
-        tag = "forward" if forward_kl else "reverse"
+    for forward_kl, capped in ((False, False), (True, False), (False, True)):
+        tag = ("forward" if forward_kl else "reverse") + (" softcap" if capped else "")
+        switches = {"HAS_SBIAS": True, "HAS_TBIAS": True, "FORWARD_KL": forward_kl, "HAS_SCAP": capped,
+                    "HAS_TCAP": capped}
         specs.append({
             "name": f"kl_partial_stats_kernel[{tag} bv{STATS_BLOCK_V}]", "fn": kl_partial_stats_kernel,
             "signature": {"xs_ptr": "*fp32", "xt_ptr": "*fp32", "sb_ptr": "*bf16", "tb_ptr": "*bf16",
                           "part_ptr": "*fp32", "n_rows": "i32", "vocab": "i32", "stride_xs": "i32",
-                          "stride_xt": "i32", "cols_per_split": "i32", "num_splits": "i32", "inv_temp": "fp32"},
-            "constexprs": {"HAS_SBIAS": True, "HAS_TBIAS": True, "FORWARD_KL": forward_kl, "BLOCK_V": STATS_BLOCK_V},
+                          "stride_xt": "i32", "cols_per_split": "i32", "num_splits": "i32", "inv_temp": "fp32",
+                          **caps},
+            "constexprs": {**switches, "BLOCK_V": STATS_BLOCK_V},
             "num_warps": NUM_WARPS, "num_stages": 1, "expect_hgmma": False,
             "divisible_by_16": ["vocab", "stride_xs", "stride_xt", "cols_per_split"],
         })
@@ -218,8 +281,8 @@ def codegen_specs() -> list[dict]:
             "name": f"kl_logit_grad_kernel[{tag} bv{GRAD_BLOCK_V}]", "fn": kl_logit_grad_kernel,
             "signature": {"xs_ptr": "*fp32", "xt_ptr": "*fp32", "sb_ptr": "*bf16", "tb_ptr": "*bf16",
                           "grad_ptr": "*bf16", **vec, "vocab": "i32", "stride_xs": "i32", "stride_xt": "i32",
-                          "stride_g": "i32", "inv_temp": "fp32"},
-            "constexprs": {"HAS_SBIAS": True, "HAS_TBIAS": True, "FORWARD_KL": forward_kl, "BLOCK_V": GRAD_BLOCK_V},
+                          "stride_g": "i32", "inv_temp": "fp32", **caps},
+            "constexprs": {**switches, "BLOCK_V": GRAD_BLOCK_V},
             "num_warps": NUM_WARPS, "num_stages": 1, "expect_hgmma": False,
             "divisible_by_16": ["vocab", "stride_xs", "stride_xt", "stride_g"],
         })

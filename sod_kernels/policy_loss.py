@@ -16,7 +16,7 @@ import torch
 
 from ._validation import (REDUCTIONS, check_binary_mask, check_choice, check_chunk_size, check_lm_head,
                           check_positive, check_same_device, check_shape, check_tensor)
-from .token_divergence import no_autocast, refuse_double_backward
+from .token_divergence import check_softcap, no_autocast, refuse_double_backward
 from .token_logprobs import TokenLogprobs, check_target_ids, resolve_logprob_backend
 
 LOG_RATIO_CLAMP = 20.0  # docs/math.md: ratio = exp(clamp(logp_new - old_logp, -20, 20))
@@ -85,12 +85,13 @@ class SinglePassPolicyLoss(torch.autograd.Function):
     and folded into ``d(logits)`` right after the chunk's log-sum-exp.  Inputs: hidden ``[N, H]``, weight,
     bias, row_index ``[Na]``, target_ids ``[N]``, temperature, old log-probs and advantages ``[Na]``,
     ``(clip_low, clip_high, dual_clip)``, the divisor of the sum (``Na`` for a token mean, 1 for a sum),
-    rows per chunk (or None).
+    rows per chunk (or None), the soft-cap (or None).
     Outputs: the loss (0-D float32, differentiable) and ``logp [Na]`` (not differentiable).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, row_index, target_ids, temperature, old, adv, clip, divisor, chunk_size):
+    def forward(ctx, hidden, weight, bias, row_index, target_ids, temperature, old, adv, clip, divisor, chunk_size,
+                softcap=None):
         from .triton_token_logprobs import single_pass_token_loss
 
         def token_loss(start, stop, logp):
@@ -104,7 +105,7 @@ class SinglePassPolicyLoss(torch.autograd.Function):
         total, logp, grads = single_pass_token_loss(hidden, weight, bias, row_index, target_ids,
                                                     temperature=temperature, token_loss=token_loss,
                                                     need_hidden=need[0], need_weight=need[1], need_bias=need[2],
-                                                    chunk_size=chunk_size)
+                                                    chunk_size=chunk_size, softcap=softcap)
         ctx.grads = grads
         ctx.mark_non_differentiable(logp)
         return (total / divisor).to(torch.float32), logp
@@ -119,7 +120,7 @@ class SinglePassPolicyLoss(torch.autograd.Function):
         one = grad_loss.new_ones(())
         scaled = tuple(None if g is None else (g if torch.equal(grad_loss, one) else g * grad_loss.to(g.dtype))
                        for g in grads)
-        return scaled + (None,) * 8
+        return scaled + (None,) * 9
 
 
 def fused_sod_policy_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, target_ids: torch.Tensor,
@@ -127,7 +128,8 @@ def fused_sod_policy_loss(student_hidden: torch.Tensor, student_weight: torch.Te
                           clip_low: float = 0.2, clip_high: float = 0.28, dual_clip: float | None = 3.0,
                           temperature: float = 1.0, student_bias: torch.Tensor | None = None,
                           reduction: str = "token_mean", return_stats: bool = False, backend: str = "auto",
-                          chunk_size: int | None = None, check_inputs: bool = True):
+                          chunk_size: int | None = None, check_inputs: bool = True,
+                          student_softcap: float | None = None):
     """PPO dual-clip policy loss on SOD advantages, from hidden states (docs/math.md).
 
     ``ratio = exp(clamp(logp_new - old_logprobs, -20, 20))``,
@@ -153,6 +155,9 @@ def fused_sod_policy_loss(student_hidden: torch.Tensor, student_weight: torch.Te
             log-sum-exp); ``reduction="none"`` recomputes the logits in backward.
         chunk_size: rows per chunk (default: from a memory budget and the vocabulary size).
         check_inputs: validate mask and target values and the loss's finiteness (host syncs).
+        student_softcap: logit soft-capping (Gemma 2/3 ``final_logit_softcapping``): the logits are
+            ``cap * tanh((hidden @ weight.T + bias) / cap)`` before the temperature; None (default) for none,
+            else a finite number > 0.  Applied inside the kernels, gradient included.
     Returns:
         The loss (float32, or float64 for float64 hidden states), or :class:`PolicyLossStats`.
     Gradients reach ``student_hidden``, ``student_weight`` and ``student_bias`` only.  An empty mask gives a
@@ -168,6 +173,7 @@ def fused_sod_policy_loss(student_hidden: torch.Tensor, student_weight: torch.Te
         if dual_clip <= 1.0:
             raise ValueError(f"dual_clip must be > 1 (or None to disable the dual clip), got {dual_clip}")
     temperature = check_positive(temperature, "temperature")
+    student_softcap = check_softcap(student_softcap, "student_softcap")
     check_chunk_size(chunk_size)
     check_lm_head(student_hidden, student_weight, student_bias, hidden_name="student_hidden",
                   weight_name="student_weight", bias_name="student_bias")
@@ -207,9 +213,10 @@ def fused_sod_policy_loss(student_hidden: torch.Tensor, student_weight: torch.Te
                 (hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
             divisor = float(normalizer) if reduction == "token_mean" else 1.0
             loss, logp = SinglePassPolicyLoss.apply(hidden, weight, bias, row_index, y, temperature, old, adv,
-                                                    clip, divisor, chunk_size)
+                                                    clip, divisor, chunk_size, student_softcap)
         else:
-            logp, _ = TokenLogprobs.apply(hidden, weight, bias, row_index, y, temperature, impl, False, chunk_size)
+            logp, _ = TokenLogprobs.apply(hidden, weight, bias, row_index, y, temperature, impl, False, chunk_size,
+                                          student_softcap)
     per_row, ratio, log_ratio, low, high, dual = ppo_dual_clip(logp, old, adv, clip_low, clip_high, dual_clip)
     if loss is None:
         if reduction == "none":

@@ -20,7 +20,7 @@ from .steps import DEFAULT_DELTA, DEFAULT_EPSILON, resolve_step_ids, step_weight
 from .chunked_core import FAST_CHUNK_BYTES, chunk_rows, even_chunks
 from .chunked_torch import compute_dtype
 from .step_plan import InPassStepWeights
-from .token_divergence import TokenDivergence, no_autocast, refuse_double_backward, resolve_backend
+from .token_divergence import TokenDivergence, check_softcap, no_autocast, refuse_double_backward, resolve_backend
 
 
 @dataclass
@@ -71,16 +71,17 @@ class SinglePassKL(torch.autograd.Function):
     Inputs: the flattened student/teacher hidden ``[N, H]``, weights, biases, ``row_index``, ``target_ids``
     or None, divergence, temperature, the chunks and their weight function (see
     :func:`sod_kernels.triton_divergence.single_pass_loss`), coef, normalizer, whether the weights use the
-    sampled signal.  Outputs: loss (0-D float32, differentiable), ``D``, ``logp_s(y)``, ``logp_t(y)``
+    sampled signal, and ``(student_softcap, teacher_softcap)`` (each None or the cap).  Outputs: loss (0-D float32, differentiable), ``D``, ``logp_s(y)``, ``logp_t(y)``
     (``[Na]``, not differentiable; the last two empty without targets).  The gradients are computed in the
     forward for an upstream gradient of 1 and scaled in backward; first-order only.
     """
 
     @staticmethod
     def forward(ctx, sh, sw, sb, th, tw, tb, row_index, y, divergence, temperature, chunks, chunk_weights, coef,
-                normalizer, sampled_signal):
+                normalizer, sampled_signal, softcaps=(None, None)):
         from .triton_divergence import KLProblem, single_pass_loss
-        problem = KLProblem.build(sh, sw, sb, th, tw, tb, row_index, y, divergence, temperature)
+        problem = KLProblem.build(sh, sw, sb, th, tw, tb, row_index, y, divergence, temperature,
+                                  student_softcap=softcaps[0], teacher_softcap=softcaps[1])
         need = ctx.needs_input_grad
         res = single_pass_loss(problem, chunks, chunk_weights, coef=coef, normalizer=normalizer,
                                need_hidden=need[0], need_weight=need[1], need_bias=need[2],
@@ -102,7 +103,7 @@ class SinglePassKL(torch.autograd.Function):
         one = grad_loss.new_ones(())
         scaled = tuple(None if g is None else (g if torch.equal(grad_loss, one) else g * grad_loss.to(g.dtype))
                        for g in grads)
-        return scaled + (None,) * 12
+        return scaled + (None,) * 13
 
 
 def check_token_weights(token_weights, lead: tuple[int, ...], *, check_values: bool) -> None:
@@ -123,7 +124,8 @@ def fused_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
                    delta: float = DEFAULT_DELTA, temperature: float = 1.0, coef: float = 1.0,
                    student_bias: torch.Tensor | None = None, teacher_bias: torch.Tensor | None = None,
                    reduction: str = "token_mean", return_stats: bool = False, backend: str = "auto",
-                   memory: str = "fast", chunk_size: int | None = None, check_inputs: bool = True):
+                   memory: str = "fast", chunk_size: int | None = None, check_inputs: bool = True,
+                   student_softcap: float | None = None, teacher_softcap: float | None = None):
     """Step-weighted on-policy distillation loss from hidden states, without materializing logits.
 
     ``L = coef * sum_{b,t} m[b,t] * w[b,t] * D[b,t] / normalizer`` (docs/math.md).
@@ -160,6 +162,10 @@ def fused_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
             logits in backward: a few hundred MiB).
         chunk_size: rows per chunk (default: from a memory budget and the vocabulary size).
         check_inputs: validate mask / step id values and the loss's finiteness (host syncs); on by default.
+        student_softcap, teacher_softcap: logit soft-capping of each model (Gemma 2/3
+            ``final_logit_softcapping``): that model's logits are ``cap * tanh((hidden @ weight.T + bias) / cap)``
+            before the temperature.  None (default) for none, else a finite number > 0; the two may differ.
+            Applied inside the kernels (the capped logits are never materialized), gradient included.
     Returns:
         The loss (float32, or float64 for float64 inputs), or :class:`SODStats` if ``return_stats``.
     """
@@ -177,6 +183,8 @@ def fused_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
     epsilon = check_positive(epsilon, "epsilon")
     delta = check_positive(delta, "delta", allow_zero=True)
     temperature = check_positive(temperature, "temperature")
+    student_softcap = check_softcap(student_softcap, "student_softcap")
+    teacher_softcap = check_softcap(teacher_softcap, "teacher_softcap")
     coef = check_finite_number(coef, "coef")
     for who, h, w, b in (("student", student_hidden, student_weight, student_bias),
                          ("teacher", teacher_hidden, teacher_weight, teacher_bias)):
@@ -228,9 +236,11 @@ def fused_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
                 normalizer = float(max(num_active, 1)) if reduction == "token_mean" else 1.0
                 loss, D, lp_s, lp_t = SinglePassKL.apply(
                     sh, sw, student_bias, th, tw, teacher_bias, row_index, y, divergence, temperature, chunks,
-                    chunk_weights, coef, normalizer, step_divergence == "sampled")
+                    chunk_weights, coef, normalizer, step_divergence == "sampled", (student_softcap, teacher_softcap))
         if loss is None:
             options = {"chunk_size": chunk_size, "memory": memory} if impl == "triton" else {}
+            options.update({k: v for k, v in (("student_softcap", student_softcap),
+                                              ("teacher_softcap", teacher_softcap)) if v is not None})
             D, _, _, lp_s, lp_t = TokenDivergence.apply(sh, sw, student_bias, th, tw, teacher_bias, row_index, y,
                                                         divergence, temperature, impl, options)
     token_divergence = torch.zeros(B * T, dtype=acc, device=D.device).index_copy(0, row_index, D.to(acc)).view(B, T)

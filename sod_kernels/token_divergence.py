@@ -19,6 +19,7 @@ from types import ModuleType
 import torch
 
 from . import chunked_torch
+from ._validation import check_positive
 
 
 def triton_interpreter_enabled() -> bool:
@@ -51,6 +52,11 @@ def refuse_double_backward(what: str) -> None:
                            "Hessian-vector products) is not supported")
 
 
+def check_softcap(value, name: str) -> float | None:
+    """A logit soft-cap: None, or a finite number > 0 (returned as a float)."""
+    return None if value is None else check_positive(value, name)
+
+
 def backend_module(name: str) -> ModuleType:
     if name == "torch":
         return chunked_torch
@@ -71,7 +77,8 @@ class TokenDivergence(torch.autograd.Function):
     Inputs: student_hidden ``[N, Hs]``, student_weight ``[Vs, Hs]``, student_bias ``[Vs]`` or None,
     teacher_hidden ``[N, Ht]``, teacher_weight ``[Vt, Ht]``, teacher_bias or None, row_index ``[Na]``
     int64, target_ids ``[N]`` int64 or None, divergence name, temperature, backend name, backend options
-    (a dict: ``chunk_size`` / ``memory`` for the Triton backend).
+    (a dict: ``chunk_size`` / ``memory`` for the Triton backend; ``student_softcap`` / ``teacher_softcap``
+    for any backend, passed to its forward and backward).
     The backward is first-order only: differentiating the gradient again raises an error.
     Outputs (each ``[Na]``, float32 or float64): D, lse_student, lse_teacher, logp_student(y),
     logp_teacher(y) (the last two empty when target_ids is None).

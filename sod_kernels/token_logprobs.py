@@ -25,8 +25,8 @@ from types import ModuleType
 import torch
 
 from ._validation import BACKENDS, check_choice, check_chunk_size, check_lm_head, check_positive, check_same_device, check_shape, check_tensor
-from .chunked_torch import _logits, compute_dtype, rows_per_chunk
-from .token_divergence import no_autocast, refuse_double_backward, resolve_backend, zero_student_grads
+from .chunked_torch import _logits, _logits_and_slope, apply_softcap, compute_dtype, rows_per_chunk
+from .token_divergence import check_softcap, no_autocast, refuse_double_backward, resolve_backend, zero_student_grads
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # At least this many rows per chunk: with the divergence backend's ~2M-float blocks a 152k vocabulary gets
@@ -48,13 +48,14 @@ def _weights_in(dtype: torch.dtype, weight: torch.Tensor, bias: torch.Tensor | N
 
 def logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, row_index: torch.Tensor,
                     target_ids: torch.Tensor, *, temperature: float, with_entropy: bool = False,
-                    chunk_size: int | None = None):
+                    chunk_size: int | None = None, softcap: float | None = None):
     """Sampled-token log-probs of the rows ``row_index`` (chunked PyTorch).
 
     Args:
         hidden: ``[N, H]``; weight ``[V, H]``; bias ``[V]`` or None (one floating dtype).
         row_index: ``[Na]`` int64 rows to compute.
         target_ids: ``[N]`` int64 in ``[0, V)``.
+        softcap: ``cap tanh(x / cap)`` of the raw logits ``x`` (before the temperature), or None.
     Returns:
         ``(logp [Na], lse [Na], entropy [Na] or None, None)`` in float32 (float64 for float64 inputs); ``lse``
         is the log-sum-exp of the temperature-scaled logits, saved for the backward pass; ``entropy`` is
@@ -71,7 +72,7 @@ def logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         for start in range(0, Na, C):
             rows = row_index[start:start + C]
             h = hidden[rows].to(dt)
-            z = _logits(h, w, b, temperature)
+            z = _logits(h, w, b, temperature, softcap)
             chunk_lse = torch.logsumexp(z, dim=-1)
             if with_entropy:  # H = -sum p log p, with log p = z - lse
                 log_p = z.sub_(chunk_lse[:, None])
@@ -82,7 +83,7 @@ def logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
             if b is not None:
                 target_logit = target_logit + b[y]
             lse[start:start + C] = chunk_lse
-            logp[start:start + C] = target_logit / temperature - chunk_lse
+            logp[start:start + C] = apply_softcap(target_logit, softcap) / temperature - chunk_lse
     return logp, lse, entropy, None
 
 
@@ -90,12 +91,13 @@ def logprob_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
                      target_ids: torch.Tensor, lse: torch.Tensor, grad_logp: torch.Tensor, *, temperature: float,
                      grad_entropy: torch.Tensor | None = None, entropy: torch.Tensor | None = None,
                      need_hidden: bool = True, need_weight: bool = True, need_bias: bool = True,
-                     chunk_size: int | None = None):
+                     chunk_size: int | None = None, softcap: float | None = None):
     """Gradients of ``sum_i grad_logp[i] logp[i] (+ grad_entropy[i] H[i])`` w.r.t. hidden ``[N, H]``, weight
     ``[V, H]``, bias ``[V]``.
 
     Per row, with raw logits ``x``: ``d logp / dx = (onehot(y) - p) / tau`` and
-    ``dH / dx = -p (log p + H) / tau`` (``entropy`` = H is needed with ``grad_entropy``).  Rows outside
+    ``dH / dx = -p (log p + H) / tau`` (``entropy`` = H is needed with ``grad_entropy``); with ``softcap`` both
+    are multiplied by the cap's slope ``1 - tanh^2(x / cap)``.  Rows outside
     ``row_index`` get zero gradient.  Returns the three gradients in the inputs' dtypes (None where not
     needed).
     """
@@ -111,7 +113,8 @@ def logprob_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
             rows = row_index[start:start + C]
             scale = grad_logp[start:start + C].to(dt)[:, None] / temperature
             h = hidden[rows].to(dt)
-            log_p = _logits(h, w, b, temperature).sub_(lse[start:start + C, None])
+            z, slope = _logits_and_slope(h, w, b, temperature, softcap)
+            log_p = z.sub_(lse[start:start + C, None])
             p = log_p.exp()
             dx = p.neg()
             dx.scatter_add_(1, target_ids[rows][:, None], torch.ones_like(dx[:, :1]))
@@ -119,6 +122,8 @@ def logprob_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
             if grad_entropy is not None:
                 g_h = grad_entropy[start:start + C].to(dt)[:, None] / temperature
                 dx -= g_h * p * log_p.add_(entropy[start:start + C, None].to(dt))
+            if slope is not None:
+                dx *= slope
             if d_hidden is not None:
                 d_hidden.index_add_(0, rows, dx @ w)
             if d_weight is not None:
@@ -144,7 +149,8 @@ class TokenLogprobs(torch.autograd.Function):
     ``with_entropy``, the entropy ``H[i]`` of the same softmax.
 
     Inputs: hidden ``[N, H]``, weight ``[V, H]``, bias ``[V]`` or None, row_index ``[Na]`` int64,
-    target_ids ``[N]`` int64, temperature, backend name, with_entropy, chunk_size (rows per chunk or None).
+    target_ids ``[N]`` int64, temperature, backend name, with_entropy, chunk_size (rows per chunk or None),
+    softcap (``cap tanh(x / cap)`` of the raw logits before the temperature, or None).
     Outputs: ``logp [Na]`` and
     ``entropy [Na]`` (empty without ``with_entropy``), float32 (float64 for float64 inputs), both
     differentiable w.r.t. hidden, weight and bias.  First-order only.
@@ -152,28 +158,28 @@ class TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, row_index, target_ids, temperature, backend, with_entropy=False,
-                chunk_size=None):
+                chunk_size=None, softcap=None):
         with no_autocast(hidden.device):
             logp, lse, entropy, frame = backend_module(backend).logprob_forward(
                 hidden, weight, bias, row_index, target_ids, temperature=temperature, with_entropy=with_entropy,
-                chunk_size=chunk_size)
+                chunk_size=chunk_size, softcap=softcap)
         if entropy is None:
             entropy = logp.new_empty(0)
         ctx.save_for_backward(hidden, weight, bias, row_index, target_ids, lse)
         ctx.extra = (entropy.detach() if with_entropy else None, frame)
-        ctx.options = (temperature, backend, with_entropy, chunk_size)
+        ctx.options = (temperature, backend, with_entropy, chunk_size, softcap)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
         refuse_double_backward("fused_token_logprobs")
         hidden, weight, bias, row_index, target_ids, lse = ctx.saved_tensors
-        temperature, backend, with_entropy, chunk_size = ctx.options
+        temperature, backend, with_entropy, chunk_size, softcap = ctx.options
         entropy, frame = ctx.extra
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         if grad_logp is None and grad_entropy is None or row_index.numel() == 0:
             dh, dw, db = zero_student_grads(hidden, weight, bias, need_h, need_w, need_b)
-            return dh, dw, db, None, None, None, None, None, None
+            return dh, dw, db, None, None, None, None, None, None, None
         if grad_logp is None:
             grad_logp = lse.new_zeros(lse.shape)
         extra = {}
@@ -183,8 +189,9 @@ class TokenLogprobs(torch.autograd.Function):
         with no_autocast(hidden.device):
             dh, dw, db = backend_module(backend).logprob_backward(
                 hidden, weight, bias, row_index, target_ids, lse, grad_logp.contiguous(), temperature=temperature,
-                need_hidden=need_h, need_weight=need_w, need_bias=need_b, chunk_size=chunk_size, **extra)
-        return dh, dw, db, None, None, None, None, None, None
+                need_hidden=need_h, need_weight=need_w, need_bias=need_b, chunk_size=chunk_size, softcap=softcap,
+                **extra)
+        return dh, dw, db, None, None, None, None, None, None, None
 
 
 def check_target_ids(target_ids: torch.Tensor, lead: tuple[int, ...], vocab: int, *, check_values: bool,
@@ -209,7 +216,8 @@ def resolve_logprob_backend(backend: str, hidden: torch.Tensor, hidden_name: str
 
 def fused_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, target_ids: torch.Tensor, *,
                          bias: torch.Tensor | None = None, temperature: float = 1.0, backend: str = "auto",
-                         return_entropy: bool = False, chunk_size: int | None = None, check_inputs: bool = True):
+                         return_entropy: bool = False, chunk_size: int | None = None, check_inputs: bool = True,
+                         softcap: float | None = None):
     """``log softmax((hidden @ weight.T (+ bias)) / temperature)[target_ids]`` without materializing logits.
 
     Args:
@@ -224,6 +232,9 @@ def fused_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, target_ids:
             pass, differentiable), as ``(logprobs, entropy)``.
         chunk_size: rows per chunk (default: from a memory budget and the vocabulary size).
         check_inputs: check that ``target_ids`` lie in ``[0, V)`` (one host sync).
+        softcap: logit soft-capping (Gemma 2/3 ``final_logit_softcapping``): the logits are
+            ``softcap * tanh((hidden @ weight.T + bias) / softcap)``, before the temperature; None (default)
+            for none, else a finite number > 0.  Applied inside the kernels, gradient included.
     Returns:
         ``[B, T]`` (or ``[T]``) float32 (float64 for float64 inputs) log-probabilities, or
         ``(logprobs, entropy)`` with ``return_entropy``.
@@ -233,6 +244,7 @@ def fused_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, target_ids:
     """
     check_lm_head(hidden, weight, bias, hidden_name="hidden", weight_name="weight", bias_name="bias")
     temperature = check_positive(temperature, "temperature")
+    softcap = check_softcap(softcap, "softcap")
     check_chunk_size(chunk_size)
     lead = tuple(hidden.shape[:-1])
     check_target_ids(target_ids, lead, weight.shape[0], check_values=check_inputs)
@@ -242,7 +254,7 @@ def fused_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, target_ids:
     y = target_ids.reshape(-1).to(torch.int64).contiguous()
     rows = torch.arange(flat.shape[0], device=flat.device)
     logp, entropy = TokenLogprobs.apply(flat, weight.contiguous(), None if bias is None else bias.contiguous(),
-                                        rows, y, temperature, impl, bool(return_entropy), chunk_size)
+                                        rows, y, temperature, impl, bool(return_entropy), chunk_size, softcap)
     if return_entropy:
         return logp.reshape(lead), entropy.reshape(lead)
     return logp.reshape(lead)

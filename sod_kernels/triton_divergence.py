@@ -32,6 +32,7 @@ import torch
 
 from .chunked_core import (FAST_CHUNK_BYTES, LOW_MEMORY_CHUNK_BYTES, GradAccumulator, LMHead, chunk_rows,
                            even_chunks, gather_rows, logits_into, row_selector)
+from .chunked_torch import apply_softcap
 from .kl_epilogue import KLRowStats, kl_logit_grad, kl_partials, kl_row_stats, merge_kl_partials
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -73,9 +74,12 @@ class KLProblem:
     target_ids: torch.Tensor | None
     forward_kl: bool
     temperature: float
+    student_softcap: float | None = None  # cap tanh(x / cap) of each model's raw logits, before 1/tau
+    teacher_softcap: float | None = None
 
     @classmethod
-    def build(cls, sh, sw, sb, th, tw, tb, row_index, target_ids, divergence, temperature) -> KLProblem:
+    def build(cls, sh, sw, sb, th, tw, tb, row_index, target_ids, divergence, temperature, *,
+              student_softcap: float | None = None, teacher_softcap: float | None = None) -> KLProblem:
         _check_inputs(sh, sw, th, tw, divergence, temperature)
         vocab = sw.shape[0]
         rows = row_index.to(torch.int64).contiguous()
@@ -83,7 +87,8 @@ class KLProblem:
         contiguous = n == sh.shape[0] and (n == 0 or bool(rows[-1] == n - 1))  # rows ascend and are unique
         return cls(LMHead(_row_major(sh), _row_major(sw), sb, vocab), LMHead(_row_major(th), _row_major(tw), tb, vocab),
                    rows, contiguous, None if target_ids is None else target_ids.to(torch.int64), divergence == "forward_kl",
-                   float(temperature))
+                   float(temperature), None if student_softcap is None else float(student_softcap),
+                   None if teacher_softcap is None else float(teacher_softcap))
 
     @property
     def n_rows(self) -> int:
@@ -104,6 +109,12 @@ class KLProblem:
     def bias(self, head: LMHead, columns: slice | None = None) -> torch.Tensor | None:
         b = head.used_bias
         return b if (b is None or columns is None) else b[columns]
+
+    @property
+    def epilogue(self) -> dict:
+        """The keyword arguments every epilogue call shares."""
+        return {"forward_kl": self.forward_kl, "temperature": self.temperature,
+                "student_softcap": self.student_softcap, "teacher_softcap": self.teacher_softcap}
 
 
 def _row_major(t: torch.Tensor) -> torch.Tensor:
@@ -142,6 +153,7 @@ def _sampled_logprobs(p: KLProblem, start: int, stop: int, xs, xt, stats: KLRowS
         zs = zs + p.student.bias[y].float()
     if p.teacher.bias is not None:
         zt = zt + p.teacher.bias[y].float()
+    zs, zt = apply_softcap(zs, p.student_softcap), apply_softcap(zt, p.teacher_softcap)
     return zs / p.temperature - stats.lse_s, zt / p.temperature - stats.lse_t
 
 
@@ -179,18 +191,21 @@ def _slices(vocab: int, rows: int, budget: int) -> list[slice]:
 # ------------------------------------------------------------------------------------------ two passes
 def divergence_forward(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                        row_index, target_ids, *, divergence: str, temperature: float, chunk_size: int | None = None,
-                       memory: str = "fast"):
+                       memory: str = "fast", student_softcap: float | None = None,
+                       teacher_softcap: float | None = None):
     """Per-token divergence and softmax statistics of the rows ``row_index`` (no gradient work).
 
     Args: ``student_hidden [N, Hs]``, ``student_weight [Vs, Hs]``, ``student_bias [Vs]`` or None,
     ``teacher_hidden [N, Ht]``, ``teacher_weight [Vt >= Vs, Ht]`` (first Vs rows used), ``teacher_bias`` or
     None; ``row_index [Na]`` int64 ascending; ``target_ids [N]`` int64 or None; ``chunk_size``: rows per
-    chunk (default from the memory budget); ``memory``: ``"fast"`` or ``"low"``.
+    chunk (default from the memory budget); ``memory``: ``"fast"`` or ``"low"``; ``student_softcap`` /
+    ``teacher_softcap``: ``cap tanh(x / cap)`` of that model's raw logits before ``1/tau``, or None.
     Returns ``(D, lse_student, lse_teacher, logp_student(y), logp_teacher(y), frame)``: ``[Na]`` float32
     each (the sampled log-probs None without targets), ``frame [3, Na]`` for :func:`divergence_backward`.
     """
     p = KLProblem.build(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                        row_index, target_ids, divergence, temperature)
+                        row_index, target_ids, divergence, temperature, student_softcap=student_softcap,
+                        teacher_softcap=teacher_softcap)
     out = ForwardResult(p.n_rows, student_hidden.device, target_ids is not None)
     if memory == "low":
         _forward_low_memory(p, out, chunk_size)
@@ -199,8 +214,7 @@ def divergence_forward(student_hidden, student_weight, student_bias, teacher_hid
         blocks = _Blocks(min(rows, max(p.n_rows, 1)), p.vocab, student_hidden.device)
         for start, stop in even_chunks(p.n_rows, rows):
             _, xs, xt = blocks.logits(p, start, stop)
-            stats = kl_row_stats(xs, xt, p.bias(p.student), p.bias(p.teacher), forward_kl=p.forward_kl,
-                                 temperature=p.temperature)
+            stats = kl_row_stats(xs, xt, p.bias(p.student), p.bias(p.teacher), **p.epilogue)
             sampled = _sampled_logprobs(p, start, stop, xs, xt, stats) if target_ids is not None else None
             out.store(start, stop, stats, sampled)
     return out.D, out.lse_s, out.lse_t, out.lp_s, out.lp_t, out.frame
@@ -215,8 +229,7 @@ def _forward_low_memory(p: KLProblem, out: ForwardResult, chunk_size: int | None
         parts = []
         for cols in slices:
             _, xs, xt = blocks.logits(p, start, stop, cols)
-            parts.append(kl_partials(xs, xt, p.bias(p.student, cols), p.bias(p.teacher, cols),
-                                     forward_kl=p.forward_kl, temperature=p.temperature))
+            parts.append(kl_partials(xs, xt, p.bias(p.student, cols), p.bias(p.teacher, cols), **p.epilogue))
         stats = merge_kl_partials(torch.cat(parts, dim=2), forward_kl=p.forward_kl)
         sampled = _sampled_logprobs_gathered(p, start, stop, stats) if p.target_ids is not None else None
         out.store(start, stop, stats, sampled)
@@ -226,12 +239,12 @@ def _sampled_logprobs_gathered(p: KLProblem, start: int, stop: int, stats: KLRow
     """Sampled log-probs from one gathered dot product per row and model (no whole-vocabulary block)."""
     rows, y = p.rows(start, stop), p.targets(start, stop)
     out = []
-    for head, lse in ((p.student, stats.lse_s), (p.teacher, stats.lse_t)):
+    for head, lse, cap in ((p.student, stats.lse_s, p.student_softcap), (p.teacher, stats.lse_t, p.teacher_softcap)):
         h = gather_rows(head.hidden, rows).float()
         z = (h * head.weight.index_select(0, y).float()).sum(1)
         if head.bias is not None:
             z = z + head.bias[y].float()
-        out.append(z / p.temperature - lse)
+        out.append(apply_softcap(z, cap) / p.temperature - lse)
     return tuple(out)
 
 
@@ -239,7 +252,8 @@ def divergence_backward(student_hidden, student_weight, student_bias, teacher_hi
                         row_index, lse_student, lse_teacher, token_divergence, grad_divergence, *, divergence: str,
                         temperature: float, need_hidden: bool = True, need_weight: bool = True,
                         need_bias: bool = True, frame: torch.Tensor | None = None, chunk_size: int | None = None,
-                        memory: str = "fast"):
+                        memory: str = "fast", student_softcap: float | None = None,
+                        teacher_softcap: float | None = None):
     """Gradients of ``sum_i grad_divergence[i] * D[i]`` w.r.t. the student's hidden, weight and bias.
 
     ``frame`` is :func:`divergence_forward`'s last output (recomputed from the logits when None).
@@ -247,7 +261,8 @@ def divergence_backward(student_hidden, student_weight, student_bias, teacher_hi
     needed); rows outside ``row_index`` get zero gradient.
     """
     p = KLProblem.build(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                        row_index, None, divergence, temperature)
+                        row_index, None, divergence, temperature, student_softcap=student_softcap,
+                        teacher_softcap=teacher_softcap)
     low = memory == "low"
     rows = (chunk_size or LOW_MEMORY_ROWS) if low else \
         chunk_rows(p.n_rows, p.vocab, 8 + 2 * student_hidden.element_size(), budget=FAST_CHUNK_BYTES,
@@ -271,10 +286,9 @@ def divergence_backward(student_hidden, student_weight, student_bias, teacher_hi
     for start, stop in even_chunks(p.n_rows, rows):
         hs, xs, xt = blocks.logits(p, start, stop)
         stats = saved.stats(start, stop) if saved is not None else \
-            kl_row_stats(xs, xt, p.bias(p.student), p.bias(p.teacher), forward_kl=p.forward_kl,
-                         temperature=p.temperature)
+            kl_row_stats(xs, xt, p.bias(p.student), p.bias(p.teacher), **p.epilogue)
         grad = kl_logit_grad(xs, xt, p.bias(p.student), p.bias(p.teacher), stats, scale[start:stop],
-                             acc.grad_block(stop - start), forward_kl=p.forward_kl, temperature=p.temperature)
+                             acc.grad_block(stop - start), **p.epilogue)
         acc.add(grad, start, stop, hs)
     return acc.finish()
 
@@ -291,7 +305,7 @@ def _backward_low_memory(p: KLProblem, acc: GradAccumulator, scale, saved, rows:
             hs, xs, xt = blocks.logits(p, start, stop, cols)
             grad = kl_logit_grad(xs, xt, p.bias(p.student, cols), p.bias(p.teacher, cols), saved.stats(start, stop),
                                  scale[start:stop], acc.grad_block(stop - start, cols.stop - cols.start),
-                                 forward_kl=p.forward_kl, temperature=p.temperature)
+                                 **p.epilogue)
             acc.add(grad, start, stop, hs, columns=cols)
         acc.end_slice()
 
@@ -329,8 +343,7 @@ def single_pass_loss(p: KLProblem, chunks: list[tuple[int, int]],
     grad_scale = coef / (normalizer * p.temperature)
     for start, stop in chunks:
         hs, xs, xt = blocks.logits(p, start, stop)
-        stats = kl_row_stats(xs, xt, p.bias(p.student), p.bias(p.teacher), forward_kl=p.forward_kl,
-                             temperature=p.temperature)
+        stats = kl_row_stats(xs, xt, p.bias(p.student), p.bias(p.teacher), **p.epilogue)
         sampled = _sampled_logprobs(p, start, stop, xs, xt, stats) if p.target_ids is not None else None
         out.store(start, stop, stats, sampled)
         signal = (sampled[0] - sampled[1]).abs() if sampled_signal else stats.D
@@ -339,7 +352,7 @@ def single_pass_loss(p: KLProblem, chunks: list[tuple[int, int]],
         if acc.active:
             grad = kl_logit_grad(xs, xt, p.bias(p.student), p.bias(p.teacher), stats,
                                  (w * grad_scale).to(torch.float32), acc.grad_block(stop - start),
-                                 forward_kl=p.forward_kl, temperature=p.temperature)
+                                 **p.epilogue)
             acc.add(grad, start, stop, hs)
     del blocks
     loss = (total * (coef / normalizer)).to(torch.float32)

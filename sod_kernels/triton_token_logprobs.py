@@ -26,6 +26,7 @@ import torch
 
 from .chunked_core import FAST_CHUNK_BYTES, GradAccumulator, LMHead, chunk_rows, even_chunks, gather_rows, \
     logits_into, row_selector
+from .chunked_torch import apply_softcap
 from .logprob_epilogue import LogprobRowStats, logprob_logit_grad, logprob_row_stats
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -40,9 +41,11 @@ class LogprobProblem:
     contiguous: bool
     target_ids: torch.Tensor
     temperature: float
+    softcap: float | None = None  # cap tanh(x / cap) of the raw logits, before 1/tau
 
     @classmethod
-    def build(cls, hidden, weight, bias, row_index, target_ids, temperature) -> LogprobProblem:
+    def build(cls, hidden, weight, bias, row_index, target_ids, temperature,
+              softcap: float | None = None) -> LogprobProblem:
         if hidden.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"the Triton backend supports float32, bfloat16 and float16 hidden states, got "
                             f"{hidden.dtype}; use backend='torch' for float64")
@@ -52,7 +55,7 @@ class LogprobProblem:
         hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
         weight = weight if weight.stride(-1) == 1 else weight.contiguous()
         return cls(LMHead(hidden, weight, bias, weight.shape[0]), rows, contiguous,
-                   target_ids.to(torch.int64), float(temperature))
+                   target_ids.to(torch.int64), float(temperature), None if softcap is None else float(softcap))
 
     @property
     def n_rows(self) -> int:
@@ -82,20 +85,21 @@ def _sampled(p: LogprobProblem, rows, x: torch.Tensor, stats: LogprobRowStats):
     z = x.gather(1, y[:, None]).squeeze(1)
     if p.head.bias is not None:
         z = z + p.head.bias[y].float()
-    return y, z / p.temperature - stats.lse
+    return y, apply_softcap(z, p.softcap) / p.temperature - stats.lse
 
 
 def logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, row_index: torch.Tensor,
                     target_ids: torch.Tensor, *, temperature: float, with_entropy: bool = False,
-                    chunk_size: int | None = None):
+                    chunk_size: int | None = None, softcap: float | None = None):
     """Sampled-token log-probs (and entropies) of the rows ``row_index``.
 
     Args: ``hidden [N, H]``, ``weight [V, H]``, ``bias [V]`` or None (float32 / bfloat16 / float16),
-    ``row_index [Na]`` int64 ascending, ``target_ids [N]`` int64 in ``[0, V)``.
+    ``row_index [Na]`` int64 ascending, ``target_ids [N]`` int64 in ``[0, V)``, ``softcap`` (``cap tanh(x /
+    cap)`` of the raw logits before ``1/tau``) or None.
     Returns ``(logp [Na], lse [Na], entropy [Na] or None, frame [2, Na])`` float32; ``frame`` (max, shifted
     mean) serves the entropy gradient in :func:`logprob_backward`.
     """
-    p = LogprobProblem.build(hidden, weight, bias, row_index, target_ids, temperature)
+    p = LogprobProblem.build(hidden, weight, bias, row_index, target_ids, temperature, softcap)
     n, device = p.n_rows, hidden.device
     logp = torch.empty(n, dtype=torch.float32, device=device)
     lse = torch.empty_like(logp)
@@ -105,7 +109,8 @@ def logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     block = _Block(p, max((b - a for a, b in chunks), default=1))
     for start, stop in chunks:
         rows, _, x = block.logits(p, start, stop)
-        stats = logprob_row_stats(x, p.head.used_bias, temperature=p.temperature, with_entropy=with_entropy)
+        stats = logprob_row_stats(x, p.head.used_bias, temperature=p.temperature, with_entropy=with_entropy,
+                                  softcap=p.softcap)
         _, logp[start:stop] = _sampled(p, rows, x, stats)
         lse[start:stop] = stats.lse
         frame[0, start:stop], frame[1, start:stop] = stats.max, stats.mean
@@ -118,12 +123,12 @@ def logprob_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
                      target_ids: torch.Tensor, lse: torch.Tensor, grad_logp: torch.Tensor, *, temperature: float,
                      grad_entropy: torch.Tensor | None = None, frame: torch.Tensor | None = None,
                      need_hidden: bool = True, need_weight: bool = True, need_bias: bool = True,
-                     chunk_size: int | None = None):
+                     chunk_size: int | None = None, softcap: float | None = None):
     """Gradients of ``sum_i grad_logp[i] logp[i] (+ grad_entropy[i] H[i])`` w.r.t. hidden ``[N, H]``, weight
     ``[V, H]`` and bias ``[V]``, recomputing the logit blocks; ``frame`` is needed with ``grad_entropy``.
     Returns the three gradients in the inputs' dtypes (None where not needed); rows outside ``row_index``
     get zero gradient."""
-    p = LogprobProblem.build(hidden, weight, bias, row_index, target_ids, temperature)
+    p = LogprobProblem.build(hidden, weight, bias, row_index, target_ids, temperature, softcap)
     chunks = p.chunks(True, chunk_size)
     longest = max((b - a for a, b in chunks), default=1)
     acc = GradAccumulator(p.head, p.row_index, p.contiguous, need_hidden=need_hidden, need_weight=need_weight,
@@ -140,7 +145,7 @@ def logprob_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         stats = LogprobRowStats(lse[start:stop], big, mean, None)
         grad = logprob_logit_grad(x, p.head.used_bias, p.target_ids[rows], stats, grad_logp[start:stop],
                                   None if grad_entropy is None else grad_entropy[start:stop],
-                                  acc.grad_block(stop - start), temperature=p.temperature)
+                                  acc.grad_block(stop - start), temperature=p.temperature, softcap=p.softcap)
         acc.add(grad, start, stop, h)
     return acc.finish()
 
@@ -148,14 +153,15 @@ def logprob_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 def single_pass_token_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                            row_index: torch.Tensor, target_ids: torch.Tensor, *, temperature: float,
                            token_loss: Callable[[int, int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-                           need_hidden: bool, need_weight: bool, need_bias: bool, chunk_size: int | None = None):
+                           need_hidden: bool, need_weight: bool, need_bias: bool, chunk_size: int | None = None,
+                           softcap: float | None = None):
     """A loss ``sum_i f_i(logp_i)`` and its gradients in one pass.
 
     ``token_loss(start, stop, logp)`` gets a chunk's ``logp [C]`` (float32) and returns ``(loss_sum, dlogp)``:
-    its contribution to the loss (0-D) and ``d loss / d logp [C]``.
+    its contribution to the loss (0-D) and ``d loss / d logp [C]``; ``softcap`` as in :func:`logprob_forward`.
     Returns ``(loss float64 0-D, logp [Na] float32, (d_hidden, d_weight, d_bias))``.
     """
-    p = LogprobProblem.build(hidden, weight, bias, row_index, target_ids, temperature)
+    p = LogprobProblem.build(hidden, weight, bias, row_index, target_ids, temperature, softcap)
     grads = need_hidden or need_weight or (need_bias and bias is not None)
     chunks = p.chunks(grads, chunk_size)
     longest = max((b - a for a, b in chunks), default=1)
@@ -166,14 +172,15 @@ def single_pass_token_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: tor
     block = _Block(p, longest)
     for start, stop in chunks:
         rows, h, x = block.logits(p, start, stop)
-        stats = logprob_row_stats(x, p.head.used_bias, temperature=p.temperature, with_entropy=False)
+        stats = logprob_row_stats(x, p.head.used_bias, temperature=p.temperature, with_entropy=False,
+                                  softcap=p.softcap)
         y, lp = _sampled(p, rows, x, stats)
         logp[start:stop] = lp
         part, dlogp = token_loss(start, stop, lp)
         total += part.to(torch.float64)
         if acc.active:
             grad = logprob_logit_grad(x, p.head.used_bias, y, stats, dlogp, None, acc.grad_block(stop - start),
-                                      temperature=p.temperature)
+                                      temperature=p.temperature, softcap=p.softcap)
             acc.add(grad, start, stop, h)
     del block
     return total, logp, acc.finish()

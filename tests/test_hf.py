@@ -101,14 +101,15 @@ def test_logit_scale_is_folded_exactly():
     torch.testing.assert_close(logp.double(), want, atol=1e-5, rtol=1e-5)
 
 
-def test_softcap_is_reported_and_refused_by_the_loss_helpers():
+def test_softcap_is_reported_and_passed_to_the_losses():
+    """(The losses' values against the model's own logits: tests/test_softcap.py.)"""
     gemma = tiny(transformers.Gemma2Config, transformers.Gemma2ForCausalLM, 8, final_logit_softcapping=5.0)
     assert hf.check_logit_processing(gemma) == hf.LogitProcessing(scale=1.0, softcap=5.0)
     input_ids, attention, mask = batch()
+    inputs = hf.distillation_inputs(gemma, qwen3(), input_ids, attention, response_mask=mask)
+    assert inputs["student_softcap"] == 5.0 and "teacher_softcap" not in inputs
     with pytest.raises(ValueError, match="soft-caps its logits"):
-        hf.distillation_inputs(gemma, qwen3(), input_ids, attention, response_mask=mask)
-    with pytest.raises(ValueError, match="soft-caps its logits"):
-        hf.sampled_token_logprobs(gemma, input_ids)
+        hf.refuse_softcap(hf.lm_head(gemma), "student")
 
 
 def test_check_logit_processing_catches_an_unknown_post_processing():
