@@ -17,6 +17,7 @@ from .sod_reference import (
     ref_token_divergence,
     ref_token_logprobs,
 )
+from .sparse_reference import ref_sparse_sampled_logprobs, ref_sparse_sod_loss, ref_sparse_token_divergence, ref_topk_logprobs  # noqa: E501
 
 __all__ = [
     "ref_fused_sod_loss",
@@ -31,3 +32,4 @@ __all__ = [
     "ref_token_divergence",
     "ref_token_logprobs",
 ]
+__all__ += ["ref_sparse_sampled_logprobs", "ref_sparse_sod_loss", "ref_sparse_token_divergence", "ref_topk_logprobs"]
