@@ -8,7 +8,8 @@ within a row).  Per chunk:
 1. ``sparse_gather_mask_kernel`` (grid: rows x id blocks): ``z_ids[r, j] = z[r, ids[r, j]]``, then writes
    ``-inf`` into ``x`` at those columns.  The block is scratch, so masking it in place costs ``C k`` writes.
 2. :func:`sod_kernels.logprob_epilogue.logprob_row_stats` on the masked block: its online log-sum-exp is now
-   the *tail* log-sum-exp (``-inf`` where every column is an id).  ``-inf`` columns add exactly 0.
+   the *tail* log-sum-exp.  ``-inf`` columns add exactly 0; a row whose columns are all ids keeps the
+   kernel's starting maximum (``-1e30``), which marks an empty tail.
 3. :func:`sod_kernels.sparse_rows.coarse_grained_rows`: ``O(C k)`` tensor math (divergence, gradient terms).
 4. ``sparse_tail_grad_kernel`` (grid: rows x column blocks) writes ``g = c_row * exp(z - lse_tail)`` in the
    gradient dtype: the tail part of ``d(logits)``, exactly 0 at the (masked) id columns.
@@ -54,8 +55,8 @@ def sparse_tail_grad_kernel(x_ptr, b_ptr, grad_ptr, lse_ptr, coef_ptr, vocab, st
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     ok = cols < vocab
     z = _load_logits(x_ptr + row.to(tl.int64) * stride_x, b_ptr, cols, ok, inv_temp, HAS_BIAS)
+    z = tl.where(ok, z, float("-inf"))
     g = tl.load(coef_ptr + row) * tl.exp(z - tl.load(lse_ptr + row))
-    g = tl.where(ok, g, 0.0)
     tl.store(grad_ptr + row.to(tl.int64) * stride_g + cols, g.to(grad_ptr.dtype.element_ty), mask=ok)
 
 

@@ -32,6 +32,7 @@ from .sparse_epilogue import gather_and_mask, sparse_logit_grad
 from .sparse_rows import SparseForward, SparseRowTerms, coarse_grained_rows
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MIN_LOGIT = -1e30  # the statistics kernel's starting maximum (kl_epilogue.MIN_LOGIT)
 
 
 @dataclass
@@ -104,7 +105,9 @@ def _chunk_terms(p: SparseProblem, x: torch.Tensor, start: int, stop: int) -> Sp
     ids = p.ids[start:stop]
     z_ids = gather_and_mask(x, bias, ids, temperature=p.temperature)
     tail = logprob_row_stats(x, bias, temperature=p.temperature, with_entropy=False)
-    return coarse_grained_rows(z_ids, tail.lse, p.logprobs[start:stop], forward_kl=p.forward_kl, vocab=p.vocab,
+    # A row whose columns are all masked keeps the kernel's starting maximum: its tail is empty.
+    lse_tail = torch.where(tail.max <= MIN_LOGIT, torch.full_like(tail.lse, float("-inf")), tail.lse)
+    return coarse_grained_rows(z_ids, lse_tail, p.logprobs[start:stop], forward_kl=p.forward_kl, vocab=p.vocab,
                                ids=ids, target_ids=y, z_target=z_target)
 
 
