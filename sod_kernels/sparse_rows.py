@@ -117,8 +117,9 @@ def coarse_grained_rows(z_ids: torch.Tensor, lse_tail: torch.Tensor, logprobs: t
 
 @dataclass
 class SparseForward:
-    """Per-row outputs ``[Na]`` float32: D, sampled log-probs (None without targets), and what the backward
-    needs: ``lse_tail [Na]``, ``grad_tail [Na]``, ``grad_ids [Na, k]``."""
+    """Per-row outputs (float32; float64 on the torch backend for float64 inputs): ``D [Na]``, the sampled
+    log-probs ``[Na]`` (None without targets), and what the backward needs: ``lse_tail [Na]``,
+    ``grad_tail [Na]``, ``grad_ids [Na, k]`` (see :class:`SparseRowTerms`)."""
 
     D: torch.Tensor
     lp_s: torch.Tensor | None

@@ -518,3 +518,28 @@ def test_docs_example_runs_and_prints_what_it_says(capsys):
     assert match is not None, out
     assert float(match.group(3)) <= float(match.group(4)) + 1e-6
     assert namespace["ids"].shape[-1] == int(match.group(1))
+
+
+# ------------------------------------------------------------------------------------------ benchmark
+def test_benchmark_compares_the_same_loss_and_its_error_study_is_sound():
+    """benchmarks/sparse.py's materialized baseline is this loss (value and gradients), and its error study
+    reports non-negative errors that vanish when k = V."""
+    from benchmarks import sparse as bench
+
+    size = {"N": 48, "V": 90, "Hs": 12, "Ht": 10, "dtype": "float32"}
+    inputs, ids, logprobs = bench.build_case(size, 7, "cpu", seed=3)
+    sh, sw, steps = inputs.student_hidden, inputs.student_weight, inputs.step_ids
+    for divergence in ("reverse_kl", "forward_kl"):
+        inputs.zero_grads()
+        fused_sparse_sod_loss(sh, sw, ids, logprobs, step_ids=steps[0], divergence=divergence).backward()
+        fused = (sh.grad.clone(), sw.grad.clone())
+        inputs.zero_grads()
+        bench.naive_sparse_loss(sh, sw, ids, logprobs, steps, divergence).backward()
+        assert _rel_err(fused[0], sh.grad) < 1e-4 and _rel_err(fused[1], sw.grad) < 1e-4
+    rows = bench.error_vs_k({"N": 40, "V": 50, "Hs": 8, "Ht": 8}, (1, 5, 50))
+    assert len(rows) == 6
+    for r in rows:
+        assert r["kl_relative_error"] >= -1e-5 and r["kl_sparse"] > 0
+        if r["k"] == 50:
+            assert abs(r["kl_relative_error"]) < 1e-5 and r["grad_relative_error"] < 1e-4
+    assert rows[0]["kl_relative_error"] > rows[1]["kl_relative_error"]
