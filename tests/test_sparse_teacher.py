@@ -254,6 +254,45 @@ def test_tail_masses_at_the_floor(backend, divergence):
     assert TAIL_FLOOR == 1e-12
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl"])
+@pytest.mark.parametrize("case", ["offset", "one_hot"])
+def test_large_logits_gradient_is_no_worse_than_fp32_logits(backend, divergence, case):
+    """Logits of magnitude ~1e4: a common offset of 1e4 on O(1) logits, or near one-hot softmaxes facing a
+    teacher that disagrees.  The loss and gradient are no worse than the materialized float32 computation's
+    (both against float64), and the gradient is not zero."""
+    device = _device(backend)
+    g = torch.Generator().manual_seed(0)
+    mask = torch.ones(4, 16, dtype=torch.int64)
+    mask[:, ::2] = 0
+    sh = torch.randn(4, 16, 16, generator=g)
+    if case == "offset":
+        sw, sb = torch.randn(64, 16, generator=g) * 0.75, 1e4 + torch.randn(64, generator=g)
+    else:
+        sh, sw, sb = sh * 1e4, torch.randn(64, 16, generator=g) / 8, torch.zeros(64)
+    student = torch.log_softmax(sh.double() @ sw.double().T + sb.double(), dim=-1)
+    teacher = torch.log_softmax(2 * torch.randn(4, 16, 64, generator=g, dtype=torch.float64), dim=-1)
+    ids = torch.cat([student.topk(2, dim=-1).indices, teacher.topk(6, dim=-1).indices], dim=-1)
+    ids = torch.stack([torch.stack([row.unique(sorted=False)[:5] for row in seq]) for seq in ids])
+    a = teacher.gather(-1, ids).float()
+    ref_w = sw.double().requires_grad_()
+    ref, _ = ref_sparse_sod_loss(sh.double(), ref_w, ids, a, mask, student_bias=sb.double(), divergence=divergence)
+    ref.backward()
+    naive_w = sw.clone().requires_grad_()
+    naive, _ = ref_sparse_sod_loss(sh, naive_w, ids, a, mask, student_bias=sb, divergence=divergence)
+    naive.backward()
+    w = sw.to(device).requires_grad_()
+    loss = fused_sparse_sod_loss(sh.to(device), w, ids.to(device), a.to(device), mask.to(device),
+                                 student_bias=sb.to(device), divergence=divergence, backend=backend)
+    loss.backward()
+    assert abs(float(loss) - float(ref)) <= 10 * abs(float(naive) - float(ref)) + 1e-5 * abs(float(ref))
+    ref_norm = float(ref_w.grad.norm())
+    assert case == "one_hot" and divergence == "reverse_kl" or ref_norm > 1e-3  # p_s-weighted: ~0 when one-hot
+    err = float((w.grad.cpu().double() - ref_w.grad).norm())
+    naive_err = float((naive_w.grad.double() - ref_w.grad).norm())
+    assert err <= 10 * naive_err + 1e-5 * ref_norm + 1e-9, (err, naive_err, ref_norm)
+
+
 # --------------------------------------------------------------------------------------- edge cases
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["token_mean", "sum", "none"])
