@@ -33,6 +33,7 @@ import torch
 from benchmarks import measure
 from benchmarks.inputs import make_inputs
 from sod_kernels import fused_sod_loss, fused_sparse_sod_loss, fused_topk_logprobs, step_weights_from_divergence
+from sod_kernels.sparse_rows import TAIL_FLOOR, teacher_tail_floor
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -47,7 +48,6 @@ MEMORY_LIMIT = 0.05       # the fused loss's extra memory must stay within 5% of
 REPS, QUICK_REPS = 3, 2
 TIME_BUDGET_S = 60.0
 SUBPROCESS_TIMEOUT_S = 1800
-TAIL_FLOOR = 1e-12
 
 
 # ------------------------------------------------------------------------------------------- inputs
@@ -69,7 +69,8 @@ def naive_sparse_loss(hidden, weight, ids, logprobs, step_ids, divergence: str =
     logQ = torch.logsumexp(logp.masked_fill(listed, float("-inf")), dim=-1)
     a = logprobs.float()
     P = (1 - a.exp().sum(-1)).clamp(0, 1)
-    logPf, logQf = P.clamp(min=TAIL_FLOOR).log(), logQ.clamp(min=math.log(TAIL_FLOOR))
+    floor = teacher_tail_floor(ids.shape[1], logprobs.dtype)
+    logPf, logQf = P.clamp(min=floor).log(), logQ.clamp(min=math.log(TAIL_FLOOR))
     if divergence == "reverse_kl":
         D = (logq.exp() * (logq - a)).sum(-1) + logQ.exp() * (logQf - logPf)
     else:

@@ -6,7 +6,9 @@ definitions, independently of the fused code:
 - ``q_i = p_s(i)`` for the listed ids, ``Q = sum of p_s over the unlisted ids`` (a log-sum-exp over them,
   ``-inf`` when none), ``P = clamp(1 - sum_i exp(a_i), 0, 1)``, and ``P = 0`` when the ids are the whole
   vocabulary (there is no tail bucket then).
-- Tail masses are floored at ``TAIL_FLOOR`` inside logarithms only (``torch.clamp``: no gradient below it).
+- Tail masses are floored inside logarithms only (``torch.clamp``: no gradient below it): the student's at
+  ``TAIL_FLOOR``, the teacher's at ``max(TAIL_FLOOR, (1 + log k) * eps)`` with ``eps`` of the dtype the
+  log-probs are given in (below that, ``1 - sum exp(a)`` is their rounding).
 - reverse KL: ``sum_i q_i (log q_i - a_i) + Q (log Q' - log P')``;
   forward KL: ``sum_i e^{a_i} (a_i - log q_i) + P (log P' - log Q')``.
 - Teacher log-probs above 0 (rounding) are read as 0.
@@ -39,7 +41,8 @@ def _sparse_parts(student_hidden, student_weight, topk_ids, topk_logprobs, stude
     P = (1 - a.exp().sum(-1)).clamp(0, 1)
     if k == V:
         P = torch.zeros_like(P)
-    logPf = P.clamp(min=TAIL_FLOOR).log()
+    floor = max(TAIL_FLOOR, (1 + math.log(k)) * torch.finfo(topk_logprobs.dtype).eps)
+    logPf = P.clamp(min=floor).log()
     return logp, logq, logQ, a, P, logPf
 
 

@@ -11,8 +11,12 @@ Definitions (``a`` = the teacher's log-probs at the ids, at the temperature of t
 
 - ``q_i = exp(z_i - lse)``, ``Q = exp(lse_tail - lse)``; ``P = clamp(1 - sum_i exp(a_i), 0, 1)``, and
   ``P = 0`` when the ids cover the whole vocabulary (``k = V``: the tail bucket does not exist).
-- Tail masses are floored inside logarithms only: ``log P' = log max(P, TAIL_FLOOR)``,
-  ``log Q' = max(log Q, log TAIL_FLOOR)`` (so a zero mass times any logarithm stays 0).
+- Tail masses are floored inside logarithms only (so a zero mass times any logarithm stays 0):
+  ``log Q' = max(log Q, log TAIL_FLOOR)`` for the student, whose tail is computed exactly in log space, and
+  ``log P' = log max(P, F_t)`` for the teacher with ``F_t = max(TAIL_FLOOR, (1 + log k) eps)``
+  (:func:`teacher_tail_floor`, ``eps`` of the log-probs' dtype): below that, ``1 - sum exp(a_i)`` is only the
+  rounding of the given log-probs (``<= eps/2 (log k + 1)``), and flooring there keeps a rounded-to-zero
+  teacher tail from inflating the reverse KL (4.8e-7 for float32 log-probs at k = 20; 1e-12 for float64).
 - reverse KL: ``D = sum_i q_i (log q_i - a_i) + Q (log Q' - log P')``;
   forward KL: ``D = sum_i e^{a_i} (a_i - log q_i) + P (log P' - log Q')``.
 
@@ -34,6 +38,12 @@ TAIL_FLOOR = 1e-12                   # smallest tail mass inside a logarithm (bo
 LOG_TAIL_FLOOR = math.log(TAIL_FLOOR)
 
 
+def teacher_tail_floor(k: int, dtype: torch.dtype) -> float:
+    """Floor of the teacher's tail mass for ``k`` log-probs of ``dtype``: ``max(TAIL_FLOOR, (1 + log k) eps)``,
+    the resolution of ``1 - sum exp(a_i)`` given the rounding of the ``a_i``."""
+    return max(TAIL_FLOOR, (1.0 + math.log(max(k, 1))) * torch.finfo(dtype).eps)
+
+
 class SparseRowTerms(NamedTuple):
     """Per-row results of :func:`coarse_grained_rows` (``C`` rows, ``k`` ids), float64.
 
@@ -53,12 +63,14 @@ class SparseRowTerms(NamedTuple):
 
 
 def teacher_tail_log_mass(logprobs: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(P, log P')`` per row from the teacher's ``[C, k]`` log-probs (float64; ``P = 0`` when ``k = vocab``)."""
+    """``(P, log P')`` per row (float64) from the teacher's ``[C, k]`` log-probs (``P = 0`` when ``k = vocab``;
+    ``P' = max(P, teacher_tail_floor(k, logprobs.dtype))``)."""
+    floor = teacher_tail_floor(logprobs.shape[1], logprobs.dtype)
     a = logprobs.to(torch.float64).clamp(max=0)
     P = (1 - a.exp().sum(1)).clamp(0, 1)
     if a.shape[1] >= vocab:
         P = torch.zeros_like(P)
-    return P, P.clamp(min=TAIL_FLOOR).log()
+    return P, P.clamp(min=floor).log()
 
 
 def coarse_grained_rows(z_ids: torch.Tensor, lse_tail: torch.Tensor, logprobs: torch.Tensor, *, forward_kl: bool,
@@ -74,7 +86,7 @@ def coarse_grained_rows(z_ids: torch.Tensor, lse_tail: torch.Tensor, logprobs: t
         vocab: ``V`` (``k = V`` means there is no tail bucket).
         ids, target_ids, z_target: ``[C, k]`` ids, ``[C]`` sampled tokens and their student logits, for the
             sampled-token log-probs.  The teacher's log-prob of a sampled token that is not among the ids is
-            ``log(P' / (V - k))``: the tail mass spread evenly over the tail.
+            ``log(P' / (V - k))``: the (floored) tail mass spread evenly over the tail.
     Returns:
         :class:`SparseRowTerms` (float64).
     """
@@ -87,7 +99,7 @@ def coarse_grained_rows(z_ids: torch.Tensor, lse_tail: torch.Tensor, logprobs: t
     logq = shifted - lnorm[:, None]
     logQ = tail_shift - lnorm
     q, Q = logq.exp(), logQ.exp()
-    P, logPf = teacher_tail_log_mass(a, vocab)
+    P, logPf = teacher_tail_log_mass(logprobs, vocab)
     kept = logQ >= LOG_TAIL_FLOOR                                  # where the floor does not bind
     logQf = torch.where(kept, logQ, torch.full_like(logQ, LOG_TAIL_FLOOR))
     if forward_kl:

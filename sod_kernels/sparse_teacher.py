@@ -140,8 +140,9 @@ def fused_sparse_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Te
     - ``reverse_kl``: ``D = sum_i q_i (log q_i - a_i) + Q (log Q - log P)``
     - ``forward_kl``: ``D = sum_i e^{a_i} (a_i - log q_i) + P (log P - log Q)``
 
-    with ``0 log 0 = 0`` and both tail masses floored at ``TAIL_FLOOR = 1e-12`` inside the logarithms
-    (:mod:`sod_kernels.sparse_rows`).  ``D`` never exceeds the full-vocabulary KL and equals it when the ids
+    with ``0 log 0 = 0`` and the tail masses floored inside the logarithms: ``Q`` at ``1e-12``, ``P`` at
+    ``max(1e-12, (1 + log k) eps)`` with ``eps`` of the log-probs' dtype, the resolution of ``1 - sum exp(a)``
+    (4.8e-7 for float32 at k = 20; :mod:`sod_kernels.sparse_rows`).  ``D`` never exceeds the full-vocabulary KL and equals it when the ids
     are the whole vocabulary.  Only the student's full log-sum-exp and its ``k`` logits per token are needed;
     no ``tokens x vocabulary`` tensor is held.
 
@@ -159,7 +160,7 @@ def fused_sparse_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Te
         target_ids: ``[B, T]`` sampled tokens in ``[0, V)``; needed for ``step_divergence="sampled"``, whose
             signal is ``|log p_s(y) - log p_t(y)|`` with ``log p_t(y)`` the teacher's listed log-prob when ``y``
             is among the ids, else ``log(P' / (V - k))`` (the tail mass spread evenly over the tail ids;
-            ``P' = max(P, TAIL_FLOOR)``).  List the sampled token among the ids for the exact signal.
+            ``P'`` the floored ``P``).  List the sampled token among the ids for the exact signal.
         token_weights: optional ``[B, T]`` precomputed weights replacing the step weights (as
             :func:`sod_kernels.fused_sod_loss`); cannot be combined with ``step_divergence="kl"``/``"sampled"``.
         divergence: ``"reverse_kl"`` (default) or ``"forward_kl"``.

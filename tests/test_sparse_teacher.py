@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from reference import ref_sparse_sod_loss, ref_sparse_token_divergence
 from sod_kernels import SODStats, fused_sod_loss, fused_sparse_sod_loss, sparse_triton
-from sod_kernels.sparse_rows import TAIL_FLOOR
+from sod_kernels.sparse_rows import TAIL_FLOOR, teacher_tail_floor
 from sod_kernels.sparse_validation import logprob_tolerance
 from tests.conftest import HAS_CUDA
 from tests.helpers import step_masks
@@ -204,15 +204,23 @@ def test_every_id_listed_equals_the_dense_loss(backend, divergence):
         assert _rel_err(x, z) < 1e-4
 
 
+# Excess of the sparse KL over the full one allowed by the rounding of the teacher's log-probs: float64 log-probs
+# give the teacher's tail to ~1e-16; float32 ones only to the teacher floor (~5e-7), which a tail just above
+# it can miss by a fraction of itself (measured worst case over 800 random teachers: 1.5e-4 nats).
+NEVER_ABOVE_SLACK = {torch.float64: 1e-5, torch.float32: 1e-3}
+
+
 @settings(max_examples=25)
 @given(n=st.integers(1, 12), V=st.integers(3, 150), k_frac=st.floats(0.0, 0.95), random_ids=st.booleans(),
-       divergence=st.sampled_from(["reverse_kl", "forward_kl"]), scale=st.sampled_from([0.5, 2.0, 8.0]),
-       backend=st.sampled_from(BACKENDS), seed=st.integers(0, 2**31 - 2))
-def test_sparse_kl_is_never_above_the_full_kl(n, V, k_frac, random_ids, divergence, scale, backend, seed):
-    """Coarse-graining never increases a KL divergence (data processing), for any choice of ids."""
+       divergence=st.sampled_from(["reverse_kl", "forward_kl"]), scale=st.sampled_from([0.5, 2.0, 8.0, 16.0]),
+       lp_dtype=st.sampled_from([torch.float64, torch.float32]), backend=st.sampled_from(BACKENDS),
+       seed=st.integers(0, 2**31 - 2))
+def test_sparse_kl_is_never_above_the_full_kl(n, V, k_frac, random_ids, divergence, scale, lp_dtype, backend, seed):
+    """Coarse-graining never increases a KL divergence (data processing), for any choice of ids, up to the
+    rounding of the teacher's log-probs (confident teachers whose listed mass rounds to 1 included)."""
     k = max(1, min(V - 1, round(k_frac * V)))
     (sh, sw, _), ids, a, _, full = _problem((n,), 9, V, k, torch.float32, seed, bias=False, scale=scale,
-                                            random_ids=random_ids, device=_device(backend))
+                                            random_ids=random_ids, lp_dtype=lp_dtype, device=_device(backend))
     stats = fused_sparse_sod_loss(sh, sw, ids, a, torch.ones(n, dtype=torch.int64, device=sh.device),
                                   divergence=divergence, backend=backend, return_stats=True)
     logp_s = torch.log_softmax(sh.double().cpu() @ sw.double().cpu().T, dim=-1)
@@ -221,7 +229,7 @@ def test_sparse_kl_is_never_above_the_full_kl(n, V, k_frac, random_ids, divergen
     else:
         dense = (full.exp() * (full - logp_s)).sum(-1)
     sparse = stats.token_divergence.double().cpu()
-    assert (sparse <= dense * (1 + 1e-5) + 1e-5).all(), (sparse - dense).max()
+    assert (sparse <= dense * (1 + 1e-5) + NEVER_ABOVE_SLACK[lp_dtype]).all(), (sparse - dense).max()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -252,6 +260,9 @@ def test_tail_masses_at_the_floor(backend, divergence):
     for got, ref in zip(leaves, ref_leaves):
         assert _rel_err(got.grad, ref.grad) < 1e-4
     assert TAIL_FLOOR == 1e-12
+    assert teacher_tail_floor(20, torch.float32) == pytest.approx(4.76e-7, rel=1e-3)
+    assert teacher_tail_floor(20, torch.float64) == TAIL_FLOOR
+    assert teacher_tail_floor(20, torch.bfloat16) == pytest.approx(0.031, rel=0.02)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
