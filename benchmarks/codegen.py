@@ -58,6 +58,7 @@ from pathlib import Path
 KERNEL_MODULES = (
     "sod_kernels.kl_epilogue",
     "sod_kernels.logprob_epilogue",
+    "sod_kernels.sparse_epilogue",
 )
 
 HOPPER_TARGET = ("cuda", 90, 32)

@@ -17,6 +17,8 @@ from .sod_reference import (
     ref_token_divergence,
     ref_token_logprobs,
 )
+from .sparse_reference import ref_sparse_sampled_logprobs, ref_sparse_sod_loss, ref_sparse_token_divergence
+from .sparse_reference import ref_topk_logprobs
 
 __all__ = [
     "ref_fused_sod_loss",
@@ -31,3 +33,4 @@ __all__ = [
     "ref_token_divergence",
     "ref_token_logprobs",
 ]
+__all__ += ["ref_sparse_sampled_logprobs", "ref_sparse_sod_loss", "ref_sparse_token_divergence", "ref_topk_logprobs"]

@@ -38,3 +38,8 @@ __all__ = [
     "step_ids_from_mask",
     "step_weights_from_divergence",
 ]
+
+from .sparse_teacher import fused_sparse_sod_loss  # noqa: E402
+from .topk_logprobs import fused_topk_logprobs  # noqa: E402
+
+__all__ += ["fused_sparse_sod_loss", "fused_topk_logprobs"]

@@ -1,0 +1,153 @@
+"""Per-row math of the sparse-teacher divergence: KL between the two distributions coarse-grained onto the
+teacher's k ids plus one tail bucket, and its derivative with respect to the student's logits.
+
+Both backends reduce a row of the student's temperature-scaled logits ``z [V]`` to
+``z_ids [k]`` (the logits at the teacher's ids) and ``lse_tail`` (the log-sum-exp of the other ``V - k``
+logits, ``-inf`` when there are none), computed over the vocabulary with those ``k`` columns excluded, so
+the student's tail mass ``Q = exp(lse_tail - lse)`` never comes from ``1 - sum(q)`` (which cancels when the
+ids hold almost all the mass).  Everything here is ``O(rows x k)`` and runs in float64.
+
+Definitions (``a`` = the teacher's log-probs at the ids, at the temperature of the student's logits):
+
+- ``q_i = exp(z_i - lse)``, ``Q = exp(lse_tail - lse)``; ``P = clamp(1 - sum_i exp(a_i), 0, 1)``, and
+  ``P = 0`` when the ids cover the whole vocabulary (``k = V``: the tail bucket does not exist).
+- Tail masses are floored inside logarithms only (so a zero mass times any logarithm stays 0):
+  ``log Q' = max(log Q, log TAIL_FLOOR)`` for the student, whose tail is computed exactly in log space, and
+  ``log P' = log max(P, F_t)`` for the teacher with ``F_t = max(TAIL_FLOOR, (1 + log k) eps)``
+  (:func:`teacher_tail_floor`, ``eps`` of the log-probs' dtype): below that, ``1 - sum exp(a_i)`` is only the
+  rounding of the given log-probs (``<= eps/2 (log k + 1)``), and flooring there keeps a rounded-to-zero
+  teacher tail from inflating the reverse KL (4.8e-7 for float32 log-probs at k = 20; 1e-12 for float64).
+- reverse KL: ``D = sum_i q_i (log q_i - a_i) + Q (log Q' - log P')``;
+  forward KL: ``D = sum_i e^{a_i} (a_i - log q_i) + P (log P' - log Q')``.
+
+Gradient.  With ``G_c = dD/d log(cell c)`` (cells: the k ids and the tail) and ``Sigma = sum_c G_c``,
+``dD/dz_v = G_i - q_i Sigma`` at an id ``v = i`` and ``exp(z_v - lse_tail) (G_T - Q Sigma)`` at a tail
+column: one coefficient per row (``grad_tail``) times the tail softmax, plus ``k`` values (``grad_ids``).
+The floors are differentiated as the clamp they are (no gradient through a floored logarithm).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+TAIL_FLOOR = 1e-12                   # smallest tail mass inside a logarithm (both models)
+LOG_TAIL_FLOOR = math.log(TAIL_FLOOR)
+
+
+def teacher_tail_floor(k: int, dtype: torch.dtype) -> float:
+    """Floor of the teacher's tail mass for ``k`` log-probs of ``dtype``: ``max(TAIL_FLOOR, (1 + log k) eps)``,
+    the resolution of ``1 - sum exp(a_i)`` given the rounding of the ``a_i``."""
+    return max(TAIL_FLOOR, (1.0 + math.log(max(k, 1))) * torch.finfo(dtype).eps)
+
+
+class SparseRowTerms(NamedTuple):
+    """Per-row results of :func:`coarse_grained_rows` (``C`` rows, ``k`` ids), float64.
+
+    D:          ``[C]`` the coarse-grained divergence (unclamped).
+    grad_ids:   ``[C, k]`` ``dD/dz`` at the ids (``z`` = temperature-scaled logits).
+    grad_tail:  ``[C]`` ``c`` with ``dD/dz_v = c * exp(z_v - lse_tail)`` at every tail column ``v``.
+    lse_tail:   ``[C]`` the tail log-sum-exp with ``-inf`` (empty tail) replaced by 0 (``grad_tail`` is 0 there).
+    lp_s, lp_t: ``[C]`` student / teacher log-prob of the sampled token (None without targets).
+    """
+
+    D: torch.Tensor
+    grad_ids: torch.Tensor
+    grad_tail: torch.Tensor
+    lse_tail: torch.Tensor
+    lp_s: torch.Tensor | None
+    lp_t: torch.Tensor | None
+
+
+def teacher_tail_log_mass(logprobs: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(P, log P')`` per row (float64) from the teacher's ``[C, k]`` log-probs (``P = 0`` when ``k = vocab``;
+    ``P' = max(P, teacher_tail_floor(k, logprobs.dtype))``)."""
+    floor = teacher_tail_floor(logprobs.shape[1], logprobs.dtype)
+    a = logprobs.to(torch.float64).clamp(max=0)
+    P = (1 - a.exp().sum(1)).clamp(0, 1)
+    if a.shape[1] >= vocab:
+        P = torch.zeros_like(P)
+    return P, P.clamp(min=floor).log()
+
+
+def coarse_grained_rows(z_ids: torch.Tensor, lse_tail: torch.Tensor, logprobs: torch.Tensor, *, forward_kl: bool,
+                        vocab: int, ids: torch.Tensor | None = None, target_ids: torch.Tensor | None = None,
+                        z_target: torch.Tensor | None = None) -> SparseRowTerms:
+    """The divergence, its logit gradient and (optionally) the sampled-token log-probs of ``C`` rows.
+
+    Args:
+        z_ids: ``[C, k]`` temperature-scaled student logits at the ids (any floating dtype).
+        lse_tail: ``[C]`` log-sum-exp of the student's other logits (``-inf`` if none).
+        logprobs: ``[C, k]`` the teacher's log-probs at the ids (``<= 0``; tiny positive rounding is clamped).
+        forward_kl: forward KL instead of reverse KL.
+        vocab: ``V`` (``k = V`` means there is no tail bucket).
+        ids, target_ids, z_target: ``[C, k]`` ids, ``[C]`` sampled tokens and their student logits, for the
+            sampled-token log-probs.  The teacher's log-prob of a sampled token that is not among the ids is
+            ``log(P' / (V - k))``: the (floored) tail mass spread evenly over the tail.
+    Returns:
+        :class:`SparseRowTerms` (float64).
+    """
+    f64 = torch.float64
+    z, lt = z_ids.to(f64), lse_tail.to(f64)
+    a = logprobs.to(f64).clamp(max=0)
+    big = torch.maximum(z.amax(1), lt)
+    shifted, tail_shift = z - big[:, None], lt - big
+    lnorm = torch.log(shifted.exp().sum(1) + tail_shift.exp())   # lse - big, in [0, log(k + 1)]
+    logq = shifted - lnorm[:, None]
+    logQ = tail_shift - lnorm
+    q, Q = logq.exp(), logQ.exp()
+    P, logPf = teacher_tail_log_mass(logprobs, vocab)
+    kept = logQ >= LOG_TAIL_FLOOR                                  # where the floor does not bind
+    logQf = torch.where(kept, logQ, torch.full_like(logQ, LOG_TAIL_FLOOR))
+    if forward_kl:
+        pa = a.exp()
+        D = (pa * (a - logq)).sum(1) + P * (logPf - logQf)
+        G = -pa
+        G_tail = torch.where(kept, -P, torch.zeros_like(P))
+    else:
+        gap = torch.where(q > 0, logq - a, torch.zeros_like(q))   # 0 log 0 = 0 for an underflowed q
+        D = (q * gap).sum(1) + Q * (logQf - logPf)
+        G = q * (gap + 1)
+        G_tail = Q * (logQf - logPf + kept.to(f64))
+    sigma = G.sum(1) + G_tail
+    grad_ids = G - q * sigma[:, None]
+    grad_tail = G_tail - Q * sigma
+    lp_s = lp_t = None
+    if target_ids is not None:
+        lp_s = z_target.to(f64) - (big + lnorm)
+        match = ids == target_ids[:, None]
+        listed = match.any(1)
+        from_ids = torch.where(match, a, torch.zeros_like(a)).sum(1)
+        spread = logPf - math.log(max(vocab - a.shape[1], 1))
+        lp_t = torch.where(listed, from_ids, spread)
+    finite_tail = torch.where(torch.isneginf(lt), torch.zeros_like(lt), lt)
+    return SparseRowTerms(D, grad_ids, grad_tail, finite_tail, lp_s, lp_t)
+
+
+@dataclass
+class SparseForward:
+    """Per-row outputs (float32; float64 on the torch backend for float64 inputs): ``D [Na]``, the sampled
+    log-probs ``[Na]`` (None without targets), and what the backward needs: ``lse_tail [Na]``,
+    ``grad_tail [Na]``, ``grad_ids [Na, k]`` (see :class:`SparseRowTerms`)."""
+
+    D: torch.Tensor
+    lp_s: torch.Tensor | None
+    lp_t: torch.Tensor | None
+    lse_tail: torch.Tensor
+    grad_tail: torch.Tensor
+    grad_ids: torch.Tensor
+
+    @classmethod
+    def empty(cls, n: int, k: int, device, dtype, with_targets: bool) -> SparseForward:
+        e = lambda: torch.empty(n, dtype=dtype, device=device)  # noqa: E731
+        return cls(e(), e() if with_targets else None, e() if with_targets else None, e(), e(),
+                   torch.empty(n, k, dtype=dtype, device=device))
+
+    def store(self, start: int, stop: int, t: SparseRowTerms) -> None:
+        self.D[start:stop], self.lse_tail[start:stop], self.grad_tail[start:stop] = t.D, t.lse_tail, t.grad_tail
+        self.grad_ids[start:stop] = t.grad_ids
+        if self.lp_s is not None:
+            self.lp_s[start:stop], self.lp_t[start:stop] = t.lp_s, t.lp_t

@@ -1,0 +1,275 @@
+"""``fused_sparse_sod_loss``: the step-weighted distillation loss against a teacher given as top-k log-probs.
+
+The teacher is served elsewhere (an inference server returns, per position, ``k`` token ids and their
+log-probabilities), so only the student has logits.  Per distilled token the divergence is the exact KL
+between the student's and the teacher's distributions coarse-grained onto the ``k`` listed ids plus one
+tail bucket (:mod:`sod_kernels.sparse_rows`); step divergences, step weights, ``token_weights`` and the
+reductions are those of :func:`sod_kernels.fused_sod_loss` (the same O(tokens) helpers).
+
+Backends: ``"triton"`` (:mod:`sod_kernels.sparse_triton`, the chunked core with the epilogue kernels of
+:mod:`sod_kernels.sparse_epilogue`; CUDA, or CPU tensors under ``TRITON_INTERPRET=1``) and ``"torch"``
+(:mod:`sod_kernels.sparse_torch`, chunked PyTorch; the CPU default; float64 supported).  Neither holds a
+``tokens x vocabulary`` tensor.  With the Triton backend, scalar reductions whose weights are known in the
+pass (``token_weights``, ``step_divergence="none"``, or steps that fit a chunk) form the gradients in the
+forward's single pass (:class:`SinglePassSparse`); otherwise the backward recomputes the logit blocks
+(:class:`SparseDivergence`).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+
+from ._validation import (BACKENDS, DIVERGENCES, REDUCTIONS, STEP_DIVERGENCES, check_choice, check_chunk_size,
+                          check_finite_number, check_lm_head, check_positive, check_same_device, check_shape,
+                          check_tensor)
+from .chunked_core import chunk_rows
+from .chunked_torch import compute_dtype
+from .sod_loss import SODStats, _needs_student_grad, _single_pass_plan, check_token_weights
+from .sparse_rows import SparseForward
+from .sparse_validation import check_topk_shapes, check_topk_values
+from .steps import DEFAULT_DELTA, DEFAULT_EPSILON, resolve_step_ids, step_weights_from_divergence, trim_steps
+from .token_divergence import no_autocast, refuse_double_backward, resolve_backend, zero_student_grads
+
+NAME = "fused_sparse_sod_loss"
+
+
+def _backend(name: str) -> ModuleType:
+    if name == "torch":
+        from . import sparse_torch
+        return sparse_torch
+    from . import sparse_triton  # imported lazily: Triton is only needed for this path
+    return sparse_triton
+
+
+class SparseDivergence(torch.autograd.Function):
+    """``D[i]`` of the rows ``row_index`` against the sparse teacher (two passes).
+
+    Inputs: student hidden ``[N, H]``, weight ``[V, H]``, bias ``[V]`` or None, ``row_index [Na]`` int64,
+    ``ids [Na, k]`` int64, ``logprobs [Na, k]``, ``target_ids [Na]`` int64 or None (of the same rows),
+    divergence, temperature, backend name, chunk_size.
+    Outputs (``[Na]``, float32 or float64): D (differentiable), the student's and the teacher's log-prob of
+    the sampled token (not differentiable; empty without targets).  First-order gradients only.
+    """
+
+    @staticmethod
+    def forward(ctx, sh, sw, sb, row_index, ids, logprobs, y, divergence, temperature, backend, chunk_size):
+        with no_autocast(sh.device):
+            res = _backend(backend).sparse_forward(sh, sw, sb, row_index, ids, logprobs, y, divergence=divergence,
+                                                   temperature=temperature, chunk_size=chunk_size)
+        ctx.save_for_backward(sh, sw, sb, row_index, ids, res.lse_tail, res.grad_tail, res.grad_ids)
+        ctx.options = (temperature, backend, chunk_size)
+        lp_s = res.lp_s if res.lp_s is not None else res.D.new_empty(0)
+        lp_t = res.lp_t if res.lp_t is not None else res.D.new_empty(0)
+        ctx.mark_non_differentiable(lp_s, lp_t)
+        return res.D, lp_s, lp_t
+
+    @staticmethod
+    def backward(ctx, grad_D, *unused):
+        refuse_double_backward(NAME)
+        sh, sw, sb, row_index, ids, lse_tail, grad_tail, grad_ids = ctx.saved_tensors
+        temperature, backend, chunk_size = ctx.options
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if grad_D is None or row_index.numel() == 0:
+            dh, dw, db = zero_student_grads(sh, sw, sb, need_h, need_w, need_b)
+        else:
+            saved = SparseForward(grad_D, None, None, lse_tail, grad_tail, grad_ids)
+            with no_autocast(sh.device):
+                dh, dw, db = _backend(backend).sparse_backward(
+                    sh, sw, sb, row_index, ids, saved, grad_D.contiguous(), temperature=temperature,
+                    need_hidden=need_h, need_weight=need_w, need_bias=need_b, chunk_size=chunk_size)
+        return (dh, dw, db) + (None,) * 8
+
+
+class SinglePassSparse(torch.autograd.Function):
+    """The weighted loss and its student gradients in one pass (Triton backend, scalar reductions).
+
+    Inputs: student hidden, weight, bias, ``row_index``, ``ids``, ``logprobs``, ``target_ids`` (as
+    :class:`SparseDivergence`), divergence, temperature, the chunks and their weight function (see
+    :func:`sod_kernels.sparse_triton.single_pass_loss`), coef, normalizer, whether the weights use the
+    sampled signal.  Outputs: loss (0-D float32, differentiable), ``D``, ``logp_s(y)``, ``logp_t(y)``
+    (``[Na]``, not differentiable).  Gradients are formed for an upstream gradient of 1 and scaled in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, sh, sw, sb, row_index, ids, logprobs, y, divergence, temperature, chunks, chunk_weights, coef,
+                normalizer, sampled_signal):
+        from .sparse_triton import SparseProblem, single_pass_loss
+        problem = SparseProblem.build(sh, sw, sb, row_index, ids, logprobs, y, divergence, temperature)
+        need = ctx.needs_input_grad
+        res = single_pass_loss(problem, chunks, chunk_weights, coef=coef, normalizer=normalizer,
+                               need_hidden=need[0], need_weight=need[1], need_bias=need[2],
+                               sampled_signal=sampled_signal)
+        ctx.grads = res.grads
+        lp_s = res.lp_s if res.lp_s is not None else res.D.new_empty(0)
+        lp_t = res.lp_t if res.lp_t is not None else res.D.new_empty(0)
+        ctx.mark_non_differentiable(res.D, lp_s, lp_t)
+        return res.loss, res.D, lp_s, lp_t
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        refuse_double_backward(NAME)
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError(f"{NAME}'s single-pass gradients were already used: call backward once per forward "
+                               "(retain_graph is not supported by the single pass; pass reduction='none' and "
+                               "reduce it yourself for a recomputing backward)")
+        one = grad_loss.new_ones(())
+        scaled = tuple(None if g is None else (g if torch.equal(grad_loss, one) else g * grad_loss.to(g.dtype))
+                       for g in grads)
+        return scaled + (None,) * 11
+
+
+def fused_sparse_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                          teacher_topk_ids: torch.Tensor, teacher_topk_logprobs: torch.Tensor,
+                          response_mask: torch.Tensor | None = None, *, step_ids: torch.Tensor | None = None,
+                          target_ids: torch.Tensor | None = None, token_weights: torch.Tensor | None = None,
+                          divergence: str = "reverse_kl", step_divergence: str | None = None,
+                          epsilon: float = DEFAULT_EPSILON, delta: float = DEFAULT_DELTA, temperature: float = 1.0,
+                          coef: float = 1.0, student_bias: torch.Tensor | None = None,
+                          reduction: str = "token_mean", return_stats: bool = False, backend: str = "auto",
+                          chunk_size: int | None = None, check_inputs: bool = True):
+    """Step-weighted on-policy distillation loss against a teacher given as top-k log-probs.
+
+    ``L = coef * sum_{b,t} m[b,t] * w[b,t] * D[b,t] / normalizer`` as :func:`sod_kernels.fused_sod_loss`, with
+    ``D`` the KL between student and teacher coarse-grained onto the ``k`` ids of the position plus a tail
+    bucket: with ``q_i`` the student's probabilities of the ids, ``Q = 1 - sum q_i``, ``a_i`` the teacher's
+    log-probs and ``P = 1 - sum exp(a_i)`` (clamped to [0, 1]; 0 when ``k = V``),
+
+    - ``reverse_kl``: ``D = sum_i q_i (log q_i - a_i) + Q (log Q - log P)``
+    - ``forward_kl``: ``D = sum_i e^{a_i} (a_i - log q_i) + P (log P - log Q)``
+
+    with ``0 log 0 = 0`` and the tail masses floored inside the logarithms: ``Q`` at ``1e-12``, ``P`` at
+    ``max(1e-12, (1 + log k) eps)`` with ``eps`` of the log-probs' dtype, the resolution of ``1 - sum exp(a)``
+    (4.8e-7 for float32 at k = 20; :mod:`sod_kernels.sparse_rows`).  ``D`` never exceeds the full-vocabulary KL and equals it when the ids
+    are the whole vocabulary.  Only the student's full log-sum-exp and its ``k`` logits per token are needed;
+    no ``tokens x vocabulary`` tensor is held.
+
+    Args:
+        student_hidden: ``[B, T, H]`` or ``[T, H]``, float32 / bfloat16 / float16 (float64 on the torch
+            backend); receives a gradient.
+        student_weight: ``[V, H]`` lm_head weight, same dtype; receives a gradient.
+        teacher_topk_ids: ``[B, T, k]`` (or ``[T, k]``) integer ids, ``k >= 1`` distinct ids in ``[0, V)`` per
+            distilled position (e.g. the teacher's top-k).  Positions outside the steps are not read.
+        teacher_topk_logprobs: same shape, floating: the teacher's log-probabilities of those ids at
+            ``temperature`` (as a server returns them): finite, ``<= 0`` and ``sum exp <= 1`` up to a rounding
+            tolerance (:func:`sod_kernels.sparse_validation.logprob_tolerance`; entries above 0 within it are
+            read as 0).  Never receives a gradient.
+        response_mask: ``[B, T]`` 0/1; exactly one of this and ``step_ids`` (``[B, T]`` int, -1 outside steps).
+        target_ids: ``[B, T]`` sampled tokens in ``[0, V)``; needed for ``step_divergence="sampled"``, whose
+            signal is ``|log p_s(y) - log p_t(y)|`` with ``log p_t(y)`` the teacher's listed log-prob when ``y``
+            is among the ids, else ``log(P' / (V - k))`` (the tail mass spread evenly over the tail ids;
+            ``P'`` the floored ``P``).  List the sampled token among the ids for the exact signal.
+        token_weights: optional ``[B, T]`` precomputed weights replacing the step weights (as
+            :func:`sod_kernels.fused_sod_loss`); cannot be combined with ``step_divergence="kl"``/``"sampled"``.
+        divergence: ``"reverse_kl"`` (default) or ``"forward_kl"``.
+        step_divergence: ``"kl"`` (step mean of ``D``; the default without ``token_weights``), ``"sampled"`` or
+            ``"none"`` (every weight 1; the default with ``token_weights``).
+        epsilon, delta: step-weight parameters (``epsilon > 0``, ``delta >= 0``).
+        temperature: ``> 0``; the student's logits are divided by it (the teacher's log-probs are taken as given).
+        coef: multiplies the loss.
+        student_bias: optional ``[V]``.
+        reduction: ``"token_mean"`` (default), ``"sum"`` or ``"none"`` (per-token ``[B, T]``).
+        return_stats: return :class:`sod_kernels.SODStats` (loss, token divergences, weights, step statistics).
+        backend: ``"auto"`` (Triton for CUDA tensors, chunked PyTorch otherwise), ``"triton"``, ``"torch"``.
+        chunk_size: rows per chunk (default: from a memory budget and the vocabulary size).
+        check_inputs: validate mask / step ids / teacher ids and log-probs at the distilled positions and the
+            loss's finiteness (host synchronisations); on by default.
+    Returns:
+        The loss (float32, or float64 for float64 inputs), or :class:`sod_kernels.SODStats` if ``return_stats``.
+    """
+    check_choice(divergence, "divergence", DIVERGENCES)
+    if step_divergence is None:
+        step_divergence = "kl" if token_weights is None else "none"
+    check_choice(step_divergence, "step_divergence", STEP_DIVERGENCES)
+    if token_weights is not None and step_divergence != "none":
+        raise ValueError(f"token_weights replaces the step weights: it cannot be combined with "
+                         f"step_divergence={step_divergence!r} (leave step_divergence unset or pass 'none')")
+    check_choice(reduction, "reduction", REDUCTIONS)
+    check_choice(backend, "backend", BACKENDS)
+    check_chunk_size(chunk_size)
+    epsilon = check_positive(epsilon, "epsilon")
+    delta = check_positive(delta, "delta", allow_zero=True)
+    temperature = check_positive(temperature, "temperature")
+    coef = check_finite_number(coef, "coef")
+    check_lm_head(student_hidden, student_weight, student_bias, hidden_name="student_hidden",
+                  weight_name="student_weight", bias_name="student_bias")
+    lead = tuple(student_hidden.shape[:-1])
+    V = student_weight.shape[0]
+    k = check_topk_shapes(teacher_topk_ids, teacher_topk_logprobs, lead, V)
+    check_same_device(student_hidden=student_hidden, student_weight=student_weight,
+                      teacher_topk_ids=teacher_topk_ids, teacher_topk_logprobs=teacher_topk_logprobs,
+                      response_mask=response_mask, step_ids=step_ids, target_ids=target_ids,
+                      student_bias=student_bias, token_weights=token_weights)
+    if step_divergence == "sampled" and target_ids is None:
+        raise ValueError("step_divergence='sampled' needs target_ids (the sampled tokens)")
+    if target_ids is not None:
+        check_tensor(target_ids, "target_ids", ndim=(len(lead),), integer=True)
+        check_shape(target_ids, "target_ids", lead, "the leading shape of student_hidden")
+        if check_inputs and target_ids.numel() and bool(((target_ids < 0) | (target_ids >= V)).any()):
+            raise ValueError(f"target_ids must lie in [0, {V}) (the student vocabulary)")
+    ids = resolve_step_ids(response_mask, step_ids, lead, check_inputs=check_inputs)
+    if token_weights is not None:
+        check_token_weights(token_weights, lead, check_values=check_inputs)
+    impl = resolve_backend(backend, student_hidden.device)
+
+    single = student_hidden.dim() == 2
+    step_rows = ids.unsqueeze(0) if single else ids
+    B, T = step_rows.shape
+    row_index = torch.nonzero(step_rows.reshape(-1) >= 0).squeeze(1)
+    num_active = row_index.numel()  # the one host sync the API needs: it sizes the kernels' work
+    topk = teacher_topk_ids.reshape(-1, k).index_select(0, row_index).to(torch.int64).contiguous()
+    logprobs = teacher_topk_logprobs.detach().reshape(-1, k).index_select(0, row_index).contiguous()
+    if check_inputs:
+        check_topk_values(topk, logprobs, V)
+    sh = student_hidden.reshape(-1, student_hidden.shape[-1]).contiguous()
+    sw = student_weight.contiguous()
+    y = None if target_ids is None else target_ids.reshape(-1).index_select(0, row_index).to(torch.int64)
+    acc = compute_dtype(student_hidden.dtype)
+    given = None if token_weights is None else token_weights.detach().to(acc).reshape(B, T)
+    loss = None
+    with no_autocast(student_hidden.device):
+        if impl == "triton" and reduction != "none" and num_active and \
+                _needs_student_grad(student_hidden, student_weight, student_bias):
+            rows = chunk_rows(num_active, V, 4 + student_hidden.element_size(), chunk_size=chunk_size)
+            plan = _single_pass_plan(step_rows, row_index, given, step_divergence, epsilon, delta, rows, V,
+                                     student_hidden.element_size())
+            if plan is not None:
+                chunks, chunk_weights = plan
+                normalizer = float(max(num_active, 1)) if reduction == "token_mean" else 1.0
+                loss, D, lp_s, lp_t = SinglePassSparse.apply(
+                    sh, sw, student_bias, row_index, topk, logprobs, y, divergence, temperature, chunks,
+                    chunk_weights, coef, normalizer, step_divergence == "sampled")
+        if loss is None:
+            D, lp_s, lp_t = SparseDivergence.apply(sh, sw, student_bias, row_index, topk, logprobs, y, divergence,
+                                                   temperature, impl, chunk_size)
+    token_divergence = torch.zeros(B * T, dtype=acc, device=D.device).index_copy(0, row_index, D.to(acc)).view(B, T)
+    if step_divergence == "sampled":
+        signal = torch.zeros(B * T, dtype=acc, device=D.device).index_copy(0, row_index, (lp_s - lp_t).abs().to(acc))
+        signal = signal.view(B, T)
+    else:
+        signal = token_divergence
+    if loss is None or return_stats:
+        weights = step_weights_from_divergence(signal, step_rows, epsilon=epsilon, delta=delta,
+                                               weighted=step_divergence != "none")
+        if given is not None:
+            weights = weights._replace(token_weights=given.masked_fill(step_rows < 0, 0))
+    if loss is None:
+        per_token = coef * weights.token_weights * token_divergence
+        if reduction == "none":
+            loss = per_token[0] if single else per_token
+        elif reduction == "sum":
+            loss = per_token.sum()
+        else:
+            loss = per_token.sum() / max(num_active, 1)
+    if check_inputs and num_active and not bool(torch.isfinite(loss.detach()).all()):
+        raise ValueError("the loss is not finite: student_hidden, student_weight or student_bias contain NaN or "
+                         "Inf (or the logits overflow)")
+    if not return_stats:
+        return loss
+    w = trim_steps(weights)
+    pick = (lambda x: x[0]) if single else (lambda x: x)
+    return SODStats(loss=loss, token_divergence=pick(token_divergence.detach().clamp(min=0)),
+                    token_weights=pick(w.token_weights), step_divergence=pick(w.step_divergence),
+                    step_weights=pick(w.step_weights), num_steps=pick(w.num_steps))
