@@ -24,7 +24,7 @@ import torch
 from ._validation import (BACKENDS, DIVERGENCES, REDUCTIONS, STEP_DIVERGENCES, check_choice, check_chunk_size,
                           check_finite_number, check_lm_head, check_positive, check_same_device, check_shape,
                           check_tensor)
-from .chunked_core import chunk_rows
+from .chunked_core import GradAccumulator, chunk_rows
 from .chunked_torch import compute_dtype
 from .sod_loss import SODStats, _needs_student_grad, _single_pass_plan, check_token_weights
 from .sparse_rows import SparseForward
@@ -232,7 +232,8 @@ def fused_sparse_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Te
     with no_autocast(student_hidden.device):
         if impl == "triton" and reduction != "none" and num_active and \
                 _needs_student_grad(student_hidden, student_weight, student_bias):
-            rows = chunk_rows(num_active, V, 4 + student_hidden.element_size(), chunk_size=chunk_size)
+            rows = chunk_rows(num_active, V, 4 + GradAccumulator.GROUP * student_hidden.element_size(),
+                              chunk_size=chunk_size)
             plan = _single_pass_plan(step_rows, row_index, given, step_divergence, epsilon, delta, rows, V,
                                      student_hidden.element_size())
             if plan is not None:

@@ -73,18 +73,16 @@ class SparseProblem:
         return self.head.vocab
 
     def chunks(self, grad: bool, chunk_size: int | None) -> list[tuple[int, int]]:
-        per_entry = 4 + (self.head.hidden.element_size() if grad else 0)
+        per_entry = 4 + (GradAccumulator.GROUP * self.head.hidden.element_size() if grad else 0)
         return even_chunks(self.n_rows, chunk_rows(self.n_rows, self.vocab, per_entry, budget=FAST_CHUNK_BYTES,
                                                    chunk_size=chunk_size))
 
 
 class _Block:
-    """Reusable float32 logit block and gradient block of at most ``rows`` rows."""
+    """Reusable float32 logit block of at most ``rows`` rows (gradient blocks come from GradAccumulator)."""
 
-    def __init__(self, p: SparseProblem, rows: int, grad: bool):
-        device = p.head.hidden.device
-        self.x = torch.empty(rows, p.vocab, dtype=torch.float32, device=device)
-        self.grad = torch.empty(rows, p.vocab, dtype=p.head.hidden.dtype, device=device) if grad else None
+    def __init__(self, p: SparseProblem, rows: int):
+        self.x = torch.empty(rows, p.vocab, dtype=torch.float32, device=p.head.hidden.device)
 
     def logits(self, p: SparseProblem, start: int, stop: int):
         """``(hidden rows, masked-to-be logit block)`` of rows ``[start, stop)``."""
@@ -127,7 +125,7 @@ def sparse_forward(hidden, weight, bias, row_index, ids, logprobs, target_ids, *
     p = SparseProblem.build(hidden, weight, bias, row_index, ids, logprobs, target_ids, divergence, temperature)
     out = SparseForward.empty(p.n_rows, p.ids.shape[1], hidden.device, torch.float32, target_ids is not None)
     chunks = p.chunks(False, chunk_size)
-    block = _Block(p, max((b - a for a, b in chunks), default=1), False)
+    block = _Block(p, max((b - a for a, b in chunks), default=1))
     for start, stop in chunks:
         _, x = block.logits(p, start, stop)
         out.store(start, stop, _chunk_terms(p, x, start, stop))
@@ -140,18 +138,19 @@ def sparse_backward(hidden, weight, bias, row_index, ids, saved: SparseForward, 
     """Gradients of ``sum_i grad_divergence[i] * D[i]`` w.r.t. hidden ``[N, H]``, weight ``[V, H]``, bias ``[V]``
     (inputs' dtypes, None where not needed), recomputing the logit blocks; ``saved`` from :func:`sparse_forward`."""
     p = SparseProblem.build(hidden, weight, bias, row_index, ids, None, None, "reverse_kl", temperature)
+    chunks = p.chunks(True, chunk_size)
+    longest = max((b - a for a, b in chunks), default=1)
     acc = GradAccumulator(p.head, p.row_index, p.contiguous, need_hidden=need_hidden, need_weight=need_weight,
-                          need_bias=need_bias)
+                          need_bias=need_bias, block_rows=longest)
     if not acc.active or p.n_rows == 0:
         return acc.finish()
     scale = grad_divergence.to(torch.float32) / p.temperature
-    chunks = p.chunks(True, chunk_size)
-    block = _Block(p, max(b - a for a, b in chunks), True)
+    block = _Block(p, longest)
     for start, stop in chunks:
         h, x = block.logits(p, start, stop)
         gather_and_mask(x, p.head.used_bias, p.ids[start:stop], temperature=p.temperature)
         grad = _grad_block(p, x, start, stop, saved.lse_tail[start:stop], saved.grad_tail[start:stop],
-                           saved.grad_ids[start:stop], scale[start:stop], block.grad[: stop - start])
+                           saved.grad_ids[start:stop], scale[start:stop], acc.grad_block(stop - start))
         acc.add(grad, start, stop, h)
     return acc.finish()
 
@@ -175,13 +174,14 @@ def single_pass_loss(p: SparseProblem, chunks: list[tuple[int, int]],
     """``L = coef * sum_i w_i D_i / normalizer`` and its student gradients in one pass over ``chunks``;
     ``chunk_weights(start, stop, D, signal)`` as in :func:`sod_kernels.triton_divergence.single_pass_loss`."""
     device = p.head.hidden.device
+    longest = max((b - a for a, b in chunks), default=1)
     acc = GradAccumulator(p.head, p.row_index, p.contiguous, need_hidden=need_hidden, need_weight=need_weight,
-                          need_bias=need_bias)
+                          need_bias=need_bias, block_rows=longest)
     n, with_targets = p.n_rows, p.target_ids is not None
     D = torch.empty(n, dtype=torch.float32, device=device)
     lp_s = torch.empty_like(D) if with_targets else None
     lp_t = torch.empty_like(D) if with_targets else None
-    block = _Block(p, max((b - a for a, b in chunks), default=1), acc.active)
+    block = _Block(p, longest)
     total = torch.zeros((), dtype=torch.float64, device=device)
     grad_scale = coef / (normalizer * p.temperature)
     for start, stop in chunks:
@@ -196,7 +196,7 @@ def single_pass_loss(p: SparseProblem, chunks: list[tuple[int, int]],
         total += (w * D[start:stop].to(torch.float64)).sum()
         if acc.active:
             grad = _grad_block(p, x, start, stop, t.lse_tail, t.grad_tail, t.grad_ids, w * grad_scale,
-                               block.grad[: stop - start])
+                               acc.grad_block(stop - start))
             acc.add(grad, start, stop, h)
     del block
     loss = (total * (coef / normalizer)).to(torch.float32)
