@@ -8,6 +8,8 @@ import pytest
 import torch
 import transformers
 
+from sod_kernels import hf
+
 from reference.sod_reference import ref_step_ids_from_mask
 from sod_kernels.integrations.trl import SODDistillationConfig, SODDistillationTrainer
 from tests.hf_helpers import qwen3, reference_loss
@@ -116,6 +118,7 @@ def test_configuration_errors(tokenizer, tmp_path):
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=8, final_logit_softcapping=30.0, pad_token_id=tokenizer.pad_token_id))
     student, _ = models(tokenizer)
-    with pytest.raises(ValueError, match="teacher model soft-caps"):
-        SODDistillationTrainer(model=student, teacher_model=gemma, args=config(tmp_path), train_dataset=prompts(),
-                               processing_class=tokenizer)
+    # A soft-capping teacher is accepted: its cap is applied inside the loss (teacher_softcap).
+    trainer = SODDistillationTrainer(model=student, teacher_model=gemma, args=config(tmp_path),
+                                     train_dataset=prompts(), processing_class=tokenizer)
+    assert hf.lm_head(trainer.teacher_model).processing.softcap == 30.0

@@ -87,8 +87,6 @@ class SODDistillationTrainer(DistillationTrainer):
         self.sod_divergence = "reverse_kl" if self.beta == 1.0 else "forward_kl"
         if self.teacher_model is None:
             raise ValueError("SODDistillationTrainer needs a teacher_model (a causal LM with an lm_head)")
-        for who, model in (("student", self.model), ("teacher", self.teacher_model)):
-            hf.refuse_softcap(hf.lm_head(self.accelerator.unwrap_model(model)), who)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # As in DistillationTrainer: normalize by the generated-token count of the whole generation batch (not
@@ -133,6 +131,7 @@ class SODDistillationTrainer(DistillationTrainer):
             target_ids=inputs["completion_ids"].to(s_hidden.device), divergence=self.sod_divergence,
             step_divergence=self.sod_step_divergence, epsilon=self.sod_epsilon, delta=self.sod_delta,
             temperature=self.temperature, student_bias=s_bias, teacher_bias=t_bias,
+            student_softcap=s_head.processing.softcap, teacher_softcap=t_head.processing.softcap,
             reduction="token_mean" if num_items_in_batch is None else "sum", return_stats=True)
         loss = stats.loss
         if num_items_in_batch is not None:

@@ -168,9 +168,8 @@ def _response_hidden(model, micro_batch: Mapping):
     extra = {"position_ids": micro_batch["position_ids"]} if micro_batch.get("position_ids") is not None else {}
     hidden = hf.final_hidden_states(model, input_ids, micro_batch.get("attention_mask"), **extra)
     head = hf.lm_head(model)
-    hf.refuse_softcap(head, "actor")
     hidden, bias = hf.fold_logit_scale(hidden[:, -R - 1:-1], head)
-    return hidden, head.weight, bias
+    return hidden, head.weight, bias, head.processing.softcap
 
 
 def actor_log_probs(model, micro_batch: Mapping, *, temperature: float = 1.0, return_entropy: bool = False,
@@ -183,8 +182,9 @@ def actor_log_probs(model, micro_batch: Mapping, *, temperature: float = 1.0, re
     ``temperature`` (verl's ``calculate_entropy``), as ``(log_probs, entropy)``. Differentiable when
     gradients are enabled.
     """
-    hidden, weight, bias = _response_hidden(model, micro_batch)
+    hidden, weight, bias, softcap = _response_hidden(model, micro_batch)
     return fused_token_logprobs(hidden, weight, micro_batch["responses"], bias=bias, temperature=temperature,
+                                softcap=softcap,
                                 return_entropy=return_entropy, backend=backend)
 
 
@@ -208,12 +208,13 @@ def actor_policy_loss(model, micro_batch: Mapping, *, clip_ratio: float = 0.2, c
     check_choice(loss_agg_mode, "loss_agg_mode", LOSS_AGG_MODES)
     low = clip_ratio if clip_ratio_low is None else clip_ratio_low
     high = clip_ratio if clip_ratio_high is None else clip_ratio_high
-    hidden, weight, bias = _response_hidden(model, micro_batch)
+    hidden, weight, bias, softcap = _response_hidden(model, micro_batch)
     mask = micro_batch["response_mask"]
     token_mean = loss_agg_mode == "token-mean"
     stats = fused_sod_policy_loss(hidden, weight, micro_batch["responses"], micro_batch["old_log_probs"],
                                   micro_batch["advantages"], mask, clip_low=low, clip_high=high,
                                   dual_clip=clip_ratio_c, temperature=temperature, student_bias=bias,
+                                  student_softcap=softcap,
                                   reduction="token_mean" if token_mean else "none", return_stats=True,
                                   backend=backend)
     loss = stats.loss
