@@ -38,3 +38,9 @@ __all__ = [
     "step_ids_from_mask",
     "step_weights_from_divergence",
 ]
+
+# Vocabulary-parallel (column-parallel lm_head) forms over a torch.distributed group: docs/scaling.md.
+from .vocab_parallel import (vocab_parallel_policy_loss, vocab_parallel_sod_loss,  # noqa: E402
+                             vocab_parallel_token_logprobs)
+
+__all__ += ["vocab_parallel_policy_loss", "vocab_parallel_sod_loss", "vocab_parallel_token_logprobs"]

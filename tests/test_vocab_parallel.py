@@ -9,8 +9,13 @@ single-process computation it runs itself.
 from __future__ import annotations
 
 import datetime
+import os
 import random
+import re
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +27,7 @@ from sod_kernels import fused_sod_loss, fused_sod_policy_loss, fused_token_logpr
 from sod_kernels.vocab_parallel import (vocab_parallel_policy_loss, vocab_parallel_sod_loss,
                                         vocab_parallel_token_logprobs)
 
+ROOT = Path(__file__).resolve().parent.parent
 # (vocabulary size, shard sizes by rank, first id by rank); the 3-rank shards are not in rank order.
 LAYOUTS = {2: (29, (16, 13), (0, 16)), 3: (31, (7, 14, 10), (24, 0, 14))}
 TEACHER_PAD = 3  # extra rows on the shard holding the last ids (a padded teacher vocabulary)
@@ -375,3 +381,19 @@ def test_needs_an_initialized_process_group():
     h, w = torch.randn(3, 4), torch.randn(5, 4)
     with pytest.raises(RuntimeError, match="init_process_group"):
         vocab_parallel_token_logprobs(h, w, torch.zeros(3, dtype=torch.long))
+
+
+def test_torchrun_example(tmp_path):
+    """examples/vocab_parallel_torchrun.py under torchrun with 2 CPU ranks: the sharded loss equals the
+    single-process loss, falls, and the replicated hidden states stay identical on every rank."""
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          str(ROOT / "examples" / "vocab_parallel_torchrun.py")],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    losses = [float(x) for x in re.findall(r"step \d: loss ([\d.]+)", run.stdout)]
+    (single,) = re.findall(r"single-process, full heads: ([\d.]+)", run.stdout)
+    assert len(losses) == 3 and losses[2] < losses[1] < losses[0], run.stdout
+    assert abs(losses[0] - float(single)) <= 1e-5 * float(single), run.stdout
+    assert "2 ranks, shards of [501, 500] rows; hidden states identical on every rank: True" in run.stdout
