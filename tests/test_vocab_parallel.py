@@ -255,6 +255,21 @@ def check_deterministic_and_contract(ctx: Ctx, seed: int) -> None:
         torch.autograd.grad(loss, [p["sh"]], create_graph=True)
 
 
+def check_bfloat16(ctx: Ctx, seed: int) -> None:
+    """bfloat16 inputs (float32 statistics): within 2e-2 of the float64 reference on the bf16 values."""
+    p = problem(seed + 550, ctx.vocab, torch.bfloat16, bias=True)
+    sw, sb, tw = shard(p["sw"], ctx), shard(p["sb"], ctx), shard(p["tw"], ctx, TEACHER_PAD)
+    loss = vocab_parallel_sod_loss(p["sh"], sw, p["th"], tw, p["mask"], vocab_start=ctx.start, student_bias=sb)
+    ref_in = {k: p[k].detach().double().requires_grad_(k in ("sh", "sw", "sb")) for k in ("sh", "sw", "th", "tw", "sb")}
+    ref, _ = ref_fused_sod_loss(ref_in["sh"], ref_in["sw"], ref_in["th"], ref_in["tw"], p["mask"],
+                                student_bias=ref_in["sb"])
+    assert loss.dtype == torch.float32 and rel(loss, ref) <= 1e-2
+    mine, oracle = _grads(loss, [p["sh"], sw, sb]), _grads(ref, [ref_in["sh"], ref_in["sw"], ref_in["sb"]])
+    assert all(g.dtype == torch.bfloat16 for g in mine)
+    assert rel(mine[0], oracle[0]) <= 2e-2
+    assert rel(mine[1], oracle[1][ctx.rows]) <= 2e-2 and rel(mine[2], oracle[2][ctx.rows]) <= 2e-2
+
+
 # ------------------------------------------------------------------------------------------ validation
 def _raises(match: str, fn) -> None:
     with pytest.raises(ValueError, match=match):
@@ -359,6 +374,7 @@ def _worker(rank: int, world: int, init_file: str, seed: int) -> None:
         check_validation(ctx, seed)
         if world == 2:
             check_deterministic_and_contract(ctx, seed)
+            check_bfloat16(ctx, seed)
             check_triton_backend(ctx, seed)
         else:
             check_groups(ctx, seed)
