@@ -15,8 +15,8 @@ checks them, so a bad input raises on every rank instead of hanging the others),
 ``P`` statistics per distilled token (``P`` = 5, 7 with the sampled step signal, 3 or 4 for log-probs), and
 in backward, with ``reduce_hidden_grad=True``, one all-reduce of ``d(hidden)`` over the distilled rows.
 Never anything of size tokens x vocabulary.  Deterministic: the statistics are merged in rank order on every
-rank (the all-gather moves bits, it does not add), and the ``d(hidden)`` sum is one all-reduce whose order is
-fixed by the backend for a given group size (gloo's and NCCL's ring algorithms).
+rank (the all-gather moves bits, it does not add), and the ``d(hidden)`` sum is one all-reduce whose order of
+addition the backend fixes for a given group, message size and configuration (gloo and NCCL alike).
 """
 
 from __future__ import annotations
