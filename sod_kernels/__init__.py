@@ -43,3 +43,9 @@ from .sparse_teacher import fused_sparse_sod_loss  # noqa: E402
 from .topk_logprobs import fused_topk_logprobs  # noqa: E402
 
 __all__ += ["fused_sparse_sod_loss", "fused_topk_logprobs"]
+
+# Vocabulary-parallel (column-parallel lm_head) forms over a torch.distributed group: docs/scaling.md.
+from .vocab_parallel import (vocab_parallel_policy_loss, vocab_parallel_sod_loss,  # noqa: E402
+                             vocab_parallel_token_logprobs)
+
+__all__ += ["vocab_parallel_policy_loss", "vocab_parallel_sod_loss", "vocab_parallel_token_logprobs"]

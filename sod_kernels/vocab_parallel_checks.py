@@ -1,0 +1,292 @@
+"""Input preparation of the vocabulary-parallel functions: the single-process checks, plus the fields every
+rank must agree on (sent in the descriptor exchange of :mod:`sod_kernels.vocab_parallel_layout`).
+
+Each ``prepare_*`` function validates one rank's inputs exactly like its single-process counterpart, fills
+the ``agreed`` dictionary (a fixed set of names per function, so every rank sends a vector of one length even
+when its validation fails half-way) and returns what the computation needs.  Nothing here communicates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._validation import (BACKENDS, DIVERGENCES, REDUCTIONS, STEP_DIVERGENCES, check_binary_mask,
+                          check_choice, check_chunk_size, check_finite_number, check_lm_head, check_positive,
+                          check_same_device, check_shape, check_tensor)
+from .chunked_torch import compute_dtype
+from .sod_loss import check_token_weights
+from .steps import resolve_step_ids
+from .token_divergence import resolve_backend
+from .token_logprobs import check_target_ids
+from .vocab_parallel_layout import choice_code, dtype_code
+
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+COMMON_FIELDS = ("rank of the hidden states", "leading size 0", "leading size 1", "hidden size", "dtype",
+                 "bias given", "temperature", "reduction", "backend", "chunk_size", "check_inputs",
+                 "reduce_hidden_grad", "grad mode", "hidden.requires_grad", "weight.requires_grad",
+                 "bias.requires_grad", "distilled tokens", "distilled positions (checksum)",
+                 "target_ids given", "target_ids (checksum)", "target_ids min", "target_ids max")
+SOD_FIELDS = COMMON_FIELDS + ("teacher hidden size", "teacher dtype", "teacher_bias given", "divergence",
+                              "step_divergence", "epsilon", "delta", "coef", "return_stats", "token_weights given",
+                              "token_weights (checksum)", "step_ids (checksum)")
+LOGPROB_FIELDS = COMMON_FIELDS + ("return_entropy",)
+POLICY_FIELDS = COMMON_FIELDS + ("clip_low", "clip_high", "dual_clip", "return_stats", "old_logprobs (checksum)",
+                                 "advantages (checksum)")
+
+
+def check_vocab_start(vocab_start) -> int | None:
+    if vocab_start is None:
+        return None
+    if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
+        raise ValueError(f"vocab_start must be an int >= 0 (this rank's first vocabulary id) or None (shards in rank "
+                         f"order), got {vocab_start!r}")
+    return int(vocab_start)
+
+
+def descriptor_device(hidden) -> torch.device:
+    return hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
+
+
+def weight_rows(weight) -> int:
+    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else 0
+
+
+def resolve_parallel_backend(backend: str, hidden: torch.Tensor, name: str) -> str:
+    """``"auto"`` -> Triton for CUDA tensors of a Triton dtype, else chunked PyTorch."""
+    check_choice(backend, "backend", BACKENDS)
+    impl = resolve_backend(backend, hidden.device)
+    if impl == "triton" and hidden.dtype not in TRITON_DTYPES:
+        if backend == "auto":
+            return "torch"
+        raise TypeError(f"backend='triton' supports {name} in float32, bfloat16 or float16, got {hidden.dtype}; "
+                        "use backend='torch' for float64")
+    return impl
+
+
+def _flag(x) -> float:
+    return 1.0 if x else 0.0
+
+
+def _common(agreed: dict, hidden, weight, bias, lead, *, temperature, reduction, impl, chunk_size, check_inputs,
+            reduce_hidden_grad) -> None:
+    agreed["rank of the hidden states"] = float(len(lead))
+    agreed["leading size 0"] = float(lead[0])
+    agreed["leading size 1"] = float(lead[1]) if len(lead) > 1 else -1.0
+    agreed["hidden size"] = float(hidden.shape[-1])
+    agreed["dtype"] = dtype_code(hidden.dtype)
+    agreed["bias given"] = _flag(bias is not None)
+    agreed["temperature"] = temperature
+    agreed["reduction"] = choice_code(reduction, REDUCTIONS)
+    agreed["backend"] = choice_code(impl, BACKENDS)
+    agreed["chunk_size"] = -1.0 if chunk_size is None else float(chunk_size)
+    agreed["check_inputs"] = _flag(check_inputs)
+    agreed["reduce_hidden_grad"] = _flag(reduce_hidden_grad)
+    agreed["grad mode"] = _flag(torch.is_grad_enabled())
+    agreed["hidden.requires_grad"] = _flag(hidden.requires_grad)
+    agreed["weight.requires_grad"] = _flag(weight.requires_grad)
+    agreed["bias.requires_grad"] = _flag(bias is not None and bias.requires_grad)
+
+
+def _rows_and_targets(agreed: dict, row_index: torch.Tensor, y: torch.Tensor | None, *, check_inputs: bool,
+                      active_targets_only: bool) -> None:
+    """Distilled-token count and checksums (one host sync): every rank must hold the same tokens."""
+    device = row_index.device
+    summary = [torch.tensor(float(row_index.numel()), dtype=torch.float64, device=device),
+               row_index.to(torch.float64).sum()]
+    if y is not None:
+        used = y[row_index] if active_targets_only else y
+        summary.append((used.to(torch.float64) * torch.arange(1, used.numel() + 1, device=device)).sum())
+        if check_inputs and used.numel():
+            summary += [used.min().to(torch.float64), used.max().to(torch.float64)]
+    values = torch.stack(summary).tolist()
+    agreed["distilled tokens"], agreed["distilled positions (checksum)"] = values[0], values[1]
+    agreed["target_ids given"] = _flag(y is not None)
+    if len(values) > 2:
+        agreed["target_ids (checksum)"] = values[2]
+    if len(values) > 3:
+        agreed["target_ids min"], agreed["target_ids max"] = values[3], values[4]
+
+
+def check_targets_in_vocab(agreed: dict, vocab: int, *, name: str = "target_ids", where: str = "") -> None:
+    """After the exchange (``vocab`` known; the min / max agree on every rank): ids in ``[0, vocab)``.  Only
+    where they were computed (``check_inputs`` and at least one target)."""
+    if "target_ids min" in agreed and (agreed["target_ids min"] < 0 or agreed["target_ids max"] >= vocab):
+        raise ValueError(f"{name} must lie in [0, {vocab}) (the full vocabulary, the sum of the shards){where}")
+
+
+def _checksum(x: torch.Tensor) -> float:
+    flat = x.detach().reshape(-1).to(torch.float64)
+    return float((flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)).sum())
+
+
+@dataclass
+class SODInputs:
+    """One rank's validated inputs of :func:`sod_kernels.vocab_parallel.vocab_parallel_sod_loss`."""
+
+    impl: str
+    single: bool
+    step_rows: torch.Tensor
+    row_index: torch.Tensor
+    sh: torch.Tensor
+    th: torch.Tensor
+    sw: torch.Tensor
+    tw: torch.Tensor
+    y: torch.Tensor | None
+    given: torch.Tensor | None
+    acc: torch.dtype
+    step_divergence: str
+    epsilon: float
+    delta: float
+    temperature: float
+    coef: float
+
+
+def prepare_sod(agreed: dict, student_hidden, student_weight, teacher_hidden, teacher_weight, response_mask, *,
+                step_ids, target_ids, token_weights, divergence, step_divergence, epsilon, delta, temperature, coef,
+                student_bias, teacher_bias, reduction, return_stats, backend, chunk_size, check_inputs,
+                reduce_hidden_grad) -> SODInputs:
+    """The checks of ``fused_sod_loss`` on one rank (``student_weight`` / ``teacher_weight`` are shards; the
+    target range is checked after the exchange, against the full vocabulary)."""
+    check_choice(divergence, "divergence", DIVERGENCES)
+    if step_divergence is None:
+        step_divergence = "kl" if token_weights is None else "none"
+    check_choice(step_divergence, "step_divergence", STEP_DIVERGENCES)
+    if token_weights is not None and step_divergence != "none":
+        raise ValueError(f"token_weights replaces the step weights: it cannot be combined with "
+                         f"step_divergence={step_divergence!r} (leave step_divergence unset or pass 'none')")
+    check_choice(reduction, "reduction", REDUCTIONS)
+    check_chunk_size(chunk_size)
+    epsilon = check_positive(epsilon, "epsilon")
+    delta = check_positive(delta, "delta", allow_zero=True)
+    temperature = check_positive(temperature, "temperature")
+    coef = check_finite_number(coef, "coef")
+    if not isinstance(reduce_hidden_grad, bool):
+        raise TypeError(f"reduce_hidden_grad must be a bool, got {type(reduce_hidden_grad).__name__}")
+    for who, h, w, b in (("student", student_hidden, student_weight, student_bias),
+                         ("teacher", teacher_hidden, teacher_weight, teacher_bias)):
+        check_lm_head(h, w, b, hidden_name=f"{who}_hidden", weight_name=f"{who}_weight", bias_name=f"{who}_bias")
+    lead = tuple(student_hidden.shape[:-1])
+    if tuple(teacher_hidden.shape[:-1]) != lead:
+        raise ValueError(f"teacher_hidden's leading shape {tuple(teacher_hidden.shape[:-1])} must equal "
+                         f"student_hidden's {lead}")
+    check_same_device(student_hidden=student_hidden, student_weight=student_weight, teacher_hidden=teacher_hidden,
+                      teacher_weight=teacher_weight, response_mask=response_mask, step_ids=step_ids,
+                      target_ids=target_ids, student_bias=student_bias, teacher_bias=teacher_bias,
+                      token_weights=token_weights)
+    if step_divergence == "sampled" and target_ids is None:
+        raise ValueError("step_divergence='sampled' needs target_ids (the sampled tokens)")
+    if target_ids is not None:
+        check_tensor(target_ids, "target_ids", ndim=(len(lead),), integer=True)
+        check_shape(target_ids, "target_ids", lead, "the leading shape of student_hidden")
+    ids = resolve_step_ids(response_mask, step_ids, lead, check_inputs=check_inputs)
+    if token_weights is not None:
+        check_token_weights(token_weights, lead, check_values=check_inputs)
+    impl = resolve_parallel_backend(backend, student_hidden, "student_hidden")
+    if impl == "triton" and teacher_hidden.dtype not in TRITON_DTYPES:
+        raise TypeError(f"backend='triton' supports teacher_hidden in float32, bfloat16 or float16, got "
+                        f"{teacher_hidden.dtype}; use backend='torch' for float64")
+
+    single = student_hidden.dim() == 2
+    step_rows = ids.unsqueeze(0) if single else ids
+    B, T = step_rows.shape
+    row_index = torch.nonzero(step_rows.reshape(-1) >= 0).squeeze(1)
+    y = None if target_ids is None else target_ids.reshape(-1).to(torch.int64).contiguous()
+    acc = compute_dtype(student_hidden.dtype)
+    given = None if token_weights is None else token_weights.detach().to(acc).reshape(B, T)
+
+    _common(agreed, student_hidden, student_weight, student_bias, lead, temperature=temperature,
+            reduction=reduction, impl=impl, chunk_size=chunk_size, check_inputs=check_inputs,
+            reduce_hidden_grad=reduce_hidden_grad)
+    _rows_and_targets(agreed, row_index, y, check_inputs=check_inputs, active_targets_only=False)
+    agreed["teacher hidden size"] = float(teacher_hidden.shape[-1])
+    agreed["teacher dtype"] = dtype_code(teacher_hidden.dtype)
+    agreed["teacher_bias given"] = _flag(teacher_bias is not None)
+    agreed["divergence"] = choice_code(divergence, DIVERGENCES)
+    agreed["step_divergence"] = choice_code(step_divergence, STEP_DIVERGENCES)
+    agreed["epsilon"], agreed["delta"], agreed["coef"] = epsilon, delta, coef
+    agreed["return_stats"] = _flag(return_stats)
+    agreed["token_weights given"] = _flag(given is not None)
+    agreed["token_weights (checksum)"] = _checksum(given) if given is not None else 0.0
+    agreed["step_ids (checksum)"] = _checksum(step_rows)
+    return SODInputs(impl, single, step_rows, row_index,
+                     student_hidden.reshape(-1, student_hidden.shape[-1]).contiguous(),
+                     teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).contiguous(),
+                     student_weight.contiguous(), teacher_weight.contiguous(), y, given, acc, step_divergence,
+                     epsilon, delta, temperature, coef)
+
+
+def prepare_logprobs(agreed: dict, hidden, weight, target_ids, *, bias, temperature, backend, return_entropy,
+                     chunk_size, check_inputs, reduce_hidden_grad):
+    """The checks of ``fused_token_logprobs`` on one rank -> ``(impl, lead, flat hidden, y, row_index)``."""
+    check_lm_head(hidden, weight, bias, hidden_name="hidden", weight_name="weight", bias_name="bias")
+    temperature = check_positive(temperature, "temperature")
+    check_chunk_size(chunk_size)
+    if not isinstance(reduce_hidden_grad, bool):
+        raise TypeError(f"reduce_hidden_grad must be a bool, got {type(reduce_hidden_grad).__name__}")
+    lead = tuple(hidden.shape[:-1])
+    # The range [0, V) needs the full vocabulary: checked after the exchange.
+    check_target_ids(target_ids, lead, 1, check_values=False)
+    check_same_device(hidden=hidden, weight=weight, target_ids=target_ids, bias=bias)
+    impl = resolve_parallel_backend(backend, hidden, "hidden")
+    flat = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+    y = target_ids.reshape(-1).to(torch.int64).contiguous()
+    rows = torch.arange(flat.shape[0], device=flat.device)
+    _common(agreed, hidden, weight, bias, lead, temperature=temperature, reduction="none", impl=impl,
+            chunk_size=chunk_size, check_inputs=check_inputs, reduce_hidden_grad=reduce_hidden_grad)
+    _rows_and_targets(agreed, rows, y, check_inputs=check_inputs, active_targets_only=False)
+    agreed["return_entropy"] = _flag(return_entropy)
+    return impl, lead, flat, y, rows, temperature
+
+
+def prepare_policy(agreed: dict, student_hidden, student_weight, target_ids, old_logprobs, advantages, response_mask,
+                   *, clip_low, clip_high, dual_clip, temperature, student_bias, reduction, return_stats, backend,
+                   chunk_size, check_inputs, reduce_hidden_grad):
+    """The checks of ``fused_sod_policy_loss`` on one rank -> a dict of what the computation needs."""
+    check_choice(reduction, "reduction", REDUCTIONS)
+    clip_low = check_positive(clip_low, "clip_low", allow_zero=True)
+    if clip_low >= 1.0:
+        raise ValueError(f"clip_low must be < 1 (the ratio's lower bound is 1 - clip_low), got {clip_low}")
+    clip_high = check_positive(clip_high, "clip_high", allow_zero=True)
+    if dual_clip is not None:
+        dual_clip = check_positive(dual_clip, "dual_clip")
+        if dual_clip <= 1.0:
+            raise ValueError(f"dual_clip must be > 1 (or None to disable the dual clip), got {dual_clip}")
+    temperature = check_positive(temperature, "temperature")
+    check_chunk_size(chunk_size)
+    if not isinstance(reduce_hidden_grad, bool):
+        raise TypeError(f"reduce_hidden_grad must be a bool, got {type(reduce_hidden_grad).__name__}")
+    check_lm_head(student_hidden, student_weight, student_bias, hidden_name="student_hidden",
+                  weight_name="student_weight", bias_name="student_bias")
+    lead = tuple(student_hidden.shape[:-1])
+    check_target_ids(target_ids, lead, 1, check_values=False, hidden_name="student_hidden")
+    for name, x in (("old_logprobs", old_logprobs), ("advantages", advantages)):
+        check_tensor(x, name, ndim=(len(lead),), floating=True)
+        check_shape(x, name, lead, "the leading shape of student_hidden")
+    check_tensor(response_mask, "response_mask", ndim=(len(lead),))
+    check_shape(response_mask, "response_mask", lead, "the leading shape of student_hidden")
+    check_binary_mask(response_mask, "response_mask", check_values=check_inputs)
+    check_same_device(student_hidden=student_hidden, student_weight=student_weight, target_ids=target_ids,
+                      old_logprobs=old_logprobs, advantages=advantages, response_mask=response_mask,
+                      student_bias=student_bias)
+    impl = resolve_parallel_backend(backend, student_hidden, "student_hidden")
+    flat_mask = response_mask.reshape(-1) != 0
+    row_index = torch.nonzero(flat_mask).squeeze(1)
+    y = target_ids.reshape(-1).to(torch.int64).contiguous()
+    acc = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
+    old = old_logprobs.detach().reshape(-1)[row_index].to(acc)
+    adv = advantages.detach().reshape(-1)[row_index].to(acc)
+    _common(agreed, student_hidden, student_weight, student_bias, lead, temperature=temperature,
+            reduction=reduction, impl=impl, chunk_size=chunk_size, check_inputs=check_inputs,
+            reduce_hidden_grad=reduce_hidden_grad)
+    _rows_and_targets(agreed, row_index, y, check_inputs=check_inputs, active_targets_only=True)
+    agreed["clip_low"], agreed["clip_high"] = clip_low, clip_high
+    agreed["dual_clip"] = -1.0 if dual_clip is None else dual_clip
+    agreed["return_stats"] = _flag(return_stats)
+    agreed["old_logprobs (checksum)"] = _checksum(old)
+    agreed["advantages (checksum)"] = _checksum(adv)
+    return {"impl": impl, "lead": lead, "flat_mask": flat_mask, "row_index": row_index, "y": y, "acc": acc,
+            "old": old, "adv": adv, "clip": (clip_low, clip_high, dual_clip), "temperature": temperature,
+            "hidden": student_hidden.reshape(-1, student_hidden.shape[-1]).contiguous()}
