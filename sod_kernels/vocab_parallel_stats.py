@@ -265,8 +265,8 @@ def logprob_partials_triton(hidden, weight, bias, row_index, y_local, *, tempera
         part = torch.empty(3, n, splits, dtype=torch.float32, device=dev)
         logprob_partial_stats_kernel[(n, splits)](
             x, x if p.head.bias is None else p.head.bias, part, n, V, x.stride(0), cols_per_split, splits,
-            1.0 / temperature, HAS_BIAS=p.head.bias is not None, WITH_ENTROPY=with_entropy, BLOCK_V=block,
-            num_warps=NUM_WARPS)
+            1.0 / temperature, 1.0, HAS_BIAS=p.head.bias is not None, WITH_ENTROPY=with_entropy, BLOCK_V=block,
+            HAS_CAP=False, num_warps=NUM_WARPS)
         local, owned = owned_targets(p.target_ids[sel], 0, V)
         zy = _target_logit(x, local, owned)
         if p.head.bias is not None:
