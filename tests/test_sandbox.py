@@ -569,8 +569,10 @@ def test_host_filesystem_is_invisible_except_the_interpreter():
     planted = _plant_secret_files()
     assert len(planted) >= 2  # at least /var/tmp and the repository are writable for any user
     interpreter_dirs = {Path(os.path.realpath(sys.base_prefix)), *Path(os.path.realpath(sys.base_prefix)).parents}
+    # The sandbox has its own /tmp (a private tmpfs): a checkout under /tmp shows as /tmp existing, not leaking.
+    own = {Path("/"), Path("/tmp")}
     host_dirs = [d for d in (Path("/var"), Path("/opt"), Path("/home"), Path("/srv"), Path("/mnt"), Path("/boot"),
-                             REPO_ROOT, REPO_ROOT.parent, Path.home()) if d not in interpreter_dirs]
+                             REPO_ROOT, REPO_ROOT.parent, Path.home()) if d not in interpreter_dirs and d not in own]
     probes = [str(p) for p in planted] + [str(REPO_ROOT / "trainer" / "sandbox.py"), "/etc/passwd",
                                           "/etc/hostname", "/proc/1/environ"]
     code = f"""
