@@ -106,6 +106,67 @@ class SinglePassKL(torch.autograd.Function):
         return scaled + (None,) * 13
 
 
+def check_loss_options(divergence, step_divergence, token_weights, reduction, backend, chunk_size, epsilon, delta,
+                       temperature, coef):
+    """The options every distillation loss shares; returns ``(step_divergence, epsilon, delta, temperature,
+    coef)`` with the default step divergence resolved ("kl", or "none" with ``token_weights``)."""
+    check_choice(divergence, "divergence", DIVERGENCES)
+    if step_divergence is None:
+        step_divergence = "kl" if token_weights is None else "none"
+    check_choice(step_divergence, "step_divergence", STEP_DIVERGENCES)
+    if token_weights is not None and step_divergence != "none":
+        raise ValueError(f"token_weights replaces the step weights: it cannot be combined with "
+                         f"step_divergence={step_divergence!r} (leave step_divergence unset or pass 'none')")
+    check_choice(reduction, "reduction", REDUCTIONS)
+    check_choice(backend, "backend", BACKENDS)
+    check_chunk_size(chunk_size)
+    return (step_divergence, check_positive(epsilon, "epsilon"), check_positive(delta, "delta", allow_zero=True),
+            check_positive(temperature, "temperature"), check_finite_number(coef, "coef"))
+
+
+def finish_loss(loss, D, lp_s, lp_t, row_index, step_rows, given, *, single: bool, step_divergence: str,
+                epsilon: float, delta: float, coef: float, reduction: str, return_stats: bool, check_inputs: bool,
+                inputs: str):
+    """Everything after the per-token divergences: step weights (when the loss still needs them or stats are
+    asked for), the reduction, the finiteness check and :class:`SODStats`.
+
+    ``loss`` is the single pass's loss or None; ``D``, ``lp_s``, ``lp_t`` are ``[Na]`` per distilled row
+    (``row_index`` into the flattened ``step_rows [B, T]``); ``given`` the ``[B, T]`` token weights or None;
+    ``inputs`` names the tensors blamed for a non-finite loss.
+    """
+    B, T = step_rows.shape
+    num_active = row_index.numel()
+    acc = torch.float64 if D.dtype == torch.float64 else torch.float32
+    token_divergence = torch.zeros(B * T, dtype=acc, device=D.device).index_copy(0, row_index, D.to(acc)).view(B, T)
+    if step_divergence == "sampled":
+        signal = torch.zeros(B * T, dtype=acc, device=D.device).index_copy(0, row_index, (lp_s - lp_t).abs().to(acc))
+        signal = signal.view(B, T)
+    else:
+        signal = token_divergence
+    if loss is None or return_stats:
+        weights = step_weights_from_divergence(signal, step_rows, epsilon=epsilon, delta=delta,
+                                               weighted=step_divergence != "none")
+        if given is not None:
+            weights = weights._replace(token_weights=given.to(acc).masked_fill(step_rows < 0, 0))
+    if loss is None:
+        per_token = coef * weights.token_weights * token_divergence
+        if reduction == "none":
+            loss = per_token[0] if single else per_token
+        elif reduction == "sum":
+            loss = per_token.sum()
+        else:
+            loss = per_token.sum() / max(num_active, 1)
+    if check_inputs and num_active and not bool(torch.isfinite(loss.detach()).all()):
+        raise ValueError(f"the loss is not finite: {inputs} contain NaN or Inf (or the logits overflow)")
+    if not return_stats:
+        return loss
+    w = trim_steps(weights)
+    pick = (lambda x: x[0]) if single else (lambda x: x)
+    return SODStats(loss=loss, token_divergence=pick(token_divergence.detach().clamp(min=0)),
+                    token_weights=pick(w.token_weights), step_divergence=pick(w.step_divergence),
+                    step_weights=pick(w.step_weights), num_steps=pick(w.num_steps))
+
+
 def check_token_weights(token_weights, lead: tuple[int, ...], *, check_values: bool) -> None:
     """``token_weights``: floating, the leading shape of the hidden states, finite and ``>= 0``."""
     check_tensor(token_weights, "token_weights", ndim=(len(lead),), floating=True)
@@ -169,23 +230,12 @@ def fused_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
     Returns:
         The loss (float32, or float64 for float64 inputs), or :class:`SODStats` if ``return_stats``.
     """
-    check_choice(divergence, "divergence", DIVERGENCES)
-    if step_divergence is None:
-        step_divergence = "kl" if token_weights is None else "none"
-    check_choice(step_divergence, "step_divergence", STEP_DIVERGENCES)
-    if token_weights is not None and step_divergence != "none":
-        raise ValueError(f"token_weights replaces the step weights: it cannot be combined with "
-                         f"step_divergence={step_divergence!r} (leave step_divergence unset or pass 'none')")
-    check_choice(reduction, "reduction", REDUCTIONS)
-    check_choice(backend, "backend", BACKENDS)
+    step_divergence, epsilon, delta, temperature, coef = check_loss_options(
+        divergence, step_divergence, token_weights, reduction, backend, chunk_size, epsilon, delta, temperature,
+        coef)
     check_choice(memory, "memory", MEMORY_MODES)
-    check_chunk_size(chunk_size)
-    epsilon = check_positive(epsilon, "epsilon")
-    delta = check_positive(delta, "delta", allow_zero=True)
-    temperature = check_positive(temperature, "temperature")
     student_softcap = check_softcap(student_softcap, "student_softcap")
     teacher_softcap = check_softcap(teacher_softcap, "teacher_softcap")
-    coef = check_finite_number(coef, "coef")
     for who, h, w, b in (("student", student_hidden, student_weight, student_bias),
                          ("teacher", teacher_hidden, teacher_weight, teacher_bias)):
         check_lm_head(h, w, b, hidden_name=f"{who}_hidden", weight_name=f"{who}_weight", bias_name=f"{who}_bias")
@@ -243,32 +293,6 @@ def fused_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
                                               ("teacher_softcap", teacher_softcap)) if v is not None})
             D, _, _, lp_s, lp_t = TokenDivergence.apply(sh, sw, student_bias, th, tw, teacher_bias, row_index, y,
                                                         divergence, temperature, impl, options)
-    token_divergence = torch.zeros(B * T, dtype=acc, device=D.device).index_copy(0, row_index, D.to(acc)).view(B, T)
-    if step_divergence == "sampled":
-        signal = torch.zeros(B * T, dtype=acc, device=D.device).index_copy(0, row_index, (lp_s - lp_t).abs().to(acc))
-        signal = signal.view(B, T)
-    else:
-        signal = token_divergence
-    if loss is None or return_stats:
-        weights = step_weights_from_divergence(signal, step_rows, epsilon=epsilon, delta=delta,
-                                               weighted=step_divergence != "none")
-        if given is not None:
-            weights = weights._replace(token_weights=given.masked_fill(step_rows < 0, 0))
-    if loss is None:
-        per_token = coef * weights.token_weights * token_divergence
-        if reduction == "none":
-            loss = per_token[0] if single else per_token
-        elif reduction == "sum":
-            loss = per_token.sum()
-        else:
-            loss = per_token.sum() / max(num_active, 1)
-    if check_inputs and num_active and not bool(torch.isfinite(loss.detach()).all()):
-        raise ValueError("the loss is not finite: student_hidden, teacher_hidden or the weights/biases contain "
-                         "NaN or Inf (or the logits overflow)")
-    if not return_stats:
-        return loss
-    w = trim_steps(weights)
-    pick = (lambda x: x[0]) if single else (lambda x: x)
-    return SODStats(loss=loss, token_divergence=pick(token_divergence.detach().clamp(min=0)), token_weights=pick(w.token_weights),
-                    step_divergence=pick(w.step_divergence), step_weights=pick(w.step_weights),
-                    num_steps=pick(w.num_steps))
+    return finish_loss(loss, D, lp_s, lp_t, row_index, step_rows, given, single=single, step_divergence=step_divergence,
+                       epsilon=epsilon, delta=delta, coef=coef, reduction=reduction, return_stats=return_stats,
+                       check_inputs=check_inputs, inputs="student_hidden, teacher_hidden or the weights/biases")

@@ -21,15 +21,13 @@ from types import ModuleType
 
 import torch
 
-from ._validation import (BACKENDS, DIVERGENCES, REDUCTIONS, STEP_DIVERGENCES, check_choice, check_chunk_size,
-                          check_finite_number, check_lm_head, check_positive, check_same_device, check_shape,
-                          check_tensor)
+from ._validation import check_lm_head, check_same_device, check_shape, check_tensor
 from .chunked_core import GradAccumulator, chunk_rows
 from .chunked_torch import compute_dtype
-from .sod_loss import SODStats, _needs_student_grad, _single_pass_plan, check_token_weights
+from .sod_loss import _needs_student_grad, _single_pass_plan, check_loss_options, check_token_weights, finish_loss
 from .sparse_rows import SparseForward
 from .sparse_validation import check_topk_shapes, check_topk_values
-from .steps import DEFAULT_DELTA, DEFAULT_EPSILON, resolve_step_ids, step_weights_from_divergence, trim_steps
+from .steps import DEFAULT_DELTA, DEFAULT_EPSILON, resolve_step_ids
 from .token_divergence import no_autocast, refuse_double_backward, resolve_backend, zero_student_grads
 
 NAME = "fused_sparse_sod_loss"
@@ -179,20 +177,9 @@ def fused_sparse_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Te
     Returns:
         The loss (float32, or float64 for float64 inputs), or :class:`sod_kernels.SODStats` if ``return_stats``.
     """
-    check_choice(divergence, "divergence", DIVERGENCES)
-    if step_divergence is None:
-        step_divergence = "kl" if token_weights is None else "none"
-    check_choice(step_divergence, "step_divergence", STEP_DIVERGENCES)
-    if token_weights is not None and step_divergence != "none":
-        raise ValueError(f"token_weights replaces the step weights: it cannot be combined with "
-                         f"step_divergence={step_divergence!r} (leave step_divergence unset or pass 'none')")
-    check_choice(reduction, "reduction", REDUCTIONS)
-    check_choice(backend, "backend", BACKENDS)
-    check_chunk_size(chunk_size)
-    epsilon = check_positive(epsilon, "epsilon")
-    delta = check_positive(delta, "delta", allow_zero=True)
-    temperature = check_positive(temperature, "temperature")
-    coef = check_finite_number(coef, "coef")
+    step_divergence, epsilon, delta, temperature, coef = check_loss_options(
+        divergence, step_divergence, token_weights, reduction, backend, chunk_size, epsilon, delta, temperature,
+        coef)
     check_lm_head(student_hidden, student_weight, student_bias, hidden_name="student_hidden",
                   weight_name="student_weight", bias_name="student_bias")
     lead = tuple(student_hidden.shape[:-1])
@@ -245,32 +232,6 @@ def fused_sparse_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Te
         if loss is None:
             D, lp_s, lp_t = SparseDivergence.apply(sh, sw, student_bias, row_index, topk, logprobs, y, divergence,
                                                    temperature, impl, chunk_size)
-    token_divergence = torch.zeros(B * T, dtype=acc, device=D.device).index_copy(0, row_index, D.to(acc)).view(B, T)
-    if step_divergence == "sampled":
-        signal = torch.zeros(B * T, dtype=acc, device=D.device).index_copy(0, row_index, (lp_s - lp_t).abs().to(acc))
-        signal = signal.view(B, T)
-    else:
-        signal = token_divergence
-    if loss is None or return_stats:
-        weights = step_weights_from_divergence(signal, step_rows, epsilon=epsilon, delta=delta,
-                                               weighted=step_divergence != "none")
-        if given is not None:
-            weights = weights._replace(token_weights=given.masked_fill(step_rows < 0, 0))
-    if loss is None:
-        per_token = coef * weights.token_weights * token_divergence
-        if reduction == "none":
-            loss = per_token[0] if single else per_token
-        elif reduction == "sum":
-            loss = per_token.sum()
-        else:
-            loss = per_token.sum() / max(num_active, 1)
-    if check_inputs and num_active and not bool(torch.isfinite(loss.detach()).all()):
-        raise ValueError("the loss is not finite: student_hidden, student_weight or student_bias contain NaN or "
-                         "Inf (or the logits overflow)")
-    if not return_stats:
-        return loss
-    w = trim_steps(weights)
-    pick = (lambda x: x[0]) if single else (lambda x: x)
-    return SODStats(loss=loss, token_divergence=pick(token_divergence.detach().clamp(min=0)),
-                    token_weights=pick(w.token_weights), step_divergence=pick(w.step_divergence),
-                    step_weights=pick(w.step_weights), num_steps=pick(w.num_steps))
+    return finish_loss(loss, D, lp_s, lp_t, row_index, step_rows, given, single=single, step_divergence=step_divergence,
+                       epsilon=epsilon, delta=delta, coef=coef, reduction=reduction, return_stats=return_stats,
+                       check_inputs=check_inputs, inputs="student_hidden, student_weight or student_bias")
