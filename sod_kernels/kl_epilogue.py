@@ -181,6 +181,17 @@ def _interpreting() -> bool:
     return triton_interpreter_enabled()
 
 
+def vocab_splits(n_rows: int, vocab: int) -> tuple[int, int, int]:
+    """``(BLOCK_V, columns per split, splits)`` of a statistics kernel over ``n_rows x vocab``: enough
+    (row, split) programs to fill the GPU (``TARGET_PROGRAMS``), every split non-empty and a whole number of
+    blocks; under the interpreter tiny blocks and two splits, so small tests cover the split merge."""
+    block = INTERPRETER_BLOCK_V if _interpreting() else STATS_BLOCK_V
+    n_blocks = triton.cdiv(vocab, block)
+    splits = min(n_blocks, 2) if _interpreting() else max(min(n_blocks, TARGET_PROGRAMS // max(n_rows, 1)), 1)
+    cols_per_split = triton.cdiv(n_blocks, splits) * block
+    return block, cols_per_split, triton.cdiv(vocab, cols_per_split)
+
+
 def _bias_arg(bias: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
     return fallback if bias is None else bias
 
@@ -197,11 +208,7 @@ def kl_partials(xs: torch.Tensor, xt: torch.Tensor, student_bias: torch.Tensor |
     or None.  Merge with :func:`merge_kl_partials` (partials of several column slices of the same rows may
     be concatenated along the last dimension first)."""
     n_rows, vocab = xs.shape
-    block = INTERPRETER_BLOCK_V if _interpreting() else STATS_BLOCK_V
-    n_blocks = triton.cdiv(vocab, block)
-    splits = min(n_blocks, 2) if _interpreting() else max(min(n_blocks, TARGET_PROGRAMS // max(n_rows, 1)), 1)
-    cols_per_split = triton.cdiv(n_blocks, splits) * block
-    splits = triton.cdiv(vocab, cols_per_split)
+    block, cols_per_split, splits = vocab_splits(n_rows, vocab)
     part = torch.empty((NUM_PARTIALS, n_rows, splits), dtype=torch.float32, device=xs.device)
     if n_rows:
         kl_partial_stats_kernel[(n_rows, splits)](

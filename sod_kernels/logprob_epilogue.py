@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .kl_epilogue import (GRAD_BLOCK_V, INTERPRETER_BLOCK_V, MIN_LOGIT, NUM_WARPS, STATS_BLOCK_V, TARGET_PROGRAMS,
-                          _cap_arg, _interpreting, _load_capped_logits, _load_capped_logits_slope, _load_logits)
+from .kl_epilogue import (GRAD_BLOCK_V, INTERPRETER_BLOCK_V, MIN_LOGIT, NUM_WARPS, STATS_BLOCK_V, _cap_arg,
+                          _interpreting, _load_capped_logits, _load_capped_logits_slope, _load_logits, vocab_splits)
 
 NUM_PARTIALS = 3
 
@@ -104,11 +104,7 @@ def logprob_row_stats(x: torch.Tensor, bias: torch.Tensor | None, *, temperature
     """Statistics of the logit block ``x [C, V]`` (float32, unit column stride); ``bias [V]`` or None;
     ``softcap``: ``cap tanh((x + b) / cap)`` before ``1/tau``, or None."""
     n_rows, vocab = x.shape
-    block = INTERPRETER_BLOCK_V if _interpreting() else STATS_BLOCK_V
-    n_blocks = triton.cdiv(vocab, block)
-    splits = min(n_blocks, 2) if _interpreting() else max(min(n_blocks, TARGET_PROGRAMS // max(n_rows, 1)), 1)
-    cols_per_split = triton.cdiv(n_blocks, splits) * block
-    splits = triton.cdiv(vocab, cols_per_split)
+    block, cols_per_split, splits = vocab_splits(n_rows, vocab)
     part = torch.empty((NUM_PARTIALS, n_rows, splits), dtype=torch.float32, device=x.device)
     if n_rows:
         logprob_partial_stats_kernel[(n_rows, splits)](

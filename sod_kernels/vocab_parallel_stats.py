@@ -241,10 +241,8 @@ def logprob_partials_triton(hidden, weight, bias, row_index, y_local, *, tempera
                             chunk_size: int | None = None) -> torch.Tensor:
     """:func:`logprob_partials_torch` on the chunked core (float32 logit blocks, the Triton statistics
     kernel of :mod:`sod_kernels.logprob_epilogue`); float32 partials."""
-    import triton
-
-    from .logprob_epilogue import (INTERPRETER_BLOCK_V, NUM_WARPS, STATS_BLOCK_V, TARGET_PROGRAMS, _interpreting,
-                                   logprob_partial_stats_kernel)
+    from .kl_epilogue import vocab_splits
+    from .logprob_epilogue import NUM_WARPS, logprob_partial_stats_kernel
     from .triton_token_logprobs import LogprobProblem
 
     p = LogprobProblem.build(hidden, weight, bias, row_index, y_local, temperature)
@@ -253,15 +251,11 @@ def logprob_partials_triton(hidden, weight, bias, row_index, y_local, *, tempera
     chunks = p.chunks(False, chunk_size)
     longest = max((b - a for a, b in chunks), default=1)
     buf = torch.empty(longest * V, dtype=torch.float32, device=dev)
-    block = INTERPRETER_BLOCK_V if _interpreting() else STATS_BLOCK_V
-    n_blocks = triton.cdiv(V, block)
     for start, stop in chunks:
         n = stop - start
         sel = p.row_index[start:stop]
         x = logits_into(buf[: n * V].view(n, V), p.head.hidden[sel], p.head.used_weight)
-        splits = min(n_blocks, 2) if _interpreting() else max(min(n_blocks, TARGET_PROGRAMS // max(n, 1)), 1)
-        cols_per_split = triton.cdiv(n_blocks, splits) * block
-        splits = triton.cdiv(V, cols_per_split)
+        block, cols_per_split, splits = vocab_splits(n, V)
         part = torch.empty(3, n, splits, dtype=torch.float32, device=dev)
         logprob_partial_stats_kernel[(n, splits)](
             x, x if p.head.bias is None else p.head.bias, part, n, V, x.stride(0), cols_per_split, splits,
