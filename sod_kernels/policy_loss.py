@@ -16,7 +16,7 @@ import torch
 
 from ._validation import (REDUCTIONS, check_binary_mask, check_choice, check_chunk_size, check_lm_head,
                           check_positive, check_same_device, check_shape, check_tensor)
-from .token_divergence import check_softcap, no_autocast, refuse_double_backward
+from .token_divergence import check_softcap, no_autocast, single_pass_gradients
 from .token_logprobs import TokenLogprobs, check_target_ids, resolve_logprob_backend
 
 LOG_RATIO_CLAMP = 20.0  # docs/math.md: ratio = exp(clamp(logp_new - old_logp, -20, 20))
@@ -112,15 +112,8 @@ class SinglePassPolicyLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, unused):
-        refuse_double_backward("fused_sod_policy_loss")
-        grads, ctx.grads = ctx.grads, None
-        if grads is None:
-            raise RuntimeError("fused_sod_policy_loss's single-pass gradients were already used: call backward once "
-                               "per forward (or pass reduction='none' for a recomputing backward)")
-        one = grad_loss.new_ones(())
-        scaled = tuple(None if g is None else (g if torch.equal(grad_loss, one) else g * grad_loss.to(g.dtype))
-                       for g in grads)
-        return scaled + (None,) * 9
+        return single_pass_gradients(ctx, grad_loss, "fused_sod_policy_loss",
+                                     "pass reduction='none' for a recomputing backward") + (None,) * 9
 
 
 def fused_sod_policy_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, target_ids: torch.Tensor,

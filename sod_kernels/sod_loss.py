@@ -20,7 +20,8 @@ from .steps import DEFAULT_DELTA, DEFAULT_EPSILON, resolve_step_ids, step_weight
 from .chunked_core import FAST_CHUNK_BYTES, chunk_rows, even_chunks
 from .chunked_torch import compute_dtype
 from .step_plan import InPassStepWeights
-from .token_divergence import TokenDivergence, check_softcap, no_autocast, refuse_double_backward, resolve_backend
+from .token_divergence import (TokenDivergence, check_softcap, no_autocast, resolve_backend,
+                               single_pass_gradients)
 
 
 @dataclass
@@ -94,16 +95,8 @@ class SinglePassKL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        refuse_double_backward("fused_sod_loss")
-        grads, ctx.grads = ctx.grads, None
-        if grads is None:
-            raise RuntimeError("fused_sod_loss's single-pass gradients were already used: call backward once per "
-                               "forward (retain_graph is not supported by the single pass; pass memory='low' or "
-                               "reduction='none' for a recomputing backward)")
-        one = grad_loss.new_ones(())
-        scaled = tuple(None if g is None else (g if torch.equal(grad_loss, one) else g * grad_loss.to(g.dtype))
-                       for g in grads)
-        return scaled + (None,) * 13
+        return single_pass_gradients(ctx, grad_loss, "fused_sod_loss", "pass memory='low' or reduction='none' "
+                                     "for a recomputing backward") + (None,) * 13
 
 
 def check_loss_options(divergence, step_divergence, token_weights, reduction, backend, chunk_size, epsilon, delta,

@@ -28,7 +28,8 @@ from .sod_loss import _needs_student_grad, _single_pass_plan, check_loss_options
 from .sparse_rows import SparseForward
 from .sparse_validation import check_topk_shapes, check_topk_values
 from .steps import DEFAULT_DELTA, DEFAULT_EPSILON, resolve_step_ids
-from .token_divergence import no_autocast, refuse_double_backward, resolve_backend, zero_student_grads
+from .token_divergence import (no_autocast, refuse_double_backward, resolve_backend, single_pass_gradients,
+                               zero_student_grads)
 
 NAME = "fused_sparse_sod_loss"
 
@@ -107,16 +108,8 @@ class SinglePassSparse(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        refuse_double_backward(NAME)
-        grads, ctx.grads = ctx.grads, None
-        if grads is None:
-            raise RuntimeError(f"{NAME}'s single-pass gradients were already used: call backward once per forward "
-                               "(retain_graph is not supported by the single pass; pass reduction='none' and "
-                               "reduce it yourself for a recomputing backward)")
-        one = grad_loss.new_ones(())
-        scaled = tuple(None if g is None else (g if torch.equal(grad_loss, one) else g * grad_loss.to(g.dtype))
-                       for g in grads)
-        return scaled + (None,) * 11
+        return single_pass_gradients(ctx, grad_loss, NAME, "pass reduction='none' and reduce it yourself for a "
+                                     "recomputing backward") + (None,) * 11
 
 
 def fused_sparse_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,

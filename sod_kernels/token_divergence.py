@@ -57,6 +57,20 @@ def check_softcap(value, name: str) -> float | None:
     return None if value is None else check_positive(value, name)
 
 
+def single_pass_gradients(ctx, grad_loss: torch.Tensor, what: str, recompute_hint: str) -> tuple:
+    """The backward of a single-pass loss: the student gradients its forward formed for an upstream gradient
+    of 1 (``ctx.grads``), scaled by the real upstream gradient; usable once (the forward's buffers are
+    released), with a clear error on a second backward naming ``what`` and ``recompute_hint``."""
+    refuse_double_backward(what)
+    grads, ctx.grads = ctx.grads, None
+    if grads is None:
+        raise RuntimeError(f"{what}'s single-pass gradients were already used: call backward once per forward "
+                           f"(retain_graph is not supported by the single pass; {recompute_hint})")
+    if torch.equal(grad_loss, grad_loss.new_ones(())):
+        return grads
+    return tuple(None if g is None else g * grad_loss.to(g.dtype) for g in grads)
+
+
 def backend_module(name: str) -> ModuleType:
     if name == "torch":
         return chunked_torch
