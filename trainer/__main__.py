@@ -1,4 +1,5 @@
-"""``python -m trainer [train] [flags]`` trains; ``python -m trainer demo [flags]`` runs the embedded demo.
+"""``python -m trainer [train] [flags]`` trains; ``python -m trainer demo [flags]`` runs the embedded demo;
+``python -m trainer experiment [flags]`` runs the controlled tool-fault experiment (OPD against SOD).
 
 Nothing is downloaded: models are built-in presets or local folders, datasets local files.
 """
@@ -54,12 +55,16 @@ def train_main(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Dispatch ``demo`` / ``train`` (the default)."""
+    """Dispatch ``demo`` / ``experiment`` / ``train`` (the default)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "demo":
         from .demo import run_demo
 
         run_demo(argv[1:])
+    elif argv and argv[0] == "experiment":
+        from .experiment import run_experiment
+
+        run_experiment(argv[1:])
     elif argv and argv[0] == "train":
         train_main(argv[1:])
     else:

@@ -1,0 +1,161 @@
+"""The demo's statistics, machine line, tool memo, warm-start data, step profiles and a tiny multi-seed run."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import threading
+
+import pytest
+import torch
+
+import trainer.demo as demo
+from tests.test_trainer_rollout import ArithmeticTool
+from trainer.measure import MemoizedExecutor, machine_description, summarize, t_quantile
+from trainer.plots import AFTER, BEFORE, CLEAN, band
+from trainer.rollout import ChatFormat, ToolObservation
+from trainer.task import ERROR_OBSERVATION
+from trainer.tokenizer import build_task_tokenizer
+
+# Two-sided 95% quantiles of Student's t (standard tables) and of the normal distribution.
+T_TABLE = {1: 12.706, 2: 4.303, 4: 2.776, 9: 2.262, 30: 2.042, 1000: 1.962}
+
+
+@pytest.mark.parametrize("df, expected", sorted(T_TABLE.items()))
+def test_t_quantile_matches_the_table(df, expected):
+    assert t_quantile(0.975, df) == pytest.approx(expected, abs=2e-3)
+
+
+def test_summarize_gives_mean_sample_std_and_t_interval():
+    values = [float(v) for v in torch.rand(5, generator=torch.Generator().manual_seed(4))]
+    result = summarize(values)
+    assert result["mean"] == pytest.approx(statistics.fmean(values))
+    assert result["std"] == pytest.approx(statistics.stdev(values))
+    half = T_TABLE[4] * statistics.stdev(values) / 5 ** 0.5
+    assert result["ci95"] == pytest.approx((statistics.fmean(values) - half, statistics.fmean(values) + half),
+                                           abs=1e-3)
+    single = summarize([0.25])
+    assert single["mean"] == 0.25 and single["ci95"] is None and single["std"] is None
+    with pytest.raises(ValueError, match="values"):
+        summarize([])
+    with pytest.raises(ValueError, match="probability"):
+        t_quantile(0.4, 3)
+    with pytest.raises(ValueError, match="df"):
+        t_quantile(0.975, 0)
+
+
+def test_machine_description_names_the_cpu_and_the_torch_build():
+    machine = machine_description()
+    assert machine["torch"] == torch.__version__ and machine["cpu"] and machine["logical_cores"] >= 1
+
+
+class CountingTool:
+    def __init__(self, result=None):
+        self.calls = []
+        self.result = result
+        self.lock = threading.Lock()
+
+    def __call__(self, code):
+        with self.lock:
+            self.calls.append(code)
+        return self.result or ArithmeticTool()(code)
+
+
+def test_memo_replays_only_successful_pure_arithmetic_prints():
+    inner = CountingTool()
+    memo = MemoizedExecutor(inner)
+    first = memo("print(12+30)")
+    assert memo("print(12+30)") is first and first.output == "42\n"
+    assert inner.calls == ["print(12+30)"]
+    for code in ("import os\nprint(1)", " print(12+30)", "print(12+30);print(1)", "print(2**99)",
+                 "print(1234567890123*2)"):
+        assert not MemoizedExecutor.cacheable(code)
+        memo(code)
+        memo(code)
+        assert inner.calls[-2:] == [code, code]
+    failing = CountingTool(ToolObservation(output="Traceback", ok=False))
+    memo = MemoizedExecutor(failing)
+    memo("print(1-2)")
+    memo("print(1-2)")
+    assert failing.calls == ["print(1-2)"] * 2 and memo.sandbox_runs == 2 and memo.calls == 2
+
+
+def test_warm_start_examples_insert_a_failed_call_and_its_retry(monkeypatch):
+    monkeypatch.setattr(demo, "SFT_POOL", 40)
+    chat = ChatFormat(build_task_tokenizer())
+    plain = demo.warm_start_examples(chat, seed=5, noise=0.0)
+    retrying = demo.warm_start_examples(chat, seed=5, noise=0.0, retry_fraction=1.0)
+    tokenizer = chat.tokenizer
+    for (ids, mask), (rids, rmask) in zip(plain[:20], retrying[:20]):
+        text, retried_text = tokenizer.decode(ids), tokenizer.decode(rids)
+        assert ERROR_OBSERVATION not in text and retried_text.count(ERROR_OBSERVATION) == 1
+        calls = retried_text.split("<tool_call>")[1:]
+        assert calls[0].split("</tool_call>")[0] == calls[1].split("</tool_call>")[0]
+        assert sum(rmask) > sum(mask) and len(rids) == len(rmask)
+    with pytest.raises(ValueError, match="retry_fraction"):
+        demo.warm_start_examples(chat, seed=0, noise=0.0, retry_fraction=1.5)
+
+
+def test_training_profiles_split_early_and_late_updates(tmp_path):
+    records = [{"update": u, "d": [0.1 * (u + 1), 0.4], "w": [1.0, 0.25 * (u + 1) / 4],
+                "fault_after_step": [1] if u % 2 else []} for u in range(8)]
+    path = tmp_path / "steps.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    profiles = demo.training_profiles(path, updates=8)
+    assert profiles["early"][CLEAN] == {1: pytest.approx((0.1, 1.0, 1)), 2: pytest.approx((0.4, 0.0625, 1))}
+    assert profiles["early"][BEFORE] == {1: pytest.approx((0.2, 1.0, 1))}
+    assert profiles["late"][AFTER] == {2: pytest.approx((0.4, 0.5, 1))}
+    assert profiles["early"][AFTER] == {2: pytest.approx((0.4, 0.125, 1))}
+    assert profiles["late"][CLEAN][1] == pytest.approx((0.7, 1.0, 1))
+
+
+def test_band_is_mean_min_max_and_rejects_ragged_curves():
+    mean, low, high = band([[0.0, 1.0], [2.0, float("nan")], [1.0, 3.0]])
+    assert mean == pytest.approx([1.0, 2.0]) and low == [0.0, 1.0] and high == [2.0, 3.0]
+    with pytest.raises(ValueError, match="equal lengths"):
+        band([[1.0], [1.0, 2.0]])
+
+
+@pytest.mark.parametrize("argv", [["--seeds", ""], ["--seeds", "1,x"], ["--compare", "ppo"], ["--updates", "0"],
+                                  ["--tool-fault-rate", "-0.1"], ["--lr", "0"]])
+def test_demo_flags_are_checked(argv):
+    with pytest.raises(SystemExit):
+        demo.parse_demo_args(argv)
+
+
+def test_tiny_demo_runs_every_seed_and_reports_mean_and_interval(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(demo, "SFT_POOL", 40)
+    out = tmp_path / "demo"
+    argv = ["--output-dir", str(out), "--seeds", "0,1", "--compare", "opd,sod", "--teacher-sft-steps", "2",
+            "--student-sft-steps", "2", "--updates", "2", "--prompts-per-step", "2", "--rollouts-per-prompt", "1",
+            "--eval-problems", "3"]
+    summary = demo.run_demo(argv, executor=ArithmeticTool())
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["seeds"] == [0, 1] and set(saved["per_seed"]) == {"0", "1"}
+    assert saved["machine"]["torch"] == torch.__version__
+    for name in ("opd", "sod"):
+        rows = saved["aggregate"][name]
+        greedy = [saved["per_seed"][s][name]["after"]["greedy"] - saved["per_seed"][s]["before"]["greedy"]
+                  for s in ("0", "1")]
+        assert rows["greedy change"]["values"] == pytest.approx(greedy)
+        assert rows["greedy change"]["mean"] == pytest.approx(sum(greedy) / 2)
+        assert rows["kl before"]["ci95"][0] <= rows["kl before"]["mean"] <= rows["kl before"]["ci95"][1]
+    for plot in saved["plots"]:
+        assert (tmp_path / "demo" / "plots").exists() and json.dumps(plot) and open(plot, "rb").read(4) == b"\x89PNG"
+    printed = capsys.readouterr().out
+    assert "mean ± std [95% CI]" in printed and saved["machine"]["cpu"] in printed
+    assert printed.count("SFT steps") == 3 and summary["wall_seconds"] > 0
+
+
+def test_warm_start_is_cached_per_recipe(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(demo, "SFT_POOL", 8)
+    tokenizer = build_task_tokenizer()
+    chat = ChatFormat(tokenizer)
+    kwargs = dict(steps=1, lr=1e-3, noise=0.0, batch=2, seed=0, rebuild=False, label="student")
+    trained, seconds = demo.warm_start(tmp_path / "s", "tiny-student", tokenizer, chat, **kwargs)
+    loaded, zero = demo.warm_start(tmp_path / "s", "tiny-student", tokenizer, chat, **kwargs)
+    assert seconds > 0 and zero == 0.0 and "loaded cached" in capsys.readouterr().out
+    for a, b in zip(trained.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a, b)
+    demo.warm_start(tmp_path / "s", "tiny-student", tokenizer, chat, **{**kwargs, "seed": 1})
+    assert "loaded cached" not in capsys.readouterr().out  # another recipe trains again
