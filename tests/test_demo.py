@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import statistics
 import threading
 
@@ -14,6 +15,7 @@ from tests.test_trainer_rollout import ArithmeticTool
 from trainer.measure import MemoizedExecutor, machine_description, summarize, t_quantile
 from trainer.plots import AFTER, BEFORE, CLEAN, band
 from trainer.rollout import ChatFormat, ToolObservation
+from trainer.sft import solution_turns
 from trainer.task import ERROR_OBSERVATION
 from trainer.tokenizer import build_task_tokenizer
 
@@ -94,6 +96,43 @@ def test_warm_start_examples_insert_a_failed_call_and_its_retry(monkeypatch):
         assert sum(rmask) > sum(mask) and len(rids) == len(rmask)
     with pytest.raises(ValueError, match="retry_fraction"):
         demo.warm_start_examples(chat, seed=0, noise=0.0, retry_fraction=1.5)
+
+
+def test_noisy_turns_flag_exactly_the_corrupted_calls_and_learn_noise_masks_them(monkeypatch):
+    monkeypatch.setattr(demo, "SFT_POOL", 60)
+    chat = ChatFormat(build_task_tokenizer())
+    problems = demo.sft_problems(3)
+    rng = random.Random(0)
+    for problem in problems:
+        clean = solution_turns(problem)
+        assert demo.noisy_turns(problem, *clean) == [False] * len(clean[0])
+        turns, observations = solution_turns(problem, 1.0, rng)
+        assert demo.noisy_turns(problem, turns, observations) == [True] * len(problem.solution_code) + [False]
+    flagged = total = 0
+    for problem in problems:
+        turns, observations = solution_turns(problem, 0.3, rng)
+        flags = demo.noisy_turns(problem, turns, observations)
+        flagged, total = flagged + sum(flags), total + len(problem.solution_code)
+        ids, mask = demo.conversation(chat, problem.question, turns, observations, [not f for f in flags])
+        full_ids, full_mask = chat.conversation(problem.question, turns, observations)
+        assert ids == full_ids and sum(mask) < sum(full_mask) if any(flags) else mask == full_mask
+    assert 0.15 < flagged / total < 0.45
+    learned = demo.warm_start_examples(chat, seed=3, noise=0.3)
+    masked = demo.warm_start_examples(chat, seed=3, noise=0.3, learn_noise=False)
+    assert [ids for ids, _ in learned] == [ids for ids, _ in masked]
+    assert sum(map(sum, (m for _, m in masked))) < sum(map(sum, (m for _, m in learned)))
+
+
+def test_sft_problems_can_leave_out_long_solutions(monkeypatch):
+    monkeypatch.setattr(demo, "SFT_POOL", 50)
+    short = demo.sft_problems(2, max_calls=2)
+    everything = demo.sft_problems(2)
+    assert len(short) == len(everything) == 50
+    assert max(len(p.solution_code) for p in short) == 2 and max(len(p.solution_code) for p in everything) == 3
+    assert [p for p in everything if len(p.solution_code) <= 2] == short[:len([p for p in everything
+                                                                               if len(p.solution_code) <= 2])]
+    with pytest.raises(ValueError, match="max_calls"):
+        demo.sft_problems(0, max_calls=0)
 
 
 def test_training_profiles_split_early_and_late_updates(tmp_path):

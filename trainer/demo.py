@@ -21,6 +21,7 @@ import argparse
 import copy
 import json
 import random
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from .models import build_preset, count_parameters
 from .plots import plot_step_profiles, plot_training, step_profile
 from .rollout import ChatFormat, RolloutSettings, ToolExecutor
 from .sft import solution_turns, supervised_train
-from .task import ERROR_OBSERVATION, ProblemSource, generate_problem
+from .task import ERROR_OBSERVATION, TOOL_CALL_CLOSE, TOOL_CALL_OPEN, Problem, ProblemSource, generate_problem
 from .tokenizer import build_task_tokenizer
 from .tools import describe_sandbox, sandbox_executor
 from .train import SODTrainer, evaluate, format_metrics
@@ -55,9 +56,11 @@ class DemoSettings:
 
     teacher_sft_steps: int = 800
     teacher_lr: float = 3e-3
-    student_sft_steps: int = 300
+    teacher_noise: float = 0.25  # slips in the teacher's data: contexts only (learn_noise=False)
+    student_sft_steps: int = 600
     student_lr: float = 3e-3
-    student_noise: float = 0.25
+    student_noise: float = 0.25  # slips the student learns to make
+    student_max_calls: int = 2  # the student never sees a solution with more tool calls than this
     sft_batch: int = 32
     updates: int = 40
     prompts_per_step: int = 16
@@ -126,35 +129,88 @@ def parse_demo_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def warm_start_examples(chat: ChatFormat, seed: int, noise: float, retry_fraction: float = 0.0):
-    """Tokenized supervised solutions of ``SFT_POOL`` training problems of stream ``seed + SFT_SEED_OFFSET``.
+def sft_problems(seed: int, max_calls: int | None = None):
+    """``SFT_POOL`` training problems of stream ``seed + SFT_SEED_OFFSET``, in order, keeping only those
+    whose reference solution makes at most ``max_calls`` tool calls (``None``: all)."""
+    if max_calls is not None and (isinstance(max_calls, bool) or not isinstance(max_calls, int) or max_calls < 1):
+        raise ValueError(f"max_calls must be None or an int >= 1, got {max_calls!r}")
+    problems, index = [], 0
+    while len(problems) < SFT_POOL:
+        problem = generate_problem(seed + SFT_SEED_OFFSET, index)
+        index += 1
+        if max_calls is None or len(problem.solution_code) <= max_calls:
+            problems.append(problem)
+    return problems
 
-    ``noise``: per tool call, probability of one wrong operand digit (``trainer.sft``).  ``retry_fraction``:
-    probability that a solution's first tool call fails (observation :data:`trainer.task.ERROR_OBSERVATION`)
-    and the next turn repeats it.  Returns ``[(ids, response_mask)]``.
+
+def noisy_turns(problem: Problem, turns: list[str], observations: list[str]) -> list[bool]:
+    """Which of ``solution_turns``' assistant turns carry a corrupted operand (the answer turn never does).
+
+    A noise-free turn k calls the reference code, with a leading operand that repeats the previous result
+    replaced by the previous observation (what ``trainer.sft.solution_turns`` does); any other text is noise.
+    """
+    flags, previous_true, previous_seen = [], None, None
+    for k, (code, output) in enumerate(zip(problem.solution_code, problem.tool_outputs)):
+        left = re.fullmatch(r"print\((-?\d+)(.*)\)", code)
+        if previous_true is not None and left is not None and left.group(1) == previous_true:
+            code = f"print({previous_seen}{left.group(2)})"
+        flags.append(turns[k] != f"{TOOL_CALL_OPEN}{code}{TOOL_CALL_CLOSE}")
+        previous_true, previous_seen = output, observations[k]
+    return flags + [False] * (len(turns) - len(flags))
+
+
+def conversation(chat: ChatFormat, question: str, turns: list[str], observations: list[str],
+                 trained: list[bool]) -> tuple[list[int], list[int]]:
+    """``chat.conversation`` with the response mask zeroed on the turns where ``trained`` is False."""
+    ids = chat.prompt_ids(question)
+    mask = [0] * len(ids)
+    for k, content in enumerate(turns):
+        turn = chat.assistant_turn_ids(content)
+        ids += turn
+        mask += [int(trained[k])] * len(turn)
+        if k < len(observations):
+            tail = chat.tool_turn_ids(observations[k], last_token=turn[-1])
+            ids += tail
+            mask += [0] * len(tail)
+    return ids, mask
+
+
+def warm_start_examples(chat: ChatFormat, seed: int, noise: float, retry_fraction: float = 0.0,
+                        max_calls: int | None = None, learn_noise: bool = True):
+    """Tokenized supervised solutions of :func:`sft_problems` ``(seed, max_calls)``.
+
+    ``noise``: per tool call, probability of one wrong operand digit (``trainer.sft``); the rest of the
+    solution follows what the wrong call printed.  ``learn_noise=False`` keeps those contexts but takes the
+    corrupted turns out of the loss: the model learns to continue sensibly from a slip without learning to
+    make it (how the demo's teacher is trained, so that its advice on the student's own slips is sound).
+    ``retry_fraction``: probability that a solution's first tool call fails (observation
+    :data:`trainer.task.ERROR_OBSERVATION`) and the next turn repeats it.  Returns ``[(ids, response_mask)]``.
     """
     if not 0.0 <= retry_fraction <= 1.0:
         raise ValueError(f"retry_fraction must lie in [0, 1], got {retry_fraction}")
     rng = random.Random(seed)
     examples = []
-    for i in range(SFT_POOL):
-        problem = generate_problem(seed + SFT_SEED_OFFSET, i)
+    for problem in sft_problems(seed, max_calls):
         turns, observations = solution_turns(problem, noise, rng)
+        trained = [True] * len(turns) if learn_noise else [not f for f in noisy_turns(problem, turns, observations)]
         if retry_fraction > 0 and rng.random() < retry_fraction:
             turns = [turns[0], *turns]
             observations = [ERROR_OBSERVATION, *observations]
-        examples.append(chat.conversation(problem.question, turns, observations))
+            trained = [trained[0], *trained]
+        examples.append(conversation(chat, problem.question, turns, observations, trained))
     return examples
 
 
 def warm_start(folder: Path, preset: str, tokenizer, chat: ChatFormat, *, steps: int, lr: float, noise: float,
-               batch: int, seed: int, rebuild: bool, label: str, retry_fraction: float = 0.0):
+               batch: int, seed: int, rebuild: bool, label: str, retry_fraction: float = 0.0,
+               max_calls: int | None = None, learn_noise: bool = True):
     """Load the cached model in ``folder`` if it was trained with these settings, else train and save it.
 
     Returns ``(model in eval mode, seconds spent training)`` (0 when loaded).
     """
     recipe = {"preset": preset, "steps": steps, "lr": lr, "noise": noise, "batch": batch, "seed": seed,
-              "vocab": len(tokenizer), "retry_fraction": retry_fraction, "pool": SFT_POOL}
+              "vocab": len(tokenizer), "retry_fraction": retry_fraction, "max_calls": max_calls, "learn_noise": learn_noise,
+              "pool": SFT_POOL}
     marker = folder / "sft.json"
     if not rebuild and marker.is_file() and json.loads(marker.read_text()) == recipe:
         from transformers import AutoModelForCausalLM
@@ -162,7 +218,7 @@ def warm_start(folder: Path, preset: str, tokenizer, chat: ChatFormat, *, steps:
         model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
         print(f"{label}: loaded cached warm-start from {folder}")
         return model.eval(), 0.0
-    examples = warm_start_examples(chat, seed, noise, retry_fraction)
+    examples = warm_start_examples(chat, seed, noise, retry_fraction, max_calls, learn_noise)
     model = build_preset(preset, tokenizer, seed=seed)
     start = time.perf_counter()
     bar = tqdm(total=steps, desc=f"{label} SFT ({count_parameters(model) / 1e6:.2f}M params)", leave=False)
@@ -205,7 +261,17 @@ def _eval_pair(policy, teacher, tokenizer, chat, executor, problems, settings, t
         torch.manual_seed(12345)  # the same sampling stream for every policy and seed
         sampled = evaluate(policy, teacher, tokenizer, chat, executor, problems, settings, temperature=temperature)
     return {"greedy": greedy.accuracy, "sampled": sampled.accuracy, "kl": greedy.kl,
+            "greedy_by_calls": accuracy_by_calls(greedy.trajectories),
+            "sampled_by_calls": accuracy_by_calls(sampled.trajectories),
             "greedy_per_problem": [t.reward for t in greedy.trajectories]}
+
+
+def accuracy_by_calls(trajectories) -> dict[str, float]:
+    """Accuracy per number of tool calls the problem's reference solution needs (``{"1": acc, ...}``)."""
+    groups: dict[int, list[float]] = {}
+    for t in trajectories:
+        groups.setdefault(len(t.problem.solution_code), []).append(t.reward)
+    return {str(k): sum(v) / len(v) for k, v in sorted(groups.items())}
 
 
 def run_demo(argv: list[str] | None = None, executor: ToolExecutor | None = None) -> dict:
@@ -231,8 +297,8 @@ def run_demo(argv: list[str] | None = None, executor: ToolExecutor | None = None
     tokenizer = build_task_tokenizer()
     chat = ChatFormat(tokenizer)
     teacher, _ = warm_start(out / "teacher", "tiny-teacher", tokenizer, chat, steps=args.teacher_sft_steps,
-                            lr=s.teacher_lr, noise=0.0, batch=s.sft_batch, seed=args.teacher_seed,
-                            rebuild=args.rebuild, label="teacher")
+                            lr=s.teacher_lr, noise=s.teacher_noise, batch=s.sft_batch, seed=args.teacher_seed,
+                            rebuild=args.rebuild, label="teacher", learn_noise=False)
     teacher.requires_grad_(False)
     settings = RolloutSettings(max_turns=s.max_turns, max_new_tokens=s.max_new_tokens,
                                max_total_tokens=s.max_total_tokens)
@@ -250,7 +316,7 @@ def run_demo(argv: list[str] | None = None, executor: ToolExecutor | None = None
         student_init, _ = warm_start(out / f"student-init-s{seed}", "tiny-student", tokenizer, chat,
                                      steps=args.student_sft_steps, lr=s.student_lr, noise=s.student_noise,
                                      batch=s.sft_batch, seed=seed + 1, rebuild=args.rebuild,
-                                     label=f"student (seed {seed})")
+                                     label=f"student (seed {seed})", max_calls=s.student_max_calls)
         before = held_out_eval(student_init)
         print(f"[seed {seed}] student before: greedy {before['greedy']:.3f}, sampled {before['sampled']:.3f}, "
               f"KL {before['kl']:.3f}")
@@ -324,6 +390,15 @@ def aggregate(per_seed: dict, variants: list[str]) -> dict:
             rows[f"{kind} before"] = summarize(before)
             rows[f"{kind} after"] = summarize(after)
             rows[f"{kind} change"] = summarize([a - b for a, b in zip(after, before)])
+        longest = max((int(k) for r in per_seed.values() for k in r["before"]["greedy_by_calls"]), default=0)
+        if longest:
+            key = str(longest)
+            before = [r["before"]["greedy_by_calls"].get(key) for r in per_seed.values()]
+            after = [r[name]["after"]["greedy_by_calls"].get(key) for r in per_seed.values()]
+            if None not in before and None not in after:
+                rows["greedy longest before"] = summarize(before)
+                rows["greedy longest after"] = summarize(after)
+                rows["longest calls"] = longest
         for key in ("train_reward_first5", "train_reward_last5"):
             rows[key] = summarize([r[name][key] for r in per_seed.values()])
         result[name] = rows
@@ -333,6 +408,8 @@ def aggregate(per_seed: dict, variants: list[str]) -> dict:
 ROWS = (("greedy before", "held-out accuracy, greedy, before"),
         ("greedy after", "held-out accuracy, greedy, after"),
         ("greedy change", "  change"),
+        ("greedy longest before", "  on problems needing {calls} tool calls, before"),
+        ("greedy longest after", "  on problems needing {calls} tool calls, after"),
         ("sampled before", "held-out accuracy, sampled T=1, before"),
         ("sampled after", "held-out accuracy, sampled T=1, after"),
         ("sampled change", "  change"),
@@ -350,9 +427,13 @@ def print_summary(summary: dict) -> None:
     for name in summary["variants"]:
         rows = summary["aggregate"][name]
         width = max(len(label) for _, label in ROWS) + 2
-        print(f"\n{name.upper()}, {summary['eval_problems']} held-out problems" + " " * 4 +
-              "".join(f"{'seed ' + s:>10}" for s in seeds) + "   mean ± std [95% CI]")
+        title = f"{name.upper()}, {summary['eval_problems']} held-out problems"
+        print(f"\n{title:<{width}}" + "".join(f"{'seed ' + s:>10}" for s in seeds) + "   mean ± std [95% CI]")
         for key, label in ROWS:
+            if key not in rows:
+                continue
+            if key.startswith("greedy longest"):
+                label = label.format(calls=rows["longest calls"])
             values = rows[key]["values"]
             print(f"{label:<{width}}" + "".join(f"{v:>10.3f}" for v in values) + "   " + format_summary(rows[key]))
     print("\ngreedy vs sampled: the training reward is the accuracy of rollouts sampled at T=1 (one wrong digit "

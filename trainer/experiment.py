@@ -5,7 +5,7 @@ the student confidently in a wrong direction, and the step divergence d_k jumps 
 w_k = min(d_1 / d_k, 1 + delta) then shrinks that advice.  This experiment builds that situation on purpose
 and measures each link, for OPD (``step_divergence="none"``) and SOD (``"kl"``) from the same start, per seed:
 
-- teacher: supervised on clean tool-using solutions only; it has never seen a tool fail.
+- teacher: the demo's (supervised on tool-using solutions; it has never seen a tool fail).
 - student: supervised on the same kind of solutions, but the first tool call of ``retry_fraction`` of them
   fails visibly (the observation is ``Error: result lost``) and the solution calls the same code again.
   After a failed call the student retries (the right move: the retry's output is correct); the teacher,
@@ -55,7 +55,8 @@ class ExperimentSettings:
 
     teacher_sft_steps: int = 800
     teacher_lr: float = 3e-3
-    student_sft_steps: int = 300
+    teacher_noise: float = 0.25  # as in the demo: slips in the contexts only, never a failed tool call
+    student_sft_steps: int = 600
     student_lr: float = 3e-3
     student_noise: float = 0.25
     retry_fraction: float = 0.3
@@ -205,8 +206,8 @@ def run_experiment(argv: list[str] | None = None, executor: ToolExecutor | None 
     tokenizer = build_task_tokenizer()
     chat = ChatFormat(tokenizer)
     teacher, _ = warm_start(out / "teacher", "tiny-teacher", tokenizer, chat, steps=args.teacher_sft_steps,
-                            lr=s.teacher_lr, noise=0.0, batch=s.sft_batch, seed=args.teacher_seed,
-                            rebuild=args.rebuild, label="teacher")
+                            lr=s.teacher_lr, noise=s.teacher_noise, batch=s.sft_batch, seed=args.teacher_seed,
+                            rebuild=args.rebuild, label="teacher", learn_noise=False)
     teacher.requires_grad_(False)
     settings = RolloutSettings(max_turns=s.max_turns, max_new_tokens=s.max_new_tokens,
                                max_total_tokens=s.max_total_tokens)
