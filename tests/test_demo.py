@@ -11,12 +11,13 @@ import pytest
 import torch
 
 import trainer.demo as demo
-from tests.test_trainer_rollout import ArithmeticTool
+from tests.test_trainer_rollout import ArithmeticTool, ReplayGenerator
 from trainer.measure import MemoizedExecutor, machine_description, summarize, t_quantile
 from trainer.plots import AFTER, BEFORE, CLEAN, band
-from trainer.rollout import ChatFormat, ToolObservation
+from trainer.models import build_preset
+from trainer.rollout import ChatFormat, RolloutSettings, ToolObservation, run_rollouts
 from trainer.sft import solution_turns
-from trainer.task import ERROR_OBSERVATION
+from trainer.task import ERROR_OBSERVATION, ProblemSource
 from trainer.tokenizer import build_task_tokenizer
 
 # Two-sided 95% quantiles of Student's t (standard tables) and of the normal distribution.
@@ -146,6 +147,38 @@ def test_training_profiles_split_early_and_late_updates(tmp_path):
     assert profiles["late"][AFTER] == {2: pytest.approx((0.4, 0.5, 1))}
     assert profiles["early"][AFTER] == {2: pytest.approx((0.4, 0.125, 1))}
     assert profiles["late"][CLEAN][1] == pytest.approx((0.7, 1.0, 1))
+
+
+def test_off_path_share_splits_the_kl_at_the_first_slip():
+    tokenizer = build_task_tokenizer()
+    chat = ChatFormat(tokenizer)
+    policy = build_preset("tiny-student", tokenizer, seed=0).eval()
+    teacher = build_preset("tiny-teacher", tokenizer, seed=1).eval()
+    problems = [ProblemSource(0).train(i) for i in range(3)]
+    script = {p.question: solution_turns(p)[0] for p in problems}
+    trajectories = run_rollouts(problems, [0, 1, 2], ReplayGenerator(chat, script), chat, ArithmeticTool(),
+                                RolloutSettings(max_turns=5, max_new_tokens=40, max_total_tokens=600))
+    result = demo.off_path_share(policy, teacher, tokenizer.pad_token_id, trajectories, micro_batch_size=2)
+    kl_on = kl_off = tokens_on = tokens_off = 0.0
+    with torch.no_grad():
+        for traj in trajectories:  # one row at a time, logits from the models' own forward
+            ids = torch.tensor([traj.token_ids])
+            logp = torch.log_softmax(policy(input_ids=ids).logits[0, :-1].double(), -1)
+            logt = torch.log_softmax(teacher(input_ids=ids).logits[0, :-1].double(), -1)
+            slipped = False
+            for t in range(len(traj.token_ids) - 1):
+                if not traj.response_mask[t + 1]:
+                    continue
+                kl = max(float((logp[t].exp() * (logp[t] - logt[t])).sum()), 0.0)
+                if slipped:
+                    kl_off, tokens_off = kl_off + kl, tokens_off + 1
+                else:
+                    kl_on, tokens_on = kl_on + kl, tokens_on + 1
+                slipped = slipped or int(logt[t].argmax()) != traj.token_ids[t + 1]
+    assert tokens_off > 0 and tokens_on > 0  # an untrained teacher slips off its own path at once
+    assert result["token_share_off_path"] == pytest.approx(tokens_off / (tokens_on + tokens_off))
+    assert result["kl_share_off_path"] == pytest.approx(kl_off / (kl_on + kl_off), rel=1e-4)
+    assert result["kl_per_token_on_path"] == pytest.approx(kl_on / tokens_on, rel=1e-4)
 
 
 def test_band_is_mean_min_max_and_rejects_ragged_curves():

@@ -31,14 +31,14 @@ from tqdm import tqdm
 
 from .config import TrainConfig
 from .measure import MemoizedExecutor, describe_machine, format_summary, machine_description, summarize
-from .models import build_preset, count_parameters
+from .models import build_preset, count_parameters, lm_head_weight
 from .plots import plot_step_profiles, plot_training, step_profile
 from .rollout import ChatFormat, RolloutSettings, ToolExecutor
 from .sft import solution_turns, supervised_train
 from .task import ERROR_OBSERVATION, TOOL_CALL_CLOSE, TOOL_CALL_OPEN, Problem, ProblemSource, generate_problem
 from .tokenizer import build_task_tokenizer
 from .tools import describe_sandbox, sandbox_executor
-from .train import SODTrainer, evaluate, format_metrics
+from .train import SODTrainer, collate, evaluate, format_metrics, model_hidden
 
 # Objectives the demo can compare: name -> step_divergence ("none" is plain OPD).
 VARIANTS = {"opd": "none", "sod": "kl"}
@@ -255,12 +255,46 @@ def training_profiles(steps_file: Path, updates: int) -> dict[str, dict]:
             for name, rs in parts.items()}
 
 
+@torch.no_grad()
+def off_path_share(policy, teacher, pad_id: int, trajectories, micro_batch_size: int = 32) -> dict:
+    """Where the reverse KL(policy || teacher) of ``trajectories`` sits.
+
+    A generated token is *off the teacher's path* once an earlier generated token of its rollout differs from
+    the teacher's greedy choice there (the policy slipped, and the teacher now advises on a state it would
+    never have reached).  Returns the share of the summed per-token KL and of the tokens that are off the
+    path, and the mean KL per token on and off it.  Materializes the logits: meant for the demo's tiny models.
+    """
+    sums = {"kl_on": 0.0, "kl_off": 0.0, "tokens_on": 0, "tokens_off": 0}
+    weight_p, weight_t = lm_head_weight(policy), lm_head_weight(teacher)
+    for i in range(0, len(trajectories), micro_batch_size):
+        batch = collate(trajectories[i:i + micro_batch_size], pad_id)
+        logp = torch.log_softmax(model_hidden(policy, batch) @ weight_p.T, dim=-1)
+        logt = torch.log_softmax(model_hidden(teacher, batch) @ weight_t[:weight_p.shape[0]].T, dim=-1)
+        kl = (logp.exp() * (logp - logt)).sum(-1).clamp_min(0)
+        mask = batch.response_mask.bool()
+        slipped = mask & (logt.argmax(-1) != batch.target_ids)
+        # Off the path: some earlier generated token of the row was a slip.
+        off = (torch.cumsum(slipped.long(), dim=1) - slipped.long()) > 0
+        on = mask & ~off
+        off = mask & off
+        sums["kl_on"] += float(kl[on].sum())
+        sums["kl_off"] += float(kl[off].sum())
+        sums["tokens_on"] += int(on.sum())
+        sums["tokens_off"] += int(off.sum())
+    total_kl, total_tokens = sums["kl_on"] + sums["kl_off"], sums["tokens_on"] + sums["tokens_off"]
+    return {"kl_share_off_path": sums["kl_off"] / total_kl if total_kl > 0 else 0.0,
+            "token_share_off_path": sums["tokens_off"] / max(total_tokens, 1),
+            "kl_per_token_on_path": sums["kl_on"] / max(sums["tokens_on"], 1),
+            "kl_per_token_off_path": sums["kl_off"] / max(sums["tokens_off"], 1)}
+
+
 def _eval_pair(policy, teacher, tokenizer, chat, executor, problems, settings, temperature: float) -> dict:
     greedy = evaluate(policy, teacher, tokenizer, chat, executor, problems, settings)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(12345)  # the same sampling stream for every policy and seed
         sampled = evaluate(policy, teacher, tokenizer, chat, executor, problems, settings, temperature=temperature)
-    return {"greedy": greedy.accuracy, "sampled": sampled.accuracy, "kl": greedy.kl,
+    return {"greedy": greedy.accuracy, "sampled": sampled.accuracy, "kl": greedy.kl, "sampled_kl": sampled.kl,
+            "sampled_off_path": off_path_share(policy, teacher, tokenizer.pad_token_id, sampled.trajectories),
             "greedy_by_calls": accuracy_by_calls(greedy.trajectories),
             "sampled_by_calls": accuracy_by_calls(sampled.trajectories),
             "greedy_per_problem": [t.reward for t in greedy.trajectories]}
@@ -401,6 +435,12 @@ def aggregate(per_seed: dict, variants: list[str]) -> dict:
                 rows["longest calls"] = longest
         for key in ("train_reward_first5", "train_reward_last5"):
             rows[key] = summarize([r[name][key] for r in per_seed.values()])
+        rows["off path before"] = summarize([r["before"]["sampled_off_path"]["kl_share_off_path"]
+                                             for r in per_seed.values()])
+        rows["off path after"] = summarize([r[name]["after"]["sampled_off_path"]["kl_share_off_path"]
+                                            for r in per_seed.values()])
+        rows["off path tokens before"] = summarize([r["before"]["sampled_off_path"]["token_share_off_path"]
+                                                    for r in per_seed.values()])
         result[name] = rows
     return result
 
@@ -416,7 +456,10 @@ ROWS = (("greedy before", "held-out accuracy, greedy, before"),
         ("train_reward_first5", "training reward (sampled T=1), first 5 updates"),
         ("train_reward_last5", "training reward (sampled T=1), last 5 updates"),
         ("kl before", "student-teacher KL per token, before"),
-        ("kl after", "student-teacher KL per token, after"))
+        ("kl after", "student-teacher KL per token, after"),
+        ("off path tokens before", "sampled tokens after the student's first slip, before"),
+        ("off path before", "  their share of the sampled KL, before"),
+        ("off path after", "  their share of the sampled KL, after"))
 
 
 def print_summary(summary: dict) -> None:
@@ -437,7 +480,10 @@ def print_summary(summary: dict) -> None:
             values = rows[key]["values"]
             print(f"{label:<{width}}" + "".join(f"{v:>10.3f}" for v in values) + "   " + format_summary(rows[key]))
     print("\ngreedy vs sampled: the training reward is the accuracy of rollouts sampled at T=1 (one wrong digit "
-          "spoils a rollout); greedy decoding takes the most likely token, hence the gap.")
+          "spoils a rollout);\ngreedy decoding takes the most likely token, hence the gap between the training reward "
+          "and greedy held-out accuracy.\na slip is a generated token the teacher would not have chosen greedily; after "
+          "it the teacher advises on a state it\nwould never reach (the KL rows are on greedy rollouts, the slip rows on "
+          "the sampled ones).")
     print(f"machine: {describe_machine(summary['machine'])}")
     if "tool_calls" in summary:
         calls = summary["tool_calls"]
