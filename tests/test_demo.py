@@ -189,7 +189,8 @@ def test_band_is_mean_min_max_and_rejects_ragged_curves():
 
 
 @pytest.mark.parametrize("argv", [["--seeds", ""], ["--seeds", "1,x"], ["--compare", "ppo"], ["--updates", "0"],
-                                  ["--tool-fault-rate", "-0.1"], ["--lr", "0"]])
+                                  ["--tool-fault-rate", "-0.1"], ["--lr", "0"],
+                                  ["--teacher-noise", "2"], ["--student-max-calls", "-1"], ["--teacher-lr", "0"]])
 def test_demo_flags_are_checked(argv):
     with pytest.raises(SystemExit):
         demo.parse_demo_args(argv)

@@ -98,7 +98,14 @@ def parse_demo_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--updates", type=int, default=defaults.updates, help="distillation updates")
     parser.add_argument("--lr", type=float, default=defaults.lr, help="distillation learning rate")
     parser.add_argument("--teacher-sft-steps", type=int, default=defaults.teacher_sft_steps)
+    parser.add_argument("--teacher-lr", type=float, default=defaults.teacher_lr)
+    parser.add_argument("--teacher-noise", type=float, default=defaults.teacher_noise,
+                        help="share of the teacher's tool calls with a slip it reads but is not trained to write")
     parser.add_argument("--student-sft-steps", type=int, default=defaults.student_sft_steps)
+    parser.add_argument("--student-noise", type=float, default=defaults.student_noise,
+                        help="share of the student's tool calls with a slip it is trained to write")
+    parser.add_argument("--student-max-calls", type=int, default=defaults.student_max_calls,
+                        help="longest reference solution (tool calls) the student sees; 0: no limit")
     parser.add_argument("--prompts-per-step", type=int, default=defaults.prompts_per_step)
     parser.add_argument("--rollouts-per-prompt", type=int, default=defaults.rollouts_per_prompt)
     parser.add_argument("--eval-problems", type=int, default=defaults.eval_problems)
@@ -122,8 +129,13 @@ def parse_demo_args(argv: list[str] | None = None) -> argparse.Namespace:
                  "eval_problems", "threads"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not 0.0 <= args.tool_fault_rate <= 1.0:
-        raise SystemExit(f"--tool-fault-rate must lie in [0, 1], got {args.tool_fault_rate}")
+    for name in ("tool_fault_rate", "teacher_noise", "student_noise"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise SystemExit(f"--{name.replace('_', '-')} must lie in [0, 1], got {getattr(args, name)}")
+    if args.student_max_calls < 0:
+        raise SystemExit(f"--student-max-calls must be >= 0 (0: no limit), got {args.student_max_calls}")
+    if not args.teacher_lr > 0:
+        raise SystemExit(f"--teacher-lr must be > 0, got {args.teacher_lr}")
     if not args.lr > 0:
         raise SystemExit(f"--lr must be > 0, got {args.lr}")
     return args
@@ -331,7 +343,7 @@ def run_demo(argv: list[str] | None = None, executor: ToolExecutor | None = None
     tokenizer = build_task_tokenizer()
     chat = ChatFormat(tokenizer)
     teacher, _ = warm_start(out / "teacher", "tiny-teacher", tokenizer, chat, steps=args.teacher_sft_steps,
-                            lr=s.teacher_lr, noise=s.teacher_noise, batch=s.sft_batch, seed=args.teacher_seed,
+                            lr=args.teacher_lr, noise=args.teacher_noise, batch=s.sft_batch, seed=args.teacher_seed,
                             rebuild=args.rebuild, label="teacher", learn_noise=False)
     teacher.requires_grad_(False)
     settings = RolloutSettings(max_turns=s.max_turns, max_new_tokens=s.max_new_tokens,
@@ -348,9 +360,9 @@ def run_demo(argv: list[str] | None = None, executor: ToolExecutor | None = None
     per_seed, histories, profiles = {}, {n: [] for n in args.variants}, {}
     for seed in args.seed_list:
         student_init, _ = warm_start(out / f"student-init-s{seed}", "tiny-student", tokenizer, chat,
-                                     steps=args.student_sft_steps, lr=s.student_lr, noise=s.student_noise,
+                                     steps=args.student_sft_steps, lr=s.student_lr, noise=args.student_noise,
                                      batch=s.sft_batch, seed=seed + 1, rebuild=args.rebuild,
-                                     label=f"student (seed {seed})", max_calls=s.student_max_calls)
+                                     label=f"student (seed {seed})", max_calls=args.student_max_calls or None)
         before = held_out_eval(student_init)
         print(f"[seed {seed}] student before: greedy {before['greedy']:.3f}, sampled {before['sampled']:.3f}, "
               f"KL {before['kl']:.3f}")
