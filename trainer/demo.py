@@ -54,7 +54,7 @@ PROFILE_FRACTION = 0.25
 class DemoSettings:
     """Sizes of the demo (defaults: about 5 minutes on 2 CPU cores for 3 seeds, first run included)."""
 
-    teacher_sft_steps: int = 800
+    teacher_sft_steps: int = 600
     teacher_lr: float = 3e-3
     teacher_noise: float = 0.25  # slips in the teacher's data: contexts only (learn_noise=False)
     student_sft_steps: int = 600
@@ -62,7 +62,7 @@ class DemoSettings:
     student_noise: float = 0.25  # slips the student learns to make
     student_max_calls: int = 2  # the student never sees a solution with more tool calls than this
     sft_batch: int = 32
-    updates: int = 40
+    updates: int = 32
     prompts_per_step: int = 16
     rollouts_per_prompt: int = 2
     lr: float = 3e-4
@@ -71,7 +71,7 @@ class DemoSettings:
     max_turns: int = 5
     max_new_tokens: int = 24
     max_total_tokens: int = 400
-    eval_problems: int = 256
+    eval_problems: int = 200
     tool_fault_rate: float = 0.1
 
 
@@ -410,14 +410,14 @@ def run_demo(argv: list[str] | None = None, executor: ToolExecutor | None = None
         summary["tool_calls"] = {"calls": executor.calls, "sandbox_runs": executor.sandbox_runs}
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
-    machine_line = f"{len(args.seed_list)} seeds, {len(held_out)} held-out problems; {describe_machine(machine)}"
+    machine_line = f"{len(args.seed_list)} seeds, {len(held_out)} held-out problems\n{describe_machine(machine)}"
     held = {name: {f"{kind} {when}": summary["aggregate"][name][f"{kind} {when}"]
                    for kind in ("greedy", "sampled", "kl") for when in ("before", "after")} for name in args.variants}
     plot_training(histories, held, plots / "training.png", machine_line)
     plot_step_profiles({f"{name.upper()} {part}": [p[part] for p in profiles[name]] for name in args.variants
                         for part in ("early", "late")}, plots / "step_profile.png",
                        f"training rollouts (tool fault rate {args.tool_fault_rate}), first and last "
-                       f"{PROFILE_FRACTION:.0%} of the updates; {machine_line}")
+                       f"{PROFILE_FRACTION:.0%} of the updates, bands: min-max over seeds; {machine_line}")
     summary["plots"] = [str(plots / "training.png"), str(plots / "step_profile.png")]
     summary["wall_seconds"] = time.perf_counter() - wall_start
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

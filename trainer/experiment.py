@@ -53,7 +53,7 @@ EVAL_FAULT_SEED = 7
 class ExperimentSettings:
     """Sizes of the experiment (defaults: about 15 minutes on 2 CPU cores for 3 seeds)."""
 
-    teacher_sft_steps: int = 800
+    teacher_sft_steps: int = 600
     teacher_lr: float = 3e-3
     teacher_noise: float = 0.25  # as in the demo: slips in the contexts only, never a failed tool call
     student_sft_steps: int = 600

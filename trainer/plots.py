@@ -27,6 +27,8 @@ AFTER = "faulted run, after the fault"
 CATEGORIES = (CLEAN, BEFORE, AFTER)
 SMOOTHING = 5
 DPI = 110
+# Fewest steps (all seeds together) behind a plotted step-profile point.
+MIN_STEPS = 30
 COLOURS = {"opd": "tab:blue", "sod": "tab:orange", "before": "tab:gray", "teacher": "tab:green"}
 
 
@@ -142,10 +144,11 @@ def plot_training(histories: dict[str, list[list[dict]]], held_out: dict[str, di
     return path
 
 
-def plot_step_profiles(profiles: dict[str, list[dict]], path: Path, title: str) -> Path:
+def plot_step_profiles(profiles: dict[str, list[dict]], path: Path, title: str, min_steps: int = MIN_STEPS) -> Path:
     """Mean d_k (left) and w_k (right) against the step index k, per category, with a band over seeds.
 
-    ``profiles[label]`` holds one :func:`step_profile` result per seed.
+    ``profiles[label]`` holds one :func:`step_profile` result per seed; a point (k, category) is drawn only
+    where the seeds together have at least ``min_steps`` steps (fewer give a mean that is mostly noise).
     """
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     styles = {CLEAN: "-", BEFORE: "--", AFTER: ":"}
@@ -153,7 +156,11 @@ def plot_step_profiles(profiles: dict[str, list[dict]], path: Path, title: str) 
     for offset, (label, per_seed) in enumerate(profiles.items()):
         colour = f"C{offset}"
         for category in CATEGORIES:
-            ks = sorted({k for profile in per_seed for k in profile.get(category, {})})
+            counts = defaultdict(int)
+            for profile in per_seed:
+                for k, (_, _, count) in profile.get(category, {}).items():
+                    counts[k] += count
+            ks = sorted(k for k, count in counts.items() if count >= min_steps)
             if not ks:
                 continue
             for axis, column in zip(axes, (0, 1)):
