@@ -176,7 +176,12 @@ def plot_step_profiles(profiles: dict[str, list[dict]], path: Path, title: str, 
         axis.set_xlabel("step index k (assistant turn)")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
+    if axes[1].get_legend_handles_labels()[0]:
+        axes[1].legend(fontsize=7)
+    else:
+        for axis in axes:
+            axis.text(0.5, 0.5, f"no step index with {min_steps} steps or more", ha="center",
+                      transform=axis.transAxes)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
