@@ -98,6 +98,8 @@ def parse_experiment_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="run every tool call in the sandbox (default: replay repeated arithmetic prints)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--rebuild", action="store_true", help="retrain the cached teacher and students")
+    parser.add_argument("--report", action="store_true",
+                        help="only recompute the table and figure from OUTPUT_DIR/experiment.json (no training)")
     args = parser.parse_args(argv)
     try:
         args.seed_list = list(dict.fromkeys(int(s) for s in args.seeds.split(",") if s.strip()))
@@ -190,6 +192,8 @@ def run_experiment(argv: list[str] | None = None, executor: ToolExecutor | None 
     ``executor`` replaces the sandboxed Python tool (tests pass an in-process double).
     """
     args = parse_experiment_args(argv)
+    if args.report:
+        return report(args.output_dir)
     s = ExperimentSettings()
     torch.set_num_threads(args.threads)
     machine = machine_description()
@@ -292,15 +296,37 @@ def aggregate(seeds: dict) -> dict:
         for kind in ("clean", "faulted"):
             add(f"{name} accuracy gain {kind}",
                 [r[name][kind]["accuracy"] - r["before"][kind]["accuracy"] for r in records])
+    for kind in ("clean", "faulted"):
+        add(f"sod minus opd accuracy {kind}", [r["sod"][kind]["accuracy"] - r["opd"][kind]["accuracy"]
+                                               for r in records])
+    add("sod minus opd retry rate", [None if r["sod"]["faulted"]["retry_rate"] is None
+                                     or r["opd"]["faulted"]["retry_rate"] is None
+                                     else r["sod"]["faulted"]["retry_rate"] - r["opd"]["faulted"]["retry_rate"]
+                                     for r in records])
     for kind in ("faulted", "clean"):
         for position in POSITIONS:
+            # Held-out rollouts of the starting student: the faulted evaluation fails every first call, the
+            # clean one none, so each kind comes from its own evaluation.
             add(f"d {position} ({kind}, held-out, before)",
-                [r["before"]["faulted"]["positions"].get(kind, {}).get(position, {}).get("d") for r in records])
+                [r["before"][kind]["positions"].get(kind, {}).get(position, {}).get("d") for r in records])
             add(f"w {position} ({kind}, held-out, before)",
-                [r["before"]["faulted"]["positions"].get(kind, {}).get(position, {}).get("w") for r in records])
+                [r["before"][kind]["positions"].get(kind, {}).get(position, {}).get("w") for r in records])
             add(f"w {position} ({kind}, SOD training)",
                 [r["sod"]["train_positions"].get(kind, {}).get(position, {}).get("w") for r in records])
     return rows
+
+
+def report(output_dir: str | Path) -> dict:
+    """Recompute the aggregate, the figure and the table from a finished run's ``experiment.json``."""
+    path = Path(output_dir) / "experiment.json"
+    if not path.is_file():
+        raise ValueError(f"{str(path)!r} does not exist; run the experiment first")
+    summary = json.loads(path.read_text())
+    summary["aggregate"] = aggregate(summary["seeds"])
+    summary["figure"] = str(plot_experiment(summary, Path(output_dir) / "experiment.png"))
+    path.write_text(json.dumps(summary, indent=2))
+    print_experiment(summary)
+    return summary
 
 
 def print_experiment(summary: dict) -> None:

@@ -192,8 +192,8 @@ def plot_step_profiles(profiles: dict[str, list[dict]], path: Path, title: str, 
 def plot_experiment(summary: dict, path: Path) -> Path:
     """The fault experiment in one figure.
 
-    (a) d_k before / right after / later than the failed call (held-out rollouts of the starting student,
-    faulted and clean); (b) the weights SOD assigned there during training; (c) retry rate of the faulted
+    (a) d_k before / right after / later than the failed call (held-out rollouts of the starting student
+    with every first call failing, and without faults as the control); (b) the weights SOD assigned there during training; (c) retry rate of the faulted
     training rollouts per update, OPD against SOD; (d) held-out greedy accuracy with and without the fault,
     before and after each objective (mean, 95% t-interval, one dot per seed).
     """
@@ -204,13 +204,13 @@ def plot_experiment(summary: dict, path: Path) -> Path:
     xs = list(range(len(POSITIONS)))
     for kind, style, colour in (("faulted", "-", "tab:red"), ("clean", "--", "tab:gray")):
         label = "first call failed" if kind == "faulted" else "no fault (control)"
-        d_curves = [[r["before"]["faulted"]["positions"].get(kind, {}).get(p, {}).get("d", math.nan)
+        d_curves = [[r["before"][kind]["positions"].get(kind, {}).get(p, {}).get("d", math.nan)
                      for p in POSITIONS] for r in seeds]
         _draw_band(axes[0, 0], xs, d_curves, colour, label, style=style, marker="o")
         w_curves = [[r["sod"]["train_positions"].get(kind, {}).get(p, {}).get("w", math.nan) for p in POSITIONS]
                     for r in seeds]
         _draw_band(axes[0, 1], xs, w_curves, colour, label, style=style, marker="o")
-    axes[0, 0].set_ylabel("step divergence d_k (reverse KL, held-out, start)")
+    axes[0, 0].set_ylabel("step divergence d_k (reverse KL; held-out, starting student)")
     axes[0, 0].set_title("(a) does the teacher disagree right after the fault?")
     axes[0, 1].set_ylabel("SOD weight w_k (mean during SOD training)")
     axes[0, 1].set_title("(b) the weight SOD gives those steps")
