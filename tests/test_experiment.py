@@ -123,8 +123,9 @@ def test_tiny_experiment_runs_both_objectives_per_seed_and_summarizes(tmp_path, 
     assert math.isfinite(summary["wall_seconds"])
     assert set(POSITIONS) >= set(saved["seeds"]["0"]["sod"]["train_positions"].get("clean", {}))
     difference = summary["aggregate"]["sod minus opd accuracy faulted"]
-    assert difference["values"] == pytest.approx([saved["seeds"][s]["sod"]["faulted"]["accuracy"]
-                                                  - saved["seeds"][s]["opd"]["faulted"]["accuracy"] for s in ("0", "1")])
+    paired = [saved["seeds"][s]["sod"]["faulted"]["accuracy"] - saved["seeds"][s]["opd"]["faulted"]["accuracy"]
+              for s in ("0", "1")]
+    assert difference["values"] == pytest.approx(paired)
     (out / "experiment.png").unlink()
     again = run_experiment(["--output-dir", str(out), "--report"])  # no training: table and figure only
     assert json.loads(json.dumps(again["aggregate"])) == json.loads(json.dumps(summary["aggregate"]))

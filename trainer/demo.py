@@ -52,7 +52,7 @@ PROFILE_FRACTION = 0.25
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Sizes of the demo (defaults: about 5 minutes on 2 CPU cores for 3 seeds, first run included)."""
+    """Sizes of the demo (defaults: about 7 minutes on 2 shared CPU cores for 3 seeds, first run included)."""
 
     teacher_sft_steps: int = 600
     teacher_lr: float = 3e-3
@@ -221,7 +221,8 @@ def warm_start(folder: Path, preset: str, tokenizer, chat: ChatFormat, *, steps:
     Returns ``(model in eval mode, seconds spent training)`` (0 when loaded).
     """
     recipe = {"preset": preset, "steps": steps, "lr": lr, "noise": noise, "batch": batch, "seed": seed,
-              "vocab": len(tokenizer), "retry_fraction": retry_fraction, "max_calls": max_calls, "learn_noise": learn_noise,
+              "vocab": len(tokenizer), "retry_fraction": retry_fraction, "max_calls": max_calls,
+              "learn_noise": learn_noise,
               "pool": SFT_POOL}
     marker = folder / "sft.json"
     if not rebuild and marker.is_file() and json.loads(marker.read_text()) == recipe:
@@ -492,10 +493,10 @@ def print_summary(summary: dict) -> None:
             values = rows[key]["values"]
             print(f"{label:<{width}}" + "".join(f"{v:>10.3f}" for v in values) + "   " + format_summary(rows[key]))
     print("\ngreedy vs sampled: the training reward is the accuracy of rollouts sampled at T=1 (one wrong digit "
-          "spoils a rollout);\ngreedy decoding takes the most likely token, hence the gap between the training reward "
-          "and greedy held-out accuracy.\na slip is a generated token the teacher would not have chosen greedily; after "
-          "it the teacher advises on a state it\nwould never reach (the KL rows are on greedy rollouts, the slip rows on "
-          "the sampled ones).")
+          "spoils a rollout);\ngreedy decoding takes the most likely token, hence the gap between the training "
+          "reward and greedy held-out accuracy.\na slip is a generated token the teacher would not have chosen "
+          "greedily; after it the teacher advises on a state it\nwould never reach (the KL rows are on greedy "
+          "rollouts, the slip rows on the sampled ones).")
     print(f"machine: {describe_machine(summary['machine'])}")
     if "tool_calls" in summary:
         calls = summary["tool_calls"]

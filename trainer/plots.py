@@ -193,9 +193,10 @@ def plot_experiment(summary: dict, path: Path) -> Path:
     """The fault experiment in one figure.
 
     (a) d_k before / right after / later than the failed call (held-out rollouts of the starting student
-    with every first call failing, and without faults as the control); (b) the weights SOD assigned there during training; (c) retry rate of the faulted
-    training rollouts per update, OPD against SOD; (d) held-out greedy accuracy with and without the fault,
-    before and after each objective (mean, 95% t-interval, one dot per seed).
+    with every first call failing, and without faults as the control); (b) the weights SOD assigned there
+    during training; (c) retry rate of the faulted training rollouts per update, OPD against SOD; (d) held-out
+    greedy accuracy with and without the fault, before and after each objective (mean, 95% t-interval, one dot
+    per seed).
     """
     from .experiment import POSITIONS, VARIANTS
 
