@@ -1,4 +1,5 @@
-"""``python -m trainer [train] [flags]`` trains; ``python -m trainer demo [flags]`` runs the embedded demo.
+"""``python -m trainer [train] [flags]`` trains; ``python -m trainer demo [flags]`` runs the embedded demo;
+``python -m trainer experiment [flags]`` runs the controlled tool-fault experiment (OPD against SOD).
 
 Nothing is downloaded: models are built-in presets or local folders, datasets local files.
 """
@@ -150,12 +151,17 @@ def train_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Dispatch ``demo`` / ``train`` (the default); exit with the run's status."""
+    """Dispatch ``demo`` / ``experiment`` / ``train`` (the default); exit with the run's status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "demo":
         from .demo import run_demo
 
         run_demo(argv[1:])
+        return
+    if argv and argv[0] == "experiment":
+        from .experiment import run_experiment
+
+        run_experiment(argv[1:])
         return
     code = train_main(argv[1:] if argv and argv[0] == "train" else argv)
     if code == INTERRUPTED_EXIT:

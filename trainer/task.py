@@ -5,7 +5,9 @@ answering ``Answer: <number>``.  Problems are a pure function of ``(seed, index)
 ask for "problem 17 of update 3" at any time (including after a resume) without keeping generator state.
 
 The module also holds the reward (exact match on the integer answer), the answer / tool-call parsers the
-rollout uses, and the tool-fault injection that corrupts an observation with a given probability.
+rollout uses, and the tool-fault injection that corrupts an observation with a given probability: silently
+(``kind="shift"``: every number in the output moved) or visibly (``kind="error"``: the output replaced by an
+error line), at any step or only after one chosen step (``at_step``).
 """
 
 from __future__ import annotations
@@ -210,6 +212,11 @@ def extract_tool_call(text: str) -> str | None:
     return body
 
 
+# Tool-fault kinds of FaultInjector and the observation a visible ("error") fault shows instead of the output.
+FAULT_KINDS = ("shift", "error")
+ERROR_OBSERVATION = "Error: result lost"
+
+
 def corrupt_observation(output: str, rng: np.random.Generator) -> str:
     """A wrong but plausible tool observation: every integer shifted by a nonzero offset, else a junk line."""
     numbers = list(re.finditer(r"-?\d+", output))
@@ -227,24 +234,49 @@ def corrupt_observation(output: str, rng: np.random.Generator) -> str:
 
 @dataclass
 class FaultInjector:
-    """Corrupts a tool observation with probability ``rate``, deterministically from (seed, keys)."""
+    """Corrupts a tool observation with probability ``rate``, deterministically from (seed, keys).
+
+    kind:    ``"shift"`` (a wrong but plausible observation, :func:`corrupt_observation`) or ``"error"``
+             (the observation replaced by :data:`ERROR_OBSERVATION`, a failure the model can see).
+    at_step: ``None`` (any tool call may be corrupted) or k >= 1: only the observation that follows
+             assistant step k (the k-th tool call of a rollout) may be; the others pass unchanged.
+    """
 
     rate: float
     seed: int
+    kind: str = "shift"
+    at_step: int | None = None
     faults_seen: int = field(default=0, compare=False)
 
     def __post_init__(self):
         if not 0.0 <= self.rate <= 1.0:
             raise ValueError(f"tool_fault_rate must lie in [0, 1], got {self.rate}")
+        if self.kind not in FAULT_KINDS:
+            raise ValueError(f"fault kind must be one of {FAULT_KINDS}, got {self.kind!r}")
+        if self.at_step is not None and (isinstance(self.at_step, bool) or not isinstance(self.at_step, int)
+                                         or self.at_step < 1):
+            raise ValueError(f"at_step must be None or an int >= 1 (a 1-based assistant step), got {self.at_step!r}")
 
     def maybe_corrupt(self, output: str, *keys: int) -> tuple[str, bool]:
-        """Return ``(observation, faulted)``; ``keys`` (update, sample, turn...) pick the random draw."""
+        """Return ``(observation, faulted)``; ``keys`` (update, sample, turn) pick the random draw.
+
+        The last key is the 0-based assistant turn whose tool call printed ``output`` (the rollout passes
+        ``(*fault_keys, sample, turn)``); ``at_step`` compares it with ``at_step - 1``.  Whether an observation
+        is corrupted does not depend on ``at_step`` beyond that filter, so the same keys fault the same calls.
+        """
         if self.rate <= 0.0:
             return output, False
+        if self.at_step is not None:
+            if not keys:
+                raise ValueError("maybe_corrupt needs the turn as its last key when at_step is set")
+            if int(keys[-1]) + 1 != self.at_step:
+                return output, False
         rng = np.random.default_rng([self.seed, *[int(k) for k in keys]])
         if rng.random() >= self.rate:
             return output, False
         self.faults_seen += 1
+        if self.kind == "error":
+            return ERROR_OBSERVATION, True
         return corrupt_observation(output, rng), True
 
 
