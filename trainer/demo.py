@@ -37,7 +37,7 @@ from .rollout import ChatFormat, RolloutSettings, ToolExecutor
 from .sft import solution_turns, supervised_train
 from .task import ERROR_OBSERVATION, TOOL_CALL_CLOSE, TOOL_CALL_OPEN, Problem, ProblemSource, generate_problem
 from .tokenizer import build_task_tokenizer
-from .tools import describe_sandbox, sandbox_executor
+from .tools import demo_tool_executor
 from .train import SODTrainer, collate, evaluate, format_metrics, model_hidden
 
 # Objectives the demo can compare: name -> step_divergence ("none" is plain OPD).
@@ -335,12 +335,7 @@ def run_demo(argv: list[str] | None = None, executor: ToolExecutor | None = None
     print(f"machine: {describe_machine(machine)}")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if executor is None:
-        print(describe_sandbox())
-        sandbox = sandbox_executor(timeout_s=10.0, allow_missing=args.sandbox_allow_missing)
-        executor = sandbox if args.no_tool_memo else MemoizedExecutor(sandbox)
-    else:
-        print(f"tool executor: {type(executor).__name__} (given by the caller, not the sandbox)")
+    executor = demo_tool_executor(executor, allow_missing=args.sandbox_allow_missing, memoize=not args.no_tool_memo)
     tokenizer = build_task_tokenizer()
     chat = ChatFormat(tokenizer)
     teacher, _ = warm_start(out / "teacher", "tiny-teacher", tokenizer, chat, steps=args.teacher_sft_steps,

@@ -38,7 +38,7 @@ from .plots import plot_experiment
 from .rollout import ChatFormat, RolloutSettings, ToolExecutor, Trajectory
 from .task import FaultInjector, ProblemSource, extract_tool_call
 from .tokenizer import build_task_tokenizer
-from .tools import describe_sandbox, sandbox_executor
+from .tools import demo_tool_executor
 from .train import SODTrainer, evaluate
 
 VARIANTS = {"opd": "none", "sod": "kl"}
@@ -201,12 +201,7 @@ def run_experiment(argv: list[str] | None = None, executor: ToolExecutor | None 
     wall_start = time.perf_counter()
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if executor is None:
-        print(describe_sandbox())
-        sandbox = sandbox_executor(timeout_s=10.0, allow_missing=args.sandbox_allow_missing)
-        executor = sandbox if args.no_tool_memo else MemoizedExecutor(sandbox)
-    else:
-        print(f"tool executor: {type(executor).__name__} (given by the caller, not the sandbox)")
+    executor = demo_tool_executor(executor, allow_missing=args.sandbox_allow_missing, memoize=not args.no_tool_memo)
     tokenizer = build_task_tokenizer()
     chat = ChatFormat(tokenizer)
     teacher, _ = warm_start(out / "teacher", "tiny-teacher", tokenizer, chat, steps=args.teacher_sft_steps,

@@ -45,3 +45,16 @@ def sandbox_executor(timeout_s: float, allow_missing: Sequence[str] = ()) -> San
 def describe_sandbox() -> str:
     """The sandbox's capability summary (printed when a run starts)."""
     return sandbox.sandbox_capabilities().describe()
+
+
+def demo_tool_executor(executor, *, allow_missing, memoize: bool):
+    """The tool executor of the demo and the experiment: ``executor`` if the caller gives one (tests), else
+    the sandbox (its protections printed), wrapped in :class:`trainer.measure.MemoizedExecutor` unless
+    ``memoize`` is False."""
+    if executor is not None:
+        print(f"tool executor: {type(executor).__name__} (given by the caller, not the sandbox)")
+        return executor
+    from .measure import MemoizedExecutor
+    print(describe_sandbox())
+    sandbox = sandbox_executor(timeout_s=10.0, allow_missing=allow_missing)
+    return MemoizedExecutor(sandbox) if memoize else sandbox
