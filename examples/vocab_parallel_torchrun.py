@@ -68,6 +68,7 @@ def main() -> None:
     if rank == 0:
         print(f"{world} ranks, shards of {[shard_bounds(V, world, r)[1] for r in range(world)]} rows; "
               f"hidden states identical on every rank: {same}")
+    dist.barrier()  # no rank tears down its connections while another still uses them
     dist.destroy_process_group()
 
 
