@@ -14,6 +14,7 @@ import argparse
 import os
 
 import torch
+import torch._dynamo  # noqa: F401  (see the note in main)
 import torch.distributed as dist
 
 from sod_kernels import fused_sod_loss, vocab_parallel_sod_loss
@@ -30,6 +31,9 @@ def main() -> None:
     parser.add_argument("--cuda", action="store_true", help="one GPU per rank with NCCL (default: CPU with gloo)")
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
+    # torch._dynamo (which the first optimizer imports) keeps references to the process groups that exist when
+    # it is imported, so a group created before that import outlives destroy_process_group, its gloo threads
+    # run into interpreter shutdown and the process can abort at exit.  Importing it first (above) avoids that.
     dist.init_process_group("nccl" if args.cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if args.cuda else torch.device("cpu")
