@@ -208,6 +208,44 @@ def headline(rec: Recorder, family: str, names=None) -> None:
     del x
 
 
+def tuning(rec: Recorder) -> None:
+    """What the next kernel changes hinge on, on worst-case inputs: how many chunks one d(weight) product
+    folds (``GradAccumulator.GROUP``), the chunk size, logit soft-capping, and the sparse teacher (k = 64)."""
+    from sod_kernels import fused_sod_loss, fused_sparse_sod_loss, fused_topk_logprobs
+    from sod_kernels.chunked_core import GradAccumulator
+    from .inputs import make_inputs
+
+    N, V, Hs, Ht = (sizes()[k] for k in ("N", "V", "Hs", "Ht"))
+    x = make_inputs("worst_case", N, V, Hs, Ht, dtype=torch.bfloat16, device=DEVICE, seed=0)
+    sh, sw, th, tw = x.student_hidden.unsqueeze(0), x.student_weight, x.teacher_hidden.unsqueeze(0), x.teacher_weight
+    grads = [x.student_hidden, x.student_weight]
+
+    def ours(**kw):
+        return lambda: fused_sod_loss(sh, sw, th, tw, step_ids=x.step_ids, backend="triton", check_inputs=False,
+                                      **kw).backward()
+
+    default_group = GradAccumulator.GROUP
+    try:
+        for group in (1, 2, 4):
+            GradAccumulator.GROUP = group
+            for chunk in (None, 1024):
+                guarded(rec, "tuning", f"ours fast, kl: d(weight) folds {group} chunk(s), chunk_size={chunk}",
+                        lambda: bench(ours(chunk_size=chunk), grads), **sizes())
+    finally:
+        GradAccumulator.GROUP = default_group
+    guarded(rec, "tuning", "ours fast, kl, student_softcap=30 teacher_softcap=30",
+            lambda: bench(ours(student_softcap=30.0, teacher_softcap=30.0), grads), **sizes())
+    with torch.no_grad():
+        ids, logprobs = fused_topk_logprobs(x.teacher_hidden, x.teacher_weight, 64)
+    guarded(rec, "tuning", "fused_topk_logprobs k=64 (teacher, no grad)",
+            lambda: {"ms": round(timed_ms(lambda: fused_topk_logprobs(x.teacher_hidden, x.teacher_weight, 64)), 3)},
+            **sizes())
+    guarded(rec, "tuning", "fused_sparse_sod_loss k=64, kl weights (fwd+bwd)",
+            lambda: bench(lambda: fused_sparse_sod_loss(sh, sw, ids[None], logprobs[None], step_ids=x.step_ids,
+                                                        check_inputs=False).backward(), grads), **sizes())
+    del x, ids, logprobs
+
+
 def determinism_and_accuracy(rec: Recorder) -> None:
     from sod_kernels import fused_sod_loss, fused_sod_policy_loss
     from .inputs import make_inputs
@@ -406,6 +444,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.environ.get("OUT", "runs/gpu-headline"))
     parser.add_argument("--deadline", type=float, default=300.0, help="seconds for everything")
     parser.add_argument("--skip-sweeps", action="store_true")
+    parser.add_argument("--only", default=None, help="comma-separated sections to run (floors, headline, policy, "
+                        "tuning, determinism, sweeps); default: all")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script (CPU: needs "
                         "TRITON_INTERPRET=1)")
     args = parser.parse_args(argv)
@@ -418,9 +458,15 @@ def main(argv=None) -> int:
     sections = [("floors", floors), ("headline worst_case", lambda r: headline(r, "worst_case")),
                 ("headline lm_like", lambda r: headline(r, "lm_like", names=("ours fast, kl", "ours fast, token",
                                                                               "liger_compiled"))),
-                ("determinism and accuracy", determinism_and_accuracy), ("policy", policy)]
+                ("policy", policy), ("tuning", tuning), ("determinism and accuracy", determinism_and_accuracy)]
     if not args.skip_sweeps:
         sections.append(("sweeps", sweeps))
+    if args.only:
+        wanted = [w.strip() for w in args.only.split(",") if w.strip()]
+        known = {name.split()[0] for name, _ in sections}
+        if not set(wanted) <= known:
+            parser.error(f"--only: unknown section(s) {sorted(set(wanted) - known)}; known: {sorted(known)}")
+        sections = [(name, fn) for name, fn in sections if name.split()[0] in wanted]
     for name, section in sections:
         try:
             section(rec)
