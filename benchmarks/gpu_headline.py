@@ -233,6 +233,16 @@ def tuning(rec: Recorder) -> None:
                         lambda: bench(ours(chunk_size=chunk), grads), **sizes())
     finally:
         GradAccumulator.GROUP = default_group
+    from sod_kernels import triton_divergence as td
+    default_low = (td.LOW_MEMORY_ROWS, td.LOW_MEMORY_CHUNK_BYTES)
+    try:
+        for rows, budget_mib in ((default_low[0], default_low[1] >> 20), (2 * default_low[0], default_low[1] >> 20),
+                                 (default_low[0], 2 * (default_low[1] >> 20)), (2 * default_low[0], 2 * (default_low[1] >> 20))):
+            td.LOW_MEMORY_ROWS, td.LOW_MEMORY_CHUNK_BYTES = rows, budget_mib << 20
+            guarded(rec, "tuning", f"ours low-memory, kl: {rows} rows, {budget_mib} MiB blocks",
+                    lambda: bench(ours(memory="low"), grads), **sizes())
+    finally:
+        td.LOW_MEMORY_ROWS, td.LOW_MEMORY_CHUNK_BYTES = default_low
     guarded(rec, "tuning", "ours fast, kl, student_softcap=30 teacher_softcap=30",
             lambda: bench(ours(student_softcap=30.0, teacher_softcap=30.0), grads), **sizes())
     with torch.no_grad():
