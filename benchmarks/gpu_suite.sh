@@ -89,8 +89,10 @@ PYEOF
 } >"$OUT_DIR/environment.txt" 2>&1
 
 if [[ "$RUN_TESTS" == 1 ]]; then
-  log "tests: python -m pytest -q tests (timeout ${TEST_TIMEOUT}s)"
-  timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -q -p no:cacheprovider tests --junitxml="$OUT_DIR/pytest.xml" \
+  WORKERS=()
+  "$PY" -c "import xdist" 2>/dev/null && WORKERS=(-n "${PYTEST_WORKERS:-8}")
+  log "tests: python -m pytest -q ${WORKERS[*]:-} tests (timeout ${TEST_TIMEOUT}s)"
+  timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -q "${WORKERS[@]}" -p no:cacheprovider tests --junitxml="$OUT_DIR/pytest.xml" \
     >"$OUT_DIR/pytest.log" 2>&1
   RC=$?
   if [[ $RC == 124 || $RC == 137 ]]; then
