@@ -116,6 +116,57 @@ class SinglePassPolicyLoss(torch.autograd.Function):
                                      "pass reduction='none' for a recomputing backward") + (None,) * 9
 
 
+def finish_policy_loss(logp, old, adv, clip, row_index, lead, *, reduction: str, return_stats: bool,
+                       check_inputs: bool, loss=None):
+    """The PPO dual-clip loss of the distilled rows from their new log-probs, reduced, with its statistics.
+
+    ``logp``, ``old``, ``adv``: ``[Na]`` (float32 / float64) of the rows ``row_index [Na]`` of the flattened
+    ``lead`` shape; ``clip = (clip_low, clip_high, dual_clip)``.  ``loss``: the already reduced loss when a
+    single pass formed it (with its gradient), else None.  Returns the loss or :class:`PolicyLossStats`.
+    """
+    n_flat = 1
+    for size in lead:
+        n_flat *= size
+    per_row, ratio, log_ratio, low, high, dual = ppo_dual_clip(logp, old, adv, *clip)
+    acc = per_row.dtype
+    normalizer = max(row_index.numel(), 1)
+    if loss is None:
+        if reduction == "none":
+            loss = torch.zeros(n_flat, dtype=acc, device=logp.device).index_copy(0, row_index, per_row).view(lead)
+        elif reduction == "sum":
+            loss = per_row.sum()
+        else:
+            loss = per_row.sum() / normalizer
+    if check_inputs and row_index.numel() and not bool(torch.isfinite(per_row.detach()).all()):
+        raise ValueError("the policy loss is not finite: student_hidden, student_weight / student_bias, "
+                         "old_logprobs or advantages contain NaN or Inf (or the logits overflow)")
+    if not return_stats:
+        return loss
+    with torch.no_grad():
+        share = lambda flags: flags.to(acc).sum() / normalizer  # noqa: E731
+        logprobs = torch.zeros(n_flat, dtype=acc, device=logp.device).index_copy(0, row_index,
+                                                                                  logp.detach().to(acc))
+        return PolicyLossStats(loss=loss, clip_frac_low=share(low), clip_frac_high=share(high),
+                               clip_frac_dual=share(dual), mean_ratio=ratio.sum() / normalizer,
+                               approx_kl=((ratio - 1.0) - log_ratio).sum() / normalizer,
+                               logprobs=logprobs.view(lead))
+
+
+def check_policy_options(reduction, clip_low, clip_high, dual_clip, temperature):
+    """The PPO dual-clip options every policy loss shares -> ``(clip_low, clip_high, dual_clip, temperature)``
+    as floats, with clear errors naming the argument."""
+    check_choice(reduction, "reduction", REDUCTIONS)
+    clip_low = check_positive(clip_low, "clip_low", allow_zero=True)
+    if clip_low >= 1.0:
+        raise ValueError(f"clip_low must be < 1 (the ratio's lower bound is 1 - clip_low), got {clip_low}")
+    clip_high = check_positive(clip_high, "clip_high", allow_zero=True)
+    if dual_clip is not None:
+        dual_clip = check_positive(dual_clip, "dual_clip")
+        if dual_clip <= 1.0:
+            raise ValueError(f"dual_clip must be > 1 (or None to disable the dual clip), got {dual_clip}")
+    return clip_low, clip_high, dual_clip, check_positive(temperature, "temperature")
+
+
 def fused_sod_policy_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, target_ids: torch.Tensor,
                           old_logprobs: torch.Tensor, advantages: torch.Tensor, response_mask: torch.Tensor, *,
                           clip_low: float = 0.2, clip_high: float = 0.28, dual_clip: float | None = 3.0,
@@ -156,16 +207,8 @@ def fused_sod_policy_loss(student_hidden: torch.Tensor, student_weight: torch.Te
     Gradients reach ``student_hidden``, ``student_weight`` and ``student_bias`` only.  An empty mask gives a
     loss of exactly 0 and zero gradients.
     """
-    check_choice(reduction, "reduction", REDUCTIONS)
-    clip_low = check_positive(clip_low, "clip_low", allow_zero=True)
-    if clip_low >= 1.0:
-        raise ValueError(f"clip_low must be < 1 (the ratio's lower bound is 1 - clip_low), got {clip_low}")
-    clip_high = check_positive(clip_high, "clip_high", allow_zero=True)
-    if dual_clip is not None:
-        dual_clip = check_positive(dual_clip, "dual_clip")
-        if dual_clip <= 1.0:
-            raise ValueError(f"dual_clip must be > 1 (or None to disable the dual clip), got {dual_clip}")
-    temperature = check_positive(temperature, "temperature")
+    clip_low, clip_high, dual_clip, temperature = check_policy_options(reduction, clip_low, clip_high, dual_clip,
+                                                                       temperature)
     student_softcap = check_softcap(student_softcap, "student_softcap")
     check_chunk_size(chunk_size)
     check_lm_head(student_hidden, student_weight, student_bias, hidden_name="student_hidden",
@@ -210,25 +253,5 @@ def fused_sod_policy_loss(student_hidden: torch.Tensor, student_weight: torch.Te
         else:
             logp, _ = TokenLogprobs.apply(hidden, weight, bias, row_index, y, temperature, impl, False, chunk_size,
                                           student_softcap)
-    per_row, ratio, log_ratio, low, high, dual = ppo_dual_clip(logp, old, adv, clip_low, clip_high, dual_clip)
-    if loss is None:
-        if reduction == "none":
-            loss = torch.zeros(flat_mask.numel(), dtype=acc, device=logp.device).index_copy(0, row_index, per_row)
-            loss = loss.view(lead)
-        elif reduction == "sum":
-            loss = per_row.sum()
-        else:
-            loss = per_row.sum() / normalizer
-    if check_inputs and num_active and not bool(torch.isfinite(per_row.detach()).all()):
-        raise ValueError("the policy loss is not finite: student_hidden, student_weight / student_bias, "
-                         "old_logprobs or advantages contain NaN or Inf (or the logits overflow)")
-    if not return_stats:
-        return loss
-    with torch.no_grad():
-        share = lambda flags: flags.to(acc).sum() / normalizer  # noqa: E731
-        logprobs = torch.zeros(flat_mask.numel(), dtype=acc, device=logp.device).index_copy(0, row_index,
-                                                                                           logp.detach())
-        return PolicyLossStats(loss=loss, clip_frac_low=share(low), clip_frac_high=share(high),
-                               clip_frac_dual=share(dual), mean_ratio=ratio.sum() / normalizer,
-                               approx_kl=((ratio - 1.0) - log_ratio).sum() / normalizer,
-                               logprobs=logprobs.view(lead))
+    return finish_policy_loss(logp, old, adv, clip, row_index, lead, reduction=reduction, return_stats=return_stats,
+                              check_inputs=check_inputs, loss=loss)

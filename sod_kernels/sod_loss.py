@@ -21,7 +21,7 @@ from .chunked_core import FAST_CHUNK_BYTES, chunk_rows, even_chunks
 from .chunked_torch import compute_dtype
 from .step_plan import InPassStepWeights
 from .token_divergence import (TokenDivergence, check_softcap, no_autocast, resolve_backend,
-                               single_pass_gradients)
+                               single_pass_gradients, single_pass_outputs)
 
 
 @dataclass
@@ -87,11 +87,7 @@ class SinglePassKL(torch.autograd.Function):
         res = single_pass_loss(problem, chunks, chunk_weights, coef=coef, normalizer=normalizer,
                                need_hidden=need[0], need_weight=need[1], need_bias=need[2],
                                sampled_signal=sampled_signal)
-        ctx.grads = res.grads
-        lp_s = res.lp_s if res.lp_s is not None else res.D.new_empty(0)
-        lp_t = res.lp_t if res.lp_t is not None else res.D.new_empty(0)
-        ctx.mark_non_differentiable(res.D, lp_s, lp_t)
-        return res.loss, res.D, lp_s, lp_t
+        return single_pass_outputs(ctx, res)
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):

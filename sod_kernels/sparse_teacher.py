@@ -29,7 +29,7 @@ from .sparse_rows import SparseForward
 from .sparse_validation import check_topk_shapes, check_topk_values
 from .steps import DEFAULT_DELTA, DEFAULT_EPSILON, resolve_step_ids
 from .token_divergence import (no_autocast, refuse_double_backward, resolve_backend, single_pass_gradients,
-                               zero_student_grads)
+                               single_pass_outputs, zero_student_grads)
 
 NAME = "fused_sparse_sod_loss"
 
@@ -100,11 +100,7 @@ class SinglePassSparse(torch.autograd.Function):
         res = single_pass_loss(problem, chunks, chunk_weights, coef=coef, normalizer=normalizer,
                                need_hidden=need[0], need_weight=need[1], need_bias=need[2],
                                sampled_signal=sampled_signal)
-        ctx.grads = res.grads
-        lp_s = res.lp_s if res.lp_s is not None else res.D.new_empty(0)
-        lp_t = res.lp_t if res.lp_t is not None else res.D.new_empty(0)
-        ctx.mark_non_differentiable(res.D, lp_s, lp_t)
-        return res.loss, res.D, lp_s, lp_t
+        return single_pass_outputs(ctx, res)
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):

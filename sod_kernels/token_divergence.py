@@ -57,6 +57,17 @@ def check_softcap(value, name: str) -> float | None:
     return None if value is None else check_positive(value, name)
 
 
+def single_pass_outputs(ctx, res) -> tuple:
+    """The forward's outputs of a single-pass distillation loss: keeps ``res.grads`` for the backward and
+    returns ``(loss, D, logp_student(y), logp_teacher(y))``, the last three non-differentiable (empty sampled
+    log-probs where the loss did not form them)."""
+    ctx.grads = res.grads
+    lp_s = res.lp_s if res.lp_s is not None else res.D.new_empty(0)
+    lp_t = res.lp_t if res.lp_t is not None else res.D.new_empty(0)
+    ctx.mark_non_differentiable(res.D, lp_s, lp_t)
+    return res.loss, res.D, lp_s, lp_t
+
+
 def single_pass_gradients(ctx, grad_loss: torch.Tensor, what: str, recompute_hint: str) -> tuple:
     """The backward of a single-pass loss: the student gradients its forward formed for an upstream gradient
     of 1 (``ctx.grads``), scaled by the real upstream gradient; usable once (the forward's buffers are

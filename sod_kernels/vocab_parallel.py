@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .policy_loss import PolicyLossStats, ppo_dual_clip
+from .policy_loss import finish_policy_loss
 from .sod_loss import SODStats
 from .steps import DEFAULT_DELTA, DEFAULT_EPSILON, step_weights_from_divergence, trim_steps
 from .token_divergence import no_autocast
@@ -196,33 +196,12 @@ def vocab_parallel_policy_loss(student_hidden: torch.Tensor, student_weight: tor
                                       return_stats=return_stats, backend=backend, chunk_size=chunk_size,
                                       check_inputs=check_inputs, reduce_hidden_grad=reduce_hidden_grad))
     check_targets_in_vocab(agreed, layout.vocab, where=" wherever response_mask is 1")
-    row_index, acc, lead = p["row_index"], p["acc"], p["lead"]
-    num_active = row_index.numel()
+    row_index, lead = p["row_index"], p["lead"]
     setup = ParallelSetup(layout, p["impl"], p["temperature"], chunk_size, reduce_hidden_grad)
     with no_autocast(student_hidden.device):
         logp, _ = VocabParallelLogprobs.apply(p["hidden"], student_weight.contiguous(),
                                               None if student_bias is None else student_bias.contiguous(), row_index,
                                               p["y"] - layout.vocab_start, setup)
-    per_row, ratio, log_ratio, low, high, dual = ppo_dual_clip(logp, p["old"], p["adv"], *p["clip"])
-    normalizer = max(num_active, 1)
-    if reduction == "none":
-        loss = torch.zeros(p["flat_mask"].numel(), dtype=acc, device=logp.device).index_copy(0, row_index, per_row)
-        loss = loss.view(lead)
-    elif reduction == "sum":
-        loss = per_row.sum()
-    else:
-        loss = per_row.sum() / normalizer
-    if check_inputs and num_active and not bool(torch.isfinite(per_row.detach()).all()):
-        raise ValueError("the policy loss is not finite: student_hidden, student_weight / student_bias, "
-                         "old_logprobs or advantages contain NaN or Inf (or the logits overflow)")
-    if not return_stats:
-        return loss
-    with torch.no_grad():
-        share = lambda flags: flags.to(acc).sum() / normalizer  # noqa: E731
-        logprobs = torch.zeros(p["flat_mask"].numel(), dtype=acc, device=logp.device).index_copy(
-            0, row_index, logp.detach())
-        return PolicyLossStats(loss=loss, clip_frac_low=share(low), clip_frac_high=share(high),
-                               clip_frac_dual=share(dual), mean_ratio=ratio.sum() / normalizer,
-                               approx_kl=((ratio - 1.0) - log_ratio).sum() / normalizer,
-                               logprobs=logprobs.view(lead))
+    return finish_policy_loss(logp, p["old"], p["adv"], p["clip"], row_index, lead, reduction=reduction,
+                              return_stats=return_stats, check_inputs=check_inputs)
 

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 import torch
 
 from ._validation import (BACKENDS, DIVERGENCES, REDUCTIONS, STEP_DIVERGENCES, check_binary_mask,
-                          check_choice, check_chunk_size, check_finite_number, check_lm_head, check_positive,
+                          check_choice, check_chunk_size, check_lm_head, check_positive,
                           check_same_device, check_shape, check_tensor)
 from .chunked_torch import compute_dtype
-from .sod_loss import check_token_weights
+from .policy_loss import check_policy_options
+from .sod_loss import check_loss_options, check_token_weights
 from .steps import resolve_step_ids
 from .token_divergence import resolve_backend
 from .token_logprobs import check_target_ids
@@ -150,19 +151,8 @@ def prepare_sod(agreed: dict, student_hidden, student_weight, teacher_hidden, te
                 reduce_hidden_grad) -> SODInputs:
     """The checks of ``fused_sod_loss`` on one rank (``student_weight`` / ``teacher_weight`` are shards; the
     target range is checked after the exchange, against the full vocabulary)."""
-    check_choice(divergence, "divergence", DIVERGENCES)
-    if step_divergence is None:
-        step_divergence = "kl" if token_weights is None else "none"
-    check_choice(step_divergence, "step_divergence", STEP_DIVERGENCES)
-    if token_weights is not None and step_divergence != "none":
-        raise ValueError(f"token_weights replaces the step weights: it cannot be combined with "
-                         f"step_divergence={step_divergence!r} (leave step_divergence unset or pass 'none')")
-    check_choice(reduction, "reduction", REDUCTIONS)
-    check_chunk_size(chunk_size)
-    epsilon = check_positive(epsilon, "epsilon")
-    delta = check_positive(delta, "delta", allow_zero=True)
-    temperature = check_positive(temperature, "temperature")
-    coef = check_finite_number(coef, "coef")
+    step_divergence, epsilon, delta, temperature, coef = check_loss_options(
+        divergence, step_divergence, token_weights, reduction, backend, chunk_size, epsilon, delta, temperature, coef)
     if not isinstance(reduce_hidden_grad, bool):
         raise TypeError(f"reduce_hidden_grad must be a bool, got {type(reduce_hidden_grad).__name__}")
     for who, h, w, b in (("student", student_hidden, student_weight, student_bias),
@@ -245,16 +235,8 @@ def prepare_policy(agreed: dict, student_hidden, student_weight, target_ids, old
                    *, clip_low, clip_high, dual_clip, temperature, student_bias, reduction, return_stats, backend,
                    chunk_size, check_inputs, reduce_hidden_grad):
     """The checks of ``fused_sod_policy_loss`` on one rank -> a dict of what the computation needs."""
-    check_choice(reduction, "reduction", REDUCTIONS)
-    clip_low = check_positive(clip_low, "clip_low", allow_zero=True)
-    if clip_low >= 1.0:
-        raise ValueError(f"clip_low must be < 1 (the ratio's lower bound is 1 - clip_low), got {clip_low}")
-    clip_high = check_positive(clip_high, "clip_high", allow_zero=True)
-    if dual_clip is not None:
-        dual_clip = check_positive(dual_clip, "dual_clip")
-        if dual_clip <= 1.0:
-            raise ValueError(f"dual_clip must be > 1 (or None to disable the dual clip), got {dual_clip}")
-    temperature = check_positive(temperature, "temperature")
+    clip_low, clip_high, dual_clip, temperature = check_policy_options(reduction, clip_low, clip_high, dual_clip,
+                                                                       temperature)
     check_chunk_size(chunk_size)
     if not isinstance(reduce_hidden_grad, bool):
         raise TypeError(f"reduce_hidden_grad must be a bool, got {type(reduce_hidden_grad).__name__}")
