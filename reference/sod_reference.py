@@ -142,30 +142,8 @@ def ref_fused_sod_loss(student_hidden, student_weight, teacher_hidden, teacher_w
         signal = (ls.gather(-1, y) - lt.gather(-1, y)).squeeze(-1).abs()
     else:
         signal = D
-    d = ref_step_divergence(signal.detach().double().clamp(min=0), step_ids)
-    if step_divergence == "none":
-        w = [[1.0] * len(row) for row in d]
-    else:
-        w = [ref_step_weights_running_product(row, epsilon, delta) for row in d]
-    tw = _token_weights(step_ids, w, D.dtype).to(D.device)
-    if token_weights is not None:
-        given = token_weights.unsqueeze(0) if single else token_weights
-        tw = torch.where(m, given.detach().to(D.dtype), torch.zeros_like(D))
-    per_token = coef * m.to(D.dtype) * tw * D
-    if reduction == "none":
-        loss = per_token[0] if single else per_token
-    elif reduction == "sum":
-        loss = per_token.sum()
-    else:
-        loss = per_token.sum() / max(int(m.sum()), 1)
-    stats = {
-        "token_divergence": D[0] if single else D,
-        "token_weights": tw[0] if single else tw,
-        "step_divergence": d[0] if single else d,
-        "step_weights": w[0] if single else w,
-        "num_steps": len(d[0]) if single else [len(row) for row in d],
-    }
-    return loss, stats
+    return ref_weighted_loss(D, signal, step_ids, single=single, step_divergence=step_divergence, epsilon=epsilon,
+                             delta=delta, token_weights=token_weights, coef=coef, reduction=reduction)
 
 
 # ------------------------------------------------------------------------------------- policy gradient
@@ -208,3 +186,35 @@ def ref_ppo_dual_clip_loss(logp_new, old_logp, advantages, response_mask, clip_l
     if reduction == "sum":
         return per_token.sum()
     return per_token.sum() / max(int(m.sum()), 1)
+
+
+def ref_weighted_loss(D, signal, step_ids, *, single, step_divergence, epsilon, delta, token_weights, coef,
+                      reduction):
+    """The loss from per-token divergences ``D [B, T]`` (zero off the mask) and the step signal ``[B, T]``:
+    step means of the signal (clamped at 0), step weights (or the given ``token_weights``), the weighted sum
+    and its reduction.  Returns ``(loss, stats dict)``; ``single``: drop the batch axis of the outputs."""
+    m = step_ids >= 0
+    d = ref_step_divergence(signal.detach().double().clamp(min=0), step_ids)
+    if step_divergence == "none":
+        w = [[1.0] * len(row) for row in d]
+    else:
+        w = [ref_step_weights_running_product(row, epsilon, delta) for row in d]
+    tw = _token_weights(step_ids, w, D.dtype).to(D.device)
+    if token_weights is not None:
+        given = token_weights.unsqueeze(0) if single else token_weights
+        tw = torch.where(m, given.detach().to(D.dtype), torch.zeros_like(D))
+    per_token = coef * m.to(D.dtype) * tw * D
+    if reduction == "none":
+        loss = per_token[0] if single else per_token
+    elif reduction == "sum":
+        loss = per_token.sum()
+    else:
+        loss = per_token.sum() / max(int(m.sum()), 1)
+    stats = {
+        "token_divergence": D[0] if single else D,
+        "token_weights": tw[0] if single else tw,
+        "step_divergence": d[0] if single else d,
+        "step_weights": w[0] if single else w,
+        "num_steps": len(d[0]) if single else [len(row) for row in d],
+    }
+    return loss, stats

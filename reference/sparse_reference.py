@@ -22,8 +22,7 @@ import math
 
 import torch
 
-from .sod_reference import (_token_weights, ref_logits, ref_step_divergence, ref_step_ids_from_mask,
-                            ref_step_weights_running_product)
+from .sod_reference import ref_logits, ref_step_ids_from_mask, ref_weighted_loss
 
 TAIL_FLOOR = 1e-12
 
@@ -102,30 +101,8 @@ def ref_sparse_sod_loss(student_hidden, student_weight, topk_ids, topk_logprobs,
         signal = (lp_s - lp_t).abs()
     else:
         signal = D
-    d = ref_step_divergence(signal.detach().double().clamp(min=0), step_ids)
-    if step_divergence == "none":
-        w = [[1.0] * len(row) for row in d]
-    else:
-        w = [ref_step_weights_running_product(row, epsilon, delta) for row in d]
-    tw = _token_weights(step_ids, w, D.dtype).to(D.device)
-    if token_weights is not None:
-        given = token_weights.unsqueeze(0) if single else token_weights
-        tw = torch.where(m, given.detach().to(D.dtype), torch.zeros_like(D))
-    per_token = coef * m.to(D.dtype) * tw * D
-    if reduction == "none":
-        loss = per_token[0] if single else per_token
-    elif reduction == "sum":
-        loss = per_token.sum()
-    else:
-        loss = per_token.sum() / max(int(m.sum()), 1)
-    stats = {
-        "token_divergence": D[0] if single else D,
-        "token_weights": tw[0] if single else tw,
-        "step_divergence": d[0] if single else d,
-        "step_weights": w[0] if single else w,
-        "num_steps": len(d[0]) if single else [len(row) for row in d],
-    }
-    return loss, stats
+    return ref_weighted_loss(D, signal, step_ids, single=single, step_divergence=step_divergence, epsilon=epsilon,
+                             delta=delta, token_weights=token_weights, coef=coef, reduction=reduction)
 
 
 def ref_topk_logprobs(hidden, weight, k, bias=None, temperature=1.0):
