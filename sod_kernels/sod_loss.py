@@ -95,6 +95,24 @@ class SinglePassKL(torch.autograd.Function):
                                      "for a recomputing backward") + (None,) * 13
 
 
+def check_targets_and_steps(step_divergence, target_ids, lead, vocab, response_mask, step_ids, token_weights,
+                            check_inputs):
+    """The checks the dense and sparse losses share after the heads: sampled targets (needed by "sampled",
+    in ``[0, vocab)``), the step ids (from ``step_ids`` or ``response_mask``) and ``token_weights``.
+    Returns the resolved step ids (``lead`` shape, int64, -1 off the mask)."""
+    if step_divergence == "sampled" and target_ids is None:
+        raise ValueError("step_divergence='sampled' needs target_ids (the sampled tokens)")
+    if target_ids is not None:
+        check_tensor(target_ids, "target_ids", ndim=(len(lead),), integer=True)
+        check_shape(target_ids, "target_ids", lead, "the leading shape of student_hidden")
+        if check_inputs and target_ids.numel() and bool(((target_ids < 0) | (target_ids >= vocab)).any()):
+            raise ValueError(f"target_ids must lie in [0, {vocab}) (the student vocabulary)")
+    ids = resolve_step_ids(response_mask, step_ids, lead, check_inputs=check_inputs)
+    if token_weights is not None:
+        check_token_weights(token_weights, lead, check_values=check_inputs)
+    return ids
+
+
 def check_loss_options(divergence, step_divergence, token_weights, reduction, backend, chunk_size, epsilon, delta,
                        temperature, coef):
     """The options every distillation loss shares; returns ``(step_divergence, epsilon, delta, temperature,
@@ -239,16 +257,9 @@ def fused_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
     check_same_device(student_hidden=student_hidden, student_weight=student_weight, teacher_hidden=teacher_hidden,
                       teacher_weight=teacher_weight, response_mask=response_mask, step_ids=step_ids,
                       target_ids=target_ids, student_bias=student_bias, teacher_bias=teacher_bias)
-    if step_divergence == "sampled" and target_ids is None:
-        raise ValueError("step_divergence='sampled' needs target_ids (the sampled tokens)")
-    if target_ids is not None:
-        check_tensor(target_ids, "target_ids", ndim=(len(lead),), integer=True)
-        check_shape(target_ids, "target_ids", lead, "the leading shape of student_hidden")
-        if check_inputs and target_ids.numel() and bool(((target_ids < 0) | (target_ids >= Vs)).any()):
-            raise ValueError(f"target_ids must lie in [0, {Vs}) (the student vocabulary)")
-    ids = resolve_step_ids(response_mask, step_ids, lead, check_inputs=check_inputs)
+    ids = check_targets_and_steps(step_divergence, target_ids, lead, Vs, response_mask, step_ids, token_weights,
+                                  check_inputs)
     if token_weights is not None:
-        check_token_weights(token_weights, lead, check_values=check_inputs)
         check_same_device(student_hidden=student_hidden, token_weights=token_weights)
     impl = resolve_backend(backend, student_hidden.device)
 

@@ -21,13 +21,13 @@ from types import ModuleType
 
 import torch
 
-from ._validation import check_lm_head, check_same_device, check_shape, check_tensor
+from ._validation import check_lm_head, check_same_device
 from .chunked_core import GradAccumulator, chunk_rows
 from .chunked_torch import compute_dtype
-from .sod_loss import _needs_student_grad, _single_pass_plan, check_loss_options, check_token_weights, finish_loss
+from .sod_loss import _needs_student_grad, _single_pass_plan, check_loss_options, check_targets_and_steps, finish_loss
 from .sparse_rows import SparseForward
 from .sparse_validation import check_topk_shapes, check_topk_values
-from .steps import DEFAULT_DELTA, DEFAULT_EPSILON, resolve_step_ids
+from .steps import DEFAULT_DELTA, DEFAULT_EPSILON
 from .token_divergence import (no_autocast, refuse_double_backward, resolve_backend, single_pass_gradients,
                                single_pass_outputs, zero_student_grads)
 
@@ -178,16 +178,8 @@ def fused_sparse_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Te
                       teacher_topk_ids=teacher_topk_ids, teacher_topk_logprobs=teacher_topk_logprobs,
                       response_mask=response_mask, step_ids=step_ids, target_ids=target_ids,
                       student_bias=student_bias, token_weights=token_weights)
-    if step_divergence == "sampled" and target_ids is None:
-        raise ValueError("step_divergence='sampled' needs target_ids (the sampled tokens)")
-    if target_ids is not None:
-        check_tensor(target_ids, "target_ids", ndim=(len(lead),), integer=True)
-        check_shape(target_ids, "target_ids", lead, "the leading shape of student_hidden")
-        if check_inputs and target_ids.numel() and bool(((target_ids < 0) | (target_ids >= V)).any()):
-            raise ValueError(f"target_ids must lie in [0, {V}) (the student vocabulary)")
-    ids = resolve_step_ids(response_mask, step_ids, lead, check_inputs=check_inputs)
-    if token_weights is not None:
-        check_token_weights(token_weights, lead, check_values=check_inputs)
+    ids = check_targets_and_steps(step_divergence, target_ids, lead, V, response_mask, step_ids, token_weights,
+                                  check_inputs)
     impl = resolve_backend(backend, student_hidden.device)
 
     single = student_hidden.dim() == 2
