@@ -18,6 +18,7 @@ into a plain model in a single process (for evaluation or export).
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -178,6 +179,8 @@ def load_model_weights(path: str | Path, model: torch.nn.Module) -> dict:
 
     meta = read_meta(path)
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message=".*load in a single process.*")
+        dcp.load(state, checkpoint_id=str(path), no_dist=True)
     model.load_state_dict(state["model"])
     return meta

@@ -130,7 +130,7 @@ def shutdown(clean: bool) -> None:
 
 def shard_student(student: torch.nn.Module, mesh) -> None:
     """``fully_shard`` each decoder layer, then the root (embeddings, final norm, the possibly tied head),
-    with gradients summed rather than averaged over the ranks (divide factor 1)."""
+    with gradients summed rather than averaged over the ranks (divide factor 1, a SUM reduce-scatter)."""
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     from .models import decoder_body
@@ -141,7 +141,9 @@ def shard_student(student: torch.nn.Module, mesh) -> None:
     fully_shard(student, mesh=mesh)
     for module in student.modules():
         if isinstance(module, FSDPModule):
+            # A plain SUM reduce-scatter: gloo has no pre-multiplied sum, and a factor of 1 needs no scaling.
             module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
 
 
 @torch.no_grad()
