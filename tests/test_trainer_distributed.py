@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch._dynamo  # noqa: F401  before any process group (see trainer.distributed.init_process_group)
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -229,8 +230,6 @@ def test_two_ranks_equal_one_rank_and_resume(tmp_path, capsys):
         weight_gap = max(weight_gap, gap / float(tensor.norm()))
         update_gap = max(update_gap, gap / max(float((tensor - start[name]).norm()), 1e-30))
     assert any(not torch.equal(tensor, start[name]) for name, tensor in want.items())  # it did train
-    print(f"{what}: largest relative gap, metrics {metrics_gap:.2e}, step logs {steps_gap:.2e}, weights (norm) "
-          f"{weight_gap:.2e}, updates (norm) {update_gap:.2e}")
 
     # 2 ranks stopped after 1 update and resumed to 3 equal the uninterrupted 2-rank run exactly.
     resumed = tmp_path / "resumed"
@@ -263,6 +262,8 @@ def test_two_ranks_equal_one_rank_and_resume(tmp_path, capsys):
                                               "--nproc-per-node=2"):
         load_latest_meta(resumed, world_size=3)
     assert load_latest_meta(resumed, world_size=2)[1]["step"] == 3
+    print(f"{what}: largest relative gap to one process, metrics {metrics_gap:.2e}, step logs {steps_gap:.2e}, "
+          f"weights (norm) {weight_gap:.2e}, updates (norm) {update_gap:.2e}")
 
 
 def test_batch_split_and_environment_checks():

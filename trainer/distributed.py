@@ -106,6 +106,10 @@ def rank_range(batch: int, rank: int, world_size: int) -> range:
 
 def init_process_group(context: DistContext, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
     """Join torchrun's rendezvous (``MASTER_ADDR`` / ``MASTER_PORT``) with gloo, for CPU tensors."""
+    # torch._dynamo (imported by FSDP and the optimizers) keeps references to the process groups that exist
+    # when it is imported, so a group created before that import outlives destroy_process_group, its gloo
+    # threads run into interpreter shutdown and the process can abort at exit.  Import it first.
+    import torch._dynamo  # noqa: F401
     import torch.distributed as dist
 
     if not dist.is_initialized():
