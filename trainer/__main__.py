@@ -168,7 +168,8 @@ def _train(parser: argparse.ArgumentParser, config, argv: list[str], context) ->
         log.message(describe_sandbox())
         executor = sandbox_executor(config.tool_timeout_s, config.sandbox_allow_missing)
         try:
-            trainer = build_trainer(config, executor, log=log.message, dist=context)
+            options = {} if context is None else {"dist": context}
+            trainer = build_trainer(config, executor, log=log.message, **options)
         except ValueError as error:  # a model or dataset that cannot be used
             return fail(parser, log, error)
         try:
