@@ -30,7 +30,7 @@ import torch.multiprocessing as mp
 from tests.test_trainer_rollout import ArithmeticTool, ReplayGenerator
 from trainer.checkpoint import CHECKPOINT_NAME, DCP_NAME, DCP_PREVIOUS_NAME, METRICS_NAME, STEPS_NAME, \
     CheckpointError
-from trainer.checkpoint_dcp import load_latest_meta, load_model_weights
+from trainer.checkpoint_dcp import load_latest_meta, load_model_weights, other_kind_error
 from trainer.config import TrainConfig
 from trainer.distributed import DistContext, check_batch_split, env_context, rank_range
 from trainer.models import build_preset
@@ -262,6 +262,11 @@ def test_two_ranks_equal_one_rank_and_resume(tmp_path, capsys):
                                               "--nproc-per-node=2"):
         load_latest_meta(resumed, world_size=3)
     assert load_latest_meta(resumed, world_size=2)[1]["step"] == 3
+    # A single-process checkpoint under torchrun is refused as well.
+    error = other_kind_error(tmp_path / "one", distributed=True)
+    assert isinstance(error, CheckpointError) and "written by a single process; resume it without torchrun" in \
+        str(error)
+    assert other_kind_error(tmp_path / "one", distributed=False) is None
     print(f"{what}: largest relative gap to one process, metrics {metrics_gap:.2e}, step logs {steps_gap:.2e}, "
           f"weights (norm) {weight_gap:.2e}, updates (norm) {update_gap:.2e}")
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (DCP_NAME, DCP_PREVIOUS_NAME, TEMPORARY_MARKER, CheckpointError, _fsync_dir, dcp_paths,
-                         remove_path)
+from .checkpoint import (DCP_NAME, DCP_PREVIOUS_NAME, TEMPORARY_MARKER, CheckpointError, _fsync_dir,
+                         checkpoint_paths, dcp_paths, remove_path)
 from .distributed import DistContext, all_gather_objects, barrier, broadcast_object
 
 META_NAME = "meta.pt"
@@ -98,6 +98,26 @@ def load_latest_meta(output: str | Path, world_size: int) -> tuple[Path, dict, l
         raise CheckpointError(f"no data-parallel checkpoint in {str(output)!r} (neither {DCP_NAME} nor "
                               f"{DCP_PREVIOUS_NAME})")
     raise CheckpointError(f"no readable checkpoint in {str(output)!r}: " + "; ".join(r for _, r in skipped))
+
+
+def other_kind_error(output: str | Path, distributed: bool) -> CheckpointError | None:
+    """The error of a resume in ``output`` that holds only the other kind of checkpoint: data-parallel folders
+    for a single process (``distributed`` False), single-process files under torchrun; None otherwise."""
+    own, other = checkpoint_paths(output), dcp_paths(output)
+    if distributed:
+        own, other = other, own
+    found = [p for p in other if p.exists()]
+    if any(p.exists() for p in own) or not found:
+        return None
+    if distributed:
+        return CheckpointError(f"{str(found[0])!r} was written by a single process; resume it without torchrun "
+                               f"(a data-parallel run cannot resume it)")
+    try:
+        ranks = f"{read_meta(found[0])['world_size']} ranks"
+    except CheckpointError:
+        ranks = "several ranks"
+    return CheckpointError(f"{str(found[0])!r} was written by a data-parallel run of {ranks}; resume it under "
+                           f"torchrun with that many ranks (a single process cannot resume it)")
 
 
 def save_dcp(context: DistContext, student, optimizer, meta: dict, rng: dict, output: str | Path) -> Path:

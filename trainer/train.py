@@ -453,26 +453,6 @@ class SODTrainer:
         ckpt.save_checkpoint(payload, self.output)
         self.saved_step = self.step
 
-    def _other_kind_error(self) -> CheckpointError | None:
-        """The error of a resume whose folder holds only the other kind of checkpoint (single-process files
-        under torchrun, or data-parallel folders without it)."""
-        own = ckpt.checkpoint_paths(self.output) if self.dist is None else ckpt.dcp_paths(self.output)
-        if any(p.exists() for p in own):
-            return None
-        if self.dist is None:
-            from .checkpoint_dcp import read_meta
-
-            found = [p for p in ckpt.dcp_paths(self.output) if p.exists()]
-            try:
-                ranks = f"{read_meta(found[0])['world_size']} ranks"
-            except CheckpointError:
-                ranks = "several ranks"
-            return CheckpointError(f"{str(found[0])!r} was written by a data-parallel run of {ranks}; resume it "
-                                   f"under torchrun with that many ranks (a single process cannot resume it)")
-        found = [p for p in ckpt.checkpoint_paths(self.output) if p.exists()]
-        return CheckpointError(f"{str(found[0])!r} was written by a single process; resume it without torchrun "
-                               f"(a data-parallel run cannot resume it)")
-
     def load_checkpoint(self) -> None:
         """Restore from the newest readable checkpoint and cut the logs back to its step.
 
@@ -480,7 +460,9 @@ class SODTrainer:
         readable, or listing the differing settings if the checkpoint's run had other settings and
         ``allow_config_change`` is off.  Nothing in the folder changes when it raises.
         """
-        error = self._other_kind_error()
+        from .checkpoint_dcp import other_kind_error
+
+        error = other_kind_error(self.output, distributed=self.dist is not None)
         if error is not None:
             raise error
         if self.dist is None:
