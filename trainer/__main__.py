@@ -1,12 +1,17 @@
 """``python -m trainer [train] [flags]`` trains; ``python -m trainer demo [flags]`` runs the embedded demo;
 ``python -m trainer experiment [flags]`` runs the controlled tool-fault experiment (OPD against SOD).
 
+``torchrun --standalone --nproc-per-node=N -m trainer train [flags]`` trains data-parallel over N CPU ranks
+(gloo; see :mod:`trainer.distributed`).  Rank 0 prints and writes the logs; the other ranks print nothing
+(errors that every rank finds alike, such as a bad flag, are printed once, by rank 0).
+
 Nothing is downloaded: models are built-in presets or local folders, datasets local files.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shlex
@@ -77,15 +82,38 @@ class RunLog:
             self.bar = None
 
 
-def resume_command(argv: list[str]) -> str:
-    """The command that continues the run started by ``argv`` (its flags plus ``--resume``)."""
-    return shlex.join(["python", "-m", "trainer", *argv, *([] if argv[-1:] == ["--resume"] else ["--resume"])])
+def resume_command(argv: list[str], world_size: int | None = None) -> str:
+    """The command that continues the run started by ``argv`` (its flags plus ``--resume``); under torchrun
+    (``world_size`` given) a torchrun command with as many ranks."""
+    launcher = ["python", "-m"] if world_size is None else \
+        ["torchrun", "--standalone", f"--nproc-per-node={world_size}", "-m"]
+    return shlex.join([*launcher, "trainer", *argv, *([] if argv[-1:] == ["--resume"] else ["--resume"])])
+
+
+class Silent(io.TextIOBase):
+    """A text stream that drops what is written (the output of ranks > 0)."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors exit with status 2 without printing when ``quiet`` (ranks > 0 of a
+    torchrun job: rank 0 prints the same error)."""
+
+    quiet = False
+
+    def error(self, message):
+        if self.quiet:
+            self.exit(2)
+        super().error(message)
 
 
 def fail(parser: argparse.ArgumentParser, log: RunLog, error: Exception) -> int:
-    """Print ``error`` as one ``prog: error: ...`` line on stderr; returns exit status 2."""
+    """Print ``error`` as one ``prog: error: ...`` line on stderr (not on a quiet rank); returns exit status 2."""
     log.close()
-    print(f"{parser.prog}: error: {error}", file=sys.stderr, flush=True)
+    if not getattr(parser, "quiet", False):
+        print(f"{parser.prog}: error: {error}", file=sys.stderr, flush=True)
     return 2
 
 
@@ -94,21 +122,43 @@ def train_main(argv: list[str]) -> int:
 
     Bad flags and a folder that cannot be used (``--resume`` without a checkpoint, a fresh start into a
     folder holding a run without ``--overwrite``) are argparse errors (exit 2) and create nothing; a refused
-    or unreadable checkpoint is a one-line error (exit 2).
+    or unreadable checkpoint is a one-line error (exit 2).  Under torchrun (``RANK`` / ``WORLD_SIZE`` /
+    ``LOCAL_RANK`` set) the process group is joined after these checks and left at the end.
     """
-    parser = argparse.ArgumentParser(prog="python -m trainer", description="On-policy SOD distillation with "
-                                     "sandboxed multi-turn Python tool rollouts.")
+    parser = Parser(prog="python -m trainer", description="On-policy SOD distillation with "
+                    "sandboxed multi-turn Python tool rollouts.")
+    parser.quiet = os.environ.get("RANK", "0") != "0"
     add_config_arguments(parser)
     args = parser.parse_args(argv)
     try:
         config = config_from_args(args)
         from .checkpoint import check_output_dir
+        from .distributed import check_batch_split, env_context
 
+        context = env_context()
+        if context is not None:
+            check_batch_split(config, context.world_size)
         check_output_dir(config)
     except ValueError as error:
         parser.error(str(error))
+    if context is None:
+        return _train(parser, config, argv, None)
+    from .distributed import init_process_group, shutdown
+
+    init_process_group(context)
+    code = None
+    try:
+        code = _train(parser, config, argv, context)
+    finally:
+        shutdown(clean=code == 0)
+    return code
+
+
+def _train(parser: argparse.ArgumentParser, config, argv: list[str], context) -> int:
+    """Build the trainer, train, evaluate (see :func:`train_main`); returns the exit status."""
+    quiet = context is not None and not context.is_main
     log = RunLog(config.log_format, config.updates, f"{config.objective}/{config.step_divergence}",
-                 config.log_every)
+                 config.log_every, stream=Silent() if quiet else None)
     trainer = None
     try:
         from .checkpoint import CheckpointError
@@ -118,7 +168,8 @@ def train_main(argv: list[str]) -> int:
         log.message(describe_sandbox())
         executor = sandbox_executor(config.tool_timeout_s, config.sandbox_allow_missing)
         try:
-            trainer = build_trainer(config, executor, log=log.message)
+            options = {} if context is None else {"dist": context}
+            trainer = build_trainer(config, executor, log=log.message, **options)
         except ValueError as error:  # a model or dataset that cannot be used
             return fail(parser, log, error)
         try:
@@ -129,23 +180,26 @@ def train_main(argv: list[str]) -> int:
         if config.eval_prompts:
             from .train import evaluate
 
-            problems = [trainer.problems.held_out(i) for i in range(config.eval_prompts)]
-            result = evaluate(trainer.student, trainer.teacher, trainer.tokenizer, trainer.chat, executor,
-                              problems, trainer.settings)
-            log.event("eval", f"held-out accuracy {result.accuracy:.4f}, student-teacher KL {result.kl:.4f}",
-                      accuracy=result.accuracy, kl=result.kl, prompts=len(problems))
+            policy = trainer.rollout_model()  # under torchrun: gathered on every rank, evaluated by rank 0
+            if trainer.is_main:
+                problems = [trainer.problems.held_out(i) for i in range(config.eval_prompts)]
+                result = evaluate(policy, trainer.teacher, trainer.tokenizer, trainer.chat, executor,
+                                  problems, trainer.settings)
+                log.event("eval", f"held-out accuracy {result.accuracy:.4f}, student-teacher KL {result.kl:.4f}",
+                          accuracy=result.accuracy, kl=result.kl, prompts=len(problems))
     except KeyboardInterrupt:
         log.close()
         saved = trainer.saved_step if trainer is not None else 0
-        where = os.path.join(config.output_dir, "checkpoint.pt")
+        where = os.path.join(config.output_dir, "checkpoint.pt" if context is None else "checkpoint.dcp")
+        world = None if context is None else context.world_size
         if saved:
             text = (f"interrupted: {saved} of {config.updates} updates are saved in {where}; continue with: "
-                    f"{resume_command(argv)}")
+                    f"{resume_command(argv, world)}")
         else:
             text = (f"interrupted: no update was saved yet (the first checkpoint comes after update "
                     f"{min(config.checkpoint_every, config.updates)}); start again with --overwrite")
         log.event("interrupted", text, saved_updates=saved, updates=config.updates,
-                  resume=resume_command(argv) if saved else None)
+                  resume=resume_command(argv, world) if saved else None)
         return INTERRUPTED_EXIT
     return 0
 

@@ -10,6 +10,10 @@
 - :func:`check_output_dir` is the command line's guard: ``--resume`` needs a checkpoint, and a fresh start
   refuses a folder that already holds a run unless ``--overwrite`` is given.
 - :func:`remove_stale_temporaries` deletes ``.NAME.tmp-PID`` files whose writing process is gone.
+
+A data-parallel run (``torchrun``) writes its checkpoints as ``torch.distributed.checkpoint`` folders
+(``checkpoint.dcp``, ``checkpoint.prev.dcp``; :mod:`trainer.checkpoint_dcp`); the folder guards here know
+both kinds.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -26,6 +31,8 @@ from .config import TrainConfig
 
 CHECKPOINT_NAME = "checkpoint.pt"
 PREVIOUS_NAME = "checkpoint.prev.pt"
+DCP_NAME = "checkpoint.dcp"  # a data-parallel run's checkpoint folder
+DCP_PREVIOUS_NAME = "checkpoint.prev.dcp"
 CORRUPT_SUFFIX = ".corrupt"
 METRICS_NAME = "metrics.jsonl"
 STEPS_NAME = "steps.jsonl"
@@ -47,6 +54,26 @@ def checkpoint_paths(output: str | Path) -> list[Path]:
     """The checkpoint files of ``output``, newest first: ``checkpoint.pt``, ``checkpoint.prev.pt``."""
     output = Path(output)
     return [output / CHECKPOINT_NAME, output / PREVIOUS_NAME]
+
+
+def dcp_paths(output: str | Path) -> list[Path]:
+    """The data-parallel checkpoint folders of ``output``, newest first: ``checkpoint.dcp``,
+    ``checkpoint.prev.dcp``."""
+    output = Path(output)
+    return [output / DCP_NAME, output / DCP_PREVIOUS_NAME]
+
+
+def any_checkpoint_paths(output: str | Path) -> list[Path]:
+    """Every checkpoint path of ``output``, single-process files and data-parallel folders."""
+    return checkpoint_paths(output) + dcp_paths(output)
+
+
+def remove_path(path: Path) -> None:
+    """Delete a file or a folder tree if it exists."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -143,6 +170,8 @@ def set_aside(path: Path) -> Path:
     """Rename an unreadable checkpoint to ``NAME.corrupt`` (replacing an older one) so it is never rotated
     into ``checkpoint.prev.pt`` over a good checkpoint; returns the new path."""
     target = path.with_name(path.name + CORRUPT_SUFFIX)
+    if target.is_dir():
+        remove_path(target)
     os.replace(path, target)
     return target
 
@@ -158,7 +187,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temporaries(output: str | Path) -> list[Path]:
-    """Delete ``.NAME.tmp-PID`` files in ``output`` whose process ``PID`` is gone (or is this process).
+    """Delete ``.NAME.tmp-PID`` files (and data-parallel checkpoint folders) in ``output`` whose process
+    ``PID`` is gone (or is this process).
 
     A run killed while writing a checkpoint or rewriting a log leaves such a file (a checkpoint's is as
     large as the model and optimizer).  Files of a live process are left alone.  Returns the removed paths.
@@ -169,20 +199,21 @@ def remove_stale_temporaries(output: str | Path) -> list[Path]:
         return removed
     for path in sorted(output.glob(f".*{TEMPORARY_MARKER}*")):
         suffix = path.name.rsplit(TEMPORARY_MARKER, 1)[1]
-        if not suffix.isdigit() or not path.is_file():
+        if not suffix.isdigit() or not (path.is_file() or path.is_dir()):
             continue
         pid = int(suffix)
         if pid != os.getpid() and _pid_alive(pid):
             continue
-        path.unlink(missing_ok=True)
+        remove_path(path)
         removed.append(path)
     return removed
 
 
 def run_files(output: str | Path) -> list[Path]:
-    """The files that make ``output`` hold a run: checkpoints and non-empty metrics / step logs."""
+    """The files that make ``output`` hold a run: checkpoints (files or data-parallel folders) and non-empty
+    metrics / step logs."""
     output = Path(output)
-    found = [path for path in checkpoint_paths(output) if path.exists()]
+    found = [path for path in any_checkpoint_paths(output) if path.exists()]
     found += [output / name for name in (METRICS_NAME, STEPS_NAME)
               if (output / name).is_file() and (output / name).stat().st_size > 0]
     return found
@@ -191,8 +222,8 @@ def run_files(output: str | Path) -> list[Path]:
 def clear_run(output: str | Path) -> None:
     """Remove a previous run's checkpoints and logs from ``output`` (a fresh start)."""
     output = Path(output)
-    for path in checkpoint_paths(output) + [output / METRICS_NAME, output / STEPS_NAME]:
-        path.unlink(missing_ok=True)
+    for path in any_checkpoint_paths(output) + [output / METRICS_NAME, output / STEPS_NAME]:
+        remove_path(path)
 
 
 def check_output_dir(config: TrainConfig) -> None:
@@ -205,7 +236,7 @@ def check_output_dir(config: TrainConfig) -> None:
     if output.exists() and not output.is_dir():
         raise ValueError(f"output_dir {str(output)!r} exists and is not a folder")
     if config.resume:
-        if not any(path.exists() for path in checkpoint_paths(output)):
+        if not any(path.exists() for path in any_checkpoint_paths(output)):
             raise ValueError(f"--resume: there is no checkpoint in {str(output)!r} ({CHECKPOINT_NAME} not found); "
                              f"start without --resume")
     elif not config.overwrite:

@@ -12,6 +12,7 @@ OBJECTIVES = ("kl", "pg")
 STEP_DIVERGENCES = ("kl", "sampled", "none")
 DIVERGENCES = ("reverse_kl", "forward_kl")
 LOG_FORMATS = ("text", "json")
+ROLLOUT_RNGS = ("shared", "per_trajectory")
 
 
 @dataclass
@@ -43,6 +44,7 @@ class TrainConfig:
     max_new_tokens: int = 32  # tokens per assistant turn
     max_total_tokens: int = 512  # longest trajectory
     temperature: float = 1.0  # sampling temperature (also the loss temperature)
+    rollout_rng: str = "shared"  # shared: one torch-RNG draw per batch | per_trajectory: a stream per trajectory
     tool_timeout_s: float = 10.0  # sandbox timeout per tool call
     tool_workers: int = 4  # concurrent sandboxed tool calls
     tool_fault_rate: float = 0.0  # probability that a tool observation is corrupted
@@ -71,6 +73,8 @@ class TrainConfig:
             raise ValueError(f"divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
         if self.log_format not in LOG_FORMATS:
             raise ValueError(f"log_format must be one of {LOG_FORMATS}, got {self.log_format!r}")
+        if self.rollout_rng not in ROLLOUT_RNGS:
+            raise ValueError(f"rollout_rng must be one of {ROLLOUT_RNGS}, got {self.rollout_rng!r}")
         positive = ("updates", "prompts_per_step", "rollouts_per_prompt", "micro_batch_size", "max_turns",
                     "max_new_tokens", "max_total_tokens", "checkpoint_every", "log_every", "threads",
                     "tool_workers")
@@ -148,7 +152,7 @@ def probability(text: str) -> float:
 
 # Fields whose flags take one of a fixed set of values, and fields with a stricter argparse type.
 CHOICES = {"objective": OBJECTIVES, "step_divergence": STEP_DIVERGENCES, "divergence": DIVERGENCES,
-           "log_format": LOG_FORMATS}
+           "log_format": LOG_FORMATS, "rollout_rng": ROLLOUT_RNGS}
 TYPES = {"tool_fault_rate": probability}
 
 

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
+import numpy as np
 import torch
 
 from .task import FaultInjector, Problem, extract_answer, extract_tool_call, reward
@@ -31,6 +32,8 @@ TOOL_SCHEMA = {
 ASSISTANT_MARKER = "\u2063SOD-ASSISTANT-TURN\u2063"
 USER_MARKER = "\u2063SOD-USER\u2063"
 MAX_OBSERVATION_CHARS = 400
+# Mixed into per-trajectory sampling seeds so they never coincide with another stream drawn from the same keys.
+SAMPLING_STREAM = 0x534F44
 
 
 @dataclass
@@ -129,10 +132,41 @@ class GeneratedTurn:
 
 
 class TurnGenerator(Protocol):
-    """Anything that continues a batch of token contexts by one assistant turn."""
+    """Anything that continues a batch of token contexts by one assistant turn (a generator that supports
+    per-trajectory seeding also takes ``keys=``, see :func:`run_rollouts`)."""
 
     def __call__(self, contexts: Sequence[Sequence[int]], max_new_tokens: int) -> list[GeneratedTurn]:
         ...
+
+
+def sampling_seed(keys: Sequence[int]) -> int:
+    """A 64-bit torch seed that is a pure function of the integer ``keys`` (e.g. seed, update, sample, turn)."""
+    words = np.random.SeedSequence([SAMPLING_STREAM, *[int(k) for k in keys]]).generate_state(2, dtype=np.uint32)
+    return int(words[0]) | int(words[1]) << 32
+
+
+class KeyedGumbelSampler:
+    """A logits processor that makes each row's sample its own: Gumbel-max with a per-row generator.
+
+    Row b adds ``-log(E)`` (``E ~ Exp(1)``, a Gumbel draw) to its logits divided by ``temperature``, drawn
+    from a generator seeded by ``seeds[b]``; greedy decoding of the result samples from
+    ``softmax(logits / temperature)``.  A row's draws depend only on its seed and how many tokens it has
+    generated, never on the other rows of the batch.  ``scores``: ``[B, V]``; returns ``[B, V]`` float32.
+    """
+
+    def __init__(self, seeds: Sequence[int], temperature: float):
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
+        self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        self.temperature = temperature
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if scores.shape[0] != len(self.generators):
+            raise ValueError(f"scores has {scores.shape[0]} rows but the sampler has {len(self.generators)} seeds")
+        vocab = scores.shape[-1]
+        noise = torch.stack([torch.empty(vocab, dtype=torch.float32).exponential_(generator=g)
+                             for g in self.generators])
+        return scores.float() / self.temperature - noise.log().to(scores.device)
 
 
 class HFTurnGenerator:
@@ -140,6 +174,12 @@ class HFTurnGenerator:
 
     ``temperature == 0`` means greedy decoding; log-probs are then those of the untempered softmax.
     Log-probs are computed from the raw logits at the sampling temperature (no top-k / top-p).
+
+    Without ``keys`` the batch samples from the global torch RNG (one draw for the whole batch, so a row's
+    tokens depend on the batch it shares).  With ``keys`` (one tuple of ints per context) each row samples
+    with :class:`KeyedGumbelSampler` seeded by :func:`sampling_seed` of its keys: the same row gets the same
+    tokens whatever else is in the batch (how data-parallel ranks split a batch never changes a rollout,
+    up to floating-point ties), and the global RNG is not used.
     """
 
     def __init__(self, model, pad_token_id: int, stop_ids: Sequence[int], temperature: float):
@@ -151,7 +191,10 @@ class HFTurnGenerator:
         self.temperature = temperature
 
     @torch.no_grad()
-    def __call__(self, contexts: Sequence[Sequence[int]], max_new_tokens: int) -> list[GeneratedTurn]:
+    def __call__(self, contexts: Sequence[Sequence[int]], max_new_tokens: int,
+                 keys: Sequence[Sequence[int]] | None = None) -> list[GeneratedTurn]:
+        if keys is not None and len(keys) != len(contexts):
+            raise ValueError(f"keys must hold one tuple per context: {len(keys)} keys, {len(contexts)} contexts")
         if not contexts:
             return []
         device = next(self.model.parameters()).device
@@ -164,8 +207,15 @@ class HFTurnGenerator:
         sample = self.temperature > 0
         was_training = self.model.training
         self.model.eval()
-        options = dict(do_sample=True, temperature=self.temperature, top_k=0, top_p=1.0) if sample else \
-            dict(do_sample=False)
+        if sample and keys is not None:
+            from transformers import LogitsProcessorList
+
+            sampler = KeyedGumbelSampler([sampling_seed(k) for k in keys], self.temperature)
+            options = dict(do_sample=False, logits_processor=LogitsProcessorList([sampler]))
+        elif sample:
+            options = dict(do_sample=True, temperature=self.temperature, top_k=0, top_p=1.0)
+        else:
+            options = dict(do_sample=False)
         out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                                   max_new_tokens=max_new_tokens, eos_token_id=self.stop_ids,
                                   pad_token_id=self.pad_token_id, output_logits=True,
@@ -246,16 +296,24 @@ class RolloutSettings:
 
 def run_rollouts(problems: Sequence[Problem], groups: Sequence[int], generate: TurnGenerator, chat: ChatFormat,
                  executor: ToolExecutor, settings: RolloutSettings, faults: FaultInjector | None = None,
-                 fault_keys: Sequence[int] = ()) -> list[Trajectory]:
+                 fault_keys: Sequence[int] = (), indices: Sequence[int] | None = None,
+                 sampling_keys: Sequence[int] | None = None) -> list[Trajectory]:
     """Roll out every problem to a final answer or ``max_turns`` assistant turns, batching generation.
 
     ``fault_keys`` (e.g. the update index) are mixed into the fault injector's draw together with the
-    sample index and turn, so faults are reproducible.
+    sample index and turn, so faults are reproducible.  ``indices``: each problem's sample index (default
+    ``0, 1, ...``; a data-parallel rank passes the global indices of its share of a batch).
+    ``sampling_keys`` (e.g. seed and update): when given, ``generate`` is called with
+    ``keys=[(*sampling_keys, index, turn), ...]``, one per context, so each trajectory samples from its own
+    seeded stream (:class:`HFTurnGenerator`); otherwise it is called without keys.
     """
     if settings.max_turns < 1:
         raise ValueError(f"max_turns must be >= 1, got {settings.max_turns}")
     if len(problems) != len(groups):
         raise ValueError(f"problems ({len(problems)}) and groups ({len(groups)}) must have one entry each")
+    indices = list(range(len(problems))) if indices is None else [int(i) for i in indices]
+    if len(indices) != len(problems):
+        raise ValueError(f"indices ({len(indices)}) must have one entry per problem ({len(problems)})")
     trajectories = []
     for problem, group in zip(problems, groups):
         prompt = chat.prompt_ids(problem.question)
@@ -266,7 +324,12 @@ def run_rollouts(problems: Sequence[Problem], groups: Sequence[int], generate: T
     for turn in range(settings.max_turns):
         if not active:
             break
-        outputs = generate([trajectories[i].token_ids for i in active], settings.max_new_tokens)
+        contexts = [trajectories[i].token_ids for i in active]
+        if sampling_keys is None:
+            outputs = generate(contexts, settings.max_new_tokens)
+        else:
+            keys = [(*sampling_keys, indices[i], turn) for i in active]
+            outputs = generate(contexts, settings.max_new_tokens, keys=keys)
         pending = []
         for i, out in zip(active, outputs):
             traj = trajectories[i]
@@ -289,7 +352,7 @@ def run_rollouts(problems: Sequence[Problem], groups: Sequence[int], generate: T
             traj = trajectories[i]
             observation = format_observation(result)
             if faults is not None:
-                observation, faulted = faults.maybe_corrupt(observation, *fault_keys, i, turn)
+                observation, faulted = faults.maybe_corrupt(observation, *fault_keys, indices[i], turn)
                 if faulted:
                     traj.fault_after_step.append(turn + 1)
             traj.observations.append(observation)

@@ -19,10 +19,17 @@ NumPy / torch RNG states, the number of finished updates, the config and a diges
 teacher; a resume under different settings is refused unless ``allow_config_change``.  ``metrics.jsonl`` and
 ``steps.jsonl`` are cut back to the checkpoint's update on resume, so a run killed at any moment resumes with
 no update lost or repeated.  A fresh start removes the folder's previous checkpoints and logs.
+
+Data parallel (``torchrun``, :mod:`trainer.distributed`): each rank rolls out its share of the update batch
+with a replica of the student, the student is trained sharded with FSDP2 (the losses run inside
+``sod_kernels.fsdp.fsdp_forward``), each loss is divided by the distilled tokens of all ranks together and
+the gradients are summed, metrics and step logs are gathered, rank 0 writes the logs, and checkpoints are
+``torch.distributed.checkpoint`` folders (:mod:`trainer.checkpoint_dcp`).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -36,10 +43,12 @@ import numpy as np
 import torch
 
 import sod_kernels
+from sod_kernels.fsdp import fsdp_forward
 
 from . import checkpoint as ckpt
-from .checkpoint import CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, STEPS_NAME, CheckpointError
+from .checkpoint import CHECKPOINT_NAME, CONFIG_NAME, DCP_NAME, METRICS_NAME, STEPS_NAME, CheckpointError
 from .config import TrainConfig
+from .distributed import DistContext
 from .models import hidden_states, lm_head_weight, load_model, load_tokenizer
 from .rollout import ChatFormat, HFTurnGenerator, RolloutSettings, ToolExecutor, Trajectory, run_rollouts
 from .task import FaultInjector, Problem, ProblemSource
@@ -156,8 +165,14 @@ class SODTrainer:
     """Owns the student, teacher, optimizer and logs of one run (see the module docstring)."""
 
     def __init__(self, config: TrainConfig, student, teacher, tokenizer, executor: ToolExecutor,
-                 problems: ProblemSource | None = None, log: Callable[[str], None] = print):
+                 problems: ProblemSource | None = None, log: Callable[[str], None] = print,
+                 dist: DistContext | None = None):
         self.config = config.validate()
+        self.dist = dist
+        if dist is not None:
+            from . import distributed
+
+            distributed.check_batch_split(self.config, dist.world_size)
         self.student = student
         self.teacher = teacher.eval().requires_grad_(False)
         self.tokenizer = tokenizer
@@ -169,6 +184,20 @@ class SODTrainer:
         self.settings = RolloutSettings(max_turns=config.max_turns, max_new_tokens=config.max_new_tokens,
                                         max_total_tokens=config.max_total_tokens, tool_workers=config.tool_workers)
         self.faults = FaultInjector(config.tool_fault_rate, config.seed)
+        if teacher.get_output_embeddings().weight.shape[0] < student.get_output_embeddings().weight.shape[0]:
+            raise ValueError("the teacher's vocabulary is smaller than the student's; they must share a tokenizer "
+                             "(a padded teacher vocabulary is allowed)")
+        # The model that samples rollouts: the student itself, or under torchrun a plain replica of the sharded
+        # student (generation runs a different number of forward passes on each rank, which sharded
+        # parameters, gathered by collectives, cannot do).
+        self.policy = student
+        if dist is not None:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            from .distributed import shard_student
+
+            self.policy = copy.deepcopy(student).requires_grad_(False)
+            shard_student(student, init_device_mesh("cpu", (dist.world_size,)))
         self.optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, betas=tuple(config.betas),
                                            weight_decay=config.weight_decay)
         self.step = 0
@@ -177,9 +206,6 @@ class SODTrainer:
         self._fingerprint = None
         if config.objective == "pg":
             policy_functions()
-        if teacher.get_output_embeddings().weight.shape[0] < student.get_output_embeddings().weight.shape[0]:
-            raise ValueError("the teacher's vocabulary is smaller than the student's; they must share a tokenizer "
-                             "(a padded teacher vocabulary is allowed)")
 
     # ----------------------------------------------------------------------------------------------
     # rollouts
@@ -187,16 +213,43 @@ class SODTrainer:
         """A batched sampler for ``model`` with this run's stop tokens."""
         return HFTurnGenerator(model, self.tokenizer.pad_token_id, self.chat.stop_ids, temperature)
 
+    def sample_indices(self) -> range:
+        """The global indices of the trajectories this process rolls out in each update: all
+        ``prompts_per_step x rollouts_per_prompt``, or under torchrun this rank's contiguous share."""
+        batch = self.config.prompts_per_step * self.config.rollouts_per_prompt
+        if self.dist is None:
+            return range(batch)
+        from .distributed import rank_range
+
+        return rank_range(batch, self.dist.rank, self.dist.world_size)
+
+    def rollout_model(self):
+        """The plain (unsharded) student with the current weights, for sampling and evaluation; under torchrun
+        the replica is refreshed from the sharded student first (a collective: every rank must call it)."""
+        if self.dist is not None:
+            from .distributed import sync_weights
+
+            sync_weights(self.policy, self.student)
+        return self.policy
+
     def rollout(self, update: int) -> list[Trajectory]:
-        """The trajectories of update ``update`` (problems and faults are a pure function of it)."""
+        """This process's trajectories of update ``update``: trajectory ``j`` of the batch answers prompt
+        ``update * prompts_per_step + j // rollouts_per_prompt``; problems and faults are a pure function of
+        the update and ``j``, and so is the sampling with ``rollout_rng='per_trajectory'``."""
         c = self.config
+        indices = self.sample_indices()
+        chosen = {}
         problems, groups = [], []
-        for i in range(c.prompts_per_step):
-            problem = self.problems.train(update * c.prompts_per_step + i)
-            problems += [problem] * c.rollouts_per_prompt
-            groups += [i] * c.rollouts_per_prompt
-        return run_rollouts(problems, groups, self.generator(self.student, c.temperature), self.chat, self.executor,
-                            self.settings, faults=self.faults, fault_keys=(update,))
+        for j in indices:
+            group = j // c.rollouts_per_prompt
+            if group not in chosen:
+                chosen[group] = self.problems.train(update * c.prompts_per_step + group)
+            problems.append(chosen[group])
+            groups.append(group)
+        keys = (c.seed, update) if c.rollout_rng == "per_trajectory" else None
+        return run_rollouts(problems, groups, self.generator(self.rollout_model(), c.temperature), self.chat,
+                            self.executor, self.settings, faults=self.faults, fault_keys=(update,),
+                            indices=list(indices), sampling_keys=keys)
 
     def micro_batches(self, trajectories: Sequence[Trajectory]) -> list[tuple[int, list[Trajectory]]]:
         """``(offset, trajectories)`` chunks of at most ``micro_batch_size``."""
@@ -208,33 +261,41 @@ class SODTrainer:
     def _kl_update(self, trajectories, total_tokens: int):
         c = self.config
         pad = self.tokenizer.pad_token_id
-        weight_s = lm_head_weight(self.student)
+        dtype = lm_head_weight(self.student).dtype
         weight_t = lm_head_weight(self.teacher)
+        first = self.sample_indices().start
         loss_total, kl_sum, logs = 0.0, 0.0, []
-        for offset, chunk in self.micro_batches(trajectories):
-            batch = collate(chunk, pad)
-            with torch.no_grad():
-                teacher_h = model_hidden(self.teacher, batch).to(weight_s.dtype)
-            student_h = model_hidden(self.student, batch)
+
+        def student_loss(model, batch, teacher_h):
+            # A forward pass of the (sharded) student: its parameters are full tensors in here.
+            weight_s = lm_head_weight(model)
+            student_h = model_hidden(model, batch)
             stats = sod_kernels.fused_sod_loss(
                 student_h, weight_s, teacher_h, weight_t.to(weight_s.dtype), batch.response_mask,
                 target_ids=batch.target_ids, divergence=c.divergence, step_divergence=c.step_divergence,
                 epsilon=c.epsilon, delta=c.delta, temperature=c.temperature, coef=c.coef, reduction="sum",
                 return_stats=True)
-            loss = stats.loss / total_tokens
+            return stats.loss, stats.token_divergence.detach(), stats.step_divergence, stats.step_weights
+
+        for offset, chunk in self.micro_batches(trajectories):
+            batch = collate(chunk, pad)
+            with torch.no_grad():
+                teacher_h = model_hidden(self.teacher, batch).to(dtype)
+            summed, token_divergence, step_divergence, step_weights = fsdp_forward(
+                self.student, student_loss, batch, teacher_h)
+            loss = summed / total_tokens
             loss.backward()
             loss_total += float(loss.detach())
-            kl_sum += float((stats.token_divergence * batch.response_mask).sum())
-            logs += step_records(self.step, chunk, stats.step_divergence, stats.step_weights, offset)
+            kl_sum += float((token_divergence * batch.response_mask).sum())
+            logs += step_records(self.step, chunk, step_divergence, step_weights, first + offset)
         return loss_total, kl_sum / total_tokens, logs, {}
 
     def _pg_update(self, trajectories, total_tokens: int):
         c = self.config
         policy_loss, token_logprobs, policy_inputs = policy_functions()
         pad = self.tokenizer.pad_token_id
-        weight_s = lm_head_weight(self.student)
-        vocab = weight_s.shape[0]
-        weight_t = lm_head_weight(self.teacher)[:vocab].to(weight_s.dtype)
+        vocab, dtype = lm_head_weight(self.student).shape[0], lm_head_weight(self.student).dtype
+        weight_t = lm_head_weight(self.teacher)[:vocab].to(dtype)
         full = collate(trajectories, pad)
         teacher_logp = torch.zeros_like(full.old_logprobs)
         chunks = self.micro_batches(trajectories)
@@ -242,7 +303,7 @@ class SODTrainer:
         for offset, chunk in chunks:
             batch = collate(chunk, pad)
             with torch.no_grad():
-                teacher_h = model_hidden(self.teacher, batch).to(weight_s.dtype)
+                teacher_h = model_hidden(self.teacher, batch).to(dtype)
                 logp = token_logprobs(teacher_h, weight_t, batch.target_ids, temperature=c.temperature)
             teacher_hidden.append(teacher_h)
             teacher_logp[offset:offset + len(chunk), :logp.shape[1]] = logp * batch.response_mask
@@ -259,27 +320,37 @@ class SODTrainer:
             advantages = inputs.advantages
             step_weights = inputs.step_weights
         loss_total, kl_sum, extra = 0.0, 0.0, {"clip_frac": 0.0, "approx_kl": 0.0}
-        for (offset, chunk), teacher_h in zip(chunks, teacher_hidden):
-            batch = collate(chunk, pad)
-            width = batch.target_ids.shape[1]
-            rows = slice(offset, offset + len(chunk))
-            student_h = model_hidden(self.student, batch)
-            stats = policy_loss(student_h, weight_s, batch.target_ids, batch.old_logprobs,
-                                advantages[rows, :width].contiguous(), batch.response_mask, clip_low=c.clip_low,
-                                clip_high=c.clip_high, dual_clip=c.dual_clip, temperature=c.temperature,
-                                reduction="sum", return_stats=True)
-            loss = stats.loss / total_tokens
-            loss.backward()
-            loss_total += float(loss.detach())
-            share = float(batch.response_mask.sum()) / total_tokens
-            extra["clip_frac"] += share * float(stats.clip_frac_low + stats.clip_frac_high + stats.clip_frac_dual)
-            extra["approx_kl"] += share * float(stats.approx_kl)
+
+        def student_loss(model, batch, batch_advantages, teacher_h):
+            # A forward pass of the (sharded) student: its parameters are full tensors in here.
+            weight_s = lm_head_weight(model)
+            student_h = model_hidden(model, batch)
+            stats = policy_loss(student_h, weight_s, batch.target_ids, batch.old_logprobs, batch_advantages,
+                                batch.response_mask, clip_low=c.clip_low, clip_high=c.clip_high,
+                                dual_clip=c.dual_clip, temperature=c.temperature, reduction="sum",
+                                return_stats=True)
             with torch.no_grad():
                 kl = sod_kernels.fused_sod_loss(student_h.detach(), weight_s.detach(), teacher_h, weight_t,
                                                 batch.response_mask, step_divergence="none",
                                                 temperature=c.temperature, reduction="sum")
+            clipped = stats.clip_frac_low + stats.clip_frac_high + stats.clip_frac_dual
+            return stats.loss, clipped.detach(), stats.approx_kl.detach(), kl
+
+        for (offset, chunk), teacher_h in zip(chunks, teacher_hidden):
+            batch = collate(chunk, pad)
+            width = batch.target_ids.shape[1]
+            rows = slice(offset, offset + len(chunk))
+            summed, clipped, approx_kl, kl = fsdp_forward(self.student, student_loss, batch,
+                                                         advantages[rows, :width].contiguous(), teacher_h)
+            loss = summed / total_tokens
+            loss.backward()
+            loss_total += float(loss.detach())
+            share = float(batch.response_mask.sum()) / total_tokens
+            extra["clip_frac"] += share * float(clipped)
+            extra["approx_kl"] += share * float(approx_kl)
             kl_sum += float(kl)
-        logs = step_records(self.step, trajectories, inputs.step_divergence, step_weights)
+        logs = step_records(self.step, trajectories, inputs.step_divergence, step_weights,
+                            self.sample_indices().start)
         return loss_total, kl_sum / total_tokens, logs, extra
 
     def learning_rate(self, update: int) -> float:
@@ -288,9 +359,17 @@ class SODTrainer:
         return self.config.lr * (min(1.0, (update + 1) / warmup) if warmup > 0 else 1.0)
 
     def update(self, trajectories: Sequence[Trajectory]) -> tuple[dict, list[dict]]:
-        """One optimizer step on ``trajectories``; returns (metrics, per-sample step logs)."""
+        """One optimizer step on ``trajectories``; returns (metrics, per-sample step logs).
+
+        Under torchrun, ``trajectories`` are this rank's share; the metrics and step logs returned are those
+        of the whole batch (the same on every rank)."""
         c = self.config
-        total_tokens = max(sum(sum(t.response_mask[1:]) for t in trajectories), 1)
+        total_tokens = sum(sum(t.response_mask[1:]) for t in trajectories)
+        if self.dist is not None:
+            from .distributed import all_reduce_sum
+
+            total_tokens = all_reduce_sum(total_tokens)
+        total_tokens = max(total_tokens, 1)
         self.student.train()
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate(self.step)
@@ -299,30 +378,58 @@ class SODTrainer:
             loss, kl, logs, extra = self._kl_update(trajectories, total_tokens)
         else:
             loss, kl, logs, extra = self._pg_update(trajectories, total_tokens)
-        params = [p for p in self.student.parameters() if p.grad is not None]
-        if c.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c.grad_clip))
-        else:
-            grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) \
-                if params else 0.0
+        grad_norm = self._clip_gradients()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        rewards = [t.reward for t in trajectories]
+        faults = sum(len(t.fault_after_step) for t in trajectories)
+        if self.dist is not None:
+            from .distributed import all_gather_objects
+
+            parts = all_gather_objects({"loss": loss, "kl": kl, "extra": extra, "logs": logs, "rewards": rewards,
+                                        "faults": faults})
+            loss, kl = sum(p["loss"] for p in parts), sum(p["kl"] for p in parts)
+            extra = {key: sum(p["extra"][key] for p in parts) for key in extra}
+            logs = [record for p in parts for record in p["logs"]]
+            rewards = [r for p in parts for r in p["rewards"]]
+            faults = sum(p["faults"] for p in parts)
         steps = [len(r["d"]) for r in logs]
         first = [r["d"][0] for r in logs if r["d"]]
         last_w = [r["w"][-1] for r in logs if r["w"]]
         metrics = {"loss": loss, "kl": kl, "mean_steps": float(np.mean(steps)) if steps else 0.0,
                    "max_steps": max(steps) if steps else 0, "mean_d1": float(np.mean(first)) if first else 0.0,
                    "mean_last_weight": float(np.mean(last_w)) if last_w else 0.0,
-                   "reward": float(np.mean([t.reward for t in trajectories])), "grad_norm": grad_norm,
-                   "faults": sum(len(t.fault_after_step) for t in trajectories),
+                   "reward": float(np.mean(rewards)), "grad_norm": grad_norm, "faults": faults,
                    "distilled_tokens": total_tokens, "lr": self.learning_rate(self.step), **extra}
         return metrics, logs
+
+    def _clip_gradients(self) -> float:
+        """Clip the gradients to ``grad_clip`` (if > 0); returns the norm before clipping.  Under torchrun the
+        gradients are sharded ``DTensor``s and the norm is that of the whole gradient (all ranks)."""
+        c = self.config
+        params = [p for p in self.student.parameters() if p.grad is not None]
+        if self.dist is None:
+            if c.grad_clip > 0:
+                return float(torch.nn.utils.clip_grad_norm_(params, c.grad_clip))
+            return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
+        from torch.distributed.tensor import DTensor
+
+        if c.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+        return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
     # ----------------------------------------------------------------------------------------------
     # checkpoints
     def checkpoint_path(self) -> Path:
-        """``output_dir/checkpoint.pt``."""
-        return self.output / CHECKPOINT_NAME
+        """``output_dir/checkpoint.pt`` (under torchrun the folder ``output_dir/checkpoint.dcp``)."""
+        return self.output / (CHECKPOINT_NAME if self.dist is None else DCP_NAME)
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes the logs (a single process, or rank 0)."""
+        return self.dist is None or self.dist.is_main
 
     def fingerprint(self) -> dict[str, str]:
         """Digests of this run's data, tokenizer and teacher (:func:`trainer.checkpoint.run_fingerprint`)."""
@@ -332,7 +439,15 @@ class SODTrainer:
 
     def save_checkpoint(self) -> None:
         """Write model, optimizer, RNG states, the number of finished updates, the config and the
-        fingerprint; the checkpoint it replaces is kept as ``checkpoint.prev.pt``."""
+        fingerprint; the checkpoint it replaces is kept as ``checkpoint.prev.pt`` (under torchrun: the
+        folders ``checkpoint.dcp`` / ``checkpoint.prev.dcp``, every rank's RNG states)."""
+        if self.dist is not None:
+            from .checkpoint_dcp import save_dcp
+
+            meta = {"step": self.step, "config": self.config.to_dict(), "fingerprint": self.fingerprint()}
+            save_dcp(self.dist, self.student, self.optimizer, meta, capture_rng(), self.output)
+            self.saved_step = self.step
+            return
         payload = {"step": self.step, "model": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
                    "rng": capture_rng(), "config": self.config.to_dict(), "fingerprint": self.fingerprint()}
         ckpt.save_checkpoint(payload, self.output)
@@ -345,25 +460,45 @@ class SODTrainer:
         readable, or listing the differing settings if the checkpoint's run had other settings and
         ``allow_config_change`` is off.  Nothing in the folder changes when it raises.
         """
-        path, payload, skipped = ckpt.load_latest_checkpoint(self.output)
+        from .checkpoint_dcp import other_kind_error
+
+        error = other_kind_error(self.output, distributed=self.dist is not None)
+        if error is not None:
+            raise error
+        if self.dist is None:
+            path, payload, skipped = ckpt.load_latest_checkpoint(self.output)
+        else:
+            from .checkpoint_dcp import load_latest_meta
+
+            path, payload, skipped = load_latest_meta(self.output, self.dist.world_size)
         changes = ckpt.resume_differences(payload["config"], self.config, payload.get("fingerprint"),
                                           self.fingerprint())
         if changes and not self.config.allow_config_change:
             raise CheckpointError(ckpt.describe_mismatch(path, changes))
-        try:
-            self.student.load_state_dict(payload["model"])
-            self.optimizer.load_state_dict(payload["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as error:
-            raise CheckpointError(f"checkpoint {str(path)!r} does not fit this student/optimizer: {error}") from error
-        restore_rng(payload["rng"])
+        if self.dist is None:
+            try:
+                self.student.load_state_dict(payload["model"])
+                self.optimizer.load_state_dict(payload["optimizer"])
+            except (RuntimeError, ValueError, KeyError) as error:
+                raise CheckpointError(f"checkpoint {str(path)!r} does not fit this student/optimizer: "
+                                      f"{error}") from error
+            rng = payload["rng"]
+        else:
+            from .checkpoint_dcp import load_dcp
+            from .distributed import barrier
+
+            rng = load_dcp(self.dist, path, self.student, self.optimizer)
+            barrier()  # every rank has read its checkpoint before rank 0 renames or rewrites anything
+        restore_rng(rng)
         self.step = self.saved_step = int(payload["step"])
-        for bad, reason in skipped:
-            self.log(f"skipped {reason}; moved it to {ckpt.set_aside(bad).name}")
-        if changes:
-            self.log("allow_config_change: continuing with changed settings: " + "; ".join(changes))
-        for name in (METRICS_NAME, STEPS_NAME):
-            truncate_jsonl(self.output / name, lambda record: record.get("update", -1) < self.step)
-        self.log(f"resumed from {path} at update {self.step}")
+        if self.is_main:
+            for bad, reason in skipped:
+                self.log(f"skipped {reason}; moved it to {ckpt.set_aside(bad).name}")
+            if changes:
+                self.log("allow_config_change: continuing with changed settings: " + "; ".join(changes))
+            for name in (METRICS_NAME, STEPS_NAME):
+                truncate_jsonl(self.output / name, lambda record: record.get("update", -1) < self.step)
+            self.log(f"resumed from {path} at update {self.step}")
 
     # ----------------------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -374,18 +509,25 @@ class SODTrainer:
         line refuses that without ``overwrite``, see :func:`trainer.checkpoint.check_output_dir`).  Either
         way, temporary files left by a killed process are removed.
         """
-        if self.config.resume and not any(p.exists() for p in ckpt.checkpoint_paths(self.output)):
+        if self.config.resume and not any(p.exists() for p in ckpt.any_checkpoint_paths(self.output)):
             raise CheckpointError(f"resume=True but there is no checkpoint in {str(self.output)!r} "
-                                  f"({CHECKPOINT_NAME} not found); start without --resume")
-        for path in ckpt.remove_stale_temporaries(self.output):
-            self.log(f"removed {path.name}, left by an interrupted write")
+                                  f"({self.checkpoint_path().name} not found); start without --resume")
+        if self.is_main:
+            for path in ckpt.remove_stale_temporaries(self.output):
+                self.log(f"removed {path.name}, left by an interrupted write")
         if self.config.resume:
             self.load_checkpoint()
         else:
             seed_everything(self.config.seed)
-            self.output.mkdir(parents=True, exist_ok=True)
-            ckpt.clear_run(self.output)
-        (self.output / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2))
+            if self.is_main:
+                self.output.mkdir(parents=True, exist_ok=True)
+                ckpt.clear_run(self.output)
+        if self.is_main:
+            (self.output / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2))
+        if self.dist is not None:
+            from .distributed import barrier
+
+            barrier()
 
     def train_step(self) -> dict:
         """Roll out, update, log; returns the update's metrics."""
@@ -395,12 +537,17 @@ class SODTrainer:
         metrics, logs = self.update(trajectories)
         elapsed = time.perf_counter() - start
         tokens = sum(len(t.token_ids) for t in trajectories)
+        if self.dist is not None:  # the whole batch's tokens; the timings are this rank's
+            from .distributed import all_reduce_sum
+
+            tokens = all_reduce_sum(tokens)
         metrics = {"update": self.step, **metrics, "tokens_per_s": tokens / max(elapsed, 1e-9),
                    "rollout_s": rollout_s, "update_s": elapsed - rollout_s}
-        with open(self.output / STEPS_NAME, "a") as handle:
-            handle.writelines(json.dumps(record) + "\n" for record in logs)
-        with open(self.output / METRICS_NAME, "a") as handle:
-            handle.write(json.dumps(metrics) + "\n")
+        if self.is_main:
+            with open(self.output / STEPS_NAME, "a") as handle:
+                handle.writelines(json.dumps(record) + "\n" for record in logs)
+            with open(self.output / METRICS_NAME, "a") as handle:
+                handle.write(json.dumps(metrics) + "\n")
         self.step += 1
         if self.step % self.config.checkpoint_every == 0 or self.step == self.config.updates:
             self.save_checkpoint()
@@ -478,8 +625,10 @@ def evaluate(policy, teacher, tokenizer, chat: ChatFormat, executor: ToolExecuto
                       step_divergence=divergences, step_weights=weights)
 
 
-def build_trainer(config: TrainConfig, executor: ToolExecutor, log: Callable[[str], None] = print) -> SODTrainer:
-    """Load tokenizer and models named by ``config`` (presets or local folders) and build the trainer."""
+def build_trainer(config: TrainConfig, executor: ToolExecutor, log: Callable[[str], None] = print,
+                  dist: DistContext | None = None) -> SODTrainer:
+    """Load tokenizer and models named by ``config`` (presets or local folders) and build the trainer
+    (data-parallel under torchrun when ``dist`` is given; the process group must be initialised)."""
     config.validate()
     torch.set_num_threads(config.threads)
     tokenizer = load_tokenizer(config.student)
@@ -493,4 +642,4 @@ def build_trainer(config: TrainConfig, executor: ToolExecutor, log: Callable[[st
             student.load_state_dict(torch.load(init, map_location="cpu", weights_only=False)["model"])
         else:
             raise ValueError(f"student_init must be a model folder or checkpoint file, got {config.student_init!r}")
-    return SODTrainer(config, student, teacher, tokenizer, executor, log=log)
+    return SODTrainer(config, student, teacher, tokenizer, executor, log=log, dist=dist)
