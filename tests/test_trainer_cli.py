@@ -138,14 +138,15 @@ def test_ctrl_c_inside_concurrent_tool_calls_is_one_line(tmp_path, capsys, monke
 
 def test_sigint_stops_a_real_run_with_one_line_and_it_resumes(tmp_path, capsys):
     out = tmp_path / "run"
-    argv = tiny_args(out, "--updates", "50")
+    # Far more updates than can run before the signal arrives, however slowly this test reads the output.
+    argv = tiny_args(out, "--updates", "100000")
     process = subprocess.Popen([sys.executable, "-m", "trainer", *argv], cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     try:
         lines = []
         for line in process.stdout:
             lines.append(line)
-            if line.startswith("[3/50]"):
+            if line.startswith("[3/100000]"):
                 process.send_signal(signal.SIGINT)
                 break
         stdout, stderr = process.communicate(timeout=120)
@@ -159,7 +160,7 @@ def test_sigint_stops_a_real_run_with_one_line_and_it_resumes(tmp_path, capsys):
     last = lines[-1].strip()
     saved = torch.load(out / CHECKPOINT_NAME, weights_only=True)["step"]
     assert saved >= 3
-    assert last == (f"interrupted: {saved} of 50 updates are saved in {out / CHECKPOINT_NAME}; continue with: "
+    assert last == (f"interrupted: {saved} of 100000 updates are saved in {out / CHECKPOINT_NAME}; continue with: "
                     + shlex.join(["python", "-m", "trainer", *argv, "--resume"]))
     code, stdout, err = exit_code([*argv, "--resume", "--updates", str(saved + 1)], capsys)
     assert code == 0, err
