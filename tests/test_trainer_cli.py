@@ -136,12 +136,20 @@ def test_ctrl_c_inside_concurrent_tool_calls_is_one_line(tmp_path, capsys, monke
     assert "Traceback" not in err
 
 
+def _interruptible() -> None:
+    """In the child before exec: SIGINT delivered and at its default, as from a terminal.  A child inherits an
+    ignored or blocked SIGINT from its parent (a test-runner worker may have either), and Python then installs
+    no KeyboardInterrupt handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+
+
 def test_sigint_stops_a_real_run_with_one_line_and_it_resumes(tmp_path, capsys):
     out = tmp_path / "run"
     # Far more updates than can run before the signal arrives, however slowly this test reads the output.
     argv = tiny_args(out, "--updates", "100000")
     process = subprocess.Popen([sys.executable, "-m", "trainer", *argv], cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True, preexec_fn=_interruptible)
     try:
         lines = []
         for line in process.stdout:
