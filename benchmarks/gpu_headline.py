@@ -8,13 +8,18 @@ short still reports what it measured):
    ``fused_sod_loss`` fast path with "kl" step weights, with ``token_weights``, with "none", the low-memory
    mode, the forward alone (no gradient), Liger's ``LigerFusedLinearJSDLoss`` compiled and eager (unweighted
    reverse KL: it has no step weights), naive PyTorch eager and compiled; worst-case inputs, then LM-like;
-3. determinism (two identical calls, bitwise) and accuracy at the full vocabulary against a float64
-   reference on a row subset;
-4. the policy-gradient form (N = 16384, H = 1024, V = 151936): ``fused_sod_policy_loss``,
+3. the policy-gradient form (N = 16384, H = 1024, V = 151936): ``fused_sod_policy_loss``,
    ``fused_token_logprobs`` (forward + backward, forward alone, with entropy), naive PyTorch eager and
    compiled, Liger's fused linear cross-entropy (the same FLOPs); the step helpers against the authors'
    per-token loop on CUDA tensors;
-5. sweeps over N and V (ours and Liger compiled) until the deadline.
+4. tuning at the headline size: how many chunks one d(weight) product folds (1, 2, 4) and the chunk size,
+   the low-memory mode's rows and block budget, logit soft-capping, and the sparse teacher at k = 64
+   (``fused_topk_logprobs``, ``fused_sparse_sod_loss``);
+5. determinism (two identical calls, bitwise) and accuracy at the full vocabulary against a float64
+   reference on a row subset;
+6. sweeps over N and V (ours and Liger compiled) until the deadline.
+
+``--only floors,headline,policy,tuning,determinism,sweeps`` runs a subset (in that order).
 
 Time: ``triton.testing.do_bench`` median (gradients dropped between runs).  Memory: peak
 ``torch.cuda.max_memory_allocated`` during one iteration minus what was allocated before it (inputs held;
