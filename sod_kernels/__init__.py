@@ -48,4 +48,7 @@ __all__ += ["fused_sparse_sod_loss", "fused_topk_logprobs"]
 from .vocab_parallel import (vocab_parallel_policy_loss, vocab_parallel_sod_loss,  # noqa: E402
                              vocab_parallel_token_logprobs)
 
-__all__ += ["vocab_parallel_policy_loss", "vocab_parallel_sod_loss", "vocab_parallel_token_logprobs"]
+from .vocab_parallel_sparse import vocab_parallel_sparse_sod_loss  # noqa: E402
+
+__all__ += ["vocab_parallel_policy_loss", "vocab_parallel_sod_loss", "vocab_parallel_sparse_sod_loss",
+            "vocab_parallel_token_logprobs"]
