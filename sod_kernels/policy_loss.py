@@ -10,6 +10,7 @@ log-prob backend ``dL/dlogp`` per token, folded into its recomputed logit tiles.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -124,9 +125,7 @@ def finish_policy_loss(logp, old, adv, clip, row_index, lead, *, reduction: str,
     ``lead`` shape; ``clip = (clip_low, clip_high, dual_clip)``.  ``loss``: the already reduced loss when a
     single pass formed it (with its gradient), else None.  Returns the loss or :class:`PolicyLossStats`.
     """
-    n_flat = 1
-    for size in lead:
-        n_flat *= size
+    n_flat = math.prod(lead)
     per_row, ratio, log_ratio, low, high, dual = ppo_dual_clip(logp, old, adv, *clip)
     acc = per_row.dtype
     normalizer = max(row_index.numel(), 1)
