@@ -49,9 +49,25 @@ class PolicyLossStats:
     logprobs: torch.Tensor
 
 
-def _check_per_token(x: torch.Tensor, name: str, lead: tuple[int, ...]) -> None:
-    check_tensor(x, name, ndim=(len(lead),), floating=True)
-    check_shape(x, name, lead, "the leading shape of student_hidden")
+def check_policy_tensors(student_hidden, student_weight, student_bias, target_ids, old_logprobs, advantages,
+                         response_mask, *, check_inputs: bool) -> tuple[int, ...]:
+    """Types, shapes and devices of a policy loss's tensors (``student_weight`` may be a vocabulary shard);
+    returns the leading shape.  Target values are checked by the caller on the masked-in tokens only (padding
+    may hold ids such as -100)."""
+    check_lm_head(student_hidden, student_weight, student_bias, hidden_name="student_hidden",
+                  weight_name="student_weight", bias_name="student_bias")
+    lead = tuple(student_hidden.shape[:-1])
+    check_target_ids(target_ids, lead, 1, check_values=False, hidden_name="student_hidden")
+    for name, x in (("old_logprobs", old_logprobs), ("advantages", advantages)):
+        check_tensor(x, name, ndim=(len(lead),), floating=True)
+        check_shape(x, name, lead, "the leading shape of student_hidden")
+    check_tensor(response_mask, "response_mask", ndim=(len(lead),))
+    check_shape(response_mask, "response_mask", lead, "the leading shape of student_hidden")
+    check_binary_mask(response_mask, "response_mask", check_values=check_inputs)
+    check_same_device(student_hidden=student_hidden, student_weight=student_weight, target_ids=target_ids,
+                      old_logprobs=old_logprobs, advantages=advantages, response_mask=response_mask,
+                      student_bias=student_bias)
+    return lead
 
 
 def ppo_dual_clip(logp_new: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip_low: float,
@@ -210,19 +226,8 @@ def fused_sod_policy_loss(student_hidden: torch.Tensor, student_weight: torch.Te
                                                                        temperature)
     student_softcap = check_softcap(student_softcap, "student_softcap")
     check_chunk_size(chunk_size)
-    check_lm_head(student_hidden, student_weight, student_bias, hidden_name="student_hidden",
-                  weight_name="student_weight", bias_name="student_bias")
-    lead = tuple(student_hidden.shape[:-1])
-    # Values are checked below on the masked-in tokens only: padding may hold ids such as -100.
-    check_target_ids(target_ids, lead, student_weight.shape[0], check_values=False, hidden_name="student_hidden")
-    _check_per_token(old_logprobs, "old_logprobs", lead)
-    _check_per_token(advantages, "advantages", lead)
-    check_tensor(response_mask, "response_mask", ndim=(len(lead),))
-    check_shape(response_mask, "response_mask", lead, "the leading shape of student_hidden")
-    check_binary_mask(response_mask, "response_mask", check_values=check_inputs)
-    check_same_device(student_hidden=student_hidden, student_weight=student_weight, target_ids=target_ids,
-                      old_logprobs=old_logprobs, advantages=advantages, response_mask=response_mask,
-                      student_bias=student_bias)
+    lead = check_policy_tensors(student_hidden, student_weight, student_bias, target_ids, old_logprobs, advantages,
+                                response_mask, check_inputs=check_inputs)
     impl = resolve_logprob_backend(backend, student_hidden, "student_hidden")
 
     flat_mask = response_mask.reshape(-1) != 0

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ._validation import (BACKENDS, DIVERGENCES, REDUCTIONS, STEP_DIVERGENCES, check_binary_mask,
+from ._validation import (BACKENDS, DIVERGENCES, REDUCTIONS, STEP_DIVERGENCES,
                           check_choice, check_chunk_size, check_lm_head, check_positive,
                           check_same_device, check_shape, check_tensor)
 from .chunked_torch import compute_dtype
-from .policy_loss import check_policy_options
+from .policy_loss import check_policy_options, check_policy_tensors
 from .sod_loss import check_loss_options, check_token_weights
 from .steps import resolve_step_ids
 from .token_divergence import resolve_backend
@@ -240,19 +240,8 @@ def prepare_policy(agreed: dict, student_hidden, student_weight, target_ids, old
     check_chunk_size(chunk_size)
     if not isinstance(reduce_hidden_grad, bool):
         raise TypeError(f"reduce_hidden_grad must be a bool, got {type(reduce_hidden_grad).__name__}")
-    check_lm_head(student_hidden, student_weight, student_bias, hidden_name="student_hidden",
-                  weight_name="student_weight", bias_name="student_bias")
-    lead = tuple(student_hidden.shape[:-1])
-    check_target_ids(target_ids, lead, 1, check_values=False, hidden_name="student_hidden")
-    for name, x in (("old_logprobs", old_logprobs), ("advantages", advantages)):
-        check_tensor(x, name, ndim=(len(lead),), floating=True)
-        check_shape(x, name, lead, "the leading shape of student_hidden")
-    check_tensor(response_mask, "response_mask", ndim=(len(lead),))
-    check_shape(response_mask, "response_mask", lead, "the leading shape of student_hidden")
-    check_binary_mask(response_mask, "response_mask", check_values=check_inputs)
-    check_same_device(student_hidden=student_hidden, student_weight=student_weight, target_ids=target_ids,
-                      old_logprobs=old_logprobs, advantages=advantages, response_mask=response_mask,
-                      student_bias=student_bias)
+    lead = check_policy_tensors(student_hidden, student_weight, student_bias, target_ids, old_logprobs, advantages,
+                                response_mask, check_inputs=check_inputs)
     impl = resolve_parallel_backend(backend, student_hidden, "student_hidden")
     flat_mask = response_mask.reshape(-1) != 0
     row_index = torch.nonzero(flat_mask).squeeze(1)

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 from reference.sparse_reference import ref_sparse_sod_loss
 from sod_kernels import fused_sparse_sod_loss, fused_topk_logprobs, vocab_parallel_sparse_sod_loss
-from tests.test_vocab_parallel import LAYOUTS, TOL, Ctx, _grads, problem, rand_like, rel, same_on_every_rank, shard
+from tests.test_vocab_parallel import LAYOUTS, Ctx, compare_sod, problem, shard
 
 CASES = [  # options of one call, each in float64 and float32
     {"k": 4},
@@ -58,26 +58,9 @@ def check_loss(ctx: Ctx, dtype, seed: int) -> None:
         ref_opts = dict(opts, step_divergence=opts["step_divergence"] or ("none" if "token_weights" in opts else "kl"))
         ref, _ = ref_sparse_sod_loss(ref_in["sh"], ref_in["sw"], ids, logprobs, p["mask"], target_ids=p["y"],
                                      student_bias=ref_in["sb"], **ref_opts)
-        loss, full_loss = (out.loss, full.loss) if return_stats else (out, full)
-        tag = f"rank {ctx.rank} case {i} {dtype}"
-        tol_v, tol_g = TOL[dtype]
-        same_on_every_rank(loss, tag)
-        assert rel(loss, full_loss) <= tol_v and rel(loss, ref) <= tol_v, (tag, loss, full_loss, ref)
-        if return_stats:
-            assert torch.equal(out.num_steps, full.num_steps), tag
-            for name in ("token_divergence", "token_weights", "step_divergence", "step_weights"):
-                assert rel(getattr(out, name), getattr(full, name)) <= tol_v, (tag, name)
-        upstream = rand_like(loss, seed + i)
-        mine = _grads((loss * upstream).sum(), [p["sh"], sw, sb])
-        theirs = _grads((full_loss * upstream).sum(), [p["sh"], p["sw"], p["sb"]])
-        oracle = _grads((ref * upstream.double()).sum(), [ref_in["sh"], ref_in["sw"], ref_in["sb"]])
-        pairs = [("hidden", mine[0], theirs[0], oracle[0]),
-                 ("weight", mine[1], theirs[1][ctx.rows], oracle[1][ctx.rows])]
-        if sb is not None:
-            pairs.append(("bias", mine[2], theirs[2][ctx.rows], oracle[2][ctx.rows]))
-        for name, got, single_process, want in pairs:
-            assert got.dtype == dtype, (tag, name)
-            assert rel(got, single_process) <= tol_g and rel(got, want) <= tol_g, (tag, name)
+        compare_sod(ctx, dtype, f"rank {ctx.rank} case {i} {dtype}", out, full, ref, return_stats, seed + i,
+                    mine=[p["sh"], sw, sb], full_in=[p["sh"], p["sw"], p["sb"]],
+                    ref_in=[ref_in["sh"], ref_in["sw"], ref_in["sb"]])
 
 
 def check_validation(ctx: Ctx, seed: int) -> None:
