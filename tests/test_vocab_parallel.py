@@ -371,38 +371,47 @@ def check_triton_backend(ctx: Ctx, seed: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------- running
-def _worker(rank: int, world: int, init_file: str, seed: int) -> None:
+def _rank_main(rank: int, world: int, init_file: str, seed: int, checks) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     try:
         vocab, sizes, starts = LAYOUTS[world]
-        ctx = Ctx(rank, world, vocab, sizes[rank], starts[rank])
-        for dtype in (torch.float64, torch.float32):
-            check_sod_loss(ctx, dtype, seed)
-            check_token_logprobs(ctx, dtype, seed)
-            check_policy_loss(ctx, dtype, seed)
-        check_all_masked(ctx, seed)
-        check_unreduced_hidden_grad(ctx, seed)
-        check_validation(ctx, seed)
-        if world == 2:
-            check_deterministic_and_contract(ctx, seed)
-            check_bfloat16(ctx, seed)
-            check_triton_backend(ctx, seed)
-        else:
-            check_groups(ctx, seed)
+        checks(Ctx(rank, world, vocab, sizes[rank], starts[rank]), seed)
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_vocab_parallel_matches_single_process(world, tmp_path, monkeypatch):
-    seed = random.randrange(1 << 30)  # fresh inputs each run; printed on failure
+def run_ranks(checks, world: int, tmp_path, monkeypatch) -> None:
+    """``checks(ctx, seed)`` on ``world`` spawned gloo ranks (the shards of ``LAYOUTS[world]``), fresh inputs
+    from a random seed that a failure reports."""
+    seed = random.randrange(1 << 30)
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # the ranks talk over the loopback interface
     try:
-        mp.spawn(_worker, args=(world, str(tmp_path / "store"), seed), nprocs=world, join=True)
+        mp.spawn(_rank_main, args=(world, str(tmp_path / "store"), seed, checks), nprocs=world, join=True)
     except Exception as exc:  # noqa: BLE001 - re-raised with the seed
         raise AssertionError(f"vocabulary-parallel check failed (seed {seed}): {exc}") from exc
+
+
+def all_checks(ctx: Ctx, seed: int) -> None:
+    for dtype in (torch.float64, torch.float32):
+        check_sod_loss(ctx, dtype, seed)
+        check_token_logprobs(ctx, dtype, seed)
+        check_policy_loss(ctx, dtype, seed)
+    check_all_masked(ctx, seed)
+    check_unreduced_hidden_grad(ctx, seed)
+    check_validation(ctx, seed)
+    if ctx.world == 2:
+        check_deterministic_and_contract(ctx, seed)
+        check_bfloat16(ctx, seed)
+        check_triton_backend(ctx, seed)
+    else:
+        check_groups(ctx, seed)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_vocab_parallel_matches_single_process(world, tmp_path, monkeypatch):
+    run_ranks(all_checks, world, tmp_path, monkeypatch)
 
 
 def test_needs_an_initialized_process_group():

@@ -3,18 +3,12 @@ reference, fresh random inputs, uneven shards (the 3-rank shards not in rank ord
 
 from __future__ import annotations
 
-import datetime
-import random
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch._dynamo  # noqa: F401  (before init_process_group, so that destroy_process_group frees the group)
-import torch.multiprocessing as mp
 
 from reference.sparse_reference import ref_sparse_sod_loss
 from sod_kernels import fused_sparse_sod_loss, fused_topk_logprobs, vocab_parallel_sparse_sod_loss
-from tests.test_vocab_parallel import LAYOUTS, Ctx, compare_sod, problem, shard
+from tests.test_vocab_parallel import Ctx, compare_sod, problem, run_ranks, shard
 
 CASES = [  # options of one call, each in float64 and float32
     {"k": 4},
@@ -80,25 +74,12 @@ def check_validation(ctx: Ctx, seed: int) -> None:
         vocab_parallel_sparse_sod_loss(p["sh"], sw, ids, other, p["mask"], vocab_start=ctx.start)
 
 
-def _worker(rank: int, world: int, init_file: str, seed: int) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
-        vocab, sizes, starts = LAYOUTS[world]
-        ctx = Ctx(rank, world, vocab, sizes[rank], starts[rank])
-        for dtype in (torch.float64, torch.float32):
-            check_loss(ctx, dtype, seed)
-        check_validation(ctx, seed)
-    finally:
-        dist.destroy_process_group()
+def all_checks(ctx: Ctx, seed: int) -> None:
+    for dtype in (torch.float64, torch.float32):
+        check_loss(ctx, dtype, seed)
+    check_validation(ctx, seed)
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_vocab_parallel_sparse_matches_single_process(world, tmp_path, monkeypatch):
-    seed = random.randrange(1 << 30)  # fresh inputs each run; printed on failure
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    try:
-        mp.spawn(_worker, args=(world, str(tmp_path / "store"), seed), nprocs=world, join=True)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the seed
-        raise AssertionError(f"vocabulary-parallel sparse check failed (seed {seed}): {exc}") from exc
+    run_ranks(all_checks, world, tmp_path, monkeypatch)
