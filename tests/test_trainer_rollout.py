@@ -64,10 +64,11 @@ class ReplayGenerator:
     def _logprobs(self, context, ids):
         if self.model is None:
             return [SCRIPTED_LOGPROB] * len(ids)
-        full = torch.tensor([list(context) + ids])
+        device = lm_head_weight(self.model).device
+        full = torch.tensor([list(context) + ids], device=device)
         hidden = hidden_states(self.model, full, torch.ones_like(full))[0, len(context) - 1:-1]
         logp = torch.log_softmax(hidden @ lm_head_weight(self.model).T / self.temperature, dim=-1)
-        return logp.gather(1, torch.tensor(ids)[:, None])[:, 0].tolist()
+        return logp.gather(1, torch.tensor(ids, device=device)[:, None])[:, 0].tolist()
 
 
 def scripted_setup(n: int, seed: int = 0):

@@ -1,5 +1,7 @@
 """Vocabulary-parallel losses: 2 and 3 gloo ranks on CPU against the single-process functions and the float64
-reference, on fresh random inputs with uneven shards.
+reference, on fresh random inputs with uneven shards; where CUDA exists, the same checks on NCCL ranks, one GPU
+a rank (as many ranks as GPUs, at most 3; NCCL refuses two ranks on one GPU, so a single GPU runs one rank:
+the whole head on one shard, every tensor on the GPU, nothing to exchange).
 
 Each spawned group runs many checks (spawning costs seconds): every rank builds the same full problem from a
 seed, keeps its own vocabulary rows, and compares its outputs and its shard's gradients with the full
@@ -29,7 +31,7 @@ from sod_kernels.vocab_parallel import (vocab_parallel_policy_loss, vocab_parall
 
 ROOT = Path(__file__).resolve().parent.parent
 # (vocabulary size, shard sizes by rank, first id by rank); the 3-rank shards are not in rank order.
-LAYOUTS = {2: (29, (16, 13), (0, 16)), 3: (31, (7, 14, 10), (24, 0, 14))}
+LAYOUTS = {1: (23, (23,), (0,)), 2: (29, (16, 13), (0, 16)), 3: (31, (7, 14, 10), (24, 0, 14))}
 TEACHER_PAD = 3  # extra rows on the shard holding the last ids (a padded teacher vocabulary)
 TOL = {torch.float64: (1e-9, 1e-9), torch.float32: (1e-5, 1e-4)}  # (loss / values, gradients), relative
 
@@ -69,18 +71,21 @@ def same_on_every_rank(x: torch.Tensor, what: str) -> None:
 
 
 def problem(seed: int, vocab: int, dtype, *, B=2, T=9, Hs=6, Ht=5, bias=False, single=False, scale=1.5):
+    """Drawn on the CPU from ``seed`` (the same on every rank and device), then moved to the default device (a
+    rank's GPU under NCCL)."""
     g = torch.Generator().manual_seed(seed)
     lead = (T,) if single else (B, T)
-    rnd = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    rnd = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64, device="cpu")  # noqa: E731
     p = {"sh": rnd(*lead, Hs) * scale, "sw": rnd(vocab, Hs), "th": rnd(*lead, Ht) * scale,
          "tw": rnd(vocab + TEACHER_PAD, Ht), "sb": rnd(vocab) if bias else None,
          "tb": rnd(vocab + TEACHER_PAD) if bias else None}
-    mask = (torch.rand(*lead, generator=g) < 0.65).long()
+    mask = (torch.rand(*lead, generator=g, device="cpu") < 0.65).long()
     mask[..., :3] = 1
     p["mask"] = mask
-    p["y"] = torch.randint(0, vocab, lead, generator=g)
-    p["tok_w"] = torch.rand(*lead, generator=g, dtype=torch.float64) * 2
+    p["y"] = torch.randint(0, vocab, lead, generator=g, device="cpu")
+    p["tok_w"] = torch.rand(*lead, generator=g, dtype=torch.float64, device="cpu") * 2
     p = {k: (v.to(dtype) if v is not None and v.is_floating_point() and k != "tok_w" else v) for k, v in p.items()}
+    p = {k: None if v is None else v.to(torch.get_default_device()) for k, v in p.items()}
     for k in ("sh", "sw", "sb"):
         if p[k] is not None:
             p[k].requires_grad_(True)
@@ -91,7 +96,7 @@ def rand_like(x: torch.Tensor, seed: int) -> torch.Tensor:
     """Uniform [0.5, 1.5) upstream gradients, the same on every rank (spawned ranks have different global
     random states)."""
     g = torch.Generator().manual_seed(seed)
-    return (torch.rand(x.shape, generator=g, dtype=torch.float64) + 0.5).to(x.dtype)
+    return (torch.rand(x.shape, generator=g, dtype=torch.float64, device="cpu") + 0.5).to(x.device, x.dtype)
 
 
 def _grads(out, inputs):
@@ -196,8 +201,9 @@ def check_policy_loss(ctx: Ctx, dtype, seed: int) -> None:
     y = p["y"].masked_fill(p["mask"] == 0, -100)  # padding ids outside the mask are never read
     with torch.no_grad():
         true = fused_token_logprobs(p["sh"], p["sw"], p["y"], bias=p["sb"], backend="torch")
-    old = (true + 0.3 * torch.randn(true.shape, generator=g, dtype=torch.float64).to(true.dtype)).detach()
-    adv = torch.randn(true.shape, generator=g, dtype=torch.float64).to(true.dtype)
+    noise = lambda: torch.randn(true.shape, generator=g, dtype=torch.float64, device="cpu").to(true)  # noqa: E731
+    old = (true + 0.3 * noise()).detach()
+    adv = noise()
     w, b = shard(p["sw"], ctx), shard(p["sb"], ctx)
     out = vocab_parallel_policy_loss(p["sh"], w, y, old, adv, p["mask"], vocab_start=ctx.start, student_bias=b,
                                      return_stats=True, temperature=0.9)
@@ -259,7 +265,7 @@ def check_deterministic_and_contract(ctx: Ctx, seed: int) -> None:
                                        target_ids=p["y"], step_divergence="sampled")
         runs.append((loss.detach(),) + _grads(loss, [p["sh"], sw, sb]))
     assert all(torch.equal(a, b) for a, b in zip(*runs)), "repeated calls differ"
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(p["sh"].device.type, dtype=torch.bfloat16):
         auto = vocab_parallel_sod_loss(p["sh"], sw, p["th"], tw, p["mask"], vocab_start=ctx.start, student_bias=sb,
                                        target_ids=p["y"], step_divergence="sampled")
     assert torch.equal(auto.detach(), runs[0][0]) and auto.dtype == torch.float32
@@ -371,10 +377,16 @@ def check_triton_backend(ctx: Ctx, seed: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------- running
-def _rank_main(rank: int, world: int, init_file: str, seed: int, checks) -> None:
+def _rank_main(rank: int, world: int, init_file: str, seed: int, checks, backend: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
+    options = {}
+    if backend == "nccl":  # one GPU a rank; every tensor the checks make lives on it
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+        torch.set_default_device(device)
+        options["device_id"] = device
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120), **options)
     try:
         vocab, sizes, starts = LAYOUTS[world]
         checks(Ctx(rank, world, vocab, sizes[rank], starts[rank]), seed)
@@ -382,15 +394,22 @@ def _rank_main(rank: int, world: int, init_file: str, seed: int, checks) -> None
         dist.destroy_process_group()
 
 
-def run_ranks(checks, world: int, tmp_path, monkeypatch) -> None:
-    """``checks(ctx, seed)`` on ``world`` spawned gloo ranks (the shards of ``LAYOUTS[world]``), fresh inputs
-    from a random seed that a failure reports."""
+def run_ranks(checks, world: int, tmp_path, monkeypatch, backend: str = "gloo") -> None:
+    """``checks(ctx, seed)`` on ``world`` spawned ranks (the shards of ``LAYOUTS[world]``): gloo on CPU, or
+    ``backend='nccl'`` with rank r on GPU r; fresh inputs from a random seed that a failure reports."""
     seed = random.randrange(1 << 30)
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # the ranks talk over the loopback interface
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "lo")
     try:
-        mp.spawn(_rank_main, args=(world, str(tmp_path / "store"), seed, checks), nprocs=world, join=True)
+        mp.spawn(_rank_main, args=(world, str(tmp_path / "store"), seed, checks, backend), nprocs=world, join=True)
     except Exception as exc:  # noqa: BLE001 - re-raised with the seed
-        raise AssertionError(f"vocabulary-parallel check failed (seed {seed}): {exc}") from exc
+        raise AssertionError(f"vocabulary-parallel check failed ({backend}, {world} ranks, seed {seed}): "
+                             f"{exc}") from exc
+
+
+def nccl_world() -> int:
+    """Ranks of the NCCL tests: one a GPU (NCCL refuses two ranks on one GPU), at most 3; 0 without CUDA."""
+    return min(torch.cuda.device_count(), 3) if torch.cuda.is_available() else 0
 
 
 def all_checks(ctx: Ctx, seed: int) -> None:
@@ -399,9 +418,10 @@ def all_checks(ctx: Ctx, seed: int) -> None:
         check_token_logprobs(ctx, dtype, seed)
         check_policy_loss(ctx, dtype, seed)
     check_all_masked(ctx, seed)
-    check_unreduced_hidden_grad(ctx, seed)
-    check_validation(ctx, seed)
-    if ctx.world == 2:
+    if ctx.world > 1:  # one rank: its share is the whole gradient, and no shard can overlap another
+        check_unreduced_hidden_grad(ctx, seed)
+        check_validation(ctx, seed)
+    if ctx.world <= 2:
         check_deterministic_and_contract(ctx, seed)
         check_bfloat16(ctx, seed)
         check_triton_backend(ctx, seed)
@@ -412,6 +432,11 @@ def all_checks(ctx: Ctx, seed: int) -> None:
 @pytest.mark.parametrize("world", [2, 3])
 def test_vocab_parallel_matches_single_process(world, tmp_path, monkeypatch):
     run_ranks(all_checks, world, tmp_path, monkeypatch)
+
+
+@pytest.mark.skipif(nccl_world() == 0, reason="NCCL needs a CUDA GPU")
+def test_vocab_parallel_on_nccl(tmp_path, monkeypatch):
+    run_ranks(all_checks, nccl_world(), tmp_path, monkeypatch, backend="nccl")
 
 
 def test_needs_an_initialized_process_group():

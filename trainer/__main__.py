@@ -1,9 +1,10 @@
 """``python -m trainer [train] [flags]`` trains; ``python -m trainer demo [flags]`` runs the embedded demo;
 ``python -m trainer experiment [flags]`` runs the controlled tool-fault experiment (OPD against SOD).
 
-``torchrun --standalone --nproc-per-node=N -m trainer train [flags]`` trains data-parallel over N CPU ranks
-(gloo; see :mod:`trainer.distributed`).  Rank 0 prints and writes the logs; the other ranks print nothing
-(errors that every rank finds alike, such as a bad flag, are printed once, by rank 0).
+``torchrun --standalone --nproc-per-node=N -m trainer train [flags]`` trains data-parallel over N ranks: CPU
+ranks through gloo, or with ``--device cuda`` one GPU a rank through NCCL (see :mod:`trainer.distributed`).
+Rank 0 prints and writes the logs; the other ranks print nothing (errors that every rank finds alike, such as
+a bad flag, are printed once, by rank 0).
 
 Nothing is downloaded: models are built-in presets or local folders, datasets local files.
 """
@@ -134,10 +135,12 @@ def train_main(argv: list[str]) -> int:
         config = config_from_args(args)
         from .checkpoint import check_output_dir
         from .distributed import check_batch_split, env_context
+        from .placement import resolve_device
 
         context = env_context()
         if context is not None:
             check_batch_split(config, context.world_size)
+        device = resolve_device(config.device, None if context is None else context.local_rank)
         check_output_dir(config)
     except ValueError as error:
         parser.error(str(error))
@@ -145,7 +148,7 @@ def train_main(argv: list[str]) -> int:
         return _train(parser, config, argv, None)
     from .distributed import init_process_group, shutdown
 
-    init_process_group(context)
+    init_process_group(context, device)
     code = None
     try:
         code = _train(parser, config, argv, context)

@@ -42,7 +42,7 @@ REQUIRED_KEYS = ("step", "model", "optimizer", "rng", "config")
 # tool-call plumbing), not what a given update computes.
 RESUMABLE_FIELDS = frozenset({
     "output_dir", "resume", "overwrite", "allow_config_change", "updates", "checkpoint_every", "log_every",
-    "log_format", "threads", "tool_workers", "tool_timeout_s", "sandbox_allow_missing", "eval_prompts"})
+    "log_format", "threads", "device", "tool_workers", "tool_timeout_s", "sandbox_allow_missing", "eval_prompts"})
 TEMPORARY_MARKER = ".tmp-"
 
 

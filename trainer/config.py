@@ -62,6 +62,7 @@ class TrainConfig:
     log_every: int = 1  # print metrics every N updates
     log_format: str = "text"  # text: readable lines (a progress bar on a terminal) | json: one object a line
     threads: int = 2  # torch CPU threads
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto (cuda if a GPU is visible); under torchrun cuda = GPU LOCAL_RANK
 
     def validate(self) -> "TrainConfig":
         """Raise ``ValueError`` naming the first bad field; return self."""
@@ -94,6 +95,9 @@ class TrainConfig:
             raise ValueError(f"warmup_updates must be >= 0, got {self.warmup_updates}")
         if self.eval_prompts < 0:
             raise ValueError(f"eval_prompts must be >= 0, got {self.eval_prompts}")
+        from .placement import check_device_spec
+
+        check_device_spec(self.device)
         return self
 
     def to_dict(self) -> dict:

@@ -2,8 +2,10 @@
 
 ``torchrun --standalone --nproc-per-node=N -m trainer train ...`` starts N processes (ranks) with the
 variables ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` set; :func:`env_context` reads them (None in a plain
-process, which then runs exactly as without this module).  The trainer runs on CPU, so the ranks talk
-through gloo.
+process, which then runs exactly as without this module).  On CPU (``--device cpu``) the ranks talk through
+gloo; with ``--device cuda`` each rank takes GPU ``LOCAL_RANK`` and the process group is
+``cpu:gloo,cuda:nccl``: NCCL for GPU tensors (FSDP's all-gathers and reduce-scatters, the gradient norm),
+gloo for the small CPU objects (metrics, step logs, checkpoint metadata).
 
 - Batch split: the ``prompts_per_step x rollouts_per_prompt`` trajectories of an update are numbered
   ``0 .. B-1`` (trajectory ``j`` answers prompt ``j // rollouts_per_prompt``) and rank r takes the contiguous
@@ -104,8 +106,10 @@ def rank_range(batch: int, rank: int, world_size: int) -> range:
     return range(rank * share, (rank + 1) * share)
 
 
-def init_process_group(context: DistContext, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-    """Join torchrun's rendezvous (``MASTER_ADDR`` / ``MASTER_PORT``) with gloo, for CPU tensors."""
+def init_process_group(context: DistContext, device: torch.device | None = None,
+                       timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """Join torchrun's rendezvous (``MASTER_ADDR`` / ``MASTER_PORT``): gloo for a CPU ``device`` (or None), and
+    ``cpu:gloo,cuda:nccl`` bound to a GPU ``device`` (made the current GPU first)."""
     # torch._dynamo (imported by FSDP and the optimizers) keeps references to the process groups that exist
     # when it is imported, so a group created before that import outlives destroy_process_group, its gloo
     # threads run into interpreter shutdown and the process can abort at exit.  Import it first.
@@ -113,7 +117,12 @@ def init_process_group(context: DistContext, timeout_s: float = DEFAULT_TIMEOUT_
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if device is not None and device.type == "cuda":
+            torch.cuda.set_device(device)
+            dist.init_process_group("cpu:gloo,cuda:nccl", timeout=timeout, device_id=device)
+        else:
+            dist.init_process_group("gloo", timeout=timeout)
     if dist.get_world_size() != context.world_size or dist.get_rank() != context.rank:
         raise RuntimeError(f"process group has rank {dist.get_rank()} of {dist.get_world_size()}, the environment "
                            f"says {context.rank} of {context.world_size}")

@@ -50,6 +50,7 @@ from .checkpoint import CHECKPOINT_NAME, CONFIG_NAME, DCP_NAME, METRICS_NAME, ST
 from .config import TrainConfig
 from .distributed import DistContext
 from .models import hidden_states, lm_head_weight, load_model, load_tokenizer
+from .placement import capture_device_rng, resolve_device, restore_device_rng
 from .rollout import ChatFormat, HFTurnGenerator, RolloutSettings, ToolExecutor, Trajectory, run_rollouts
 from .task import FaultInjector, Problem, ProblemSource
 
@@ -81,6 +82,12 @@ class Batch:
     response_mask: torch.Tensor
     old_logprobs: torch.Tensor
 
+    def to(self, device: torch.device) -> "Batch":
+        """The same batch on ``device`` (itself when it is there already)."""
+        if self.input_ids.device == torch.device(device):
+            return self
+        return Batch(**{name: getattr(self, name).to(device) for name in self.__dataclass_fields__})
+
 
 def collate(trajectories: Sequence[Trajectory], pad_id: int, width: int | None = None) -> Batch:
     """Pad trajectories on the right to ``width`` (default: the longest) and shift targets by one."""
@@ -105,22 +112,25 @@ def model_hidden(model, batch: Batch) -> torch.Tensor:
     return hidden_states(model, batch.input_ids, batch.attention_mask)[:, :-1]
 
 
-def capture_rng() -> dict:
+def capture_rng(device: torch.device | None = None) -> dict:
     """Python, NumPy and torch RNG states, as types a ``weights_only`` load accepts (NumPy's key array as
-    an int64 tensor)."""
+    an int64 tensor), and the generator of a GPU ``device`` (see :mod:`trainer.placement`)."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
     return {"python": random.getstate(), "torch": torch.get_rng_state(),
             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            **(capture_device_rng(device) if device is not None else {})}
 
 
-def restore_rng(state: dict) -> None:
+def restore_rng(state: dict, device: torch.device | None = None) -> None:
     """Inverse of :func:`capture_rng`."""
     random.setstate(state["python"])
     numpy_state = state["numpy"]
     np.random.set_state((numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
                          numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
+    if device is not None:
+        restore_device_rng(state, device)
 
 
 def seed_everything(seed: int) -> None:
@@ -173,8 +183,10 @@ class SODTrainer:
             from . import distributed
 
             distributed.check_batch_split(self.config, dist.world_size)
-        self.student = student
-        self.teacher = teacher.eval().requires_grad_(False)
+        # The GPU (or the CPU) this process computes on: under torchrun GPU LOCAL_RANK (trainer.placement).
+        self.device = resolve_device(self.config.device, None if dist is None else dist.local_rank)
+        self.student = student.to(self.device)
+        self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.executor = executor
         self.problems = problems or ProblemSource(config.seed, config.dataset)
@@ -197,7 +209,7 @@ class SODTrainer:
             from .distributed import shard_student
 
             self.policy = copy.deepcopy(student).requires_grad_(False)
-            shard_student(student, init_device_mesh("cpu", (dist.world_size,)))
+            shard_student(student, init_device_mesh(self.device.type, (dist.world_size,)))
         self.optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, betas=tuple(config.betas),
                                            weight_decay=config.weight_decay)
         self.step = 0
@@ -278,7 +290,7 @@ class SODTrainer:
             return stats.loss, stats.token_divergence.detach(), stats.step_divergence, stats.step_weights
 
         for offset, chunk in self.micro_batches(trajectories):
-            batch = collate(chunk, pad)
+            batch = collate(chunk, pad).to(self.device)
             with torch.no_grad():
                 teacher_h = model_hidden(self.teacher, batch).to(dtype)
             summed, token_divergence, step_divergence, step_weights = fsdp_forward(
@@ -287,7 +299,8 @@ class SODTrainer:
             loss.backward()
             loss_total += float(loss.detach())
             kl_sum += float((token_divergence * batch.response_mask).sum())
-            logs += step_records(self.step, chunk, step_divergence, step_weights, first + offset)
+            logs += step_records(self.step, chunk, step_divergence.detach().cpu(), step_weights.detach().cpu(),
+                                 first + offset)
         return loss_total, kl_sum / total_tokens, logs, {}
 
     def _pg_update(self, trajectories, total_tokens: int):
@@ -296,19 +309,19 @@ class SODTrainer:
         pad = self.tokenizer.pad_token_id
         vocab, dtype = lm_head_weight(self.student).shape[0], lm_head_weight(self.student).dtype
         weight_t = lm_head_weight(self.teacher)[:vocab].to(dtype)
-        full = collate(trajectories, pad)
+        full = collate(trajectories, pad).to(self.device)
         teacher_logp = torch.zeros_like(full.old_logprobs)
         chunks = self.micro_batches(trajectories)
         teacher_hidden = []
         for offset, chunk in chunks:
-            batch = collate(chunk, pad)
+            batch = collate(chunk, pad).to(self.device)
             with torch.no_grad():
                 teacher_h = model_hidden(self.teacher, batch).to(dtype)
                 logp = token_logprobs(teacher_h, weight_t, batch.target_ids, temperature=c.temperature)
             teacher_hidden.append(teacher_h)
             teacher_logp[offset:offset + len(chunk), :logp.shape[1]] = logp * batch.response_mask
-        rewards = torch.tensor([t.reward for t in trajectories], dtype=torch.float32)
-        groups = torch.tensor([t.group for t in trajectories], dtype=torch.long)
+        rewards = torch.tensor([t.reward for t in trajectories], dtype=torch.float32, device=self.device)
+        groups = torch.tensor([t.group for t in trajectories], dtype=torch.long, device=self.device)
         inputs = policy_inputs(rewards, groups, full.old_logprobs, teacher_logp, full.response_mask, coef=c.coef,
                                epsilon=c.epsilon, delta=c.delta)
         if c.step_divergence == "none":
@@ -337,7 +350,7 @@ class SODTrainer:
             return stats.loss, clipped.detach(), stats.approx_kl.detach(), kl
 
         for (offset, chunk), teacher_h in zip(chunks, teacher_hidden):
-            batch = collate(chunk, pad)
+            batch = collate(chunk, pad).to(self.device)
             width = batch.target_ids.shape[1]
             rows = slice(offset, offset + len(chunk))
             summed, clipped, approx_kl, kl = fsdp_forward(self.student, student_loss, batch,
@@ -349,7 +362,7 @@ class SODTrainer:
             extra["clip_frac"] += share * float(clipped)
             extra["approx_kl"] += share * float(approx_kl)
             kl_sum += float(kl)
-        logs = step_records(self.step, trajectories, inputs.step_divergence, step_weights,
+        logs = step_records(self.step, trajectories, inputs.step_divergence.cpu(), step_weights.cpu(),
                             self.sample_indices().start)
         return loss_total, kl_sum / total_tokens, logs, extra
 
@@ -445,11 +458,11 @@ class SODTrainer:
             from .checkpoint_dcp import save_dcp
 
             meta = {"step": self.step, "config": self.config.to_dict(), "fingerprint": self.fingerprint()}
-            save_dcp(self.dist, self.student, self.optimizer, meta, capture_rng(), self.output)
+            save_dcp(self.dist, self.student, self.optimizer, meta, capture_rng(self.device), self.output)
             self.saved_step = self.step
             return
         payload = {"step": self.step, "model": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
-                   "rng": capture_rng(), "config": self.config.to_dict(), "fingerprint": self.fingerprint()}
+                   "rng": capture_rng(self.device), "config": self.config.to_dict(), "fingerprint": self.fingerprint()}
         ckpt.save_checkpoint(payload, self.output)
         self.saved_step = self.step
 
@@ -489,7 +502,7 @@ class SODTrainer:
 
             rng = load_dcp(self.dist, path, self.student, self.optimizer)
             barrier()  # every rank has read its checkpoint before rank 0 renames or rewrites anything
-        restore_rng(rng)
+        restore_rng(rng, self.device)
         self.step = self.saved_step = int(payload["step"])
         if self.is_main:
             for bad, reason in skipped:
@@ -602,13 +615,13 @@ def evaluate(policy, teacher, tokenizer, chat: ChatFormat, executor: ToolExecuto
         trajectories = run_rollouts(problems, list(range(len(problems))), generator, chat, executor, settings,
                                     faults=faults, fault_keys=(EVAL_FAULT_KEY,))
     weight_p = lm_head_weight(policy)
-    weight_t = lm_head_weight(teacher)
+    weight_t = lm_head_weight(teacher).to(weight_p.device)
     kl_sum, tokens, divergences, weights = 0.0, 0, [], []
     signal = "kl" if step_divergence == "none" else step_divergence
     with torch.no_grad():
         for i in range(0, len(trajectories), micro_batch_size):
             chunk = trajectories[i:i + micro_batch_size]
-            batch = collate(chunk, tokenizer.pad_token_id)
+            batch = collate(chunk, tokenizer.pad_token_id).to(weight_p.device)
             stats = sod_kernels.fused_sod_loss(
                 model_hidden(policy, batch), weight_p, model_hidden(teacher, batch).to(weight_p.dtype),
                 weight_t.to(weight_p.dtype), batch.response_mask, target_ids=batch.target_ids,
@@ -616,10 +629,11 @@ def evaluate(policy, teacher, tokenizer, chat: ChatFormat, executor: ToolExecuto
                 reduction="sum", return_stats=True)
             kl_sum += float((stats.token_divergence * batch.response_mask).sum())
             tokens += int(batch.response_mask.sum())
+            step_divergence, step_weights = stats.step_divergence.cpu(), stats.step_weights.cpu()
             for row, traj in enumerate(chunk):
                 k = len(traj.steps)
-                divergences.append([float(x) for x in stats.step_divergence[row, :k]])
-                weights.append([float(x) for x in stats.step_weights[row, :k]])
+                divergences.append([float(x) for x in step_divergence[row, :k]])
+                weights.append([float(x) for x in step_weights[row, :k]])
     accuracy = float(np.mean([t.reward for t in trajectories])) if trajectories else math.nan
     return EvalResult(accuracy=accuracy, kl=kl_sum / max(tokens, 1), trajectories=trajectories,
                       step_divergence=divergences, step_weights=weights)
@@ -631,6 +645,8 @@ def build_trainer(config: TrainConfig, executor: ToolExecutor, log: Callable[[st
     (data-parallel under torchrun when ``dist`` is given; the process group must be initialised)."""
     config.validate()
     torch.set_num_threads(config.threads)
+    if config.device == "cpu" and torch.cuda.is_available() and (dist is None or dist.is_main):
+        log("training on the CPU although a GPU is visible; --device cuda trains on it")
     tokenizer = load_tokenizer(config.student)
     student = load_model(config.student, tokenizer, seed=config.seed)
     teacher = load_model(config.teacher, tokenizer, seed=config.seed + 1)
