@@ -1,6 +1,7 @@
 """FSDP2 helpers: 2 gloo ranks on CPU, data parallel (each rank its own batch), the student and the frozen
 teacher sharded with ``fully_shard``; the sharded gradients must equal the single-process gradient of the
-ranks' mean loss (FSDP averages over ranks), on fresh random inputs."""
+ranks' mean loss (FSDP averages over ranks), on fresh random inputs.  Where CUDA exists, the same on NCCL
+ranks, one GPU a rank (at most 2; one GPU runs one rank)."""
 
 from __future__ import annotations
 
@@ -48,10 +49,11 @@ def _shard(model: Toy, mesh, head_unit: bool) -> None:
 
 def _data(seed: int, world: int):
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB, (world, 2, 9), generator=g)
-    mask = (torch.rand(world, 2, 9, generator=g) < 0.7).long()
+    ids = torch.randint(0, VOCAB, (world, 2, 9), generator=g, device="cpu")
+    mask = (torch.rand(world, 2, 9, generator=g, device="cpu") < 0.7).long()
     mask[..., :2] = 1
-    return ids, mask
+    device = torch.get_default_device()  # a rank's GPU under NCCL
+    return ids.to(device), mask.to(device)
 
 
 def check(rank: int, world: int, seed: int, head_unit: bool, mesh) -> None:
@@ -119,14 +121,20 @@ def check_hf(rank: int, world: int, seed: int, mesh) -> None:
         assert _rel(p.grad.full_tensor(), q.grad) <= 1e-5, (rank, "hf", name)
 
 
-def _worker(rank: int, world: int, init_file: str, seed: int) -> None:
+def _worker(rank: int, world: int, init_file: str, seed: int, backend: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
+    options, kind = {}, "cpu"
+    if backend == "nccl":  # one GPU a rank; the models and data are made on it
+        device, kind = torch.device("cuda", rank), "cuda"
+        torch.cuda.set_device(device)
+        torch.set_default_device(device)
+        options["device_id"] = device
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120), **options)
     try:
-        mesh = init_device_mesh("cpu", (world,))
+        mesh = init_device_mesh(kind, (world,))
         check(rank, world, seed, head_unit=True, mesh=mesh)    # the head is its own unit
         check(rank, world, seed, head_unit=False, mesh=mesh)   # the head belongs to the root unit
         check_hf(rank, world, seed, mesh)
@@ -140,13 +148,23 @@ def _worker(rank: int, world: int, init_file: str, seed: int) -> None:
         dist.destroy_process_group()
 
 
-def test_fsdp_helpers_match_single_process(tmp_path, monkeypatch):
+def _run(world: int, backend: str, tmp_path, monkeypatch) -> None:
     seed = random.randrange(1 << 30)
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "lo")
     try:
-        mp.spawn(_worker, args=(2, str(tmp_path / "store"), seed), nprocs=2, join=True)
+        mp.spawn(_worker, args=(world, str(tmp_path / "store"), seed, backend), nprocs=world, join=True)
     except Exception as exc:  # noqa: BLE001 - re-raised with the seed
-        raise AssertionError(f"FSDP2 check failed (seed {seed}): {exc}") from exc
+        raise AssertionError(f"FSDP2 check failed ({backend}, {world} ranks, seed {seed}): {exc}") from exc
+
+
+def test_fsdp_helpers_match_single_process(tmp_path, monkeypatch):
+    _run(2, "gloo", tmp_path, monkeypatch)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="NCCL needs a CUDA GPU")
+def test_fsdp_helpers_on_nccl(tmp_path, monkeypatch):
+    _run(min(torch.cuda.device_count(), 2), "nccl", tmp_path, monkeypatch)
 
 
 def test_without_fsdp_the_helpers_are_plain_calls():
