@@ -187,8 +187,18 @@ def _gradient_worker(rank: int, world: int, init_file: str, seed: int, report: s
         dist.destroy_process_group()
 
 
+def multi_step_seed(prompts: int = 2) -> int:
+    """A fresh random seed whose first ``prompts`` scripted solutions include one of 3 or more turns (about 1
+    seed in 30 has only 2-turn solutions there, which would not test the multi-step case)."""
+    while True:
+        seed = random.randrange(1 << 16)
+        source = ProblemSource(seed)
+        if max(len(solution_turns(source.train(i))[0]) for i in range(prompts)) >= 3:
+            return seed
+
+
 def test_two_rank_gradient_equals_the_single_process_gradient(tmp_path, monkeypatch):
-    seed = random.randrange(1 << 16)
+    seed = multi_step_seed()
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
     report = tmp_path / "gaps.json"
     try:

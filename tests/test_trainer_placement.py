@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from tests.conftest import HAS_CUDA
-from tests.test_trainer_distributed import (RTOL, assert_records_close, launch, ok, one_update, read_jsonl,
-                                            run_args, without_timing)
+from tests.test_trainer_distributed import (RTOL, assert_records_close, launch, multi_step_seed, ok, one_update,
+                                            read_jsonl, run_args, without_timing)
 from trainer.checkpoint import CHECKPOINT_NAME, DCP_NAME, METRICS_NAME, STEPS_NAME, resume_differences
 from trainer.config import TrainConfig
 from trainer.placement import check_device_spec, resolve_device
@@ -106,7 +106,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @needs_cuda
 @pytest.mark.parametrize("objective", ["kl", "pg"])
 def test_gpu_update_equals_the_cpu_update(objective):
-    seed = random.randrange(1 << 16)
+    seed = multi_step_seed()
     config = dict(objective=objective, prompts_per_step=2, rollouts_per_prompt=2, max_turns=4, max_new_tokens=10,
                   max_total_tokens=300, micro_batch_size=2, grad_clip=0.0, rollout_rng="per_trajectory",
                   seed=seed, tool_workers=1)

@@ -8,8 +8,9 @@
   checkpoint metadata): the process group is ``cpu:gloo,cuda:nccl``.
 - ``auto``: ``cuda`` when a GPU is visible, else ``cpu``.
 
-Sampling with ``rollout_rng='per_trajectory'`` draws its noise on the CPU from per-trajectory generators,
-so the same seed samples the same trajectories on any device (up to float rounding of the logits).
+Sampling with ``rollout_rng='per_trajectory'`` draws its noise from per-trajectory generators on the device
+that generates, so one process and N ranks sample the same trajectories on the same kind of device (up to
+float rounding of the logits); the CPU and a GPU draw different numbers from the same seed.
 """
 
 from __future__ import annotations

@@ -152,21 +152,28 @@ class KeyedGumbelSampler:
     from a generator seeded by ``seeds[b]``; greedy decoding of the result samples from
     ``softmax(logits / temperature)``.  A row's draws depend only on its seed and how many tokens it has
     generated, never on the other rows of the batch.  ``scores``: ``[B, V]``; returns ``[B, V]`` float32.
+
+    The generators live on the device of ``scores`` (made at the first call): a GPU draws its own noise, so
+    sampling costs no vocabulary-sized host work per token.  The CPU and a GPU draw different numbers from
+    the same seed (other generator algorithms); the same device type always draws the same ones.
     """
 
     def __init__(self, seeds: Sequence[int], temperature: float):
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
-        self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        self.seeds = [int(seed) for seed in seeds]
+        self.generators: list[torch.Generator] | None = None
         self.temperature = temperature
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if scores.shape[0] != len(self.generators):
-            raise ValueError(f"scores has {scores.shape[0]} rows but the sampler has {len(self.generators)} seeds")
+        if scores.shape[0] != len(self.seeds):
+            raise ValueError(f"scores has {scores.shape[0]} rows but the sampler has {len(self.seeds)} seeds")
+        if self.generators is None or self.generators[0].device != scores.device:
+            self.generators = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
         vocab = scores.shape[-1]
-        noise = torch.stack([torch.empty(vocab, dtype=torch.float32).exponential_(generator=g)
+        noise = torch.stack([torch.empty(vocab, dtype=torch.float32, device=scores.device).exponential_(generator=g)
                              for g in self.generators])
-        return scores.float() / self.temperature - noise.log().to(scores.device)
+        return scores.float() / self.temperature - noise.log()
 
 
 class HFTurnGenerator:
@@ -221,10 +228,15 @@ class HFTurnGenerator:
                                   pad_token_id=self.pad_token_id, output_logits=True,
                                   return_dict_in_generate=True, use_cache=True, **options)
         self.model.train(was_training)
-        new = out.sequences[:, width:].cpu()
-        logits = torch.stack(out.logits, dim=1).float().cpu()[:, :new.shape[1]]
+        # The sampled tokens' log-probs, one generated position at a time on the model's device: no
+        # [B, new tokens, V] stack and no vocabulary-sized copy to the host.
+        new = out.sequences[:, width:]
         scale = self.temperature if sample else 1.0
-        logp = torch.log_softmax(logits / scale, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        logp = torch.zeros(new.shape, dtype=torch.float32, device=new.device)
+        for t in range(new.shape[1]):
+            step = torch.log_softmax(out.logits[t].float() / scale, dim=-1)
+            logp[:, t] = step.gather(-1, new[:, t:t + 1]).squeeze(-1)
+        new, logp = new.cpu(), logp.cpu()
         turns = []
         stops = set(self.stop_ids)
         for row, row_logp in zip(new.tolist(), logp.tolist()):
