@@ -17,6 +17,7 @@ import json
 import os
 import shlex
 import sys
+import traceback
 
 # Refuse any hub access: models and tokenizers must be local.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -220,10 +221,23 @@ def main(argv: list[str] | None = None) -> None:
 
         run_experiment(argv[1:])
         return
-    code = train_main(argv[1:] if argv and argv[0] == "train" else argv)
-    if code == INTERRUPTED_EXIT:
-        # Leave at once: tool-call threads still waiting on a sandboxed process would otherwise be joined at
-        # exit (a second Ctrl-C there prints a concurrent.futures traceback); sandboxed processes die with us.
+    rank = "WORLD_SIZE" in os.environ  # a torchrun rank
+    try:
+        code = train_main(argv[1:] if argv and argv[0] == "train" else argv)
+    except SystemExit:  # a bad flag or folder: refused before the process group exists
+        raise
+    except BaseException:
+        if not rank:
+            raise
+        traceback.print_exc()
+        code = 1
+    if code == INTERRUPTED_EXIT or rank:
+        # Leave at once.  After Ctrl-C: tool-call threads still waiting on a sandboxed process would otherwise
+        # be joined at exit (a second Ctrl-C there prints a concurrent.futures traceback); sandboxed processes
+        # die with us.  A torchrun rank, after leaving the process group: FSDP2's device mesh, which DTensor's
+        # caches keep alive, holds the group, so its gloo threads outlive destroy_process_group; one of them
+        # can need the GIL during interpreter shutdown and abort the process (SIGABRT, "terminate called
+        # without an active exception") after a run that succeeded.  Every file is closed by now.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
