@@ -3,7 +3,8 @@ statistics, and ``d(logits)`` of a logit block.
 
 Input: the raw float32 logit block ``x [C, V]`` of one row chunk (:func:`sod_kernels.chunked_core.logits_into`),
 bias and ``1/tau`` applied on load (``z = (x + b) / tau``), and the teacher's ``ids [C, k]`` (int64, distinct
-within a row).  Per chunk:
+within a row; a negative id is skipped: the vocabulary-parallel form passes ``-1`` for the ids that another
+rank's shard holds).  Per chunk:
 
 1. ``sparse_gather_mask_kernel`` (grid: rows x id blocks): ``z_ids[r, j] = z[r, ids[r, j]]``, then writes
    ``-inf`` into ``x`` at those columns.  The block is scratch, so masking it in place costs ``C k`` writes.
@@ -36,15 +37,17 @@ ID_WARPS = 4
 @triton.jit
 def sparse_gather_mask_kernel(x_ptr, b_ptr, ids_ptr, out_ptr, k, stride_x, stride_ids, stride_out, inv_temp,
                               HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``out[row, j] = (x[row, ids[row, j]] + b) * inv_temp`` (float32), then ``x[row, ids[row, j]] = -inf``."""
+    """``out[row, j] = (x[row, ids[row, j]] + b) * inv_temp`` (float32), then ``x[row, ids[row, j]] = -inf``;
+    ``out[row, j] = 0`` and nothing masked where ``ids[row, j] < 0``."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     ok = offs < k
-    cols = tl.load(ids_ptr + row * stride_ids + offs, mask=ok, other=0)
+    cols = tl.load(ids_ptr + row * stride_ids + offs, mask=ok, other=-1)
+    own = ok & (cols >= 0)
     x_row = x_ptr + row * stride_x
-    z = _load_logits(x_row, b_ptr, cols, ok, inv_temp, HAS_BIAS)
-    tl.store(out_ptr + row * stride_out + offs, z, mask=ok)
-    tl.store(x_row + cols, tl.full([BLOCK_K], float("-inf"), tl.float32), mask=ok)
+    z = _load_logits(x_row, b_ptr, cols, own, inv_temp, HAS_BIAS)
+    tl.store(out_ptr + row * stride_out + offs, tl.where(own, z, 0.0), mask=ok)
+    tl.store(x_row + cols, tl.full([BLOCK_K], float("-inf"), tl.float32), mask=own)
 
 
 @triton.jit
@@ -62,13 +65,15 @@ def sparse_tail_grad_kernel(x_ptr, b_ptr, grad_ptr, lse_ptr, coef_ptr, vocab, st
 
 @triton.jit
 def sparse_scatter_kernel(grad_ptr, ids_ptr, val_ptr, k, stride_g, stride_ids, stride_val, BLOCK_K: tl.constexpr):
-    """``grad[row, ids[row, j]] = val[row, j]`` (float32 values, stored in ``grad``'s dtype)."""
+    """``grad[row, ids[row, j]] = val[row, j]`` (float32 values, stored in ``grad``'s dtype); negative ids
+    skipped."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     ok = offs < k
-    cols = tl.load(ids_ptr + row * stride_ids + offs, mask=ok, other=0)
-    v = tl.load(val_ptr + row * stride_val + offs, mask=ok, other=0.0)
-    tl.store(grad_ptr + row * stride_g + cols, v.to(grad_ptr.dtype.element_ty), mask=ok)
+    cols = tl.load(ids_ptr + row * stride_ids + offs, mask=ok, other=-1)
+    own = ok & (cols >= 0)
+    v = tl.load(val_ptr + row * stride_val + offs, mask=own, other=0.0)
+    tl.store(grad_ptr + row * stride_g + cols, v.to(grad_ptr.dtype.element_ty), mask=own)
 
 
 def _id_block() -> int:
@@ -78,7 +83,8 @@ def _id_block() -> int:
 def gather_and_mask(x: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor, *,
                     temperature: float) -> torch.Tensor:
     """``z_ids [C, k]`` float32 of the block ``x [C, V]`` (float32, unit column stride) at ``ids [C, k]``
-    (int64, contiguous); ``x`` is left with ``-inf`` at those columns."""
+    (int64, contiguous; ``-1``: not in this block's columns, giving 0); ``x`` is left with ``-inf`` at those
+    columns."""
     n_rows, k = ids.shape
     out = torch.empty(n_rows, k, dtype=torch.float32, device=x.device)
     if n_rows and k:

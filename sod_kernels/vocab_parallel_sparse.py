@@ -4,7 +4,9 @@ The student's lm_head rows are sharded by vocabulary across a ``torch.distribute
 :func:`sod_kernels.vocab_parallel_sod_loss`); the teacher is its top-k ids and log-probs, the same on every
 rank.  The coarse-grained divergence of a token needs only the student's logits at the ``k`` ids and the
 log-sum-exp of its other logits (:mod:`sod_kernels.sparse_rows`), so each rank computes, over its own
-columns (chunked PyTorch, :mod:`sod_kernels.sparse_torch`'s tiles):
+columns (``backend="triton"``, the default for CUDA tensors: :mod:`sod_kernels.sparse_triton`'s logit blocks
+and epilogue kernels, with the ids another rank holds passed as ``-1``; ``"torch"``: chunked PyTorch,
+:mod:`sod_kernels.sparse_torch`'s tiles):
 
 - the running maximum and sum of exponentials of its *tail* columns (its columns minus the ids it owns);
 - its owned ids' logits (zero elsewhere) and the sampled token's logit if it owns it;
@@ -12,9 +14,9 @@ columns (chunked PyTorch, :mod:`sod_kernels.sparse_torch`'s tiles):
 then one all-gather of the two tail statistics (merged in rank order on every rank) and one all-reduce of
 the ``k + 1`` logits (each entry comes from exactly one rank: the sum adds zeros, it is exact) give every rank
 the single-process row terms.  Backward: each rank recomputes its tiles and forms ``d(logits)`` of its columns
-from the global terms (:func:`sod_kernels.sparse_torch.sparse_backward` with its ids shifted to the shard),
-then ``d(hidden)`` is all-reduced as in the dense form.  ``2 + k + 1`` floats per distilled token travel in
-the forward, never tokens x vocabulary.
+from the global terms (the backend's ``sparse_backward`` with its ids shifted to the shard), then
+``d(hidden)`` is all-reduced as in the dense form.  ``2 + k + 1`` floats per distilled token travel in the
+forward, never tokens x vocabulary.
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ from ._validation import DIVERGENCES, STEP_DIVERGENCES, check_lm_head, check_sam
 from .chunked_torch import compute_dtype, rows_per_tile, vocab_tile
 from .sod_loss import check_loss_options, check_targets_and_steps, finish_loss
 from .sparse_rows import SparseForward, coarse_grained_rows
-from .sparse_torch import MIN_LOGIT, _ids_in, _tile_logits, sparse_backward
+from .sparse_torch import MIN_LOGIT, _ids_in, _tile_logits
+from .sparse_torch import sparse_backward as torch_sparse_backward
 from .sparse_validation import check_topk_shapes, check_topk_values
 from .steps import DEFAULT_DELTA, DEFAULT_EPSILON
 from .token_divergence import no_autocast, refuse_double_backward, zero_student_grads
 from .vocab_parallel_autograd import ParallelSetup, _finish_hidden
 from .vocab_parallel_checks import (COMMON_FIELDS, _checksum, _common, _flag, _rows_and_targets,
-                                    check_targets_in_vocab)
+                                    check_targets_in_vocab, resolve_parallel_backend)
 from .vocab_parallel_layout import ShardLayout, choice_code, dtype_code, gather_stats
 
 SPARSE_FIELDS = COMMON_FIELDS + ("k", "teacher log-prob dtype", "divergence", "step_divergence", "epsilon",
@@ -82,6 +85,45 @@ def shard_partials(hidden, weight, bias, row_index, ids_local, y_local, *, tempe
     return tail, owned
 
 
+def shard_ids(ids_local: torch.Tensor, rows: int) -> torch.Tensor:
+    """``ids_local`` where this rank's ``rows`` columns hold them, ``-1`` elsewhere (the kernels skip ``-1``)."""
+    return torch.where((ids_local >= 0) & (ids_local < rows), ids_local, torch.full_like(ids_local, -1))
+
+
+def shard_partials_triton(hidden, weight, bias, row_index, ids_local, y_local, *, temperature: float,
+                          chunk_size: int | None):
+    """:func:`shard_partials` on the GPU path: per row chunk one float32 logit block (cuBLAS), the owned
+    sampled token's logit read from it, the owned ids gathered and masked to ``-inf`` by
+    ``sparse_gather_mask_kernel`` (the others skipped), and the online statistics of what is left, the tail.
+    Same outputs, float32."""
+    from .logprob_epilogue import logprob_row_stats
+    from .sparse_epilogue import gather_and_mask
+    from .sparse_triton import SparseProblem, _Block
+
+    rows = weight.shape[0]
+    p = SparseProblem.build(hidden, weight, bias, row_index, shard_ids(ids_local, rows), None, None, "reverse_kl",
+                            temperature)
+    Na, k = ids_local.shape
+    tail = torch.empty(2, Na, dtype=torch.float32, device=hidden.device)
+    owned = torch.zeros(Na, k + 1, dtype=torch.float32, device=hidden.device)
+    chunks = p.chunks(False, chunk_size)
+    block = _Block(p, max((b - a for a, b in chunks), default=1))
+    for start, stop in chunks:
+        _, x = block.logits(p, start, stop)
+        if y_local is not None:  # read before the ids are masked
+            y = y_local[start:stop]
+            col = y.clamp(0, rows - 1)
+            z = x.gather(1, col[:, None]).squeeze(1)
+            if p.head.used_bias is not None:
+                z = z + p.head.used_bias[col].float()
+            owned[start:stop, k] = torch.where((y >= 0) & (y < rows), z / temperature, torch.zeros_like(z))
+        owned[start:stop, :k] = gather_and_mask(x, p.head.used_bias, p.ids[start:stop], temperature=temperature)
+        stats = logprob_row_stats(x, p.head.used_bias, temperature=temperature, with_entropy=False)
+        tail[0, start:stop] = stats.max
+        tail[1, start:stop] = (stats.lse - stats.max).exp()  # the sum of exponentials; 0 for an empty tail
+    return tail, owned
+
+
 def merge_tails(gathered: torch.Tensor) -> torch.Tensor:
     """``[2, Na, world]`` (maximum, sum) of every rank -> the tail log-sum-exp ``[Na]`` (``-inf`` if empty),
     summed in rank order."""
@@ -104,8 +146,9 @@ class VocabParallelSparseDivergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, sh, sw, sb, row_index, ids_local, logprobs, y_local, vocab, setup: ParallelSetup):
         layout: ShardLayout = setup.layout
-        tail, owned = shard_partials(sh, sw, sb, row_index, ids_local, y_local, temperature=setup.temperature,
-                                     chunk_size=setup.chunk_size)
+        partials = shard_partials_triton if setup.backend == "triton" else shard_partials
+        tail, owned = partials(sh, sw, sb, row_index, ids_local, y_local, temperature=setup.temperature,
+                               chunk_size=setup.chunk_size)
         lse_tail = merge_tails(gather_stats(layout, tail))
         if layout.world > 1 and owned.numel():
             dist.all_reduce(owned, op=dist.ReduceOp.SUM, group=layout.group)
@@ -134,9 +177,15 @@ class VocabParallelSparseDivergence(torch.autograd.Function):
         if row_index.numel() == 0:
             d_hidden, d_weight, d_bias = zero_student_grads(sh, sw, sb, need[0], need[1], need[2])
         else:
+            if setup.backend == "triton":
+                from .sparse_triton import sparse_backward
+
+                ids = shard_ids(ids_local, sw.shape[0])
+            else:
+                sparse_backward, ids = torch_sparse_backward, ids_local
             with no_autocast(sh.device):
                 d_hidden, d_weight, d_bias = sparse_backward(
-                    sh, sw, sb, row_index, ids_local, ctx.saved, grad_D, temperature=setup.temperature,
+                    sh, sw, sb, row_index, ids, ctx.saved, grad_D, temperature=setup.temperature,
                     need_hidden=need[0], need_weight=need[1], need_bias=need[2], chunk_size=setup.chunk_size)
         if need[0] and d_hidden is None:
             d_hidden = torch.zeros_like(sh)
@@ -147,16 +196,17 @@ class VocabParallelSparseDivergence(torch.autograd.Function):
 def prepare_sparse(agreed: dict, student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs,
                    response_mask, *, step_ids, target_ids, token_weights, divergence, step_divergence, epsilon, delta,
                    temperature, coef, student_bias, reduction, return_stats, chunk_size, check_inputs,
-                   reduce_hidden_grad) -> dict:
+                   reduce_hidden_grad, backend) -> dict:
     """The checks of ``fused_sparse_sod_loss`` on one rank (the id range is checked after the exchange,
     against the full vocabulary) -> what the computation needs."""
     step_divergence, epsilon, delta, temperature, coef = check_loss_options(
-        divergence, step_divergence, token_weights, reduction, "torch", chunk_size, epsilon, delta, temperature,
+        divergence, step_divergence, token_weights, reduction, backend, chunk_size, epsilon, delta, temperature,
         coef)
     if not isinstance(reduce_hidden_grad, bool):
         raise TypeError(f"reduce_hidden_grad must be a bool, got {type(reduce_hidden_grad).__name__}")
     check_lm_head(student_hidden, student_weight, student_bias, hidden_name="student_hidden",
                   weight_name="student_weight", bias_name="student_bias")
+    impl = resolve_parallel_backend(backend, student_hidden, "student_hidden")
     lead = tuple(student_hidden.shape[:-1])
     k = check_topk_shapes(teacher_topk_ids, teacher_topk_logprobs, lead, 1 << 62)  # k <= V: after the exchange
     check_same_device(student_hidden=student_hidden, student_weight=student_weight,
@@ -175,7 +225,7 @@ def prepare_sparse(agreed: dict, student_hidden, student_weight, teacher_topk_id
     acc = compute_dtype(student_hidden.dtype)
     given = None if token_weights is None else token_weights.detach().to(acc).reshape(B, T)
     _common(agreed, student_hidden, student_weight, student_bias, lead, temperature=temperature,
-            reduction=reduction, impl="torch", chunk_size=chunk_size, check_inputs=check_inputs,
+            reduction=reduction, impl=impl, chunk_size=chunk_size, check_inputs=check_inputs,
             reduce_hidden_grad=reduce_hidden_grad)
     _rows_and_targets(agreed, row_index, y, check_inputs=check_inputs, active_targets_only=False)
     agreed["k"] = float(k)
@@ -189,7 +239,7 @@ def prepare_sparse(agreed: dict, student_hidden, student_weight, teacher_topk_id
     agreed["step_ids (checksum)"] = _checksum(step_rows)
     agreed["teacher_topk_ids (checksum)"] = _checksum(topk)
     agreed["teacher_topk_logprobs (checksum)"] = _checksum(logprobs)
-    return dict(single=single, step_rows=step_rows, row_index=row_index, topk=topk, logprobs=logprobs, y=y,
+    return dict(impl=impl, single=single, step_rows=step_rows, row_index=row_index, topk=topk, logprobs=logprobs, y=y,
                 given=given, k=k, step_divergence=step_divergence, epsilon=epsilon, delta=delta,
                 temperature=temperature, coef=coef,
                 sh=student_hidden.reshape(-1, student_hidden.shape[-1]).contiguous())
@@ -204,14 +254,16 @@ def vocab_parallel_sparse_sod_loss(student_hidden: torch.Tensor, student_weight:
                                    epsilon: float = DEFAULT_EPSILON, delta: float = DEFAULT_DELTA,
                                    temperature: float = 1.0, coef: float = 1.0,
                                    student_bias: torch.Tensor | None = None, reduction: str = "token_mean",
-                                   return_stats: bool = False, chunk_size: int | None = None,
+                                   return_stats: bool = False, backend: str = "auto", chunk_size: int | None = None,
                                    check_inputs: bool = True, reduce_hidden_grad: bool = True):
     """:func:`sod_kernels.fused_sparse_sod_loss` with the student's lm_head sharded by vocabulary.
 
     Arguments are those of ``fused_sparse_sod_loss`` (the top-k ids and ``target_ids`` are global ids in
     ``[0, V)``, the same on every rank) plus ``process_group``, ``vocab_start`` and ``reduce_hidden_grad`` as in
     :func:`sod_kernels.vocab_parallel_sod_loss`; ``student_weight`` ``[Vr, H]`` / ``student_bias`` ``[Vr]`` are
-    this rank's rows.  It runs the chunked PyTorch path on any device (two passes).
+    this rank's rows.  ``backend``: ``"auto"`` (the Triton kernels for CUDA tensors of float32 / bfloat16 /
+    float16, else chunked PyTorch), ``"triton"`` or ``"torch"``; every rank must pass the same.  Two passes
+    (the logit blocks are recomputed in backward).
     Returns the same as ``fused_sparse_sod_loss``, identical on every rank; backward (every rank, on the same
     loss) gives ``student_weight`` / ``student_bias`` the gradient of this rank's rows.
     """
@@ -225,14 +277,14 @@ def vocab_parallel_sparse_sod_loss(student_hidden: torch.Tensor, student_weight:
             step_ids=step_ids, target_ids=target_ids, token_weights=token_weights, divergence=divergence,
             step_divergence=step_divergence, epsilon=epsilon, delta=delta, temperature=temperature, coef=coef,
             student_bias=student_bias, reduction=reduction, return_stats=return_stats, chunk_size=chunk_size,
-            check_inputs=check_inputs, reduce_hidden_grad=reduce_hidden_grad))
+            check_inputs=check_inputs, reduce_hidden_grad=reduce_hidden_grad, backend=backend))
     check_targets_in_vocab(agreed, layout.vocab)
     if p["k"] > layout.vocab:
         raise ValueError(f"teacher_topk_ids lists k = {p['k']} ids per position, more than the vocabulary "
                          f"({layout.vocab}, the sum of the shards)")
     if check_inputs:  # the same values on every rank (checked by checksum): every rank raises alike
         check_topk_values(p["topk"], p["logprobs"], layout.vocab)
-    setup = ParallelSetup(layout, "torch", p["temperature"], chunk_size, reduce_hidden_grad, divergence=divergence)
+    setup = ParallelSetup(layout, p["impl"], p["temperature"], chunk_size, reduce_hidden_grad, divergence=divergence)
     y_local = None if p["y"] is None or p["step_divergence"] != "sampled" else p["y"] - layout.vocab_start
     with no_autocast(student_hidden.device):
         D, lp_s, lp_t = VocabParallelSparseDivergence.apply(

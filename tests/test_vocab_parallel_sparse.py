@@ -9,7 +9,7 @@ import torch
 
 from reference.sparse_reference import ref_sparse_sod_loss
 from sod_kernels import fused_sparse_sod_loss, fused_topk_logprobs, vocab_parallel_sparse_sod_loss
-from tests.test_vocab_parallel import Ctx, compare_sod, nccl_world, problem, run_ranks, shard
+from tests.test_vocab_parallel import Ctx, _grads, compare_sod, nccl_world, problem, rel, run_ranks, shard
 
 CASES = [  # options of one call, each in float64 and float32
     {"k": 4},
@@ -75,9 +75,41 @@ def check_validation(ctx: Ctx, seed: int) -> None:
         vocab_parallel_sparse_sod_loss(p["sh"], sw, ids, other, p["mask"], vocab_start=ctx.start)
 
 
+def check_triton_backend(ctx: Ctx, seed: int) -> None:
+    """The Triton logit-block path on each rank's shard (the interpreter on CPU, the kernels on a GPU): the
+    sampled-token signal with the target owned by one rank, forward KL with a bias, and every id listed (an
+    empty tail on every rank), against the single-process torch path."""
+    for i, (k, opts) in enumerate(((5, {"step_divergence": "sampled", "bias": True}),
+                                   (3, {"divergence": "forward_kl", "bias": True, "temperature": 0.8}),
+                                   ("V", {}))):
+        opts = dict(opts)
+        p = problem(seed + 900 + i, ctx.vocab, torch.float32, bias=opts.pop("bias", False), B=1, T=7)
+        ids, logprobs = teacher_topk(p, ctx.vocab if k == "V" else k, ctx.vocab)
+        logprobs = logprobs.float()
+        sw, sb = shard(p["sw"], ctx), None if p["sb"] is None else shard(p["sb"], ctx)
+        out = vocab_parallel_sparse_sod_loss(p["sh"], sw, ids, logprobs, p["mask"], vocab_start=ctx.start,
+                                             target_ids=p["y"], student_bias=sb, return_stats=True,
+                                             backend="triton", **opts)
+        full = fused_sparse_sod_loss(p["sh"], p["sw"], ids, logprobs, p["mask"], target_ids=p["y"],
+                                     student_bias=p["sb"], return_stats=True, backend="torch", **opts)
+        tag = f"rank {ctx.rank} triton case {i}"
+        assert rel(out.loss, full.loss) <= 1e-5, (tag, out.loss, full.loss)
+        assert rel(out.token_divergence, full.token_divergence) <= 1e-5, tag
+        mine = _grads(out.loss, [p["sh"], sw, sb])
+        theirs = _grads(full.loss, [p["sh"], p["sw"], p["sb"]])
+        assert rel(mine[0], theirs[0]) <= 1e-4, (tag, "hidden", rel(mine[0], theirs[0]))
+        for name, a, c in zip(("weight", "bias"), mine[1:], theirs[1:]):
+            if c is not None:
+                assert rel(a, c[ctx.rows]) <= 1e-4, (tag, name, rel(a, c[ctx.rows]))
+    with pytest.raises(TypeError, match="backend='triton' supports student_hidden in float32"):
+        vocab_parallel_sparse_sod_loss(p["sh"].double(), sw.double(), ids, logprobs.double(), p["mask"],
+                                       vocab_start=ctx.start, backend="triton")
+
+
 def all_checks(ctx: Ctx, seed: int) -> None:
     for dtype in (torch.float64, torch.float32):
         check_loss(ctx, dtype, seed)
+    check_triton_backend(ctx, seed)
     if ctx.world > 1:  # the checks of disagreeing ranks need a second rank
         check_validation(ctx, seed)
 
