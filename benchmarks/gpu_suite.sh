@@ -5,10 +5,13 @@
 #   bash benchmarks/gpu_suite.sh                      # CUDA; results in $OUT (or runs/gpu-suite)
 #   bash benchmarks/gpu_suite.sh --device cpu         # the same pipeline on CPU (quick sizes)
 #   bash benchmarks/gpu_suite.sh --out DIR --budget 540 --skip-tests -- --methods sod_triton,naive
+#   bash benchmarks/gpu_suite.sh --all-tests           # the whole test suite instead of the CUDA test files
 #
 # Options: --device cuda|cpu (default cuda), --out DIR (default $OUT, else runs/gpu-suite),
 # --budget SECONDS for the whole suite (default 540), --test-timeout SECONDS (default 180),
-# --skip-tests; arguments after -- go to `python -m benchmarks`.
+# --skip-tests, --all-tests; arguments after -- go to `python -m benchmarks`.
+# The tests: by default the files whose tests run on the GPU (kernels, the vocabulary-parallel and FSDP2 tests on
+# NCCL, the trainer on a GPU); the others are CPU logic that CI covers.
 #
 # The machine starts bare (torch, triton, transformers, pytest, hypothesis; nothing can be downloaded):
 # - liger-kernel is installed from a wheel in .whl/ if one was carried there (run tool: carry [".whl"]),
@@ -28,6 +31,10 @@ BUDGET=540
 TEST_TIMEOUT=180
 RESERVE=75          # seconds kept for a worker overrunning its share (45 s grace), reports and policy
 RUN_TESTS=1
+TEST_TARGETS=(tests/test_triton_divergence.py tests/test_token_logprobs.py tests/test_policy_loss.py
+              tests/test_sparse_teacher.py tests/test_topk_logprobs.py tests/test_execution_contract.py
+              tests/test_validation.py tests/test_steps.py tests/test_vocab_parallel.py
+              tests/test_vocab_parallel_sparse.py tests/test_fsdp.py tests/test_trainer_placement.py)
 EXTRA=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -36,6 +43,7 @@ while [[ $# -gt 0 ]]; do
     --budget) BUDGET="$2"; shift 2 ;;
     --test-timeout) TEST_TIMEOUT="$2"; shift 2 ;;
     --skip-tests) RUN_TESTS=0; shift ;;
+    --all-tests) TEST_TARGETS=(tests); shift ;;
     --) shift; EXTRA=("$@"); break ;;
     *) echo "unknown option $1 (see the header of $0)" >&2; exit 2 ;;
   esac
@@ -91,9 +99,9 @@ PYEOF
 if [[ "$RUN_TESTS" == 1 ]]; then
   WORKERS=()
   "$PY" -c "import xdist" 2>/dev/null && WORKERS=(-n "${PYTEST_WORKERS:-8}")
-  log "tests: python -m pytest -q ${WORKERS[*]:-} tests (timeout ${TEST_TIMEOUT}s)"
-  timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -q "${WORKERS[@]}" -p no:cacheprovider tests --junitxml="$OUT_DIR/pytest.xml" \
-    >"$OUT_DIR/pytest.log" 2>&1
+  log "tests: python -m pytest -q ${WORKERS[*]:-} ${TEST_TARGETS[*]} (timeout ${TEST_TIMEOUT}s)"
+  timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -q -rs "${WORKERS[@]}" -p no:cacheprovider "${TEST_TARGETS[@]}" \
+    --junitxml="$OUT_DIR/pytest.xml" >"$OUT_DIR/pytest.log" 2>&1
   RC=$?
   if [[ $RC == 124 || $RC == 137 ]]; then
     log "tests: stopped after ${TEST_TIMEOUT}s (see pytest.log, pytest.xml)"
