@@ -231,7 +231,7 @@ def tuning(rec: Recorder) -> None:
 
     default_group = GradAccumulator.GROUP
     try:
-        for group in (1, 2, 4):
+        for group in (1, 2, 4, 8):
             GradAccumulator.GROUP = group
             for chunk in (None, 1024):
                 guarded(rec, "tuning", f"ours fast, kl: d(weight) folds {group} chunk(s), chunk_size={chunk}",
