@@ -19,6 +19,7 @@ from sod_kernels import fused_sod_loss, fused_token_logprobs
 from sod_kernels.fsdp import fsdp_forward, full_weight
 
 VOCAB, WIDTH = 37, 8
+RANK_DEVICE = torch.device("cpu")  # under NCCL the rank's GPU (set by _worker); models and data are moved there
 
 
 class Toy(nn.Module):
@@ -52,14 +53,13 @@ def _data(seed: int, world: int):
     ids = torch.randint(0, VOCAB, (world, 2, 9), generator=g, device="cpu")
     mask = (torch.rand(world, 2, 9, generator=g, device="cpu") < 0.7).long()
     mask[..., :2] = 1
-    device = torch.get_default_device()  # a rank's GPU under NCCL
-    return ids.to(device), mask.to(device)
+    return ids.to(RANK_DEVICE), mask.to(RANK_DEVICE)
 
 
 def check(rank: int, world: int, seed: int, head_unit: bool, mesh) -> None:
     """One training step of the SOD loss and one of a log-prob objective, sharded vs single process."""
-    student, teacher = Toy(seed), Toy(seed + 1)
-    ref_student, ref_teacher = Toy(seed), Toy(seed + 1)
+    student, teacher = Toy(seed).to(RANK_DEVICE), Toy(seed + 1).to(RANK_DEVICE)
+    ref_student, ref_teacher = Toy(seed).to(RANK_DEVICE), Toy(seed + 1).to(RANK_DEVICE)
     _shard(student, mesh, head_unit)
     _shard(teacher, mesh, head_unit)
     teacher.requires_grad_(False)
@@ -105,7 +105,7 @@ def check_hf(rank: int, world: int, seed: int, mesh) -> None:
     from sod_kernels.hf import final_hidden_states, lm_head
     from tests.hf_helpers import qwen3
 
-    model, ref = qwen3(VOCAB, tie=True, seed=seed), qwen3(VOCAB, tie=True, seed=seed)
+    model, ref = qwen3(VOCAB, tie=True, seed=seed).to(RANK_DEVICE), qwen3(VOCAB, tie=True, seed=seed).to(RANK_DEVICE)
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -122,28 +122,29 @@ def check_hf(rank: int, world: int, seed: int, mesh) -> None:
 
 
 def _worker(rank: int, world: int, init_file: str, seed: int, backend: str) -> None:
+    global RANK_DEVICE
     from torch.distributed.device_mesh import init_device_mesh
     warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
     torch.set_num_threads(1)
-    options, kind = {}, "cpu"
-    if backend == "nccl":  # one GPU a rank; the models and data are made on it
-        device, kind = torch.device("cuda", rank), "cuda"
-        torch.cuda.set_device(device)
-        torch.set_default_device(device)
-        options["device_id"] = device
+    options = {}
+    if backend == "nccl":  # one GPU a rank
+        RANK_DEVICE = torch.device("cuda", rank)
+        torch.cuda.set_device(RANK_DEVICE)
+        options["device_id"] = RANK_DEVICE
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120), **options)
     try:
-        mesh = init_device_mesh(kind, (world,))
+        mesh = init_device_mesh(RANK_DEVICE.type, (world,))
         check(rank, world, seed, head_unit=True, mesh=mesh)    # the head is its own unit
         check(rank, world, seed, head_unit=False, mesh=mesh)   # the head belongs to the root unit
         check_hf(rank, world, seed, mesh)
         # Without the helper, the head of its own unit is a sharded DTensor outside its forward.
-        student = Toy(seed)
+        student = Toy(seed).to(RANK_DEVICE)
         _shard(student, mesh, head_unit=True)
-        hidden = student(torch.zeros(1, 3, dtype=torch.long))
+        ids = torch.zeros(1, 3, dtype=torch.long, device=RANK_DEVICE)
+        hidden = student(ids)
         with pytest.raises(RuntimeError, match="DTensor"):
-            fused_token_logprobs(hidden, student.lm_head.weight, torch.zeros(1, 3, dtype=torch.long))
+            fused_token_logprobs(hidden, student.lm_head.weight, ids)
     finally:
         dist.destroy_process_group()
 

@@ -34,6 +34,10 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYOUTS = {1: (23, (23,), (0,)), 2: (29, (16, 13), (0, 16)), 3: (31, (7, 14, 10), (24, 0, 14))}
 TEACHER_PAD = 3  # extra rows on the shard holding the last ids (a padded teacher vocabulary)
 TOL = {torch.float64: (1e-9, 1e-9), torch.float32: (1e-5, 1e-4)}  # (loss / values, gradients), relative
+# Where a rank's tensors live: the CPU (gloo), or under NCCL the rank's GPU (set by _rank_main).  Inputs are
+# placed there explicitly, never through torch's default device, which would hide a CPU tensor made inside
+# the library.
+RANK_DEVICE = torch.device("cpu")
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -71,8 +75,7 @@ def same_on_every_rank(x: torch.Tensor, what: str) -> None:
 
 
 def problem(seed: int, vocab: int, dtype, *, B=2, T=9, Hs=6, Ht=5, bias=False, single=False, scale=1.5):
-    """Drawn on the CPU from ``seed`` (the same on every rank and device), then moved to the default device (a
-    rank's GPU under NCCL)."""
+    """Drawn on the CPU from ``seed`` (the same on every rank and device), then moved to ``RANK_DEVICE``."""
     g = torch.Generator().manual_seed(seed)
     lead = (T,) if single else (B, T)
     rnd = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64, device="cpu")  # noqa: E731
@@ -85,7 +88,7 @@ def problem(seed: int, vocab: int, dtype, *, B=2, T=9, Hs=6, Ht=5, bias=False, s
     p["y"] = torch.randint(0, vocab, lead, generator=g, device="cpu")
     p["tok_w"] = torch.rand(*lead, generator=g, dtype=torch.float64, device="cpu") * 2
     p = {k: (v.to(dtype) if v is not None and v.is_floating_point() and k != "tok_w" else v) for k, v in p.items()}
-    p = {k: None if v is None else v.to(torch.get_default_device()) for k, v in p.items()}
+    p = {k: None if v is None else v.to(RANK_DEVICE) for k, v in p.items()}
     for k in ("sh", "sw", "sb"):
         if p[k] is not None:
             p[k].requires_grad_(True)
@@ -236,7 +239,8 @@ def check_all_masked(ctx: Ctx, seed: int) -> None:
         assert loss.item() == 0.0
         grads = _grads(loss, [p["sh"], sw, sb])
         assert all(gr is not None and not gr.any() for gr in grads)
-    pol = vocab_parallel_policy_loss(p["sh"], sw, p["y"], torch.zeros(mask.shape), torch.ones(mask.shape), mask,
+    pol = vocab_parallel_policy_loss(p["sh"], sw, p["y"], torch.zeros(mask.shape, device=mask.device),
+                                     torch.ones(mask.shape, device=mask.device), mask,
                                      vocab_start=ctx.start, student_bias=sb)
     assert pol.item() == 0.0
     assert all(gr is not None and not gr.any() for gr in _grads(pol, [p["sh"], sw, sb]))
@@ -378,13 +382,13 @@ def check_triton_backend(ctx: Ctx, seed: int) -> None:
 
 # ------------------------------------------------------------------------------------------- running
 def _rank_main(rank: int, world: int, init_file: str, seed: int, checks, backend: str) -> None:
+    global RANK_DEVICE
     torch.set_num_threads(1)
     options = {}
-    if backend == "nccl":  # one GPU a rank; every tensor the checks make lives on it
-        device = torch.device("cuda", rank)
-        torch.cuda.set_device(device)
-        torch.set_default_device(device)
-        options["device_id"] = device
+    if backend == "nccl":  # one GPU a rank; the checks' inputs live on it
+        RANK_DEVICE = torch.device("cuda", rank)
+        torch.cuda.set_device(RANK_DEVICE)
+        options["device_id"] = RANK_DEVICE
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120), **options)
     try:
