@@ -16,6 +16,7 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -242,8 +243,9 @@ def test_two_ranks_equal_one_rank_and_resume(tmp_path, capsys):
     assert any(not torch.equal(tensor, start[name]) for name, tensor in want.items())  # it did train
 
     # 2 ranks stopped after 1 update and resumed to 3 equal the uninterrupted 2-rank run exactly.
-    resumed = tmp_path / "resumed"
+    resumed, resized = tmp_path / "resumed", tmp_path / "resized"
     ok(launch(run_args(resumed, seed, "--updates", "1"), ranks=2))
+    shutil.copytree(resumed, resized)
     # A crash after update 1's metrics line but before its checkpoint: the line must be dropped on resume.
     with open(resumed / METRICS_NAME, "a") as handle:
         handle.write(json.dumps({"update": 1, "loss": 123.0}) + "\n")
@@ -267,18 +269,24 @@ def test_two_ranks_equal_one_rank_and_resume(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "was written by a data-parallel run of 2 ranks" in err and "Traceback" not in err, err
     assert sorted(p.name for p in resumed.iterdir()) == before
-    # ... and so by another number of ranks (what a resume under torchrun reads first).
-    with pytest.raises(CheckpointError, match="written by 2 ranks and this run has 3; resume with torchrun "
-                                              "--nproc-per-node=2"):
-        load_latest_meta(resumed, world_size=3)
-    assert load_latest_meta(resumed, world_size=2)[1]["step"] == 3
+    path, meta, skipped = load_latest_meta(resumed)
+    assert path == resumed / DCP_NAME and meta["step"] == 3 and meta["world_size"] == 2 and not skipped
+    # The 2-rank checkpoint of update 1 resumed on 1 rank (DCP reshards the student and AdamW's state): the
+    # run continues as the uninterrupted 2-rank run, within the tolerance of 1 rank against 2.
+    out = ok(launch(run_args(resized, seed, "--resume"), ranks=1))
+    assert f"resumed from {resized / DCP_NAME} at update 1 (written by 2 ranks, resharded onto 1)" in out
+    resize_gap = assert_records_close(without_timing(read_jsonl(resized / METRICS_NAME)),
+                                      without_timing(read_jsonl(straight / METRICS_NAME)), what + " resized")
+    assert_records_close(read_jsonl(resized / STEPS_NAME), read_jsonl(straight / STEPS_NAME), what + " resized")
+    assert load_latest_meta(resized)[1]["world_size"] == 1
     # A single-process checkpoint under torchrun is refused as well.
     error = other_kind_error(tmp_path / "one", distributed=True)
     assert isinstance(error, CheckpointError) and "written by a single process; resume it without torchrun" in \
         str(error)
     assert other_kind_error(tmp_path / "one", distributed=False) is None
     print(f"{what}: largest relative gap to one process, metrics {metrics_gap:.2e}, step logs {steps_gap:.2e}, "
-          f"weights (norm) {weight_gap:.2e}, updates (norm) {update_gap:.2e}")
+          f"weights (norm) {weight_gap:.2e}, updates (norm) {update_gap:.2e}; resumed on 1 rank from 2, metrics "
+          f"{resize_gap:.2e}")
 
 
 def test_batch_split_and_environment_checks():

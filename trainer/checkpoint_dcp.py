@@ -10,9 +10,11 @@ A folder ``checkpoint.dcp`` holds
 
 :func:`save_dcp` writes into ``.checkpoint.dcp.tmp-PID`` (rank 0's pid), reads ``meta.pt`` back, then moves
 the current folder to ``checkpoint.prev.dcp`` and the new one into place, as the single-process checkpoint
-does with its files.  A resume needs the world size the checkpoint was written with (:func:`read_meta`
-refuses another: the RNG states are per rank).  :func:`load_model_weights` reads the student's weights
-into a plain model in a single process (for evaluation or export).
+does with its files.  A resume may run on another number of ranks: DCP reshards the student and the
+optimizer state onto the new ranks, and rank r takes the RNG states of saved rank ``r mod N`` (a data-parallel
+run samples with ``rollout_rng='per_trajectory'``, whose streams are a function of the seed, the update and
+the trajectory, so no training randomness comes from those states).  :func:`load_model_weights` reads the
+student's weights into a plain model in a single process (for evaluation or export).
 """
 
 from __future__ import annotations
@@ -76,11 +78,11 @@ def read_meta(path: str | Path, world_size: int | None = None) -> dict:
     return meta
 
 
-def load_latest_meta(output: str | Path, world_size: int) -> tuple[Path, dict, list[tuple[Path, str]]]:
+def load_latest_meta(output: str | Path) -> tuple[Path, dict, list[tuple[Path, str]]]:
     """The newest complete checkpoint folder of ``output`` and its ``meta.pt``.
 
     Returns ``(path, meta, skipped)`` with ``(path, reason)`` for each newer folder that is incomplete or
-    unreadable.  A checkpoint of another world size is an error at once (an older folder is not tried).
+    unreadable (``meta["world_size"]``: the ranks that wrote it, which need not be this run's).
     Raises :class:`CheckpointError` naming every folder tried if none is usable.
     """
     skipped = []
@@ -92,7 +94,6 @@ def load_latest_meta(output: str | Path, world_size: int) -> tuple[Path, dict, l
         except CheckpointError as error:
             skipped.append((path, str(error)))
             continue
-        read_meta(path, world_size)  # a world-size mismatch is refused, not skipped
         return path, meta, skipped
     if not skipped:
         raise CheckpointError(f"no data-parallel checkpoint in {str(output)!r} (neither {DCP_NAME} nor "
@@ -117,7 +118,8 @@ def other_kind_error(output: str | Path, distributed: bool) -> CheckpointError |
     except CheckpointError:
         ranks = "several ranks"
     return CheckpointError(f"{str(found[0])!r} was written by a data-parallel run of {ranks}; resume it under "
-                           f"torchrun with that many ranks (a single process cannot resume it)")
+                           f"torchrun (with any number of ranks that divides the batch; a single process cannot "
+                           f"resume it)")
 
 
 def save_dcp(context: DistContext, student, optimizer, meta: dict, rng: dict, output: str | Path) -> Path:
@@ -175,9 +177,11 @@ def _publish(tmp: Path, path: Path, output: Path, meta: dict) -> list[str]:
     return []
 
 
-def load_dcp(context: DistContext, path: str | Path, student, optimizer) -> dict:
-    """Load the student and optimizer state of checkpoint folder ``path`` in place (a collective); returns
-    this rank's RNG states.  Raises :class:`CheckpointError` if they do not fit the student / optimizer."""
+def load_dcp(context: DistContext, path: str | Path, student, optimizer, saved_world_size: int) -> dict:
+    """Load the student and optimizer state of checkpoint folder ``path`` in place (a collective), resharded
+    by DCP when ``saved_world_size`` (the ranks that wrote it) differs from this run's; returns the RNG states
+    of saved rank ``rank mod saved_world_size``.  Raises :class:`CheckpointError` if the state does not fit
+    the student / optimizer."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -189,7 +193,7 @@ def load_dcp(context: DistContext, path: str | Path, student, optimizer) -> dict
         set_state_dict(student, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     except (RuntimeError, ValueError, KeyError) as error:
         raise CheckpointError(f"checkpoint {str(path)!r} does not fit this student/optimizer: {error}") from error
-    return torch.load(path / rng_name(context.rank), map_location="cpu", weights_only=True)
+    return torch.load(path / rng_name(context.rank % saved_world_size), map_location="cpu", weights_only=True)
 
 
 def load_model_weights(path: str | Path, model: torch.nn.Module) -> dict:

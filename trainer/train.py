@@ -483,7 +483,7 @@ class SODTrainer:
         else:
             from .checkpoint_dcp import load_latest_meta
 
-            path, payload, skipped = load_latest_meta(self.output, self.dist.world_size)
+            path, payload, skipped = load_latest_meta(self.output)
         changes = ckpt.resume_differences(payload["config"], self.config, payload.get("fingerprint"),
                                           self.fingerprint())
         if changes and not self.config.allow_config_change:
@@ -495,12 +495,15 @@ class SODTrainer:
             except (RuntimeError, ValueError, KeyError) as error:
                 raise CheckpointError(f"checkpoint {str(path)!r} does not fit this student/optimizer: "
                                       f"{error}") from error
-            rng = payload["rng"]
+            rng, note = payload["rng"], ""
         else:
             from .checkpoint_dcp import load_dcp
             from .distributed import barrier
 
-            rng = load_dcp(self.dist, path, self.student, self.optimizer)
+            saved_world = int(payload["world_size"])
+            rng = load_dcp(self.dist, path, self.student, self.optimizer, saved_world)
+            note = "" if saved_world == self.dist.world_size else \
+                f" (written by {saved_world} ranks, resharded onto {self.dist.world_size})"
             barrier()  # every rank has read its checkpoint before rank 0 renames or rewrites anything
         restore_rng(rng, self.device)
         self.step = self.saved_step = int(payload["step"])
@@ -511,7 +514,7 @@ class SODTrainer:
                 self.log("allow_config_change: continuing with changed settings: " + "; ".join(changes))
             for name in (METRICS_NAME, STEPS_NAME):
                 truncate_jsonl(self.output / name, lambda record: record.get("update", -1) < self.step)
-            self.log(f"resumed from {path} at update {self.step}")
+            self.log(f"resumed from {path} at update {self.step}{note}")
 
     # ----------------------------------------------------------------------------------------------
     def prepare(self) -> None:
