@@ -416,6 +416,12 @@ def nccl_world() -> int:
     return min(torch.cuda.device_count(), 3) if torch.cuda.is_available() else 0
 
 
+# (backend, ranks) of the spawned-group tests: gloo on CPU, and NCCL where CUDA exists.
+RANK_CASES = [("gloo", 2), ("gloo", 3),
+              pytest.param("nccl", nccl_world(), marks=pytest.mark.skipif(nccl_world() == 0,
+                                                                          reason="NCCL needs a CUDA GPU"))]
+
+
 def all_checks(ctx: Ctx, seed: int) -> None:
     for dtype in (torch.float64, torch.float32):
         check_sod_loss(ctx, dtype, seed)
@@ -433,14 +439,9 @@ def all_checks(ctx: Ctx, seed: int) -> None:
         check_groups(ctx, seed)
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_vocab_parallel_matches_single_process(world, tmp_path, monkeypatch):
-    run_ranks(all_checks, world, tmp_path, monkeypatch)
-
-
-@pytest.mark.skipif(nccl_world() == 0, reason="NCCL needs a CUDA GPU")
-def test_vocab_parallel_on_nccl(tmp_path, monkeypatch):
-    run_ranks(all_checks, nccl_world(), tmp_path, monkeypatch, backend="nccl")
+@pytest.mark.parametrize("backend, world", RANK_CASES)
+def test_vocab_parallel_matches_single_process(backend, world, tmp_path, monkeypatch):
+    run_ranks(all_checks, world, tmp_path, monkeypatch, backend)
 
 
 def test_needs_an_initialized_process_group():

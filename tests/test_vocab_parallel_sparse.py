@@ -9,7 +9,7 @@ import torch
 
 from reference.sparse_reference import ref_sparse_sod_loss
 from sod_kernels import fused_sparse_sod_loss, fused_topk_logprobs, vocab_parallel_sparse_sod_loss
-from tests.test_vocab_parallel import Ctx, _grads, compare_sod, nccl_world, problem, rel, run_ranks, shard
+from tests.test_vocab_parallel import RANK_CASES, Ctx, _grads, compare_sod, problem, rel, run_ranks, shard
 
 CASES = [  # options of one call, each in float64 and float32
     {"k": 4},
@@ -114,11 +114,6 @@ def all_checks(ctx: Ctx, seed: int) -> None:
         check_validation(ctx, seed)
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_vocab_parallel_sparse_matches_single_process(world, tmp_path, monkeypatch):
-    run_ranks(all_checks, world, tmp_path, monkeypatch)
-
-
-@pytest.mark.skipif(nccl_world() == 0, reason="NCCL needs a CUDA GPU")
-def test_vocab_parallel_sparse_on_nccl(tmp_path, monkeypatch):
-    run_ranks(all_checks, nccl_world(), tmp_path, monkeypatch, backend="nccl")
+@pytest.mark.parametrize("backend, world", RANK_CASES)
+def test_vocab_parallel_sparse_matches_single_process(backend, world, tmp_path, monkeypatch):
+    run_ranks(all_checks, world, tmp_path, monkeypatch, backend)
