@@ -6,7 +6,9 @@
 - Real command lines (``python -m torch.distributed.run --standalone --nproc-per-node=2 -m trainer train ...``
   against ``python -m trainer train ...``) on the tiny presets with a fresh seed: with ``--rollout-rng
   per_trajectory`` both sample the same trajectories, so the per-update metrics, the step logs and the final
-  weights agree to float32 rounding, and a 2-rank run stopped and resumed equals an uninterrupted one exactly.
+  weights agree to float32 rounding, and a 2-rank run stopped and resumed equals an uninterrupted one exactly;
+  resumed on 1 rank, in a single process, or (a single process's checkpoint) on 2 ranks, it continues the
+  uninterrupted run within float32 tolerance.
 """
 
 from __future__ import annotations
@@ -29,9 +31,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tests.test_trainer_rollout import ArithmeticTool, ReplayGenerator
-from trainer.checkpoint import CHECKPOINT_NAME, DCP_NAME, DCP_PREVIOUS_NAME, METRICS_NAME, STEPS_NAME, \
-    CheckpointError
-from trainer.checkpoint_dcp import load_latest_meta, load_model_weights, other_kind_error
+from trainer.checkpoint import CHECKPOINT_NAME, DCP_NAME, DCP_PREVIOUS_NAME, METRICS_NAME, STEPS_NAME
+from trainer.checkpoint_dcp import load_latest_meta, load_model_weights
 from trainer.config import TrainConfig
 from trainer.distributed import DistContext, check_batch_split, env_context, rank_range
 from trainer.models import build_preset
@@ -209,7 +210,7 @@ def test_two_rank_gradient_equals_the_single_process_gradient(tmp_path, monkeypa
     print(f"seed {seed}: largest relative gaps {json.loads(report.read_text())}")
 
 
-def test_two_ranks_equal_one_rank_and_resume(tmp_path, capsys):
+def test_two_ranks_equal_one_rank_and_resume(tmp_path):
     seed = random.randrange(1 << 16)
     what = f"seed {seed}"
     one = ok(launch(run_args(tmp_path / "one", seed), ranks=None))
@@ -243,9 +244,10 @@ def test_two_ranks_equal_one_rank_and_resume(tmp_path, capsys):
     assert any(not torch.equal(tensor, start[name]) for name, tensor in want.items())  # it did train
 
     # 2 ranks stopped after 1 update and resumed to 3 equal the uninterrupted 2-rank run exactly.
-    resumed, resized = tmp_path / "resumed", tmp_path / "resized"
+    resumed, resized, gathered = tmp_path / "resumed", tmp_path / "resized", tmp_path / "gathered"
     ok(launch(run_args(resumed, seed, "--updates", "1"), ranks=2))
     shutil.copytree(resumed, resized)
+    shutil.copytree(resumed, gathered)
     # A crash after update 1's metrics line but before its checkpoint: the line must be dropped on resume.
     with open(resumed / METRICS_NAME, "a") as handle:
         handle.write(json.dumps({"update": 1, "loss": 123.0}) + "\n")
@@ -258,17 +260,6 @@ def test_two_ranks_equal_one_rank_and_resume(tmp_path, capsys):
     for name in b:
         assert torch.equal(a[name], b[name]), name
 
-    # A data-parallel checkpoint is refused by a single process (one error line, nothing changed) ...
-    from trainer.__main__ import train_main
-
-    before = sorted(p.name for p in resumed.iterdir())
-    try:
-        code = train_main(run_args(resumed, seed, "--resume", "--updates", "4"))
-    except SystemExit as stop:
-        code = stop.code
-    err = capsys.readouterr().err
-    assert code == 2 and "was written by a data-parallel run of 2 ranks" in err and "Traceback" not in err, err
-    assert sorted(p.name for p in resumed.iterdir()) == before
     path, meta, skipped = load_latest_meta(resumed)
     assert path == resumed / DCP_NAME and meta["step"] == 3 and meta["world_size"] == 2 and not skipped
     # The 2-rank checkpoint of update 1 resumed on 1 rank (DCP reshards the student and AdamW's state): the
@@ -279,14 +270,28 @@ def test_two_ranks_equal_one_rank_and_resume(tmp_path, capsys):
                                       without_timing(read_jsonl(straight / METRICS_NAME)), what + " resized")
     assert_records_close(read_jsonl(resized / STEPS_NAME), read_jsonl(straight / STEPS_NAME), what + " resized")
     assert load_latest_meta(resized)[1]["world_size"] == 1
-    # A single-process checkpoint under torchrun is refused as well.
-    error = other_kind_error(tmp_path / "one", distributed=True)
-    assert isinstance(error, CheckpointError) and "written by a single process; resume it without torchrun" in \
-        str(error)
-    assert other_kind_error(tmp_path / "one", distributed=False) is None
+    # Across checkpoint kinds: the 2-rank checkpoint gathered into a single process, and a single process's
+    # checkpoint.pt sharded onto 2 ranks, continue the uninterrupted runs.
+    out = ok(launch(run_args(gathered, seed, "--resume"), ranks=None))
+    assert f"resumed from {gathered / DCP_NAME} at update 1 (written by 2 ranks, gathered into one process)" in out
+    gather_gap = assert_records_close(without_timing(read_jsonl(gathered / METRICS_NAME)),
+                                      without_timing(read_jsonl(straight / METRICS_NAME)), what + " gathered")
+    assert (gathered / CHECKPOINT_NAME).is_file()  # it continues as a single process
+    sharded = tmp_path / "sharded"
+    ok(launch(run_args(sharded, seed, "--updates", "1"), ranks=None))
+    out = ok(launch(run_args(sharded, seed, "--resume"), ranks=2))
+    assert f"resumed from {sharded / CHECKPOINT_NAME} at update 1 (written by a single process, sharded onto 2 " \
+           f"ranks)" in out
+    shard_gap = assert_records_close(without_timing(read_jsonl(sharded / METRICS_NAME)),
+                                     without_timing(read_jsonl(tmp_path / "one" / METRICS_NAME)), what + " sharded")
+    # That folder now holds both kinds, checkpoint.pt of update 1 and checkpoint.dcp of update 3: a resume
+    # reads the newer, whichever kind the resuming run writes.
+    out = ok(launch(run_args(sharded, seed, "--resume", "--updates", "4"), ranks=None))
+    assert f"resumed from {sharded / DCP_NAME} at update 3 (written by 2 ranks, gathered into one process)" in out
+    assert [r["update"] for r in read_jsonl(sharded / METRICS_NAME)] == [0, 1, 2, 3]
     print(f"{what}: largest relative gap to one process, metrics {metrics_gap:.2e}, step logs {steps_gap:.2e}, "
-          f"weights (norm) {weight_gap:.2e}, updates (norm) {update_gap:.2e}; resumed on 1 rank from 2, metrics "
-          f"{resize_gap:.2e}")
+          f"weights (norm) {weight_gap:.2e}, updates (norm) {update_gap:.2e}; metrics after resuming 2 ranks on 1 "
+          f"{resize_gap:.2e}, 2 ranks in one process {gather_gap:.2e}, one process on 2 ranks {shard_gap:.2e}")
 
 
 def test_batch_split_and_environment_checks():

@@ -13,8 +13,9 @@ the current folder to ``checkpoint.prev.dcp`` and the new one into place, as the
 does with its files.  A resume may run on another number of ranks: DCP reshards the student and the
 optimizer state onto the new ranks, and rank r takes the RNG states of saved rank ``r mod N`` (a data-parallel
 run samples with ``rollout_rng='per_trajectory'``, whose streams are a function of the seed, the update and
-the trajectory, so no training randomness comes from those states).  :func:`load_model_weights` reads the
-student's weights into a plain model in a single process (for evaluation or export).
+the trajectory, so no training randomness comes from those states); a single process resumes it too
+(:mod:`trainer.checkpoint_convert`).  :func:`load_model_weights` reads the student's weights into a plain
+model in a single process (for evaluation or export).
 """
 
 from __future__ import annotations
@@ -99,27 +100,6 @@ def load_latest_meta(output: str | Path) -> tuple[Path, dict, list[tuple[Path, s
         raise CheckpointError(f"no data-parallel checkpoint in {str(output)!r} (neither {DCP_NAME} nor "
                               f"{DCP_PREVIOUS_NAME})")
     raise CheckpointError(f"no readable checkpoint in {str(output)!r}: " + "; ".join(r for _, r in skipped))
-
-
-def other_kind_error(output: str | Path, distributed: bool) -> CheckpointError | None:
-    """The error of a resume in ``output`` that holds only the other kind of checkpoint: data-parallel folders
-    for a single process (``distributed`` False), single-process files under torchrun; None otherwise."""
-    own, other = checkpoint_paths(output), dcp_paths(output)
-    if distributed:
-        own, other = other, own
-    found = [p for p in other if p.exists()]
-    if any(p.exists() for p in own) or not found:
-        return None
-    if distributed:
-        return CheckpointError(f"{str(found[0])!r} was written by a single process; resume it without torchrun "
-                               f"(a data-parallel run cannot resume it)")
-    try:
-        ranks = f"{read_meta(found[0])['world_size']} ranks"
-    except CheckpointError:
-        ranks = "several ranks"
-    return CheckpointError(f"{str(found[0])!r} was written by a data-parallel run of {ranks}; resume it under "
-                           f"torchrun (with any number of ranks that divides the batch; a single process cannot "
-                           f"resume it)")
 
 
 def save_dcp(context: DistContext, student, optimizer, meta: dict, rng: dict, output: str | Path) -> Path:

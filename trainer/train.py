@@ -469,41 +469,55 @@ class SODTrainer:
     def load_checkpoint(self) -> None:
         """Restore from the newest readable checkpoint and cut the logs back to its step.
 
+        The checkpoint may be of the other kind (:mod:`trainer.checkpoint_convert`): a single process's
+        ``checkpoint.pt`` under torchrun is sharded onto the ranks, a ``checkpoint.dcp`` is gathered into a
+        single process, and a ``checkpoint.dcp`` of another number of ranks is resharded.
         Raises :class:`trainer.checkpoint.CheckpointError` (a ``ValueError``) naming the files if none is
         readable, or listing the differing settings if the checkpoint's run had other settings and
         ``allow_config_change`` is off.  Nothing in the folder changes when it raises.
         """
-        from .checkpoint_dcp import other_kind_error
+        from .checkpoint_convert import resume_kind
+        from .checkpoint_dcp import load_latest_meta
 
-        error = other_kind_error(self.output, distributed=self.dist is not None)
-        if error is not None:
-            raise error
-        if self.dist is None:
+        kind = resume_kind(self.output, distributed=self.dist is not None)
+        if kind == "single":
             path, payload, skipped = ckpt.load_latest_checkpoint(self.output)
         else:
-            from .checkpoint_dcp import load_latest_meta
-
             path, payload, skipped = load_latest_meta(self.output)
         changes = ckpt.resume_differences(payload["config"], self.config, payload.get("fingerprint"),
                                           self.fingerprint())
         if changes and not self.config.allow_config_change:
             raise CheckpointError(ckpt.describe_mismatch(path, changes))
-        if self.dist is None:
+        note = ""
+        if self.dist is None and kind == "single":
             try:
                 self.student.load_state_dict(payload["model"])
                 self.optimizer.load_state_dict(payload["optimizer"])
             except (RuntimeError, ValueError, KeyError) as error:
                 raise CheckpointError(f"checkpoint {str(path)!r} does not fit this student/optimizer: "
                                       f"{error}") from error
-            rng, note = payload["rng"], ""
+            rng = payload["rng"]
+        elif self.dist is None:
+            from .checkpoint_convert import gather_dcp_checkpoint
+
+            rng = gather_dcp_checkpoint(path, self.student, self.optimizer)
+            note = f" (written by {payload['world_size']} ranks, gathered into one process)"
         else:
-            from .checkpoint_dcp import load_dcp
             from .distributed import barrier
 
-            saved_world = int(payload["world_size"])
-            rng = load_dcp(self.dist, path, self.student, self.optimizer, saved_world)
-            note = "" if saved_world == self.dist.world_size else \
-                f" (written by {saved_world} ranks, resharded onto {self.dist.world_size})"
+            if kind == "single":
+                from .checkpoint_convert import shard_single_checkpoint
+
+                shard_single_checkpoint(payload, self.student, self.optimizer, self.policy)
+                rng = payload["rng"]
+                note = f" (written by a single process, sharded onto {self.dist.world_size} ranks)"
+            else:
+                from .checkpoint_dcp import load_dcp
+
+                saved_world = int(payload["world_size"])
+                rng = load_dcp(self.dist, path, self.student, self.optimizer, saved_world)
+                if saved_world != self.dist.world_size:
+                    note = f" (written by {saved_world} ranks, resharded onto {self.dist.world_size})"
             barrier()  # every rank has read its checkpoint before rank 0 renames or rewrites anything
         restore_rng(rng, self.device)
         self.step = self.saved_step = int(payload["step"])
