@@ -6,8 +6,11 @@ of the trajectory is predictable; one test also runs a real tiny Qwen3 model thr
 
 from __future__ import annotations
 
+import random
 import re
 
+import numpy as np
+import pytest
 import torch
 
 from sod_kernels import step_ids_from_mask
@@ -130,12 +133,13 @@ def test_rollout_stops_at_max_turns_and_injects_faults():
             assert not traj.finished and traj.final_answer is None and traj.reward == 0.0
 
 
-def test_real_tiny_model_rollout_logprobs_match_a_forward_pass():
+@pytest.mark.parametrize("logprobs", ["logits", "forward"])
+def test_real_tiny_model_rollout_logprobs_match_a_forward_pass(logprobs):
     tokenizer = build_task_tokenizer()
     chat = ChatFormat(tokenizer)
     model = build_preset("tiny-student", tokenizer, seed=0).eval()
     problems = [generate_problem(0, i) for i in range(4)]
-    generate = HFTurnGenerator(model, tokenizer.pad_token_id, chat.stop_ids, temperature=1.0)
+    generate = HFTurnGenerator(model, tokenizer.pad_token_id, chat.stop_ids, temperature=1.0, logprobs=logprobs)
     settings = RolloutSettings(max_turns=2, max_new_tokens=12, max_total_tokens=200)
     torch.manual_seed(0)
     trajectories = run_rollouts(problems, [0, 0, 1, 1], generate, chat, ArithmeticTool(), settings)
@@ -157,3 +161,23 @@ def test_real_tiny_model_rollout_logprobs_match_a_forward_pass():
             turn = traj.token_ids[start:end]
             assert len(turn) <= settings.max_new_tokens
             assert all(t not in chat.stop_ids for t in turn[:-1])
+
+
+def test_logprob_passes_agree():
+    """The log-probs read from generate's logits and from a second forward pass (the GPU default) agree, for
+    left-padded contexts of different lengths, keyed sampling at a temperature and greedy decoding."""
+    tokenizer = build_task_tokenizer()
+    chat = ChatFormat(tokenizer)
+    seed = random.randrange(1 << 16)
+    model = build_preset("tiny-student", tokenizer, seed=seed).eval()
+    contexts = [chat.prompt_ids("What is 3+4?"), chat.prompt_ids("Compute 12*7-5 with the tool, please."),
+                chat.prompt_ids("Add 1, 2 and 3.")]
+    keys = [(seed, 0, i, 0) for i in range(len(contexts))]
+    for temperature, row_keys in ((0.7, keys), (0.0, None)):
+        turns = {mode: HFTurnGenerator(model, tokenizer.pad_token_id, chat.stop_ids, temperature, logprobs=mode)(
+                     contexts, 12, keys=row_keys) for mode in ("logits", "forward")}
+        for a, b in zip(turns["logits"], turns["forward"]):
+            assert a.token_ids == b.token_ids and len(a.token_ids) > 0, (seed, temperature)
+            np.testing.assert_allclose(b.logprobs, a.logprobs, rtol=1e-5, atol=1e-5, err_msg=f"seed {seed}")
+    with pytest.raises(ValueError, match="logprobs must be one of"):
+        HFTurnGenerator(model, tokenizer.pad_token_id, chat.stop_ids, 1.0, logprobs="cache")

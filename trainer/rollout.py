@@ -180,7 +180,11 @@ class HFTurnGenerator:
     """Batched sampling with Hugging Face ``generate`` (KV cache on), left padding, stop at end of turn.
 
     ``temperature == 0`` means greedy decoding; log-probs are then those of the untempered softmax.
-    Log-probs are computed from the raw logits at the sampling temperature (no top-k / top-p).
+    Log-probs are computed from the raw logits at the sampling temperature (no top-k / top-p), by one of two
+    passes (``logprobs``): ``"logits"`` reads them from the logits ``generate`` returns (``output_logits``: it
+    keeps ``rows x new tokens x V`` float32 values until the turn ends); ``"forward"`` runs the model once more
+    over context + turn and reads them with ``sod_kernels.fused_token_logprobs`` (no logits kept; one extra
+    forward pass).  ``"auto"`` (the default): ``"forward"`` on a GPU, ``"logits"`` elsewhere.
 
     Without ``keys`` the batch samples from the global torch RNG (one draw for the whole batch, so a row's
     tokens depend on the batch it shares).  With ``keys`` (one tuple of ints per context) each row samples
@@ -189,13 +193,19 @@ class HFTurnGenerator:
     up to floating-point ties), and the global RNG is not used.
     """
 
-    def __init__(self, model, pad_token_id: int, stop_ids: Sequence[int], temperature: float):
+    LOGPROB_PASSES = ("auto", "logits", "forward")
+
+    def __init__(self, model, pad_token_id: int, stop_ids: Sequence[int], temperature: float,
+                 logprobs: str = "auto"):
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if logprobs not in self.LOGPROB_PASSES:
+            raise ValueError(f"logprobs must be one of {self.LOGPROB_PASSES}, got {logprobs!r}")
         self.model = model
         self.pad_token_id = pad_token_id
         self.stop_ids = list(stop_ids)
         self.temperature = temperature
+        self.logprobs = logprobs
 
     @torch.no_grad()
     def __call__(self, contexts: Sequence[Sequence[int]], max_new_tokens: int,
@@ -223,30 +233,52 @@ class HFTurnGenerator:
             options = dict(do_sample=True, temperature=self.temperature, top_k=0, top_p=1.0)
         else:
             options = dict(do_sample=False)
-        out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+        mode = self.logprobs if self.logprobs != "auto" else ("forward" if device.type == "cuda" else "logits")
+        attention = attention.to(device)
+        out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention,
                                   max_new_tokens=max_new_tokens, eos_token_id=self.stop_ids,
-                                  pad_token_id=self.pad_token_id, output_logits=True,
+                                  pad_token_id=self.pad_token_id, output_logits=mode == "logits",
                                   return_dict_in_generate=True, use_cache=True, **options)
-        self.model.train(was_training)
-        # The sampled tokens' log-probs, one generated position at a time on the model's device: no
-        # [B, new tokens, V] stack and no vocabulary-sized copy to the host.
-        new = out.sequences[:, width:]
+        rows = out.sequences[:, width:].tolist()
+        stops = set(self.stop_ids)
+        lengths = [next((j + 1 for j, token in enumerate(row) if token in stops), len(row)) for row in rows]
         scale = self.temperature if sample else 1.0
+        if mode == "logits":
+            logp = self._logprobs_from_logits(out.logits, out.sequences[:, width:], scale)
+        else:
+            logp = self._logprobs_from_forward(out.sequences, attention, lengths, scale)
+        self.model.train(was_training)
+        return [GeneratedTurn(row[:n], row_logp[:n]) for row, row_logp, n in zip(rows, logp.cpu().tolist(), lengths)]
+
+    @staticmethod
+    def _logprobs_from_logits(logits, new: torch.Tensor, scale: float) -> torch.Tensor:
+        """``[B, n]`` log-probs of the generated tokens ``new`` from ``generate``'s per-position logits, one
+        position at a time on the model's device (no ``[B, n, V]`` stack, nothing vocabulary-sized on the host)."""
         logp = torch.zeros(new.shape, dtype=torch.float32, device=new.device)
         for t in range(new.shape[1]):
-            step = torch.log_softmax(out.logits[t].float() / scale, dim=-1)
+            step = torch.log_softmax(logits[t].float() / scale, dim=-1)
             logp[:, t] = step.gather(-1, new[:, t:t + 1]).squeeze(-1)
-        new, logp = new.cpu(), logp.cpu()
-        turns = []
-        stops = set(self.stop_ids)
-        for row, row_logp in zip(new.tolist(), logp.tolist()):
-            length = len(row)
-            for j, token in enumerate(row):
-                if token in stops:
-                    length = j + 1
-                    break
-            turns.append(GeneratedTurn(row[:length], row_logp[:length]))
-        return turns
+        return logp
+
+    def _logprobs_from_forward(self, sequences: torch.Tensor, attention: torch.Tensor, lengths: list[int],
+                               scale: float) -> torch.Tensor:
+        """``[B, n]`` log-probs of the generated tokens (``sequences[:, width:]``) from one forward pass over the
+        left-padded contexts and the turns (each up to its length), positions counted as ``generate`` counts
+        them, and the fused log-prob kernel on the final hidden states: no logits are materialized."""
+        from sod_kernels import fused_token_logprobs
+
+        from .models import decoder_body, lm_head_weight
+
+        width = attention.shape[1]
+        n = sequences.shape[1] - width
+        generated = torch.arange(n, device=sequences.device)[None, :] < torch.tensor(lengths,
+                                                                                   device=sequences.device)[:, None]
+        mask = torch.cat([attention, generated.to(attention.dtype)], dim=1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = decoder_body(self.model)(input_ids=sequences, attention_mask=mask, position_ids=positions,
+                                          use_cache=False).last_hidden_state
+        return fused_token_logprobs(hidden[:, width - 1:width - 1 + n], lm_head_weight(self.model),
+                                    sequences[:, width:], temperature=scale).float()
 
 
 @dataclass
