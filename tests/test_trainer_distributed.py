@@ -142,7 +142,7 @@ def one_update(config: TrainConfig, context: DistContext | None):
     """(gradients, metrics, step logs) of update 0 on replayed trajectories (this rank's share if ``context``)."""
     tokenizer = build_task_tokenizer()
     student = build_preset("tiny-student", tokenizer, seed=config.seed)
-    teacher = build_preset("tiny-teacher", tokenizer, seed=config.seed + 1)
+    teacher = build_preset("tiny-teacher", tokenizer, seed=config.seed + 1).to(getattr(torch, config.teacher_dtype))
     source = ProblemSource(config.seed)
     script = {source.train(i).question: solution_turns(source.train(i))[0] for i in range(config.prompts_per_step)}
 

@@ -13,6 +13,7 @@ STEP_DIVERGENCES = ("kl", "sampled", "none")
 DIVERGENCES = ("reverse_kl", "forward_kl")
 LOG_FORMATS = ("text", "json")
 ROLLOUT_RNGS = ("shared", "per_trajectory")
+TEACHER_DTYPES = ("float32", "bfloat16", "float16")  # names of torch dtypes
 
 
 @dataclass
@@ -21,6 +22,7 @@ class TrainConfig:
 
     student: str = "tiny-student"  # preset name (tiny-student, tiny-teacher) or a local HF model folder
     teacher: str = "tiny-teacher"  # preset name or a local HF model folder (same tokenizer as the student)
+    teacher_dtype: str = "float32"  # float32 | bfloat16 | float16: the frozen teacher's weights and forward pass
     dataset: str | None = None  # local .jsonl/.parquet of prompts and answers; None = built-in task
     objective: str = "kl"  # kl: fused_sod_loss; pg: GRPO + SOD advantages + fused_sod_policy_loss
     divergence: str = "reverse_kl"  # per-token divergence of the kl objective
@@ -76,6 +78,8 @@ class TrainConfig:
             raise ValueError(f"log_format must be one of {LOG_FORMATS}, got {self.log_format!r}")
         if self.rollout_rng not in ROLLOUT_RNGS:
             raise ValueError(f"rollout_rng must be one of {ROLLOUT_RNGS}, got {self.rollout_rng!r}")
+        if self.teacher_dtype not in TEACHER_DTYPES:
+            raise ValueError(f"teacher_dtype must be one of {TEACHER_DTYPES}, got {self.teacher_dtype!r}")
         positive = ("updates", "prompts_per_step", "rollouts_per_prompt", "micro_batch_size", "max_turns",
                     "max_new_tokens", "max_total_tokens", "checkpoint_every", "log_every", "threads",
                     "tool_workers")
@@ -156,7 +160,7 @@ def probability(text: str) -> float:
 
 # Fields whose flags take one of a fixed set of values, and fields with a stricter argparse type.
 CHOICES = {"objective": OBJECTIVES, "step_divergence": STEP_DIVERGENCES, "divergence": DIVERGENCES,
-           "log_format": LOG_FORMATS, "rollout_rng": ROLLOUT_RNGS}
+           "log_format": LOG_FORMATS, "rollout_rng": ROLLOUT_RNGS, "teacher_dtype": TEACHER_DTYPES}
 TYPES = {"tool_fault_rate": probability}
 
 

@@ -273,8 +273,7 @@ class SODTrainer:
     def _kl_update(self, trajectories, total_tokens: int):
         c = self.config
         pad = self.tokenizer.pad_token_id
-        dtype = lm_head_weight(self.student).dtype
-        weight_t = lm_head_weight(self.teacher)
+        weight_t = lm_head_weight(self.teacher)  # in the teacher's own dtype (--teacher-dtype): the losses mix them
         first = self.sample_indices().start
         loss_total, kl_sum, logs = 0.0, 0.0, []
 
@@ -283,7 +282,7 @@ class SODTrainer:
             weight_s = lm_head_weight(model)
             student_h = model_hidden(model, batch)
             stats = sod_kernels.fused_sod_loss(
-                student_h, weight_s, teacher_h, weight_t.to(weight_s.dtype), batch.response_mask,
+                student_h, weight_s, teacher_h, weight_t, batch.response_mask,
                 target_ids=batch.target_ids, divergence=c.divergence, step_divergence=c.step_divergence,
                 epsilon=c.epsilon, delta=c.delta, temperature=c.temperature, coef=c.coef, reduction="sum",
                 return_stats=True)
@@ -292,7 +291,7 @@ class SODTrainer:
         for offset, chunk in self.micro_batches(trajectories):
             batch = collate(chunk, pad).to(self.device)
             with torch.no_grad():
-                teacher_h = model_hidden(self.teacher, batch).to(dtype)
+                teacher_h = model_hidden(self.teacher, batch)
             summed, token_divergence, step_divergence, step_weights = fsdp_forward(
                 self.student, student_loss, batch, teacher_h)
             loss = summed / total_tokens
@@ -307,8 +306,8 @@ class SODTrainer:
         c = self.config
         policy_loss, token_logprobs, policy_inputs = policy_functions()
         pad = self.tokenizer.pad_token_id
-        vocab, dtype = lm_head_weight(self.student).shape[0], lm_head_weight(self.student).dtype
-        weight_t = lm_head_weight(self.teacher)[:vocab].to(dtype)
+        vocab = lm_head_weight(self.student).shape[0]
+        weight_t = lm_head_weight(self.teacher)[:vocab]  # the teacher's own dtype
         full = collate(trajectories, pad).to(self.device)
         teacher_logp = torch.zeros_like(full.old_logprobs)
         chunks = self.micro_batches(trajectories)
@@ -316,7 +315,7 @@ class SODTrainer:
         for offset, chunk in chunks:
             batch = collate(chunk, pad).to(self.device)
             with torch.no_grad():
-                teacher_h = model_hidden(self.teacher, batch).to(dtype)
+                teacher_h = model_hidden(self.teacher, batch)
                 logp = token_logprobs(teacher_h, weight_t, batch.target_ids, temperature=c.temperature)
             teacher_hidden.append(teacher_h)
             teacher_logp[offset:offset + len(chunk), :logp.shape[1]] = logp * batch.response_mask
@@ -632,7 +631,7 @@ def evaluate(policy, teacher, tokenizer, chat: ChatFormat, executor: ToolExecuto
         trajectories = run_rollouts(problems, list(range(len(problems))), generator, chat, executor, settings,
                                     faults=faults, fault_keys=(EVAL_FAULT_KEY,))
     weight_p = lm_head_weight(policy)
-    weight_t = lm_head_weight(teacher).to(weight_p.device)
+    weight_t = lm_head_weight(teacher)
     kl_sum, tokens, divergences, weights = 0.0, 0, [], []
     signal = "kl" if step_divergence == "none" else step_divergence
     with torch.no_grad():
@@ -640,10 +639,9 @@ def evaluate(policy, teacher, tokenizer, chat: ChatFormat, executor: ToolExecuto
             chunk = trajectories[i:i + micro_batch_size]
             batch = collate(chunk, tokenizer.pad_token_id).to(weight_p.device)
             stats = sod_kernels.fused_sod_loss(
-                model_hidden(policy, batch), weight_p, model_hidden(teacher, batch).to(weight_p.dtype),
-                weight_t.to(weight_p.dtype), batch.response_mask, target_ids=batch.target_ids,
-                step_divergence=signal, epsilon=epsilon, delta=delta, temperature=loss_temperature,
-                reduction="sum", return_stats=True)
+                model_hidden(policy, batch), weight_p, model_hidden(teacher, batch), weight_t, batch.response_mask,
+                target_ids=batch.target_ids, step_divergence=signal, epsilon=epsilon, delta=delta,
+                temperature=loss_temperature, reduction="sum", return_stats=True)
             kl_sum += float((stats.token_divergence * batch.response_mask).sum())
             tokens += int(batch.response_mask.sum())
             step_divergence, step_weights = stats.step_divergence.cpu(), stats.step_weights.cpu()
@@ -666,7 +664,7 @@ def build_trainer(config: TrainConfig, executor: ToolExecutor, log: Callable[[st
         log("training on the CPU although a GPU is visible; --device cuda trains on it")
     tokenizer = load_tokenizer(config.student)
     student = load_model(config.student, tokenizer, seed=config.seed)
-    teacher = load_model(config.teacher, tokenizer, seed=config.seed + 1)
+    teacher = load_model(config.teacher, tokenizer, seed=config.seed + 1, dtype=getattr(torch, config.teacher_dtype))
     if config.student_init:
         init = Path(config.student_init)
         if init.is_dir():
