@@ -91,6 +91,30 @@ def _common(agreed: dict, hidden, weight, bias, lead, *, temperature, reduction,
     agreed["bias.requires_grad"] = _flag(bias is not None and bias.requires_grad)
 
 
+def distilled_rows(ids: torch.Tensor, single: bool, token_weights, dtype: torch.dtype):
+    """``(step_rows [B, T], row_index [Na], token weights [B, T] in the compute dtype of ``dtype`` or None)``
+    from the resolved step ids (``[T]`` for a single sequence): the distilled positions in row-major order."""
+    step_rows = ids.unsqueeze(0) if single else ids
+    B, T = step_rows.shape
+    row_index = torch.nonzero(step_rows.reshape(-1) >= 0).squeeze(1)
+    given = None if token_weights is None else token_weights.detach().to(compute_dtype(dtype)).reshape(B, T)
+    return step_rows, row_index, given
+
+
+def distillation_fields(agreed: dict, divergence, step_divergence, epsilon, delta, coef, return_stats, given,
+                        step_rows) -> None:
+    """The options and per-token inputs of a distillation loss (dense or sparse teacher) that every rank must
+    pass alike: divergence, step divergence, epsilon, delta, coef, return_stats, the token weights (checksum)
+    and the step ids (checksum)."""
+    agreed["divergence"] = choice_code(divergence, DIVERGENCES)
+    agreed["step_divergence"] = choice_code(step_divergence, STEP_DIVERGENCES)
+    agreed["epsilon"], agreed["delta"], agreed["coef"] = epsilon, delta, coef
+    agreed["return_stats"] = _flag(return_stats)
+    agreed["token_weights given"] = _flag(given is not None)
+    agreed["token_weights (checksum)"] = _checksum(given) if given is not None else 0.0
+    agreed["step_ids (checksum)"] = _checksum(step_rows)
+
+
 def _rows_and_targets(agreed: dict, row_index: torch.Tensor, y: torch.Tensor | None, *, check_inputs: bool,
                       active_targets_only: bool) -> None:
     """Distilled-token count and checksums (one host sync): every rank must hold the same tokens."""
@@ -180,13 +204,9 @@ def prepare_sod(agreed: dict, student_hidden, student_weight, teacher_hidden, te
                         f"{teacher_hidden.dtype}; use backend='torch' for float64")
 
     single = student_hidden.dim() == 2
-    step_rows = ids.unsqueeze(0) if single else ids
-    B, T = step_rows.shape
-    row_index = torch.nonzero(step_rows.reshape(-1) >= 0).squeeze(1)
+    step_rows, row_index, given = distilled_rows(ids, single, token_weights, student_hidden.dtype)
     y = None if target_ids is None else target_ids.reshape(-1).to(torch.int64).contiguous()
     acc = compute_dtype(student_hidden.dtype)
-    given = None if token_weights is None else token_weights.detach().to(acc).reshape(B, T)
-
     _common(agreed, student_hidden, student_weight, student_bias, lead, temperature=temperature,
             reduction=reduction, impl=impl, chunk_size=chunk_size, check_inputs=check_inputs,
             reduce_hidden_grad=reduce_hidden_grad)
@@ -194,13 +214,7 @@ def prepare_sod(agreed: dict, student_hidden, student_weight, teacher_hidden, te
     agreed["teacher hidden size"] = float(teacher_hidden.shape[-1])
     agreed["teacher dtype"] = dtype_code(teacher_hidden.dtype)
     agreed["teacher_bias given"] = _flag(teacher_bias is not None)
-    agreed["divergence"] = choice_code(divergence, DIVERGENCES)
-    agreed["step_divergence"] = choice_code(step_divergence, STEP_DIVERGENCES)
-    agreed["epsilon"], agreed["delta"], agreed["coef"] = epsilon, delta, coef
-    agreed["return_stats"] = _flag(return_stats)
-    agreed["token_weights given"] = _flag(given is not None)
-    agreed["token_weights (checksum)"] = _checksum(given) if given is not None else 0.0
-    agreed["step_ids (checksum)"] = _checksum(step_rows)
+    distillation_fields(agreed, divergence, step_divergence, epsilon, delta, coef, return_stats, given, step_rows)
     return SODInputs(impl, single, step_rows, row_index,
                      student_hidden.reshape(-1, student_hidden.shape[-1]).contiguous(),
                      teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).contiguous(),

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ._validation import DIVERGENCES, STEP_DIVERGENCES, check_lm_head, check_same_device
+from ._validation import check_lm_head, check_same_device
 from .chunked_torch import compute_dtype, rows_per_tile, vocab_tile
 from .sod_loss import check_loss_options, check_targets_and_steps, finish_loss
 from .sparse_rows import SparseForward, coarse_grained_rows
@@ -34,9 +34,9 @@ from .sparse_validation import check_topk_shapes, check_topk_values
 from .steps import DEFAULT_DELTA, DEFAULT_EPSILON
 from .token_divergence import no_autocast, refuse_double_backward, zero_student_grads
 from .vocab_parallel_autograd import ParallelSetup, _finish_hidden
-from .vocab_parallel_checks import (COMMON_FIELDS, _checksum, _common, _flag, _rows_and_targets,
-                                    check_targets_in_vocab, resolve_parallel_backend)
-from .vocab_parallel_layout import ShardLayout, choice_code, dtype_code, gather_stats
+from .vocab_parallel_checks import (COMMON_FIELDS, _checksum, _common, _rows_and_targets, check_targets_in_vocab,
+                                    distillation_fields, distilled_rows, resolve_parallel_backend)
+from .vocab_parallel_layout import ShardLayout, dtype_code, gather_stats
 
 SPARSE_FIELDS = COMMON_FIELDS + ("k", "teacher log-prob dtype", "divergence", "step_divergence", "epsilon",
                                  "delta", "coef", "return_stats", "token_weights given", "token_weights (checksum)",
@@ -216,27 +216,17 @@ def prepare_sparse(agreed: dict, student_hidden, student_weight, teacher_topk_id
     ids = check_targets_and_steps(step_divergence, target_ids, lead, 1 << 62, response_mask, step_ids,
                                   token_weights, check_inputs)
     single = student_hidden.dim() == 2
-    step_rows = ids.unsqueeze(0) if single else ids
-    B, T = step_rows.shape
-    row_index = torch.nonzero(step_rows.reshape(-1) >= 0).squeeze(1)
+    step_rows, row_index, given = distilled_rows(ids, single, token_weights, student_hidden.dtype)
     topk = teacher_topk_ids.reshape(-1, k).index_select(0, row_index).to(torch.int64).contiguous()
     logprobs = teacher_topk_logprobs.detach().reshape(-1, k).index_select(0, row_index).contiguous()
     y = None if target_ids is None else target_ids.reshape(-1).index_select(0, row_index).to(torch.int64)
-    acc = compute_dtype(student_hidden.dtype)
-    given = None if token_weights is None else token_weights.detach().to(acc).reshape(B, T)
     _common(agreed, student_hidden, student_weight, student_bias, lead, temperature=temperature,
             reduction=reduction, impl=impl, chunk_size=chunk_size, check_inputs=check_inputs,
             reduce_hidden_grad=reduce_hidden_grad)
     _rows_and_targets(agreed, row_index, y, check_inputs=check_inputs, active_targets_only=False)
     agreed["k"] = float(k)
     agreed["teacher log-prob dtype"] = dtype_code(teacher_topk_logprobs.dtype)
-    agreed["divergence"] = choice_code(divergence, DIVERGENCES)
-    agreed["step_divergence"] = choice_code(step_divergence, STEP_DIVERGENCES)
-    agreed["epsilon"], agreed["delta"], agreed["coef"] = epsilon, delta, coef
-    agreed["return_stats"] = _flag(return_stats)
-    agreed["token_weights given"] = _flag(given is not None)
-    agreed["token_weights (checksum)"] = _checksum(given) if given is not None else 0.0
-    agreed["step_ids (checksum)"] = _checksum(step_rows)
+    distillation_fields(agreed, divergence, step_divergence, epsilon, delta, coef, return_stats, given, step_rows)
     agreed["teacher_topk_ids (checksum)"] = _checksum(topk)
     agreed["teacher_topk_logprobs (checksum)"] = _checksum(logprobs)
     return dict(impl=impl, single=single, step_rows=step_rows, row_index=row_index, topk=topk, logprobs=logprobs, y=y,
