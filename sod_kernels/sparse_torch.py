@@ -39,6 +39,33 @@ def _ids_in(ids: torch.Tensor, v0: int, v1: int):
     return r, j, ids[r, j] - v0
 
 
+def sweep_tiles(h, w, b, ids, y, vocab: int, tile: int, temperature: float):
+    """One sweep over the ``tile``-column logit tiles of a row chunk ``h [n, H]`` against ``w [vocab, H]``:
+    ``(z_ids [n, k], z_y [n] or None, m [n], l [n])``: the logits at ``ids`` (0 where an id is outside
+    ``[0, vocab)``, e.g. held by another rank's shard), at ``y`` (0 where outside; None without ``y``), and the
+    running maximum and sum of exponentials of the remaining columns, the tail (``MIN_LOGIT`` and 0 if none)."""
+    n, k = ids.shape
+    dt, device = h.dtype, h.device
+    z_ids = torch.zeros(n, k, dtype=dt, device=device)
+    z_y = torch.zeros(n, dtype=dt, device=device) if y is not None else None
+    m = torch.full((n,), MIN_LOGIT, dtype=dt, device=device)
+    l = torch.zeros(n, dtype=dt, device=device)
+    for v0 in range(0, vocab, tile):
+        v1 = min(v0 + tile, vocab)
+        z = _tile_logits(h, w, b, v0, v1, temperature)
+        if y is not None:
+            inside = (y >= v0) & (y < v1)
+            col = (y - v0).clamp(0, v1 - v0 - 1)[:, None]
+            z_y = torch.where(inside, z.gather(1, col).squeeze(1), z_y)
+        r, j, cols = _ids_in(ids, v0, v1)
+        z_ids[r, j] = z[r, cols]
+        z[r, cols] = float("-inf")
+        new = torch.maximum(m, z.amax(1))
+        l = l * (m - new).exp() + (z - new[:, None]).exp_().sum(1)
+        m = new
+    return z_ids, z_y, m, l
+
+
 def sparse_forward(hidden, weight, bias, row_index, ids, logprobs, target_ids, *, divergence: str,
                    temperature: float, chunk_size: int | None = None) -> SparseForward:
     """Per-row coarse-grained divergence of the rows ``row_index``; arguments as
@@ -51,27 +78,10 @@ def sparse_forward(hidden, weight, bias, row_index, ids, logprobs, target_ids, *
     with torch.no_grad():
         for start in range(0, Na, R):
             stop = min(start + R, Na)
-            n = stop - start
             h = hidden[row_index[start:stop]].to(dt)
             I = ids[start:stop]
             y = None if target_ids is None else target_ids[start:stop]
-            z_ids = torch.empty(n, k, dtype=dt, device=device)
-            z_y = torch.zeros(n, dtype=dt, device=device) if y is not None else None
-            m = torch.full((n,), MIN_LOGIT, dtype=dt, device=device)
-            l = torch.zeros(n, dtype=dt, device=device)
-            for v0 in range(0, V, BV):
-                v1 = min(v0 + BV, V)
-                z = _tile_logits(h, w, b, v0, v1, temperature)
-                if y is not None:
-                    inside = (y >= v0) & (y < v1)
-                    col = (y - v0).clamp(0, v1 - v0 - 1)[:, None]
-                    z_y = torch.where(inside, z.gather(1, col).squeeze(1), z_y)
-                r, j, cols = _ids_in(I, v0, v1)
-                z_ids[r, j] = z[r, cols]
-                z[r, cols] = float("-inf")
-                new = torch.maximum(m, z.amax(1))
-                l = l * (m - new).exp() + (z - new[:, None]).exp_().sum(1)
-                m = new
+            z_ids, z_y, m, l = sweep_tiles(h, w, b, I, y, V, BV, temperature)
             t = coarse_grained_rows(z_ids, m + l.log(), logprobs[start:stop], forward_kl=divergence == "forward_kl",
                                     vocab=V, ids=I, target_ids=y, z_target=z_y)
             out.store(start, stop, t)

@@ -28,7 +28,7 @@ from ._validation import check_lm_head, check_same_device
 from .chunked_torch import compute_dtype, rows_per_tile, vocab_tile
 from .sod_loss import check_loss_options, check_targets_and_steps, finish_loss
 from .sparse_rows import SparseForward, coarse_grained_rows
-from .sparse_torch import MIN_LOGIT, _ids_in, _tile_logits
+from .sparse_torch import sweep_tiles
 from .sparse_torch import sparse_backward as torch_sparse_backward
 from .sparse_validation import check_topk_shapes, check_topk_values
 from .steps import DEFAULT_DELTA, DEFAULT_EPSILON
@@ -63,24 +63,11 @@ def shard_partials(hidden, weight, bias, row_index, ids_local, y_local, *, tempe
         for start in range(0, Na, R):
             stop = min(start + R, Na)
             h = hidden[row_index[start:stop]].to(dt)
-            I = ids_local[start:stop]
             y = None if y_local is None else y_local[start:stop]
-            m = torch.full((stop - start,), MIN_LOGIT, dtype=dt, device=device)
-            l = torch.zeros(stop - start, dtype=dt, device=device)
-            block = owned[start:stop]
-            for v0 in range(0, Vr, BV):
-                v1 = min(v0 + BV, Vr)
-                z = _tile_logits(h, w, b, v0, v1, temperature)
-                if y is not None:
-                    inside = (y >= v0) & (y < v1)
-                    col = (y - v0).clamp(0, v1 - v0 - 1)[:, None]
-                    block[:, k] = torch.where(inside, z.gather(1, col).squeeze(1), block[:, k])
-                r, j, cols = _ids_in(I, v0, v1)
-                block[r, j] = z[r, cols]
-                z[r, cols] = float("-inf")
-                new = torch.maximum(m, z.amax(1))
-                l = l * (m - new).exp() + (z - new[:, None]).exp_().sum(1)
-                m = new
+            z_ids, z_y, m, l = sweep_tiles(h, w, b, ids_local[start:stop], y, Vr, BV, temperature)
+            owned[start:stop, :k] = z_ids
+            if z_y is not None:
+                owned[start:stop, k] = z_y
             tail[0, start:stop], tail[1, start:stop] = m, l
     return tail, owned
 
