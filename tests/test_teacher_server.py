@@ -264,12 +264,12 @@ def test_temperature_needs_a_server_field_and_then_scales(server, table):
 class TinyLM(torch.nn.Module):
     """Embedding, one residual MLP, a causal running mean, an lm_head."""
 
-    def __init__(self, width: int, seed: int):
+    def __init__(self, width: int, seed: int, vocab: int = V):
         super().__init__()
         torch.manual_seed(seed)
-        self.embed = torch.nn.Embedding(V, width)
+        self.embed = torch.nn.Embedding(vocab, width)
         self.mix = torch.nn.Linear(width, width)
-        self.lm_head = torch.nn.Linear(width, V, bias=False)
+        self.lm_head = torch.nn.Linear(width, vocab, bias=False)
 
     def hidden_states(self, tokens):
         x = self.embed(tokens)
@@ -542,3 +542,32 @@ def test_bad_inputs_fail_before_any_request(server, call, error, match):
 def test_rows_without_generated_tokens_send_nothing(server):
     top = client(server.url).topk([[1, 2, 3]], response_mask=[[0, 0, 0]])
     assert server.requests == [] and top.response_mask.sum() == 0 and torch.isneginf(top.logprobs).all()
+
+
+# ------------------------------------------------------------------------------------------ docs
+def test_docs_page_runs_against_the_stand_in_and_says_what_it_prints(capsys):
+    """docs/teacher_server.md, its server URL pointed at the stand-in (a tiny LM teacher over the page's
+    96-token vocabulary): top-k shapes as printed, the sparse loss falls."""
+    teacher = TinyLM(24, seed=11, vocab=96)
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(3.0)
+    fake = FakeVLLM(lambda tokens, temperature: teacher.logp(torch.tensor([tokens]))[0])
+    try:
+        text = (ROOT / "docs" / "teacher_server.md").read_text()
+        assert "http://localhost:8000" in text and "vllm serve" in text and "--max-logprobs" in text
+        blocks = re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+        assert len(blocks) == 2
+        namespace: dict = {"__name__": "teacher_server_doc"}
+        for i, block in enumerate(blocks):
+            code = block.replace("http://localhost:8000", fake.url)
+            exec(compile(code, f"docs/teacher_server.md block {i}", "exec"), namespace)
+    finally:
+        fake.close()
+    out = capsys.readouterr().out
+    assert "ids (2, 15, 21) torch.int64 log-probs (2, 15, 21) torch.float32" in out, out
+    assert "distilled rows 18" in out, out
+    losses = [float(x) for x in re.findall(r"step \d: loss ([\d.]+)", out)]
+    assert len(losses) == 4 and losses[-1] < losses[0], out
+    top = namespace["top"]
+    assert len(fake.requests) == 1 and fake.requests[0]["prompt_logprobs"] == 21
+    assert torch.equal(top.response_mask, namespace["response_mask"][:, 1:])
