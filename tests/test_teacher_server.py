@@ -122,6 +122,13 @@ class FakeVLLM:
         return 200, json.dumps(answer).encode(), 0.0
 
 
+@pytest.fixture(autouse=True)
+def no_proxy(monkeypatch):
+    """Requests go straight to 127.0.0.1 whatever proxy the environment names (clients read it when built)."""
+    for name in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture(scope="module")
 def table():
     """A bigram teacher: the distribution of the next token depends on the current one only."""
@@ -232,16 +239,29 @@ def test_requests_are_batched_concurrent_and_carry_the_fields(server):
     one = client(server.url, max_batch_size=8).topk(seqs, response_start=[2, 2, 2, 2, 9])  # row 4: none
     assert len(server.requests) == 1 and len(server.requests[0]["prompt"]) == 4  # row 4 is not sent
     server.requests.clear()
-    many = client(server.url, max_batch_size=2, concurrency=3, api_key="sk-test").topk(
-        seqs, response_start=[2, 2, 2, 2, 9])
+    many = client(server.url, max_batch_size=2, concurrency=3, api_key="sk-test",
+                  extra_body={"cache_salt": "abc"}).topk(seqs, response_start=[2, 2, 2, 2, 9])
     assert sorted(len(r["prompt"]) for r in server.requests) == [2, 2]
     assert torch.equal(one.ids, many.ids) and torch.equal(one.logprobs, many.logprobs)
     request = server.requests[0]
     assert request["path"] == "/v1/completions" and request["model"] == "teacher"
     assert request["prompt_logprobs"] == 5 and request["max_tokens"] == 1 and request["n"] == 1
     assert request["temperature"] == 1.0 and request["stream"] is False
-    assert request["headers"]["Authorization"] == "Bearer sk-test"
+    assert request["headers"]["Authorization"] == "Bearer sk-test" and request["cache_salt"] == "abc"
     assert client(server.url, include_sampled=False).payload([[1, 2]])["prompt_logprobs"] == 4
+
+
+def test_requests_run_concurrently_and_one_failure_fails_the_call(server):
+    seqs = sequences(seed=8, lengths=(4, 5, 6, 7))
+    slow = (200, lambda body: server.answer("/v1/completions", body)[1], 0.4)
+    server.script = [slow] * 4
+    start = time.monotonic()
+    top = client(server.url, max_batch_size=1, concurrency=4).topk(seqs)
+    assert time.monotonic() - start < 1.2  # four 0.4 s answers at once, not one after another
+    assert len(server.requests) == 4 and top.response_mask.sum() == 3 + 4 + 5 + 6
+    server.script = [slow, (400, json.dumps({"error": {"message": "bad prompt"}}).encode(), 0.0), slow, slow]
+    with pytest.raises(TeacherHTTPError, match="bad prompt"):
+        client(server.url, max_batch_size=1, concurrency=4).topk(seqs)
 
 
 @pytest.mark.parametrize("base", ["{url}", "{url}/", "{url}/v1", "{url}/v1/completions"])
@@ -497,6 +517,7 @@ def test_minus_9999_from_vllm_clamping_is_a_valid_logprob(server):
     ({"concurrency": 0}, ValueError, "concurrency"),
     ({"temperature": 0.0}, ValueError, "temperature"),
     ({"extra_body": {"prompt_logprobs": 3}}, ValueError, "extra_body cannot set"),
+    ({"extra_body": {"temperature": 0.7}}, ValueError, "extra_body cannot set"),
     ({"include_sampled": 1}, TypeError, "include_sampled"),
 ])
 def test_bad_options(kwargs, error, match):

@@ -213,9 +213,11 @@ class VLLMTeacher:
         if extra_body is not None and not isinstance(extra_body, Mapping):
             raise TypeError(f"extra_body must be a mapping of request fields, got {type(extra_body).__name__}")
         self.extra_body = dict(extra_body or {})
-        clash = set(self.extra_body) & {"model", "prompt", "prompt_logprobs", "max_tokens", "n", "stream"}
+        clash = set(self.extra_body) & {"model", "prompt", "prompt_logprobs", "max_tokens", "n", "stream",
+                                        "temperature", "return_token_ids"}
         if clash:
             raise ValueError(f"extra_body cannot set {sorted(clash)}: the client sets them")
+        self._opener = urllib.request.build_opener()  # proxies from the environment, as urlopen
 
     # ------------------------------------------------------------------------------------------ public
     def topk(self, input_ids, *, attention_mask: torch.Tensor | None = None, response_mask=None,
@@ -319,7 +321,7 @@ class VLLMTeacher:
                 time.sleep(self.retry_backoff * 2 ** (attempt - 1))
             request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                with self._opener.open(request, timeout=self.timeout) as response:
                     raw = response.read()
             except urllib.error.HTTPError as err:
                 failure = TeacherHTTPError(err.code, _error_message(_read_quietly(err)), self.url, attempt + 1)
