@@ -201,8 +201,9 @@ class VLLMTeacher:
         self.temperature_field = temperature_field
         self.timeout = _positive(timeout, "timeout")
         self.max_retries = _int_at_least(max_retries, "max_retries", 0)
-        if isinstance(retry_backoff, bool) or not isinstance(retry_backoff, (int, float)) \
-                or not math.isfinite(retry_backoff) or retry_backoff < 0:
+        if isinstance(retry_backoff, bool) or not isinstance(retry_backoff, (int, float)):
+            raise TypeError(f"retry_backoff must be a number of seconds, got {type(retry_backoff).__name__}")
+        if not math.isfinite(retry_backoff) or retry_backoff < 0:
             raise ValueError(f"retry_backoff must be a finite number of seconds >= 0, got {retry_backoff!r}")
         self.retry_backoff = float(retry_backoff)
         self.max_batch_size = _int_at_least(max_batch_size, "max_batch_size", 1)
