@@ -16,7 +16,7 @@ import pytest
 from tests.test_policy_docs import python_blocks
 
 ROOT = Path(__file__).resolve().parent.parent
-TESTED_ELSEWHERE = {"policy_gradient.md", "sparse_teacher.md"}
+TESTED_ELSEWHERE = {"policy_gradient.md", "sparse_teacher.md", "teacher_server.md"}
 DOCS = sorted(p for p in (ROOT / "docs").glob("*.md") if p.name not in TESTED_ELSEWHERE)
 
 
