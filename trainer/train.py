@@ -24,7 +24,7 @@ Data parallel (``torchrun``, :mod:`trainer.distributed`): each rank rolls out it
 with a replica of the student, the student is trained sharded with FSDP2 (the losses run inside
 ``sod_kernels.fsdp.fsdp_forward``), each loss is divided by the distilled tokens of all ranks together and
 the gradients are summed, metrics and step logs are gathered, rank 0 writes the logs, and checkpoints are
-``torch.distributed.checkpoint`` folders (:mod:`trainer.checkpoint_dcp`).
+``torch.distributed.checkpoint`` folders (:mod:`trainer.checkpoint.dcp`).
 """
 
 from __future__ import annotations
@@ -454,7 +454,7 @@ class SODTrainer:
         fingerprint; the checkpoint it replaces is kept as ``checkpoint.prev.pt`` (under torchrun: the
         folders ``checkpoint.dcp`` / ``checkpoint.prev.dcp``, every rank's RNG states)."""
         if self.dist is not None:
-            from .checkpoint_dcp import save_dcp
+            from .checkpoint.dcp import save_dcp
 
             meta = {"step": self.step, "config": self.config.to_dict(), "fingerprint": self.fingerprint()}
             save_dcp(self.dist, self.student, self.optimizer, meta, capture_rng(self.device), self.output)
@@ -468,15 +468,15 @@ class SODTrainer:
     def load_checkpoint(self) -> None:
         """Restore from the newest readable checkpoint and cut the logs back to its step.
 
-        The checkpoint may be of the other kind (:mod:`trainer.checkpoint_convert`): a single process's
+        The checkpoint may be of the other kind (:mod:`trainer.checkpoint.convert`): a single process's
         ``checkpoint.pt`` under torchrun is sharded onto the ranks, a ``checkpoint.dcp`` is gathered into a
         single process, and a ``checkpoint.dcp`` of another number of ranks is resharded.
         Raises :class:`trainer.checkpoint.CheckpointError` (a ``ValueError``) naming the files if none is
         readable, or listing the differing settings if the checkpoint's run had other settings and
         ``allow_config_change`` is off.  Nothing in the folder changes when it raises.
         """
-        from .checkpoint_convert import resume_kind
-        from .checkpoint_dcp import load_latest_meta
+        from .checkpoint.convert import resume_kind
+        from .checkpoint.dcp import load_latest_meta
 
         kind = resume_kind(self.output, distributed=self.dist is not None)
         if kind == "single":
@@ -497,7 +497,7 @@ class SODTrainer:
                                       f"{error}") from error
             rng = payload["rng"]
         elif self.dist is None:
-            from .checkpoint_convert import gather_dcp_checkpoint
+            from .checkpoint.convert import gather_dcp_checkpoint
 
             rng = gather_dcp_checkpoint(path, self.student, self.optimizer)
             note = f" (written by {payload['world_size']} ranks, gathered into one process)"
@@ -505,13 +505,13 @@ class SODTrainer:
             from .distributed import barrier
 
             if kind == "single":
-                from .checkpoint_convert import shard_single_checkpoint
+                from .checkpoint.convert import shard_single_checkpoint
 
                 shard_single_checkpoint(payload, self.student, self.optimizer, self.policy)
                 rng = payload["rng"]
                 note = f" (written by a single process, sharded onto {self.dist.world_size} ranks)"
             else:
-                from .checkpoint_dcp import load_dcp
+                from .checkpoint.dcp import load_dcp
 
                 saved_world = int(payload["world_size"])
                 rng = load_dcp(self.dist, path, self.student, self.optimizer, saved_world)

@@ -12,7 +12,7 @@
 - :func:`remove_stale_temporaries` deletes ``.NAME.tmp-PID`` files whose writing process is gone.
 
 A data-parallel run (``torchrun``) writes its checkpoints as ``torch.distributed.checkpoint`` folders
-(``checkpoint.dcp``, ``checkpoint.prev.dcp``; :mod:`trainer.checkpoint_dcp`); the folder guards here know
+(``checkpoint.dcp``, ``checkpoint.prev.dcp``; :mod:`trainer.checkpoint.dcp`); the folder guards here know
 both kinds.
 """
 
@@ -27,7 +27,7 @@ from typing import Sequence
 
 import torch
 
-from .config import TrainConfig
+from ..config import TrainConfig
 
 CHECKPOINT_NAME = "checkpoint.pt"
 PREVIOUS_NAME = "checkpoint.prev.pt"
