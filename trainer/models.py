@@ -84,9 +84,24 @@ def load_model(spec: str, tokenizer, seed: int, dtype: torch.dtype = torch.float
     if not path.is_dir():
         raise ValueError(f"model must be a preset {sorted(PRESETS)} or an existing local model folder, got "
                          f"{spec!r}")
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    _check_folder(path, spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+        raise ValueError(f"model folder {spec!r}: cannot load a causal LM from it: {_first_line(error)}") from None
     check_model_logits(model, spec)
     return model
+
+
+def _check_folder(path: Path, spec: str) -> None:
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model folder {spec!r} has no config.json; it must be a Hugging Face model folder "
+                         f"(save_pretrained) or a preset {sorted(PRESETS)}")
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0].strip() if text else ''}"
 
 
 def check_model_logits(model: PreTrainedModel, name: str) -> sod_hf.LogitProcessing:
@@ -111,7 +126,11 @@ def load_tokenizer(spec: str):
     if not path.is_dir():
         raise ValueError(f"model must be a preset {sorted(PRESETS)} or an existing local model folder, got "
                          f"{spec!r}")
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    _check_folder(path, spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+        raise ValueError(f"model folder {spec!r}: cannot load its tokenizer: {_first_line(error)}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
