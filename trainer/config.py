@@ -178,20 +178,26 @@ def convert_fields(values: Mapping[str, Any], source: str) -> dict[str, Any]:
     converted = {}
     for name, value in values.items():
         if isinstance(value, bool) and names[name] is not bool:
-            raise ValueError(f"{source}: {name} must be a {_type_name(names[name])}, got the boolean {value!r}")
+            raise ValueError(f"{source}: {name} must be {_type_name(names[name])}, not a boolean ({value!r})")
         try:
             converted[name] = _adapter(name).validate_python(value)
         except ValidationError as error:
             first = error.errors()[0]
-            where = "".join(f"[{part}]" for part in first.get("loc", ()))
-            raise ValueError(f"{source}: {name}{where} must be a {_type_name(names[name])}, got {value!r} "
-                             f"({first['msg'][0].lower() + first['msg'][1:]})") from None
+            reason = first["msg"][0].lower() + first["msg"][1:]
+            if first.get("loc"):
+                reason = f"item {'/'.join(map(str, first['loc']))}: {reason}"
+            raise ValueError(f"{source}: {name} must be {_type_name(names[name])}, got {value!r} ({reason})") from None
     return converted
 
 
+TYPE_NAMES = {bool: "boolean", int: "integer", float: "number", str: "string", str | None: "string (or null)",
+              tuple[float, float]: "list of two numbers", tuple[str, ...]: "list of strings"}
+
+
 def _type_name(hint) -> str:
-    text = getattr(hint, "__name__", None) if not typing.get_args(hint) else None
-    return text or str(hint).replace("typing.", "")
+    """``"an integer"``, ``"a list of two numbers"``...: what a field takes, with its article."""
+    name = TYPE_NAMES.get(hint) or str(hint).replace("typing.", "")
+    return ("an " if name[0] in "aeiou" else "a ") + name
 
 
 def read_config_file(path: str | Path) -> dict:

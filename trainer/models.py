@@ -26,7 +26,7 @@ PRESET_PREFIX = "tiny-"
 ROPE_THETA = 10000.0
 MAX_POSITIONS = 1024
 # Tolerance of the load-time check that the trainer's logits reproduce the model's own, by weight dtype.
-LOGIT_CHECK_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+LOGIT_CHECK_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6, torch.bfloat16: 5e-2, torch.float16: 2e-2}
 # generation_config.json entries that do not change which distribution a token is sampled from.
 GENERATION_NEUTRAL_KEYS = frozenset({"bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id",
                                      "transformers_version", "_from_model_config", "max_length", "max_new_tokens",
