@@ -37,8 +37,8 @@ class TrainConfig:
     student: str = "tiny-student"  # preset name (tiny-student, tiny-teacher) or a local HF model folder
     teacher: str = "tiny-teacher"  # preset name or a local HF model folder (same tokenizer as the student)
     teacher_dtype: str = "float32"  # float32 | bfloat16 | float16: the frozen teacher's weights and forward pass
-    dataset: str | None = None  # local .jsonl/.json/.parquet of prompts and answers (see the README); None = built-in task
-    reward_fn: str | None = None  # "module:function" scoring (final assistant message, answer) -> float; None = exact match
+    dataset: str | None = None  # local .jsonl/.json/.parquet of prompts and answers; None = built-in task
+    reward_fn: str | None = None  # "module:function" called as f(final message, answer) -> reward; None = built-in
     objective: str = "kl"  # kl: fused_sod_loss; pg: GRPO + SOD advantages + fused_sod_policy_loss
     divergence: str = "reverse_kl"  # per-token divergence of the kl objective
     step_divergence: str = "kl"  # kl | sampled | none (none = plain OPD baseline)
@@ -71,7 +71,7 @@ class TrainConfig:
     seed: int = 0  # seeds models (presets), sampling, problems and faults
     output_dir: str = "runs/train"  # metrics, step logs, checkpoints
     checkpoint_every: int = 10  # updates between checkpoints (the last update is always saved)
-    resume: bool = False  # continue the run in output_dir from its checkpoint, with its saved settings (flags override them)
+    resume: bool = False  # continue the run in output_dir under its saved settings (flags override them)
     overwrite: bool = False  # start fresh in an output_dir that holds a run, deleting its checkpoints and logs
     allow_config_change: bool = False  # resume even though settings differ from the checkpoint's (listed)
     student_init: str | None = None  # optional checkpoint/model folder whose weights start the student

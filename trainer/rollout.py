@@ -18,7 +18,8 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 import torch
 
-from .task import FaultInjector, Problem, RewardFunction, call_reward_function, extract_answer, extract_tool_call, reward
+from .task import (FaultInjector, Problem, RewardFunction, call_reward_function, extract_answer, extract_tool_call,
+                   reward)
 
 TOOL_SCHEMA = {
     "type": "function",
@@ -198,10 +199,11 @@ class HFTurnGenerator:
     generation config and the model's ``generation_config`` (a folder's ``repetition_penalty``, ``top_k``,
     ``min_p``, ``suppress_tokens``, ``bad_words_ids``...) is set aside during the call, so the recorded
     log-probs are those of the distribution each token was drawn from.
-    Log-probs are computed at the sampling temperature by one of two passes (``logprobs``): ``"logits"`` reads them from the logits ``generate`` returns (``output_logits``: it
-    keeps ``rows x new tokens x V`` float32 values until the turn ends); ``"forward"`` runs the model once more
-    over context + turn and reads them with ``sod_kernels.fused_token_logprobs`` (no logits kept; one extra
-    forward pass).  ``"auto"`` (the default): ``"forward"`` on a GPU, ``"logits"`` elsewhere.
+    Log-probs are computed at the sampling temperature by one of two passes (``logprobs``): ``"logits"``
+    reads them from the logits ``generate`` returns (``output_logits``: it keeps ``rows x new tokens x V``
+    float32 values until the turn ends); ``"forward"`` runs the model once more over context + turn and reads
+    them with ``sod_kernels.fused_token_logprobs`` (no logits kept; one extra forward pass).  ``"auto"`` (the
+    default): ``"forward"`` on a GPU, ``"logits"`` elsewhere.
 
     Without ``keys`` the batch samples from the global torch RNG (one draw for the whole batch, so a row's
     tokens depend on the batch it shares).  With ``keys`` (one tuple of ints per context) each row samples

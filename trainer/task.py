@@ -7,7 +7,8 @@ ask for "problem 17 of update 3" at any time (including after a resume) without 
 The module also holds local datasets (:func:`load_dataset`: what a row may hold, refused with the file and
 the line otherwise), the reward (:func:`reward`: numbers compared by value, text answers after
 normalization, or a user function named by import path, :func:`load_reward_function`), the answer /
-tool-call parsers the rollout uses, and the tool-fault injection that corrupts an observation with a given probability: silently
+tool-call parsers the rollout uses, and the tool-fault injection that corrupts an observation with a given
+probability: silently
 (``kind="shift"``: every number in the output moved) or visibly (``kind="error"``: the output replaced by an
 error line), at any step or only after one chosen step (``at_step``).
 """
@@ -554,7 +555,8 @@ class ProblemSource:
         split = f"{len(self.train_ids)} for training, {len(self.held_out_ids)} held out"
         shape = f"; {chats} given as chat messages" if chats else ""
         if self.reward_fn is not None:
-            return f"dataset {self.dataset!r}: {rows} rows loaded ({split}{shape}); every row scored by {self.reward_fn}"
+            return (f"dataset {self.dataset!r}: {rows} rows loaded ({split}{shape}); every row scored by "
+                    f"{self.reward_fn}")
         numbers = sum(1 for p in self.records if answer_kind(p.answer, p.answer_type) == "number")
         return (f"dataset {self.dataset!r}: {rows} rows loaded ({split}{shape}); the reward can score {rows} of "
                 f"{rows}: {numbers} number answers (compared by value), {rows - numbers} text answers (compared "

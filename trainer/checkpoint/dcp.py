@@ -26,8 +26,7 @@ from pathlib import Path
 
 import torch
 
-from . import (DCP_NAME, DCP_PREVIOUS_NAME, TEMPORARY_MARKER, CheckpointError, _fsync_dir,
-                         checkpoint_paths, dcp_paths, remove_path)
+from . import DCP_NAME, DCP_PREVIOUS_NAME, TEMPORARY_MARKER, CheckpointError, _fsync_dir, dcp_paths, remove_path
 from ..distributed import DistContext, all_gather_objects, barrier, broadcast_object
 
 META_NAME = "meta.pt"
