@@ -32,7 +32,7 @@ import torch.multiprocessing as mp
 
 from tests.test_trainer_rollout import ArithmeticTool, ReplayGenerator
 from trainer.checkpoint import CHECKPOINT_NAME, DCP_NAME, DCP_PREVIOUS_NAME, METRICS_NAME, STEPS_NAME
-from trainer.checkpoint_dcp import load_latest_meta, load_model_weights
+from trainer.checkpoint.dcp import load_latest_meta, load_model_weights
 from trainer.config import TrainConfig
 from trainer.distributed import DistContext, check_batch_split, env_context, rank_range
 from trainer.models import build_preset

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from sod_kernels import step_ids_from_mask
-from trainer.models import build_preset, hidden_states, lm_head_weight
+from trainer.models import build_preset, hidden_states, lm_head_weight, output_head
 from trainer.rollout import ChatFormat, GeneratedTurn, HFTurnGenerator, RolloutSettings, ToolObservation, run_rollouts
 from trainer.sft import solution_turns
 from trainer.task import FaultInjector, generate_problem
@@ -67,10 +67,11 @@ class ReplayGenerator:
     def _logprobs(self, context, ids):
         if self.model is None:
             return [SCRIPTED_LOGPROB] * len(ids)
-        device = lm_head_weight(self.model).device
+        head = output_head(self.model)
+        device = head.weight.device
         full = torch.tensor([list(context) + ids], device=device)
         hidden = hidden_states(self.model, full, torch.ones_like(full))[0, len(context) - 1:-1]
-        logp = torch.log_softmax(hidden @ lm_head_weight(self.model).T / self.temperature, dim=-1)
+        logp = torch.log_softmax(head.logits(hidden) / self.temperature, dim=-1)
         return logp.gather(1, torch.tensor(ids, device=device)[:, None])[:, 0].tolist()
 
 

@@ -138,7 +138,8 @@ def test_config_from_file_and_flags(tmp_path):
     path.write_text("objective: pg\nupdates: 7\nstep_divergence: none\nsandbox_allow_missing: [privilege_drop]\n")
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)
-    config = config_from_args(parser.parse_args(["--config", str(path), "--updates", "9", "--resume"]))
+    config = config_from_args(parser.parse_args(["--config", str(path), "--updates", "9", "--resume",
+                                                 "--output-dir", str(tmp_path / "no-run-here")]))
     assert (config.objective, config.updates, config.step_divergence, config.resume) == ("pg", 9, "none", True)
     assert config.sandbox_allow_missing == ("privilege_drop",)
     json_path = tmp_path / "run.json"

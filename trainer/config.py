@@ -1,12 +1,23 @@
-"""Trainer configuration: one dataclass, filled from defaults, a JSON/YAML file, then command-line flags."""
+"""Trainer configuration: one dataclass, filled from defaults, the run folder's saved config (``--resume``),
+a JSON/YAML file, then command-line flags.
+
+Every value, whatever its source, is converted to the field's annotated type (``pydantic``'s lax mode:
+``"false"`` / ``"no"`` / ``0`` are False, ``"3e-4"`` is a float, ``2.7`` is not an int) or refused with an
+error naming the field and where the value came from; :meth:`TrainConfig.validate` then refuses every value
+the losses, the optimizer or the rollouts would refuse later (``ValueError`` naming the field).
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
+import math
+import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any, Mapping
 
 OBJECTIVES = ("kl", "pg")
 STEP_DIVERGENCES = ("kl", "sampled", "none")
@@ -14,6 +25,9 @@ DIVERGENCES = ("reverse_kl", "forward_kl")
 LOG_FORMATS = ("text", "json")
 ROLLOUT_RNGS = ("shared", "per_trajectory")
 TEACHER_DTYPES = ("float32", "bfloat16", "float16")  # names of torch dtypes
+SAVED_CONFIG_NAME = "config.json"  # a run folder's record of its settings (written when a run starts)
+# Fields that say how to start this invocation, not what the run computes: never taken from a saved config.
+INVOCATION_FIELDS = frozenset({"resume", "overwrite", "allow_config_change", "output_dir"})
 
 
 @dataclass
@@ -23,7 +37,8 @@ class TrainConfig:
     student: str = "tiny-student"  # preset name (tiny-student, tiny-teacher) or a local HF model folder
     teacher: str = "tiny-teacher"  # preset name or a local HF model folder (same tokenizer as the student)
     teacher_dtype: str = "float32"  # float32 | bfloat16 | float16: the frozen teacher's weights and forward pass
-    dataset: str | None = None  # local .jsonl/.parquet of prompts and answers; None = built-in task
+    dataset: str | None = None  # local .jsonl/.json/.parquet of prompts and answers; None = built-in task
+    reward_fn: str | None = None  # "module:function" called as f(final message, answer) -> reward; None = built-in
     objective: str = "kl"  # kl: fused_sod_loss; pg: GRPO + SOD advantages + fused_sod_policy_loss
     divergence: str = "reverse_kl"  # per-token divergence of the kl objective
     step_divergence: str = "kl"  # kl | sampled | none (none = plain OPD baseline)
@@ -56,7 +71,7 @@ class TrainConfig:
     seed: int = 0  # seeds models (presets), sampling, problems and faults
     output_dir: str = "runs/train"  # metrics, step logs, checkpoints
     checkpoint_every: int = 10  # updates between checkpoints (the last update is always saved)
-    resume: bool = False  # continue from output_dir/checkpoint.pt (the settings must match the checkpoint's)
+    resume: bool = False  # continue the run in output_dir under its saved settings (flags override them)
     overwrite: bool = False  # start fresh in an output_dir that holds a run, deleting its checkpoints and logs
     allow_config_change: bool = False  # resume even though settings differ from the checkpoint's (listed)
     student_init: str | None = None  # optional checkpoint/model folder whose weights start the student
@@ -67,38 +82,40 @@ class TrainConfig:
     device: str = "cpu"  # cpu | cuda | cuda:N | auto (cuda if a GPU is visible); under torchrun cuda = GPU LOCAL_RANK
 
     def validate(self) -> "TrainConfig":
-        """Raise ``ValueError`` naming the first bad field; return self."""
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        if self.step_divergence not in STEP_DIVERGENCES:
-            raise ValueError(f"step_divergence must be one of {STEP_DIVERGENCES}, got {self.step_divergence!r}")
-        if self.divergence not in DIVERGENCES:
-            raise ValueError(f"divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
-        if self.log_format not in LOG_FORMATS:
-            raise ValueError(f"log_format must be one of {LOG_FORMATS}, got {self.log_format!r}")
-        if self.rollout_rng not in ROLLOUT_RNGS:
-            raise ValueError(f"rollout_rng must be one of {ROLLOUT_RNGS}, got {self.rollout_rng!r}")
-        if self.teacher_dtype not in TEACHER_DTYPES:
-            raise ValueError(f"teacher_dtype must be one of {TEACHER_DTYPES}, got {self.teacher_dtype!r}")
+        """Convert every field to its annotated type, then raise ``ValueError`` naming the first field whose
+        value the run would refuse later (a loss, the optimizer, the sampler); return self."""
+        for name, value in convert_fields(dataclasses.asdict(self), "config").items():
+            object.__setattr__(self, name, value)
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         positive = ("updates", "prompts_per_step", "rollouts_per_prompt", "micro_batch_size", "max_turns",
                     "max_new_tokens", "max_total_tokens", "checkpoint_every", "log_every", "threads",
                     "tool_workers")
         for name in positive:
-            if int(getattr(self, name)) < 1:
+            if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("epsilon", "lr", "tool_timeout_s"):
-            if not float(getattr(self, name)) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.delta < 0:
-            raise ValueError(f"delta must be >= 0, got {self.delta}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 for on-policy sampling, got {self.temperature}")
-        if not 0.0 <= self.tool_fault_rate <= 1.0:
-            raise ValueError(f"tool_fault_rate must lie in [0, 1], got {self.tool_fault_rate}")
-        if self.warmup_updates < 0:
-            raise ValueError(f"warmup_updates must be >= 0, got {self.warmup_updates}")
-        if self.eval_prompts < 0:
-            raise ValueError(f"eval_prompts must be >= 0, got {self.eval_prompts}")
+        for name in ("warmup_updates", "eval_prompts", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        # Floats: (lowest, lowest allowed?, highest, highest allowed?); every one must be finite.
+        bounds = {"epsilon": (0.0, False, None, False), "delta": (0.0, True, None, False),
+                  "coef": (None, False, None, False), "clip_low": (0.0, True, 1.0, False),
+                  "clip_high": (0.0, True, None, False), "dual_clip": (1.0, False, None, False),
+                  "lr": (0.0, False, None, False), "weight_decay": (0.0, True, None, False),
+                  "grad_clip": (None, False, None, False), "temperature": (0.0, False, None, False),
+                  "tool_timeout_s": (0.0, False, None, False), "tool_fault_rate": (0.0, True, 1.0, True)}
+        for name, (low, low_ok, high, high_ok) in bounds.items():
+            _check_range(name, getattr(self, name), low, low_ok, high, high_ok)
+        for k, beta in enumerate(self.betas):
+            _check_range(f"betas[{k}]", beta, 0.0, True, 1.0, False)
+        for name in ("student", "teacher", "output_dir"):
+            if not getattr(self, name).strip():
+                raise ValueError(f"{name} must not be empty")
+        if self.reward_fn is not None:
+            from .task import load_reward_function
+
+            load_reward_function(self.reward_fn)
         from .placement import check_device_spec
 
         check_device_spec(self.device)
@@ -109,18 +126,83 @@ class TrainConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
-        """Build from a dictionary; unknown keys are an error naming them."""
-        names = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(values) - set(names))
-        if unknown:
-            raise ValueError(f"unknown config key(s) {unknown}; known: {sorted(names)}")
-        converted = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-        return cls(**converted).validate()
+    def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> "TrainConfig":
+        """Build from a dictionary, converting each value to its field's type; unknown keys and values that do
+        not convert are an error naming them and ``source`` (e.g. the file they came from)."""
+        return cls(**convert_fields(values, source)).validate()
+
+
+def _check_range(name: str, value: float, low, low_ok: bool, high, high_ok: bool) -> None:
+    """``ValueError`` naming ``name`` unless ``value`` is finite and within the bounds (None: unbounded)."""
+    parts = []
+    if low is not None:
+        parts.append(f"{'>=' if low_ok else '>'} {low:g}")
+    if high is not None:
+        parts.append(f"{'<=' if high_ok else '<'} {high:g}")
+    inside = math.isfinite(value)
+    if inside and low is not None:
+        inside = value >= low if low_ok else value > low
+    if inside and high is not None:
+        inside = value <= high if high_ok else value < high
+    if not inside:
+        where = f" {' and '.join(parts)}" if parts else ""
+        raise ValueError(f"{name} must be a finite number{where}, got {value}")
+
+
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+@functools.cache
+def _adapter(name: str):
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(_field_types()[name])
+
+
+def convert_fields(values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """``values`` with each value converted to the annotated type of its :class:`TrainConfig` field.
+
+    ``source`` names where the values came from (``config file 'run.yaml'``, ``command line``...).  Raises
+    ``ValueError`` naming the source and the field for an unknown key, a value that does not convert
+    (``"abc"`` for a float, ``2.7`` for an int, ``"maybe"`` for a bool, one number for ``betas``), or a
+    boolean given for a number.
+    """
+    from pydantic import ValidationError
+
+    names = _field_types()
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ValueError(f"{source}: unknown config key(s) {unknown}; known: {sorted(names)}")
+    converted = {}
+    for name, value in values.items():
+        if isinstance(value, bool) and names[name] is not bool:
+            raise ValueError(f"{source}: {name} must be {_type_name(names[name])}, not a boolean ({value!r})")
+        try:
+            converted[name] = _adapter(name).validate_python(value)
+        except ValidationError as error:
+            first = error.errors()[0]
+            reason = first["msg"][0].lower() + first["msg"][1:]
+            if first.get("loc"):
+                reason = f"item {'/'.join(map(str, first['loc']))}: {reason}"
+            raise ValueError(f"{source}: {name} must be {_type_name(names[name])}, got {value!r} ({reason})") from None
+    return converted
+
+
+TYPE_NAMES = {bool: "boolean", int: "integer", float: "number", str: "string", str | None: "string (or null)",
+              tuple[float, float]: "list of two numbers", tuple[str, ...]: "list of strings"}
+
+
+def _type_name(hint) -> str:
+    """``"an integer"``, ``"a list of two numbers"``...: what a field takes, with its article."""
+    name = TYPE_NAMES.get(hint) or str(hint).replace("typing.", "")
+    return ("an " if name[0] in "aeiou" else "a ") + name
 
 
 def read_config_file(path: str | Path) -> dict:
-    """A JSON (``.json``) or YAML (``.yaml`` / ``.yml``) mapping of config fields."""
+    """A JSON (``.json``) or YAML (``.yaml`` / ``.yml``) mapping of config fields, as the file holds them
+    (:func:`convert_fields` types them).  A missing or unparsable file is a ``ValueError`` naming it."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file {str(path)!r} does not exist")
@@ -128,9 +210,19 @@ def read_config_file(path: str | Path) -> dict:
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
-        data = yaml.safe_load(text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+            raise ValueError(f"config file {str(path)!r}{where} is not valid YAML: "
+                             f"{getattr(error, 'problem', None) or error}") from None
     elif path.suffix == ".json":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"config file {str(path)!r} line {error.lineno} column {error.colno} is not valid "
+                             f"JSON: {error.msg}") from None
     else:
         raise ValueError(f"config file must end in .json, .yaml or .yml, got {str(path)!r}")
     if not isinstance(data, dict):
@@ -138,13 +230,22 @@ def read_config_file(path: str | Path) -> dict:
     return data
 
 
-def _parse_bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
+def read_saved_config(output_dir: str | Path) -> dict | None:
+    """The settings a run folder recorded when its run started (``output_dir/config.json``), typed, without
+    the :data:`INVOCATION_FIELDS` and without keys this version no longer has; None when there is none."""
+    path = Path(output_dir) / SAVED_CONFIG_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"--resume: the saved config {str(path)!r} is unreadable ({error}); restore it or "
+                         f"start a new run") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--resume: the saved config {str(path)!r} is not a mapping of field names to values")
+    known = {f.name for f in fields(TrainConfig)}
+    kept = {k: v for k, v in data.items() if k in known and k not in INVOCATION_FIELDS}
+    return convert_fields(kept, f"saved config {str(path)!r}")
 
 
 def probability(text: str) -> float:
@@ -178,7 +279,8 @@ def _comment_help() -> dict[str, str]:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One ``--flag`` per config field (dashes for underscores), all defaulting to "not given"."""
+    """One ``--flag`` per config field (dashes for underscores), all defaulting to "not given"; a boolean
+    field is a pair ``--flag`` / ``--no-flag``."""
     help_text = _comment_help()
     parser.add_argument("--config", help="JSON or YAML file of config fields (flags override it)")
     for f in fields(TrainConfig):
@@ -190,7 +292,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         elif f.name in TYPES:
             parser.add_argument(flag, type=TYPES[f.name], **kwargs)
         elif isinstance(default, bool):
-            parser.add_argument(flag, nargs="?", const=True, type=_parse_bool, **kwargs)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif isinstance(default, tuple):
             element = float if default and isinstance(default[0], float) else str
             parser.add_argument(flag, nargs="*", type=element, **kwargs)
@@ -203,11 +305,18 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
-    """Defaults (or ``base``), then the ``--config`` file, then explicit flags."""
+    """Defaults (or ``base``), then with ``resume`` the run folder's saved config (:func:`read_saved_config`),
+    then the ``--config`` file, then explicit flags; each source's values are typed and checked
+    (``ValueError`` naming the field and the source)."""
     values = (base or TrainConfig()).to_dict()
+    given = {}
     config_file = getattr(args, "config", None)
     if config_file:
-        values.update(read_config_file(config_file))
+        given.update(convert_fields(read_config_file(config_file), f"config file {str(config_file)!r}"))
     names = {f.name for f in fields(TrainConfig)}
-    values.update({k: v for k, v in vars(args).items() if k in names})
+    given.update(convert_fields({k: v for k, v in vars(args).items() if k in names}, "command line"))
+    if given.get("resume", values["resume"]):
+        saved = read_saved_config(given.get("output_dir", values["output_dir"]))
+        values.update(saved or {})
+    values.update(given)
     return TrainConfig.from_dict(values)

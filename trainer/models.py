@@ -1,8 +1,13 @@
 """Models: built-in tiny presets, local Hugging Face folders, and the hidden-state forward pass.
 
 The trainer never asks a model for logits: :func:`hidden_states` calls the model body (the decoder stack
-with its final norm) and :func:`lm_head_weight` returns the output projection (or the tied embedding),
-which ``sod_kernels`` turns into the loss without materializing tokens x vocabulary.
+with its final norm) and :func:`output_head` returns the output projection (or the tied embedding) with what
+the model does to its logits after it (read by ``sod_kernels.hf``): a logit scale (Cohere ``logit_scale``,
+Granite ``1 / logits_scaling``, Falcon-H1 ``lm_head_multiplier``), folded into the hidden states exactly,
+and a final soft-cap (Gemma 2/3 ``final_logit_softcapping``), passed to the fused losses.  A local model
+folder is checked once when it is loaded: the trainer's logits (hidden states, lm_head, scale, cap) must
+reproduce the model's own, or the folder is refused (a model that post-processes its logits in another way,
+or an lm_head with a bias).
 """
 
 from __future__ import annotations
@@ -13,11 +18,19 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Qwen3Config, Qwen3ForCausalLM
 
+from sod_kernels import hf as sod_hf
+
 from .tokenizer import build_task_tokenizer
 
 PRESET_PREFIX = "tiny-"
 ROPE_THETA = 10000.0
 MAX_POSITIONS = 1024
+# Tolerance of the load-time check that the trainer's logits reproduce the model's own, by weight dtype.
+LOGIT_CHECK_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6, torch.bfloat16: 5e-2, torch.float16: 2e-2}
+# generation_config.json entries that do not change which distribution a token is sampled from.
+GENERATION_NEUTRAL_KEYS = frozenset({"bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id",
+                                     "transformers_version", "_from_model_config", "max_length", "max_new_tokens",
+                                     "use_cache", "cache_implementation", "do_sample", "temperature"})
 
 
 @dataclass(frozen=True)
@@ -60,16 +73,51 @@ def build_preset(name: str, tokenizer, seed: int) -> PreTrainedModel:
 
 
 def load_model(spec: str, tokenizer, seed: int, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """A preset name or a local Hugging Face model folder (never downloads)."""
+    """A preset name or a local Hugging Face model folder (never downloads).
+
+    A folder's model is checked once (:func:`check_model_logits`): a model whose logits the trainer would not
+    reproduce is refused with a ``ValueError`` naming the folder.
+    """
     if is_preset(spec):
         return build_preset(spec, tokenizer, seed).to(dtype)
     path = Path(spec)
     if not path.is_dir():
         raise ValueError(f"model must be a preset {sorted(PRESETS)} or an existing local model folder, got "
                          f"{spec!r}")
-    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    _check_folder(path, spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+        raise ValueError(f"model folder {spec!r}: cannot load a causal LM from it: {_first_line(error)}") from None
+    check_model_logits(model, spec)
+    return model
 
 
+def _check_folder(path: Path, spec: str) -> None:
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model folder {spec!r} has no config.json; it must be a Hugging Face model folder "
+                         f"(save_pretrained) or a preset {sorted(PRESETS)}")
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0].strip() if text else ''}"
+
+
+def check_model_logits(model: PreTrainedModel, name: str) -> sod_hf.LogitProcessing:
+    """Refuse (``ValueError`` naming ``name``) a model whose logits the trainer does not reproduce: the final
+    hidden states through :func:`output_head` (lm_head, logit scale, soft-cap) must give ``model(ids).logits``
+    on a short input.  Returns the model's logit processing."""
+    output_head(model, name)
+    tolerance = LOGIT_CHECK_TOLERANCE.get(next(model.parameters()).dtype, 1e-2)
+    was_training = model.training
+    model.eval()
+    try:
+        return sod_hf.check_logit_processing(model, atol=tolerance, rtol=tolerance)
+    except ValueError as error:
+        raise ValueError(f"model {name!r}: {error}") from None
+    finally:
+        model.train(was_training)
 def load_tokenizer(spec: str):
     """The task tokenizer for presets; the folder's own tokenizer for a local Hugging Face model."""
     if is_preset(spec):
@@ -78,7 +126,11 @@ def load_tokenizer(spec: str):
     if not path.is_dir():
         raise ValueError(f"model must be a preset {sorted(PRESETS)} or an existing local model folder, got "
                          f"{spec!r}")
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    _check_folder(path, spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+        raise ValueError(f"model folder {spec!r}: cannot load its tokenizer: {_first_line(error)}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -103,14 +155,65 @@ def hidden_states(model: PreTrainedModel, input_ids: torch.Tensor, attention_mas
     return out.last_hidden_state
 
 
+@dataclass(frozen=True)
+class OutputHead:
+    """The output projection of a causal LM and what the model does to its logits.
+
+    weight:  ``[V, H]`` (the tied input embedding when the model ties them; gradients reach it either way).
+    scale:   the model multiplies its logits by it (1.0: no scale); :meth:`fold` moves it into the hidden
+             states, ``s (h W^T) = (s h) W^T``.
+    softcap: the model's final soft-cap ``c tanh(z / c)`` (after the scale), or None; the fused losses take it
+             as ``student_softcap`` / ``teacher_softcap`` / ``softcap``.
+    """
+
+    weight: torch.Tensor
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def fold(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden`` with the logit scale folded in (itself when the scale is 1); differentiable."""
+        return hidden if self.scale == 1.0 else hidden * self.scale
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's logits from final hidden states, materialized (``[..., V]``; small batches only)."""
+        logits = self.fold(hidden) @ self.weight.T
+        return logits if self.softcap is None else self.softcap * torch.tanh(logits / self.softcap)
+
+
+def output_head(model: PreTrainedModel, name: str | None = None) -> OutputHead:
+    """The lm_head weight ``[V, H]``, logit scale and soft-cap of ``model`` (``sod_kernels.hf`` reads them
+    from its config).  A ``ValueError`` (naming ``name`` or the model class) if it has no lm_head or the
+    lm_head has a bias (the trainer's losses do not take one)."""
+    who = name or type(model).__name__
+    try:
+        head = sod_hf.lm_head(model)
+    except TypeError as error:
+        raise ValueError(f"model {who!r} has no usable lm_head: {error}") from None
+    if head.bias is not None:
+        raise ValueError(f"model {who!r}: its lm_head has a bias, which the trainer does not pass to the losses")
+    return OutputHead(weight=head.weight, scale=head.processing.scale, softcap=head.processing.softcap)
+
+
 def lm_head_weight(model: PreTrainedModel) -> torch.Tensor:
-    """The output projection ``[V, H]`` (the tied input embedding when the model ties them)."""
-    head = model.get_output_embeddings()
-    if head is None:
-        raise ValueError(f"{type(model).__name__} has no output embeddings (lm_head)")
-    if getattr(head, "bias", None) is not None:
-        raise ValueError(f"{type(model).__name__}'s lm_head has a bias; pass it to the loss (not supported here)")
-    return head.weight
+    """The output projection ``[V, H]`` (the tied input embedding when the model ties them); see
+    :func:`output_head` for the logit scale and soft-cap that go with it."""
+    return output_head(model).weight
+
+
+def describe_logit_processing(head: OutputHead) -> str:
+    """``"logit scale 0.125, soft-cap 30"``-style text, or ``"none"``."""
+    parts = ([f"logit scale {head.scale:g}"] if head.scale != 1.0 else []) + \
+        ([f"soft-cap {head.softcap:g}"] if head.softcap is not None else [])
+    return ", ".join(parts) or "none"
+
+
+def ignored_generation_settings(model: PreTrainedModel) -> dict:
+    """The entries of the model's ``generation_config`` that would change the sampling distribution
+    (``repetition_penalty``, ``top_k``, ``suppress_tokens``...), which the rollouts do not apply."""
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return {}
+    return {k: v for k, v in sorted(config.to_diff_dict().items()) if k not in GENERATION_NEUTRAL_KEYS}
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -18,7 +18,8 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 import torch
 
-from .task import FaultInjector, Problem, extract_answer, extract_tool_call, reward
+from .task import (FaultInjector, Problem, RewardFunction, call_reward_function, extract_answer, extract_tool_call,
+                   reward)
 
 TOOL_SCHEMA = {
     "type": "function",
@@ -66,17 +67,22 @@ class ChatFormat:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
                                                   tokenize=False, **kwargs)
 
-    def _messages(self, question: str) -> list[dict]:
-        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        return messages + [{"role": "user", "content": question}]
+    def _messages(self, question: str, chat: Sequence[tuple[str, str]] = ()) -> list[dict]:
+        turns = [{"role": role, "content": content} for role, content in chat] or \
+            [{"role": "user", "content": question}]
+        if self.system_prompt and turns[0]["role"] != "system":
+            turns = [{"role": "system", "content": self.system_prompt}] + turns
+        return turns
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` with no added special tokens."""
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
-    def prompt_ids(self, question: str) -> list[int]:
-        """The conversation start up to and including the assistant generation prompt."""
-        return self.encode(self._render(self._messages(question), add_generation_prompt=True))
+    def prompt_ids(self, question: str, messages: Sequence[tuple[str, str]] = ()) -> list[int]:
+        """The conversation start up to and including the assistant generation prompt: the system prompt (if
+        any) and ``question`` as the user message, or the chat ``messages`` (``(role, content)`` pairs, ending
+        with the user's; the system prompt goes first unless they start with a system message)."""
+        return self.encode(self._render(self._messages(question, messages), add_generation_prompt=True))
 
     def _render_after_assistant(self, observation: str | None) -> str:
         messages = self._messages(USER_MARKER) + [{"role": "assistant", "content": ASSISTANT_MARKER}]
@@ -176,15 +182,28 @@ class KeyedGumbelSampler:
         return scores.float() / self.temperature - noise.log()
 
 
+def describe_sampling(temperature: float) -> str:
+    """The sampling settings in force in :class:`HFTurnGenerator`, as one line for a run's report."""
+    if temperature == 0:
+        return "sampling: greedy (temperature 0); log-probs of the untempered softmax"
+    return (f"sampling: softmax(logits / {temperature:g}) over the whole vocabulary (no top-k, top-p, min-p, "
+            f"repetition penalty or suppressed tokens); the recorded log-probs are those of this distribution")
+
+
 class HFTurnGenerator:
     """Batched sampling with Hugging Face ``generate`` (KV cache on), left padding, stop at end of turn.
 
     ``temperature == 0`` means greedy decoding; log-probs are then those of the untempered softmax.
-    Log-probs are computed from the raw logits at the sampling temperature (no top-k / top-p), by one of two
-    passes (``logprobs``): ``"logits"`` reads them from the logits ``generate`` returns (``output_logits``: it
-    keeps ``rows x new tokens x V`` float32 values until the turn ends); ``"forward"`` runs the model once more
-    over context + turn and reads them with ``sod_kernels.fused_token_logprobs`` (no logits kept; one extra
-    forward pass).  ``"auto"`` (the default): ``"forward"`` on a GPU, ``"logits"`` elsewhere.
+    Tokens are sampled from ``softmax(logits / temperature)`` over the whole vocabulary, where ``logits`` are
+    the model's own (its logit scale and soft-cap included), and nothing else: ``generate`` gets an explicit
+    generation config and the model's ``generation_config`` (a folder's ``repetition_penalty``, ``top_k``,
+    ``min_p``, ``suppress_tokens``, ``bad_words_ids``...) is set aside during the call, so the recorded
+    log-probs are those of the distribution each token was drawn from.
+    Log-probs are computed at the sampling temperature by one of two passes (``logprobs``): ``"logits"``
+    reads them from the logits ``generate`` returns (``output_logits``: it keeps ``rows x new tokens x V``
+    float32 values until the turn ends); ``"forward"`` runs the model once more over context + turn and reads
+    them with ``sod_kernels.fused_token_logprobs`` (no logits kept; one extra forward pass).  ``"auto"`` (the
+    default): ``"forward"`` on a GPU, ``"logits"`` elsewhere.
 
     Without ``keys`` the batch samples from the global torch RNG (one draw for the whole batch, so a row's
     tokens depend on the batch it shares).  With ``keys`` (one tuple of ints per context) each row samples
@@ -224,21 +243,30 @@ class HFTurnGenerator:
         sample = self.temperature > 0
         was_training = self.model.training
         self.model.eval()
-        if sample and keys is not None:
-            from transformers import LogitsProcessorList
+        from transformers import GenerationConfig, LogitsProcessorList
 
-            sampler = KeyedGumbelSampler([sampling_seed(k) for k in keys], self.temperature)
-            options = dict(do_sample=False, logits_processor=LogitsProcessorList([sampler]))
+        processors = LogitsProcessorList()
+        if sample and keys is not None:
+            processors.append(KeyedGumbelSampler([sampling_seed(k) for k in keys], self.temperature))
+            options = dict(do_sample=False)
         elif sample:
             options = dict(do_sample=True, temperature=self.temperature, top_k=0, top_p=1.0)
         else:
             options = dict(do_sample=False)
         mode = self.logprobs if self.logprobs != "auto" else ("forward" if device.type == "cuda" else "logits")
         attention = attention.to(device)
-        out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention,
-                                  max_new_tokens=max_new_tokens, eos_token_id=self.stop_ids,
-                                  pad_token_id=self.pad_token_id, output_logits=mode == "logits",
-                                  return_dict_in_generate=True, use_cache=True, **options)
+        generation = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=self.stop_ids,
+                                      pad_token_id=self.pad_token_id, output_logits=mode == "logits",
+                                      return_dict_in_generate=True, use_cache=True, **options)
+        # generate() fills every setting the config passed to it leaves unset from model.generation_config (a
+        # folder's generation_config.json): a neutral one during the call leaves only the settings above.
+        folder_settings = self.model.generation_config
+        self.model.generation_config = GenerationConfig()
+        try:
+            out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention,
+                                      generation_config=generation, logits_processor=processors)
+        finally:
+            self.model.generation_config = folder_settings
         rows = out.sequences[:, width:].tolist()
         stops = set(self.stop_ids)
         lengths = [next((j + 1 for j, token in enumerate(row) if token in stops), len(row)) for row in rows]
@@ -267,7 +295,7 @@ class HFTurnGenerator:
         them, and the fused log-prob kernel on the final hidden states: no logits are materialized."""
         from sod_kernels import fused_token_logprobs
 
-        from .models import decoder_body, lm_head_weight
+        from .models import decoder_body, output_head
 
         width = attention.shape[1]
         n = sequences.shape[1] - width
@@ -277,8 +305,9 @@ class HFTurnGenerator:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         hidden = decoder_body(self.model)(input_ids=sequences, attention_mask=mask, position_ids=positions,
                                           use_cache=False).last_hidden_state
-        return fused_token_logprobs(hidden[:, width - 1:width - 1 + n], lm_head_weight(self.model),
-                                    sequences[:, width:], temperature=scale).float()
+        head = output_head(self.model)
+        return fused_token_logprobs(head.fold(hidden[:, width - 1:width - 1 + n]), head.weight, sequences[:, width:],
+                                    temperature=scale, softcap=head.softcap).float()
 
 
 @dataclass
@@ -301,6 +330,7 @@ class Trajectory:
     steps: list[tuple[int, int]] = field(default_factory=list)
     fault_after_step: list[int] = field(default_factory=list)
     final_answer: str | None = None
+    final_text: str = ""
     reward: float = 0.0
     finished: bool = False
 
@@ -336,6 +366,7 @@ class RolloutSettings:
     max_new_tokens: int
     max_total_tokens: int
     tool_workers: int = 4
+    reward_fn: RewardFunction | None = None  # called as reward_fn(final message, answer); None: task.reward
 
 
 def run_rollouts(problems: Sequence[Problem], groups: Sequence[int], generate: TurnGenerator, chat: ChatFormat,
@@ -360,7 +391,7 @@ def run_rollouts(problems: Sequence[Problem], groups: Sequence[int], generate: T
         raise ValueError(f"indices ({len(indices)}) must have one entry per problem ({len(problems)})")
     trajectories = []
     for problem, group in zip(problems, groups):
-        prompt = chat.prompt_ids(problem.question)
+        prompt = chat.prompt_ids(problem.question, problem.messages)
         trajectories.append(Trajectory(group=group, problem=problem, token_ids=list(prompt),
                                        response_mask=[0] * len(prompt), sample_logprobs=[0.0] * len(prompt),
                                        prompt_length=len(prompt)))
@@ -386,7 +417,8 @@ def run_rollouts(problems: Sequence[Problem], groups: Sequence[int], generate: T
             traj.assistant_texts.append(text)
             code = extract_tool_call(text)
             if code is None:
-                traj.final_answer = extract_answer(text)
+                traj.final_text = chat.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+                traj.final_answer = extract_answer(traj.final_text)
                 traj.finished = True
             elif turn + 1 < settings.max_turns:
                 pending.append((i, code, out.token_ids[-1] if out.token_ids else None))
@@ -409,7 +441,10 @@ def run_rollouts(problems: Sequence[Problem], groups: Sequence[int], generate: T
             still.append(i)
         active = still
     for traj in trajectories:
-        traj.reward = reward(traj.final_answer, traj.problem.answer)
+        if settings.reward_fn is not None:
+            traj.reward = call_reward_function(settings.reward_fn, traj.final_text, traj.problem.answer)
+        else:
+            traj.reward = reward(traj.final_answer, traj.problem.answer, traj.problem.answer_type)
     return trajectories
 
 

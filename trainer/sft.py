@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .models import hidden_states, lm_head_weight
+from .models import hidden_states, output_head
 from .rollout import ChatFormat
 from .task import ANSWER_PREFIX, TOOL_CALL_CLOSE, TOOL_CALL_OPEN, Problem, eval_binary
 
@@ -96,11 +96,11 @@ def supervised_train(model, examples: Sequence[tuple[list[int], list[int]]], *, 
     model.train()
     pool = list(examples)
     losses = []
-    weight = lm_head_weight(model)
+    head = output_head(model)
     for step in range(steps):
         ids, attention, labels = supervised_batch(rng.sample(pool, min(batch_size, len(pool))), pad_id)
         hidden = hidden_states(model, ids, attention)[:, :-1]
-        logits = hidden @ weight.T
+        logits = head.logits(hidden)  # the model's own (its logit scale and soft-cap included)
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                                  ignore_index=IGNORE_INDEX)
         loss.backward()

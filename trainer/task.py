@@ -4,26 +4,41 @@ Every problem is solved by calling the Python tool once per intermediate result 
 answering ``Answer: <number>``.  Problems are a pure function of ``(seed, index)``, so a training run can
 ask for "problem 17 of update 3" at any time (including after a resume) without keeping generator state.
 
-The module also holds the reward (exact match on the integer answer), the answer / tool-call parsers the
-rollout uses, and the tool-fault injection that corrupts an observation with a given probability: silently
+The module also holds local datasets (:func:`load_dataset`: what a row may hold, refused with the file and
+the line otherwise), the reward (:func:`reward`: numbers compared by value, text answers after
+normalization, or a user function named by import path, :func:`load_reward_function`), the answer /
+tool-call parsers the rollout uses, and the tool-fault injection that corrupts an observation with a given
+probability: silently
 (``kind="shift"``: every number in the output moved) or visibly (``kind="error"``: the output replaced by an
 error line), at any step or only after one chosen step (``at_step``).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
+import math
 import random
 import re
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
 ANSWER_PREFIX = "Answer:"
-ANSWER_PATTERN = re.compile(r"Answer:\s*(-?\d+(?:\.\d+)?)")
+# A number as an answer may write it: optional sign, digits (optionally grouped by commas in threes) with an
+# optional decimal part, or a fraction of two integers ("3/4").
+NUMBER_TEXT = r"[-+]?(?:\d+\s*/\s*\d+|(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"
+NUMBER_PATTERN = re.compile(NUMBER_TEXT)
+NUMBER_IN_TEXT = re.compile(r"(?<![\w.,/])" + NUMBER_TEXT + r"(?![\w/]|[.,]\d)")
+ANSWER_TYPES = ("auto", "number", "text")
+QUESTION_KEYS = ("question", "prompt", "problem", "messages")
+ANSWER_KEYS = ("answer", "target", "solution")
+MESSAGE_ROLES = ("system", "user", "assistant")
 TOOL_CALL_PATTERN = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)" + re.escape(TOOL_CALL_CLOSE), re.DOTALL)
 TOOL_NAME = "python"
 
@@ -62,16 +77,22 @@ WORD_VOCABULARY = sorted({w for template, _ in WORD_TEMPLATES for w in re.findal
 class Problem:
     """One task instance.
 
-    question:      the user message.
-    answer:        the exact-match target (an integer written in decimal), or a free string for datasets.
+    question:      the user message (the last user message of ``messages`` when those are given).
+    answer:        the target: a number (an integer for the built-in task) or a text answer (datasets).
     solution_code: the code of each tool call of the reference solution ([] when unknown, e.g. datasets).
     tool_outputs:  what each reference tool call prints.
+    messages:      ``(role, content)`` pairs that start the conversation instead of one user message
+                   (a dataset row given as chat messages); () for a plain question.
+    answer_type:   ``"number"`` (compared by value), ``"text"`` (compared after normalization) or ``"auto"``
+                   (a number when the answer reads as one, see :func:`parse_number`).
     """
 
     question: str
     answer: str
     solution_code: tuple[str, ...] = ()
     tool_outputs: tuple[str, ...] = ()
+    messages: tuple[tuple[str, str], ...] = ()
+    answer_type: str = "auto"
 
 
 def _chain_problem(rng: random.Random) -> Problem:
@@ -149,31 +170,129 @@ def solve(problem: Problem) -> str:
     return str(result)
 
 
+def parse_number(text: str) -> Fraction | None:
+    """The value of ``text`` when the whole of it (surrounding spaces aside) is a number as
+    :data:`NUMBER_TEXT` writes one ("42", "-7", "1,000", "0.75", "3/4"), else None (also for "x/0")."""
+    text = text.strip()
+    if NUMBER_PATTERN.fullmatch(text) is None:
+        return None
+    return _number_value(text)
+
+
+def _number_value(text: str) -> Fraction | None:
+    text = text.replace(",", "").replace(" ", "")
+    if "/" in text:
+        numerator, denominator = text.split("/")
+        return None if int(denominator) == 0 else Fraction(int(numerator), int(denominator))
+    return Fraction(text)
+
+
+def first_number(text: str) -> Fraction | None:
+    """The value of the first number written in ``text`` ("42 nuts", "1,000.", "about 3/4"), or None."""
+    for match in NUMBER_IN_TEXT.finditer(text):
+        value = _number_value(match.group())
+        if value is not None:
+            return value
+    return None
+
+
+def normalize_text(text: str) -> str:
+    """A text answer as compared: case-folded, runs of whitespace made one space, a final period dropped."""
+    text = " ".join(text.split()).casefold()
+    return text[:-1].rstrip() if text.endswith(".") else text
+
+
 def normalize_answer(text: str | None) -> str | None:
-    """Canonical form of an answer: integers without leading zeros / '+', floats with integral value as ints."""
+    """Canonical form of an answer: a number as its value ("007" and "7.0" are "7", "1,000" is "1000", "3/4"
+    and "0.75" are "0.75", "1/3" stays "1/3"), any other text by :func:`normalize_text`."""
     if text is None:
         return None
-    text = text.strip()
-    try:
-        value = float(text)
-    except ValueError:
-        return text
-    if value.is_integer():
-        return str(int(value))
-    return repr(value)
+    value = parse_number(text)
+    if value is None:
+        return normalize_text(text)
+    if value.denominator == 1:
+        return str(value.numerator)
+    denominator = value.denominator
+    for prime in (2, 5):
+        while denominator % prime == 0:
+            denominator //= prime
+    if denominator != 1:
+        return f"{value.numerator}/{value.denominator}"
+    digits = 0
+    while (value * 10**digits).denominator != 1:
+        digits += 1
+    return f"{float(value):.{digits}f}" if digits <= 15 else f"{value.numerator}/{value.denominator}"
+
+
+def answer_kind(answer: str, answer_type: str = "auto") -> str:
+    """``"number"`` or ``"text"``: how :func:`reward` compares with ``answer``."""
+    if answer_type not in ANSWER_TYPES:
+        raise ValueError(f"answer_type must be one of {ANSWER_TYPES}, got {answer_type!r}")
+    if answer_type == "auto":
+        return "number" if parse_number(answer) is not None else "text"
+    return answer_type
 
 
 def extract_answer(text: str) -> str | None:
-    """The last ``Answer: <number>`` of an assistant message, or None."""
-    matches = ANSWER_PATTERN.findall(text)
-    return matches[-1] if matches else None
+    """What follows the last ``Answer:`` of an assistant message, to the end of its line, or None."""
+    position = text.rfind(ANSWER_PREFIX)
+    if position < 0:
+        return None
+    answer = text[position + len(ANSWER_PREFIX):].split("\n", 1)[0].strip()
+    return answer or None
 
 
-def reward(predicted: str | None, answer: str) -> float:
-    """Exact-match reward: 1.0 when the normalized answers are equal, else 0.0."""
+def reward(predicted: str | None, answer: str, answer_type: str = "auto") -> float:
+    """1.0 when the predicted answer (:func:`extract_answer`) matches ``answer``, else 0.0.
+
+    A number answer (:func:`answer_kind`) matches the first number of the prediction by value ("1000",
+    "1,000 nuts", "1000.0" all match "1,000"; "0.75" matches "3/4"); a text answer matches a prediction equal
+    to it after :func:`normalize_text` ("paris." matches "Paris").
+    """
     if predicted is None:
         return 0.0
-    return 1.0 if normalize_answer(predicted) == normalize_answer(answer) else 0.0
+    if answer_kind(answer, answer_type) == "number":
+        target = parse_number(answer)
+        return 1.0 if target is not None and first_number(predicted) == target else 0.0
+    return 1.0 if normalize_text(predicted) == normalize_text(answer) else 0.0
+
+
+RewardFunction = Callable[[str, str], float]
+
+
+def load_reward_function(spec: str) -> RewardFunction:
+    """The function named by ``spec``, ``"package.module:function"`` (importable from the working directory or
+    ``sys.path``).  It is called as ``function(response, answer)`` with the final assistant message (special
+    tokens removed) and the row's answer (a string), and returns the reward (a finite number).  Raises
+    ``ValueError`` naming ``reward_fn`` if it cannot be imported or is not callable."""
+    module_name, _, name = spec.partition(":")
+    if not module_name or not name:
+        raise ValueError(f"reward_fn must be 'module:function' (e.g. 'my_rewards:score'), got {spec!r}")
+    import sys
+
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:  # ImportError, or an error raised while importing the user's module
+        raise ValueError(f"reward_fn {spec!r}: cannot import {module_name!r} "
+                         f"({type(error).__name__}: {error})") from None
+    function = module
+    for part in name.split("."):
+        function = getattr(function, part, None)
+    if not callable(function):
+        raise ValueError(f"reward_fn {spec!r}: {module_name!r} has no callable {name!r}")
+    return function
+
+
+def call_reward_function(function: RewardFunction, response: str, answer: str) -> float:
+    """``function(response, answer)`` as a float; a ``ValueError`` naming the function if it does not return
+    a finite number."""
+    value = function(response, answer)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"reward_fn {getattr(function, '__qualname__', function)!r} must return a finite "
+                         f"number, got {value!r} for the answer {answer!r}")
+    return float(value)
 
 
 def extract_tool_call(text: str) -> str | None:
@@ -280,51 +399,168 @@ class FaultInjector:
         return corrupt_observation(output, rng), True
 
 
-def load_dataset(path: str | Path) -> list[Problem]:
-    """Problems from a local JSONL or Parquet file.
+def load_dataset(path: str | Path, *, any_answer: bool = False) -> list[Problem]:
+    """Problems from a local dataset file; a row that cannot train is refused with the file and the line.
 
-    Each record needs a prompt (column ``question``, ``prompt`` or ``problem``) and an answer (``answer``,
-    ``target`` or ``solution``); answers are compared by exact match after :func:`normalize_answer`.
+    Files: ``.jsonl`` (one JSON object a line; blank lines skipped), ``.json`` (a JSON array of objects, or
+    JSON Lines) or ``.parquet`` (needs pyarrow).  A row is an object with
+
+    - a prompt under ``question``, ``prompt``, ``problem`` or ``messages`` (the first present): a non-empty
+      string (the user message), or a list of chat messages ``{"role": "system"|"user"|"assistant",
+      "content": "..."}`` that ends with a user message;
+    - an answer under ``answer``, ``target`` or ``solution``: a string or a number; without a reward function
+      (``any_answer``) it must be one line of text (the reward compares it with the line after ``Answer:``);
+    - optionally ``answer_type``: ``"number"`` (the answer must read as a number: "42", "-1,000", "0.75",
+      "3/4"), ``"text"`` or ``"auto"`` (the default: a number when it reads as one).
+
+    Other keys are ignored.  Raises ``ValueError`` for a missing or unreadable file, a malformed line or row,
+    or a file without rows.
     """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"dataset must be an existing .jsonl or .parquet file, got {str(path)!r}")
-    if path.suffix == ".jsonl" or path.suffix == ".json":
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        raise ValueError(f"dataset must be an existing .jsonl, .json or .parquet file, got {str(path)!r}")
+    name = str(path)
+    if path.suffix in (".jsonl", ".json"):
+        rows = _json_rows(path)
     elif path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError as exc:
-            raise ValueError(f"reading the Parquet dataset {str(path)!r} needs pyarrow; install it or convert "
+            raise ValueError(f"reading the Parquet dataset {name!r} needs pyarrow; install it or convert "
                              f"the file to JSONL") from exc
-        records = pq.read_table(path).to_pylist()
+        try:
+            table = pq.read_table(path)
+        except Exception as error:  # pyarrow raises ArrowInvalid, OSError, ... for a bad file
+            raise ValueError(f"dataset {name!r} is not a readable Parquet file: {error}") from None
+        rows = [(f"row {i + 1}", record) for i, record in enumerate(table.to_pylist())]
     else:
-        raise ValueError(f"dataset must end in .jsonl or .parquet, got {str(path)!r}")
-    problems = []
-    for i, record in enumerate(records):
-        question = next((record[k] for k in ("question", "prompt", "problem") if k in record), None)
-        answer = next((record[k] for k in ("answer", "target", "solution") if k in record), None)
-        if question is None or answer is None:
-            raise ValueError(f"dataset record {i} of {str(path)!r} needs a 'question'/'prompt'/'problem' and an "
-                             f"'answer'/'target'/'solution' field, got keys {sorted(record)}")
-        problems.append(Problem(question=str(question), answer=str(answer)))
+        raise ValueError(f"dataset must end in .jsonl, .json or .parquet, got {name!r}")
+    problems = [_problem_from_row(record, f"dataset {name!r} {where}", any_answer) for where, record in rows]
     if not problems:
-        raise ValueError(f"dataset {str(path)!r} holds no records")
+        raise ValueError(f"dataset {name!r} holds no rows")
     return problems
 
 
-class ProblemSource:
-    """Training and held-out problems: the built-in generator, or a local dataset split by a fixed seed."""
+def _json_rows(path: Path) -> list[tuple[str, Any]]:
+    """``(where, value)`` of each row of a JSON Lines file or a ``.json`` file holding one JSON array."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"dataset {str(path)!r} is not UTF-8 text ({error})") from None
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"dataset {str(path)!r} line {error.lineno} column {error.colno}: not valid JSON "
+                             f"({error.msg})") from None
+        return [(f"row {i + 1}", value) for i, value in enumerate(values)]
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((f"line {number}", json.loads(line)))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"dataset {str(path)!r} line {number} column {error.colno}: not valid JSON "
+                             f"({error.msg})") from None
+    return rows
 
-    def __init__(self, seed: int, dataset: str | None = None, held_out_fraction: float = 0.1):
+
+def _problem_from_row(record, where: str, any_answer: bool) -> Problem:
+    """One :class:`Problem` from a dataset row (see :func:`load_dataset`); ``where`` names the file and line."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: a row must be a JSON object, got {type(record).__name__}")
+    prompt_key = next((k for k in QUESTION_KEYS if k in record), None)
+    answer_key = next((k for k in ANSWER_KEYS if k in record), None)
+    if prompt_key is None or answer_key is None:
+        raise ValueError(f"{where}: a row needs a prompt ({', '.join(map(repr, QUESTION_KEYS))}) and an answer "
+                         f"({', '.join(map(repr, ANSWER_KEYS))}), got keys {sorted(record)}")
+    prompt = record[prompt_key]
+    messages: tuple[tuple[str, str], ...] = ()
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ValueError(f"{where}: {prompt_key!r} is empty")
+        question = prompt
+    elif isinstance(prompt, (list, tuple)):
+        messages = _chat_messages(prompt, f"{where}: {prompt_key!r}")
+        question = messages[-1][1]
+    else:
+        raise ValueError(f"{where}: {prompt_key!r} must be a string or a list of chat messages, got "
+                         f"{type(prompt).__name__}")
+    answer = record[answer_key]
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or \
+            (isinstance(answer, float) and not math.isfinite(answer)):
+        raise ValueError(f"{where}: {answer_key!r} must be a string or a finite number, got {answer!r}")
+    answer = answer if isinstance(answer, str) else repr(answer)
+    answer_type = record.get("answer_type", "auto")
+    if answer_type not in ANSWER_TYPES:
+        raise ValueError(f"{where}: 'answer_type' must be one of {ANSWER_TYPES}, got {answer_type!r}")
+    if not any_answer:
+        if not answer.strip():
+            raise ValueError(f"{where}: {answer_key!r} is empty; no answer can match it")
+        if "\n" in answer.strip():
+            raise ValueError(f"{where}: {answer_key!r} spans several lines; the reward compares one line (what "
+                             f"follows 'Answer:'); give the final answer alone, or a reward_fn")
+        if answer_type == "number" and parse_number(answer) is None:
+            raise ValueError(f"{where}: answer_type is 'number' but {answer_key!r} {answer!r} is not a number "
+                             f"(like 42, -1,000, 0.75 or 3/4)")
+    return Problem(question=question, answer=answer.strip() if not any_answer else answer, messages=messages,
+                   answer_type=answer_type)
+
+
+def _chat_messages(value, where: str) -> tuple[tuple[str, str], ...]:
+    """``(role, content)`` pairs of a list of chat messages, checked (see :func:`load_dataset`)."""
+    if not value:
+        raise ValueError(f"{where} is an empty list of chat messages")
+    messages = []
+    for k, message in enumerate(value):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or \
+                not isinstance(message.get("content"), str):
+            raise ValueError(f"{where}: message {k} must be an object with a string 'role' and 'content', got "
+                             f"{message!r}")
+        if message["role"] not in MESSAGE_ROLES:
+            raise ValueError(f"{where}: message {k} has role {message['role']!r}; expected one of {MESSAGE_ROLES}")
+        messages.append((message["role"], message["content"]))
+    if messages[-1][0] != "user":
+        raise ValueError(f"{where}: the last message must be the user's (the model answers it), got "
+                         f"{messages[-1][0]!r}")
+    return tuple(messages)
+
+
+class ProblemSource:
+    """Training and held-out problems: the built-in generator, or a local dataset split by a fixed seed.
+
+    ``reward_fn``: the run's reward function (:func:`load_reward_function`), or None for :func:`reward`; with
+    one, a dataset's answers may be any string (the function decides)."""
+
+    def __init__(self, seed: int, dataset: str | None = None, held_out_fraction: float = 0.1,
+                 reward_fn: str | None = None):
         self.seed = seed
-        self.records = None if dataset is None else load_dataset(dataset)
+        self.dataset = dataset
+        self.reward_fn = reward_fn
+        self.records = None if dataset is None else load_dataset(dataset, any_answer=reward_fn is not None)
         if self.records is not None:
             order = list(range(len(self.records)))
             random.Random(seed).shuffle(order)
             n_held = max(1, int(len(order) * held_out_fraction)) if len(order) > 1 else 0
             self.held_out_ids = order[:n_held]
             self.train_ids = order[n_held:] or order
+
+    def describe(self) -> str:
+        """One line for the run's report: where problems come from, how many rows, and how they are scored."""
+        if self.records is None:
+            return f"problems: the built-in tool-use task (seed {self.seed}), exact-match numeric reward"
+        rows = len(self.records)
+        chats = sum(1 for p in self.records if p.messages)
+        split = f"{len(self.train_ids)} for training, {len(self.held_out_ids)} held out"
+        shape = f"; {chats} given as chat messages" if chats else ""
+        if self.reward_fn is not None:
+            return (f"dataset {self.dataset!r}: {rows} rows loaded ({split}{shape}); every row scored by "
+                    f"{self.reward_fn}")
+        numbers = sum(1 for p in self.records if answer_kind(p.answer, p.answer_type) == "number")
+        return (f"dataset {self.dataset!r}: {rows} rows loaded ({split}{shape}); the reward can score {rows} of "
+                f"{rows}: {numbers} number answers (compared by value), {rows - numbers} text answers (compared "
+                f"after normalization)")
 
     def train(self, index: int) -> Problem:
         """Training problem ``index`` (datasets cycle, reshuffled per epoch deterministically)."""

@@ -24,7 +24,7 @@ Data parallel (``torchrun``, :mod:`trainer.distributed`): each rank rolls out it
 with a replica of the student, the student is trained sharded with FSDP2 (the losses run inside
 ``sod_kernels.fsdp.fsdp_forward``), each loss is divided by the distilled tokens of all ranks together and
 the gradients are summed, metrics and step logs are gathered, rank 0 writes the logs, and checkpoints are
-``torch.distributed.checkpoint`` folders (:mod:`trainer.checkpoint_dcp`).
+``torch.distributed.checkpoint`` folders (:mod:`trainer.checkpoint.dcp`).
 """
 
 from __future__ import annotations
@@ -49,10 +49,12 @@ from . import checkpoint as ckpt
 from .checkpoint import CHECKPOINT_NAME, CONFIG_NAME, DCP_NAME, METRICS_NAME, STEPS_NAME, CheckpointError
 from .config import TrainConfig
 from .distributed import DistContext
-from .models import hidden_states, lm_head_weight, load_model, load_tokenizer
+from .models import (describe_logit_processing, hidden_states, ignored_generation_settings, load_model,
+                     load_tokenizer, output_head)
 from .placement import capture_device_rng, resolve_device, restore_device_rng
-from .rollout import ChatFormat, HFTurnGenerator, RolloutSettings, ToolExecutor, Trajectory, run_rollouts
-from .task import FaultInjector, Problem, ProblemSource
+from .rollout import (ChatFormat, HFTurnGenerator, RolloutSettings, ToolExecutor, Trajectory, describe_sampling,
+                      run_rollouts)
+from .task import FaultInjector, Problem, ProblemSource, load_reward_function
 
 # Fault-injection key of held-out evaluations (training updates use their update index).
 EVAL_FAULT_KEY = 2**31 - 1
@@ -189,12 +191,13 @@ class SODTrainer:
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.executor = executor
-        self.problems = problems or ProblemSource(config.seed, config.dataset)
+        self.problems = problems or ProblemSource(config.seed, config.dataset, reward_fn=config.reward_fn)
         self.log = log
         self.chat = ChatFormat(tokenizer, system_prompt=config.system_prompt,
                                use_tools_schema=config.tools_schema)
         self.settings = RolloutSettings(max_turns=config.max_turns, max_new_tokens=config.max_new_tokens,
-                                        max_total_tokens=config.max_total_tokens, tool_workers=config.tool_workers)
+                                        max_total_tokens=config.max_total_tokens, tool_workers=config.tool_workers,
+                                        reward_fn=load_reward_function(config.reward_fn) if config.reward_fn else None)
         self.faults = FaultInjector(config.tool_fault_rate, config.seed)
         if teacher.get_output_embeddings().weight.shape[0] < student.get_output_embeddings().weight.shape[0]:
             raise ValueError("the teacher's vocabulary is smaller than the student's; they must share a tokenizer "
@@ -218,6 +221,24 @@ class SODTrainer:
         self._fingerprint = None
         if config.objective == "pg":
             policy_functions()
+        if self.is_main:
+            for line in self.report():
+                log(line)
+
+    def report(self) -> list[str]:
+        """What this run trains on, as lines for its start: the problems and how they are scored, each model's
+        logit processing, and the sampling settings (with any of a model folder's generation settings that
+        the rollouts do not apply)."""
+        lines = [self.problems.describe()]
+        for role, model in (("student", self.policy), ("teacher", self.teacher)):
+            lines.append(f"{role} logit processing: {describe_logit_processing(output_head(model))}")
+        lines.append(describe_sampling(self.config.temperature))
+        ignored = ignored_generation_settings(self.policy)
+        if ignored:
+            settings = ", ".join(f"{key}={value!r}" for key, value in ignored.items())
+            lines.append(f"not applied from the student's generation_config: {settings} (rollouts sample from "
+                         f"the distribution above, whose log-probs the losses use)")
+        return lines
 
     # ----------------------------------------------------------------------------------------------
     # rollouts
@@ -273,25 +294,25 @@ class SODTrainer:
     def _kl_update(self, trajectories, total_tokens: int):
         c = self.config
         pad = self.tokenizer.pad_token_id
-        weight_t = lm_head_weight(self.teacher)  # in the teacher's own dtype (--teacher-dtype): the losses mix them
+        head_t = output_head(self.teacher)  # in the teacher's own dtype (--teacher-dtype): the losses mix them
         first = self.sample_indices().start
         loss_total, kl_sum, logs = 0.0, 0.0, []
 
         def student_loss(model, batch, teacher_h):
             # A forward pass of the (sharded) student: its parameters are full tensors in here.
-            weight_s = lm_head_weight(model)
-            student_h = model_hidden(model, batch)
+            head_s = output_head(model)
+            student_h = head_s.fold(model_hidden(model, batch))
             stats = sod_kernels.fused_sod_loss(
-                student_h, weight_s, teacher_h, weight_t, batch.response_mask,
+                student_h, head_s.weight, teacher_h, head_t.weight, batch.response_mask,
                 target_ids=batch.target_ids, divergence=c.divergence, step_divergence=c.step_divergence,
                 epsilon=c.epsilon, delta=c.delta, temperature=c.temperature, coef=c.coef, reduction="sum",
-                return_stats=True)
+                return_stats=True, student_softcap=head_s.softcap, teacher_softcap=head_t.softcap)
             return stats.loss, stats.token_divergence.detach(), stats.step_divergence, stats.step_weights
 
         for offset, chunk in self.micro_batches(trajectories):
             batch = collate(chunk, pad).to(self.device)
             with torch.no_grad():
-                teacher_h = model_hidden(self.teacher, batch)
+                teacher_h = head_t.fold(model_hidden(self.teacher, batch))
             summed, token_divergence, step_divergence, step_weights = fsdp_forward(
                 self.student, student_loss, batch, teacher_h)
             loss = summed / total_tokens
@@ -306,8 +327,9 @@ class SODTrainer:
         c = self.config
         policy_loss, token_logprobs, policy_inputs = policy_functions()
         pad = self.tokenizer.pad_token_id
-        vocab = lm_head_weight(self.student).shape[0]
-        weight_t = lm_head_weight(self.teacher)[:vocab]  # the teacher's own dtype
+        vocab = output_head(self.student).weight.shape[0]
+        head_t = output_head(self.teacher)
+        weight_t = head_t.weight[:vocab]  # the teacher's own dtype
         full = collate(trajectories, pad).to(self.device)
         teacher_logp = torch.zeros_like(full.old_logprobs)
         chunks = self.micro_batches(trajectories)
@@ -315,8 +337,9 @@ class SODTrainer:
         for offset, chunk in chunks:
             batch = collate(chunk, pad).to(self.device)
             with torch.no_grad():
-                teacher_h = model_hidden(self.teacher, batch)
-                logp = token_logprobs(teacher_h, weight_t, batch.target_ids, temperature=c.temperature)
+                teacher_h = head_t.fold(model_hidden(self.teacher, batch))
+                logp = token_logprobs(teacher_h, weight_t, batch.target_ids, temperature=c.temperature,
+                                      softcap=head_t.softcap)
             teacher_hidden.append(teacher_h)
             teacher_logp[offset:offset + len(chunk), :logp.shape[1]] = logp * batch.response_mask
         rewards = torch.tensor([t.reward for t in trajectories], dtype=torch.float32, device=self.device)
@@ -335,16 +358,17 @@ class SODTrainer:
 
         def student_loss(model, batch, batch_advantages, teacher_h):
             # A forward pass of the (sharded) student: its parameters are full tensors in here.
-            weight_s = lm_head_weight(model)
-            student_h = model_hidden(model, batch)
-            stats = policy_loss(student_h, weight_s, batch.target_ids, batch.old_logprobs, batch_advantages,
+            head_s = output_head(model)
+            student_h = head_s.fold(model_hidden(model, batch))
+            stats = policy_loss(student_h, head_s.weight, batch.target_ids, batch.old_logprobs, batch_advantages,
                                 batch.response_mask, clip_low=c.clip_low, clip_high=c.clip_high,
                                 dual_clip=c.dual_clip, temperature=c.temperature, reduction="sum",
-                                return_stats=True)
+                                return_stats=True, student_softcap=head_s.softcap)
             with torch.no_grad():
-                kl = sod_kernels.fused_sod_loss(student_h.detach(), weight_s.detach(), teacher_h, weight_t,
+                kl = sod_kernels.fused_sod_loss(student_h.detach(), head_s.weight.detach(), teacher_h, weight_t,
                                                 batch.response_mask, step_divergence="none",
-                                                temperature=c.temperature, reduction="sum")
+                                                temperature=c.temperature, reduction="sum",
+                                                student_softcap=head_s.softcap, teacher_softcap=head_t.softcap)
             clipped = stats.clip_frac_low + stats.clip_frac_high + stats.clip_frac_dual
             return stats.loss, clipped.detach(), stats.approx_kl.detach(), kl
 
@@ -454,7 +478,7 @@ class SODTrainer:
         fingerprint; the checkpoint it replaces is kept as ``checkpoint.prev.pt`` (under torchrun: the
         folders ``checkpoint.dcp`` / ``checkpoint.prev.dcp``, every rank's RNG states)."""
         if self.dist is not None:
-            from .checkpoint_dcp import save_dcp
+            from .checkpoint.dcp import save_dcp
 
             meta = {"step": self.step, "config": self.config.to_dict(), "fingerprint": self.fingerprint()}
             save_dcp(self.dist, self.student, self.optimizer, meta, capture_rng(self.device), self.output)
@@ -468,15 +492,15 @@ class SODTrainer:
     def load_checkpoint(self) -> None:
         """Restore from the newest readable checkpoint and cut the logs back to its step.
 
-        The checkpoint may be of the other kind (:mod:`trainer.checkpoint_convert`): a single process's
+        The checkpoint may be of the other kind (:mod:`trainer.checkpoint.convert`): a single process's
         ``checkpoint.pt`` under torchrun is sharded onto the ranks, a ``checkpoint.dcp`` is gathered into a
         single process, and a ``checkpoint.dcp`` of another number of ranks is resharded.
         Raises :class:`trainer.checkpoint.CheckpointError` (a ``ValueError``) naming the files if none is
         readable, or listing the differing settings if the checkpoint's run had other settings and
         ``allow_config_change`` is off.  Nothing in the folder changes when it raises.
         """
-        from .checkpoint_convert import resume_kind
-        from .checkpoint_dcp import load_latest_meta
+        from .checkpoint.convert import resume_kind
+        from .checkpoint.dcp import load_latest_meta
 
         kind = resume_kind(self.output, distributed=self.dist is not None)
         if kind == "single":
@@ -497,7 +521,7 @@ class SODTrainer:
                                       f"{error}") from error
             rng = payload["rng"]
         elif self.dist is None:
-            from .checkpoint_convert import gather_dcp_checkpoint
+            from .checkpoint.convert import gather_dcp_checkpoint
 
             rng = gather_dcp_checkpoint(path, self.student, self.optimizer)
             note = f" (written by {payload['world_size']} ranks, gathered into one process)"
@@ -505,13 +529,13 @@ class SODTrainer:
             from .distributed import barrier
 
             if kind == "single":
-                from .checkpoint_convert import shard_single_checkpoint
+                from .checkpoint.convert import shard_single_checkpoint
 
                 shard_single_checkpoint(payload, self.student, self.optimizer, self.policy)
                 rng = payload["rng"]
                 note = f" (written by a single process, sharded onto {self.dist.world_size} ranks)"
             else:
-                from .checkpoint_dcp import load_dcp
+                from .checkpoint.dcp import load_dcp
 
                 saved_world = int(payload["world_size"])
                 rng = load_dcp(self.dist, path, self.student, self.optimizer, saved_world)
@@ -630,18 +654,18 @@ def evaluate(policy, teacher, tokenizer, chat: ChatFormat, executor: ToolExecuto
         generator = HFTurnGenerator(policy, tokenizer.pad_token_id, chat.stop_ids, temperature)
         trajectories = run_rollouts(problems, list(range(len(problems))), generator, chat, executor, settings,
                                     faults=faults, fault_keys=(EVAL_FAULT_KEY,))
-    weight_p = lm_head_weight(policy)
-    weight_t = lm_head_weight(teacher)
+    head_p, head_t = output_head(policy), output_head(teacher)
     kl_sum, tokens, divergences, weights = 0.0, 0, [], []
     signal = "kl" if step_divergence == "none" else step_divergence
     with torch.no_grad():
         for i in range(0, len(trajectories), micro_batch_size):
             chunk = trajectories[i:i + micro_batch_size]
-            batch = collate(chunk, tokenizer.pad_token_id).to(weight_p.device)
+            batch = collate(chunk, tokenizer.pad_token_id).to(head_p.weight.device)
             stats = sod_kernels.fused_sod_loss(
-                model_hidden(policy, batch), weight_p, model_hidden(teacher, batch), weight_t, batch.response_mask,
-                target_ids=batch.target_ids, step_divergence=signal, epsilon=epsilon, delta=delta,
-                temperature=loss_temperature, reduction="sum", return_stats=True)
+                head_p.fold(model_hidden(policy, batch)), head_p.weight, head_t.fold(model_hidden(teacher, batch)),
+                head_t.weight, batch.response_mask, target_ids=batch.target_ids, step_divergence=signal,
+                epsilon=epsilon, delta=delta, temperature=loss_temperature, reduction="sum", return_stats=True,
+                student_softcap=head_p.softcap, teacher_softcap=head_t.softcap)
             kl_sum += float((stats.token_divergence * batch.response_mask).sum())
             tokens += int(batch.response_mask.sum())
             step_divergence, step_weights = stats.step_divergence.cpu(), stats.step_weights.cpu()
@@ -662,6 +686,7 @@ def build_trainer(config: TrainConfig, executor: ToolExecutor, log: Callable[[st
     torch.set_num_threads(config.threads)
     if config.device == "cpu" and torch.cuda.is_available() and (dist is None or dist.is_main):
         log("training on the CPU although a GPU is visible; --device cuda trains on it")
+    problems = ProblemSource(config.seed, config.dataset, reward_fn=config.reward_fn)  # refused before any model
     tokenizer = load_tokenizer(config.student)
     student = load_model(config.student, tokenizer, seed=config.seed)
     teacher = load_model(config.teacher, tokenizer, seed=config.seed + 1, dtype=getattr(torch, config.teacher_dtype))
@@ -673,4 +698,4 @@ def build_trainer(config: TrainConfig, executor: ToolExecutor, log: Callable[[st
             student.load_state_dict(torch.load(init, map_location="cpu", weights_only=False)["model"])
         else:
             raise ValueError(f"student_init must be a model folder or checkpoint file, got {config.student_init!r}")
-    return SODTrainer(config, student, teacher, tokenizer, executor, log=log, dist=dist)
+    return SODTrainer(config, student, teacher, tokenizer, executor, problems=problems, log=log, dist=dist)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, checkpoint_paths, dcp_paths, load_latest_checkpoint
+from . import CheckpointError, checkpoint_paths, dcp_paths, load_latest_checkpoint
+from .dcp import load_latest_meta, rng_name
 
 
 def _latest_step(load) -> int:
@@ -29,8 +30,6 @@ def resume_kind(output: str | Path, distributed: bool) -> str:
     The kind this run writes (``"dcp"`` under torchrun) when only it exists, or when both kinds exist and it
     holds at least as many finished updates; the other kind when only that exists or it is newer.
     """
-    from .checkpoint_dcp import load_latest_meta
-
     own, other = ("dcp", "single") if distributed else ("single", "dcp")
     present = {"single": any(p.exists() for p in checkpoint_paths(output)),
                "dcp": any(p.exists() for p in dcp_paths(output))}
@@ -73,8 +72,6 @@ def gather_dcp_checkpoint(path: str | Path, student, optimizer) -> dict:
 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    from .checkpoint_dcp import rng_name
 
     path = Path(path)
     try:

@@ -14,7 +14,7 @@ does with its files.  A resume may run on another number of ranks: DCP reshards 
 optimizer state onto the new ranks, and rank r takes the RNG states of saved rank ``r mod N`` (a data-parallel
 run samples with ``rollout_rng='per_trajectory'``, whose streams are a function of the seed, the update and
 the trajectory, so no training randomness comes from those states); a single process resumes it too
-(:mod:`trainer.checkpoint_convert`).  :func:`load_model_weights` reads the student's weights into a plain
+(:mod:`trainer.checkpoint.convert`).  :func:`load_model_weights` reads the student's weights into a plain
 model in a single process (for evaluation or export).
 """
 
@@ -26,9 +26,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (DCP_NAME, DCP_PREVIOUS_NAME, TEMPORARY_MARKER, CheckpointError, _fsync_dir,
-                         checkpoint_paths, dcp_paths, remove_path)
-from .distributed import DistContext, all_gather_objects, barrier, broadcast_object
+from . import DCP_NAME, DCP_PREVIOUS_NAME, TEMPORARY_MARKER, CheckpointError, _fsync_dir, dcp_paths, remove_path
+from ..distributed import DistContext, all_gather_objects, barrier, broadcast_object
 
 META_NAME = "meta.pt"
 DCP_METADATA = ".metadata"

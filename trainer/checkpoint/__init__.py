@@ -12,7 +12,7 @@
 - :func:`remove_stale_temporaries` deletes ``.NAME.tmp-PID`` files whose writing process is gone.
 
 A data-parallel run (``torchrun``) writes its checkpoints as ``torch.distributed.checkpoint`` folders
-(``checkpoint.dcp``, ``checkpoint.prev.dcp``; :mod:`trainer.checkpoint_dcp`); the folder guards here know
+(``checkpoint.dcp``, ``checkpoint.prev.dcp``; :mod:`trainer.checkpoint.dcp`); the folder guards here know
 both kinds.
 """
 
@@ -27,7 +27,7 @@ from typing import Sequence
 
 import torch
 
-from .config import TrainConfig
+from ..config import SAVED_CONFIG_NAME, TrainConfig
 
 CHECKPOINT_NAME = "checkpoint.pt"
 PREVIOUS_NAME = "checkpoint.prev.pt"
@@ -36,7 +36,7 @@ DCP_PREVIOUS_NAME = "checkpoint.prev.dcp"
 CORRUPT_SUFFIX = ".corrupt"
 METRICS_NAME = "metrics.jsonl"
 STEPS_NAME = "steps.jsonl"
-CONFIG_NAME = "config.json"
+CONFIG_NAME = SAVED_CONFIG_NAME  # the settings of the run, written when it starts (``--resume`` reuses them)
 REQUIRED_KEYS = ("step", "model", "optimizer", "rng", "config")
 # Fields that may change on resume: they steer where and how the run is driven (length, logging, threads,
 # tool-call plumbing), not what a given update computes.
@@ -278,10 +278,21 @@ def run_fingerprint(problems, tokenizer, teacher, samples: int = 32) -> dict[str
     else:
         chosen = records
         split = json.dumps([problems.train_ids, problems.held_out_ids]).encode()
-    data = _digest([json.dumps([p.question, p.answer]).encode() for p in chosen] + [split])
+    data = _digest([json.dumps(_problem_record(p)).encode() for p in chosen] + [split])
     vocab = sorted(tokenizer.get_vocab().items())
     tokens = _digest([json.dumps(vocab).encode(), str(getattr(tokenizer, "chat_template", "")).encode()])
     return {"data": data, "tokenizer": tokens, "teacher": tensor_digest(teacher.state_dict())}
+
+
+def _problem_record(problem) -> list:
+    """What a problem contributes to the data digest: question and answer, and its chat messages and answer
+    type where a dataset row gives them (so plain rows digest as they always have)."""
+    record = [problem.question, problem.answer]
+    if getattr(problem, "messages", ()):
+        record.append([list(message) for message in problem.messages])
+    if getattr(problem, "answer_type", "auto") != "auto":
+        record.append(problem.answer_type)
+    return record
 
 
 def resume_differences(saved_config: dict, config: TrainConfig, saved_fingerprint: dict | None,
