@@ -125,6 +125,15 @@ from .core import (  # noqa: F401 - the package's interface
 from .probe import probe_capabilities
 
 
+def unknown_protections(names) -> str | None:
+    """None if every name in ``names`` is a protection, else a one-line error for ``--sandbox-allow-missing``."""
+    unknown = [name for name in names if name not in PROTECTIONS]
+    if not unknown:
+        return None
+    return (f"argument --sandbox-allow-missing: unknown protection {', '.join(map(repr, unknown))} "
+            f"(choose from {', '.join(PROTECTIONS)})")
+
+
 def sandbox_capabilities() -> SandboxCapabilities:
     """Protections available on this machine, probed on first call and cached for the process."""
     return probe_capabilities(_interpreter_path(), tempfile.gettempdir())
