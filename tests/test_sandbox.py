@@ -924,3 +924,19 @@ def test_refusal_reads_as_one_command_line_sentence():
     assert "\n" not in line and "syscall_filter: cannot load libseccomp; install libseccomp2" in line
     assert line.endswith("add --sandbox-allow-missing syscall_filter network_isolation")
     assert "SandboxPolicy" not in line and ".ci" not in line
+
+
+def test_without_user_namespaces_an_ordinary_user_is_told_why(monkeypatch):
+    """The one machine on which an ordinary user lacks what root has: no user namespaces for ordinary users."""
+    from trainer.sandbox import core, probe
+
+    interpreter = core._interpreter_path()
+    assert probe._user_namespaces_refused(interpreter) is None or os.geteuid() != 0  # root may always
+    monkeypatch.setattr(core, "unprivileged", lambda: True)
+    monkeypatch.setattr(probe, "_user_namespaces_refused", lambda interpreter: "Operation not permitted")
+    reasons = probe._ruled_out(interpreter)
+    assert "user namespace" in reasons[PRIVILEGE_DROP] and "run as root" in reasons[PRIVILEGE_DROP]
+    if core.bwrap_path() is not None and not probe._setuid_root(core.bwrap_path()):
+        assert all(reasons[name] == reasons[PRIVILEGE_DROP] for name in BWRAP_PROTECTIONS)
+    line = SandboxUnavailableError({name: reasons[name] for name in (PRIVILEGE_DROP,)}).one_line()
+    assert "\n" not in line and line.endswith("--sandbox-allow-missing privilege_drop")
