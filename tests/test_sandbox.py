@@ -104,10 +104,26 @@ def processes_of_uid(uid: int) -> list[int]:
     return pids
 
 
+def processes_in_namespace_of_uid(uid: int) -> list[int]:
+    """Pids of live processes in a user namespace whose uid map starts with ``uid`` (an ordinary user's runs)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                first = Path(f"/proc/{entry}/uid_map").read_text().split()
+                state = Path(f"/proc/{entry}/status").read_text().split("State:")[1].split()[0]
+            except (OSError, IndexError):
+                continue
+            if first[:1] == [str(uid)] and state not in ("Z", "X"):
+                pids.append(int(entry))
+    return pids
+
+
 def assert_nothing_left(result: ToolResult) -> None:
-    """No process of the run's dedicated uid survives the run."""
+    """No process of the run's dedicated uid survives the run (as an ordinary user: of its user namespace)."""
     assert result.sandbox_uid is not None
     assert processes_of_uid(result.sandbox_uid) == []
+    assert processes_in_namespace_of_uid(result.sandbox_uid) == []
 
 
 def all_available(interpreter: str = sys.executable) -> SandboxCapabilities:
