@@ -196,6 +196,15 @@ def test_demo_flags_are_checked(argv):
         demo.parse_demo_args(argv)
 
 
+def test_progress_bars_only_on_a_terminal(monkeypatch):
+    monkeypatch.setattr(demo, "on_terminal", lambda: False)
+    assert demo.progress_bar(3, "x").disable
+    monkeypatch.setattr(demo, "on_terminal", lambda: True)
+    bar = demo.progress_bar(3, "x")
+    assert not bar.disable
+    bar.close()
+
+
 def test_tiny_demo_runs_every_seed_and_reports_mean_and_interval(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(demo, "SFT_POOL", 40)
     out = tmp_path / "demo"
@@ -215,7 +224,9 @@ def test_tiny_demo_runs_every_seed_and_reports_mean_and_interval(tmp_path, monke
         assert rows["kl before"]["ci95"][0] <= rows["kl before"]["mean"] <= rows["kl before"]["ci95"][1]
     for plot in saved["plots"]:
         assert (tmp_path / "demo" / "plots").exists() and json.dumps(plot) and open(plot, "rb").read(4) == b"\x89PNG"
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "\r" not in printed + captured.err  # no progress-bar frames without a terminal
     assert "mean ± std [95% CI]" in printed and saved["machine"]["cpu"] in printed
     assert printed.count("SFT steps") == 3 and summary["wall_seconds"] > 0
 

@@ -103,3 +103,35 @@ def test_relative_links_resolve_from_their_file():
             if not (path.parent / target.split("#")[0]).exists():
                 broken.append(f"{path.relative_to(ROOT)}: {target}")
     assert not broken, broken
+
+
+def test_readme_front_door_comes_first():
+    text = (ROOT / "README.md").read_text()
+    headings = re.findall(r"^## (.+)$", text, flags=re.M)
+    front = ["Install", "Shortest example", "Which entry point do I use", "Two commands"]
+    assert headings[:4] == front and headings.index("API") == 4, headings
+    install = readme_section("Install")
+    for extra in ("'.[hf]'", "'.[trl]'", "'.[trainer]'", "'.[dev]'", "pip wheel"):
+        assert extra in install, extra
+    table = readme_section("Which entry point do I use")
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    for needle in ("own training loop", "Hugging Face", "TRL", "verl", "python -m trainer train", "several GPUs"):
+        assert sum(needle in row for row in rows) >= 1, needle
+    commands = readme_section("Two commands")
+    assert "make demo" in commands and "make test" in commands
+
+
+def test_readme_cites_the_paper_and_ships_a_license():
+    text = (ROOT / "README.md").read_text()
+    assert "https://arxiv.org/abs/2605.07725" in text and "https://github.com/YoungZ365/SOD" in text
+    citation = readme_section("Citation")
+    assert "```bibtex" in citation and "2605.07725" in citation
+    assert "Apache License" in (ROOT / "LICENSE").read_text() and (ROOT / "CHANGELOG.md").is_file()
+
+
+@pytest.mark.parametrize("name", ["README.md", "CHANGELOG.md"])
+def test_front_pages_speak_about_the_software_not_its_development(name):
+    text = (ROOT / name).read_text()
+    for phrase in ("load average", "re-run at", "rerun at", "previous demo", "from a fresh clone at commit",
+                   "this repository's shared", "apt-get", ".ci/run", "is refused with a `ValueError`"):
+        assert phrase not in text, phrase

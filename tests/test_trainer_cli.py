@@ -132,7 +132,7 @@ def test_ctrl_c_inside_concurrent_tool_calls_is_one_line(tmp_path, capsys, monke
     assert code == INTERRUPTED_EXIT and len(tool.calls) > 0
     last = stdout.strip().splitlines()[-1]
     assert last.startswith(f"interrupted: 1 of 3 updates are saved in {tmp_path / 'run' / CHECKPOINT_NAME}")
-    assert last.endswith(shlex.join(["python", "-m", "trainer", *argv, "--resume"]))
+    assert last.endswith(shlex.join(["python", "-m", "trainer", "train", *argv, "--resume"]))
     assert "Traceback" not in err
 
 
@@ -169,8 +169,86 @@ def test_sigint_stops_a_real_run_with_one_line_and_it_resumes(tmp_path, capsys):
     saved = torch.load(out / CHECKPOINT_NAME, weights_only=True)["step"]
     assert saved >= 3
     assert last == (f"interrupted: {saved} of 100000 updates are saved in {out / CHECKPOINT_NAME}; continue with: "
-                    + shlex.join(["python", "-m", "trainer", *argv, "--resume"]))
+                    + shlex.join(["python", "-m", "trainer", "train", *argv, "--resume"]))
     code, stdout, err = exit_code([*argv, "--resume", "--updates", str(saved + 1)], capsys)
     assert code == 0, err
     assert [json.loads(line)["update"] for line in (out / METRICS_NAME).read_text().splitlines()] == \
         list(range(saved + 1))
+
+
+# --- the command line explains itself ----------------------------------------------------------------------
+def run_cli(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "trainer", *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def test_help_lists_every_command_with_one_line():
+    done = run_cli("--help")
+    assert done.returncode == 0 and done.stdout.startswith("usage: python -m trainer")
+    for command in ("train", "demo", "experiment"):
+        line = next(line for line in done.stdout.splitlines() if line.strip().startswith(command + " "))
+        assert len(line.split()) > 3, line
+    assert "--version" in done.stdout
+
+
+def test_each_command_has_its_own_help(capsys):
+    with pytest.raises(SystemExit) as stop:
+        train_main(["--help"])
+    assert stop.value.code == 0 and capsys.readouterr().out.startswith("usage: python -m trainer train")
+    for command in ("demo", "experiment"):
+        done = run_cli(command, "--help")
+        assert done.returncode == 0 and done.stdout.startswith(f"usage: python -m trainer {command}")
+        assert "--sandbox-allow-missing" in done.stdout
+
+
+@pytest.mark.parametrize("argv", [["dmeo"], ["trian", "--updates", "2"], []])
+def test_a_mistyped_or_missing_command_is_a_short_error(argv):
+    done = run_cli(*argv)
+    assert done.returncode == 2 and done.stdout == "" and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) <= 3 and "python -m trainer: error:" in done.stderr
+    if argv:
+        assert f"invalid choice: '{argv[0]}'" in done.stderr and "'demo'" in done.stderr
+
+
+def test_version_prints_the_package_version():
+    from importlib.metadata import version
+
+    done = run_cli("--version")
+    assert done.returncode == 0 and done.stdout.strip() == f"python -m trainer (sod-kernels {version('sod-kernels')})"
+
+
+@pytest.fixture
+def lacking_libseccomp(monkeypatch):
+    """This machine's sandbox without the syscall filter, as on a machine without libseccomp."""
+    import trainer.sandbox as sandbox
+
+    reason = "cannot load libseccomp; install the system library libseccomp (Debian and Ubuntu: libseccomp2)"
+    caps = sandbox.sandbox_capabilities().without(sandbox.SYSCALL_FILTER, reason)
+    monkeypatch.setattr(sandbox, "sandbox_capabilities", lambda: caps)
+    return reason
+
+
+@pytest.mark.parametrize("command", ["train", "demo", "experiment"])
+def test_a_missing_protection_is_refused_in_one_line_naming_the_flag(command, tmp_path, capsys, lacking_libseccomp):
+    from trainer.__main__ import main
+
+    argv = {"train": ["train", *tiny_args(tmp_path / "run")],
+            "demo": ["demo", "--output-dir", str(tmp_path / "demo")],
+            "experiment": ["experiment", "--output-dir", str(tmp_path / "experiment")]}[command]
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"python -m trainer {command}: error: "), err
+    assert "syscall_filter" in lines[0] and lacking_libseccomp in lines[0]
+    assert lines[0].endswith("add --sandbox-allow-missing syscall_filter")
+    assert "SandboxPolicy" not in err and ".ci" not in err
+
+
+@pytest.mark.parametrize("command", ["train", "demo", "experiment"])
+def test_a_misspelled_protection_is_a_short_error(command, tmp_path):
+    done = run_cli(command, "--output-dir", str(tmp_path / "run"), "--sandbox-allow-missing", "netwrok")
+    assert done.returncode == 2 and "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) <= 3
+    assert "'netwrok'" in done.stderr and "network_isolation" in done.stderr
+    assert not (tmp_path / "run").exists()

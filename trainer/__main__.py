@@ -1,10 +1,15 @@
-"""``python -m trainer [train] [flags]`` trains; ``python -m trainer demo [flags]`` runs the embedded demo;
-``python -m trainer experiment [flags]`` runs the controlled tool-fault experiment (OPD against SOD).
+"""``python -m trainer COMMAND [flags]``: ``train`` trains, ``demo`` runs the embedded demo, ``experiment`` runs
+the controlled tool-fault experiment (OPD against SOD); ``python -m trainer --help`` lists them and
+``python -m trainer COMMAND --help`` shows each one's flags.  Flags without a command (``python -m trainer
+--updates 4``) train.
 
 ``torchrun --standalone --nproc-per-node=N -m trainer train [flags]`` trains data-parallel over N ranks: CPU
 ranks through gloo, or with ``--device cuda`` one GPU a rank through NCCL (see :mod:`trainer.distributed`).
 Rank 0 prints and writes the logs; the other ranks print nothing (errors that every rank finds alike, such as
 a bad flag, are printed once, by rank 0).
+
+A machine that lacks a sandbox protection is refused in one line (exit status 2) naming what is missing, how
+to get it, and the ``--sandbox-allow-missing NAME ...`` flag that runs without it.
 
 Nothing is downloaded: models are built-in presets or local folders, datasets local files.
 """
@@ -30,6 +35,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from .config import add_config_arguments, config_from_args  # noqa: E402
 
 INTERRUPTED_EXIT = 130  # the shell's code for a process ended by SIGINT
+USAGE_EXIT = 2  # argparse's status for a bad command line; also a refused sandbox
+PROG = "python -m trainer"
+COMMANDS = {  # name -> the one line of ``python -m trainer --help``
+    "train": "distil a student from a teacher with SOD (or plain OPD) on sandboxed tool-using rollouts",
+    "demo": "the embedded demo: a tiny teacher and student built on the CPU, distilled over 3 seeds",
+    "experiment": "the controlled tool-fault experiment: OPD against SOD when a tool call fails",
+}
 
 
 class RunLog:
@@ -89,7 +101,7 @@ def resume_command(argv: list[str], world_size: int | None = None) -> str:
     (``world_size`` given) a torchrun command with as many ranks."""
     launcher = ["python", "-m"] if world_size is None else \
         ["torchrun", "--standalone", f"--nproc-per-node={world_size}", "-m"]
-    return shlex.join([*launcher, "trainer", *argv, *([] if argv[-1:] == ["--resume"] else ["--resume"])])
+    return shlex.join([*launcher, "trainer", "train", *argv, *([] if argv[-1:] == ["--resume"] else ["--resume"])])
 
 
 class Silent(io.TextIOBase):
@@ -111,12 +123,53 @@ class Parser(argparse.ArgumentParser):
         super().error(message)
 
 
-def fail(parser: argparse.ArgumentParser, log: RunLog, error: Exception) -> int:
+def fail(parser: argparse.ArgumentParser, log: RunLog | None, error: Exception | str) -> int:
     """Print ``error`` as one ``prog: error: ...`` line on stderr (not on a quiet rank); returns exit status 2."""
-    log.close()
+    if log is not None:
+        log.close()
     if not getattr(parser, "quiet", False):
         print(f"{parser.prog}: error: {error}", file=sys.stderr, flush=True)
-    return 2
+    return USAGE_EXIT
+
+
+def check_protection_names(parser: argparse.ArgumentParser, names) -> None:
+    """One line and exit status 2 (argparse's) for a ``--sandbox-allow-missing`` name that is no protection."""
+    from .sandbox import unknown_protections
+
+    error = unknown_protections(names)
+    if error is not None:
+        parser.exit(USAGE_EXIT, None if getattr(parser, "quiet", False) else f"{parser.prog}: error: {error}\n")
+
+
+def sandbox_refusal(prog: str, error) -> int:
+    """Print a refused sandbox (:class:`trainer.sandbox.SandboxUnavailableError`) as one line; returns 2."""
+    print(f"{prog}: error: {error.one_line()}", file=sys.stderr, flush=True)
+    return USAGE_EXIT
+
+
+def package_version() -> str:
+    """The installed version of sod-kernels (the checkout's own when it is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sod-kernels")
+    except PackageNotFoundError:
+        from sod_kernels import __version__
+
+        return __version__
+
+
+def top_parser() -> argparse.ArgumentParser:
+    """``python -m trainer``: the commands with one line each, ``--version``."""
+    parser = Parser(prog=PROG, description="On-policy SOD distillation of small tool-using agents, with "
+                    "sandboxed multi-turn Python tool rollouts.",
+                    formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=28, width=120),
+                    epilog=f"Run '{PROG} COMMAND --help' for a command's flags.  Flags without a command train.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s (sod-kernels {package_version()})")
+    commands = parser.add_subparsers(dest="command", title="commands", required=True)
+    for name, line in COMMANDS.items():
+        commands.add_parser(name, help=line, add_help=False)
+    return parser
 
 
 def train_main(argv: list[str]) -> int:
@@ -127,11 +180,12 @@ def train_main(argv: list[str]) -> int:
     or unreadable checkpoint is a one-line error (exit 2).  Under torchrun (``RANK`` / ``WORLD_SIZE`` /
     ``LOCAL_RANK`` set) the process group is joined after these checks and left at the end.
     """
-    parser = Parser(prog="python -m trainer", description="On-policy SOD distillation with "
-                    "sandboxed multi-turn Python tool rollouts.")
+    parser = Parser(prog=f"{PROG} train", description="On-policy SOD distillation with sandboxed multi-turn "
+                    "Python tool rollouts.  Flags override the --config file, which overrides the defaults.")
     parser.quiet = os.environ.get("RANK", "0") != "0"
     add_config_arguments(parser)
     args = parser.parse_args(argv)
+    check_protection_names(parser, getattr(args, "sandbox_allow_missing", ()))
     try:
         config = config_from_args(args)
         from .checkpoint import check_output_dir
@@ -166,11 +220,15 @@ def _train(parser: argparse.ArgumentParser, config, argv: list[str], context) ->
     trainer = None
     try:
         from .checkpoint import CheckpointError
+        from .sandbox import SandboxUnavailableError
         from .tools import describe_sandbox, sandbox_executor
         from .train import build_trainer
 
         log.message(describe_sandbox())
-        executor = sandbox_executor(config.tool_timeout_s, config.sandbox_allow_missing)
+        try:
+            executor = sandbox_executor(config.tool_timeout_s, config.sandbox_allow_missing)
+        except SandboxUnavailableError as error:
+            return fail(parser, log, error.one_line())
         try:
             options = {} if context is None else {"dist": context}
             trainer = build_trainer(config, executor, log=log.message, **options)
@@ -209,17 +267,23 @@ def _train(parser: argparse.ArgumentParser, config, argv: list[str], context) ->
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Dispatch ``demo`` / ``experiment`` / ``train`` (the default); exit with the run's status."""
+    """Dispatch ``demo`` / ``experiment`` / ``train`` (also flags without a command); exit with the run's status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "demo":
-        from .demo import run_demo
+    if argv and argv[0] in ("demo", "experiment"):
+        from .sandbox import SandboxUnavailableError
 
-        run_demo(argv[1:])
+        if argv[0] == "demo":
+            from .demo import run_demo as run
+        else:
+            from .experiment import run_experiment as run
+        try:
+            run(argv[1:])
+        except SandboxUnavailableError as error:
+            sys.exit(sandbox_refusal(f"{PROG} {argv[0]}", error))
         return
-    if argv and argv[0] == "experiment":
-        from .experiment import run_experiment
-
-        run_experiment(argv[1:])
+    if not argv or (argv[0] != "train" and (not argv[0].startswith("-") or argv[0] in ("-h", "--help",
+                                                                                        "--version"))):
+        top_parser().parse_args(argv)  # --help, --version, or a short error for a missing or unknown command
         return
     rank = "WORLD_SIZE" in os.environ  # a torchrun rank
     try:

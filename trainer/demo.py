@@ -22,6 +22,7 @@ import copy
 import json
 import random
 import re
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from .measure import MemoizedExecutor, describe_machine, format_summary, machine
 from .models import build_preset, count_parameters, lm_head_weight
 from .plots import plot_step_profiles, plot_training, step_profile
 from .rollout import ChatFormat, RolloutSettings, ToolExecutor
+from .sandbox import PROTECTIONS, unknown_protections
 from .sft import solution_turns, supervised_train
 from .task import ERROR_OBSERVATION, TOOL_CALL_CLOSE, TOOL_CALL_OPEN, Problem, ProblemSource, generate_problem
 from .tokenizer import build_task_tokenizer
@@ -75,6 +77,19 @@ class DemoSettings:
     tool_fault_rate: float = 0.1
 
 
+SFT_LOG_EVERY = 100  # without a terminal: one line every this many supervised steps instead of a bar
+
+
+def on_terminal() -> bool:
+    """Whether progress bars may be drawn: stdout and stderr are both terminals (not a log file or a pipe)."""
+    return sys.stdout.isatty() and sys.stderr.isatty()
+
+
+def progress_bar(total: int, desc: str) -> tqdm:
+    """A tqdm bar on a terminal; elsewhere a disabled one (no carriage-return frames in a log file)."""
+    return tqdm(total=total, desc=desc, leave=False, disable=not on_terminal())
+
+
 def _int_list(text: str, flag: str) -> list[int]:
     try:
         values = list(dict.fromkeys(int(s) for s in text.split(",") if s.strip()))
@@ -111,14 +126,16 @@ def parse_demo_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-problems", type=int, default=defaults.eval_problems)
     parser.add_argument("--tool-fault-rate", type=float, default=defaults.tool_fault_rate,
                         help="probability that a tool observation is corrupted during distillation")
-    parser.add_argument("--sandbox-allow-missing", nargs="*", default=[],
-                        help="sandbox protections the demo may run without (see trainer.sandbox.PROTECTIONS)")
+    parser.add_argument("--sandbox-allow-missing", nargs="*", default=[], metavar="NAME",
+                        help=f"sandbox protections the demo may run without, among: {', '.join(PROTECTIONS)}")
     parser.add_argument("--no-tool-memo", action="store_true",
                         help="run every tool call in the sandbox (default: a repeated pure-arithmetic print "
                              "replays the output of its first sandboxed run)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--rebuild", action="store_true", help="retrain the cached teacher and students")
     args = parser.parse_args(argv)
+    if unknown_protections(args.sandbox_allow_missing):
+        parser.exit(2, f"{parser.prog}: error: {unknown_protections(args.sandbox_allow_missing)}\n")
     names = [n.strip() for n in args.compare.split(",") if n.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if not names or unknown:
@@ -234,11 +251,16 @@ def warm_start(folder: Path, preset: str, tokenizer, chat: ChatFormat, *, steps:
     examples = warm_start_examples(chat, seed, noise, retry_fraction, max_calls, learn_noise)
     model = build_preset(preset, tokenizer, seed=seed)
     start = time.perf_counter()
-    bar = tqdm(total=steps, desc=f"{label} SFT ({count_parameters(model) / 1e6:.2f}M params)", leave=False)
+    desc = f"{label} SFT ({count_parameters(model) / 1e6:.2f}M params)"
+    bar = progress_bar(total=steps, desc=desc)
+    done = [0]
 
     def progress(step, loss):
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}")
+        done[0] += 1
+        if bar.disable and done[0] % SFT_LOG_EVERY == 0:
+            print(f"{desc}: step {done[0]}/{steps}, loss {loss:.3f}", flush=True)
 
     losses = supervised_train(model, examples, steps=steps, batch_size=batch, lr=lr,
                               pad_id=tokenizer.pad_token_id, seed=seed, progress=progress)
@@ -376,7 +398,7 @@ def run_demo(argv: list[str] | None = None, executor: ToolExecutor | None = None
             student = copy.deepcopy(student_init)
             trainer = SODTrainer(config, student, teacher, tokenizer, executor, problems=ProblemSource(seed),
                                  log=tqdm.write)
-            bar = tqdm(total=args.updates, desc=f"seed {seed} {name} distillation", leave=False)
+            bar = progress_bar(total=args.updates, desc=f"seed {seed} {name} distillation")
 
             def progress(metrics, bar=bar, name=name):
                 bar.update(1)

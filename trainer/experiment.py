@@ -32,9 +32,10 @@ import torch
 from tqdm import tqdm
 
 from .config import TrainConfig
-from .demo import held_out_problems, warm_start
+from .demo import held_out_problems, progress_bar, warm_start
 from .measure import MemoizedExecutor, describe_machine, format_summary, machine_description, summarize
 from .plots import plot_experiment
+from .sandbox import PROTECTIONS, unknown_protections
 from .rollout import ChatFormat, RolloutSettings, ToolExecutor, Trajectory
 from .task import FaultInjector, ProblemSource, extract_tool_call
 from .tokenizer import build_task_tokenizer
@@ -92,8 +93,8 @@ def parse_experiment_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="probability that a training rollout's first tool call fails")
     parser.add_argument("--lr", type=float, default=d.lr)
     parser.add_argument("--eval-problems", type=int, default=d.eval_problems)
-    parser.add_argument("--sandbox-allow-missing", nargs="*", default=[],
-                        help="sandbox protections the run may do without (see trainer.sandbox.PROTECTIONS)")
+    parser.add_argument("--sandbox-allow-missing", nargs="*", default=[], metavar="NAME",
+                        help=f"sandbox protections the run may do without, among: {', '.join(PROTECTIONS)}")
     parser.add_argument("--no-tool-memo", action="store_true",
                         help="run every tool call in the sandbox (default: replay repeated arithmetic prints)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -101,6 +102,8 @@ def parse_experiment_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--report", action="store_true",
                         help="only recompute the table and figure from OUTPUT_DIR/experiment.json (no training)")
     args = parser.parse_args(argv)
+    if unknown_protections(args.sandbox_allow_missing):
+        parser.exit(2, f"{parser.prog}: error: {unknown_protections(args.sandbox_allow_missing)}\n")
     try:
         args.seed_list = list(dict.fromkeys(int(s) for s in args.seeds.split(",") if s.strip()))
     except ValueError:
@@ -247,7 +250,7 @@ def run_experiment(argv: list[str] | None = None, executor: ToolExecutor | None 
             trainer = RecordingTrainer(config, student, teacher, tokenizer, executor,
                                        problems=ProblemSource(seed), log=tqdm.write)
             trainer.faults = FaultInjector(args.train_fault_rate, seed, kind="error", at_step=FAULT_STEP)
-            bar = tqdm(total=args.updates, desc=f"seed {seed} {name}", leave=False)
+            bar = progress_bar(total=args.updates, desc=f"seed {seed} {name}")
             start = time.perf_counter()
             history = trainer.train(lambda metrics, bar=bar: bar.update(1))
             bar.close()
@@ -266,7 +269,7 @@ def run_experiment(argv: list[str] | None = None, executor: ToolExecutor | None 
                "wall_seconds": time.perf_counter() - wall_start}
     if isinstance(executor, MemoizedExecutor):
         summary["tool_calls"] = {"calls": executor.calls, "sandbox_runs": executor.sandbox_runs}
-    figure = plot_experiment(summary, out / "experiment.png")
+    figure = plot_experiment(summary, out / "experiment.png", POSITIONS, list(VARIANTS))
     summary["figure"] = str(figure)
     (out / "experiment.json").write_text(json.dumps(summary, indent=2))
     print_experiment(summary)
@@ -318,7 +321,8 @@ def report(output_dir: str | Path) -> dict:
         raise ValueError(f"{str(path)!r} does not exist; run the experiment first")
     summary = json.loads(path.read_text())
     summary["aggregate"] = aggregate(summary["seeds"])
-    summary["figure"] = str(plot_experiment(summary, Path(output_dir) / "experiment.png"))
+    summary["figure"] = str(plot_experiment(summary, Path(output_dir) / "experiment.png", POSITIONS,
+                                                list(VARIANTS)))
     path.write_text(json.dumps(summary, indent=2))
     print_experiment(summary)
     return summary

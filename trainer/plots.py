@@ -189,26 +189,25 @@ def plot_step_profiles(profiles: dict[str, list[dict]], path: Path, title: str, 
     return path
 
 
-def plot_experiment(summary: dict, path: Path) -> Path:
+def plot_experiment(summary: dict, path: Path, positions: Sequence[str], variants: Sequence[str]) -> Path:
     """The fault experiment in one figure.
 
     (a) d_k before / right after / later than the failed call (held-out rollouts of the starting student
     with every first call failing, and without faults as the control); (b) the weights SOD assigned there
     during training; (c) retry rate of the faulted training rollouts per update, OPD against SOD; (d) held-out
     greedy accuracy with and without the fault, before and after each objective (mean, 95% t-interval, one dot
-    per seed).
+    per seed).  ``positions`` name the steps relative to the failed call (the x axis of (a) and (b)),
+    ``variants`` the objectives compared in (c).
     """
-    from .experiment import POSITIONS, VARIANTS
-
     seeds = list(summary["seeds"].values())
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
-    xs = list(range(len(POSITIONS)))
+    xs = list(range(len(positions)))
     for kind, style, colour in (("faulted", "-", "tab:red"), ("clean", "--", "tab:gray")):
         label = "first call failed" if kind == "faulted" else "no fault (control)"
         d_curves = [[r["before"][kind]["positions"].get(kind, {}).get(p, {}).get("d", math.nan)
-                     for p in POSITIONS] for r in seeds]
+                     for p in positions] for r in seeds]
         _draw_band(axes[0, 0], xs, d_curves, colour, label, style=style, marker="o")
-        w_curves = [[r["sod"]["train_positions"].get(kind, {}).get(p, {}).get("w", math.nan) for p in POSITIONS]
+        w_curves = [[r["sod"]["train_positions"].get(kind, {}).get(p, {}).get("w", math.nan) for p in positions]
                     for r in seeds]
         _draw_band(axes[0, 1], xs, w_curves, colour, label, style=style, marker="o")
     axes[0, 0].set_ylabel("step divergence d_k (reverse KL; held-out, starting student)")
@@ -220,7 +219,7 @@ def plot_experiment(summary: dict, path: Path) -> Path:
         axis.set_xlabel("step relative to the failed first tool call")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
-    for name in VARIANTS:
+    for name in variants:
         curves = [[u["retry_rate"] if u["retry_rate"] is not None else math.nan for u in r[name]["train_rollouts"]]
                   for r in seeds]
         updates = list(range(1, len(curves[0]) + 1))

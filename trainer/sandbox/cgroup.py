@@ -1,7 +1,7 @@
 """Where the sandbox can put one cgroup v2 per tool run, to bound the memory of the whole run.
 
 A run's cgroup is ``BASE/sod-sandbox-<launcher pid>`` (made, joined and removed by the launcher, see
-:mod:`trainer.sandbox_launcher`), with ``memory.max`` and, where the ``pids`` controller is handed down too,
+:mod:`trainer.sandbox.launcher`), with ``memory.max`` and, where the ``pids`` controller is handed down too,
 ``pids.max``.  BASE must be a cgroup v2 directory that already hands the ``memory`` controller to its
 children (the sandbox does not change the machine's cgroup configuration), that this process may write,
 and in which a child can be made: the parent of the trainer's own cgroup (the trainer's cgroup itself holds
@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import os
 
-from .sandbox_launcher import CGROUP_PREFIX
+from .launcher import CGROUP_PREFIX
 
 REQUIRED_CONTROLLER = "memory"
 

@@ -1,7 +1,8 @@
 """The sandbox's capability probe: launch trial sandboxes and verify, from inside, what took effect.
 
 :func:`probe_capabilities` (cached per process; :func:`trainer.sandbox.sandbox_capabilities` calls it)
-first rules out what cannot work here (bubblewrap or libseccomp not installed, not root), then runs one
+first rules out what cannot work here (bubblewrap or libseccomp missing, an ordinary user on a machine
+that gives ordinary users no user namespaces), then runs one
 trial sandbox with everything else.  If the trial does not start, it retries without the privilege drop,
 then without bubblewrap, so that the remaining protections are still reported.  Each protection is
 claimed only when the trial code saw its effect: ids, namespaces, a read-only root without the host's
@@ -11,19 +12,23 @@ filter that denies ``unshare``.
 
 from __future__ import annotations
 
+import ctypes.util
 import errno
 import functools
 import json
 import os
+import stat
+import subprocess
 
-from . import sandbox as sb
-from .sandbox_fs import InterpreterUnusable, interpreter_files
-from .sandbox_seccomp import SyscallFilterUnavailable, syscall_filter_program
+from . import core as sb
+from .fs import InterpreterUnusable, interpreter_files
+from .seccomp import SyscallFilterUnavailable, syscall_filter_program
 
 PROBE_TIMEOUT_S = 20.0
 PROBE_MARKER = "SOD-SANDBOX-PROBE:"
 HIDDEN_HOST_DIRS = ("/run",)  # host rendezvous points (unix sockets, pid files): must not exist inside
-INSTALL_BWRAP = "install the Debian package bubblewrap (`apt-get install bubblewrap`; .ci/run does)"
+USERNS_CHECK_TIMEOUT_S = 20.0
+_USERNS_CHECK = "import ctypes, sys; sys.exit(ctypes.CDLL(None, use_errno=True).unshare({flag}) and ctypes.get_errno())"
 
 _PROBE_SCRIPT = """
 import ctypes, errno, importlib, json, os, resource
@@ -52,6 +57,9 @@ for module in {modules!r}:
     except Exception as exc:
         info["failed_imports"].append(module + ": " + repr(exc))
 status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+info["capabilities"] = [int(status[name], 16) for name in ("CapPrm", "CapEff", "CapAmb")]
+info["overflow_gid"] = int(open("/proc/sys/kernel/overflowgid").read()) if os.path.exists(
+    "/proc/sys/kernel/overflowgid") else 65534
 info["seccomp_filters"] = int(status.get("Seccomp_filters", "0").strip() or 0)
 libc = ctypes.CDLL(None, use_errno=True)
 info["unshare_errno"] = 0 if libc.unshare(0) == 0 else ctypes.get_errno()
@@ -80,7 +88,7 @@ def _host_paths(interpreter: str) -> list[str]:
     prefix = os.path.realpath(sb._interpreter_prefix(interpreter))
     home = os.path.realpath(os.path.expanduser("~"))
     paths = [os.path.abspath(sb.__file__)]
-    if not prefix.startswith(home.rstrip("/") + "/") and home != "/":
+    if not prefix.startswith(home.rstrip("/") + "/") and home not in ("/", sb.ISOLATED_WORKDIR, "/dev", "/proc"):
         paths.append(home)
     return paths
 
@@ -116,24 +124,66 @@ def _step_errors(raw) -> dict[str, str]:
     return errors
 
 
+def _user_namespaces_refused(interpreter: str) -> str | None:
+    """None if this (unprivileged) process may create a user namespace, else the error, tried in a child."""
+    try:
+        done = subprocess.run([interpreter, "-I", "-S", "-c", _USERNS_CHECK.format(flag=sb.CLONE_NEWUSER)],
+                              env={}, stdin=subprocess.DEVNULL, capture_output=True, cwd="/",
+                              timeout=USERNS_CHECK_TIMEOUT_S)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    if done.returncode == 0:
+        return None
+    return os.strerror(done.returncode) if 0 < done.returncode < 256 else f"status {done.returncode}"
+
+
+def _setuid_root(path: str) -> bool:
+    """Whether ``path`` is a set-user-ID-root executable (a system bubblewrap that needs no user namespace)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return False
+    return info.st_uid == 0 and bool(info.st_mode & stat.S_ISUID)
+
+
 def _ruled_out(interpreter: str) -> dict[str, str]:
     """Protections that cannot work here whatever a trial shows, with the reason."""
     reasons = {}
-    if os.geteuid() != 0:
-        reasons[sb.PRIVILEGE_DROP] = f"not running as root (euid {os.geteuid()}): cannot change uid"
-    if sb.bwrap_path() is None:
+    bwrap, where = sb.find_bwrap()
+    if bwrap is None:
         for name in sb.BWRAP_PROTECTIONS:
-            reasons[name] = f"bubblewrap (bwrap) is not installed: {INSTALL_BWRAP}"
+            reasons[name] = where
+        if sb.unprivileged():
+            reasons[sb.PRIVILEGE_DROP] = (f"as an ordinary user (uid {os.geteuid()}) the privilege drop relies on "
+                                          f"bubblewrap's pid namespace, and {where}")
     else:
         try:
             interpreter_files(interpreter)
         except InterpreterUnusable as exc:
             reasons[sb.FILESYSTEM_ISOLATION] = str(exc)
+    if sb.unprivileged():
+        refused = _user_namespaces_refused(interpreter)
+        if refused is not None:
+            why = (f"this machine lets no ordinary user (here uid {os.geteuid()}) create a user namespace "
+                   f"({refused}): run as root, or allow them (sysctl user.max_user_namespaces, "
+                   "kernel.unprivileged_userns_clone, or the AppArmor restriction on unprivileged user namespaces)")
+            reasons[sb.PRIVILEGE_DROP] = why
+            if bwrap is not None and not _setuid_root(bwrap):
+                for name in sb.BWRAP_PROTECTIONS:
+                    reasons.setdefault(name, why)
     try:
         syscall_filter_program()
     except SyscallFilterUnavailable as exc:
         reasons[sb.SYSCALL_FILTER] = str(exc)
     return reasons
+
+
+def _tools() -> str:
+    """Which bubblewrap and libseccomp the sandbox uses, for the report."""
+    bwrap, where = sb.find_bwrap()
+    libseccomp = ctypes.util.find_library("seccomp")
+    return (f"bubblewrap {bwrap} ({where})" if bwrap else "no bubblewrap") + "; " + \
+        (f"libseccomp ({libseccomp})" if libseccomp else "no libseccomp")
 
 
 @functools.lru_cache(maxsize=None)
@@ -144,9 +194,10 @@ def probe_capabilities(interpreter: str, temp_root: str) -> sb.SandboxCapabiliti
     """
     reasons = _ruled_out(interpreter)
     use = {name: name not in reasons for name in sb.PROTECTIONS}
+    tools = _tools()
     info, raw, error = _probe_once(interpreter, temp_root, use)
     if info is None and use[sb.PRIVILEGE_DROP]:
-        reasons[sb.PRIVILEGE_DROP] = f"the interpreter could not start as an unprivileged uid: {error}"
+        reasons[sb.PRIVILEGE_DROP] = f"the interpreter could not start as the sandbox's dedicated uid: {error}"
         use[sb.PRIVILEGE_DROP] = False
         info, raw, error = _probe_once(interpreter, temp_root, use)
     if info is None and any(use[name] for name in sb.BWRAP_PROTECTIONS):
@@ -158,8 +209,8 @@ def probe_capabilities(interpreter: str, temp_root: str) -> sb.SandboxCapabiliti
     if info is None:
         reason = f"the trial sandbox did not run: {error}"
         return sb.SandboxCapabilities(tuple(sb.Protection(n, False, reasons.get(n, reason))
-                                            for n in sb.PROTECTIONS), interpreter)
-    return sb.SandboxCapabilities(_verdicts(info, raw, reasons), interpreter)
+                                            for n in sb.PROTECTIONS), interpreter, tools)
+    return sb.SandboxCapabilities(_verdicts(info, raw, reasons), interpreter, tools)
 
 
 def _verdicts(info: dict, raw, reasons: dict[str, str]) -> tuple:
@@ -184,6 +235,14 @@ def _verdicts(info: dict, raw, reasons: dict[str, str]) -> tuple:
     expected = {"RLIMIT_AS": address_space, "RLIMIT_NPROC": processes, "RLIMIT_NOFILE": policy.max_open_files,
                 "RLIMIT_FSIZE": policy.max_file_bytes, "RLIMIT_CORE": 0}
     in_cgroup = cgroup is None or str(info["cgroup"]).endswith(f"/{sb.CGROUP_PREFIX}{raw.launcher_pid}")
+    if sb.unprivileged():
+        groups_ok = all(gid == info["overflow_gid"] for gid in info["groups"])
+        how = (f"dedicated uid/gid {sb.SANDBOX_UID_BASE}+launcher pid in the code's own user namespace, mapped to "
+               f"this ordinary user (uid {os.geteuid()}); no capabilities, own session keyring, no_new_privs")
+    else:
+        groups_ok = not info["groups"]
+        how = (f"dedicated uid/gid {sb.SANDBOX_UID_BASE}+launcher pid, no supplementary groups or capabilities, "
+               "own session keyring, no_new_privs")
     mib = 1024 * 1024
     bound = (f"whole run in its own cgroup v2 under {cgroup} (memory.max = memory_bytes, swap 0, pids.max)"
              if cgroup is not None else
@@ -194,12 +253,11 @@ def _verdicts(info: dict, raw, reasons: dict[str, str]) -> tuple:
              and info["hidden_dirs_empty"] and not info["host_visible"] and not info["failed_imports"])
     return (
         verdict(sb.PRIVILEGE_DROP,
-                list(info["resuid"]) == [uid] * 3 and list(info["resgid"]) == [uid] * 3 and not info["groups"]
-                and keyring_left,
-                f"dedicated uid/gid {sb.SANDBOX_UID_BASE}+launcher pid, no supplementary groups or capabilities, "
-                "own session keyring, no_new_privs",
-                f"code ran with uids {info['resuid']} gids {info['resgid']} groups {info['groups']}, "
-                f"session keyring {info['session_keyring']} (trainer's: {own_keyring})"),
+                list(info["resuid"]) == [uid] * 3 and list(info["resgid"]) == [uid] * 3 and keyring_left
+                and not any(info["capabilities"]) and groups_ok,
+                how, f"code ran with uids {info['resuid']} gids {info['resgid']} groups {info['groups']}, "
+                     f"capabilities {info['capabilities']}, session keyring {info['session_keyring']} "
+                     f"(trainer's: {own_keyring})"),
         verdict(sb.NETWORK_ISOLATION, new_ns("net"), "new network and UTS namespaces (bubblewrap)",
                 "the code shared the trainer's network namespace"),
         verdict(sb.FILESYSTEM_ISOLATION, fs_ok,

@@ -152,8 +152,15 @@ def bwrap_arguments(bwrap: str, use: dict[str, bool], files: InterpreterFiles | 
     args = [bwrap, "--die-with-parent", "--new-session"]
     if not as_root:  # unprivileged: bubblewrap needs a user namespace; the init process is root inside it
         args += ["--unshare-user", "--uid", "0", "--gid", "0"]
+        if use[proc]:
+            # The code's uid maps to the same user as the init process: as the pid namespace's first process,
+            # init ignores the signals the code may send it (the kernel's rule for a namespace's pid 1).
+            args += ["--as-pid-1"]
     args += ["--cap-drop", "ALL"]
-    for cap in ("CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETGID"):  # init: mount /tmp; tool process: drop to its uid
+    caps = ["CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETGID"]  # init: mount /tmp; tool process: drop to its uid
+    if not as_root:  # the tool process's own user namespace maps uid 0 here: the kernel asks for CAP_SETFCAP
+        caps.append("CAP_SETFCAP")
+    for cap in caps:
         args += ["--cap-add", cap]
     if use[net]:
         args += ["--unshare-net", "--unshare-uts"]

@@ -1,6 +1,6 @@
 """The sandbox's own processes: the launcher on the host, and the init process and tool set-up inside.
 
-Standard library only: the launcher runs this file as ``python -I -S sandbox_launcher.py MEMFD`` and the init
+Standard library only: the launcher runs this file as ``python -I -S launcher.py MEMFD`` and the init
 process runs its text as ``python -I -S -c TEXT init MEMFD UID GID WORKDIR`` inside bubblewrap, where no
 file of the project is visible.  The trainer side (:mod:`trainer.sandbox`) plans a run and writes its
 configuration and the code into a memfd (:func:`write_payload`); nothing of a run is stored on the host
@@ -61,6 +61,7 @@ SYS_KEYCTL = {"x86_64": 250, "aarch64": 219}  # keyctl(2) has no libc wrapper; n
 KEYCTL_GET_KEYRING_ID = 0
 KEYCTL_JOIN_SESSION_KEYRING = 1
 KEY_SPEC_SESSION_KEYRING = -3
+CLONE_NEWUSER = 0x10000000
 
 
 class _SockFprog(ctypes.Structure):
@@ -241,6 +242,8 @@ class _Process:
         self.strict = config["mode"] == "run"
         self.use = dict(config["use"])
         self.status_fd = config["status_fd"]
+        # As an ordinary user the dedicated uid/gid exist only inside the tool's own user namespace.
+        self.unprivileged = config["unprivileged"]
         self.uid = uid
         self.gid = gid
         self.libc = ctypes.CDLL(None, use_errno=True)
@@ -333,13 +336,15 @@ class _Launcher(_Process):
 
         self.run_dir = tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-", dir=self.config["temp_root"])
         os.chmod(self.run_dir, 0o711)
+        workdir = os.path.join(self.run_dir, HOST_WORKDIR_NAME)
+        os.mkdir(workdir, 0o700)
+        if self.use[PRIVILEGE_DROP] and self.unprivileged:
+            return  # the user's own folder: the tool's user namespace maps its uid to this user
         if self.use[PRIVILEGE_DROP]:
             blocked = untraversable_ancestor(self.run_dir)
             if blocked is not None:
                 raise _SetupError("", f"the host run folder {self.run_dir} lies under {blocked}, which the "
                                       "dedicated uid cannot traverse: point TMPDIR at a directory it can")
-        workdir = os.path.join(self.run_dir, HOST_WORKDIR_NAME)
-        os.mkdir(workdir, 0o700)
         os.chown(workdir, self.uid, self.gid)
 
     def make_cgroup(self) -> None:
@@ -402,7 +407,8 @@ class _Launcher(_Process):
             remove_cgroup(self.cgroup)
         # With a pid namespace, the sandbox's end (bubblewrap waits for its pid 1) is the end of everything
         # in it, except when the caller died and the sandbox was killed from here just now.
-        if self.use[PRIVILEGE_DROP] and (self.caller_gone or not self.use[PROCESS_ISOLATION]):
+        if self.use[PRIVILEGE_DROP] and not self.unprivileged and (self.caller_gone or
+                                                                  not self.use[PROCESS_ISOLATION]):
             kill_uid(self.uid)
         if self.run_dir:
             remove_tree(self.run_dir)
@@ -483,8 +489,15 @@ class _Init(_Process):
                                    options.encode()), f"mount tmpfs on {target} ({options})")
 
     def mount_private_dirs(self) -> None:
-        """A size- and inode-limited tmpfs as the code's working directory, and a private /dev/shm."""
-        self.mount(ISOLATED_WORKDIR, f"mode=0700,uid={self.uid},gid={self.gid},size={self.config['workdir_bytes']},"
+        """A size- and inode-limited tmpfs as the code's working directory, and a private /dev/shm.
+
+        The working directory belongs to the uid the code runs as: the dedicated uid when root drops to it,
+        else this process's own uid (as an ordinary user, bubblewrap's namespace maps the user to 0 here, and
+        the tool's own namespace maps the dedicated uid to that 0).
+        """
+        owner = (self.uid, self.gid) if self.use[PRIVILEGE_DROP] and not self.unprivileged \
+            else (os.getuid(), os.getgid())
+        self.mount(ISOLATED_WORKDIR, f"mode=0700,uid={owner[0]},gid={owner[1]},size={self.config['workdir_bytes']},"
                                      f"nr_inodes={self.config['workdir_inodes']}", MS_NOSUID | MS_NODEV)
         self.mount(PRIVATE_SHM_DIR, PRIVATE_SHM_OPTIONS, MS_NOSUID | MS_NODEV | MS_NOEXEC)
 
@@ -535,11 +548,20 @@ class _Init(_Process):
             resource.setrlimit(getattr(resource, name), (value, hard))
 
     def drop_privileges(self) -> None:
-        """Become the dedicated uid/gid with no supplementary groups, irrevocably; leave the session keyring."""
-        os.setgroups([])
+        """Become the dedicated uid/gid, irrevocably, and leave the session keyring.
+
+        As root: the dedicated uid/gid on the host, no supplementary groups.  As an ordinary user: a new user
+        namespace in which the dedicated uid/gid are the only ids, mapped to this (already unprivileged) user,
+        with no capability left after ``execve``; the user's supplementary groups stay (the kernel lets no
+        user namespace drop them) and show as the overflow gid.
+        """
+        if self.unprivileged:
+            self.enter_user_namespace()
+        else:
+            os.setgroups([])
         os.setresgid(self.gid, self.gid, self.gid)
         os.setresuid(self.uid, self.uid, self.uid)
-        if os.getresuid() != (self.uid,) * 3 or os.getgroups():
+        if os.getresuid() != (self.uid,) * 3 or (os.getgroups() and not self.unprivileged):
             raise _SetupError(PRIVILEGE_DROP, "credentials did not change")
         machine = os.uname().machine
         if machine not in SYS_KEYCTL:
@@ -552,6 +574,16 @@ class _Init(_Process):
             err = ctypes.get_errno()
             raise OSError(err, f"keyctl(JOIN_SESSION_KEYRING): {os.strerror(err)}")
 
+    def enter_user_namespace(self) -> None:
+        """A new user namespace whose only uid/gid, the dedicated ones, map to this process's own ids."""
+        outer_uid, outer_gid = os.geteuid(), os.getegid()
+        self.check(self.libc.unshare(ctypes.c_int(CLONE_NEWUSER)),
+                   "unshare(CLONE_NEWUSER) (user namespaces for ordinary users)")
+        for name, text in (("setgroups", "deny"), ("uid_map", f"{self.uid} {outer_uid} 1"),
+                           ("gid_map", f"{self.gid} {outer_gid} 1")):
+            with open(f"/proc/self/{name}", "w", encoding="ascii") as handle:
+                handle.write(text)
+
     def load_syscall_filter(self) -> None:
         """Install the seccomp BPF program that libseccomp compiled on the trainer side."""
         program = bytes.fromhex(self.config["seccomp_bpf"])
@@ -563,7 +595,7 @@ class _Init(_Process):
 
 
 def _launcher_main(memfd: int) -> int:
-    """Entry point of the launcher: ``python -I -S sandbox_launcher.py MEMFD``."""
+    """Entry point of the launcher: ``python -I -S launcher.py MEMFD``."""
     config, _ = read_payload(memfd)
     os.set_inheritable(config["status_fd"], False)  # handed on explicitly to the sandbox only
     return _Launcher(config, memfd).run()

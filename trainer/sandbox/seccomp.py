@@ -61,8 +61,9 @@ def syscall_filter_program() -> bytes:
         import pyseccomp as seccomp  # noqa: PLC0415 - optional dependency, reported when missing
     except (ImportError, RuntimeError, OSError) as exc:
         raise SyscallFilterUnavailable(
-            f"cannot load libseccomp through pyseccomp ({type(exc).__name__}: {exc}); install the Debian package "
-            "libseccomp2 and the Python package pyseccomp (`pip install 'sod-kernels[trainer]'`)") from exc
+            f"cannot load libseccomp through pyseccomp ({type(exc).__name__}: {exc}); install the system library "
+            "libseccomp (Debian and Ubuntu: libseccomp2, Fedora: libseccomp) and the Python package pyseccomp "
+            "(part of the trainer's dependencies)") from exc
     try:
         rules = seccomp.SyscallFilter(seccomp.ALLOW)
         rules.set_attr(seccomp.Attr.ACT_BADARCH, seccomp.KILL_PROCESS)
