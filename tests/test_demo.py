@@ -205,6 +205,19 @@ def test_progress_bars_only_on_a_terminal(monkeypatch):
     bar.close()
 
 
+def test_library_bars_are_off_without_a_terminal(monkeypatch):
+    from transformers.utils import logging as hf_logging
+
+    monkeypatch.setattr(demo, "on_terminal", lambda: False)
+    was = hf_logging.is_progress_bar_enabled()
+    try:
+        hf_logging.enable_progress_bar()
+        demo.library_bars_off_terminal()
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+
+
 def test_tiny_demo_runs_every_seed_and_reports_mean_and_interval(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(demo, "SFT_POOL", 40)
     out = tmp_path / "demo"

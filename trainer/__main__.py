@@ -31,6 +31,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # processes (and anything else), spinning threads made tiny-model steps several times slower.  Must be set
 # before torch is imported (it is imported lazily below).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Progress bars only on a terminal: off one, Hugging Face libraries draw none either (read when they load).
+if not (sys.stdout.isatty() and sys.stderr.isatty()):
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 from .config import add_config_arguments, config_from_args  # noqa: E402
 

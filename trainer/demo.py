@@ -90,6 +90,14 @@ def progress_bar(total: int, desc: str) -> tqdm:
     return tqdm(total=total, desc=desc, leave=False, disable=not on_terminal())
 
 
+def library_bars_off_terminal() -> None:
+    """Off a terminal, also switch off the bars of Hugging Face libraries (``save_pretrained``'s, ...)."""
+    if not on_terminal():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def _int_list(text: str, flag: str) -> list[int]:
     try:
         values = list(dict.fromkeys(int(s) for s in text.split(",") if s.strip()))
@@ -350,6 +358,7 @@ def run_demo(argv: list[str] | None = None, executor: ToolExecutor | None = None
     call goes through :func:`trainer.tools.sandbox_executor`, wrapped in :class:`MemoizedExecutor`.
     """
     args = parse_demo_args(argv)
+    library_bars_off_terminal()
     s = DemoSettings()
     torch.set_num_threads(args.threads)
     wall_start = time.perf_counter()

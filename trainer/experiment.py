@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from .config import TrainConfig
-from .demo import held_out_problems, progress_bar, warm_start
+from .demo import held_out_problems, library_bars_off_terminal, progress_bar, warm_start
 from .measure import MemoizedExecutor, describe_machine, format_summary, machine_description, summarize
 from .plots import plot_experiment
 from .sandbox import PROTECTIONS, unknown_protections
@@ -197,6 +197,7 @@ def run_experiment(argv: list[str] | None = None, executor: ToolExecutor | None 
     args = parse_experiment_args(argv)
     if args.report:
         return report(args.output_dir)
+    library_bars_off_terminal()
     s = ExperimentSettings()
     torch.set_num_threads(args.threads)
     machine = machine_description()
