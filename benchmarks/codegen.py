@@ -56,9 +56,9 @@ import tempfile
 from pathlib import Path
 
 KERNEL_MODULES = (
-    "sod_kernels.kl_epilogue",
-    "sod_kernels.logprob_epilogue",
-    "sod_kernels.sparse_epilogue",
+    "sod_kernels.dense.kernels",
+    "sod_kernels.logprobs.kernels",
+    "sod_kernels.sparse.kernels",
 )
 
 HOPPER_TARGET = ("cuda", 90, 32)

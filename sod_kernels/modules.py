@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .sod_loss import fused_sod_loss
+from .dense.loss import fused_sod_loss
 
 
 class SODLoss(torch.nn.Module):

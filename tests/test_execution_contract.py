@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 
 from reference import ref_fused_sod_loss
 from sod_kernels import (fused_sod_loss, fused_sod_policy_loss, fused_token_logprobs, step_ids_from_mask,
-                         step_weights_from_divergence, triton_divergence)
-from sod_kernels.step_plan import InPassStepWeights
+                         step_weights_from_divergence)
+from sod_kernels.dense import triton_backend as triton_divergence
+from sod_kernels.steps.plan import InPassStepWeights
 from tests.conftest import HAS_CUDA
 from tests.helpers import step_masks
 

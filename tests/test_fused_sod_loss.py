@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from reference import ref_fused_sod_loss
 from sod_kernels import SODLoss, fused_sod_loss, step_ids_from_mask
-from sod_kernels import chunked_torch
+from sod_kernels.core import tiles
 from tests.helpers import step_masks
 
 
@@ -41,9 +41,9 @@ def test_torch_backend_matches_reference(mask, Hs, Ht, V, pad, divergence, step_
     (sh, sw, th, tw, sb, tb), y = _problem(mask, Hs, Ht, V, V + pad, dtype, seed, bias)
     with pytest.MonkeyPatch.context() as mp:
         if vocab_tile is not None:  # several vocabulary tiles per row: the online log-sum-exp path
-            mp.setattr(chunked_torch, "VOCAB_TILE", vocab_tile)
+            mp.setattr(tiles, "VOCAB_TILE", vocab_tile)
         if chunk is not None:
-            mp.setattr(chunked_torch, "CHUNK_ELEMENTS", chunk * chunked_torch.vocab_tile(V))
+            mp.setattr(tiles, "CHUNK_ELEMENTS", chunk * tiles.vocab_tile(V))
         _check_against_reference(mask, sh, sw, th, tw, sb, tb, y, bias, dtype, divergence=divergence,
                                  step_divergence=step_divergence, temperature=temperature, reduction=reduction)
 
@@ -177,7 +177,7 @@ def test_no_tokens_by_vocabulary_tensor_is_created(monkeypatch):
     from torch.utils._python_dispatch import TorchDispatchMode
 
     N, V, H = 96, 1000, 8
-    monkeypatch.setattr(chunked_torch, "CHUNK_ELEMENTS", 8 * V)  # 8 rows x the whole vocabulary per tile
+    monkeypatch.setattr(tiles, "CHUNK_ELEMENTS", 8 * V)  # 8 rows x the whole vocabulary per tile
     sizes = []
 
     class Record(TorchDispatchMode):

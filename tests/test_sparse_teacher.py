@@ -20,9 +20,10 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from reference import ref_sparse_sod_loss, ref_sparse_token_divergence
-from sod_kernels import SODStats, fused_sod_loss, fused_sparse_sod_loss, sparse_triton
-from sod_kernels.sparse_rows import TAIL_FLOOR, teacher_tail_floor
-from sod_kernels.sparse_validation import logprob_tolerance
+from sod_kernels import SODStats, fused_sod_loss, fused_sparse_sod_loss
+from sod_kernels.sparse import triton_backend as sparse_triton
+from sod_kernels.sparse.rows import TAIL_FLOOR, teacher_tail_floor
+from sod_kernels.sparse.validation import logprob_tolerance
 from tests.conftest import HAS_CUDA
 from tests.helpers import step_masks
 

@@ -12,7 +12,7 @@ from reference import (ref_sod_step_weights, ref_step_divergence, ref_step_ids_f
                        ref_step_weights_running_product)
 from sod_kernels import (sod_policy_inputs, sod_step_statistics, sod_step_weights, step_ids_from_mask,
                          step_weights_from_divergence)
-from sod_kernels._segments import segmented_cumsum
+from sod_kernels.steps.segments import segmented_cumsum
 from sod_kernels.steps import closed_form_weights, trim_steps
 from tests.helpers import step_masks
 

@@ -8,8 +8,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from reference import ref_token_logprobs
 from sod_kernels import fused_token_logprobs
-from sod_kernels import token_logprobs as torch_backend
-from sod_kernels import triton_token_logprobs as triton_backend
+from sod_kernels.logprobs import token_logprobs as torch_backend
+from sod_kernels.logprobs import triton_backend
 from tests.conftest import HAS_CUDA
 
 # The Triton backend runs on CUDA tensors where there is a GPU, else under the interpreter on CPU tensors.

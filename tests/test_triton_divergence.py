@@ -16,8 +16,10 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from reference import ref_fused_sod_loss
-from sod_kernels import chunked_torch, fused_sod_loss, step_ids_from_mask
-from sod_kernels import sod_loss, triton_divergence
+from sod_kernels import fused_sod_loss, step_ids_from_mask
+from sod_kernels.dense import torch_backend as chunked_torch
+from sod_kernels.dense import loss as sod_loss
+from sod_kernels.dense import triton_backend as triton_divergence
 from tests.conftest import HAS_CUDA
 from tests.helpers import step_masks
 

@@ -6,7 +6,7 @@ import torch
 
 from sod_kernels import (SODLoss, fused_sod_loss, grpo_advantages, sod_advantages, sod_policy_inputs,
                          sod_step_statistics, sod_step_weights, step_ids_from_mask, step_weights_from_divergence)
-from sod_kernels._validation import (check_binary_mask, check_finite_number, check_lm_head, check_positive,
+from sod_kernels.core.validation import (check_binary_mask, check_finite_number, check_lm_head, check_positive,
                                      check_same_device)
 from sod_kernels.steps import resolve_step_ids
 

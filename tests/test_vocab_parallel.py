@@ -26,7 +26,7 @@ import torch.multiprocessing as mp
 
 from reference.sod_reference import ref_fused_sod_loss, ref_ppo_dual_clip_loss, ref_token_logprobs
 from sod_kernels import fused_sod_loss, fused_sod_policy_loss, fused_token_logprobs
-from sod_kernels.vocab_parallel import (vocab_parallel_policy_loss, vocab_parallel_sod_loss,
+from sod_kernels.parallel.losses import (vocab_parallel_policy_loss, vocab_parallel_sod_loss,
                                         vocab_parallel_token_logprobs)
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,7 +1,7 @@
 """The KL loss's epilogue on the chunked core: per-row statistics and ``d(logits)`` of a logit block.
 
 Input: the raw float32 logit blocks ``xs [C, V]`` (student) and ``xt [C, V]`` (teacher, first ``V`` columns)
-of one row chunk, as :func:`sod_kernels.chunked_core.logits_into` writes them.  Biases, the optional
+of one row chunk, as :func:`sod_kernels.core.chunks.logits_into` writes them.  Biases, the optional
 soft-cap of each model and ``1/tau`` are applied on load: ``z = (x + b) / tau``, or with a cap ``c``
 ``z = c tanh((x + b) / c) / tau`` (tanh from one exponential, ``e = exp(-2|u|)``, and the student's
 ``d(logits)`` times the slope ``1 - tanh^2 = 4 e / (1 + e)^2``).  W is the model whose probabilities weight
@@ -30,53 +30,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..core.kernels import (GRAD_BLOCK_V, INTERPRETER_BLOCK_V, MIN_LOGIT, NUM_WARPS, STATS_BLOCK_V, bias_arg, cap_arg,
+                            interpreting, load_capped_logits, load_capped_logits_slope, load_logits, vocab_splits)
+
 NUM_PARTIALS = 5
-MIN_LOGIT = tl.constexpr(-1e30)  # masked columns: exp() of it is 0, differences of two of them are 0
-STATS_BLOCK_V = 2048
-GRAD_BLOCK_V = 2048
-NUM_WARPS = 8
-INTERPRETER_BLOCK_V = 16
-TARGET_PROGRAMS = 1024  # rows x splits of the statistics kernel: enough to fill an H100/H200 several times
-
-
-@triton.jit
-def _load_logits(x_ptr, b_ptr, cols, ok, inv_temp, HAS_BIAS: tl.constexpr):
-    x = tl.load(x_ptr + cols, mask=ok, other=0.0)
-    if HAS_BIAS:
-        x += tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    return x * inv_temp
-
-
-@triton.jit
-def _tanh_parts(u):
-    """``(tanh(u), exp(-2|u|))`` without overflow: ``tanh|u| = (1 - e) / (1 + e)`` with ``e = exp(-2|u|)``."""
-    e = tl.exp(-2.0 * tl.abs(u))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(u < 0, -t, t), e
-
-
-@triton.jit
-def _load_capped_logits(x_ptr, b_ptr, cols, ok, inv_temp, cap, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr):
-    """``z = cap tanh((x + b) / cap) / tau`` (``(x + b) / tau`` without ``HAS_CAP``)."""
-    x = tl.load(x_ptr + cols, mask=ok, other=0.0)
-    if HAS_BIAS:
-        x += tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    if HAS_CAP:
-        t, _ = _tanh_parts(x * (1.0 / cap))
-        x = cap * t
-    return x * inv_temp
-
-
-@triton.jit
-def _load_capped_logits_slope(x_ptr, b_ptr, cols, ok, inv_temp, cap, HAS_BIAS: tl.constexpr):
-    """``(z, dz_cap/dx)`` with a cap: ``z = cap tanh(u) / tau``, ``u = (x + b) / cap`` and the slope
-    ``1 - tanh(u)^2 = 4 e / (1 + e)^2``, ``e = exp(-2|u|)`` (no cancellation where the cap saturates)."""
-    x = tl.load(x_ptr + cols, mask=ok, other=0.0)
-    if HAS_BIAS:
-        x += tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    t, e = _tanh_parts(x * (1.0 / cap))
-    one_e = 1.0 + e
-    return (cap * t) * inv_temp, 4.0 * e / (one_e * one_e)
 
 
 @triton.jit
@@ -99,9 +56,9 @@ def kl_partial_stats_kernel(xs_ptr, xt_ptr, sb_ptr, tb_ptr, part_ptr, n_rows, vo
     for start in range(0, cols_per_split, BLOCK_V):
         cols = v_begin + start + offs
         ok = cols < vocab
-        zs = tl.where(ok, _load_capped_logits(xs_row, sb_ptr, cols, ok, inv_temp, scap, HAS_SBIAS, HAS_SCAP),
+        zs = tl.where(ok, load_capped_logits(xs_row, sb_ptr, cols, ok, inv_temp, scap, HAS_SBIAS, HAS_SCAP),
                       MIN_LOGIT)
-        zt = tl.where(ok, _load_capped_logits(xt_row, tb_ptr, cols, ok, inv_temp, tcap, HAS_TBIAS, HAS_TCAP),
+        zt = tl.where(ok, load_capped_logits(xt_row, tb_ptr, cols, ok, inv_temp, tcap, HAS_TBIAS, HAS_TCAP),
                       MIN_LOGIT)
         if FORWARD_KL:
             z_w = zt
@@ -143,10 +100,10 @@ def kl_logit_grad_kernel(xs_ptr, xt_ptr, sb_ptr, tb_ptr, grad_ptr, max_s_ptr, ls
     ok = cols < vocab
     xs_row = xs_ptr + row.to(tl.int64) * stride_xs
     if HAS_SCAP:
-        zs, slope = _load_capped_logits_slope(xs_row, sb_ptr, cols, ok, inv_temp, scap, HAS_SBIAS)
+        zs, slope = load_capped_logits_slope(xs_row, sb_ptr, cols, ok, inv_temp, scap, HAS_SBIAS)
     else:
-        zs = _load_logits(xs_row, sb_ptr, cols, ok, inv_temp, HAS_SBIAS)
-    zt = _load_capped_logits(xt_ptr + row.to(tl.int64) * stride_xt, tb_ptr, cols, ok, inv_temp, tcap, HAS_TBIAS,
+        zs = load_logits(xs_row, sb_ptr, cols, ok, inv_temp, HAS_SBIAS)
+    zt = load_capped_logits(xt_ptr + row.to(tl.int64) * stride_xt, tb_ptr, cols, ok, inv_temp, tcap, HAS_TBIAS,
                              HAS_TCAP)
     scale = tl.load(scale_ptr + row)
     p_s = tl.exp(zs - tl.load(lse_s_ptr + row))
@@ -176,30 +133,6 @@ class KLRowStats(NamedTuple):
     centre: torch.Tensor
 
 
-def _interpreting() -> bool:
-    from .token_divergence import triton_interpreter_enabled
-    return triton_interpreter_enabled()
-
-
-def vocab_splits(n_rows: int, vocab: int) -> tuple[int, int, int]:
-    """``(BLOCK_V, columns per split, splits)`` of a statistics kernel over ``n_rows x vocab``: enough
-    (row, split) programs to fill the GPU (``TARGET_PROGRAMS``), every split non-empty and a whole number of
-    blocks; under the interpreter tiny blocks and two splits, so small tests cover the split merge."""
-    block = INTERPRETER_BLOCK_V if _interpreting() else STATS_BLOCK_V
-    n_blocks = triton.cdiv(vocab, block)
-    splits = min(n_blocks, 2) if _interpreting() else max(min(n_blocks, TARGET_PROGRAMS // max(n_rows, 1)), 1)
-    cols_per_split = triton.cdiv(n_blocks, splits) * block
-    return block, cols_per_split, triton.cdiv(vocab, cols_per_split)
-
-
-def _bias_arg(bias: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
-    return fallback if bias is None else bias
-
-
-def _cap_arg(softcap: float | None) -> float:
-    return 1.0 if softcap is None else float(softcap)
-
-
 def kl_partials(xs: torch.Tensor, xt: torch.Tensor, student_bias: torch.Tensor | None,
                 teacher_bias: torch.Tensor | None, *, forward_kl: bool, temperature: float,
                 student_softcap: float | None = None, teacher_softcap: float | None = None) -> torch.Tensor:
@@ -212,9 +145,9 @@ def kl_partials(xs: torch.Tensor, xt: torch.Tensor, student_bias: torch.Tensor |
     part = torch.empty((NUM_PARTIALS, n_rows, splits), dtype=torch.float32, device=xs.device)
     if n_rows:
         kl_partial_stats_kernel[(n_rows, splits)](
-            xs, xt, _bias_arg(student_bias, xs), _bias_arg(teacher_bias, xt), part, n_rows, vocab, xs.stride(0),
-            xt.stride(0), cols_per_split, splits, 1.0 / temperature, _cap_arg(student_softcap),
-            _cap_arg(teacher_softcap), HAS_SBIAS=student_bias is not None, HAS_TBIAS=teacher_bias is not None,
+            xs, xt, bias_arg(student_bias, xs), bias_arg(teacher_bias, xt), part, n_rows, vocab, xs.stride(0),
+            xt.stride(0), cols_per_split, splits, 1.0 / temperature, cap_arg(student_softcap),
+            cap_arg(teacher_softcap), HAS_SBIAS=student_bias is not None, HAS_TBIAS=teacher_bias is not None,
             FORWARD_KL=forward_kl, BLOCK_V=block, HAS_SCAP=student_softcap is not None,
             HAS_TCAP=teacher_softcap is not None, num_warps=NUM_WARPS)
     return part
@@ -252,11 +185,11 @@ def kl_logit_grad(xs: torch.Tensor, xt: torch.Tensor, student_bias: torch.Tensor
     """``out [C, V]`` (gradient dtype) <- ``scale[:, None] * dD/dz`` of each row, times the student cap's slope
     ``dz/dx`` with ``student_softcap``; ``scale [C]`` float32."""
     n_rows, vocab = xs.shape
-    block = INTERPRETER_BLOCK_V if _interpreting() else GRAD_BLOCK_V
+    block = INTERPRETER_BLOCK_V if interpreting() else GRAD_BLOCK_V
     kl_logit_grad_kernel[(n_rows, triton.cdiv(vocab, block))](
-        xs, xt, _bias_arg(student_bias, xs), _bias_arg(teacher_bias, xt), out, stats.max_s, stats.lse_s,
+        xs, xt, bias_arg(student_bias, xs), bias_arg(teacher_bias, xt), out, stats.max_s, stats.lse_s,
         stats.max_t, stats.lse_t, stats.centre, scale.to(torch.float32).contiguous(), vocab, xs.stride(0),
-        xt.stride(0), out.stride(0), 1.0 / temperature, _cap_arg(student_softcap), _cap_arg(teacher_softcap),
+        xt.stride(0), out.stride(0), 1.0 / temperature, cap_arg(student_softcap), cap_arg(teacher_softcap),
         HAS_SBIAS=student_bias is not None, HAS_TBIAS=teacher_bias is not None, FORWARD_KL=forward_kl,
         BLOCK_V=block, HAS_SCAP=student_softcap is not None, HAS_TCAP=teacher_softcap is not None,
         num_warps=NUM_WARPS)

@@ -13,57 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ._validation import (BACKENDS, DIVERGENCES, MEMORY_MODES, REDUCTIONS, STEP_DIVERGENCES, check_choice,
-                          check_chunk_size, check_finite_number, check_lm_head, check_positive, check_same_device,
-                          check_shape, check_tensor)
-from .steps import DEFAULT_DELTA, DEFAULT_EPSILON, resolve_step_ids, step_weights_from_divergence, trim_steps
-from .chunked_core import FAST_CHUNK_BYTES, chunk_rows, even_chunks
-from .chunked_torch import compute_dtype
-from .step_plan import InPassStepWeights
-from .token_divergence import (TokenDivergence, check_softcap, no_autocast, resolve_backend,
-                               single_pass_gradients, single_pass_outputs)
-
-
-@dataclass
-class SODStats:
-    """What ``fused_sod_loss(..., return_stats=True)`` returns (all but ``loss`` detached).
-
-    loss:            the loss, as without stats.
-    token_divergence ``[B, T]`` D_t (0 outside steps), float32 (float64 for float64 inputs).
-    token_weights    ``[B, T]`` weight of each token's step (0 outside steps).
-    step_divergence  ``[B, K]`` d_k (K = most steps in a row; 0-padded).
-    step_weights     ``[B, K]`` w_k (0-padded).
-    num_steps        ``[B]`` int64.
-    For ``[T, H]`` inputs the leading ``B`` dimension is dropped.
-    """
-
-    loss: torch.Tensor
-    token_divergence: torch.Tensor
-    token_weights: torch.Tensor
-    step_divergence: torch.Tensor
-    step_weights: torch.Tensor
-    num_steps: torch.Tensor
-
-
-def _needs_student_grad(hidden, weight, bias) -> bool:
-    return torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or
-                                        (bias is not None and bias.requires_grad))
-
-
-def _single_pass_plan(step_rows, row_index, given, step_divergence, epsilon, delta, chunk_size, vocab, elem):
-    """``(chunks, chunk_weights)`` for :class:`SinglePassKL`, or None when a step is longer than a chunk."""
-    n = row_index.numel()
-    rows = chunk_rows(n, vocab, 8 + 2 * elem, budget=FAST_CHUNK_BYTES, chunk_size=chunk_size)
-    if given is not None:
-        w = given.reshape(-1)[row_index].to(torch.float32)
-        return even_chunks(n, rows), lambda a, b, D, signal: w[a:b]
-    if step_divergence == "none":
-        return even_chunks(n, rows), lambda a, b, D, signal: torch.ones_like(D)
-    steps = InPassStepWeights(step_rows, row_index, epsilon=epsilon, delta=delta)
-    chunks = steps.chunks(rows, n)
-    if chunks is None:
-        return None
-    return chunks, lambda a, b, D, signal: steps.chunk_weights(a, b, signal)
+from ..core.runtime import check_softcap, no_autocast, resolve_backend, single_pass_gradients, single_pass_outputs
+from ..core.tiles import compute_dtype
+from ..core.validation import MEMORY_MODES, check_choice, check_lm_head, check_same_device
+from ..steps.finish import check_loss_options, check_targets_and_steps, finish_loss, needs_student_grad, single_pass_plan
+from ..steps.weights import DEFAULT_DELTA, DEFAULT_EPSILON
+from .autograd import TokenDivergence
 
 
 class SinglePassKL(torch.autograd.Function):
@@ -71,7 +26,7 @@ class SinglePassKL(torch.autograd.Function):
 
     Inputs: the flattened student/teacher hidden ``[N, H]``, weights, biases, ``row_index``, ``target_ids``
     or None, divergence, temperature, the chunks and their weight function (see
-    :func:`sod_kernels.triton_divergence.single_pass_loss`), coef, normalizer, whether the weights use the
+    :func:`sod_kernels.dense.triton_backend.single_pass_loss`), coef, normalizer, whether the weights use the
     sampled signal, and ``(student_softcap, teacher_softcap)`` (each None or the cap).  Outputs: loss (0-D float32, differentiable), ``D``, ``logp_s(y)``, ``logp_t(y)``
     (``[Na]``, not differentiable; the last two empty without targets).  The gradients are computed in the
     forward for an upstream gradient of 1 and scaled in backward; first-order only.
@@ -80,7 +35,7 @@ class SinglePassKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, sh, sw, sb, th, tw, tb, row_index, y, divergence, temperature, chunks, chunk_weights, coef,
                 normalizer, sampled_signal, softcaps=(None, None)):
-        from .triton_divergence import KLProblem, single_pass_loss
+        from .triton_backend import KLProblem, single_pass_loss
         problem = KLProblem.build(sh, sw, sb, th, tw, tb, row_index, y, divergence, temperature,
                                   student_softcap=softcaps[0], teacher_softcap=softcaps[1])
         need = ctx.needs_input_grad
@@ -93,95 +48,6 @@ class SinglePassKL(torch.autograd.Function):
     def backward(ctx, grad_loss, *unused):
         return single_pass_gradients(ctx, grad_loss, "fused_sod_loss", "pass memory='low' or reduction='none' "
                                      "for a recomputing backward") + (None,) * 13
-
-
-def check_targets_and_steps(step_divergence, target_ids, lead, vocab, response_mask, step_ids, token_weights,
-                            check_inputs):
-    """The checks the dense and sparse losses share after the heads: sampled targets (needed by "sampled",
-    in ``[0, vocab)``), the step ids (from ``step_ids`` or ``response_mask``) and ``token_weights``.
-    Returns the resolved step ids (``lead`` shape, int64, -1 off the mask)."""
-    if step_divergence == "sampled" and target_ids is None:
-        raise ValueError("step_divergence='sampled' needs target_ids (the sampled tokens)")
-    if target_ids is not None:
-        check_tensor(target_ids, "target_ids", ndim=(len(lead),), integer=True)
-        check_shape(target_ids, "target_ids", lead, "the leading shape of student_hidden")
-        if check_inputs and target_ids.numel() and bool(((target_ids < 0) | (target_ids >= vocab)).any()):
-            raise ValueError(f"target_ids must lie in [0, {vocab}) (the student vocabulary)")
-    ids = resolve_step_ids(response_mask, step_ids, lead, check_inputs=check_inputs)
-    if token_weights is not None:
-        check_token_weights(token_weights, lead, check_values=check_inputs)
-    return ids
-
-
-def check_loss_options(divergence, step_divergence, token_weights, reduction, backend, chunk_size, epsilon, delta,
-                       temperature, coef):
-    """The options every distillation loss shares; returns ``(step_divergence, epsilon, delta, temperature,
-    coef)`` with the default step divergence resolved ("kl", or "none" with ``token_weights``)."""
-    check_choice(divergence, "divergence", DIVERGENCES)
-    if step_divergence is None:
-        step_divergence = "kl" if token_weights is None else "none"
-    check_choice(step_divergence, "step_divergence", STEP_DIVERGENCES)
-    if token_weights is not None and step_divergence != "none":
-        raise ValueError(f"token_weights replaces the step weights: it cannot be combined with "
-                         f"step_divergence={step_divergence!r} (leave step_divergence unset or pass 'none')")
-    check_choice(reduction, "reduction", REDUCTIONS)
-    check_choice(backend, "backend", BACKENDS)
-    check_chunk_size(chunk_size)
-    return (step_divergence, check_positive(epsilon, "epsilon"), check_positive(delta, "delta", allow_zero=True),
-            check_positive(temperature, "temperature"), check_finite_number(coef, "coef"))
-
-
-def finish_loss(loss, D, lp_s, lp_t, row_index, step_rows, given, *, single: bool, step_divergence: str,
-                epsilon: float, delta: float, coef: float, reduction: str, return_stats: bool, check_inputs: bool,
-                inputs: str):
-    """Everything after the per-token divergences: step weights (when the loss still needs them or stats are
-    asked for), the reduction, the finiteness check and :class:`SODStats`.
-
-    ``loss`` is the single pass's loss or None; ``D``, ``lp_s``, ``lp_t`` are ``[Na]`` per distilled row
-    (``row_index`` into the flattened ``step_rows [B, T]``); ``given`` the ``[B, T]`` token weights or None;
-    ``inputs`` names the tensors blamed for a non-finite loss.
-    """
-    B, T = step_rows.shape
-    num_active = row_index.numel()
-    acc = torch.float64 if D.dtype == torch.float64 else torch.float32
-    token_divergence = torch.zeros(B * T, dtype=acc, device=D.device).index_copy(0, row_index, D.to(acc)).view(B, T)
-    if step_divergence == "sampled":
-        signal = torch.zeros(B * T, dtype=acc, device=D.device).index_copy(0, row_index, (lp_s - lp_t).abs().to(acc))
-        signal = signal.view(B, T)
-    else:
-        signal = token_divergence
-    if loss is None or return_stats:
-        weights = step_weights_from_divergence(signal, step_rows, epsilon=epsilon, delta=delta,
-                                               weighted=step_divergence != "none")
-        if given is not None:
-            weights = weights._replace(token_weights=given.to(acc).masked_fill(step_rows < 0, 0))
-    if loss is None:
-        per_token = coef * weights.token_weights * token_divergence
-        if reduction == "none":
-            loss = per_token[0] if single else per_token
-        elif reduction == "sum":
-            loss = per_token.sum()
-        else:
-            loss = per_token.sum() / max(num_active, 1)
-    if check_inputs and num_active and not bool(torch.isfinite(loss.detach()).all()):
-        raise ValueError(f"the loss is not finite: {inputs} contain NaN or Inf (or the logits overflow)")
-    if not return_stats:
-        return loss
-    w = trim_steps(weights)
-    pick = (lambda x: x[0]) if single else (lambda x: x)
-    return SODStats(loss=loss, token_divergence=pick(token_divergence.detach().clamp(min=0)),
-                    token_weights=pick(w.token_weights), step_divergence=pick(w.step_divergence),
-                    step_weights=pick(w.step_weights), num_steps=pick(w.num_steps))
-
-
-def check_token_weights(token_weights, lead: tuple[int, ...], *, check_values: bool) -> None:
-    """``token_weights``: floating, the leading shape of the hidden states, finite and ``>= 0``."""
-    check_tensor(token_weights, "token_weights", ndim=(len(lead),), floating=True)
-    check_shape(token_weights, "token_weights", lead, "the leading shape of student_hidden")
-    if check_values and token_weights.numel():
-        w = token_weights.detach()
-        if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
-            raise ValueError("token_weights must be finite and >= 0")
 
 
 def fused_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
@@ -278,8 +144,8 @@ def fused_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
     loss = None
     with no_autocast(student_hidden.device):
         if impl == "triton" and memory == "fast" and reduction != "none" and num_active and \
-                _needs_student_grad(student_hidden, student_weight, student_bias):
-            plan = _single_pass_plan(step_rows, row_index, given, step_divergence, epsilon, delta, chunk_size,
+                needs_student_grad(student_hidden, student_weight, student_bias):
+            plan = single_pass_plan(step_rows, row_index, given, step_divergence, epsilon, delta, chunk_size,
                                      student_weight.shape[0], student_hidden.element_size())
             if plan is not None:
                 chunks, chunk_weights = plan

@@ -15,71 +15,14 @@ Cost for ``Na`` distilled tokens: forward ``2 Na V (Hs + Ht)`` FLOPs; backward t
 ``R x BV`` floats plus, for bf16/fp16 weights, one float32 copy of each weight (O(V H), never O(N V)).
 
 The interface (``divergence_forward`` / ``divergence_backward``) is the one every backend implements;
-see :mod:`sod_kernels.token_divergence`.
+see :mod:`sod_kernels.dense.autograd`.
 """
 
 from __future__ import annotations
 
 import torch
 
-MIN_LOGIT = -1e30         # start of the running maxima: finite, so frame changes never compute inf - inf
-CHUNK_ELEMENTS = 1 << 21  # floats in one rows x vocabulary tile (8 MiB in float32)
-VOCAB_TILE = 2048         # vocabulary columns per tile (fewer when V is smaller)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Logit math runs in float32, or float64 for float64 inputs."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def vocab_tile(vocab: int) -> int:
-    """Vocabulary columns per tile."""
-    return max(min(vocab, VOCAB_TILE), 1)
-
-
-def rows_per_chunk(vocab: int, chunk_size: int | None = None) -> int:
-    """Rows per chunk when a block spans the whole vocabulary (``CHUNK_ELEMENTS / V``), or ``chunk_size``."""
-    if chunk_size is not None:
-        return max(int(chunk_size), 1)
-    return max(CHUNK_ELEMENTS // max(vocab, 1), 1)
-
-
-def rows_per_tile(vocab: int, chunk_size: int | None = None) -> int:
-    """Rows per tile: ``CHUNK_ELEMENTS / BV`` (or ``chunk_size``)."""
-    if chunk_size is not None:
-        return max(int(chunk_size), 1)
-    return max(CHUNK_ELEMENTS // vocab_tile(vocab), 1)
-
-
-def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float,
-            softcap: float | None = None) -> torch.Tensor:
-    """``[R, BV]`` logits ``z = (h W^T + b) / tau``, or ``cap tanh((h W^T + b) / cap) / tau`` with a soft-cap."""
-    z = hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)
-    if softcap is not None:
-        z.div_(softcap).tanh_().mul_(softcap)
-    if temperature != 1.0:
-        z.div_(temperature)
-    return z
-
-
-def _logits_and_slope(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float,
-                      softcap: float | None):
-    """``(z, slope)``: :func:`_logits` and the soft-cap's derivative ``1 - tanh^2(u) = cosh(u)^-2`` (``u`` the
-    raw logit over the cap; exact where the cap saturates, where ``1 - tanh^2`` would round to 0), or
-    ``(z, None)`` without a cap."""
-    if softcap is None:
-        return _logits(hidden, weight, bias, temperature), None
-    u = hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)
-    u.div_(softcap)
-    slope = torch.cosh(u).square_().reciprocal_()
-    z = u.tanh_().mul_(softcap / temperature)
-    return z, slope
-
-
-def apply_softcap(x: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    """``softcap * tanh(x / softcap)`` of raw logits ``x`` (any shape), or ``x`` itself for None."""
-    return x if softcap is None else torch.tanh(x / softcap) * softcap
-
+from ..core.tiles import MIN_LOGIT, compute_dtype, rows_per_tile, tile_logits, tile_logits_and_slope, vocab_tile
 
 def _prepared(weight: torch.Tensor, bias: torch.Tensor | None, vocab: int, dtype: torch.dtype):
     """First ``vocab`` rows of a weight (a view for the padded teacher) in the compute dtype."""
@@ -142,8 +85,8 @@ def divergence_forward(student_hidden, student_weight, student_bias, teacher_hid
             scratch = None
             for v0 in range(0, V, BV):
                 v1 = min(v0 + BV, V)
-                zs = _logits(hs, *_tile(ws, bs, v0, v1), temperature, student_softcap)
-                zt = _logits(ht, *_tile(wt, bt, v0, v1), temperature, teacher_softcap)
+                zs = tile_logits(hs, *_tile(ws, bs, v0, v1), temperature, student_softcap)
+                zt = tile_logits(ht, *_tile(wt, bt, v0, v1), temperature, teacher_softcap)
                 if y is not None:
                     inside = (y >= v0) & (y < v1)
                     col = (y - v0).clamp(0, v1 - v0 - 1).unsqueeze(1)
@@ -215,8 +158,8 @@ def divergence_backward(student_hidden, student_weight, student_bias, teacher_hi
             for v0 in range(0, V, BV):
                 v1 = min(v0 + BV, V)
                 w_tile, b_tile = _tile(ws, bs, v0, v1)
-                zs, slope = _logits_and_slope(h, w_tile, b_tile, temperature, student_softcap)
-                zt = _logits(ht, *_tile(wt, bt, v0, v1), temperature, teacher_softcap)
+                zs, slope = tile_logits_and_slope(h, w_tile, b_tile, temperature, student_softcap)
+                zt = tile_logits(ht, *_tile(wt, bt, v0, v1), temperature, teacher_softcap)
                 if divergence == "reverse_kl":      # p_s ((z_s - z_t) + shift)
                     centered = zt.neg_().add_(zs).add_(shift)
                     dx = zs.sub_(ls).exp_().mul_(centered)

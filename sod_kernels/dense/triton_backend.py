@@ -1,4 +1,4 @@
-"""GPU backend of ``fused_sod_loss``: the KL epilogue on the chunked core (:mod:`sod_kernels.chunked_core`).
+"""GPU backend of ``fused_sod_loss``: the KL epilogue on the chunked core (:mod:`sod_kernels.core.chunks`).
 
 Three ways to run, all deterministic (no atomics) and none holding ``tokens x vocabulary`` memory:
 
@@ -8,7 +8,7 @@ Three ways to run, all deterministic (no atomics) and none holding ``tokens x vo
   right away ``d(logits)`` and its two products.  ``2 N V (Hs + Ht) + 4 N V Hs`` FLOPs: the single-pass
   minimum.  The gradients are formed during the forward for an upstream gradient of 1 and scaled by the
   real one in backward.
-- :func:`divergence_forward` / :func:`divergence_backward` (the :class:`~sod_kernels.token_divergence.TokenDivergence`
+- :func:`divergence_forward` / :func:`divergence_backward` (the :class:`~sod_kernels.dense.autograd.TokenDivergence`
   contract; used for ``reduction="none"``, forward-only calls, and steps longer than a chunk): the forward
   keeps only O(N) statistics; the backward recomputes the logit blocks.  ``2 N V (Hs + Ht)`` more FLOPs.
 - ``memory="low"``: the same two passes over ``rows x vocabulary-slice`` blocks (the backward with the
@@ -17,7 +17,7 @@ Three ways to run, all deterministic (no atomics) and none holding ``tokens x vo
 Headline arithmetic (N = 16384, V = 151936, Hs = 1024, Ht = 2560, bf16): products 2.80e13 FLOP in one pass
 (36 ms at 780 TFLOP/s); the epilogue moves ``8 N V`` (statistics) + ``10 N V`` (gradient) bytes = 45 GB
 (~11 ms at 4.3 TB/s); the d(weight) accumulation ``8 V Hs`` bytes per chunk.  Chunk rows come from a byte
-budget (:data:`chunked_core.FAST_CHUNK_BYTES`, ~500 rows at V = 152k).
+budget (:data:`sod_kernels.core.chunks.FAST_CHUNK_BYTES`, ~500 rows at V = 152k).
 
 Dtypes: float32, bfloat16, float16 (products with float32 accumulation and float32 logits; the gradient
 blocks in the input dtype).  float64 raises TypeError (use ``backend="torch"``).
@@ -30,10 +30,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .chunked_core import (FAST_CHUNK_BYTES, LOW_MEMORY_CHUNK_BYTES, GradAccumulator, LMHead, chunk_rows,
-                           even_chunks, gather_rows, logits_into, row_selector)
-from .chunked_torch import apply_softcap
-from .kl_epilogue import KLRowStats, kl_logit_grad, kl_partials, kl_row_stats, merge_kl_partials
+from ..core.chunks import (FAST_CHUNK_BYTES, LOW_MEMORY_CHUNK_BYTES, GradAccumulator, LMHead, chunk_rows, even_chunks,
+                           gather_rows, logits_into, row_selector)
+from ..core.tiles import apply_softcap
+from .kernels import KLRowStats, kl_logit_grad, kl_partials, kl_row_stats, merge_kl_partials
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DIVERGENCE_NAMES = ("reverse_kl", "forward_kl")

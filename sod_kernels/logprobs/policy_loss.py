@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ._validation import (REDUCTIONS, check_binary_mask, check_choice, check_chunk_size, check_lm_head,
-                          check_positive, check_same_device, check_shape, check_tensor)
-from .token_divergence import check_softcap, no_autocast, single_pass_gradients
+from ..core.validation import (REDUCTIONS, check_binary_mask, check_choice, check_chunk_size, check_lm_head,
+                               check_positive, check_same_device, check_shape, check_tensor)
+from ..core.runtime import check_softcap, no_autocast, single_pass_gradients
 from .token_logprobs import TokenLogprobs, check_target_ids, resolve_logprob_backend
 
 LOG_RATIO_CLAMP = 20.0  # docs/math.md: ratio = exp(clamp(logp_new - old_logp, -20, 20))
@@ -109,7 +109,7 @@ class SinglePassPolicyLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, row_index, target_ids, temperature, old, adv, clip, divisor, chunk_size,
                 softcap=None):
-        from .triton_token_logprobs import single_pass_token_loss
+        from .triton_backend import single_pass_token_loss
 
         def token_loss(start, stop, logp):
             with torch.enable_grad():

@@ -8,10 +8,10 @@ accumulated online over vocabulary tiles and the target logit is one gathered do
 (d weight), and summed over rows (d bias).
 
 Two backends implement the same pair of functions (``logprob_forward`` / ``logprob_backward``):
-- ``"torch"``: this module, chunked PyTorch (rows in chunks of ``C``: ``chunked_torch.rows_per_chunk`` rows,
+- ``"torch"``: this module, chunked PyTorch (rows in chunks of ``C``: ``sod_kernels.core.tiles.rows_per_chunk`` rows,
   at least ``MIN_CHUNK_ROWS``, so that about two ``C x V`` blocks exist at a time); CPU default; float64
   supported.
-- ``"triton"``: :mod:`sod_kernels.triton_token_logprobs` (the chunked core: cuBLAS logit blocks, Triton
+- ``"triton"``: :mod:`sod_kernels.logprobs.triton_backend` (the chunked core: cuBLAS logit blocks, Triton
   epilogues, atomic-free contractions); CUDA default; on CPU tensors it needs ``TRITON_INTERPRET=1``.
 
 :class:`TokenLogprobs` is the autograd Function both backends plug into; it works on a row subset
@@ -24,9 +24,10 @@ from types import ModuleType
 
 import torch
 
-from ._validation import BACKENDS, check_choice, check_chunk_size, check_lm_head, check_positive, check_same_device, check_shape, check_tensor
-from .chunked_torch import _logits, _logits_and_slope, apply_softcap, compute_dtype, rows_per_chunk
-from .token_divergence import check_softcap, no_autocast, refuse_double_backward, resolve_backend, zero_student_grads
+from ..core.validation import (BACKENDS, check_choice, check_chunk_size, check_lm_head, check_positive,
+                               check_same_device, check_shape, check_tensor)
+from ..core.tiles import tile_logits, tile_logits_and_slope, apply_softcap, compute_dtype, rows_per_chunk
+from ..core.runtime import check_softcap, no_autocast, refuse_double_backward, resolve_backend, zero_student_grads
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # At least this many rows per chunk: with the divergence backend's ~2M-float blocks a 152k vocabulary gets
@@ -72,7 +73,7 @@ def logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         for start in range(0, Na, C):
             rows = row_index[start:start + C]
             h = hidden[rows].to(dt)
-            z = _logits(h, w, b, temperature, softcap)
+            z = tile_logits(h, w, b, temperature, softcap)
             chunk_lse = torch.logsumexp(z, dim=-1)
             if with_entropy:  # H = -sum p log p, with log p = z - lse
                 log_p = z.sub_(chunk_lse[:, None])
@@ -113,7 +114,7 @@ def logprob_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
             rows = row_index[start:start + C]
             scale = grad_logp[start:start + C].to(dt)[:, None] / temperature
             h = hidden[rows].to(dt)
-            z, slope = _logits_and_slope(h, w, b, temperature, softcap)
+            z, slope = tile_logits_and_slope(h, w, b, temperature, softcap)
             log_p = z.sub_(lse[start:start + C, None])
             p = log_p.exp()
             dx = p.neg()
@@ -140,8 +141,8 @@ def backend_module(name: str) -> ModuleType:
     if name == "torch":
         import sys
         return sys.modules[__name__]
-    from . import triton_token_logprobs  # imported lazily: Triton is only needed for this path
-    return triton_token_logprobs
+    from . import triton_backend  # imported lazily: Triton is only needed for this path
+    return triton_backend
 
 
 class TokenLogprobs(torch.autograd.Function):

@@ -2,7 +2,7 @@
 
 What a sparse teacher returns (:func:`sod_kernels.fused_sparse_sod_loss` takes it): per position the ``k``
 ids with the largest log-softmax values and those values.  Rows are processed in chunks: one float32 logit
-block ``[C, V]`` (:func:`sod_kernels.chunked_core.logits_into`), its log-sum-exp, and ``torch.topk`` on keys
+block ``[C, V]`` (:func:`sod_kernels.core.chunks.logits_into`), its log-sum-exp, and ``torch.topk`` on keys
 that make every entry distinct, so the result is exact and deterministic:
 
 - key = (the float32 logit mapped to an order-preserving integer) * 2^32 + (V - 1 - id): a larger logit
@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from ._validation import check_chunk_size, check_lm_head, check_positive
-from .chunked_core import FAST_CHUNK_BYTES, LOW_MEMORY_CHUNK_BYTES, chunk_rows, even_chunks, logits_into
-from .token_divergence import no_autocast
+from ..core.validation import check_chunk_size, check_lm_head, check_positive
+from ..core.chunks import FAST_CHUNK_BYTES, LOW_MEMORY_CHUNK_BYTES, chunk_rows, even_chunks, logits_into
+from ..core.runtime import no_autocast
 
 BYTES_PER_ENTRY = 24          # float32 logits + int64 keys + int32 temporaries
 SIGN_FREE_BITS = 0x7FFFFFFF   # float32 bits below the sign: flipped for negative values

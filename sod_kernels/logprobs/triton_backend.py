@@ -1,7 +1,7 @@
 """GPU backend of :func:`sod_kernels.fused_token_logprobs` and the one-pass policy loss, on the chunked core.
 
-Per row chunk (:mod:`sod_kernels.chunked_core`): the logit block ``h[rows] @ W.T`` with float32 output, the
-statistics kernel of :mod:`sod_kernels.logprob_epilogue` (log-sum-exp, optionally the entropy), the
+Per row chunk (:mod:`sod_kernels.core.chunks`): the logit block ``h[rows] @ W.T`` with float32 output, the
+statistics kernel of :mod:`sod_kernels.core.kernels` (log-sum-exp, optionally the entropy), the
 sampled logit gathered from the block, and, where a gradient is formed, the ``d(logits)`` kernel and the
 two contraction products (no atomics; deterministic).
 
@@ -14,7 +14,7 @@ two contraction products (no atomics; deterministic).
 
 Headline (N = 16384, H = 1024, V = 151936, bf16): 1.53e13 FLOP in one pass (~20 ms at 780 TFLOP/s); the
 epilogue moves ``4 N V`` + ``6 N V`` bytes (25 GB, ~6 ms at 4.3 TB/s).  Rows per chunk from the byte
-budget :data:`chunked_core.FAST_CHUNK_BYTES` (~800 at V = 152k).
+budget :data:`sod_kernels.core.chunks.FAST_CHUNK_BYTES` (~800 at V = 152k).
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .chunked_core import FAST_CHUNK_BYTES, GradAccumulator, LMHead, chunk_rows, even_chunks, gather_rows, \
-    logits_into, row_selector
-from .chunked_torch import apply_softcap
-from .logprob_epilogue import LogprobRowStats, logprob_logit_grad, logprob_row_stats
+from ..core.chunks import (FAST_CHUNK_BYTES, GradAccumulator, LMHead, chunk_rows, even_chunks, gather_rows, logits_into,
+                           row_selector)
+from ..core.tiles import apply_softcap
+from ..core.kernels import LogprobRowStats, logprob_row_stats
+from .kernels import logprob_logit_grad
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

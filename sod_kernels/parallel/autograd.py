@@ -1,7 +1,7 @@
 """Autograd Functions of the vocabulary-parallel functions: statistics forward, recomputing backward.
 
 Forward (each rank): the partial statistics of its own vocabulary columns
-(:mod:`sod_kernels.vocab_parallel_stats`), one all-gather of those ``O(tokens)`` floats, and the merge into
+(:mod:`sod_kernels.parallel.stats`), one all-gather of those ``O(tokens)`` floats, and the merge into
 the full-vocabulary statistics, identical on every rank.  Backward (each rank): the single-process backend's
 backward on the rank's shard with the *global* statistics (per column, ``d(logits)`` only needs the row's
 global log-sum-exp, maxima and centre), which yields exactly this rank's rows of ``d(weight)`` and
@@ -16,10 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .token_divergence import backend_module, no_autocast, refuse_double_backward, zero_student_grads
-from .vocab_parallel_layout import ShardLayout, all_reduce_hidden_grad, gather_stats
-from .vocab_parallel_stats import (kl_partials_torch, kl_partials_triton, logprob_partials_torch,
-                                   logprob_partials_triton, merge_kl, merge_logprob, owned_targets)
+from ..dense.autograd import backend_module
+from ..core.runtime import no_autocast, refuse_double_backward, zero_student_grads
+from .layout import ShardLayout, all_reduce_hidden_grad, gather_stats
+from .stats import (kl_partials_torch, kl_partials_triton, logprob_partials_torch, logprob_partials_triton, merge_kl,
+                    merge_logprob, owned_targets)
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class ParallelSetup:
     with_entropy: bool = False
 
 
-def _finish_hidden(setup: ParallelSetup, d_hidden, row_index):
+def finish_hidden(setup: ParallelSetup, d_hidden, row_index):
     if d_hidden is None or not setup.reduce_hidden_grad:
         return d_hidden
     return all_reduce_hidden_grad(setup.layout, d_hidden, row_index)
@@ -83,7 +84,7 @@ class VocabParallelDivergence(torch.autograd.Function):
                     sh, sw, sb, th, tw, tb, row_index, lse_s, lse_t, D, grad_D.contiguous(),
                     divergence=setup.divergence, temperature=setup.temperature, need_hidden=need_h,
                     need_weight=need_w, need_bias=need_b, frame=frame, chunk_size=setup.chunk_size)
-                dh = _finish_hidden(setup, dh, row_index)
+                dh = finish_hidden(setup, dh, row_index)
         return dh, dw, db, None, None, None, None, None, None
 
 
@@ -96,13 +97,13 @@ def logprob_shard_backward_torch(hidden, weight, bias, row_index, y_local, lse, 
     the global ``lse``, max ``M`` and shifted mean (``onehot(y)`` only where this rank owns ``y``).  Returns
     ``(d_hidden [N, H] partial, d_weight [Vr, H], d_bias [Vr])`` in the inputs' dtypes (None where not needed).
     """
-    from .chunked_torch import compute_dtype, rows_per_chunk
-    from .token_logprobs import MIN_CHUNK_ROWS
-    from .vocab_parallel_stats import _in_dtype, _logits
+    from ..core.tiles import compute_dtype, rows_per_chunk
+    from ..logprobs.token_logprobs import MIN_CHUNK_ROWS
+    from .stats import in_dtype, shard_logits
 
     dt = compute_dtype(hidden.dtype)
     V = weight.shape[0]
-    w, b = _in_dtype(weight, bias, V, dt)
+    w, b = in_dtype(weight, bias, V, dt)
     d_hidden = torch.zeros(hidden.shape, dtype=dt, device=hidden.device) if need_hidden else None
     d_weight = torch.zeros(w.shape, dtype=dt, device=w.device) if need_weight else None
     d_bias = torch.zeros(V, dtype=dt, device=w.device) if (need_bias and bias is not None) else None
@@ -112,7 +113,7 @@ def logprob_shard_backward_torch(hidden, weight, bias, row_index, y_local, lse, 
             stop = min(start + C, row_index.numel())
             rows = row_index[start:stop]
             h = hidden[rows].to(dt)
-            z = _logits(h, w, b, temperature)
+            z = shard_logits(h, w, b, temperature)
             p = (z - lse[start:stop, None]).exp_()
             a = grad_logp[start:stop].to(dt) / temperature
             dx = p * (-a[:, None])
@@ -169,7 +170,7 @@ class VocabParallelLogprobs(torch.autograd.Function):
             grad_entropy = None
         with no_autocast(hidden.device):
             if setup.backend == "triton":
-                from .triton_token_logprobs import logprob_backward
+                from ..logprobs.triton_backend import logprob_backward
                 extra = {} if grad_entropy is None else {"grad_entropy": grad_entropy.contiguous(),
                                                          "frame": torch.stack([big, mean])}
                 dh, dw, db = logprob_backward(hidden, weight, bias, row_index, y_local, lse, grad_logp.contiguous(),
@@ -180,5 +181,5 @@ class VocabParallelLogprobs(torch.autograd.Function):
                     hidden, weight, bias, row_index, y_local, lse, big, mean, grad_logp.contiguous(),
                     None if grad_entropy is None else grad_entropy.contiguous(), temperature=setup.temperature,
                     need_hidden=need_h, need_weight=need_w, need_bias=need_b, chunk_size=setup.chunk_size)
-            dh = _finish_hidden(setup, dh, row_index)
+            dh = finish_hidden(setup, dh, row_index)
         return dh, dw, db, None, None, None

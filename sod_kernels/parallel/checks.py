@@ -1,5 +1,5 @@
 """Input preparation of the vocabulary-parallel functions: the single-process checks, plus the fields every
-rank must agree on (sent in the descriptor exchange of :mod:`sod_kernels.vocab_parallel_layout`).
+rank must agree on (sent in the descriptor exchange of :mod:`sod_kernels.parallel.layout`).
 
 Each ``prepare_*`` function validates one rank's inputs exactly like its single-process counterpart, fills
 the ``agreed`` dictionary (a fixed set of names per function, so every rank sends a vector of one length even
@@ -12,16 +12,15 @@ from dataclasses import dataclass
 
 import torch
 
-from ._validation import (BACKENDS, DIVERGENCES, REDUCTIONS, STEP_DIVERGENCES,
-                          check_choice, check_chunk_size, check_lm_head, check_positive,
-                          check_same_device, check_shape, check_tensor)
-from .chunked_torch import compute_dtype
-from .policy_loss import check_policy_options, check_policy_tensors
-from .sod_loss import check_loss_options, check_token_weights
-from .steps import resolve_step_ids
-from .token_divergence import resolve_backend
-from .token_logprobs import check_target_ids
-from .vocab_parallel_layout import choice_code, dtype_code
+from ..core.validation import (BACKENDS, DIVERGENCES, REDUCTIONS, STEP_DIVERGENCES, check_choice, check_chunk_size,
+                               check_lm_head, check_positive, check_same_device, check_shape, check_tensor)
+from ..core.tiles import compute_dtype
+from ..logprobs.policy_loss import check_policy_options, check_policy_tensors
+from ..steps.finish import check_loss_options, check_token_weights
+from ..steps.weights import resolve_step_ids
+from ..core.runtime import resolve_backend
+from ..logprobs.token_logprobs import check_target_ids
+from .layout import choice_code, dtype_code
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -71,7 +70,7 @@ def _flag(x) -> float:
     return 1.0 if x else 0.0
 
 
-def _common(agreed: dict, hidden, weight, bias, lead, *, temperature, reduction, impl, chunk_size, check_inputs,
+def common(agreed: dict, hidden, weight, bias, lead, *, temperature, reduction, impl, chunk_size, check_inputs,
             reduce_hidden_grad) -> None:
     agreed["rank of the hidden states"] = float(len(lead))
     agreed["leading size 0"] = float(lead[0])
@@ -111,11 +110,11 @@ def distillation_fields(agreed: dict, divergence, step_divergence, epsilon, delt
     agreed["epsilon"], agreed["delta"], agreed["coef"] = epsilon, delta, coef
     agreed["return_stats"] = _flag(return_stats)
     agreed["token_weights given"] = _flag(given is not None)
-    agreed["token_weights (checksum)"] = _checksum(given) if given is not None else 0.0
-    agreed["step_ids (checksum)"] = _checksum(step_rows)
+    agreed["token_weights (checksum)"] = checksum(given) if given is not None else 0.0
+    agreed["step_ids (checksum)"] = checksum(step_rows)
 
 
-def _rows_and_targets(agreed: dict, row_index: torch.Tensor, y: torch.Tensor | None, *, check_inputs: bool,
+def rows_and_targets(agreed: dict, row_index: torch.Tensor, y: torch.Tensor | None, *, check_inputs: bool,
                       active_targets_only: bool) -> None:
     """Distilled-token count and checksums (one host sync): every rank must hold the same tokens."""
     device = row_index.device
@@ -142,7 +141,7 @@ def check_targets_in_vocab(agreed: dict, vocab: int, *, name: str = "target_ids"
         raise ValueError(f"{name} must lie in [0, {vocab}) (the full vocabulary, the sum of the shards){where}")
 
 
-def _checksum(x: torch.Tensor) -> float:
+def checksum(x: torch.Tensor) -> float:
     flat = x.detach().reshape(-1).to(torch.float64)
     return float((flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)).sum())
 
@@ -207,10 +206,10 @@ def prepare_sod(agreed: dict, student_hidden, student_weight, teacher_hidden, te
     step_rows, row_index, given = distilled_rows(ids, single, token_weights, student_hidden.dtype)
     y = None if target_ids is None else target_ids.reshape(-1).to(torch.int64).contiguous()
     acc = compute_dtype(student_hidden.dtype)
-    _common(agreed, student_hidden, student_weight, student_bias, lead, temperature=temperature,
+    common(agreed, student_hidden, student_weight, student_bias, lead, temperature=temperature,
             reduction=reduction, impl=impl, chunk_size=chunk_size, check_inputs=check_inputs,
             reduce_hidden_grad=reduce_hidden_grad)
-    _rows_and_targets(agreed, row_index, y, check_inputs=check_inputs, active_targets_only=False)
+    rows_and_targets(agreed, row_index, y, check_inputs=check_inputs, active_targets_only=False)
     agreed["teacher hidden size"] = float(teacher_hidden.shape[-1])
     agreed["teacher dtype"] = dtype_code(teacher_hidden.dtype)
     agreed["teacher_bias given"] = _flag(teacher_bias is not None)
@@ -238,9 +237,9 @@ def prepare_logprobs(agreed: dict, hidden, weight, target_ids, *, bias, temperat
     flat = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     y = target_ids.reshape(-1).to(torch.int64).contiguous()
     rows = torch.arange(flat.shape[0], device=flat.device)
-    _common(agreed, hidden, weight, bias, lead, temperature=temperature, reduction="none", impl=impl,
+    common(agreed, hidden, weight, bias, lead, temperature=temperature, reduction="none", impl=impl,
             chunk_size=chunk_size, check_inputs=check_inputs, reduce_hidden_grad=reduce_hidden_grad)
-    _rows_and_targets(agreed, rows, y, check_inputs=check_inputs, active_targets_only=False)
+    rows_and_targets(agreed, rows, y, check_inputs=check_inputs, active_targets_only=False)
     agreed["return_entropy"] = _flag(return_entropy)
     return impl, lead, flat, y, rows, temperature
 
@@ -263,15 +262,15 @@ def prepare_policy(agreed: dict, student_hidden, student_weight, target_ids, old
     acc = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
     old = old_logprobs.detach().reshape(-1)[row_index].to(acc)
     adv = advantages.detach().reshape(-1)[row_index].to(acc)
-    _common(agreed, student_hidden, student_weight, student_bias, lead, temperature=temperature,
+    common(agreed, student_hidden, student_weight, student_bias, lead, temperature=temperature,
             reduction=reduction, impl=impl, chunk_size=chunk_size, check_inputs=check_inputs,
             reduce_hidden_grad=reduce_hidden_grad)
-    _rows_and_targets(agreed, row_index, y, check_inputs=check_inputs, active_targets_only=True)
+    rows_and_targets(agreed, row_index, y, check_inputs=check_inputs, active_targets_only=True)
     agreed["clip_low"], agreed["clip_high"] = clip_low, clip_high
     agreed["dual_clip"] = -1.0 if dual_clip is None else dual_clip
     agreed["return_stats"] = _flag(return_stats)
-    agreed["old_logprobs (checksum)"] = _checksum(old)
-    agreed["advantages (checksum)"] = _checksum(adv)
+    agreed["old_logprobs (checksum)"] = checksum(old)
+    agreed["advantages (checksum)"] = checksum(adv)
     return {"impl": impl, "lead": lead, "flat_mask": flat_mask, "row_index": row_index, "y": y, "acc": acc,
             "old": old, "adv": adv, "clip": (clip_low, clip_high, dual_clip), "temperature": temperature,
             "hidden": student_hidden.reshape(-1, student_hidden.shape[-1]).contiguous()}

@@ -23,20 +23,19 @@ from __future__ import annotations
 
 import torch
 
-from .policy_loss import finish_policy_loss
-from .sod_loss import SODStats
-from .steps import DEFAULT_DELTA, DEFAULT_EPSILON, step_weights_from_divergence, trim_steps
-from .token_divergence import no_autocast
-from .vocab_parallel_autograd import ParallelSetup, VocabParallelDivergence, VocabParallelLogprobs
-from .vocab_parallel_checks import (LOGPROB_FIELDS, POLICY_FIELDS, SOD_FIELDS, check_targets_in_vocab,
-                                    check_vocab_start, descriptor_device, prepare_logprobs, prepare_policy,
-                                    prepare_sod, weight_rows)
-from .vocab_parallel_layout import exchange_descriptors, resolve_group
+from ..logprobs.policy_loss import finish_policy_loss
+from ..steps.finish import SODStats
+from ..steps.weights import DEFAULT_DELTA, DEFAULT_EPSILON, step_weights_from_divergence, trim_steps
+from ..core.runtime import no_autocast
+from .autograd import ParallelSetup, VocabParallelDivergence, VocabParallelLogprobs
+from .checks import (LOGPROB_FIELDS, POLICY_FIELDS, SOD_FIELDS, check_targets_in_vocab, check_vocab_start,
+                     descriptor_device, prepare_logprobs, prepare_policy, prepare_sod, weight_rows)
+from .layout import exchange_descriptors, resolve_group
 
 __all__ = ["vocab_parallel_policy_loss", "vocab_parallel_sod_loss", "vocab_parallel_token_logprobs"]
 
 
-def _exchange(what: str, process_group, vocab_start, hidden, weight, teacher_weight, fields, prepare):
+def exchange(what: str, process_group, vocab_start, hidden, weight, teacher_weight, fields, prepare):
     """Validate locally (``prepare(agreed)``), exchange descriptors, return ``(layout, prepared, agreed)``."""
     group, rank, world = resolve_group(process_group)
     agreed: dict[str, float] = {}
@@ -91,7 +90,7 @@ def vocab_parallel_sod_loss(student_hidden: torch.Tensor, student_weight: torch.
         Backward (which every rank must run, on the same loss) gives ``student_weight`` / ``student_bias``
         the gradient of this rank's rows.
     """
-    layout, p, agreed = _exchange(
+    layout, p, agreed = exchange(
         "vocab_parallel_sod_loss", process_group, vocab_start, student_hidden, student_weight, teacher_weight,
         SOD_FIELDS, lambda agreed: prepare_sod(
             agreed, student_hidden, student_weight, teacher_hidden, teacher_weight, response_mask, step_ids=step_ids,
@@ -154,7 +153,7 @@ def vocab_parallel_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, ta
         ``(logprobs, entropy)`` with ``return_entropy``; identical on every rank.  Backward (every rank, on the
         same outputs) gives ``weight`` / ``bias`` this rank's rows of the gradient.
     """
-    layout, prepared, agreed = _exchange(
+    layout, prepared, agreed = exchange(
         "vocab_parallel_token_logprobs", process_group, vocab_start, hidden, weight, None, LOGPROB_FIELDS,
         lambda agreed: prepare_logprobs(agreed, hidden, weight, target_ids, bias=bias, temperature=temperature,
                                         backend=backend, return_entropy=return_entropy, chunk_size=chunk_size,
@@ -184,11 +183,11 @@ def vocab_parallel_policy_loss(student_hidden: torch.Tensor, student_weight: tor
     Arguments as in ``fused_sod_policy_loss``; ``student_weight`` ``[Vr, H]`` / ``student_bias`` ``[Vr]`` are this
     rank's rows, ``target_ids`` global ids (in ``[0, V)`` wherever ``response_mask`` is 1), and
     ``process_group``, ``vocab_start``, ``backend``, ``reduce_hidden_grad`` as in :func:`vocab_parallel_sod_loss`.
-    The new log-probs come from :class:`~sod_kernels.vocab_parallel_autograd.VocabParallelLogprobs` for the
+    The new log-probs come from :class:`~sod_kernels.parallel.autograd.VocabParallelLogprobs` for the
     masked-in tokens only (two passes on every backend).
     Returns the loss or :class:`~sod_kernels.PolicyLossStats`, identical on every rank.
     """
-    layout, p, agreed = _exchange(
+    layout, p, agreed = exchange(
         "vocab_parallel_policy_loss", process_group, vocab_start, student_hidden, student_weight, None, POLICY_FIELDS,
         lambda agreed: prepare_policy(agreed, student_hidden, student_weight, target_ids, old_logprobs, advantages,
                                       response_mask, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,

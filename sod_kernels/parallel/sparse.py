@@ -3,10 +3,10 @@
 The student's lm_head rows are sharded by vocabulary across a ``torch.distributed`` group (as for
 :func:`sod_kernels.vocab_parallel_sod_loss`); the teacher is its top-k ids and log-probs, the same on every
 rank.  The coarse-grained divergence of a token needs only the student's logits at the ``k`` ids and the
-log-sum-exp of its other logits (:mod:`sod_kernels.sparse_rows`), so each rank computes, over its own
-columns (``backend="triton"``, the default for CUDA tensors: :mod:`sod_kernels.sparse_triton`'s logit blocks
+log-sum-exp of its other logits (:mod:`sod_kernels.sparse.rows`), so each rank computes, over its own
+columns (``backend="triton"``, the default for CUDA tensors: :mod:`sod_kernels.sparse.triton_backend`'s logit blocks
 and epilogue kernels, with the ids another rank holds passed as ``-1``; ``"torch"``: chunked PyTorch,
-:mod:`sod_kernels.sparse_torch`'s tiles):
+:mod:`sod_kernels.sparse.torch_backend`'s tiles):
 
 - the running maximum and sum of exponentials of its *tail* columns (its columns minus the ids it owns);
 - its owned ids' logits (zero elsewhere) and the sampled token's logit if it owns it;
@@ -24,19 +24,19 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ._validation import check_lm_head, check_same_device
-from .chunked_torch import compute_dtype, rows_per_tile, vocab_tile
-from .sod_loss import check_loss_options, check_targets_and_steps, finish_loss
-from .sparse_rows import SparseForward, coarse_grained_rows
-from .sparse_torch import sweep_tiles
-from .sparse_torch import sparse_backward as torch_sparse_backward
-from .sparse_validation import check_topk_shapes, check_topk_values
-from .steps import DEFAULT_DELTA, DEFAULT_EPSILON
-from .token_divergence import no_autocast, refuse_double_backward, zero_student_grads
-from .vocab_parallel_autograd import ParallelSetup, _finish_hidden
-from .vocab_parallel_checks import (COMMON_FIELDS, _checksum, _common, _rows_and_targets, check_targets_in_vocab,
-                                    distillation_fields, distilled_rows, resolve_parallel_backend)
-from .vocab_parallel_layout import ShardLayout, dtype_code, gather_stats
+from ..core.validation import check_lm_head, check_same_device
+from ..core.tiles import compute_dtype, rows_per_tile, vocab_tile
+from ..steps.finish import check_loss_options, check_targets_and_steps, finish_loss
+from ..sparse.rows import SparseForward, coarse_grained_rows
+from ..sparse.torch_backend import sweep_tiles
+from ..sparse.torch_backend import sparse_backward as torch_sparse_backward
+from ..sparse.validation import check_topk_shapes, check_topk_values
+from ..steps.weights import DEFAULT_DELTA, DEFAULT_EPSILON
+from ..core.runtime import no_autocast, refuse_double_backward, zero_student_grads
+from .autograd import ParallelSetup, finish_hidden
+from .checks import (COMMON_FIELDS, checksum, common, rows_and_targets, check_targets_in_vocab, distillation_fields,
+                     distilled_rows, resolve_parallel_backend)
+from .layout import ShardLayout, dtype_code, gather_stats
 
 SPARSE_FIELDS = COMMON_FIELDS + ("k", "teacher log-prob dtype", "divergence", "step_divergence", "epsilon",
                                  "delta", "coef", "return_stats", "token_weights given", "token_weights (checksum)",
@@ -83,9 +83,9 @@ def shard_partials_triton(hidden, weight, bias, row_index, ids_local, y_local, *
     sampled token's logit read from it, the owned ids gathered and masked to ``-inf`` by
     ``sparse_gather_mask_kernel`` (the others skipped), and the online statistics of what is left, the tail.
     Same outputs, float32."""
-    from .logprob_epilogue import logprob_row_stats
-    from .sparse_epilogue import gather_and_mask
-    from .sparse_triton import SparseProblem, _Block
+    from ..core.kernels import logprob_row_stats
+    from ..sparse.kernels import gather_and_mask
+    from ..sparse.triton_backend import SparseProblem, Block
 
     rows = weight.shape[0]
     p = SparseProblem.build(hidden, weight, bias, row_index, shard_ids(ids_local, rows), None, None, "reverse_kl",
@@ -94,7 +94,7 @@ def shard_partials_triton(hidden, weight, bias, row_index, ids_local, y_local, *
     tail = torch.empty(2, Na, dtype=torch.float32, device=hidden.device)
     owned = torch.zeros(Na, k + 1, dtype=torch.float32, device=hidden.device)
     chunks = p.chunks(False, chunk_size)
-    block = _Block(p, max((b - a for a, b in chunks), default=1))
+    block = Block(p, max((b - a for a, b in chunks), default=1))
     for start, stop in chunks:
         _, x = block.logits(p, start, stop)
         if y_local is not None:  # read before the ids are masked
@@ -165,7 +165,7 @@ class VocabParallelSparseDivergence(torch.autograd.Function):
             d_hidden, d_weight, d_bias = zero_student_grads(sh, sw, sb, need[0], need[1], need[2])
         else:
             if setup.backend == "triton":
-                from .sparse_triton import sparse_backward
+                from ..sparse.triton_backend import sparse_backward
 
                 ids = shard_ids(ids_local, sw.shape[0])
             else:
@@ -176,7 +176,7 @@ class VocabParallelSparseDivergence(torch.autograd.Function):
                     need_hidden=need[0], need_weight=need[1], need_bias=need[2], chunk_size=setup.chunk_size)
         if need[0] and d_hidden is None:
             d_hidden = torch.zeros_like(sh)
-        d_hidden = _finish_hidden(setup, d_hidden, row_index) if need[0] else None
+        d_hidden = finish_hidden(setup, d_hidden, row_index) if need[0] else None
         return d_hidden, d_weight, d_bias, None, None, None, None, None, None
 
 
@@ -207,15 +207,15 @@ def prepare_sparse(agreed: dict, student_hidden, student_weight, teacher_topk_id
     topk = teacher_topk_ids.reshape(-1, k).index_select(0, row_index).to(torch.int64).contiguous()
     logprobs = teacher_topk_logprobs.detach().reshape(-1, k).index_select(0, row_index).contiguous()
     y = None if target_ids is None else target_ids.reshape(-1).index_select(0, row_index).to(torch.int64)
-    _common(agreed, student_hidden, student_weight, student_bias, lead, temperature=temperature,
+    common(agreed, student_hidden, student_weight, student_bias, lead, temperature=temperature,
             reduction=reduction, impl=impl, chunk_size=chunk_size, check_inputs=check_inputs,
             reduce_hidden_grad=reduce_hidden_grad)
-    _rows_and_targets(agreed, row_index, y, check_inputs=check_inputs, active_targets_only=False)
+    rows_and_targets(agreed, row_index, y, check_inputs=check_inputs, active_targets_only=False)
     agreed["k"] = float(k)
     agreed["teacher log-prob dtype"] = dtype_code(teacher_topk_logprobs.dtype)
     distillation_fields(agreed, divergence, step_divergence, epsilon, delta, coef, return_stats, given, step_rows)
-    agreed["teacher_topk_ids (checksum)"] = _checksum(topk)
-    agreed["teacher_topk_logprobs (checksum)"] = _checksum(logprobs)
+    agreed["teacher_topk_ids (checksum)"] = checksum(topk)
+    agreed["teacher_topk_logprobs (checksum)"] = checksum(logprobs)
     return dict(impl=impl, single=single, step_rows=step_rows, row_index=row_index, topk=topk, logprobs=logprobs, y=y,
                 given=given, k=k, step_divergence=step_divergence, epsilon=epsilon, delta=delta,
                 temperature=temperature, coef=coef,
@@ -244,10 +244,10 @@ def vocab_parallel_sparse_sod_loss(student_hidden: torch.Tensor, student_weight:
     Returns the same as ``fused_sparse_sod_loss``, identical on every rank; backward (every rank, on the same
     loss) gives ``student_weight`` / ``student_bias`` the gradient of this rank's rows.
     """
-    from .vocab_parallel import _exchange
+    from .losses import exchange
 
     what = "vocab_parallel_sparse_sod_loss"
-    layout, p, agreed = _exchange(
+    layout, p, agreed = exchange(
         what, process_group, vocab_start, student_hidden, student_weight, None, SPARSE_FIELDS,
         lambda agreed: prepare_sparse(
             agreed, student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs, response_mask,

@@ -2,7 +2,7 @@
 
 A rank holds the lm_head rows of the vocabulary ids ``[v0, v0 + Vr)``.  For each distilled token it computes,
 over its own columns only, the partial statistics in the max-shifted frame of its own maxima (the algebra of
-:mod:`sod_kernels.kl_epilogue`, docs/math.md):
+:mod:`sod_kernels.dense.kernels`, docs/math.md):
 
 - KL (``[5, Na]``): ``m_w, l_w, m_o, l_o, A'`` with ``l = sum exp(z - m)`` and
   ``A' = sum exp(z_w - m_w) ((z_w - m_w) - (z_o - m_o))`` (W = the model whose probabilities weight the KL
@@ -24,20 +24,20 @@ from typing import NamedTuple
 
 import torch
 
-from .chunked_core import FAST_CHUNK_BYTES, chunk_rows, even_chunks, logits_into
-from .chunked_torch import MIN_LOGIT, compute_dtype, rows_per_chunk, rows_per_tile, vocab_tile
-from .token_logprobs import MIN_CHUNK_ROWS
+from ..core.chunks import FAST_CHUNK_BYTES, chunk_rows, even_chunks, logits_into
+from ..core.tiles import MIN_LOGIT, compute_dtype, rows_per_chunk, rows_per_tile, vocab_tile
+from ..logprobs.token_logprobs import MIN_CHUNK_ROWS
 
 KL_PARTIALS = 5
 LOGPROB_PARTIALS = 3  # m, l, z(y); + B' with the entropy
 
 
-def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float) -> torch.Tensor:
+def shard_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float) -> torch.Tensor:
     z = hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)
     return z.div_(temperature) if temperature != 1.0 else z
 
 
-def _in_dtype(weight: torch.Tensor, bias: torch.Tensor | None, rows: int, dtype: torch.dtype):
+def in_dtype(weight: torch.Tensor, bias: torch.Tensor | None, rows: int, dtype: torch.dtype):
     return weight[:rows].to(dtype), None if bias is None else bias[:rows].to(dtype)
 
 
@@ -63,8 +63,8 @@ def kl_partials_torch(sh, sw, sb, th, tw, tb, row_index, y_local, *, forward_kl:
     """
     V = sw.shape[0]
     dt = compute_dtype(sh.dtype)
-    ws, bs = _in_dtype(sw, sb, V, dt)
-    wt, bt = _in_dtype(tw, tb, V, dt)
+    ws, bs = in_dtype(sw, sb, V, dt)
+    wt, bt = in_dtype(tw, tb, V, dt)
     Na = row_index.numel()
     out = torch.zeros(KL_PARTIALS + (2 if y_local is not None else 0), Na, dtype=dt, device=sh.device)
     R, BV = rows_per_tile(V, chunk_size), vocab_tile(V)
@@ -80,8 +80,8 @@ def kl_partials_torch(sh, sw, sb, th, tw, tb, row_index, y_local, *, forward_kl:
                 local, owned = owned_targets(y_local[rows], 0, V)
             for v0 in range(0, V, BV):
                 v1 = min(v0 + BV, V)
-                zs = _logits(hs, ws[v0:v1], None if bs is None else bs[v0:v1], temperature)
-                zt = _logits(ht, wt[v0:v1], None if bt is None else bt[v0:v1], temperature)
+                zs = shard_logits(hs, ws[v0:v1], None if bs is None else bs[v0:v1], temperature)
+                zt = shard_logits(ht, wt[v0:v1], None if bt is None else bt[v0:v1], temperature)
                 if y_local is not None:
                     inside = owned & (local >= v0) & (local < v1)
                     out[5, start:stop] += _target_logit(zs, local - v0, inside)
@@ -146,8 +146,8 @@ def kl_partials_triton(sh, sw, sb, th, tw, tb, row_index, y_local, *, forward_kl
                        chunk_size: int | None = None) -> torch.Tensor:
     """:func:`kl_partials_torch` on the chunked core (float32 logit blocks, the Triton statistics kernel);
     float32 / bfloat16 / float16 inputs, float32 partials."""
-    from .kl_epilogue import kl_partials
-    from .triton_divergence import KLProblem
+    from ..dense.kernels import kl_partials
+    from ..dense.triton_backend import KLProblem
 
     divergence = "forward_kl" if forward_kl else "reverse_kl"
     p = KLProblem.build(sh, sw, sb, th, tw, tb, row_index, None, divergence, temperature)
@@ -182,7 +182,7 @@ def logprob_partials_torch(hidden, weight, bias, row_index, y_local, *, temperat
     this rank's first id).  Rows in chunks against the whole shard (chunked PyTorch)."""
     dt = compute_dtype(hidden.dtype)
     V = weight.shape[0]
-    w, b = _in_dtype(weight, bias, V, dt)
+    w, b = in_dtype(weight, bias, V, dt)
     Na = row_index.numel()
     out = torch.zeros(LOGPROB_PARTIALS + int(with_entropy), Na, dtype=dt, device=hidden.device)
     C = rows_per_chunk(V, chunk_size) if chunk_size is not None else max(rows_per_chunk(V), MIN_CHUNK_ROWS)
@@ -190,7 +190,7 @@ def logprob_partials_torch(hidden, weight, bias, row_index, y_local, *, temperat
         for start in range(0, Na, C):
             stop = min(start + C, Na)
             rows = row_index[start:stop]
-            z = _logits(hidden[rows].to(dt), w, b, temperature)
+            z = shard_logits(hidden[rows].to(dt), w, b, temperature)
             local, owned = owned_targets(y_local[rows], 0, V)
             out[2, start:stop] = _target_logit(z, local, owned)
             m = z.amax(1)
@@ -240,10 +240,10 @@ def merge_logprob(gathered: torch.Tensor, *, with_entropy: bool) -> LogprobStats
 def logprob_partials_triton(hidden, weight, bias, row_index, y_local, *, temperature: float, with_entropy: bool,
                             chunk_size: int | None = None) -> torch.Tensor:
     """:func:`logprob_partials_torch` on the chunked core (float32 logit blocks, the Triton statistics
-    kernel of :mod:`sod_kernels.logprob_epilogue`); float32 partials."""
-    from .kl_epilogue import vocab_splits
-    from .logprob_epilogue import NUM_WARPS, logprob_partial_stats_kernel
-    from .triton_token_logprobs import LogprobProblem
+    kernel of :mod:`sod_kernels.core.kernels`); float32 partials."""
+    from ..core.kernels import vocab_splits
+    from ..core.kernels import NUM_WARPS, logprob_partial_stats_kernel
+    from ..logprobs.triton_backend import LogprobProblem
 
     p = LogprobProblem.build(hidden, weight, bias, row_index, y_local, temperature)
     V, Na, dev = p.head.vocab, p.n_rows, hidden.device

@@ -1,17 +1,17 @@
 """The sparse-teacher epilogue on the chunked core: the student's logits at the teacher's ids, the tail
 statistics, and ``d(logits)`` of a logit block.
 
-Input: the raw float32 logit block ``x [C, V]`` of one row chunk (:func:`sod_kernels.chunked_core.logits_into`),
+Input: the raw float32 logit block ``x [C, V]`` of one row chunk (:func:`sod_kernels.core.chunks.logits_into`),
 bias and ``1/tau`` applied on load (``z = (x + b) / tau``), and the teacher's ``ids [C, k]`` (int64, distinct
 within a row; a negative id is skipped: the vocabulary-parallel form passes ``-1`` for the ids that another
 rank's shard holds).  Per chunk:
 
 1. ``sparse_gather_mask_kernel`` (grid: rows x id blocks): ``z_ids[r, j] = z[r, ids[r, j]]``, then writes
    ``-inf`` into ``x`` at those columns.  The block is scratch, so masking it in place costs ``C k`` writes.
-2. :func:`sod_kernels.logprob_epilogue.logprob_row_stats` on the masked block: its online log-sum-exp is now
+2. :func:`sod_kernels.core.kernels.logprob_row_stats` on the masked block: its online log-sum-exp is now
    the *tail* log-sum-exp.  ``-inf`` columns add exactly 0; a row whose columns are all ids keeps the
    kernel's starting maximum (``-1e30``), which marks an empty tail.
-3. :func:`sod_kernels.sparse_rows.coarse_grained_rows`: ``O(C k)`` tensor math (divergence, gradient terms).
+3. :func:`sod_kernels.sparse.rows.coarse_grained_rows`: ``O(C k)`` tensor math (divergence, gradient terms).
 4. ``sparse_tail_grad_kernel`` (grid: rows x column blocks) writes ``g = c_row * exp(z - lse_tail)`` in the
    gradient dtype: the tail part of ``d(logits)``, exactly 0 at the (masked) id columns.
 5. ``sparse_scatter_kernel`` (grid: rows x id blocks) writes the ``k`` id values of each row over them.
@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kl_epilogue import GRAD_BLOCK_V, INTERPRETER_BLOCK_V, NUM_WARPS, _interpreting, _load_logits
+from ..core.kernels import GRAD_BLOCK_V, INTERPRETER_BLOCK_V, NUM_WARPS, interpreting, load_logits
 
 ID_BLOCK = 128            # ids per program of the gather / scatter kernels
 INTERPRETER_ID_BLOCK = 8  # under the interpreter: small blocks so that tests cross block edges
@@ -45,7 +45,7 @@ def sparse_gather_mask_kernel(x_ptr, b_ptr, ids_ptr, out_ptr, k, stride_x, strid
     cols = tl.load(ids_ptr + row * stride_ids + offs, mask=ok, other=-1)
     own = ok & (cols >= 0)
     x_row = x_ptr + row * stride_x
-    z = _load_logits(x_row, b_ptr, cols, own, inv_temp, HAS_BIAS)
+    z = load_logits(x_row, b_ptr, cols, own, inv_temp, HAS_BIAS)
     tl.store(out_ptr + row * stride_out + offs, tl.where(own, z, 0.0), mask=ok)
     tl.store(x_row + cols, tl.full([BLOCK_K], float("-inf"), tl.float32), mask=own)
 
@@ -57,7 +57,7 @@ def sparse_tail_grad_kernel(x_ptr, b_ptr, grad_ptr, lse_ptr, coef_ptr, vocab, st
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     ok = cols < vocab
-    z = _load_logits(x_ptr + row.to(tl.int64) * stride_x, b_ptr, cols, ok, inv_temp, HAS_BIAS)
+    z = load_logits(x_ptr + row.to(tl.int64) * stride_x, b_ptr, cols, ok, inv_temp, HAS_BIAS)
     z = tl.where(ok, z, float("-inf"))
     g = tl.load(coef_ptr + row) * tl.exp(z - tl.load(lse_ptr + row))
     tl.store(grad_ptr + row.to(tl.int64) * stride_g + cols, g.to(grad_ptr.dtype.element_ty), mask=ok)
@@ -77,7 +77,7 @@ def sparse_scatter_kernel(grad_ptr, ids_ptr, val_ptr, k, stride_g, stride_ids, s
 
 
 def _id_block() -> int:
-    return INTERPRETER_ID_BLOCK if _interpreting() else ID_BLOCK
+    return INTERPRETER_ID_BLOCK if interpreting() else ID_BLOCK
 
 
 def gather_and_mask(x: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor, *,
@@ -104,7 +104,7 @@ def sparse_logit_grad(x: torch.Tensor, bias: torch.Tensor | None, ids: torch.Ten
     n_rows, vocab = x.shape
     if not n_rows:
         return out
-    block = INTERPRETER_BLOCK_V if _interpreting() else GRAD_BLOCK_V
+    block = INTERPRETER_BLOCK_V if interpreting() else GRAD_BLOCK_V
     sparse_tail_grad_kernel[(n_rows, triton.cdiv(vocab, block))](
         x, x if bias is None else bias, out, lse_tail.to(torch.float32).contiguous(),
         tail_coef.to(torch.float32).contiguous(), vocab, x.stride(0), out.stride(0), 1.0 / temperature,

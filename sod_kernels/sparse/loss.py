@@ -3,12 +3,12 @@
 The teacher is served elsewhere (an inference server returns, per position, ``k`` token ids and their
 log-probabilities), so only the student has logits.  Per distilled token the divergence is the exact KL
 between the student's and the teacher's distributions coarse-grained onto the ``k`` listed ids plus one
-tail bucket (:mod:`sod_kernels.sparse_rows`); step divergences, step weights, ``token_weights`` and the
+tail bucket (:mod:`sod_kernels.sparse.rows`); step divergences, step weights, ``token_weights`` and the
 reductions are those of :func:`sod_kernels.fused_sod_loss` (the same O(tokens) helpers).
 
-Backends: ``"triton"`` (:mod:`sod_kernels.sparse_triton`, the chunked core with the epilogue kernels of
-:mod:`sod_kernels.sparse_epilogue`; CUDA, or CPU tensors under ``TRITON_INTERPRET=1``) and ``"torch"``
-(:mod:`sod_kernels.sparse_torch`, chunked PyTorch; the CPU default; float64 supported).  Neither holds a
+Backends: ``"triton"`` (:mod:`sod_kernels.sparse.triton_backend`, the chunked core with the epilogue kernels of
+:mod:`sod_kernels.sparse.kernels`; CUDA, or CPU tensors under ``TRITON_INTERPRET=1``) and ``"torch"``
+(:mod:`sod_kernels.sparse.torch_backend`, chunked PyTorch; the CPU default; float64 supported).  Neither holds a
 ``tokens x vocabulary`` tensor.  With the Triton backend, scalar reductions whose weights are known in the
 pass (``token_weights``, ``step_divergence="none"``, or steps that fit a chunk) form the gradients in the
 forward's single pass (:class:`SinglePassSparse`); otherwise the backward recomputes the logit blocks
@@ -21,25 +21,26 @@ from types import ModuleType
 
 import torch
 
-from ._validation import check_lm_head, check_same_device
-from .chunked_core import GradAccumulator, chunk_rows
-from .chunked_torch import compute_dtype
-from .sod_loss import _needs_student_grad, _single_pass_plan, check_loss_options, check_targets_and_steps, finish_loss
-from .sparse_rows import SparseForward
-from .sparse_validation import check_topk_shapes, check_topk_values
-from .steps import DEFAULT_DELTA, DEFAULT_EPSILON
-from .token_divergence import (no_autocast, refuse_double_backward, resolve_backend, single_pass_gradients,
-                               single_pass_outputs, zero_student_grads)
+from ..core.validation import check_lm_head, check_same_device
+from ..core.chunks import GradAccumulator, chunk_rows
+from ..core.tiles import compute_dtype
+from ..steps.finish import (needs_student_grad, single_pass_plan, check_loss_options, check_targets_and_steps,
+                            finish_loss)
+from .rows import SparseForward
+from .validation import check_topk_shapes, check_topk_values
+from ..steps.weights import DEFAULT_DELTA, DEFAULT_EPSILON
+from ..core.runtime import (no_autocast, refuse_double_backward, resolve_backend, single_pass_gradients,
+                            single_pass_outputs, zero_student_grads)
 
 NAME = "fused_sparse_sod_loss"
 
 
 def _backend(name: str) -> ModuleType:
     if name == "torch":
-        from . import sparse_torch
-        return sparse_torch
-    from . import sparse_triton  # imported lazily: Triton is only needed for this path
-    return sparse_triton
+        from . import torch_backend
+        return torch_backend
+    from . import triton_backend  # imported lazily: Triton is only needed for this path
+    return triton_backend
 
 
 class SparseDivergence(torch.autograd.Function):
@@ -86,7 +87,7 @@ class SinglePassSparse(torch.autograd.Function):
 
     Inputs: student hidden, weight, bias, ``row_index``, ``ids``, ``logprobs``, ``target_ids`` (as
     :class:`SparseDivergence`), divergence, temperature, the chunks and their weight function (see
-    :func:`sod_kernels.sparse_triton.single_pass_loss`), coef, normalizer, whether the weights use the
+    :func:`sod_kernels.sparse.triton_backend.single_pass_loss`), coef, normalizer, whether the weights use the
     sampled signal.  Outputs: loss (0-D float32, differentiable), ``D``, ``logp_s(y)``, ``logp_t(y)``
     (``[Na]``, not differentiable).  Gradients are formed for an upstream gradient of 1 and scaled in backward.
     """
@@ -94,7 +95,7 @@ class SinglePassSparse(torch.autograd.Function):
     @staticmethod
     def forward(ctx, sh, sw, sb, row_index, ids, logprobs, y, divergence, temperature, chunks, chunk_weights, coef,
                 normalizer, sampled_signal):
-        from .sparse_triton import SparseProblem, single_pass_loss
+        from .triton_backend import SparseProblem, single_pass_loss
         problem = SparseProblem.build(sh, sw, sb, row_index, ids, logprobs, y, divergence, temperature)
         need = ctx.needs_input_grad
         res = single_pass_loss(problem, chunks, chunk_weights, coef=coef, normalizer=normalizer,
@@ -129,7 +130,7 @@ def fused_sparse_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Te
 
     with ``0 log 0 = 0`` and the tail masses floored inside the logarithms: ``Q`` at ``1e-12``, ``P`` at
     ``max(1e-12, (1 + log k) eps)`` with ``eps`` of the log-probs' dtype, the resolution of ``1 - sum exp(a)``
-    (4.8e-7 for float32 at k = 20; :mod:`sod_kernels.sparse_rows`).  ``D`` never exceeds the full-vocabulary KL and equals it when the ids
+    (4.8e-7 for float32 at k = 20; :mod:`sod_kernels.sparse.rows`).  ``D`` never exceeds the full-vocabulary KL and equals it when the ids
     are the whole vocabulary.  Only the student's full log-sum-exp and its ``k`` logits per token are needed;
     no ``tokens x vocabulary`` tensor is held.
 
@@ -141,7 +142,7 @@ def fused_sparse_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Te
             distilled position (e.g. the teacher's top-k).  Positions outside the steps are not read.
         teacher_topk_logprobs: same shape, floating: the teacher's log-probabilities of those ids at
             ``temperature`` (as a server returns them): finite, ``<= 0`` and ``sum exp <= 1`` up to a rounding
-            tolerance (:func:`sod_kernels.sparse_validation.logprob_tolerance`; entries above 0 within it are
+            tolerance (:func:`sod_kernels.sparse.validation.logprob_tolerance`; entries above 0 within it are
             read as 0).  Never receives a gradient.
         response_mask: ``[B, T]`` 0/1; exactly one of this and ``step_ids`` (``[B, T]`` int, -1 outside steps).
         target_ids: ``[B, T]`` sampled tokens in ``[0, V)``; needed for ``step_divergence="sampled"``, whose
@@ -199,10 +200,10 @@ def fused_sparse_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Te
     loss = None
     with no_autocast(student_hidden.device):
         if impl == "triton" and reduction != "none" and num_active and \
-                _needs_student_grad(student_hidden, student_weight, student_bias):
+                needs_student_grad(student_hidden, student_weight, student_bias):
             rows = chunk_rows(num_active, V, 4 + GradAccumulator.GROUP * student_hidden.element_size(),
                               chunk_size=chunk_size)
-            plan = _single_pass_plan(step_rows, row_index, given, step_divergence, epsilon, delta, rows, V,
+            plan = single_pass_plan(step_rows, row_index, given, step_divergence, epsilon, delta, rows, V,
                                      student_hidden.element_size())
             if plan is not None:
                 chunks, chunk_weights = plan

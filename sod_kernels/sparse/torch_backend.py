@@ -1,9 +1,9 @@
 """Chunked PyTorch backend of :func:`sod_kernels.fused_sparse_sod_loss` (CPU default; float64 supported).
 
-Same tiling as :mod:`sod_kernels.chunked_torch`: rows in chunks of ``R``, the vocabulary in tiles of ``BV``
+Same tiling as :mod:`sod_kernels.dense.torch_backend`: rows in chunks of ``R``, the vocabulary in tiles of ``BV``
 columns, never ``N x V``.  Forward, per row chunk: every logit tile is computed once; the logits at the
 teacher's ids that fall in the tile are read and those entries set to ``-inf``; an online log-sum-exp
-over the masked tiles gives the tail log-sum-exp.  :func:`sod_kernels.sparse_rows.coarse_grained_rows` then
+over the masked tiles gives the tail log-sum-exp.  :func:`sod_kernels.sparse.rows.coarse_grained_rows` then
 gives the divergence and the per-row gradient terms (``O(N k)`` kept for the backward).  Backward: the tiles
 are recomputed, ``d(logits) = c_row exp(z - lse_tail)`` with the ``k`` id values written over their
 columns, and contracted into ``d(hidden)``, ``d(weight)``, ``d(bias)``.
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from .chunked_torch import compute_dtype, rows_per_tile, vocab_tile
-from .sparse_rows import SparseForward, coarse_grained_rows
+from ..core.tiles import compute_dtype, rows_per_tile, vocab_tile
+from .rows import SparseForward, coarse_grained_rows
 
 MIN_LOGIT = -1e30
 
@@ -69,7 +69,7 @@ def sweep_tiles(h, w, b, ids, y, vocab: int, tile: int, temperature: float):
 def sparse_forward(hidden, weight, bias, row_index, ids, logprobs, target_ids, *, divergence: str,
                    temperature: float, chunk_size: int | None = None) -> SparseForward:
     """Per-row coarse-grained divergence of the rows ``row_index``; arguments as
-    :func:`sod_kernels.sparse_triton.sparse_forward`.  Outputs in float32 (float64 for float64 inputs)."""
+    :func:`sod_kernels.sparse.triton_backend.sparse_forward`.  Outputs in float32 (float64 for float64 inputs)."""
     V, dt, device = weight.shape[0], compute_dtype(hidden.dtype), hidden.device
     w, b = _head(weight, bias, dt)
     Na, k = ids.shape
@@ -92,7 +92,7 @@ def sparse_backward(hidden, weight, bias, row_index, ids, saved: SparseForward, 
                     temperature: float, need_hidden: bool = True, need_weight: bool = True, need_bias: bool = True,
                     chunk_size: int | None = None):
     """Gradients of ``sum_i grad_divergence[i] * D[i]``; arguments and results as
-    :func:`sod_kernels.sparse_triton.sparse_backward`."""
+    :func:`sod_kernels.sparse.triton_backend.sparse_backward`."""
     V, dt = weight.shape[0], compute_dtype(hidden.dtype)
     w, b = _head(weight, bias, dt)
     d_hidden = torch.zeros(hidden.shape, dtype=dt, device=hidden.device) if need_hidden else None

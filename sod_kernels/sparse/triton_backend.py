@@ -1,5 +1,5 @@
 """GPU backend of :func:`sod_kernels.fused_sparse_sod_loss`: the sparse-teacher epilogue
-(:mod:`sod_kernels.sparse_epilogue`) on the chunked core (:mod:`sod_kernels.chunked_core`).
+(:mod:`sod_kernels.sparse.kernels`) on the chunked core (:mod:`sod_kernels.core.chunks`).
 
 Per row chunk of ``C`` distilled tokens: one logit product ``h[rows] @ W.T`` with float32 output (cuBLAS),
 the gather-and-mask kernel, the online log-sum-exp of the masked block (the tail), ``O(C k)`` row math,
@@ -10,7 +10,7 @@ and where a gradient is formed the tail-gradient and scatter kernels and the two
   steps longer than a chunk): the forward keeps ``O(N k)`` per-row terms, the backward recomputes the logit
   blocks.  ``2 N V H`` FLOPs forward, ``2 N V H + 4 N V H`` backward.
 - :func:`single_pass_loss`: the loss and its gradients in one pass when the weights are known in-pass
-  (:func:`sod_kernels.sod_loss._single_pass_plan`): ``6 N V H`` FLOPs, the single-pass minimum.
+  (:func:`sod_kernels.steps.finish.single_pass_plan`): ``6 N V H`` FLOPs, the single-pass minimum.
 
 Headline (N = 16384, Hs = 1024, V = 151936, bf16, one pass): 1.53e13 FLOP (~20 ms at 780 TFLOP/s); the
 epilogue moves ``4 N V`` (statistics) + ``6 N V`` (gradient) bytes = 25 GB (~6 ms at 4.3 TB/s).
@@ -25,14 +25,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .chunked_core import FAST_CHUNK_BYTES, GradAccumulator, LMHead, chunk_rows, even_chunks, gather_rows, \
-    logits_into, row_selector
-from .logprob_epilogue import logprob_row_stats
-from .sparse_epilogue import gather_and_mask, sparse_logit_grad
-from .sparse_rows import SparseForward, SparseRowTerms, coarse_grained_rows
+from ..core.chunks import (FAST_CHUNK_BYTES, GradAccumulator, LMHead, chunk_rows, even_chunks, gather_rows, logits_into,
+                           row_selector)
+from ..core.kernels import logprob_row_stats
+from .kernels import gather_and_mask, sparse_logit_grad
+from .rows import SparseForward, SparseRowTerms, coarse_grained_rows
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-MIN_LOGIT = -1e30  # the statistics kernel's starting maximum (kl_epilogue.MIN_LOGIT)
+MIN_LOGIT = -1e30  # the statistics kernel's starting maximum (sod_kernels.core.kernels.MIN_LOGIT)
 
 
 @dataclass
@@ -78,7 +78,7 @@ class SparseProblem:
                                                    chunk_size=chunk_size))
 
 
-class _Block:
+class Block:
     """Reusable float32 logit block of at most ``rows`` rows (gradient blocks come from GradAccumulator)."""
 
     def __init__(self, p: SparseProblem, rows: int):
@@ -125,7 +125,7 @@ def sparse_forward(hidden, weight, bias, row_index, ids, logprobs, target_ids, *
     p = SparseProblem.build(hidden, weight, bias, row_index, ids, logprobs, target_ids, divergence, temperature)
     out = SparseForward.empty(p.n_rows, p.ids.shape[1], hidden.device, torch.float32, target_ids is not None)
     chunks = p.chunks(False, chunk_size)
-    block = _Block(p, max((b - a for a, b in chunks), default=1))
+    block = Block(p, max((b - a for a, b in chunks), default=1))
     for start, stop in chunks:
         _, x = block.logits(p, start, stop)
         out.store(start, stop, _chunk_terms(p, x, start, stop))
@@ -145,7 +145,7 @@ def sparse_backward(hidden, weight, bias, row_index, ids, saved: SparseForward, 
     if not acc.active or p.n_rows == 0:
         return acc.finish()
     scale = grad_divergence.to(torch.float32) / p.temperature
-    block = _Block(p, longest)
+    block = Block(p, longest)
     for start, stop in chunks:
         h, x = block.logits(p, start, stop)
         gather_and_mask(x, p.head.used_bias, p.ids[start:stop], temperature=p.temperature)
@@ -172,7 +172,7 @@ def single_pass_loss(p: SparseProblem, chunks: list[tuple[int, int]],
                      coef: float, normalizer: float, need_hidden: bool, need_weight: bool, need_bias: bool,
                      sampled_signal: bool = False) -> SinglePassResult:
     """``L = coef * sum_i w_i D_i / normalizer`` and its student gradients in one pass over ``chunks``;
-    ``chunk_weights(start, stop, D, signal)`` as in :func:`sod_kernels.triton_divergence.single_pass_loss`."""
+    ``chunk_weights(start, stop, D, signal)`` as in :func:`sod_kernels.dense.triton_backend.single_pass_loss`."""
     device = p.head.hidden.device
     longest = max((b - a for a, b in chunks), default=1)
     acc = GradAccumulator(p.head, p.row_index, p.contiguous, need_hidden=need_hidden, need_weight=need_weight,
@@ -181,7 +181,7 @@ def single_pass_loss(p: SparseProblem, chunks: list[tuple[int, int]],
     D = torch.empty(n, dtype=torch.float32, device=device)
     lp_s = torch.empty_like(D) if with_targets else None
     lp_t = torch.empty_like(D) if with_targets else None
-    block = _Block(p, longest)
+    block = Block(p, longest)
     total = torch.zeros((), dtype=torch.float64, device=device)
     grad_scale = coef / (normalizer * p.temperature)
     for start, stop in chunks:

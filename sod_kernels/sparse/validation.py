@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from ._validation import check_shape, check_tensor
+from ..core.validation import check_shape, check_tensor
 
 BASE_TOLERANCE = 1e-4  # rounding of a server's float32 log-softmax (its log-sum-exp error shifts every entry)
 

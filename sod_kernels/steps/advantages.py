@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ._segments import segmented_cumsum
-from ._validation import check_finite_number, check_same_device, check_shape, check_tensor
-from .steps import DEFAULT_DELTA, DEFAULT_EPSILON, accumulation_dtype, sod_step_weights
+from .segments import segmented_cumsum
+from ..core.validation import check_finite_number, check_same_device, check_shape, check_tensor
+from .weights import DEFAULT_DELTA, DEFAULT_EPSILON, accumulation_dtype, sod_step_weights
 
 GRPO_STD_EPSILON = 1e-6
 

@@ -14,7 +14,7 @@ import bisect
 
 import torch
 
-from .chunked_core import chunks_at_boundaries
+from ..core.chunks import chunks_at_boundaries
 
 
 class InPassStepWeights:

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ._validation import check_binary_mask, check_finite_number, check_positive, check_same_device, check_shape, \
-    check_tensor
+from ..core.validation import (check_binary_mask, check_finite_number, check_positive, check_same_device, check_shape,
+                               check_tensor)
 from .advantages import grpo_advantages
-from .steps import DEFAULT_DELTA, DEFAULT_EPSILON, step_ids_from_mask, step_weights_from_divergence, trim_steps
+from .weights import DEFAULT_DELTA, DEFAULT_EPSILON, step_ids_from_mask, step_weights_from_divergence, trim_steps
 
 
 @dataclass

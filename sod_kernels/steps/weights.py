@@ -14,9 +14,9 @@ from typing import NamedTuple
 
 import torch
 
-from ._segments import segmented_cumsum
-from ._validation import (check_binary_mask, check_positive, check_same_device, check_shape, check_step_ids_values,
-                          check_tensor)
+from .segments import segmented_cumsum
+from ..core.validation import (check_binary_mask, check_positive, check_same_device, check_shape, check_step_ids_values,
+                               check_tensor)
 
 DEFAULT_EPSILON = 1e-6
 DEFAULT_DELTA = 0.2
@@ -90,7 +90,7 @@ def step_weights_from_divergence(token_signal: torch.Tensor, step_ids: torch.Ten
 
     The signal is clamped at 0 per token (docs/math.md: a divergence used as a signal is ``max(D, 0)``),
     the step sums are formed in float64 by a fixed-order segmented scan (bitwise reproducible on every
-    device, no float atomics; see :mod:`sod_kernels._segments`), and the weights by
+    device, no float atomics; see :mod:`sod_kernels.steps.segments`), and the weights by
     :func:`closed_form_weights`.  O(B T) vectorised work.
 
     Args:
