@@ -11,6 +11,8 @@ Public API:
 - Sparse teacher: :func:`fused_sparse_sod_loss` (top-k log-probs with a tail bucket), and
   :func:`fused_topk_logprobs` to produce them.
 - Vocabulary-parallel (column-parallel lm_head) forms over a torch.distributed group: docs/scaling.md.
+- ``nn.Module`` forms: :class:`SODLoss`, :class:`SparseSODLoss`, :class:`SODPolicyLoss`,
+  :class:`FusedTokenLogprobs` (options to the constructor, per-batch tensors to ``forward``).
 
 The package is laid out by layer: ``core`` (knows no loss), ``steps``, one folder per loss family
 (``dense``, ``sparse``, ``logprobs``), ``parallel``, and this face (``modules``, ``hf``, ``fsdp``,
@@ -21,7 +23,7 @@ from .dense.loss import fused_sod_loss
 from .logprobs.policy_loss import PolicyLossStats, fused_sod_policy_loss
 from .logprobs.token_logprobs import fused_token_logprobs
 from .logprobs.topk import fused_topk_logprobs
-from .modules import SODLoss
+from .modules import FusedTokenLogprobs, SODLoss, SODPolicyLoss, SparseSODLoss
 from .parallel.losses import vocab_parallel_policy_loss, vocab_parallel_sod_loss, vocab_parallel_token_logprobs
 from .parallel.sparse import vocab_parallel_sparse_sod_loss
 from .sparse.loss import fused_sparse_sod_loss
@@ -32,10 +34,13 @@ from .steps.finish import SODStats
 __version__ = "0.1.0"
 
 __all__ = [
+    "FusedTokenLogprobs",
     "PolicyInputs",
     "PolicyLossStats",
     "SODLoss",
+    "SODPolicyLoss",
     "SODStats",
+    "SparseSODLoss",
     "StepWeights",
     "fused_sod_loss",
     "fused_sod_policy_loss",

@@ -136,7 +136,7 @@ def cycles(g: dict[str, set[str]]) -> list[list[str]]:
 def layer_of(module: str) -> str:
     """``sod_kernels.<folder>...`` -> the folder; top-level modules and ``integrations`` -> ``face``."""
     parts = module.split(".")
-    if len(parts) >= 3 and parts[1] in LAYERS:
+    if len(parts) >= 2 and parts[1] in LAYERS:
         return parts[1]
     return "face"
 

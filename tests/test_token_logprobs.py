@@ -8,6 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from reference import ref_token_logprobs
 from sod_kernels import fused_token_logprobs
+from sod_kernels.core.options import PassOptions
 from sod_kernels.logprobs import token_logprobs as torch_backend
 from sod_kernels.logprobs import triton_backend
 from tests.conftest import HAS_CUDA
@@ -121,7 +122,7 @@ def test_row_subset_gives_zero_gradient_elsewhere(backend):
     hidden = hidden.float().to(dev).requires_grad_()
     weight = weight.float().to(dev).requires_grad_()
     rows = torch.tensor([2, 5, 11])
-    logp, _ = torch_backend.TokenLogprobs.apply(hidden, weight, None, rows.to(dev), y.to(dev), 1.0, backend)
+    logp, _ = torch_backend.TokenLogprobs.apply(hidden, weight, None, rows.to(dev), y.to(dev), PassOptions(backend=backend))
     logp.sum().backward()
     untouched = torch.ones(20, dtype=torch.bool)
     untouched[rows] = False

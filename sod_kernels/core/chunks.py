@@ -279,3 +279,18 @@ def gather_rows(hidden: torch.Tensor, rows: torch.Tensor | slice) -> torch.Tenso
 def row_selector(row_index: torch.Tensor, start: int, stop: int, contiguous: bool):
     """The rows of chunk ``[start, stop)``: a slice when ``row_index`` is ``arange`` (``contiguous``)."""
     return slice(start, stop) if contiguous else row_index[start:stop]
+
+
+def row_plan(hidden: torch.Tensor, weight: torch.Tensor, row_index: torch.Tensor, dtypes: tuple[torch.dtype, ...]):
+    """``(hidden, weight, rows, contiguous)`` of a Triton path: ``hidden`` and ``weight`` with unit column stride,
+    ``rows`` int64 contiguous, and whether they are ``arange(N)`` (chunks are then slices, no gathers).  Raises
+    TypeError for a hidden dtype outside ``dtypes``."""
+    if hidden.dtype not in dtypes:
+        raise TypeError(f"the Triton backend supports float32, bfloat16 and float16 hidden states, got "
+                        f"{hidden.dtype}; use backend='torch' for float64")
+    rows = row_index.to(torch.int64).contiguous()
+    n = rows.numel()
+    contiguous = n == hidden.shape[0] and (n == 0 or bool(rows[-1] == n - 1))
+    hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    return hidden, weight, rows, contiguous

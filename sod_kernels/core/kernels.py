@@ -48,13 +48,14 @@ def tanh_parts(u):
 
 @triton.jit
 def load_capped_logits(x_ptr, b_ptr, cols, ok, inv_temp, cap, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr):
-    """``z = cap tanh((x + b) / cap) / tau`` (``(x + b) / tau`` without ``HAS_CAP``)."""
+    """``z = cap tanh((x + b) / cap) / tau`` (``(x + b) / tau`` without ``HAS_CAP``); a masked ``-inf`` column
+    stays ``-inf`` through the cap (the sparse epilogue masks the teacher's ids that way)."""
     x = tl.load(x_ptr + cols, mask=ok, other=0.0)
     if HAS_BIAS:
         x += tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
     if HAS_CAP:
         t, _ = tanh_parts(x * (1.0 / cap))
-        x = cap * t
+        x = tl.where(x == float("-inf"), x, cap * t)
     return x * inv_temp
 
 

@@ -75,3 +75,20 @@ def zero_student_grads(hidden, weight, bias, need_hidden: bool, need_weight: boo
     return (torch.zeros_like(hidden) if need_hidden else None,
             torch.zeros_like(weight) if need_weight else None,
             torch.zeros_like(bias) if (need_bias and bias is not None) else None)
+
+
+def needs_student_grad(hidden, weight, bias) -> bool:
+    return torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or
+                                        (bias is not None and bias.requires_grad))
+
+
+def single_pass_forward(ctx, routine, problem, plan) -> tuple:
+    """Run a backend's single-pass chunk routine for an autograd forward and return its outputs
+    (:func:`single_pass_outputs`).  ``routine(problem, chunks, chunk_weights, *, coef, normalizer, need_hidden,
+    need_weight, need_bias, sampled_signal)`` is the contract of every single pass (for example
+    :func:`sod_kernels.dense.triton_backend.single_pass_loss`); ``plan`` a
+    :class:`~sod_kernels.core.options.SinglePassPlan`."""
+    need = ctx.needs_input_grad
+    res = routine(problem, plan.chunks, plan.chunk_weights, coef=plan.coef, normalizer=plan.normalizer,
+                  need_hidden=need[0], need_weight=need[1], need_bias=need[2], sampled_signal=plan.sampled_signal)
+    return single_pass_outputs(ctx, res)

@@ -9,45 +9,56 @@ row, which it folds into recomputed logit tiles.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
-from ..core.runtime import check_softcap, no_autocast, resolve_backend, single_pass_gradients, single_pass_outputs
+from ..core.options import PassOptions, SinglePassPlan, input_grads
+from ..core.runtime import (check_softcap, needs_student_grad, no_autocast, resolve_backend, single_pass_forward,
+                            single_pass_gradients)
 from ..core.tiles import compute_dtype
 from ..core.validation import MEMORY_MODES, check_choice, check_lm_head, check_same_device
-from ..steps.finish import check_loss_options, check_targets_and_steps, finish_loss, needs_student_grad, single_pass_plan
+from ..steps.finish import check_loss_options, check_targets_and_steps, finish_loss, single_pass_plan
 from ..steps.weights import DEFAULT_DELTA, DEFAULT_EPSILON
 from .autograd import TokenDivergence
+
+
+def single_pass_backend(name: str) -> ModuleType | None:
+    """Where a backend supplies its single-pass chunk routine: the backend module offering ``KLProblem.build(...)``
+    and ``single_pass_loss(problem, chunks, chunk_weights, *, coef, normalizer, need_hidden, need_weight,
+    need_bias, sampled_signal)`` (the contract of :func:`sod_kernels.dense.triton_backend.single_pass_loss`), or
+    None for a backend without one (it runs two passes).  The torch backend has none yet: ``memory="fast"`` and
+    ``"low"`` both run its two passes."""
+    if name == "triton":
+        from . import triton_backend  # imported lazily: Triton is only needed for this path
+        return triton_backend
+    return None
 
 
 class SinglePassKL(torch.autograd.Function):
     """The weighted loss and its student gradients in one pass (Triton backend, scalar reductions).
 
     Inputs: the flattened student/teacher hidden ``[N, H]``, weights, biases, ``row_index``, ``target_ids``
-    or None, divergence, temperature, the chunks and their weight function (see
-    :func:`sod_kernels.dense.triton_backend.single_pass_loss`), coef, normalizer, whether the weights use the
-    sampled signal, and ``(student_softcap, teacher_softcap)`` (each None or the cap).  Outputs: loss (0-D float32, differentiable), ``D``, ``logp_s(y)``, ``logp_t(y)``
-    (``[Na]``, not differentiable; the last two empty without targets).  The gradients are computed in the
-    forward for an upstream gradient of 1 and scaled in backward; first-order only.
+    or None, the :class:`~sod_kernels.core.options.PassOptions` (divergence, temperature, soft-caps) and the
+    :class:`~sod_kernels.core.options.SinglePassPlan` (chunks, their weights, coef, normalizer; see
+    :func:`sod_kernels.dense.triton_backend.single_pass_loss`).  Outputs: loss (0-D float32, differentiable),
+    ``D``, ``logp_s(y)``, ``logp_t(y)`` (``[Na]``, not differentiable; the last two empty without targets).
+    The gradients are computed in the forward for an upstream gradient of 1 and scaled in backward;
+    first-order only.
     """
 
     @staticmethod
-    def forward(ctx, sh, sw, sb, th, tw, tb, row_index, y, divergence, temperature, chunks, chunk_weights, coef,
-                normalizer, sampled_signal, softcaps=(None, None)):
-        from .triton_backend import KLProblem, single_pass_loss
-        problem = KLProblem.build(sh, sw, sb, th, tw, tb, row_index, y, divergence, temperature,
-                                  student_softcap=softcaps[0], teacher_softcap=softcaps[1])
-        need = ctx.needs_input_grad
-        res = single_pass_loss(problem, chunks, chunk_weights, coef=coef, normalizer=normalizer,
-                               need_hidden=need[0], need_weight=need[1], need_bias=need[2],
-                               sampled_signal=sampled_signal)
-        return single_pass_outputs(ctx, res)
+    def forward(ctx, sh, sw, sb, th, tw, tb, row_index, y, options: PassOptions, plan: SinglePassPlan):
+        backend = single_pass_backend(options.backend)
+        problem = backend.KLProblem.build(sh, sw, sb, th, tw, tb, row_index, y, options.divergence,
+                                          options.temperature, student_softcap=options.student_softcap,
+                                          teacher_softcap=options.teacher_softcap)
+        return single_pass_forward(ctx, backend.single_pass_loss, problem, plan)
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        return single_pass_gradients(ctx, grad_loss, "fused_sod_loss", "pass memory='low' or reduction='none' "
-                                     "for a recomputing backward") + (None,) * 13
+        return input_grads(ctx, single_pass_gradients(ctx, grad_loss, "fused_sod_loss", "pass memory='low' or "
+                                                      "reduction='none' for a recomputing backward"))
 
 
 def fused_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
@@ -89,11 +100,12 @@ def fused_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
             ``"none"`` (per-token ``[B, T]`` tensor).
         return_stats: also return step divergences and weights (one extra host sync).
         backend: ``"auto"`` (Triton for CUDA tensors, chunked PyTorch for CPU), ``"triton"``, ``"torch"``.
-        memory: Triton backend: ``"fast"`` (default: the loss and its gradients in one pass over row chunks
+        memory: ``"fast"`` (default; Triton: the loss and its gradients in one pass over row chunks
             whenever the weights are known in-pass, i.e. scalar reductions with ``token_weights``, ``"none"``,
             or ``"kl"``/``"sampled"`` steps that fit a chunk; extra memory about 1.3 GiB at a 152k x 1024
             student head) or ``"low"`` (two passes over rows x vocabulary-slice blocks, recomputing the
-            logits in backward: a few hundred MiB).
+            logits in backward: a few hundred MiB).  The torch backend runs two passes over rows x vocabulary
+            tiles (a few tiles of memory) in both modes.
         chunk_size: rows per chunk (default: from a memory budget and the vocabulary size).
         check_inputs: validate mask / step id values and the loss's finiteness (host syncs); on by default.
         student_softcap, teacher_softcap: logit soft-capping of each model (Gemma 2/3
@@ -141,24 +153,23 @@ def fused_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
     sw, tw = student_weight.contiguous(), teacher_weight.contiguous()
     acc = compute_dtype(student_hidden.dtype)
     given = None if token_weights is None else token_weights.detach().to(acc).reshape(B, T)
+    options = PassOptions(backend=impl, memory=memory, chunk_size=chunk_size, temperature=temperature,
+                          divergence=divergence, student_softcap=student_softcap, teacher_softcap=teacher_softcap)
     loss = None
     with no_autocast(student_hidden.device):
-        if impl == "triton" and memory == "fast" and reduction != "none" and num_active and \
+        if memory == "fast" and reduction != "none" and num_active and single_pass_backend(impl) and \
                 needs_student_grad(student_hidden, student_weight, student_bias):
             plan = single_pass_plan(step_rows, row_index, given, step_divergence, epsilon, delta, chunk_size,
-                                     student_weight.shape[0], student_hidden.element_size())
+                                    student_weight.shape[0], student_hidden.element_size())
             if plan is not None:
                 chunks, chunk_weights = plan
                 normalizer = float(max(num_active, 1)) if reduction == "token_mean" else 1.0
                 loss, D, lp_s, lp_t = SinglePassKL.apply(
-                    sh, sw, student_bias, th, tw, teacher_bias, row_index, y, divergence, temperature, chunks,
-                    chunk_weights, coef, normalizer, step_divergence == "sampled", (student_softcap, teacher_softcap))
+                    sh, sw, student_bias, th, tw, teacher_bias, row_index, y, options,
+                    SinglePassPlan(chunks, chunk_weights, coef, normalizer, step_divergence == "sampled"))
         if loss is None:
-            options = {"chunk_size": chunk_size, "memory": memory} if impl == "triton" else {}
-            options.update({k: v for k, v in (("student_softcap", student_softcap),
-                                              ("teacher_softcap", teacher_softcap)) if v is not None})
             D, _, _, lp_s, lp_t = TokenDivergence.apply(sh, sw, student_bias, th, tw, teacher_bias, row_index, y,
-                                                        divergence, temperature, impl, options)
+                                                        options)
     return finish_loss(loss, D, lp_s, lp_t, row_index, step_rows, given, single=single, step_divergence=step_divergence,
                        epsilon=epsilon, delta=delta, coef=coef, reduction=reduction, return_stats=return_stats,
                        check_inputs=check_inputs, inputs="student_hidden, teacher_hidden or the weights/biases")

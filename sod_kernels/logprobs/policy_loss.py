@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.validation import (REDUCTIONS, check_binary_mask, check_choice, check_chunk_size, check_lm_head,
+from ..core.validation import (MEMORY_MODES, REDUCTIONS, check_binary_mask, check_choice, check_chunk_size, check_lm_head,
                                check_positive, check_same_device, check_shape, check_tensor)
-from ..core.runtime import check_softcap, no_autocast, single_pass_gradients
+from ..core.options import PassOptions, input_grads
+from ..core.runtime import check_softcap, needs_student_grad, no_autocast, single_pass_gradients
 from .token_logprobs import TokenLogprobs, check_target_ids, resolve_logprob_backend
 
 LOG_RATIO_CLAMP = 20.0  # docs/math.md: ratio = exp(clamp(logp_new - old_logp, -20, 20))
@@ -101,14 +102,13 @@ class SinglePassPolicyLoss(torch.autograd.Function):
     :func:`ppo_dual_clip` on ``O(chunk)`` tensors (the same expression the two-pass path differentiates)
     and folded into ``d(logits)`` right after the chunk's log-sum-exp.  Inputs: hidden ``[N, H]``, weight,
     bias, row_index ``[Na]``, target_ids ``[N]``, temperature, old log-probs and advantages ``[Na]``,
-    ``(clip_low, clip_high, dual_clip)``, the divisor of the sum (``Na`` for a token mean, 1 for a sum),
-    rows per chunk (or None), the soft-cap (or None).
+    ``(clip_low, clip_high, dual_clip)``, the divisor of the sum (``Na`` for a token mean, 1 for a sum), and
+    :class:`~sod_kernels.core.options.PassOptions` (temperature, chunk_size, ``student_softcap``).
     Outputs: the loss (0-D float32, differentiable) and ``logp [Na]`` (not differentiable).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, row_index, target_ids, temperature, old, adv, clip, divisor, chunk_size,
-                softcap=None):
+    def forward(ctx, hidden, weight, bias, row_index, target_ids, old, adv, clip, divisor, options: PassOptions):
         from .triton_backend import single_pass_token_loss
 
         def token_loss(start, stop, logp):
@@ -120,17 +120,18 @@ class SinglePassPolicyLoss(torch.autograd.Function):
 
         need = ctx.needs_input_grad
         total, logp, grads = single_pass_token_loss(hidden, weight, bias, row_index, target_ids,
-                                                    temperature=temperature, token_loss=token_loss,
+                                                    temperature=options.temperature, token_loss=token_loss,
                                                     need_hidden=need[0], need_weight=need[1], need_bias=need[2],
-                                                    chunk_size=chunk_size, softcap=softcap)
+                                                    chunk_size=options.chunk_size, softcap=options.student_softcap)
         ctx.grads = grads
         ctx.mark_non_differentiable(logp)
         return (total / divisor).to(torch.float32), logp
 
     @staticmethod
     def backward(ctx, grad_loss, unused):
-        return single_pass_gradients(ctx, grad_loss, "fused_sod_policy_loss",
-                                     "pass reduction='none' for a recomputing backward") + (None,) * 9
+        return input_grads(ctx, single_pass_gradients(ctx, grad_loss, "fused_sod_policy_loss",
+                                                      "pass memory='low' or reduction='none' for a recomputing "
+                                                      "backward"))
 
 
 def finish_policy_loss(logp, old, adv, clip, row_index, lead, *, reduction: str, return_stats: bool,
@@ -188,7 +189,7 @@ def fused_sod_policy_loss(student_hidden: torch.Tensor, student_weight: torch.Te
                           temperature: float = 1.0, student_bias: torch.Tensor | None = None,
                           reduction: str = "token_mean", return_stats: bool = False, backend: str = "auto",
                           chunk_size: int | None = None, check_inputs: bool = True,
-                          student_softcap: float | None = None):
+                          student_softcap: float | None = None, memory: str = "fast"):
     """PPO dual-clip policy loss on SOD advantages, from hidden states (docs/math.md).
 
     ``ratio = exp(clamp(logp_new - old_logprobs, -20, 20))``,
@@ -211,12 +212,14 @@ def fused_sod_policy_loss(student_hidden: torch.Tensor, student_weight: torch.Te
         return_stats: return :class:`PolicyLossStats` (a few host-free reductions) instead of the loss.
         backend: ``"auto"`` (Triton on CUDA, chunked PyTorch on CPU), ``"triton"`` or ``"torch"``.  On the Triton
             backend a scalar reduction runs in one pass (the gradient is formed right after each chunk's
-            log-sum-exp); ``reduction="none"`` recomputes the logits in backward.
+            log-sum-exp); ``reduction="none"`` or ``memory="low"`` recomputes the logits in backward.
         chunk_size: rows per chunk (default: from a memory budget and the vocabulary size).
         check_inputs: validate mask and target values and the loss's finiteness (host syncs).
         student_softcap: logit soft-capping (Gemma 2/3 ``final_logit_softcapping``): the logits are
             ``cap * tanh((hidden @ weight.T + bias) / cap)`` before the temperature; None (default) for none,
             else a finite number > 0.  Applied inside the kernels, gradient included.
+        memory: ``"fast"`` (default) or ``"low"`` (Triton: two passes over row chunks sized from a small memory
+            budget; the torch backend runs the same chunks in both modes).
     Returns:
         The loss (float32, or float64 for float64 hidden states), or :class:`PolicyLossStats`.
     Gradients reach ``student_hidden``, ``student_weight`` and ``student_bias`` only.  An empty mask gives a
@@ -226,6 +229,7 @@ def fused_sod_policy_loss(student_hidden: torch.Tensor, student_weight: torch.Te
                                                                        temperature)
     student_softcap = check_softcap(student_softcap, "student_softcap")
     check_chunk_size(chunk_size)
+    check_choice(memory, "memory", MEMORY_MODES)
     lead = check_policy_tensors(student_hidden, student_weight, student_bias, target_ids, old_logprobs, advantages,
                                 response_mask, check_inputs=check_inputs)
     impl = resolve_logprob_backend(backend, student_hidden, "student_hidden")
@@ -247,15 +251,16 @@ def fused_sod_policy_loss(student_hidden: torch.Tensor, student_weight: torch.Te
     adv = advantages.detach().reshape(-1)[row_index].to(acc)
     normalizer = max(num_active, 1)
     clip = (clip_low, clip_high, dual_clip)
+    options = PassOptions(backend=impl, memory=memory, chunk_size=chunk_size, temperature=temperature,
+                          student_softcap=student_softcap)
     loss = None
     with no_autocast(student_hidden.device):
-        if impl == "triton" and reduction != "none" and num_active and torch.is_grad_enabled() and \
-                (hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+        if impl == "triton" and memory == "fast" and reduction != "none" and num_active and \
+                needs_student_grad(hidden, weight, bias):
             divisor = float(normalizer) if reduction == "token_mean" else 1.0
-            loss, logp = SinglePassPolicyLoss.apply(hidden, weight, bias, row_index, y, temperature, old, adv,
-                                                    clip, divisor, chunk_size, student_softcap)
+            loss, logp = SinglePassPolicyLoss.apply(hidden, weight, bias, row_index, y, old, adv, clip, divisor,
+                                                    options)
         else:
-            logp, _ = TokenLogprobs.apply(hidden, weight, bias, row_index, y, temperature, impl, False, chunk_size,
-                                          student_softcap)
+            logp, _ = TokenLogprobs.apply(hidden, weight, bias, row_index, y, options)
     return finish_policy_loss(logp, old, adv, clip, row_index, lead, reduction=reduction, return_stats=return_stats,
                               check_inputs=check_inputs, loss=loss)

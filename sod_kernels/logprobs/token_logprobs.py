@@ -24,9 +24,10 @@ from types import ModuleType
 
 import torch
 
-from ..core.validation import (BACKENDS, check_choice, check_chunk_size, check_lm_head, check_positive,
+from ..core.validation import (BACKENDS, MEMORY_MODES, check_choice, check_chunk_size, check_lm_head, check_positive,
                                check_same_device, check_shape, check_tensor)
-from ..core.tiles import tile_logits, tile_logits_and_slope, apply_softcap, compute_dtype, rows_per_chunk
+from ..core.tiles import apply_softcap, compute_dtype, rows_per_chunk, tile_logits, tile_logits_and_slope
+from ..core.options import PassOptions, input_grads
 from ..core.runtime import check_softcap, no_autocast, refuse_double_backward, resolve_backend, zero_student_grads
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -49,8 +50,9 @@ def _weights_in(dtype: torch.dtype, weight: torch.Tensor, bias: torch.Tensor | N
 
 def logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, row_index: torch.Tensor,
                     target_ids: torch.Tensor, *, temperature: float, with_entropy: bool = False,
-                    chunk_size: int | None = None, softcap: float | None = None):
-    """Sampled-token log-probs of the rows ``row_index`` (chunked PyTorch).
+                    chunk_size: int | None = None, softcap: float | None = None, memory: str = "fast"):
+    """Sampled-token log-probs of the rows ``row_index`` (chunked PyTorch; both ``memory`` modes run the same
+    row chunks).
 
     Args:
         hidden: ``[N, H]``; weight ``[V, H]``; bias ``[V]`` or None (one floating dtype).
@@ -92,7 +94,7 @@ def logprob_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
                      target_ids: torch.Tensor, lse: torch.Tensor, grad_logp: torch.Tensor, *, temperature: float,
                      grad_entropy: torch.Tensor | None = None, entropy: torch.Tensor | None = None,
                      need_hidden: bool = True, need_weight: bool = True, need_bias: bool = True,
-                     chunk_size: int | None = None, softcap: float | None = None):
+                     chunk_size: int | None = None, softcap: float | None = None, memory: str = "fast"):
     """Gradients of ``sum_i grad_logp[i] logp[i] (+ grad_entropy[i] H[i])`` w.r.t. hidden ``[N, H]``, weight
     ``[V, H]``, bias ``[V]``.
 
@@ -147,52 +149,52 @@ def backend_module(name: str) -> ModuleType:
 
 class TokenLogprobs(torch.autograd.Function):
     """``logp[i] = log softmax(hidden[row_index[i]] @ weight.T / tau)[target_ids[row_index[i]]]`` and, with
-    ``with_entropy``, the entropy ``H[i]`` of the same softmax.
+    ``options.with_entropy``, the entropy ``H[i]`` of the same softmax.
 
     Inputs: hidden ``[N, H]``, weight ``[V, H]``, bias ``[V]`` or None, row_index ``[Na]`` int64,
-    target_ids ``[N]`` int64, temperature, backend name, with_entropy, chunk_size (rows per chunk or None),
-    softcap (``cap tanh(x / cap)`` of the raw logits before the temperature, or None).
-    Outputs: ``logp [Na]`` and
-    ``entropy [Na]`` (empty without ``with_entropy``), float32 (float64 for float64 inputs), both
-    differentiable w.r.t. hidden, weight and bias.  First-order only.
+    target_ids ``[N]`` int64, and :class:`~sod_kernels.core.options.PassOptions` (temperature, backend,
+    with_entropy, chunk_size, memory, and ``student_softcap``: ``cap tanh(x / cap)`` of the raw logits before the
+    temperature, or None).  Outputs: ``logp [Na]`` and ``entropy [Na]`` (empty without ``with_entropy``),
+    float32 (float64 for float64 inputs), both differentiable w.r.t. hidden, weight and bias.  First-order only.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, row_index, target_ids, temperature, backend, with_entropy=False,
-                chunk_size=None, softcap=None):
+    def forward(ctx, hidden, weight, bias, row_index, target_ids, options: PassOptions):
         with no_autocast(hidden.device):
-            logp, lse, entropy, frame = backend_module(backend).logprob_forward(
-                hidden, weight, bias, row_index, target_ids, temperature=temperature, with_entropy=with_entropy,
-                chunk_size=chunk_size, softcap=softcap)
+            logp, lse, entropy, frame = backend_module(options.backend).logprob_forward(
+                hidden, weight, bias, row_index, target_ids, with_entropy=options.with_entropy, **_kwargs(options))
         if entropy is None:
             entropy = logp.new_empty(0)
         ctx.save_for_backward(hidden, weight, bias, row_index, target_ids, lse)
-        ctx.extra = (entropy.detach() if with_entropy else None, frame)
-        ctx.options = (temperature, backend, with_entropy, chunk_size, softcap)
+        ctx.extra = (entropy.detach() if options.with_entropy else None, frame)
+        ctx.options = options
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
         refuse_double_backward("fused_token_logprobs")
         hidden, weight, bias, row_index, target_ids, lse = ctx.saved_tensors
-        temperature, backend, with_entropy, chunk_size, softcap = ctx.options
+        options: PassOptions = ctx.options
         entropy, frame = ctx.extra
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         if grad_logp is None and grad_entropy is None or row_index.numel() == 0:
-            dh, dw, db = zero_student_grads(hidden, weight, bias, need_h, need_w, need_b)
-            return dh, dw, db, None, None, None, None, None, None, None
+            return input_grads(ctx, zero_student_grads(hidden, weight, bias, need_h, need_w, need_b))
         if grad_logp is None:
             grad_logp = lse.new_zeros(lse.shape)
         extra = {}
-        if with_entropy and grad_entropy is not None:
+        if options.with_entropy and grad_entropy is not None:
             extra = {"grad_entropy": grad_entropy.contiguous()}
-            extra.update({"frame": frame} if backend == "triton" else {"entropy": entropy})
+            extra.update({"frame": frame} if options.backend == "triton" else {"entropy": entropy})
         with no_autocast(hidden.device):
-            dh, dw, db = backend_module(backend).logprob_backward(
-                hidden, weight, bias, row_index, target_ids, lse, grad_logp.contiguous(), temperature=temperature,
-                need_hidden=need_h, need_weight=need_w, need_bias=need_b, chunk_size=chunk_size, softcap=softcap,
-                **extra)
-        return dh, dw, db, None, None, None, None, None, None, None
+            dh, dw, db = backend_module(options.backend).logprob_backward(
+                hidden, weight, bias, row_index, target_ids, lse, grad_logp.contiguous(), need_hidden=need_h,
+                need_weight=need_w, need_bias=need_b, **_kwargs(options), **extra)
+        return input_grads(ctx, (dh, dw, db))
+
+
+def _kwargs(options: PassOptions) -> dict:
+    return {"temperature": options.temperature, "chunk_size": options.chunk_size, "softcap": options.student_softcap,
+            "memory": options.memory}
 
 
 def check_target_ids(target_ids: torch.Tensor, lead: tuple[int, ...], vocab: int, *, check_values: bool,
@@ -218,7 +220,7 @@ def resolve_logprob_backend(backend: str, hidden: torch.Tensor, hidden_name: str
 def fused_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, target_ids: torch.Tensor, *,
                          bias: torch.Tensor | None = None, temperature: float = 1.0, backend: str = "auto",
                          return_entropy: bool = False, chunk_size: int | None = None, check_inputs: bool = True,
-                         softcap: float | None = None):
+                         softcap: float | None = None, memory: str = "fast"):
     """``log softmax((hidden @ weight.T (+ bias)) / temperature)[target_ids]`` without materializing logits.
 
     Args:
@@ -236,6 +238,8 @@ def fused_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, target_ids:
         softcap: logit soft-capping (Gemma 2/3 ``final_logit_softcapping``): the logits are
             ``softcap * tanh((hidden @ weight.T + bias) / softcap)``, before the temperature; None (default)
             for none, else a finite number > 0.  Applied inside the kernels, gradient included.
+        memory: ``"fast"`` (default) or ``"low"``: on the Triton backend, row chunks sized from a small memory
+            budget (more, smaller logit products); the torch backend runs the same chunks in both modes.
     Returns:
         ``[B, T]`` (or ``[T]``) float32 (float64 for float64 inputs) log-probabilities, or
         ``(logprobs, entropy)`` with ``return_entropy``.
@@ -247,6 +251,7 @@ def fused_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, target_ids:
     temperature = check_positive(temperature, "temperature")
     softcap = check_softcap(softcap, "softcap")
     check_chunk_size(chunk_size)
+    check_choice(memory, "memory", MEMORY_MODES)
     lead = tuple(hidden.shape[:-1])
     check_target_ids(target_ids, lead, weight.shape[0], check_values=check_inputs)
     check_same_device(hidden=hidden, weight=weight, target_ids=target_ids, bias=bias)
@@ -254,8 +259,10 @@ def fused_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, target_ids:
     flat = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     y = target_ids.reshape(-1).to(torch.int64).contiguous()
     rows = torch.arange(flat.shape[0], device=flat.device)
+    options = PassOptions(backend=impl, memory=memory, chunk_size=chunk_size, temperature=temperature,
+                          student_softcap=softcap, with_entropy=bool(return_entropy))
     logp, entropy = TokenLogprobs.apply(flat, weight.contiguous(), None if bias is None else bias.contiguous(),
-                                        rows, y, temperature, impl, bool(return_entropy), chunk_size, softcap)
+                                        rows, y, options)
     if return_entropy:
         return logp.reshape(lead), entropy.reshape(lead)
     return logp.reshape(lead)

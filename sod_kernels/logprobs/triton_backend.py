@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.chunks import (FAST_CHUNK_BYTES, GradAccumulator, LMHead, chunk_rows, even_chunks, gather_rows, logits_into,
-                           row_selector)
+from ..core.chunks import (FAST_CHUNK_BYTES, LOW_MEMORY_CHUNK_BYTES, GradAccumulator, LMHead, chunk_rows, even_chunks,
+                           gather_rows, logits_into, row_plan, row_selector)
 from ..core.tiles import apply_softcap
 from ..core.kernels import LogprobRowStats, logprob_row_stats
 from .kernels import logprob_logit_grad
@@ -43,20 +43,15 @@ class LogprobProblem:
     target_ids: torch.Tensor
     temperature: float
     softcap: float | None = None  # cap tanh(x / cap) of the raw logits, before 1/tau
+    budget: int = FAST_CHUNK_BYTES  # bytes of the chunk buffers (LOW_MEMORY_CHUNK_BYTES for memory="low")
 
     @classmethod
     def build(cls, hidden, weight, bias, row_index, target_ids, temperature,
-              softcap: float | None = None) -> LogprobProblem:
-        if hidden.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"the Triton backend supports float32, bfloat16 and float16 hidden states, got "
-                            f"{hidden.dtype}; use backend='torch' for float64")
-        rows = row_index.to(torch.int64).contiguous()
-        n = rows.numel()
-        contiguous = n == hidden.shape[0] and (n == 0 or bool(rows[-1] == n - 1))
-        hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
-        weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+              softcap: float | None = None, memory: str = "fast") -> LogprobProblem:
+        hidden, weight, rows, contiguous = row_plan(hidden, weight, row_index, SUPPORTED_DTYPES)
         return cls(LMHead(hidden, weight, bias, weight.shape[0]), rows, contiguous,
-                   target_ids.to(torch.int64), float(temperature), None if softcap is None else float(softcap))
+                   target_ids.to(torch.int64), float(temperature), None if softcap is None else float(softcap),
+                   LOW_MEMORY_CHUNK_BYTES if memory == "low" else FAST_CHUNK_BYTES)
 
     @property
     def n_rows(self) -> int:
@@ -64,7 +59,7 @@ class LogprobProblem:
 
     def chunks(self, grad: bool, chunk_size: int | None) -> list[tuple[int, int]]:
         per_entry = 4 + (GradAccumulator.GROUP * self.head.hidden.element_size() if grad else 0)
-        return even_chunks(self.n_rows, chunk_rows(self.n_rows, self.head.vocab, per_entry, budget=FAST_CHUNK_BYTES,
+        return even_chunks(self.n_rows, chunk_rows(self.n_rows, self.head.vocab, per_entry, budget=self.budget,
                                                    chunk_size=chunk_size))
 
 
@@ -91,7 +86,8 @@ def _sampled(p: LogprobProblem, rows, x: torch.Tensor, stats: LogprobRowStats):
 
 def logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, row_index: torch.Tensor,
                     target_ids: torch.Tensor, *, temperature: float, with_entropy: bool = False,
-                    chunk_size: int | None = None, softcap: float | None = None):
+                    chunk_size: int | None = None, softcap: float | None = None,
+                    memory: str = "fast"):
     """Sampled-token log-probs (and entropies) of the rows ``row_index``.
 
     Args: ``hidden [N, H]``, ``weight [V, H]``, ``bias [V]`` or None (float32 / bfloat16 / float16),
@@ -100,7 +96,7 @@ def logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     Returns ``(logp [Na], lse [Na], entropy [Na] or None, frame [2, Na])`` float32; ``frame`` (max, shifted
     mean) serves the entropy gradient in :func:`logprob_backward`.
     """
-    p = LogprobProblem.build(hidden, weight, bias, row_index, target_ids, temperature, softcap)
+    p = LogprobProblem.build(hidden, weight, bias, row_index, target_ids, temperature, softcap, memory)
     n, device = p.n_rows, hidden.device
     logp = torch.empty(n, dtype=torch.float32, device=device)
     lse = torch.empty_like(logp)
@@ -124,12 +120,12 @@ def logprob_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
                      target_ids: torch.Tensor, lse: torch.Tensor, grad_logp: torch.Tensor, *, temperature: float,
                      grad_entropy: torch.Tensor | None = None, frame: torch.Tensor | None = None,
                      need_hidden: bool = True, need_weight: bool = True, need_bias: bool = True,
-                     chunk_size: int | None = None, softcap: float | None = None):
+                     chunk_size: int | None = None, softcap: float | None = None, memory: str = "fast"):
     """Gradients of ``sum_i grad_logp[i] logp[i] (+ grad_entropy[i] H[i])`` w.r.t. hidden ``[N, H]``, weight
     ``[V, H]`` and bias ``[V]``, recomputing the logit blocks; ``frame`` is needed with ``grad_entropy``.
     Returns the three gradients in the inputs' dtypes (None where not needed); rows outside ``row_index``
     get zero gradient."""
-    p = LogprobProblem.build(hidden, weight, bias, row_index, target_ids, temperature, softcap)
+    p = LogprobProblem.build(hidden, weight, bias, row_index, target_ids, temperature, softcap, memory)
     chunks = p.chunks(True, chunk_size)
     longest = max((b - a for a, b in chunks), default=1)
     acc = GradAccumulator(p.head, p.row_index, p.contiguous, need_hidden=need_hidden, need_weight=need_weight,

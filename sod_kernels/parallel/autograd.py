@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..dense.autograd import backend_module
+from ..dense.autograd import student_grads
+from ..core.options import input_grads
 from ..core.runtime import no_autocast, refuse_double_backward, zero_student_grads
 from .layout import ShardLayout, all_reduce_hidden_grad, gather_stats
 from .stats import (kl_partials_torch, kl_partials_triton, logprob_partials_torch, logprob_partials_triton, merge_kl,
@@ -35,6 +36,8 @@ class ParallelSetup:
     reduce_hidden_grad: bool
     divergence: str = "reverse_kl"
     with_entropy: bool = False
+    student_softcap: float | None = None  # cap tanh(x / cap) of the raw logits before 1/tau (log-probs: the model's)
+    teacher_softcap: float | None = None
 
 
 def finish_hidden(setup: ParallelSetup, d_hidden, row_index):
@@ -59,7 +62,8 @@ class VocabParallelDivergence(torch.autograd.Function):
         partials = kl_partials_triton if setup.backend == "triton" else kl_partials_torch
         with no_autocast(sh.device):
             part = partials(sh, sw, sb, th, tw, tb, row_index, y_local, forward_kl=forward_kl,
-                            temperature=setup.temperature, chunk_size=setup.chunk_size)
+                            temperature=setup.temperature, chunk_size=setup.chunk_size,
+                            student_softcap=setup.student_softcap, teacher_softcap=setup.teacher_softcap)
             stats = merge_kl(gather_stats(setup.layout, part), forward_kl=forward_kl)
         if stats.zy_s is not None:
             lp_s, lp_t = stats.zy_s - stats.lse_s, stats.zy_t - stats.lse_t
@@ -75,31 +79,29 @@ class VocabParallelDivergence(torch.autograd.Function):
         refuse_double_backward("vocab_parallel_sod_loss")
         sh, sw, sb, th, tw, tb, row_index, lse_s, lse_t, D, frame = ctx.saved_tensors
         setup: ParallelSetup = ctx.setup
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        if grad_D is None or row_index.numel() == 0:
-            dh, dw, db = zero_student_grads(sh, sw, sb, need_h, need_w, need_b)
-        else:
+        caps = {k: v for k, v in (("student_softcap", setup.student_softcap),
+                                  ("teacher_softcap", setup.teacher_softcap)) if v is not None}
+        dh, dw, db = student_grads(ctx, setup, (sh, sw, sb, th, tw, tb, row_index, lse_s, lse_t, D), grad_D,
+                                   dict(frame=frame, chunk_size=setup.chunk_size, **caps))
+        if grad_D is not None and row_index.numel():
             with no_autocast(sh.device):
-                dh, dw, db = backend_module(setup.backend).divergence_backward(
-                    sh, sw, sb, th, tw, tb, row_index, lse_s, lse_t, D, grad_D.contiguous(),
-                    divergence=setup.divergence, temperature=setup.temperature, need_hidden=need_h,
-                    need_weight=need_w, need_bias=need_b, frame=frame, chunk_size=setup.chunk_size)
                 dh = finish_hidden(setup, dh, row_index)
-        return dh, dw, db, None, None, None, None, None, None
+        return input_grads(ctx, (dh, dw, db))
 
 
 def logprob_shard_backward_torch(hidden, weight, bias, row_index, y_local, lse, big, mean, grad_logp, grad_entropy, *,
                                  temperature: float, need_hidden: bool, need_weight: bool, need_bias: bool,
-                                 chunk_size: int | None = None):
+                                 chunk_size: int | None = None, softcap: float | None = None):
     """This rank's gradients of ``sum_i grad_logp[i] logp[i] (+ grad_entropy[i] H[i])`` (chunked PyTorch).
 
     Per row, on this rank's columns: ``d(logits) = (a (onehot(y) - p) - e p ((z - M) - mean)) / tau`` with
     the global ``lse``, max ``M`` and shifted mean (``onehot(y)`` only where this rank owns ``y``).  Returns
     ``(d_hidden [N, H] partial, d_weight [Vr, H], d_bias [Vr])`` in the inputs' dtypes (None where not needed).
+    With ``softcap`` the logits are capped and ``d(logits)`` is multiplied by the cap's slope.
     """
-    from ..core.tiles import compute_dtype, rows_per_chunk
+    from ..core.tiles import compute_dtype, rows_per_chunk, tile_logits_and_slope
     from ..logprobs.token_logprobs import MIN_CHUNK_ROWS
-    from .stats import in_dtype, shard_logits
+    from .stats import in_dtype
 
     dt = compute_dtype(hidden.dtype)
     V = weight.shape[0]
@@ -113,7 +115,7 @@ def logprob_shard_backward_torch(hidden, weight, bias, row_index, y_local, lse, 
             stop = min(start + C, row_index.numel())
             rows = row_index[start:stop]
             h = hidden[rows].to(dt)
-            z = shard_logits(h, w, b, temperature)
+            z, slope = tile_logits_and_slope(h, w, b, temperature, softcap)
             p = (z - lse[start:stop, None]).exp_()
             a = grad_logp[start:stop].to(dt) / temperature
             dx = p * (-a[:, None])
@@ -124,6 +126,8 @@ def logprob_shard_backward_torch(hidden, weight, bias, row_index, y_local, lse, 
                 e = grad_entropy[start:stop].to(dt) / temperature
                 centred = z.sub_(big[start:stop, None]).sub_(mean[start:stop, None])
                 dx -= e[:, None] * p * centred
+            if slope is not None:
+                dx.mul_(slope)
             if d_hidden is not None:
                 d_hidden.index_add_(0, rows, dx @ w)
             if d_weight is not None:
@@ -148,7 +152,8 @@ class VocabParallelLogprobs(torch.autograd.Function):
         partials = logprob_partials_triton if setup.backend == "triton" else logprob_partials_torch
         with no_autocast(hidden.device):
             part = partials(hidden, weight, bias, row_index, y_local, temperature=setup.temperature,
-                            with_entropy=setup.with_entropy, chunk_size=setup.chunk_size)
+                            with_entropy=setup.with_entropy, chunk_size=setup.chunk_size,
+                            softcap=setup.student_softcap)
             stats = merge_logprob(gather_stats(setup.layout, part), with_entropy=setup.with_entropy)
         entropy = stats.entropy if stats.entropy is not None else stats.logp.new_empty(0)
         ctx.save_for_backward(hidden, weight, bias, row_index, y_local, stats.lse, stats.max, stats.mean)
@@ -162,8 +167,7 @@ class VocabParallelLogprobs(torch.autograd.Function):
         setup: ParallelSetup = ctx.setup
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         if (grad_logp is None and grad_entropy is None) or row_index.numel() == 0:
-            dh, dw, db = zero_student_grads(hidden, weight, bias, need_h, need_w, need_b)
-            return dh, dw, db, None, None, None
+            return input_grads(ctx, zero_student_grads(hidden, weight, bias, need_h, need_w, need_b))
         if grad_logp is None:
             grad_logp = lse.new_zeros(lse.shape)
         if not setup.with_entropy:
@@ -175,11 +179,13 @@ class VocabParallelLogprobs(torch.autograd.Function):
                                                          "frame": torch.stack([big, mean])}
                 dh, dw, db = logprob_backward(hidden, weight, bias, row_index, y_local, lse, grad_logp.contiguous(),
                                               temperature=setup.temperature, need_hidden=need_h, need_weight=need_w,
-                                              need_bias=need_b, chunk_size=setup.chunk_size, **extra)
+                                              need_bias=need_b, chunk_size=setup.chunk_size,
+                                              softcap=setup.student_softcap, **extra)
             else:
                 dh, dw, db = logprob_shard_backward_torch(
                     hidden, weight, bias, row_index, y_local, lse, big, mean, grad_logp.contiguous(),
                     None if grad_entropy is None else grad_entropy.contiguous(), temperature=setup.temperature,
-                    need_hidden=need_h, need_weight=need_w, need_bias=need_b, chunk_size=setup.chunk_size)
+                    need_hidden=need_h, need_weight=need_w, need_bias=need_b, chunk_size=setup.chunk_size,
+                    softcap=setup.student_softcap)
             dh = finish_hidden(setup, dh, row_index)
-        return dh, dw, db, None, None, None
+        return input_grads(ctx, (dh, dw, db))

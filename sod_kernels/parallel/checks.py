@@ -12,24 +12,22 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.validation import (BACKENDS, DIVERGENCES, REDUCTIONS, STEP_DIVERGENCES, check_choice, check_chunk_size,
-                               check_lm_head, check_positive, check_same_device, check_shape, check_tensor)
+from ..core.runtime import check_softcap
 from ..core.tiles import compute_dtype
+from ..core.validation import (BACKENDS, DIVERGENCES, REDUCTIONS, STEP_DIVERGENCES, check_chunk_size, check_lm_head,
+                               check_positive, check_same_device, check_shape, check_tensor)
 from ..logprobs.policy_loss import check_policy_options, check_policy_tensors
+from ..logprobs.token_logprobs import TRITON_DTYPES, check_target_ids, resolve_logprob_backend
 from ..steps.finish import check_loss_options, check_token_weights
 from ..steps.weights import resolve_step_ids
-from ..core.runtime import resolve_backend
-from ..logprobs.token_logprobs import check_target_ids
-from .layout import choice_code, dtype_code
-
-TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from .layout import choice_code, dtype_code, exchange_descriptors, resolve_group
 
 COMMON_FIELDS = ("rank of the hidden states", "leading size 0", "leading size 1", "hidden size", "dtype",
                  "bias given", "temperature", "reduction", "backend", "chunk_size", "check_inputs",
                  "reduce_hidden_grad", "grad mode", "hidden.requires_grad", "weight.requires_grad",
                  "bias.requires_grad", "distilled tokens", "distilled positions (checksum)",
-                 "target_ids given", "target_ids (checksum)", "target_ids min", "target_ids max")
-SOD_FIELDS = COMMON_FIELDS + ("teacher hidden size", "teacher dtype", "teacher_bias given", "divergence",
+                 "target_ids given", "target_ids (checksum)", "target_ids min", "target_ids max", "student_softcap")
+SOD_FIELDS = COMMON_FIELDS + ("teacher_softcap", "teacher hidden size", "teacher dtype", "teacher_bias given", "divergence",
                               "step_divergence", "epsilon", "delta", "coef", "return_stats", "token_weights given",
                               "token_weights (checksum)", "step_ids (checksum)")
 LOGPROB_FIELDS = COMMON_FIELDS + ("return_entropy",)
@@ -54,16 +52,21 @@ def weight_rows(weight) -> int:
     return int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else 0
 
 
-def resolve_parallel_backend(backend: str, hidden: torch.Tensor, name: str) -> str:
-    """``"auto"`` -> Triton for CUDA tensors of a Triton dtype, else chunked PyTorch."""
-    check_choice(backend, "backend", BACKENDS)
-    impl = resolve_backend(backend, hidden.device)
-    if impl == "triton" and hidden.dtype not in TRITON_DTYPES:
-        if backend == "auto":
-            return "torch"
-        raise TypeError(f"backend='triton' supports {name} in float32, bfloat16 or float16, got {hidden.dtype}; "
-                        "use backend='torch' for float64")
-    return impl
+def exchange(what: str, process_group, vocab_start, hidden, weight, teacher_weight, fields, prepare):
+    """Validate locally (``prepare(agreed)``), exchange descriptors, return ``(layout, prepared, agreed)``."""
+    group, rank, world = resolve_group(process_group)
+    agreed: dict[str, float] = {}
+    prepared, error, start = None, None, None
+    try:
+        start = check_vocab_start(vocab_start)
+        prepared = prepare(agreed)
+    except (TypeError, ValueError) as exc:
+        error = exc
+    teacher_rows = None if teacher_weight is None else weight_rows(teacher_weight)
+    layout = exchange_descriptors(group, rank, world, descriptor_device(hidden), vocab_start=start,
+                                  rows=weight_rows(weight), teacher_rows=teacher_rows, fields=fields, agreed=agreed,
+                                  error=error, what=what)
+    return layout, prepared, agreed
 
 
 def _flag(x) -> float:
@@ -71,7 +74,7 @@ def _flag(x) -> float:
 
 
 def common(agreed: dict, hidden, weight, bias, lead, *, temperature, reduction, impl, chunk_size, check_inputs,
-            reduce_hidden_grad) -> None:
+           reduce_hidden_grad, softcap: float | None = None) -> None:
     agreed["rank of the hidden states"] = float(len(lead))
     agreed["leading size 0"] = float(lead[0])
     agreed["leading size 1"] = float(lead[1]) if len(lead) > 1 else -1.0
@@ -88,6 +91,7 @@ def common(agreed: dict, hidden, weight, bias, lead, *, temperature, reduction, 
     agreed["hidden.requires_grad"] = _flag(hidden.requires_grad)
     agreed["weight.requires_grad"] = _flag(weight.requires_grad)
     agreed["bias.requires_grad"] = _flag(bias is not None and bias.requires_grad)
+    agreed["student_softcap"] = -1.0 if softcap is None else softcap
 
 
 def distilled_rows(ids: torch.Tensor, single: bool, token_weights, dtype: torch.dtype):
@@ -166,16 +170,20 @@ class SODInputs:
     delta: float
     temperature: float
     coef: float
+    student_softcap: float | None = None
+    teacher_softcap: float | None = None
 
 
 def prepare_sod(agreed: dict, student_hidden, student_weight, teacher_hidden, teacher_weight, response_mask, *,
                 step_ids, target_ids, token_weights, divergence, step_divergence, epsilon, delta, temperature, coef,
                 student_bias, teacher_bias, reduction, return_stats, backend, chunk_size, check_inputs,
-                reduce_hidden_grad) -> SODInputs:
+                reduce_hidden_grad, student_softcap=None, teacher_softcap=None) -> SODInputs:
     """The checks of ``fused_sod_loss`` on one rank (``student_weight`` / ``teacher_weight`` are shards; the
     target range is checked after the exchange, against the full vocabulary)."""
     step_divergence, epsilon, delta, temperature, coef = check_loss_options(
         divergence, step_divergence, token_weights, reduction, backend, chunk_size, epsilon, delta, temperature, coef)
+    student_softcap = check_softcap(student_softcap, "student_softcap")
+    teacher_softcap = check_softcap(teacher_softcap, "teacher_softcap")
     if not isinstance(reduce_hidden_grad, bool):
         raise TypeError(f"reduce_hidden_grad must be a bool, got {type(reduce_hidden_grad).__name__}")
     for who, h, w, b in (("student", student_hidden, student_weight, student_bias),
@@ -197,7 +205,7 @@ def prepare_sod(agreed: dict, student_hidden, student_weight, teacher_hidden, te
     ids = resolve_step_ids(response_mask, step_ids, lead, check_inputs=check_inputs)
     if token_weights is not None:
         check_token_weights(token_weights, lead, check_values=check_inputs)
-    impl = resolve_parallel_backend(backend, student_hidden, "student_hidden")
+    impl = resolve_logprob_backend(backend, student_hidden, "student_hidden")
     if impl == "triton" and teacher_hidden.dtype not in TRITON_DTYPES:
         raise TypeError(f"backend='triton' supports teacher_hidden in float32, bfloat16 or float16, got "
                         f"{teacher_hidden.dtype}; use backend='torch' for float64")
@@ -207,9 +215,10 @@ def prepare_sod(agreed: dict, student_hidden, student_weight, teacher_hidden, te
     y = None if target_ids is None else target_ids.reshape(-1).to(torch.int64).contiguous()
     acc = compute_dtype(student_hidden.dtype)
     common(agreed, student_hidden, student_weight, student_bias, lead, temperature=temperature,
-            reduction=reduction, impl=impl, chunk_size=chunk_size, check_inputs=check_inputs,
-            reduce_hidden_grad=reduce_hidden_grad)
+           reduction=reduction, impl=impl, chunk_size=chunk_size, check_inputs=check_inputs,
+           reduce_hidden_grad=reduce_hidden_grad, softcap=student_softcap)
     rows_and_targets(agreed, row_index, y, check_inputs=check_inputs, active_targets_only=False)
+    agreed["teacher_softcap"] = -1.0 if teacher_softcap is None else teacher_softcap
     agreed["teacher hidden size"] = float(teacher_hidden.shape[-1])
     agreed["teacher dtype"] = dtype_code(teacher_hidden.dtype)
     agreed["teacher_bias given"] = _flag(teacher_bias is not None)
@@ -218,14 +227,16 @@ def prepare_sod(agreed: dict, student_hidden, student_weight, teacher_hidden, te
                      student_hidden.reshape(-1, student_hidden.shape[-1]).contiguous(),
                      teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).contiguous(),
                      student_weight.contiguous(), teacher_weight.contiguous(), y, given, acc, step_divergence,
-                     epsilon, delta, temperature, coef)
+                     epsilon, delta, temperature, coef, student_softcap, teacher_softcap)
 
 
 def prepare_logprobs(agreed: dict, hidden, weight, target_ids, *, bias, temperature, backend, return_entropy,
-                     chunk_size, check_inputs, reduce_hidden_grad):
-    """The checks of ``fused_token_logprobs`` on one rank -> ``(impl, lead, flat hidden, y, row_index)``."""
+                     chunk_size, check_inputs, reduce_hidden_grad, softcap=None):
+    """The checks of ``fused_token_logprobs`` on one rank -> ``(impl, lead, flat hidden, y, row_index,
+    temperature, softcap)``."""
     check_lm_head(hidden, weight, bias, hidden_name="hidden", weight_name="weight", bias_name="bias")
     temperature = check_positive(temperature, "temperature")
+    softcap = check_softcap(softcap, "softcap")
     check_chunk_size(chunk_size)
     if not isinstance(reduce_hidden_grad, bool):
         raise TypeError(f"reduce_hidden_grad must be a bool, got {type(reduce_hidden_grad).__name__}")
@@ -233,29 +244,30 @@ def prepare_logprobs(agreed: dict, hidden, weight, target_ids, *, bias, temperat
     # The range [0, V) needs the full vocabulary: checked after the exchange.
     check_target_ids(target_ids, lead, 1, check_values=False)
     check_same_device(hidden=hidden, weight=weight, target_ids=target_ids, bias=bias)
-    impl = resolve_parallel_backend(backend, hidden, "hidden")
+    impl = resolve_logprob_backend(backend, hidden, "hidden")
     flat = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     y = target_ids.reshape(-1).to(torch.int64).contiguous()
     rows = torch.arange(flat.shape[0], device=flat.device)
     common(agreed, hidden, weight, bias, lead, temperature=temperature, reduction="none", impl=impl,
-            chunk_size=chunk_size, check_inputs=check_inputs, reduce_hidden_grad=reduce_hidden_grad)
+           chunk_size=chunk_size, check_inputs=check_inputs, reduce_hidden_grad=reduce_hidden_grad, softcap=softcap)
     rows_and_targets(agreed, rows, y, check_inputs=check_inputs, active_targets_only=False)
     agreed["return_entropy"] = _flag(return_entropy)
-    return impl, lead, flat, y, rows, temperature
+    return impl, lead, flat, y, rows, temperature, softcap
 
 
 def prepare_policy(agreed: dict, student_hidden, student_weight, target_ids, old_logprobs, advantages, response_mask,
                    *, clip_low, clip_high, dual_clip, temperature, student_bias, reduction, return_stats, backend,
-                   chunk_size, check_inputs, reduce_hidden_grad):
+                   chunk_size, check_inputs, reduce_hidden_grad, student_softcap=None):
     """The checks of ``fused_sod_policy_loss`` on one rank -> a dict of what the computation needs."""
     clip_low, clip_high, dual_clip, temperature = check_policy_options(reduction, clip_low, clip_high, dual_clip,
                                                                        temperature)
+    student_softcap = check_softcap(student_softcap, "student_softcap")
     check_chunk_size(chunk_size)
     if not isinstance(reduce_hidden_grad, bool):
         raise TypeError(f"reduce_hidden_grad must be a bool, got {type(reduce_hidden_grad).__name__}")
     lead = check_policy_tensors(student_hidden, student_weight, student_bias, target_ids, old_logprobs, advantages,
                                 response_mask, check_inputs=check_inputs)
-    impl = resolve_parallel_backend(backend, student_hidden, "student_hidden")
+    impl = resolve_logprob_backend(backend, student_hidden, "student_hidden")
     flat_mask = response_mask.reshape(-1) != 0
     row_index = torch.nonzero(flat_mask).squeeze(1)
     y = target_ids.reshape(-1).to(torch.int64).contiguous()
@@ -263,8 +275,8 @@ def prepare_policy(agreed: dict, student_hidden, student_weight, target_ids, old
     old = old_logprobs.detach().reshape(-1)[row_index].to(acc)
     adv = advantages.detach().reshape(-1)[row_index].to(acc)
     common(agreed, student_hidden, student_weight, student_bias, lead, temperature=temperature,
-            reduction=reduction, impl=impl, chunk_size=chunk_size, check_inputs=check_inputs,
-            reduce_hidden_grad=reduce_hidden_grad)
+           reduction=reduction, impl=impl, chunk_size=chunk_size, check_inputs=check_inputs,
+           reduce_hidden_grad=reduce_hidden_grad, softcap=student_softcap)
     rows_and_targets(agreed, row_index, y, check_inputs=check_inputs, active_targets_only=True)
     agreed["clip_low"], agreed["clip_high"] = clip_low, clip_high
     agreed["dual_clip"] = -1.0 if dual_clip is None else dual_clip
@@ -273,4 +285,5 @@ def prepare_policy(agreed: dict, student_hidden, student_weight, target_ids, old
     agreed["advantages (checksum)"] = checksum(adv)
     return {"impl": impl, "lead": lead, "flat_mask": flat_mask, "row_index": row_index, "y": y, "acc": acc,
             "old": old, "adv": adv, "clip": (clip_low, clip_high, dual_clip), "temperature": temperature,
+            "softcap": student_softcap,
             "hidden": student_hidden.reshape(-1, student_hidden.shape[-1]).contiguous()}

@@ -23,33 +23,15 @@ from __future__ import annotations
 
 import torch
 
-from ..logprobs.policy_loss import finish_policy_loss
-from ..steps.finish import SODStats
-from ..steps.weights import DEFAULT_DELTA, DEFAULT_EPSILON, step_weights_from_divergence, trim_steps
 from ..core.runtime import no_autocast
+from ..logprobs.policy_loss import finish_policy_loss
+from ..steps.finish import finish_loss
+from ..steps.weights import DEFAULT_DELTA, DEFAULT_EPSILON
 from .autograd import ParallelSetup, VocabParallelDivergence, VocabParallelLogprobs
-from .checks import (LOGPROB_FIELDS, POLICY_FIELDS, SOD_FIELDS, check_targets_in_vocab, check_vocab_start,
-                     descriptor_device, prepare_logprobs, prepare_policy, prepare_sod, weight_rows)
-from .layout import exchange_descriptors, resolve_group
+from .checks import (LOGPROB_FIELDS, POLICY_FIELDS, SOD_FIELDS, check_targets_in_vocab, exchange, prepare_logprobs,
+                     prepare_policy, prepare_sod)
 
 __all__ = ["vocab_parallel_policy_loss", "vocab_parallel_sod_loss", "vocab_parallel_token_logprobs"]
-
-
-def exchange(what: str, process_group, vocab_start, hidden, weight, teacher_weight, fields, prepare):
-    """Validate locally (``prepare(agreed)``), exchange descriptors, return ``(layout, prepared, agreed)``."""
-    group, rank, world = resolve_group(process_group)
-    agreed: dict[str, float] = {}
-    prepared, error, start = None, None, None
-    try:
-        start = check_vocab_start(vocab_start)
-        prepared = prepare(agreed)
-    except (TypeError, ValueError) as exc:
-        error = exc
-    teacher_rows = None if teacher_weight is None else weight_rows(teacher_weight)
-    layout = exchange_descriptors(group, rank, world, descriptor_device(hidden), vocab_start=start,
-                                  rows=weight_rows(weight), teacher_rows=teacher_rows, fields=fields, agreed=agreed,
-                                  error=error, what=what)
-    return layout, prepared, agreed
 
 
 def vocab_parallel_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
@@ -61,7 +43,8 @@ def vocab_parallel_sod_loss(student_hidden: torch.Tensor, student_weight: torch.
                             temperature: float = 1.0, coef: float = 1.0, student_bias: torch.Tensor | None = None,
                             teacher_bias: torch.Tensor | None = None, reduction: str = "token_mean",
                             return_stats: bool = False, backend: str = "auto", chunk_size: int | None = None,
-                            check_inputs: bool = True, reduce_hidden_grad: bool = True):
+                            check_inputs: bool = True, reduce_hidden_grad: bool = True,
+                            student_softcap: float | None = None, teacher_softcap: float | None = None):
     """:func:`sod_kernels.fused_sod_loss` with the lm_heads sharded by vocabulary across ``process_group``.
 
     Every rank of the group calls it with the same hidden states, masks, targets and options, and its own
@@ -98,48 +81,27 @@ def vocab_parallel_sod_loss(student_hidden: torch.Tensor, student_weight: torch.
             step_divergence=step_divergence, epsilon=epsilon, delta=delta, temperature=temperature, coef=coef,
             student_bias=student_bias, teacher_bias=teacher_bias, reduction=reduction, return_stats=return_stats,
             backend=backend, chunk_size=chunk_size, check_inputs=check_inputs,
-            reduce_hidden_grad=reduce_hidden_grad))
+            reduce_hidden_grad=reduce_hidden_grad, student_softcap=student_softcap, teacher_softcap=teacher_softcap))
     check_targets_in_vocab(agreed, layout.vocab)
-    B, T = p.step_rows.shape
-    num_active = p.row_index.numel()
     sampled = p.step_divergence == "sampled"
     y_local = p.y - layout.vocab_start if sampled else None
-    setup = ParallelSetup(layout, p.impl, p.temperature, chunk_size, reduce_hidden_grad, divergence=divergence)
+    setup = ParallelSetup(layout, p.impl, p.temperature, chunk_size, reduce_hidden_grad, divergence=divergence,
+                          student_softcap=p.student_softcap, teacher_softcap=p.teacher_softcap)
     with no_autocast(student_hidden.device):
         D, _, _, lp_s, lp_t = VocabParallelDivergence.apply(p.sh, p.sw, student_bias, p.th, p.tw, teacher_bias,
                                                             p.row_index, y_local, setup)
-    zeros = lambda: torch.zeros(B * T, dtype=p.acc, device=D.device)  # noqa: E731
-    token_divergence = zeros().index_copy(0, p.row_index, D.to(p.acc)).view(B, T)
-    signal = zeros().index_copy(0, p.row_index, (lp_s - lp_t).abs().to(p.acc)).view(B, T) if sampled \
-        else token_divergence
-    weights = step_weights_from_divergence(signal, p.step_rows, epsilon=p.epsilon, delta=p.delta,
-                                           weighted=p.step_divergence != "none")
-    if p.given is not None:
-        weights = weights._replace(token_weights=p.given.masked_fill(p.step_rows < 0, 0))
-    per_token = p.coef * weights.token_weights * token_divergence
-    if reduction == "none":
-        loss = per_token[0] if p.single else per_token
-    elif reduction == "sum":
-        loss = per_token.sum()
-    else:
-        loss = per_token.sum() / max(num_active, 1)
-    if check_inputs and num_active and not bool(torch.isfinite(loss.detach()).all()):
-        raise ValueError("the loss is not finite: student_hidden, teacher_hidden or the weights/biases contain "
-                         "NaN or Inf (or the logits overflow)")
-    if not return_stats:
-        return loss
-    w = trim_steps(weights)
-    pick = (lambda x: x[0]) if p.single else (lambda x: x)
-    return SODStats(loss=loss, token_divergence=pick(token_divergence.detach().clamp(min=0)),
-                    token_weights=pick(w.token_weights), step_divergence=pick(w.step_divergence),
-                    step_weights=pick(w.step_weights), num_steps=pick(w.num_steps))
+    return finish_loss(None, D, lp_s, lp_t, p.row_index, p.step_rows, p.given, single=p.single,
+                       step_divergence=p.step_divergence, epsilon=p.epsilon, delta=p.delta, coef=p.coef,
+                       reduction=reduction, return_stats=return_stats, check_inputs=check_inputs,
+                       inputs="student_hidden, teacher_hidden or the weights/biases")
 
 
 def vocab_parallel_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, target_ids: torch.Tensor, *,
                                   process_group=None, vocab_start: int | None = None,
                                   bias: torch.Tensor | None = None, temperature: float = 1.0, backend: str = "auto",
                                   return_entropy: bool = False, chunk_size: int | None = None,
-                                  check_inputs: bool = True, reduce_hidden_grad: bool = True):
+                                  check_inputs: bool = True, reduce_hidden_grad: bool = True,
+                                  softcap: float | None = None):
     """:func:`sod_kernels.fused_token_logprobs` with the lm_head sharded by vocabulary across ``process_group``.
 
     Args:
@@ -147,7 +109,7 @@ def vocab_parallel_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, ta
         weight: ``[Vr, H]`` this rank's rows (ids ``[vocab_start, vocab_start + Vr)``); bias ``[Vr]`` or None.
         target_ids: ``[B, T]`` (or ``[T]``) global ids in ``[0, V)`` (``V`` = the sum of the shard sizes).
         process_group, vocab_start, backend, reduce_hidden_grad: see :func:`vocab_parallel_sod_loss`.
-        temperature, return_entropy, chunk_size, check_inputs: as in ``fused_token_logprobs``.
+        temperature, return_entropy, chunk_size, check_inputs, softcap: as in ``fused_token_logprobs``.
     Returns:
         ``[B, T]`` (or ``[T]``) log-probabilities (float32, float64 for float64 inputs), or
         ``(logprobs, entropy)`` with ``return_entropy``; identical on every rank.  Backward (every rank, on the
@@ -157,11 +119,12 @@ def vocab_parallel_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, ta
         "vocab_parallel_token_logprobs", process_group, vocab_start, hidden, weight, None, LOGPROB_FIELDS,
         lambda agreed: prepare_logprobs(agreed, hidden, weight, target_ids, bias=bias, temperature=temperature,
                                         backend=backend, return_entropy=return_entropy, chunk_size=chunk_size,
-                                        check_inputs=check_inputs, reduce_hidden_grad=reduce_hidden_grad))
+                                        check_inputs=check_inputs, reduce_hidden_grad=reduce_hidden_grad,
+                                        softcap=softcap))
     check_targets_in_vocab(agreed, layout.vocab)
-    impl, lead, flat, y, rows, temperature = prepared
+    impl, lead, flat, y, rows, temperature, softcap = prepared
     setup = ParallelSetup(layout, impl, temperature, chunk_size, reduce_hidden_grad,
-                          with_entropy=bool(return_entropy))
+                          with_entropy=bool(return_entropy), student_softcap=softcap)
     with no_autocast(hidden.device):
         logp, entropy = VocabParallelLogprobs.apply(flat, weight.contiguous(),
                                                     None if bias is None else bias.contiguous(), rows,
@@ -177,7 +140,8 @@ def vocab_parallel_policy_loss(student_hidden: torch.Tensor, student_weight: tor
                                clip_high: float = 0.28, dual_clip: float | None = 3.0, temperature: float = 1.0,
                                student_bias: torch.Tensor | None = None, reduction: str = "token_mean",
                                return_stats: bool = False, backend: str = "auto", chunk_size: int | None = None,
-                               check_inputs: bool = True, reduce_hidden_grad: bool = True):
+                               check_inputs: bool = True, reduce_hidden_grad: bool = True,
+                               student_softcap: float | None = None):
     """:func:`sod_kernels.fused_sod_policy_loss` with the student lm_head sharded by vocabulary.
 
     Arguments as in ``fused_sod_policy_loss``; ``student_weight`` ``[Vr, H]`` / ``student_bias`` ``[Vr]`` are this
@@ -193,10 +157,12 @@ def vocab_parallel_policy_loss(student_hidden: torch.Tensor, student_weight: tor
                                       response_mask, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
                                       temperature=temperature, student_bias=student_bias, reduction=reduction,
                                       return_stats=return_stats, backend=backend, chunk_size=chunk_size,
-                                      check_inputs=check_inputs, reduce_hidden_grad=reduce_hidden_grad))
+                                      check_inputs=check_inputs, reduce_hidden_grad=reduce_hidden_grad,
+                                      student_softcap=student_softcap))
     check_targets_in_vocab(agreed, layout.vocab, where=" wherever response_mask is 1")
     row_index, lead = p["row_index"], p["lead"]
-    setup = ParallelSetup(layout, p["impl"], p["temperature"], chunk_size, reduce_hidden_grad)
+    setup = ParallelSetup(layout, p["impl"], p["temperature"], chunk_size, reduce_hidden_grad,
+                          student_softcap=p["softcap"])
     with no_autocast(student_hidden.device):
         logp, _ = VocabParallelLogprobs.apply(p["hidden"], student_weight.contiguous(),
                                               None if student_bias is None else student_bias.contiguous(), row_index,

@@ -25,16 +25,11 @@ from typing import NamedTuple
 import torch
 
 from ..core.chunks import FAST_CHUNK_BYTES, chunk_rows, even_chunks, logits_into
-from ..core.tiles import MIN_LOGIT, compute_dtype, rows_per_chunk, rows_per_tile, vocab_tile
+from ..core.tiles import MIN_LOGIT, apply_softcap, compute_dtype, rows_per_chunk, rows_per_tile, tile_logits, vocab_tile
 from ..logprobs.token_logprobs import MIN_CHUNK_ROWS
 
 KL_PARTIALS = 5
 LOGPROB_PARTIALS = 3  # m, l, z(y); + B' with the entropy
-
-
-def shard_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float) -> torch.Tensor:
-    z = hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)
-    return z.div_(temperature) if temperature != 1.0 else z
 
 
 def in_dtype(weight: torch.Tensor, bias: torch.Tensor | None, rows: int, dtype: torch.dtype):
@@ -54,12 +49,14 @@ def _target_logit(z: torch.Tensor, local: torch.Tensor, owned: torch.Tensor) -> 
 
 # ------------------------------------------------------------------------------------------------ KL
 def kl_partials_torch(sh, sw, sb, th, tw, tb, row_index, y_local, *, forward_kl: bool, temperature: float,
-                      chunk_size: int | None = None) -> torch.Tensor:
+                      chunk_size: int | None = None, student_softcap: float | None = None,
+                      teacher_softcap: float | None = None) -> torch.Tensor:
     """KL partials ``[5 (+2 with y_local), Na]`` of this rank's columns (chunked PyTorch, rows x vocabulary
     tiles with an online rescaling; float32, or float64 for float64 inputs).
 
     ``sh [N, Hs]``, ``sw [Vr, Hs]``, ``sb [Vr]`` or None; ``th [N, Ht]``, ``tw [>= Vr, Ht]`` (first ``Vr`` rows),
-    ``tb`` or None; ``row_index [Na]`` int64; ``y_local [N]`` int64 (target id minus this rank's first id) or None.
+    ``tb`` or None; ``row_index [Na]`` int64; ``y_local [N]`` int64 (target id minus this rank's first id) or None;
+    ``student_softcap`` / ``teacher_softcap``: ``cap tanh(x / cap)`` of that model's raw logits before ``1/tau``.
     """
     V = sw.shape[0]
     dt = compute_dtype(sh.dtype)
@@ -80,8 +77,8 @@ def kl_partials_torch(sh, sw, sb, th, tw, tb, row_index, y_local, *, forward_kl:
                 local, owned = owned_targets(y_local[rows], 0, V)
             for v0 in range(0, V, BV):
                 v1 = min(v0 + BV, V)
-                zs = shard_logits(hs, ws[v0:v1], None if bs is None else bs[v0:v1], temperature)
-                zt = shard_logits(ht, wt[v0:v1], None if bt is None else bt[v0:v1], temperature)
+                zs = tile_logits(hs, ws[v0:v1], None if bs is None else bs[v0:v1], temperature, student_softcap)
+                zt = tile_logits(ht, wt[v0:v1], None if bt is None else bt[v0:v1], temperature, teacher_softcap)
                 if y_local is not None:
                     inside = owned & (local >= v0) & (local < v1)
                     out[5, start:stop] += _target_logit(zs, local - v0, inside)
@@ -143,7 +140,8 @@ def merge_kl(gathered: torch.Tensor, *, forward_kl: bool) -> KLStats:
 
 
 def kl_partials_triton(sh, sw, sb, th, tw, tb, row_index, y_local, *, forward_kl: bool, temperature: float,
-                       chunk_size: int | None = None) -> torch.Tensor:
+                       chunk_size: int | None = None, student_softcap: float | None = None,
+                       teacher_softcap: float | None = None) -> torch.Tensor:
     """:func:`kl_partials_torch` on the chunked core (float32 logit blocks, the Triton statistics kernel);
     float32 / bfloat16 / float16 inputs, float32 partials."""
     from ..dense.kernels import kl_partials
@@ -162,21 +160,22 @@ def kl_partials_triton(sh, sw, sb, th, tw, tb, row_index, y_local, *, forward_kl
         hs, ht = p.student.hidden[sel], p.teacher.hidden[sel]
         xs = logits_into(xs_buf[: (stop - start) * V].view(stop - start, V), hs, p.student.used_weight)
         xt = logits_into(xt_buf[: (stop - start) * V].view(stop - start, V), ht, p.teacher.used_weight)
-        part = kl_partials(xs, xt, sbias, tbias, forward_kl=forward_kl, temperature=temperature)
+        part = kl_partials(xs, xt, sbias, tbias, forward_kl=forward_kl, temperature=temperature,
+                           student_softcap=student_softcap, teacher_softcap=teacher_softcap)
         out[:KL_PARTIALS, start:stop] = combine_kl(part)
         if y_local is not None:
             local, owned = owned_targets(y_local[sel], 0, V)
-            for row, x, bias in ((5, xs, sbias), (6, xt, tbias)):
+            for row, x, bias, cap in ((5, xs, sbias, student_softcap), (6, xt, tbias, teacher_softcap)):
                 z = _target_logit(x, local, owned)
                 if bias is not None:
                     z = torch.where(owned, z + bias[local.clamp(0, V - 1)].float(), z)
-                out[row, start:stop] = z / temperature
+                out[row, start:stop] = apply_softcap(z, cap) / temperature
     return out
 
 
 # ----------------------------------------------------------------------------------------- log-probs
 def logprob_partials_torch(hidden, weight, bias, row_index, y_local, *, temperature: float, with_entropy: bool,
-                           chunk_size: int | None = None) -> torch.Tensor:
+                           chunk_size: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """Log-prob partials ``[3 (+1 with the entropy), Na]``: ``m, l, z(y)`` (and ``B'``) of this rank's
     columns; ``hidden [N, H]``, ``weight [Vr, H]``, ``bias [Vr]`` or None, ``y_local [N]`` (target id minus
     this rank's first id).  Rows in chunks against the whole shard (chunked PyTorch)."""
@@ -190,7 +189,7 @@ def logprob_partials_torch(hidden, weight, bias, row_index, y_local, *, temperat
         for start in range(0, Na, C):
             stop = min(start + C, Na)
             rows = row_index[start:stop]
-            z = shard_logits(hidden[rows].to(dt), w, b, temperature)
+            z = tile_logits(hidden[rows].to(dt), w, b, temperature, softcap)
             local, owned = owned_targets(y_local[rows], 0, V)
             out[2, start:stop] = _target_logit(z, local, owned)
             m = z.amax(1)
@@ -238,11 +237,10 @@ def merge_logprob(gathered: torch.Tensor, *, with_entropy: bool) -> LogprobStats
 
 
 def logprob_partials_triton(hidden, weight, bias, row_index, y_local, *, temperature: float, with_entropy: bool,
-                            chunk_size: int | None = None) -> torch.Tensor:
+                            chunk_size: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """:func:`logprob_partials_torch` on the chunked core (float32 logit blocks, the Triton statistics
     kernel of :mod:`sod_kernels.core.kernels`); float32 partials."""
-    from ..core.kernels import vocab_splits
-    from ..core.kernels import NUM_WARPS, logprob_partial_stats_kernel
+    from ..core.kernels import NUM_WARPS, cap_arg, logprob_partial_stats_kernel, vocab_splits
     from ..logprobs.triton_backend import LogprobProblem
 
     p = LogprobProblem.build(hidden, weight, bias, row_index, y_local, temperature)
@@ -259,14 +257,14 @@ def logprob_partials_triton(hidden, weight, bias, row_index, y_local, *, tempera
         part = torch.empty(3, n, splits, dtype=torch.float32, device=dev)
         logprob_partial_stats_kernel[(n, splits)](
             x, x if p.head.bias is None else p.head.bias, part, n, V, x.stride(0), cols_per_split, splits,
-            1.0 / temperature, 1.0, HAS_BIAS=p.head.bias is not None, WITH_ENTROPY=with_entropy, BLOCK_V=block,
-            HAS_CAP=False, num_warps=NUM_WARPS)
+            1.0 / temperature, cap_arg(softcap), HAS_BIAS=p.head.bias is not None, WITH_ENTROPY=with_entropy,
+            BLOCK_V=block, HAS_CAP=softcap is not None, num_warps=NUM_WARPS)
         local, owned = owned_targets(p.target_ids[sel], 0, V)
         zy = _target_logit(x, local, owned)
         if p.head.bias is not None:
             zy = torch.where(owned, zy + p.head.bias[local.clamp(0, V - 1)].float(), zy)
         full = torch.stack([part[0], part[1], torch.zeros_like(part[0])] + ([part[2]] if with_entropy else []))
         merged = combine_logprob(full, with_entropy)
-        merged[2] = zy / temperature
+        merged[2] = apply_softcap(zy, softcap) / temperature
         out[:, start:stop] = merged
     return out

@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..core.kernels import GRAD_BLOCK_V, INTERPRETER_BLOCK_V, NUM_WARPS, interpreting, load_logits
+from ..core.kernels import (GRAD_BLOCK_V, INTERPRETER_BLOCK_V, NUM_WARPS, cap_arg, interpreting, load_capped_logits,
+                            load_capped_logits_slope, load_logits)
 
 ID_BLOCK = 128            # ids per program of the gather / scatter kernels
 INTERPRETER_ID_BLOCK = 8  # under the interpreter: small blocks so that tests cross block edges
@@ -35,31 +36,44 @@ ID_WARPS = 4
 
 
 @triton.jit
-def sparse_gather_mask_kernel(x_ptr, b_ptr, ids_ptr, out_ptr, k, stride_x, stride_ids, stride_out, inv_temp,
-                              HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``out[row, j] = (x[row, ids[row, j]] + b) * inv_temp`` (float32), then ``x[row, ids[row, j]] = -inf``;
-    ``out[row, j] = 0`` and nothing masked where ``ids[row, j] < 0``."""
+def sparse_gather_mask_kernel(x_ptr, b_ptr, ids_ptr, out_ptr, slope_ptr, k, stride_x, stride_ids, stride_out,
+                              inv_temp, cap, HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, HAS_CAP: tl.constexpr):
+    """``out[row, j] = z(x[row, ids[row, j]])`` (float32; ``z = (x + b) / tau``, with ``HAS_CAP``
+    ``cap tanh((x + b) / cap) / tau`` and the cap's slope written to ``slope[row, j]``), then
+    ``x[row, ids[row, j]] = -inf``; ``out[row, j] = 0`` and nothing masked where ``ids[row, j] < 0``."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     ok = offs < k
     cols = tl.load(ids_ptr + row * stride_ids + offs, mask=ok, other=-1)
     own = ok & (cols >= 0)
     x_row = x_ptr + row * stride_x
-    z = load_logits(x_row, b_ptr, cols, own, inv_temp, HAS_BIAS)
+    if HAS_CAP:
+        z, slope = load_capped_logits_slope(x_row, b_ptr, cols, own, inv_temp, cap, HAS_BIAS)
+        tl.store(slope_ptr + row * stride_out + offs, tl.where(own, slope, 0.0), mask=ok)
+    else:
+        z = load_logits(x_row, b_ptr, cols, own, inv_temp, HAS_BIAS)
     tl.store(out_ptr + row * stride_out + offs, tl.where(own, z, 0.0), mask=ok)
     tl.store(x_row + cols, tl.full([BLOCK_K], float("-inf"), tl.float32), mask=own)
 
 
 @triton.jit
-def sparse_tail_grad_kernel(x_ptr, b_ptr, grad_ptr, lse_ptr, coef_ptr, vocab, stride_x, stride_g, inv_temp,
-                            HAS_BIAS: tl.constexpr, BLOCK_V: tl.constexpr):
-    """``grad[row, cols] = coef[row] * exp(z - lse_tail[row])`` in ``grad``'s dtype (0 where ``z = -inf``)."""
+def sparse_tail_grad_kernel(x_ptr, b_ptr, grad_ptr, lse_ptr, coef_ptr, vocab, stride_x, stride_g, inv_temp, cap,
+                            HAS_BIAS: tl.constexpr, BLOCK_V: tl.constexpr, HAS_CAP: tl.constexpr):
+    """``grad[row, cols] = coef[row] * exp(z - lse_tail[row])`` in ``grad``'s dtype (0 where ``x = -inf``), times
+    the cap's slope with ``HAS_CAP``."""
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     ok = cols < vocab
-    z = load_logits(x_ptr + row.to(tl.int64) * stride_x, b_ptr, cols, ok, inv_temp, HAS_BIAS)
+    x_row = x_ptr + row.to(tl.int64) * stride_x
+    if HAS_CAP:
+        z = load_capped_logits(x_row, b_ptr, cols, ok, inv_temp, cap, HAS_BIAS, HAS_CAP)
+        _, slope = load_capped_logits_slope(x_row, b_ptr, cols, ok, inv_temp, cap, HAS_BIAS)
+    else:
+        z = load_logits(x_row, b_ptr, cols, ok, inv_temp, HAS_BIAS)
     z = tl.where(ok, z, float("-inf"))
     g = tl.load(coef_ptr + row) * tl.exp(z - tl.load(lse_ptr + row))
+    if HAS_CAP:
+        g = g * slope
     tl.store(grad_ptr + row.to(tl.int64) * stride_g + cols, g.to(grad_ptr.dtype.element_ty), mask=ok)
 
 
@@ -80,27 +94,30 @@ def _id_block() -> int:
     return INTERPRETER_ID_BLOCK if interpreting() else ID_BLOCK
 
 
-def gather_and_mask(x: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor, *,
-                    temperature: float) -> torch.Tensor:
-    """``z_ids [C, k]`` float32 of the block ``x [C, V]`` (float32, unit column stride) at ``ids [C, k]``
-    (int64, contiguous; ``-1``: not in this block's columns, giving 0); ``x`` is left with ``-inf`` at those
-    columns."""
+def gather_and_mask(x: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor, *, temperature: float,
+                    softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(z_ids [C, k], slope [C, k] or None)`` float32 of the block ``x [C, V]`` (float32, unit column stride) at
+    ``ids [C, k]`` (int64, contiguous; ``-1``: not in this block's columns, giving 0); with ``softcap`` the
+    capped logits and the cap's slope ``dz_cap/dx`` at the ids (None without a cap).  ``x`` is left with
+    ``-inf`` at those columns."""
     n_rows, k = ids.shape
     out = torch.empty(n_rows, k, dtype=torch.float32, device=x.device)
+    slope = torch.empty_like(out) if softcap is not None else None
     if n_rows and k:
         block = _id_block()
         sparse_gather_mask_kernel[(n_rows, triton.cdiv(k, block))](
-            x, x if bias is None else bias, ids, out, k, x.stride(0), ids.stride(0), out.stride(0),
-            1.0 / temperature, HAS_BIAS=bias is not None, BLOCK_K=block, num_warps=ID_WARPS)
-    return out
+            x, x if bias is None else bias, ids, out, out if slope is None else slope, k, x.stride(0), ids.stride(0),
+            out.stride(0), 1.0 / temperature, cap_arg(softcap), HAS_BIAS=bias is not None, BLOCK_K=block,
+            HAS_CAP=softcap is not None, num_warps=ID_WARPS)
+    return out, slope
 
 
 def sparse_logit_grad(x: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor, lse_tail: torch.Tensor,
                       tail_coef: torch.Tensor, id_values: torch.Tensor, out: torch.Tensor, *,
-                      temperature: float) -> torch.Tensor:
+                      temperature: float, softcap: float | None = None) -> torch.Tensor:
     """``out [C, V]`` (gradient dtype) <- ``d(logits)``: ``tail_coef [C] * exp(z - lse_tail [C])`` on the masked
-    block ``x`` (``-inf`` at the ids), then ``id_values [C, k]`` at ``ids``.  Both already hold the upstream
-    gradient and ``1/tau``."""
+    block ``x`` (``-inf`` at the ids; times the cap's slope with ``softcap``), then ``id_values [C, k]`` at
+    ``ids`` (already times the slope at the ids with a cap).  Both hold the upstream gradient and ``1/tau``."""
     n_rows, vocab = x.shape
     if not n_rows:
         return out
@@ -108,7 +125,8 @@ def sparse_logit_grad(x: torch.Tensor, bias: torch.Tensor | None, ids: torch.Ten
     sparse_tail_grad_kernel[(n_rows, triton.cdiv(vocab, block))](
         x, x if bias is None else bias, out, lse_tail.to(torch.float32).contiguous(),
         tail_coef.to(torch.float32).contiguous(), vocab, x.stride(0), out.stride(0), 1.0 / temperature,
-        HAS_BIAS=bias is not None, BLOCK_V=block, num_warps=NUM_WARPS)
+        cap_arg(softcap), HAS_BIAS=bias is not None, BLOCK_V=block, HAS_CAP=softcap is not None,
+        num_warps=NUM_WARPS)
     k = ids.shape[1]
     values = id_values.to(torch.float32).contiguous()
     id_block = _id_block()
@@ -118,23 +136,29 @@ def sparse_logit_grad(x: torch.Tensor, bias: torch.Tensor | None, ids: torch.Ten
 
 
 def codegen_specs() -> list[dict]:
-    """The three kernels at the headline launch (k = 128 ids, bf16 gradient blocks, with bias), for
-    ``benchmarks.codegen`` (sm_90 compile check)."""
-    return [{
-        "name": f"sparse_gather_mask_kernel[bk{ID_BLOCK}]", "fn": sparse_gather_mask_kernel,
-        "signature": {"x_ptr": "*fp32", "b_ptr": "*bf16", "ids_ptr": "*i64", "out_ptr": "*fp32", "k": "i32",
-                      "stride_x": "i32", "stride_ids": "i32", "stride_out": "i32", "inv_temp": "fp32"},
-        "constexprs": {"HAS_BIAS": True, "BLOCK_K": ID_BLOCK},
-        "num_warps": ID_WARPS, "num_stages": 1, "expect_hgmma": False,
-        "divisible_by_16": ["k", "stride_x", "stride_ids", "stride_out"],
-    }, {
-        "name": f"sparse_tail_grad_kernel[bv{GRAD_BLOCK_V}]", "fn": sparse_tail_grad_kernel,
-        "signature": {"x_ptr": "*fp32", "b_ptr": "*bf16", "grad_ptr": "*bf16", "lse_ptr": "*fp32",
-                      "coef_ptr": "*fp32", "vocab": "i32", "stride_x": "i32", "stride_g": "i32", "inv_temp": "fp32"},
-        "constexprs": {"HAS_BIAS": True, "BLOCK_V": GRAD_BLOCK_V},
-        "num_warps": NUM_WARPS, "num_stages": 1, "expect_hgmma": False,
-        "divisible_by_16": ["vocab", "stride_x", "stride_g"],
-    }, {
+    """The three kernels at the headline launch (k = 128 ids, bf16 gradient blocks, with bias), and the gather and
+    tail-gradient kernels again with the soft-cap on, for ``benchmarks.codegen`` (sm_90 compile check)."""
+    specs = []
+    for capped in (False, True):
+        tag = "softcap " if capped else ""
+        specs += [{
+            "name": f"sparse_gather_mask_kernel[{tag}bk{ID_BLOCK}]", "fn": sparse_gather_mask_kernel,
+            "signature": {"x_ptr": "*fp32", "b_ptr": "*bf16", "ids_ptr": "*i64", "out_ptr": "*fp32",
+                          "slope_ptr": "*fp32", "k": "i32", "stride_x": "i32", "stride_ids": "i32",
+                          "stride_out": "i32", "inv_temp": "fp32", "cap": "fp32"},
+            "constexprs": {"HAS_BIAS": True, "BLOCK_K": ID_BLOCK, "HAS_CAP": capped},
+            "num_warps": ID_WARPS, "num_stages": 1, "expect_hgmma": False,
+            "divisible_by_16": ["k", "stride_x", "stride_ids", "stride_out"],
+        }, {
+            "name": f"sparse_tail_grad_kernel[{tag}bv{GRAD_BLOCK_V}]", "fn": sparse_tail_grad_kernel,
+            "signature": {"x_ptr": "*fp32", "b_ptr": "*bf16", "grad_ptr": "*bf16", "lse_ptr": "*fp32",
+                          "coef_ptr": "*fp32", "vocab": "i32", "stride_x": "i32", "stride_g": "i32",
+                          "inv_temp": "fp32", "cap": "fp32"},
+            "constexprs": {"HAS_BIAS": True, "BLOCK_V": GRAD_BLOCK_V, "HAS_CAP": capped},
+            "num_warps": NUM_WARPS, "num_stages": 1, "expect_hgmma": False,
+            "divisible_by_16": ["vocab", "stride_x", "stride_g"],
+        }]
+    return specs + [{
         "name": f"sparse_scatter_kernel[bk{ID_BLOCK}]", "fn": sparse_scatter_kernel,
         "signature": {"grad_ptr": "*bf16", "ids_ptr": "*i64", "val_ptr": "*fp32", "k": "i32", "stride_g": "i32",
                       "stride_ids": "i32", "stride_val": "i32"},

@@ -21,16 +21,16 @@ from types import ModuleType
 
 import torch
 
-from ..core.validation import check_lm_head, check_same_device
 from ..core.chunks import GradAccumulator, chunk_rows
+from ..core.options import PassOptions, SinglePassPlan, input_grads
+from ..core.runtime import (check_softcap, needs_student_grad, no_autocast, refuse_double_backward, resolve_backend,
+                            single_pass_forward, single_pass_gradients, zero_student_grads)
 from ..core.tiles import compute_dtype
-from ..steps.finish import (needs_student_grad, single_pass_plan, check_loss_options, check_targets_and_steps,
-                            finish_loss)
+from ..core.validation import MEMORY_MODES, check_choice, check_lm_head, check_same_device
+from ..steps.finish import check_loss_options, check_targets_and_steps, finish_loss, single_pass_plan
+from ..steps.weights import DEFAULT_DELTA, DEFAULT_EPSILON
 from .rows import SparseForward
 from .validation import check_topk_shapes, check_topk_values
-from ..steps.weights import DEFAULT_DELTA, DEFAULT_EPSILON
-from ..core.runtime import (no_autocast, refuse_double_backward, resolve_backend, single_pass_gradients,
-                            single_pass_outputs, zero_student_grads)
 
 NAME = "fused_sparse_sod_loss"
 
@@ -47,19 +47,20 @@ class SparseDivergence(torch.autograd.Function):
     """``D[i]`` of the rows ``row_index`` against the sparse teacher (two passes).
 
     Inputs: student hidden ``[N, H]``, weight ``[V, H]``, bias ``[V]`` or None, ``row_index [Na]`` int64,
-    ``ids [Na, k]`` int64, ``logprobs [Na, k]``, ``target_ids [Na]`` int64 or None (of the same rows),
-    divergence, temperature, backend name, chunk_size.
+    ``ids [Na, k]`` int64, ``logprobs [Na, k]``, ``target_ids [Na]`` int64 or None (of the same rows), and
+    :class:`~sod_kernels.core.options.PassOptions` (divergence, temperature, backend, chunk_size, memory,
+    student_softcap).
     Outputs (``[Na]``, float32 or float64): D (differentiable), the student's and the teacher's log-prob of
     the sampled token (not differentiable; empty without targets).  First-order gradients only.
     """
 
     @staticmethod
-    def forward(ctx, sh, sw, sb, row_index, ids, logprobs, y, divergence, temperature, backend, chunk_size):
+    def forward(ctx, sh, sw, sb, row_index, ids, logprobs, y, options: PassOptions):
         with no_autocast(sh.device):
-            res = _backend(backend).sparse_forward(sh, sw, sb, row_index, ids, logprobs, y, divergence=divergence,
-                                                   temperature=temperature, chunk_size=chunk_size)
+            res = _backend(options.backend).sparse_forward(sh, sw, sb, row_index, ids, logprobs, y,
+                                                           divergence=options.divergence, **_sweep_kwargs(options))
         ctx.save_for_backward(sh, sw, sb, row_index, ids, res.lse_tail, res.grad_tail, res.grad_ids)
-        ctx.options = (temperature, backend, chunk_size)
+        ctx.options = options
         lp_s = res.lp_s if res.lp_s is not None else res.D.new_empty(0)
         lp_t = res.lp_t if res.lp_t is not None else res.D.new_empty(0)
         ctx.mark_non_differentiable(lp_s, lp_t)
@@ -69,44 +70,45 @@ class SparseDivergence(torch.autograd.Function):
     def backward(ctx, grad_D, *unused):
         refuse_double_backward(NAME)
         sh, sw, sb, row_index, ids, lse_tail, grad_tail, grad_ids = ctx.saved_tensors
-        temperature, backend, chunk_size = ctx.options
+        options: PassOptions = ctx.options
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         if grad_D is None or row_index.numel() == 0:
             dh, dw, db = zero_student_grads(sh, sw, sb, need_h, need_w, need_b)
         else:
             saved = SparseForward(grad_D, None, None, lse_tail, grad_tail, grad_ids)
             with no_autocast(sh.device):
-                dh, dw, db = _backend(backend).sparse_backward(
-                    sh, sw, sb, row_index, ids, saved, grad_D.contiguous(), temperature=temperature,
-                    need_hidden=need_h, need_weight=need_w, need_bias=need_b, chunk_size=chunk_size)
-        return (dh, dw, db) + (None,) * 8
+                dh, dw, db = _backend(options.backend).sparse_backward(
+                    sh, sw, sb, row_index, ids, saved, grad_D.contiguous(), need_hidden=need_h, need_weight=need_w,
+                    need_bias=need_b, **_sweep_kwargs(options))
+        return input_grads(ctx, (dh, dw, db))
+
+
+def _sweep_kwargs(options: PassOptions) -> dict:
+    return {"temperature": options.temperature, "chunk_size": options.chunk_size, "memory": options.memory,
+            "softcap": options.student_softcap}
 
 
 class SinglePassSparse(torch.autograd.Function):
     """The weighted loss and its student gradients in one pass (Triton backend, scalar reductions).
 
     Inputs: student hidden, weight, bias, ``row_index``, ``ids``, ``logprobs``, ``target_ids`` (as
-    :class:`SparseDivergence`), divergence, temperature, the chunks and their weight function (see
-    :func:`sod_kernels.sparse.triton_backend.single_pass_loss`), coef, normalizer, whether the weights use the
-    sampled signal.  Outputs: loss (0-D float32, differentiable), ``D``, ``logp_s(y)``, ``logp_t(y)``
-    (``[Na]``, not differentiable).  Gradients are formed for an upstream gradient of 1 and scaled in backward.
+    :class:`SparseDivergence`), the :class:`~sod_kernels.core.options.PassOptions` and the
+    :class:`~sod_kernels.core.options.SinglePassPlan` (see :func:`sod_kernels.sparse.triton_backend.single_pass_loss`).
+    Outputs: loss (0-D float32, differentiable), ``D``, ``logp_s(y)``, ``logp_t(y)`` (``[Na]``, not
+    differentiable).  Gradients are formed for an upstream gradient of 1 and scaled in backward.
     """
 
     @staticmethod
-    def forward(ctx, sh, sw, sb, row_index, ids, logprobs, y, divergence, temperature, chunks, chunk_weights, coef,
-                normalizer, sampled_signal):
+    def forward(ctx, sh, sw, sb, row_index, ids, logprobs, y, options: PassOptions, plan: SinglePassPlan):
         from .triton_backend import SparseProblem, single_pass_loss
-        problem = SparseProblem.build(sh, sw, sb, row_index, ids, logprobs, y, divergence, temperature)
-        need = ctx.needs_input_grad
-        res = single_pass_loss(problem, chunks, chunk_weights, coef=coef, normalizer=normalizer,
-                               need_hidden=need[0], need_weight=need[1], need_bias=need[2],
-                               sampled_signal=sampled_signal)
-        return single_pass_outputs(ctx, res)
+        problem = SparseProblem.build(sh, sw, sb, row_index, ids, logprobs, y, options.divergence, options.temperature,
+                                      softcap=options.student_softcap)
+        return single_pass_forward(ctx, single_pass_loss, problem, plan)
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        return single_pass_gradients(ctx, grad_loss, NAME, "pass reduction='none' and reduce it yourself for a "
-                                     "recomputing backward") + (None,) * 11
+        return input_grads(ctx, single_pass_gradients(ctx, grad_loss, NAME, "pass memory='low', or reduction='none' "
+                                                      "and reduce it yourself, for a recomputing backward"))
 
 
 def fused_sparse_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
@@ -117,7 +119,8 @@ def fused_sparse_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Te
                           epsilon: float = DEFAULT_EPSILON, delta: float = DEFAULT_DELTA, temperature: float = 1.0,
                           coef: float = 1.0, student_bias: torch.Tensor | None = None,
                           reduction: str = "token_mean", return_stats: bool = False, backend: str = "auto",
-                          chunk_size: int | None = None, check_inputs: bool = True):
+                          memory: str = "fast", chunk_size: int | None = None, check_inputs: bool = True,
+                          student_softcap: float | None = None):
     """Step-weighted on-policy distillation loss against a teacher given as top-k log-probs.
 
     ``L = coef * sum_{b,t} m[b,t] * w[b,t] * D[b,t] / normalizer`` as :func:`sod_kernels.fused_sod_loss`, with
@@ -161,15 +164,23 @@ def fused_sparse_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Te
         reduction: ``"token_mean"`` (default), ``"sum"`` or ``"none"`` (per-token ``[B, T]``).
         return_stats: return :class:`sod_kernels.SODStats` (loss, token divergences, weights, step statistics).
         backend: ``"auto"`` (Triton for CUDA tensors, chunked PyTorch otherwise), ``"triton"``, ``"torch"``.
+        memory: ``"fast"`` (default; Triton: the loss and its gradients in one pass over row chunks whenever the
+            weights are known in-pass) or ``"low"`` (two passes over smaller row chunks, the backward recomputing
+            the logit blocks).  The torch backend runs two passes over rows x vocabulary tiles in both modes.
         chunk_size: rows per chunk (default: from a memory budget and the vocabulary size).
         check_inputs: validate mask / step ids / teacher ids and log-probs at the distilled positions and the
             loss's finiteness (host synchronisations); on by default.
+        student_softcap: logit soft-capping of the student (Gemma 2/3 ``final_logit_softcapping``): its logits
+            are ``cap * tanh((hidden @ weight.T + bias) / cap)`` before the temperature.  None (default) for
+            none, else a finite number > 0; applied inside the kernels, gradient included.
     Returns:
         The loss (float32, or float64 for float64 inputs), or :class:`sod_kernels.SODStats` if ``return_stats``.
     """
     step_divergence, epsilon, delta, temperature, coef = check_loss_options(
         divergence, step_divergence, token_weights, reduction, backend, chunk_size, epsilon, delta, temperature,
         coef)
+    check_choice(memory, "memory", MEMORY_MODES)
+    student_softcap = check_softcap(student_softcap, "student_softcap")
     check_lm_head(student_hidden, student_weight, student_bias, hidden_name="student_hidden",
                   weight_name="student_weight", bias_name="student_bias")
     lead = tuple(student_hidden.shape[:-1])
@@ -197,23 +208,24 @@ def fused_sparse_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Te
     y = None if target_ids is None else target_ids.reshape(-1).index_select(0, row_index).to(torch.int64)
     acc = compute_dtype(student_hidden.dtype)
     given = None if token_weights is None else token_weights.detach().to(acc).reshape(B, T)
+    options = PassOptions(backend=impl, memory=memory, chunk_size=chunk_size, temperature=temperature,
+                          divergence=divergence, student_softcap=student_softcap)
     loss = None
     with no_autocast(student_hidden.device):
-        if impl == "triton" and reduction != "none" and num_active and \
+        if impl == "triton" and memory == "fast" and reduction != "none" and num_active and \
                 needs_student_grad(student_hidden, student_weight, student_bias):
             rows = chunk_rows(num_active, V, 4 + GradAccumulator.GROUP * student_hidden.element_size(),
                               chunk_size=chunk_size)
             plan = single_pass_plan(step_rows, row_index, given, step_divergence, epsilon, delta, rows, V,
-                                     student_hidden.element_size())
+                                    student_hidden.element_size())
             if plan is not None:
                 chunks, chunk_weights = plan
                 normalizer = float(max(num_active, 1)) if reduction == "token_mean" else 1.0
                 loss, D, lp_s, lp_t = SinglePassSparse.apply(
-                    sh, sw, student_bias, row_index, topk, logprobs, y, divergence, temperature, chunks,
-                    chunk_weights, coef, normalizer, step_divergence == "sampled")
+                    sh, sw, student_bias, row_index, topk, logprobs, y, options,
+                    SinglePassPlan(chunks, chunk_weights, coef, normalizer, step_divergence == "sampled"))
         if loss is None:
-            D, lp_s, lp_t = SparseDivergence.apply(sh, sw, student_bias, row_index, topk, logprobs, y, divergence,
-                                                   temperature, impl, chunk_size)
+            D, lp_s, lp_t = SparseDivergence.apply(sh, sw, student_bias, row_index, topk, logprobs, y, options)
     return finish_loss(loss, D, lp_s, lp_t, row_index, step_rows, given, single=single, step_divergence=step_divergence,
                        epsilon=epsilon, delta=delta, coef=coef, reduction=reduction, return_stats=return_stats,
                        check_inputs=check_inputs, inputs="student_hidden, student_weight or student_bias")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..core.tiles import compute_dtype, rows_per_tile, vocab_tile
+from ..core.tiles import compute_dtype, rows_per_tile, tile_logits, tile_logits_and_slope, vocab_tile
 from .rows import SparseForward, coarse_grained_rows
 
 MIN_LOGIT = -1e30
@@ -26,11 +26,8 @@ def _head(weight, bias, dt):
     return weight.to(dt), None if bias is None else bias.to(dt)
 
 
-def _tile_logits(h, w, b, v0, v1, temperature):
-    z = h @ w[v0:v1].T if b is None else torch.addmm(b[v0:v1], h, w[v0:v1].T)
-    if temperature != 1.0:
-        z.div_(temperature)
-    return z
+def _tile(w, b, v0, v1):
+    return w[v0:v1], None if b is None else b[v0:v1]
 
 
 def _ids_in(ids: torch.Tensor, v0: int, v1: int):
@@ -39,11 +36,12 @@ def _ids_in(ids: torch.Tensor, v0: int, v1: int):
     return r, j, ids[r, j] - v0
 
 
-def sweep_tiles(h, w, b, ids, y, vocab: int, tile: int, temperature: float):
+def sweep_tiles(h, w, b, ids, y, vocab: int, tile: int, temperature: float, softcap: float | None = None):
     """One sweep over the ``tile``-column logit tiles of a row chunk ``h [n, H]`` against ``w [vocab, H]``:
     ``(z_ids [n, k], z_y [n] or None, m [n], l [n])``: the logits at ``ids`` (0 where an id is outside
     ``[0, vocab)``, e.g. held by another rank's shard), at ``y`` (0 where outside; None without ``y``), and the
-    running maximum and sum of exponentials of the remaining columns, the tail (``MIN_LOGIT`` and 0 if none)."""
+    running maximum and sum of exponentials of the remaining columns, the tail (``MIN_LOGIT`` and 0 if none);
+    ``softcap``: ``cap tanh(x / cap)`` of the raw logits before ``1/tau``, or None."""
     n, k = ids.shape
     dt, device = h.dtype, h.device
     z_ids = torch.zeros(n, k, dtype=dt, device=device)
@@ -52,7 +50,7 @@ def sweep_tiles(h, w, b, ids, y, vocab: int, tile: int, temperature: float):
     l = torch.zeros(n, dtype=dt, device=device)
     for v0 in range(0, vocab, tile):
         v1 = min(v0 + tile, vocab)
-        z = _tile_logits(h, w, b, v0, v1, temperature)
+        z = tile_logits(h, *_tile(w, b, v0, v1), temperature, softcap)
         if y is not None:
             inside = (y >= v0) & (y < v1)
             col = (y - v0).clamp(0, v1 - v0 - 1)[:, None]
@@ -67,9 +65,11 @@ def sweep_tiles(h, w, b, ids, y, vocab: int, tile: int, temperature: float):
 
 
 def sparse_forward(hidden, weight, bias, row_index, ids, logprobs, target_ids, *, divergence: str,
-                   temperature: float, chunk_size: int | None = None) -> SparseForward:
+                   temperature: float, chunk_size: int | None = None, softcap: float | None = None,
+                   memory: str = "fast") -> SparseForward:
     """Per-row coarse-grained divergence of the rows ``row_index``; arguments as
-    :func:`sod_kernels.sparse.triton_backend.sparse_forward`.  Outputs in float32 (float64 for float64 inputs)."""
+    :func:`sod_kernels.sparse.triton_backend.sparse_forward` (``memory`` changes nothing here: both modes sweep
+    rows x vocabulary tiles).  Outputs in float32 (float64 for float64 inputs)."""
     V, dt, device = weight.shape[0], compute_dtype(hidden.dtype), hidden.device
     w, b = _head(weight, bias, dt)
     Na, k = ids.shape
@@ -81,7 +81,7 @@ def sparse_forward(hidden, weight, bias, row_index, ids, logprobs, target_ids, *
             h = hidden[row_index[start:stop]].to(dt)
             I = ids[start:stop]
             y = None if target_ids is None else target_ids[start:stop]
-            z_ids, z_y, m, l = sweep_tiles(h, w, b, I, y, V, BV, temperature)
+            z_ids, z_y, m, l = sweep_tiles(h, w, b, I, y, V, BV, temperature, softcap)
             t = coarse_grained_rows(z_ids, m + l.log(), logprobs[start:stop], forward_kl=divergence == "forward_kl",
                                     vocab=V, ids=I, target_ids=y, z_target=z_y)
             out.store(start, stop, t)
@@ -90,7 +90,7 @@ def sparse_forward(hidden, weight, bias, row_index, ids, logprobs, target_ids, *
 
 def sparse_backward(hidden, weight, bias, row_index, ids, saved: SparseForward, grad_divergence, *,
                     temperature: float, need_hidden: bool = True, need_weight: bool = True, need_bias: bool = True,
-                    chunk_size: int | None = None):
+                    chunk_size: int | None = None, softcap: float | None = None, memory: str = "fast"):
     """Gradients of ``sum_i grad_divergence[i] * D[i]``; arguments and results as
     :func:`sod_kernels.sparse.triton_backend.sparse_backward`."""
     V, dt = weight.shape[0], compute_dtype(hidden.dtype)
@@ -113,9 +113,12 @@ def sparse_backward(hidden, weight, bias, row_index, ids, saved: SparseForward, 
             d_rows = torch.zeros(stop - start, w.shape[1], dtype=dt, device=w.device) if need_hidden else None
             for v0 in range(0, V, BV):
                 v1 = min(v0 + BV, V)
-                dx = _tile_logits(h, w, b, v0, v1, temperature).sub_(lse_tail).exp_().mul_(tail)
+                z, slope = tile_logits_and_slope(h, *_tile(w, b, v0, v1), temperature, softcap)
+                dx = z.sub_(lse_tail).exp_().mul_(tail)
                 r, j, cols = _ids_in(I, v0, v1)
                 dx[r, cols] = values[r, j]   # the id columns: their own values (overwriting the tail formula)
+                if slope is not None:        # d(capped logit) / d(raw logit), every column
+                    dx.mul_(slope)
                 if d_rows is not None:
                     d_rows.addmm_(dx, w[v0:v1])
                 if d_weight is not None:

@@ -25,9 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.chunks import (FAST_CHUNK_BYTES, GradAccumulator, LMHead, chunk_rows, even_chunks, gather_rows, logits_into,
-                           row_selector)
+from ..core.chunks import (FAST_CHUNK_BYTES, LOW_MEMORY_CHUNK_BYTES, GradAccumulator, LMHead, chunk_rows, even_chunks,
+                           gather_rows, logits_into, row_plan, row_selector)
 from ..core.kernels import logprob_row_stats
+from ..core.tiles import apply_softcap
 from .kernels import gather_and_mask, sparse_logit_grad
 from .rows import SparseForward, SparseRowTerms, coarse_grained_rows
 
@@ -48,21 +49,18 @@ class SparseProblem:
     target_ids: torch.Tensor | None
     forward_kl: bool
     temperature: float
+    softcap: float | None = None     # cap tanh(x / cap) of the student's raw logits, before 1/tau
+    budget: int = FAST_CHUNK_BYTES   # bytes of the chunk buffers (LOW_MEMORY_CHUNK_BYTES for memory="low")
 
     @classmethod
-    def build(cls, hidden, weight, bias, row_index, ids, logprobs, target_ids, divergence, temperature):
-        if hidden.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"the Triton backend supports float32, bfloat16 and float16 hidden states, got "
-                            f"{hidden.dtype}; use backend='torch' for float64")
-        rows = row_index.to(torch.int64).contiguous()
-        n = rows.numel()
-        contiguous = n == hidden.shape[0] and (n == 0 or bool(rows[-1] == n - 1))
-        hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
-        weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    def build(cls, hidden, weight, bias, row_index, ids, logprobs, target_ids, divergence, temperature, *,
+              softcap: float | None = None, memory: str = "fast"):
+        hidden, weight, rows, contiguous = row_plan(hidden, weight, row_index, SUPPORTED_DTYPES)
         return cls(LMHead(hidden, weight, bias, weight.shape[0]), rows, contiguous, ids.to(torch.int64).contiguous(),
                    None if logprobs is None else logprobs.contiguous(),
                    None if target_ids is None else target_ids.to(torch.int64),
-                   divergence == "forward_kl", float(temperature))
+                   divergence == "forward_kl", float(temperature), None if softcap is None else float(softcap),
+                   LOW_MEMORY_CHUNK_BYTES if memory == "low" else FAST_CHUNK_BYTES)
 
     @property
     def n_rows(self) -> int:
@@ -74,7 +72,7 @@ class SparseProblem:
 
     def chunks(self, grad: bool, chunk_size: int | None) -> list[tuple[int, int]]:
         per_entry = 4 + (GradAccumulator.GROUP * self.head.hidden.element_size() if grad else 0)
-        return even_chunks(self.n_rows, chunk_rows(self.n_rows, self.vocab, per_entry, budget=FAST_CHUNK_BYTES,
+        return even_chunks(self.n_rows, chunk_rows(self.n_rows, self.vocab, per_entry, budget=self.budget,
                                                    chunk_size=chunk_size))
 
 
@@ -90,8 +88,9 @@ class Block:
         return h, logits_into(self.x[: stop - start], h, p.head.used_weight)
 
 
-def _chunk_terms(p: SparseProblem, x: torch.Tensor, start: int, stop: int) -> SparseRowTerms:
-    """Gather the id logits (masking them in ``x``), the tail statistics and the per-row terms."""
+def _chunk_terms(p: SparseProblem, x: torch.Tensor, start: int, stop: int):
+    """Gather the id logits (masking them in ``x``), the tail statistics and the per-row terms:
+    ``(SparseRowTerms, the soft-cap's slope at the ids or None)``."""
     bias = p.head.used_bias
     z_target = y = None
     if p.target_ids is not None:  # read before the ids are masked
@@ -99,45 +98,55 @@ def _chunk_terms(p: SparseProblem, x: torch.Tensor, start: int, stop: int) -> Sp
         z_target = x.gather(1, y[:, None]).squeeze(1)
         if bias is not None:
             z_target = z_target + bias[y].float()
-        z_target = z_target / p.temperature
+        z_target = apply_softcap(z_target, p.softcap) / p.temperature
     ids = p.ids[start:stop]
-    z_ids = gather_and_mask(x, bias, ids, temperature=p.temperature)
-    tail = logprob_row_stats(x, bias, temperature=p.temperature, with_entropy=False)
+    z_ids, slope = gather_and_mask(x, bias, ids, temperature=p.temperature, softcap=p.softcap)
+    tail = logprob_row_stats(x, bias, temperature=p.temperature, with_entropy=False, softcap=p.softcap)
     # A row whose columns are all masked keeps the kernel's starting maximum: its tail is empty.
     lse_tail = torch.where(tail.max <= MIN_LOGIT, torch.full_like(tail.lse, float("-inf")), tail.lse)
     return coarse_grained_rows(z_ids, lse_tail, p.logprobs[start:stop], forward_kl=p.forward_kl, vocab=p.vocab,
-                               ids=ids, target_ids=y, z_target=z_target)
+                               ids=ids, target_ids=y, z_target=z_target), slope
 
 
-def _grad_block(p: SparseProblem, x, start, stop, lse_tail, grad_tail, grad_ids, scale, out):
-    """``d(logits)`` of a masked block for the per-row upstream ``scale [C]`` (already divided by tau)."""
-    return sparse_logit_grad(x, p.head.used_bias, p.ids[start:stop], lse_tail, scale * grad_tail,
-                             scale[:, None] * grad_ids, out, temperature=p.temperature)
+def _grad_block(p: SparseProblem, x, start, stop, lse_tail, grad_tail, grad_ids, scale, out, slope):
+    """``d(logits)`` of a masked block for the per-row upstream ``scale [C]`` (already divided by tau); ``slope``:
+    the soft-cap's slope at the ids (None without a cap)."""
+    values = scale[:, None] * grad_ids
+    if slope is not None:
+        values = values * slope
+    return sparse_logit_grad(x, p.head.used_bias, p.ids[start:stop], lse_tail, scale * grad_tail, values, out,
+                             temperature=p.temperature, softcap=p.softcap)
 
 
 def sparse_forward(hidden, weight, bias, row_index, ids, logprobs, target_ids, *, divergence: str,
-                   temperature: float, chunk_size: int | None = None) -> SparseForward:
+                   temperature: float, chunk_size: int | None = None, softcap: float | None = None,
+                   memory: str = "fast") -> SparseForward:
     """Per-row coarse-grained divergence of the rows ``row_index`` (no gradient work).
 
     Args: ``hidden [N, H]``, ``weight [V, H]``, ``bias [V]`` or None; ``row_index [Na]`` int64 ascending;
-    ``ids [Na, k]`` int64 and ``logprobs [Na, k]`` of those rows; ``target_ids [Na]`` int64 or None.
+    ``ids [Na, k]`` int64 and ``logprobs [Na, k]`` of those rows; ``target_ids [Na]`` int64 or None;
+    ``softcap``: ``cap tanh(x / cap)`` of the raw logits before ``1/tau``, or None; ``memory``: ``"fast"``
+    (chunks from ``FAST_CHUNK_BYTES``) or ``"low"`` (from ``LOW_MEMORY_CHUNK_BYTES``).
     """
-    p = SparseProblem.build(hidden, weight, bias, row_index, ids, logprobs, target_ids, divergence, temperature)
+    p = SparseProblem.build(hidden, weight, bias, row_index, ids, logprobs, target_ids, divergence, temperature,
+                            softcap=softcap, memory=memory)
     out = SparseForward.empty(p.n_rows, p.ids.shape[1], hidden.device, torch.float32, target_ids is not None)
     chunks = p.chunks(False, chunk_size)
     block = Block(p, max((b - a for a, b in chunks), default=1))
     for start, stop in chunks:
         _, x = block.logits(p, start, stop)
-        out.store(start, stop, _chunk_terms(p, x, start, stop))
+        out.store(start, stop, _chunk_terms(p, x, start, stop)[0])
     return out
 
 
 def sparse_backward(hidden, weight, bias, row_index, ids, saved: SparseForward, grad_divergence, *,
                     temperature: float, need_hidden: bool = True, need_weight: bool = True, need_bias: bool = True,
-                    chunk_size: int | None = None):
+                    chunk_size: int | None = None, softcap: float | None = None, memory: str = "fast"):
     """Gradients of ``sum_i grad_divergence[i] * D[i]`` w.r.t. hidden ``[N, H]``, weight ``[V, H]``, bias ``[V]``
-    (inputs' dtypes, None where not needed), recomputing the logit blocks; ``saved`` from :func:`sparse_forward`."""
-    p = SparseProblem.build(hidden, weight, bias, row_index, ids, None, None, "reverse_kl", temperature)
+    (inputs' dtypes, None where not needed), recomputing the logit blocks; ``saved`` from :func:`sparse_forward`
+    (``softcap`` and ``memory`` as there)."""
+    p = SparseProblem.build(hidden, weight, bias, row_index, ids, None, None, "reverse_kl", temperature,
+                            softcap=softcap, memory=memory)
     chunks = p.chunks(True, chunk_size)
     longest = max((b - a for a, b in chunks), default=1)
     acc = GradAccumulator(p.head, p.row_index, p.contiguous, need_hidden=need_hidden, need_weight=need_weight,
@@ -148,9 +157,10 @@ def sparse_backward(hidden, weight, bias, row_index, ids, saved: SparseForward, 
     block = Block(p, longest)
     for start, stop in chunks:
         h, x = block.logits(p, start, stop)
-        gather_and_mask(x, p.head.used_bias, p.ids[start:stop], temperature=p.temperature)
+        _, slope = gather_and_mask(x, p.head.used_bias, p.ids[start:stop], temperature=p.temperature,
+                                   softcap=p.softcap)
         grad = _grad_block(p, x, start, stop, saved.lse_tail[start:stop], saved.grad_tail[start:stop],
-                           saved.grad_ids[start:stop], scale[start:stop], acc.grad_block(stop - start))
+                           saved.grad_ids[start:stop], scale[start:stop], acc.grad_block(stop - start), slope)
         acc.add(grad, start, stop, h)
     return acc.finish()
 
@@ -186,7 +196,7 @@ def single_pass_loss(p: SparseProblem, chunks: list[tuple[int, int]],
     grad_scale = coef / (normalizer * p.temperature)
     for start, stop in chunks:
         h, x = block.logits(p, start, stop)
-        t = _chunk_terms(p, x, start, stop)
+        t, slope = _chunk_terms(p, x, start, stop)
         D[start:stop] = t.D
         if with_targets:
             lp_s[start:stop], lp_t[start:stop] = t.lp_s, t.lp_t
@@ -196,7 +206,7 @@ def single_pass_loss(p: SparseProblem, chunks: list[tuple[int, int]],
         total += (w * D[start:stop].to(torch.float64)).sum()
         if acc.active:
             grad = _grad_block(p, x, start, stop, t.lse_tail, t.grad_tail, t.grad_ids, w * grad_scale,
-                               acc.grad_block(stop - start))
+                               acc.grad_block(stop - start), slope)
             acc.add(grad, start, stop, h)
     del block
     loss = (total * (coef / normalizer)).to(torch.float32)

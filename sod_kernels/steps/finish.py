@@ -38,11 +38,6 @@ class SODStats:
     num_steps: torch.Tensor
 
 
-def needs_student_grad(hidden, weight, bias) -> bool:
-    return torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or
-                                        (bias is not None and bias.requires_grad))
-
-
 def single_pass_plan(step_rows, row_index, given, step_divergence, epsilon, delta, chunk_size, vocab, elem):
     """``(chunks, chunk_weights)`` for :class:`SinglePassKL`, or None when a step is longer than a chunk."""
     n = row_index.numel()
