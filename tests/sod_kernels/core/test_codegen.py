@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 COMPILE_TIMEOUT_S = 600
 # sm_90 limits: 255 registers per thread, 227 KB of shared memory per block.
 MAX_REGISTERS = 255

@@ -33,7 +33,7 @@ LOSS_RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-4, torch.float16: 1e-4, tor
 GRAD_RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float64: 1e-9}
 D_ATOL = 2e-6          # float32 error of one token's D (terms of size O(1 .. log V))
 ZERO_NORM = 1e-10
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _device(backend: str) -> str:

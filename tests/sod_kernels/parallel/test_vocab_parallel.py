@@ -29,7 +29,7 @@ from sod_kernels import fused_sod_loss, fused_sod_policy_loss, fused_token_logpr
 from sod_kernels.parallel.losses import (vocab_parallel_policy_loss, vocab_parallel_sod_loss,
                                         vocab_parallel_token_logprobs)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 # (vocabulary size, shard sizes by rank, first id by rank); the 3-rank shards are not in rank order.
 LAYOUTS = {1: (23, (23,), (0,)), 2: (29, (16, 13), (0, 16)), 3: (31, (7, 14, 10), (24, 0, 14))}
 TEACHER_PAD = 3  # extra rows on the shard holding the last ids (a padded teacher vocabulary)

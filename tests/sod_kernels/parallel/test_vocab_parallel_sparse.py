@@ -9,7 +9,7 @@ import torch
 
 from reference.sparse_reference import ref_sparse_sod_loss
 from sod_kernels import fused_sparse_sod_loss, fused_topk_logprobs, vocab_parallel_sparse_sod_loss
-from tests.test_vocab_parallel import RANK_CASES, Ctx, _grads, compare_sod, problem, rel, run_ranks, shard
+from tests.sod_kernels.parallel.test_vocab_parallel import RANK_CASES, Ctx, _grads, compare_sod, problem, rel, run_ranks, shard
 
 CASES = [  # options of one call, each in float64 and float32
     {"k": 4},
