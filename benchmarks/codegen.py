@@ -6,7 +6,7 @@ the ``cuobjdump`` bundled in Triton's wheel (``triton/backends/nvidia/bin/``) an
 config: registers per thread, shared memory, local-memory spill instructions (``LDL``/``STL`` count and
 the cubin's LOCAL bytes), warpgroup MMA instructions (``HGMMA`` count) and the implied occupancy.  The
 Markdown table is printed and written to ``benchmarks/results/codegen.md``; ``--json`` prints the rows
-as JSON instead (what ``tests/test_codegen.py`` reads).
+as JSON instead (what ``tests/sod_kernels/core/test_codegen.py`` reads).
 
 It must run WITHOUT ``TRITON_INTERPRET`` in the environment: that variable turns ``@triton.jit``
 functions into interpreted functions that cannot be compiled, so this module refuses to run under it
@@ -56,9 +56,9 @@ import tempfile
 from pathlib import Path
 
 KERNEL_MODULES = (
-    "sod_kernels.kl_epilogue",
-    "sod_kernels.logprob_epilogue",
-    "sod_kernels.sparse_epilogue",
+    "sod_kernels.dense.kernels",
+    "sod_kernels.logprobs.kernels",
+    "sod_kernels.sparse.kernels",
 )
 
 HOPPER_TARGET = ("cuda", 90, 32)

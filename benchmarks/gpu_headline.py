@@ -217,7 +217,7 @@ def tuning(rec: Recorder) -> None:
     """What the next kernel changes hinge on, on worst-case inputs: how many chunks one d(weight) product
     folds (``GradAccumulator.GROUP``), the chunk size, logit soft-capping, and the sparse teacher (k = 64)."""
     from sod_kernels import fused_sod_loss, fused_sparse_sod_loss, fused_topk_logprobs
-    from sod_kernels.chunked_core import GradAccumulator
+    from sod_kernels.core.chunks import GradAccumulator
     from .inputs import make_inputs
 
     N, V, Hs, Ht = (sizes()[k] for k in ("N", "V", "Hs", "Ht"))
@@ -238,7 +238,7 @@ def tuning(rec: Recorder) -> None:
                         lambda: bench(ours(chunk_size=chunk), grads), **sizes())
     finally:
         GradAccumulator.GROUP = default_group
-    from sod_kernels import triton_divergence as td
+    from sod_kernels.dense import triton_backend as td
     default_low = (td.LOW_MEMORY_ROWS, td.LOW_MEMORY_CHUNK_BYTES)
     try:
         for rows, budget_mib in ((default_low[0], default_low[1] >> 20), (2 * default_low[0], default_low[1] >> 20),
@@ -322,7 +322,7 @@ def determinism_and_accuracy(rec: Recorder) -> None:
 
 def policy(rec: Recorder) -> None:
     from sod_kernels import fused_sod_policy_loss, fused_token_logprobs
-    from sod_kernels.policy_loss import ppo_dual_clip
+    from sod_kernels.logprobs.policy_loss import ppo_dual_clip
 
     N, V, H = sizes()["N"], sizes()["V"], sizes()["Hs"]
     g = torch.Generator(device=DEVICE).manual_seed(5)

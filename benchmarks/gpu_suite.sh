@@ -31,10 +31,12 @@ BUDGET=540
 TEST_TIMEOUT=180
 RESERVE=75          # seconds kept for a worker overrunning its share (45 s grace), reports and policy
 RUN_TESTS=1
-TEST_TARGETS=(tests/test_triton_divergence.py tests/test_token_logprobs.py tests/test_policy_loss.py
-              tests/test_sparse_teacher.py tests/test_topk_logprobs.py tests/test_execution_contract.py
-              tests/test_validation.py tests/test_steps.py tests/test_vocab_parallel.py
-              tests/test_vocab_parallel_sparse.py tests/test_fsdp.py tests/test_trainer_placement.py)
+TEST_TARGETS=(tests/sod_kernels/dense/test_triton_divergence.py tests/sod_kernels/logprobs/test_token_logprobs.py
+              tests/sod_kernels/logprobs/test_policy_loss.py tests/sod_kernels/sparse/test_sparse_teacher.py
+              tests/sod_kernels/logprobs/test_topk_logprobs.py tests/sod_kernels/test_execution_contract.py
+              tests/sod_kernels/core/test_validation.py tests/sod_kernels/steps/test_steps.py
+              tests/sod_kernels/parallel/test_vocab_parallel.py tests/sod_kernels/parallel/test_vocab_parallel_sparse.py
+              tests/sod_kernels/test_fsdp.py tests/sod_kernels/test_loss_features.py tests/test_trainer_placement.py)
 EXTRA=()
 while [[ $# -gt 0 ]]; do
   case "$1" in

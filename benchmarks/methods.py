@@ -76,8 +76,8 @@ def method_unavailable_reason(name: str, device: str) -> str | None:
     if name == "sod_triton":
         if not device.startswith("cuda"):
             return "Triton backend needs a CUDA device"
-        if importlib.util.find_spec("sod_kernels.triton_divergence") is None:
-            return "sod_kernels.triton_divergence not present"
+        if importlib.util.find_spec("sod_kernels.dense.triton_backend") is None:
+            return "sod_kernels.dense.triton_backend not present"
     return None
 
 

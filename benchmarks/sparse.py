@@ -33,7 +33,7 @@ import torch
 from benchmarks import measure
 from benchmarks.inputs import make_inputs
 from sod_kernels import fused_sod_loss, fused_sparse_sod_loss, fused_topk_logprobs, step_weights_from_divergence
-from sod_kernels.sparse_rows import TAIL_FLOOR, teacher_tail_floor
+from sod_kernels.sparse.rows import TAIL_FLOOR, teacher_tail_floor
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent

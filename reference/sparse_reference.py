@@ -27,10 +27,11 @@ from .sod_reference import ref_logits, ref_step_ids_from_mask, ref_weighted_loss
 TAIL_FLOOR = 1e-12
 
 
-def _sparse_parts(student_hidden, student_weight, topk_ids, topk_logprobs, student_bias, temperature):
+def _sparse_parts(student_hidden, student_weight, topk_ids, topk_logprobs, student_bias, temperature, softcap=None):
     """Student log-softmax at the ids, log Q, the teacher's a, P and log P' (leading dims kept)."""
     V = student_weight.shape[0]
-    logp = torch.log_softmax(ref_logits(student_hidden, student_weight, student_bias, temperature), dim=-1)
+    logp = torch.log_softmax(ref_logits(student_hidden, student_weight, student_bias, temperature, softcap=softcap),
+                             dim=-1)
     ids = topk_ids.long()
     k = ids.shape[-1]
     logq = logp.gather(-1, ids)
@@ -46,10 +47,11 @@ def _sparse_parts(student_hidden, student_weight, topk_ids, topk_logprobs, stude
 
 
 def ref_sparse_token_divergence(student_hidden, student_weight, topk_ids, topk_logprobs, *, student_bias=None,
-                                divergence="reverse_kl", temperature=1.0):
-    """Per-token coarse-grained KL ``[...]`` (the leading shape of ``topk_ids`` without its last dimension)."""
+                                divergence="reverse_kl", temperature=1.0, student_softcap=None):
+    """Per-token coarse-grained KL ``[...]`` (the leading shape of ``topk_ids`` without its last dimension);
+    ``student_softcap``: the student's logit soft-cap (see :func:`reference.sod_reference.ref_logits`) or None."""
     _, logq, logQ, a, P, logPf = _sparse_parts(student_hidden, student_weight, topk_ids, topk_logprobs,
-                                               student_bias, temperature)
+                                               student_bias, temperature, student_softcap)
     logQf = logQ.clamp(min=math.log(TAIL_FLOOR))
     Q = logQ.exp()
     if divergence == "reverse_kl":
@@ -60,10 +62,10 @@ def ref_sparse_token_divergence(student_hidden, student_weight, topk_ids, topk_l
 
 
 def ref_sparse_sampled_logprobs(student_hidden, student_weight, topk_ids, topk_logprobs, target_ids, *,
-                                student_bias=None, temperature=1.0):
+                                student_bias=None, temperature=1.0, student_softcap=None):
     """``(log p_s(y), log p_t(y))`` with the teacher's value defined as in the module docstring."""
     logp, _, _, a, _, logPf = _sparse_parts(student_hidden, student_weight, topk_ids, topk_logprobs, student_bias,
-                                            temperature)
+                                            temperature, student_softcap)
     y = target_ids.long()
     lp_s = logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
     V, k = student_weight.shape[0], topk_ids.shape[-1]
@@ -79,7 +81,7 @@ def ref_sparse_sampled_logprobs(student_hidden, student_weight, topk_ids, topk_l
 def ref_sparse_sod_loss(student_hidden, student_weight, topk_ids, topk_logprobs, response_mask=None, *,
                         step_ids=None, target_ids=None, divergence="reverse_kl", step_divergence="kl", epsilon=1e-6,
                         delta=0.2, temperature=1.0, coef=1.0, student_bias=None, reduction="token_mean",
-                        token_weights=None):
+                        token_weights=None, student_softcap=None):
     """The step-weighted loss with the coarse-grained divergence, everything materialized (differentiable).
 
     Returns ``(loss, stats)`` as :func:`reference.ref_fused_sod_loss`.
@@ -93,11 +95,13 @@ def ref_sparse_sod_loss(student_hidden, student_weight, topk_ids, topk_logprobs,
         target_ids = None if target_ids is None else target_ids.unsqueeze(0)
     m = step_ids >= 0
     D = ref_sparse_token_divergence(student_hidden, student_weight, topk_ids, topk_logprobs,
-                                    student_bias=student_bias, divergence=divergence, temperature=temperature)
+                                    student_bias=student_bias, divergence=divergence, temperature=temperature,
+                                    student_softcap=student_softcap)
     D = torch.where(m, D, torch.zeros_like(D))
     if step_divergence == "sampled":
         lp_s, lp_t = ref_sparse_sampled_logprobs(student_hidden, student_weight, topk_ids, topk_logprobs, target_ids,
-                                                 student_bias=student_bias, temperature=temperature)
+                                                 student_bias=student_bias, temperature=temperature,
+                                                 student_softcap=student_softcap)
         signal = (lp_s - lp_t).abs()
     else:
         signal = D

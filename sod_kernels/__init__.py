@@ -8,28 +8,45 @@ Public API:
 - Policy-gradient form (docs/math.md): :func:`fused_token_logprobs` (sampled-token log-probs from hidden
   states), :func:`sod_policy_inputs` (advantages + step statistics), :func:`fused_sod_policy_loss` (PPO
   dual clip).
+- Sparse teacher: :func:`fused_sparse_sod_loss` (top-k log-probs with a tail bucket), and
+  :func:`fused_topk_logprobs` to produce them.
+- Vocabulary-parallel (column-parallel lm_head) forms over a torch.distributed group: docs/scaling.md.
+- ``nn.Module`` forms: :class:`SODLoss`, :class:`SparseSODLoss`, :class:`SODPolicyLoss`,
+  :class:`FusedTokenLogprobs` (options to the constructor, per-batch tensors to ``forward``).
+
+The package is laid out by layer: ``core`` (knows no loss), ``steps``, one folder per loss family
+(``dense``, ``sparse``, ``logprobs``), ``parallel``, and this face (``modules``, ``hf``, ``fsdp``,
+``integrations``).  Triton is imported only when a Triton path runs.
 """
 
-from .advantages import grpo_advantages, sod_advantages
-from .modules import SODLoss
-from .policy_inputs import PolicyInputs, sod_policy_inputs
-from .policy_loss import PolicyLossStats, fused_sod_policy_loss
-from .sod_loss import SODStats, fused_sod_loss
-from .steps import (StepWeights, sod_step_statistics, sod_step_weights, step_ids_from_mask,
-                    step_weights_from_divergence)
-from .token_logprobs import fused_token_logprobs
+from .dense.loss import fused_sod_loss
+from .logprobs.policy_loss import PolicyLossStats, fused_sod_policy_loss
+from .logprobs.token_logprobs import fused_token_logprobs
+from .logprobs.topk import fused_topk_logprobs
+from .modules import FusedTokenLogprobs, SODLoss, SODPolicyLoss, SparseSODLoss
+from .parallel.losses import vocab_parallel_policy_loss, vocab_parallel_sod_loss, vocab_parallel_token_logprobs
+from .parallel.sparse import vocab_parallel_sparse_sod_loss
+from .sparse.loss import fused_sparse_sod_loss
+from .steps import (PolicyInputs, StepWeights, grpo_advantages, sod_advantages, sod_policy_inputs,
+                    sod_step_statistics, sod_step_weights, step_ids_from_mask, step_weights_from_divergence)
+from .steps.finish import SODStats
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FusedTokenLogprobs",
     "PolicyInputs",
     "PolicyLossStats",
     "SODLoss",
+    "SODPolicyLoss",
     "SODStats",
+    "SparseSODLoss",
     "StepWeights",
     "fused_sod_loss",
     "fused_sod_policy_loss",
+    "fused_sparse_sod_loss",
     "fused_token_logprobs",
+    "fused_topk_logprobs",
     "grpo_advantages",
     "sod_advantages",
     "sod_policy_inputs",
@@ -37,18 +54,8 @@ __all__ = [
     "sod_step_weights",
     "step_ids_from_mask",
     "step_weights_from_divergence",
+    "vocab_parallel_policy_loss",
+    "vocab_parallel_sod_loss",
+    "vocab_parallel_sparse_sod_loss",
+    "vocab_parallel_token_logprobs",
 ]
-
-from .sparse_teacher import fused_sparse_sod_loss  # noqa: E402
-from .topk_logprobs import fused_topk_logprobs  # noqa: E402
-
-__all__ += ["fused_sparse_sod_loss", "fused_topk_logprobs"]
-
-# Vocabulary-parallel (column-parallel lm_head) forms over a torch.distributed group: docs/scaling.md.
-from .vocab_parallel import (vocab_parallel_policy_loss, vocab_parallel_sod_loss,  # noqa: E402
-                             vocab_parallel_token_logprobs)
-
-from .vocab_parallel_sparse import vocab_parallel_sparse_sod_loss  # noqa: E402
-
-__all__ += ["vocab_parallel_policy_loss", "vocab_parallel_sod_loss", "vocab_parallel_sparse_sod_loss",
-            "vocab_parallel_token_logprobs"]

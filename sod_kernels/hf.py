@@ -32,9 +32,9 @@ from typing import Any
 
 import torch
 
-from ._validation import check_binary_mask, check_positive, check_shape, check_tensor
+from .core.validation import check_binary_mask, check_positive, check_shape, check_tensor
 from .hf_chat import ChatSteps, chat_step_ids
-from .token_logprobs import fused_token_logprobs
+from .logprobs.token_logprobs import fused_token_logprobs
 
 __all__ = [
     "ChatSteps",

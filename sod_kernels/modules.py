@@ -1,32 +1,108 @@
-"""Thin ``nn.Module`` wrappers around the functional API."""
+"""``nn.Module`` forms of the losses: the options are keyword arguments of the constructor (explicit, checked
+when the module is built), the per-batch tensors (hidden states, weights, masks, step ids, targets, token
+weights, biases) arguments of ``forward``.  Each forwards to its function, which documents every option."""
 
 from __future__ import annotations
 
 import torch
 
-from .sod_loss import fused_sod_loss
+from .dense.loss import fused_sod_loss
+from .logprobs.policy_loss import fused_sod_policy_loss
+from .logprobs.token_logprobs import fused_token_logprobs
+from .sparse.loss import fused_sparse_sod_loss
+from .steps.weights import DEFAULT_DELTA, DEFAULT_EPSILON
 
 
-class SODLoss(torch.nn.Module):
-    """``SODLoss(**options)(student_hidden, student_weight, teacher_hidden, teacher_weight, response_mask, ...)``.
+class _Options(torch.nn.Module):
+    """Holds a loss's options (a dict, shown by ``repr``)."""
 
-    ``options`` are any keyword arguments of :func:`sod_kernels.fused_sod_loss` (divergence,
-    step_divergence, epsilon, delta, temperature, coef, reduction, return_stats, backend, ...); keywords
-    given to ``forward`` override them for that call.
-    """
-
-    def __init__(self, **options):
+    def __init__(self, options: dict):
         super().__init__()
-        # Validate the option names now, not at the first forward.
-        allowed = set(fused_sod_loss.__kwdefaults__)
-        unknown = sorted(set(options) - allowed)
-        if unknown:
-            raise TypeError(f"SODLoss got unknown option(s) {unknown}; allowed: {sorted(allowed)}")
         self.options = dict(options)
-
-    def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, response_mask=None, **kwargs):
-        return fused_sod_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, response_mask,
-                              **{**self.options, **kwargs})
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class SODLoss(_Options):
+    """:func:`sod_kernels.fused_sod_loss` as a module:
+    ``SODLoss(divergence=..., ...)(student_hidden, student_weight, teacher_hidden, teacher_weight, response_mask,
+    step_ids=..., target_ids=..., token_weights=..., student_bias=..., teacher_bias=...)``."""
+
+    def __init__(self, *, divergence: str = "reverse_kl", step_divergence: str | None = None,
+                 epsilon: float = DEFAULT_EPSILON, delta: float = DEFAULT_DELTA, temperature: float = 1.0,
+                 coef: float = 1.0, reduction: str = "token_mean", return_stats: bool = False, backend: str = "auto",
+                 memory: str = "fast", chunk_size: int | None = None, check_inputs: bool = True,
+                 student_softcap: float | None = None, teacher_softcap: float | None = None):
+        super().__init__(dict(divergence=divergence, step_divergence=step_divergence, epsilon=epsilon, delta=delta,
+                              temperature=temperature, coef=coef, reduction=reduction, return_stats=return_stats,
+                              backend=backend, memory=memory, chunk_size=chunk_size, check_inputs=check_inputs,
+                              student_softcap=student_softcap, teacher_softcap=teacher_softcap))
+
+    def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
+                teacher_weight: torch.Tensor, response_mask: torch.Tensor | None = None, *,
+                step_ids: torch.Tensor | None = None, target_ids: torch.Tensor | None = None,
+                token_weights: torch.Tensor | None = None, student_bias: torch.Tensor | None = None,
+                teacher_bias: torch.Tensor | None = None):
+        return fused_sod_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, response_mask,
+                              step_ids=step_ids, target_ids=target_ids, token_weights=token_weights,
+                              student_bias=student_bias, teacher_bias=teacher_bias, **self.options)
+
+
+class SparseSODLoss(_Options):
+    """:func:`sod_kernels.fused_sparse_sod_loss` as a module:
+    ``SparseSODLoss(...)(student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs, response_mask,
+    step_ids=..., target_ids=..., token_weights=..., student_bias=...)``."""
+
+    def __init__(self, *, divergence: str = "reverse_kl", step_divergence: str | None = None,
+                 epsilon: float = DEFAULT_EPSILON, delta: float = DEFAULT_DELTA, temperature: float = 1.0,
+                 coef: float = 1.0, reduction: str = "token_mean", return_stats: bool = False, backend: str = "auto",
+                 memory: str = "fast", chunk_size: int | None = None, check_inputs: bool = True,
+                 student_softcap: float | None = None):
+        super().__init__(dict(divergence=divergence, step_divergence=step_divergence, epsilon=epsilon, delta=delta,
+                              temperature=temperature, coef=coef, reduction=reduction, return_stats=return_stats,
+                              backend=backend, memory=memory, chunk_size=chunk_size, check_inputs=check_inputs,
+                              student_softcap=student_softcap))
+
+    def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_topk_ids: torch.Tensor,
+                teacher_topk_logprobs: torch.Tensor, response_mask: torch.Tensor | None = None, *,
+                step_ids: torch.Tensor | None = None, target_ids: torch.Tensor | None = None,
+                token_weights: torch.Tensor | None = None, student_bias: torch.Tensor | None = None):
+        return fused_sparse_sod_loss(student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs,
+                                     response_mask, step_ids=step_ids, target_ids=target_ids,
+                                     token_weights=token_weights, student_bias=student_bias, **self.options)
+
+
+class SODPolicyLoss(_Options):
+    """:func:`sod_kernels.fused_sod_policy_loss` as a module:
+    ``SODPolicyLoss(clip_low=..., ...)(student_hidden, student_weight, target_ids, old_logprobs, advantages,
+    response_mask, student_bias=...)``."""
+
+    def __init__(self, *, clip_low: float = 0.2, clip_high: float = 0.28, dual_clip: float | None = 3.0,
+                 temperature: float = 1.0, reduction: str = "token_mean", return_stats: bool = False,
+                 backend: str = "auto", memory: str = "fast", chunk_size: int | None = None,
+                 check_inputs: bool = True, student_softcap: float | None = None):
+        super().__init__(dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, temperature=temperature,
+                              reduction=reduction, return_stats=return_stats, backend=backend, memory=memory,
+                              chunk_size=chunk_size, check_inputs=check_inputs, student_softcap=student_softcap))
+
+    def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor, target_ids: torch.Tensor,
+                old_logprobs: torch.Tensor, advantages: torch.Tensor, response_mask: torch.Tensor, *,
+                student_bias: torch.Tensor | None = None):
+        return fused_sod_policy_loss(student_hidden, student_weight, target_ids, old_logprobs, advantages,
+                                     response_mask, student_bias=student_bias, **self.options)
+
+
+class FusedTokenLogprobs(_Options):
+    """:func:`sod_kernels.fused_token_logprobs` as a module:
+    ``FusedTokenLogprobs(temperature=..., ...)(hidden, weight, target_ids, bias=...)``."""
+
+    def __init__(self, *, temperature: float = 1.0, backend: str = "auto", return_entropy: bool = False,
+                 memory: str = "fast", chunk_size: int | None = None, check_inputs: bool = True,
+                 softcap: float | None = None):
+        super().__init__(dict(temperature=temperature, backend=backend, return_entropy=return_entropy, memory=memory,
+                              chunk_size=chunk_size, check_inputs=check_inputs, softcap=softcap))
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, target_ids: torch.Tensor, *,
+                bias: torch.Tensor | None = None):
+        return fused_token_logprobs(hidden, weight, target_ids, bias=bias, **self.options)

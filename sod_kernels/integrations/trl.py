@@ -20,8 +20,8 @@ import torch
 from trl import DistillationConfig, DistillationTrainer
 
 from .. import hf
-from .._validation import STEP_DIVERGENCES, check_choice, check_positive
-from ..sod_loss import fused_sod_loss
+from ..core.validation import STEP_DIVERGENCES, check_choice, check_positive
+from ..dense.loss import fused_sod_loss
 
 __all__ = ["SODDistillationConfig", "SODDistillationTrainer"]
 

@@ -29,10 +29,10 @@ from typing import Any
 import torch
 
 from .. import hf
-from .._validation import check_binary_mask, check_choice, check_shape, check_tensor
-from ..policy_loss import fused_sod_policy_loss
-from ..steps import sod_step_statistics
-from ..token_logprobs import fused_token_logprobs
+from ..core.validation import check_binary_mask, check_choice, check_shape, check_tensor
+from ..logprobs.policy_loss import fused_sod_policy_loss
+from ..steps.weights import sod_step_statistics
+from ..logprobs.token_logprobs import fused_token_logprobs
 
 __all__ = ["actor_log_probs", "actor_policy_loss", "apply_token_kl_regularizer", "compute_stepwise_opd_weights"]
 

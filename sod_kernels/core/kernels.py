@@ -1,0 +1,162 @@
+"""Triton pieces every loss's kernels share (imported lazily, only on the Triton path).
+
+- Logit loaders: ``z = (x + b) / tau`` of a raw float32 logit block, or with a soft-cap ``c``
+  ``z = c tanh((x + b) / c) / tau`` (tanh from one exponential, ``e = exp(-2|u|)``), and the cap's slope
+  ``1 - tanh^2 = 4 e / (1 + e)^2`` for a gradient (no cancellation where the cap saturates).
+- :func:`vocab_splits`: how a statistics kernel splits the vocabulary (enough programs to fill the GPU; tiny
+  blocks and two splits under the interpreter, so small tests cover the split merge).
+- One model's row statistics: ``logprob_partial_stats_kernel`` (grid: rows x vocabulary splits) runs an
+  online log-sum-exp and, with ``WITH_ENTROPY``, the accumulator ``B' = sum exp(z - m) (z - m)`` in the
+  max-shifted frame, 3 floats per (row, split); :func:`logprob_row_stats` merges them: ``lse = M + log L``,
+  ``E_p[z] - M = B / L`` and the entropy ``H = log L - B / L`` (no difference of large numbers).  It reads
+  ``4 C V`` bytes: bandwidth bound.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .runtime import triton_interpreter_enabled
+
+MIN_LOGIT = tl.constexpr(-1e30)  # masked columns: exp() of it is 0, differences of two of them are 0
+STATS_BLOCK_V = 2048
+GRAD_BLOCK_V = 2048
+NUM_WARPS = 8
+INTERPRETER_BLOCK_V = 16
+TARGET_PROGRAMS = 1024  # rows x splits of the statistics kernel: enough to fill an H100/H200 several times
+
+
+@triton.jit
+def load_logits(x_ptr, b_ptr, cols, ok, inv_temp, HAS_BIAS: tl.constexpr):
+    x = tl.load(x_ptr + cols, mask=ok, other=0.0)
+    if HAS_BIAS:
+        x += tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    return x * inv_temp
+
+
+@triton.jit
+def tanh_parts(u):
+    """``(tanh(u), exp(-2|u|))`` without overflow: ``tanh|u| = (1 - e) / (1 + e)`` with ``e = exp(-2|u|)``."""
+    e = tl.exp(-2.0 * tl.abs(u))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(u < 0, -t, t), e
+
+
+@triton.jit
+def load_capped_logits(x_ptr, b_ptr, cols, ok, inv_temp, cap, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr):
+    """``z = cap tanh((x + b) / cap) / tau`` (``(x + b) / tau`` without ``HAS_CAP``); a masked ``-inf`` column
+    stays ``-inf`` through the cap (the sparse epilogue masks the teacher's ids that way)."""
+    x = tl.load(x_ptr + cols, mask=ok, other=0.0)
+    if HAS_BIAS:
+        x += tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    if HAS_CAP:
+        t, _ = tanh_parts(x * (1.0 / cap))
+        x = tl.where(x == float("-inf"), x, cap * t)
+    return x * inv_temp
+
+
+@triton.jit
+def load_capped_logits_slope(x_ptr, b_ptr, cols, ok, inv_temp, cap, HAS_BIAS: tl.constexpr):
+    """``(z, dz_cap/dx)`` with a cap: ``z = cap tanh(u) / tau``, ``u = (x + b) / cap`` and the slope
+    ``1 - tanh(u)^2 = 4 e / (1 + e)^2``, ``e = exp(-2|u|)`` (no cancellation where the cap saturates)."""
+    x = tl.load(x_ptr + cols, mask=ok, other=0.0)
+    if HAS_BIAS:
+        x += tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    t, e = tanh_parts(x * (1.0 / cap))
+    one_e = 1.0 + e
+    return (cap * t) * inv_temp, 4.0 * e / (one_e * one_e)
+
+
+def interpreting() -> bool:
+    return triton_interpreter_enabled()
+
+
+def vocab_splits(n_rows: int, vocab: int) -> tuple[int, int, int]:
+    """``(BLOCK_V, columns per split, splits)`` of a statistics kernel over ``n_rows x vocab``: enough
+    (row, split) programs to fill the GPU (``TARGET_PROGRAMS``), every split non-empty and a whole number of
+    blocks; under the interpreter tiny blocks and two splits, so small tests cover the split merge."""
+    block = INTERPRETER_BLOCK_V if interpreting() else STATS_BLOCK_V
+    n_blocks = triton.cdiv(vocab, block)
+    splits = min(n_blocks, 2) if interpreting() else max(min(n_blocks, TARGET_PROGRAMS // max(n_rows, 1)), 1)
+    cols_per_split = triton.cdiv(n_blocks, splits) * block
+    return block, cols_per_split, triton.cdiv(vocab, cols_per_split)
+
+
+def bias_arg(bias: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
+    return fallback if bias is None else bias
+
+
+def cap_arg(softcap: float | None) -> float:
+    return 1.0 if softcap is None else float(softcap)
+
+
+NUM_PARTIALS = 3
+
+
+@triton.jit
+def logprob_partial_stats_kernel(x_ptr, b_ptr, part_ptr, n_rows, vocab, stride_x, cols_per_split, num_splits,
+                                 inv_temp, cap, HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+                                 BLOCK_V: tl.constexpr, HAS_CAP: tl.constexpr):
+    """``part [3, n_rows, num_splits]`` float32 <- (m, l, B') of one (row, split)."""
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    x_row = x_ptr + row.to(tl.int64) * stride_x
+    v_begin = split * cols_per_split
+    offs = tl.arange(0, BLOCK_V)
+    m = -1e30
+    l = 0.0
+    acc = 0.0
+    for start in range(0, cols_per_split, BLOCK_V):
+        cols = v_begin + start + offs
+        ok = cols < vocab
+        z = tl.where(ok, load_capped_logits(x_row, b_ptr, cols, ok, inv_temp, cap, HAS_BIAS, HAS_CAP), MIN_LOGIT)
+        new = tl.maximum(m, tl.max(z, axis=0))
+        alpha = tl.exp(m - new)
+        e = tl.exp(z - new)
+        if WITH_ENTROPY:
+            acc = alpha * (acc + l * (m - new)) + tl.sum(e * (z - new), axis=0)
+        l = l * alpha + tl.sum(e, axis=0)
+        m = new
+    out = part_ptr + row * num_splits + split
+    plane = n_rows * num_splits
+    tl.store(out, m)
+    tl.store(out + plane, l)
+    tl.store(out + 2 * plane, acc)
+
+
+class LogprobRowStats(NamedTuple):
+    """Per-row statistics of one chunk (each ``[C]`` float32): log-sum-exp ``lse``, the max ``M``, the
+    shifted mean ``E_p[z] - M`` (``mean``; zeros without entropy) and the entropy (None without it)."""
+
+    lse: torch.Tensor
+    max: torch.Tensor
+    mean: torch.Tensor
+    entropy: torch.Tensor | None
+
+
+def logprob_row_stats(x: torch.Tensor, bias: torch.Tensor | None, *, temperature: float,
+                      with_entropy: bool, softcap: float | None = None) -> LogprobRowStats:
+    """Statistics of the logit block ``x [C, V]`` (float32, unit column stride); ``bias [V]`` or None;
+    ``softcap``: ``cap tanh((x + b) / cap)`` before ``1/tau``, or None."""
+    n_rows, vocab = x.shape
+    block, cols_per_split, splits = vocab_splits(n_rows, vocab)
+    part = torch.empty((NUM_PARTIALS, n_rows, splits), dtype=torch.float32, device=x.device)
+    if n_rows:
+        logprob_partial_stats_kernel[(n_rows, splits)](
+            x, x if bias is None else bias, part, n_rows, vocab, x.stride(0), cols_per_split, splits,
+            1.0 / temperature, cap_arg(softcap), HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy,
+            BLOCK_V=block, HAS_CAP=softcap is not None, num_warps=NUM_WARPS)
+    m, l, b = part.unbind(0)
+    big = m.amax(1)
+    shift = m - big[:, None]
+    scale = shift.exp()
+    total = (l * scale).sum(1)
+    log_total = total.log()
+    if not with_entropy:
+        return LogprobRowStats(big + log_total, big, torch.zeros_like(big), None)
+    mean = (scale * (b + l * shift)).sum(1) / total
+    return LogprobRowStats(big + log_total, big, mean, log_total - mean)

@@ -1,0 +1,56 @@
+"""The options of one call, as every loss's autograd functions and backends see them: one frozen object
+instead of a dozen positional arguments (and ``(None,) * 13`` at the end of a backward)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PassOptions:
+    """How the per-token work of one call runs.
+
+    backend:         ``"torch"`` or ``"triton"`` (resolved).
+    memory:          ``"fast"`` or ``"low"`` (what each backend does with it is documented by each loss).
+    chunk_size:      rows per chunk, or None for the backend's budget.
+    temperature:     logits are divided by it.
+    divergence:      ``"reverse_kl"`` or ``"forward_kl"`` (distillation losses).
+    student_softcap: ``cap tanh(x / cap)`` of the student's raw logits before ``1/tau``, or None.
+    teacher_softcap: the same for the teacher (dense teacher only), or None.
+    with_entropy:    also the entropy (log-prob losses).
+    """
+
+    backend: str = "torch"
+    memory: str = "fast"
+    chunk_size: int | None = None
+    temperature: float = 1.0
+    divergence: str = "reverse_kl"
+    student_softcap: float | None = None
+    teacher_softcap: float | None = None
+    with_entropy: bool = False
+
+    def softcaps(self) -> dict:
+        """The soft-cap keywords that are set (backends take them as keyword arguments)."""
+        return {k: v for k, v in (("student_softcap", self.student_softcap),
+                                  ("teacher_softcap", self.teacher_softcap)) if v is not None}
+
+
+@dataclass(frozen=True)
+class SinglePassPlan:
+    """What a single pass needs besides the tensors: the row chunks, the weight function
+    ``chunk_weights(start, stop, D, signal) -> w`` of a chunk's rows, ``coef``, the normalizer and whether
+    the weights use the sampled signal ``|logp_s(y) - logp_t(y)|`` instead of ``D``."""
+
+    chunks: list[tuple[int, int]]
+    chunk_weights: Callable[[int, int, torch.Tensor, torch.Tensor | None], torch.Tensor]
+    coef: float
+    normalizer: float
+    sampled_signal: bool = False
+
+
+def input_grads(ctx, grads: tuple) -> tuple:
+    """``grads`` for the leading inputs of an autograd function's forward, then None for the rest."""
+    return tuple(grads) + (None,) * (len(ctx.needs_input_grad) - len(grads))

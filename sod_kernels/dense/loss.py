@@ -1,0 +1,175 @@
+"""``fused_sod_loss``: the step-weighted on-policy distillation loss (docs/math.md).
+
+Pipeline (all backends): find the distilled rows (one host sync, to size the work), compute the
+per-token divergence ``D`` for those rows only with the chosen backend (never materializing
+tokens x vocabulary), derive the step divergences and weights with the shared O(tokens) helpers in
+:mod:`sod_kernels.steps`, and reduce ``coef * w * D``.  The gradient reaches the backend as ``dL/dD`` per
+row, which it folds into recomputed logit tiles.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+
+from ..core.options import PassOptions, SinglePassPlan, input_grads
+from ..core.runtime import (check_softcap, needs_student_grad, no_autocast, resolve_backend, single_pass_forward,
+                            single_pass_gradients)
+from ..core.tiles import compute_dtype
+from ..core.validation import MEMORY_MODES, check_choice, check_lm_head, check_same_device
+from ..steps.finish import check_loss_options, check_targets_and_steps, finish_loss, single_pass_plan
+from ..steps.weights import DEFAULT_DELTA, DEFAULT_EPSILON
+from .autograd import TokenDivergence
+
+
+def single_pass_backend(name: str) -> ModuleType | None:
+    """Where a backend supplies its single-pass chunk routine: the backend module offering ``KLProblem.build(...)``
+    and ``single_pass_loss(problem, chunks, chunk_weights, *, coef, normalizer, need_hidden, need_weight,
+    need_bias, sampled_signal)`` (the contract of :func:`sod_kernels.dense.triton_backend.single_pass_loss`), or
+    None for a backend without one (it runs two passes).  The torch backend has none yet: ``memory="fast"`` and
+    ``"low"`` both run its two passes."""
+    if name == "triton":
+        from . import triton_backend  # imported lazily: Triton is only needed for this path
+        return triton_backend
+    return None
+
+
+class SinglePassKL(torch.autograd.Function):
+    """The weighted loss and its student gradients in one pass (Triton backend, scalar reductions).
+
+    Inputs: the flattened student/teacher hidden ``[N, H]``, weights, biases, ``row_index``, ``target_ids``
+    or None, the :class:`~sod_kernels.core.options.PassOptions` (divergence, temperature, soft-caps) and the
+    :class:`~sod_kernels.core.options.SinglePassPlan` (chunks, their weights, coef, normalizer; see
+    :func:`sod_kernels.dense.triton_backend.single_pass_loss`).  Outputs: loss (0-D float32, differentiable),
+    ``D``, ``logp_s(y)``, ``logp_t(y)`` (``[Na]``, not differentiable; the last two empty without targets).
+    The gradients are computed in the forward for an upstream gradient of 1 and scaled in backward;
+    first-order only.
+    """
+
+    @staticmethod
+    def forward(ctx, sh, sw, sb, th, tw, tb, row_index, y, options: PassOptions, plan: SinglePassPlan):
+        backend = single_pass_backend(options.backend)
+        problem = backend.KLProblem.build(sh, sw, sb, th, tw, tb, row_index, y, options.divergence,
+                                          options.temperature, student_softcap=options.student_softcap,
+                                          teacher_softcap=options.teacher_softcap)
+        return single_pass_forward(ctx, backend.single_pass_loss, problem, plan)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        return input_grads(ctx, single_pass_gradients(ctx, grad_loss, "fused_sod_loss", "pass memory='low' or "
+                                                      "reduction='none' for a recomputing backward"))
+
+
+def fused_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
+                   teacher_weight: torch.Tensor, response_mask: torch.Tensor | None = None, *,
+                   step_ids: torch.Tensor | None = None, target_ids: torch.Tensor | None = None,
+                   token_weights: torch.Tensor | None = None, divergence: str = "reverse_kl",
+                   step_divergence: str | None = None, epsilon: float = DEFAULT_EPSILON,
+                   delta: float = DEFAULT_DELTA, temperature: float = 1.0, coef: float = 1.0,
+                   student_bias: torch.Tensor | None = None, teacher_bias: torch.Tensor | None = None,
+                   reduction: str = "token_mean", return_stats: bool = False, backend: str = "auto",
+                   memory: str = "fast", chunk_size: int | None = None, check_inputs: bool = True,
+                   student_softcap: float | None = None, teacher_softcap: float | None = None):
+    """Step-weighted on-policy distillation loss from hidden states, without materializing logits.
+
+    ``L = coef * sum_{b,t} m[b,t] * w[b,t] * D[b,t] / normalizer`` (docs/math.md).
+
+    Args:
+        student_hidden: ``[B, T, Hs]`` or ``[T, Hs]``, float32 / bfloat16 / float16 (float64 on the torch
+            backend); receives a gradient.
+        student_weight: ``[Vs, Hs]`` lm_head weight, same dtype as ``student_hidden``; receives a gradient.
+        teacher_hidden: ``[B, T, Ht]`` or ``[T, Ht]``; teacher_weight ``[Vt, Ht]`` with ``Vt >= Vs`` (only
+            the first ``Vs`` rows are used). The teacher never receives a gradient.
+        response_mask: ``[B, T]`` 0/1, 1 on tokens the student generated. Exactly one of this and
+            ``step_ids`` ([B, T] int, -1 outside steps, 0-based step index otherwise).
+        target_ids: ``[B, T]`` sampled tokens in ``[0, Vs)``; needed for ``step_divergence="sampled"``.
+        token_weights: optional ``[B, T]`` (or ``[T]``) precomputed per-token weights (finite, ``>= 0``, treated
+            as constants) that replace the step weights: ``L = coef * sum m * token_weights * D / normalizer``.
+            Use it for weights computed elsewhere (e.g. the sampled signal from rollout-time log-probs).
+            Cannot be combined with ``step_divergence="kl"`` / ``"sampled"``.
+        divergence: ``"reverse_kl"`` (default) or ``"forward_kl"``.
+        step_divergence: ``"kl"`` (d_k = step mean of D; the default without ``token_weights``),
+            ``"sampled"`` (step mean of ``|log p_s(y) - log p_t(y)|``) or ``"none"`` (every weight 1: plain
+            OPD; the default with ``token_weights``).
+        epsilon, delta: docs/math.md (``epsilon > 0``, ``delta >= 0``).
+        temperature: ``> 0``; logits are divided by it (no tau^2 factor).
+        coef: multiplies the loss.
+        student_bias, teacher_bias: optional ``[Vs]`` / ``[Vt]``.
+        reduction: ``"token_mean"`` (divide by the number of distilled tokens, at least 1), ``"sum"``, or
+            ``"none"`` (per-token ``[B, T]`` tensor).
+        return_stats: also return step divergences and weights (one extra host sync).
+        backend: ``"auto"`` (Triton for CUDA tensors, chunked PyTorch for CPU), ``"triton"``, ``"torch"``.
+        memory: ``"fast"`` (default; Triton: the loss and its gradients in one pass over row chunks
+            whenever the weights are known in-pass, i.e. scalar reductions with ``token_weights``, ``"none"``,
+            or ``"kl"``/``"sampled"`` steps that fit a chunk; extra memory about 1.3 GiB at a 152k x 1024
+            student head) or ``"low"`` (two passes over rows x vocabulary-slice blocks, recomputing the
+            logits in backward: a few hundred MiB).  The torch backend runs two passes over rows x vocabulary
+            tiles (a few tiles of memory) in both modes.
+        chunk_size: rows per chunk (default: from a memory budget and the vocabulary size).
+        check_inputs: validate mask / step id values and the loss's finiteness (host syncs); on by default.
+        student_softcap, teacher_softcap: logit soft-capping of each model (Gemma 2/3
+            ``final_logit_softcapping``): that model's logits are ``cap * tanh((hidden @ weight.T + bias) / cap)``
+            before the temperature.  None (default) for none, else a finite number > 0; the two may differ.
+            Applied inside the kernels (the capped logits are never materialized), gradient included.
+    Returns:
+        The loss (float32, or float64 for float64 inputs), or :class:`SODStats` if ``return_stats``.
+    """
+    step_divergence, epsilon, delta, temperature, coef = check_loss_options(
+        divergence, step_divergence, token_weights, reduction, backend, chunk_size, epsilon, delta, temperature,
+        coef)
+    check_choice(memory, "memory", MEMORY_MODES)
+    student_softcap = check_softcap(student_softcap, "student_softcap")
+    teacher_softcap = check_softcap(teacher_softcap, "teacher_softcap")
+    for who, h, w, b in (("student", student_hidden, student_weight, student_bias),
+                         ("teacher", teacher_hidden, teacher_weight, teacher_bias)):
+        check_lm_head(h, w, b, hidden_name=f"{who}_hidden", weight_name=f"{who}_weight", bias_name=f"{who}_bias")
+    lead = tuple(student_hidden.shape[:-1])
+    if tuple(teacher_hidden.shape[:-1]) != lead:
+        raise ValueError(f"teacher_hidden's leading shape {tuple(teacher_hidden.shape[:-1])} must equal "
+                         f"student_hidden's {lead}")
+    Vs = student_weight.shape[0]
+    if teacher_weight.shape[0] < Vs:
+        raise ValueError(f"teacher_weight has a smaller vocabulary ({teacher_weight.shape[0]}) than student_weight "
+                         f"({Vs}); Vt >= Vs is required (a padded teacher vocabulary is sliced to Vs)")
+    check_same_device(student_hidden=student_hidden, student_weight=student_weight, teacher_hidden=teacher_hidden,
+                      teacher_weight=teacher_weight, response_mask=response_mask, step_ids=step_ids,
+                      target_ids=target_ids, student_bias=student_bias, teacher_bias=teacher_bias)
+    ids = check_targets_and_steps(step_divergence, target_ids, lead, Vs, response_mask, step_ids, token_weights,
+                                  check_inputs)
+    if token_weights is not None:
+        check_same_device(student_hidden=student_hidden, token_weights=token_weights)
+    impl = resolve_backend(backend, student_hidden.device)
+
+    single = student_hidden.dim() == 2
+    step_rows = ids.unsqueeze(0) if single else ids
+    B, T = step_rows.shape
+    flat_ids = step_rows.reshape(-1)
+    row_index = torch.nonzero(flat_ids >= 0).squeeze(1)
+    num_active = row_index.numel()  # the one host sync the API needs: it sizes the kernels' work
+    sh = student_hidden.reshape(-1, student_hidden.shape[-1]).contiguous()
+    th = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).contiguous()
+    y = None if target_ids is None else target_ids.reshape(-1).to(torch.int64).contiguous()
+    sw, tw = student_weight.contiguous(), teacher_weight.contiguous()
+    acc = compute_dtype(student_hidden.dtype)
+    given = None if token_weights is None else token_weights.detach().to(acc).reshape(B, T)
+    options = PassOptions(backend=impl, memory=memory, chunk_size=chunk_size, temperature=temperature,
+                          divergence=divergence, student_softcap=student_softcap, teacher_softcap=teacher_softcap)
+    loss = None
+    with no_autocast(student_hidden.device):
+        if memory == "fast" and reduction != "none" and num_active and single_pass_backend(impl) and \
+                needs_student_grad(student_hidden, student_weight, student_bias):
+            plan = single_pass_plan(step_rows, row_index, given, step_divergence, epsilon, delta, chunk_size,
+                                    student_weight.shape[0], student_hidden.element_size())
+            if plan is not None:
+                chunks, chunk_weights = plan
+                normalizer = float(max(num_active, 1)) if reduction == "token_mean" else 1.0
+                loss, D, lp_s, lp_t = SinglePassKL.apply(
+                    sh, sw, student_bias, th, tw, teacher_bias, row_index, y, options,
+                    SinglePassPlan(chunks, chunk_weights, coef, normalizer, step_divergence == "sampled"))
+        if loss is None:
+            D, _, _, lp_s, lp_t = TokenDivergence.apply(sh, sw, student_bias, th, tw, teacher_bias, row_index, y,
+                                                        options)
+    return finish_loss(loss, D, lp_s, lp_t, row_index, step_rows, given, single=single, step_divergence=step_divergence,
+                       epsilon=epsilon, delta=delta, coef=coef, reduction=reduction, return_stats=return_stats,
+                       check_inputs=check_inputs, inputs="student_hidden, teacher_hidden or the weights/biases")

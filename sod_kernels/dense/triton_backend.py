@@ -1,0 +1,359 @@
+"""GPU backend of ``fused_sod_loss``: the KL epilogue on the chunked core (:mod:`sod_kernels.core.chunks`).
+
+Three ways to run, all deterministic (no atomics) and none holding ``tokens x vocabulary`` memory:
+
+- :func:`single_pass_loss` (default whenever the weights are known in-pass: ``token_weights``,
+  ``step_divergence="none"``, or ``"kl"``/``"sampled"`` with chunks cut at step boundaries; scalar
+  reductions).  Per row chunk: both logit products (float32 output), the statistics kernel, the loss, and
+  right away ``d(logits)`` and its two products.  ``2 N V (Hs + Ht) + 4 N V Hs`` FLOPs: the single-pass
+  minimum.  The gradients are formed during the forward for an upstream gradient of 1 and scaled by the
+  real one in backward.
+- :func:`divergence_forward` / :func:`divergence_backward` (the :class:`~sod_kernels.dense.autograd.TokenDivergence`
+  contract; used for ``reduction="none"``, forward-only calls, and steps longer than a chunk): the forward
+  keeps only O(N) statistics; the backward recomputes the logit blocks.  ``2 N V (Hs + Ht)`` more FLOPs.
+- ``memory="low"``: the same two passes over ``rows x vocabulary-slice`` blocks (the backward with the
+  vocabulary slices outermost, so the float32 ``d(weight)`` accumulator is one slice, not ``V x Hs``).
+
+Headline arithmetic (N = 16384, V = 151936, Hs = 1024, Ht = 2560, bf16): products 2.80e13 FLOP in one pass
+(36 ms at 780 TFLOP/s); the epilogue moves ``8 N V`` (statistics) + ``10 N V`` (gradient) bytes = 45 GB
+(~11 ms at 4.3 TB/s); the d(weight) accumulation ``8 V Hs`` bytes per chunk.  Chunk rows come from a byte
+budget (:data:`sod_kernels.core.chunks.FAST_CHUNK_BYTES`, ~500 rows at V = 152k).
+
+Dtypes: float32, bfloat16, float16 (products with float32 accumulation and float32 logits; the gradient
+blocks in the input dtype).  float64 raises TypeError (use ``backend="torch"``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..core.chunks import (FAST_CHUNK_BYTES, LOW_MEMORY_CHUNK_BYTES, GradAccumulator, LMHead, chunk_rows, even_chunks,
+                           gather_rows, logits_into, row_selector)
+from ..core.tiles import apply_softcap
+from .kernels import KLRowStats, kl_logit_grad, kl_partials, kl_row_stats, merge_kl_partials
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DIVERGENCE_NAMES = ("reverse_kl", "forward_kl")
+MEMORY_MODES = ("fast", "low")
+LOW_MEMORY_ROWS = 1024   # rows per block in the low-memory mode (the vocabulary slice is sized from the budget)
+SLICE_MULTIPLE = 2048
+
+
+def _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, divergence, temperature):
+    for name, t in (("student_hidden", student_hidden), ("student_weight", student_weight),
+                    ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)):
+        if t.dtype == torch.float64:
+            raise TypeError(f"the Triton backend does not support float64 ({name} is float64); "
+                            "use backend='torch' for float64 inputs")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; the Triton backend supports float32, bfloat16 and float16")
+    if student_hidden.dtype != student_weight.dtype or teacher_hidden.dtype != teacher_weight.dtype:
+        raise TypeError("student_hidden/student_weight and teacher_hidden/teacher_weight must share a dtype per "
+                        f"model; got {student_hidden.dtype}/{student_weight.dtype} and "
+                        f"{teacher_hidden.dtype}/{teacher_weight.dtype}")
+    if divergence not in DIVERGENCE_NAMES:
+        raise ValueError(f"divergence must be one of {DIVERGENCE_NAMES}, got {divergence!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if teacher_weight.shape[0] < student_weight.shape[0]:
+        raise ValueError(f"teacher_weight has a smaller vocabulary ({teacher_weight.shape[0]}) than student_weight "
+                         f"({student_weight.shape[0]})")
+
+
+@dataclass
+class KLProblem:
+    """The inputs of one call, as the chunk loops see them (rows of ``row_index`` in order)."""
+
+    student: LMHead
+    teacher: LMHead
+    row_index: torch.Tensor
+    contiguous: bool          # row_index is arange(N): chunks are slices, no gathers
+    target_ids: torch.Tensor | None
+    forward_kl: bool
+    temperature: float
+    student_softcap: float | None = None  # cap tanh(x / cap) of each model's raw logits, before 1/tau
+    teacher_softcap: float | None = None
+
+    @classmethod
+    def build(cls, sh, sw, sb, th, tw, tb, row_index, target_ids, divergence, temperature, *,
+              student_softcap: float | None = None, teacher_softcap: float | None = None) -> KLProblem:
+        _check_inputs(sh, sw, th, tw, divergence, temperature)
+        vocab = sw.shape[0]
+        rows = row_index.to(torch.int64).contiguous()
+        n = rows.numel()
+        contiguous = n == sh.shape[0] and (n == 0 or bool(rows[-1] == n - 1))  # rows ascend and are unique
+        return cls(LMHead(_row_major(sh), _row_major(sw), sb, vocab), LMHead(_row_major(th), _row_major(tw), tb, vocab),
+                   rows, contiguous, None if target_ids is None else target_ids.to(torch.int64), divergence == "forward_kl",
+                   float(temperature), None if student_softcap is None else float(student_softcap),
+                   None if teacher_softcap is None else float(teacher_softcap))
+
+    @property
+    def n_rows(self) -> int:
+        return self.row_index.numel()
+
+    @property
+    def vocab(self) -> int:
+        return self.student.vocab
+
+    def rows(self, start: int, stop: int):
+        return row_selector(self.row_index, start, stop, self.contiguous)
+
+    def targets(self, start: int, stop: int) -> torch.Tensor | None:
+        if self.target_ids is None:
+            return None
+        return self.target_ids[self.rows(start, stop)]
+
+    def bias(self, head: LMHead, columns: slice | None = None) -> torch.Tensor | None:
+        b = head.used_bias
+        return b if (b is None or columns is None) else b[columns]
+
+    @property
+    def epilogue(self) -> dict:
+        """The keyword arguments every epilogue call shares."""
+        return {"forward_kl": self.forward_kl, "temperature": self.temperature,
+                "student_softcap": self.student_softcap, "teacher_softcap": self.teacher_softcap}
+
+
+def _row_major(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class _Blocks:
+    """Reusable ``[rows, cols]`` float32 logit blocks for both models (gradient blocks: GradAccumulator)."""
+
+    def __init__(self, rows: int, cols: int, device):
+        self.xs = torch.empty(rows, cols, dtype=torch.float32, device=device)
+        self.xt = torch.empty(rows, cols, dtype=torch.float32, device=device)
+
+    def logits(self, p: KLProblem, start: int, stop: int, columns: slice | None = None):
+        """``(student hidden rows, xs, xt)`` of rows ``[start, stop)`` and the given vocabulary columns."""
+        rows = p.rows(start, stop)
+        hs, ht = gather_rows(p.student.hidden, rows), gather_rows(p.teacher.hidden, rows)
+        ws, wt = p.student.used_weight, p.teacher.used_weight
+        if columns is not None:
+            ws, wt = ws[columns], wt[columns]
+        n, width = stop - start, ws.shape[0]
+        return hs, logits_into(_view(self.xs, n, width), hs, ws), logits_into(_view(self.xt, n, width), ht, wt)
+
+
+def _view(buffer: torch.Tensor, n: int, width: int) -> torch.Tensor:
+    """A contiguous ``[n, width]`` view at the start of a reusable buffer."""
+    return buffer.view(-1)[:n * width].view(n, width)
+
+
+def _sampled_logprobs(p: KLProblem, start: int, stop: int, xs, xt, stats: KLRowStats):
+    """``(log p_s(y), log p_t(y))`` of the chunk's rows from the whole-vocabulary blocks."""
+    y = p.targets(start, stop)
+    col = y[:, None]
+    zs, zt = xs.gather(1, col).squeeze(1), xt.gather(1, col).squeeze(1)
+    if p.student.bias is not None:
+        zs = zs + p.student.bias[y].float()
+    if p.teacher.bias is not None:
+        zt = zt + p.teacher.bias[y].float()
+    zs, zt = apply_softcap(zs, p.student_softcap), apply_softcap(zt, p.teacher_softcap)
+    return zs / p.temperature - stats.lse_s, zt / p.temperature - stats.lse_t
+
+
+class ForwardResult:
+    """Per-row outputs ``[Na]`` float32: D, lse_s, lse_t, logp_s(y), logp_t(y) (None without targets), and
+    ``frame [3, Na]`` (max_s, max_t, centre) that the backward's gradient kernel needs."""
+
+    def __init__(self, n: int, device, with_targets: bool):
+        empty = lambda: torch.empty(n, dtype=torch.float32, device=device)  # noqa: E731
+        self.D, self.lse_s, self.lse_t = empty(), empty(), empty()
+        self.lp_s = empty() if with_targets else None
+        self.lp_t = empty() if with_targets else None
+        self.frame = torch.empty(3, n, dtype=torch.float32, device=device)
+
+    def store(self, start: int, stop: int, stats: KLRowStats, sampled=None) -> None:
+        self.D[start:stop], self.lse_s[start:stop], self.lse_t[start:stop] = stats.D, stats.lse_s, stats.lse_t
+        self.frame[0, start:stop], self.frame[1, start:stop], self.frame[2, start:stop] = \
+            stats.max_s, stats.max_t, stats.centre
+        if sampled is not None:
+            self.lp_s[start:stop], self.lp_t[start:stop] = sampled
+
+    def stats(self, start: int, stop: int) -> KLRowStats:
+        return KLRowStats(self.D[start:stop], self.lse_s[start:stop], self.lse_t[start:stop],
+                          self.frame[0, start:stop], self.frame[1, start:stop], self.frame[2, start:stop])
+
+
+def _slices(vocab: int, rows: int, budget: int) -> list[slice]:
+    width = max(budget // max(rows * 10, 1), 1)
+    if width > SLICE_MULTIPLE:
+        width -= width % SLICE_MULTIPLE
+    width = min(width, vocab)
+    return [slice(v, min(v + width, vocab)) for v in range(0, vocab, width)]
+
+
+# ------------------------------------------------------------------------------------------ two passes
+def divergence_forward(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                       row_index, target_ids, *, divergence: str, temperature: float, chunk_size: int | None = None,
+                       memory: str = "fast", student_softcap: float | None = None,
+                       teacher_softcap: float | None = None):
+    """Per-token divergence and softmax statistics of the rows ``row_index`` (no gradient work).
+
+    Args: ``student_hidden [N, Hs]``, ``student_weight [Vs, Hs]``, ``student_bias [Vs]`` or None,
+    ``teacher_hidden [N, Ht]``, ``teacher_weight [Vt >= Vs, Ht]`` (first Vs rows used), ``teacher_bias`` or
+    None; ``row_index [Na]`` int64 ascending; ``target_ids [N]`` int64 or None; ``chunk_size``: rows per
+    chunk (default from the memory budget); ``memory``: ``"fast"`` or ``"low"``; ``student_softcap`` /
+    ``teacher_softcap``: ``cap tanh(x / cap)`` of that model's raw logits before ``1/tau``, or None.
+    Returns ``(D, lse_student, lse_teacher, logp_student(y), logp_teacher(y), frame)``: ``[Na]`` float32
+    each (the sampled log-probs None without targets), ``frame [3, Na]`` for :func:`divergence_backward`.
+    """
+    p = KLProblem.build(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                        row_index, target_ids, divergence, temperature, student_softcap=student_softcap,
+                        teacher_softcap=teacher_softcap)
+    out = ForwardResult(p.n_rows, student_hidden.device, target_ids is not None)
+    if memory == "low":
+        _forward_low_memory(p, out, chunk_size)
+    else:
+        rows = chunk_rows(p.n_rows, p.vocab, 8, budget=FAST_CHUNK_BYTES, chunk_size=chunk_size)
+        blocks = _Blocks(min(rows, max(p.n_rows, 1)), p.vocab, student_hidden.device)
+        for start, stop in even_chunks(p.n_rows, rows):
+            _, xs, xt = blocks.logits(p, start, stop)
+            stats = kl_row_stats(xs, xt, p.bias(p.student), p.bias(p.teacher), **p.epilogue)
+            sampled = _sampled_logprobs(p, start, stop, xs, xt, stats) if target_ids is not None else None
+            out.store(start, stop, stats, sampled)
+    return out.D, out.lse_s, out.lse_t, out.lp_s, out.lp_t, out.frame
+
+
+def _forward_low_memory(p: KLProblem, out: ForwardResult, chunk_size: int | None) -> None:
+    rows = chunk_size or LOW_MEMORY_ROWS
+    slices = _slices(p.vocab, min(rows, max(p.n_rows, 1)), LOW_MEMORY_CHUNK_BYTES)
+    width = slices[0].stop - slices[0].start if slices else 1
+    blocks = _Blocks(min(rows, max(p.n_rows, 1)), width, p.student.hidden.device)
+    for start, stop in even_chunks(p.n_rows, rows):
+        parts = []
+        for cols in slices:
+            _, xs, xt = blocks.logits(p, start, stop, cols)
+            parts.append(kl_partials(xs, xt, p.bias(p.student, cols), p.bias(p.teacher, cols), **p.epilogue))
+        stats = merge_kl_partials(torch.cat(parts, dim=2), forward_kl=p.forward_kl)
+        sampled = _sampled_logprobs_gathered(p, start, stop, stats) if p.target_ids is not None else None
+        out.store(start, stop, stats, sampled)
+
+
+def _sampled_logprobs_gathered(p: KLProblem, start: int, stop: int, stats: KLRowStats):
+    """Sampled log-probs from one gathered dot product per row and model (no whole-vocabulary block)."""
+    rows, y = p.rows(start, stop), p.targets(start, stop)
+    out = []
+    for head, lse, cap in ((p.student, stats.lse_s, p.student_softcap), (p.teacher, stats.lse_t, p.teacher_softcap)):
+        h = gather_rows(head.hidden, rows).float()
+        z = (h * head.weight.index_select(0, y).float()).sum(1)
+        if head.bias is not None:
+            z = z + head.bias[y].float()
+        out.append(apply_softcap(z, cap) / p.temperature - lse)
+    return tuple(out)
+
+
+def divergence_backward(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                        row_index, lse_student, lse_teacher, token_divergence, grad_divergence, *, divergence: str,
+                        temperature: float, need_hidden: bool = True, need_weight: bool = True,
+                        need_bias: bool = True, frame: torch.Tensor | None = None, chunk_size: int | None = None,
+                        memory: str = "fast", student_softcap: float | None = None,
+                        teacher_softcap: float | None = None):
+    """Gradients of ``sum_i grad_divergence[i] * D[i]`` w.r.t. the student's hidden, weight and bias.
+
+    ``frame`` is :func:`divergence_forward`'s last output (recomputed from the logits when None).
+    Returns ``(d_hidden [N, Hs], d_weight [Vs, Hs], d_bias [Vs])`` in the inputs' dtypes (None where not
+    needed); rows outside ``row_index`` get zero gradient.
+    """
+    p = KLProblem.build(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                        row_index, None, divergence, temperature, student_softcap=student_softcap,
+                        teacher_softcap=teacher_softcap)
+    low = memory == "low"
+    rows = (chunk_size or LOW_MEMORY_ROWS) if low else \
+        chunk_rows(p.n_rows, p.vocab, 8 + 2 * student_hidden.element_size(), budget=FAST_CHUNK_BYTES,
+                   chunk_size=chunk_size)
+    rows = min(rows, max(p.n_rows, 1))
+    slices = _slices(p.vocab, rows, LOW_MEMORY_CHUNK_BYTES) if low else None
+    acc = GradAccumulator(p.student, p.row_index, p.contiguous, need_hidden=need_hidden, need_weight=need_weight,
+                          need_bias=need_bias, block_rows=rows,
+                          block_cols=(slices[0].stop - slices[0].start) if low else p.vocab, sliced=low)
+    if not acc.active or p.n_rows == 0:
+        return acc.finish()
+    scale = grad_divergence.to(torch.float32) / p.temperature
+    saved = None
+    if frame is not None:
+        saved = ForwardResult.__new__(ForwardResult)
+        saved.D, saved.lse_s, saved.lse_t, saved.frame = token_divergence, lse_student, lse_teacher, frame
+    if low:
+        _backward_low_memory(p, acc, scale, saved, rows, slices)
+        return acc.finish()
+    blocks = _Blocks(rows, p.vocab, student_hidden.device)
+    for start, stop in even_chunks(p.n_rows, rows):
+        hs, xs, xt = blocks.logits(p, start, stop)
+        stats = saved.stats(start, stop) if saved is not None else \
+            kl_row_stats(xs, xt, p.bias(p.student), p.bias(p.teacher), **p.epilogue)
+        grad = kl_logit_grad(xs, xt, p.bias(p.student), p.bias(p.teacher), stats, scale[start:stop],
+                             acc.grad_block(stop - start), **p.epilogue)
+        acc.add(grad, start, stop, hs)
+    return acc.finish()
+
+
+def _backward_low_memory(p: KLProblem, acc: GradAccumulator, scale, saved, rows: int, slices: list[slice]) -> None:
+    if saved is None:  # the statistics first (one more pass), then the vocabulary-sliced gradient
+        fwd = ForwardResult(p.n_rows, p.student.hidden.device, False)
+        _forward_low_memory(p, fwd, rows)
+        saved = fwd
+    blocks = _Blocks(rows, slices[0].stop - slices[0].start, p.student.hidden.device)
+    for cols in slices:
+        acc.begin_slice(cols)
+        for start, stop in even_chunks(p.n_rows, rows):
+            hs, xs, xt = blocks.logits(p, start, stop, cols)
+            grad = kl_logit_grad(xs, xt, p.bias(p.student, cols), p.bias(p.teacher, cols), saved.stats(start, stop),
+                                 scale[start:stop], acc.grad_block(stop - start, cols.stop - cols.start),
+                                 **p.epilogue)
+            acc.add(grad, start, stop, hs, columns=cols)
+        acc.end_slice()
+
+
+# ------------------------------------------------------------------------------------------- one pass
+@dataclass
+class SinglePassResult:
+    """What :func:`single_pass_loss` returns: the loss (0-D float32), per-row D / sampled log-probs
+    (``[Na]`` float32, the latter None without targets) and the student's gradients for an upstream
+    gradient of 1 (None where not needed)."""
+
+    loss: torch.Tensor
+    D: torch.Tensor
+    lp_s: torch.Tensor | None
+    lp_t: torch.Tensor | None
+    grads: tuple
+
+
+def single_pass_loss(p: KLProblem, chunks: list[tuple[int, int]],
+                     chunk_weights: Callable[[int, int, torch.Tensor, torch.Tensor | None], torch.Tensor], *,
+                     coef: float, normalizer: float, need_hidden: bool, need_weight: bool, need_bias: bool,
+                     sampled_signal: bool = False) -> SinglePassResult:
+    """``L = coef * sum_i w_i D_i / normalizer`` and its student gradients in one pass over ``chunks``.
+
+    ``chunk_weights(start, stop, D, signal)`` returns the ``[stop - start]`` weights of a chunk's rows
+    (``signal`` = the sampled-token gap ``|logp_s(y) - logp_t(y)|`` if ``sampled_signal``, else ``D``).
+    """
+    device = p.student.hidden.device
+    out = ForwardResult(p.n_rows, device, p.target_ids is not None)
+    longest = max((b - a for a, b in chunks), default=1)
+    acc = GradAccumulator(p.student, p.row_index, p.contiguous, need_hidden=need_hidden, need_weight=need_weight,
+                          need_bias=need_bias, block_rows=longest)
+    blocks = _Blocks(longest, p.vocab, device)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    grad_scale = coef / (normalizer * p.temperature)
+    for start, stop in chunks:
+        hs, xs, xt = blocks.logits(p, start, stop)
+        stats = kl_row_stats(xs, xt, p.bias(p.student), p.bias(p.teacher), **p.epilogue)
+        sampled = _sampled_logprobs(p, start, stop, xs, xt, stats) if p.target_ids is not None else None
+        out.store(start, stop, stats, sampled)
+        signal = (sampled[0] - sampled[1]).abs() if sampled_signal else stats.D
+        w = chunk_weights(start, stop, stats.D, signal)
+        total += (w.to(torch.float64) * stats.D.to(torch.float64)).sum()
+        if acc.active:
+            grad = kl_logit_grad(xs, xt, p.bias(p.student), p.bias(p.teacher), stats,
+                                 (w * grad_scale).to(torch.float32), acc.grad_block(stop - start),
+                                 **p.epilogue)
+            acc.add(grad, start, stop, hs)
+    del blocks
+    loss = (total * (coef / normalizer)).to(torch.float32)
+    return SinglePassResult(loss, out.D, out.lp_s, out.lp_t, acc.finish())

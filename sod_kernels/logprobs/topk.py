@@ -1,0 +1,95 @@
+"""``fused_topk_logprobs``: a model's exact top-k log-probabilities per position, without ``N x V`` memory.
+
+What a sparse teacher returns (:func:`sod_kernels.fused_sparse_sod_loss` takes it): per position the ``k``
+ids with the largest log-softmax values and those values.  Rows are processed in chunks: one float32 logit
+block ``[C, V]`` (:func:`sod_kernels.core.chunks.logits_into`), its log-sum-exp, and ``torch.topk`` on keys
+that make every entry distinct, so the result is exact and deterministic:
+
+- key = (the float32 logit mapped to an order-preserving integer) * 2^32 + (V - 1 - id): a larger logit
+  wins, and among equal logits the lower id (``-0.0`` counts as ``+0.0``).
+- The top-k of the keys is unique, so it does not depend on ``torch.topk``'s tie handling, the device or
+  the chunk size; the ids come out largest log-prob first, ties in ascending id order.
+
+Memory per chunk: the float32 block and an int64 key block (about 24 bytes per entry with temporaries),
+sized from a byte budget; O(N k) outputs.  No gradient (the teacher is scored, not trained).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..core.validation import check_chunk_size, check_lm_head, check_positive
+from ..core.chunks import FAST_CHUNK_BYTES, LOW_MEMORY_CHUNK_BYTES, chunk_rows, even_chunks, logits_into
+from ..core.runtime import no_autocast
+
+BYTES_PER_ENTRY = 24          # float32 logits + int64 keys + int32 temporaries
+SIGN_FREE_BITS = 0x7FFFFFFF   # float32 bits below the sign: flipped for negative values
+
+
+def _order_keys(z: torch.Tensor) -> torch.Tensor:
+    """``[C, V]`` int64 keys of float32 logits: larger logit -> larger key; equal logits -> lower id larger."""
+    bits = z.view(torch.int32)
+    ordered = bits ^ ((bits >> 31) & SIGN_FREE_BITS)   # IEEE order as signed integers (negatives flipped)
+    vocab = z.shape[1]
+    low = torch.arange(vocab - 1, -1, -1, dtype=torch.int64, device=z.device)
+    return ordered.to(torch.int64).mul_(1 << 32).add_(low)
+
+
+def fused_topk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, k: int, *, bias: torch.Tensor | None = None,
+                        temperature: float = 1.0, chunk_size: int | None = None):
+    """The ``k`` largest entries of ``log_softmax((hidden @ weight.T + bias) / temperature)`` per position.
+
+    Args:
+        hidden: ``[N, H]`` or ``[B, T, H]`` floating (float32 / bfloat16 / float16 / float64).
+        weight: ``[V, H]`` lm_head weight of the same dtype.
+        k: number of ids per position, ``1 <= k <= V``.
+        bias: optional ``[V]``.
+        temperature: ``> 0``; the logits are divided by it.
+        chunk_size: rows per chunk (default: from a memory budget and ``V``).
+    Returns:
+        ``(ids, logprobs)``: ``[..., k]`` int64 ids and ``[..., k]`` float32 log-probabilities (the leading
+        shape of ``hidden``), largest first; equal values in ascending id order.  The logits are formed in
+        float32 (float32 accumulation) whatever the input dtype.  No gradient flows.
+    """
+    check_lm_head(hidden, weight, bias, hidden_name="hidden", weight_name="weight", bias_name="bias")
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    V = weight.shape[0]
+    if not 1 <= k <= V:
+        raise ValueError(f"k must satisfy 1 <= k <= V = {V} (the vocabulary size), got {k}")
+    temperature = check_positive(temperature, "temperature")
+    check_chunk_size(chunk_size)
+    if hidden.device != weight.device or (bias is not None and bias.device != weight.device):
+        raise ValueError(f"hidden, weight and bias must be on one device, got hidden on {hidden.device} and weight "
+                         f"on {weight.device}")
+    lead = tuple(hidden.shape[:-1])
+    h = hidden.detach().reshape(-1, hidden.shape[-1])
+    w = weight.detach()
+    if w.dtype == torch.float64 or (h.device.type != "cuda" and w.dtype != torch.float32):
+        w = w.float()   # one float32 copy (16-bit on CUDA multiply natively with float32 output)
+    b = None if bias is None else bias.detach().float()
+    N = h.shape[0]
+    budget = FAST_CHUNK_BYTES if h.device.type == "cuda" else LOW_MEMORY_CHUNK_BYTES
+    rows = chunk_rows(N, V, BYTES_PER_ENTRY, budget=budget, chunk_size=chunk_size)
+    ids = torch.empty(N, k, dtype=torch.int64, device=h.device)
+    logprobs = torch.empty(N, k, dtype=torch.float32, device=h.device)
+    lse_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+    block = torch.empty(min(rows, max(N, 1)), V, dtype=torch.float32, device=h.device)
+    with torch.no_grad(), no_autocast(h.device):
+        for start, stop in even_chunks(N, rows):
+            x = h[start:stop]
+            z = logits_into(block[: stop - start], x if x.dtype == w.dtype else x.to(w.dtype), w)
+            if b is not None:
+                z += b
+            if temperature != 1.0:
+                z /= temperature
+            z += 0.0  # -0.0 -> +0.0, so that equal values have equal keys
+            lse = torch.logsumexp(z, dim=1)
+            lse_sum += lse.sum()
+            top = _order_keys(z).topk(k, dim=1).values
+            cols = (V - 1) - (top & 0xFFFFFFFF)
+            ids[start:stop] = cols
+            logprobs[start:stop] = z.gather(1, cols) - lse[:, None]
+    if N and torch.isnan(lse_sum):
+        raise ValueError("the logits contain NaN: hidden, weight or bias hold NaN (or Inf - Inf)")
+    return ids.reshape(*lead, k), logprobs.reshape(*lead, k)

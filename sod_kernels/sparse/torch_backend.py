@@ -1,0 +1,131 @@
+"""Chunked PyTorch backend of :func:`sod_kernels.fused_sparse_sod_loss` (CPU default; float64 supported).
+
+Same tiling as :mod:`sod_kernels.dense.torch_backend`: rows in chunks of ``R``, the vocabulary in tiles of ``BV``
+columns, never ``N x V``.  Forward, per row chunk: every logit tile is computed once; the logits at the
+teacher's ids that fall in the tile are read and those entries set to ``-inf``; an online log-sum-exp
+over the masked tiles gives the tail log-sum-exp.  :func:`sod_kernels.sparse.rows.coarse_grained_rows` then
+gives the divergence and the per-row gradient terms (``O(N k)`` kept for the backward).  Backward: the tiles
+are recomputed, ``d(logits) = c_row exp(z - lse_tail)`` with the ``k`` id values written over their
+columns, and contracted into ``d(hidden)``, ``d(weight)``, ``d(bias)``.
+
+Cost: forward ``2 Na V H`` FLOPs, backward ``2 Na V H + 4 Na V H``.  Extra memory: a few ``R x BV`` tiles,
+``O(Na k)`` terms and, for 16-bit weights, one float32 copy of the weight.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..core.tiles import compute_dtype, rows_per_tile, tile_logits, tile_logits_and_slope, vocab_tile
+from .rows import SparseForward, coarse_grained_rows
+
+MIN_LOGIT = -1e30
+
+
+def _head(weight, bias, dt):
+    return weight.to(dt), None if bias is None else bias.to(dt)
+
+
+def _tile(w, b, v0, v1):
+    return w[v0:v1], None if b is None else b[v0:v1]
+
+
+def _ids_in(ids: torch.Tensor, v0: int, v1: int):
+    """``(rows, slots, columns)`` of the ids of a chunk that fall in the tile ``[v0, v1)``."""
+    r, j = ((ids >= v0) & (ids < v1)).nonzero(as_tuple=True)
+    return r, j, ids[r, j] - v0
+
+
+def sweep_tiles(h, w, b, ids, y, vocab: int, tile: int, temperature: float, softcap: float | None = None):
+    """One sweep over the ``tile``-column logit tiles of a row chunk ``h [n, H]`` against ``w [vocab, H]``:
+    ``(z_ids [n, k], z_y [n] or None, m [n], l [n])``: the logits at ``ids`` (0 where an id is outside
+    ``[0, vocab)``, e.g. held by another rank's shard), at ``y`` (0 where outside; None without ``y``), and the
+    running maximum and sum of exponentials of the remaining columns, the tail (``MIN_LOGIT`` and 0 if none);
+    ``softcap``: ``cap tanh(x / cap)`` of the raw logits before ``1/tau``, or None."""
+    n, k = ids.shape
+    dt, device = h.dtype, h.device
+    z_ids = torch.zeros(n, k, dtype=dt, device=device)
+    z_y = torch.zeros(n, dtype=dt, device=device) if y is not None else None
+    m = torch.full((n,), MIN_LOGIT, dtype=dt, device=device)
+    l = torch.zeros(n, dtype=dt, device=device)
+    for v0 in range(0, vocab, tile):
+        v1 = min(v0 + tile, vocab)
+        z = tile_logits(h, *_tile(w, b, v0, v1), temperature, softcap)
+        if y is not None:
+            inside = (y >= v0) & (y < v1)
+            col = (y - v0).clamp(0, v1 - v0 - 1)[:, None]
+            z_y = torch.where(inside, z.gather(1, col).squeeze(1), z_y)
+        r, j, cols = _ids_in(ids, v0, v1)
+        z_ids[r, j] = z[r, cols]
+        z[r, cols] = float("-inf")
+        new = torch.maximum(m, z.amax(1))
+        l = l * (m - new).exp() + (z - new[:, None]).exp_().sum(1)
+        m = new
+    return z_ids, z_y, m, l
+
+
+def sparse_forward(hidden, weight, bias, row_index, ids, logprobs, target_ids, *, divergence: str,
+                   temperature: float, chunk_size: int | None = None, softcap: float | None = None,
+                   memory: str = "fast") -> SparseForward:
+    """Per-row coarse-grained divergence of the rows ``row_index``; arguments as
+    :func:`sod_kernels.sparse.triton_backend.sparse_forward` (``memory`` changes nothing here: both modes sweep
+    rows x vocabulary tiles).  Outputs in float32 (float64 for float64 inputs)."""
+    V, dt, device = weight.shape[0], compute_dtype(hidden.dtype), hidden.device
+    w, b = _head(weight, bias, dt)
+    Na, k = ids.shape
+    out = SparseForward.empty(Na, k, device, dt, target_ids is not None)
+    R, BV = rows_per_tile(V, chunk_size), vocab_tile(V)
+    with torch.no_grad():
+        for start in range(0, Na, R):
+            stop = min(start + R, Na)
+            h = hidden[row_index[start:stop]].to(dt)
+            I = ids[start:stop]
+            y = None if target_ids is None else target_ids[start:stop]
+            z_ids, z_y, m, l = sweep_tiles(h, w, b, I, y, V, BV, temperature, softcap)
+            t = coarse_grained_rows(z_ids, m + l.log(), logprobs[start:stop], forward_kl=divergence == "forward_kl",
+                                    vocab=V, ids=I, target_ids=y, z_target=z_y)
+            out.store(start, stop, t)
+    return out
+
+
+def sparse_backward(hidden, weight, bias, row_index, ids, saved: SparseForward, grad_divergence, *,
+                    temperature: float, need_hidden: bool = True, need_weight: bool = True, need_bias: bool = True,
+                    chunk_size: int | None = None, softcap: float | None = None, memory: str = "fast"):
+    """Gradients of ``sum_i grad_divergence[i] * D[i]``; arguments and results as
+    :func:`sod_kernels.sparse.triton_backend.sparse_backward`."""
+    V, dt = weight.shape[0], compute_dtype(hidden.dtype)
+    w, b = _head(weight, bias, dt)
+    d_hidden = torch.zeros(hidden.shape, dtype=dt, device=hidden.device) if need_hidden else None
+    d_weight = torch.zeros(w.shape, dtype=dt, device=w.device) if need_weight else None
+    d_bias = torch.zeros(V, dtype=dt, device=w.device) if (need_bias and bias is not None) else None
+    R, BV = rows_per_tile(V, chunk_size), vocab_tile(V)
+    Na = ids.shape[0]
+    with torch.no_grad():
+        for start in range(0, Na, R):
+            stop = min(start + R, Na)
+            rows = row_index[start:stop]
+            scale = grad_divergence[start:stop].to(dt) / temperature
+            tail = (scale * saved.grad_tail[start:stop].to(dt))[:, None]
+            values = scale[:, None] * saved.grad_ids[start:stop].to(dt)
+            lse_tail = saved.lse_tail[start:stop].to(dt)[:, None]
+            h = hidden[rows].to(dt)
+            I = ids[start:stop]
+            d_rows = torch.zeros(stop - start, w.shape[1], dtype=dt, device=w.device) if need_hidden else None
+            for v0 in range(0, V, BV):
+                v1 = min(v0 + BV, V)
+                z, slope = tile_logits_and_slope(h, *_tile(w, b, v0, v1), temperature, softcap)
+                dx = z.sub_(lse_tail).exp_().mul_(tail)
+                r, j, cols = _ids_in(I, v0, v1)
+                dx[r, cols] = values[r, j]   # the id columns: their own values (overwriting the tail formula)
+                if slope is not None:        # d(capped logit) / d(raw logit), every column
+                    dx.mul_(slope)
+                if d_rows is not None:
+                    d_rows.addmm_(dx, w[v0:v1])
+                if d_weight is not None:
+                    d_weight[v0:v1].addmm_(dx.T, h)
+                if d_bias is not None:
+                    d_bias[v0:v1] += dx.sum(0)
+            if d_hidden is not None:
+                d_hidden.index_add_(0, rows, d_rows)
+    cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
+    return cast(d_hidden, hidden), cast(d_weight, weight), cast(d_bias, bias)
