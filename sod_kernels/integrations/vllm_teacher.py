@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-from ..sparse_validation import logprob_tolerance
+from ..sparse.validation import logprob_tolerance
 
 __all__ = [
     "TeacherConnectionError",
