@@ -166,7 +166,7 @@ def _response_hidden(model, micro_batch: Mapping):
     if not torch.equal(input_ids[:, -R:], responses):
         raise ValueError("responses must equal the last R tokens of input_ids (prompt + response, verl's layout)")
     extra = {"position_ids": micro_batch["position_ids"]} if micro_batch.get("position_ids") is not None else {}
-    hidden = hf.final_hidden_states(model, input_ids, micro_batch.get("attention_mask"), **extra)
+    hidden = hf.final_hidden_states(model, input_ids, micro_batch.get("attention_mask"), model_kwargs=extra)
     head = hf.lm_head(model)
     hidden, bias = hf.fold_logit_scale(hidden[:, -R - 1:-1], head)
     return hidden, head.weight, bias, head.processing.softcap
