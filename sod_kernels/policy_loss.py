@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._finite import check_finite
 from ._validation import (REDUCTIONS, check_binary_mask, check_choice, check_chunk_size, check_lm_head,
                           check_positive, check_same_device, check_shape, check_tensor)
 from .token_divergence import check_softcap, no_autocast, single_pass_gradients
@@ -152,6 +153,9 @@ def finish_policy_loss(logp, old, adv, clip, row_index, lead, *, reduction: str,
             loss = per_row.sum()
         else:
             loss = per_row.sum() / normalizer
+    if check_inputs:  # read only at the response tokens (the rows given)
+        check_finite(old, "old_logprobs", where="where response_mask is 1")
+        check_finite(adv, "advantages", where="where response_mask is 1")
     if check_inputs and row_index.numel() and not bool(torch.isfinite(per_row.detach()).all()):
         raise ValueError("the policy loss is not finite: student_hidden, student_weight / student_bias, "
                          "old_logprobs or advantages contain NaN or Inf (or the logits overflow)")
