@@ -185,7 +185,8 @@ def _model_kwargs(model_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
     if model_kwargs is None:
         return {}
     if not isinstance(model_kwargs, Mapping):
-        raise TypeError(f"model_kwargs must be a mapping of extra model inputs or None, got {type(model_kwargs).__name__}")
+        raise TypeError("model_kwargs must be a mapping of extra model inputs or None, got "
+                        f"{type(model_kwargs).__name__}")
     clash = [k for k in model_kwargs if k in _RESERVED_MODEL_KWARGS]
     if clash:
         raise TypeError(f"model_kwargs must not hold {clash}: input_ids and attention_mask are arguments of their "
