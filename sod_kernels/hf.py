@@ -27,6 +27,7 @@ input_ids, attention_mask, response_mask=...))``.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,22 +169,52 @@ def model_body(model) -> torch.nn.Module:
     return body
 
 
-def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                        **model_kwargs: Any) -> torch.Tensor:
+_RESERVED_MODEL_KWARGS = ("input_ids", "attention_mask", "use_cache")
+
+
+def _refuse_unknown(function: str, unknown: dict) -> None:
+    """``TypeError`` naming keyword arguments a helper does not take. A ``transformers`` model ignores keys it
+    does not know, so forwarding them would drop a misspelled or misplaced option silently."""
+    if unknown:
+        names = ", ".join(repr(k) for k in sorted(unknown))
+        raise TypeError(f"{function}() got unexpected keyword argument(s) {names}; inputs for the model body go in "
+                        "model_kwargs={...} (e.g. position_ids), options of the fused losses are passed to them")
+
+
+def _model_kwargs(model_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    if model_kwargs is None:
+        return {}
+    if not isinstance(model_kwargs, Mapping):
+        raise TypeError("model_kwargs must be a mapping of extra model inputs or None, got "
+                        f"{type(model_kwargs).__name__}")
+    clash = [k for k in model_kwargs if k in _RESERVED_MODEL_KWARGS]
+    if clash:
+        raise TypeError(f"model_kwargs must not hold {clash}: input_ids and attention_mask are arguments of their "
+                        "own, and use_cache is always False")
+    return dict(model_kwargs)
+
+
+def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                        model_kwargs: Mapping[str, Any] | None = None, **unknown: Any) -> torch.Tensor:
     """``[B, L, H]`` hidden states after the final norm (the lm_head's input), without computing logits.
 
     Args:
         model: a ``transformers`` causal LM (or a PEFT model wrapping one).
         input_ids: ``[B, L]`` int64.
-        attention_mask: ``[B, L]`` 0/1 or None; other keyword arguments (``position_ids``...) go to the body.
+        attention_mask: ``[B, L]`` 0/1 or None.
+        model_kwargs: more inputs for the model body (``{"position_ids": ...}``), or None.
     Returns:
         The body's ``last_hidden_state`` in the model's dtype; gradients flow as through the model.
+    Raises:
+        TypeError: any other keyword argument (the model would ignore it silently).
     """
+    _refuse_unknown("final_hidden_states", unknown)
+    extra = _model_kwargs(model_kwargs)
     check_tensor(input_ids, "input_ids", ndim=(2,), integer=True)
     if attention_mask is not None:
         check_tensor(attention_mask, "attention_mask", ndim=(2,))
         check_shape(attention_mask, "attention_mask", tuple(input_ids.shape), "the shape of input_ids")
-    out = model_body(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs)
+    out = model_body(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
     hidden = getattr(out, "last_hidden_state", None)
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"the body of {type(_unwrap(model)).__name__} returned no last_hidden_state")
@@ -302,7 +333,8 @@ def shift_for_next_token(input_ids: torch.Tensor, *, hidden: torch.Tensor | None
 # ------------------------------------------------------------------------------------------- loss inputs
 def distillation_inputs(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                         response_mask: torch.Tensor | None = None, step_ids: torch.Tensor | None = None,
-                        **model_kwargs: Any) -> dict[str, torch.Tensor | float | None]:
+                        model_kwargs: Mapping[str, Any] | None = None,
+                        **unknown: Any) -> dict[str, torch.Tensor | float | None]:
     """Keyword arguments of :func:`sod_kernels.fused_sod_loss` for a student and a teacher causal LM.
 
     Runs both model bodies on ``input_ids [B, L]`` (the teacher under ``torch.no_grad``), folds each
@@ -316,7 +348,7 @@ def distillation_inputs(student, teacher, input_ids: torch.Tensor, attention_mas
         response_mask: ``[B, L]`` 0/1, 1 on tokens the student generated (unshifted), or
         step_ids: ``[B, L]`` int64 step index of each generated token, -1 elsewhere (unshifted; e.g.
             :func:`chat_step_ids`). Exactly one of the two.
-        model_kwargs: more inputs for both bodies (``position_ids``...).
+        model_kwargs: more inputs for both bodies (``{"position_ids": ...}``), or None.
     Returns:
         ``{"student_hidden", "student_weight", "student_bias", "teacher_hidden", "teacher_weight",
         "teacher_bias", "target_ids", and "response_mask" or "step_ids"}``, all ``L - 1`` long, plus
@@ -324,14 +356,17 @@ def distillation_inputs(student, teacher, input_ids: torch.Tensor, attention_mas
         (``final_logit_softcapping``; applied after the folded logit scale, as the model does).
     Raises:
         ValueError: the tensors look shifted already.
+        TypeError: any other keyword argument (options such as ``temperature`` or ``divergence`` belong to
+            :func:`sod_kernels.fused_sod_loss`; a model would ignore them silently).
     """
+    _refuse_unknown("distillation_inputs", unknown)
     shifted = shift_for_next_token(input_ids, response_mask=response_mask, step_ids=step_ids,
                                    attention_mask=attention_mask)
     s_head, t_head = lm_head(student), lm_head(teacher)
-    s_hidden = final_hidden_states(student, input_ids, attention_mask, **model_kwargs)[:, :-1]
+    s_hidden = final_hidden_states(student, input_ids, attention_mask, model_kwargs=model_kwargs)[:, :-1]
     s_hidden, s_bias = fold_logit_scale(s_hidden, s_head)
     with torch.no_grad():
-        t_hidden = final_hidden_states(teacher, input_ids, attention_mask, **model_kwargs)[:, :-1]
+        t_hidden = final_hidden_states(teacher, input_ids, attention_mask, model_kwargs=model_kwargs)[:, :-1]
         t_hidden, t_bias = fold_logit_scale(t_hidden, t_head)
     inputs: dict[str, torch.Tensor | float | None] = {
         "student_hidden": s_hidden, "student_weight": s_head.weight, "student_bias": s_bias,
@@ -349,16 +384,20 @@ def distillation_inputs(student, teacher, input_ids: torch.Tensor, attention_mas
 
 
 def sampled_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                           temperature: float = 1.0, backend: str = "auto", **model_kwargs: Any) -> torch.Tensor:
+                           temperature: float = 1.0, backend: str = "auto",
+                           model_kwargs: Mapping[str, Any] | None = None, **unknown: Any) -> torch.Tensor:
     """``[B, L-1]`` log-probability of each next token, ``log softmax(logits[:, t] / tau)[input_ids[:, t+1]]``.
 
     Through :func:`sod_kernels.fused_token_logprobs` on the final hidden states (no logits materialized),
     with the model's logit scale folded in and its final soft-cap applied inside the kernels.
     Differentiable when called with gradients enabled; float32 (float64 for a float64 model).
+    ``model_kwargs``: more inputs for the model body (``{"position_ids": ...}``), or None; any other keyword
+    argument raises ``TypeError``.
     """
+    _refuse_unknown("sampled_token_logprobs", unknown)
     check_positive(temperature, "temperature")
     head = lm_head(model)
-    hidden = final_hidden_states(model, input_ids, attention_mask, **model_kwargs)[:, :-1]
+    hidden = final_hidden_states(model, input_ids, attention_mask, model_kwargs=model_kwargs)[:, :-1]
     hidden, bias = fold_logit_scale(hidden, head)
     return fused_token_logprobs(hidden, head.weight, input_ids[:, 1:], bias=bias, temperature=temperature,
                                 backend=backend, softcap=head.processing.softcap)

@@ -243,3 +243,33 @@ def test_chat_steps_refuse_what_they_cannot_do(tokenizer):
         hf.chat_step_ids(tokenizer, CONVERSATION, chat_template=PLAIN, add_generation_prompt=True)
     with pytest.raises(TypeError, match="conversation 1"):
         hf.chat_step_ids(tokenizer, [CONVERSATION, "text"], chat_template=PLAIN)
+
+
+def test_unknown_keyword_arguments_are_refused_and_model_inputs_go_in_model_kwargs():
+    """A transformers model ignores keys it does not know, so a misspelled or misplaced option must not reach it."""
+    student, teacher = qwen3(), qwen3(seed=1)
+    input_ids, attention, mask = batch()
+    with pytest.raises(TypeError, match="'temprature'"):
+        hf.sampled_token_logprobs(student, input_ids, attention, temprature=0.5)
+    for option in ({"temperature": 0.7}, {"divergence": "forward_kl"}):
+        with pytest.raises(TypeError, match=repr(next(iter(option)))):
+            hf.distillation_inputs(student, teacher, input_ids, attention, response_mask=mask, **option)
+    with pytest.raises(TypeError, match="'position_ids'"):
+        hf.final_hidden_states(student, input_ids, attention, position_ids=None)
+    with pytest.raises(TypeError, match="model_kwargs must be a mapping"):
+        hf.final_hidden_states(student, input_ids, model_kwargs=[("position_ids", None)])
+    with pytest.raises(TypeError, match="model_kwargs must not hold"):
+        hf.final_hidden_states(student, input_ids, model_kwargs={"attention_mask": attention})
+    # Explicit model inputs reach the body: shifted position ids change the hidden states (rotary positions).
+    positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+    plain = hf.final_hidden_states(student, input_ids, attention)
+    same = hf.final_hidden_states(student, input_ids, attention, model_kwargs={"position_ids": positions})
+    moved = hf.final_hidden_states(student, input_ids, attention, model_kwargs={"position_ids": positions + 5})
+    torch.testing.assert_close(same, plain)
+    assert not torch.allclose(moved, plain)
+    logp = hf.sampled_token_logprobs(student, input_ids, attention, model_kwargs={"position_ids": positions + 5})
+    want = torch.log_softmax(moved[:, :-1] @ hf.lm_head(student).weight.T, -1).gather(-1, input_ids[:, 1:, None])
+    torch.testing.assert_close(logp, want.squeeze(-1), atol=1e-5, rtol=1e-5)
+    inputs = hf.distillation_inputs(student, teacher, input_ids, attention, response_mask=mask,
+                                    model_kwargs={"position_ids": positions + 5})
+    torch.testing.assert_close(inputs["student_hidden"], moved[:, :-1])

@@ -1,7 +1,10 @@
-"""SODDistillationTrainer (TRL): a short end-to-end run on tiny offline models, and its loss on multi-step
-completions (tool outputs masked by tool_mask) against the SOD loss recomputed from the models' logits."""
+"""SODDistillationTrainer (TRL): a short end-to-end run on tiny offline models, its loss on multi-step
+completions (tool outputs masked by tool_mask) against the SOD loss recomputed from the models' logits and
+against TRL's own DistillationTrainer, and the documented tool-calling example."""
 
 import math
+import re
+from pathlib import Path
 
 import datasets
 import pytest
@@ -13,6 +16,7 @@ from sod_kernels import hf
 from reference.sod_reference import ref_step_ids_from_mask
 from sod_kernels.integrations.trl import SODDistillationConfig, SODDistillationTrainer
 from tests.hf_helpers import qwen3, reference_loss
+from tests.test_policy_docs import python_blocks
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +58,8 @@ def test_two_training_steps_end_to_end(tokenizer, tmp_path):
         # Completions without tool calls are one step each: weight 1, so the loss is the plain mean KL.
         assert entry["sod/steps"] == 1.0 and entry["sod/last_step_weight"] == 1.0
         assert entry["loss"] == pytest.approx(entry["sod/kl"], rel=1e-5)
+        assert entry["entropy"] > 0  # TRL's own metrics are kept
+        assert "completions/mean_length" in entry
     changed = [k for k, v in student.state_dict().items() if not torch.equal(v, before[k])]
     assert "lm_head.weight" in changed and any("layers.0" in k for k in changed)
     assert all(torch.equal(v, teacher_before[k]) for k, v in teacher.state_dict().items())
@@ -122,3 +128,58 @@ def test_configuration_errors(tokenizer, tmp_path):
     trainer = SODDistillationTrainer(model=student, teacher_model=gemma, args=config(tmp_path),
                                      train_dataset=prompts(), processing_class=tokenizer)
     assert hf.lm_head(trainer.teacher_model).processing.softcap == 30.0
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.0])
+def test_sod_changes_trls_loss_exactly_when_a_completion_has_several_steps(tokenizer, tmp_path, beta):
+    """Against trl.DistillationTrainer on the same models and inputs: one step per completion (no tool output
+    inside it) gives TRL's loss and entropy; several steps give another loss, unless the weights are all 1."""
+    from trl import DistillationConfig, DistillationTrainer
+
+    student, teacher = models(tokenizer, seed=7)
+    common = dict(output_dir=str(tmp_path), per_device_train_batch_size=2, max_completion_length=10, bf16=False,
+                  report_to="none", use_cpu=True, seed=0, beta=beta, temperature=0.9)
+    trl_trainer = DistillationTrainer(model=student, teacher_model=teacher, args=DistillationConfig(**common),
+                                      train_dataset=prompts(), processing_class=tokenizer)
+    sod = {kind: SODDistillationTrainer(model=student, teacher_model=teacher, train_dataset=prompts(),
+                                        processing_class=tokenizer,
+                                        args=SODDistillationConfig(**common, sod_step_divergence=kind))
+           for kind in ("kl", "none")}
+    multi = multi_step_inputs(tokenizer)
+    single = {**multi, "tool_mask": torch.ones_like(multi["tool_mask"])}
+    with torch.no_grad():
+        for inputs, several in ((single, False), (multi, True)):
+            expected = trl_trainer.compute_loss(trl_trainer.model, inputs).item()
+            trl_entropy = trl_trainer._metrics["eval"]["entropy"][-1]
+            for kind, trainer in sod.items():
+                loss = trainer.compute_loss(trainer.model, inputs).item()
+                metrics = trainer._metrics["eval"]
+                assert metrics["entropy"][-1] == pytest.approx(trl_entropy, rel=1e-5)
+                if several and kind == "kl":
+                    assert metrics["sod/steps"][-1] > 1 and metrics["sod/last_step_weight"][-1] != 1.0
+                    assert abs(loss - expected) > 1e-4 * expected  # equal to 1e-5 otherwise
+                else:
+                    assert loss == pytest.approx(expected, rel=1e-5)
+
+
+def documented_trl_example() -> str:
+    """The TRL block of docs/integrations.md (self-contained: it builds its own tokenizer and models)."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "integrations.md").read_text()
+    blocks = [b for b in python_blocks(text) if "SODDistillationTrainer(" in b]
+    assert len(blocks) == 1
+    return blocks[0]
+
+
+def test_the_documented_example_uses_tools_and_weights_its_steps(capsys):
+    namespace = {"__name__": "doc"}
+    exec(compile(documented_trl_example(), "docs/integrations.md TRL block", "exec"), namespace)
+    out = capsys.readouterr().out
+    logs = [e for e in namespace["trainer"].state.log_history if "sod/kl" in e]
+    assert len(logs) == 2
+    for entry in logs:
+        # Every completion called the tool once: two assistant turns around the tool output, two steps.
+        assert entry["tools/call_frequency"] == 1.0 and entry["sod/steps"] == 2.0
+        assert entry["sod/last_step_weight"] != pytest.approx(1.0, abs=1e-3)
+        assert entry["loss"] != pytest.approx(entry["sod/kl"], rel=1e-3) and entry["entropy"] > 0
+    lines = re.findall(r"tool calls per completion 1.0, steps per completion 2.0, w_K ([\d.]+)", out)
+    assert len(lines) == 2 and all(float(w) != 1.0 for w in lines)

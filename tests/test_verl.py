@@ -1,5 +1,6 @@
-"""sod_kernels.integrations.verl against the per-token loops of reference/authors_loop.py and the PPO
-reference, on a verl-shaped batch (a duck-typed DataProto: ``.batch`` of tensors and ``.meta_info``)."""
+"""sod_kernels.integrations.verl against the per-token loops of reference/authors_loop.py, the PPO
+reference and verl 0.9.1's loss aggregation (an oracle written here from that release's published source),
+on a verl-shaped batch (a duck-typed DataProto: ``.batch`` of tensors and ``.meta_info``)."""
 
 from types import SimpleNamespace
 
@@ -139,8 +140,90 @@ def test_gated_form_matches_a_row_loop():
         verl.apply_token_kl_regularizer(unchanged, SimpleNamespace(enable=True))
 
 
+def test_gated_form_reads_per_row_advantages_as_one_value_per_row():
+    """[B] advantages (one per row) give what the same values broadcast over each row give, also when B
+    equals the response length (where broadcasting them along the last dimension would silently mix rows)."""
+    cfg = SimpleNamespace(enable=True, stepwise_enable=False, gamma=1.5, beta_min=0.0, beta_max=0.4)
+    for B, R_ in ((8, 8), (5, 9)):
+        old, ref, mask = rollout(B=B, R=R_, seed=B)
+        scores = torch.randn(B)
+        flat = FakeDataProto({"response_mask": mask, "old_log_probs": old, "ref_log_prob": ref, "advantages": scores})
+        full = FakeDataProto({"response_mask": mask, "old_log_probs": old, "ref_log_prob": ref,
+                              "advantages": scores[:, None].expand(B, R_).clone()})
+        verl.apply_token_kl_regularizer(flat, cfg)
+        verl.apply_token_kl_regularizer(full, cfg)
+        torch.testing.assert_close(flat.batch["advantages"], full.batch["advantages"])
+        torch.testing.assert_close(flat.meta_info["token_kl_reg"]["beta_jk"], full.meta_info["token_kl_reg"]["beta_jk"])
+        has_tokens = mask.sum(1) > 0
+        beta = 0.4 * torch.sigmoid(-1.5 * scores)
+        torch.testing.assert_close(flat.meta_info["token_kl_reg"]["beta_jk"][has_tokens], beta[has_tokens])
+    old, ref, mask = rollout(B=4, R=8, seed=1)
+    for bad in (torch.randn(3), torch.randn(4, 7), torch.randn(4, 8, 1)):
+        batch = FakeDataProto({"response_mask": mask, "old_log_probs": old, "ref_log_prob": ref, "advantages": bad})
+        with pytest.raises(ValueError, match="advantages"):
+            verl.apply_token_kl_regularizer(batch, cfg)
+
+
 # ------------------------------------------------------------------------------------------- actor side
 V, P, R = 80, 7, 24
+
+
+def verl_agg_loss(loss_mat, mask, mode, dp_size=1, batch_num_tokens=None, global_batch_size=None,
+                  loss_scale_factor=None):
+    """verl 0.9.1's ``core_algos.agg_loss`` (as that release's source defines it), in float64: token-mean over
+    the (global) token count; token-sum; the seq-mean modes over the rows with at least one response token (or
+    the global row count), seq-mean-token-sum-norm that value over loss_scale_factor (default R); all times
+    dp_size."""
+    m = mask.double()
+    total = (loss_mat * m).sum()
+    counts = m.sum(-1)
+    rows = (counts > 0).double()
+    n_rows = rows.sum() if global_batch_size is None else global_batch_size
+    if mode == "token-mean":
+        return total / (m.sum() if batch_num_tokens is None else batch_num_tokens) * dp_size
+    if mode == "token-sum":
+        return total * dp_size
+    if mode == "seq-mean-token-mean":
+        return (((loss_mat * m).sum(-1) / (counts + 1e-8)) * rows).sum() / n_rows * dp_size
+    seq = ((loss_mat * m).sum(-1) * rows).sum() / n_rows * dp_size
+    if mode == "seq-mean-token-sum-norm":
+        seq = seq / (mask.shape[-1] if loss_scale_factor is None else loss_scale_factor)
+    return seq
+
+
+def test_actor_loss_aggregates_as_verl_0_9_1_with_empty_rows_and_global_batch_info():
+    student = qwen3(V, 32, seed=4)
+    mb = micro_batch(seed=2, B=5)
+    mb["response_mask"][3] = 0  # a response without any generated token (e.g. a rollout cut before it)
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        mb["old_log_probs"] = verl.actor_log_probs(student, mb) + 0.3 * torch.randn(5, R, generator=g)
+    mb["advantages"] = torch.randn(5, 1, generator=g) * mb["response_mask"]
+    logp = logits_logprobs(student, mb, 1.0)
+    per_token = ref_ppo_dual_clip_loss(logp, mb["old_log_probs"].double(), mb["advantages"].double(),
+                                       mb["response_mask"], clip_low=0.2, clip_high=0.28, reduction="none")
+    assert verl.VERL_VERSION == "0.9.1" and set(verl.LOSS_AGG_MODES) >= {"token-sum", "seq-mean-token-sum-norm"}
+    options = [{}, {"loss_scale_factor": 100.0}, {"dp_size": 4, "batch_num_tokens": 200, "global_batch_size": 16}]
+    for mode in verl.LOSS_AGG_MODES:
+        for extra in options:
+            loss, metrics = verl.actor_policy_loss(student, mb, clip_ratio_low=0.2, clip_ratio_high=0.28,
+                                                   loss_agg_mode=mode, **extra)
+            want = verl_agg_loss(per_token, mb["response_mask"], mode, **extra)
+            assert loss.item() == pytest.approx(want.item(), rel=1e-4, abs=1e-7), (mode, extra)
+            assert metrics["actor/pg_loss"] == pytest.approx(loss.item())
+    # verl up to 0.6 divided seq-mean-token-sum-norm by R only, and averaged over all rows, empty ones too.
+    norm, _ = verl.actor_policy_loss(student, mb, clip_ratio_low=0.2, clip_ratio_high=0.28,
+                                     loss_agg_mode="seq-mean-token-sum-norm")
+    assert norm.item() == pytest.approx(per_token.sum().item() / R / 4, rel=1e-4)
+    empty = dict(mb, response_mask=torch.zeros_like(mb["response_mask"]))
+    for mode in verl.LOSS_AGG_MODES:
+        assert verl.actor_policy_loss(student, empty, loss_agg_mode=mode)[0].item() == 0.0  # verl: NaN
+    with pytest.raises(ValueError, match="batch_num_tokens"):
+        verl.actor_policy_loss(student, mb, dp_size=2)
+    with pytest.raises(ValueError, match="global_batch_size"):
+        verl.actor_policy_loss(student, mb, dp_size=2, loss_agg_mode="seq-mean-token-mean")
+    with pytest.raises(ValueError, match="loss_scale_factor"):
+        verl.actor_policy_loss(student, mb, loss_scale_factor=0.0, loss_agg_mode="seq-mean-token-sum-norm")
 
 
 def micro_batch(seed=0, B=4):
@@ -207,9 +290,7 @@ def test_driver_and_actor_step_against_the_references():
                                                    loss_agg_mode=mode)
             per_token = ref_ppo_dual_clip_loss(logp, old.double(), expected_adv, mask, reduction="none")
             m = mask.double()
-            want = {"token-mean": per_token.sum() / m.sum(), "seq-mean-token-sum": per_token.sum(1).mean(),
-                    "seq-mean-token-mean": (per_token.sum(1) / m.sum(1)).mean(),
-                    "seq-mean-token-sum-norm": per_token.sum() / R}[mode]
+            want = verl_agg_loss(per_token, m, mode)
             assert loss.item() == pytest.approx(want.item(), rel=1e-4, abs=1e-6)
             assert metrics["actor/pg_loss"] == pytest.approx(loss.item())
         assert metrics["actor/ppo_kl"] == pytest.approx(((old.double() - logp) * m).sum().item() / m.sum().item(),

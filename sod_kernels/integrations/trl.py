@@ -9,7 +9,13 @@ tool outputs) and :func:`sod_kernels.fused_sod_loss` weights each step by ``w_k`
 one TRL's ``beta`` names: ``beta=1`` reverse KL (TRL's default), ``beta=0`` forward KL; generalized JSD
 (``0 < beta < 1``) is refused.
 
-Requires ``trl`` (``DistillationTrainer`` appeared in TRL 1.x); importing this module imports it.
+Without ``tools=`` every completion is one assistant turn, hence one step of weight 1, and the loss equals
+``DistillationTrainer``'s: the step weights act only on completions with several steps. The teacher is a
+local model (TRL 1.16's ``DistillationTrainer`` takes no teacher server; its experimental server-teacher
+subclass is not covered here).
+
+Requires ``trl`` (``DistillationTrainer`` appeared in TRL 1.x); importing this module imports it. Tested with
+TRL 1.16.0 (``transformers`` 5.x, which TRL's tool-calling loop requires).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from trl import DistillationConfig, DistillationTrainer
 from .. import hf
 from ..core.validation import STEP_DIVERGENCES, check_choice, check_positive
 from ..dense.loss import fused_sod_loss
+from ..logprobs.token_logprobs import fused_token_logprobs
 
 __all__ = ["SODDistillationConfig", "SODDistillationTrainer"]
 
@@ -67,8 +74,10 @@ class SODDistillationTrainer(DistillationTrainer):
 
     Same constructor as ``DistillationTrainer`` (``model``, ``teacher_model``, ``args``, ``train_dataset``,
     ``processing_class``, ``tools``...), with ``args`` a :class:`SODDistillationConfig` (a plain
-    ``DistillationConfig`` is read with the SOD defaults). Models whose config soft-caps the logits are
-    refused; a logit scale is folded in exactly. Logged metrics (means over the batch): ``sod/kl`` (the
+    ``DistillationConfig`` is read with the SOD defaults). A logit scale is folded into the hidden states
+    exactly; a final soft-cap (``final_logit_softcapping``) is applied inside the loss, as the model does.
+    Logged metrics: TRL's (``entropy``: the student's mean per-token entropy at ``temperature`` over the
+    loss tokens; the generation and ``tools/*`` metrics) and, as means over the batch, ``sod/kl`` (the
     unweighted per-token divergence), ``sod/steps`` (steps per completion), ``sod/first_step_divergence``
     (d_1) and ``sod/last_step_weight`` (w_K), the last two over completions with at least one step.
     """
@@ -97,9 +106,10 @@ class SODDistillationTrainer(DistillationTrainer):
         # Through the wrapper's forward, so that DDP / FSDP see the student's parameters used.
         loss, *sums = self._forward_redirection(model, student, self._sod_loss, student, inputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
-        kl_sum, tokens, steps, rows, stepped, d1_sum, w_last_sum = (
+        kl_sum, tokens, steps, rows, stepped, d1_sum, w_last_sum, entropy_sum = (
             self.accelerator.gather_for_metrics(s.detach().reshape(1)).sum().item() for s in sums)
         metrics = self._metrics[mode]
+        metrics["entropy"].append(entropy_sum / tokens if tokens else 0.0)  # as DistillationTrainer logs it
         metrics["sod/kl"].append(kl_sum / tokens if tokens else 0.0)
         metrics["sod/steps"].append(steps / rows if rows else 0.0)
         if stepped:
@@ -109,7 +119,7 @@ class SODDistillationTrainer(DistillationTrainer):
 
     def _sod_loss(self, student, inputs, num_items_in_batch):
         """Loss of one micro-batch and its metric sums (tensors: KL sum, tokens, steps, rows, rows with a step,
-        sum of d_1, sum of w_K)."""
+        sum of d_1, sum of w_K, sum of the student's entropy)."""
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         loss_mask = inputs["completion_mask"]
@@ -134,6 +144,12 @@ class SODDistillationTrainer(DistillationTrainer):
             student_softcap=s_head.processing.softcap, teacher_softcap=t_head.processing.softcap,
             reduction="token_mean" if num_items_in_batch is None else "sum", return_stats=True)
         loss = stats.loss
+        with torch.no_grad():  # the student's entropy at the loss temperature, for TRL's "entropy" metric
+            _, entropy = fused_token_logprobs(
+                s_hidden.detach(), s_weight.detach(), inputs["completion_ids"].to(s_hidden.device),
+                bias=None if s_bias is None else s_bias.detach(), temperature=self.temperature,
+                softcap=s_head.processing.softcap, return_entropy=True)
+            entropy_sum = (entropy * (loss_mask.to(entropy.device) != 0)).sum()
         if num_items_in_batch is not None:
             loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device, dtype=loss.dtype)
         num_steps = stats.num_steps
@@ -146,4 +162,4 @@ class SODDistillationTrainer(DistillationTrainer):
             w_last_sum = (stats.step_weights.gather(1, last).squeeze(1) * stepped).sum()
         rows = torch.tensor(num_steps.numel(), device=num_steps.device)
         return (loss, stats.token_divergence.sum(), (loss_mask != 0).sum(), num_steps.sum(), rows, stepped.sum(),
-                d1_sum, w_last_sum)
+                d1_sum, w_last_sum, entropy_sum)

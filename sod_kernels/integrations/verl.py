@@ -14,7 +14,13 @@ outputs and defaults (including ``delta=0.5``, the default of their function and
 overrides it), computed with the vectorized helpers of :mod:`sod_kernels.steps` instead of per-token loops.
 :func:`actor_log_probs` and :func:`actor_policy_loss` replace the actor's ``logits -> log_softmax -> gather``
 and ``compute_policy_loss`` on a micro-batch with :func:`sod_kernels.fused_token_logprobs` /
-:func:`sod_kernels.fused_sod_policy_loss` on the model's final hidden states.
+:func:`sod_kernels.fused_sod_policy_loss` on the model's final hidden states; they follow verl 0.9.1's
+``compute_policy_loss_vanilla`` and ``agg_loss`` (the release they are tested against; the sequence-mean
+modes changed in verl 0.8: see :func:`actor_policy_loss`).
+
+Where the driver functions differ from the authors' fork: a gated-form configuration without ``beta_max``
+raises ``ValueError`` here (their method returns the batch unchanged, so a missing key silently disables
+the regularizer), and ``[B]`` advantages are read as one advantage per row in both forms.
 
 Batches: a verl ``DataProto`` or anything shaped like it (``.batch``, a mapping of ``[B, ...]`` tensors, and
 ``.meta_info``, a dict), or a plain dict of tensors (then the meta information goes to its ``"meta_info"``
@@ -29,14 +35,15 @@ from typing import Any
 import torch
 
 from .. import hf
-from ..core.validation import check_binary_mask, check_choice, check_shape, check_tensor
+from ..core.validation import check_binary_mask, check_choice, check_positive, check_shape, check_tensor
 from ..logprobs.policy_loss import fused_sod_policy_loss
 from ..steps.weights import sod_step_statistics
 from ..logprobs.token_logprobs import fused_token_logprobs
 
 __all__ = ["actor_log_probs", "actor_policy_loss", "apply_token_kl_regularizer", "compute_stepwise_opd_weights"]
 
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+VERL_VERSION = "0.9.1"  # the verl release whose loss aggregation and PPO loss the actor side follows (tested)
 
 
 # ------------------------------------------------------------------------------------------- driver side
@@ -109,12 +116,16 @@ def apply_token_kl_regularizer(batch, cfg, *, stepwise_log: Callable[[list, floa
             ``stepwise_enable`` the gated form reads ``gamma`` (1.0), ``beta_min`` (0.0), ``beta_max``.
         stepwise_log: called as ``stepwise_log(info, epsilon, delta, opd_coef)`` with the per-row info of
             :func:`compute_stepwise_opd_weights` (the authors' trainer writes it to a file).
+    Raises:
+        ValueError: the gated form without ``beta_max`` (the authors' method returns the batch unchanged
+            then), advantages neither ``[B]`` nor ``[B, R]``, a non-binary mask or misshapen log-probs.
     Returns:
-        ``batch``, unchanged when ``cfg`` is None or disabled or a key is missing. Step-wise:
+        ``batch``, unchanged when ``cfg`` is None or disabled or a tensor is missing. Step-wise:
         ``advantages = A + opd_coef * w * (ref - old) * m`` (``A[:, None]`` for ``[B]`` advantages), and
         ``meta_info["token_kl_reg"]`` gets ``stepwise_weights`` and ``local_adv`` (``(ref - old) * m``).
         Gated: ``a = masked row mean of A``, ``beta = beta_min + (beta_max - beta_min) sigmoid(-gamma a)``,
         ``advantages = a[:, None] + beta[:, None] * (ref - old) * m``; ``meta_info`` gets ``beta_jk``, ``local_adv``.
+        ``[B]`` advantages are one value per row in both forms (the gated row mean of a row is then its value).
     """
     if cfg is None or not _option(cfg, "enable", False):
         return batch
@@ -126,6 +137,11 @@ def apply_token_kl_regularizer(batch, cfg, *, stepwise_log: Callable[[list, floa
     check_binary_mask(mask, "response_mask")
     check_shape(old, "old_log_probs", tuple(mask.shape), "the shape of response_mask")
     check_shape(ref, "ref_log_prob", tuple(mask.shape), "the shape of response_mask")
+    check_tensor(advantages, "advantages", ndim=(1, 2))
+    expected = tuple(mask.shape[:advantages.dim()])
+    check_shape(advantages, "advantages", expected, "[B] (one per row) or [B, R] like response_mask")
+    # One advantage per row ([B]) is the same as that value at every token of the row.
+    per_token = advantages.unsqueeze(1).expand(mask.shape) if advantages.dim() == 1 else advantages
     local_adv = (ref - old) * mask
     record = meta.setdefault("token_kl_reg", {})
     if _option(cfg, "stepwise_enable", False):
@@ -137,7 +153,7 @@ def apply_token_kl_regularizer(batch, cfg, *, stepwise_log: Callable[[list, floa
         if stepwise_log is not None:
             stepwise_log(info, epsilon, delta, opd_coef)
         weighted = opd_coef * weights * local_adv
-        tensors["advantages"] = (advantages.unsqueeze(1) if advantages.dim() == 1 else advantages) + weighted
+        tensors["advantages"] = per_token + weighted
         record.update({"stepwise_weights": weights.detach().clone(), "local_adv": local_adv.detach().clone()})
         return batch
     beta_max = _option(cfg, "beta_max", None)
@@ -146,8 +162,8 @@ def apply_token_kl_regularizer(batch, cfg, *, stepwise_log: Callable[[list, floa
     beta_min, gamma = float(_option(cfg, "beta_min", 0.0)), float(_option(cfg, "gamma", 1.0))
     if float(beta_max) <= beta_min:
         return batch
-    m = mask.to(advantages.dtype)
-    base = (advantages * m).sum(1) / (m.sum(1) + 1e-8)
+    m = mask.to(per_token.dtype)
+    base = (per_token * m).sum(1) / (m.sum(1) + 1e-8)
     beta = beta_min + (float(beta_max) - beta_min) * torch.sigmoid(-gamma * base)
     tensors["advantages"] = base.unsqueeze(1) + beta.unsqueeze(1) * local_adv
     record.update({"beta_jk": beta.detach().clone(), "local_adv": local_adv.detach().clone()})
@@ -166,7 +182,7 @@ def _response_hidden(model, micro_batch: Mapping):
     if not torch.equal(input_ids[:, -R:], responses):
         raise ValueError("responses must equal the last R tokens of input_ids (prompt + response, verl's layout)")
     extra = {"position_ids": micro_batch["position_ids"]} if micro_batch.get("position_ids") is not None else {}
-    hidden = hf.final_hidden_states(model, input_ids, micro_batch.get("attention_mask"), **extra)
+    hidden = hf.final_hidden_states(model, input_ids, micro_batch.get("attention_mask"), model_kwargs=extra)
     head = hf.lm_head(model)
     hidden, bias = hf.fold_logit_scale(hidden[:, -R - 1:-1], head)
     return hidden, head.weight, bias, head.processing.softcap
@@ -188,42 +204,82 @@ def actor_log_probs(model, micro_batch: Mapping, *, temperature: float = 1.0, re
                                 return_entropy=return_entropy, backend=backend)
 
 
+def _agg_loss(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str, *, dp_size: int, batch_num_tokens,
+              global_batch_size, loss_scale_factor) -> torch.Tensor:
+    """verl 0.9.1's ``agg_loss`` of a ``[B, R]`` per-token loss (0 off the mask), without its 0/0 NaNs."""
+    m = (mask != 0).to(loss_mat.dtype)
+    if mode == "token-sum":
+        return (loss_mat * m).sum() * dp_size
+    if mode == "token-mean":
+        tokens = m.sum().clamp(min=1) if batch_num_tokens is None else batch_num_tokens
+        return (loss_mat * m).sum() / tokens * dp_size
+    counts = m.sum(-1)
+    nonempty = (counts > 0).to(loss_mat.dtype)  # rows without a response token are left out of the means
+    rows = nonempty.sum().clamp(min=1) if global_batch_size is None else global_batch_size
+    if mode == "seq-mean-token-mean":
+        seq = (loss_mat * m).sum(-1) / (counts + 1e-8)
+        return (seq * nonempty).sum() / rows * dp_size
+    loss = ((loss_mat * m).sum(-1) * nonempty).sum() / rows * dp_size
+    if mode == "seq-mean-token-sum-norm":
+        loss = loss / (mask.shape[-1] if loss_scale_factor is None else loss_scale_factor)
+    return loss
+
+
 def actor_policy_loss(model, micro_batch: Mapping, *, clip_ratio: float = 0.2, clip_ratio_low: float | None = None,
                       clip_ratio_high: float | None = None, clip_ratio_c: float = 3.0,
                       loss_agg_mode: str = "token-mean", temperature: float = 1.0,
-                      backend: str = "auto") -> tuple[torch.Tensor, dict[str, float]]:
+                      loss_scale_factor: float | None = None, dp_size: int = 1, batch_num_tokens=None,
+                      global_batch_size=None, backend: str = "auto") -> tuple[torch.Tensor, dict[str, float]]:
     """The actor's PPO dual-clip policy loss of one micro-batch, with the new log-probs computed fused.
+
+    Follows verl 0.9.1 (``compute_policy_loss_vanilla`` with ``agg_loss``; tested against both as that
+    release defines them).
 
     Args:
         model: the actor (a causal LM).
         micro_batch: ``input_ids``, ``attention_mask``, (``position_ids``), ``responses``, ``response_mask``,
             ``old_log_probs``, ``advantages`` (all ``[B, R]`` except the first three, ``[B, P + R]``).
-        clip_ratio, clip_ratio_low, clip_ratio_high, clip_ratio_c, loss_agg_mode: as in verl's actor config
-            (low / high default to ``clip_ratio``); temperature: the rollout temperature.
+        clip_ratio, clip_ratio_low, clip_ratio_high, clip_ratio_c, loss_agg_mode, loss_scale_factor: as in
+            verl's actor config (low / high default to ``clip_ratio``); temperature: the rollout temperature.
+        dp_size, batch_num_tokens, global_batch_size: verl's ``global_batch_info`` (data-parallel size, response
+            tokens and rows of the global batch), for a loss normalized over the global batch; by default the
+            micro-batch's own counts, as verl without them.
+    Aggregation (``l`` the per-token loss, ``m`` the mask, rows without a response token left out of the
+    sequence means, as verl does from 0.8 on; verl up to 0.6 averaged over all rows and divided
+    ``seq-mean-token-sum-norm`` by ``R`` only): ``token-mean`` ``sum(m l) / sum(m)``; ``token-sum``
+    ``sum(m l)``; ``seq-mean-token-sum`` mean over non-empty rows of ``sum_t m l``; ``seq-mean-token-mean``
+    mean over non-empty rows of ``sum_t m l / sum_t m``; ``seq-mean-token-sum-norm`` the
+    ``seq-mean-token-sum`` value divided by ``loss_scale_factor`` (default ``R``). A micro-batch without any
+    response token gives 0 (verl gives NaN).
     Returns:
         ``(loss, metrics)`` with verl's metric names: ``actor/pg_loss``, ``actor/pg_clipfrac`` (share of tokens
         where a clip decided), ``actor/ppo_kl`` (mean of ``old - new``) and ``actor/pg_clipfrac_lower`` (dual
-        clip). ``seq-mean-token-mean`` counts a row without response tokens as 0 (verl would give NaN).
+        clip).
     """
     check_choice(loss_agg_mode, "loss_agg_mode", LOSS_AGG_MODES)
+    if isinstance(dp_size, bool) or not isinstance(dp_size, int) or dp_size < 1:
+        raise ValueError(f"dp_size must be an int >= 1, got {dp_size!r}")
+    if dp_size > 1 and loss_agg_mode == "token-mean" and batch_num_tokens is None:
+        raise ValueError("batch_num_tokens (of the global batch) is required with dp_size > 1 and token-mean")
+    if dp_size > 1 and loss_agg_mode.startswith("seq-mean") and global_batch_size is None:
+        raise ValueError("global_batch_size is required with dp_size > 1 and the seq-mean modes")
+    if loss_scale_factor is not None:
+        check_positive(loss_scale_factor, "loss_scale_factor")
     low = clip_ratio if clip_ratio_low is None else clip_ratio_low
     high = clip_ratio if clip_ratio_high is None else clip_ratio_high
     hidden, weight, bias, softcap = _response_hidden(model, micro_batch)
     mask = micro_batch["response_mask"]
-    token_mean = loss_agg_mode == "token-mean"
+    fused_mean = loss_agg_mode == "token-mean" and batch_num_tokens is None and dp_size == 1
     stats = fused_sod_policy_loss(hidden, weight, micro_batch["responses"], micro_batch["old_log_probs"],
                                   micro_batch["advantages"], mask, clip_low=low, clip_high=high,
                                   dual_clip=clip_ratio_c, temperature=temperature, student_bias=bias,
                                   student_softcap=softcap,
-                                  reduction="token_mean" if token_mean else "none", return_stats=True,
+                                  reduction="token_mean" if fused_mean else "none", return_stats=True,
                                   backend=backend)
     loss = stats.loss
-    if loss_agg_mode == "seq-mean-token-sum":
-        loss = loss.sum(-1).mean()
-    elif loss_agg_mode == "seq-mean-token-mean":
-        loss = (loss.sum(-1) / (mask != 0).sum(-1).clamp(min=1)).mean()
-    elif loss_agg_mode == "seq-mean-token-sum-norm":
-        loss = loss.sum() / mask.shape[-1]
+    if not fused_mean:
+        loss = _agg_loss(loss, mask, loss_agg_mode, dp_size=dp_size, batch_num_tokens=batch_num_tokens,
+                         global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor)
     m = (mask != 0).to(stats.logprobs.dtype)
     # verl's ppo_kl: the mean of -clamp(new - old, -20, 20) over the response tokens.
     log_ratio = torch.clamp(stats.logprobs - micro_batch["old_log_probs"].to(m.dtype), -20.0, 20.0)

@@ -19,6 +19,7 @@ from ..core.validation import (MEMORY_MODES, REDUCTIONS, check_binary_mask, chec
                                check_positive, check_same_device, check_shape, check_tensor)
 from ..core.options import PassOptions, input_grads
 from ..core.runtime import check_softcap, needs_student_grad, no_autocast, single_pass_gradients
+from ..core.finite import check_finite
 from .token_logprobs import TokenLogprobs, check_target_ids, resolve_logprob_backend
 
 LOG_RATIO_CLAMP = 20.0  # docs/math.md: ratio = exp(clamp(logp_new - old_logp, -20, 20))
@@ -153,6 +154,9 @@ def finish_policy_loss(logp, old, adv, clip, row_index, lead, *, reduction: str,
             loss = per_row.sum()
         else:
             loss = per_row.sum() / normalizer
+    if check_inputs:  # read only at the response tokens (the rows given)
+        check_finite(old, "old_logprobs", where="where response_mask is 1")
+        check_finite(adv, "advantages", where="where response_mask is 1")
     if check_inputs and row_index.numel() and not bool(torch.isfinite(per_row.detach()).all()):
         raise ValueError("the policy loss is not finite: student_hidden, student_weight / student_bias, "
                          "old_logprobs or advantages contain NaN or Inf (or the logits overflow)")

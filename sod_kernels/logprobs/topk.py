@@ -90,6 +90,7 @@ def fused_topk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, k: int, *, b
             cols = (V - 1) - (top & 0xFFFFFFFF)
             ids[start:stop] = cols
             logprobs[start:stop] = z.gather(1, cols) - lse[:, None]
-    if N and torch.isnan(lse_sum):
-        raise ValueError("the logits contain NaN: hidden, weight or bias hold NaN (or Inf - Inf)")
+    if N and not torch.isfinite(lse_sum):
+        raise ValueError("the logits are not finite: hidden, weight or bias hold NaN or Inf (or the logits "
+                         "overflow float32)")
     return ids.reshape(*lead, k), logprobs.reshape(*lead, k)

@@ -7,6 +7,7 @@ import torch
 from .segments import segmented_cumsum
 from ..core.validation import check_finite_number, check_same_device, check_shape, check_tensor
 from .weights import DEFAULT_DELTA, DEFAULT_EPSILON, accumulation_dtype, sod_step_weights
+from ..core.finite import masked_finite
 
 GRPO_STD_EPSILON = 1e-6
 
@@ -62,9 +63,14 @@ def sod_advantages(grpo_advantages: torch.Tensor, student_logprobs: torch.Tensor
         response_mask: ``[B, T]`` (or ``[T]``) 0/1.
     Returns:
         Same shape as ``response_mask``; float32 (float64 for float64 log-probs), 0 outside the mask.
+    Raises:
+        ValueError: NaN or Inf in a log-prob where ``response_mask`` is 1 (checked with ``check_inputs``);
+        values outside the mask are never read.
     """
     check_tensor(grpo_advantages, "grpo_advantages", ndim=(0, 1), floating=True)
     check_finite_number(coef, "coef")
+    student_logprobs = masked_finite(student_logprobs, response_mask, "student_logprobs", check=check_inputs)
+    teacher_logprobs = masked_finite(teacher_logprobs, response_mask, "teacher_logprobs", check=check_inputs)
     weights = sod_step_weights(student_logprobs, teacher_logprobs, response_mask, epsilon, delta,
                                check_inputs=check_inputs)
     check_same_device(grpo_advantages=grpo_advantages, student_logprobs=student_logprobs)

@@ -16,6 +16,7 @@ import torch
 
 from ..core.validation import (check_binary_mask, check_finite_number, check_positive, check_same_device, check_shape,
                                check_tensor)
+from ..core.finite import masked_finite
 from .advantages import grpo_advantages
 from .weights import DEFAULT_DELTA, DEFAULT_EPSILON, step_ids_from_mask, step_weights_from_divergence, trim_steps
 
@@ -62,7 +63,8 @@ def sod_policy_inputs(rewards: torch.Tensor, group_ids: torch.Tensor, old_logpro
         teacher_logprobs: ``[B, T]`` floating, the teacher's log-probs of the same tokens.
         response_mask: ``[B, T]`` 0/1, 1 on tokens the student generated; steps are its runs of ones.
         coef: weight of the distillation reward; epsilon ``> 0``, delta ``>= 0``: docs/math.md.
-        check_inputs: check that the mask holds only 0/1 (one host sync).
+        check_inputs: check that the mask holds only 0/1 and the log-probs are finite where it is 1 (host
+            syncs). Values where the mask is 0 are never read (NaN or -inf padding is fine).
     Returns:
         :class:`PolicyInputs`.  Cost: O(B T) vectorised work and one host sync (to size the per-step
         tensors to K columns).
@@ -83,6 +85,8 @@ def sod_policy_inputs(rewards: torch.Tensor, group_ids: torch.Tensor, old_logpro
     epsilon = check_positive(epsilon, "epsilon")
     delta = check_positive(delta, "delta", allow_zero=True)
     check_binary_mask(response_mask, "response_mask", check_values=check_inputs)
+    old_logprobs = masked_finite(old_logprobs, response_mask, "old_logprobs", check=check_inputs)
+    teacher_logprobs = masked_finite(teacher_logprobs, response_mask, "teacher_logprobs", check=check_inputs)
 
     grpo = grpo_advantages(rewards, group_ids)
     step_ids = step_ids_from_mask(response_mask, check_inputs=False)
