@@ -20,6 +20,8 @@ from .steps import DEFAULT_DELTA, DEFAULT_EPSILON, resolve_step_ids, step_weight
 from .chunked_core import FAST_CHUNK_BYTES, chunk_rows, even_chunks
 from .chunked_torch import compute_dtype
 from .step_plan import InPassStepWeights
+from .cpu_single_pass import CPUSinglePassKL, uses_cpu_single_pass  # [cpu-single-pass hook]
+from .cpu_single_pass import single_pass_plan as cpu_single_pass_plan  # [cpu-single-pass hook]
 from .token_divergence import (TokenDivergence, check_softcap, no_autocast, resolve_backend,
                                single_pass_gradients, single_pass_outputs)
 
@@ -277,14 +279,18 @@ def fused_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
     given = None if token_weights is None else token_weights.detach().to(acc).reshape(B, T)
     loss = None
     with no_autocast(student_hidden.device):
-        if impl == "triton" and memory == "fast" and reduction != "none" and num_active and \
-                _needs_student_grad(student_hidden, student_weight, student_bias):
-            plan = _single_pass_plan(step_rows, row_index, given, step_divergence, epsilon, delta, chunk_size,
-                                     student_weight.shape[0], student_hidden.element_size())
+        # [cpu-single-pass hook] CPU tensors, memory="fast": the CPU single pass (cpu_single_pass.py)
+        cpu_fast = uses_cpu_single_pass(impl, student_hidden.device, memory, reduction, num_active,
+                                        _needs_student_grad(student_hidden, student_weight, student_bias))
+        if cpu_fast or (impl == "triton" and memory == "fast" and reduction != "none" and num_active and
+                        _needs_student_grad(student_hidden, student_weight, student_bias)):
+            plan = (cpu_single_pass_plan if cpu_fast else _single_pass_plan)(  # [cpu-single-pass hook]
+                step_rows, row_index, given, step_divergence, epsilon, delta, chunk_size,
+                student_weight.shape[0], student_hidden.element_size())
             if plan is not None:
                 chunks, chunk_weights = plan
                 normalizer = float(max(num_active, 1)) if reduction == "token_mean" else 1.0
-                loss, D, lp_s, lp_t = SinglePassKL.apply(
+                loss, D, lp_s, lp_t = (CPUSinglePassKL if cpu_fast else SinglePassKL).apply(  # [cpu-single-pass hook]
                     sh, sw, student_bias, th, tw, teacher_bias, row_index, y, divergence, temperature, chunks,
                     chunk_weights, coef, normalizer, step_divergence == "sampled", (student_softcap, teacher_softcap))
         if loss is None:
