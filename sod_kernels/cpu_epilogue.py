@@ -22,7 +22,9 @@ Set the environment variable ``SOD_KERNELS_CPU_COMPILE=0`` to run them eagerly (
 rounding, slower, more temporary memory); where compilation fails (no C++ compiler, unsupported platform)
 the epilogues fall back to eager with one warning.
 
-Token log-probabilities use :func:`logprob_stats` / :func:`logprob_grad` in the same way.
+Token log-probabilities (:mod:`sod_kernels.cpu_logprobs`) use :func:`logprob_stats` (forward statistics),
+:func:`logprob_grad` (the recomputing backward) and :func:`token_loss_grad` (the policy loss's single pass) in
+the same way.
 """
 
 from __future__ import annotations
@@ -119,28 +121,57 @@ def kl_grad(first: torch.Tensor, second: torch.Tensor, centre: torch.Tensor, sum
     first.copy_(g)
 
 
-def logprob_stats(x: torch.Tensor, b: torch.Tensor, inv_temp: torch.Tensor, cap: torch.Tensor, capped: bool):
-    """Token log-prob statistics of a raw block ``x [C, V]``: returns ``(lse, sum)`` and leaves, in place,
-    ``x <- exp(z - M) * slope`` (the unnormalized probabilities times the cap's slope)."""
+def logprob_stats(x: torch.Tensor, b: torch.Tensor, inv_temp: torch.Tensor, cap: torch.Tensor, capped: bool,
+                  with_entropy: bool, keep: bool):
+    """Token log-prob statistics of a raw block ``x [C, V]``: returns ``(lse, total, entropy)`` (``total`` =
+    ``sum exp(z - M)``, ``entropy`` = ``-sum p log p`` or None).  With ``keep`` it leaves, in place,
+    ``x <- exp(z - M) * slope`` (the unnormalized probabilities times the cap's slope) for
+    :func:`token_loss_grad`."""
     if capped:
         z, slope = _logits_slope(x, b, inv_temp, cap)
     else:
         z, slope = _logits(x, b, inv_temp, cap, False), None
     m = z.amax(1, keepdim=True)
-    e = torch.exp(z - m)
+    y = z - m
+    e = torch.exp(y)
     total = e.sum(1)
-    x.copy_(e if slope is None else e * slope)
-    return m.squeeze(1) + total.log(), total
+    log_total = total.log()
+    entropy = log_total - (e * y).sum(1) / total if with_entropy else None
+    if keep:
+        x.copy_(e if slope is None else e * slope)
+    return m.squeeze(1) + log_total, total, entropy
 
 
-def logprob_grad(e: torch.Tensor, total: torch.Tensor, scale: torch.Tensor) -> None:
-    """``e <- -scale * p`` (``p = e / total``): the softmax part of ``d log p(y) / d x`` times ``scale [C]``;
-    the caller adds ``scale`` (times the slope) at the sampled column."""
+def token_loss_grad(e: torch.Tensor, total: torch.Tensor, scale: torch.Tensor) -> None:
+    """``e <- -scale * p`` (``p = e / total``, times the cap's slope already in ``e``): the softmax part of
+    ``scale * d logp(y) / dx``; the caller adds ``scale`` (times the slope) at the sampled column."""
     e.copy_(e * (-scale / total)[:, None])
 
 
+def logprob_grad(x: torch.Tensor, b: torch.Tensor, inv_temp: torch.Tensor, cap: torch.Tensor, lse: torch.Tensor,
+                 y: torch.Tensor, scale: torch.Tensor, scale_entropy: torch.Tensor, entropy: torch.Tensor,
+                 capped: bool, with_entropy: bool) -> None:
+    """The recomputing backward's ``d(logits)`` in place of the raw block ``x [C, V]``:
+    ``scale (onehot(y) - p) - scale_entropy p (log p + H)``, times the cap's slope (``scale`` and
+    ``scale_entropy`` ``[C]`` already hold ``1 / tau``)."""
+    if capped:
+        z, slope = _logits_slope(x, b, inv_temp, cap)
+    else:
+        z, slope = _logits(x, b, inv_temp, cap, False), None
+    log_p = z - lse[:, None]
+    p = torch.exp(log_p)
+    cols = torch.arange(x.shape[1], device=x.device)
+    onehot = cols[None, :] == y[:, None]
+    g = torch.where(onehot, 1.0 - p, -p) * scale[:, None]
+    if with_entropy:
+        g = g - scale_entropy[:, None] * p * (log_p + entropy[:, None])
+    if slope is not None:
+        g = g * slope
+    x.copy_(g)
+
+
 EPILOGUES = {"kl_stats": kl_stats, "kl_grad": kl_grad, "logprob_stats": logprob_stats,
-             "logprob_grad": logprob_grad}
+             "token_loss_grad": token_loss_grad, "logprob_grad": logprob_grad}
 
 
 # --------------------------------------------------------------------------------------- compile once

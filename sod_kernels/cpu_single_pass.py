@@ -45,10 +45,10 @@ ROW_MULTIPLE = 32
 MAX_ROWS = 8192
 
 
-def cpu_chunk_rows(n_rows: int, vocab: int, elem: int, budget: int = CPU_CHUNK_BYTES) -> int:
+def cpu_chunk_rows(n_rows: int, vocab: int, elem: int, budget: int | None = None) -> int:
     """Rows per chunk: ``budget`` bytes of the two ``[C, V]`` blocks (``elem`` bytes per entry), a multiple of
     32 rows when above 32, at most ``MAX_ROWS`` and ``n_rows`` (at least 1)."""
-    rows = budget // max(2 * vocab * elem, 1)
+    rows = (CPU_CHUNK_BYTES if budget is None else budget) // max(2 * vocab * elem, 1)
     rows = min(max(rows, 1), MAX_ROWS)
     if rows > ROW_MULTIPLE:
         rows -= rows % ROW_MULTIPLE

@@ -109,7 +109,10 @@ class SinglePassPolicyLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, row_index, target_ids, temperature, old, adv, clip, divisor, chunk_size,
                 softcap=None):
-        from .triton_token_logprobs import single_pass_token_loss
+        if hidden.device.type == "cpu":  # [cpu-logprobs hook]
+            from .cpu_logprobs import single_pass_token_loss
+        else:
+            from .triton_token_logprobs import single_pass_token_loss
 
         def token_loss(start, stop, logp):
             with torch.enable_grad():
@@ -125,7 +128,7 @@ class SinglePassPolicyLoss(torch.autograd.Function):
                                                     chunk_size=chunk_size, softcap=softcap)
         ctx.grads = grads
         ctx.mark_non_differentiable(logp)
-        return (total / divisor).to(torch.float32), logp
+        return (total / divisor).to(logp.dtype), logp  # [cpu-logprobs hook] float64 inputs: float64 loss
 
     @staticmethod
     def backward(ctx, grad_loss, unused):
@@ -249,7 +252,9 @@ def fused_sod_policy_loss(student_hidden: torch.Tensor, student_weight: torch.Te
     clip = (clip_low, clip_high, dual_clip)
     loss = None
     with no_autocast(student_hidden.device):
-        if impl == "triton" and reduction != "none" and num_active and torch.is_grad_enabled() and \
+        # [cpu-logprobs hook] CPU tensors: the single pass of cpu_logprobs.py
+        if (impl == "triton" or hidden.device.type == "cpu") and reduction != "none" and num_active and \
+                torch.is_grad_enabled() and \
                 (hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
             divisor = float(normalizer) if reduction == "token_mean" else 1.0
             loss, logp = SinglePassPolicyLoss.apply(hidden, weight, bias, row_index, y, temperature, old, adv,

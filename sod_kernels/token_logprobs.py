@@ -26,6 +26,7 @@ import torch
 
 from ._validation import BACKENDS, check_choice, check_chunk_size, check_lm_head, check_positive, check_same_device, check_shape, check_tensor
 from .chunked_torch import _logits, _logits_and_slope, apply_softcap, compute_dtype, rows_per_chunk
+from . import cpu_logprobs  # [cpu-logprobs hook]
 from .token_divergence import check_softcap, no_autocast, refuse_double_backward, resolve_backend, zero_student_grads
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -61,6 +62,9 @@ def logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         is the log-sum-exp of the temperature-scaled logits, saved for the backward pass; ``entropy`` is
         that of the softmax (``with_entropy``).
     """
+    if cpu_logprobs.enabled(hidden):  # [cpu-logprobs hook] whole-row chunks, compiled epilogue (cpu_logprobs.py)
+        return cpu_logprobs.logprob_forward(hidden, weight, bias, row_index, target_ids, temperature=temperature,
+                                            with_entropy=with_entropy, chunk_size=chunk_size, softcap=softcap)
     dt = compute_dtype(hidden.dtype)
     w, b = _weights_in(dt, weight, bias)
     Na = row_index.numel()
@@ -101,6 +105,11 @@ def logprob_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     ``row_index`` get zero gradient.  Returns the three gradients in the inputs' dtypes (None where not
     needed).
     """
+    if cpu_logprobs.enabled(hidden):  # [cpu-logprobs hook]
+        return cpu_logprobs.logprob_backward(hidden, weight, bias, row_index, target_ids, lse, grad_logp,
+                                             temperature=temperature, grad_entropy=grad_entropy, entropy=entropy,
+                                             need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias,
+                                             chunk_size=chunk_size, softcap=softcap)
     dt = compute_dtype(hidden.dtype)
     w, b = _weights_in(dt, weight, bias)
     V = w.shape[0]
