@@ -225,11 +225,13 @@ def fused_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
             ``"none"`` (per-token ``[B, T]`` tensor).
         return_stats: also return step divergences and weights (one extra host sync).
         backend: ``"auto"`` (Triton for CUDA tensors, chunked PyTorch for CPU), ``"triton"``, ``"torch"``.
-        memory: Triton backend: ``"fast"`` (default: the loss and its gradients in one pass over row chunks
-            whenever the weights are known in-pass, i.e. scalar reductions with ``token_weights``, ``"none"``,
-            or ``"kl"``/``"sampled"`` steps that fit a chunk; extra memory about 1.3 GiB at a 152k x 1024
-            student head) or ``"low"`` (two passes over rows x vocabulary-slice blocks, recomputing the
-            logits in backward: a few hundred MiB).
+        memory: ``"fast"`` (default: the loss and its gradients in one pass over row chunks whenever the
+            weights are known in-pass, i.e. scalar reductions with ``token_weights``, ``"none"``, or
+            ``"kl"``/``"sampled"`` steps that fit a chunk; extra memory about 1.3 GiB at a 152k x 1024
+            student head on the Triton backend, about 100-160 MB at 32k x 256 on CPU) or ``"low"`` (two
+            passes, recomputing the logits in backward: a few hundred MiB on the Triton backend, about
+            70 MiB at 32k x 256 on CPU).  On CPU tensors see docs/cpu.md (compiled epilogues,
+            ``SOD_KERNELS_CPU_COMPILE=0``).
         chunk_size: rows per chunk (default: from a memory budget and the vocabulary size).
         check_inputs: validate mask / step id values and the loss's finiteness (host syncs); on by default.
         student_softcap, teacher_softcap: logit soft-capping of each model (Gemma 2/3
