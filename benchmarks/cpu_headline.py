@@ -12,7 +12,9 @@ inputs, one trajectory cut into "kl" steps of 256 tokens), forward + backward of
 - ``naive``: both ``[N, V]`` logit matrices, ``log_softmax``, the step-weighted KL, autograd;
 
 and the sampled-token log-probabilities at ``N x V x Hs`` (sum of log-probs, forward + backward):
-``logprobs_fused`` (``fused_token_logprobs``) against ``logprobs_naive`` (``log_softmax(h @ W.T).gather``).
+``logprobs_fused`` (``fused_token_logprobs``) against ``logprobs_naive`` (``log_softmax(h @ W.T).gather``),
+and the PPO dual-clip policy loss: ``policy_fused`` (``fused_sod_policy_loss``) against ``policy_naive``
+(the same log-probs materialized, then the same per-token loss).
 
 Every method runs in one worker process (started with ``MALLOC_MMAP_THRESHOLD_`` fixed so freed blocks go
 back to the OS): first the *first call* of each method (compilation included: what a fresh process pays
@@ -41,7 +43,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 JUDGED = {"N": 4096, "V": 32000, "Hs": 256, "Ht": 384}
 QUICK = {"N": 512, "V": 4096, "Hs": 64, "Ht": 96}
-DEFAULT_METHODS = ("sod_fast", "sod_low", "liger_compiled", "naive", "logprobs_fused", "logprobs_naive")
+DEFAULT_METHODS = ("sod_fast", "sod_low", "liger_compiled", "naive", "logprobs_fused", "logprobs_naive",
+                   "policy_fused", "policy_naive")
 ALL_METHODS = DEFAULT_METHODS + ("sod_fast_eager", "liger")
 KL_METHODS = ("sod_fast", "sod_low", "sod_fast_eager", "liger_compiled", "liger", "naive")
 LABELS = {
@@ -53,6 +56,8 @@ LABELS = {
     "naive": "naive (materialized logits)",
     "logprobs_fused": "fused_token_logprobs",
     "logprobs_naive": "log_softmax(h @ W.T).gather",
+    "policy_fused": "fused_sod_policy_loss",
+    "policy_naive": "log_softmax(h @ W.T).gather + PPO dual clip",
 }
 MMAP_THRESHOLD = "131072"
 MIB = 1 << 20
@@ -91,6 +96,25 @@ def _step(name: str, x):
             lp = torch.log_softmax(sh @ sw.T, dim=-1).gather(1, y[:, None]).squeeze(1)
             lp.sum().backward()
             return lp.detach().sum()
+        return step
+    if name in ("policy_fused", "policy_naive"):
+        from sod_kernels import fused_sod_policy_loss
+        from sod_kernels.policy_loss import ppo_dual_clip
+
+        gen = torch.Generator().manual_seed(1)
+        n, vocab = sh.shape[0], sw.shape[0]
+        old = torch.randn(n, generator=gen) * 0.1 - torch.log(torch.tensor(float(vocab)))
+        adv = torch.randn(n, generator=gen)
+        mask = torch.ones(1, n, dtype=torch.int64)
+
+        def step():
+            if name == "policy_fused":
+                loss = fused_sod_policy_loss(sh[None], sw, y[None], old[None], adv[None], mask)
+            else:
+                lp = torch.log_softmax(sh @ sw.T, dim=-1).gather(1, y[:, None]).squeeze(1)
+                loss = ppo_dual_clip(lp, old, adv, 0.2, 0.28, 3.0)[0].mean()
+            loss.backward()
+            return loss.detach()
         return step
     raise ValueError(f"unknown method {name!r}; choose from {ALL_METHODS}")
 
@@ -209,6 +233,17 @@ def render(doc: dict) -> str:
                   "", "| method | time (s) | vs naive | first call (s) | extra memory (MiB) |", "|---|---|---|---|---|"]
         base = m.get("logprobs_naive", {}).get("median_s")
         for name in ("logprobs_fused", "logprobs_naive"):
+            if name in m:
+                r = m[name]
+                vs = _ratio(r["median_s"], base)
+                lines.append(f"| {LABELS[name]} | {r['median_s']:.2f} | {'-' if vs is None else f'{vs:.2f}x'} | "
+                             f"{r['first_call_s']:.1f} | {r['extra_memory_bytes'] / MIB:.0f} |")
+    if "policy_fused" in m or "policy_naive" in m:
+        lines += ["", f"PPO dual-clip policy loss (token mean), forward + backward: N = {s['N']}, V = {s['V']}, "
+                  f"H = {s['Hs']}.", "", "| method | time (s) | vs naive | first call (s) | extra memory (MiB) |",
+                  "|---|---|---|---|---|"]
+        base = m.get("policy_naive", {}).get("median_s")
+        for name in ("policy_fused", "policy_naive"):
             if name in m:
                 r = m[name]
                 vs = _ratio(r["median_s"], base)

@@ -15,7 +15,7 @@ per entry:
   ``sum_i f_i(logp_i)`` whose per-token derivative is known as soon as ``logp`` is (the PPO dual-clip
   loss): the gradient is formed right after each chunk's statistics, ``6 N V H`` FLOPs in all.
 
-Chunks hold :data:`CHUNK_BYTES` of logits (256 rows at V = 32000, float32; at least 16 rows).  float32 and
+Chunks hold :data:`CHUNK_BYTES` of logits (1024 rows at V = 32000, float32; at least 16 rows).  float32 and
 float64 compute in their own dtype, 16-bit inputs in float32.
 """
 
@@ -29,7 +29,7 @@ from . import cpu_epilogue
 from .chunked_core import gather_rows
 from .chunked_torch import apply_softcap, compute_dtype
 
-CHUNK_BYTES = 32 << 20
+CHUNK_BYTES = 128 << 20
 MIN_ROWS = 16
 ROW_MULTIPLE = 32
 

@@ -17,8 +17,8 @@ loss and the student's gradients come from one pass over chunks of whole vocabul
    ``d(weight) += d(logits)^T h_s`` (``d(bias) += colsum``).
 
 ``2 N V (Hs + Ht) + 4 N V Hs`` FLOPs (the two-pass path recomputes the logits: ``2 N V (Hs + Ht)`` more)
-and three ``[C, V]`` blocks at most (two with the compiled epilogue) plus the ``[V, Hs]`` d(weight)
-accumulator: at ``V = 32000`` and 256-row chunks about 100 MB.  Chunks hold :data:`CPU_CHUNK_BYTES` of
+and two ``[C, V]`` blocks (a few more with the eager epilogue) plus the ``[V, Hs]`` d(weight)
+accumulator: at ``V = 32000``, ``Hs = 256`` and 512-row chunks about 170 MB.  Chunks hold :data:`CPU_CHUNK_BYTES` of
 blocks (a multiple of 32 rows); with step weights a chunk grows up to :data:`CPU_MAX_CHUNK_BYTES` to hold a
 whole step (or up to ``chunk_size`` rows when given), and a longer step falls back to the two-pass path.
 Deterministic: fixed chunk order, fixed-order products and row-parallel reductions.
@@ -39,7 +39,7 @@ from .chunked_torch import apply_softcap, compute_dtype
 from .step_plan import InPassStepWeights
 from .token_divergence import single_pass_gradients, single_pass_outputs
 
-CPU_CHUNK_BYTES = 64 << 20        # the two [C, V] logit blocks of a chunk (256 rows at V = 32000, fp32)
+CPU_CHUNK_BYTES = 128 << 20       # the two [C, V] logit blocks of a chunk (512 rows at V = 32000, fp32)
 CPU_MAX_CHUNK_BYTES = 256 << 20   # how far a chunk may grow to hold a whole step
 ROW_MULTIPLE = 32
 MAX_ROWS = 8192
