@@ -18,6 +18,7 @@ import torch
 from ._validation import (REDUCTIONS, check_binary_mask, check_choice, check_chunk_size, check_lm_head,
                           check_positive, check_same_device, check_shape, check_tensor)
 from .token_divergence import check_softcap, no_autocast, single_pass_gradients
+from . import cpu_logprobs  # [cpu-logprobs hook]
 from .token_logprobs import TokenLogprobs, check_target_ids, resolve_logprob_backend
 
 LOG_RATIO_CLAMP = 20.0  # docs/math.md: ratio = exp(clamp(logp_new - old_logp, -20, 20))
@@ -95,21 +96,24 @@ def ppo_dual_clip(logp_new: torch.Tensor, old_logp: torch.Tensor, advantages: to
 
 
 class SinglePassPolicyLoss(torch.autograd.Function):
-    """The PPO dual-clip loss and its student gradients in one pass (Triton backend, scalar reductions).
+    """The PPO dual-clip loss and its student gradients in one pass (Triton backend or CPU tensors, scalar
+    reductions).
 
     The loss is a per-token function of ``logp_new``; its derivative is taken per chunk by autograd through
     :func:`ppo_dual_clip` on ``O(chunk)`` tensors (the same expression the two-pass path differentiates)
     and folded into ``d(logits)`` right after the chunk's log-sum-exp.  Inputs: hidden ``[N, H]``, weight,
     bias, row_index ``[Na]``, target_ids ``[N]``, temperature, old log-probs and advantages ``[Na]``,
     ``(clip_low, clip_high, dual_clip)``, the divisor of the sum (``Na`` for a token mean, 1 for a sum),
-    rows per chunk (or None), the soft-cap (or None).
-    Outputs: the loss (0-D float32, differentiable) and ``logp [Na]`` (not differentiable).
+    rows per chunk (or None), the soft-cap (or None), the backend (``"triton"``, or ``"torch"`` for CPU tensors:
+    :func:`sod_kernels.cpu_logprobs.single_pass_token_loss`).
+    Outputs: the loss (0-D float32, float64 for float64 inputs on CPU; differentiable) and ``logp [Na]`` (not
+    differentiable).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, row_index, target_ids, temperature, old, adv, clip, divisor, chunk_size,
-                softcap=None):
-        if hidden.device.type == "cpu":  # [cpu-logprobs hook]
+                softcap=None, impl="triton"):
+        if impl == "torch":  # [cpu-logprobs hook] CPU tensors on the torch backend
             from .cpu_logprobs import single_pass_token_loss
         else:
             from .triton_token_logprobs import single_pass_token_loss
@@ -133,7 +137,7 @@ class SinglePassPolicyLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, unused):
         return single_pass_gradients(ctx, grad_loss, "fused_sod_policy_loss",
-                                     "pass reduction='none' for a recomputing backward") + (None,) * 9
+                                     "pass reduction='none' for a recomputing backward") + (None,) * 10
 
 
 def finish_policy_loss(logp, old, adv, clip, row_index, lead, *, reduction: str, return_stats: bool,
@@ -253,12 +257,12 @@ def fused_sod_policy_loss(student_hidden: torch.Tensor, student_weight: torch.Te
     loss = None
     with no_autocast(student_hidden.device):
         # [cpu-logprobs hook] CPU tensors: the single pass of cpu_logprobs.py
-        if (impl == "triton" or hidden.device.type == "cpu") and reduction != "none" and num_active and \
+        if (impl == "triton" or cpu_logprobs.enabled(hidden)) and reduction != "none" and num_active and \
                 torch.is_grad_enabled() and \
                 (hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
             divisor = float(normalizer) if reduction == "token_mean" else 1.0
             loss, logp = SinglePassPolicyLoss.apply(hidden, weight, bias, row_index, y, temperature, old, adv,
-                                                    clip, divisor, chunk_size, student_softcap)
+                                                    clip, divisor, chunk_size, student_softcap, impl)
         else:
             logp, _ = TokenLogprobs.apply(hidden, weight, bias, row_index, y, temperature, impl, False, chunk_size,
                                           student_softcap)

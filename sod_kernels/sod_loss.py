@@ -228,7 +228,7 @@ def fused_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
         memory: ``"fast"`` (default: the loss and its gradients in one pass over row chunks whenever the
             weights are known in-pass, i.e. scalar reductions with ``token_weights``, ``"none"``, or
             ``"kl"``/``"sampled"`` steps that fit a chunk; extra memory about 1.3 GiB at a 152k x 1024
-            student head on the Triton backend, about 100-160 MB at 32k x 256 on CPU) or ``"low"`` (two
+            student head on the Triton backend, about 170 MB at 32k x 256 on CPU) or ``"low"`` (two
             passes, recomputing the logits in backward: a few hundred MiB on the Triton backend, about
             70 MiB at 32k x 256 on CPU).  On CPU tensors see docs/cpu.md (compiled epilogues,
             ``SOD_KERNELS_CPU_COMPILE=0``).
