@@ -18,6 +18,10 @@ except Exception:  # pragma: no cover - torch is a hard dependency
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The CPU epilogues run eagerly in the suite (compiling costs seconds per variant); the tests that compile
+# them (tests/sod_kernels/test_cpu_backends.py) switch it on for themselves.
+os.environ.setdefault("SOD_KERNELS_CPU_COMPILE", "0")
+
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 # Property tests: fresh random inputs each run, no deadline (the interpreter is slow and CI has 2 cores).

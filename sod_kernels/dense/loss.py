@@ -23,15 +23,20 @@ from ..steps.weights import DEFAULT_DELTA, DEFAULT_EPSILON
 from .autograd import TokenDivergence
 
 
-def single_pass_backend(name: str) -> ModuleType | None:
+def single_pass_backend(name: str, device: torch.device) -> ModuleType | None:
     """Where a backend supplies its single-pass chunk routine: the backend module offering ``KLProblem.build(...)``
     and ``single_pass_loss(problem, chunks, chunk_weights, *, coef, normalizer, need_hidden, need_weight,
-    need_bias, sampled_signal)`` (the contract of :func:`sod_kernels.dense.triton_backend.single_pass_loss`), or
-    None for a backend without one (it runs two passes).  The torch backend has none yet: ``memory="fast"`` and
-    ``"low"`` both run its two passes."""
+    need_bias, sampled_signal)`` (the contract of :func:`sod_kernels.dense.triton_backend.single_pass_loss`), and
+    optionally its own ``single_pass_plan`` (else :func:`sod_kernels.steps.finish.single_pass_plan`), or None for
+    a backend without one (it runs two passes).  Triton: :mod:`~sod_kernels.dense.triton_backend`; the torch
+    backend on CPU tensors: :mod:`~sod_kernels.dense.cpu_backend` (whole-vocabulary rows, compiled epilogues);
+    the torch backend on other devices runs two passes."""
     if name == "triton":
         from . import triton_backend  # imported lazily: Triton is only needed for this path
         return triton_backend
+    if name == "torch" and device.type == "cpu":
+        from . import cpu_backend
+        return cpu_backend
     return None
 
 
@@ -49,7 +54,7 @@ class SinglePassKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, sh, sw, sb, th, tw, tb, row_index, y, options: PassOptions, plan: SinglePassPlan):
-        backend = single_pass_backend(options.backend)
+        backend = single_pass_backend(options.backend, sh.device)
         problem = backend.KLProblem.build(sh, sw, sb, th, tw, tb, row_index, y, options.divergence,
                                           options.temperature, student_softcap=options.student_softcap,
                                           teacher_softcap=options.teacher_softcap)
@@ -100,12 +105,13 @@ def fused_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
             ``"none"`` (per-token ``[B, T]`` tensor).
         return_stats: also return step divergences and weights (one extra host sync).
         backend: ``"auto"`` (Triton for CUDA tensors, chunked PyTorch for CPU), ``"triton"``, ``"torch"``.
-        memory: ``"fast"`` (default; Triton: the loss and its gradients in one pass over row chunks
-            whenever the weights are known in-pass, i.e. scalar reductions with ``token_weights``, ``"none"``,
-            or ``"kl"``/``"sampled"`` steps that fit a chunk; extra memory about 1.3 GiB at a 152k x 1024
-            student head) or ``"low"`` (two passes over rows x vocabulary-slice blocks, recomputing the
-            logits in backward: a few hundred MiB).  The torch backend runs two passes over rows x vocabulary
-            tiles (a few tiles of memory) in both modes.
+        memory: ``"fast"`` (default: the loss and its gradients in one pass over row chunks whenever the
+            weights are known in-pass, i.e. scalar reductions with ``token_weights``, ``"none"``, or
+            ``"kl"``/``"sampled"`` steps that fit a chunk; extra memory about 1.3 GiB at a 152k x 1024
+            student head on the Triton backend, about 170 MB at 32k x 256 on CPU tensors) or ``"low"`` (two
+            passes, recomputing the logits in backward: a few hundred MiB on the Triton backend, about
+            70 MiB at 32k x 256 on CPU).  The torch backend on a GPU runs two passes in both modes.  On CPU
+            tensors see docs/cpu.md (compiled epilogues, ``SOD_KERNELS_CPU_COMPILE=0``).
         chunk_size: rows per chunk (default: from a memory budget and the vocabulary size).
         check_inputs: validate mask / step id values and the loss's finiteness (host syncs); on by default.
         student_softcap, teacher_softcap: logit soft-capping of each model (Gemma 2/3
@@ -157,10 +163,12 @@ def fused_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
                           divergence=divergence, student_softcap=student_softcap, teacher_softcap=teacher_softcap)
     loss = None
     with no_autocast(student_hidden.device):
-        if memory == "fast" and reduction != "none" and num_active and single_pass_backend(impl) and \
+        backend = single_pass_backend(impl, student_hidden.device) if memory == "fast" else None
+        if backend is not None and reduction != "none" and num_active and \
                 needs_student_grad(student_hidden, student_weight, student_bias):
-            plan = single_pass_plan(step_rows, row_index, given, step_divergence, epsilon, delta, chunk_size,
-                                    student_weight.shape[0], student_hidden.element_size())
+            plan = getattr(backend, "single_pass_plan", single_pass_plan)(
+                step_rows, row_index, given, step_divergence, epsilon, delta, chunk_size, student_weight.shape[0],
+                student_hidden.element_size())
             if plan is not None:
                 chunks, chunk_weights = plan
                 normalizer = float(max(num_active, 1)) if reduction == "token_mean" else 1.0

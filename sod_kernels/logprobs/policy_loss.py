@@ -20,6 +20,7 @@ from ..core.validation import (MEMORY_MODES, REDUCTIONS, check_binary_mask, chec
 from ..core.options import PassOptions, input_grads
 from ..core.runtime import check_softcap, needs_student_grad, no_autocast, single_pass_gradients
 from ..core.finite import check_finite
+from . import cpu_backend
 from .token_logprobs import TokenLogprobs, check_target_ids, resolve_logprob_backend
 
 LOG_RATIO_CLAMP = 20.0  # docs/math.md: ratio = exp(clamp(logp_new - old_logp, -20, 20))
@@ -97,20 +98,27 @@ def ppo_dual_clip(logp_new: torch.Tensor, old_logp: torch.Tensor, advantages: to
 
 
 class SinglePassPolicyLoss(torch.autograd.Function):
-    """The PPO dual-clip loss and its student gradients in one pass (Triton backend, scalar reductions).
+    """The PPO dual-clip loss and its student gradients in one pass (Triton backend or CPU tensors, scalar
+    reductions).
 
     The loss is a per-token function of ``logp_new``; its derivative is taken per chunk by autograd through
     :func:`ppo_dual_clip` on ``O(chunk)`` tensors (the same expression the two-pass path differentiates)
     and folded into ``d(logits)`` right after the chunk's log-sum-exp.  Inputs: hidden ``[N, H]``, weight,
     bias, row_index ``[Na]``, target_ids ``[N]``, temperature, old log-probs and advantages ``[Na]``,
     ``(clip_low, clip_high, dual_clip)``, the divisor of the sum (``Na`` for a token mean, 1 for a sum), and
-    :class:`~sod_kernels.core.options.PassOptions` (temperature, chunk_size, ``student_softcap``).
-    Outputs: the loss (0-D float32, differentiable) and ``logp [Na]`` (not differentiable).
+    :class:`~sod_kernels.core.options.PassOptions` (backend, temperature, chunk_size, ``student_softcap``): the
+    Triton backend's routine, or for CPU tensors on the torch backend
+    :func:`sod_kernels.logprobs.cpu_backend.single_pass_token_loss`.
+    Outputs: the loss (0-D float32, float64 for float64 inputs on CPU; differentiable) and ``logp [Na]`` (not
+    differentiable).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, row_index, target_ids, old, adv, clip, divisor, options: PassOptions):
-        from .triton_backend import single_pass_token_loss
+        if options.backend == "torch":
+            single_pass_token_loss = cpu_backend.single_pass_token_loss
+        else:
+            from .triton_backend import single_pass_token_loss
 
         def token_loss(start, stop, logp):
             with torch.enable_grad():
@@ -126,7 +134,7 @@ class SinglePassPolicyLoss(torch.autograd.Function):
                                                     chunk_size=options.chunk_size, softcap=options.student_softcap)
         ctx.grads = grads
         ctx.mark_non_differentiable(logp)
-        return (total / divisor).to(torch.float32), logp
+        return (total / divisor).to(logp.dtype), logp  # float64 inputs on CPU: a float64 loss
 
     @staticmethod
     def backward(ctx, grad_loss, unused):
@@ -259,7 +267,8 @@ def fused_sod_policy_loss(student_hidden: torch.Tensor, student_weight: torch.Te
                           student_softcap=student_softcap)
     loss = None
     with no_autocast(student_hidden.device):
-        if impl == "triton" and memory == "fast" and reduction != "none" and num_active and \
+        if (impl == "triton" or (impl == "torch" and cpu_backend.enabled(hidden))) and \
+                memory == "fast" and reduction != "none" and num_active and \
                 needs_student_grad(hidden, weight, bias):
             divisor = float(normalizer) if reduction == "token_mean" else 1.0
             loss, logp = SinglePassPolicyLoss.apply(hidden, weight, bias, row_index, y, old, adv, clip, divisor,

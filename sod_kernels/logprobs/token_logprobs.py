@@ -29,6 +29,7 @@ from ..core.validation import (BACKENDS, MEMORY_MODES, check_choice, check_chunk
 from ..core.tiles import apply_softcap, compute_dtype, rows_per_chunk, tile_logits, tile_logits_and_slope
 from ..core.options import PassOptions, input_grads
 from ..core.runtime import check_softcap, no_autocast, refuse_double_backward, resolve_backend, zero_student_grads
+from . import cpu_backend
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # At least this many rows per chunk: with the divergence backend's ~2M-float blocks a 152k vocabulary gets
@@ -64,6 +65,9 @@ def logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         is the log-sum-exp of the temperature-scaled logits, saved for the backward pass; ``entropy`` is
         that of the softmax (``with_entropy``).
     """
+    if memory == "fast" and cpu_backend.enabled(hidden):  # whole-row chunks, compiled epilogue (cpu_backend.py)
+        return cpu_backend.logprob_forward(hidden, weight, bias, row_index, target_ids, temperature=temperature,
+                                            with_entropy=with_entropy, chunk_size=chunk_size, softcap=softcap)
     dt = compute_dtype(hidden.dtype)
     w, b = _weights_in(dt, weight, bias)
     Na = row_index.numel()
@@ -104,6 +108,11 @@ def logprob_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     ``row_index`` get zero gradient.  Returns the three gradients in the inputs' dtypes (None where not
     needed).
     """
+    if memory == "fast" and cpu_backend.enabled(hidden):
+        return cpu_backend.logprob_backward(hidden, weight, bias, row_index, target_ids, lse, grad_logp,
+                                             temperature=temperature, grad_entropy=grad_entropy, entropy=entropy,
+                                             need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias,
+                                             chunk_size=chunk_size, softcap=softcap)
     dt = compute_dtype(hidden.dtype)
     w, b = _weights_in(dt, weight, bias)
     V = w.shape[0]

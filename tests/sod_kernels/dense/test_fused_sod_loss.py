@@ -116,8 +116,11 @@ def test_gradcheck_float64():
     for divergence in ("reverse_kl", "forward_kl"):
         # Step weights are constants for the gradient (SPEC section 5): gradcheck with weights that do not
         # depend on the inputs ("none"), and with fixed non-trivial weights through reduction="none".
+        # memory="low": gradcheck calls backward repeatedly on one forward, which only the recomputing two-pass
+        # path allows (the single pass is checked against the float64 reference in test_cpu_single_pass.py).
         fn = lambda a, b, c: fused_sod_loss(a, b, th, tw, mask, student_bias=c, divergence=divergence,  # noqa: E731
-                                            step_divergence="none", temperature=0.8, backend="torch")
+                                            step_divergence="none", temperature=0.8, backend="torch",
+                                            memory="low")
         assert torch.autograd.gradcheck(fn, (sh, sw, sb))
         fixed = torch.rand(2, 7, dtype=torch.float64, generator=g)
         fn = lambda a, b, c: (fixed * fused_sod_loss(a, b, th, tw, mask, student_bias=c,  # noqa: E731
@@ -173,7 +176,7 @@ def test_module_wrapper_matches_function():
 
 
 def test_no_tokens_by_vocabulary_tensor_is_created(monkeypatch):
-    """The torch path processes chunks of rows: no tensor reaches N x V elements (here N*V dominates)."""
+    """The torch path's two passes process tiles of rows: no tensor reaches N x V elements (here N*V dominates)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     N, V, H = 96, 1000, 8
@@ -191,7 +194,8 @@ def test_no_tokens_by_vocabulary_tensor_is_created(monkeypatch):
     sh = torch.randn(1, N, H, requires_grad=True)
     sw = torch.randn(V, H, requires_grad=True)
     with Record():
-        loss = fused_sod_loss(sh, sw, torch.randn(1, N, H), torch.randn(V, H), torch.ones(1, N), backend="torch")
+        loss = fused_sod_loss(sh, sw, torch.randn(1, N, H), torch.randn(V, H), torch.ones(1, N), backend="torch",
+                              memory="low")  # the two-pass tiles (the single pass: tests/sod_kernels/test_cpu_backends.py)
         loss.backward()
     assert max(sizes) < N * V / 8
     assert max(sizes) >= 8 * V  # the chunk blocks themselves were seen

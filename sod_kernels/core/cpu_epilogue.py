@@ -1,0 +1,204 @@
+"""Per-chunk epilogues of the CPU single pass, compiled once per shape family (docs/cpu.md).
+
+The CPU single pass (:mod:`sod_kernels.cpu_single_pass`) forms, per row chunk, the raw logit blocks
+``xs = h_s W_s^T`` and ``xt = h_t W_t^T`` (``[C, V]``, whole vocabulary rows) with two matrix products,
+then runs two epilogues over them:
+
+- :func:`kl_stats` (``[C, V]`` -> per-row statistics): ``z = (x + b) / tau`` (with a soft-cap
+  ``cap tanh((x + b) / cap) / tau``), the row maxima ``M`` (known before any exponential, so no rescaling),
+  ``e_s = exp(z_s - M_s)``, ``e_t = exp(z_t - M_t)`` (the two exponentials per pair), their sums, the
+  KL accumulator and ``D``; and, in place, the two blocks the gradient needs: ``xs <- e_s * slope``
+  (``slope`` = the student cap's derivative, 1 without a cap) and ``xt <- (z_s - M_s) - (z_t - M_t)``
+  (reverse KL) or ``e_t * slope`` (forward KL).
+- :func:`kl_grad` (in place into ``xs``): ``d(logits) = scale * p_s ((z_s - M_s) - (z_t - M_t) - c')`` for
+  reverse KL (the cancellation-free form of docs/math.md) or ``scale * (p_s - p_t)`` for forward KL, with
+  ``p = e / sum(e)``.
+
+Both are plain PyTorch.  By default each is wrapped in ``torch.compile`` (Inductor's C++ backend: one fused,
+row-parallel, vectorized loop nest per function instead of a dozen separate passes over ``[C, V]``) with
+dynamic sizes, so a process compiles each variant once (per dtype, divergence direction and soft-cap
+combination), never per call or per chunk shape.  The first call of a variant pays the compilation (seconds).
+Set the environment variable ``SOD_KERNELS_CPU_COMPILE=0`` to run them eagerly (same results up to
+rounding, slower, more temporary memory); where compilation fails (no C++ compiler, unsupported platform)
+the epilogues fall back to eager with one warning.
+
+Token log-probabilities (:mod:`sod_kernels.cpu_logprobs`) use :func:`logprob_stats` (forward statistics),
+:func:`logprob_grad` (the recomputing backward) and :func:`token_loss_grad` (the policy loss's single pass) in
+the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from collections.abc import Callable
+
+import torch
+
+ENV_COMPILE = "SOD_KERNELS_CPU_COMPILE"
+RECOMPILE_LIMIT = 64       # variants (dtype x flags) per epilogue before Dynamo would give up and run eagerly
+
+_lock = threading.Lock()
+_compiled: dict[str, Callable] = {}
+_broken: list[str] = []    # the first compilation error, if any: eager from then on
+
+
+def compile_enabled() -> bool:
+    """Whether the CPU epilogues run compiled: ``SOD_KERNELS_CPU_COMPILE`` unset or not ``0``/``false``/``off``,
+    Dynamo supported here, and no earlier compilation failure in this process."""
+    if os.environ.get(ENV_COMPILE, "1").strip().lower() in ("0", "false", "off", "no", "eager"):
+        return False
+    if _broken:
+        return False
+    try:
+        return bool(torch._dynamo.is_dynamo_supported())
+    except Exception:  # pragma: no cover - very old or stripped-down torch
+        return False
+
+
+# ----------------------------------------------------------------------------------------- epilogues
+def _logits(x, b, inv_temp, cap, capped: bool):
+    """``z = (x + b) * inv_temp`` or ``cap tanh((x + b) / cap) * inv_temp``."""
+    if capped:
+        return torch.tanh((x + b) / cap) * cap * inv_temp
+    return (x + b) * inv_temp
+
+
+def _logits_slope(x, b, inv_temp, cap):
+    """Capped student logits and the cap's slope ``1 - tanh^2(u) = 4 e / (1 + e)^2``, ``e = exp(-2|u|)``
+    (exact where the cap saturates)."""
+    u = (x + b) / cap
+    e = torch.exp(-2.0 * u.abs())
+    one_e = 1.0 + e
+    t = (1.0 - e) / one_e
+    t = torch.where(u < 0, -t, t)
+    return t * cap * inv_temp, 4.0 * e / (one_e * one_e)
+
+
+def kl_stats(xs: torch.Tensor, xt: torch.Tensor, bs: torch.Tensor, bt: torch.Tensor, inv_temp: torch.Tensor,
+             scap: torch.Tensor, tcap: torch.Tensor, forward_kl: bool, student_capped: bool, teacher_capped: bool):
+    """Row statistics of the raw blocks ``xs``, ``xt`` (``[C, V]``, overwritten as the module docstring says).
+
+    ``bs``, ``bt``: ``[V]`` biases (zeros for none); ``inv_temp``, ``scap``, ``tcap``: 0-d tensors.
+    Returns ``(D, lse_s, lse_t, centre, sum_s, sum_t)``, each ``[C]`` in the blocks' dtype.
+    """
+    if student_capped:
+        zs, slope = _logits_slope(xs, bs, inv_temp, scap)
+    else:
+        zs, slope = _logits(xs, bs, inv_temp, scap, False), None
+    zt = _logits(xt, bt, inv_temp, tcap, teacher_capped)
+    ms = zs.amax(1, keepdim=True)
+    mt = zt.amax(1, keepdim=True)
+    ys = zs - ms
+    yt = zt - mt
+    es = torch.exp(ys)
+    et = torch.exp(yt)
+    sum_s = es.sum(1)
+    sum_t = et.sum(1)
+    delta = ys - yt
+    if forward_kl:       # W = teacher: c' = E_t[(z_t - M_t) - (z_s - M_s)]
+        centre = -(et * delta).sum(1) / sum_t
+        D = centre - sum_t.log() + sum_s.log()
+        second = et if slope is None else et * slope
+    else:                # W = student: c' = E_s[(z_s - M_s) - (z_t - M_t)]
+        centre = (es * delta).sum(1) / sum_s
+        D = centre - sum_s.log() + sum_t.log()
+        second = delta
+    first = es if slope is None else es * slope
+    xs.copy_(first)
+    xt.copy_(second)
+    return D, ms.squeeze(1) + sum_s.log(), mt.squeeze(1) + sum_t.log(), centre, sum_s, sum_t
+
+
+def kl_grad(first: torch.Tensor, second: torch.Tensor, centre: torch.Tensor, sum_s: torch.Tensor,
+            sum_t: torch.Tensor, scale: torch.Tensor, forward_kl: bool) -> None:
+    """``first <- d(logits)`` of the blocks :func:`kl_stats` left (``scale [C]``: dL/dD / tau per row)."""
+    if forward_kl:
+        g = first * (scale / sum_s)[:, None] - second * (scale / sum_t)[:, None]
+    else:
+        g = first * (second - centre[:, None]) * (scale / sum_s)[:, None]
+    first.copy_(g)
+
+
+def logprob_stats(x: torch.Tensor, b: torch.Tensor, inv_temp: torch.Tensor, cap: torch.Tensor, capped: bool,
+                  with_entropy: bool, keep: bool):
+    """Token log-prob statistics of a raw block ``x [C, V]``: returns ``(lse, total, entropy)`` (``total`` =
+    ``sum exp(z - M)``, ``entropy`` = ``-sum p log p`` or None).  With ``keep`` it leaves, in place,
+    ``x <- exp(z - M) * slope`` (the unnormalized probabilities times the cap's slope) for
+    :func:`token_loss_grad`."""
+    if capped:
+        z, slope = _logits_slope(x, b, inv_temp, cap)
+    else:
+        z, slope = _logits(x, b, inv_temp, cap, False), None
+    m = z.amax(1, keepdim=True)
+    y = z - m
+    e = torch.exp(y)
+    total = e.sum(1)
+    log_total = total.log()
+    entropy = log_total - (e * y).sum(1) / total if with_entropy else None
+    if keep:
+        x.copy_(e if slope is None else e * slope)
+    return m.squeeze(1) + log_total, total, entropy
+
+
+def token_loss_grad(e: torch.Tensor, total: torch.Tensor, scale: torch.Tensor) -> None:
+    """``e <- -scale * p`` (``p = e / total``, times the cap's slope already in ``e``): the softmax part of
+    ``scale * d logp(y) / dx``; the caller adds ``scale`` (times the slope) at the sampled column."""
+    e.copy_(e * (-scale / total)[:, None])
+
+
+def logprob_grad(x: torch.Tensor, b: torch.Tensor, inv_temp: torch.Tensor, cap: torch.Tensor, lse: torch.Tensor,
+                 y: torch.Tensor, scale: torch.Tensor, scale_entropy: torch.Tensor, entropy: torch.Tensor,
+                 capped: bool, with_entropy: bool) -> None:
+    """The recomputing backward's ``d(logits)`` in place of the raw block ``x [C, V]``:
+    ``scale (onehot(y) - p) - scale_entropy p (log p + H)``, times the cap's slope (``scale`` and
+    ``scale_entropy`` ``[C]`` already hold ``1 / tau``)."""
+    if capped:
+        z, slope = _logits_slope(x, b, inv_temp, cap)
+    else:
+        z, slope = _logits(x, b, inv_temp, cap, False), None
+    log_p = z - lse[:, None]
+    p = torch.exp(log_p)
+    cols = torch.arange(x.shape[1], device=x.device)
+    onehot = cols[None, :] == y[:, None]
+    g = torch.where(onehot, 1.0 - p, -p) * scale[:, None]
+    if with_entropy:
+        g = g - scale_entropy[:, None] * p * (log_p + entropy[:, None])
+    if slope is not None:
+        g = g * slope
+    x.copy_(g)
+
+
+EPILOGUES = {"kl_stats": kl_stats, "kl_grad": kl_grad, "logprob_stats": logprob_stats,
+             "token_loss_grad": token_loss_grad, "logprob_grad": logprob_grad}
+
+
+# --------------------------------------------------------------------------------------- compile once
+def _compiled_fn(name: str) -> Callable:
+    with _lock:
+        fn = _compiled.get(name)
+        if fn is None:
+            fn = torch.compile(EPILOGUES[name], dynamic=True, fullgraph=True)
+            _compiled[name] = fn
+        return fn
+
+
+def run(name: str, *args, rows: int):
+    """Run epilogue ``name`` compiled (when :func:`compile_enabled` and the chunk has more than one row: a
+    one-row chunk runs eagerly rather than compile a size-1 specialization) or eagerly."""
+    fn = EPILOGUES[name]
+    if rows <= 1 or not compile_enabled():
+        with torch.no_grad():
+            return fn(*args)
+    try:
+        with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            return _compiled_fn(name)(*args)
+    except Exception as exc:  # no compiler, unsupported platform...: eager for the rest of the process
+        if not _broken:
+            _broken.append(f"{type(exc).__name__}: {exc}")
+            warnings.warn(f"sod_kernels: compiling the CPU epilogue failed ({type(exc).__name__}); running it "
+                          f"eagerly from now on (set {ENV_COMPILE}=0 to skip the attempt)", RuntimeWarning,
+                          stacklevel=2)
+        with torch.no_grad():
+            return fn(*args)

@@ -1,0 +1,232 @@
+"""The CPU single pass of ``fused_sod_loss`` (``memory="fast"``, the default on CPU tensors).
+
+Whenever the step weights are known inside the pass (``token_weights``, ``step_divergence="none"``, or
+``"kl"`` / ``"sampled"`` with row chunks cut at step boundaries; scalar reductions; a gradient wanted), the
+loss and the student's gradients come from one pass over chunks of whole vocabulary rows.  Per chunk of
+``C`` distilled tokens:
+
+1. two matrix products into ``[C, V]`` blocks: ``xs = h_s W_s^T``, ``xt = h_t W_t^T`` (raw, float32 or
+   float64);
+2. the statistics epilogue (:func:`sod_kernels.core.cpu_epilogue.kl_stats`, compiled): row maxima first, then two
+   exponentials per (token, vocabulary) pair, ``D``, the sampled-token log-probs, and in place the two
+   blocks the gradient needs;
+3. the chunk's weights (step means of ``D`` or of the sampled-token gap, ``w_k`` from ``d_1`` and ``d_k``:
+   :class:`sod_kernels.steps.plan.InPassStepWeights`), the loss term ``sum w D`` (float64 accumulation);
+4. the gradient epilogue (:func:`sod_kernels.core.cpu_epilogue.kl_grad`, compiled) writes ``d(logits)`` over
+   ``xs``; two matrix products fold it: ``d(hidden)[rows] = d(logits) W_s`` and
+   ``d(weight) += d(logits)^T h_s`` (``d(bias) += colsum``).
+
+``2 N V (Hs + Ht) + 4 N V Hs`` FLOPs (the two-pass path recomputes the logits: ``2 N V (Hs + Ht)`` more)
+and two ``[C, V]`` blocks (a few more with the eager epilogue) plus the ``[V, Hs]`` d(weight)
+accumulator: at ``V = 32000``, ``Hs = 256`` and 512-row chunks about 170 MB.  Chunks hold :data:`CPU_CHUNK_BYTES` of
+blocks (a multiple of 32 rows); with step weights a chunk grows up to :data:`CPU_MAX_CHUNK_BYTES` to hold a
+whole step (or up to ``chunk_size`` rows when given), and a longer step falls back to the two-pass path.
+Deterministic: fixed chunk order, fixed-order products and row-parallel reductions.
+
+Dtypes: float32 and float64 compute in their own dtype; bfloat16 / float16 inputs compute in float32 (the
+weights converted once per call) and get gradients in their dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..core import cpu_epilogue
+from ..core.chunks import LMHead, chunks_at_boundaries, even_chunks, gather_rows, row_selector
+from ..core.tiles import apply_softcap, compute_dtype
+from ..steps.plan import InPassStepWeights
+
+CPU_CHUNK_BYTES = 128 << 20       # the two [C, V] logit blocks of a chunk (512 rows at V = 32000, fp32)
+CPU_MAX_CHUNK_BYTES = 256 << 20   # how far a chunk may grow to hold a whole step
+ROW_MULTIPLE = 32
+MAX_ROWS = 8192
+
+
+def cpu_chunk_rows(n_rows: int, vocab: int, elem: int, budget: int | None = None) -> int:
+    """Rows per chunk: ``budget`` bytes of the two ``[C, V]`` blocks (``elem`` bytes per entry), a multiple of
+    32 rows when above 32, at most ``MAX_ROWS`` and ``n_rows`` (at least 1)."""
+    rows = (CPU_CHUNK_BYTES if budget is None else budget) // max(2 * vocab * elem, 1)
+    rows = min(max(rows, 1), MAX_ROWS)
+    if rows > ROW_MULTIPLE:
+        rows -= rows % ROW_MULTIPLE
+    return max(min(rows, max(n_rows, 1)), 1)
+
+
+def single_pass_plan(step_rows, row_index, given, step_divergence, epsilon, delta, chunk_size, vocab, elem):
+    """``(chunks, chunk_weights)`` of the CPU single pass, or None when a step is longer than the largest chunk
+    (``chunk_size`` rows if given, else :data:`CPU_MAX_CHUNK_BYTES` of blocks): then the two-pass path runs."""
+    n = row_index.numel()
+    elem = max(elem, 4)
+    rows = int(chunk_size) if chunk_size is not None else cpu_chunk_rows(n, vocab, elem)
+    if given is not None:
+        w = given.reshape(-1)[row_index]
+        return even_chunks(n, rows), lambda a, b, D, signal: w[a:b]
+    if step_divergence == "none":
+        return even_chunks(n, rows), lambda a, b, D, signal: torch.ones_like(D)
+    steps = InPassStepWeights(step_rows, row_index, epsilon=epsilon, delta=delta)
+    chunks = steps.chunks(rows, n)
+    if chunks is None and chunk_size is None:
+        longest = cpu_chunk_rows(n, vocab, elem, CPU_MAX_CHUNK_BYTES)
+        starts = steps.starts + [n]
+        step_max = max(b - a for a, b in zip(starts[:-1], starts[1:]))
+        if step_max <= longest:
+            chunks = chunks_at_boundaries(steps.starts, n, max(step_max, rows))
+    if chunks is None:
+        return None
+    return chunks, lambda a, b, D, signal: steps.chunk_weights(a, b, signal)
+
+
+@dataclass
+class KLProblem:
+    """The inputs of one call as the chunk loop sees them (the fields :class:`sod_kernels.dense.triton_backend.KLProblem`
+    has), with the weights and biases already in the compute dtype."""
+
+    student: LMHead
+    teacher: LMHead
+    row_index: torch.Tensor
+    contiguous: bool
+    target_ids: torch.Tensor | None
+    forward_kl: bool
+    temperature: float
+    student_softcap: float | None = None
+    teacher_softcap: float | None = None
+
+    @classmethod
+    def build(cls, sh, sw, sb, th, tw, tb, row_index, target_ids, divergence, temperature, *,
+              student_softcap=None, teacher_softcap=None) -> KLProblem:
+        vocab = sw.shape[0]
+        rows = row_index.to(torch.int64).contiguous()
+        n = rows.numel()
+        contiguous = n == sh.shape[0] and (n == 0 or bool(rows[-1] == n - 1))
+        return cls(LMHead(sh, sw, sb, vocab), LMHead(th, tw, tb, vocab), rows, contiguous,
+                   None if target_ids is None else target_ids.to(torch.int64), divergence == "forward_kl",
+                   float(temperature), student_softcap, teacher_softcap)
+
+    @property
+    def n_rows(self) -> int:
+        return self.row_index.numel()
+
+    @property
+    def vocab(self) -> int:
+        return self.student.vocab
+
+    def rows(self, start: int, stop: int):
+        return row_selector(self.row_index, start, stop, self.contiguous)
+
+
+@dataclass
+class SinglePassResult:
+    """As :class:`sod_kernels.dense.triton_backend.SinglePassResult`: the loss (0-D, float32 or float64), per-row
+    D and sampled log-probs (``[Na]``, the latter None without targets), the student gradients for an upstream
+    gradient of 1 (None where not needed)."""
+
+    loss: torch.Tensor
+    D: torch.Tensor
+    lp_s: torch.Tensor | None
+    lp_t: torch.Tensor | None
+    grads: tuple
+
+
+class _Head:
+    """One model's weight, bias (zeros for none) and hidden states in the compute dtype."""
+
+    def __init__(self, head: LMHead, dt: torch.dtype):
+        self.weight = head.used_weight.to(dt)
+        if self.weight.stride(-1) != 1:
+            self.weight = self.weight.contiguous()
+        bias = head.used_bias
+        self.has_bias = bias is not None
+        self.bias = torch.zeros(head.vocab, dtype=dt) if bias is None else bias.to(dt).contiguous()
+        self.hidden = head.hidden
+        self.dt = dt
+
+    def rows(self, rows) -> torch.Tensor:
+        h = gather_rows(self.hidden, rows)
+        return h if h.dtype == self.dt else h.to(self.dt)
+
+
+def _sampled(p: KLProblem, y: torch.Tensor, xs: torch.Tensor, xt: torch.Tensor, s: _Head, t: _Head):
+    """The sampled tokens' capped, temperature-scaled logits (``[C]`` each) from the raw blocks."""
+    col = y[:, None]
+    zs = xs.gather(1, col).squeeze(1) + s.bias[y]
+    zt = xt.gather(1, col).squeeze(1) + t.bias[y]
+    zs, zt = apply_softcap(zs, p.student_softcap), apply_softcap(zt, p.teacher_softcap)
+    return zs / p.temperature, zt / p.temperature
+
+
+def single_pass_loss(p: KLProblem, chunks, chunk_weights, *, coef: float, normalizer: float, need_hidden: bool,
+                     need_weight: bool, need_bias: bool, sampled_signal: bool = False) -> SinglePassResult:
+    """``L = coef * sum_i w_i D_i / normalizer`` and its student gradients in one pass over ``chunks`` (the
+    contract of :func:`sod_kernels.dense.triton_backend.single_pass_loss`, on CPU tensors)."""
+    sh_in = p.student.hidden
+    dt = compute_dtype(sh_in.dtype)
+    s, t = _Head(p.student, dt), _Head(p.teacher, dt)
+    n, V, H = p.n_rows, p.vocab, s.weight.shape[1]
+    D = torch.empty(n, dtype=dt)
+    with_targets = p.target_ids is not None
+    lp_s = torch.empty(n, dtype=dt) if with_targets else None
+    lp_t = torch.empty(n, dtype=dt) if with_targets else None
+    d_hidden = torch.empty(n, H, dtype=dt) if need_hidden else None
+    d_weight = torch.zeros(V, H, dtype=dt) if need_weight else None
+    d_bias = torch.zeros(V, dtype=dt) if (need_bias and s.has_bias) else None
+    longest = max((b - a for a, b in chunks), default=1)
+    xs_buf = torch.empty(longest * V, dtype=dt)
+    xt_buf = torch.empty(longest * V, dtype=dt)
+    scalar = lambda v: torch.tensor(v, dtype=dt)  # noqa: E731
+    inv_temp = scalar(1.0 / p.temperature)
+    scap, tcap = scalar(p.student_softcap or 1.0), scalar(p.teacher_softcap or 1.0)
+    flags = (p.forward_kl, p.student_softcap is not None, p.teacher_softcap is not None)
+    total = torch.zeros((), dtype=torch.float64)
+    grad_scale = coef / (normalizer * p.temperature)
+    active = need_hidden or need_weight or d_bias is not None
+    for start, stop in chunks:
+        c = stop - start
+        rows = p.rows(start, stop)
+        hs, ht = s.rows(rows), t.rows(rows)
+        xs = torch.mm(hs, s.weight.T, out=xs_buf[:c * V].view(c, V))
+        xt = torch.mm(ht, t.weight.T, out=xt_buf[:c * V].view(c, V))
+        if with_targets:
+            zy_s, zy_t = _sampled(p, p.target_ids[rows], xs, xt, s, t)
+        d, lse_s, lse_t, centre, sum_s, sum_t = cpu_epilogue.run(
+            "kl_stats", xs, xt, s.bias, t.bias, inv_temp, scap, tcap, *flags, rows=c)
+        D[start:stop] = d
+        if with_targets:
+            lp_s[start:stop], lp_t[start:stop] = zy_s - lse_s, zy_t - lse_t
+        signal = (lp_s[start:stop] - lp_t[start:stop]).abs() if sampled_signal else d
+        w = chunk_weights(start, stop, d, signal)
+        total += (w.to(torch.float64) * d.to(torch.float64)).sum()
+        if not active:
+            continue
+        cpu_epilogue.run("kl_grad", xs, xt, centre, sum_s, sum_t, (w * grad_scale).to(dt), p.forward_kl, rows=c)
+        if d_hidden is not None:
+            torch.mm(xs, s.weight, out=d_hidden[start:stop])
+        if d_weight is not None:
+            d_weight.addmm_(xs.T, hs)
+        if d_bias is not None:
+            d_bias += xs.sum(0)
+    del xs_buf, xt_buf
+    loss = (total * (coef / normalizer)).to(dt)
+    return SinglePassResult(loss, D, lp_s, lp_t, _finish(p, d_hidden, d_weight, d_bias))
+
+
+def _finish(p: KLProblem, d_hidden, d_weight, d_bias):
+    """The gradients in the inputs' dtypes and shapes (zero rows outside ``row_index`` and the padded vocab)."""
+    h, w, b = p.student.hidden, p.student.weight, p.student.bias
+    if d_hidden is not None:
+        if p.contiguous and d_hidden.shape[0] == h.shape[0]:
+            d_hidden = d_hidden.to(h.dtype)
+        else:
+            d_hidden = torch.zeros_like(h).index_copy_(0, p.row_index, d_hidden.to(h.dtype))
+    if d_weight is not None:
+        d_weight = _pad(d_weight.to(w.dtype), w.shape[0])
+    if d_bias is not None:
+        d_bias = _pad(d_bias.to(b.dtype), b.shape[0])
+    return d_hidden, d_weight, d_bias
+
+
+def _pad(x: torch.Tensor, rows: int) -> torch.Tensor:
+    if x.shape[0] == rows:
+        return x
+    return torch.cat([x, x.new_zeros((rows - x.shape[0],) + tuple(x.shape[1:]))])
