@@ -102,7 +102,7 @@ def test_logit_scale_is_folded_exactly():
 
 
 def test_softcap_is_reported_and_passed_to_the_losses():
-    """(The losses' values against the model's own logits: tests/test_softcap.py.)"""
+    """(The losses' values against the model's own logits: tests/sod_kernels/test_softcap.py.)"""
     gemma = tiny(transformers.Gemma2Config, transformers.Gemma2ForCausalLM, 8, final_logit_softcapping=5.0)
     assert hf.check_logit_processing(gemma) == hf.LogitProcessing(scale=1.0, softcap=5.0)
     input_ids, attention, mask = batch()
