@@ -11,7 +11,7 @@ then runs two epilogues over them:
   (``slope`` = the student cap's derivative, 1 without a cap) and ``xt <- (z_s - M_s) - (z_t - M_t)``
   (reverse KL) or ``e_t * slope`` (forward KL).
 - :func:`kl_grad` (in place into ``xs``): ``d(logits) = scale * p_s ((z_s - M_s) - (z_t - M_t) - c')`` for
-  reverse KL (the cancellation-free form of docs/math.md) or ``scale * (p_s - p_t)`` for forward KL, with
+  reverse KL (the shifted form of docs/math.md) or ``scale * (p_s - p_t)`` for forward KL, with
   ``p = e / sum(e)``.
 
 Both are plain PyTorch.  By default each is wrapped in ``torch.compile`` (Inductor's C++ backend: one fused,

@@ -14,8 +14,9 @@ the KL sum (the student for reverse KL, the teacher for forward KL), O the other
   O(C x splits) tensor ops.  Then ``D = A'/L_w - log L_w + log L_o`` (docs/math.md, with nothing of size
   O(log V) subtracted from anything large) and, for the gradient, ``c' = A'/L_w``.
 - ``kl_logit_grad_kernel`` (grid: rows x column blocks) writes ``d(logits) = scale_row * g`` in the gradient
-  dtype, with ``g = p_s ((z_s - M_s) - (z_t - M_t) - c')`` for reverse KL (the cancellation-free form of
-  ``p_s (log p_s - log p_t - D)``: every term is bounded even for saturated logits) and ``g = p_s - p_t`` for
+  dtype, with ``g = p_s ((z_s - M_s) - (z_t - M_t) - c')`` for reverse KL (the shifted form of
+  ``p_s (log p_s - log p_t - D)``: no O(log V) quantity is subtracted; each term still carries the float32
+  rounding of the logits, about one ulp of the largest logit per token: docs/math.md) and ``g = p_s - p_t`` for
   forward KL.  ``scale_row`` already holds ``dL/dD / tau``.
 
 Both kernels are bandwidth bound: the statistics read ``8 C V`` bytes, the gradient reads ``8 C V`` and

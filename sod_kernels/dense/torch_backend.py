@@ -52,7 +52,7 @@ def divergence_forward(student_hidden, student_weight, student_bias, teacher_hid
         in float32 (float64 for float64 inputs); the sampled log-probs are None without ``target_ids``.  The
         lse are of the temperature-scaled logits over the first ``Vs`` columns; ``frame [3, Na]`` holds the
         maxima ``M_s``, ``M_t`` and ``c' = E_w[(z_w - M_w) - (z_o - M_o)]`` for the backward's
-        cancellation-free reverse-KL gradient.
+        shifted reverse-KL gradient (error about one ulp of the largest logit: docs/math.md).
     """
     V = student_weight.shape[0]
     dt = compute_dtype(student_hidden.dtype)
@@ -129,8 +129,8 @@ def divergence_backward(student_hidden, student_weight, student_bias, teacher_hi
     ``grad_divergence`` is ``[Na]`` (the upstream gradient of each row's D: coef * w * m / normalizer
     times the caller's upstream gradient).  Per row, with raw logits ``x = z * temperature``:
     reverse KL ``dD/dx = p_s (log p_s - log p_t - D) / tau``, formed as
-    ``p_s ((z_s - M_s) - (z_t - M_t) - c')`` from the forward's ``frame`` (cancellation-free for saturated
-    logits; without ``frame`` from ``lse`` and ``D``); forward KL ``dD/dx = (p_s - p_t) / tau``.  With soft-caps
+    ``p_s ((z_s - M_s) - (z_t - M_t) - c')`` from the forward's ``frame`` (no O(log V) quantity subtracted; the
+    logits' rounding remains, docs/math.md; without ``frame`` from ``lse`` and ``D``); forward KL ``dD/dx = (p_s - p_t) / tau``.  With soft-caps
     ``z`` are the capped logits and ``dD/dx`` is multiplied by the student cap's slope ``1 - tanh^2(x / cap)``.
     Returns ``(d_hidden [N, Hs], d_weight [Vs, Hs], d_bias [Vs])`` in the inputs' dtypes (None where not
     needed); rows outside ``row_index`` get zero gradient.

@@ -115,7 +115,7 @@ class KLStats(NamedTuple):
     """Merged per-token statistics (``[Na]`` each; float32, float64 for float64 inputs).
 
     D (unclamped), lse_s / lse_t (of the temperature-scaled logits), ``frame [3, Na]`` = (M_s, M_t, c') for
-    the cancellation-free reverse-KL gradient, and the target logits zy_s / zy_t (None without targets)."""
+    the shifted reverse-KL gradient, and the target logits zy_s / zy_t (None without targets)."""
 
     D: torch.Tensor
     lse_s: torch.Tensor
