@@ -12,7 +12,8 @@ that make every entry distinct, so the result is exact and deterministic:
 
 Memory per chunk: the float32 block and an int64 key block (about 24 bytes per entry with temporaries),
 sized from a byte budget (``memory="low"``: :data:`~sod_kernels.core.chunks.LOW_MEMORY_CHUNK_BYTES`; ``"fast"``:
-:data:`~sod_kernels.core.chunks.FAST_CHUNK_BYTES` on CUDA, the low budget elsewhere); O(N k) outputs.  No gradient (the teacher is scored, not trained).
+:data:`~sod_kernels.core.chunks.FAST_CHUNK_BYTES` on CUDA, the low budget elsewhere); O(N k) outputs.
+No gradient (the teacher is scored, not trained).
 """
 
 from __future__ import annotations
