@@ -109,10 +109,11 @@ def ref_sparse_sod_loss(student_hidden, student_weight, topk_ids, topk_logprobs,
                              delta=delta, token_weights=token_weights, coef=coef, reduction=reduction)
 
 
-def ref_topk_logprobs(hidden, weight, k, bias=None, temperature=1.0):
+def ref_topk_logprobs(hidden, weight, k, bias=None, temperature=1.0, softcap=None):
     """``(ids [..., k] int64, logprobs [..., k])``: the k largest log-softmax entries of each position, largest
-    first, equal values in ascending id order (a Python sort on ``(-value, id)``)."""
-    logp = torch.log_softmax(ref_logits(hidden, weight, bias, temperature), dim=-1)
+    first, equal values in ascending id order (a Python sort on ``(-value, id)``); ``softcap`` as in
+    :func:`ref_logits`."""
+    logp = torch.log_softmax(ref_logits(hidden, weight, bias, temperature, softcap=softcap), dim=-1)
     flat = logp.reshape(-1, logp.shape[-1])
     ids = []
     for row in flat.tolist():

@@ -12,7 +12,10 @@ Public API:
   :func:`fused_topk_logprobs` to produce them.
 - Vocabulary-parallel (column-parallel lm_head) forms over a torch.distributed group: docs/scaling.md.
 - ``nn.Module`` forms: :class:`SODLoss`, :class:`SparseSODLoss`, :class:`SODPolicyLoss`,
-  :class:`FusedTokenLogprobs` (options to the constructor, per-batch tensors to ``forward``).
+  :class:`FusedTokenLogprobs` (options to the constructor, per-batch tensors to ``forward``), and of the
+  vocabulary-parallel functions :class:`VocabParallelSODLoss`, :class:`VocabParallelSparseSODLoss`,
+  :class:`VocabParallelPolicyLoss`, :class:`VocabParallelTokenLogprobs` (``process_group`` and ``vocab_start``
+  among the options).
 
 The package is laid out by layer: ``core`` (knows no loss), ``steps``, one folder per loss family
 (``dense``, ``sparse``, ``logprobs``), ``parallel``, and this face (``modules``, ``hf``, ``fsdp``,
@@ -23,7 +26,8 @@ from .dense.loss import fused_sod_loss
 from .logprobs.policy_loss import PolicyLossStats, fused_sod_policy_loss
 from .logprobs.token_logprobs import fused_token_logprobs
 from .logprobs.topk import fused_topk_logprobs
-from .modules import FusedTokenLogprobs, SODLoss, SODPolicyLoss, SparseSODLoss
+from .modules import (FusedTokenLogprobs, SODLoss, SODPolicyLoss, SparseSODLoss, VocabParallelPolicyLoss,
+                      VocabParallelSODLoss, VocabParallelSparseSODLoss, VocabParallelTokenLogprobs)
 from .parallel.losses import vocab_parallel_policy_loss, vocab_parallel_sod_loss, vocab_parallel_token_logprobs
 from .parallel.sparse import vocab_parallel_sparse_sod_loss
 from .sparse.loss import fused_sparse_sod_loss
@@ -42,6 +46,10 @@ __all__ = [
     "SODStats",
     "SparseSODLoss",
     "StepWeights",
+    "VocabParallelPolicyLoss",
+    "VocabParallelSODLoss",
+    "VocabParallelSparseSODLoss",
+    "VocabParallelTokenLogprobs",
     "fused_sod_loss",
     "fused_sod_policy_loss",
     "fused_sparse_sod_loss",

@@ -11,16 +11,18 @@ that make every entry distinct, so the result is exact and deterministic:
   the chunk size; the ids come out largest log-prob first, ties in ascending id order.
 
 Memory per chunk: the float32 block and an int64 key block (about 24 bytes per entry with temporaries),
-sized from a byte budget; O(N k) outputs.  No gradient (the teacher is scored, not trained).
+sized from a byte budget (``memory="low"``: :data:`~sod_kernels.core.chunks.LOW_MEMORY_CHUNK_BYTES`; ``"fast"``:
+:data:`~sod_kernels.core.chunks.FAST_CHUNK_BYTES` on CUDA, the low budget elsewhere); O(N k) outputs.
+No gradient (the teacher is scored, not trained).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..core.validation import check_chunk_size, check_lm_head, check_positive
+from ..core.validation import MEMORY_MODES, check_choice, check_chunk_size, check_lm_head, check_positive
 from ..core.chunks import FAST_CHUNK_BYTES, LOW_MEMORY_CHUNK_BYTES, chunk_rows, even_chunks, logits_into
-from ..core.runtime import no_autocast
+from ..core.runtime import check_softcap, no_autocast
 
 BYTES_PER_ENTRY = 24          # float32 logits + int64 keys + int32 temporaries
 SIGN_FREE_BITS = 0x7FFFFFFF   # float32 bits below the sign: flipped for negative values
@@ -36,7 +38,8 @@ def _order_keys(z: torch.Tensor) -> torch.Tensor:
 
 
 def fused_topk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, k: int, *, bias: torch.Tensor | None = None,
-                        temperature: float = 1.0, chunk_size: int | None = None):
+                        temperature: float = 1.0, chunk_size: int | None = None, softcap: float | None = None,
+                        memory: str = "fast"):
     """The ``k`` largest entries of ``log_softmax((hidden @ weight.T + bias) / temperature)`` per position.
 
     Args:
@@ -46,6 +49,12 @@ def fused_topk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, k: int, *, b
         bias: optional ``[V]``.
         temperature: ``> 0``; the logits are divided by it.
         chunk_size: rows per chunk (default: from a memory budget and ``V``).
+        softcap: logit soft-capping (Gemma 2/3 ``final_logit_softcapping``): the logits are
+            ``softcap * tanh((hidden @ weight.T + bias) / softcap)``, before the temperature; None (default)
+            for none, else a finite number > 0.
+        memory: ``"fast"`` (default) or ``"low"``: row chunks sized from the small low-memory budget (more,
+            smaller logit products); ``"fast"`` uses the large budget on CUDA and the small one elsewhere.  Both
+            give the same ids and log-probabilities (the keys make the result independent of the chunking).
     Returns:
         ``(ids, logprobs)``: ``[..., k]`` int64 ids and ``[..., k]`` float32 log-probabilities (the leading
         shape of ``hidden``), largest first; equal values in ascending id order.  The logits are formed in
@@ -58,7 +67,9 @@ def fused_topk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, k: int, *, b
     if not 1 <= k <= V:
         raise ValueError(f"k must satisfy 1 <= k <= V = {V} (the vocabulary size), got {k}")
     temperature = check_positive(temperature, "temperature")
+    softcap = check_softcap(softcap, "softcap")
     check_chunk_size(chunk_size)
+    check_choice(memory, "memory", MEMORY_MODES)
     if hidden.device != weight.device or (bias is not None and bias.device != weight.device):
         raise ValueError(f"hidden, weight and bias must be on one device, got hidden on {hidden.device} and weight "
                          f"on {weight.device}")
@@ -69,7 +80,7 @@ def fused_topk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, k: int, *, b
         w = w.float()   # one float32 copy (16-bit on CUDA multiply natively with float32 output)
     b = None if bias is None else bias.detach().float()
     N = h.shape[0]
-    budget = FAST_CHUNK_BYTES if h.device.type == "cuda" else LOW_MEMORY_CHUNK_BYTES
+    budget = FAST_CHUNK_BYTES if memory == "fast" and h.device.type == "cuda" else LOW_MEMORY_CHUNK_BYTES
     rows = chunk_rows(N, V, BYTES_PER_ENTRY, budget=budget, chunk_size=chunk_size)
     ids = torch.empty(N, k, dtype=torch.int64, device=h.device)
     logprobs = torch.empty(N, k, dtype=torch.float32, device=h.device)
@@ -81,6 +92,8 @@ def fused_topk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, k: int, *, b
             z = logits_into(block[: stop - start], x if x.dtype == w.dtype else x.to(w.dtype), w)
             if b is not None:
                 z += b
+            if softcap is not None:  # cap * tanh(x / cap), in place on the float32 block
+                z.div_(softcap).tanh_().mul_(softcap)
             if temperature != 1.0:
                 z /= temperature
             z += 0.0  # -0.0 -> +0.0, so that equal values have equal keys

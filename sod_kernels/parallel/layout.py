@@ -46,16 +46,25 @@ class ShardLayout:
         return self.vocab_stop - self.vocab_start
 
 
+def check_process_group(process_group) -> None:
+    """TypeError unless ``process_group`` is None (the default group) or a ``torch.distributed`` group (needs no
+    initialized process group: the ``nn.Module`` forms check their option when they are built)."""
+    if process_group is None:
+        return
+    if dist.is_available() and (process_group == dist.GroupMember.NON_GROUP_MEMBER or
+                                isinstance(process_group, dist.ProcessGroup)):
+        return
+    raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None (the default group), got "
+                    f"{type(process_group).__name__}")
+
+
 def resolve_group(process_group) -> tuple[object, int, int]:
     """``(group, rank, world)`` of ``process_group`` (None: the default group); clear errors when
     torch.distributed is not initialized or this process is not a member of the group."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("the vocabulary-parallel functions need torch.distributed initialized "
                            "(torch.distributed.init_process_group) on every rank of process_group")
-    if process_group is not None and process_group != dist.GroupMember.NON_GROUP_MEMBER and \
-            not isinstance(process_group, dist.ProcessGroup):
-        raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None (the default group), got "
-                        f"{type(process_group).__name__}")
+    check_process_group(process_group)
     rank = dist.get_rank(process_group)
     if rank < 0:
         raise ValueError("this process is not a member of process_group: every rank that holds a vocabulary "

@@ -17,7 +17,7 @@ from reference.sod_reference import (ref_fused_sod_loss, ref_logits, ref_ppo_dua
                                      ref_token_logprobs)
 from reference.sparse_reference import ref_sparse_sod_loss, ref_topk_logprobs
 from sod_kernels import (FusedTokenLogprobs, SODLoss, SODPolicyLoss, SparseSODLoss, fused_sod_loss,
-                         fused_sod_policy_loss, fused_sparse_sod_loss, fused_token_logprobs)
+                         fused_sod_policy_loss, fused_sparse_sod_loss, fused_token_logprobs, fused_topk_logprobs)
 
 B, T, HS, HT, V, K = 2, 7, 6, 5, 37, 5
 BACKENDS = ["torch", "triton"]
@@ -121,6 +121,23 @@ def test_token_logprobs_memory_modes_match_the_reference(backend, memory):
     ref = ref_token_logprobs(want[0], want[1], x["y"], want[2], 0.8, softcap=2.0)
     torch.testing.assert_close(logp.double(), ref.detach(), **_tol(backend))
     _check(logp + 0.3 * entropy, got, ref + 0.3 * _ref_entropy(want, 0.8, 2.0), want, backend)
+
+
+@pytest.mark.parametrize("memory", MEMORY)
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_topk_logprobs_softcap_and_memory_match_the_reference(memory, softcap):
+    """The teacher-side producer (no backend choice, no gradient): float32 top-k against float64 (a saturating
+    cap makes near-ties that rounding may swap, so: the reference's values, and its log-probs at the ids)."""
+    x = _inputs(16)
+    th, tw, tb = (x[k].float() for k in ("th", "tw", "tb"))
+    ids, lp = fused_topk_logprobs(th, tw[:V], K, bias=tb[:V], temperature=0.8, softcap=softcap, memory=memory)
+    ref_ids, ref_lp = ref_topk_logprobs(th.double(), tw[:V].double(), K, tb[:V].double(), 0.8, softcap=softcap)
+    torch.testing.assert_close(lp.double(), ref_lp, rtol=0, atol=2e-5)
+    logp = torch.log_softmax(ref_logits(th.double(), tw[:V].double(), tb[:V].double(), 0.8, softcap=softcap), -1)
+    torch.testing.assert_close(lp.double(), logp.gather(-1, ids), rtol=0, atol=2e-5)
+    if softcap is not None:
+        _, uncapped = ref_topk_logprobs(th.double(), tw[:V].double(), K, tb[:V].double(), 0.8)
+        assert (uncapped - ref_lp).abs().max() > 0.05  # the cap changes the result
 
 
 def _ref_entropy(leaves, temperature, softcap):

@@ -9,7 +9,9 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from reference import ref_topk_logprobs
+from reference.sod_reference import ref_logits
 from sod_kernels import fused_topk_logprobs
+from sod_kernels.logprobs import topk
 from tests.conftest import HAS_CUDA
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -44,6 +46,89 @@ def test_matches_the_reference(lead, H, V, k_frac, bias, temperature, dtype, chu
         assert (rest <= lp[..., -1].double() + LOGPROB_ATOL).all()
     ref_ids, ref_lp = ref_topk_logprobs(h.double(), w.double(), k, None if b is None else b.double(), temperature)
     assert torch.allclose(lp.double(), ref_lp, atol=LOGPROB_ATOL, rtol=0)
+
+
+@settings(max_examples=15)
+@given(lead=st.sampled_from([(1,), (9,), (3, 5)]), H=st.integers(1, 13), V=st.integers(2, 97),
+       k_frac=st.floats(0.0, 1.0), bias=st.booleans(), temperature=st.sampled_from([1.0, 0.7, 2.5]),
+       softcap=st.sampled_from([0.5, 2.0, 7.5]), memory=st.sampled_from(["fast", "low"]),
+       chunk_size=st.sampled_from([None, 1, 4]), seed=st.integers(0, 2**31 - 2))
+def test_softcap_matches_the_reference(lead, H, V, k_frac, bias, temperature, softcap, memory, chunk_size, seed):
+    """Raw logits of several caps: the capped top-k are the float64 reference's (the log-probs at the returned
+    ids, and nothing unreturned beats the k-th by more than rounding)."""
+    k = max(1, min(V, round(k_frac * V)))
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(*lead, H, generator=g) * 4
+    w = torch.randn(V, H, generator=g) * 3 / H ** 0.5
+    b = torch.randn(V, generator=g) if bias else None
+    ids, lp = fused_topk_logprobs(h.to(DEVICE), w.to(DEVICE), k, bias=None if b is None else b.to(DEVICE),
+                                  temperature=temperature, chunk_size=chunk_size, softcap=softcap, memory=memory)
+    ids, lp = ids.cpu(), lp.cpu()
+    hd, wd, bd = h.double(), w.double(), None if b is None else b.double()
+    ref_ids, ref_lp = ref_topk_logprobs(hd, wd, k, bd, temperature, softcap=softcap)
+    assert torch.allclose(lp.double(), ref_lp, atol=LOGPROB_ATOL, rtol=0)
+    logp = torch.log_softmax(ref_logits(hd, wd, bd, temperature, softcap=softcap), dim=-1)
+    assert torch.allclose(lp.double(), logp.gather(-1, ids), atol=LOGPROB_ATOL, rtol=0)
+    assert (ids.sort(dim=-1).values[..., 1:] != ids.sort(dim=-1).values[..., :-1]).all()
+    if k < V:
+        rest = logp.scatter(-1, ids, float("-inf")).amax(dim=-1)
+        assert (rest <= lp[..., -1].double() + LOGPROB_ATOL).all()
+
+
+def test_softcap_changes_the_result():
+    g = torch.Generator().manual_seed(5)
+    h, w = torch.randn(11, 7, generator=g) * 5, torch.randn(29, 7, generator=g)
+    _, capped = fused_topk_logprobs(h.to(DEVICE), w.to(DEVICE), 6, softcap=1.5)
+    _, plain = fused_topk_logprobs(h.to(DEVICE), w.to(DEVICE), 6)
+    assert (capped.cpu() - plain.cpu()).abs().max() > 0.5
+    assert (capped.cpu() >= -2 * 1.5 - torch.log(torch.tensor(29.0)) - 1e-5).all()  # capped logit range
+
+
+def test_memory_modes_agree_exactly(monkeypatch):
+    """A small low-memory budget (the minimum 16-row chunks) against one whole chunk: same ids, same
+    log-probs, with ties (small-integer logits) and a soft-cap."""
+    N, H, V, k = 53, 5, 31, 7
+    monkeypatch.setattr(topk, "LOW_MEMORY_CHUNK_BYTES", 1)
+    g = torch.Generator().manual_seed(7)
+    h = torch.randint(-2, 3, (N, H), generator=g).float().to(DEVICE)
+    w = torch.randint(-1, 2, (V, H), generator=g).float().to(DEVICE)
+    for softcap in (None, 3.0):
+        low = fused_topk_logprobs(h, w, k, softcap=softcap, memory="low", temperature=0.9)
+        fast = fused_topk_logprobs(h, w, k, softcap=softcap, memory="fast", temperature=0.9)
+        whole = fused_topk_logprobs(h, w, k, softcap=softcap, chunk_size=N, temperature=0.9)
+        ref_ids, ref_lp = ref_topk_logprobs(h.cpu().double(), w.cpu().double(), k, None, 0.9, softcap=softcap)
+        for ids, lp in (low, fast):
+            assert torch.equal(ids, whole[0])
+            torch.testing.assert_close(lp, whole[1], rtol=0, atol=1e-6)
+        assert torch.equal(low[0].cpu(), ref_ids)
+        assert torch.allclose(low[1].cpu().double(), ref_lp, atol=1e-5, rtol=0)
+
+
+def test_low_memory_keeps_its_chunks_under_the_budget(monkeypatch):
+    N, H, V = 200, 6, 64
+    monkeypatch.setattr(topk, "LOW_MEMORY_CHUNK_BYTES", 32 * V * topk.BYTES_PER_ENTRY)  # 32-row chunks
+    h, w = torch.randn(N, H, device=DEVICE), torch.randn(V, H, device=DEVICE)
+    recorder = _RecordSizes()
+    with recorder:
+        ids, lp = fused_topk_logprobs(h, w, 3, memory="low")
+    assert recorder.largest <= 32 * V * 8  # one 32-row chunk's int64 keys
+    assert recorder.largest < N * V * 4
+    ref_ids, ref_lp = fused_topk_logprobs(h, w, 3, chunk_size=N)
+    assert torch.equal(ids, ref_ids) and torch.allclose(lp, ref_lp, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("value,error,match", [(0.0, ValueError, "softcap must be a finite number > 0"),
+                                               (-1.0, ValueError, "softcap"), (float("inf"), ValueError, "softcap"),
+                                               ("2", TypeError, "softcap must be a number")])
+def test_bad_softcap(value, error, match):
+    with pytest.raises(error, match=match):
+        fused_topk_logprobs(torch.randn(3, 4), torch.randn(11, 4), 2, softcap=value)
+
+
+@pytest.mark.parametrize("value", ["slow", "LOW", None, 1])
+def test_bad_memory(value):
+    with pytest.raises(ValueError, match="memory must be one of 'fast', 'low'"):
+        fused_topk_logprobs(torch.randn(3, 4), torch.randn(11, 4), 2, memory=value)
 
 
 @pytest.mark.parametrize("chunk_size", [None, 1, 4, 7])

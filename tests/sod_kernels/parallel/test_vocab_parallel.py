@@ -10,7 +10,9 @@ single-process computation it runs itself.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import inspect
 import os
 import random
 import re
@@ -25,7 +27,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from reference.sod_reference import ref_fused_sod_loss, ref_ppo_dual_clip_loss, ref_token_logprobs
-from sod_kernels import fused_sod_loss, fused_sod_policy_loss, fused_token_logprobs
+from sod_kernels import (VocabParallelPolicyLoss, VocabParallelSODLoss, VocabParallelSparseSODLoss,
+                         VocabParallelTokenLogprobs, fused_sod_loss, fused_sod_policy_loss, fused_token_logprobs)
 from sod_kernels.parallel.losses import (vocab_parallel_policy_loss, vocab_parallel_sod_loss,
                                         vocab_parallel_token_logprobs)
 
@@ -440,6 +443,109 @@ def check_softcaps(ctx: Ctx, seed: int) -> None:
 
 def test_vocab_parallel_softcaps(tmp_path, monkeypatch):
     run_ranks(check_softcaps, 2, tmp_path, monkeypatch)
+
+
+# ------------------------------------------------------------------------------------------ module forms
+def _flat(out) -> list:
+    """An output's tensors: a tensor, a tuple of them, or a stats dataclass (its tensor fields, in order)."""
+    if dataclasses.is_dataclass(out):
+        out = tuple(getattr(out, f.name) for f in dataclasses.fields(out))
+    return [x for x in (out if isinstance(out, tuple) else (out,)) if isinstance(x, torch.Tensor)]
+
+
+def check_module_forms(ctx: Ctx, seed: int) -> None:
+    """Each vocabulary-parallel module (options, ``process_group`` and ``vocab_start`` in the constructor) gives
+    exactly its function's outputs and shard gradients, on the same ranks and inputs."""
+    from sod_kernels import fused_topk_logprobs, vocab_parallel_sparse_sod_loss
+
+    p = problem(seed + 1000, ctx.vocab, torch.float64, bias=True, scale=4.0)
+    sw, sb = shard(p["sw"], ctx), shard(p["sb"], ctx)
+    tw, tb = shard(p["tw"], ctx, TEACHER_PAD), shard(p["tb"], ctx, TEACHER_PAD)
+    with torch.no_grad():
+        ids, lp = fused_topk_logprobs(p["th"], p["tw"][:ctx.vocab], 3)
+        old = fused_token_logprobs(p["sh"], p["sw"], p["y"], bias=p["sb"], backend="torch") + 0.2
+    adv = rand_like(old, seed) - 1.0
+    place = dict(process_group=dist.group.WORLD, vocab_start=ctx.start)
+    sod = dict(divergence="forward_kl", step_divergence="sampled", temperature=0.8, coef=1.3, return_stats=True,
+               student_softcap=2.5, backend="torch")
+    sparse = dict(step_divergence="sampled", reduction="none", temperature=1.2, student_softcap=2.0,
+                  backend="torch")
+    policy = dict(clip_low=0.1, dual_clip=2.5, reduction="sum", return_stats=True, student_softcap=3.0,
+                  backend="torch")
+    logprobs = dict(temperature=0.9, return_entropy=True, softcap=2.0, backend="torch")
+    cases = [
+        (VocabParallelSODLoss(**place, **sod), vocab_parallel_sod_loss, (p["sh"], sw, p["th"], tw, p["mask"]),
+         dict(target_ids=p["y"], student_bias=sb, teacher_bias=tb), sod),
+        (VocabParallelSparseSODLoss(**place, **sparse), vocab_parallel_sparse_sod_loss,
+         (p["sh"], sw, ids, lp, p["mask"]), dict(target_ids=p["y"], student_bias=sb), sparse),
+        (VocabParallelPolicyLoss(**place, **policy), vocab_parallel_policy_loss,
+         (p["sh"], sw, p["y"], old, adv, p["mask"]), dict(student_bias=sb), policy),
+        (VocabParallelTokenLogprobs(**place, **logprobs), vocab_parallel_token_logprobs, (p["sh"], sw, p["y"]),
+         dict(bias=sb), logprobs),
+    ]
+    for module, fn, args, kwargs, options in cases:
+        tag = f"rank {ctx.rank} {type(module).__name__}"
+        got, want = _flat(module(*args, **kwargs)), _flat(fn(*args, **kwargs, **place, **options))
+        assert len(got) == len(want) > 0, tag
+        assert all(torch.equal(g, w) for g, w in zip(got, want)), tag
+        got, want = [g for g in got if g.requires_grad], [w for w in want if w.requires_grad]
+        ups = [rand_like(w, seed + k) for k, w in enumerate(want)]
+        mine = _grads(sum((g * u).sum() for g, u in zip(got, ups)), [p["sh"], sw, sb])
+        theirs = _grads(sum((w * u).sum() for w, u in zip(want, ups)), [p["sh"], sw, sb])
+        assert all(torch.equal(a, b) for a, b in zip(mine, theirs)), tag + " gradients"
+        assert f"vocab_start={ctx.start}" in repr(module), tag
+
+
+def test_vocab_parallel_module_forms(tmp_path, monkeypatch):
+    run_ranks(check_module_forms, 2, tmp_path, monkeypatch)
+
+
+MODULE_FORMS = (VocabParallelSODLoss, VocabParallelSparseSODLoss, VocabParallelPolicyLoss, VocabParallelTokenLogprobs)
+
+
+@pytest.mark.parametrize("cls", MODULE_FORMS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("option,value,error,match", [
+    ("process_group", "world", TypeError, "process_group must be a torch.distributed.ProcessGroup"),
+    ("vocab_start", -1, ValueError, "vocab_start must be an int >= 0"),
+    ("vocab_start", 2.0, ValueError, "vocab_start must be an int"),
+    ("reduce_hidden_grad", 1, TypeError, "reduce_hidden_grad must be a bool"),
+    ("backend", "cuda", ValueError, "backend must be one of"),
+    ("chunk_size", 0, ValueError, "chunk_size"),
+    ("temperature", 0.0, ValueError, "temperature must be a finite number > 0"),
+])
+def test_module_forms_check_their_options(cls, option, value, error, match):
+    """Built in a process without torch.distributed initialized: the options are checked at construction."""
+    assert not dist.is_initialized()
+    with pytest.raises(error, match=match):
+        cls(**{option: value})
+
+
+@pytest.mark.parametrize("cls,option,value,match", [
+    (VocabParallelSODLoss, "divergence", "js", "divergence must be one of"),
+    (VocabParallelSODLoss, "teacher_softcap", -2.0, "teacher_softcap"),
+    (VocabParallelSparseSODLoss, "step_divergence", "max", "step_divergence must be one of"),
+    (VocabParallelSparseSODLoss, "student_softcap", 0.0, "student_softcap"),
+    (VocabParallelPolicyLoss, "clip_low", 1.0, "clip_low must be < 1"),
+    (VocabParallelPolicyLoss, "dual_clip", 0.5, "dual_clip must be > 1"),
+    (VocabParallelPolicyLoss, "reduction", "mean", "reduction must be one of"),
+    (VocabParallelTokenLogprobs, "softcap", float("inf"), "softcap"),
+])
+def test_module_forms_check_their_own_options(cls, option, value, match):
+    with pytest.raises(ValueError, match=match):
+        cls(**{option: value})
+
+
+@pytest.mark.parametrize("cls", MODULE_FORMS, ids=lambda c: c.__name__)
+def test_module_forms_take_options_only(cls):
+    """Explicit keyword options (no ``**kwargs``); per-batch tensors are not options."""
+    for fn in (cls.__init__, cls.forward):
+        kinds = {q.kind for q in inspect.signature(fn).parameters.values()}
+        assert inspect.Parameter.VAR_KEYWORD not in kinds and inspect.Parameter.VAR_POSITIONAL not in kinds, fn
+    for name in ("target_ids", "student_bias", "bias", "response_mask", "step_ids"):
+        with pytest.raises(TypeError):
+            cls(**{name: torch.zeros(1)})
+    module = cls(vocab_start=5)
+    assert module.options["vocab_start"] == 5 and module.options["process_group"] is None
 
 
 # ------------------------------------------------------------------------------------------- running
