@@ -142,7 +142,8 @@ def test_impossible_values_exit_2_before_any_model_is_built(tmp_path, capsys, no
     values = value.split(" ") if value.strip() and " " in value else [value]
     code, stdout, err = exit_code(["--output-dir", str(out), flag, *values], capsys)
     assert code == 2, err
-    assert err.strip().splitlines()[-1].startswith("python -m trainer: error: ") and message in err, err
+    assert err.strip().splitlines() == [err.strip()] and err.startswith("python -m trainer train: error: ") \
+        and message in err, err
     assert "Traceback" not in err and not out.exists()
 
 

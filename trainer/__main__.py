@@ -200,8 +200,8 @@ def train_main(argv: list[str]) -> int:
             check_batch_split(config, context.world_size)
         device = resolve_device(config.device, None if context is None else context.local_rank)
         check_output_dir(config)
-    except ValueError as error:
-        parser.error(str(error))
+    except ValueError as error:  # a config value, the batch split, the device or the output folder: one line
+        return fail(parser, None, error)
     if context is None:
         return _train(parser, config, argv, None)
     from .distributed import init_process_group, shutdown

@@ -30,7 +30,10 @@ LOGIT_CHECK_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6, torch.bfloat1
 # generation_config.json entries that do not change which distribution a token is sampled from.
 GENERATION_NEUTRAL_KEYS = frozenset({"bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id",
                                      "transformers_version", "_from_model_config", "max_length", "max_new_tokens",
-                                     "use_cache", "cache_implementation", "do_sample", "temperature"})
+                                     "use_cache", "cache_implementation", "do_sample", "temperature",
+                                     # what generate returns, not what it samples
+                                     "output_attentions", "output_hidden_states", "output_scores", "output_logits",
+                                     "return_dict_in_generate"})
 
 
 @dataclass(frozen=True)
