@@ -247,13 +247,13 @@ def header(doc: dict) -> list[str]:
              f"Run {doc['date']}, commit `{code['commit']}`{dirty}, source digest `{code['source_digest']}`; "
              f"torch {ver['torch']}, triton {ver['triton']}, liger-kernel {ver['liger-kernel']}, "
              f"Python {ver['python']}; {doc.get('threads')} threads; wall time {doc['wall_s']:.0f} s; "
-             f"1-minute load average {load['before'][0]:.2f} before, {load['after'][0]:.2f} after.",
+             f"system load (1 min) {load['before'][0]:.2f} before, {load['after'][0]:.2f} after.",
              ""]
     if doc.get("note"):
         lines += [f"Note: {doc['note']}", ""]
     cores = doc.get("cpu_count")
     if cores and max(load["before"][0], load["after"][0]) > cores * BUSY_LOAD_PER_CORE:
-        lines += [f"Caution: the machine was shared during this run (1-minute load average above "
+        lines += [f"Caution: the machine was busy during this run (system load above "
                   f"{BUSY_LOAD_PER_CORE:g} per core on {cores} cores); CPU times are noisy, compare ratios within "
                   "the run and mind the IQR.", ""]
     rates = []
