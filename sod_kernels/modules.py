@@ -15,7 +15,7 @@ import torch
 from .dense.loss import fused_sod_loss
 from .logprobs.policy_loss import fused_sod_policy_loss
 from .core.runtime import check_softcap
-from .core.validation import BACKENDS, check_choice, check_chunk_size, check_positive
+from .core.validation import BACKENDS, MEMORY_MODES, check_choice, check_chunk_size, check_positive
 from .logprobs.policy_loss import check_policy_options
 from .logprobs.token_logprobs import fused_token_logprobs
 from .parallel.checks import check_vocab_start
@@ -38,6 +38,15 @@ class _Options(torch.nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
 
 
+def _check_pass(backend, memory, chunk_size, **softcaps) -> None:
+    """The options of a single-process loss's pass: backend, memory mode, chunk size, soft-caps."""
+    check_choice(backend, "backend", BACKENDS)
+    check_choice(memory, "memory", MEMORY_MODES)
+    check_chunk_size(chunk_size)
+    for name, cap in softcaps.items():
+        check_softcap(cap, name)
+
+
 class SODLoss(_Options):
     """:func:`sod_kernels.fused_sod_loss` as a module:
     ``SODLoss(divergence=..., ...)(student_hidden, student_weight, teacher_hidden, teacher_weight, response_mask,
@@ -48,6 +57,9 @@ class SODLoss(_Options):
                  coef: float = 1.0, reduction: str = "token_mean", return_stats: bool = False, backend: str = "auto",
                  memory: str = "fast", chunk_size: int | None = None, check_inputs: bool = True,
                  student_softcap: float | None = None, teacher_softcap: float | None = None):
+        check_loss_options(divergence, step_divergence, None, reduction, backend, chunk_size, epsilon, delta,
+                           temperature, coef)
+        _check_pass(backend, memory, chunk_size, student_softcap=student_softcap, teacher_softcap=teacher_softcap)
         super().__init__(dict(divergence=divergence, step_divergence=step_divergence, epsilon=epsilon, delta=delta,
                               temperature=temperature, coef=coef, reduction=reduction, return_stats=return_stats,
                               backend=backend, memory=memory, chunk_size=chunk_size, check_inputs=check_inputs,
@@ -73,6 +85,9 @@ class SparseSODLoss(_Options):
                  coef: float = 1.0, reduction: str = "token_mean", return_stats: bool = False, backend: str = "auto",
                  memory: str = "fast", chunk_size: int | None = None, check_inputs: bool = True,
                  student_softcap: float | None = None):
+        check_loss_options(divergence, step_divergence, None, reduction, backend, chunk_size, epsilon, delta,
+                           temperature, coef)
+        _check_pass(backend, memory, chunk_size, student_softcap=student_softcap)
         super().__init__(dict(divergence=divergence, step_divergence=step_divergence, epsilon=epsilon, delta=delta,
                               temperature=temperature, coef=coef, reduction=reduction, return_stats=return_stats,
                               backend=backend, memory=memory, chunk_size=chunk_size, check_inputs=check_inputs,
@@ -96,6 +111,8 @@ class SODPolicyLoss(_Options):
                  temperature: float = 1.0, reduction: str = "token_mean", return_stats: bool = False,
                  backend: str = "auto", memory: str = "fast", chunk_size: int | None = None,
                  check_inputs: bool = True, student_softcap: float | None = None):
+        check_policy_options(reduction, clip_low, clip_high, dual_clip, temperature)
+        _check_pass(backend, memory, chunk_size, student_softcap=student_softcap)
         super().__init__(dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, temperature=temperature,
                               reduction=reduction, return_stats=return_stats, backend=backend, memory=memory,
                               chunk_size=chunk_size, check_inputs=check_inputs, student_softcap=student_softcap))
@@ -114,6 +131,8 @@ class FusedTokenLogprobs(_Options):
     def __init__(self, *, temperature: float = 1.0, backend: str = "auto", return_entropy: bool = False,
                  memory: str = "fast", chunk_size: int | None = None, check_inputs: bool = True,
                  softcap: float | None = None):
+        check_positive(temperature, "temperature")
+        _check_pass(backend, memory, chunk_size, softcap=softcap)
         super().__init__(dict(temperature=temperature, backend=backend, return_entropy=return_entropy, memory=memory,
                               chunk_size=chunk_size, check_inputs=check_inputs, softcap=softcap))
 

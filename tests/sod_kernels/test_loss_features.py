@@ -208,3 +208,15 @@ def test_module_constructors_take_options_only():
         for name in ("step_ids", "target_ids", "token_weights", "student_bias", "bias", "response_mask"):
             with pytest.raises(TypeError):
                 cls(**{name: torch.zeros(1)})
+
+
+@pytest.mark.parametrize("cls, option, value", [
+    (SODLoss, "divergence", "jsdx"), (SODLoss, "epsilon", 0.0), (SODLoss, "memory", "medium"),
+    (SODLoss, "teacher_softcap", -1.0), (SparseSODLoss, "reduction", "mean"), (SparseSODLoss, "chunk_size", 0),
+    (SparseSODLoss, "student_softcap", float("nan")), (SODPolicyLoss, "clip_low", 1.5),
+    (SODPolicyLoss, "backend", "cuda"), (FusedTokenLogprobs, "temperature", 0.0), (FusedTokenLogprobs, "softcap", 0.0),
+])
+def test_module_constructors_check_their_options(cls, option, value):
+    """A bad option is refused when the module is built (naming it), not at its first forward."""
+    with pytest.raises((ValueError, TypeError), match=option):
+        cls(**{option: value})
