@@ -67,3 +67,27 @@ def tile_logits_and_slope(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
 def apply_softcap(x: torch.Tensor, softcap: float | None) -> torch.Tensor:
     """``softcap * tanh(x / softcap)`` of raw logits ``x`` (any shape), or ``x`` itself for None."""
     return x if softcap is None else torch.tanh(x / softcap) * softcap
+
+
+def fold_logit_grad(d_logits: torch.Tensor, hidden_rows: torch.Tensor, weight: torch.Tensor,
+                    rows: torch.Tensor | slice, d_hidden: torch.Tensor | None, d_weight: torch.Tensor | None,
+                    d_bias: torch.Tensor | None) -> None:
+    """Fold a block's ``d(logits) [C, V']`` into the student's gradient accumulators (each skipped where None):
+    ``d_hidden[rows] += d_logits @ weight`` (``rows``: a slice, or an index tensor of distinct rows),
+    ``d_weight += d_logits^T hidden_rows`` and ``d_bias += column sums``; ``weight [V', H]`` and ``d_weight``,
+    ``d_bias`` cover the block's columns."""
+    if d_hidden is not None:
+        if isinstance(rows, slice):
+            d_hidden[rows].addmm_(d_logits, weight)
+        else:
+            d_hidden.index_add_(0, rows, d_logits @ weight)
+    if d_weight is not None:
+        d_weight.addmm_(d_logits.T, hidden_rows)
+    if d_bias is not None:
+        d_bias += d_logits.sum(0)
+
+
+def grads_like(grads, tensors) -> tuple:
+    """The gradients ``grads`` (None where not formed) in the dtypes of the tensors they belong to."""
+    return tuple(None if g is None else g.to(t.dtype) for g, t in zip(grads, tensors))
+

@@ -27,7 +27,7 @@ import torch
 
 from ..core import cpu_epilogue
 from ..core.chunks import gather_rows
-from ..core.tiles import apply_softcap, compute_dtype
+from ..core.tiles import apply_softcap, compute_dtype, fold_logit_grad, grads_like
 
 CHUNK_BYTES = 128 << 20
 MIN_ROWS = 16
@@ -138,18 +138,8 @@ def logprob_backward(hidden, weight, bias, row_index, target_ids, lse, grad_logp
                 scale_h = ent = scale
             cpu_epilogue.run("logprob_grad", x, head.bias, head.inv_temp, head.cap, lse[start:stop].to(dt),
                              target_ids[rows], scale, scale_h, ent, softcap is not None, with_entropy, rows=c)
-            if d_hidden is not None:
-                if contiguous:
-                    torch.mm(x, head.weight, out=d_hidden[start:stop])
-                else:
-                    d_hidden.index_copy_(0, rows, x @ head.weight)
-            if d_weight is not None:
-                d_weight.addmm_(x.T, h)
-            if d_bias is not None:
-                d_bias += x.sum(0)
-    return (None if d_hidden is None else d_hidden.to(hidden.dtype),
-            None if d_weight is None else d_weight.to(weight.dtype),
-            None if d_bias is None else d_bias.to(bias.dtype))
+            fold_logit_grad(x, h, head.weight, rows, d_hidden, d_weight, d_bias)
+    return grads_like((d_hidden, d_weight, d_bias), (hidden, weight, bias))
 
 
 def single_pass_token_loss(hidden, weight, bias, row_index, target_ids, *, temperature: float,
@@ -192,18 +182,8 @@ def single_pass_token_loss(hidden, weight, bias, row_index, target_ids, *, tempe
             cpu_epilogue.run("token_loss_grad", x, sums, scale, rows=c)
             at_y = scale if softcap is None else scale * _cap_slope(raw_y, softcap)
             x.scatter_add_(1, y[:, None], at_y[:, None])
-            if d_hidden is not None:
-                if contiguous:
-                    torch.mm(x, head.weight, out=d_hidden[start:stop])
-                else:
-                    d_hidden.index_copy_(0, rows, x @ head.weight)
-            if d_weight is not None:
-                d_weight.addmm_(x.T, h)
-            if d_bias is not None:
-                d_bias += x.sum(0)
-    grads = (None if d_hidden is None else d_hidden.to(hidden.dtype),
-             None if d_weight is None else d_weight.to(weight.dtype),
-             None if d_bias is None else d_bias.to(bias.dtype))
+            fold_logit_grad(x, h, head.weight, rows, d_hidden, d_weight, d_bias)
+    grads = grads_like((d_hidden, d_weight, d_bias), (hidden, weight, bias))
     return total, logp, grads
 
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.validation import (MEMORY_MODES, REDUCTIONS, check_binary_mask, check_choice, check_chunk_size, check_lm_head,
-                               check_positive, check_same_device, check_shape, check_tensor)
+from ..core.validation import (MEMORY_MODES, REDUCTIONS, check_binary_mask, check_choice, check_chunk_size,
+                               check_lm_head, check_positive, check_same_device, check_shape, check_tensor)
 from ..core.options import PassOptions, input_grads
 from ..core.runtime import check_softcap, needs_student_grad, no_autocast, single_pass_gradients
 from ..core.finite import check_finite

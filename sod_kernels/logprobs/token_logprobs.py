@@ -26,7 +26,8 @@ import torch
 
 from ..core.validation import (BACKENDS, MEMORY_MODES, check_choice, check_chunk_size, check_lm_head, check_positive,
                                check_same_device, check_shape, check_tensor)
-from ..core.tiles import apply_softcap, compute_dtype, rows_per_chunk, tile_logits, tile_logits_and_slope
+from ..core.tiles import (apply_softcap, compute_dtype, fold_logit_grad, grads_like, rows_per_chunk, tile_logits,
+                          tile_logits_and_slope)
 from ..core.options import PassOptions, input_grads
 from ..core.runtime import check_softcap, no_autocast, refuse_double_backward, resolve_backend, zero_student_grads
 from . import cpu_backend
@@ -136,15 +137,8 @@ def logprob_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
                 dx -= g_h * p * log_p.add_(entropy[start:start + C, None].to(dt))
             if slope is not None:
                 dx *= slope
-            if d_hidden is not None:
-                d_hidden.index_add_(0, rows, dx @ w)
-            if d_weight is not None:
-                d_weight.addmm_(dx.T, h)
-            if d_bias is not None:
-                d_bias += dx.sum(0)
-    return (None if d_hidden is None else d_hidden.to(hidden.dtype),
-            None if d_weight is None else d_weight.to(weight.dtype),
-            None if d_bias is None else d_bias.to(bias.dtype))
+            fold_logit_grad(dx, h, w, rows, d_hidden, d_weight, d_bias)
+    return grads_like((d_hidden, d_weight, d_bias), (hidden, weight, bias))
 
 
 # --------------------------------------------------------------------------------------------- autograd

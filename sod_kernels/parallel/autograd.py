@@ -99,7 +99,7 @@ def logprob_shard_backward_torch(hidden, weight, bias, row_index, y_local, lse, 
     ``(d_hidden [N, H] partial, d_weight [Vr, H], d_bias [Vr])`` in the inputs' dtypes (None where not needed).
     With ``softcap`` the logits are capped and ``d(logits)`` is multiplied by the cap's slope.
     """
-    from ..core.tiles import compute_dtype, rows_per_chunk, tile_logits_and_slope
+    from ..core.tiles import compute_dtype, fold_logit_grad, grads_like, rows_per_chunk, tile_logits_and_slope
     from ..logprobs.token_logprobs import MIN_CHUNK_ROWS
     from .stats import in_dtype
 
@@ -128,15 +128,8 @@ def logprob_shard_backward_torch(hidden, weight, bias, row_index, y_local, lse, 
                 dx -= e[:, None] * p * centred
             if slope is not None:
                 dx.mul_(slope)
-            if d_hidden is not None:
-                d_hidden.index_add_(0, rows, dx @ w)
-            if d_weight is not None:
-                d_weight.addmm_(dx.T, h)
-            if d_bias is not None:
-                d_bias += dx.sum(0)
-    return (None if d_hidden is None else d_hidden.to(hidden.dtype),
-            None if d_weight is None else d_weight.to(weight.dtype),
-            None if d_bias is None else d_bias.to(bias.dtype))
+            fold_logit_grad(dx, h, w, rows, d_hidden, d_weight, d_bias)
+    return grads_like((d_hidden, d_weight, d_bias), (hidden, weight, bias))
 
 
 class VocabParallelLogprobs(torch.autograd.Function):
