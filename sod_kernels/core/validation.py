@@ -148,3 +148,18 @@ def check_lm_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     if bias is not None:
         check_tensor(bias, bias_name, ndim=(1,), floating=True)
         check_shape(bias, bias_name, (weight.shape[0],), f"one entry per row of {weight_name}")
+
+
+def check_model_pair(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                     teacher_bias) -> tuple[int, ...]:
+    """Both models' hidden states and lm_heads (:func:`check_lm_head`), with one leading shape
+    ``[B, T]`` or ``[T]``; returns that leading shape."""
+    for who, h, w, b in (("student", student_hidden, student_weight, student_bias),
+                         ("teacher", teacher_hidden, teacher_weight, teacher_bias)):
+        check_lm_head(h, w, b, hidden_name=f"{who}_hidden", weight_name=f"{who}_weight", bias_name=f"{who}_bias")
+    lead = tuple(student_hidden.shape[:-1])
+    if tuple(teacher_hidden.shape[:-1]) != lead:
+        raise ValueError(f"teacher_hidden's leading shape {tuple(teacher_hidden.shape[:-1])} must equal "
+                         f"student_hidden's {lead}")
+    return lead
+

@@ -17,7 +17,7 @@ from ..core.options import PassOptions, SinglePassPlan, input_grads
 from ..core.runtime import (check_softcap, needs_student_grad, no_autocast, resolve_backend, single_pass_forward,
                             single_pass_gradients)
 from ..core.tiles import compute_dtype
-from ..core.validation import MEMORY_MODES, check_choice, check_lm_head, check_same_device
+from ..core.validation import MEMORY_MODES, check_choice, check_model_pair, check_same_device
 from ..steps.finish import check_loss_options, check_targets_and_steps, finish_loss, single_pass_plan
 from ..steps.weights import DEFAULT_DELTA, DEFAULT_EPSILON
 from .autograd import TokenDivergence
@@ -127,13 +127,8 @@ def fused_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
     check_choice(memory, "memory", MEMORY_MODES)
     student_softcap = check_softcap(student_softcap, "student_softcap")
     teacher_softcap = check_softcap(teacher_softcap, "teacher_softcap")
-    for who, h, w, b in (("student", student_hidden, student_weight, student_bias),
-                         ("teacher", teacher_hidden, teacher_weight, teacher_bias)):
-        check_lm_head(h, w, b, hidden_name=f"{who}_hidden", weight_name=f"{who}_weight", bias_name=f"{who}_bias")
-    lead = tuple(student_hidden.shape[:-1])
-    if tuple(teacher_hidden.shape[:-1]) != lead:
-        raise ValueError(f"teacher_hidden's leading shape {tuple(teacher_hidden.shape[:-1])} must equal "
-                         f"student_hidden's {lead}")
+    lead = check_model_pair(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                            teacher_bias)
     Vs = student_weight.shape[0]
     if teacher_weight.shape[0] < Vs:
         raise ValueError(f"teacher_weight has a smaller vocabulary ({teacher_weight.shape[0]}) than student_weight "

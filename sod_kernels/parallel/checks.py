@@ -15,7 +15,7 @@ import torch
 from ..core.runtime import check_softcap
 from ..core.tiles import compute_dtype
 from ..core.validation import (BACKENDS, DIVERGENCES, REDUCTIONS, STEP_DIVERGENCES, check_chunk_size, check_lm_head,
-                               check_positive, check_same_device, check_shape, check_tensor)
+                               check_model_pair, check_positive, check_same_device, check_shape, check_tensor)
 from ..logprobs.policy_loss import check_policy_options, check_policy_tensors
 from ..logprobs.token_logprobs import TRITON_DTYPES, check_target_ids, resolve_logprob_backend
 from ..steps.finish import check_loss_options, check_token_weights
@@ -186,13 +186,8 @@ def prepare_sod(agreed: dict, student_hidden, student_weight, teacher_hidden, te
     teacher_softcap = check_softcap(teacher_softcap, "teacher_softcap")
     if not isinstance(reduce_hidden_grad, bool):
         raise TypeError(f"reduce_hidden_grad must be a bool, got {type(reduce_hidden_grad).__name__}")
-    for who, h, w, b in (("student", student_hidden, student_weight, student_bias),
-                         ("teacher", teacher_hidden, teacher_weight, teacher_bias)):
-        check_lm_head(h, w, b, hidden_name=f"{who}_hidden", weight_name=f"{who}_weight", bias_name=f"{who}_bias")
-    lead = tuple(student_hidden.shape[:-1])
-    if tuple(teacher_hidden.shape[:-1]) != lead:
-        raise ValueError(f"teacher_hidden's leading shape {tuple(teacher_hidden.shape[:-1])} must equal "
-                         f"student_hidden's {lead}")
+    lead = check_model_pair(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                            teacher_bias)
     check_same_device(student_hidden=student_hidden, student_weight=student_weight, teacher_hidden=teacher_hidden,
                       teacher_weight=teacher_weight, response_mask=response_mask, step_ids=step_ids,
                       target_ids=target_ids, student_bias=student_bias, teacher_bias=teacher_bias,
