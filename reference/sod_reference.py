@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -27,10 +29,28 @@ def ref_token_logprobs(hidden, weight, target_ids, bias=None, temperature=1.0, s
     return logp.gather(-1, target_ids.long().unsqueeze(-1)).squeeze(-1)
 
 
+def ref_jsd(logp_s: torch.Tensor, logp_t: torch.Tensor, beta: float) -> torch.Tensor:
+    """Generalized JSD over the last axis from two log-distributions, literally:
+    ``M = (1 - beta) p_s + beta p_t``, ``beta KL(p_t || M) + (1 - beta) KL(p_s || M)`` (``0 log 0 = 0``).
+    ``beta = 0`` / ``1`` are the forward / reverse KL (the special cases of TRL's GKD)."""
+    if beta == 0:
+        return _kl(logp_t, logp_s)
+    if beta == 1:
+        return _kl(logp_s, logp_t)
+    log_m = torch.logaddexp(logp_s + math.log(1 - beta), logp_t + math.log(beta))
+    return beta * _kl(logp_t, log_m) + (1 - beta) * _kl(logp_s, log_m)
+
+
+def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """``sum p (log p - log q)`` over the last axis, with ``0 log 0 = 0``."""
+    p = logp.exp()
+    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
+
+
 def ref_token_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, *,
                          student_bias=None, teacher_bias=None, divergence="reverse_kl", temperature=1.0,
-                         student_softcap=None, teacher_softcap=None):
-    """Per-token D_t (docs/math.md) from fully materialized log-softmaxes: ``[...]``."""
+                         student_softcap=None, teacher_softcap=None, beta=0.5):
+    """Per-token D_t (docs/math.md) from fully materialized log-softmaxes: ``[...]``; ``beta`` for ``"jsd"``."""
     V = student_weight.shape[0]
     logp_s = torch.log_softmax(ref_logits(student_hidden, student_weight, student_bias, temperature,
                                           softcap=student_softcap), dim=-1)
@@ -40,6 +60,8 @@ def ref_token_divergence(student_hidden, student_weight, teacher_hidden, teacher
         return (logp_s.exp() * (logp_s - logp_t)).sum(-1)
     if divergence == "forward_kl":
         return (logp_t.exp() * (logp_t - logp_s)).sum(-1)
+    if divergence == "jsd":
+        return ref_jsd(logp_s, logp_t, beta)
     raise ValueError(f"unknown divergence {divergence!r}")
 
 
@@ -109,8 +131,11 @@ def ref_fused_sod_loss(student_hidden, student_weight, teacher_hidden, teacher_w
                        step_ids=None, target_ids=None, divergence="reverse_kl", step_divergence="kl",
                        epsilon=1e-6, delta=0.2, temperature=1.0, coef=1.0, student_bias=None,
                        teacher_bias=None, reduction="token_mean", token_weights=None, student_softcap=None,
-                       teacher_softcap=None):
+                       teacher_softcap=None, beta=0.5, hard_loss_weight=0.0):
     """docs/math.md with everything materialized.  Differentiable through torch autograd.
+
+    ``divergence="jsd"`` with ``beta``: the generalized JSD (:func:`ref_jsd`).  ``hard_loss_weight`` (lambda) adds
+    ``lambda * sum m * (-log p_s(y)) / normalizer`` for ``target_ids`` (unweighted, not times ``coef``).
 
     ``token_weights`` (docs/math.md): precomputed ``[B,T]`` weights that replace the step weights.
     ``student_softcap`` / ``teacher_softcap``: each model's logit soft-cap (see :func:`ref_logits`) or None.
@@ -130,8 +155,13 @@ def ref_fused_sod_loss(student_hidden, student_weight, teacher_hidden, teacher_w
     D = ref_token_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight,
                              student_bias=student_bias, teacher_bias=teacher_bias, divergence=divergence,
                              temperature=temperature, student_softcap=student_softcap,
-                             teacher_softcap=teacher_softcap)
+                             teacher_softcap=teacher_softcap, beta=beta)
     D = torch.where(m, D, torch.zeros_like(D))
+    hard = None
+    if hard_loss_weight:
+        nll = -ref_token_logprobs(student_hidden, student_weight, target_ids, student_bias, temperature,
+                                  softcap=student_softcap)
+        hard = hard_loss_weight * torch.where(m, nll, torch.zeros_like(nll))
     if step_divergence == "sampled":
         V = student_weight.shape[0]
         ls = torch.log_softmax(ref_logits(student_hidden, student_weight, student_bias, temperature,
@@ -143,7 +173,7 @@ def ref_fused_sod_loss(student_hidden, student_weight, teacher_hidden, teacher_w
     else:
         signal = D
     return ref_weighted_loss(D, signal, step_ids, single=single, step_divergence=step_divergence, epsilon=epsilon,
-                             delta=delta, token_weights=token_weights, coef=coef, reduction=reduction)
+                             delta=delta, token_weights=token_weights, coef=coef, reduction=reduction, hard=hard)
 
 
 # ------------------------------------------------------------------------------------- policy gradient
@@ -189,10 +219,11 @@ def ref_ppo_dual_clip_loss(logp_new, old_logp, advantages, response_mask, clip_l
 
 
 def ref_weighted_loss(D, signal, step_ids, *, single, step_divergence, epsilon, delta, token_weights, coef,
-                      reduction):
+                      reduction, hard=None):
     """The loss from per-token divergences ``D [B, T]`` (zero off the mask) and the step signal ``[B, T]``:
     step means of the signal (clamped at 0), step weights (or the given ``token_weights``), the weighted sum
-    and its reduction.  Returns ``(loss, stats dict)``; ``single``: drop the batch axis of the outputs."""
+    and its reduction.  ``hard`` (``[B, T]``, zero off the mask, or None) is added to each token's loss
+    unweighted.  Returns ``(loss, stats dict)``; ``single``: drop the batch axis of the outputs."""
     m = step_ids >= 0
     d = ref_step_divergence(signal.detach().double().clamp(min=0), step_ids)
     if step_divergence == "none":
@@ -204,6 +235,8 @@ def ref_weighted_loss(D, signal, step_ids, *, single, step_divergence, epsilon, 
         given = token_weights.unsqueeze(0) if single else token_weights
         tw = torch.where(m, given.detach().to(D.dtype), torch.zeros_like(D))
     per_token = coef * m.to(D.dtype) * tw * D
+    if hard is not None:
+        per_token = per_token + hard
     if reduction == "none":
         loss = per_token[0] if single else per_token
     elif reduction == "sum":

@@ -11,6 +11,9 @@ definitions, independently of the fused code:
   log-probs are given in (below that, ``1 - sum exp(a)`` is their rounding).
 - reverse KL: ``sum_i q_i (log q_i - a_i) + Q (log Q' - log P')``;
   forward KL: ``sum_i e^{a_i} (a_i - log q_i) + P (log P' - log Q')``.
+- generalized JSD (``beta``): :func:`reference.sod_reference.ref_jsd` over the ``k + 1`` cells (the ``k`` ids and
+  the tail), student cells ``(log q_i, log Q)``, teacher cells ``(a_i, log P)``, no floors (the mixture is never
+  below ``beta P`` nor ``(1 - beta) Q``); without a tail bucket (``k = V``) over the ``k`` ids.
 - Teacher log-probs above 0 (rounding) are read as 0.
 - The sampled-token signal uses the teacher's listed log-prob of ``y``, or ``log(P' / (V - k))`` when ``y`` is
   not listed.
@@ -22,7 +25,7 @@ import math
 
 import torch
 
-from .sod_reference import ref_logits, ref_step_ids_from_mask, ref_weighted_loss
+from .sod_reference import ref_jsd, ref_logits, ref_step_ids_from_mask, ref_token_logprobs, ref_weighted_loss
 
 TAIL_FLOOR = 1e-12
 
@@ -47,11 +50,17 @@ def _sparse_parts(student_hidden, student_weight, topk_ids, topk_logprobs, stude
 
 
 def ref_sparse_token_divergence(student_hidden, student_weight, topk_ids, topk_logprobs, *, student_bias=None,
-                                divergence="reverse_kl", temperature=1.0, student_softcap=None):
+                                divergence="reverse_kl", temperature=1.0, student_softcap=None, beta=0.5):
     """Per-token coarse-grained KL ``[...]`` (the leading shape of ``topk_ids`` without its last dimension);
     ``student_softcap``: the student's logit soft-cap (see :func:`reference.sod_reference.ref_logits`) or None."""
     _, logq, logQ, a, P, logPf = _sparse_parts(student_hidden, student_weight, topk_ids, topk_logprobs,
                                                student_bias, temperature, student_softcap)
+    if divergence == "jsd":
+        if topk_ids.shape[-1] == student_weight.shape[0]:
+            return ref_jsd(logq, a, beta)
+        cells_s = torch.cat([logq, logQ.unsqueeze(-1)], -1)
+        cells_t = torch.cat([a, P.log().unsqueeze(-1)], -1)
+        return ref_jsd(cells_s, cells_t, beta)
     logQf = logQ.clamp(min=math.log(TAIL_FLOOR))
     Q = logQ.exp()
     if divergence == "reverse_kl":
@@ -81,8 +90,11 @@ def ref_sparse_sampled_logprobs(student_hidden, student_weight, topk_ids, topk_l
 def ref_sparse_sod_loss(student_hidden, student_weight, topk_ids, topk_logprobs, response_mask=None, *,
                         step_ids=None, target_ids=None, divergence="reverse_kl", step_divergence="kl", epsilon=1e-6,
                         delta=0.2, temperature=1.0, coef=1.0, student_bias=None, reduction="token_mean",
-                        token_weights=None, student_softcap=None):
+                        token_weights=None, student_softcap=None, beta=0.5, hard_loss_weight=0.0):
     """The step-weighted loss with the coarse-grained divergence, everything materialized (differentiable).
+
+    ``beta`` for ``divergence="jsd"``; ``hard_loss_weight`` adds the hard-label term as in
+    :func:`reference.ref_fused_sod_loss` (the student's exact ``-log p_s(y)``, wherever ``y`` lies).
 
     Returns ``(loss, stats)`` as :func:`reference.ref_fused_sod_loss`.
     """
@@ -96,8 +108,13 @@ def ref_sparse_sod_loss(student_hidden, student_weight, topk_ids, topk_logprobs,
     m = step_ids >= 0
     D = ref_sparse_token_divergence(student_hidden, student_weight, topk_ids, topk_logprobs,
                                     student_bias=student_bias, divergence=divergence, temperature=temperature,
-                                    student_softcap=student_softcap)
+                                    student_softcap=student_softcap, beta=beta)
     D = torch.where(m, D, torch.zeros_like(D))
+    hard = None
+    if hard_loss_weight:
+        nll = -ref_token_logprobs(student_hidden, student_weight, target_ids, student_bias, temperature,
+                                  softcap=student_softcap)
+        hard = hard_loss_weight * torch.where(m, nll, torch.zeros_like(nll))
     if step_divergence == "sampled":
         lp_s, lp_t = ref_sparse_sampled_logprobs(student_hidden, student_weight, topk_ids, topk_logprobs, target_ids,
                                                  student_bias=student_bias, temperature=temperature,
@@ -106,7 +123,7 @@ def ref_sparse_sod_loss(student_hidden, student_weight, topk_ids, topk_logprobs,
     else:
         signal = D
     return ref_weighted_loss(D, signal, step_ids, single=single, step_divergence=step_divergence, epsilon=epsilon,
-                             delta=delta, token_weights=token_weights, coef=coef, reduction=reduction)
+                             delta=delta, token_weights=token_weights, coef=coef, reduction=reduction, hard=hard)
 
 
 def ref_topk_logprobs(hidden, weight, k, bias=None, temperature=1.0, softcap=None):

@@ -17,7 +17,10 @@ class PassOptions:
     memory:          ``"fast"`` or ``"low"`` (what each backend does with it is documented by each loss).
     chunk_size:      rows per chunk, or None for the backend's budget.
     temperature:     logits are divided by it.
-    divergence:      ``"reverse_kl"`` or ``"forward_kl"`` (distillation losses).
+    divergence:      ``"reverse_kl"``, ``"forward_kl"`` or ``"jsd"`` (distillation losses; ``"jsd"`` reaches a
+                     backend only with ``0 < beta < 1``: the ends are mapped to the KLs by the loss).
+    beta:            the generalized JSD's weight: ``M = (1 - beta) p_s + beta p_t``,
+                     ``D = beta KL(p_t || M) + (1 - beta) KL(p_s || M)`` (only for ``"jsd"``).
     student_softcap: ``cap tanh(x / cap)`` of the student's raw logits before ``1/tau``, or None.
     teacher_softcap: the same for the teacher (dense teacher only), or None.
     with_entropy:    also the entropy (log-prob losses).
@@ -28,6 +31,7 @@ class PassOptions:
     chunk_size: int | None = None
     temperature: float = 1.0
     divergence: str = "reverse_kl"
+    beta: float = 0.5
     student_softcap: float | None = None
     teacher_softcap: float | None = None
     with_entropy: bool = False
@@ -42,13 +46,17 @@ class PassOptions:
 class SinglePassPlan:
     """What a single pass needs besides the tensors: the row chunks, the weight function
     ``chunk_weights(start, stop, D, signal) -> w`` of a chunk's rows, ``coef``, the normalizer and whether
-    the weights use the sampled signal ``|logp_s(y) - logp_t(y)|`` instead of ``D``."""
+    the weights use the sampled signal ``|logp_s(y) - logp_t(y)|`` instead of ``D``.  ``hard_loss_weight``
+    (``lambda >= 0``) adds ``lambda * sum_rows (-logp_s(y)) / normalizer`` (the hard-label cross-entropy of the
+    rows' ``target_ids``, unweighted by the step weights and not multiplied by ``coef``) to the loss and its
+    gradient ``lambda / normalizer * (p_s - onehot(y)) / tau`` (times the soft-cap slope) to d(logits)."""
 
     chunks: list[tuple[int, int]]
     chunk_weights: Callable[[int, int, torch.Tensor, torch.Tensor | None], torch.Tensor]
     coef: float
     normalizer: float
     sampled_signal: bool = False
+    hard_loss_weight: float = 0.0
 
 
 def input_grads(ctx, grads: tuple) -> tuple:

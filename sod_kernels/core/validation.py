@@ -13,7 +13,7 @@ import numbers
 
 import torch
 
-DIVERGENCES = ("reverse_kl", "forward_kl")
+DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
 STEP_DIVERGENCES = ("kl", "sampled", "none")
 REDUCTIONS = ("token_mean", "sum", "none")
 BACKENDS = ("auto", "triton", "torch")
@@ -93,6 +93,29 @@ def check_finite_number(value, name: str) -> float:
     if not math.isfinite(float(value)):
         raise ValueError(f"{name} must be finite, got {value}")
     return float(value)
+
+
+def check_beta(value, name: str = "beta") -> float:
+    """The generalized JSD's mixing weight: a finite number in ``[0, 1]``."""
+    if not _is_number(value):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise ValueError(f"{name} must be a number in [0, 1], got {value}")
+    return value
+
+
+def resolve_divergence(divergence: str, beta) -> tuple[str, float]:
+    """``(divergence, beta)`` as the backends see them: ``"jsd"`` with ``beta = 0`` is the forward KL and with
+    ``beta = 1`` the reverse KL (exactly those, as in TRL's GKD; the mixture formula itself would give 0 there);
+    ``beta`` is checked (``[0, 1]``) for every divergence and only used by ``"jsd"``."""
+    check_choice(divergence, "divergence", DIVERGENCES)
+    beta = check_beta(beta)
+    if divergence == "jsd" and beta == 0.0:
+        return "forward_kl", beta
+    if divergence == "jsd" and beta == 1.0:
+        return "reverse_kl", beta
+    return divergence, beta
 
 
 def check_binary_mask(mask: torch.Tensor, name: str = "response_mask", *, check_values: bool = True) -> None:

@@ -90,15 +90,25 @@ def check_loss_options(divergence, step_divergence, token_weights, reduction, ba
             check_positive(temperature, "temperature"), check_finite_number(coef, "coef"))
 
 
+def check_hard_loss(hard_loss_weight, target_ids) -> float:
+    """``hard_loss_weight``: a finite number ``>= 0``; a positive one needs ``target_ids`` (the labels)."""
+    weight = check_positive(hard_loss_weight, "hard_loss_weight", allow_zero=True)
+    if weight and target_ids is None:
+        raise ValueError("hard_loss_weight > 0 needs target_ids (the tokens whose cross-entropy is added)")
+    return weight
+
+
 def finish_loss(loss, D, lp_s, lp_t, row_index, step_rows, given, *, single: bool, step_divergence: str,
                 epsilon: float, delta: float, coef: float, reduction: str, return_stats: bool, check_inputs: bool,
-                inputs: str):
+                inputs: str, hard_loss_weight: float = 0.0):
     """Everything after the per-token divergences: step weights (when the loss still needs them or stats are
     asked for), the reduction, the finiteness check and :class:`SODStats`.
 
     ``loss`` is the single pass's loss or None; ``D``, ``lp_s``, ``lp_t`` are ``[Na]`` per distilled row
     (``row_index`` into the flattened ``step_rows [B, T]``); ``given`` the ``[B, T]`` token weights or None;
-    ``inputs`` names the tensors blamed for a non-finite loss.
+    ``inputs`` names the tensors blamed for a non-finite loss.  With ``hard_loss_weight`` (lambda > 0) and no
+    single-pass ``loss``, ``lp_s`` must carry the student's gradient: each distilled token's loss gains
+    ``lambda * (-lp_s)`` (unweighted, not times ``coef``).
     """
     B, T = step_rows.shape
     num_active = row_index.numel()
@@ -116,6 +126,9 @@ def finish_loss(loss, D, lp_s, lp_t, row_index, step_rows, given, *, single: boo
             weights = weights._replace(token_weights=given.to(acc).masked_fill(step_rows < 0, 0))
     if loss is None:
         per_token = coef * weights.token_weights * token_divergence
+        if hard_loss_weight:
+            nll = torch.zeros(B * T, dtype=acc, device=D.device).index_copy(0, row_index, -lp_s.to(acc))
+            per_token = per_token + hard_loss_weight * nll.view(B, T)
         if reduction == "none":
             loss = per_token[0] if single else per_token
         elif reduction == "sum":
