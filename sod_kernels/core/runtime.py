@@ -85,10 +85,13 @@ def needs_student_grad(hidden, weight, bias) -> bool:
 def single_pass_forward(ctx, routine, problem, plan) -> tuple:
     """Run a backend's single-pass chunk routine for an autograd forward and return its outputs
     (:func:`single_pass_outputs`).  ``routine(problem, chunks, chunk_weights, *, coef, normalizer, need_hidden,
-    need_weight, need_bias, sampled_signal)`` is the contract of every single pass (for example
+    need_weight, need_bias, sampled_signal[, hard_loss_weight])`` is the contract of every single pass
+    (``hard_loss_weight`` is passed only when it is not 0) (for example
     :func:`sod_kernels.dense.triton_backend.single_pass_loss`); ``plan`` a
     :class:`~sod_kernels.core.options.SinglePassPlan`."""
     need = ctx.needs_input_grad
+    extra = {"hard_loss_weight": plan.hard_loss_weight} if plan.hard_loss_weight else {}
     res = routine(problem, plan.chunks, plan.chunk_weights, coef=plan.coef, normalizer=plan.normalizer,
-                  need_hidden=need[0], need_weight=need[1], need_bias=need[2], sampled_signal=plan.sampled_signal)
+                  need_hidden=need[0], need_weight=need[1], need_bias=need[2], sampled_signal=plan.sampled_signal,
+                  **extra)
     return single_pass_outputs(ctx, res)
