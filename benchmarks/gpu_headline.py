@@ -215,9 +215,9 @@ def headline(rec: Recorder, family: str, names=None) -> None:
 
 def tuning(rec: Recorder) -> None:
     """What the next kernel changes hinge on, on worst-case inputs: how many chunks one d(weight) product
-    folds (``GradAccumulator.GROUP``), the chunk size, logit soft-capping, and the sparse teacher (k = 64)."""
+    folds (``SOD_KERNELS_FOLD_ROWS``), the chunk size (the 512-row plan against 256- and 1024-row chunks), the
+    generalized JSD and the hard-label term, logit soft-capping, and the sparse teacher (k = 64)."""
     from sod_kernels import fused_sod_loss, fused_sparse_sod_loss, fused_topk_logprobs
-    from sod_kernels.core.chunks import GradAccumulator
     from .inputs import make_inputs
 
     N, V, Hs, Ht = (sizes()[k] for k in ("N", "V", "Hs", "Ht"))
@@ -229,15 +229,20 @@ def tuning(rec: Recorder) -> None:
         return lambda: fused_sod_loss(sh, sw, th, tw, step_ids=x.step_ids, backend="triton", check_inputs=False,
                                       **kw).backward()
 
-    default_group = GradAccumulator.GROUP
-    try:
-        for group in (1, 2, 4, 8):
-            GradAccumulator.GROUP = group
-            for chunk in (None, 1024):
-                guarded(rec, "tuning", f"ours fast, kl: d(weight) folds {group} chunk(s), chunk_size={chunk}",
+    for fold in (512, 1024, 2048, 4096):
+        os.environ["SOD_KERNELS_FOLD_ROWS"] = str(fold)
+        try:
+            for chunk in (None, 256, 1024):
+                label = "512-row plan" if chunk is None else f"chunk_size={chunk}"
+                guarded(rec, "tuning", f"ours fast, kl: d(weight) folds >= {fold} rows, {label}",
                         lambda: bench(ours(chunk_size=chunk), grads), **sizes())
-    finally:
-        GradAccumulator.GROUP = default_group
+        finally:
+            os.environ.pop("SOD_KERNELS_FOLD_ROWS", None)
+    for beta in (0.5,):
+        guarded(rec, "tuning", f"ours fast, jsd beta={beta}",
+                lambda: bench(ours(divergence="jsd", beta=beta), grads), **sizes())
+    guarded(rec, "tuning", "ours fast, kl + hard_loss_weight=0.5",
+            lambda: bench(ours(target_ids=x.target_ids.unsqueeze(0), hard_loss_weight=0.5), grads), **sizes())
     from sod_kernels.dense import triton_backend as td
     default_low = (td.LOW_MEMORY_ROWS, td.LOW_MEMORY_CHUNK_BYTES)
     try:
@@ -259,6 +264,16 @@ def tuning(rec: Recorder) -> None:
             lambda: bench(lambda: fused_sparse_sod_loss(sh, sw, ids[None], logprobs[None], step_ids=x.step_ids,
                                                         check_inputs=False).backward(), grads), **sizes())
     del x, ids, logprobs
+
+
+def launches(rec: Recorder) -> None:
+    """Kernel launches per chunk and host syncs of each single pass (counted with the kernels stubbed, on CPU
+    tensors: the count does not depend on the device; seconds)."""
+    from .launches import single_pass_counts
+
+    for case in ("kl", "token_weights", "policy", "sparse"):
+        guarded(rec, "launches", case, lambda case=case: {k: v for k, v in single_pass_counts(case).items()
+                                                          if k in ("chunks", "launches", "per_chunk", "syncs")})
 
 
 def determinism_and_accuracy(rec: Recorder) -> None:
@@ -460,7 +475,7 @@ def main(argv=None) -> int:
     parser.add_argument("--deadline", type=float, default=300.0, help="seconds for everything")
     parser.add_argument("--skip-sweeps", action="store_true")
     parser.add_argument("--only", default=None, help="comma-separated sections to run (floors, headline, policy, "
-                        "tuning, determinism, sweeps); default: all")
+                        "launches, tuning, determinism, sweeps); default: all")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script (CPU: needs "
                         "TRITON_INTERPRET=1)")
     args = parser.parse_args(argv)
@@ -473,7 +488,8 @@ def main(argv=None) -> int:
     sections = [("floors", floors), ("headline worst_case", lambda r: headline(r, "worst_case")),
                 ("headline lm_like", lambda r: headline(r, "lm_like", names=("ours fast, kl", "ours fast, token",
                                                                               "liger_compiled"))),
-                ("policy", policy), ("tuning", tuning), ("determinism and accuracy", determinism_and_accuracy)]
+                ("policy", policy), ("launches", launches), ("tuning", tuning),
+                ("determinism and accuracy", determinism_and_accuracy)]
     if not args.skip_sweeps:
         sections.append(("sweeps", sweeps))
     if args.only:

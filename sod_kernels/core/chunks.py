@@ -10,8 +10,8 @@ A loss on this core is a loop over *row chunks* (``C`` distilled tokens against 
    the loss and its per-row upstream scale, one Triton kernel writing ``d(logits)`` in the input dtype);
 3. ``GradAccumulator.add``: ``d(hidden)[rows] = d(logits) @ W`` (written once per row: every row lies in
    exactly one chunk) and ``d(weight) += d(logits).T @ h[rows]``, ``d(bias) += colsum(d(logits))``,
-   accumulated in float32 across chunks by matrix products (the d(weight) product folds two chunks at a
-   time: see :class:`GradAccumulator`).  No atomics: the chunks run in a fixed order
+   accumulated in float32 across chunks by matrix products (each d(weight) product folds at least 1024 rows,
+   two 512-row chunks by default: see :class:`GradAccumulator`).  No atomics: the chunks run in a fixed order
    and each product accumulates in a fixed order, so results are bitwise reproducible on one GPU.
 
 Cost per chunk (student width ``Hs``, teacher ``Ht``, vocabulary ``V``): the logit products
@@ -31,18 +31,27 @@ byte budget.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 
-# Bytes the fast path's per-chunk blocks may take by default (at V = 152k: 448 rows for the KL loss, with
-# the float32 d(weight) accumulator of a 152k x 1024 head (0.6 GB) about 1.6 GiB beyond the inputs).
+# Bytes the fast path's per-chunk blocks may take by default.  At V = 152k the KL loss's blocks (two float32
+# logit blocks and one 16-bit gradient block, 10 bytes per entry) give 512-row chunks: with the d(weight) fold
+# buffer (1024 rows of 16-bit d(logits), 0.3 GB) and the float32 d(weight) accumulator of a 152k x 1024 head
+# (0.6 GB), about 1.5 GiB beyond the inputs.
 FAST_CHUNK_BYTES = 768 << 20
 # The low-memory path keeps its blocks (and the d(weight) slice accumulators) near this size.
 LOW_MEMORY_CHUNK_BYTES = 96 << 20
 MIN_CHUNK_ROWS = 16
 MAX_CHUNK_ROWS = 8192
-ROW_MULTIPLE = 32  # chunk sizes are multiples of this when they exceed it
+ROW_MULTIPLE = 32         # chunk sizes are multiples of this when they exceed it ...
+LARGE_ROW_MULTIPLE = 128  # ... and multiples of this above it (whole tensor-core tiles; 256-token steps pair up)
+# Rows of d(logits) folded into d(weight) by one matrix product (each product reads and writes the whole float32
+# accumulator, 4 V H bytes twice): at least this many, from whole chunks.  SOD_KERNELS_FOLD_ROWS overrides it
+# (1 .. MAX_FOLD_ROWS); more rows, fewer accumulator passes, one more 16-bit C x V block per extra chunk.
+DEFAULT_FOLD_ROWS = 1024
+MAX_FOLD_ROWS = 4096
 
 
 @dataclass(frozen=True)
@@ -74,9 +83,33 @@ def chunk_rows(n_rows: int, vocab: int, bytes_per_entry: int, *, budget: int = F
     else:
         rows = budget // max(vocab * bytes_per_entry, 1)
         rows = min(max(rows, MIN_CHUNK_ROWS), MAX_CHUNK_ROWS)
-        if rows > ROW_MULTIPLE:
+        if rows > LARGE_ROW_MULTIPLE:
+            rows -= rows % LARGE_ROW_MULTIPLE
+        elif rows > ROW_MULTIPLE:
             rows -= rows % ROW_MULTIPLE
     return max(min(rows, max(n_rows, 1)), 1)
+
+
+def fold_rows() -> int:
+    """Rows of d(logits) per d(weight) product: ``SOD_KERNELS_FOLD_ROWS`` if set (an integer in
+    ``[1, MAX_FOLD_ROWS]``), else ``DEFAULT_FOLD_ROWS``."""
+    raw = os.environ.get("SOD_KERNELS_FOLD_ROWS", "").strip()
+    if not raw:
+        return DEFAULT_FOLD_ROWS
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_FOLD_ROWS:
+        raise ValueError(f"SOD_KERNELS_FOLD_ROWS must be an integer in [1, {MAX_FOLD_ROWS}], got {raw!r}")
+    return value
+
+
+def fold_group(block_rows: int, rows: int | None = None) -> int:
+    """Chunks of ``block_rows`` rows per d(weight) product: enough whole chunks for ``rows`` (default
+    :func:`fold_rows`) rows, at least one."""
+    rows = fold_rows() if rows is None else rows
+    return max(1, -(-rows // max(block_rows, 1)))
 
 
 def even_chunks(n_rows: int, rows: int) -> list[tuple[int, int]]:
@@ -141,9 +174,10 @@ class GradAccumulator:
 
     - Whole-vocabulary blocks (the fast path): each row's d(hidden) is one matrix product with float32
       accumulation, written once in the input dtype.  d(weight) is a float32 accumulator; since every
-      accumulation reads and writes all ``4 V H`` of its bytes, the ``d(logits)`` blocks of ``GROUP`` chunks
-      are kept side by side in one buffer and folded by a single product with ``K = GROUP x C`` (half the
-      accumulator traffic of one product per chunk, for one more ``C x V`` gradient block of memory).
+      accumulation reads and writes all ``4 V H`` of its bytes, the ``d(logits)`` blocks of several chunks
+      (:func:`fold_group`: at least :func:`fold_rows` rows, 1024 by default) are kept side by side in one buffer
+      and folded by a single product with ``K = group x C`` (at 512-row chunks half the accumulator traffic of
+      one product per chunk, for one more ``C x V`` gradient block of memory).
     - Vocabulary slices (``sliced=True``, the low-memory path): d(hidden) is a float32 accumulator; d(weight)
       is written slice by slice (:meth:`begin_slice` / :meth:`end_slice`) from a float32 accumulator of one
       slice, so no ``V x H`` float32 buffer exists.
@@ -151,7 +185,7 @@ class GradAccumulator:
     ``d_hidden [N, H]`` (zero on rows outside ``row_index``), ``d_weight [Vw, H]``, ``d_bias [Vw]``.
     """
 
-    GROUP = 2
+    GROUP = 2  # chunks per d(weight) product assumed by callers' memory estimates at the default fold
 
     def __init__(self, head: LMHead, row_index: torch.Tensor, contiguous: bool, *, need_hidden: bool,
                  need_weight: bool, need_bias: bool, block_rows: int = 1, block_cols: int | None = None,
@@ -170,7 +204,7 @@ class GradAccumulator:
         self._slice, self._slice_acc = None, None
         self.d_bias = torch.zeros(head.vocab, dtype=f32, device=w.device) \
             if (need_bias and head.bias is not None) else None
-        group = self.GROUP if (self.d_weight is not None and not sliced) else 1
+        group = fold_group(block_rows) if (self.d_weight is not None and not sliced) else 1
         self._capacity = max(block_rows, 1) * group                # rows the gradient buffer holds
         self._grad = None                                           # allocated at the first block
         self._cols = block_cols if block_cols is not None else head.vocab

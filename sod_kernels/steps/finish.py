@@ -41,7 +41,7 @@ class SODStats:
 def single_pass_plan(step_rows, row_index, given, step_divergence, epsilon, delta, chunk_size, vocab, elem):
     """``(chunks, chunk_weights)`` for :class:`SinglePassKL`, or None when a step is longer than a chunk."""
     n = row_index.numel()
-    rows = chunk_rows(n, vocab, 8 + 2 * elem, budget=FAST_CHUNK_BYTES, chunk_size=chunk_size)
+    rows = chunk_rows(n, vocab, 8 + elem, budget=FAST_CHUNK_BYTES, chunk_size=chunk_size)
     if given is not None:
         w = given.reshape(-1)[row_index].to(torch.float32)
         return even_chunks(n, rows), lambda a, b, D, signal: w[a:b]
