@@ -8,6 +8,9 @@ global log-sum-exp, maxima and centre), which yields exactly this rank's rows of
 ``d(bias)`` and this rank's share of ``d(hidden)``; with ``reduce_hidden_grad`` the shares are all-reduced
 so every rank holds the single-process ``d(hidden)``.  Every rank must run backward on the same loss (the
 all-reduce is a collective).  First-order only.
+
+The generalized JSD adds a second forward round (:mod:`sod_kernels.parallel.jsd`); with the hard-label term the
+student's target log-prob is a differentiable output whose gradient joins the same backward.
 """
 
 from __future__ import annotations

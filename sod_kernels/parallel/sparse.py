@@ -17,6 +17,12 @@ the single-process row terms.  Backward: each rank recomputes its tiles and form
 from the global terms (the backend's ``sparse_backward`` with its ids shifted to the shard), then
 ``d(hidden)`` is all-reduced as in the dense form.  ``2 + k + 1`` floats per distilled token travel in the
 forward, never tokens x vocabulary.
+
+``divergence="jsd"`` needs nothing more: the generalized JSD of the ``k + 1`` cells comes from the same row terms
+(:func:`sod_kernels.parallel.jsd.coarse_grained_jsd_rows`).  The hard-label term (``hard_loss_weight``) reads
+``log p_s(y)`` from the same terms; in backward its ``-p_s`` part joins the per-row coefficients of the tail and
+the ids (:func:`with_hard_label`) and its ``onehot(y)`` part is an ``O(tokens x H)`` fold on the rank owning ``y``
+(:func:`target_logit_grads`).
 """
 
 from __future__ import annotations
@@ -228,8 +234,8 @@ def target_logit_grads(hidden, weight, bias, row_index, y_local, grad_lp, *, tem
     """This rank's gradients of ``sum_i grad_lp[i] z_s(y_i)`` (the onehot part of ``d log p_s(y)``) over the rows
     whose target it owns: ``O(Na H)``, no logit block.  ``y_local [Na]`` the targets of the rows ``row_index``
     minus this rank's first id; ``grad_lp [Na]``.  On raw logits ``x``: ``grad_lp / tau`` times the soft-cap's slope
-    ``cosh(x / cap)^-2``.  The weight / bias rows of repeated targets are summed by ``index_put_`` with
-    accumulation (deterministic, no float atomics).  Returns ``(d_hidden [N, H] share, d_weight [Vr, H],
+    ``cosh(x / cap)^-2``.  The weight / bias rows of repeated targets are summed deterministically
+    (:func:`sum_into_rows`).  Returns ``(d_hidden [N, H] share, d_weight [Vr, H],
     d_bias [Vr])`` in the inputs' dtypes (None where not needed)."""
     V, dt = weight.shape[0], compute_dtype(hidden.dtype)
     local, owned = owned_targets(y_local, 0, V)
@@ -246,11 +252,19 @@ def target_logit_grads(hidden, weight, bias, row_index, y_local, grad_lp, *, tem
     if need_hidden:
         d_hidden = torch.zeros(hidden.shape, dtype=dt, device=hidden.device).index_copy_(0, rows, g[:, None] * w)
     if need_weight:
-        d_weight = torch.zeros(weight.shape, dtype=dt, device=weight.device).index_put_((cols,), g[:, None] * h,
-                                                                                      accumulate=True)
+        d_weight = sum_into_rows(torch.zeros(weight.shape, dtype=dt, device=weight.device), cols, g[:, None] * h)
     if need_bias and bias is not None:
-        d_bias = torch.zeros(V, dtype=dt, device=weight.device).index_put_((cols,), g, accumulate=True)
+        d_bias = sum_into_rows(torch.zeros(V, dtype=dt, device=weight.device), cols, g)
     return grads_like((d_hidden, d_weight, d_bias), (hidden, weight, bias))
+
+
+def sum_into_rows(out: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``out[index[i]] += values[i]`` (repeated indices summed) in a fixed order, no float atomics: ``index_add_``
+    on the CPU (sequential), ``index_put_(accumulate=True)`` elsewhere (CUDA sorts the indices and sums each
+    run in order)."""
+    if out.device.type == "cpu":
+        return out.index_add_(0, index, values)
+    return out.index_put_((index,), values, accumulate=True)
 
 
 def prepare_sparse(agreed: dict, student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs,
