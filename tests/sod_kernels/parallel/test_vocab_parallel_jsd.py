@@ -85,7 +85,7 @@ def compare_to_reference(ctx: Ctx, tag: str, out, ref, seed: int, mine, ref_in, 
 
 
 # ------------------------------------------------------------------------------------------ dense teacher
-def dense_call(ctx: Ctx, p: dict, case: dict, dtype, backend: str = "torch"):
+def dense_call(ctx: Ctx, p: dict, case: dict, dtype, backend: str = "torch", chunk_size: int | None = None):
     """``(out, ref, ref_stats, mine, ref_in)`` of one dense case on this rank's shards (padded teacher shard)."""
     case = dict(case)
     caps = dict(student_softcap=2.0, teacher_softcap=3.0) if case.pop("caps", False) else {}
@@ -94,7 +94,7 @@ def dense_call(ctx: Ctx, p: dict, case: dict, dtype, backend: str = "torch"):
     tw, tb = shard(p["tw"], ctx, TEACHER_PAD), None if p["tb"] is None else shard(p["tb"], ctx, TEACHER_PAD)
     out = vocab_parallel_sod_loss(p["sh"], sw, p["th"], tw, p["mask"], vocab_start=ctx.start, target_ids=p["y"],
                                   student_bias=sb, teacher_bias=tb, return_stats=return_stats, backend=backend,
-                                  **caps, **opts)
+                                  chunk_size=chunk_size, **caps, **opts)
     ref_in = {k: _d64(p[k]) for k in ("sh", "sw", "th", "tw", "sb", "tb")}
     ref, stats = ref_fused_sod_loss(ref_in["sh"], ref_in["sw"], ref_in["th"], ref_in["tw"], p["mask"],
                                     target_ids=p["y"], student_bias=ref_in["sb"], teacher_bias=ref_in["tb"],
@@ -112,7 +112,7 @@ def check_dense(ctx: Ctx, dtype, seed: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------- sparse teacher
-def sparse_call(ctx: Ctx, p: dict, case: dict, dtype, backend: str = "torch"):
+def sparse_call(ctx: Ctx, p: dict, case: dict, dtype, backend: str = "torch", chunk_size: int | None = None):
     case = dict(case)
     k = case.pop("k")
     caps = dict(student_softcap=2.0) if case.pop("caps", False) else {}
@@ -124,7 +124,7 @@ def sparse_call(ctx: Ctx, p: dict, case: dict, dtype, backend: str = "torch"):
     sw, sb = shard(p["sw"], ctx), None if p["sb"] is None else shard(p["sb"], ctx)
     out = vocab_parallel_sparse_sod_loss(p["sh"], sw, ids, logprobs, p["mask"], vocab_start=ctx.start,
                                          target_ids=p["y"], student_bias=sb, return_stats=return_stats,
-                                         backend=backend, **caps, **opts)
+                                         backend=backend, chunk_size=chunk_size, **caps, **opts)
     ref_in = {k: _d64(p[k]) for k in ("sh", "sw", "sb")}
     ref, stats = ref_sparse_sod_loss(ref_in["sh"], ref_in["sw"], ids, logprobs, p["mask"], target_ids=p["y"],
                                      student_bias=ref_in["sb"], **caps, **_ref_options(opts))
@@ -138,6 +138,27 @@ def check_sparse(ctx: Ctx, dtype, seed: int) -> None:
         out, ref, stats, mine, ref_in = sparse_call(ctx, p, case, dtype)
         compare_to_reference(ctx, f"rank {ctx.rank} sparse {i} {dtype}", out, ref, seed + 50 + i, mine, ref_in,
                              tol_v, tol_g, stats)
+
+
+def check_tiles(ctx: Ctx, seed: int) -> None:
+    """Many row chunks (``chunk_size=3``) and vocabulary tiles (8 columns: the shards span 2 tiles, the last one
+    partial) in every sweep of the JSD and the hard term, float64, dense and sparse."""
+    from sod_kernels.core import tiles
+
+    saved = tiles.VOCAB_TILE
+    tiles.VOCAB_TILE = 8
+    try:
+        for i, (call, case) in enumerate(((dense_call, {"divergence": "jsd", "beta": 0.3, "hard": 0.5, "bias": True,
+                                                        "caps": True, "temperature": 0.8}),
+                                          (dense_call, {"divergence": "reverse_kl", "hard": 0.5, "bias": True}),
+                                          (sparse_call, {"k": 4, "divergence": "jsd", "beta": 0.8, "hard": 0.5,
+                                                         "bias": True, "caps": True}))):
+            p, case = _problem(case, ctx, torch.float64, seed + 150 + i)
+            out, ref, stats, mine, ref_in = call(ctx, p, case, torch.float64, chunk_size=3)
+            compare_to_reference(ctx, f"rank {ctx.rank} tiles {i}", out, ref, seed + 150 + i, mine, ref_in,
+                                 *TOL[torch.float64], stats)
+    finally:
+        tiles.VOCAB_TILE = saved
 
 
 # -------------------------------------------------------------------------------------- identities, misc
@@ -252,6 +273,7 @@ def all_checks(ctx: Ctx, seed: int) -> None:
     for dtype in (torch.float64, torch.float32):
         check_dense(ctx, dtype, seed)
         check_sparse(ctx, dtype, seed)
+    check_tiles(ctx, seed)
     check_identities(ctx, seed)
     check_all_masked(ctx, seed)
     check_bfloat16(ctx, seed)
