@@ -35,8 +35,8 @@ from typing import NamedTuple
 
 import torch
 
-from ..core.tiles import compute_dtype, fold_logit_grad, grads_like, rows_per_tile, tile_logits, \
-    tile_logits_and_slope, vocab_tile
+from ..core.tiles import (compute_dtype, fold_logit_grad, grads_like, rows_per_tile, tile_logits,
+                          tile_logits_and_slope, vocab_tile)
 from ..sparse.rows import SparseRowTerms
 from .stats import KLStats, in_dtype, owned_targets
 
