@@ -8,6 +8,9 @@ global log-sum-exp, maxima and centre), which yields exactly this rank's rows of
 ``d(bias)`` and this rank's share of ``d(hidden)``; with ``reduce_hidden_grad`` the shares are all-reduced
 so every rank holds the single-process ``d(hidden)``.  Every rank must run backward on the same loss (the
 all-reduce is a collective).  First-order only.
+
+The generalized JSD adds a second forward round (:mod:`sod_kernels.parallel.jsd`); with the hard-label term the
+student's target log-prob is a differentiable output whose gradient joins the same backward.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 from ..dense.autograd import student_grads
 from ..core.options import input_grads
 from ..core.runtime import no_autocast, refuse_double_backward, zero_student_grads
+from .jsd import JSDFrame, jsd_partials_torch, jsd_shard_backward_torch, merge_jsd
 from .layout import ShardLayout, all_reduce_hidden_grad, gather_stats
 from .stats import (kl_partials_torch, kl_partials_triton, logprob_partials_torch, logprob_partials_triton, merge_kl,
                     merge_logprob, owned_targets)
@@ -27,7 +31,8 @@ from .stats import (kl_partials_torch, kl_partials_triton, logprob_partials_torc
 @dataclass(frozen=True)
 class ParallelSetup:
     """Options of one call: the layout, the backend (``"torch"`` / ``"triton"``), temperature, rows per
-    chunk, whether backward all-reduces ``d(hidden)``; ``divergence`` (KL) or ``with_entropy`` (log-probs)."""
+    chunk, whether backward all-reduces ``d(hidden)``; ``divergence`` (``"reverse_kl"``, ``"forward_kl"``, or
+    ``"jsd"`` with ``beta``) and ``hard_label`` (distillation losses) or ``with_entropy`` (log-probs)."""
 
     layout: ShardLayout
     backend: str
@@ -38,6 +43,8 @@ class ParallelSetup:
     with_entropy: bool = False
     student_softcap: float | None = None  # cap tanh(x / cap) of the raw logits before 1/tau (log-probs: the model's)
     teacher_softcap: float | None = None
+    beta: float = 0.5                     # the generalized JSD's weight (divergence "jsd": 0 < beta < 1)
+    hard_label: bool = False              # the student's log-prob of the target carries a gradient (hard term)
 
 
 def finish_hidden(setup: ParallelSetup, d_hidden, row_index):
@@ -53,11 +60,19 @@ class VocabParallelDivergence(torch.autograd.Function):
     or None, teacher_hidden ``[N, Ht]``, teacher_weight ``[>= Vr, Ht]`` and bias or None, row_index ``[Na]``
     int64, target ids minus ``vocab_start`` ``[N]`` int64 or None, a :class:`ParallelSetup`.
     Outputs (``[Na]``; float32, float64 for float64 inputs): D (differentiable), lse_student, lse_teacher,
-    logp_student(y), logp_teacher(y) (the last two empty without targets).
+    logp_student(y), logp_teacher(y) (the last two empty without targets; logp_student(y) is differentiable
+    with ``setup.hard_label``).
+
+    Forward: the KL statistics round (for ``"jsd"`` the reverse-KL partials, of which only the maxima, norms,
+    lse and target logits are used), then for ``"jsd"`` the second round of :mod:`sod_kernels.parallel.jsd`.
+    Backward: the KLs use the dense backend's backward on the shard (plus, for the hard term, the log-prob
+    backward of :func:`hard_label_grads`: one more pass of the student's products); ``"jsd"`` one chunked PyTorch
+    sweep that forms both terms.
     """
 
     @staticmethod
     def forward(ctx, sh, sw, sb, th, tw, tb, row_index, y_local, setup: ParallelSetup):
+        jsd = setup.divergence == "jsd"
         forward_kl = setup.divergence == "forward_kl"
         partials = kl_partials_triton if setup.backend == "triton" else kl_partials_torch
         with no_autocast(sh.device):
@@ -65,28 +80,84 @@ class VocabParallelDivergence(torch.autograd.Function):
                             temperature=setup.temperature, chunk_size=setup.chunk_size,
                             student_softcap=setup.student_softcap, teacher_softcap=setup.teacher_softcap)
             stats = merge_kl(gather_stats(setup.layout, part), forward_kl=forward_kl)
+            D, frame = stats.D, stats.frame
+            if jsd:
+                D, frame = jsd_round(setup, sh, sw, sb, th, tw, tb, row_index, stats)
         if stats.zy_s is not None:
             lp_s, lp_t = stats.zy_s - stats.lse_s, stats.zy_t - stats.lse_t
         else:
-            lp_s, lp_t = stats.D.new_empty(0), stats.D.new_empty(0)
-        ctx.save_for_backward(sh, sw, sb, th, tw, tb, row_index, stats.lse_s, stats.lse_t, stats.D, stats.frame)
+            lp_s, lp_t = D.new_empty(0), D.new_empty(0)
+        ctx.save_for_backward(sh, sw, sb, th, tw, tb, row_index, y_local, stats.lse_s, stats.lse_t, D, frame)
         ctx.setup = setup
-        ctx.mark_non_differentiable(stats.lse_s, stats.lse_t, lp_s, lp_t)
-        return stats.D, stats.lse_s, stats.lse_t, lp_s, lp_t
+        ctx.mark_non_differentiable(stats.lse_s, stats.lse_t, lp_t)
+        if not setup.hard_label:
+            ctx.mark_non_differentiable(lp_s)
+        return D, stats.lse_s, stats.lse_t, lp_s, lp_t
 
     @staticmethod
-    def backward(ctx, grad_D, *unused):
+    def backward(ctx, grad_D, grad_lse_s, grad_lse_t, grad_lp_s, grad_lp_t):
         refuse_double_backward("vocab_parallel_sod_loss")
-        sh, sw, sb, th, tw, tb, row_index, lse_s, lse_t, D, frame = ctx.saved_tensors
+        sh, sw, sb, th, tw, tb, row_index, y_local, lse_s, lse_t, D, frame = ctx.saved_tensors
         setup: ParallelSetup = ctx.setup
-        caps = {k: v for k, v in (("student_softcap", setup.student_softcap),
-                                  ("teacher_softcap", setup.teacher_softcap)) if v is not None}
-        dh, dw, db = student_grads(ctx, setup, (sh, sw, sb, th, tw, tb, row_index, lse_s, lse_t, D), grad_D,
-                                   dict(frame=frame, chunk_size=setup.chunk_size, **caps))
-        if grad_D is not None and row_index.numel():
-            with no_autocast(sh.device):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if not setup.hard_label or grad_lp_s is None or grad_lp_s.numel() == 0:
+            grad_lp_s = None
+        if row_index.numel() == 0 or (grad_D is None and grad_lp_s is None):
+            return input_grads(ctx, zero_student_grads(sh, sw, sb, need_h, need_w, need_b))
+        with no_autocast(sh.device):
+            if setup.divergence == "jsd":
+                dh, dw, db = jsd_shard_backward_torch(
+                    sh, sw, sb, th, tw, tb, row_index, JSDFrame.unstacked(frame), grad_D, beta=setup.beta,
+                    temperature=setup.temperature, need_hidden=need_h, need_weight=need_w, need_bias=need_b,
+                    y_local=y_local, grad_lp=grad_lp_s, chunk_size=setup.chunk_size,
+                    student_softcap=setup.student_softcap, teacher_softcap=setup.teacher_softcap)
+            else:
+                caps = {k: v for k, v in (("student_softcap", setup.student_softcap),
+                                          ("teacher_softcap", setup.teacher_softcap)) if v is not None}
+                dh, dw, db = student_grads(ctx, setup, (sh, sw, sb, th, tw, tb, row_index, lse_s, lse_t, D), grad_D,
+                                           dict(frame=frame, chunk_size=setup.chunk_size, **caps))
+                if grad_lp_s is not None:
+                    hard = hard_label_grads(setup, sh, sw, sb, row_index, y_local, lse_s, grad_lp_s, need_h, need_w,
+                                            need_b)
+                    dh, dw, db = (add_grads(a, b) for a, b in zip((dh, dw, db), hard))
+            if need_h:
                 dh = finish_hidden(setup, dh, row_index)
         return input_grads(ctx, (dh, dw, db))
+
+
+def jsd_round(setup: ParallelSetup, sh, sw, sb, th, tw, tb, row_index, stats):
+    """The JSD's second round (:mod:`sod_kernels.parallel.jsd`): this rank's ``(D', c')``, one all-gather, the
+    rank-order sums.  Returns ``(D [Na], frame [5, Na])`` (the frame of :class:`~sod_kernels.parallel.jsd.JSDFrame`
+    for the backward)."""
+    frame = JSDFrame.from_stats(stats)
+    part = jsd_partials_torch(sh, sw, sb, th, tw, tb, row_index, frame, beta=setup.beta,
+                              temperature=setup.temperature, chunk_size=setup.chunk_size,
+                              student_softcap=setup.student_softcap, teacher_softcap=setup.teacher_softcap)
+    D, c = merge_jsd(gather_stats(setup.layout, part))
+    return D, frame._replace(c=c).stacked()
+
+
+def hard_label_grads(setup: ParallelSetup, hidden, weight, bias, row_index, y_local, lse, grad_lp, need_h, need_w,
+                     need_b):
+    """This rank's gradients of ``sum_i grad_lp[i] log p_s(y_i)`` (the hard-label term) from the global ``lse``:
+    the backend's token log-prob backward on the shard (``d(logits) = grad_lp (onehot(y) - p_s) / tau``, the
+    onehot on the rank owning ``y``).  ``d(hidden)`` is this rank's share (not all-reduced)."""
+    grad_lp = grad_lp.contiguous()
+    if setup.backend == "triton":
+        from ..logprobs.triton_backend import logprob_backward
+        return logprob_backward(hidden, weight, bias, row_index, y_local, lse, grad_lp,
+                                temperature=setup.temperature, need_hidden=need_h, need_weight=need_w,
+                                need_bias=need_b, chunk_size=setup.chunk_size, softcap=setup.student_softcap)
+    return logprob_shard_backward_torch(hidden, weight, bias, row_index, y_local, lse, lse, lse, grad_lp, None,
+                                        temperature=setup.temperature, need_hidden=need_h, need_weight=need_w,
+                                        need_bias=need_b, chunk_size=setup.chunk_size, softcap=setup.student_softcap)
+
+
+def add_grads(a, b):
+    """``a + b`` where both are given, else the one given (or None)."""
+    if a is None:
+        return b
+    return a if b is None else a + b
 
 
 def logprob_shard_backward_torch(hidden, weight, bias, row_index, y_local, lse, big, mean, grad_logp, grad_entropy, *,

@@ -15,10 +15,11 @@ import torch
 from ..core.runtime import check_softcap
 from ..core.tiles import compute_dtype
 from ..core.validation import (BACKENDS, DIVERGENCES, REDUCTIONS, STEP_DIVERGENCES, check_chunk_size, check_lm_head,
-                               check_model_pair, check_positive, check_same_device, check_shape, check_tensor)
+                               check_model_pair, check_positive, check_same_device, check_shape, check_tensor,
+                               resolve_divergence)
 from ..logprobs.policy_loss import check_policy_options, check_policy_tensors
 from ..logprobs.token_logprobs import TRITON_DTYPES, check_target_ids, resolve_logprob_backend
-from ..steps.finish import check_loss_options, check_token_weights
+from ..steps.finish import check_hard_loss, check_loss_options, check_token_weights
 from ..steps.weights import resolve_step_ids
 from .layout import choice_code, dtype_code, exchange_descriptors, resolve_group
 
@@ -29,7 +30,7 @@ COMMON_FIELDS = ("rank of the hidden states", "leading size 0", "leading size 1"
                  "target_ids given", "target_ids (checksum)", "target_ids min", "target_ids max", "student_softcap")
 SOD_FIELDS = COMMON_FIELDS + ("teacher_softcap", "teacher hidden size", "teacher dtype", "teacher_bias given", "divergence",
                               "step_divergence", "epsilon", "delta", "coef", "return_stats", "token_weights given",
-                              "token_weights (checksum)", "step_ids (checksum)")
+                              "token_weights (checksum)", "step_ids (checksum)", "beta", "hard_loss_weight")
 LOGPROB_FIELDS = COMMON_FIELDS + ("return_entropy",)
 POLICY_FIELDS = COMMON_FIELDS + ("clip_low", "clip_high", "dual_clip", "return_stats", "old_logprobs (checksum)",
                                  "advantages (checksum)")
@@ -105,10 +106,12 @@ def distilled_rows(ids: torch.Tensor, single: bool, token_weights, dtype: torch.
 
 
 def distillation_fields(agreed: dict, divergence, step_divergence, epsilon, delta, coef, return_stats, given,
-                        step_rows) -> None:
+                        step_rows, *, beta: float = 0.5, hard_loss_weight: float = 0.0) -> None:
     """The options and per-token inputs of a distillation loss (dense or sparse teacher) that every rank must
-    pass alike: divergence, step divergence, epsilon, delta, coef, return_stats, the token weights (checksum)
-    and the step ids (checksum)."""
+    pass alike: divergence (as resolved: ``"jsd"`` at ``beta`` 0 / 1 is the KL it names), step divergence,
+    epsilon, delta, coef, return_stats, the token weights (checksum), the step ids (checksum), ``beta`` and
+    ``hard_loss_weight``."""
+    agreed["beta"], agreed["hard_loss_weight"] = beta, hard_loss_weight
     agreed["divergence"] = choice_code(divergence, DIVERGENCES)
     agreed["step_divergence"] = choice_code(step_divergence, STEP_DIVERGENCES)
     agreed["epsilon"], agreed["delta"], agreed["coef"] = epsilon, delta, coef
@@ -172,16 +175,29 @@ class SODInputs:
     coef: float
     student_softcap: float | None = None
     teacher_softcap: float | None = None
+    divergence: str = "reverse_kl"
+    beta: float = 0.5
+    hard_loss_weight: float = 0.0
+
+
+def jsd_and_hard_options(divergence, beta, hard_loss_weight, target_ids) -> tuple[str, float, float]:
+    """``(divergence, beta, hard_loss_weight)`` checked: ``"jsd"`` at ``beta`` 0 / 1 becomes the forward / reverse KL
+    (:func:`~sod_kernels.core.validation.resolve_divergence`), ``beta`` in ``[0, 1]``, ``hard_loss_weight >= 0``
+    (a positive one needs ``target_ids``)."""
+    divergence, beta = resolve_divergence(divergence, beta)
+    return divergence, beta, check_hard_loss(hard_loss_weight, target_ids)
 
 
 def prepare_sod(agreed: dict, student_hidden, student_weight, teacher_hidden, teacher_weight, response_mask, *,
                 step_ids, target_ids, token_weights, divergence, step_divergence, epsilon, delta, temperature, coef,
                 student_bias, teacher_bias, reduction, return_stats, backend, chunk_size, check_inputs,
-                reduce_hidden_grad, student_softcap=None, teacher_softcap=None) -> SODInputs:
+                reduce_hidden_grad, student_softcap=None, teacher_softcap=None, beta=0.5,
+                hard_loss_weight=0.0) -> SODInputs:
     """The checks of ``fused_sod_loss`` on one rank (``student_weight`` / ``teacher_weight`` are shards; the
     target range is checked after the exchange, against the full vocabulary)."""
     step_divergence, epsilon, delta, temperature, coef = check_loss_options(
         divergence, step_divergence, token_weights, reduction, backend, chunk_size, epsilon, delta, temperature, coef)
+    divergence, beta, hard_loss_weight = jsd_and_hard_options(divergence, beta, hard_loss_weight, target_ids)
     student_softcap = check_softcap(student_softcap, "student_softcap")
     teacher_softcap = check_softcap(teacher_softcap, "teacher_softcap")
     if not isinstance(reduce_hidden_grad, bool):
@@ -217,12 +233,14 @@ def prepare_sod(agreed: dict, student_hidden, student_weight, teacher_hidden, te
     agreed["teacher hidden size"] = float(teacher_hidden.shape[-1])
     agreed["teacher dtype"] = dtype_code(teacher_hidden.dtype)
     agreed["teacher_bias given"] = _flag(teacher_bias is not None)
-    distillation_fields(agreed, divergence, step_divergence, epsilon, delta, coef, return_stats, given, step_rows)
+    distillation_fields(agreed, divergence, step_divergence, epsilon, delta, coef, return_stats, given, step_rows,
+                        beta=beta, hard_loss_weight=hard_loss_weight)
     return SODInputs(impl, single, step_rows, row_index,
                      student_hidden.reshape(-1, student_hidden.shape[-1]).contiguous(),
                      teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).contiguous(),
                      student_weight.contiguous(), teacher_weight.contiguous(), y, given, acc, step_divergence,
-                     epsilon, delta, temperature, coef, student_softcap, teacher_softcap)
+                     epsilon, delta, temperature, coef, student_softcap, teacher_softcap, divergence, beta,
+                     hard_loss_weight)
 
 
 def prepare_logprobs(agreed: dict, hidden, weight, target_ids, *, bias, temperature, backend, return_entropy,

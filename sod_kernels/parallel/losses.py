@@ -12,7 +12,8 @@ rank), and its backward gives each rank the gradient of its own weight / bias sh
 
 Communication per call: one tiny descriptor all-gather (shards, shapes, options, checksums; every rank
 checks them, so a bad input raises on every rank instead of hanging the others), one all-gather of
-``P`` statistics per distilled token (``P`` = 5, 7 with the sampled step signal, 3 or 4 for log-probs), and
+``P`` statistics per distilled token (``P`` = 5, 7 with the sampled step signal or the hard-label term, 3 or 4
+for log-probs; ``divergence="jsd"`` adds a second all-gather of 2 per token), and
 in backward, with ``reduce_hidden_grad=True``, one all-reduce of ``d(hidden)`` over the distilled rows.
 Never anything of size tokens x vocabulary.  Deterministic: the statistics are merged in rank order on every
 rank (the all-gather moves bits, it does not add), and the ``d(hidden)`` sum is one all-reduce whose order of
@@ -44,7 +45,8 @@ def vocab_parallel_sod_loss(student_hidden: torch.Tensor, student_weight: torch.
                             teacher_bias: torch.Tensor | None = None, reduction: str = "token_mean",
                             return_stats: bool = False, backend: str = "auto", chunk_size: int | None = None,
                             check_inputs: bool = True, reduce_hidden_grad: bool = True,
-                            student_softcap: float | None = None, teacher_softcap: float | None = None):
+                            student_softcap: float | None = None, teacher_softcap: float | None = None,
+                            beta: float = 0.5, hard_loss_weight: float = 0.0):
     """:func:`sod_kernels.fused_sod_loss` with the lm_heads sharded by vocabulary across ``process_group``.
 
     Every rank of the group calls it with the same hidden states, masks, targets and options, and its own
@@ -58,6 +60,18 @@ def vocab_parallel_sod_loss(student_hidden: torch.Tensor, student_weight: torch.
             single-process loss).
         student_bias, teacher_bias: this rank's ``[Vr]`` / ``[Vtr]`` slices, or None.
         target_ids: ``[B, T]`` global token ids in ``[0, V)``.
+        divergence: ``"reverse_kl"`` (default), ``"forward_kl"`` or ``"jsd"``: the generalized Jensen-Shannon
+            divergence ``beta KL(p_t || M) + (1 - beta) KL(p_s || M)``, ``M = (1 - beta) p_s + beta p_t`` (SPEC
+            section 14; ``beta`` 0 / 1 are exactly the forward / reverse KL).  For ``0 < beta < 1`` it needs the
+            global log-sum-exps, so it takes a second round: each rank sweeps its shard again (one more pass of
+            both models' products in forward, chunked PyTorch on either backend) and the ranks exchange two
+            more floats per distilled token; the backward recomputes both models' tiles once.
+        beta: the JSD's weight in ``[0, 1]`` (default 0.5); checked for every divergence, used by ``"jsd"``.
+        hard_loss_weight: ``lambda >= 0`` (default 0) adds ``lambda * sum m (-log p_s(y)) / normalizer`` (the
+            hard-label cross-entropy of ``target_ids``, needed when ``lambda > 0``; unweighted, not times ``coef``).
+            ``log p_s(y)`` comes from the forward's statistics (no extra forward work); its gradient
+            ``(p_s - onehot(y)) / tau`` costs one more pass of the student's products in backward for the KLs
+            (none for ``"jsd"``, whose backward sweep forms both terms).
         process_group: the group that shards the lm_head (None: the default group).  Its backend must handle
             the tensors' device (gloo for CPU, NCCL for CUDA).
         vocab_start: this rank's first vocabulary id, or None on every rank for shards in rank order.
@@ -81,19 +95,22 @@ def vocab_parallel_sod_loss(student_hidden: torch.Tensor, student_weight: torch.
             step_divergence=step_divergence, epsilon=epsilon, delta=delta, temperature=temperature, coef=coef,
             student_bias=student_bias, teacher_bias=teacher_bias, reduction=reduction, return_stats=return_stats,
             backend=backend, chunk_size=chunk_size, check_inputs=check_inputs,
-            reduce_hidden_grad=reduce_hidden_grad, student_softcap=student_softcap, teacher_softcap=teacher_softcap))
+            reduce_hidden_grad=reduce_hidden_grad, student_softcap=student_softcap, teacher_softcap=teacher_softcap,
+            beta=beta, hard_loss_weight=hard_loss_weight))
     check_targets_in_vocab(agreed, layout.vocab)
-    sampled = p.step_divergence == "sampled"
-    y_local = p.y - layout.vocab_start if sampled else None
-    setup = ParallelSetup(layout, p.impl, p.temperature, chunk_size, reduce_hidden_grad, divergence=divergence,
-                          student_softcap=p.student_softcap, teacher_softcap=p.teacher_softcap)
+    hard = p.hard_loss_weight > 0
+    y_local = p.y - layout.vocab_start if p.step_divergence == "sampled" or hard else None
+    setup = ParallelSetup(layout, p.impl, p.temperature, chunk_size, reduce_hidden_grad, divergence=p.divergence,
+                          student_softcap=p.student_softcap, teacher_softcap=p.teacher_softcap, beta=p.beta,
+                          hard_label=hard)
     with no_autocast(student_hidden.device):
         D, _, _, lp_s, lp_t = VocabParallelDivergence.apply(p.sh, p.sw, student_bias, p.th, p.tw, teacher_bias,
                                                             p.row_index, y_local, setup)
     return finish_loss(None, D, lp_s, lp_t, p.row_index, p.step_rows, p.given, single=p.single,
                        step_divergence=p.step_divergence, epsilon=p.epsilon, delta=p.delta, coef=p.coef,
                        reduction=reduction, return_stats=return_stats, check_inputs=check_inputs,
-                       inputs="student_hidden, teacher_hidden or the weights/biases")
+                       inputs="student_hidden, teacher_hidden or the weights/biases",
+                       hard_loss_weight=p.hard_loss_weight)
 
 
 def vocab_parallel_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, target_ids: torch.Tensor, *,

@@ -115,7 +115,9 @@ class KLStats(NamedTuple):
     """Merged per-token statistics (``[Na]`` each; float32, float64 for float64 inputs).
 
     D (unclamped), lse_s / lse_t (of the temperature-scaled logits), ``frame [3, Na]`` = (M_s, M_t, c') for
-    the shifted reverse-KL gradient, and the target logits zy_s / zy_t (None without targets)."""
+    the shifted reverse-KL gradient, the target logits zy_s / zy_t (None without targets), and
+    ``norm_s`` / ``norm_t`` = ``lse - M`` of each model formed as ``log sum exp(z - M)`` (never as a difference
+    of two O(log V) numbers: ``(z - M) - norm`` is a log-probability without the rounding of ``lse``)."""
 
     D: torch.Tensor
     lse_s: torch.Tensor
@@ -123,6 +125,8 @@ class KLStats(NamedTuple):
     frame: torch.Tensor
     zy_s: torch.Tensor | None
     zy_t: torch.Tensor | None
+    norm_s: torch.Tensor
+    norm_t: torch.Tensor
 
 
 def merge_kl(gathered: torch.Tensor, *, forward_kl: bool) -> KLStats:
@@ -133,10 +137,11 @@ def merge_kl(gathered: torch.Tensor, *, forward_kl: bool) -> KLStats:
     D = centre - log_w + log_o
     lse_w, lse_o = big_w + log_w, big_o + log_o
     lse_s, lse_t, max_s, max_t = (lse_o, lse_w, big_o, big_w) if forward_kl else (lse_w, lse_o, big_w, big_o)
+    norm_s, norm_t = (log_o, log_w) if forward_kl else (log_w, log_o)
     zy_s = zy_t = None
     if gathered.shape[0] > KL_PARTIALS:
         zy_s, zy_t = gathered[5].sum(-1), gathered[6].sum(-1)
-    return KLStats(D, lse_s, lse_t, torch.stack([max_s, max_t, centre]), zy_s, zy_t)
+    return KLStats(D, lse_s, lse_t, torch.stack([max_s, max_t, centre]), zy_s, zy_t, norm_s, norm_t)
 
 
 def kl_partials_triton(sh, sw, sb, th, tw, tb, row_index, y_local, *, forward_kl: bool, temperature: float,

@@ -1,0 +1,226 @@
+"""The generalized Jensen-Shannon divergence (SPEC section 14) of the vocabulary-parallel losses.
+
+``M = (1 - beta) p_s + beta p_t``, ``D = beta KL(p_t || M) + (1 - beta) KL(p_s || M)``, at temperature ``tau``,
+with ``log M = logaddexp(log p_s + log(1 - beta), log p_t + log beta)`` per entry from the shifted log-probs
+``log p = (z - M_z) - norm`` (``M_z`` the row's maximum, ``norm = log sum exp(z - M_z)``: no rounding of an
+O(log V) log-sum-exp).  ``beta`` is strictly inside ``(0, 1)`` here: the ends are the KLs, mapped by the front.
+
+Dense teacher, vocabulary-parallel.  ``D`` needs the *global* log-sum-exps, known only after the statistics
+round of :mod:`sod_kernels.parallel.stats`, so the JSD is a second round:
+
+- each rank sweeps its shard (rows x vocabulary tiles, chunked PyTorch on either backend: the Triton kernels of
+  :mod:`sod_kernels.dense` offer no JSD) and sums ``D' = sum beta p_t (log p_t - log M) + (1 - beta) p_s
+  (log p_s - log M)`` and ``c' = sum p_s (log p_s - log M)`` over its columns (:func:`jsd_partials_torch`);
+- one all-gather of the ``[2, Na]`` partials, summed in rank order on every rank (:func:`merge_jsd`: bitwise the
+  same ``D`` and ``c`` everywhere, as the other merges) gives ``D`` and ``c``.
+
+Cost: one more pass of the shard's student *and* teacher products in forward (``2 Na Vr (Hs + Ht)`` FLOPs) and
+``2 world`` more floats per distilled token; the backward (:func:`jsd_shard_backward_torch`) recomputes both
+models' tiles once, as the KL backward does.
+
+Gradient (student only, local to the shard): ``dD/dz_s(j) = (1 - beta) p_s(j) (r_j - c)`` with
+``r = log p_s - log M`` and ``c = E_{p_s}[r]``; on raw logits ``/ tau`` times the soft-cap's slope.  The
+hard-label term's ``d lp_s(y) / dz_s(j) = onehot_y(j) - p_s(j)`` (onehot only on the rank owning ``y``) is
+folded into the same sweep.
+
+Sparse teacher: :func:`coarse_grained_jsd_rows` is the same divergence over the ``k + 1`` coarse-grained cells
+(the teacher's ids and the tail), in the :class:`~sod_kernels.sparse.rows.SparseRowTerms` form the sparse
+backwards consume.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from ..core.tiles import (compute_dtype, fold_logit_grad, grads_like, rows_per_tile, tile_logits,
+                          tile_logits_and_slope, vocab_tile)
+from ..sparse.rows import SparseRowTerms
+from .stats import KLStats, in_dtype, owned_targets
+
+JSD_PARTIALS = 2  # D', c'
+
+
+def log_mixture(logp_s: torch.Tensor, logp_t: torch.Tensor, beta: float) -> torch.Tensor:
+    """``log M = logaddexp(log p_s + log(1 - beta), log p_t + log beta)`` entrywise (any shape; ``0 < beta < 1``)."""
+    return torch.logaddexp(logp_s + math.log1p(-beta), logp_t + math.log(beta))
+
+
+class JSDFrame(NamedTuple):
+    """Per-row constants ``[Na]`` of the JSD sweeps (float32, float64 for float64 inputs): each model's maximum
+    ``M`` and ``norm = log sum exp(z - M)`` over the full vocabulary (``log p = (z - M) - norm``), and, after the
+    second round, ``c = E_{p_s}[log p_s - log M]`` (None before)."""
+
+    max_s: torch.Tensor
+    max_t: torch.Tensor
+    norm_s: torch.Tensor
+    norm_t: torch.Tensor
+    c: torch.Tensor | None = None
+
+    @classmethod
+    def from_stats(cls, stats: KLStats) -> JSDFrame:
+        return cls(stats.frame[0], stats.frame[1], stats.norm_s, stats.norm_t)
+
+    def stacked(self) -> torch.Tensor:
+        """``[5, Na]`` (to save for backward)."""
+        return torch.stack([self.max_s, self.max_t, self.norm_s, self.norm_t, self.c])
+
+    @classmethod
+    def unstacked(cls, frame: torch.Tensor) -> JSDFrame:
+        return cls(*frame.unbind(0))
+
+    def rows(self, start: int, stop: int) -> JSDFrame:
+        return JSDFrame(*(None if x is None else x[start:stop, None] for x in self))
+
+
+def _tile_logprobs(zs, zt, f: JSDFrame):
+    """In place: ``zs``, ``zt`` (``[R, BV]`` scaled logits) -> ``log p_s``, ``log p_t`` in the rows' frames."""
+    return zs.sub_(f.max_s).sub_(f.norm_s), zt.sub_(f.max_t).sub_(f.norm_t)
+
+
+def jsd_partials_torch(sh, sw, sb, th, tw, tb, row_index, frame: JSDFrame, *, beta: float, temperature: float,
+                       chunk_size: int | None = None, student_softcap: float | None = None,
+                       teacher_softcap: float | None = None) -> torch.Tensor:
+    """This rank's ``[2, Na]`` partial sums ``(D', c')`` over its ``Vr`` columns (chunked PyTorch, any device).
+
+    ``sh [N, Hs]``, ``sw [Vr, Hs]``, ``sb [Vr]`` or None; ``th [N, Ht]``, ``tw [>= Vr, Ht]`` (first ``Vr`` rows),
+    ``tb`` or None; ``row_index [Na]`` int64; ``frame`` the global maxima and norms (:class:`JSDFrame`).
+    Float32 (float64 for float64 inputs); every entry is a finite sum (``p log`` terms of finite logits).
+    """
+    V = sw.shape[0]
+    dt = compute_dtype(sh.dtype)
+    ws, bs = in_dtype(sw, sb, V, dt)
+    wt, bt = in_dtype(tw, tb, V, dt)
+    Na = row_index.numel()
+    out = torch.zeros(JSD_PARTIALS, Na, dtype=dt, device=sh.device)
+    R, BV = rows_per_tile(V, chunk_size), vocab_tile(V)
+    with torch.no_grad():
+        for start in range(0, Na, R):
+            stop = min(start + R, Na)
+            rows = row_index[start:stop]
+            hs, ht = sh[rows].to(dt), th[rows].to(dt)
+            f = frame.rows(start, stop)
+            for v0 in range(0, V, BV):
+                v1 = min(v0 + BV, V)
+                zs = tile_logits(hs, ws[v0:v1], None if bs is None else bs[v0:v1], temperature, student_softcap)
+                zt = tile_logits(ht, wt[v0:v1], None if bt is None else bt[v0:v1], temperature, teacher_softcap)
+                ls, lt = _tile_logprobs(zs, zt, f)
+                lm = log_mixture(ls, lt, beta)
+                p_s, p_t = ls.exp(), lt.exp()
+                r_s = ls.sub_(lm).mul_(p_s)               # p_s (log p_s - log M)
+                r_t = lt.sub_(lm).mul_(p_t)               # p_t (log p_t - log M)
+                out[1, start:stop] += r_s.sum(1)
+                out[0, start:stop] += (r_t.mul_(beta).add_(r_s, alpha=1.0 - beta)).sum(1)
+    return out
+
+
+def merge_jsd(gathered: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's ``[2, Na, world]`` partials -> ``(D [Na], c [Na])``, summed in rank order."""
+    total = gathered[:, :, 0].clone()
+    for r in range(1, gathered.shape[-1]):
+        total += gathered[:, :, r]
+    return total[0], total[1]
+
+
+def jsd_shard_backward_torch(sh, sw, sb, th, tw, tb, row_index, frame: JSDFrame, grad_D, *, beta: float,
+                             temperature: float, need_hidden: bool, need_weight: bool, need_bias: bool,
+                             y_local=None, grad_lp=None, chunk_size: int | None = None,
+                             student_softcap: float | None = None, teacher_softcap: float | None = None):
+    """This rank's gradients of ``sum_i grad_D[i] D[i] (+ grad_lp[i] log p_s(y_i))`` (chunked PyTorch, any device).
+
+    Per row, on this rank's columns: ``d(z_s) = grad_D (1 - beta) p_s (r - c) + grad_lp (onehot(y) - p_s)``
+    (``r = log p_s - log M``; ``onehot(y)`` only where this rank owns ``y``), then ``/ tau`` and times the
+    student soft-cap's slope.  ``frame`` holds ``c`` (:class:`JSDFrame`); ``grad_D`` / ``grad_lp`` ``[Na]`` (either
+    None: no such term); ``y_local [N]`` the target ids minus this rank's first id (with ``grad_lp``).
+    Returns ``(d_hidden [N, Hs] this rank's share, d_weight [Vr, Hs], d_bias [Vr])`` in the inputs' dtypes
+    (None where not needed).
+    """
+    V = sw.shape[0]
+    dt = compute_dtype(sh.dtype)
+    ws, bs = in_dtype(sw, sb, V, dt)
+    wt, bt = in_dtype(tw, tb, V, dt)
+    d_hidden = torch.zeros(sh.shape, dtype=dt, device=sh.device) if need_hidden else None
+    d_weight = torch.zeros(ws.shape, dtype=dt, device=sh.device) if need_weight else None
+    d_bias = torch.zeros(V, dtype=dt, device=sh.device) if (need_bias and sb is not None) else None
+    R, BV = rows_per_tile(V, chunk_size), vocab_tile(V)
+    Na = row_index.numel()
+    with torch.no_grad():
+        for start in range(0, Na, R):
+            stop = min(start + R, Na)
+            rows = row_index[start:stop]
+            hs, ht = sh[rows].to(dt), th[rows].to(dt)
+            f = frame.rows(start, stop)
+            g_d = None if grad_D is None else grad_D[start:stop, None].to(dt) * ((1.0 - beta) / temperature)
+            g_y = None if grad_lp is None else grad_lp[start:stop, None].to(dt) / temperature
+            if g_y is not None:
+                local, owned = owned_targets(y_local[rows], 0, V)
+            d_rows = torch.zeros(stop - start, ws.shape[1], dtype=dt, device=sh.device) if need_hidden else None
+            for v0 in range(0, V, BV):
+                v1 = min(v0 + BV, V)
+                w_tile, b_tile = ws[v0:v1], None if bs is None else bs[v0:v1]
+                zs, slope = tile_logits_and_slope(hs, w_tile, b_tile, temperature, student_softcap)
+                zt = tile_logits(ht, wt[v0:v1], None if bt is None else bt[v0:v1], temperature, teacher_softcap)
+                ls, lt = _tile_logprobs(zs, zt, f)
+                p_s = ls.exp()
+                dx = torch.zeros_like(p_s)
+                if g_d is not None:  # (1 - beta) p_s (r - c)
+                    dx += (ls - log_mixture(ls, lt, beta)).sub_(f.c).mul_(p_s).mul_(g_d)
+                if g_y is not None:  # onehot(y) - p_s
+                    dx -= p_s.mul_(g_y)
+                    hit = torch.nonzero(owned & (local >= v0) & (local < v1)).squeeze(1)
+                    dx[hit, local[hit] - v0] += g_y[hit, 0]
+                if slope is not None:
+                    dx.mul_(slope)
+                fold_logit_grad(dx, hs, w_tile, slice(0, stop - start), d_rows,
+                                None if d_weight is None else d_weight[v0:v1],
+                                None if d_bias is None else d_bias[v0:v1])
+            if d_hidden is not None:
+                d_hidden.index_add_(0, rows, d_rows)
+    return grads_like((d_hidden, d_weight, d_bias), (sh, sw, sb))
+
+
+# ------------------------------------------------------------------------------------------ sparse teacher
+def coarse_grained_jsd_rows(kl_terms: SparseRowTerms, z_ids: torch.Tensor, lse_tail: torch.Tensor,
+                            logprobs: torch.Tensor, *, beta: float, vocab: int) -> SparseRowTerms:
+    """The generalized JSD over the ``k + 1`` coarse-grained cells (the teacher's ids and the tail), in the form
+    of :func:`sod_kernels.sparse.rows.coarse_grained_rows` (float64), replacing ``D``, ``grad_ids`` and
+    ``grad_tail`` of that function's result ``kl_terms`` (its sampled-token log-probs and finite ``lse_tail``
+    are kept).
+
+    Cells: student ``(log q_i, log Q)`` from ``z_ids [C, k]`` and ``lse_tail [C]`` (``-inf``: no tail column),
+    teacher ``(a_i, log P)`` with ``a = min(logprobs, 0)`` and ``P = clamp(1 - sum e^a, 0, 1)`` (0 when
+    ``k = vocab``).  No floors: ``M >= beta P`` and ``M >= (1 - beta) Q``, so every ``p log(p / M)`` is finite,
+    and a cell with ``p = 0`` contributes 0.  ``G_c = dD / d log(cell_c) = (1 - beta) q_c (log q_c - log M_c)``,
+    ``grad_ids = G_i - q_i Sigma``, ``grad_tail = G_T - Q Sigma`` (``Sigma = sum_c G_c``), as the sparse
+    backwards expect.
+    """
+    f64 = torch.float64
+    k = z_ids.shape[1]
+    log_s = student_cell_logprobs(z_ids, lse_tail)                         # [C, k + 1]; -inf: an empty tail
+    a = logprobs.to(f64).clamp(max=0)
+    P = (1 - a.exp().sum(1)).clamp(0, 1)
+    if k >= vocab:
+        P = torch.zeros_like(P)
+    log_t = torch.cat([a, P.log()[:, None]], 1)
+    log_m = log_mixture(log_s, log_t, beta)
+    p_s, p_t = log_s.exp(), log_t.exp()
+    zero = torch.zeros_like(p_s)
+    kl_s = torch.where(p_s > 0, p_s * (log_s - log_m), zero)                 # p_s log(p_s / M), 0 log 0 = 0
+    kl_t = torch.where(p_t > 0, p_t * (log_t - log_m), zero)
+    D = (beta * kl_t + (1.0 - beta) * kl_s).sum(1)
+    G = (1.0 - beta) * kl_s
+    sigma = G.sum(1)
+    grads = G - p_s * sigma[:, None]
+    return kl_terms._replace(D=D, grad_ids=grads[:, :k], grad_tail=grads[:, k])
+
+
+def student_cell_logprobs(z_ids: torch.Tensor, lse_tail: torch.Tensor) -> torch.Tensor:
+    """``[C, k + 1]`` float64: the student's log-probabilities of the ids and (last column) of the tail, from the
+    logits at the ids ``[C, k]`` and the tail's log-sum-exp ``[C]`` (``-inf``: no tail, a ``-inf`` last column),
+    in the frame of the row's largest cell."""
+    z, lt = z_ids.to(torch.float64), lse_tail.to(torch.float64)
+    big = torch.maximum(z.amax(1), lt)
+    shifted = torch.cat([z - big[:, None], (lt - big)[:, None]], 1)
+    return shifted - shifted.exp().sum(1, keepdim=True).log()
