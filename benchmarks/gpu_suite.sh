@@ -36,7 +36,7 @@ TEST_TARGETS=(tests/sod_kernels/dense/test_triton_divergence.py tests/sod_kernel
               tests/sod_kernels/logprobs/test_topk_logprobs.py tests/sod_kernels/test_execution_contract.py
               tests/sod_kernels/core/test_validation.py tests/sod_kernels/steps/test_steps.py
               tests/sod_kernels/parallel/test_vocab_parallel.py tests/sod_kernels/parallel/test_vocab_parallel_sparse.py
-              tests/sod_kernels/test_fsdp.py tests/sod_kernels/test_loss_features.py tests/test_trainer_placement.py)
+              tests/sod_kernels/test_fsdp.py tests/sod_kernels/test_loss_features.py tests/trainer/test_trainer_placement.py)
 EXTRA=()
 while [[ $# -gt 0 ]]; do
   case "$1" in

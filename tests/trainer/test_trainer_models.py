@@ -16,7 +16,7 @@ import transformers
 
 from sod_kernels import step_ids_from_mask
 from tests.hf_helpers import reference_loss
-from tests.test_trainer_rollout import ArithmeticTool
+from tests.trainer.test_trainer_rollout import ArithmeticTool
 from trainer.config import TrainConfig
 from trainer.models import check_model_logits, ignored_generation_settings, load_model, output_head
 from trainer.rollout import HFTurnGenerator, Trajectory

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.conftest import HAS_CUDA
-from tests.test_trainer_distributed import (RTOL, assert_records_close, launch, multi_step_seed, ok, one_update,
+from tests.trainer.test_trainer_distributed import (RTOL, assert_records_close, launch, multi_step_seed, ok, one_update,
                                             read_jsonl, run_args, without_timing)
 from trainer.checkpoint import CHECKPOINT_NAME, DCP_NAME, METRICS_NAME, STEPS_NAME, resume_differences
 from trainer.config import TrainConfig
@@ -109,7 +109,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_a_16_bit_teacher(objective):
     """--teacher-dtype bfloat16: the teacher's weights and forward pass in bfloat16 (the losses take it beside
     the float32 student); one update close to the float32 teacher's on the same replayed trajectories."""
-    from tests.test_trainer_rollout import ArithmeticTool
+    from tests.trainer.test_trainer_rollout import ArithmeticTool
     from trainer.train import build_trainer
 
     trainer = build_trainer(TrainConfig(teacher_dtype="bfloat16").validate(), ArithmeticTool(), log=lambda m: None)

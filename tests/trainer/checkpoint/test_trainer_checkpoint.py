@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from tests.test_trainer_train import make_trainer, read_jsonl, small_config, without_timing
+from tests.trainer.test_trainer_train import make_trainer, read_jsonl, small_config, without_timing
 from trainer import checkpoint as ckpt
 from trainer.checkpoint import CHECKPOINT_NAME, PREVIOUS_NAME, CheckpointError
 from trainer.models import build_preset

@@ -9,7 +9,7 @@ import pytest
 
 import trainer.demo
 
-from tests.test_trainer_rollout import ArithmeticTool, ReplayGenerator
+from tests.trainer.test_trainer_rollout import ArithmeticTool, ReplayGenerator
 from trainer.experiment import (POSITIONS, parse_experiment_args, position_means, position_of, retried,
                                 rollout_summary, run_experiment)
 from trainer.rollout import ChatFormat, RolloutSettings, Trajectory, run_rollouts

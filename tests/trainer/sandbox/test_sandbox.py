@@ -50,7 +50,7 @@ from trainer.sandbox import (
     sandbox_capabilities,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 FLOOD_ATTEMPTS = 400  # linear fork loop: at most this many processes even if the limit were broken
 FLOOD_LIMIT = 16
 SMALL_MEMORY_BYTES = 128 * 1024 * 1024

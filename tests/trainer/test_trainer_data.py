@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from tests.test_trainer_rollout import ArithmeticTool, ReplayGenerator
-from tests.test_trainer_train import make_trainer, small_config
+from tests.trainer.test_trainer_rollout import ArithmeticTool, ReplayGenerator
+from tests.trainer.test_trainer_train import make_trainer, small_config
 from trainer.config import TrainConfig
 from trainer.rollout import ChatFormat, RolloutSettings, run_rollouts
 from trainer.task import (Problem, ProblemSource, extract_answer, load_dataset, load_reward_function, normalize_answer,

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import trainer.demo as demo
-from tests.test_trainer_rollout import ArithmeticTool, ReplayGenerator
+from tests.trainer.test_trainer_rollout import ArithmeticTool, ReplayGenerator
 from trainer.measure import MemoizedExecutor, machine_description, summarize, t_quantile
 from trainer.plots import AFTER, BEFORE, CLEAN, band
 from trainer.models import build_preset

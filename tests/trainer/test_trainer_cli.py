@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_trainer_rollout import ArithmeticTool
-from tests.test_trainer_train import make_trainer
+from tests.trainer.test_trainer_rollout import ArithmeticTool
+from tests.trainer.test_trainer_train import make_trainer
 from trainer.__main__ import INTERRUPTED_EXIT, train_main
 from trainer.checkpoint import CHECKPOINT_NAME, METRICS_NAME
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def tiny_args(out: Path, *extra: str) -> list[str]:

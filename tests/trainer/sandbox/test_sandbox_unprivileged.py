@@ -1,11 +1,11 @@
-"""The sandbox as an ordinary user: the probe and every case of tests/test_sandbox.py, run under an unprivileged uid.
+"""The sandbox as an ordinary user: the probe and every case of tests/trainer/sandbox/test_sandbox.py, run under an unprivileged uid.
 
 Run as root (CI), these tests start a child as a fresh unprivileged uid (no supplementary groups, no
 capabilities) and check that it gets the same protections as root, through user namespaces, and passes
 the same sandbox tests.  Nothing is created on the machine: the uid needs no account, its home and pytest
 folder are a temporary directory, and where the interpreter lies under a directory other users cannot
 traverse (``/root/.pyenv``), the child runs in a private mount namespace in which that directory is an
-empty tmpfs holding only what the child needs.  Run as an ordinary user, tests/test_sandbox.py already
+empty tmpfs holding only what the child needs.  Run as an ordinary user, tests/trainer/sandbox/test_sandbox.py already
 runs unprivileged, and these tests are skipped.
 """
 
@@ -23,11 +23,11 @@ import pytest
 
 from trainer.sandbox import PROTECTIONS, _first_hidden_ancestor, find_bwrap, sandbox_capabilities
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 UNPRIVILEGED_UID = 1_599_900_000 + os.getpid() % 90_000  # no account, unused, below the sandbox's own uids
 CHILD_TIMEOUT_S = 900
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="already an ordinary user: tests/test_sandbox.py "
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="already an ordinary user: tests/trainer/sandbox/test_sandbox.py "
                                                            "runs unprivileged as it is")
 
 _DROP_AND_EXEC = """
@@ -116,7 +116,7 @@ def test_an_ordinary_user_gets_every_protection_root_gets(unprivileged_home):
 
 def test_the_sandbox_tests_pass_as_an_ordinary_user(unprivileged_home):
     done = run_unprivileged(["-m", "pytest", "-p", "no:cacheprovider", "-q", "-x",
-                             f"--basetemp={unprivileged_home / 'pytest'}", "tests/test_sandbox.py"],
+                             f"--basetemp={unprivileged_home / 'pytest'}", "tests/trainer/sandbox/test_sandbox.py"],
                             unprivileged_home)
     tail = (done.stdout + done.stderr)[-4000:]
     assert done.returncode == 0 and " passed" in tail and "failed" not in tail, tail

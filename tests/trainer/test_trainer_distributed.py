@@ -30,7 +30,7 @@ import torch._dynamo  # noqa: F401  before any process group (see trainer.distri
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.test_trainer_rollout import ArithmeticTool, ReplayGenerator
+from tests.trainer.test_trainer_rollout import ArithmeticTool, ReplayGenerator
 from trainer.checkpoint import CHECKPOINT_NAME, DCP_NAME, DCP_PREVIOUS_NAME, METRICS_NAME, STEPS_NAME
 from trainer.checkpoint.dcp import load_latest_meta, load_model_weights
 from trainer.config import TrainConfig
@@ -42,7 +42,7 @@ from trainer.task import ProblemSource
 from trainer.tokenizer import build_task_tokenizer
 from trainer.train import SODTrainer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TIMING_KEYS = ("tokens_per_s", "rollout_s", "update_s")
 RTOL = 1e-5  # float32 metrics and weights: two ranks add the gradient shares in another order
 ATOL = 1.5e-6  # one unit of the step logs' 6-decimal rounding

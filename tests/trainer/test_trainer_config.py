@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from tests.test_trainer_rollout import ArithmeticTool
-from tests.test_trainer_train import make_trainer
+from tests.trainer.test_trainer_rollout import ArithmeticTool
+from tests.trainer.test_trainer_train import make_trainer
 from trainer.__main__ import train_main
 from trainer.checkpoint import CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME
 from trainer.config import TrainConfig, add_config_arguments, config_from_args

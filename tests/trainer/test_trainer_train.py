@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from tests.test_trainer_rollout import ArithmeticTool, ReplayGenerator
+from tests.trainer.test_trainer_rollout import ArithmeticTool, ReplayGenerator
 from trainer.config import TrainConfig, add_config_arguments, config_from_args
 from trainer.models import build_preset
 from trainer.rollout import ChatFormat
