@@ -13,12 +13,16 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from reference import ref_sparse_sod_loss, ref_sparse_token_divergence
+from reference.sod_reference import ref_jsd
 from sod_kernels import fused_sparse_sod_loss
 from sod_kernels.sparse import triton_backend as sparse_triton
 from sod_kernels.sparse.rows import coarse_grained_rows
 from tests.conftest import HAS_CUDA
+from tests.helpers import step_masks
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 BACKENDS = ["torch", "triton"]
@@ -50,7 +54,7 @@ def _problem(lead, H, V, k, dtype, seed, *, bias=True, random_ids=False, target=
         y = ids.gather(-1, torch.randint(0, k, (*lead, 1), generator=g)).squeeze(-1)
     else:
         listed = torch.zeros(*lead, V, dtype=torch.bool).scatter(-1, ids, True)
-        y = torch.multinomial((~listed).reshape(-1, V).double(), 1, generator=g).reshape(lead)
+        y = torch.rand(*lead, V, generator=g).masked_fill(listed, -1.0).argmax(-1)  # a random unlisted id
         if target == "mixed":
             y = torch.where(torch.rand(lead, generator=g) < 0.5, ids[..., 0], y)
     cast = lambda x: None if x is None else x.to(dtype).to(device)  # noqa: E731
@@ -153,6 +157,59 @@ def test_torch_backend_float64(case):
 @pytest.mark.parametrize("case", ["jsd beta=0.25 k<V steps", "hard + jsd softcap tau"])
 def test_bfloat16_loosely(backend, case):
     _check(backend, torch.bfloat16, **CASES[case])
+
+
+_PROPERTY = dict(mask=step_masks(max_rows=3, max_len=10, max_steps=4), single=st.booleans(), H=st.integers(1, 12),
+                 V=st.integers(2, 60), k_frac=st.floats(0.0, 1.0), random_ids=st.booleans(),
+                 beta=st.sampled_from([0.25, 0.6, 0.01, 0.97]), hard=st.sampled_from([0.0, 0.5]),
+                 step_divergence=st.sampled_from(["kl", "sampled", "none", "token_weights"]),
+                 reduction=st.sampled_from(["token_mean", "sum", "none"]), temperature=st.sampled_from([1.0, 0.6, 1.7]),
+                 softcap=st.sampled_from([None, 3.0]), bias=st.booleans(), chunk_size=st.sampled_from([None, 1, 3]),
+                 seed=st.integers(0, 2**31 - 2))
+
+
+def _run_property(backend, mask, single, H, V, k_frac, random_ids, beta, hard, step_divergence, reduction,
+                  temperature, softcap, bias, chunk_size, seed):
+    if single:
+        mask = mask[:1] if mask.shape[0] else torch.zeros(1, mask.shape[1], dtype=mask.dtype)
+    tw = step_divergence == "token_weights"
+    _check(backend, torch.float32, mask=mask, single=single, H=H, V=V, k=max(1, min(V, round(k_frac * V))),
+           beta=beta, hard=hard, bias=bias, random_ids=random_ids, use_token_weights=tw,
+           step_divergence=None if tw else step_divergence, reduction=reduction, seed=seed, temperature=temperature,
+           student_softcap=softcap, chunk_size=chunk_size)
+
+
+@settings(max_examples=12)
+@given(**_PROPERTY)
+def test_triton_backend_property(**kw):
+    _run_property("triton", **kw)
+
+
+@settings(max_examples=20)
+@given(**_PROPERTY)
+def test_torch_backend_property(**kw):
+    _run_property("torch", **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_jsd_is_never_above_the_full_jsd(backend):
+    """The JSD is an f-divergence: coarse-graining onto the k + 1 cells never increases it (no floors involved)."""
+    device = _device(backend)
+    for V, k, seed in ((31, 1, 0), (31, 5, 1), (31, 30, 2), (12, 12, 3)):
+        (sh, sw, _), ids, _, _ = _problem((8,), 6, V, k, torch.float32, seed, bias=False, random_ids=seed % 2 == 1,
+                                          device=device)
+        g = torch.Generator().manual_seed(seed + 7)
+        full = torch.log_softmax(torch.randn(8, V, generator=g, dtype=torch.float64) * 3.0, dim=-1)
+        a = full.gather(-1, ids.cpu())
+        for beta in (0.25, 0.6):
+            stats = fused_sparse_sod_loss(sh, sw, ids, a.to(device), torch.ones(8, dtype=torch.int64, device=device),
+                                          divergence="jsd", beta=beta, backend=backend, return_stats=True)
+            logp_s = torch.log_softmax(sh.double().cpu() @ sw.double().cpu().T, dim=-1)
+            dense = ref_jsd(logp_s, full, beta)
+            sparse = stats.token_divergence.double().cpu()
+            assert (sparse <= dense * (1 + 1e-5) + 1e-6).all(), (sparse - dense).max()
+            if k == V:
+                assert torch.allclose(sparse, dense, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
