@@ -152,8 +152,9 @@ def fused_sparse_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Te
     With ``hard_loss_weight = lambda > 0`` the loss gains ``lambda * sum_{b,t} m[b,t] (-log p_s(y[b,t])) /
     normalizer`` (the student's full-vocabulary cross-entropy of ``target_ids``, wherever ``y`` lies: among the
     ids or not; not step-weighted, not times ``coef``).  The JSD and the hard term each cost ``O(k)`` per row
-    on top of the KL's work (row math, and one gradient column per row for the hard term): negligible next to
-    the ``O(V H)`` logit products.
+    on top of the KL's work (row math, and one gradient column per row for the hard term; the two-pass path
+    also keeps the ``k + 1`` cell probabilities per row for the backward): negligible next to the ``O(V H)``
+    logit products.
 
     Args:
         student_hidden: ``[B, T, H]`` or ``[T, H]``, float32 / bfloat16 / float16 (float64 on the torch
@@ -249,8 +250,8 @@ def fused_sparse_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Te
                     SinglePassPlan(chunks, chunk_weights, coef, normalizer, step_divergence == "sampled",
                                    hard_loss_weight))
         if loss is None:
-            D, lp_s, lp_t = SparseDivergence.apply(sh, sw, student_bias, row_index, topk, logprobs, y, options,
-                                                   hard_loss_weight > 0)
+            hard = hard_loss_weight > 0 and needs_student_grad(student_hidden, student_weight, student_bias)
+            D, lp_s, lp_t = SparseDivergence.apply(sh, sw, student_bias, row_index, topk, logprobs, y, options, hard)
     return finish_loss(loss, D, lp_s, lp_t, row_index, step_rows, given, single=single, step_divergence=step_divergence,
                        epsilon=epsilon, delta=delta, coef=coef, reduction=reduction, return_stats=return_stats,
                        check_inputs=check_inputs, inputs="student_hidden, student_weight or student_bias",

@@ -235,6 +235,19 @@ def test_single_and_two_pass_agree(backend, monkeypatch):
     assert torch.allclose(l1, l2, rtol=1e-6, atol=1e-6) and _rel_err(g1, g2) < 1e-5
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_only_call_gives_the_same_loss(backend):
+    """Without gradients (torch.no_grad: two passes' forward only) the loss is the one the gradient path gives."""
+    device = _device(backend)
+    (sh, sw, sb), ids, a, y = _problem((2, 9), 6, 25, 4, torch.float32, seed=8, device=device)
+    kw = dict(target_ids=y, student_bias=sb, divergence="jsd", beta=0.6, hard_loss_weight=0.9, student_softcap=3.0,
+              backend=backend)
+    with torch.no_grad():
+        plain = fused_sparse_sod_loss(sh, sw, ids, a, MANY_STEPS.to(device), **kw)
+    graded = fused_sparse_sod_loss(sh.detach().clone().requires_grad_(), sw, ids, a, MANY_STEPS.to(device), **kw)
+    assert torch.allclose(plain, graded.detach(), rtol=1e-6, atol=1e-7)
+
+
 # ----------------------------------------------------------------------------------------- identities
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("beta,kl", [(0.0, "forward_kl"), (1.0, "reverse_kl")])
