@@ -1,10 +1,10 @@
 """``fused_sparse_sod_loss``: the step-weighted distillation loss against a teacher given as top-k log-probs.
 
 The teacher is served elsewhere (an inference server returns, per position, ``k`` token ids and their
-log-probabilities), so only the student has logits.  Per distilled token the divergence is the exact KL
-between the student's and the teacher's distributions coarse-grained onto the ``k`` listed ids plus one
-tail bucket (:mod:`sod_kernels.sparse.rows`); step divergences, step weights, ``token_weights`` and the
-reductions are those of :func:`sod_kernels.fused_sod_loss` (the same O(tokens) helpers).
+log-probabilities), so only the student has logits.  Per distilled token the divergence is the exact KL (or
+generalized JSD) between the student's and the teacher's distributions coarse-grained onto the ``k`` listed ids
+plus one tail bucket (:mod:`sod_kernels.sparse.rows`); step divergences, step weights, ``token_weights``, the
+hard-label term and the reductions are those of :func:`sod_kernels.fused_sod_loss` (the same O(tokens) helpers).
 
 Backends: ``"triton"`` (:mod:`sod_kernels.sparse.triton_backend`, the chunked core with the epilogue kernels of
 :mod:`sod_kernels.sparse.kernels`; CUDA, or CPU tensors under ``TRITON_INTERPRET=1``) and ``"torch"``
@@ -26,8 +26,8 @@ from ..core.options import PassOptions, SinglePassPlan, input_grads
 from ..core.runtime import (check_softcap, needs_student_grad, no_autocast, refuse_double_backward, resolve_backend,
                             single_pass_forward, single_pass_gradients, zero_student_grads)
 from ..core.tiles import compute_dtype
-from ..core.validation import MEMORY_MODES, check_choice, check_lm_head, check_same_device
-from ..steps.finish import check_loss_options, check_targets_and_steps, finish_loss, single_pass_plan
+from ..core.validation import MEMORY_MODES, check_choice, check_lm_head, check_same_device, resolve_divergence
+from ..steps.finish import check_hard_loss, check_loss_options, check_targets_and_steps, finish_loss, single_pass_plan
 from ..steps.weights import DEFAULT_DELTA, DEFAULT_EPSILON
 from .rows import SparseForward
 from .validation import check_topk_shapes, check_topk_values
@@ -47,39 +47,47 @@ class SparseDivergence(torch.autograd.Function):
     """``D[i]`` of the rows ``row_index`` against the sparse teacher (two passes).
 
     Inputs: student hidden ``[N, H]``, weight ``[V, H]``, bias ``[V]`` or None, ``row_index [Na]`` int64,
-    ``ids [Na, k]`` int64, ``logprobs [Na, k]``, ``target_ids [Na]`` int64 or None (of the same rows), and
-    :class:`~sod_kernels.core.options.PassOptions` (divergence, temperature, backend, chunk_size, memory,
-    student_softcap).
-    Outputs (``[Na]``, float32 or float64): D (differentiable), the student's and the teacher's log-prob of
-    the sampled token (not differentiable; empty without targets).  First-order gradients only.
+    ``ids [Na, k]`` int64, ``logprobs [Na, k]``, ``target_ids [Na]`` int64 or None (of the same rows),
+    :class:`~sod_kernels.core.options.PassOptions` (divergence, beta, temperature, backend, chunk_size, memory,
+    student_softcap), and ``hard``: whether the student's log-prob of the sampled token is differentiable (a
+    hard-label term; needs ``target_ids``; keeps the ``O(Na k)`` cell probabilities for the backward).
+    Outputs (``[Na]``, float32 or float64): D (differentiable), the student's log-prob of the sampled token
+    (differentiable with ``hard``) and the teacher's (not differentiable); both empty without targets.
+    First-order gradients only.
     """
 
     @staticmethod
-    def forward(ctx, sh, sw, sb, row_index, ids, logprobs, y, options: PassOptions):
+    def forward(ctx, sh, sw, sb, row_index, ids, logprobs, y, options: PassOptions, hard: bool = False):
         with no_autocast(sh.device):
             res = _backend(options.backend).sparse_forward(sh, sw, sb, row_index, ids, logprobs, y,
-                                                           divergence=options.divergence, **_sweep_kwargs(options))
-        ctx.save_for_backward(sh, sw, sb, row_index, ids, res.lse_tail, res.grad_tail, res.grad_ids)
-        ctx.options = options
+                                                           divergence=options.divergence, beta=options.beta,
+                                                           keep_probs=hard, **_sweep_kwargs(options))
+        ctx.save_for_backward(sh, sw, sb, row_index, ids, res.lse_tail, res.grad_tail, res.grad_ids,
+                              y if hard else None, res.prob_ids, res.prob_tail)
+        ctx.options, ctx.hard = options, hard
         lp_s = res.lp_s if res.lp_s is not None else res.D.new_empty(0)
         lp_t = res.lp_t if res.lp_t is not None else res.D.new_empty(0)
-        ctx.mark_non_differentiable(lp_s, lp_t)
+        ctx.mark_non_differentiable(*((lp_t,) if hard else (lp_s, lp_t)))
         return res.D, lp_s, lp_t
 
     @staticmethod
-    def backward(ctx, grad_D, *unused):
+    def backward(ctx, grad_D, grad_lp_s, *unused):
         refuse_double_backward(NAME)
-        sh, sw, sb, row_index, ids, lse_tail, grad_tail, grad_ids = ctx.saved_tensors
+        sh, sw, sb, row_index, ids, lse_tail, grad_tail, grad_ids, y, prob_ids, prob_tail = ctx.saved_tensors
         options: PassOptions = ctx.options
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        if grad_D is None or row_index.numel() == 0:
+        hard = {"target_ids": y, "grad_target_logprob": grad_lp_s.contiguous()} \
+            if ctx.hard and grad_lp_s is not None else {}
+        if (grad_D is None and not hard) or row_index.numel() == 0:
             dh, dw, db = zero_student_grads(sh, sw, sb, need_h, need_w, need_b)
         else:
-            saved = SparseForward(grad_D, None, None, lse_tail, grad_tail, grad_ids)
+            if grad_D is None:
+                grad_D = torch.zeros_like(lse_tail)
+            saved = SparseForward(grad_D, None, None, lse_tail, grad_tail, grad_ids, prob_ids, prob_tail)
             with no_autocast(sh.device):
                 dh, dw, db = _backend(options.backend).sparse_backward(
                     sh, sw, sb, row_index, ids, saved, grad_D.contiguous(), need_hidden=need_h, need_weight=need_w,
-                    need_bias=need_b, **_sweep_kwargs(options))
+                    need_bias=need_b, **hard, **_sweep_kwargs(options))
         return input_grads(ctx, (dh, dw, db))
 
 
@@ -102,7 +110,7 @@ class SinglePassSparse(torch.autograd.Function):
     def forward(ctx, sh, sw, sb, row_index, ids, logprobs, y, options: PassOptions, plan: SinglePassPlan):
         from .triton_backend import SparseProblem, single_pass_loss
         problem = SparseProblem.build(sh, sw, sb, row_index, ids, logprobs, y, options.divergence, options.temperature,
-                                      softcap=options.student_softcap)
+                                      softcap=options.student_softcap, beta=options.beta)
         return single_pass_forward(ctx, single_pass_loss, problem, plan)
 
     @staticmethod
@@ -120,7 +128,7 @@ def fused_sparse_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Te
                           coef: float = 1.0, student_bias: torch.Tensor | None = None,
                           reduction: str = "token_mean", return_stats: bool = False, backend: str = "auto",
                           memory: str = "fast", chunk_size: int | None = None, check_inputs: bool = True,
-                          student_softcap: float | None = None):
+                          student_softcap: float | None = None, beta: float = 0.5, hard_loss_weight: float = 0.0):
     """Step-weighted on-policy distillation loss against a teacher given as top-k log-probs.
 
     ``L = coef * sum_{b,t} m[b,t] * w[b,t] * D[b,t] / normalizer`` as :func:`sod_kernels.fused_sod_loss`, with
@@ -130,12 +138,23 @@ def fused_sparse_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Te
 
     - ``reverse_kl``: ``D = sum_i q_i (log q_i - a_i) + Q (log Q - log P)``
     - ``forward_kl``: ``D = sum_i e^{a_i} (a_i - log q_i) + P (log P - log Q)``
+    - ``jsd`` (generalized Jensen-Shannon, ``beta``): over the ``k + 1`` cells ``c`` (the ids and the tail, the
+      tail left out when ``k = V``) with student ``q_c`` and teacher ``p_c``, ``M_c = (1 - beta) q_c + beta p_c``,
+      ``D = beta KL(p || M) + (1 - beta) KL(q || M)`` (``log M_c`` by ``logaddexp`` of the shifted log-probs; no
+      floor needed).  ``beta = 0`` is exactly ``forward_kl`` and ``beta = 1`` exactly ``reverse_kl``.
 
-    with ``0 log 0 = 0`` and the tail masses floored inside the logarithms: ``Q`` at ``1e-12``, ``P`` at
-    ``max(1e-12, (1 + log k) eps)`` with ``eps`` of the log-probs' dtype, the resolution of ``1 - sum exp(a)``
-    (4.8e-7 for float32 at k = 20; :mod:`sod_kernels.sparse.rows`).  ``D`` never exceeds the full-vocabulary KL and equals it when the ids
-    are the whole vocabulary.  Only the student's full log-sum-exp and its ``k`` logits per token are needed;
-    no ``tokens x vocabulary`` tensor is held.
+    with ``0 log 0 = 0`` and, for the KLs, the tail masses floored inside the logarithms: ``Q`` at ``1e-12``,
+    ``P`` at ``max(1e-12, (1 + log k) eps)`` with ``eps`` of the log-probs' dtype, the resolution of
+    ``1 - sum exp(a)`` (4.8e-7 for float32 at k = 20; :mod:`sod_kernels.sparse.rows`).  ``D`` never exceeds the
+    full-vocabulary divergence and equals it when the ids are the whole vocabulary.  Only the student's full
+    log-sum-exp and its ``k`` logits per token are needed; no ``tokens x vocabulary`` tensor is held.
+
+    With ``hard_loss_weight = lambda > 0`` the loss gains ``lambda * sum_{b,t} m[b,t] (-log p_s(y[b,t])) /
+    normalizer`` (the student's full-vocabulary cross-entropy of ``target_ids``, wherever ``y`` lies: among the
+    ids or not; not step-weighted, not times ``coef``).  The JSD and the hard term each cost ``O(k)`` per row
+    on top of the KL's work (row math, and one gradient column per row for the hard term; the two-pass path
+    also keeps the ``k + 1`` cell probabilities per row for the backward): negligible next to the ``O(V H)``
+    logit products.
 
     Args:
         student_hidden: ``[B, T, H]`` or ``[T, H]``, float32 / bfloat16 / float16 (float64 on the torch
@@ -154,7 +173,7 @@ def fused_sparse_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Te
             ``P'`` the floored ``P``).  List the sampled token among the ids for the exact signal.
         token_weights: optional ``[B, T]`` precomputed weights replacing the step weights (as
             :func:`sod_kernels.fused_sod_loss`); cannot be combined with ``step_divergence="kl"``/``"sampled"``.
-        divergence: ``"reverse_kl"`` (default) or ``"forward_kl"``.
+        divergence: ``"reverse_kl"`` (default), ``"forward_kl"`` or ``"jsd"``.
         step_divergence: ``"kl"`` (step mean of ``D``; the default without ``token_weights``), ``"sampled"`` or
             ``"none"`` (every weight 1; the default with ``token_weights``).
         epsilon, delta: step-weight parameters (``epsilon > 0``, ``delta >= 0``).
@@ -173,12 +192,17 @@ def fused_sparse_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Te
         student_softcap: logit soft-capping of the student (Gemma 2/3 ``final_logit_softcapping``): its logits
             are ``cap * tanh((hidden @ weight.T + bias) / cap)`` before the temperature.  None (default) for
             none, else a finite number > 0; applied inside the kernels, gradient included.
+        beta: the JSD's weight in ``[0, 1]`` (default 0.5; checked for every divergence, used by ``"jsd"``).
+        hard_loss_weight: ``lambda >= 0`` (default 0) of the hard-label cross-entropy; ``> 0`` needs
+            ``target_ids``.
     Returns:
         The loss (float32, or float64 for float64 inputs), or :class:`sod_kernels.SODStats` if ``return_stats``.
     """
     step_divergence, epsilon, delta, temperature, coef = check_loss_options(
         divergence, step_divergence, token_weights, reduction, backend, chunk_size, epsilon, delta, temperature,
         coef)
+    divergence, beta = resolve_divergence(divergence, beta)
+    hard_loss_weight = check_hard_loss(hard_loss_weight, target_ids)
     check_choice(memory, "memory", MEMORY_MODES)
     student_softcap = check_softcap(student_softcap, "student_softcap")
     check_lm_head(student_hidden, student_weight, student_bias, hidden_name="student_hidden",
@@ -209,7 +233,7 @@ def fused_sparse_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Te
     acc = compute_dtype(student_hidden.dtype)
     given = None if token_weights is None else token_weights.detach().to(acc).reshape(B, T)
     options = PassOptions(backend=impl, memory=memory, chunk_size=chunk_size, temperature=temperature,
-                          divergence=divergence, student_softcap=student_softcap)
+                          divergence=divergence, beta=beta, student_softcap=student_softcap)
     loss = None
     with no_autocast(student_hidden.device):
         if impl == "triton" and memory == "fast" and reduction != "none" and num_active and \
@@ -223,9 +247,12 @@ def fused_sparse_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Te
                 normalizer = float(max(num_active, 1)) if reduction == "token_mean" else 1.0
                 loss, D, lp_s, lp_t = SinglePassSparse.apply(
                     sh, sw, student_bias, row_index, topk, logprobs, y, options,
-                    SinglePassPlan(chunks, chunk_weights, coef, normalizer, step_divergence == "sampled"))
+                    SinglePassPlan(chunks, chunk_weights, coef, normalizer, step_divergence == "sampled",
+                                   hard_loss_weight))
         if loss is None:
-            D, lp_s, lp_t = SparseDivergence.apply(sh, sw, student_bias, row_index, topk, logprobs, y, options)
+            hard = hard_loss_weight > 0 and needs_student_grad(student_hidden, student_weight, student_bias)
+            D, lp_s, lp_t = SparseDivergence.apply(sh, sw, student_bias, row_index, topk, logprobs, y, options, hard)
     return finish_loss(loss, D, lp_s, lp_t, row_index, step_rows, given, single=single, step_divergence=step_divergence,
                        epsilon=epsilon, delta=delta, coef=coef, reduction=reduction, return_stats=return_stats,
-                       check_inputs=check_inputs, inputs="student_hidden, student_weight or student_bias")
+                       check_inputs=check_inputs, inputs="student_hidden, student_weight or student_bias",
+                       hard_loss_weight=hard_loss_weight)

@@ -6,7 +6,8 @@ teacher's ids that fall in the tile are read and those entries set to ``-inf``; 
 over the masked tiles gives the tail log-sum-exp.  :func:`sod_kernels.sparse.rows.coarse_grained_rows` then
 gives the divergence and the per-row gradient terms (``O(N k)`` kept for the backward).  Backward: the tiles
 are recomputed, ``d(logits) = c_row exp(z - lse_tail)`` with the ``k`` id values written over their
-columns, and contracted into ``d(hidden)``, ``d(weight)``, ``d(bias)``.
+columns (:func:`sod_kernels.sparse.rows.logit_coefficients`; with a hard-label term also ``-h`` added at the
+sampled token's column), and contracted into ``d(hidden)``, ``d(weight)``, ``d(bias)``.
 
 Cost: forward ``2 Na V H`` FLOPs, backward ``2 Na V H + 4 Na V H``.  Extra memory: a few ``R x BV`` tiles,
 ``O(Na k)`` terms and, for 16-bit weights, one float32 copy of the weight.
@@ -17,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..core.tiles import compute_dtype, rows_per_tile, tile_logits, tile_logits_and_slope, vocab_tile
-from .rows import SparseForward, coarse_grained_rows
+from .rows import SparseForward, coarse_grained_rows, logit_coefficients
 
 MIN_LOGIT = -1e30
 
@@ -66,14 +67,14 @@ def sweep_tiles(h, w, b, ids, y, vocab: int, tile: int, temperature: float, soft
 
 def sparse_forward(hidden, weight, bias, row_index, ids, logprobs, target_ids, *, divergence: str,
                    temperature: float, chunk_size: int | None = None, softcap: float | None = None,
-                   memory: str = "fast") -> SparseForward:
+                   memory: str = "fast", beta: float = 0.5, keep_probs: bool = False) -> SparseForward:
     """Per-row coarse-grained divergence of the rows ``row_index``; arguments as
     :func:`sod_kernels.sparse.triton_backend.sparse_forward` (``memory`` changes nothing here: both modes sweep
     rows x vocabulary tiles).  Outputs in float32 (float64 for float64 inputs)."""
     V, dt, device = weight.shape[0], compute_dtype(hidden.dtype), hidden.device
     w, b = _head(weight, bias, dt)
     Na, k = ids.shape
-    out = SparseForward.empty(Na, k, device, dt, target_ids is not None)
+    out = SparseForward.empty(Na, k, device, dt, target_ids is not None, keep_probs)
     R, BV = rows_per_tile(V, chunk_size), vocab_tile(V)
     with torch.no_grad():
         for start in range(0, Na, R):
@@ -82,7 +83,7 @@ def sparse_forward(hidden, weight, bias, row_index, ids, logprobs, target_ids, *
             I = ids[start:stop]
             y = None if target_ids is None else target_ids[start:stop]
             z_ids, z_y, m, l = sweep_tiles(h, w, b, I, y, V, BV, temperature, softcap)
-            t = coarse_grained_rows(z_ids, m + l.log(), logprobs[start:stop], forward_kl=divergence == "forward_kl",
+            t = coarse_grained_rows(z_ids, m + l.log(), logprobs[start:stop], divergence=divergence, beta=beta,
                                     vocab=V, ids=I, target_ids=y, z_target=z_y)
             out.store(start, stop, t)
     return out
@@ -90,9 +91,12 @@ def sparse_forward(hidden, weight, bias, row_index, ids, logprobs, target_ids, *
 
 def sparse_backward(hidden, weight, bias, row_index, ids, saved: SparseForward, grad_divergence, *,
                     temperature: float, need_hidden: bool = True, need_weight: bool = True, need_bias: bool = True,
-                    chunk_size: int | None = None, softcap: float | None = None, memory: str = "fast"):
-    """Gradients of ``sum_i grad_divergence[i] * D[i]``; arguments and results as
-    :func:`sod_kernels.sparse.triton_backend.sparse_backward`."""
+                    chunk_size: int | None = None, softcap: float | None = None, memory: str = "fast",
+                    target_ids: torch.Tensor | None = None, grad_target_logprob: torch.Tensor | None = None):
+    """Gradients of ``sum_i grad_divergence[i] * D[i] (+ grad_target_logprob[i] * log p_s(y_i))``; arguments
+    and results as :func:`sod_kernels.sparse.triton_backend.sparse_backward`."""
+    if grad_target_logprob is not None and target_ids is None:
+        raise ValueError("sparse_backward: grad_target_logprob needs target_ids")
     V, dt = weight.shape[0], compute_dtype(hidden.dtype)
     w, b = _head(weight, bias, dt)
     d_hidden = torch.zeros(hidden.shape, dtype=dt, device=hidden.device) if need_hidden else None
@@ -104,12 +108,12 @@ def sparse_backward(hidden, weight, bias, row_index, ids, saved: SparseForward, 
         for start in range(0, Na, R):
             stop = min(start + R, Na)
             rows = row_index[start:stop]
-            scale = grad_divergence[start:stop].to(dt) / temperature
-            tail = (scale * saved.grad_tail[start:stop].to(dt))[:, None]
-            values = scale[:, None] * saved.grad_ids[start:stop].to(dt)
+            coefs = _coefficients(saved, grad_divergence, grad_target_logprob, start, stop, dt, temperature)
+            tail, values = coefs.tail[:, None], coefs.ids
             lse_tail = saved.lse_tail[start:stop].to(dt)[:, None]
             h = hidden[rows].to(dt)
             I = ids[start:stop]
+            y = None if coefs.target is None else target_ids[start:stop]
             d_rows = torch.zeros(stop - start, w.shape[1], dtype=dt, device=w.device) if need_hidden else None
             for v0 in range(0, V, BV):
                 v1 = min(v0 + BV, V)
@@ -117,6 +121,9 @@ def sparse_backward(hidden, weight, bias, row_index, ids, saved: SparseForward, 
                 dx = z.sub_(lse_tail).exp_().mul_(tail)
                 r, j, cols = _ids_in(I, v0, v1)
                 dx[r, cols] = values[r, j]   # the id columns: their own values (overwriting the tail formula)
+                if y is not None:            # the hard term's one-hot part: -h at the sampled token's column
+                    ry = ((y >= v0) & (y < v1)).nonzero().squeeze(1)
+                    dx[ry, y[ry] - v0] += coefs.target[ry]
                 if slope is not None:        # d(capped logit) / d(raw logit), every column
                     dx.mul_(slope)
                 if d_rows is not None:
@@ -129,3 +136,15 @@ def sparse_backward(hidden, weight, bias, row_index, ids, saved: SparseForward, 
                 d_hidden.index_add_(0, rows, d_rows)
     cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
     return cast(d_hidden, hidden), cast(d_weight, weight), cast(d_bias, bias)
+
+
+def _coefficients(saved: SparseForward, grad_divergence, grad_target_logprob, start: int, stop: int, dt,
+                  temperature: float):
+    """The rows ``[start, stop)``'s :class:`~sod_kernels.sparse.rows.LogitCoefficients` in ``dt`` for the
+    temperature-scaled logits (upstream ``grad_divergence`` of ``D`` and ``grad_target_logprob`` of
+    ``log p_s(y)``, the latter None without a hard-label term)."""
+    scale = grad_divergence[start:stop].to(dt) / temperature
+    hard = None if grad_target_logprob is None else -grad_target_logprob[start:stop].to(dt) / temperature
+    pick = lambda x: None if x is None else x[start:stop].to(dt)  # noqa: E731
+    return logit_coefficients(saved.grad_ids[start:stop].to(dt), saved.grad_tail[start:stop].to(dt), scale,
+                              hard=hard, prob_ids=pick(saved.prob_ids), prob_tail=pick(saved.prob_tail))

@@ -12,6 +12,10 @@ and where a gradient is formed the tail-gradient and scatter kernels and the two
 - :func:`single_pass_loss`: the loss and its gradients in one pass when the weights are known in-pass
   (:func:`sod_kernels.steps.finish.single_pass_plan`): ``6 N V H`` FLOPs, the single-pass minimum.
 
+The generalized JSD only changes the ``O(C k)`` row math; a hard-label term adds ``O(C k)`` to the cell
+coefficients (:func:`sod_kernels.sparse.rows.logit_coefficients`) and one column per row of the gradient block
+(the sampled token's, distinct per row: no atomics).
+
 Headline (N = 16384, Hs = 1024, V = 151936, bf16, one pass): 1.53e13 FLOP (~20 ms at 780 TFLOP/s); the
 epilogue moves ``4 N V`` (statistics) + ``6 N V`` (gradient) bytes = 25 GB (~6 ms at 4.3 TB/s).
 
@@ -30,7 +34,7 @@ from ..core.chunks import (FAST_CHUNK_BYTES, LOW_MEMORY_CHUNK_BYTES, GradAccumul
 from ..core.kernels import logprob_row_stats
 from ..core.tiles import apply_softcap
 from .kernels import gather_and_mask, sparse_logit_grad
-from .rows import SparseForward, SparseRowTerms, coarse_grained_rows
+from .rows import LogitCoefficients, SparseForward, coarse_grained_rows, logit_coefficients
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MIN_LOGIT = -1e30  # the statistics kernel's starting maximum (sod_kernels.core.kernels.MIN_LOGIT)
@@ -47,20 +51,25 @@ class SparseProblem:
     ids: torch.Tensor
     logprobs: torch.Tensor | None
     target_ids: torch.Tensor | None
-    forward_kl: bool
+    divergence: str                  # "reverse_kl", "forward_kl" or "jsd"
     temperature: float
     softcap: float | None = None     # cap tanh(x / cap) of the student's raw logits, before 1/tau
     budget: int = FAST_CHUNK_BYTES   # bytes of the chunk buffers (LOW_MEMORY_CHUNK_BYTES for memory="low")
+    beta: float = 0.5                # the JSD's mixing weight (only for "jsd")
 
     @classmethod
     def build(cls, hidden, weight, bias, row_index, ids, logprobs, target_ids, divergence, temperature, *,
-              softcap: float | None = None, memory: str = "fast"):
+              softcap: float | None = None, memory: str = "fast", beta: float = 0.5):
         hidden, weight, rows, contiguous = row_plan(hidden, weight, row_index, SUPPORTED_DTYPES)
         return cls(LMHead(hidden, weight, bias, weight.shape[0]), rows, contiguous, ids.to(torch.int64).contiguous(),
                    None if logprobs is None else logprobs.contiguous(),
                    None if target_ids is None else target_ids.to(torch.int64),
-                   divergence == "forward_kl", float(temperature), None if softcap is None else float(softcap),
-                   LOW_MEMORY_CHUNK_BYTES if memory == "low" else FAST_CHUNK_BYTES)
+                   divergence, float(temperature), None if softcap is None else float(softcap),
+                   LOW_MEMORY_CHUNK_BYTES if memory == "low" else FAST_CHUNK_BYTES, float(beta))
+
+    @property
+    def forward_kl(self) -> bool:
+        return self.divergence == "forward_kl"
 
     @property
     def n_rows(self) -> int:
@@ -88,49 +97,78 @@ class Block:
         return h, logits_into(self.x[: stop - start], h, p.head.used_weight)
 
 
+def target_logits(p: SparseProblem, x: torch.Tensor, y: torch.Tensor):
+    """``(z_y [C], slope_y [C] or None)`` float32: the temperature-scaled (capped) logit of each row's token
+    ``y [C]`` in the raw block ``x [C, V]`` (read before the ids are masked) and the soft-cap's slope there
+    (``1 - tanh^2 = 4 e / (1 + e)^2``, ``e = exp(-2|u|)``, as the kernels; None without a cap).  A ``y`` outside
+    ``[0, V)`` reads column 0 (callers mask those rows)."""
+    col = y.clamp(0, p.vocab - 1)
+    raw = x.gather(1, col[:, None]).squeeze(1)
+    if p.head.used_bias is not None:
+        raw = raw + p.head.used_bias[col].float()
+    if p.softcap is None:
+        return raw / p.temperature, None
+    e = torch.exp(-2.0 * (raw / p.softcap).abs())
+    return apply_softcap(raw, p.softcap) / p.temperature, 4.0 * e / (1.0 + e) ** 2
+
+
 def _chunk_terms(p: SparseProblem, x: torch.Tensor, start: int, stop: int):
     """Gather the id logits (masking them in ``x``), the tail statistics and the per-row terms:
-    ``(SparseRowTerms, the soft-cap's slope at the ids or None)``."""
-    bias = p.head.used_bias
-    z_target = y = None
+    ``(SparseRowTerms, the soft-cap's slope at the ids or None, the slope at the targets or None)``."""
+    z_target = y = slope_y = None
     if p.target_ids is not None:  # read before the ids are masked
         y = p.target_ids[start:stop]
-        z_target = x.gather(1, y[:, None]).squeeze(1)
-        if bias is not None:
-            z_target = z_target + bias[y].float()
-        z_target = apply_softcap(z_target, p.softcap) / p.temperature
+        z_target, slope_y = target_logits(p, x, y)
     ids = p.ids[start:stop]
-    z_ids, slope = gather_and_mask(x, bias, ids, temperature=p.temperature, softcap=p.softcap)
-    tail = logprob_row_stats(x, bias, temperature=p.temperature, with_entropy=False, softcap=p.softcap)
+    z_ids, slope = gather_and_mask(x, p.head.used_bias, ids, temperature=p.temperature, softcap=p.softcap)
+    tail = logprob_row_stats(x, p.head.used_bias, temperature=p.temperature, with_entropy=False, softcap=p.softcap)
     # A row whose columns are all masked keeps the kernel's starting maximum: its tail is empty.
     lse_tail = torch.where(tail.max <= MIN_LOGIT, torch.full_like(tail.lse, float("-inf")), tail.lse)
-    return coarse_grained_rows(z_ids, lse_tail, p.logprobs[start:stop], forward_kl=p.forward_kl, vocab=p.vocab,
-                               ids=ids, target_ids=y, z_target=z_target), slope
+    terms = coarse_grained_rows(z_ids, lse_tail, p.logprobs[start:stop], divergence=p.divergence, beta=p.beta,
+                                vocab=p.vocab, ids=ids, target_ids=y, z_target=z_target)
+    return terms, slope, slope_y
 
 
-def _grad_block(p: SparseProblem, x, start, stop, lse_tail, grad_tail, grad_ids, scale, out, slope):
-    """``d(logits)`` of a masked block for the per-row upstream ``scale [C]`` (already divided by tau); ``slope``:
-    the soft-cap's slope at the ids (None without a cap)."""
-    values = scale[:, None] * grad_ids
-    if slope is not None:
-        values = values * slope
-    return sparse_logit_grad(x, p.head.used_bias, p.ids[start:stop], lse_tail, scale * grad_tail, values, out,
-                             temperature=p.temperature, softcap=p.softcap)
+def _grad_block(p: SparseProblem, x, start, stop, lse_tail, coefs: LogitCoefficients, out, slope, slope_y=None):
+    """``d(logits)`` of a masked block from the rows' cell coefficients ``coefs`` (upstream gradients and ``1/tau``
+    included); ``slope``, ``slope_y``: the soft-cap's slope at the ids and at the targets (None without a cap).
+    With ``coefs.target`` (a hard-label term) each row's target column then gains ``target * slope_y``: one
+    read-modify-write of a distinct column per row (deterministic, no atomics)."""
+    values = coefs.ids if slope is None else coefs.ids * slope
+    sparse_logit_grad(x, p.head.used_bias, p.ids[start:stop], lse_tail, coefs.tail, values, out,
+                      temperature=p.temperature, softcap=p.softcap)
+    if coefs.target is not None:
+        add_at_targets(out, p.target_ids[start:stop], coefs.target if slope_y is None else coefs.target * slope_y)
+    return out
+
+
+def add_at_targets(out: torch.Tensor, y: torch.Tensor, values: torch.Tensor) -> None:
+    """``out[r, y[r]] += values[r]`` (float32 sum, stored in ``out``'s dtype) for the rows with ``0 <= y < width``
+    (the others add 0 to their column 0, which changes nothing: a vocabulary shard's caller passes ``-1``).  One
+    distinct address per row, no host synchronisation."""
+    inside = (y >= 0) & (y < out.shape[1])
+    rows = torch.arange(out.shape[0], device=out.device)
+    cols = torch.where(inside, y, torch.zeros_like(y))
+    add = torch.where(inside, values.float(), torch.zeros_like(values, dtype=torch.float32))
+    out[rows, cols] = (out[rows, cols].float() + add).to(out.dtype)
 
 
 def sparse_forward(hidden, weight, bias, row_index, ids, logprobs, target_ids, *, divergence: str,
                    temperature: float, chunk_size: int | None = None, softcap: float | None = None,
-                   memory: str = "fast") -> SparseForward:
+                   memory: str = "fast", beta: float = 0.5, keep_probs: bool = False) -> SparseForward:
     """Per-row coarse-grained divergence of the rows ``row_index`` (no gradient work).
 
     Args: ``hidden [N, H]``, ``weight [V, H]``, ``bias [V]`` or None; ``row_index [Na]`` int64 ascending;
     ``ids [Na, k]`` int64 and ``logprobs [Na, k]`` of those rows; ``target_ids [Na]`` int64 or None;
+    ``divergence``: ``"reverse_kl"``, ``"forward_kl"`` or ``"jsd"`` (with ``0 < beta < 1``);
     ``softcap``: ``cap tanh(x / cap)`` of the raw logits before ``1/tau``, or None; ``memory``: ``"fast"``
-    (chunks from ``FAST_CHUNK_BYTES``) or ``"low"`` (from ``LOW_MEMORY_CHUNK_BYTES``).
+    (chunks from ``FAST_CHUNK_BYTES``) or ``"low"`` (from ``LOW_MEMORY_CHUNK_BYTES``); ``keep_probs``: also keep
+    the student's cell probabilities (``O(Na k)``, for a hard-label term's backward).
     """
     p = SparseProblem.build(hidden, weight, bias, row_index, ids, logprobs, target_ids, divergence, temperature,
-                            softcap=softcap, memory=memory)
-    out = SparseForward.empty(p.n_rows, p.ids.shape[1], hidden.device, torch.float32, target_ids is not None)
+                            softcap=softcap, memory=memory, beta=beta)
+    out = SparseForward.empty(p.n_rows, p.ids.shape[1], hidden.device, torch.float32, target_ids is not None,
+                              keep_probs)
     chunks = p.chunks(False, chunk_size)
     block = Block(p, max((b - a for a, b in chunks), default=1))
     for start, stop in chunks:
@@ -141,12 +179,18 @@ def sparse_forward(hidden, weight, bias, row_index, ids, logprobs, target_ids, *
 
 def sparse_backward(hidden, weight, bias, row_index, ids, saved: SparseForward, grad_divergence, *,
                     temperature: float, need_hidden: bool = True, need_weight: bool = True, need_bias: bool = True,
-                    chunk_size: int | None = None, softcap: float | None = None, memory: str = "fast"):
+                    chunk_size: int | None = None, softcap: float | None = None, memory: str = "fast",
+                    target_ids: torch.Tensor | None = None, grad_target_logprob: torch.Tensor | None = None):
     """Gradients of ``sum_i grad_divergence[i] * D[i]`` w.r.t. hidden ``[N, H]``, weight ``[V, H]``, bias ``[V]``
     (inputs' dtypes, None where not needed), recomputing the logit blocks; ``saved`` from :func:`sparse_forward`
-    (``softcap`` and ``memory`` as there)."""
-    p = SparseProblem.build(hidden, weight, bias, row_index, ids, None, None, "reverse_kl", temperature,
-                            softcap=softcap, memory=memory)
+    (``softcap`` and ``memory`` as there).  With ``grad_target_logprob [Na]`` (a hard-label term: the upstream
+    gradient of ``log p_s(y)``; needs ``target_ids [Na]`` and ``saved`` from ``keep_probs=True``) its gradient
+    ``grad_target_logprob * (onehot(y) - p_s)`` is added (a ``y`` outside ``[0, V)`` gets no one-hot part)."""
+    if grad_target_logprob is not None and target_ids is None:
+        raise ValueError("sparse_backward: grad_target_logprob needs target_ids")
+    hard = grad_target_logprob is not None
+    p = SparseProblem.build(hidden, weight, bias, row_index, ids, None, target_ids if hard else None, "reverse_kl",
+                            temperature, softcap=softcap, memory=memory)
     chunks = p.chunks(True, chunk_size)
     longest = max((b - a for a, b in chunks), default=1)
     acc = GradAccumulator(p.head, p.row_index, p.contiguous, need_hidden=need_hidden, need_weight=need_weight,
@@ -154,13 +198,19 @@ def sparse_backward(hidden, weight, bias, row_index, ids, saved: SparseForward, 
     if not acc.active or p.n_rows == 0:
         return acc.finish()
     scale = grad_divergence.to(torch.float32) / p.temperature
+    hard_scale = -grad_target_logprob.to(torch.float32) / p.temperature if hard else None
     block = Block(p, longest)
     for start, stop in chunks:
         h, x = block.logits(p, start, stop)
+        slope_y = target_logits(p, x, p.target_ids[start:stop])[1] if hard else None  # before the ids are masked
         _, slope = gather_and_mask(x, p.head.used_bias, p.ids[start:stop], temperature=p.temperature,
                                    softcap=p.softcap)
-        grad = _grad_block(p, x, start, stop, saved.lse_tail[start:stop], saved.grad_tail[start:stop],
-                           saved.grad_ids[start:stop], scale[start:stop], acc.grad_block(stop - start), slope)
+        pick = lambda t: None if t is None else t[start:stop]  # noqa: E731
+        coefs = logit_coefficients(saved.grad_ids[start:stop], saved.grad_tail[start:stop], scale[start:stop],
+                                   hard=pick(hard_scale), prob_ids=pick(saved.prob_ids),
+                                   prob_tail=pick(saved.prob_tail))
+        grad = _grad_block(p, x, start, stop, saved.lse_tail[start:stop], coefs, acc.grad_block(stop - start), slope,
+                           slope_y)
         acc.add(grad, start, stop, h)
     return acc.finish()
 
@@ -180,9 +230,12 @@ class SinglePassResult:
 def single_pass_loss(p: SparseProblem, chunks: list[tuple[int, int]],
                      chunk_weights: Callable[[int, int, torch.Tensor, torch.Tensor | None], torch.Tensor], *,
                      coef: float, normalizer: float, need_hidden: bool, need_weight: bool, need_bias: bool,
-                     sampled_signal: bool = False) -> SinglePassResult:
-    """``L = coef * sum_i w_i D_i / normalizer`` and its student gradients in one pass over ``chunks``;
+                     sampled_signal: bool = False, hard_loss_weight: float = 0.0) -> SinglePassResult:
+    """``L = coef * sum_i w_i D_i / normalizer`` (``+ hard_loss_weight * sum_i (-log p_s(y_i)) / normalizer``, the
+    hard-label term, which needs ``p.target_ids``) and its student gradients in one pass over ``chunks``;
     ``chunk_weights(start, stop, D, signal)`` as in :func:`sod_kernels.dense.triton_backend.single_pass_loss`."""
+    if hard_loss_weight and p.target_ids is None:
+        raise ValueError("single_pass_loss: hard_loss_weight > 0 needs target_ids")
     device = p.head.hidden.device
     longest = max((b - a for a, b in chunks), default=1)
     acc = GradAccumulator(p.head, p.row_index, p.contiguous, need_hidden=need_hidden, need_weight=need_weight,
@@ -193,10 +246,12 @@ def single_pass_loss(p: SparseProblem, chunks: list[tuple[int, int]],
     lp_t = torch.empty_like(D) if with_targets else None
     block = Block(p, longest)
     total = torch.zeros((), dtype=torch.float64, device=device)
+    nll = torch.zeros((), dtype=torch.float64, device=device)     # sum of -log p_s(y) (hard-label term)
     grad_scale = coef / (normalizer * p.temperature)
+    hard_scale = hard_loss_weight / (normalizer * p.temperature)
     for start, stop in chunks:
         h, x = block.logits(p, start, stop)
-        t, slope = _chunk_terms(p, x, start, stop)
+        t, slope, slope_y = _chunk_terms(p, x, start, stop)
         D[start:stop] = t.D
         if with_targets:
             lp_s[start:stop], lp_t[start:stop] = t.lp_s, t.lp_t
@@ -204,10 +259,17 @@ def single_pass_loss(p: SparseProblem, chunks: list[tuple[int, int]],
         signal = (lp_s[start:stop] - lp_t[start:stop]).abs() if sampled_signal else D[start:stop]
         w = chunk_weights(start, stop, D[start:stop], signal).to(torch.float64)
         total += (w * D[start:stop].to(torch.float64)).sum()
+        if hard_loss_weight:
+            nll -= t.lp_s.sum()
         if acc.active:
-            grad = _grad_block(p, x, start, stop, t.lse_tail, t.grad_tail, t.grad_ids, w * grad_scale,
-                               acc.grad_block(stop - start), slope)
+            hard = torch.full_like(w, hard_scale) if hard_loss_weight else None
+            coefs = logit_coefficients(t.grad_ids, t.grad_tail, w * grad_scale, hard=hard, prob_ids=t.prob_ids,
+                                       prob_tail=t.prob_tail)
+            grad = _grad_block(p, x, start, stop, t.lse_tail, coefs, acc.grad_block(stop - start), slope, slope_y)
             acc.add(grad, start, stop, h)
     del block
-    loss = (total * (coef / normalizer)).to(torch.float32)
+    loss = total * (coef / normalizer)
+    if hard_loss_weight:
+        loss = loss + nll * (hard_loss_weight / normalizer)
+    loss = loss.to(torch.float32)
     return SinglePassResult(loss, D, lp_s, lp_t, acc.finish())
