@@ -23,9 +23,8 @@ Gradient (student only, local to the shard): ``dD/dz_s(j) = (1 - beta) p_s(j) (r
 hard-label term's ``d lp_s(y) / dz_s(j) = onehot_y(j) - p_s(j)`` (onehot only on the rank owning ``y``) is
 folded into the same sweep.
 
-Sparse teacher: :func:`coarse_grained_jsd_rows` is the same divergence over the ``k + 1`` coarse-grained cells
-(the teacher's ids and the tail), in the :class:`~sod_kernels.sparse.rows.SparseRowTerms` form the sparse
-backwards consume.
+The sparse teacher's JSD (over the ``k + 1`` coarse-grained cells) needs no second round: it is
+:func:`sod_kernels.sparse.rows.coarse_grained_rows` on the merged tail statistics.
 """
 
 from __future__ import annotations
@@ -37,7 +36,6 @@ import torch
 
 from ..core.tiles import (compute_dtype, fold_logit_grad, grads_like, rows_per_tile, tile_logits,
                           tile_logits_and_slope, vocab_tile)
-from ..sparse.rows import SparseRowTerms
 from .stats import KLStats, in_dtype, owned_targets
 
 JSD_PARTIALS = 2  # D', c'
@@ -182,45 +180,3 @@ def jsd_shard_backward_torch(sh, sw, sb, th, tw, tb, row_index, frame: JSDFrame,
 
 
 # ------------------------------------------------------------------------------------------ sparse teacher
-def coarse_grained_jsd_rows(kl_terms: SparseRowTerms, z_ids: torch.Tensor, lse_tail: torch.Tensor,
-                            logprobs: torch.Tensor, *, beta: float, vocab: int) -> SparseRowTerms:
-    """The generalized JSD over the ``k + 1`` coarse-grained cells (the teacher's ids and the tail), in the form
-    of :func:`sod_kernels.sparse.rows.coarse_grained_rows` (float64), replacing ``D``, ``grad_ids`` and
-    ``grad_tail`` of that function's result ``kl_terms`` (its sampled-token log-probs and finite ``lse_tail``
-    are kept).
-
-    Cells: student ``(log q_i, log Q)`` from ``z_ids [C, k]`` and ``lse_tail [C]`` (``-inf``: no tail column),
-    teacher ``(a_i, log P)`` with ``a = min(logprobs, 0)`` and ``P = clamp(1 - sum e^a, 0, 1)`` (0 when
-    ``k = vocab``).  No floors: ``M >= beta P`` and ``M >= (1 - beta) Q``, so every ``p log(p / M)`` is finite,
-    and a cell with ``p = 0`` contributes 0.  ``G_c = dD / d log(cell_c) = (1 - beta) q_c (log q_c - log M_c)``,
-    ``grad_ids = G_i - q_i Sigma``, ``grad_tail = G_T - Q Sigma`` (``Sigma = sum_c G_c``), as the sparse
-    backwards expect.
-    """
-    f64 = torch.float64
-    k = z_ids.shape[1]
-    log_s = student_cell_logprobs(z_ids, lse_tail)                         # [C, k + 1]; -inf: an empty tail
-    a = logprobs.to(f64).clamp(max=0)
-    P = (1 - a.exp().sum(1)).clamp(0, 1)
-    if k >= vocab:
-        P = torch.zeros_like(P)
-    log_t = torch.cat([a, P.log()[:, None]], 1)
-    log_m = log_mixture(log_s, log_t, beta)
-    p_s, p_t = log_s.exp(), log_t.exp()
-    zero = torch.zeros_like(p_s)
-    kl_s = torch.where(p_s > 0, p_s * (log_s - log_m), zero)                 # p_s log(p_s / M), 0 log 0 = 0
-    kl_t = torch.where(p_t > 0, p_t * (log_t - log_m), zero)
-    D = (beta * kl_t + (1.0 - beta) * kl_s).sum(1)
-    G = (1.0 - beta) * kl_s
-    sigma = G.sum(1)
-    grads = G - p_s * sigma[:, None]
-    return kl_terms._replace(D=D, grad_ids=grads[:, :k], grad_tail=grads[:, k])
-
-
-def student_cell_logprobs(z_ids: torch.Tensor, lse_tail: torch.Tensor) -> torch.Tensor:
-    """``[C, k + 1]`` float64: the student's log-probabilities of the ids and (last column) of the tail, from the
-    logits at the ids ``[C, k]`` and the tail's log-sum-exp ``[C]`` (``-inf``: no tail, a ``-inf`` last column),
-    in the frame of the row's largest cell."""
-    z, lt = z_ids.to(torch.float64), lse_tail.to(torch.float64)
-    big = torch.maximum(z.amax(1), lt)
-    shifted = torch.cat([z - big[:, None], (lt - big)[:, None]], 1)
-    return shifted - shifted.exp().sum(1, keepdim=True).log()

@@ -19,7 +19,7 @@ from the global terms (the backend's ``sparse_backward`` with its ids shifted to
 forward, never tokens x vocabulary.
 
 ``divergence="jsd"`` needs nothing more: the generalized JSD of the ``k + 1`` cells comes from the same row terms
-(:func:`sod_kernels.parallel.jsd.coarse_grained_jsd_rows`).  The hard-label term (``hard_loss_weight``) reads
+(:func:`sod_kernels.sparse.rows.coarse_grained_rows`).  The hard-label term (``hard_loss_weight``) reads
 ``log p_s(y)`` from the same terms; in backward its ``-p_s`` part joins the per-row coefficients of the tail and
 the ids (:func:`with_hard_label`) and its ``onehot(y)`` part is an ``O(tokens x H)`` fold on the rank owning ``y``
 (:func:`target_logit_grads`).
@@ -46,7 +46,6 @@ from ..steps.weights import DEFAULT_DELTA, DEFAULT_EPSILON
 from .autograd import ParallelSetup, add_grads, finish_hidden
 from .checks import (COMMON_FIELDS, check_targets_in_vocab, checksum, common, distillation_fields, distilled_rows,
                      exchange, jsd_and_hard_options, rows_and_targets)
-from .jsd import coarse_grained_jsd_rows, student_cell_logprobs
 from .layout import ShardLayout, dtype_code, gather_stats
 from .stats import owned_targets
 
@@ -158,18 +157,16 @@ class VocabParallelSparseDivergence(torch.autograd.Function):
         k = ids_local.shape[1]
         with_targets = y_local is not None
         z_ids = owned[:, :k]
-        t = coarse_grained_rows(z_ids, lse_tail, logprobs, forward_kl=setup.divergence == "forward_kl",
+        t = coarse_grained_rows(z_ids, lse_tail, logprobs, divergence=setup.divergence, beta=setup.beta,
                                 vocab=vocab, ids=ids_local if with_targets else None,
                                 target_ids=y_local if with_targets else None,
                                 z_target=owned[:, k] if with_targets else None)
-        if setup.divergence == "jsd":
-            t = coarse_grained_jsd_rows(t, z_ids, lse_tail, logprobs, beta=setup.beta, vocab=vocab)
         dt = compute_dtype(sh.dtype)
         saved = SparseForward.empty(row_index.numel(), k, sh.device, dt, with_targets)
         saved.store(0, row_index.numel(), t)
         ctx.setup, ctx.saved = setup, saved
         # The hard term's d(lp_s(y)) / d(z) = onehot(y) - p_s needs the student's cell probabilities.
-        ctx.cells = student_cell_logprobs(z_ids, lse_tail).exp().to(dt) if setup.hard_label else None
+        ctx.cells = torch.cat([t.prob_ids, t.prob_tail[:, None]], 1).to(dt) if setup.hard_label else None
         ctx.save_for_backward(sh, sw, sb, row_index, ids_local, y_local)
         lp_s = saved.lp_s if with_targets else saved.D.new_empty(0)
         lp_t = saved.lp_t if with_targets else saved.D.new_empty(0)
@@ -338,7 +335,7 @@ def vocab_parallel_sparse_sod_loss(student_hidden: torch.Tensor, student_weight:
     ``divergence="jsd"`` with ``beta`` (default 0.5; ``beta`` 0 / 1 are exactly the forward / reverse KL): the
     generalized Jensen-Shannon divergence over the ``k + 1`` coarse-grained cells (SPEC sections 11 and 14), no
     extra pass or communication (the cells need only the exchanged row terms;
-    :func:`sod_kernels.parallel.jsd.coarse_grained_jsd_rows`).  ``hard_loss_weight`` (``lambda >= 0``, needs
+    :func:`sod_kernels.sparse.rows.coarse_grained_rows`).  ``hard_loss_weight`` (``lambda >= 0``, needs
     ``target_ids``) adds ``lambda * sum m (-log p_s(y)) / normalizer`` (unweighted, not times ``coef``); its
     gradient rides on the same backward sweep (plus an ``O(tokens x H)`` gather for the target's own column).
     Returns the same as ``fused_sparse_sod_loss``, identical on every rank; backward (every rank, on the same
