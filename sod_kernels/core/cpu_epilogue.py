@@ -25,7 +25,8 @@ then runs two epilogues over them:
 Both are plain PyTorch.  By default each is wrapped in ``torch.compile`` (Inductor's C++ backend: one fused,
 row-parallel, vectorized loop nest per function instead of a dozen separate passes over ``[C, V]``) with
 dynamic sizes, so a process compiles each variant once (per dtype, divergence, soft-cap combination and
-hard-label flag; ``beta`` is a tensor argument, not a variant), never per call or per chunk shape.  The first call of a variant pays the compilation (seconds).
+hard-label flag; ``beta`` is a tensor argument, not a variant), never per call or per chunk shape.  The first
+call of a variant pays the compilation (seconds).
 Set the environment variable ``SOD_KERNELS_CPU_COMPILE=0`` to run them eagerly (same results up to
 rounding, slower, more temporary memory); where compilation fails (no C++ compiler, unsupported platform)
 the epilogues fall back to eager with one warning.

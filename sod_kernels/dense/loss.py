@@ -26,8 +26,8 @@ from .autograd import TokenDivergence
 def single_pass_backend(name: str, device: torch.device) -> ModuleType | None:
     """Where a backend supplies its single-pass chunk routine: the backend module offering ``KLProblem.build(...)``
     (with ``beta=`` for ``"jsd"`` only) and ``single_pass_loss(problem, chunks, chunk_weights, *, coef, normalizer,
-    need_hidden, need_weight, need_bias, sampled_signal[, hard_loss_weight])`` (the contract of :func:`sod_kernels.dense.triton_backend.single_pass_loss`), and
-    optionally its own ``single_pass_plan`` (else :func:`sod_kernels.steps.finish.single_pass_plan`), or None for
+    need_hidden, need_weight, need_bias, sampled_signal[, hard_loss_weight])`` (the contract of
+    :func:`sod_kernels.dense.triton_backend.single_pass_loss`), and optionally its own ``single_pass_plan`` (else :func:`sod_kernels.steps.finish.single_pass_plan`), or None for
     a backend without one (it runs two passes).  Triton: :mod:`~sod_kernels.dense.triton_backend`; the torch
     backend on CPU tensors: :mod:`~sod_kernels.dense.cpu_backend` (whole-vocabulary rows, compiled epilogues);
     the torch backend on other devices runs two passes."""
@@ -44,10 +44,11 @@ class SinglePassKL(torch.autograd.Function):
     """The weighted loss and its student gradients in one pass (Triton backend, scalar reductions).
 
     Inputs: the flattened student/teacher hidden ``[N, H]``, weights, biases, ``row_index``, ``target_ids``
-    or None, the :class:`~sod_kernels.core.options.PassOptions` (divergence, temperature, soft-caps) and the
-    :class:`~sod_kernels.core.options.SinglePassPlan` (chunks, their weights, coef, normalizer, the hard-label
-    weight; see :func:`sod_kernels.dense.triton_backend.single_pass_loss`).  Outputs: loss (0-D float32, differentiable),
-    ``D``, ``logp_s(y)``, ``logp_t(y)`` (``[Na]``, not differentiable; the last two empty without targets).
+    or None, the :class:`~sod_kernels.core.options.PassOptions` (divergence, beta, temperature, soft-caps) and
+    the :class:`~sod_kernels.core.options.SinglePassPlan` (chunks, their weights, coef, normalizer, the
+    hard-label weight; see :func:`sod_kernels.dense.triton_backend.single_pass_loss`).  Outputs: loss (0-D
+    float32, differentiable; the hard-label term included), ``D``, ``logp_s(y)``, ``logp_t(y)`` (``[Na]``, not
+    differentiable; the last two empty without targets).
     The gradients are computed in the forward for an upstream gradient of 1 and scaled in backward;
     first-order only.
     """
