@@ -92,7 +92,8 @@ def fused_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
             the first ``Vs`` rows are used). The teacher never receives a gradient.
         response_mask: ``[B, T]`` 0/1, 1 on tokens the student generated. Exactly one of this and
             ``step_ids`` ([B, T] int, -1 outside steps, 0-based step index otherwise).
-        target_ids: ``[B, T]`` sampled tokens in ``[0, Vs)``; needed for ``step_divergence="sampled"``.
+        target_ids: ``[B, T]`` sampled tokens in ``[0, Vs)``; needed for ``step_divergence="sampled"`` and for
+            ``hard_loss_weight > 0`` (the labels of the hard-label term).
         token_weights: optional ``[B, T]`` (or ``[T]``) precomputed per-token weights (finite, ``>= 0``, treated
             as constants) that replace the step weights: ``L = coef * sum m * token_weights * D / normalizer``.
             Use it for weights computed elsewhere (e.g. the sampled signal from rollout-time log-probs).
@@ -134,7 +135,8 @@ def fused_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
             neither its step weights nor ``coef`` (needs ``target_ids``; the teacher gets no gradient).  It raises
             the student's likelihood of the label tokens; on on-policy data ``target_ids`` are the student's own
             samples, so it sharpens the student towards what it sampled (an SFT-style anchor next to the
-            distillation term).  ``hard_loss_weight > 0`` with ``coef = 0`` is the plain mean cross-entropy.
+            distillation term).  ``hard_loss_weight = 1`` with ``coef = 0`` is the plain (token-mean)
+            cross-entropy of the labels.
     Returns:
         The loss (float32, or float64 for float64 inputs), or :class:`SODStats` if ``return_stats``.
     """
