@@ -27,8 +27,9 @@ def single_pass_backend(name: str, device: torch.device) -> ModuleType | None:
     """Where a backend supplies its single-pass chunk routine: the backend module offering ``KLProblem.build(...)``
     (with ``beta=`` for ``"jsd"`` only) and ``single_pass_loss(problem, chunks, chunk_weights, *, coef, normalizer,
     need_hidden, need_weight, need_bias, sampled_signal[, hard_loss_weight])`` (the contract of
-    :func:`sod_kernels.dense.triton_backend.single_pass_loss`), and optionally its own ``single_pass_plan`` (else :func:`sod_kernels.steps.finish.single_pass_plan`), or None for
-    a backend without one (it runs two passes).  Triton: :mod:`~sod_kernels.dense.triton_backend`; the torch
+    :func:`sod_kernels.dense.triton_backend.single_pass_loss`), and optionally its own ``single_pass_plan``
+    (else :func:`sod_kernels.steps.finish.single_pass_plan`), or None for a backend without one (it runs two
+    passes).  Triton: :mod:`~sod_kernels.dense.triton_backend`; the torch
     backend on CPU tensors: :mod:`~sod_kernels.dense.cpu_backend` (whole-vocabulary rows, compiled epilogues);
     the torch backend on other devices runs two passes."""
     if name == "triton":
