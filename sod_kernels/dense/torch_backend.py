@@ -69,10 +69,11 @@ def divergence_forward(student_hidden, student_weight, student_bias, teacher_hid
     Returns:
         ``(D, lse_student, lse_teacher, student_target_logprob, teacher_target_logprob, frame)``, each ``[Na]``
         in float32 (float64 for float64 inputs); the sampled log-probs are None without ``target_ids``.  The
-        lse are of the temperature-scaled logits over the first ``Vs`` columns; ``frame [3, Na]`` holds the
-        maxima ``M_s``, ``M_t`` and the gradient's centre: for the KLs
-        ``c' = E_w[(z_w - M_w) - (z_o - M_o)]`` (the backward's shifted reverse-KL gradient; error about one
-        ulp of the largest logit: docs/math.md), for the JSD ``c = KL(p_s || M)``.
+        lse are of the temperature-scaled logits over the first ``Vs`` columns; ``frame [3, Na]`` holds, for
+        the KLs, the maxima ``M_s``, ``M_t`` and ``c' = E_w[(z_w - M_w) - (z_o - M_o)]`` (the backward's shifted
+        reverse-KL gradient; error about one ulp of the largest logit: docs/math.md); for the JSD the gap
+        ``lse_s - lse_t`` formed as ``(M_s - M_t) + (log l_s - log l_t)`` (not from the rounded lse, whose error
+        is an ulp of the largest logit), 0, and ``c = KL(p_s || M)``.
     """
     V = student_weight.shape[0]
     dt = compute_dtype(student_hidden.dtype)
@@ -94,10 +95,11 @@ def divergence_forward(student_hidden, student_weight, student_bias, teacher_hid
             hs, ht = student_hidden[rows].to(dt), teacher_hidden[rows].to(dt)
             y = None if target_ids is None else target_ids[rows]
             # The JSD's first sweep runs oriented as the reverse KL: only its lse, maxima and sampled logits are used.
-            d, ls, lt, m_s, m_t, centre, zy_s, zy_t = _kl_sweep(hs, ht, heads, temperature, caps,
-                                                                divergence != "forward_kl", y)
-            if jsd:
-                d, centre = _jsd_sweep(hs, ht, heads, temperature, caps, ls, lt, beta)
+            d, ls, lt, m_s, m_t, centre, gap, zy_s, zy_t = _kl_sweep(hs, ht, heads, temperature, caps,
+                                                                     divergence != "forward_kl", y)
+            if jsd:  # frame: (lse_s - lse_t formed in the shifted frame, 0, c)
+                d, centre = _jsd_sweep(hs, ht, heads, temperature, caps, ls, lt, gap, beta)
+                m_s, m_t = gap, torch.zeros_like(gap)
             D[start:stop] = d
             lse_s[start:stop], lse_t[start:stop] = ls, lt
             frame[0, start:stop], frame[1, start:stop], frame[2, start:stop] = m_s, m_t, centre
@@ -111,7 +113,8 @@ def _kl_sweep(hs, ht, heads, temperature, caps, reverse: bool, y):
     ``(W_s, b_s, W_t, b_t)`` in the compute dtype, ``caps`` the two soft-caps): online maxima and softmax sums
     of both models and the KL accumulator (reverse KL if ``reverse`` else forward KL).
 
-    Returns ``(D, lse_s, lse_t, M_s, M_t, c', z_s(y), z_t(y))``, each ``[R]`` (the last two None without ``y``).
+    Returns ``(D, lse_s, lse_t, M_s, M_t, c', gap, z_s(y), z_t(y))``, each ``[R]`` (the last two None without
+    ``y``), ``gap = (M_s - M_t) + (log l_s - log l_t)``: ``lse_s - lse_t`` without the lse's rounding.
     """
     ws, bs, wt, bt = heads
     V = ws.shape[0]
@@ -154,8 +157,8 @@ def _kl_sweep(hs, ht, heads, temperature, caps, reverse: bool, y):
     lse_w, lse_o = m_w + log_w, m_o + log_o
     D = centre - log_w + log_o
     if reverse:
-        return D, lse_w, lse_o, m_w, m_o, centre, zy_s, zy_t
-    return D, lse_o, lse_w, m_o, m_w, centre, zy_s, zy_t
+        return D, lse_w, lse_o, m_w, m_o, centre, (m_w - m_o) + (log_w - log_o), zy_s, zy_t
+    return D, lse_o, lse_w, m_o, m_w, centre, (m_o - m_w) + (log_o - log_w), zy_s, zy_t
 
 
 def jsd_log_ratios(zs: torch.Tensor, zt: torch.Tensor, shift: torch.Tensor, beta: float, teacher: bool = True):
@@ -175,25 +178,31 @@ def jsd_log_ratios(zs: torch.Tensor, zt: torch.Tensor, shift: torch.Tensor, beta
     return r_s, r_t
 
 
-def _jsd_sweep(hs, ht, heads, temperature, caps, lse_s, lse_t, beta: float):
-    """The JSD's second sweep over a row chunk's tiles (after :func:`_kl_sweep` gave ``lse_s``, ``lse_t``
-    ``[R]``): ``D = beta KL(p_t || M) + (1 - beta) KL(p_s || M)`` and ``c = KL(p_s || M)``, each ``[R]``.
-    Per entry: the tile's logits again, ``exp`` of both normalized log-probs and :func:`jsd_log_ratios`."""
+def _jsd_sweep(hs, ht, heads, temperature, caps, lse_s, lse_t, gap, beta: float):
+    """The JSD's second sweep over a row chunk's tiles (after :func:`_kl_sweep` gave ``lse_s``, ``lse_t`` and
+    their ``gap`` ``[R]``): ``D = beta KL(p_t || M) + (1 - beta) KL(p_s || M)`` and ``c = KL(p_s || M)``, each
+    ``[R]``.  Per entry: the tile's logits again, ``exp`` of both normalized log-probs and
+    :func:`jsd_log_ratios`."""
     ws, bs, wt, bt = heads
     V = ws.shape[0]
     BV = vocab_tile(V)
-    kl_s = torch.zeros_like(lse_s)
-    kl_t = torch.zeros_like(lse_s)
-    shift = (lse_s - lse_t + math.log(beta / (1.0 - beta)))[:, None]
+    kl_s, kl_t, total_s, total_t = (torch.zeros_like(lse_s) for _ in range(4))
+    shift = (gap + math.log(beta / (1.0 - beta)))[:, None]
     for v0 in range(0, V, BV):
         v1 = min(v0 + BV, V)
         zs = tile_logits(hs, *_tile(ws, bs, v0, v1), temperature, caps[0])
         zt = tile_logits(ht, *_tile(wt, bt, v0, v1), temperature, caps[1])
         p_s = (zs - lse_s[:, None]).exp_()
         p_t = (zt - lse_t[:, None]).exp_()
+        total_s.add_(p_s.sum(1))
+        total_t.add_(p_t.sum(1))
         r_s, r_t = jsd_log_ratios(zs, zt, shift, beta)
         kl_s.add_(p_s.mul_(r_s).sum(1))
         kl_t.add_(p_t.mul_(r_t).sum(1))
+    # Normalized by the sweep's own sums: exp(z - lse) sums to 1 only up to the lse's rounding (an ulp of the
+    # largest logit), and the backward's p_s (r - c) must sum to 0 with the same p_s.
+    kl_s.div_(total_s)
+    kl_t.div_(total_t)
     return beta * kl_t + (1.0 - beta) * kl_s, kl_s
 
 
@@ -268,19 +277,20 @@ def divergence_backward(student_hidden, student_weight, student_bias, teacher_hi
 def _row_gradient_form(divergence, frame, start, stop, ls, lt, token_divergence, beta, chunk):
     """The per-row constant of a chunk's gradient (``[R, 1]``): reverse KL the ``shift`` with
     ``(z_s - z_t) + shift = (z_s - M_s) - (z_t - M_t) - c'`` (from ``frame``, else from ``lse`` and ``D``);
-    JSD ``(lse_s - lse_t + log(beta / (1 - beta)), c)`` (``c`` from ``frame[2]``, else one more sweep over
-    ``chunk = (h_s, h_t, heads, temperature, caps)``); forward KL None."""
+    JSD ``(gap + log(beta / (1 - beta)), c)`` (the gap ``lse_s - lse_t`` and ``c`` from the frame, else from
+    ``lse`` and one more sweep over ``chunk = (h_s, h_t, heads, temperature, caps)``); forward KL None."""
     if divergence == "reverse_kl":
         if frame is not None:
             return (frame[1, start:stop] - frame[0, start:stop] - frame[2, start:stop])[:, None]
         return lt - ls - token_divergence[start:stop, None]
     if divergence == "jsd":
         if frame is not None:
-            c = frame[2, start:stop]
+            gap, c = frame[0, start:stop], frame[2, start:stop]
         else:
             h, ht, heads, temperature, caps = chunk
-            c = _jsd_sweep(h, ht, heads, temperature, caps, ls[:, 0], lt[:, 0], beta)[1]
-        return ls - lt + math.log(beta / (1.0 - beta)), c[:, None]
+            gap = ls[:, 0] - lt[:, 0]
+            c = _jsd_sweep(h, ht, heads, temperature, caps, ls[:, 0], lt[:, 0], gap, beta)[1]
+        return gap[:, None] + math.log(beta / (1.0 - beta)), c[:, None]
     return None
 
 
