@@ -97,12 +97,13 @@ def divergence_forward(student_hidden, student_weight, student_bias, teacher_hid
             # The JSD's first sweep runs oriented as the reverse KL: only its lse, maxima and sampled logits are used.
             d, ls, lt, m_s, m_t, centre, gap, zy_s, zy_t = _kl_sweep(hs, ht, heads, temperature, caps,
                                                                      divergence != "forward_kl", y)
-            if jsd:  # frame: (lse_s - lse_t formed in the shifted frame, 0, c)
-                d, centre = _jsd_sweep(hs, ht, heads, temperature, caps, ls, lt, gap, beta)
-                m_s, m_t = gap, torch.zeros_like(gap)
+            frame_rows = (m_s, m_t, centre)
+            if jsd:
+                d, c = _jsd_sweep(hs, ht, heads, temperature, caps, ls, lt, gap, beta)
+                frame_rows = (gap, torch.zeros_like(gap), c)
             D[start:stop] = d
             lse_s[start:stop], lse_t[start:stop] = ls, lt
-            frame[0, start:stop], frame[1, start:stop], frame[2, start:stop] = m_s, m_t, centre
+            frame[:, start:stop] = torch.stack(frame_rows)
             if y is not None:
                 lp_s[start:stop], lp_t[start:stop] = zy_s - ls, zy_t - lt
     return D, lse_s, lse_t, lp_s, lp_t, frame
