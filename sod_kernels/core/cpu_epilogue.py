@@ -10,14 +10,23 @@ then runs two epilogues over them:
   KL accumulator and ``D``; and, in place, the two blocks the gradient needs: ``xs <- e_s * slope``
   (``slope`` = the student cap's derivative, 1 without a cap) and ``xt <- (z_s - M_s) - (z_t - M_t)``
   (reverse KL) or ``e_t * slope`` (forward KL).
+- :func:`jsd_stats` (``divergence="jsd"``, ``0 < beta < 1``): as :func:`kl_stats` for the generalized JSD
+  ``D = beta KL(p_t || M) + (1 - beta) KL(p_s || M)``, ``M = (1 - beta) p_s + beta p_t``.  Its sum needs both
+  log-partition functions, which whole-vocabulary rows know after the two sums: one more read of the block
+  with one more ``exp`` and one ``log1p`` per entry than the KL (``log M`` from the two shifted log-probs,
+  never from probabilities that underflow).  In place: ``xs <- e_s * slope``, ``xt <- r = log p_s - log M``;
+  it returns ``c = KL(p_s || M)`` as the centre, so the gradient ``(1 - beta) p_s (r - c)`` is
+  :func:`kl_grad`'s reverse-KL form with ``scale`` times ``1 - beta``.
 - :func:`kl_grad` (in place into ``xs``): ``d(logits) = scale * p_s ((z_s - M_s) - (z_t - M_t) - c')`` for
   reverse KL (the shifted form of docs/math.md) or ``scale * (p_s - p_t)`` for forward KL, with
-  ``p = e / sum(e)``.
+  ``p = e / sum(e)``; with a hard-label term (``with_hard``) plus ``hard * p_s`` (the softmax part of the
+  cross-entropy's gradient; the caller subtracts ``hard`` times the slope at the label's column).
 
 Both are plain PyTorch.  By default each is wrapped in ``torch.compile`` (Inductor's C++ backend: one fused,
 row-parallel, vectorized loop nest per function instead of a dozen separate passes over ``[C, V]``) with
-dynamic sizes, so a process compiles each variant once (per dtype, divergence direction and soft-cap
-combination), never per call or per chunk shape.  The first call of a variant pays the compilation (seconds).
+dynamic sizes, so a process compiles each variant once (per dtype, divergence, soft-cap combination and
+hard-label flag; ``beta`` is a tensor argument, not a variant), never per call or per chunk shape.  The first
+call of a variant pays the compilation (seconds).
 Set the environment variable ``SOD_KERNELS_CPU_COMPILE=0`` to run them eagerly (same results up to
 rounding, slower, more temporary memory); where compilation fails (no C++ compiler, unsupported platform)
 the epilogues fall back to eager with one warning.
@@ -111,11 +120,54 @@ def kl_stats(xs: torch.Tensor, xt: torch.Tensor, bs: torch.Tensor, bt: torch.Ten
     return D, ms.squeeze(1) + sum_s.log(), mt.squeeze(1) + sum_t.log(), centre, sum_s, sum_t
 
 
+def jsd_stats(xs: torch.Tensor, xt: torch.Tensor, bs: torch.Tensor, bt: torch.Tensor, inv_temp: torch.Tensor,
+              scap: torch.Tensor, tcap: torch.Tensor, beta: torch.Tensor, student_capped: bool,
+              teacher_capped: bool):
+    """Row statistics of the generalized JSD of the raw blocks ``xs``, ``xt`` (``[C, V]``, overwritten as the
+    module docstring says); ``beta``: 0-d tensor in ``(0, 1)`` (a tensor: one compiled variant for every beta).
+
+    With ``d = (log p_t + log beta) - (log p_s + log(1 - beta))``: ``r_s = log p_s - log M =
+    -log(1 - beta) - softplus(d)``, ``r_t = log p_t - log M = -log(beta) - softplus(-d)``
+    (``softplus(x) = max(x, 0) + log1p(exp(-|x|))``: the one more ``exp`` + ``log1p`` per entry).
+    Returns ``(D, lse_s, lse_t, c, sum_s, sum_t)``, each ``[C]`` in the blocks' dtype, ``c = KL(p_s || M)``.
+    """
+    if student_capped:
+        zs, slope = _logits_slope(xs, bs, inv_temp, scap)
+    else:
+        zs, slope = _logits(xs, bs, inv_temp, scap, False), None
+    zt = _logits(xt, bt, inv_temp, tcap, teacher_capped)
+    ms = zs.amax(1, keepdim=True)
+    mt = zt.amax(1, keepdim=True)
+    ys = zs - ms
+    yt = zt - mt
+    es = torch.exp(ys)
+    et = torch.exp(yt)
+    sum_s = es.sum(1)
+    sum_t = et.sum(1)
+    log_sum_s, log_sum_t = sum_s.log(), sum_t.log()
+    log_b, log_1mb = torch.log(beta), torch.log1p(-beta)
+    d = (yt - ys) + (log_sum_s - log_sum_t + (log_b - log_1mb))[:, None]
+    soft = torch.log1p(torch.exp(-d.abs()))
+    r_s = -log_1mb - (torch.clamp(d, min=0.0) + soft)
+    r_t = -log_b - (torch.clamp(-d, min=0.0) + soft)
+    centre = (es * r_s).sum(1) / sum_s
+    kl_t = (et * r_t).sum(1) / sum_t
+    D = beta * kl_t + (1.0 - beta) * centre
+    xs.copy_(es if slope is None else es * slope)
+    xt.copy_(r_s)
+    return D, ms.squeeze(1) + log_sum_s, mt.squeeze(1) + log_sum_t, centre, sum_s, sum_t
+
+
 def kl_grad(first: torch.Tensor, second: torch.Tensor, centre: torch.Tensor, sum_s: torch.Tensor,
-            sum_t: torch.Tensor, scale: torch.Tensor, forward_kl: bool) -> None:
-    """``first <- d(logits)`` of the blocks :func:`kl_stats` left (``scale [C]``: dL/dD / tau per row)."""
+            sum_t: torch.Tensor, scale: torch.Tensor, hard: torch.Tensor, forward_kl: bool, with_hard: bool) -> None:
+    """``first <- d(logits)`` of the blocks :func:`kl_stats` (or :func:`jsd_stats`, reverse-KL form) left
+    (``scale [C]``: dL/dD / tau per row; ``hard``: 0-d, the hard-label term's ``lambda / (normalizer tau)``,
+    used when ``with_hard``: adds ``hard * p_s`` times the slope)."""
     if forward_kl:
-        g = first * (scale / sum_s)[:, None] - second * (scale / sum_t)[:, None]
+        a = scale + hard if with_hard else scale
+        g = first * (a / sum_s)[:, None] - second * (scale / sum_t)[:, None]
+    elif with_hard:
+        g = first * ((second - centre[:, None]) * (scale / sum_s)[:, None] + (hard / sum_s)[:, None])
     else:
         g = first * (second - centre[:, None]) * (scale / sum_s)[:, None]
     first.copy_(g)
@@ -170,7 +222,7 @@ def logprob_grad(x: torch.Tensor, b: torch.Tensor, inv_temp: torch.Tensor, cap: 
     x.copy_(g)
 
 
-EPILOGUES = {"kl_stats": kl_stats, "kl_grad": kl_grad, "logprob_stats": logprob_stats,
+EPILOGUES = {"kl_stats": kl_stats, "jsd_stats": jsd_stats, "kl_grad": kl_grad, "logprob_stats": logprob_stats,
              "token_loss_grad": token_loss_grad, "logprob_grad": logprob_grad}
 
 

@@ -9,6 +9,11 @@ reductions, ``coef``) is ordinary O(tokens) PyTorch, so autograd hands the backe
 A backend is a module with two functions (see :mod:`sod_kernels.dense.torch_backend` for the contract):
 ``divergence_forward(...) -> (D, lse_s, lse_t, logp_s_y, logp_t_y)`` and
 ``divergence_backward(..., grad_divergence) -> (d_hidden, d_weight, d_bias)``.
+
+With ``target_ids`` the student's sampled log-prob ``logp_s(y)`` is differentiable too (a hard-label term,
+``hard_loss_weight``, puts ``-logp_s(y)`` in the loss): its upstream gradient reaches the backend's
+``divergence_backward`` as ``grad_target_logprob`` (with ``target_ids``), only when it is present, so a
+backend without a hard-label term is never handed those keywords.  ``"jsd"`` adds ``beta=`` to both calls.
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ class TokenDivergence(torch.autograd.Function):
     temperature, backend; ``chunk_size`` / ``memory`` go to the Triton backend, the soft-caps to any backend).
     The backward is first-order only: differentiating the gradient again raises an error.
     Outputs (each ``[Na]``, float32 or float64): D, lse_student, lse_teacher, logp_student(y),
-    logp_teacher(y) (the last two empty when target_ids is None).
+    logp_teacher(y) (the last two empty when target_ids is None).  D and logp_student(y) carry the student's
+    gradient (the upstream gradients arrive as None where unused: ``set_materialize_grads(False)``).
     """
 
     @staticmethod
@@ -55,17 +61,25 @@ class TokenDivergence(torch.autograd.Function):
         if lp_s is None:
             lp_s, lp_t = D.new_empty(0), D.new_empty(0)
         ctx.save_for_backward(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-                              teacher_bias, row_index, lse_s, lse_t, D)
+                              teacher_bias, row_index, lse_s, lse_t, D, target_ids)
         ctx.options, ctx.kwargs = options, kwargs
-        ctx.mark_non_differentiable(lse_s, lse_t, lp_s, lp_t)
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(lse_s, lse_t, lp_t)
+        if target_ids is None:
+            ctx.mark_non_differentiable(lp_s)
         return D, lse_s, lse_t, lp_s, lp_t
 
     @staticmethod
-    def backward(ctx, grad_D, *unused):
+    def backward(ctx, grad_D, grad_lse_s, grad_lse_t, grad_lp_s, grad_lp_t):
         refuse_double_backward("fused_sod_loss")
-        sh, sw, sb, th, tw, tb, row_index, lse_s, lse_t, D = ctx.saved_tensors
+        sh, sw, sb, th, tw, tb, row_index, lse_s, lse_t, D, target_ids = ctx.saved_tensors
         options: PassOptions = ctx.options
-        grads = student_grads(ctx, options, (sh, sw, sb, th, tw, tb, row_index, lse_s, lse_t, D), grad_D, ctx.kwargs)
+        kwargs = ctx.kwargs
+        if grad_lp_s is not None and target_ids is not None:  # the hard-label term's upstream gradient
+            kwargs = {**kwargs, "target_ids": target_ids, "grad_target_logprob": grad_lp_s.contiguous()}
+            if grad_D is None:
+                grad_D = torch.zeros_like(D)
+        grads = student_grads(ctx, options, (sh, sw, sb, th, tw, tb, row_index, lse_s, lse_t, D), grad_D, kwargs)
         return input_grads(ctx, grads)
 
 
@@ -86,7 +100,9 @@ def student_grads(ctx, options, saved: tuple, grad_D, kwargs: dict) -> tuple:
 
 def _backend_kwargs(options: PassOptions) -> dict:
     """The backend's keywords: ``chunk_size`` and ``memory`` for the Triton backend (the torch backend sizes its
-    tiles itself), the soft-caps that are set for either."""
+    tiles itself), the soft-caps that are set for either, and ``beta`` for ``"jsd"`` only."""
     kwargs = {"chunk_size": options.chunk_size, "memory": options.memory} if options.backend == "triton" else {}
     kwargs.update(options.softcaps())
+    if options.divergence == "jsd":
+        kwargs["beta"] = options.beta
     return kwargs

@@ -23,6 +23,14 @@ blocks (a multiple of 32 rows); with step weights a chunk grows up to :data:`CPU
 whole step (or up to ``chunk_size`` rows when given), and a longer step falls back to the two-pass path.
 Deterministic: fixed chunk order, fixed-order products and row-parallel reductions.
 
+``divergence="jsd"`` (``0 < beta < 1``) runs :func:`sod_kernels.core.cpu_epilogue.jsd_stats` in step 2: whole
+rows know both log-partition functions after the two sums, so the JSD is one more read of the blocks with one
+more ``exp`` and one ``log1p`` per entry than the KL (``log M`` from the two shifted log-probs); its gradient
+``(1 - beta) p_s (r - c)`` is the reverse-KL form of step 4.  A hard-label term (``hard_loss_weight = lambda``)
+adds ``lambda * (-logp_s(y)) / normalizer`` per row to the loss and ``lambda / (normalizer tau) (p_s - onehot(y))``
+(times the cap's slope) to ``d(logits)``: the softmax part inside the gradient epilogue, the one-hot entry
+scattered into the row's column afterwards (one entry per row).
+
 Dtypes: float32 and float64 compute in their own dtype; bfloat16 / float16 inputs compute in float32 (the
 weights converted once per call) and get gradients in their dtype.
 """
@@ -92,17 +100,26 @@ class KLProblem:
     temperature: float
     student_softcap: float | None = None
     teacher_softcap: float | None = None
+    beta: float | None = None  # the JSD's mixing weight (0 < beta < 1) for divergence="jsd", else None
 
     @classmethod
     def build(cls, sh, sw, sb, th, tw, tb, row_index, target_ids, divergence, temperature, *,
-              student_softcap=None, teacher_softcap=None) -> KLProblem:
+              student_softcap=None, teacher_softcap=None, beta=None) -> KLProblem:
+        """The problem of one call; ``beta`` is required for (and only used by) ``divergence="jsd"``."""
+        if divergence == "jsd" and (beta is None or not 0.0 < float(beta) < 1.0):
+            raise ValueError(f"divergence='jsd' needs 0 < beta < 1 here (the ends are the KLs), got {beta!r}")
         vocab = sw.shape[0]
         rows = row_index.to(torch.int64).contiguous()
         n = rows.numel()
         contiguous = n == sh.shape[0] and (n == 0 or bool(rows[-1] == n - 1))
         return cls(LMHead(sh, sw, sb, vocab), LMHead(th, tw, tb, vocab), rows, contiguous,
                    None if target_ids is None else target_ids.to(torch.int64), divergence == "forward_kl",
-                   float(temperature), student_softcap, teacher_softcap)
+                   float(temperature), student_softcap, teacher_softcap,
+                   float(beta) if divergence == "jsd" else None)
+
+    @property
+    def jsd(self) -> bool:
+        return self.beta is not None
 
     @property
     def n_rows(self) -> int:
@@ -148,18 +165,25 @@ class _Head:
 
 
 def _sampled(p: KLProblem, y: torch.Tensor, xs: torch.Tensor, xt: torch.Tensor, s: _Head, t: _Head):
-    """The sampled tokens' capped, temperature-scaled logits (``[C]`` each) from the raw blocks."""
+    """The sampled tokens' capped, temperature-scaled logits (``[C]`` each) from the raw blocks, and the
+    student cap's slope ``1 - tanh^2(x / cap)`` at them (``[C]``, None without a cap)."""
     col = y[:, None]
-    zs = xs.gather(1, col).squeeze(1) + s.bias[y]
+    xs_y = xs.gather(1, col).squeeze(1) + s.bias[y]
     zt = xt.gather(1, col).squeeze(1) + t.bias[y]
-    zs, zt = apply_softcap(zs, p.student_softcap), apply_softcap(zt, p.teacher_softcap)
-    return zs / p.temperature, zt / p.temperature
+    zs, zt = apply_softcap(xs_y, p.student_softcap), apply_softcap(zt, p.teacher_softcap)
+    slope = None if p.student_softcap is None else torch.cosh(xs_y / p.student_softcap).square().reciprocal()
+    return zs / p.temperature, zt / p.temperature, slope
 
 
 def single_pass_loss(p: KLProblem, chunks, chunk_weights, *, coef: float, normalizer: float, need_hidden: bool,
-                     need_weight: bool, need_bias: bool, sampled_signal: bool = False) -> SinglePassResult:
-    """``L = coef * sum_i w_i D_i / normalizer`` and its student gradients in one pass over ``chunks`` (the
-    contract of :func:`sod_kernels.dense.triton_backend.single_pass_loss`, on CPU tensors)."""
+                     need_weight: bool, need_bias: bool, sampled_signal: bool = False,
+                     hard_loss_weight: float = 0.0) -> SinglePassResult:
+    """``L = (coef * sum_i w_i D_i + hard_loss_weight * sum_i (-logp_s(y_i))) / normalizer`` and its student
+    gradients in one pass over ``chunks`` (the contract of :func:`sod_kernels.dense.triton_backend.single_pass_loss`,
+    on CPU tensors; the hard-label term needs ``target_ids`` in the problem)."""
+    with_hard = bool(hard_loss_weight)
+    if with_hard and p.target_ids is None:
+        raise ValueError("hard_loss_weight > 0 needs target_ids (the tokens whose cross-entropy is added)")
     sh_in = p.student.hidden
     dt = compute_dtype(sh_in.dtype)
     s, t = _Head(p.student, dt), _Head(p.teacher, dt)
@@ -176,10 +200,14 @@ def single_pass_loss(p: KLProblem, chunks, chunk_weights, *, coef: float, normal
     xt_buf = torch.empty(longest * V, dtype=dt)
     scalar = lambda v: torch.tensor(v, dtype=dt)  # noqa: E731
     inv_temp = scalar(1.0 / p.temperature)
+    beta = scalar(p.beta if p.jsd else 0.5)
     scap, tcap = scalar(p.student_softcap or 1.0), scalar(p.teacher_softcap or 1.0)
-    flags = (p.forward_kl, p.student_softcap is not None, p.teacher_softcap is not None)
+    caps = (p.student_softcap is not None, p.teacher_softcap is not None)
     total = torch.zeros((), dtype=torch.float64)
-    grad_scale = coef / (normalizer * p.temperature)
+    nll_total = torch.zeros((), dtype=torch.float64)
+    grad_scale = coef / (normalizer * p.temperature) * (1.0 - p.beta if p.jsd else 1.0)
+    hard_scale = hard_loss_weight / (normalizer * p.temperature)
+    hard = scalar(hard_scale)
     active = need_hidden or need_weight or d_bias is not None
     for start, stop in chunks:
         c = stop - start
@@ -188,18 +216,29 @@ def single_pass_loss(p: KLProblem, chunks, chunk_weights, *, coef: float, normal
         xs = torch.mm(hs, s.weight.T, out=xs_buf[:c * V].view(c, V))
         xt = torch.mm(ht, t.weight.T, out=xt_buf[:c * V].view(c, V))
         if with_targets:
-            zy_s, zy_t = _sampled(p, p.target_ids[rows], xs, xt, s, t)
-        d, lse_s, lse_t, centre, sum_s, sum_t = cpu_epilogue.run(
-            "kl_stats", xs, xt, s.bias, t.bias, inv_temp, scap, tcap, *flags, rows=c)
+            y = p.target_ids[rows]
+            zy_s, zy_t, slope_y = _sampled(p, y, xs, xt, s, t)
+        if p.jsd:
+            stats = cpu_epilogue.run("jsd_stats", xs, xt, s.bias, t.bias, inv_temp, scap, tcap, beta, *caps, rows=c)
+        else:
+            stats = cpu_epilogue.run("kl_stats", xs, xt, s.bias, t.bias, inv_temp, scap, tcap, p.forward_kl, *caps,
+                                     rows=c)
+        d, lse_s, lse_t, centre, sum_s, sum_t = stats
         D[start:stop] = d
         if with_targets:
             lp_s[start:stop], lp_t[start:stop] = zy_s - lse_s, zy_t - lse_t
+        if with_hard:
+            nll_total -= lp_s[start:stop].to(torch.float64).sum()
         signal = (lp_s[start:stop] - lp_t[start:stop]).abs() if sampled_signal else d
         w = chunk_weights(start, stop, d, signal)
         total += (w.to(torch.float64) * d.to(torch.float64)).sum()
         if not active:
             continue
-        cpu_epilogue.run("kl_grad", xs, xt, centre, sum_s, sum_t, (w * grad_scale).to(dt), p.forward_kl, rows=c)
+        cpu_epilogue.run("kl_grad", xs, xt, centre, sum_s, sum_t, (w * grad_scale).to(dt), hard, p.forward_kl,
+                         with_hard, rows=c)
+        if with_hard:  # the one-hot part of lambda (p_s - onehot(y)) / tau, times the cap's slope at y
+            onehot = xs.new_full((c, 1), -hard_scale) if slope_y is None else (slope_y * -hard_scale)[:, None]
+            xs.scatter_add_(1, y[:, None], onehot.to(dt))
         if d_hidden is not None:
             torch.mm(xs, s.weight, out=d_hidden[start:stop])
         if d_weight is not None:
@@ -207,7 +246,7 @@ def single_pass_loss(p: KLProblem, chunks, chunk_weights, *, coef: float, normal
         if d_bias is not None:
             d_bias += xs.sum(0)
     del xs_buf, xt_buf
-    loss = (total * (coef / normalizer)).to(dt)
+    loss = ((total * coef + nll_total * hard_loss_weight) / normalizer).to(dt)
     return SinglePassResult(loss, D, lp_s, lp_t, _finish(p, d_hidden, d_weight, d_bias))
 
 

@@ -17,18 +17,19 @@ from ..core.options import PassOptions, SinglePassPlan, input_grads
 from ..core.runtime import (check_softcap, needs_student_grad, no_autocast, resolve_backend, single_pass_forward,
                             single_pass_gradients)
 from ..core.tiles import compute_dtype
-from ..core.validation import MEMORY_MODES, check_choice, check_model_pair, check_same_device
-from ..steps.finish import check_loss_options, check_targets_and_steps, finish_loss, single_pass_plan
+from ..core.validation import MEMORY_MODES, check_choice, check_model_pair, check_same_device, resolve_divergence
+from ..steps.finish import check_hard_loss, check_loss_options, check_targets_and_steps, finish_loss, single_pass_plan
 from ..steps.weights import DEFAULT_DELTA, DEFAULT_EPSILON
 from .autograd import TokenDivergence
 
 
 def single_pass_backend(name: str, device: torch.device) -> ModuleType | None:
     """Where a backend supplies its single-pass chunk routine: the backend module offering ``KLProblem.build(...)``
-    and ``single_pass_loss(problem, chunks, chunk_weights, *, coef, normalizer, need_hidden, need_weight,
-    need_bias, sampled_signal)`` (the contract of :func:`sod_kernels.dense.triton_backend.single_pass_loss`), and
-    optionally its own ``single_pass_plan`` (else :func:`sod_kernels.steps.finish.single_pass_plan`), or None for
-    a backend without one (it runs two passes).  Triton: :mod:`~sod_kernels.dense.triton_backend`; the torch
+    (with ``beta=`` for ``"jsd"`` only) and ``single_pass_loss(problem, chunks, chunk_weights, *, coef, normalizer,
+    need_hidden, need_weight, need_bias, sampled_signal[, hard_loss_weight])`` (the contract of
+    :func:`sod_kernels.dense.triton_backend.single_pass_loss`), and optionally its own ``single_pass_plan``
+    (else :func:`sod_kernels.steps.finish.single_pass_plan`), or None for a backend without one (it runs two
+    passes).  Triton: :mod:`~sod_kernels.dense.triton_backend`; the torch
     backend on CPU tensors: :mod:`~sod_kernels.dense.cpu_backend` (whole-vocabulary rows, compiled epilogues);
     the torch backend on other devices runs two passes."""
     if name == "triton":
@@ -44,10 +45,11 @@ class SinglePassKL(torch.autograd.Function):
     """The weighted loss and its student gradients in one pass (Triton backend, scalar reductions).
 
     Inputs: the flattened student/teacher hidden ``[N, H]``, weights, biases, ``row_index``, ``target_ids``
-    or None, the :class:`~sod_kernels.core.options.PassOptions` (divergence, temperature, soft-caps) and the
-    :class:`~sod_kernels.core.options.SinglePassPlan` (chunks, their weights, coef, normalizer; see
-    :func:`sod_kernels.dense.triton_backend.single_pass_loss`).  Outputs: loss (0-D float32, differentiable),
-    ``D``, ``logp_s(y)``, ``logp_t(y)`` (``[Na]``, not differentiable; the last two empty without targets).
+    or None, the :class:`~sod_kernels.core.options.PassOptions` (divergence, beta, temperature, soft-caps) and
+    the :class:`~sod_kernels.core.options.SinglePassPlan` (chunks, their weights, coef, normalizer, the
+    hard-label weight; see :func:`sod_kernels.dense.triton_backend.single_pass_loss`).  Outputs: loss (0-D
+    float32, differentiable; the hard-label term included), ``D``, ``logp_s(y)``, ``logp_t(y)`` (``[Na]``, not
+    differentiable; the last two empty without targets).
     The gradients are computed in the forward for an upstream gradient of 1 and scaled in backward;
     first-order only.
     """
@@ -55,9 +57,10 @@ class SinglePassKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, sh, sw, sb, th, tw, tb, row_index, y, options: PassOptions, plan: SinglePassPlan):
         backend = single_pass_backend(options.backend, sh.device)
+        extra = {"beta": options.beta} if options.divergence == "jsd" else {}
         problem = backend.KLProblem.build(sh, sw, sb, th, tw, tb, row_index, y, options.divergence,
                                           options.temperature, student_softcap=options.student_softcap,
-                                          teacher_softcap=options.teacher_softcap)
+                                          teacher_softcap=options.teacher_softcap, **extra)
         return single_pass_forward(ctx, backend.single_pass_loss, problem, plan)
 
     @staticmethod
@@ -75,10 +78,12 @@ def fused_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
                    student_bias: torch.Tensor | None = None, teacher_bias: torch.Tensor | None = None,
                    reduction: str = "token_mean", return_stats: bool = False, backend: str = "auto",
                    memory: str = "fast", chunk_size: int | None = None, check_inputs: bool = True,
-                   student_softcap: float | None = None, teacher_softcap: float | None = None):
+                   student_softcap: float | None = None, teacher_softcap: float | None = None,
+                   beta: float = 0.5, hard_loss_weight: float = 0.0):
     """Step-weighted on-policy distillation loss from hidden states, without materializing logits.
 
-    ``L = coef * sum_{b,t} m[b,t] * w[b,t] * D[b,t] / normalizer`` (docs/math.md).
+    ``L = coef * sum_{b,t} m[b,t] * w[b,t] * D[b,t] / normalizer
+    + hard_loss_weight * sum_{b,t} m[b,t] * (-log p_s(y[b,t])) / normalizer`` (docs/math.md; SPEC section 14).
 
     Args:
         student_hidden: ``[B, T, Hs]`` or ``[T, Hs]``, float32 / bfloat16 / float16 (float64 on the torch
@@ -88,12 +93,20 @@ def fused_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
             the first ``Vs`` rows are used). The teacher never receives a gradient.
         response_mask: ``[B, T]`` 0/1, 1 on tokens the student generated. Exactly one of this and
             ``step_ids`` ([B, T] int, -1 outside steps, 0-based step index otherwise).
-        target_ids: ``[B, T]`` sampled tokens in ``[0, Vs)``; needed for ``step_divergence="sampled"``.
+        target_ids: ``[B, T]`` sampled tokens in ``[0, Vs)``; needed for ``step_divergence="sampled"`` and for
+            ``hard_loss_weight > 0`` (the labels of the hard-label term).
         token_weights: optional ``[B, T]`` (or ``[T]``) precomputed per-token weights (finite, ``>= 0``, treated
             as constants) that replace the step weights: ``L = coef * sum m * token_weights * D / normalizer``.
             Use it for weights computed elsewhere (e.g. the sampled signal from rollout-time log-probs).
             Cannot be combined with ``step_divergence="kl"`` / ``"sampled"``.
-        divergence: ``"reverse_kl"`` (default) or ``"forward_kl"``.
+        divergence: ``"reverse_kl"`` (default: ``KL(p_s || p_t)``), ``"forward_kl"`` (``KL(p_t || p_s)``) or
+            ``"jsd"``: the generalized Jensen-Shannon divergence (TRL's GKD / Liger convention)
+            ``D = beta KL(p_t || M) + (1 - beta) KL(p_s || M)`` with ``M = (1 - beta) p_s + beta p_t``.
+            ``beta = 0`` is exactly ``"forward_kl"`` and ``beta = 1`` exactly ``"reverse_kl"`` (those paths run).
+            For ``0 < beta < 1`` the JSD costs one more ``exp`` and ``log`` per (token, vocabulary) entry than the
+            KLs (``log M`` from the two log-probs), and on the two-pass path one more sweep over the logits.
+        beta: the JSD's mixing weight, a number in ``[0, 1]`` (default 0.5); checked for every divergence,
+            used by ``"jsd"`` only.
         step_divergence: ``"kl"`` (d_k = step mean of D; the default without ``token_weights``),
             ``"sampled"`` (step mean of ``|log p_s(y) - log p_t(y)|``) or ``"none"`` (every weight 1: plain
             OPD; the default with ``token_weights``).
@@ -118,12 +131,21 @@ def fused_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
             ``final_logit_softcapping``): that model's logits are ``cap * tanh((hidden @ weight.T + bias) / cap)``
             before the temperature.  None (default) for none, else a finite number > 0; the two may differ.
             Applied inside the kernels (the capped logits are never materialized), gradient included.
+        hard_loss_weight: ``lambda >= 0`` (default 0): adds the hard-label cross-entropy ``lambda * (-log p_s(y))``
+            of ``target_ids`` on every distilled token, with the soft term's mask, reduction and normalizer but
+            neither its step weights nor ``coef`` (needs ``target_ids``; the teacher gets no gradient).  It raises
+            the student's likelihood of the label tokens; on on-policy data ``target_ids`` are the student's own
+            samples, so it sharpens the student towards what it sampled (an SFT-style anchor next to the
+            distillation term).  ``hard_loss_weight = 1`` with ``coef = 0`` is the plain (token-mean)
+            cross-entropy of the labels.
     Returns:
         The loss (float32, or float64 for float64 inputs), or :class:`SODStats` if ``return_stats``.
     """
     step_divergence, epsilon, delta, temperature, coef = check_loss_options(
         divergence, step_divergence, token_weights, reduction, backend, chunk_size, epsilon, delta, temperature,
         coef)
+    divergence, beta = resolve_divergence(divergence, beta)
+    hard_loss_weight = check_hard_loss(hard_loss_weight, target_ids)
     check_choice(memory, "memory", MEMORY_MODES)
     student_softcap = check_softcap(student_softcap, "student_softcap")
     teacher_softcap = check_softcap(teacher_softcap, "teacher_softcap")
@@ -155,7 +177,8 @@ def fused_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
     acc = compute_dtype(student_hidden.dtype)
     given = None if token_weights is None else token_weights.detach().to(acc).reshape(B, T)
     options = PassOptions(backend=impl, memory=memory, chunk_size=chunk_size, temperature=temperature,
-                          divergence=divergence, student_softcap=student_softcap, teacher_softcap=teacher_softcap)
+                          divergence=divergence, beta=beta, student_softcap=student_softcap,
+                          teacher_softcap=teacher_softcap)
     loss = None
     with no_autocast(student_hidden.device):
         backend = single_pass_backend(impl, student_hidden.device) if memory == "fast" else None
@@ -169,10 +192,12 @@ def fused_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
                 normalizer = float(max(num_active, 1)) if reduction == "token_mean" else 1.0
                 loss, D, lp_s, lp_t = SinglePassKL.apply(
                     sh, sw, student_bias, th, tw, teacher_bias, row_index, y, options,
-                    SinglePassPlan(chunks, chunk_weights, coef, normalizer, step_divergence == "sampled"))
+                    SinglePassPlan(chunks, chunk_weights, coef, normalizer, step_divergence == "sampled",
+                                   hard_loss_weight))
         if loss is None:
             D, _, _, lp_s, lp_t = TokenDivergence.apply(sh, sw, student_bias, th, tw, teacher_bias, row_index, y,
                                                         options)
     return finish_loss(loss, D, lp_s, lp_t, row_index, step_rows, given, single=single, step_divergence=step_divergence,
                        epsilon=epsilon, delta=delta, coef=coef, reduction=reduction, return_stats=return_stats,
-                       check_inputs=check_inputs, inputs="student_hidden, teacher_hidden or the weights/biases")
+                       check_inputs=check_inputs, inputs="student_hidden, teacher_hidden or the weights/biases",
+                       hard_loss_weight=hard_loss_weight)
