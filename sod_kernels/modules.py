@@ -15,7 +15,8 @@ import torch
 from .dense.loss import fused_sod_loss
 from .logprobs.policy_loss import fused_sod_policy_loss
 from .core.runtime import check_softcap
-from .core.validation import BACKENDS, MEMORY_MODES, check_choice, check_chunk_size, check_positive
+from .core.validation import (BACKENDS, MEMORY_MODES, check_choice, check_chunk_size, check_positive,
+                               resolve_divergence)
 from .logprobs.policy_loss import check_policy_options
 from .logprobs.token_logprobs import fused_token_logprobs
 from .parallel.checks import check_vocab_start
@@ -47,20 +48,29 @@ def _check_pass(backend, memory, chunk_size, **softcaps) -> None:
         check_softcap(cap, name)
 
 
+def _check_divergence(divergence, beta, hard_loss_weight) -> None:
+    """The divergence's ``beta`` (``[0, 1]``, used by ``"jsd"``) and the hard-label weight (``>= 0``)."""
+    resolve_divergence(divergence, beta)
+    check_positive(hard_loss_weight, "hard_loss_weight", allow_zero=True)
+
+
 class SODLoss(_Options):
     """:func:`sod_kernels.fused_sod_loss` as a module:
     ``SODLoss(divergence=..., ...)(student_hidden, student_weight, teacher_hidden, teacher_weight, response_mask,
     step_ids=..., target_ids=..., token_weights=..., student_bias=..., teacher_bias=...)``."""
 
-    def __init__(self, *, divergence: str = "reverse_kl", step_divergence: str | None = None,
+    def __init__(self, *, divergence: str = "reverse_kl", beta: float = 0.5, hard_loss_weight: float = 0.0,
+                 step_divergence: str | None = None,
                  epsilon: float = DEFAULT_EPSILON, delta: float = DEFAULT_DELTA, temperature: float = 1.0,
                  coef: float = 1.0, reduction: str = "token_mean", return_stats: bool = False, backend: str = "auto",
                  memory: str = "fast", chunk_size: int | None = None, check_inputs: bool = True,
                  student_softcap: float | None = None, teacher_softcap: float | None = None):
         check_loss_options(divergence, step_divergence, None, reduction, backend, chunk_size, epsilon, delta,
                            temperature, coef)
+        _check_divergence(divergence, beta, hard_loss_weight)
         _check_pass(backend, memory, chunk_size, student_softcap=student_softcap, teacher_softcap=teacher_softcap)
-        super().__init__(dict(divergence=divergence, step_divergence=step_divergence, epsilon=epsilon, delta=delta,
+        super().__init__(dict(divergence=divergence, beta=beta,
+                              hard_loss_weight=hard_loss_weight, step_divergence=step_divergence, epsilon=epsilon, delta=delta,
                               temperature=temperature, coef=coef, reduction=reduction, return_stats=return_stats,
                               backend=backend, memory=memory, chunk_size=chunk_size, check_inputs=check_inputs,
                               student_softcap=student_softcap, teacher_softcap=teacher_softcap))
@@ -80,15 +90,18 @@ class SparseSODLoss(_Options):
     ``SparseSODLoss(...)(student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs, response_mask,
     step_ids=..., target_ids=..., token_weights=..., student_bias=...)``."""
 
-    def __init__(self, *, divergence: str = "reverse_kl", step_divergence: str | None = None,
+    def __init__(self, *, divergence: str = "reverse_kl", beta: float = 0.5, hard_loss_weight: float = 0.0,
+                 step_divergence: str | None = None,
                  epsilon: float = DEFAULT_EPSILON, delta: float = DEFAULT_DELTA, temperature: float = 1.0,
                  coef: float = 1.0, reduction: str = "token_mean", return_stats: bool = False, backend: str = "auto",
                  memory: str = "fast", chunk_size: int | None = None, check_inputs: bool = True,
                  student_softcap: float | None = None):
         check_loss_options(divergence, step_divergence, None, reduction, backend, chunk_size, epsilon, delta,
                            temperature, coef)
+        _check_divergence(divergence, beta, hard_loss_weight)
         _check_pass(backend, memory, chunk_size, student_softcap=student_softcap)
-        super().__init__(dict(divergence=divergence, step_divergence=step_divergence, epsilon=epsilon, delta=delta,
+        super().__init__(dict(divergence=divergence, beta=beta,
+                              hard_loss_weight=hard_loss_weight, step_divergence=step_divergence, epsilon=epsilon, delta=delta,
                               temperature=temperature, coef=coef, reduction=reduction, return_stats=return_stats,
                               backend=backend, memory=memory, chunk_size=chunk_size, check_inputs=check_inputs,
                               student_softcap=student_softcap))
@@ -159,7 +172,7 @@ class VocabParallelSODLoss(_Options):
     student_bias=..., teacher_bias=...)``."""
 
     def __init__(self, *, process_group=None, vocab_start: int | None = None, divergence: str = "reverse_kl",
-                 step_divergence: str | None = None, epsilon: float = DEFAULT_EPSILON, delta: float = DEFAULT_DELTA,
+                 beta: float = 0.5, hard_loss_weight: float = 0.0, step_divergence: str | None = None, epsilon: float = DEFAULT_EPSILON, delta: float = DEFAULT_DELTA,
                  temperature: float = 1.0, coef: float = 1.0, reduction: str = "token_mean",
                  return_stats: bool = False, backend: str = "auto", chunk_size: int | None = None,
                  check_inputs: bool = True, reduce_hidden_grad: bool = True, student_softcap: float | None = None,
@@ -167,10 +180,11 @@ class VocabParallelSODLoss(_Options):
         _check_parallel(process_group, vocab_start, reduce_hidden_grad, backend, chunk_size)
         check_loss_options(divergence, step_divergence, None, reduction, backend, chunk_size, epsilon, delta,
                            temperature, coef)
+        _check_divergence(divergence, beta, hard_loss_weight)
         check_softcap(student_softcap, "student_softcap")
         check_softcap(teacher_softcap, "teacher_softcap")
         super().__init__(dict(process_group=process_group, vocab_start=vocab_start, divergence=divergence,
-                              step_divergence=step_divergence, epsilon=epsilon, delta=delta, temperature=temperature,
+                              beta=beta, hard_loss_weight=hard_loss_weight, step_divergence=step_divergence, epsilon=epsilon, delta=delta, temperature=temperature,
                               coef=coef, reduction=reduction, return_stats=return_stats, backend=backend,
                               chunk_size=chunk_size, check_inputs=check_inputs, reduce_hidden_grad=reduce_hidden_grad,
                               student_softcap=student_softcap, teacher_softcap=teacher_softcap))
@@ -192,16 +206,17 @@ class VocabParallelSparseSODLoss(_Options):
     token_weights=..., student_bias=...)``."""
 
     def __init__(self, *, process_group=None, vocab_start: int | None = None, divergence: str = "reverse_kl",
-                 step_divergence: str | None = None, epsilon: float = DEFAULT_EPSILON, delta: float = DEFAULT_DELTA,
+                 beta: float = 0.5, hard_loss_weight: float = 0.0, step_divergence: str | None = None, epsilon: float = DEFAULT_EPSILON, delta: float = DEFAULT_DELTA,
                  temperature: float = 1.0, coef: float = 1.0, reduction: str = "token_mean",
                  return_stats: bool = False, backend: str = "auto", chunk_size: int | None = None,
                  check_inputs: bool = True, reduce_hidden_grad: bool = True, student_softcap: float | None = None):
         _check_parallel(process_group, vocab_start, reduce_hidden_grad, backend, chunk_size)
         check_loss_options(divergence, step_divergence, None, reduction, backend, chunk_size, epsilon, delta,
                            temperature, coef)
+        _check_divergence(divergence, beta, hard_loss_weight)
         check_softcap(student_softcap, "student_softcap")
         super().__init__(dict(process_group=process_group, vocab_start=vocab_start, divergence=divergence,
-                              step_divergence=step_divergence, epsilon=epsilon, delta=delta, temperature=temperature,
+                              beta=beta, hard_loss_weight=hard_loss_weight, step_divergence=step_divergence, epsilon=epsilon, delta=delta, temperature=temperature,
                               coef=coef, reduction=reduction, return_stats=return_stats, backend=backend,
                               chunk_size=chunk_size, check_inputs=check_inputs, reduce_hidden_grad=reduce_hidden_grad,
                               student_softcap=student_softcap))

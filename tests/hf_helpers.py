@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from reference.sod_reference import ref_step_divergence, ref_step_weights_running_product
+from reference.sod_reference import ref_jsd, ref_step_divergence, ref_step_weights_running_product
 
 
 def qwen3(vocab: int, hidden: int = 32, *, tie: bool = False, seed: int = 0, **extra):
@@ -19,7 +19,8 @@ def qwen3(vocab: int, hidden: int = 32, *, tie: bool = False, seed: int = 0, **e
 
 
 def reference_loss(student, teacher, input_ids, attention_mask, step_ids, *, temperature=1.0,
-                   divergence="reverse_kl", step_divergence="kl", epsilon=1e-6, delta=0.2, reduction="token_mean"):
+                   divergence="reverse_kl", step_divergence="kl", epsilon=1e-6, delta=0.2, reduction="token_mean",
+                   beta=0.5):
     """SOD loss from ``model(input_ids).logits``: shifted by hand (logits at t score token t + 1, ``step_ids``
     describe the tokens, unshifted), log-softmax in float64, SPEC eq. 7 weights as a running product."""
     with torch.no_grad():
@@ -28,6 +29,8 @@ def reference_loss(student, teacher, input_ids, attention_mask, step_ids, *, tem
     ls, lt = torch.log_softmax(zs, -1), torch.log_softmax(zt[..., :zs.shape[-1]], -1)
     if divergence == "reverse_kl":
         D = (ls.exp() * (ls - lt)).sum(-1)
+    elif divergence == "jsd":
+        D = ref_jsd(ls, lt, beta)
     else:
         D = (lt.exp() * (lt - ls)).sum(-1)
     ids = step_ids[:, 1:]

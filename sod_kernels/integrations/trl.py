@@ -6,8 +6,9 @@ completion tokens; in a tool loop the tool outputs inside a completion are maske
 This subclass keeps all of that and replaces only the loss: the completion's loss mask
 (``completion_mask * tool_mask``) is cut into steps (maximal runs of ones, i.e. assistant turns between
 tool outputs) and :func:`sod_kernels.fused_sod_loss` weights each step by ``w_k``. The divergence is the
-one TRL's ``beta`` names: ``beta=1`` reverse KL (TRL's default), ``beta=0`` forward KL; generalized JSD
-(``0 < beta < 1``) is refused.
+one TRL's ``beta`` names, in TRL's convention: ``beta=1`` reverse KL (TRL's default), ``beta=0`` forward KL,
+and in between the generalized Jensen-Shannon divergence with the mixture ``(1 - beta) p_student + beta
+p_teacher`` (``divergence="jsd"`` of the fused loss).
 
 Without ``tools=`` every completion is one assistant turn, hence one step of weight 1, and the loss equals
 ``DistillationTrainer``'s: the step weights act only on completions with several steps. The teacher is a
@@ -26,7 +27,7 @@ import torch
 from trl import DistillationConfig, DistillationTrainer
 
 from .. import hf
-from ..core.validation import STEP_DIVERGENCES, check_choice, check_positive
+from ..core.validation import STEP_DIVERGENCES, check_beta, check_choice, check_positive, resolve_divergence
 from ..dense.loss import fused_sod_loss
 from ..logprobs.token_logprobs import fused_token_logprobs
 
@@ -41,7 +42,7 @@ class SODDistillationConfig(DistillationConfig):
         of ``|log p_s(y) - log p_t(y)|`` at the sampled tokens, the paper authors' signal) or ``"none"``
         (every weight 1: plain on-policy distillation, for comparison).
     sod_epsilon, sod_delta: ``w_k = min((d_1 + epsilon) / (d_k + epsilon), 1 + delta)``.
-    ``beta`` must be 0.0 (forward KL) or 1.0 (reverse KL, default).
+    ``beta`` (TRL's): 1.0 reverse KL (default), 0.0 forward KL, in between the generalized JSD.
     """
 
     sod_step_divergence: str = field(default="kl", metadata={"help": "'kl', 'sampled' or 'none'."})
@@ -50,9 +51,7 @@ class SODDistillationConfig(DistillationConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.beta not in (0.0, 1.0):
-            raise ValueError(f"beta must be 0.0 (forward KL) or 1.0 (reverse KL) for SOD distillation; the fused "
-                             f"loss has no generalized JSD, got beta={self.beta}")
+        check_beta(self.beta)
         check_choice(self.sod_step_divergence, "sod_step_divergence", STEP_DIVERGENCES)
         check_positive(self.sod_epsilon, "sod_epsilon")
         check_positive(self.sod_delta, "sod_delta", allow_zero=True)
@@ -91,9 +90,7 @@ class SODDistillationTrainer(DistillationTrainer):
         self.sod_step_divergence = getattr(config, "sod_step_divergence", "kl")
         self.sod_epsilon = getattr(config, "sod_epsilon", 1e-6)
         self.sod_delta = getattr(config, "sod_delta", 0.2)
-        if self.beta not in (0.0, 1.0):
-            raise ValueError(f"beta must be 0.0 (forward KL) or 1.0 (reverse KL) for SOD distillation, got {self.beta}")
-        self.sod_divergence = "reverse_kl" if self.beta == 1.0 else "forward_kl"
+        self.sod_divergence, self.sod_beta = resolve_divergence("jsd", self.beta)
         if self.teacher_model is None:
             raise ValueError("SODDistillationTrainer needs a teacher_model (a causal LM with an lm_head)")
 
@@ -138,7 +135,7 @@ class SODDistillationTrainer(DistillationTrainer):
         t_hidden, t_weight, t_bias = _head_inputs(teacher_hidden.to(s_hidden.device), t_head)
         stats = fused_sod_loss(
             s_hidden, s_weight, t_hidden, t_weight, loss_mask.to(s_hidden.device),
-            target_ids=inputs["completion_ids"].to(s_hidden.device), divergence=self.sod_divergence,
+            target_ids=inputs["completion_ids"].to(s_hidden.device), divergence=self.sod_divergence, beta=self.sod_beta,
             step_divergence=self.sod_step_divergence, epsilon=self.sod_epsilon, delta=self.sod_delta,
             temperature=self.temperature, student_bias=s_bias, teacher_bias=t_bias,
             student_softcap=s_head.processing.softcap, teacher_softcap=t_head.processing.softcap,

@@ -16,7 +16,8 @@ import torch
 from reference.sod_reference import (ref_fused_sod_loss, ref_logits, ref_ppo_dual_clip_loss, ref_step_ids_from_mask,
                                      ref_token_logprobs)
 from reference.sparse_reference import ref_sparse_sod_loss, ref_topk_logprobs
-from sod_kernels import (FusedTokenLogprobs, SODLoss, SODPolicyLoss, SparseSODLoss, fused_sod_loss,
+from sod_kernels import (FusedTokenLogprobs, SODLoss, SODPolicyLoss, SparseSODLoss, VocabParallelSODLoss,
+                         VocabParallelSparseSODLoss, fused_sod_loss,
                          fused_sod_policy_loss, fused_sparse_sod_loss, fused_token_logprobs, fused_topk_logprobs)
 
 B, T, HS, HT, V, K = 2, 7, 6, 5, 37, 5
@@ -185,9 +186,16 @@ def test_module_forms_equal_their_functions(backend):
         (SODLoss(divergence="forward_kl", coef=2.0, student_softcap=3.0, **common),
          (sh, sw, th, tw), dict(step_ids=steps, token_weights=weights, student_bias=sb, teacher_bias=tb),
          lambda *a, **k: fused_sod_loss(*a, divergence="forward_kl", coef=2.0, student_softcap=3.0, **common, **k)),
+        (SODLoss(divergence="jsd", beta=0.3, hard_loss_weight=0.5, **common),
+         (sh, sw, th, tw), dict(step_ids=steps, target_ids=x["y"]),
+         lambda *a, **k: fused_sod_loss(*a, divergence="jsd", beta=0.3, hard_loss_weight=0.5, **common, **k)),
         (SparseSODLoss(step_divergence="sampled", student_softcap=2.0, **common),
          (sh, sw, ids, a.to(dt), x["mask"]), dict(target_ids=x["y"], student_bias=sb),
          lambda *a, **k: fused_sparse_sod_loss(*a, step_divergence="sampled", student_softcap=2.0, **common, **k)),
+        (SparseSODLoss(divergence="jsd", beta=0.6, hard_loss_weight=0.25, **common),
+         (sh, sw, ids, a.to(dt), x["mask"]), dict(target_ids=x["y"]),
+         lambda *a, **k: fused_sparse_sod_loss(*a, divergence="jsd", beta=0.6, hard_loss_weight=0.25, **common,
+                                               **k)),
         (SODPolicyLoss(clip_low=0.1, reduction="sum", **common),
          (sh, sw, x["y"], old, adv, x["mask"]), dict(student_bias=sb),
          lambda *a, **k: fused_sod_policy_loss(*a, clip_low=0.1, reduction="sum", **common, **k)),
@@ -215,6 +223,9 @@ def test_module_constructors_take_options_only():
     (SODLoss, "teacher_softcap", -1.0), (SparseSODLoss, "reduction", "mean"), (SparseSODLoss, "chunk_size", 0),
     (SparseSODLoss, "student_softcap", float("nan")), (SODPolicyLoss, "clip_low", 1.5),
     (SODPolicyLoss, "backend", "cuda"), (FusedTokenLogprobs, "temperature", 0.0), (FusedTokenLogprobs, "softcap", 0.0),
+    (SODLoss, "beta", 1.5), (SODLoss, "beta", "half"), (SODLoss, "hard_loss_weight", -0.1),
+    (SparseSODLoss, "beta", float("nan")), (SparseSODLoss, "hard_loss_weight", float("inf")),
+    (VocabParallelSODLoss, "beta", -0.5), (VocabParallelSparseSODLoss, "hard_loss_weight", -1),
 ])
 def test_module_constructors_check_their_options(cls, option, value):
     """A bad option is refused when the module is built (naming it), not at its first forward."""
