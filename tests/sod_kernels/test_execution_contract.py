@@ -211,7 +211,7 @@ def test_autocast_changes_nothing(backend):
 def test_saturated_reverse_kl_gradient_is_no_worse_than_full_fp32_logits(backend):
     """Logits of magnitude ~1e4 (one-hot softmaxes) with a slightly perturbed teacher (a near-copy of the
     student): the gradient must not be fp32 cancellation noise (no worse than the materialized fp32
-    computation).  A distant teacher is the other case, measured in tests/test_saturated_gradient.py."""
+    computation).  A distant teacher is the other case, measured in tests/sod_kernels/dense/test_saturated_gradient.py."""
     dev = _device(backend)
     g = torch.Generator().manual_seed(0)
     sh = torch.randn(4, 16, 16, generator=g) * 1e4

@@ -8,7 +8,7 @@ import torch
 
 import sod_kernels
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "policy_gradient.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "policy_gradient.md"
 
 
 def python_blocks(text: str) -> list[str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "migrating.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "migrating.md"
 
 
 def python_blocks(text: str) -> list[str]:

@@ -26,7 +26,7 @@ from sod_kernels.integrations.vllm_teacher import (TeacherConnectionError, Teach
                                                    TeacherServerError, TeacherTimeoutError, TeacherTopK,
                                                    TeacherVocabularyError, VLLMTeacher)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 V = 40
 
 

@@ -1,7 +1,7 @@
 """Documentation runs and says what its code does.
 
 - every Python block of docs/*.md runs, in order, one namespace per page (docs/policy_gradient.md has its own
-  test with its own checks, tests/test_policy_docs.py; README.md's blocks all run in tests/test_examples.py);
+  test with its own checks, tests/docs/test_policy_docs.py; README.md's blocks all run in tests/docs/test_examples.py);
   the pages' claims are checked here;
 - README's "Use it in your training loop" example trains (its loss falls);
 - examples/quickstart.py is the README block that says it is;
@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_policy_docs import python_blocks
+from tests.docs.test_policy_docs import python_blocks
 
-ROOT = Path(__file__).resolve().parent.parent
-TESTED_ELSEWHERE = {"policy_gradient.md", "sparse_teacher.md", "teacher_server.md"}
+ROOT = Path(__file__).resolve().parents[2]
+TESTED_ELSEWHERE = {"policy_gradient.md", "sparse_teacher.md", "teacher_server.md", "migrating.md"}
 DOCS = sorted(p for p in (ROOT / "docs").glob("*.md") if p.name not in TESTED_ELSEWHERE)
 
 

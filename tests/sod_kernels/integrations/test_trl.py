@@ -16,7 +16,7 @@ from sod_kernels import hf
 from reference.sod_reference import ref_step_ids_from_mask
 from sod_kernels.integrations.trl import SODDistillationConfig, SODDistillationTrainer
 from tests.hf_helpers import qwen3, reference_loss
-from tests.test_policy_docs import python_blocks
+from tests.docs.test_policy_docs import python_blocks
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +165,7 @@ def test_sod_changes_trls_loss_exactly_when_a_completion_has_several_steps(token
 
 def documented_trl_example() -> str:
     """The TRL block of docs/integrations.md (self-contained: it builds its own tokenizer and models)."""
-    text = (Path(__file__).resolve().parent.parent / "docs" / "integrations.md").read_text()
+    text = (Path(__file__).resolve().parents[3] / "docs" / "integrations.md").read_text()
     blocks = [b for b in python_blocks(text) if "SODDistillationTrainer(" in b]
     assert len(blocks) == 1
     return blocks[0]
