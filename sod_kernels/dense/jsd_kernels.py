@@ -7,16 +7,19 @@ block, ``ls = z_s - lse_s`` and ``lt = z_t - lse_t`` the shifted log-probs, ``M 
 ``S_t = sum p_t (lt - log M)`` and ``c = KL(p_s || M) = sum p_s (ls - log M)``.
 
 ``log M`` is never formed from probabilities (they underflow): per entry, with ``d = ls - lt``,
-``log M - lt = logaddexp(d + log(1 - beta), log beta)`` (one exponential, one logarithm), so
-``lt - log M = -(log M - lt)`` and ``ls - log M = d - (log M - lt)`` are differences of O(1) quantities.
+``log M - lt = logaddexp(d + log(1 - beta), log beta)`` (one exponential, one logarithm), evaluated so that the
+gap of the dominant model (``ls - log M`` where ``p_s >> p_t``) is ``-log(1 - beta) - log1p(.)`` without the
+rounding of a large ``d`` (:func:`mixture_log_gaps`): the JSD saturates where the two distributions barely
+overlap and its gradient ``p_s (r - c)`` is then a small difference of nearly equal O(1) terms.
 
 Unlike a KL, ``log M`` couples the two models' normalizers nonlinearly, so there is no online (rescalable)
 accumulator: the statistics come first (``lse_s``, ``lse_t`` from :func:`sod_kernels.dense.kernels.kl_partials`
 merged), then a second read of the same float32 blocks:
 
-- ``jsd_partial_sums_kernel`` (grid: rows x vocabulary splits) writes ``(S_t, c)`` partial sums per
-  (row, split); :func:`jsd_row_stats` sums the splits in a fixed order (deterministic, no atomics) and returns
-  the row statistics with ``D`` and ``centre = c``.  Extra cost over a KL's forward: ``8 C V`` bytes read (the
+- ``jsd_partial_sums_kernel`` (grid: rows x vocabulary splits) writes ``(S_t, c)`` partial sums and the two
+  masses ``sum p_t``, ``sum p_s`` per (row, split); :func:`jsd_row_stats` sums the splits in a fixed order
+  (deterministic, no atomics), divides each sum by its mass (so the gradient's ``c`` is consistent with its
+  ``p_s``) and returns the row statistics with ``D`` and ``centre = c``.  Extra cost over a KL's forward: ``8 C V`` bytes read (the
   two float32 blocks once more) and 4 transcendentals per entry (``p_s``, ``p_t``, the exponential and the
   logarithm of the ``logaddexp``).
 - ``jsd_logit_grad_kernel`` (grid: rows x column blocks) writes ``d(logits) = scale_row (1 - beta) p_s (r - c)``
@@ -40,20 +43,36 @@ from ..core.kernels import (GRAD_BLOCK_V, INTERPRETER_BLOCK_V, NUM_WARPS, STATS_
                             interpreting, load_capped_logits, load_capped_logits_slope, load_logits, vocab_splits)
 from .kernels import KLRowStats, add_hard_label, hard_args
 
-NUM_JSD_PARTIALS = 2
+NUM_JSD_PARTIALS = 4
+
+
+@triton.jit
+def log1p_small(e):
+    """``log(1 + e)`` for ``0 <= e <= 1`` to float32 relative accuracy (Goldberg's correction: ``u = 1 + e``,
+    ``log(u) * e / (u - 1)``; ``e`` itself where ``u`` rounds to 1)."""
+    u = 1.0 + e
+    exact = u == 1.0
+    return tl.where(exact, e, tl.log(u) * (e / tl.where(exact, 1.0, u - 1.0)))
 
 
 @triton.jit
 def mixture_log_gaps(ls, lt, log_beta, log_one_minus_beta):
-    """``(ls - log M, lt - log M)`` per entry from the shifted log-probs ``ls``, ``lt`` (float32 blocks), with
-    ``log M - lt = logaddexp(d + log(1 - beta), log beta)``, ``d = ls - lt``: one exp and one log per entry,
-    nothing of size O(log V) subtracted after the difference ``d``."""
+    """``(r, q) = (ls - log M, lt - log M)`` per entry from the shifted log-probs ``ls``, ``lt`` (float32).
+
+    With ``d = ls - lt``, ``a = d + log(1 - beta)`` and ``e = exp(-|a - log beta|)``:
+    where the student's term dominates (``a >= log beta``) ``r = -log(1 - beta) - log1p(e)``, else
+    ``q = -log beta - log1p(e)``; the other one is ``q = r - d`` / ``r = q + d``.  So the saturated gap (``r``
+    where ``p_s >> p_t``, ``q`` where ``p_t >> p_s``) never carries the rounding of a large ``d``: the gradient
+    ``p_s (r - c)`` stays accurate where the two distributions barely overlap.  One exp, one log per entry."""
     d = ls - lt
     a = d + log_one_minus_beta
-    hi = tl.maximum(a, log_beta)
-    lo = tl.minimum(a, log_beta)
-    m_minus_t = hi + tl.log(1.0 + tl.exp(lo - hi))
-    return d - m_minus_t, -m_minus_t
+    student_side = a >= log_beta
+    soft = log1p_small(tl.exp(-tl.abs(a - log_beta)))
+    r_sat = -log_one_minus_beta - soft
+    q_sat = -log_beta - soft
+    r = tl.where(student_side, r_sat, q_sat + d)
+    q = tl.where(student_side, r_sat - d, q_sat)
+    return r, q
 
 
 @triton.jit
@@ -61,8 +80,9 @@ def jsd_partial_sums_kernel(xs_ptr, xt_ptr, sb_ptr, tb_ptr, lse_s_ptr, lse_t_ptr
                             stride_xs, stride_xt, cols_per_split, num_splits, inv_temp, scap, tcap, log_beta,
                             log_one_minus_beta, HAS_SBIAS: tl.constexpr, HAS_TBIAS: tl.constexpr,
                             BLOCK_V: tl.constexpr, HAS_SCAP: tl.constexpr, HAS_TCAP: tl.constexpr):
-    """``part [2, n_rows, num_splits]`` float32 <- ``(sum p_t (lt - log M), sum p_s (ls - log M))`` over the
-    columns of one (row, split); ``lse_s``, ``lse_t`` ``[n_rows]`` float32 are the rows' log-sum-exps."""
+    """``part [4, n_rows, num_splits]`` float32 <- ``(sum p_t (lt - log M), sum p_s (ls - log M), sum p_t,
+    sum p_s)`` over the columns of one (row, split); ``lse_s``, ``lse_t`` ``[n_rows]`` float32 are the rows'
+    log-sum-exps (the masses let the merge normalize by the probabilities as computed)."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     xs_row = xs_ptr + row.to(tl.int64) * stride_xs
@@ -73,17 +93,26 @@ def jsd_partial_sums_kernel(xs_ptr, xt_ptr, sb_ptr, tb_ptr, lse_s_ptr, lse_t_ptr
     offs = tl.arange(0, BLOCK_V)
     acc_t = tl.zeros([BLOCK_V], dtype=tl.float32)
     acc_s = tl.zeros([BLOCK_V], dtype=tl.float32)
+    mass_t = tl.zeros([BLOCK_V], dtype=tl.float32)
+    mass_s = tl.zeros([BLOCK_V], dtype=tl.float32)
     for start in range(0, cols_per_split, BLOCK_V):
         cols = v_begin + start + offs
         ok = cols < vocab
         ls = load_capped_logits(xs_row, sb_ptr, cols, ok, inv_temp, scap, HAS_SBIAS, HAS_SCAP) - lse_s
         lt = load_capped_logits(xt_row, tb_ptr, cols, ok, inv_temp, tcap, HAS_TBIAS, HAS_TCAP) - lse_t
         r, q = mixture_log_gaps(ls, lt, log_beta, log_one_minus_beta)
-        acc_t += tl.where(ok, tl.exp(lt) * q, 0.0)
-        acc_s += tl.where(ok, tl.exp(ls) * r, 0.0)
+        p_t = tl.where(ok, tl.exp(lt), 0.0)
+        p_s = tl.where(ok, tl.exp(ls), 0.0)
+        acc_t += p_t * q
+        acc_s += p_s * r
+        mass_t += p_t
+        mass_s += p_s
     out = part_ptr + row * num_splits + split
+    plane = n_rows * num_splits
     tl.store(out, tl.sum(acc_t, axis=0))
-    tl.store(out + n_rows * num_splits, tl.sum(acc_s, axis=0))
+    tl.store(out + plane, tl.sum(acc_s, axis=0))
+    tl.store(out + 2 * plane, tl.sum(mass_t, axis=0))
+    tl.store(out + 3 * plane, tl.sum(mass_s, axis=0))
 
 
 @triton.jit
@@ -128,7 +157,8 @@ def jsd_partials(xs: torch.Tensor, xt: torch.Tensor, student_bias: torch.Tensor 
                  teacher_bias: torch.Tensor | None, lse_s: torch.Tensor, lse_t: torch.Tensor, *, beta: float,
                  temperature: float, student_softcap: float | None = None,
                  teacher_softcap: float | None = None) -> torch.Tensor:
-    """Partial sums ``[2, C, splits]`` float32 (``S_t``, ``c``; see the module docstring) of the logit blocks
+    """Partial sums ``[4, C, splits]`` float32 (``S_t``, ``c`` unnormalized, and the masses ``sum p_t``,
+    ``sum p_s``; see the module docstring) of the logit blocks
     ``xs``, ``xt`` (``[C, V]`` float32, unit column stride) given the rows' ``lse_s``, ``lse_t`` (``[C]``
     float32, over the whole vocabulary); biases ``[V]`` or None.  Partials of several column slices of the same
     rows may be concatenated along the last dimension before :func:`jsd_row_stats`."""
@@ -149,9 +179,13 @@ def jsd_partials(xs: torch.Tensor, xt: torch.Tensor, student_bias: torch.Tensor 
 def jsd_row_stats(stats: KLRowStats, part: torch.Tensor, *, beta: float) -> KLRowStats:
     """The JSD's row statistics: ``stats`` (the merged softmax statistics of the same rows: ``lse``s and
     maxima; its ``D`` and ``centre`` are replaced) with ``D = beta S_t + (1 - beta) c`` and ``centre = c``
-    from the ``[2, C, S]`` partials (summed over ``S`` in a fixed order)."""
-    s_t, c = part.sum(2).unbind(0)
-    return stats._replace(D=beta * s_t + (1.0 - beta) * c, centre=c)
+    from the ``[4, C, S]`` partials (summed over ``S`` in a fixed order).  Each sum is divided by its mass as
+    computed (``sum p``, 1 up to about one ulp of the largest logit): then ``sum_j p_s(j) (r_j - c)`` is 0 for
+    the gradient kernel's own ``p_s``, and a saturated row (``r`` nearly constant where ``p_s`` lives, true
+    gradient ~0) gets a gradient ~0 instead of ``(mass - 1) log(1 / (1 - beta)) p_s``."""
+    s_t, s_s, mass_t, mass_s = part.sum(2).unbind(0)
+    c = s_s / mass_s
+    return stats._replace(D=beta * (s_t / mass_t) + (1.0 - beta) * c, centre=c)
 
 
 def jsd_logit_grad(xs: torch.Tensor, xt: torch.Tensor, student_bias: torch.Tensor | None,
