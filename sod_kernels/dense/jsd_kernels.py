@@ -213,7 +213,7 @@ def jsd_logit_grad(xs: torch.Tensor, xt: torch.Tensor, student_bias: torch.Tenso
 
 def codegen_specs() -> list[dict]:
     """The two JSD kernels at the headline launch (bf16 gradient blocks, with biases), plain and with both
-    soft-caps and the hard-label term on (collected by :func:`sod_kernels.dense.kernels.codegen_specs`)."""
+    soft-caps and the hard-label term on, for ``benchmarks.codegen`` (sm_90 compile check)."""
     scalars = {"inv_temp": "fp32", "scap": "fp32", "tcap": "fp32", "log_beta": "fp32", "log_one_minus_beta": "fp32"}
     specs = []
     for capped in (False, True):
