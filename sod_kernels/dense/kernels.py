@@ -142,7 +142,8 @@ class KLRowStats(NamedTuple):
     """Per-row statistics of one chunk (each ``[C]`` float32).
 
     D: the divergence (unclamped); lse_s, lse_t: log-sum-exp of the temperature-scaled logits; max_s, max_t:
-    their maxima (the frame of ``centre``); centre: ``c' = E_W[(z_w - M_w) - (z_o - M_o)]``.
+    their maxima (the frame of ``centre``); centre: ``c' = E_W[(z_w - M_w) - (z_o - M_o)]`` (for the
+    generalized JSD, :mod:`sod_kernels.dense.jsd_kernels`: ``D`` is the JSD and ``centre = c = KL(p_s || M)``).
     """
 
     D: torch.Tensor

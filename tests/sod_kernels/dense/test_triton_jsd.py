@@ -221,3 +221,38 @@ def test_jsd_beta_outside_the_open_interval_is_refused():
     for beta in (0.0, 1.0):
         with pytest.raises(ValueError, match="beta"):
             triton_backend.divergence_forward(*tensors, rows, y, divergence="jsd", temperature=1.0, beta=beta)
+
+
+@pytest.mark.parametrize("memory", ["fast", "low"])
+def test_two_pass_hard_term_without_divergence_gradient(memory, monkeypatch):
+    """``grad_divergence=None``: the backward is the sampled log-prob term alone (reverse-KL problem)."""
+    monkeypatch.setattr(triton_backend, "LOW_MEMORY_CHUNK_BYTES", SLICE_BUDGET)
+    tensors, y = _inputs(torch.float32, seed=6)
+    rows = _rows()
+    opts = dict(divergence="reverse_kl", temperature=1.4)
+    D, lse_s, lse_t, _, _, frame = triton_backend.divergence_forward(*tensors, rows, y, chunk_size=CHUNK,
+                                                                     memory=memory, **opts)
+    _, ref_lp, leaves = _reference(tensors, rows, y, divergence="reverse_kl", beta=0.5, temperature=1.4,
+                                   caps=(None, None))
+    grad_lp = torch.randn(rows.numel(), generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    (ref_lp * grad_lp).sum().backward()
+    got = triton_backend.divergence_backward(*tensors, rows, lse_s, lse_t, D, None, frame=frame, chunk_size=CHUNK,
+                                             memory=memory, target_ids=y,
+                                             grad_target_logprob=grad_lp.float().to(DEVICE), **opts)
+    _check_grads(got, leaves, torch.float32, bias=True)
+
+
+def test_single_pass_jsd_is_bitwise_reproducible():
+    tensors, y = _inputs(torch.float32, seed=10)
+    rows = torch.arange(N, device=DEVICE)
+    ones = torch.ones(N, device=DEVICE)
+    chunks = [(a, min(a + CHUNK, N)) for a in range(0, N, CHUNK)]
+    runs = []
+    for _ in range(2):
+        p = triton_backend.KLProblem.build(*tensors, rows, y, "jsd", 0.9, beta=0.4, student_softcap=6.0)
+        res = triton_backend.single_pass_loss(p, chunks, lambda a, b, D, s: ones[a:b], coef=1.0, normalizer=float(N),
+                                              need_hidden=True, need_weight=True, need_bias=True,
+                                              hard_loss_weight=0.3)
+        runs.append((res.loss, res.D, *res.grads))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
