@@ -19,9 +19,9 @@ merged), then a second read of the same float32 blocks:
 - ``jsd_partial_sums_kernel`` (grid: rows x vocabulary splits) writes ``(S_t, c)`` partial sums and the two
   masses ``sum p_t``, ``sum p_s`` per (row, split); :func:`jsd_row_stats` sums the splits in a fixed order
   (deterministic, no atomics), divides each sum by its mass (so the gradient's ``c`` is consistent with its
-  ``p_s``) and returns the row statistics with ``D`` and ``centre = c``.  Extra cost over a KL's forward: ``8 C V`` bytes read (the
-  two float32 blocks once more) and 4 transcendentals per entry (``p_s``, ``p_t``, the exponential and the
-  logarithm of the ``logaddexp``).
+  ``p_s``) and returns the row statistics with ``D`` and ``centre = c``.  Extra cost over a KL's forward:
+  ``8 C V`` bytes read (the two float32 blocks once more) and 4 transcendentals per entry (``p_s``, ``p_t``,
+  the exponential and the logarithm of the ``logaddexp``) plus one division (the accurate ``log1p``).
 - ``jsd_logit_grad_kernel`` (grid: rows x column blocks) writes ``d(logits) = scale_row (1 - beta) p_s (r - c)``
   with ``r = ls - log M`` (the softmax Jacobian applied to ``dD/dp_s = (1 - beta) r``), times the student
   cap's slope ``dz/dx`` with a cap, plus the optional hard-label term ``hard_row (p_s - onehot(y))`` (see
