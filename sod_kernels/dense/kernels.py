@@ -17,7 +17,12 @@ the KL sum (the student for reverse KL, the teacher for forward KL), O the other
   dtype, with ``g = p_s ((z_s - M_s) - (z_t - M_t) - c')`` for reverse KL (the shifted form of
   ``p_s (log p_s - log p_t - D)``: no O(log V) quantity is subtracted; each term still carries the float32
   rounding of the logits, about one ulp of the largest logit per token: docs/math.md) and ``g = p_s - p_t`` for
-  forward KL.  ``scale_row`` already holds ``dL/dD / tau``.
+  forward KL.  ``scale_row`` already holds ``dL/dD / tau``.  With ``HAS_HARD`` it adds the hard-label term
+  ``hard_row (p_s - onehot(y_row))`` (:func:`add_hard_label`: the onehot is a comparison of the block's column
+  indices with the row's target, no scatter, no atomics; ``hard_row`` is ``lambda / (normalizer tau)`` in the
+  single pass or ``-dL/dlogp_s(y) / tau`` in the two-pass backward), before the cap's slope.
+
+The generalized JSD's kernels (same loaders, same hard-label term) are in :mod:`sod_kernels.dense.jsd_kernels`.
 
 Both kernels are bandwidth bound: the statistics read ``8 C V`` bytes, the gradient reads ``8 C V`` and
 writes ``2 C V`` (16-bit gradient) bytes; about ``5 C V`` exponentials in all.
@@ -90,12 +95,23 @@ def kl_partial_stats_kernel(xs_ptr, xt_ptr, sb_ptr, tb_ptr, part_ptr, n_rows, vo
 
 
 @triton.jit
+def add_hard_label(g, p_s, cols, row, target_ptr, hard_ptr):
+    """``g + hard[row] (p_s - onehot(target[row]))`` over the block's columns ``cols``: the gradient of
+    ``-hard[row] * logp_s(target)`` w.r.t. the (temperature-scaled) student logits; ``target [rows]`` int32
+    is relative to the block's first column (a target outside the block matches no column)."""
+    y = tl.load(target_ptr + row)
+    return g + tl.load(hard_ptr + row) * (p_s - tl.where(cols == y, 1.0, 0.0))
+
+
+@triton.jit
 def kl_logit_grad_kernel(xs_ptr, xt_ptr, sb_ptr, tb_ptr, grad_ptr, max_s_ptr, lse_s_ptr, max_t_ptr, lse_t_ptr,
-                         centre_ptr, scale_ptr, vocab, stride_xs, stride_xt, stride_g, inv_temp, scap, tcap,
-                         HAS_SBIAS: tl.constexpr, HAS_TBIAS: tl.constexpr, FORWARD_KL: tl.constexpr,
-                         BLOCK_V: tl.constexpr, HAS_SCAP: tl.constexpr, HAS_TCAP: tl.constexpr):
-    """``grad[row, cols] = scale[row] * g`` (see the module docstring), in ``grad``'s dtype; with a student
-    soft-cap ``g`` is multiplied by the cap's slope ``dz/dx``."""
+                         centre_ptr, scale_ptr, target_ptr, hard_ptr, vocab, stride_xs, stride_xt, stride_g,
+                         inv_temp, scap, tcap, HAS_SBIAS: tl.constexpr, HAS_TBIAS: tl.constexpr,
+                         FORWARD_KL: tl.constexpr, BLOCK_V: tl.constexpr, HAS_SCAP: tl.constexpr,
+                         HAS_TCAP: tl.constexpr, HAS_HARD: tl.constexpr):
+    """``grad[row, cols] = scale[row] * g`` (see the module docstring; plus the hard-label term with
+    ``HAS_HARD``), in ``grad``'s dtype; with a student soft-cap the sum is multiplied by the cap's slope
+    ``dz/dx``."""
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     ok = cols < vocab
@@ -113,9 +129,12 @@ def kl_logit_grad_kernel(xs_ptr, xt_ptr, sb_ptr, tb_ptr, grad_ptr, max_s_ptr, ls
     else:
         centred = (zs - tl.load(max_s_ptr + row)) - (zt - tl.load(max_t_ptr + row)) - tl.load(centre_ptr + row)
         g = p_s * centred
+    g = g * scale
+    if HAS_HARD:
+        g = add_hard_label(g, p_s, cols, row, target_ptr, hard_ptr)
     if HAS_SCAP:
         g = g * slope
-    g = tl.where(ok, g * scale, 0.0)
+    g = tl.where(ok, g, 0.0)
     tl.store(grad_ptr + row.to(tl.int64) * stride_g + cols, g.to(grad_ptr.dtype.element_ty), mask=ok)
 
 
@@ -123,7 +142,8 @@ class KLRowStats(NamedTuple):
     """Per-row statistics of one chunk (each ``[C]`` float32).
 
     D: the divergence (unclamped); lse_s, lse_t: log-sum-exp of the temperature-scaled logits; max_s, max_t:
-    their maxima (the frame of ``centre``); centre: ``c' = E_W[(z_w - M_w) - (z_o - M_o)]``.
+    their maxima (the frame of ``centre``); centre: ``c' = E_W[(z_w - M_w) - (z_o - M_o)]`` (for the
+    generalized JSD, :mod:`sod_kernels.dense.jsd_kernels`: ``D`` is the JSD and ``centre = c = KL(p_s || M)``).
     """
 
     D: torch.Tensor
@@ -179,29 +199,43 @@ def kl_row_stats(xs, xt, student_bias, teacher_bias, *, forward_kl: bool, temper
     return merge_kl_partials(part, forward_kl=forward_kl)
 
 
+def hard_args(hard: tuple | None, fallback: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(target_ptr, hard_ptr)`` arguments of a gradient kernel: ``hard = (target [C] int32 relative to the
+    block's first column, hard_scale [C] float32)`` made contiguous, or ``fallback`` twice (never read)."""
+    if hard is None:
+        return fallback, fallback
+    target, hard_scale = hard
+    return target.to(torch.int32).contiguous(), hard_scale.to(torch.float32).contiguous()
+
+
 def kl_logit_grad(xs: torch.Tensor, xt: torch.Tensor, student_bias: torch.Tensor | None,
                   teacher_bias: torch.Tensor | None, stats: KLRowStats, scale: torch.Tensor, out: torch.Tensor, *,
                   forward_kl: bool, temperature: float, student_softcap: float | None = None,
-                  teacher_softcap: float | None = None) -> torch.Tensor:
-    """``out [C, V]`` (gradient dtype) <- ``scale[:, None] * dD/dz`` of each row, times the student cap's slope
-    ``dz/dx`` with ``student_softcap``; ``scale [C]`` float32."""
+                  teacher_softcap: float | None = None, hard: tuple | None = None) -> torch.Tensor:
+    """``out [C, V]`` (gradient dtype) <- ``scale[:, None] * dD/dz`` of each row, plus with
+    ``hard = (target [C] int32, hard_scale [C] float32)`` the hard-label term ``hard_scale (p_s - onehot(target))``
+    (``target`` relative to the block's first column), all times the student cap's slope ``dz/dx`` with
+    ``student_softcap``; ``scale [C]`` float32."""
     n_rows, vocab = xs.shape
     block = INTERPRETER_BLOCK_V if interpreting() else GRAD_BLOCK_V
+    scale = scale.to(torch.float32).contiguous()
+    target, hard_scale = hard_args(hard, scale)
     kl_logit_grad_kernel[(n_rows, triton.cdiv(vocab, block))](
         xs, xt, bias_arg(student_bias, xs), bias_arg(teacher_bias, xt), out, stats.max_s, stats.lse_s,
-        stats.max_t, stats.lse_t, stats.centre, scale.to(torch.float32).contiguous(), vocab, xs.stride(0),
+        stats.max_t, stats.lse_t, stats.centre, scale, target, hard_scale, vocab, xs.stride(0),
         xt.stride(0), out.stride(0), 1.0 / temperature, cap_arg(student_softcap), cap_arg(teacher_softcap),
         HAS_SBIAS=student_bias is not None, HAS_TBIAS=teacher_bias is not None, FORWARD_KL=forward_kl,
         BLOCK_V=block, HAS_SCAP=student_softcap is not None, HAS_TCAP=teacher_softcap is not None,
-        num_warps=NUM_WARPS)
+        HAS_HARD=hard is not None, num_warps=NUM_WARPS)
     return out
 
 
 def codegen_specs() -> list[dict]:
     """The two kernels at the headline launch (bf16 gradient blocks, with biases), plus the reverse-KL pair
-    with both soft-caps on, for ``benchmarks.codegen`` (sm_90 compile check: registers, no spills)."""
+    with both soft-caps and the hard-label term on, for ``benchmarks.codegen`` (sm_90 compile check:
+    registers, no spills).  The JSD kernels list theirs in :func:`sod_kernels.dense.jsd_kernels.codegen_specs`."""
     vec = {"max_s_ptr": "*fp32", "lse_s_ptr": "*fp32", "max_t_ptr": "*fp32", "lse_t_ptr": "*fp32",
-           "centre_ptr": "*fp32", "scale_ptr": "*fp32"}
+           "centre_ptr": "*fp32", "scale_ptr": "*fp32", "target_ptr": "*i32", "hard_ptr": "*fp32"}
     caps = {"scap": "fp32", "tcap": "fp32"}
     specs = []
     for forward_kl, capped in ((False, False), (True, False), (False, True)):
@@ -223,7 +257,7 @@ def codegen_specs() -> list[dict]:
             "signature": {"xs_ptr": "*fp32", "xt_ptr": "*fp32", "sb_ptr": "*bf16", "tb_ptr": "*bf16",
                           "grad_ptr": "*bf16", **vec, "vocab": "i32", "stride_xs": "i32", "stride_xt": "i32",
                           "stride_g": "i32", "inv_temp": "fp32", **caps},
-            "constexprs": {**switches, "BLOCK_V": GRAD_BLOCK_V},
+            "constexprs": {**switches, "BLOCK_V": GRAD_BLOCK_V, "HAS_HARD": capped},
             "num_warps": NUM_WARPS, "num_stages": 1, "expect_hgmma": False,
             "divisible_by_16": ["vocab", "stride_xs", "stride_xt", "stride_g"],
         })

@@ -1,4 +1,5 @@
-"""GPU backend of ``fused_sod_loss``: the KL epilogue on the chunked core (:mod:`sod_kernels.core.chunks`).
+"""GPU backend of ``fused_sod_loss``: the KL / generalized-JSD epilogue on the chunked core
+(:mod:`sod_kernels.core.chunks`).
 
 Three ways to run, all deterministic (no atomics) and none holding ``tokens x vocabulary`` memory:
 
@@ -19,6 +20,15 @@ Headline arithmetic (N = 16384, V = 151936, Hs = 1024, Ht = 2560, bf16): product
 (~11 ms at 4.3 TB/s); the d(weight) accumulation ``8 V Hs`` bytes per chunk.  Chunk rows come from a byte
 budget (:data:`sod_kernels.core.chunks.FAST_CHUNK_BYTES`, ~500 rows at V = 152k).
 
+Divergences: ``"reverse_kl"``, ``"forward_kl"`` (one statistics kernel per block: online log-sum-exps and the
+KL accumulator) and ``"jsd"`` with ``0 < beta < 1`` (:mod:`sod_kernels.dense.jsd_kernels`: ``log M`` needs both
+rows' log-sum-exps first, so after the statistics a second kernel reads the float32 blocks again, ``8 C V``
+more bytes and 4 transcendentals per entry; with ``memory="low"`` the blocks are not kept, so the forward
+recomputes each slice's logit products once more, ``2 N V (Hs + Ht)`` more FLOPs).  Every mode takes the
+optional hard-label term ``lambda * (-logp_s(y))`` (``hard_loss_weight`` in the single pass,
+``grad_target_logprob`` in the two-pass backward): ``hard_row (p_s - onehot(y))`` added inside the
+``d(logits)`` kernel (the onehot by a column comparison, no atomics), no extra pass.
+
 Dtypes: float32, bfloat16, float16 (products with float32 accumulation and float32 logits; the gradient
 blocks in the input dtype).  float64 raises TypeError (use ``backend="torch"``).
 """
@@ -33,16 +43,18 @@ import torch
 from ..core.chunks import (FAST_CHUNK_BYTES, LOW_MEMORY_CHUNK_BYTES, GradAccumulator, LMHead, chunk_rows, even_chunks,
                            gather_rows, logits_into, row_selector)
 from ..core.tiles import apply_softcap
+from .jsd_kernels import jsd_logit_grad, jsd_partials, jsd_row_stats
 from .kernels import KLRowStats, kl_logit_grad, kl_partials, kl_row_stats, merge_kl_partials
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-DIVERGENCE_NAMES = ("reverse_kl", "forward_kl")
+DIVERGENCE_NAMES = ("reverse_kl", "forward_kl", "jsd")
 MEMORY_MODES = ("fast", "low")
 LOW_MEMORY_ROWS = 1024   # rows per block in the low-memory mode (the vocabulary slice is sized from the budget)
 SLICE_MULTIPLE = 2048
 
 
-def _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, divergence, temperature):
+def _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, divergence, temperature,
+                  beta=0.5):
     for name, t in (("student_hidden", student_hidden), ("student_weight", student_weight),
                     ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)):
         if t.dtype == torch.float64:
@@ -56,6 +68,9 @@ def _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight
                         f"{teacher_hidden.dtype}/{teacher_weight.dtype}")
     if divergence not in DIVERGENCE_NAMES:
         raise ValueError(f"divergence must be one of {DIVERGENCE_NAMES}, got {divergence!r}")
+    if divergence == "jsd" and not 0.0 < beta < 1.0:
+        raise ValueError(f"the Triton backend's JSD needs 0 < beta < 1 (the loss maps beta = 0 / 1 to the KLs), "
+                         f"got beta={beta}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if teacher_weight.shape[0] < student_weight.shape[0]:
@@ -65,7 +80,8 @@ def _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight
 
 @dataclass
 class KLProblem:
-    """The inputs of one call, as the chunk loops see them (rows of ``row_index`` in order)."""
+    """The inputs of one call, as the chunk loops see them (rows of ``row_index`` in order).  ``jsd``: the
+    generalized JSD with weight ``beta`` (``forward_kl`` is then False and unused)."""
 
     student: LMHead
     teacher: LMHead
@@ -76,11 +92,14 @@ class KLProblem:
     temperature: float
     student_softcap: float | None = None  # cap tanh(x / cap) of each model's raw logits, before 1/tau
     teacher_softcap: float | None = None
+    jsd: bool = False
+    beta: float = 0.5
 
     @classmethod
     def build(cls, sh, sw, sb, th, tw, tb, row_index, target_ids, divergence, temperature, *,
-              student_softcap: float | None = None, teacher_softcap: float | None = None) -> KLProblem:
-        _check_inputs(sh, sw, th, tw, divergence, temperature)
+              student_softcap: float | None = None, teacher_softcap: float | None = None,
+              beta: float = 0.5) -> KLProblem:
+        _check_inputs(sh, sw, th, tw, divergence, temperature, beta)
         vocab = sw.shape[0]
         rows = row_index.to(torch.int64).contiguous()
         n = rows.numel()
@@ -88,7 +107,7 @@ class KLProblem:
         return cls(LMHead(_row_major(sh), _row_major(sw), sb, vocab), LMHead(_row_major(th), _row_major(tw), tb, vocab),
                    rows, contiguous, None if target_ids is None else target_ids.to(torch.int64), divergence == "forward_kl",
                    float(temperature), None if student_softcap is None else float(student_softcap),
-                   None if teacher_softcap is None else float(teacher_softcap))
+                   None if teacher_softcap is None else float(teacher_softcap), divergence == "jsd", float(beta))
 
     @property
     def n_rows(self) -> int:
@@ -112,9 +131,44 @@ class KLProblem:
 
     @property
     def epilogue(self) -> dict:
-        """The keyword arguments every epilogue call shares."""
+        """The keyword arguments every KL epilogue call shares (the statistics kernel's, for the JSD too)."""
         return {"forward_kl": self.forward_kl, "temperature": self.temperature,
                 "student_softcap": self.student_softcap, "teacher_softcap": self.teacher_softcap}
+
+    @property
+    def jsd_epilogue(self) -> dict:
+        """The keyword arguments of the JSD kernels."""
+        return {"beta": self.beta, "temperature": self.temperature, "student_softcap": self.student_softcap,
+                "teacher_softcap": self.teacher_softcap}
+
+    def hard_targets(self, start: int, stop: int, columns: slice | None = None) -> torch.Tensor:
+        """``[stop - start]`` int32 target columns of the chunk's rows relative to ``columns.start`` (the
+        gradient kernels' onehot); raises without ``target_ids``."""
+        if self.target_ids is None:
+            raise ValueError("the hard-label term needs target_ids")
+        y = self.targets(start, stop)
+        return (y if columns is None or columns.start == 0 else y - columns.start).to(torch.int32)
+
+
+def row_stats(p: KLProblem, xs: torch.Tensor, xt: torch.Tensor) -> KLRowStats:
+    """The row statistics of whole-vocabulary blocks ``xs``, ``xt`` ``[C, V]`` float32: the KL statistics
+    kernel, then for the JSD the second read of the blocks (``D`` and ``centre = c`` replaced)."""
+    stats = kl_row_stats(xs, xt, p.bias(p.student), p.bias(p.teacher), **p.epilogue)
+    if not p.jsd:
+        return stats
+    part = jsd_partials(xs, xt, p.bias(p.student), p.bias(p.teacher), stats.lse_s, stats.lse_t, **p.jsd_epilogue)
+    return jsd_row_stats(stats, part, beta=p.beta)
+
+
+def logit_grad(p: KLProblem, xs: torch.Tensor, xt: torch.Tensor, stats: KLRowStats, scale: torch.Tensor,
+               out: torch.Tensor, columns: slice | None = None, hard: tuple | None = None) -> torch.Tensor:
+    """``out [C, Vc]`` <- ``d(logits)`` of the block (vocabulary ``columns``, default all): ``scale`` ``[C]``
+    float32 (``dL/dD / tau``) times ``dD/dz``, plus the hard-label term ``hard = (target [C] int32 relative to
+    the block, hard_scale [C] float32)`` or None, times the student cap's slope (the divergence's kernel)."""
+    sb, tb = p.bias(p.student, columns), p.bias(p.teacher, columns)
+    if p.jsd:
+        return jsd_logit_grad(xs, xt, sb, tb, stats, scale, out, hard=hard, **p.jsd_epilogue)
+    return kl_logit_grad(xs, xt, sb, tb, stats, scale, out, hard=hard, **p.epilogue)
 
 
 def _row_major(t: torch.Tensor) -> torch.Tensor:
@@ -192,20 +246,22 @@ def _slices(vocab: int, rows: int, budget: int) -> list[slice]:
 def divergence_forward(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                        row_index, target_ids, *, divergence: str, temperature: float, chunk_size: int | None = None,
                        memory: str = "fast", student_softcap: float | None = None,
-                       teacher_softcap: float | None = None):
+                       teacher_softcap: float | None = None, beta: float = 0.5):
     """Per-token divergence and softmax statistics of the rows ``row_index`` (no gradient work).
 
     Args: ``student_hidden [N, Hs]``, ``student_weight [Vs, Hs]``, ``student_bias [Vs]`` or None,
     ``teacher_hidden [N, Ht]``, ``teacher_weight [Vt >= Vs, Ht]`` (first Vs rows used), ``teacher_bias`` or
     None; ``row_index [Na]`` int64 ascending; ``target_ids [N]`` int64 or None; ``chunk_size``: rows per
     chunk (default from the memory budget); ``memory``: ``"fast"`` or ``"low"``; ``student_softcap`` /
-    ``teacher_softcap``: ``cap tanh(x / cap)`` of that model's raw logits before ``1/tau``, or None.
+    ``teacher_softcap``: ``cap tanh(x / cap)`` of that model's raw logits before ``1/tau``, or None;
+    ``beta``: the JSD's weight (``divergence="jsd"``, ``0 < beta < 1``).
     Returns ``(D, lse_student, lse_teacher, logp_student(y), logp_teacher(y), frame)``: ``[Na]`` float32
-    each (the sampled log-probs None without targets), ``frame [3, Na]`` for :func:`divergence_backward`.
+    each (the sampled log-probs None without targets), ``frame [3, Na]`` for :func:`divergence_backward`
+    (``max_s, max_t, centre``; for the JSD ``centre = c = KL(p_s || M)``).
     """
     p = KLProblem.build(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                         row_index, target_ids, divergence, temperature, student_softcap=student_softcap,
-                        teacher_softcap=teacher_softcap)
+                        teacher_softcap=teacher_softcap, beta=beta)
     out = ForwardResult(p.n_rows, student_hidden.device, target_ids is not None)
     if memory == "low":
         _forward_low_memory(p, out, chunk_size)
@@ -214,13 +270,15 @@ def divergence_forward(student_hidden, student_weight, student_bias, teacher_hid
         blocks = _Blocks(min(rows, max(p.n_rows, 1)), p.vocab, student_hidden.device)
         for start, stop in even_chunks(p.n_rows, rows):
             _, xs, xt = blocks.logits(p, start, stop)
-            stats = kl_row_stats(xs, xt, p.bias(p.student), p.bias(p.teacher), **p.epilogue)
+            stats = row_stats(p, xs, xt)
             sampled = _sampled_logprobs(p, start, stop, xs, xt, stats) if target_ids is not None else None
             out.store(start, stop, stats, sampled)
     return out.D, out.lse_s, out.lse_t, out.lp_s, out.lp_t, out.frame
 
 
 def _forward_low_memory(p: KLProblem, out: ForwardResult, chunk_size: int | None) -> None:
+    """Rows x vocabulary-slice blocks: per row block the statistics' partials of every slice, merged; for the
+    JSD a second sweep over the slices (the logit products recomputed) for ``D`` and ``c``."""
     rows = chunk_size or LOW_MEMORY_ROWS
     slices = _slices(p.vocab, min(rows, max(p.n_rows, 1)), LOW_MEMORY_CHUNK_BYTES)
     width = slices[0].stop - slices[0].start if slices else 1
@@ -231,8 +289,22 @@ def _forward_low_memory(p: KLProblem, out: ForwardResult, chunk_size: int | None
             _, xs, xt = blocks.logits(p, start, stop, cols)
             parts.append(kl_partials(xs, xt, p.bias(p.student, cols), p.bias(p.teacher, cols), **p.epilogue))
         stats = merge_kl_partials(torch.cat(parts, dim=2), forward_kl=p.forward_kl)
-        sampled = _sampled_logprobs_gathered(p, start, stop, stats) if p.target_ids is not None else None
+        if p.jsd:
+            stats = _jsd_stats_sliced(p, blocks, start, stop, slices, stats)
+        sampled = _sampled_logprobs_gathered(p, start, stop, stats) if out.lp_s is not None else None
         out.store(start, stop, stats, sampled)
+
+
+def _jsd_stats_sliced(p: KLProblem, blocks: _Blocks, start: int, stop: int, slices: list[slice],
+                      stats: KLRowStats) -> KLRowStats:
+    """The JSD's ``D`` and ``c`` of rows ``[start, stop)`` from a second sweep over the vocabulary slices
+    (each slice's logit products recomputed: ``2 C V (Hs + Ht)`` FLOPs), given the merged statistics."""
+    parts = []
+    for cols in slices:
+        _, xs, xt = blocks.logits(p, start, stop, cols)
+        parts.append(jsd_partials(xs, xt, p.bias(p.student, cols), p.bias(p.teacher, cols), stats.lse_s,
+                                  stats.lse_t, **p.jsd_epilogue))
+    return jsd_row_stats(stats, torch.cat(parts, dim=2), beta=p.beta)
 
 
 def _sampled_logprobs_gathered(p: KLProblem, start: int, stop: int, stats: KLRowStats):
@@ -253,16 +325,25 @@ def divergence_backward(student_hidden, student_weight, student_bias, teacher_hi
                         temperature: float, need_hidden: bool = True, need_weight: bool = True,
                         need_bias: bool = True, frame: torch.Tensor | None = None, chunk_size: int | None = None,
                         memory: str = "fast", student_softcap: float | None = None,
-                        teacher_softcap: float | None = None):
-    """Gradients of ``sum_i grad_divergence[i] * D[i]`` w.r.t. the student's hidden, weight and bias.
+                        teacher_softcap: float | None = None, beta: float = 0.5,
+                        target_ids: torch.Tensor | None = None, grad_target_logprob: torch.Tensor | None = None):
+    """Gradients of ``sum_i grad_divergence[i] * D[i] + sum_i grad_target_logprob[i] * logp_s(y_i)`` w.r.t.
+    the student's hidden, weight and bias.
 
-    ``frame`` is :func:`divergence_forward`'s last output (recomputed from the logits when None).
+    ``frame`` is :func:`divergence_forward`'s last output (recomputed from the logits when None);
+    ``grad_divergence [Na]`` (None: no divergence term); ``beta``: as in :func:`divergence_forward`;
+    ``target_ids [N]`` int64 (indexed like the hidden rows) and ``grad_target_logprob [Na]`` (per distilled
+    row) or None: the sampled log-prob term, ``grad_target_logprob (onehot(y) - p_s) / tau`` folded into the
+    same ``d(logits)`` kernel (no extra pass).
     Returns ``(d_hidden [N, Hs], d_weight [Vs, Hs], d_bias [Vs])`` in the inputs' dtypes (None where not
     needed); rows outside ``row_index`` get zero gradient.
     """
+    with_hard = grad_target_logprob is not None
+    if with_hard and target_ids is None:
+        raise ValueError("divergence_backward: grad_target_logprob needs target_ids")
     p = KLProblem.build(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                        row_index, None, divergence, temperature, student_softcap=student_softcap,
-                        teacher_softcap=teacher_softcap)
+                        row_index, target_ids if with_hard else None, divergence, temperature,
+                        student_softcap=student_softcap, teacher_softcap=teacher_softcap, beta=beta)
     low = memory == "low"
     rows = (chunk_size or LOW_MEMORY_ROWS) if low else \
         chunk_rows(p.n_rows, p.vocab, 8 + 2 * student_hidden.element_size(), budget=FAST_CHUNK_BYTES,
@@ -274,26 +355,30 @@ def divergence_backward(student_hidden, student_weight, student_bias, teacher_hi
                           block_cols=(slices[0].stop - slices[0].start) if low else p.vocab, sliced=low)
     if not acc.active or p.n_rows == 0:
         return acc.finish()
-    scale = grad_divergence.to(torch.float32) / p.temperature
+    scale = torch.zeros(p.n_rows, dtype=torch.float32, device=student_hidden.device) if grad_divergence is None \
+        else grad_divergence.to(torch.float32) / p.temperature
+    hard_scale = -grad_target_logprob.to(torch.float32) / p.temperature if with_hard else None
     saved = None
     if frame is not None:
         saved = ForwardResult.__new__(ForwardResult)
         saved.D, saved.lse_s, saved.lse_t, saved.frame = token_divergence, lse_student, lse_teacher, frame
     if low:
-        _backward_low_memory(p, acc, scale, saved, rows, slices)
+        _backward_low_memory(p, acc, scale, hard_scale, saved, rows, slices)
         return acc.finish()
     blocks = _Blocks(rows, p.vocab, student_hidden.device)
     for start, stop in even_chunks(p.n_rows, rows):
         hs, xs, xt = blocks.logits(p, start, stop)
-        stats = saved.stats(start, stop) if saved is not None else \
-            kl_row_stats(xs, xt, p.bias(p.student), p.bias(p.teacher), **p.epilogue)
-        grad = kl_logit_grad(xs, xt, p.bias(p.student), p.bias(p.teacher), stats, scale[start:stop],
-                             acc.grad_block(stop - start), **p.epilogue)
+        stats = saved.stats(start, stop) if saved is not None else row_stats(p, xs, xt)
+        hard = (p.hard_targets(start, stop), hard_scale[start:stop]) if with_hard else None
+        grad = logit_grad(p, xs, xt, stats, scale[start:stop], acc.grad_block(stop - start), hard=hard)
         acc.add(grad, start, stop, hs)
     return acc.finish()
 
 
-def _backward_low_memory(p: KLProblem, acc: GradAccumulator, scale, saved, rows: int, slices: list[slice]) -> None:
+def _backward_low_memory(p: KLProblem, acc: GradAccumulator, scale, hard_scale, saved, rows: int,
+                         slices: list[slice]) -> None:
+    """The vocabulary-sliced backward: slices outermost (one slice's float32 d(weight) accumulator), row
+    blocks inside; ``hard_scale [Na]`` float32 or None (the hard-label term's per-row factor)."""
     if saved is None:  # the statistics first (one more pass), then the vocabulary-sliced gradient
         fwd = ForwardResult(p.n_rows, p.student.hidden.device, False)
         _forward_low_memory(p, fwd, rows)
@@ -303,9 +388,9 @@ def _backward_low_memory(p: KLProblem, acc: GradAccumulator, scale, saved, rows:
         acc.begin_slice(cols)
         for start, stop in even_chunks(p.n_rows, rows):
             hs, xs, xt = blocks.logits(p, start, stop, cols)
-            grad = kl_logit_grad(xs, xt, p.bias(p.student, cols), p.bias(p.teacher, cols), saved.stats(start, stop),
-                                 scale[start:stop], acc.grad_block(stop - start, cols.stop - cols.start),
-                                 **p.epilogue)
+            hard = (p.hard_targets(start, stop, cols), hard_scale[start:stop]) if hard_scale is not None else None
+            grad = logit_grad(p, xs, xt, saved.stats(start, stop), scale[start:stop],
+                              acc.grad_block(stop - start, cols.stop - cols.start), columns=cols, hard=hard)
             acc.add(grad, start, stop, hs, columns=cols)
         acc.end_slice()
 
@@ -313,7 +398,8 @@ def _backward_low_memory(p: KLProblem, acc: GradAccumulator, scale, saved, rows:
 # ------------------------------------------------------------------------------------------- one pass
 @dataclass
 class SinglePassResult:
-    """What :func:`single_pass_loss` returns: the loss (0-D float32), per-row D / sampled log-probs
+    """What :func:`single_pass_loss` returns: the loss (0-D float32, the hard-label term included), per-row
+    D (the soft divergence only) / sampled log-probs
     (``[Na]`` float32, the latter None without targets) and the student's gradients for an upstream
     gradient of 1 (None where not needed)."""
 
@@ -327,12 +413,19 @@ class SinglePassResult:
 def single_pass_loss(p: KLProblem, chunks: list[tuple[int, int]],
                      chunk_weights: Callable[[int, int, torch.Tensor, torch.Tensor | None], torch.Tensor], *,
                      coef: float, normalizer: float, need_hidden: bool, need_weight: bool, need_bias: bool,
-                     sampled_signal: bool = False) -> SinglePassResult:
-    """``L = coef * sum_i w_i D_i / normalizer`` and its student gradients in one pass over ``chunks``.
+                     sampled_signal: bool = False, hard_loss_weight: float = 0.0) -> SinglePassResult:
+    """``L = coef * sum_i w_i D_i / normalizer + lambda * sum_i (-logp_s(y_i)) / normalizer`` and its student
+    gradients in one pass over ``chunks``.
 
     ``chunk_weights(start, stop, D, signal)`` returns the ``[stop - start]`` weights of a chunk's rows
     (``signal`` = the sampled-token gap ``|logp_s(y) - logp_t(y)|`` if ``sampled_signal``, else ``D``).
+    ``hard_loss_weight = lambda >= 0`` (needs the problem's ``target_ids``): the hard-label term, unweighted
+    and not times ``coef``; its gradient ``lambda / normalizer * (p_s - onehot(y)) / tau`` is added by the same
+    ``d(logits)`` kernel (no extra pass).
     """
+    hard_weight = float(hard_loss_weight)
+    if hard_weight and p.target_ids is None:
+        raise ValueError("hard_loss_weight > 0 needs target_ids")
     device = p.student.hidden.device
     out = ForwardResult(p.n_rows, device, p.target_ids is not None)
     longest = max((b - a for a, b in chunks), default=1)
@@ -340,20 +433,25 @@ def single_pass_loss(p: KLProblem, chunks: list[tuple[int, int]],
                           need_bias=need_bias, block_rows=longest)
     blocks = _Blocks(longest, p.vocab, device)
     total = torch.zeros((), dtype=torch.float64, device=device)
+    hard_total = torch.zeros((), dtype=torch.float64, device=device)
     grad_scale = coef / (normalizer * p.temperature)
+    hard_grad_scale = hard_weight / (normalizer * p.temperature)
     for start, stop in chunks:
         hs, xs, xt = blocks.logits(p, start, stop)
-        stats = kl_row_stats(xs, xt, p.bias(p.student), p.bias(p.teacher), **p.epilogue)
+        stats = row_stats(p, xs, xt)
         sampled = _sampled_logprobs(p, start, stop, xs, xt, stats) if p.target_ids is not None else None
         out.store(start, stop, stats, sampled)
         signal = (sampled[0] - sampled[1]).abs() if sampled_signal else stats.D
         w = chunk_weights(start, stop, stats.D, signal)
         total += (w.to(torch.float64) * stats.D.to(torch.float64)).sum()
+        if hard_weight:
+            hard_total -= sampled[0].to(torch.float64).sum()
         if acc.active:
-            grad = kl_logit_grad(xs, xt, p.bias(p.student), p.bias(p.teacher), stats,
-                                 (w * grad_scale).to(torch.float32), acc.grad_block(stop - start),
-                                 **p.epilogue)
+            hard = (p.hard_targets(start, stop), stats.lse_s.new_full((stop - start,), hard_grad_scale)) \
+                if hard_weight else None
+            grad = logit_grad(p, xs, xt, stats, (w * grad_scale).to(torch.float32), acc.grad_block(stop - start),
+                              hard=hard)
             acc.add(grad, start, stop, hs)
     del blocks
-    loss = (total * (coef / normalizer)).to(torch.float32)
+    loss = (total * (coef / normalizer) + hard_total * (hard_weight / normalizer)).to(torch.float32)
     return SinglePassResult(loss, out.D, out.lp_s, out.lp_t, acc.finish())
