@@ -7,6 +7,12 @@ slope ``1 - tanh^2((x + b) / c)``, computed from the same loaded value.
 
 - The row statistics (log-sum-exp, and the entropy ``H = log L - B / L``) come from the statistics kernel
   every loss shares, :func:`sod_kernels.core.kernels.logprob_row_stats`.
+- ``policy_token_kernel`` (grid: blocks of rows; the one-pass policy loss): merges the statistics kernel's
+  per-split partials into ``lse``, gathers the sampled logit, and forms ``logp(y)``, the PPO dual-clip loss
+  of each token and its derivative in closed form (:func:`ppo_dual_clip_terms`), writing per row ``logp``,
+  the token's loss, ``lse``, the target id and the upstream scale ``a`` of the ``d(logits)`` kernel: one
+  launch for what were ~80 small tensor operations (the merge, the gather, an autograd of the clip).
+  ``O(C * splits)`` bytes: negligible next to the blocks.
 - ``logprob_logit_grad_kernel`` (grid: rows x column blocks) writes, in the gradient dtype,
   ``d(logits) = a_row (onehot(y) - p) + e_row (-p ((z - M) - B / L))``: the first term is ``d logp(y)/dz``,
   the second ``dH/dz``; ``a_row`` and ``e_row`` hold the upstream gradients and ``1/tau``.
@@ -21,8 +27,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..core.kernels import (GRAD_BLOCK_V, INTERPRETER_BLOCK_V, NUM_WARPS, STATS_BLOCK_V, LogprobRowStats, cap_arg,
-                            interpreting, load_capped_logits_slope, load_logits, logprob_partial_stats_kernel)
+from ..core.kernels import (GRAD_BLOCK_V, INTERPRETER_BLOCK_V, NUM_PARTIALS, NUM_WARPS, STATS_BLOCK_V, LogprobRowStats,
+                            cap_arg, interpreting, load_capped_logits, load_capped_logits_slope, load_logits,
+                            logprob_partial_stats_kernel, vocab_splits)
+
+POLICY_BLOCK_R = 128    # rows per program of policy_token_kernel (a chunk of 512 rows: 4 programs)
 
 @triton.jit
 def logprob_logit_grad_kernel(x_ptr, b_ptr, y_ptr, grad_ptr, max_ptr, lse_ptr, mean_ptr, a_ptr, e_ptr, vocab,
@@ -57,15 +66,142 @@ def logprob_logit_grad(x: torch.Tensor, bias: torch.Tensor | None, targets: torc
     """``out [C, V]`` (gradient dtype) <- ``d(logits)`` of upstream ``grad_logprob [C]`` (and ``grad_entropy
     [C]`` or None) through ``logp(y) = z_y - lse`` and ``H``; ``targets [C]`` int64; ``softcap`` as in
     :func:`logprob_row_stats` (the cap's slope is applied)."""
+    a = (grad_logprob.to(torch.float32) / temperature).contiguous()
+    e = None if grad_entropy is None else (grad_entropy.to(torch.float32) / temperature).contiguous()
+    return logprob_logit_grad_scaled(x, bias, targets.contiguous(), stats.lse, a, out, temperature=temperature,
+                                     softcap=softcap, frame=stats, scale_entropy=e)
+
+
+def logprob_logit_grad_scaled(x: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, lse: torch.Tensor,
+                              scale: torch.Tensor, out: torch.Tensor, *, temperature: float,
+                              softcap: float | None = None, frame: LogprobRowStats | None = None,
+                              scale_entropy: torch.Tensor | None = None) -> torch.Tensor:
+    """One launch of ``logprob_logit_grad_kernel``: ``out [C, V] <- scale (onehot(y) - p)`` (minus
+    ``scale_entropy p ((z - M) - mean)`` with ``frame``'s max and mean when ``scale_entropy`` is given).
+
+    ``targets [C]`` int64, ``lse``, ``scale`` (``d loss / d logp`` already divided by ``temperature``),
+    ``scale_entropy [C]`` float32 contiguous; no tensor operation besides the kernel (the one-pass policy
+    loss calls it with the scale its ``policy_token_kernel`` wrote)."""
     n_rows, vocab = x.shape
     block = INTERPRETER_BLOCK_V if interpreting() else GRAD_BLOCK_V
-    a = (grad_logprob.to(torch.float32) / temperature).contiguous()
-    e = a if grad_entropy is None else (grad_entropy.to(torch.float32) / temperature).contiguous()
+    big = lse if frame is None else frame.max
+    mean = lse if frame is None else frame.mean
     logprob_logit_grad_kernel[(n_rows, triton.cdiv(vocab, block))](
-        x, x if bias is None else bias, targets.contiguous(), out, stats.max, stats.lse, stats.mean, a, e, vocab,
-        x.stride(0), out.stride(0), 1.0 / temperature, cap_arg(softcap), HAS_BIAS=bias is not None,
-        WITH_ENTROPY=grad_entropy is not None, BLOCK_V=block, HAS_CAP=softcap is not None, num_warps=NUM_WARPS)
+        x, x if bias is None else bias, targets, out, big, lse, mean, scale,
+        scale if scale_entropy is None else scale_entropy, vocab, x.stride(0), out.stride(0), 1.0 / temperature,
+        cap_arg(softcap), HAS_BIAS=bias is not None, WITH_ENTROPY=scale_entropy is not None, BLOCK_V=block,
+        HAS_CAP=softcap is not None, num_warps=NUM_WARPS)
     return out
+
+
+def logprob_partials(x: torch.Tensor, bias: torch.Tensor | None, *, temperature: float,
+                     softcap: float | None = None) -> torch.Tensor:
+    """``part [3, C, splits]`` float32: one launch of ``logprob_partial_stats_kernel`` (no entropy) over the
+    logit block ``x [C, V]``, the per-split ``(max, sum of exponentials, 0)`` that ``policy_token_kernel``
+    merges; the merge of :func:`sod_kernels.core.kernels.logprob_row_stats` without its tensor operations."""
+    n_rows, vocab = x.shape
+    block, cols_per_split, splits = vocab_splits(n_rows, vocab)
+    part = torch.empty((NUM_PARTIALS, n_rows, splits), dtype=torch.float32, device=x.device)
+    if n_rows:
+        logprob_partial_stats_kernel[(n_rows, splits)](
+            x, x if bias is None else bias, part, n_rows, vocab, x.stride(0), cols_per_split, splits,
+            1.0 / temperature, cap_arg(softcap), HAS_BIAS=bias is not None, WITH_ENTROPY=False, BLOCK_V=block,
+            HAS_CAP=softcap is not None, num_warps=NUM_WARPS)
+    return part
+
+
+@triton.jit
+def ppo_dual_clip_terms(lp, old, adv, lo, hi, neg_dual, HAS_DUAL: tl.constexpr):
+    """``(loss, dloss/dlogp)`` of PPO's dual-clip surrogate per token (fp32 tensors of one shape).
+
+    ``ratio = exp(clamp(lp - old, -20, 20))``, ``u = -A ratio``, ``c = -A clip(ratio, lo, hi)``,
+    ``l = max(u, c)`` and with ``HAS_DUAL`` where ``A < 0``: ``l = min(l, neg_dual * A)`` (``neg_dual = -c``).
+    The derivative is the closed form of what torch autograd returns for the same expression
+    (``policy_loss.ppo_dual_clip``), subgradients included: ``maximum`` / ``minimum`` send half the gradient
+    to each side at a tie, ``clamp`` passes it on its closed interval.  So ``d = k (-A) ratio`` with
+    ``k = g (w_u + w_c [lo <= ratio <= hi])``, ``w_u, w_c`` in ``{0, 1/2, 1}`` from ``max``, ``g`` in
+    ``{0, 1/2, 1}`` from the dual ``min`` (1 without it or where ``A >= 0``), and 0 where ``lp - old`` lies
+    outside ``[-20, 20]``.  The products are formed in autograd's order, so the values match it bitwise for
+    the same ratio.  NaN inputs give a NaN loss (the caller's finiteness check reads it).
+    """
+    d = lp - old
+    log_ratio = tl.where(d < -20.0, -20.0, tl.where(d > 20.0, 20.0, d))
+    in_clamp = (d >= -20.0) & (d <= 20.0)
+    ratio = tl.exp(log_ratio)
+    clipped_ratio = tl.where(ratio < lo, lo, tl.where(ratio > hi, hi, ratio))
+    neg_a = -adv
+    u = neg_a * ratio
+    c = neg_a * clipped_ratio
+    loss = tl.where(c > u, c, u)  # maximum (a NaN u propagates)
+    w_u = tl.where(u > c, 1.0, tl.where(u == c, 0.5, 0.0))
+    w_c = tl.where(c > u, 1.0, tl.where(u == c, 0.5, 0.0))
+    if HAS_DUAL:
+        negative = adv < 0
+        bound = adv * neg_dual
+        g = tl.where(negative, tl.where(loss < bound, 1.0, tl.where(loss == bound, 0.5, 0.0)), 1.0)
+        loss = tl.where(negative, tl.where(bound < loss, bound, loss), loss)
+    else:
+        g = 1.0
+    in_clip = (ratio >= lo) & (ratio <= hi)
+    grad_ratio = (g * w_u) * neg_a + tl.where(in_clip, (g * w_c) * neg_a, 0.0)
+    return loss, tl.where(in_clamp, grad_ratio * ratio, 0.0)
+
+
+@triton.jit
+def policy_token_kernel(x_ptr, b_ptr, part_ptr, rows_ptr, target_ptr, old_ptr, adv_ptr, logp_ptr, loss_ptr,
+                        lse_ptr, y_ptr, a_ptr, n_rows, num_splits, stride_x, inv_temp, cap, lo, hi, neg_dual,
+                        divisor, temperature, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
+                        HAS_DUAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Per row ``r < n_rows`` of a chunk (all pointers but ``x``, ``b``, ``part``, ``target`` at the chunk's
+    first row): ``lse`` from the partials ``part [3, n_rows, num_splits]`` (``M = max m``,
+    ``lse = M + log sum l exp(m - M)``), ``y = target[rows[r]]``, ``logp = z_y - lse`` with ``z`` as the
+    statistics kernel loads it, then ``loss[r]`` and ``a[r] = (dloss/dlogp / divisor) / temperature``
+    (:func:`ppo_dual_clip_terms`); writes ``logp``, ``loss``, ``lse`` (fp32), ``y`` (int64) and ``a``."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = r < n_rows
+    s = tl.arange(0, BLOCK_S)
+    at = r[:, None] * num_splits + s[None, :]
+    ok2 = ok[:, None] & (s[None, :] < num_splits)
+    m = tl.load(part_ptr + at, mask=ok2, other=-float("inf"))
+    l = tl.load(part_ptr + n_rows * num_splits + at, mask=ok2, other=0.0)
+    big = tl.max(m, axis=1)
+    big = tl.where(ok, big, 0.0)
+    total = tl.sum(tl.where(ok2, l * tl.exp(m - big[:, None]), 0.0), axis=1)
+    lse = big + tl.log(tl.where(ok, total, 1.0))
+    y = tl.load(target_ptr + tl.load(rows_ptr + r, mask=ok, other=0), mask=ok, other=0)
+    x_rows = x_ptr + r.to(tl.int64) * stride_x
+    z = load_capped_logits(x_rows, b_ptr, y, ok, inv_temp, cap, HAS_BIAS, HAS_CAP)
+    lp = z - lse
+    old = tl.load(old_ptr + r, mask=ok, other=0.0).to(tl.float32)
+    adv = tl.load(adv_ptr + r, mask=ok, other=0.0).to(tl.float32)
+    loss, dlogp = ppo_dual_clip_terms(lp, old, adv, lo, hi, neg_dual, HAS_DUAL)
+    tl.store(logp_ptr + r, lp, mask=ok)
+    tl.store(loss_ptr + r, loss, mask=ok)
+    tl.store(lse_ptr + r, lse, mask=ok)
+    tl.store(y_ptr + r, y, mask=ok)
+    tl.store(a_ptr + r, (dlogp / divisor) / temperature, mask=ok)
+
+
+def policy_token_terms(x: torch.Tensor, bias: torch.Tensor | None, part: torch.Tensor, rows: torch.Tensor,
+                       target_ids: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, clip, divisor: float,
+                       out: tuple[torch.Tensor, ...], *, temperature: float, softcap: float | None) -> None:
+    """One launch of ``policy_token_kernel`` for a chunk of ``C`` rows.
+
+    ``x [C, V]`` float32 logit block, ``bias [V]`` or None, ``part [3, C, splits]`` float32 from
+    ``logprob_partial_stats_kernel``, ``rows [C]`` int64 (the chunk's rows of ``target_ids [N]`` int64),
+    ``old``, ``adv [C]`` float32, ``clip = (clip_low, clip_high, dual_clip or None)``; ``out = (logp, loss,
+    lse, a) [C]`` float32 and ``y [C]`` int64, written in place (views of the pass's buffers).
+    """
+    logp, loss, lse, a, y = out
+    n_rows, splits = part.shape[1], part.shape[2]
+    clip_low, clip_high, dual = clip
+    block_r = 16 if interpreting() else POLICY_BLOCK_R
+    policy_token_kernel[(triton.cdiv(n_rows, block_r),)](
+        x, x if bias is None else bias, part, rows, target_ids, old, adv, logp, loss, lse, y, a, n_rows, splits,
+        x.stride(0), 1.0 / temperature, cap_arg(softcap), 1.0 - clip_low, 1.0 + clip_high,
+        -1.0 if dual is None else -float(dual), float(divisor), float(temperature), HAS_BIAS=bias is not None,
+        HAS_CAP=softcap is not None, HAS_DUAL=dual is not None, BLOCK_R=block_r,
+        BLOCK_S=max(triton.next_power_of_2(splits), 2), num_warps=4)
 
 
 def codegen_specs() -> list[dict]:

@@ -28,7 +28,7 @@ from ..core.chunks import (FAST_CHUNK_BYTES, LOW_MEMORY_CHUNK_BYTES, GradAccumul
                            gather_rows, logits_into, row_plan, row_selector)
 from ..core.tiles import apply_softcap
 from ..core.kernels import LogprobRowStats, logprob_row_stats
-from .kernels import logprob_logit_grad
+from .kernels import logprob_logit_grad, logprob_logit_grad_scaled, logprob_partials, policy_token_terms
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -181,3 +181,62 @@ def single_pass_token_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: tor
             acc.add(grad, start, stop, h)
     del block
     return total, logp, acc.finish()
+
+
+def single_pass_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                            row_index: torch.Tensor, target_ids: torch.Tensor, old: torch.Tensor, adv: torch.Tensor,
+                            clip: tuple, divisor: float, *, temperature: float, need_hidden: bool,
+                            need_weight: bool, need_bias: bool, chunk_size: int | None = None,
+                            softcap: float | None = None):
+    """The PPO dual-clip loss ``sum_i l_i(logp_i) / divisor`` and its gradients in one pass, without host
+    synchronisation or autograd inside the chunk loop.
+
+    Args: ``hidden [N, H]``, ``weight [V, H]``, ``bias [V]`` or None, ``row_index [Na]`` int64 ascending,
+    ``target_ids [N]`` int64, ``old``, ``adv [Na]`` float32 (the rows' old log-probs and advantages),
+    ``clip = (clip_low, clip_high, dual_clip or None)``, ``divisor`` (``Na`` for a token mean, 1 for a sum);
+    ``softcap`` as in :func:`logprob_forward`.
+    Returns ``(loss float64 0-D (the sum before the divisor), logp [Na] float32, (d_hidden, d_weight,
+    d_bias))``; the gradients are those of ``loss / divisor``.
+
+    Per chunk of ``C`` rows, launches (what a GPU runs): the logit product; the statistics kernel; one
+    ``policy_token_kernel`` (partials merge, sampled logit, ``logp``, per-token loss and its closed-form
+    derivative, the ``d(logits)`` scale); the ``d(logits)`` kernel; the gradient products of
+    :meth:`GradAccumulator.add` (``d(hidden)``, the hidden rows' copy into the ``d(weight)`` fold or the
+    product itself, ``d(bias)``'s column sum and add): 6 to 8.  Rows of a non-``arange`` ``row_index`` are
+    gathered once before the loop (``Na x H`` in the input dtype, no per-chunk gathers).  The per-token
+    losses go to an ``[Na]`` buffer summed once at the end (fixed order: deterministic, no atomics).
+    """
+    p = LogprobProblem.build(hidden, weight, bias, row_index, target_ids, temperature, softcap)
+    device = hidden.device
+    grads = need_hidden or need_weight or (need_bias and bias is not None)
+    chunks = p.chunks(grads, chunk_size)
+    longest = max((b - a for a, b in chunks), default=1)
+    acc = GradAccumulator(p.head, p.row_index, p.contiguous, need_hidden=need_hidden, need_weight=need_weight,
+                          need_bias=need_bias, block_rows=longest)
+    n = p.n_rows
+    logp = torch.empty(n, dtype=torch.float32, device=device)
+    loss_rows = torch.empty(n, dtype=torch.float32, device=device)
+    lse = torch.empty(longest, dtype=torch.float32, device=device)
+    scale = torch.empty_like(lse)
+    y = torch.empty(longest, dtype=torch.int64, device=device)
+    old = old.to(torch.float32).contiguous()
+    adv = adv.to(torch.float32).contiguous()
+    # the distilled rows side by side once (a view when they are all rows), so chunks are slices
+    rows_h = p.head.hidden if p.contiguous else p.head.hidden.index_select(0, p.row_index)
+    weight_used, bias_used, vocab = p.head.used_weight, p.head.used_bias, p.head.vocab
+    block = torch.empty(longest, vocab, dtype=torch.float32, device=device)
+    for start, stop in chunks:
+        c = stop - start
+        h = rows_h[start:stop]
+        x = logits_into(block[:c], h, weight_used)
+        part = logprob_partials(x, bias_used, temperature=p.temperature, softcap=p.softcap)
+        policy_token_terms(x, bias_used, part, p.row_index[start:stop], p.target_ids, old[start:stop],
+                           adv[start:stop], clip, divisor,
+                           (logp[start:stop], loss_rows[start:stop], lse[:c], scale[:c], y[:c]),
+                           temperature=p.temperature, softcap=p.softcap)
+        if acc.active:
+            out = logprob_logit_grad_scaled(x, bias_used, y[:c], lse[:c], scale[:c], acc.grad_block(c),
+                                            temperature=p.temperature, softcap=p.softcap)
+            acc.add(out, start, stop, h)
+    del block
+    return loss_rows.sum(dtype=torch.float64), logp, acc.finish()
