@@ -32,6 +32,8 @@ from ..core.kernels import (GRAD_BLOCK_V, INTERPRETER_BLOCK_V, NUM_PARTIALS, NUM
                             logprob_partial_stats_kernel, vocab_splits)
 
 POLICY_BLOCK_R = 128    # rows per program of policy_token_kernel (a chunk of 512 rows: 4 programs)
+COLSUM_BLOCK_R = 32     # column_sum_add_kernel: rows per loaded tile ...
+COLSUM_BLOCK_V = 256    # ... and columns per program
 
 @triton.jit
 def logprob_logit_grad_kernel(x_ptr, b_ptr, y_ptr, grad_ptr, max_ptr, lse_ptr, mean_ptr, a_ptr, e_ptr, vocab,
@@ -202,6 +204,34 @@ def policy_token_terms(x: torch.Tensor, bias: torch.Tensor | None, part: torch.T
         -1.0 if dual is None else -float(dual), float(divisor), float(temperature), HAS_BIAS=bias is not None,
         HAS_CAP=softcap is not None, HAS_DUAL=dual is not None, BLOCK_R=block_r,
         BLOCK_S=max(triton.next_power_of_2(splits), 2), num_warps=4)
+
+
+@triton.jit
+def column_sum_add_kernel(g_ptr, out_ptr, n_rows, vocab, stride_g, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+    """``out[cols] += sum_rows g[rows, cols]`` (fp32 accumulation) for one block of columns; each program owns
+    its columns and adds its rows in a fixed order (no atomics: deterministic)."""
+    cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+    ok = cols < vocab
+    offs = tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    for start in range(0, n_rows, BLOCK_R):
+        rows = start + offs
+        tile = tl.load(g_ptr + rows.to(tl.int64)[:, None] * stride_g + cols[None, :],
+                       mask=(rows < n_rows)[:, None] & ok[None, :], other=0.0)
+        acc += tl.sum(tile.to(tl.float32), axis=0)
+    tl.store(out_ptr + cols, tl.load(out_ptr + cols, mask=ok, other=0.0) + acc, mask=ok)
+
+
+def column_sum_add(grad: torch.Tensor, out: torch.Tensor) -> None:
+    """``out [V] += grad.sum(0)`` in one launch: ``grad [C, V]`` (any float dtype, unit column stride),
+    ``out`` float32 contiguous (the one-pass policy loss's ``d(bias)``; the generic path's column sum, in-place
+    add and slice write-back are three launches).  Reads ``C V`` gradient entries once, like the sum it
+    replaces; ``COLSUM_BLOCK_V``-column programs (about 600 at V = 152k) loop over the rows in
+    ``COLSUM_BLOCK_R``-row tiles."""
+    n_rows, vocab = grad.shape
+    block_r, block_v = (4, 16) if interpreting() else (COLSUM_BLOCK_R, COLSUM_BLOCK_V)
+    column_sum_add_kernel[(triton.cdiv(vocab, block_v),)](grad, out, n_rows, vocab, grad.stride(0),
+                                                          BLOCK_R=block_r, BLOCK_V=block_v, num_warps=4)
 
 
 def codegen_specs() -> list[dict]:

@@ -28,7 +28,8 @@ from ..core.chunks import (FAST_CHUNK_BYTES, LOW_MEMORY_CHUNK_BYTES, GradAccumul
                            gather_rows, logits_into, row_plan, row_selector)
 from ..core.tiles import apply_softcap
 from ..core.kernels import LogprobRowStats, logprob_row_stats
-from .kernels import logprob_logit_grad, logprob_logit_grad_scaled, logprob_partials, policy_token_terms
+from .kernels import (column_sum_add, logprob_logit_grad, logprob_logit_grad_scaled, logprob_partials,
+                      policy_token_terms)
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -202,7 +203,8 @@ def single_pass_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: to
     ``policy_token_kernel`` (partials merge, sampled logit, ``logp``, per-token loss and its closed-form
     derivative, the ``d(logits)`` scale); the ``d(logits)`` kernel; the gradient products of
     :meth:`GradAccumulator.add` (``d(hidden)``, the hidden rows' copy into the ``d(weight)`` fold or the
-    product itself, ``d(bias)``'s column sum and add): 6 to 8.  Rows of a non-``arange`` ``row_index`` are
+    product itself) and ``d(bias)``'s column sum (:func:`column_sum_add`, one launch): 6 or 7, plus the
+    d(weight) fold's product once per fold group.  Rows of a non-``arange`` ``row_index`` are
     gathered once before the loop (``Na x H`` in the input dtype, no per-chunk gathers).  The per-token
     losses go to an ``[Na]`` buffer summed once at the end (fixed order: deterministic, no atomics).
     """
@@ -212,7 +214,10 @@ def single_pass_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: to
     chunks = p.chunks(grads, chunk_size)
     longest = max((b - a for a, b in chunks), default=1)
     acc = GradAccumulator(p.head, p.row_index, p.contiguous, need_hidden=need_hidden, need_weight=need_weight,
-                          need_bias=need_bias, block_rows=longest)
+                          need_bias=False, block_rows=longest)
+    # d(bias) here: one column-sum launch per chunk instead of GradAccumulator's three
+    d_bias = torch.zeros(bias.shape[0], dtype=torch.float32, device=device) \
+        if (need_bias and bias is not None) else None
     n = p.n_rows
     logp = torch.empty(n, dtype=torch.float32, device=device)
     loss_rows = torch.empty(n, dtype=torch.float32, device=device)
@@ -225,6 +230,9 @@ def single_pass_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: to
     rows_h = p.head.hidden if p.contiguous else p.head.hidden.index_select(0, p.row_index)
     weight_used, bias_used, vocab = p.head.used_weight, p.head.used_bias, p.head.vocab
     block = torch.empty(longest, vocab, dtype=torch.float32, device=device)
+    # only d(bias) needed: a d(logits) block of our own (GradAccumulator holds none)
+    block_grad = torch.empty(longest * vocab, dtype=hidden.dtype, device=device) \
+        if (d_bias is not None and not acc.active) else None
     for start, stop in chunks:
         c = stop - start
         h = rows_h[start:stop]
@@ -234,9 +242,15 @@ def single_pass_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: to
                            adv[start:stop], clip, divisor,
                            (logp[start:stop], loss_rows[start:stop], lse[:c], scale[:c], y[:c]),
                            temperature=p.temperature, softcap=p.softcap)
-        if acc.active:
-            out = logprob_logit_grad_scaled(x, bias_used, y[:c], lse[:c], scale[:c], acc.grad_block(c),
-                                            temperature=p.temperature, softcap=p.softcap)
-            acc.add(out, start, stop, h)
+        if acc.active or d_bias is not None:
+            out = acc.grad_block(c) if acc.active else block_grad[: c * vocab].view(c, vocab)
+            logprob_logit_grad_scaled(x, bias_used, y[:c], lse[:c], scale[:c], out, temperature=p.temperature,
+                                      softcap=p.softcap)
+            if d_bias is not None:
+                column_sum_add(out, d_bias[:vocab])
+            if acc.active:
+                acc.add(out, start, stop, h)
     del block
-    return loss_rows.sum(dtype=torch.float64), logp, acc.finish()
+    d_hidden, d_weight, _ = acc.finish()
+    return loss_rows.sum(dtype=torch.float64), logp, (d_hidden, d_weight,
+                                                      None if d_bias is None else d_bias.to(bias.dtype))
