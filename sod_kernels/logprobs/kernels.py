@@ -235,9 +235,32 @@ def column_sum_add(grad: torch.Tensor, out: torch.Tensor) -> None:
 
 
 def codegen_specs() -> list[dict]:
-    """The two kernels at the headline launch (bf16 gradient blocks, with bias and entropy), and again with
+    """The kernels at the headline launch (bf16 gradient blocks, with bias and entropy; the one-pass policy
+    loss's token kernel at 512-row chunks, two vocabulary splits, and its d(bias) column sum), and again with
     the soft-cap on, for ``benchmarks.codegen`` (sm_90 compile check)."""
     specs = []
+    for capped in (False, True):
+        tag = "softcap " if capped else ""
+        specs.append({
+            "name": f"policy_token_kernel[{tag}br{POLICY_BLOCK_R}]", "fn": policy_token_kernel,
+            "signature": {"x_ptr": "*fp32", "b_ptr": "*bf16", "part_ptr": "*fp32", "rows_ptr": "*i64",
+                          "target_ptr": "*i64", "old_ptr": "*fp32", "adv_ptr": "*fp32", "logp_ptr": "*fp32",
+                          "loss_ptr": "*fp32", "lse_ptr": "*fp32", "y_ptr": "*i64", "a_ptr": "*fp32",
+                          "n_rows": "i32", "num_splits": "i32", "stride_x": "i32", "inv_temp": "fp32",
+                          "cap": "fp32", "lo": "fp32", "hi": "fp32", "neg_dual": "fp32", "divisor": "fp32",
+                          "temperature": "fp32"},
+            "constexprs": {"HAS_BIAS": True, "HAS_CAP": capped, "HAS_DUAL": True, "BLOCK_R": POLICY_BLOCK_R,
+                           "BLOCK_S": 2},
+            "num_warps": 4, "num_stages": 1, "expect_hgmma": False,
+            "divisible_by_16": ["n_rows", "stride_x"],
+        })
+    specs.append({
+        "name": f"column_sum_add_kernel[br{COLSUM_BLOCK_R} bv{COLSUM_BLOCK_V}]", "fn": column_sum_add_kernel,
+        "signature": {"g_ptr": "*bf16", "out_ptr": "*fp32", "n_rows": "i32", "vocab": "i32", "stride_g": "i32"},
+        "constexprs": {"BLOCK_R": COLSUM_BLOCK_R, "BLOCK_V": COLSUM_BLOCK_V},
+        "num_warps": 4, "num_stages": 1, "expect_hgmma": False,
+        "divisible_by_16": ["n_rows", "vocab", "stride_g"],
+    })
     for capped in (False, True):
         tag = "softcap " if capped else ""
         specs += [{
