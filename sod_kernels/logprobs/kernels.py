@@ -97,19 +97,81 @@ def logprob_logit_grad_scaled(x: torch.Tensor, bias: torch.Tensor | None, target
 
 
 def logprob_partials(x: torch.Tensor, bias: torch.Tensor | None, *, temperature: float,
-                     softcap: float | None = None) -> torch.Tensor:
-    """``part [3, C, splits]`` float32: one launch of ``logprob_partial_stats_kernel`` (no entropy) over the
-    logit block ``x [C, V]``, the per-split ``(max, sum of exponentials, 0)`` that ``policy_token_kernel``
-    merges; the merge of :func:`sod_kernels.core.kernels.logprob_row_stats` without its tensor operations."""
+                     softcap: float | None = None, with_entropy: bool = False) -> torch.Tensor:
+    """``part [3, C, splits]`` float32: one launch of ``logprob_partial_stats_kernel`` over the logit block
+    ``x [C, V]``, the per-split ``(max, sum of exponentials, B' or 0)`` that ``logprob_token_kernel`` /
+    ``policy_token_kernel`` merge (:func:`merge_row_partials`): the statistics of
+    :func:`sod_kernels.core.kernels.logprob_row_stats` without its tensor operations."""
     n_rows, vocab = x.shape
     block, cols_per_split, splits = vocab_splits(n_rows, vocab)
     part = torch.empty((NUM_PARTIALS, n_rows, splits), dtype=torch.float32, device=x.device)
     if n_rows:
         logprob_partial_stats_kernel[(n_rows, splits)](
             x, x if bias is None else bias, part, n_rows, vocab, x.stride(0), cols_per_split, splits,
-            1.0 / temperature, cap_arg(softcap), HAS_BIAS=bias is not None, WITH_ENTROPY=False, BLOCK_V=block,
-            HAS_CAP=softcap is not None, num_warps=NUM_WARPS)
+            1.0 / temperature, cap_arg(softcap), HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy,
+            BLOCK_V=block, HAS_CAP=softcap is not None, num_warps=NUM_WARPS)
     return part
+
+
+@triton.jit
+def merge_row_partials(part_ptr, r, ok, n_rows, num_splits, WITH_ENTROPY: tl.constexpr, BLOCK_S: tl.constexpr):
+    """``(M, log L, mean)`` of the rows ``r`` (``ok``: in range) from ``part [3, n_rows, num_splits]`` (per split
+    ``m``, ``l``, ``B'``), the merge of :func:`sod_kernels.core.kernels.logprob_row_stats` in registers:
+    ``M = max m``, ``L = sum l e^(m - M)`` (``lse = M + log L``) and with ``WITH_ENTROPY``
+    ``mean = sum e^(m - M) (B' + l (m - M)) / L`` (``E_p[z] - M``; the entropy is ``log L - mean``), else 0."""
+    s = tl.arange(0, BLOCK_S)
+    at = r[:, None] * num_splits + s[None, :]
+    ok2 = ok[:, None] & (s[None, :] < num_splits)
+    m = tl.load(part_ptr + at, mask=ok2, other=-float("inf"))
+    l = tl.load(part_ptr + n_rows * num_splits + at, mask=ok2, other=0.0)
+    big = tl.where(ok, tl.max(m, axis=1), 0.0)
+    shift = tl.where(ok2, m - big[:, None], 0.0)
+    scale = tl.where(ok2, tl.exp(shift), 0.0)
+    total = tl.where(ok, tl.sum(l * scale, axis=1), 1.0)
+    log_total = tl.log(total)
+    mean = tl.zeros_like(log_total)
+    if WITH_ENTROPY:
+        b = tl.load(part_ptr + 2 * n_rows * num_splits + at, mask=ok2, other=0.0)
+        mean = tl.sum(scale * (b + l * shift), axis=1) / total
+    return big, log_total, mean
+
+
+@triton.jit
+def logprob_token_kernel(x_ptr, b_ptr, part_ptr, y_ptr, logp_ptr, lse_ptr, max_ptr, mean_ptr, ent_ptr, n_rows,
+                         num_splits, stride_x, inv_temp, cap, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
+                         WITH_ENTROPY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Per row ``r < n_rows`` of a chunk (output and ``y`` pointers at the chunk's first row): the merged
+    statistics (:func:`merge_row_partials`) and ``logp = z_y - lse``; writes ``logp``, ``lse``, ``max`` and,
+    with ``WITH_ENTROPY``, ``mean`` and ``entropy = log L - mean`` (float32)."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = r < n_rows
+    big, log_total, mean = merge_row_partials(part_ptr, r, ok, n_rows, num_splits, WITH_ENTROPY, BLOCK_S)
+    lse = big + log_total
+    y = tl.load(y_ptr + r, mask=ok, other=0)
+    lp = load_capped_logits(x_ptr + r.to(tl.int64) * stride_x, b_ptr, y, ok, inv_temp, cap, HAS_BIAS, HAS_CAP) - lse
+    tl.store(logp_ptr + r, lp, mask=ok)
+    tl.store(lse_ptr + r, lse, mask=ok)
+    tl.store(max_ptr + r, big, mask=ok)
+    if WITH_ENTROPY:
+        tl.store(mean_ptr + r, mean, mask=ok)
+        tl.store(ent_ptr + r, log_total - mean, mask=ok)
+
+
+def logprob_token_terms(x: torch.Tensor, bias: torch.Tensor | None, part: torch.Tensor, targets: torch.Tensor,
+                        out: tuple, *, temperature: float, softcap: float | None) -> None:
+    """One launch of ``logprob_token_kernel`` for a chunk of ``C`` rows: ``x [C, V]`` float32, ``bias [V]`` or
+    None, ``part [3, C, splits]`` from :func:`logprob_partials`, ``targets [C]`` int64 contiguous;
+    ``out = (logp, lse, max, mean, entropy)`` ``[C]`` float32 views written in place (``mean`` and
+    ``entropy`` None without the entropy)."""
+    logp, lse, big, mean, entropy = out
+    n_rows, splits = part.shape[1], part.shape[2]
+    with_entropy = entropy is not None
+    block_r = 16 if interpreting() else POLICY_BLOCK_R
+    logprob_token_kernel[(triton.cdiv(n_rows, block_r),)](
+        x, x if bias is None else bias, part, targets, logp, lse, big, mean if with_entropy else lse,
+        entropy if with_entropy else lse, n_rows, splits, x.stride(0), 1.0 / temperature, cap_arg(softcap),
+        HAS_BIAS=bias is not None, HAS_CAP=softcap is not None, WITH_ENTROPY=with_entropy, BLOCK_R=block_r,
+        BLOCK_S=max(triton.next_power_of_2(splits), 2), num_warps=4)
 
 
 @triton.jit
@@ -150,56 +212,46 @@ def ppo_dual_clip_terms(lp, old, adv, lo, hi, neg_dual, HAS_DUAL: tl.constexpr):
 
 
 @triton.jit
-def policy_token_kernel(x_ptr, b_ptr, part_ptr, rows_ptr, target_ptr, old_ptr, adv_ptr, logp_ptr, loss_ptr,
-                        lse_ptr, y_ptr, a_ptr, n_rows, num_splits, stride_x, inv_temp, cap, lo, hi, neg_dual,
-                        divisor, temperature, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
-                        HAS_DUAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Per row ``r < n_rows`` of a chunk (all pointers but ``x``, ``b``, ``part``, ``target`` at the chunk's
-    first row): ``lse`` from the partials ``part [3, n_rows, num_splits]`` (``M = max m``,
-    ``lse = M + log sum l exp(m - M)``), ``y = target[rows[r]]``, ``logp = z_y - lse`` with ``z`` as the
-    statistics kernel loads it, then ``loss[r]`` and ``a[r] = (dloss/dlogp / divisor) / temperature``
-    (:func:`ppo_dual_clip_terms`); writes ``logp``, ``loss``, ``lse`` (fp32), ``y`` (int64) and ``a``."""
+def policy_token_kernel(x_ptr, b_ptr, part_ptr, y_ptr, old_ptr, adv_ptr, logp_ptr, loss_ptr, lse_ptr, a_ptr,
+                        n_rows, num_splits, stride_x, inv_temp, cap, lo, hi, neg_dual, divisor, temperature,
+                        HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, HAS_DUAL: tl.constexpr,
+                        BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Per row ``r < n_rows`` of a chunk (all pointers but ``x``, ``b``, ``part`` at the chunk's first row):
+    ``lse`` from the partials ``part [3, n_rows, num_splits]`` (:func:`merge_row_partials`),
+    ``logp = z_y - lse`` with ``z`` as the statistics kernel loads it, then ``loss[r]`` and
+    ``a[r] = (dloss/dlogp / divisor) / temperature`` (:func:`ppo_dual_clip_terms`); writes ``logp``,
+    ``loss``, ``lse`` and ``a`` (float32)."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ok = r < n_rows
-    s = tl.arange(0, BLOCK_S)
-    at = r[:, None] * num_splits + s[None, :]
-    ok2 = ok[:, None] & (s[None, :] < num_splits)
-    m = tl.load(part_ptr + at, mask=ok2, other=-float("inf"))
-    l = tl.load(part_ptr + n_rows * num_splits + at, mask=ok2, other=0.0)
-    big = tl.max(m, axis=1)
-    big = tl.where(ok, big, 0.0)
-    total = tl.sum(tl.where(ok2, l * tl.exp(m - big[:, None]), 0.0), axis=1)
-    lse = big + tl.log(tl.where(ok, total, 1.0))
-    y = tl.load(target_ptr + tl.load(rows_ptr + r, mask=ok, other=0), mask=ok, other=0)
-    x_rows = x_ptr + r.to(tl.int64) * stride_x
-    z = load_capped_logits(x_rows, b_ptr, y, ok, inv_temp, cap, HAS_BIAS, HAS_CAP)
-    lp = z - lse
+    big, log_total, _ = merge_row_partials(part_ptr, r, ok, n_rows, num_splits, False, BLOCK_S)
+    lse = big + log_total
+    y = tl.load(y_ptr + r, mask=ok, other=0)
+    lp = load_capped_logits(x_ptr + r.to(tl.int64) * stride_x, b_ptr, y, ok, inv_temp, cap, HAS_BIAS, HAS_CAP) - lse
     old = tl.load(old_ptr + r, mask=ok, other=0.0).to(tl.float32)
     adv = tl.load(adv_ptr + r, mask=ok, other=0.0).to(tl.float32)
     loss, dlogp = ppo_dual_clip_terms(lp, old, adv, lo, hi, neg_dual, HAS_DUAL)
     tl.store(logp_ptr + r, lp, mask=ok)
     tl.store(loss_ptr + r, loss, mask=ok)
     tl.store(lse_ptr + r, lse, mask=ok)
-    tl.store(y_ptr + r, y, mask=ok)
     tl.store(a_ptr + r, (dlogp / divisor) / temperature, mask=ok)
 
 
-def policy_token_terms(x: torch.Tensor, bias: torch.Tensor | None, part: torch.Tensor, rows: torch.Tensor,
-                       target_ids: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, clip, divisor: float,
-                       out: tuple[torch.Tensor, ...], *, temperature: float, softcap: float | None) -> None:
+def policy_token_terms(x: torch.Tensor, bias: torch.Tensor | None, part: torch.Tensor, targets: torch.Tensor,
+                       old: torch.Tensor, adv: torch.Tensor, clip, divisor: float, out: tuple[torch.Tensor, ...], *,
+                       temperature: float, softcap: float | None) -> None:
     """One launch of ``policy_token_kernel`` for a chunk of ``C`` rows.
 
     ``x [C, V]`` float32 logit block, ``bias [V]`` or None, ``part [3, C, splits]`` float32 from
-    ``logprob_partial_stats_kernel``, ``rows [C]`` int64 (the chunk's rows of ``target_ids [N]`` int64),
-    ``old``, ``adv [C]`` float32, ``clip = (clip_low, clip_high, dual_clip or None)``; ``out = (logp, loss,
-    lse, a) [C]`` float32 and ``y [C]`` int64, written in place (views of the pass's buffers).
+    :func:`logprob_partials`, ``targets [C]`` int64, ``old``, ``adv [C]`` float32 (contiguous views),
+    ``clip = (clip_low, clip_high, dual_clip or None)``; ``out = (logp, loss, lse, a)`` ``[C]`` float32,
+    written in place (views of the pass's buffers).
     """
-    logp, loss, lse, a, y = out
+    logp, loss, lse, a = out
     n_rows, splits = part.shape[1], part.shape[2]
     clip_low, clip_high, dual = clip
     block_r = 16 if interpreting() else POLICY_BLOCK_R
     policy_token_kernel[(triton.cdiv(n_rows, block_r),)](
-        x, x if bias is None else bias, part, rows, target_ids, old, adv, logp, loss, lse, y, a, n_rows, splits,
+        x, x if bias is None else bias, part, targets, old, adv, logp, loss, lse, a, n_rows, splits,
         x.stride(0), 1.0 / temperature, cap_arg(softcap), 1.0 - clip_low, 1.0 + clip_high,
         -1.0 if dual is None else -float(dual), float(divisor), float(temperature), HAS_BIAS=bias is not None,
         HAS_CAP=softcap is not None, HAS_DUAL=dual is not None, BLOCK_R=block_r,
@@ -235,21 +287,32 @@ def column_sum_add(grad: torch.Tensor, out: torch.Tensor) -> None:
 
 
 def codegen_specs() -> list[dict]:
-    """The kernels at the headline launch (bf16 gradient blocks, with bias and entropy; the one-pass policy
-    loss's token kernel at 512-row chunks, two vocabulary splits, and its d(bias) column sum), and again with
-    the soft-cap on, for ``benchmarks.codegen`` (sm_90 compile check)."""
+    """The kernels at the headline launch (bf16 gradient blocks, with bias and entropy; the per-row token
+    kernels of the log-probs and of the one-pass policy loss at 512-row chunks, two vocabulary splits; the
+    d(bias) column sum), and again with the soft-cap on, for ``benchmarks.codegen`` (sm_90 compile check)."""
     specs = []
     for capped in (False, True):
         tag = "softcap " if capped else ""
         specs.append({
             "name": f"policy_token_kernel[{tag}br{POLICY_BLOCK_R}]", "fn": policy_token_kernel,
-            "signature": {"x_ptr": "*fp32", "b_ptr": "*bf16", "part_ptr": "*fp32", "rows_ptr": "*i64",
-                          "target_ptr": "*i64", "old_ptr": "*fp32", "adv_ptr": "*fp32", "logp_ptr": "*fp32",
-                          "loss_ptr": "*fp32", "lse_ptr": "*fp32", "y_ptr": "*i64", "a_ptr": "*fp32",
+            "signature": {"x_ptr": "*fp32", "b_ptr": "*bf16", "part_ptr": "*fp32", "y_ptr": "*i64",
+                          "old_ptr": "*fp32", "adv_ptr": "*fp32", "logp_ptr": "*fp32",
+                          "loss_ptr": "*fp32", "lse_ptr": "*fp32", "a_ptr": "*fp32",
                           "n_rows": "i32", "num_splits": "i32", "stride_x": "i32", "inv_temp": "fp32",
                           "cap": "fp32", "lo": "fp32", "hi": "fp32", "neg_dual": "fp32", "divisor": "fp32",
                           "temperature": "fp32"},
             "constexprs": {"HAS_BIAS": True, "HAS_CAP": capped, "HAS_DUAL": True, "BLOCK_R": POLICY_BLOCK_R,
+                           "BLOCK_S": 2},
+            "num_warps": 4, "num_stages": 1, "expect_hgmma": False,
+            "divisible_by_16": ["n_rows", "stride_x"],
+        })
+        specs.append({
+            "name": f"logprob_token_kernel[{tag}entropy br{POLICY_BLOCK_R}]", "fn": logprob_token_kernel,
+            "signature": {"x_ptr": "*fp32", "b_ptr": "*bf16", "part_ptr": "*fp32", "y_ptr": "*i64",
+                          "logp_ptr": "*fp32", "lse_ptr": "*fp32", "max_ptr": "*fp32", "mean_ptr": "*fp32",
+                          "ent_ptr": "*fp32", "n_rows": "i32", "num_splits": "i32", "stride_x": "i32",
+                          "inv_temp": "fp32", "cap": "fp32"},
+            "constexprs": {"HAS_BIAS": True, "HAS_CAP": capped, "WITH_ENTROPY": True, "BLOCK_R": POLICY_BLOCK_R,
                            "BLOCK_S": 2},
             "num_warps": 4, "num_stages": 1, "expect_hgmma": False,
             "divisible_by_16": ["n_rows", "stride_x"],

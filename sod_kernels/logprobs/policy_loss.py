@@ -140,8 +140,9 @@ class SinglePassPolicyLoss(torch.autograd.Function):
     The loss is a per-token function of ``logp_new``; its derivative is known in closed form
     (:func:`ppo_dual_clip_grad`, equal to autograd of :func:`ppo_dual_clip`, the expression the two-pass
     path differentiates) and folded into ``d(logits)`` right after the chunk's log-sum-exp: on the Triton
-    backend inside one small kernel per chunk (:func:`sod_kernels.logprobs.triton_backend.single_pass_policy_loss`,
-    6 to 8 launches per chunk and no host synchronisation in its loop), on the CPU per chunk in PyTorch.  Inputs: hidden ``[N, H]``, weight,
+    backend inside one small kernel per chunk
+    (:func:`sod_kernels.logprobs.triton_backend.single_pass_policy_loss`: 6 or 7 launches per chunk, no
+    host synchronisation in its loop), on the CPU per chunk in PyTorch.  Inputs: hidden ``[N, H]``, weight,
     bias, row_index ``[Na]``, target_ids ``[N]``, temperature, old log-probs and advantages ``[Na]``,
     ``(clip_low, clip_high, dual_clip)``, the divisor of the sum (``Na`` for a token mean, 1 for a sum), and
     :class:`~sod_kernels.core.options.PassOptions` (backend, temperature, chunk_size, ``student_softcap``): the
