@@ -23,7 +23,7 @@ import triton.language as tl
 
 from benchmarks.launches import LaunchCounter
 from reference import ref_ppo_dual_clip_loss, ref_token_logprobs
-from sod_kernels import fused_sod_policy_loss
+from sod_kernels import fused_sod_policy_loss, fused_token_logprobs
 from sod_kernels.logprobs.kernels import ppo_dual_clip_terms
 from sod_kernels.logprobs.policy_loss import ppo_dual_clip, ppo_dual_clip_grad
 from tests.conftest import HAS_CUDA
@@ -110,6 +110,38 @@ def test_launches_per_chunk_and_no_sync_inside_the_loop(bias, contiguous):
     assert not [name for kind, name in inside if kind == "sync"], inside
     # ... and no autograd: its backward nodes would show as extra operations in the loop
     assert five.by_op.get("where", 0) == one.by_op.get("where", 0)
+
+
+MAX_LOGPROB_FORWARD_PER_CHUNK = 3   # product, statistics, logprob_token_kernel
+MAX_LOGPROB_BACKWARD_PER_CHUNK = 5  # product, d(logits), d(hidden), the d(weight) fold's copy, d(bias)
+
+
+def _count_logprobs(chunks, chunk_size, *, bias, contiguous, entropy, H=8, V=64):
+    """``(forward counter, backward counter)`` of ``fused_token_logprobs`` over ``chunks`` chunks."""
+    n = chunks * chunk_size + (0 if contiguous else 6)
+    hidden, weight, b, y, _, _, mask = _policy_inputs(n, H, V, bias=bias, contiguous=contiguous)
+    with OrderedCounter() as forward:
+        out = fused_token_logprobs(hidden, weight, y, bias=b, backend="triton", chunk_size=chunk_size,
+                                   return_entropy=entropy, check_inputs=False)
+    lp, ent = out if entropy else (out, None)
+    loss = (lp * mask).sum() + (0 if ent is None else (ent * mask).sum())
+    with OrderedCounter() as backward:
+        loss.backward()
+    return forward, backward
+
+
+@pytest.mark.parametrize("bias,contiguous,entropy", [(False, True, False), (True, True, True)])
+def test_token_logprobs_launches_per_chunk(bias, contiguous, entropy):
+    """``fused_token_logprobs`` (the two-pass contract: a forward and a recomputing backward) on the same diet."""
+    chunk, many = 8, 5
+    one = _count_logprobs(1, chunk, bias=bias, contiguous=contiguous, entropy=entropy)
+    five = _count_logprobs(many, chunk, bias=bias, contiguous=contiguous, entropy=entropy)
+    for k, limit in ((0, MAX_LOGPROB_FORWARD_PER_CHUNK), (1, MAX_LOGPROB_BACKWARD_PER_CHUNK)):
+        per_chunk = (five[k].launches - one[k].launches) / (many - 1)
+        assert per_chunk <= limit, (k, per_chunk, five[k].by_op, five[k].by_kernel)
+        assert five[k].syncs == one[k].syncs, (k, five[k].sync_ops)
+        kernels = [i for i, (kind, _) in enumerate(five[k].events) if kind == "kernel"]
+        assert not [e for e in five[k].events[kernels[0]: kernels[-1] + 1] if e[0] == "sync"]
 
 
 # ----------------------------------------------------------------------------------- closed-form derivative
@@ -298,6 +330,23 @@ def test_triton_single_pass_dual_clip_disabled_matches_two_pass():
     assert loss.item() == pytest.approx(per.sum().item(), rel=1e-5)
     for got, ref in zip(grads, ins):
         torch.testing.assert_close(got, ref.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_triton_single_pass_bias_gradient_only():
+    """Only the bias needs a gradient: the pass writes d(logits) into a block of its own."""
+    p = _problem(13, 5, 23, seed=4, bias=True)
+    hidden, weight, b, y, mask, old, adv = p
+    bias = b.float().requires_grad_()
+    loss = fused_sod_policy_loss(hidden.float(), weight.float(), y, old.float(), adv.float(), mask,
+                                 student_bias=bias, backend="triton", chunk_size=4)
+    loss.backward()
+    ref_bias = b.clone().requires_grad_()
+    logp = ref_token_logprobs(hidden, weight, y, ref_bias, 1.0)
+    want = ref_ppo_dual_clip_loss(logp, old, adv, mask)
+    want.backward()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-7)
+    err = ((bias.grad.double() - ref_bias.grad).norm() / ref_bias.grad.norm()).item()
+    assert err <= 1e-4
 
 
 def test_triton_single_pass_is_deterministic():
