@@ -5,20 +5,29 @@ bias, the optional soft-cap ``c`` and ``1/tau`` are applied on load, ``z = (x + 
 ``z = c tanh((x + b) / c) / tau``, ``p = softmax(z)``; with a cap, ``d(logits)`` is multiplied by the cap's
 slope ``1 - tanh^2((x + b) / c)``, computed from the same loaded value.
 
-- The row statistics (log-sum-exp, and the entropy ``H = log L - B / L``) come from the statistics kernel
-  every loss shares, :func:`sod_kernels.core.kernels.logprob_row_stats`.
-- ``policy_token_kernel`` (grid: blocks of rows; the one-pass policy loss): merges the statistics kernel's
-  per-split partials into ``lse``, gathers the sampled logit, and forms ``logp(y)``, the PPO dual-clip loss
-  of each token and its derivative in closed form (:func:`ppo_dual_clip_terms`), writing per row ``logp``,
-  the token's loss, ``lse``, the target id and the upstream scale ``a`` of the ``d(logits)`` kernel: one
-  launch for what were ~80 small tensor operations (the merge, the gather, an autograd of the clip).
-  ``O(C * splits)`` bytes: negligible next to the blocks.
+Per chunk the epilogue is three launches forward (statistics, token kernel) and one or two for the gradient
+(``d(logits)``, the ``d(bias)`` column sum); every other per-row quantity is computed inside them, so no
+small tensor operation (each a kernel launch and a gap on a GPU) runs per chunk.
+
+- The per-split row statistics (max, sum of exponentials, and the entropy's accumulator) come from the
+  statistics kernel every loss shares, ``logprob_partial_stats_kernel`` of :mod:`sod_kernels.core.kernels`
+  (:func:`logprob_partials`).
+- ``logprob_token_kernel`` (grid: blocks of rows; token log-probs): merges the partials in registers
+  (:func:`merge_row_partials`: ``lse``, the max, ``E_p[z] - M`` and the entropy ``H = log L - B / L``) and
+  reads the sampled logit, writing ``logp(y)``, ``lse``, the frame and the entropy per row.
+- ``policy_token_kernel`` (grid: blocks of rows; the one-pass policy loss): the same merge and ``logp(y)``,
+  then the PPO dual-clip loss of each token and its derivative in closed form
+  (:func:`ppo_dual_clip_terms`), writing per row ``logp``, the token's loss, ``lse`` and the upstream scale
+  ``a`` of the ``d(logits)`` kernel: one launch for what were ~80 small tensor operations (the merge, the
+  gather, an autograd of the clip).
+  Both token kernels move ``O(C * splits)`` bytes: negligible next to the blocks.
 - ``logprob_logit_grad_kernel`` (grid: rows x column blocks) writes, in the gradient dtype,
   ``d(logits) = a_row (onehot(y) - p) + e_row (-p ((z - M) - B / L))``: the first term is ``d logp(y)/dz``,
   the second ``dH/dz``; ``a_row`` and ``e_row`` hold the upstream gradients and ``1/tau``.
+- ``column_sum_add_kernel`` (grid: column blocks): ``d(bias) += colsum(d(logits))`` in a fixed row order.
 
-Both are bandwidth bound: ``4 C V`` bytes read for the statistics, ``4 C V`` read and ``2 C V`` written
-(16-bit gradient) for ``d(logits)``.
+The statistics and ``d(logits)`` kernels are bandwidth bound: ``4 C V`` bytes read for the statistics,
+``4 C V`` read and ``2 C V`` written (16-bit gradient) for ``d(logits)``, ``2 C V`` read by the column sum.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from ..core.kernels import (GRAD_BLOCK_V, INTERPRETER_BLOCK_V, NUM_PARTIALS, NUM
 POLICY_BLOCK_R = 128    # rows per program of policy_token_kernel (a chunk of 512 rows: 4 programs)
 COLSUM_BLOCK_R = 32     # column_sum_add_kernel: rows per loaded tile ...
 COLSUM_BLOCK_V = 256    # ... and columns per program
+
 
 @triton.jit
 def logprob_logit_grad_kernel(x_ptr, b_ptr, y_ptr, grad_ptr, max_ptr, lse_ptr, mean_ptr, a_ptr, e_ptr, vocab,
@@ -60,18 +70,6 @@ def logprob_logit_grad_kernel(x_ptr, b_ptr, y_ptr, grad_ptr, max_ptr, lse_ptr, m
         g = g * slope
     g = tl.where(ok, g, 0.0)
     tl.store(grad_ptr + row.to(tl.int64) * stride_g + cols, g.to(grad_ptr.dtype.element_ty), mask=ok)
-
-
-def logprob_logit_grad(x: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, stats: LogprobRowStats,
-                       grad_logprob: torch.Tensor, grad_entropy: torch.Tensor | None, out: torch.Tensor, *,
-                       temperature: float, softcap: float | None = None) -> torch.Tensor:
-    """``out [C, V]`` (gradient dtype) <- ``d(logits)`` of upstream ``grad_logprob [C]`` (and ``grad_entropy
-    [C]`` or None) through ``logp(y) = z_y - lse`` and ``H``; ``targets [C]`` int64; ``softcap`` as in
-    :func:`logprob_row_stats` (the cap's slope is applied)."""
-    a = (grad_logprob.to(torch.float32) / temperature).contiguous()
-    e = None if grad_entropy is None else (grad_entropy.to(torch.float32) / temperature).contiguous()
-    return logprob_logit_grad_scaled(x, bias, targets.contiguous(), stats.lse, a, out, temperature=temperature,
-                                     softcap=softcap, frame=stats, scale_entropy=e)
 
 
 def logprob_logit_grad_scaled(x: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, lse: torch.Tensor,
