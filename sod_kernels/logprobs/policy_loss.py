@@ -190,10 +190,12 @@ def finish_policy_loss(logp, old, adv, clip, row_index, lead, *, reduction: str,
     single pass formed it (with its gradient), else None.  Returns the loss or :class:`PolicyLossStats`.
     """
     n_flat = math.prod(lead)
-    per_row, ratio, log_ratio, low, high, dual = ppo_dual_clip(logp, old, adv, *clip)
-    acc = per_row.dtype
     normalizer = max(row_index.numel(), 1)
+    # the per-token terms again (O(Na) elementwise operations) only where something reads them: a single pass
+    # without statistics has its loss already, and its finiteness is that of the loss
+    terms = None if (loss is not None and not return_stats) else ppo_dual_clip(logp, old, adv, *clip)
     if loss is None:
+        per_row, acc = terms[0], terms[0].dtype
         if reduction == "none":
             loss = torch.zeros(n_flat, dtype=acc, device=logp.device).index_copy(0, row_index, per_row).view(lead)
         elif reduction == "sum":
@@ -203,11 +205,14 @@ def finish_policy_loss(logp, old, adv, clip, row_index, lead, *, reduction: str,
     if check_inputs:  # read only at the response tokens (the rows given)
         check_finite(old, "old_logprobs", where="where response_mask is 1")
         check_finite(adv, "advantages", where="where response_mask is 1")
-    if check_inputs and row_index.numel() and not bool(torch.isfinite(per_row.detach()).all()):
+    if check_inputs and row_index.numel() and \
+            not bool(torch.isfinite((loss if terms is None else terms[0]).detach()).all()):
         raise ValueError("the policy loss is not finite: student_hidden, student_weight / student_bias, "
                          "old_logprobs or advantages contain NaN or Inf (or the logits overflow)")
     if not return_stats:
         return loss
+    per_row, ratio, log_ratio, low, high, dual = terms
+    acc = per_row.dtype
     with torch.no_grad():
         share = lambda flags: flags.to(acc).sum() / normalizer  # noqa: E731
         logprobs = torch.zeros(n_flat, dtype=acc, device=logp.device).index_copy(0, row_index,

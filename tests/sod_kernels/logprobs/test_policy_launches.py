@@ -371,3 +371,18 @@ def test_triton_single_pass_stats_and_empty_mask():
                                  chunk_size=4)
     loss.backward()
     assert loss.item() == 0.0
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice")  # the interpreter's NumPy max of a NaN row
+@pytest.mark.parametrize("where", ["hidden", "weight"])
+def test_triton_single_pass_non_finite_inputs_raise(where):
+    """The single pass's finiteness check reads its loss (NaN from any token's NaN log-prob)."""
+    p = _problem(11, 5, 21, seed=6, bias=False)
+    hidden, weight, b, y, mask, old, adv = (t.float() if t is not None and t.is_floating_point() else t for t in p)
+    if where == "hidden":
+        hidden[int(torch.nonzero(mask)[0]), 2] = float("nan")
+    else:
+        weight[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="not finite"):
+        fused_sod_policy_loss(hidden.requires_grad_(), weight.requires_grad_(), y, old, adv, mask, backend="triton",
+                              chunk_size=4)
