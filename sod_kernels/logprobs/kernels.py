@@ -120,7 +120,7 @@ def merge_row_partials(part_ptr, r, ok, n_rows, num_splits, WITH_ENTROPY: tl.con
     s = tl.arange(0, BLOCK_S)
     at = r[:, None] * num_splits + s[None, :]
     ok2 = ok[:, None] & (s[None, :] < num_splits)
-    m = tl.load(part_ptr + at, mask=ok2, other=-float("inf"))
+    m = tl.load(part_ptr + at, mask=ok2, other=float("-inf"))
     l = tl.load(part_ptr + n_rows * num_splits + at, mask=ok2, other=0.0)
     big = tl.where(ok, tl.max(m, axis=1), 0.0)
     shift = tl.where(ok2, m - big[:, None], 0.0)
@@ -177,7 +177,8 @@ def ppo_dual_clip_terms(lp, old, adv, lo, hi, neg_dual, HAS_DUAL: tl.constexpr):
     """``(loss, dloss/dlogp)`` of PPO's dual-clip surrogate per token (fp32 tensors of one shape).
 
     ``ratio = exp(clamp(lp - old, -20, 20))``, ``u = -A ratio``, ``c = -A clip(ratio, lo, hi)``,
-    ``l = max(u, c)`` and with ``HAS_DUAL`` where ``A < 0``: ``l = min(l, neg_dual * A)`` (``neg_dual = -c``).
+    ``l = max(u, c)`` and with ``HAS_DUAL`` where ``A < 0``: ``l = min(l, neg_dual * A)``
+    (``neg_dual = -dual_clip``).
     The derivative is the closed form of what torch autograd returns for the same expression
     (``policy_loss.ppo_dual_clip``), subgradients included: ``maximum`` / ``minimum`` send half the gradient
     to each side at a tie, ``clamp`` passes it on its closed interval.  So ``d = k (-A) ratio`` with
@@ -274,8 +275,8 @@ def column_sum_add_kernel(g_ptr, out_ptr, n_rows, vocab, stride_g, BLOCK_R: tl.c
 
 def column_sum_add(grad: torch.Tensor, out: torch.Tensor) -> None:
     """``out [V] += grad.sum(0)`` in one launch: ``grad [C, V]`` (any float dtype, unit column stride),
-    ``out`` float32 contiguous (the one-pass policy loss's ``d(bias)``; the generic path's column sum, in-place
-    add and slice write-back are three launches).  Reads ``C V`` gradient entries once, like the sum it
+    ``out`` float32 contiguous (``d(bias)`` of the token log-probs' backward and of the one-pass policy loss;
+    GradAccumulator's column sum, in-place add and slice write-back are three launches).  Reads ``C V`` gradient entries once, like the sum it
     replaces; ``COLSUM_BLOCK_V``-column programs (about 600 at V = 152k) loop over the rows in
     ``COLSUM_BLOCK_R``-row tiles."""
     n_rows, vocab = grad.shape

@@ -173,8 +173,8 @@ class _GradBlocks:
     def __init__(self, p: LogprobProblem, acc: GradAccumulator, d_bias: torch.Tensor | None, rows: int):
         self.acc, self.d_bias, self.vocab = acc, d_bias, p.head.vocab
         # only d(bias) needed: a d(logits) block of our own (GradAccumulator holds none)
-        self._own = None if acc.active else torch.empty(rows * self.vocab, dtype=p.head.hidden.dtype,
-                                                        device=p.head.hidden.device)
+        self._own = None if (acc.active or d_bias is None) else \
+            torch.empty(rows * self.vocab, dtype=p.head.hidden.dtype, device=p.head.hidden.device)
 
     @property
     def active(self) -> bool:
