@@ -5,14 +5,29 @@ bias, the optional soft-cap ``c`` and ``1/tau`` are applied on load, ``z = (x + 
 ``z = c tanh((x + b) / c) / tau``, ``p = softmax(z)``; with a cap, ``d(logits)`` is multiplied by the cap's
 slope ``1 - tanh^2((x + b) / c)``, computed from the same loaded value.
 
-- The row statistics (log-sum-exp, and the entropy ``H = log L - B / L``) come from the statistics kernel
-  every loss shares, :func:`sod_kernels.core.kernels.logprob_row_stats`.
+Per chunk the epilogue is three launches forward (statistics, token kernel) and one or two for the gradient
+(``d(logits)``, the ``d(bias)`` column sum); every other per-row quantity is computed inside them, so no
+small tensor operation (each a kernel launch and a gap on a GPU) runs per chunk.
+
+- The per-split row statistics (max, sum of exponentials, and the entropy's accumulator) come from the
+  statistics kernel every loss shares, ``logprob_partial_stats_kernel`` of :mod:`sod_kernels.core.kernels`
+  (:func:`logprob_partials`).
+- ``logprob_token_kernel`` (grid: blocks of rows; token log-probs): merges the partials in registers
+  (:func:`merge_row_partials`: ``lse``, the max, ``E_p[z] - M`` and the entropy ``H = log L - B / L``) and
+  reads the sampled logit, writing ``logp(y)``, ``lse``, the frame and the entropy per row.
+- ``policy_token_kernel`` (grid: blocks of rows; the one-pass policy loss): the same merge and ``logp(y)``,
+  then the PPO dual-clip loss of each token and its derivative in closed form
+  (:func:`ppo_dual_clip_terms`), writing per row ``logp``, the token's loss, ``lse`` and the upstream scale
+  ``a`` of the ``d(logits)`` kernel: one launch for what were ~80 small tensor operations (the merge, the
+  gather, an autograd of the clip).
+  Both token kernels move ``O(C * splits)`` bytes: negligible next to the blocks.
 - ``logprob_logit_grad_kernel`` (grid: rows x column blocks) writes, in the gradient dtype,
   ``d(logits) = a_row (onehot(y) - p) + e_row (-p ((z - M) - B / L))``: the first term is ``d logp(y)/dz``,
   the second ``dH/dz``; ``a_row`` and ``e_row`` hold the upstream gradients and ``1/tau``.
+- ``column_sum_add_kernel`` (grid: column blocks): ``d(bias) += colsum(d(logits))`` in a fixed row order.
 
-Both are bandwidth bound: ``4 C V`` bytes read for the statistics, ``4 C V`` read and ``2 C V`` written
-(16-bit gradient) for ``d(logits)``.
+The statistics and ``d(logits)`` kernels are bandwidth bound: ``4 C V`` bytes read for the statistics,
+``4 C V`` read and ``2 C V`` written (16-bit gradient) for ``d(logits)``, ``2 C V`` read by the column sum.
 """
 
 from __future__ import annotations
@@ -21,8 +36,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ..core.kernels import (GRAD_BLOCK_V, INTERPRETER_BLOCK_V, NUM_WARPS, STATS_BLOCK_V, LogprobRowStats, cap_arg,
-                            interpreting, load_capped_logits_slope, load_logits, logprob_partial_stats_kernel)
+from ..core.kernels import (GRAD_BLOCK_V, INTERPRETER_BLOCK_V, NUM_PARTIALS, NUM_WARPS, STATS_BLOCK_V, LogprobRowStats,
+                            cap_arg, interpreting, load_capped_logits, load_capped_logits_slope, load_logits,
+                            logprob_partial_stats_kernel, vocab_splits)
+
+POLICY_BLOCK_R = 128    # rows per program of policy_token_kernel (a chunk of 512 rows: 4 programs)
+COLSUM_BLOCK_R = 32     # column_sum_add_kernel: rows per loaded tile ...
+COLSUM_BLOCK_V = 256    # ... and columns per program
+
 
 @triton.jit
 def logprob_logit_grad_kernel(x_ptr, b_ptr, y_ptr, grad_ptr, max_ptr, lse_ptr, mean_ptr, a_ptr, e_ptr, vocab,
@@ -51,27 +72,257 @@ def logprob_logit_grad_kernel(x_ptr, b_ptr, y_ptr, grad_ptr, max_ptr, lse_ptr, m
     tl.store(grad_ptr + row.to(tl.int64) * stride_g + cols, g.to(grad_ptr.dtype.element_ty), mask=ok)
 
 
-def logprob_logit_grad(x: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, stats: LogprobRowStats,
-                       grad_logprob: torch.Tensor, grad_entropy: torch.Tensor | None, out: torch.Tensor, *,
-                       temperature: float, softcap: float | None = None) -> torch.Tensor:
-    """``out [C, V]`` (gradient dtype) <- ``d(logits)`` of upstream ``grad_logprob [C]`` (and ``grad_entropy
-    [C]`` or None) through ``logp(y) = z_y - lse`` and ``H``; ``targets [C]`` int64; ``softcap`` as in
-    :func:`logprob_row_stats` (the cap's slope is applied)."""
+def logprob_logit_grad_scaled(x: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, lse: torch.Tensor,
+                              scale: torch.Tensor, out: torch.Tensor, *, temperature: float,
+                              softcap: float | None = None, frame: LogprobRowStats | None = None,
+                              scale_entropy: torch.Tensor | None = None) -> torch.Tensor:
+    """One launch of ``logprob_logit_grad_kernel``: ``out [C, V] <- scale (onehot(y) - p)`` (minus
+    ``scale_entropy p ((z - M) - mean)`` with ``frame``'s max and mean when ``scale_entropy`` is given).
+
+    ``targets [C]`` int64, ``lse``, ``scale`` (``d loss / d logp`` already divided by ``temperature``),
+    ``scale_entropy [C]`` float32 contiguous; no tensor operation besides the kernel (the one-pass policy
+    loss calls it with the scale its ``policy_token_kernel`` wrote)."""
     n_rows, vocab = x.shape
     block = INTERPRETER_BLOCK_V if interpreting() else GRAD_BLOCK_V
-    a = (grad_logprob.to(torch.float32) / temperature).contiguous()
-    e = a if grad_entropy is None else (grad_entropy.to(torch.float32) / temperature).contiguous()
+    big = lse if frame is None else frame.max
+    mean = lse if frame is None else frame.mean
     logprob_logit_grad_kernel[(n_rows, triton.cdiv(vocab, block))](
-        x, x if bias is None else bias, targets.contiguous(), out, stats.max, stats.lse, stats.mean, a, e, vocab,
-        x.stride(0), out.stride(0), 1.0 / temperature, cap_arg(softcap), HAS_BIAS=bias is not None,
-        WITH_ENTROPY=grad_entropy is not None, BLOCK_V=block, HAS_CAP=softcap is not None, num_warps=NUM_WARPS)
+        x, x if bias is None else bias, targets, out, big, lse, mean, scale,
+        scale if scale_entropy is None else scale_entropy, vocab, x.stride(0), out.stride(0), 1.0 / temperature,
+        cap_arg(softcap), HAS_BIAS=bias is not None, WITH_ENTROPY=scale_entropy is not None, BLOCK_V=block,
+        HAS_CAP=softcap is not None, num_warps=NUM_WARPS)
     return out
 
 
+def logprob_partials(x: torch.Tensor, bias: torch.Tensor | None, *, temperature: float,
+                     softcap: float | None = None, with_entropy: bool = False) -> torch.Tensor:
+    """``part [3, C, splits]`` float32: one launch of ``logprob_partial_stats_kernel`` over the logit block
+    ``x [C, V]``, the per-split ``(max, sum of exponentials, B' or 0)`` that ``logprob_token_kernel`` /
+    ``policy_token_kernel`` merge (:func:`merge_row_partials`): the statistics of
+    :func:`sod_kernels.core.kernels.logprob_row_stats` without its tensor operations."""
+    n_rows, vocab = x.shape
+    block, cols_per_split, splits = vocab_splits(n_rows, vocab)
+    part = torch.empty((NUM_PARTIALS, n_rows, splits), dtype=torch.float32, device=x.device)
+    if n_rows:
+        logprob_partial_stats_kernel[(n_rows, splits)](
+            x, x if bias is None else bias, part, n_rows, vocab, x.stride(0), cols_per_split, splits,
+            1.0 / temperature, cap_arg(softcap), HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy,
+            BLOCK_V=block, HAS_CAP=softcap is not None, num_warps=NUM_WARPS)
+    return part
+
+
+@triton.jit
+def merge_row_partials(part_ptr, r, ok, n_rows, num_splits, WITH_ENTROPY: tl.constexpr, BLOCK_S: tl.constexpr):
+    """``(M, log L, mean)`` of the rows ``r`` (``ok``: in range) from ``part [3, n_rows, num_splits]`` (per split
+    ``m``, ``l``, ``B'``), the merge of :func:`sod_kernels.core.kernels.logprob_row_stats` in registers:
+    ``M = max m``, ``L = sum l e^(m - M)`` (``lse = M + log L``) and with ``WITH_ENTROPY``
+    ``mean = sum e^(m - M) (B' + l (m - M)) / L`` (``E_p[z] - M``; the entropy is ``log L - mean``), else 0."""
+    s = tl.arange(0, BLOCK_S)
+    at = r[:, None] * num_splits + s[None, :]
+    ok2 = ok[:, None] & (s[None, :] < num_splits)
+    m = tl.load(part_ptr + at, mask=ok2, other=float("-inf"))
+    l = tl.load(part_ptr + n_rows * num_splits + at, mask=ok2, other=0.0)
+    big = tl.where(ok, tl.max(m, axis=1), 0.0)
+    shift = tl.where(ok2, m - big[:, None], 0.0)
+    scale = tl.where(ok2, tl.exp(shift), 0.0)
+    total = tl.where(ok, tl.sum(l * scale, axis=1), 1.0)
+    log_total = tl.log(total)
+    mean = tl.zeros_like(log_total)
+    if WITH_ENTROPY:
+        b = tl.load(part_ptr + 2 * n_rows * num_splits + at, mask=ok2, other=0.0)
+        mean = tl.sum(scale * (b + l * shift), axis=1) / total
+    return big, log_total, mean
+
+
+@triton.jit
+def logprob_token_kernel(x_ptr, b_ptr, part_ptr, y_ptr, logp_ptr, lse_ptr, max_ptr, mean_ptr, ent_ptr, n_rows,
+                         num_splits, stride_x, inv_temp, cap, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
+                         WITH_ENTROPY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Per row ``r < n_rows`` of a chunk (output and ``y`` pointers at the chunk's first row): the merged
+    statistics (:func:`merge_row_partials`) and ``logp = z_y - lse``; writes ``logp``, ``lse``, ``max`` and,
+    with ``WITH_ENTROPY``, ``mean`` and ``entropy = log L - mean`` (float32)."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = r < n_rows
+    big, log_total, mean = merge_row_partials(part_ptr, r, ok, n_rows, num_splits, WITH_ENTROPY, BLOCK_S)
+    lse = big + log_total
+    y = tl.load(y_ptr + r, mask=ok, other=0)
+    lp = load_capped_logits(x_ptr + r.to(tl.int64) * stride_x, b_ptr, y, ok, inv_temp, cap, HAS_BIAS, HAS_CAP) - lse
+    tl.store(logp_ptr + r, lp, mask=ok)
+    tl.store(lse_ptr + r, lse, mask=ok)
+    tl.store(max_ptr + r, big, mask=ok)
+    if WITH_ENTROPY:
+        tl.store(mean_ptr + r, mean, mask=ok)
+        tl.store(ent_ptr + r, log_total - mean, mask=ok)
+
+
+def logprob_token_terms(x: torch.Tensor, bias: torch.Tensor | None, part: torch.Tensor, targets: torch.Tensor,
+                        out: tuple, *, temperature: float, softcap: float | None) -> None:
+    """One launch of ``logprob_token_kernel`` for a chunk of ``C`` rows: ``x [C, V]`` float32, ``bias [V]`` or
+    None, ``part [3, C, splits]`` from :func:`logprob_partials`, ``targets [C]`` int64 contiguous;
+    ``out = (logp, lse, max, mean, entropy)`` ``[C]`` float32 views written in place (``mean`` and
+    ``entropy`` None without the entropy)."""
+    logp, lse, big, mean, entropy = out
+    n_rows, splits = part.shape[1], part.shape[2]
+    with_entropy = entropy is not None
+    block_r = 16 if interpreting() else POLICY_BLOCK_R
+    logprob_token_kernel[(triton.cdiv(n_rows, block_r),)](
+        x, x if bias is None else bias, part, targets, logp, lse, big, mean if with_entropy else lse,
+        entropy if with_entropy else lse, n_rows, splits, x.stride(0), 1.0 / temperature, cap_arg(softcap),
+        HAS_BIAS=bias is not None, HAS_CAP=softcap is not None, WITH_ENTROPY=with_entropy, BLOCK_R=block_r,
+        BLOCK_S=max(triton.next_power_of_2(splits), 2), num_warps=4)
+
+
+@triton.jit
+def ppo_dual_clip_terms(lp, old, adv, lo, hi, neg_dual, HAS_DUAL: tl.constexpr):
+    """``(loss, dloss/dlogp)`` of PPO's dual-clip surrogate per token (fp32 tensors of one shape).
+
+    ``ratio = exp(clamp(lp - old, -20, 20))``, ``u = -A ratio``, ``c = -A clip(ratio, lo, hi)``,
+    ``l = max(u, c)`` and with ``HAS_DUAL`` where ``A < 0``: ``l = min(l, neg_dual * A)``
+    (``neg_dual = -dual_clip``).
+    The derivative is the closed form of what torch autograd returns for the same expression
+    (``policy_loss.ppo_dual_clip``), subgradients included: ``maximum`` / ``minimum`` send half the gradient
+    to each side at a tie, ``clamp`` passes it on its closed interval.  So ``d = k (-A) ratio`` with
+    ``k = g (w_u + w_c [lo <= ratio <= hi])``, ``w_u, w_c`` in ``{0, 1/2, 1}`` from ``max``, ``g`` in
+    ``{0, 1/2, 1}`` from the dual ``min`` (1 without it or where ``A >= 0``), and 0 where ``lp - old`` lies
+    outside ``[-20, 20]``.  The products are formed in autograd's order, so the values match it bitwise for
+    the same ratio.  NaN inputs give a NaN loss (the caller's finiteness check reads it).
+    """
+    d = lp - old
+    log_ratio = tl.where(d < -20.0, -20.0, tl.where(d > 20.0, 20.0, d))
+    in_clamp = (d >= -20.0) & (d <= 20.0)
+    ratio = tl.exp(log_ratio)
+    clipped_ratio = tl.where(ratio < lo, lo, tl.where(ratio > hi, hi, ratio))
+    neg_a = -adv
+    u = neg_a * ratio
+    c = neg_a * clipped_ratio
+    loss = tl.where(c > u, c, u)  # maximum (a NaN u propagates)
+    w_u = tl.where(u > c, 1.0, tl.where(u == c, 0.5, 0.0))
+    w_c = tl.where(c > u, 1.0, tl.where(u == c, 0.5, 0.0))
+    if HAS_DUAL:
+        negative = adv < 0
+        bound = adv * neg_dual
+        g = tl.where(negative, tl.where(loss < bound, 1.0, tl.where(loss == bound, 0.5, 0.0)), 1.0)
+        loss = tl.where(negative, tl.where(bound < loss, bound, loss), loss)
+    else:
+        g = 1.0
+    in_clip = (ratio >= lo) & (ratio <= hi)
+    grad_ratio = (g * w_u) * neg_a + tl.where(in_clip, (g * w_c) * neg_a, 0.0)
+    return loss, tl.where(in_clamp, grad_ratio * ratio, 0.0)
+
+
+@triton.jit
+def policy_token_kernel(x_ptr, b_ptr, part_ptr, y_ptr, old_ptr, adv_ptr, logp_ptr, loss_ptr, lse_ptr, a_ptr,
+                        n_rows, num_splits, stride_x, inv_temp, cap, lo, hi, neg_dual, divisor, temperature,
+                        HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, HAS_DUAL: tl.constexpr,
+                        BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Per row ``r < n_rows`` of a chunk (all pointers but ``x``, ``b``, ``part`` at the chunk's first row):
+    ``lse`` from the partials ``part [3, n_rows, num_splits]`` (:func:`merge_row_partials`),
+    ``logp = z_y - lse`` with ``z`` as the statistics kernel loads it, then ``loss[r]`` and
+    ``a[r] = (dloss/dlogp / divisor) / temperature`` (:func:`ppo_dual_clip_terms`); writes ``logp``,
+    ``loss``, ``lse`` and ``a`` (float32)."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = r < n_rows
+    big, log_total, _ = merge_row_partials(part_ptr, r, ok, n_rows, num_splits, False, BLOCK_S)
+    lse = big + log_total
+    y = tl.load(y_ptr + r, mask=ok, other=0)
+    lp = load_capped_logits(x_ptr + r.to(tl.int64) * stride_x, b_ptr, y, ok, inv_temp, cap, HAS_BIAS, HAS_CAP) - lse
+    old = tl.load(old_ptr + r, mask=ok, other=0.0).to(tl.float32)
+    adv = tl.load(adv_ptr + r, mask=ok, other=0.0).to(tl.float32)
+    loss, dlogp = ppo_dual_clip_terms(lp, old, adv, lo, hi, neg_dual, HAS_DUAL)
+    tl.store(logp_ptr + r, lp, mask=ok)
+    tl.store(loss_ptr + r, loss, mask=ok)
+    tl.store(lse_ptr + r, lse, mask=ok)
+    tl.store(a_ptr + r, (dlogp / divisor) / temperature, mask=ok)
+
+
+def policy_token_terms(x: torch.Tensor, bias: torch.Tensor | None, part: torch.Tensor, targets: torch.Tensor,
+                       old: torch.Tensor, adv: torch.Tensor, clip, divisor: float, out: tuple[torch.Tensor, ...], *,
+                       temperature: float, softcap: float | None) -> None:
+    """One launch of ``policy_token_kernel`` for a chunk of ``C`` rows.
+
+    ``x [C, V]`` float32 logit block, ``bias [V]`` or None, ``part [3, C, splits]`` float32 from
+    :func:`logprob_partials`, ``targets [C]`` int64, ``old``, ``adv [C]`` float32 (contiguous views),
+    ``clip = (clip_low, clip_high, dual_clip or None)``; ``out = (logp, loss, lse, a)`` ``[C]`` float32,
+    written in place (views of the pass's buffers).
+    """
+    logp, loss, lse, a = out
+    n_rows, splits = part.shape[1], part.shape[2]
+    clip_low, clip_high, dual = clip
+    block_r = 16 if interpreting() else POLICY_BLOCK_R
+    policy_token_kernel[(triton.cdiv(n_rows, block_r),)](
+        x, x if bias is None else bias, part, targets, old, adv, logp, loss, lse, a, n_rows, splits,
+        x.stride(0), 1.0 / temperature, cap_arg(softcap), 1.0 - clip_low, 1.0 + clip_high,
+        -1.0 if dual is None else -float(dual), float(divisor), float(temperature), HAS_BIAS=bias is not None,
+        HAS_CAP=softcap is not None, HAS_DUAL=dual is not None, BLOCK_R=block_r,
+        BLOCK_S=max(triton.next_power_of_2(splits), 2), num_warps=4)
+
+
+@triton.jit
+def column_sum_add_kernel(g_ptr, out_ptr, n_rows, vocab, stride_g, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+    """``out[cols] += sum_rows g[rows, cols]`` (fp32 accumulation) for one block of columns; each program owns
+    its columns and adds its rows in a fixed order (no atomics: deterministic)."""
+    cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+    ok = cols < vocab
+    offs = tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    for start in range(0, n_rows, BLOCK_R):
+        rows = start + offs
+        tile = tl.load(g_ptr + rows.to(tl.int64)[:, None] * stride_g + cols[None, :],
+                       mask=(rows < n_rows)[:, None] & ok[None, :], other=0.0)
+        acc += tl.sum(tile.to(tl.float32), axis=0)
+    tl.store(out_ptr + cols, tl.load(out_ptr + cols, mask=ok, other=0.0) + acc, mask=ok)
+
+
+def column_sum_add(grad: torch.Tensor, out: torch.Tensor) -> None:
+    """``out [V] += grad.sum(0)`` in one launch: ``grad [C, V]`` (any float dtype, unit column stride),
+    ``out`` float32 contiguous (``d(bias)`` of the token log-probs' backward and of the one-pass policy loss;
+    GradAccumulator's column sum, in-place add and slice write-back are three launches).  Reads ``C V`` gradient entries once, like the sum it
+    replaces; ``COLSUM_BLOCK_V``-column programs (about 600 at V = 152k) loop over the rows in
+    ``COLSUM_BLOCK_R``-row tiles."""
+    n_rows, vocab = grad.shape
+    block_r, block_v = (4, 16) if interpreting() else (COLSUM_BLOCK_R, COLSUM_BLOCK_V)
+    column_sum_add_kernel[(triton.cdiv(vocab, block_v),)](grad, out, n_rows, vocab, grad.stride(0),
+                                                          BLOCK_R=block_r, BLOCK_V=block_v, num_warps=4)
+
+
 def codegen_specs() -> list[dict]:
-    """The two kernels at the headline launch (bf16 gradient blocks, with bias and entropy), and again with
-    the soft-cap on, for ``benchmarks.codegen`` (sm_90 compile check)."""
+    """The kernels at the headline launch (bf16 gradient blocks, with bias and entropy; the per-row token
+    kernels of the log-probs and of the one-pass policy loss at 512-row chunks, two vocabulary splits; the
+    d(bias) column sum), and again with the soft-cap on, for ``benchmarks.codegen`` (sm_90 compile check)."""
     specs = []
+    for capped in (False, True):
+        tag = "softcap " if capped else ""
+        specs.append({
+            "name": f"policy_token_kernel[{tag}br{POLICY_BLOCK_R}]", "fn": policy_token_kernel,
+            "signature": {"x_ptr": "*fp32", "b_ptr": "*bf16", "part_ptr": "*fp32", "y_ptr": "*i64",
+                          "old_ptr": "*fp32", "adv_ptr": "*fp32", "logp_ptr": "*fp32",
+                          "loss_ptr": "*fp32", "lse_ptr": "*fp32", "a_ptr": "*fp32",
+                          "n_rows": "i32", "num_splits": "i32", "stride_x": "i32", "inv_temp": "fp32",
+                          "cap": "fp32", "lo": "fp32", "hi": "fp32", "neg_dual": "fp32", "divisor": "fp32",
+                          "temperature": "fp32"},
+            "constexprs": {"HAS_BIAS": True, "HAS_CAP": capped, "HAS_DUAL": True, "BLOCK_R": POLICY_BLOCK_R,
+                           "BLOCK_S": 2},
+            "num_warps": 4, "num_stages": 1, "expect_hgmma": False,
+            "divisible_by_16": ["n_rows", "stride_x"],
+        })
+        specs.append({
+            "name": f"logprob_token_kernel[{tag}entropy br{POLICY_BLOCK_R}]", "fn": logprob_token_kernel,
+            "signature": {"x_ptr": "*fp32", "b_ptr": "*bf16", "part_ptr": "*fp32", "y_ptr": "*i64",
+                          "logp_ptr": "*fp32", "lse_ptr": "*fp32", "max_ptr": "*fp32", "mean_ptr": "*fp32",
+                          "ent_ptr": "*fp32", "n_rows": "i32", "num_splits": "i32", "stride_x": "i32",
+                          "inv_temp": "fp32", "cap": "fp32"},
+            "constexprs": {"HAS_BIAS": True, "HAS_CAP": capped, "WITH_ENTROPY": True, "BLOCK_R": POLICY_BLOCK_R,
+                           "BLOCK_S": 2},
+            "num_warps": 4, "num_stages": 1, "expect_hgmma": False,
+            "divisible_by_16": ["n_rows", "stride_x"],
+        })
+    specs.append({
+        "name": f"column_sum_add_kernel[br{COLSUM_BLOCK_R} bv{COLSUM_BLOCK_V}]", "fn": column_sum_add_kernel,
+        "signature": {"g_ptr": "*bf16", "out_ptr": "*fp32", "n_rows": "i32", "vocab": "i32", "stride_g": "i32"},
+        "constexprs": {"BLOCK_R": COLSUM_BLOCK_R, "BLOCK_V": COLSUM_BLOCK_V},
+        "num_warps": 4, "num_stages": 1, "expect_hgmma": False,
+        "divisible_by_16": ["n_rows", "vocab", "stride_g"],
+    })
     for capped in (False, True):
         tag = "softcap " if capped else ""
         specs += [{

@@ -97,41 +97,79 @@ def ppo_dual_clip(logp_new: torch.Tensor, old_logp: torch.Tensor, advantages: to
     return loss, ratio, log_ratio, low, high, dual
 
 
+def ppo_dual_clip_grad(logp_new: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip_low: float,
+                       clip_high: float, dual_clip: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, dloss/dlogp_new)`` per token (``[Na]``, the inputs' dtype) in closed form, without autograd.
+
+    The loss is :func:`ppo_dual_clip`'s; the derivative is what torch autograd returns for it, subgradients
+    included, bitwise: ``maximum`` / ``minimum`` send half the gradient to each side at a tie (inside the clip
+    range the two branches are equal, each gets half), ``clamp`` passes it on its closed interval.  So
+    ``d = [|logp - old| <= 20 clamp] (k_u (-A) + [lo <= ratio <= hi] k_c (-A)) ratio`` with
+    ``k_u = g w_u``, ``k_c = g w_c``, ``w`` in ``{0, 1/2, 1}`` from the ``max`` and ``g`` in ``{0, 1/2, 1}``
+    from the dual ``min`` (1 where ``A >= 0`` or without it), each product formed in autograd's order.  The
+    Triton kernel's ``ppo_dual_clip_terms`` is the same expression.  O(Na) elementwise operations.
+    """
+    d = logp_new - old_logp
+    log_ratio = torch.clamp(d, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    in_clamp = (d >= -LOG_RATIO_CLAMP) & (d <= LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)
+    lo, hi = 1.0 - clip_low, 1.0 + clip_high
+    neg_a = -advantages
+    u = neg_a * ratio
+    c = neg_a * torch.clamp(ratio, lo, hi)
+    loss = torch.maximum(u, c)
+    one, half, zero = (torch.tensor(v, dtype=loss.dtype, device=loss.device) for v in (1.0, 0.5, 0.0))
+    w_u = torch.where(u > c, one, torch.where(u == c, half, zero))
+    w_c = torch.where(c > u, one, torch.where(u == c, half, zero))
+    if dual_clip is None:
+        g = one
+    else:
+        negative = advantages < 0
+        bound = -dual_clip * advantages
+        g = torch.where(negative, torch.where(loss < bound, one, torch.where(loss == bound, half, zero)), one)
+        loss = torch.where(negative, torch.minimum(loss, bound), loss)
+    in_clip = (ratio >= lo) & (ratio <= hi)
+    grad_ratio = (g * w_u) * neg_a + torch.where(in_clip, (g * w_c) * neg_a, zero)
+    return loss, torch.where(in_clamp, grad_ratio * ratio, zero)
+
+
 class SinglePassPolicyLoss(torch.autograd.Function):
     """The PPO dual-clip loss and its student gradients in one pass (Triton backend or CPU tensors, scalar
     reductions).
 
-    The loss is a per-token function of ``logp_new``; its derivative is taken per chunk by autograd through
-    :func:`ppo_dual_clip` on ``O(chunk)`` tensors (the same expression the two-pass path differentiates)
-    and folded into ``d(logits)`` right after the chunk's log-sum-exp.  Inputs: hidden ``[N, H]``, weight,
+    The loss is a per-token function of ``logp_new``; its derivative is known in closed form
+    (:func:`ppo_dual_clip_grad`, equal to autograd of :func:`ppo_dual_clip`, the expression the two-pass
+    path differentiates) and folded into ``d(logits)`` right after the chunk's log-sum-exp: on the Triton
+    backend inside one small kernel per chunk
+    (:func:`sod_kernels.logprobs.triton_backend.single_pass_policy_loss`: 6 or 7 launches per chunk, no
+    host synchronisation in its loop), on the CPU per chunk in PyTorch.  Inputs: hidden ``[N, H]``, weight,
     bias, row_index ``[Na]``, target_ids ``[N]``, temperature, old log-probs and advantages ``[Na]``,
     ``(clip_low, clip_high, dual_clip)``, the divisor of the sum (``Na`` for a token mean, 1 for a sum), and
     :class:`~sod_kernels.core.options.PassOptions` (backend, temperature, chunk_size, ``student_softcap``): the
     Triton backend's routine, or for CPU tensors on the torch backend
-    :func:`sod_kernels.logprobs.cpu_backend.single_pass_token_loss`.
+    :func:`sod_kernels.logprobs.cpu_backend.single_pass_token_loss` with the closed form as its ``token_loss``.
     Outputs: the loss (0-D float32, float64 for float64 inputs on CPU; differentiable) and ``logp [Na]`` (not
     differentiable).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, row_index, target_ids, old, adv, clip, divisor, options: PassOptions):
-        if options.backend == "torch":
-            single_pass_token_loss = cpu_backend.single_pass_token_loss
-        else:
-            from .triton_backend import single_pass_token_loss
-
-        def token_loss(start, stop, logp):
-            with torch.enable_grad():
-                x = logp.detach().requires_grad_()
-                per = ppo_dual_clip(x, old[start:stop], adv[start:stop], *clip)[0]
-                (grad,) = torch.autograd.grad(per.sum(), x)
-            return per.detach().sum(), grad / divisor
-
         need = ctx.needs_input_grad
-        total, logp, grads = single_pass_token_loss(hidden, weight, bias, row_index, target_ids,
-                                                    temperature=options.temperature, token_loss=token_loss,
-                                                    need_hidden=need[0], need_weight=need[1], need_bias=need[2],
-                                                    chunk_size=options.chunk_size, softcap=options.student_softcap)
+        if options.backend == "torch":
+            def token_loss(start, stop, logp):
+                per, grad = ppo_dual_clip_grad(logp, old[start:stop], adv[start:stop], *clip)
+                return per.sum(), grad / divisor
+
+            total, logp, grads = cpu_backend.single_pass_token_loss(
+                hidden, weight, bias, row_index, target_ids, temperature=options.temperature, token_loss=token_loss,
+                need_hidden=need[0], need_weight=need[1], need_bias=need[2], chunk_size=options.chunk_size,
+                softcap=options.student_softcap)
+        else:
+            from .triton_backend import single_pass_policy_loss
+            total, logp, grads = single_pass_policy_loss(
+                hidden, weight, bias, row_index, target_ids, old, adv, clip, divisor,
+                temperature=options.temperature, need_hidden=need[0], need_weight=need[1], need_bias=need[2],
+                chunk_size=options.chunk_size, softcap=options.student_softcap)
         ctx.grads = grads
         ctx.mark_non_differentiable(logp)
         return (total / divisor).to(logp.dtype), logp  # float64 inputs on CPU: a float64 loss
@@ -152,10 +190,12 @@ def finish_policy_loss(logp, old, adv, clip, row_index, lead, *, reduction: str,
     single pass formed it (with its gradient), else None.  Returns the loss or :class:`PolicyLossStats`.
     """
     n_flat = math.prod(lead)
-    per_row, ratio, log_ratio, low, high, dual = ppo_dual_clip(logp, old, adv, *clip)
-    acc = per_row.dtype
     normalizer = max(row_index.numel(), 1)
+    # the per-token terms again (O(Na) elementwise operations) only where something reads them: a single pass
+    # without statistics has its loss already, and its finiteness is that of the loss
+    terms = None if (loss is not None and not return_stats) else ppo_dual_clip(logp, old, adv, *clip)
     if loss is None:
+        per_row, acc = terms[0], terms[0].dtype
         if reduction == "none":
             loss = torch.zeros(n_flat, dtype=acc, device=logp.device).index_copy(0, row_index, per_row).view(lead)
         elif reduction == "sum":
@@ -165,11 +205,14 @@ def finish_policy_loss(logp, old, adv, clip, row_index, lead, *, reduction: str,
     if check_inputs:  # read only at the response tokens (the rows given)
         check_finite(old, "old_logprobs", where="where response_mask is 1")
         check_finite(adv, "advantages", where="where response_mask is 1")
-    if check_inputs and row_index.numel() and not bool(torch.isfinite(per_row.detach()).all()):
+    if check_inputs and row_index.numel() and \
+            not bool(torch.isfinite((loss if terms is None else terms[0]).detach()).all()):
         raise ValueError("the policy loss is not finite: student_hidden, student_weight / student_bias, "
                          "old_logprobs or advantages contain NaN or Inf (or the logits overflow)")
     if not return_stats:
         return loss
+    per_row, ratio, log_ratio, low, high, dual = terms
+    acc = per_row.dtype
     with torch.no_grad():
         share = lambda flags: flags.to(acc).sum() / normalizer  # noqa: E731
         logprobs = torch.zeros(n_flat, dtype=acc, device=logp.device).index_copy(0, row_index,
