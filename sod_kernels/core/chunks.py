@@ -204,7 +204,13 @@ class GradAccumulator:
         self._slice, self._slice_acc = None, None
         self.d_bias = torch.zeros(head.vocab, dtype=f32, device=w.device) \
             if (need_bias and head.bias is not None) else None
-        group = fold_group(block_rows) if (self.d_weight is not None and not sliced) else 1
+        # Chunks per d(weight) product: enough for fold_rows() rows, but never more than the call has, and a
+        # fold buffer (rows x V in the input dtype) never larger than the float32 accumulator it feeds (4 V H).
+        block = max(block_rows, 1)
+        chunks_in_call = -(-n_active // block)
+        by_memory = (4 * h.shape[1]) // (h.element_size() * block)
+        group = max(1, min(fold_group(block), chunks_in_call, by_memory)) if (self.d_weight is not None and
+                                                                              not sliced) else 1
         self._capacity = max(block_rows, 1) * group                # rows the gradient buffer holds
         self._grad = None                                           # allocated at the first block
         self._cols = block_cols if block_cols is not None else head.vocab
