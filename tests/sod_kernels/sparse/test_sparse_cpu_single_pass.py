@@ -179,6 +179,22 @@ def test_single_pass_equals_the_two_pass_path(monkeypatch):
     assert abs(float(l1 - l2)) < 1e-13 and all(_rel(a_, b_) < 1e-12 for a_, b_ in zip(g1, g2))
 
 
+@pytest.mark.parametrize("wanted", [(True, False, False), (False, True, False), (False, False, True)])
+def test_only_the_wanted_gradients_are_formed(monkeypatch, wanted):
+    """One leaf at a time (the others frozen): the single pass forms only that gradient, equal to memory="low"."""
+    inputs, ids, a, y = _problem(tuple(MASK.shape), 6, 30, 5, torch.float64, seed=7)
+    paths = _Paths(monkeypatch)
+    grads = []
+    for memory in ("fast", "low"):
+        leaves = [x.detach().clone().requires_grad_(w) for x, w in zip(inputs, wanted)]
+        fused_sparse_sod_loss(leaves[0], leaves[1], ids, a, MASK, target_ids=y, student_bias=leaves[2],
+                              hard_loss_weight=0.3, memory=memory).backward()
+        assert [x.grad is not None for x in leaves] == list(wanted)
+        grads.append(next(x.grad for x in leaves if x.grad is not None))
+    assert paths.taken == (1, 1)
+    assert _rel(grads[0], grads[1]) < 1e-12
+
+
 def test_16_bit_inputs_compute_in_float32():
     (sh, sw, sb), ids, a, y = _problem((12,), 16, 50, 6, torch.float64, seed=2)
     mask = torch.tensor([1, 1, 0, 1, 1, 1, 1, 0, 1, 1, 1, 1])
