@@ -134,7 +134,7 @@ def render(doc: dict) -> str:
     s = doc["size"]
     ms = doc["methods"]
     base = ms["single_pass"]["median_s"]
-    lines = [f"# fused_sparse_sod_loss on CPU: single pass vs two passes vs naive", "",
+    lines = ["# fused_sparse_sod_loss on CPU: single pass vs two passes vs naive", "",
              f"{doc['device']} ({doc['threads']} threads), torch {doc['torch']}, commit `{doc['commit']}`, "
              f"{doc['date_utc']}", "",
              f"N = {s['N']}, V = {s['V']}, H = {s['H']}, k = {s['k']}, {s['dtype']}, \"kl\" steps of "
@@ -144,7 +144,7 @@ def render(doc: dict) -> str:
     for name, rec in ms.items():
         lines.append(f"| {rec['label']} | {rec['median_s']:.2f} s | {rec['median_s'] / base:.2f}x | "
                      f"{rec['first_call_s']:.2f} s | {rec['extra_memory_bytes'] / MIB:.0f} MiB | {rec['loss']:.6f} |")
-    lines += ["", f"Times per round (s): " + "; ".join(
+    lines += ["", "Times per round (s): " + "; ".join(
         f"{name} " + ", ".join(f"{t:.2f}" for t in rec["times_s"]) for name, rec in ms.items()), ""]
     return "\n".join(lines)
 

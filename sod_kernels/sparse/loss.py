@@ -123,7 +123,8 @@ class SinglePassSparse(torch.autograd.Function):
     :class:`SparseDivergence`), the :class:`~sod_kernels.core.options.PassOptions` and the
     :class:`~sod_kernels.core.options.SinglePassPlan` (see :func:`sod_kernels.sparse.triton_backend.single_pass_loss`).
     Outputs: loss (0-D float32; float64 for float64 inputs on the CPU single pass; differentiable), ``D``,
-    ``logp_s(y)``, ``logp_t(y)`` (``[Na]``, not differentiable).  Gradients are formed for an upstream gradient of 1 and scaled in backward.
+    ``logp_s(y)``, ``logp_t(y)`` (``[Na]``, not differentiable).  Gradients are formed for an upstream gradient
+    of 1 and scaled in backward.
     """
 
     @staticmethod

@@ -268,7 +268,8 @@ class _Record(TorchDispatchMode):
 
 def test_one_logit_product_per_chunk_and_chunk_sized_blocks(monkeypatch):
     """The single pass makes three matrix products per chunk (the logits, d(hidden), d(weight)): the logits are
-    never recomputed, as the two-pass path (memory="low") does.  No tensor reaches N x V (here larger than every input)."""
+    never recomputed, as the two-pass path (memory="low") does.  No tensor reaches N x V (here larger than every
+    input)."""
     N, V, H, k = 96, 1000, 8, 7
     monkeypatch.setattr(cpu_backend, "CPU_CHUNK_BYTES", 16 * V * 4)  # 16 rows per chunk: 6 chunks
     (sh, sw, sb), ids, a, y = _problem((N,), H, V, k, torch.float32, 4)
