@@ -23,7 +23,8 @@ loss and the student's gradients come from one pass over chunks of whole vocabul
    fold it: ``d(hidden)[rows] = d(logits) W`` and ``d(weight) += d(logits)^T h`` (``d(bias) += colsum``).
 
 Cost: ``2 N V H + 4 N V H`` FLOPs (the two-pass path, ``memory="low"``, recomputes the logits:
-``2 N V H`` more) and one exponential per (token, vocabulary) pair (the two-pass path: two).  Memory: one
+``2 N V H`` more) and one exponential per (token, vocabulary) pair (the two-pass path: two; a soft-cap adds
+its own per pass).  Memory: one
 ``[C, V]`` block (the eager epilogue makes a few more temporaries of that size) plus the ``[V, H]`` d(weight)
 accumulator and ``O(N k)`` row terms: at ``V = 32000``, ``H = 256`` and 512-row float32 chunks about 100 MB.
 Chunks hold :data:`CPU_CHUNK_BYTES` of block (a multiple of 32 rows); with step weights a chunk grows up to
