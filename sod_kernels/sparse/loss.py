@@ -9,10 +9,13 @@ hard-label term and the reductions are those of :func:`sod_kernels.fused_sod_los
 Backends: ``"triton"`` (:mod:`sod_kernels.sparse.triton_backend`, the chunked core with the epilogue kernels of
 :mod:`sod_kernels.sparse.kernels`; CUDA, or CPU tensors under ``TRITON_INTERPRET=1``) and ``"torch"``
 (:mod:`sod_kernels.sparse.torch_backend`, chunked PyTorch; the CPU default; float64 supported).  Neither holds a
-``tokens x vocabulary`` tensor.  With the Triton backend, scalar reductions whose weights are known in the
-pass (``token_weights``, ``step_divergence="none"``, or steps that fit a chunk) form the gradients in the
-forward's single pass (:class:`SinglePassSparse`); otherwise the backward recomputes the logit blocks
-(:class:`SparseDivergence`).
+``tokens x vocabulary`` tensor.  With ``memory="fast"`` (the default), scalar reductions whose weights are known
+in the pass (``token_weights``, ``step_divergence="none"``, or steps that fit a chunk) and a student gradient
+wanted, the loss and its gradients come from one pass (:class:`SinglePassSparse`): the Triton backend's
+(:func:`sod_kernels.sparse.triton_backend.single_pass_loss`) or, for CPU tensors on the torch backend, the CPU
+single pass over whole-vocabulary row chunks with a compiled epilogue (:mod:`sod_kernels.sparse.cpu_backend`).
+Otherwise (``memory="low"``, ``reduction="none"``, forward-only calls, steps longer than the largest chunk)
+the backward recomputes the logit blocks (:class:`SparseDivergence`).
 """
 
 from __future__ import annotations
@@ -41,6 +44,22 @@ def _backend(name: str) -> ModuleType:
         return torch_backend
     from . import triton_backend  # imported lazily: Triton is only needed for this path
     return triton_backend
+
+
+def single_pass_backend(name: str, device: torch.device) -> ModuleType | None:
+    """The module of a backend's single pass (``SparseProblem.build(...)``, ``single_pass_loss(problem, chunks,
+    chunk_weights, *, coef, normalizer, need_hidden, need_weight, need_bias, sampled_signal, hard_loss_weight)``,
+    the contract of :func:`sod_kernels.sparse.triton_backend.single_pass_loss`), or None for a backend that runs
+    two passes: Triton -> :mod:`~sod_kernels.sparse.triton_backend`; the torch backend on CPU tensors ->
+    :mod:`~sod_kernels.sparse.cpu_backend` (whole-vocabulary rows, a compiled epilogue); the torch backend on
+    other devices -> None."""
+    if name == "triton":
+        from . import triton_backend  # imported lazily: Triton is only needed for this path
+        return triton_backend
+    if name == "torch" and device.type == "cpu":
+        from . import cpu_backend
+        return cpu_backend
+    return None
 
 
 class SparseDivergence(torch.autograd.Function):
@@ -97,21 +116,23 @@ def _sweep_kwargs(options: PassOptions) -> dict:
 
 
 class SinglePassSparse(torch.autograd.Function):
-    """The weighted loss and its student gradients in one pass (Triton backend, scalar reductions).
+    """The weighted loss and its student gradients in one pass (scalar reductions; the Triton backend, or the torch
+    backend on CPU tensors: :func:`single_pass_backend`).
 
     Inputs: student hidden, weight, bias, ``row_index``, ``ids``, ``logprobs``, ``target_ids`` (as
     :class:`SparseDivergence`), the :class:`~sod_kernels.core.options.PassOptions` and the
     :class:`~sod_kernels.core.options.SinglePassPlan` (see :func:`sod_kernels.sparse.triton_backend.single_pass_loss`).
-    Outputs: loss (0-D float32, differentiable), ``D``, ``logp_s(y)``, ``logp_t(y)`` (``[Na]``, not
-    differentiable).  Gradients are formed for an upstream gradient of 1 and scaled in backward.
+    Outputs: loss (0-D float32; float64 for float64 inputs on the CPU single pass; differentiable), ``D``,
+    ``logp_s(y)``, ``logp_t(y)`` (``[Na]``, not differentiable).  Gradients are formed for an upstream gradient
+    of 1 and scaled in backward.
     """
 
     @staticmethod
     def forward(ctx, sh, sw, sb, row_index, ids, logprobs, y, options: PassOptions, plan: SinglePassPlan):
-        from .triton_backend import SparseProblem, single_pass_loss
-        problem = SparseProblem.build(sh, sw, sb, row_index, ids, logprobs, y, options.divergence, options.temperature,
-                                      softcap=options.student_softcap, beta=options.beta)
-        return single_pass_forward(ctx, single_pass_loss, problem, plan)
+        backend = single_pass_backend(options.backend, sh.device)
+        problem = backend.SparseProblem.build(sh, sw, sb, row_index, ids, logprobs, y, options.divergence,
+                                              options.temperature, softcap=options.student_softcap, beta=options.beta)
+        return single_pass_forward(ctx, backend.single_pass_loss, problem, plan)
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
@@ -183,9 +204,13 @@ def fused_sparse_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Te
         reduction: ``"token_mean"`` (default), ``"sum"`` or ``"none"`` (per-token ``[B, T]``).
         return_stats: return :class:`sod_kernels.SODStats` (loss, token divergences, weights, step statistics).
         backend: ``"auto"`` (Triton for CUDA tensors, chunked PyTorch otherwise), ``"triton"``, ``"torch"``.
-        memory: ``"fast"`` (default; Triton: the loss and its gradients in one pass over row chunks whenever the
-            weights are known in-pass) or ``"low"`` (two passes over smaller row chunks, the backward recomputing
-            the logit blocks).  The torch backend runs two passes over rows x vocabulary tiles in both modes.
+        memory: ``"fast"`` (default: the loss and its gradients in one pass over row chunks whenever the
+            weights are known in-pass, a scalar reduction is asked for and a gradient is wanted; Triton, and the
+            torch backend on CPU tensors, whose chunks are whole vocabulary rows: about ``C x V`` floats of extra
+            memory, 64 MiB by default (512 rows at V = 32000 in float32), plus the ``[V, H]`` weight-gradient
+            accumulator) or ``"low"`` (two passes, the backward recomputing the logits: Triton over smaller
+            row chunks, the torch backend over rows x vocabulary tiles of about 8 MiB; ``2 N V H`` more FLOPs).
+            The torch backend on non-CPU devices runs the two passes in both modes.
         chunk_size: rows per chunk (default: from a memory budget and the vocabulary size).
         check_inputs: validate mask / step ids / teacher ids and log-probs at the distilled positions and the
             loss's finiteness (host synchronisations); on by default.
@@ -236,12 +261,17 @@ def fused_sparse_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Te
                           divergence=divergence, beta=beta, student_softcap=student_softcap)
     loss = None
     with no_autocast(student_hidden.device):
-        if impl == "triton" and memory == "fast" and reduction != "none" and num_active and \
+        backend = single_pass_backend(impl, student_hidden.device) if memory == "fast" else None
+        if backend is not None and reduction != "none" and num_active and \
                 needs_student_grad(student_hidden, student_weight, student_bias):
-            rows = chunk_rows(num_active, V, 4 + GradAccumulator.GROUP * student_hidden.element_size(),
-                              chunk_size=chunk_size)
-            plan = single_pass_plan(step_rows, row_index, given, step_divergence, epsilon, delta, rows, V,
-                                    student_hidden.element_size())
+            if impl == "triton":
+                rows = chunk_rows(num_active, V, 4 + GradAccumulator.GROUP * student_hidden.element_size(),
+                                  chunk_size=chunk_size)
+                plan = single_pass_plan(step_rows, row_index, given, step_divergence, epsilon, delta, rows, V,
+                                        student_hidden.element_size())
+            else:
+                plan = backend.single_pass_plan(step_rows, row_index, given, step_divergence, epsilon, delta,
+                                                chunk_size, V, student_hidden.element_size())
             if plan is not None:
                 chunks, chunk_weights = plan
                 normalizer = float(max(num_active, 1)) if reduction == "token_mean" else 1.0
