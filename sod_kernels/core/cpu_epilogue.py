@@ -67,14 +67,14 @@ def compile_enabled() -> bool:
 
 
 # ----------------------------------------------------------------------------------------- epilogues
-def _logits(x, b, inv_temp, cap, capped: bool):
+def capped_logits(x, b, inv_temp, cap, capped: bool):
     """``z = (x + b) * inv_temp`` or ``cap tanh((x + b) / cap) * inv_temp``."""
     if capped:
         return torch.tanh((x + b) / cap) * cap * inv_temp
     return (x + b) * inv_temp
 
 
-def _logits_slope(x, b, inv_temp, cap):
+def capped_logits_slope(x, b, inv_temp, cap):
     """Capped student logits and the cap's slope ``1 - tanh^2(u) = 4 e / (1 + e)^2``, ``e = exp(-2|u|)``
     (exact where the cap saturates)."""
     u = (x + b) / cap
@@ -93,10 +93,10 @@ def kl_stats(xs: torch.Tensor, xt: torch.Tensor, bs: torch.Tensor, bt: torch.Ten
     Returns ``(D, lse_s, lse_t, centre, sum_s, sum_t)``, each ``[C]`` in the blocks' dtype.
     """
     if student_capped:
-        zs, slope = _logits_slope(xs, bs, inv_temp, scap)
+        zs, slope = capped_logits_slope(xs, bs, inv_temp, scap)
     else:
-        zs, slope = _logits(xs, bs, inv_temp, scap, False), None
-    zt = _logits(xt, bt, inv_temp, tcap, teacher_capped)
+        zs, slope = capped_logits(xs, bs, inv_temp, scap, False), None
+    zt = capped_logits(xt, bt, inv_temp, tcap, teacher_capped)
     ms = zs.amax(1, keepdim=True)
     mt = zt.amax(1, keepdim=True)
     ys = zs - ms
@@ -132,10 +132,10 @@ def jsd_stats(xs: torch.Tensor, xt: torch.Tensor, bs: torch.Tensor, bt: torch.Te
     Returns ``(D, lse_s, lse_t, c, sum_s, sum_t)``, each ``[C]`` in the blocks' dtype, ``c = KL(p_s || M)``.
     """
     if student_capped:
-        zs, slope = _logits_slope(xs, bs, inv_temp, scap)
+        zs, slope = capped_logits_slope(xs, bs, inv_temp, scap)
     else:
-        zs, slope = _logits(xs, bs, inv_temp, scap, False), None
-    zt = _logits(xt, bt, inv_temp, tcap, teacher_capped)
+        zs, slope = capped_logits(xs, bs, inv_temp, scap, False), None
+    zt = capped_logits(xt, bt, inv_temp, tcap, teacher_capped)
     ms = zs.amax(1, keepdim=True)
     mt = zt.amax(1, keepdim=True)
     ys = zs - ms
@@ -180,9 +180,9 @@ def logprob_stats(x: torch.Tensor, b: torch.Tensor, inv_temp: torch.Tensor, cap:
     ``x <- exp(z - M) * slope`` (the unnormalized probabilities times the cap's slope) for
     :func:`token_loss_grad`."""
     if capped:
-        z, slope = _logits_slope(x, b, inv_temp, cap)
+        z, slope = capped_logits_slope(x, b, inv_temp, cap)
     else:
-        z, slope = _logits(x, b, inv_temp, cap, False), None
+        z, slope = capped_logits(x, b, inv_temp, cap, False), None
     m = z.amax(1, keepdim=True)
     y = z - m
     e = torch.exp(y)
@@ -207,9 +207,9 @@ def logprob_grad(x: torch.Tensor, b: torch.Tensor, inv_temp: torch.Tensor, cap: 
     ``scale (onehot(y) - p) - scale_entropy p (log p + H)``, times the cap's slope (``scale`` and
     ``scale_entropy`` ``[C]`` already hold ``1 / tau``)."""
     if capped:
-        z, slope = _logits_slope(x, b, inv_temp, cap)
+        z, slope = capped_logits_slope(x, b, inv_temp, cap)
     else:
-        z, slope = _logits(x, b, inv_temp, cap, False), None
+        z, slope = capped_logits(x, b, inv_temp, cap, False), None
     log_p = z - lse[:, None]
     p = torch.exp(log_p)
     cols = torch.arange(x.shape[1], device=x.device)

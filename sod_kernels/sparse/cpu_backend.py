@@ -113,10 +113,10 @@ def tail_stats(x: torch.Tensor, b: torch.Tensor, inv_temp: torch.Tensor, cap: to
     row-parallel loop nest (the maximum, then the exponentials), or run eagerly.
     """
     if capped:
-        z, slope = cpu_epilogue._logits_slope(x, b, inv_temp, cap)
+        z, slope = cpu_epilogue.capped_logits_slope(x, b, inv_temp, cap)
         z = torch.where(torch.isneginf(x), float("-inf"), z)
     else:
-        z, slope = cpu_epilogue._logits(x, b, inv_temp, cap, False), None
+        z, slope = cpu_epilogue.capped_logits(x, b, inv_temp, cap, False), None
     m = z.amax(1, keepdim=True).clamp(min=MIN_LOGIT)
     e = torch.exp(z - m)
     total = e.sum(1)
@@ -224,7 +224,7 @@ class _Head:
         raw = x.gather(1, cols)
         b = self.bias[cols]
         if self.capped:
-            return cpu_epilogue._logits_slope(raw, b, self.inv_temp, self.cap)
+            return cpu_epilogue.capped_logits_slope(raw, b, self.inv_temp, self.cap)
         return (raw + b) * self.inv_temp, None
 
 

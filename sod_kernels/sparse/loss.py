@@ -8,7 +8,7 @@ hard-label term and the reductions are those of :func:`sod_kernels.fused_sod_los
 
 Backends: ``"triton"`` (:mod:`sod_kernels.sparse.triton_backend`, the chunked core with the epilogue kernels of
 :mod:`sod_kernels.sparse.kernels`; CUDA, or CPU tensors under ``TRITON_INTERPRET=1``) and ``"torch"``
-(:mod:`sod_kernels.sparse.torch_backend`, chunked PyTorch; the CPU default; float64 supported).  Neither holds a
+(:mod:`sod_kernels.sparse.torch_backend`, chunked PyTorch two-pass tile sweeps; float64 supported; on CPU tensors the default single pass is :mod:`sod_kernels.sparse.cpu_backend`).  Neither holds a
 ``tokens x vocabulary`` tensor.  With ``memory="fast"`` (the default), scalar reductions whose weights are known
 in the pass (``token_weights``, ``step_divergence="none"``, or steps that fit a chunk) and a student gradient
 wanted, the loss and its gradients come from one pass (:class:`SinglePassSparse`): the Triton backend's

@@ -1,4 +1,5 @@
-"""Chunked PyTorch backend of :func:`sod_kernels.fused_sparse_sod_loss` (CPU default; float64 supported).
+"""Chunked PyTorch backend of :func:`sod_kernels.fused_sparse_sod_loss`: the two-pass tile sweeps (``memory="low"``,
+``reduction="none"`` and any device; float64 supported).
 
 Same tiling as :mod:`sod_kernels.dense.torch_backend`: rows in chunks of ``R``, the vocabulary in tiles of ``BV``
 columns, never ``N x V``.  Forward, per row chunk: every logit tile is computed once; the logits at the

@@ -215,7 +215,7 @@ def test_sparse_jsd_is_never_above_the_full_jsd(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_single_and_two_pass_agree(backend, monkeypatch):
     """The Triton single pass (reduction="sum") and the two-pass path (reduction="none", summed) give the same loss
-    and gradients with the JSD and the hard term; on the torch backend both reductions take two passes."""
+    and gradients with the JSD and the hard term."""
     calls = []
     real = sparse_triton.single_pass_loss
     monkeypatch.setattr(sparse_triton, "single_pass_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
