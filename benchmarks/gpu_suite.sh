@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# One command for a (bare) GPU machine: the CUDA tests, then benchmarks.gpu_headline (every method at the
-# headline size first, sweeps last), in under 9 minutes by design, everything written into one folder.
+# One command for a (bare) GPU machine, under 5 minutes by default: benchmarks.gpu_headline first (the headline
+# comparison with Liger compiled and naive compiled measured in the same run, the launch counts, the switches:
+# d(weight) fold depth, chunk plan, JSD, hard term, low memory), then the CUDA tests, then sweeps if time is
+# left; every result is written as soon as it exists, everything into one folder.
 #
-#   bash benchmarks/gpu_suite.sh                      # CUDA; results in $OUT (or runs/gpu-suite)
-#   bash benchmarks/gpu_suite.sh --device cpu         # the same pipeline on CPU (quick sizes)
-#   bash benchmarks/gpu_suite.sh --out DIR --budget 540 --skip-tests -- --methods sod_triton,naive
-#   bash benchmarks/gpu_suite.sh --all-tests           # the whole test suite instead of the CUDA test files
+#   SOD_GIT_COMMIT=<sha> bash benchmarks/gpu_suite.sh          # CUDA; results in $OUT (or runs/gpu-suite)
+#   bash benchmarks/gpu_suite.sh --device cpu                   # the same pipeline on CPU (quick sizes)
+#   bash benchmarks/gpu_suite.sh --out DIR --budget 480 --tests-first --skip-tests -- --methods sod_triton,naive
+#   bash benchmarks/gpu_suite.sh --all-tests                    # the whole test suite instead of the CUDA test files
 #
 # Options: --device cuda|cpu (default cuda), --out DIR (default $OUT, else runs/gpu-suite),
-# --budget SECONDS for the whole suite (default 540), --test-timeout SECONDS (default 180),
-# --skip-tests, --all-tests; arguments after -- go to `python -m benchmarks`.
+# --budget SECONDS for the whole suite (default 290), --bench-share SECONDS for the benchmarks before the tests
+# (default 140), --test-timeout SECONDS (default: what the budget leaves, at most 150), --skip-tests,
+# --tests-first (the tests before the benchmarks), --all-tests; arguments after -- go to `python -m benchmarks`.
 # The tests: by default the files whose tests run on the GPU (kernels, the vocabulary-parallel and FSDP2 tests on
 # NCCL, the trainer on a GPU); the others are CPU logic that CI covers.
 #
@@ -19,16 +22,16 @@
 # - without matplotlib the plots are skipped with a note; JSON and Markdown are always written;
 # - without .git, set SOD_GIT_COMMIT=<sha> so that the results name the commit (a digest of the
 #   sources is recorded either way).
-# Time: the tests run under `timeout`; the sweep gets what is left minus a reserve, and the runner
-# enforces it (fair share per method, no case starts after the deadline, overrunning workers killed).
-# Afterwards: copy DIR/*.json, *.md, *.png into benchmarks/results/ and run
+# Afterwards: copy DIR/*.json, *.md, *.png into benchmarks/results/gpu/ and run
 # `python -m benchmarks.report` to refresh benchmarks/results/LATEST.md.
 set -uo pipefail
 
 DEVICE=cuda
 OUT_DIR="${OUT:-}"
-BUDGET=540
-TEST_TIMEOUT=180
+BUDGET=290
+BENCH_SHARE=140
+TEST_TIMEOUT=
+TESTS_FIRST=0
 RESERVE=75          # seconds kept for a worker overrunning its share (45 s grace), reports and policy
 RUN_TESTS=1
 TEST_TARGETS=(tests/sod_kernels/dense/test_triton_divergence.py tests/sod_kernels/logprobs/test_token_logprobs.py
@@ -44,6 +47,8 @@ while [[ $# -gt 0 ]]; do
     --out) OUT_DIR="$2"; shift 2 ;;
     --budget) BUDGET="$2"; shift 2 ;;
     --test-timeout) TEST_TIMEOUT="$2"; shift 2 ;;
+    --bench-share) BENCH_SHARE="$2"; shift 2 ;;
+    --tests-first) TESTS_FIRST=1; shift ;;
     --skip-tests) RUN_TESTS=0; shift ;;
     --all-tests) TEST_TARGETS=(tests); shift ;;
     --) shift; EXTRA=("$@"); break ;;
@@ -98,34 +103,56 @@ for dist in ("torch", "triton", "liger-kernel", "matplotlib", "transformers", "p
 PYEOF
 } >"$OUT_DIR/environment.txt" 2>&1
 
-if [[ "$RUN_TESTS" == 1 ]]; then
-  WORKERS=()
-  "$PY" -c "import xdist" 2>/dev/null && WORKERS=(-n "${PYTEST_WORKERS:-8}")
-  log "tests: python -m pytest -q ${WORKERS[*]:-} ${TEST_TARGETS[*]} (timeout ${TEST_TIMEOUT}s)"
-  timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -q -rs "${WORKERS[@]}" -p no:cacheprovider "${TEST_TARGETS[@]}" \
-    --junitxml="$OUT_DIR/pytest.xml" >"$OUT_DIR/pytest.log" 2>&1
-  RC=$?
-  if [[ $RC == 124 || $RC == 137 ]]; then
-    log "tests: stopped after ${TEST_TIMEOUT}s (see pytest.log, pytest.xml)"
-  else
-    log "tests: exit $RC; $(tail -n 1 "$OUT_DIR/pytest.log")"
-  fi
-fi
+left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 
-ELAPSED=$(( $(date +%s) - START ))
-LEFT=$(( BUDGET - ELAPSED - 20 ))
-if (( LEFT < 60 )); then LEFT=60; fi
-if [[ "$DEVICE" != cpu ]]; then
-  # Every method at the headline size first (ours, Liger compiled and eager, naive compiled and eager, the
-  # cuBLAS floor and the matrix rate), then determinism/accuracy, the policy form, and sweeps last.
-  log "headline: python -m benchmarks.gpu_headline --deadline $LEFT"
-  timeout -k 20 $(( LEFT + 15 )) "$PY" -m benchmarks.gpu_headline --out "$OUT_DIR" --deadline "$LEFT" 2>&1 | tee -a "$LOG"
+run_tests() {
+  [[ "$RUN_TESTS" == 1 ]] || return 0
+  local limit="${TEST_TIMEOUT:-$(( $(left) - 10 ))}"
+  if [[ -z "$TEST_TIMEOUT" ]] && (( limit > 150 )); then limit=150; fi
+  if (( limit < 30 )); then log "tests: skipped (only ${limit}s left)"; return 0; fi
+  WORKERS=()
+  "$PY" -c "import xdist" 2>/dev/null && WORKERS=(-n "${PYTEST_WORKERS:-12}")
+  log "tests: python -m pytest -q ${WORKERS[*]:-} ${TEST_TARGETS[*]} (timeout ${limit}s)"
+  timeout -k 10 "$limit" "$PY" -m pytest -q -rs "${WORKERS[@]}" -p no:cacheprovider "${TEST_TARGETS[@]}" \
+    --junitxml="$OUT_DIR/pytest.xml" >"$OUT_DIR/pytest.log" 2>&1
+  local rc=$?
+  if [[ $rc == 124 || $rc == 137 ]]; then
+    log "tests: stopped after ${limit}s (see pytest.log, pytest.xml)"
+  else
+    log "tests: exit $rc; $(tail -n 1 "$OUT_DIR/pytest.log")"
+  fi
+}
+
+run_benchmarks() {  # $1: seconds for this part
+  local budget="$1"
+  if (( budget < 30 )); then log "benchmarks: skipped (only ${budget}s left)"; return 0; fi
+  if [[ "$DEVICE" != cpu ]]; then
+    log "benchmarks: python -m benchmarks.gpu_headline --deadline $budget"
+    timeout -k 20 $(( budget + 15 )) "$PY" -m benchmarks.gpu_headline --out "$OUT_DIR" --deadline "$budget" \
+      --skip-sweeps 2>&1 | tee -a "$LOG"
+  else
+    local args=(--device cpu --out "$OUT_DIR" --time-budget "$budget" --quick)
+    log "benchmarks: python -m benchmarks ${args[*]} ${EXTRA[*]:-}"
+    timeout -k 20 $(( budget + 15 )) "$PY" -m benchmarks "${args[@]}" "${EXTRA[@]}" 2>&1 | tee -a "$LOG"
+  fi
   RC=${PIPESTATUS[0]}
+}
+
+RC=0
+if [[ "$TESTS_FIRST" == 1 ]]; then
+  run_tests
+  run_benchmarks $(( $(left) - 10 ))
 else
-  ARGS=(--device cpu --out "$OUT_DIR" --time-budget "$LEFT" --quick)
-  log "sweep: python -m benchmarks ${ARGS[*]} ${EXTRA[*]:-}"
-  timeout -k 20 $(( LEFT + 15 )) "$PY" -m benchmarks "${ARGS[@]}" "${EXTRA[@]}" 2>&1 | tee -a "$LOG"
-  RC=${PIPESTATUS[0]}
+  SHARE=$BENCH_SHARE
+  (( SHARE > $(left) - 10 )) && SHARE=$(( $(left) - 10 ))
+  run_benchmarks "$SHARE"
+  run_tests
+fi
+REST=$(( $(left) - 10 ))
+if [[ "$DEVICE" != cpu ]] && (( REST >= 60 )); then
+  log "sweeps: python -m benchmarks.gpu_headline --only sweeps --deadline $REST"
+  timeout -k 20 $(( REST + 15 )) "$PY" -m benchmarks.gpu_headline --out "$OUT_DIR/sweeps" --only sweeps \
+    --deadline "$REST" 2>&1 | tee -a "$LOG"
 fi
 log "exit $RC; total $(( $(date +%s) - START ))s"
 ls -la "$OUT_DIR" >>"$LOG"
