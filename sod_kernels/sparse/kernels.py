@@ -23,12 +23,15 @@ ids are distinct within a row, so no two programs write one address.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
 from ..core.kernels import (GRAD_BLOCK_V, INTERPRETER_BLOCK_V, NUM_WARPS, cap_arg, interpreting, load_capped_logits,
-                            load_capped_logits_slope, load_logits)
+                            load_capped_logits_slope, load_logits, tanh_parts)
+from ..logprobs.kernels import merge_row_partials
 
 ID_BLOCK = 128            # ids per program of the gather / scatter kernels
 INTERPRETER_ID_BLOCK = 8  # under the interpreter: small blocks so that tests cross block edges
@@ -166,3 +169,382 @@ def codegen_specs() -> list[dict]:
         "num_warps": ID_WARPS, "num_stages": 1, "expect_hgmma": False,
         "divisible_by_16": ["k", "stride_g", "stride_ids", "stride_val"],
     }]
+
+
+# ------------------------------------------------------------------------------------------------------
+# The single pass's per-chunk kernels (sod_kernels.sparse.triton_backend.single_pass_loss).
+#
+# Per chunk of C rows the single pass runs: the logit product; ``sparse_gather_rows_kernel`` (the id logits,
+# the cap's slope there and the sampled token's logit, then the ids masked); the statistics kernel of the
+# masked block (:func:`sod_kernels.logprobs.kernels.logprob_partials`); ``sparse_rows_kernel`` (the partials'
+# merge and all the ``O(C k)`` row math of :func:`sod_kernels.sparse.rows.coarse_grained_rows` in float32,
+# D, the sampled log-probs and the cell coefficients, written at the chunk's offset); with in-pass step
+# weights ``sparse_step_weights_kernel`` (one program per step: the step means, the weights, the id columns
+# of d(logits)); ``sparse_tail_fill_kernel`` (every other column of d(logits), the hard term's target column
+# included); then the contraction products.  Every one of them replaces ~10-60 small tensor operations of
+# the torch row math (each a launch and a gap on a GPU), and none synchronises with the host.
+# ------------------------------------------------------------------------------------------------------
+LOG_TAIL_FLOOR = -27.631021115928547   # log(sod_kernels.sparse.rows.TAIL_FLOOR) = log(1e-12)
+ROW_TILE_ELEMENTS = 512                 # rows x BLOCK_K of one tile of sparse_rows_kernel (registers, 4 warps)
+ROW_WARPS = 4
+STEP_BLOCK_N = 256                      # rows per load of a step's signal (sparse_step_weights_kernel)
+INTERPRETER_ROW_BLOCK = 4               # under the interpreter: small row tiles so that tests cross tile edges
+MAX_ROW_BLOCK_K = 4096                  # beyond this many ids per row the single pass keeps the torch row math
+DIV_REVERSE, DIV_FORWARD, DIV_JSD = 0, 1, 2
+
+
+@triton.jit
+def sparse_gather_rows_kernel(x_ptr, b_ptr, ids_ptr, y_ptr, zid_ptr, slope_ptr, zy_ptr, k, stride_x, stride_ids,
+                              stride_z, inv_temp, cap, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
+                              HAS_TARGET: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One program per row (``BLOCK_K >= k``): ``zid[row, j] = z(x[row, ids[row, j]])`` (float32; with
+    ``HAS_CAP`` the capped logit and the cap's slope in ``slope[row, j]``), with ``HAS_TARGET`` the sampled
+    token's logit ``zy[row] = z(x[row, y[row]])`` (taken from the gathered values when ``y`` is an id, so no
+    read of a column this program masks), then ``x[row, ids[row, j]] = -inf``."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_K)
+    ok = offs < k
+    cols = tl.load(ids_ptr + row * stride_ids + offs, mask=ok, other=-1)
+    own = ok & (cols >= 0)
+    x_row = x_ptr + row * stride_x
+    if HAS_CAP:
+        z, slope = load_capped_logits_slope(x_row, b_ptr, cols, own, inv_temp, cap, HAS_BIAS)
+        tl.store(slope_ptr + row * stride_z + offs, tl.where(own, slope, 0.0), mask=ok)
+    else:
+        z = load_logits(x_row, b_ptr, cols, own, inv_temp, HAS_BIAS)
+    z = tl.where(own, z, 0.0)
+    tl.store(zid_ptr + row * stride_z + offs, z, mask=ok)
+    if HAS_TARGET:
+        y = tl.load(y_ptr + row)
+        match = own & (cols == y)
+        n_listed = tl.zeros([1], tl.int32) + tl.max(match.to(tl.int32), axis=0)
+        from_ids = tl.sum(tl.where(match, z, 0.0), axis=0)
+        # not an id: its column is never masked (ids are distinct per row, one program per row)
+        ycol = tl.zeros([1], tl.int64) + y
+        take = (ycol >= 0) & (n_listed == 0)
+        zt = load_capped_logits(x_row, b_ptr, ycol, take, inv_temp, cap, HAS_BIAS, HAS_CAP)
+        tl.store(zy_ptr + row + tl.arange(0, 1), tl.where(n_listed > 0, from_ids, zt))
+    tl.store(x_row + cols, tl.full([BLOCK_K], float("-inf"), tl.float32), mask=own)
+
+
+@triton.jit
+def _logaddexp(u, v):
+    """``log(e^u + e^v)`` elementwise, ``-inf`` where both are ``-inf`` (no ``inf - inf`` formed)."""
+    mx = tl.maximum(u, v)
+    mn = tl.minimum(u, v)
+    none = mx == float("-inf")
+    base = tl.where(none, 0.0, mx)
+    return tl.where(none, float("-inf"), base + tl.log(1.0 + tl.exp(mn - base)))
+
+
+@triton.jit
+def _jsd_cell(s, t, log1m_beta, log_beta):
+    """``(q r, p (t - log M), r)`` of JSD cells with student / teacher log-masses ``s``, ``t`` (``-inf`` for an
+    empty cell): ``log M = logaddexp(s + log(1 - beta), t + log beta)``, ``r = s - log M`` (0 where ``q = 0``)."""
+    lm = _logaddexp(s + log1m_beta, t + log_beta)
+    q = tl.exp(s)
+    p = tl.exp(t)
+    has_q = q > 0
+    has_p = p > 0
+    r = tl.where(has_q, s, 0.0) - tl.where(has_q, lm, 0.0)
+    tp = p * (tl.where(has_p, t, 0.0) - tl.where(has_p, lm, 0.0))
+    return q * r, tp, r
+
+
+@triton.jit
+def sparse_rows_kernel(part_ptr, zid_ptr, slope_ptr, ids_ptr, a_ptr, tp_ptr, tlogp_ptr, y_ptr, zy_ptr, w_ptr,
+                       d_ptr, lps_ptr, lpt_ptr, grad_ptr, idv_ptr, row_ptr,
+                       n_rows, num_splits, k, stride_z, stride_ids, stride_a, stride_g, plane_idv, plane_row,
+                       grad_scale, hard_scale, log_tail_ids, beta, log1m_beta, log_beta,
+                       DIV: tl.constexpr, HAS_CAP: tl.constexpr, HAS_TARGET: tl.constexpr, HAS_HARD: tl.constexpr,
+                       W_KNOWN: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr):
+    """The coarse-grained row math of ``BLOCK_R`` rows of a chunk (``BLOCK_K >= k``), in float32; the float64
+    reference is :func:`sod_kernels.sparse.rows.coarse_grained_rows`, which documents the formulas.
+
+    Inputs (row pointers at the chunk's first row): ``part [3, n_rows, num_splits]`` the statistics partials
+    of the masked block (the tail), ``zid``, ``slope [C, k]`` (:func:`sparse_gather_rows_kernel`), ``ids``,
+    ``a [C, k]`` (the teacher's log-probs, any float dtype), ``tp``, ``tlogp [C]`` the teacher's tail mass
+    ``P`` and ``log P'`` (formed once per call in float64), ``y``, ``zy [C]``, ``w [C]`` (``W_KNOWN``).
+    Outputs: ``d``, ``lps``, ``lpt [C]`` (D, log p_s(y), log p_t(y)); the rows' scratch ``row [4, plane_row]``:
+    the finite tail log-sum-exp, the tail coefficient before the weight (``grad_tail``), the hard term's tail
+    coefficient ``hard_scale Q`` and the target-column coefficient (``-hard_scale`` where ``y`` is a tail
+    column, else 0); the id columns of ``d(logits)``: with ``W_KNOWN`` written into ``grad`` at the ids,
+    ``((w grad_scale) grad_ids + hard_scale (q - [id = y])) slope``, else the two parts (``grad_ids slope`` and
+    ``hard_scale (q - [id = y]) slope``) into ``idv [2, plane_idv]`` for :func:`sparse_step_weights_kernel`.
+    """
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = r < n_rows
+    j = tl.arange(0, BLOCK_K)
+    cell = ok[:, None] & (j < k)[None, :]
+    big_t, log_total, _ = merge_row_partials(part_ptr, r, ok, n_rows, num_splits, False, BLOCK_S)
+    empty = big_t <= -1e30                         # every column an id: no tail
+    lt = tl.where(empty, float("-inf"), big_t + log_total)
+    r64 = r.to(tl.int64)
+    z = tl.load(zid_ptr + r64[:, None] * stride_z + j[None, :], mask=cell, other=0.0)
+    z = tl.where(cell, z, float("-inf"))
+    big = tl.maximum(tl.max(z, axis=1), lt)
+    big = tl.where(ok, big, 0.0)
+    shifted = z - big[:, None]
+    tail_shift = lt - big
+    lnorm = tl.log(tl.sum(tl.exp(shifted), axis=1) + tl.exp(tail_shift))
+    logq = shifted - lnorm[:, None]
+    logQ = tail_shift - lnorm
+    q = tl.exp(logq)
+    Q = tl.exp(logQ)
+    P = tl.load(tp_ptr + r, mask=ok, other=0.0)
+    logPf = tl.load(tlogp_ptr + r, mask=ok, other=0.0)
+    kept = logQ >= LOG_TAIL_FLOOR
+    logQf = tl.where(kept, logQ, LOG_TAIL_FLOOR)
+    a = tl.load(a_ptr + r64[:, None] * stride_a + j[None, :], mask=cell, other=0.0).to(tl.float32)
+    a = tl.minimum(a, 0.0)
+    logq_c = tl.where(cell, logq, 0.0)
+    if DIV == 0:    # reverse KL
+        gap = tl.where(q > 0, logq_c - a, 0.0)
+        D = tl.sum(q * gap, axis=1) + Q * (logQf - logPf)
+        G = q * (gap + 1.0)
+        G_tail = Q * (logQf - logPf + kept.to(tl.float32))
+    elif DIV == 1:  # forward KL
+        pa = tl.where(cell, tl.exp(a), 0.0)
+        D = tl.sum(pa * (a - logq_c), axis=1) + P * (logPf - logQf)
+        G = -pa
+        G_tail = tl.where(kept, -P, 0.0)
+    else:           # generalized JSD over the k + 1 cells
+        t_ids = tl.where(cell, a, float("-inf"))
+        qr, tp, _ = _jsd_cell(logq, t_ids, log1m_beta, log_beta)
+        t_tail = tl.where(P > 0, tl.log(tl.where(P > 0, P, 1.0)), float("-inf"))
+        qr_t, tp_t, _ = _jsd_cell(logQ, t_tail, log1m_beta, log_beta)
+        D = beta * (tl.sum(tp, axis=1) + tp_t) + (1.0 - beta) * (tl.sum(qr, axis=1) + qr_t)
+        G = (1.0 - beta) * qr
+        G_tail = (1.0 - beta) * qr_t
+    sigma = tl.sum(G, axis=1) + G_tail
+    g_ids = G - q * sigma[:, None]
+    g_tail = G_tail - Q * sigma
+    tl.store(d_ptr + r, D, mask=ok)
+    tl.store(row_ptr + r, tl.where(empty, 0.0, lt), mask=ok)
+    tl.store(row_ptr + plane_row + r, g_tail, mask=ok)
+    hard_ids = tl.zeros([BLOCK_R, BLOCK_K], tl.float32)
+    if HAS_TARGET:
+        ids = tl.load(ids_ptr + r64[:, None] * stride_ids + j[None, :], mask=cell, other=-1)
+        y = tl.load(y_ptr + r, mask=ok, other=-1)
+        match = cell & (ids == y[:, None])
+        listed = tl.max(match.to(tl.int32), axis=1) > 0
+        lp_s = tl.load(zy_ptr + r, mask=ok, other=0.0) - (big + lnorm)
+        lp_t = tl.where(listed, tl.sum(tl.where(match, a, 0.0), axis=1), logPf - log_tail_ids)
+        tl.store(lps_ptr + r, lp_s, mask=ok)
+        tl.store(lpt_ptr + r, lp_t, mask=ok)
+        if HAS_HARD:  # d(-log p_s(y))/dz = p_s - onehot(y): q at the ids, Q times the tail softmax
+            hard_ids = hard_scale * (q - match.to(tl.float32))
+            tl.store(row_ptr + 2 * plane_row + r, hard_scale * Q, mask=ok)
+            tl.store(row_ptr + 3 * plane_row + r, tl.where(listed, 0.0, -hard_scale), mask=ok)
+    if WRITE_GRAD:
+        if HAS_CAP:
+            slope = tl.load(slope_ptr + r64[:, None] * stride_z + j[None, :], mask=cell, other=0.0)
+            g_ids = g_ids * slope
+            hard_ids = hard_ids * slope
+        if W_KNOWN:
+            w = tl.load(w_ptr + r, mask=ok, other=0.0).to(tl.float32)
+            vals = (w * grad_scale)[:, None] * g_ids + hard_ids
+            cols = tl.load(ids_ptr + r64[:, None] * stride_ids + j[None, :], mask=cell, other=0)
+            tl.store(grad_ptr + r64[:, None] * stride_g + cols, vals.to(grad_ptr.dtype.element_ty), mask=cell)
+        else:
+            at = r64[:, None] * stride_z + j[None, :]
+            tl.store(idv_ptr + at, g_ids, mask=cell)
+            if HAS_HARD:
+                tl.store(idv_ptr + plane_idv + at, hard_ids, mask=cell)
+
+
+@triton.jit
+def _step_signal_sum(d_ptr, lps_ptr, lpt_ptr, lo, hi, SAMPLED: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``sum max(signal, 0)`` over the chunk rows ``[lo, hi)`` (``signal = D``, or ``|lp_s - lp_t|`` with
+    ``SAMPLED``) in a fixed order: every program that sums one step gets the same bits."""
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    for i in range(lo, hi, BLOCK_N):
+        rr = i + tl.arange(0, BLOCK_N)
+        m = rr < hi
+        if SAMPLED:
+            x = tl.abs(tl.load(lps_ptr + rr, mask=m, other=0.0) - tl.load(lpt_ptr + rr, mask=m, other=0.0))
+        else:
+            x = tl.load(d_ptr + rr, mask=m, other=0.0)
+        acc += tl.where(m, tl.maximum(x, 0.0), 0.0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def sparse_step_weights_kernel(d_ptr, lps_ptr, lpt_ptr, bounds_ptr, first_ptr, means_ptr, w_ptr, ids_ptr, idv_ptr,
+                               grad_ptr, s0, start, k, stride_ids, stride_z, plane_idv, stride_g, grad_scale,
+                               epsilon, max_weight, SAMPLED: tl.constexpr, HAS_HARD: tl.constexpr,
+                               WRITE_GRAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                               BLOCK_K: tl.constexpr):
+    """One program per step ``s = s0 + program_id`` of a chunk of whole steps (rows ``[bounds[s], bounds[s+1])``
+    of the call, ``start`` its first row; row pointers at the chunk's first row): the step mean ``d_s`` of the
+    clamped signal (stored in ``means [S]``), ``w = min((d_1 + eps) / (d_s + eps), 1 + delta)`` (1 for a first
+    step) with ``d_1`` the mean of the sequence's first step ``first[s]`` (read from ``means`` when an earlier
+    chunk holds it, else summed again here with the same code: the same bits), ``w`` written per row, and
+    with ``WRITE_GRAD`` the id columns of ``d(logits)``, ``(w grad_scale) idv[0] + idv[1]``, at the ids.
+    ``O(rows + k rows)`` work per step; the plan of :class:`sod_kernels.steps.plan.InPassStepWeights`."""
+    s = s0 + tl.program_id(0)
+    lo = (tl.load(bounds_ptr + s) - start).to(tl.int32)
+    hi = (tl.load(bounds_ptr + s + 1) - start).to(tl.int32)
+    d_s = _step_signal_sum(d_ptr, lps_ptr, lpt_ptr, lo, hi, SAMPLED, BLOCK_N) / (hi - lo).to(tl.float32)
+    tl.store(means_ptr + s, d_s)
+    f = tl.load(first_ptr + s)
+    here = f >= s0
+    lo_f = (tl.load(bounds_ptr + f) - start).to(tl.int32)
+    hi_f = tl.where(here, (tl.load(bounds_ptr + f + 1) - start).to(tl.int32), lo_f)
+    count_f = tl.maximum(hi_f - lo_f, 1).to(tl.float32)
+    d_1 = tl.where(here, _step_signal_sum(d_ptr, lps_ptr, lpt_ptr, lo_f, hi_f, SAMPLED, BLOCK_N) / count_f,
+                   tl.load(means_ptr + f))
+    w = tl.minimum((d_1 + epsilon) / (d_s + epsilon), max_weight)
+    w = tl.where(f == s, 1.0, w)
+    j = tl.arange(0, BLOCK_K)
+    for i in range(lo, hi, BLOCK_R):
+        r = i + tl.arange(0, BLOCK_R)
+        ok = r < hi
+        tl.store(w_ptr + r, tl.zeros([BLOCK_R], tl.float32) + w, mask=ok)
+        if WRITE_GRAD:
+            cell = ok[:, None] & (j < k)[None, :]
+            r64 = r.to(tl.int64)
+            at = r64[:, None] * stride_z + j[None, :]
+            vals = (w * grad_scale) * tl.load(idv_ptr + at, mask=cell, other=0.0)
+            if HAS_HARD:
+                vals += tl.load(idv_ptr + plane_idv + at, mask=cell, other=0.0)
+            cols = tl.load(ids_ptr + r64[:, None] * stride_ids + j[None, :], mask=cell, other=0)
+            tl.store(grad_ptr + r64[:, None] * stride_g + cols, vals.to(grad_ptr.dtype.element_ty), mask=cell)
+
+
+@triton.jit
+def sparse_tail_fill_kernel(x_ptr, b_ptr, grad_ptr, row_ptr, w_ptr, y_ptr, vocab, stride_x, stride_g, plane_row,
+                            inv_temp, cap, grad_scale, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
+                            HAS_HARD: tl.constexpr, BLOCK_V: tl.constexpr):
+    """``grad[row, v] = (c exp(z_v - lse_tail) + [v = y] t) slope_v`` at every column not masked (``-inf``,
+    the ids, whose values an earlier kernel wrote), with ``c = (w grad_scale) row[1] + row[2]`` (``row[2]``
+    and the target term ``t = row[3]`` only with ``HAS_HARD``), ``lse_tail = row[0]`` and the cap's slope
+    (1 without ``HAS_CAP``); one read of the raw block."""
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    ok = cols < vocab
+    x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=ok, other=float("-inf"))
+    if HAS_BIAS:
+        x += tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    tail = ok & (x != float("-inf"))
+    if HAS_CAP:
+        t, e = tanh_parts(tl.where(tail, x, 0.0) * (1.0 / cap))
+        z = (cap * t) * inv_temp
+        one_e = 1.0 + e
+        slope = 4.0 * e / (one_e * one_e)
+    else:
+        z = tl.where(tail, x, 0.0) * inv_temp
+    c = (tl.load(w_ptr + row) * grad_scale) * tl.load(row_ptr + plane_row + row)
+    if HAS_HARD:
+        c += tl.load(row_ptr + 2 * plane_row + row)
+    g = c * tl.exp(z - tl.load(row_ptr + row))
+    if HAS_HARD:
+        g += tl.where(cols == tl.load(y_ptr + row), tl.load(row_ptr + 3 * plane_row + row), 0.0)
+    if HAS_CAP:
+        g = g * slope
+    tl.store(grad_ptr + row.to(tl.int64) * stride_g + cols, g.to(grad_ptr.dtype.element_ty), mask=tail)
+
+
+def row_block_k(k: int) -> int:
+    """``BLOCK_K`` of the single pass's row kernels: the next power of two ``>= k`` (at least 2)."""
+    return max(triton.next_power_of_2(max(k, 1)), 2)
+
+
+def row_block_r(block_k: int) -> int:
+    """Rows per tile of ``sparse_rows_kernel`` / ``sparse_step_weights_kernel``: ``ROW_TILE_ELEMENTS / BLOCK_K``
+    (1 to 64; about 16 float32 tiles live per thread at 4 warps), 4 under the interpreter."""
+    if interpreting():
+        return INTERPRETER_ROW_BLOCK
+    return max(1, min(64, ROW_TILE_ELEMENTS // block_k))
+
+
+def gather_id_logits(x: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor, y: torch.Tensor | None,
+                zid: torch.Tensor, slope: torch.Tensor | None, zy: torch.Tensor | None, *, temperature: float,
+                softcap: float | None) -> None:
+    """One launch of ``sparse_gather_rows_kernel`` over the ``C`` rows of ``x [C, V]`` (float32, masked in
+    place): ``ids [C, k]`` int64 (unit column stride), ``y [C]`` int64 or None, outputs ``zid``, ``slope``
+    (with a cap) ``[C, k]`` float32 of one row stride, ``zy [C]`` float32 (with ``y``)."""
+    n_rows, k = ids.shape
+    if not n_rows:
+        return
+    sparse_gather_rows_kernel[(n_rows,)](
+        x, x if bias is None else bias, ids, zid if y is None else y, zid, zid if slope is None else slope,
+        zid if zy is None else zy, k, x.stride(0), ids.stride(0), zid.stride(0), 1.0 / temperature,
+        cap_arg(softcap), HAS_BIAS=bias is not None, HAS_CAP=softcap is not None, HAS_TARGET=y is not None,
+        BLOCK_K=row_block_k(k), num_warps=ID_WARPS)
+
+
+def tail_fill(x: torch.Tensor, bias: torch.Tensor | None, grad: torch.Tensor, rows: torch.Tensor, w: torch.Tensor,
+              y: torch.Tensor | None, *, grad_scale: float, temperature: float, softcap: float | None,
+              hard: bool) -> None:
+    """One launch of ``sparse_tail_fill_kernel``: the tail columns of ``grad [C, V]`` from the masked block
+    ``x [C, V]``, the rows' scratch ``rows [4, >= C]`` of ``sparse_rows_kernel``, the weights ``w [C]`` float32
+    and (``hard``) the targets ``y [C]`` int64."""
+    n_rows, vocab = x.shape
+    if not n_rows:
+        return
+    block = INTERPRETER_BLOCK_V if interpreting() else GRAD_BLOCK_V
+    sparse_tail_fill_kernel[(n_rows, triton.cdiv(vocab, block))](
+        x, x if bias is None else bias, grad, rows, w, y if hard else rows, vocab, x.stride(0), grad.stride(0),
+        rows.stride(0), 1.0 / temperature, cap_arg(softcap), float(grad_scale), HAS_BIAS=bias is not None,
+        HAS_CAP=softcap is not None, HAS_HARD=hard, BLOCK_V=block, num_warps=NUM_WARPS)
+
+
+def rows_terms(part: torch.Tensor, zid: torch.Tensor, slope: torch.Tensor | None, ids: torch.Tensor,
+               logprobs: torch.Tensor, teacher_tail: torch.Tensor, y: torch.Tensor | None, zy: torch.Tensor | None,
+               w: torch.Tensor | None, out: tuple, grad: torch.Tensor | None, idv: torch.Tensor | None,
+               rows: torch.Tensor, *, divergence: str, beta: float, grad_scale: float, hard_scale: float,
+               vocab: int) -> None:
+    """One launch of ``sparse_rows_kernel`` for a chunk of ``C`` rows (all row tensors views at the chunk's
+    first row): ``part [3, C, splits]`` (the masked block's statistics partials), ``zid``, ``slope [C, k]``
+    (:func:`gather_id_logits`), ``ids [C, k]`` int64, ``logprobs [C, k]``, ``teacher_tail [2, >= C]`` (``P``,
+    ``log P'``; a view of the call's ``[2, Na]`` float32 buffer), ``y``, ``zy [C]`` or None, ``w [C]`` float32
+    (weights known before the chunk) or None (step weights: the id parts go to ``idv [2, >= C, k]``),
+    ``out = (D, lp_s, lp_t)`` ``[C]`` float32 views (the last two None without targets), ``grad [C, V]`` or
+    None (no gradient), ``rows [4, >= C]`` float32 scratch.  ``hard_scale > 0``: the hard-label term."""
+    n_rows, k = ids.shape
+    if not n_rows:
+        return
+    D, lp_s, lp_t = out
+    block_k = row_block_k(k)
+    block_r = row_block_r(block_k)
+    splits = part.shape[2]
+    div = {"reverse_kl": DIV_REVERSE, "forward_kl": DIV_FORWARD, "jsd": DIV_JSD}[divergence]
+    b = min(max(beta, 1e-30), 1.0 - 1e-16) if divergence == "jsd" else 0.5
+    has_target = y is not None
+    write = grad is not None
+    sparse_rows_kernel[(triton.cdiv(n_rows, block_r),)](
+        part, zid, zid if slope is None else slope, ids, logprobs, teacher_tail[0], teacher_tail[1],
+        y if has_target else ids, zy if has_target else zid, w if w is not None else zid, D,
+        lp_s if has_target else D, lp_t if has_target else D, grad if write else zid,
+        idv if idv is not None else zid, rows,
+        n_rows, splits, k, zid.stride(0), ids.stride(0), logprobs.stride(0), grad.stride(0) if write else 0,
+        idv[0].numel() if idv is not None else 0, rows.stride(0), float(grad_scale), float(hard_scale),
+        math.log(max(vocab - k, 1)), float(b), math.log1p(-b), math.log(b),
+        DIV=div, HAS_CAP=slope is not None, HAS_TARGET=has_target, HAS_HARD=bool(hard_scale) and has_target,
+        W_KNOWN=w is not None, WRITE_GRAD=write, BLOCK_R=block_r, BLOCK_K=block_k,
+        BLOCK_S=max(triton.next_power_of_2(splits), 2), num_warps=ROW_WARPS)
+
+
+def step_weights(D: torch.Tensor, lp_s: torch.Tensor | None, lp_t: torch.Tensor | None, plan: tuple, first: int,
+                 count: int, start: int, w: torch.Tensor, ids: torch.Tensor, idv: torch.Tensor,
+                 grad: torch.Tensor | None, *, grad_scale: float, epsilon: float, delta: float, sampled: bool,
+                 hard: bool) -> None:
+    """One launch of ``sparse_step_weights_kernel`` over the ``count`` steps ``first ..`` of a chunk that
+    starts at row ``start`` (``D``, ``lp_s``, ``lp_t``, ``w`` ``[C]`` float32 and ``ids [C, k]`` views at that
+    row; ``plan = (bounds [S + 1], first_step [S], means [S] float32)``; ``idv [2, >= C, k]`` from
+    :func:`rows_terms`; ``grad [C, V]`` or None)."""
+    if not count:
+        return
+    bounds, first_step, means = plan
+    k = ids.shape[1]
+    block_k = row_block_k(k)
+    block_n = INTERPRETER_ROW_BLOCK if interpreting() else STEP_BLOCK_N
+    write = grad is not None
+    sparse_step_weights_kernel[(count,)](
+        D, D if lp_s is None else lp_s, D if lp_t is None else lp_t, bounds, first_step, means, w, ids, idv,
+        grad if write else D, first, start, k, ids.stride(0), idv.stride(1), idv[0].numel(),
+        grad.stride(0) if write else 0, float(grad_scale), float(epsilon), 1.0 + float(delta),
+        SAMPLED=sampled, HAS_HARD=hard, WRITE_GRAD=write, BLOCK_N=block_n, BLOCK_R=row_block_r(block_k),
+        BLOCK_K=block_k, num_warps=ROW_WARPS)

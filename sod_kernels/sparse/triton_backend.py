@@ -24,6 +24,7 @@ Dtypes: float32, bfloat16, float16 hidden states (float64: use the torch backend
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,8 +34,12 @@ from ..core.chunks import (FAST_CHUNK_BYTES, LOW_MEMORY_CHUNK_BYTES, GradAccumul
                            gather_rows, logits_into, row_plan, row_selector)
 from ..core.kernels import logprob_row_stats
 from ..core.tiles import apply_softcap
-from .kernels import gather_and_mask, sparse_logit_grad
-from .rows import LogitCoefficients, SparseForward, coarse_grained_rows, logit_coefficients
+from ..logprobs.kernels import column_sum_add, logprob_partials
+from ..steps.plan import InPassStepWeights
+from .kernels import (MAX_ROW_BLOCK_K, gather_and_mask, gather_id_logits, row_block_k, rows_terms, sparse_logit_grad,
+                      step_weights, tail_fill)
+from .rows import (LogitCoefficients, SparseForward, coarse_grained_rows, logit_coefficients,
+                   teacher_tail_log_mass)
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MIN_LOGIT = -1e30  # the statistics kernel's starting maximum (sod_kernels.core.kernels.MIN_LOGIT)
@@ -233,9 +238,141 @@ def single_pass_loss(p: SparseProblem, chunks: list[tuple[int, int]],
                      sampled_signal: bool = False, hard_loss_weight: float = 0.0) -> SinglePassResult:
     """``L = coef * sum_i w_i D_i / normalizer`` (``+ hard_loss_weight * sum_i (-log p_s(y_i)) / normalizer``, the
     hard-label term, which needs ``p.target_ids``) and its student gradients in one pass over ``chunks``;
-    ``chunk_weights(start, stop, D, signal)`` as in :func:`sod_kernels.dense.triton_backend.single_pass_loss`."""
+    ``chunk_weights(start, stop, D, signal)`` as in :func:`sod_kernels.dense.triton_backend.single_pass_loss`.
+
+    The weight functions of :func:`sod_kernels.steps.finish.single_pass_plan` (precomputed ``token_weights``,
+    all ones, in-pass step weights: :func:`_weight_source`) run fused (:func:`_fused_single_pass`: at most 8
+    launches per chunk, no host synchronisation in the loop); any other callable, or more than
+    ``MAX_ROW_BLOCK_K`` ids per row, runs the torch row math (:func:`_single_pass_torch_rows`)."""
     if hard_loss_weight and p.target_ids is None:
         raise ValueError("single_pass_loss: hard_loss_weight > 0 needs target_ids")
+    source = _weight_source(chunk_weights, p.n_rows)
+    kwargs = dict(coef=coef, normalizer=normalizer, need_hidden=need_hidden, need_weight=need_weight,
+                  need_bias=need_bias, sampled_signal=sampled_signal, hard_loss_weight=hard_loss_weight)
+    if source is None or row_block_k(p.ids.shape[1]) > MAX_ROW_BLOCK_K:
+        return _single_pass_torch_rows(p, chunks, chunk_weights, **kwargs)
+    return _fused_single_pass(p, chunks, source, **kwargs)
+
+
+def _weight_source(chunk_weights: Callable, n_rows: int) -> tuple[str, object] | None:
+    """What a weight function of :func:`sod_kernels.steps.finish.single_pass_plan` computes, read from its
+    closure (no call, no synchronisation): ``("steps", InPassStepWeights)`` (step weights from the chunk's
+    signal), ``("given", w [Na] float32)`` (``token_weights``), ``("ones", None)`` (``step_divergence="none"``),
+    or None for any other callable (the caller then calls it chunk by chunk)."""
+    code = getattr(chunk_weights, "__code__", None)
+    if code is None:
+        return None
+    cells = getattr(chunk_weights, "__closure__", None) or ()
+    free = dict(zip(code.co_freevars, (c.cell_contents for c in cells)))
+    if set(free) == {"steps"} and isinstance(free["steps"], InPassStepWeights):
+        return "steps", free["steps"]
+    w = free.get("w")
+    if set(free) == {"w"} and isinstance(w, torch.Tensor) and w.dtype == torch.float32 and w.dim() == 1 \
+            and w.numel() == n_rows:
+        return "given", w.contiguous()
+    if not free and code.co_names == ("torch", "ones_like"):
+        return "ones", None
+    return None
+
+
+def _fused_single_pass(p: SparseProblem, chunks: list[tuple[int, int]], source: tuple[str, object], *, coef: float,
+                       normalizer: float, need_hidden: bool, need_weight: bool, need_bias: bool,
+                       sampled_signal: bool, hard_loss_weight: float) -> SinglePassResult:
+    """The single pass with the row math, the weights and the id columns of ``d(logits)`` in Triton kernels.
+
+    Once per call: the teacher's tail masses ``P``, ``log P'`` of all rows (float64 torch ops, stored float32:
+    the one place where ``1 - sum exp(a)`` cancels), the distilled rows' hidden states (one gather unless they
+    are all rows), the step plan as tensors (``bounds``, ``first_step`` of
+    :class:`~sod_kernels.steps.plan.InPassStepWeights`) and the scratch buffers.  Per chunk of ``C`` rows,
+    launches: the logit product, :func:`~sod_kernels.sparse.kernels.gather_rows`, the statistics partials,
+    :func:`~sod_kernels.sparse.kernels.rows_terms`, with step weights
+    :func:`~sod_kernels.sparse.kernels.step_weights`, :func:`~sod_kernels.sparse.kernels.tail_fill`, then
+    ``d(hidden)``, the ``d(weight)`` fold's copy or product and, with a bias, its column sum: 6 to 8 (plus the
+    fold's product once per fold group).  Host work per chunk is Python integers only (slices and the
+    chunk's first step by bisection of the plan's step starts).  Once per call after the loop:
+    ``loss = coef / normalizer * sum(w D) + hard_loss_weight / normalizer * sum(-log p_s(y))`` in float64.
+    """
+    kind, steps = source
+    device = p.head.hidden.device
+    n, k, vocab = p.n_rows, p.ids.shape[1], p.vocab
+    bias = p.head.used_bias
+    longest = max((b - a for a, b in chunks), default=1)
+    acc = GradAccumulator(p.head, p.row_index, p.contiguous, need_hidden=need_hidden, need_weight=need_weight,
+                          need_bias=False, block_rows=longest)
+    d_bias = torch.zeros(p.head.bias.shape[0], dtype=torch.float32, device=device) \
+        if (need_bias and p.head.bias is not None) else None
+    grads = acc.active or d_bias is not None
+    own = torch.empty(longest * vocab, dtype=p.head.hidden.dtype, device=device) \
+        if (d_bias is not None and not acc.active) else None
+    with_targets, hard = p.target_ids is not None, bool(hard_loss_weight)
+    f32 = torch.float32
+    D = torch.empty(n, dtype=f32, device=device)
+    lp_s = torch.empty_like(D) if with_targets else None
+    lp_t = torch.empty_like(D) if with_targets else None
+    P, log_p = teacher_tail_log_mass(p.logprobs, vocab)
+    teacher_tail = torch.stack([P, log_p]).to(f32)
+    rows_h = p.head.hidden if p.contiguous else p.head.hidden.index_select(0, p.row_index)
+    targets = p.target_ids.contiguous() if with_targets else None
+    if kind == "given":
+        w_all = steps
+    elif kind == "ones":
+        w_all = torch.ones(n, dtype=f32, device=device)
+    else:
+        w_all = torch.empty(n, dtype=f32, device=device)
+        plan = (steps.bounds, steps.first_step, torch.empty(steps.num_steps, dtype=f32, device=device))
+    x_block = torch.empty(longest, vocab, dtype=f32, device=device)
+    zid = torch.empty(longest, k, dtype=f32, device=device)
+    slope = torch.empty_like(zid) if p.softcap is not None else None
+    zy = torch.empty(longest, dtype=f32, device=device) if with_targets else None
+    rows = torch.empty(4, longest, dtype=f32, device=device)
+    idv = torch.empty(2, longest, k, dtype=f32, device=device) if (kind == "steps" and grads) else None
+    grad_scale = coef / (normalizer * p.temperature)
+    hard_scale = hard_loss_weight / (normalizer * p.temperature)
+    cap = dict(temperature=p.temperature, softcap=p.softcap)
+    for start, stop in chunks:
+        c = stop - start
+        x = logits_into(x_block[:c], rows_h[start:stop], p.head.used_weight)
+        ids = p.ids[start:stop]
+        y = targets[start:stop] if with_targets else None
+        gather_id_logits(x, bias, ids, y, zid[:c], None if slope is None else slope[:c],
+                         None if zy is None else zy[:c], **cap)
+        part = logprob_partials(x, bias, **cap)
+        grad = None if not grads else (acc.grad_block(c) if own is None else own[: c * vocab].view(c, vocab))
+        w = w_all[start:stop]
+        rows_terms(part, zid[:c], None if slope is None else slope[:c], ids, p.logprobs[start:stop],
+                   teacher_tail[:, start:stop], y, None if zy is None else zy[:c], None if kind == "steps" else w,
+                   (D[start:stop], None if lp_s is None else lp_s[start:stop], None if lp_t is None else lp_t[start:stop]),
+                   grad, idv, rows, divergence=p.divergence, beta=p.beta, grad_scale=grad_scale,
+                   hard_scale=hard_scale, vocab=vocab)
+        if kind == "steps":
+            first = bisect.bisect_left(steps.starts, start)
+            step_weights(D[start:stop], None if lp_s is None else lp_s[start:stop],
+                         None if lp_t is None else lp_t[start:stop], plan, first,
+                         bisect.bisect_left(steps.starts, stop) - first, start, w, ids,
+                         idv if idv is not None else zid[None], grad, grad_scale=grad_scale, epsilon=steps.epsilon,
+                         delta=steps.delta, sampled=sampled_signal, hard=hard)
+        if grads:
+            tail_fill(x, bias, grad, rows, w, y, grad_scale=grad_scale, hard=hard, **cap)
+            if d_bias is not None:
+                column_sum_add(grad, d_bias[:vocab])
+            if acc.active:
+                acc.add(grad, start, stop, rows_h[start:stop])
+    del x_block
+    loss = (w_all.to(torch.float64) * D.to(torch.float64)).sum() * (coef / normalizer)
+    if hard:
+        loss = loss - lp_s.sum(dtype=torch.float64) * (hard_loss_weight / normalizer)
+    d_hidden, d_weight, _ = acc.finish()
+    return SinglePassResult(loss.to(f32), D, lp_s, lp_t,
+                            (d_hidden, d_weight, None if d_bias is None else d_bias.to(p.head.bias.dtype)))
+
+
+def _single_pass_torch_rows(p: SparseProblem, chunks: list[tuple[int, int]],
+                     chunk_weights: Callable[[int, int, torch.Tensor, torch.Tensor | None], torch.Tensor], *,
+                     coef: float, normalizer: float, need_hidden: bool, need_weight: bool, need_bias: bool,
+                     sampled_signal: bool = False, hard_loss_weight: float = 0.0) -> SinglePassResult:
+    """:func:`single_pass_loss` with the torch row math (:func:`coarse_grained_rows`, float64) and any
+    ``chunk_weights`` callable: ~110 launches per chunk, one host-visible call per chunk.  Kept for weight
+    functions the fused pass does not know and for rows of more than ``MAX_ROW_BLOCK_K`` ids."""
     device = p.head.hidden.device
     longest = max((b - a for a, b in chunks), default=1)
     acc = GradAccumulator(p.head, p.row_index, p.contiguous, need_hidden=need_hidden, need_weight=need_weight,
