@@ -161,6 +161,7 @@ def codegen_specs() -> list[dict]:
             "num_warps": NUM_WARPS, "num_stages": 1, "expect_hgmma": False,
             "divisible_by_16": ["vocab", "stride_x", "stride_g"],
         }]
+    specs += _single_pass_specs()
     return specs + [{
         "name": f"sparse_scatter_kernel[bk{ID_BLOCK}]", "fn": sparse_scatter_kernel,
         "signature": {"grad_ptr": "*bf16", "ids_ptr": "*i64", "val_ptr": "*fp32", "k": "i32", "stride_g": "i32",
@@ -184,11 +185,12 @@ def codegen_specs() -> list[dict]:
 # included); then the contraction products.  Every one of them replaces ~10-60 small tensor operations of
 # the torch row math (each a launch and a gap on a GPU), and none synchronises with the host.
 # ------------------------------------------------------------------------------------------------------
-LOG_TAIL_FLOOR = -27.631021115928547   # log(sod_kernels.sparse.rows.TAIL_FLOOR) = log(1e-12)
+LOG_TAIL_FLOOR = tl.constexpr(-27.631021115928547)  # log(sod_kernels.sparse.rows.TAIL_FLOOR) = log(1e-12)
 ROW_TILE_ELEMENTS = 512                 # rows x BLOCK_K of one tile of sparse_rows_kernel (registers, 4 warps)
 ROW_WARPS = 4
 STEP_BLOCK_N = 256                      # rows per load of a step's signal (sparse_step_weights_kernel)
 INTERPRETER_ROW_BLOCK = 4               # under the interpreter: small row tiles so that tests cross tile edges
+COLSUM_ROWS, COLSUM_COLUMNS = 16, 256       # sparse_tail_fill_colsum_kernel's tile (4096 entries, 8 warps)
 MAX_ROW_BLOCK_K = 4096                  # beyond this many ids per row the single pass keeps the torch row math
 DIV_REVERSE, DIV_FORWARD, DIV_JSD = 0, 1, 2
 
@@ -446,6 +448,53 @@ def sparse_tail_fill_kernel(x_ptr, b_ptr, grad_ptr, row_ptr, w_ptr, y_ptr, vocab
     tl.store(grad_ptr + row.to(tl.int64) * stride_g + cols, g.to(grad_ptr.dtype.element_ty), mask=tail)
 
 
+
+@triton.jit
+def sparse_tail_fill_colsum_kernel(x_ptr, b_ptr, grad_ptr, row_ptr, w_ptr, y_ptr, dbias_ptr, n_rows, vocab, stride_x,
+                                   stride_g, plane_row, inv_temp, cap, grad_scale, HAS_CAP: tl.constexpr,
+                                   HAS_HARD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+    """``sparse_tail_fill_kernel`` (with a bias) for one block of columns over all ``n_rows`` rows, in
+    ``BLOCK_R``-row tiles, adding the block's column sums of the stored ``d(logits)`` (the tail values it
+    writes and the id values already there) to ``dbias`` (float32): ``d(bias)`` without a separate column-sum
+    launch nor a second read of the gradient block.  Each program owns its columns and adds its rows in a fixed
+    order (no atomics: deterministic)."""
+    cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+    okc = cols < vocab
+    bias = tl.load(b_ptr + cols, mask=okc, other=0.0).to(tl.float32)
+    acc = tl.zeros([BLOCK_V], tl.float32)
+    for r0 in range(0, n_rows, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        okr = r < n_rows
+        m2 = okr[:, None] & okc[None, :]
+        r64 = r.to(tl.int64)
+        x = tl.load(x_ptr + r64[:, None] * stride_x + cols[None, :], mask=m2, other=float("-inf")) + bias[None, :]
+        tail = m2 & (x != float("-inf"))
+        if HAS_CAP:
+            t, e = tanh_parts(tl.where(tail, x, 0.0) * (1.0 / cap))
+            z = (cap * t) * inv_temp
+            one_e = 1.0 + e
+            slope = 4.0 * e / (one_e * one_e)
+        else:
+            z = tl.where(tail, x, 0.0) * inv_temp
+        c = (tl.load(w_ptr + r, mask=okr, other=0.0) * grad_scale) * tl.load(row_ptr + plane_row + r, mask=okr,
+                                                                              other=0.0)
+        if HAS_HARD:
+            c += tl.load(row_ptr + 2 * plane_row + r, mask=okr, other=0.0)
+        g = c[:, None] * tl.exp(z - tl.load(row_ptr + r, mask=okr, other=0.0)[:, None])
+        if HAS_HARD:
+            y = tl.load(y_ptr + r, mask=okr, other=-1)
+            g += tl.where(cols[None, :] == y[:, None], tl.load(row_ptr + 3 * plane_row + r, mask=okr,
+                                                               other=0.0)[:, None], 0.0)
+        if HAS_CAP:
+            g = g * slope
+        g = g.to(grad_ptr.dtype.element_ty)
+        at = grad_ptr + r64[:, None] * stride_g + cols[None, :]
+        tl.store(at, g, mask=tail)
+        ids_part = tl.load(at, mask=m2 & (x == float("-inf")), other=0.0).to(tl.float32)
+        acc += tl.sum(tl.where(tail, g.to(tl.float32), ids_part), axis=0)
+    tl.store(dbias_ptr + cols, tl.load(dbias_ptr + cols, mask=okc, other=0.0) + acc, mask=okc)
+
+
 def row_block_k(k: int) -> int:
     """``BLOCK_K`` of the single pass's row kernels: the next power of two ``>= k`` (at least 2)."""
     return max(triton.next_power_of_2(max(k, 1)), 2)
@@ -477,16 +526,26 @@ def gather_id_logits(x: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tens
 
 def tail_fill(x: torch.Tensor, bias: torch.Tensor | None, grad: torch.Tensor, rows: torch.Tensor, w: torch.Tensor,
               y: torch.Tensor | None, *, grad_scale: float, temperature: float, softcap: float | None,
-              hard: bool) -> None:
-    """One launch of ``sparse_tail_fill_kernel``: the tail columns of ``grad [C, V]`` from the masked block
-    ``x [C, V]``, the rows' scratch ``rows [4, >= C]`` of ``sparse_rows_kernel``, the weights ``w [C]`` float32
-    and (``hard``) the targets ``y [C]`` int64."""
+              hard: bool, d_bias: torch.Tensor | None = None) -> None:
+    """One launch writing the tail columns of ``grad [C, V]`` from the masked block ``x [C, V]``, the rows'
+    scratch ``rows [4, >= C]`` of ``sparse_rows_kernel``, the weights ``w [C]`` float32 and (``hard``) the
+    targets ``y [C]`` int64: ``sparse_tail_fill_kernel`` (grid: rows x column blocks), or with ``d_bias [V]``
+    (float32, contiguous; needs ``bias``) ``sparse_tail_fill_colsum_kernel`` (grid: column blocks), which also
+    adds the block's column sums to ``d_bias``."""
     n_rows, vocab = x.shape
     if not n_rows:
         return
+    args = (rows, w, y if hard else rows)
+    if d_bias is not None:
+        block_r, block_v = (4, 16) if interpreting() else (COLSUM_ROWS, COLSUM_COLUMNS)
+        sparse_tail_fill_colsum_kernel[(triton.cdiv(vocab, block_v),)](
+            x, bias, grad, *args, d_bias, n_rows, vocab, x.stride(0), grad.stride(0), rows.stride(0),
+            1.0 / temperature, cap_arg(softcap), float(grad_scale), HAS_CAP=softcap is not None, HAS_HARD=hard,
+            BLOCK_R=block_r, BLOCK_V=block_v, num_warps=NUM_WARPS)
+        return
     block = INTERPRETER_BLOCK_V if interpreting() else GRAD_BLOCK_V
     sparse_tail_fill_kernel[(n_rows, triton.cdiv(vocab, block))](
-        x, x if bias is None else bias, grad, rows, w, y if hard else rows, vocab, x.stride(0), grad.stride(0),
+        x, x if bias is None else bias, grad, *args, vocab, x.stride(0), grad.stride(0),
         rows.stride(0), 1.0 / temperature, cap_arg(softcap), float(grad_scale), HAS_BIAS=bias is not None,
         HAS_CAP=softcap is not None, HAS_HARD=hard, BLOCK_V=block, num_warps=NUM_WARPS)
 
@@ -548,3 +607,75 @@ def step_weights(D: torch.Tensor, lp_s: torch.Tensor | None, lp_t: torch.Tensor 
         grad.stride(0) if write else 0, float(grad_scale), float(epsilon), 1.0 + float(delta),
         SAMPLED=sampled, HAS_HARD=hard, WRITE_GRAD=write, BLOCK_N=block_n, BLOCK_R=row_block_r(block_k),
         BLOCK_K=block_k, num_warps=ROW_WARPS)
+
+
+def _single_pass_specs() -> list[dict]:
+    """The single pass's kernels at the headline launch (k = 128 ids: row tiles of 4 x 128; bf16 gradient
+    blocks; two vocabulary splits), the row kernel for each divergence with the hard term and the step
+    weights' id parts, the gather and tail kernels with and without the soft-cap, the column-sum tail kernel
+    (a bias)."""
+    k_block, r_block = 128, ROW_TILE_ELEMENTS // 128
+    specs = []
+    for capped in (False, True):
+        tag = "softcap " if capped else ""
+        specs += [{
+            "name": f"sparse_gather_rows_kernel[{tag}target bk{k_block}]", "fn": sparse_gather_rows_kernel,
+            "signature": {"x_ptr": "*fp32", "b_ptr": "*bf16", "ids_ptr": "*i64", "y_ptr": "*i64", "zid_ptr": "*fp32",
+                          "slope_ptr": "*fp32", "zy_ptr": "*fp32", "k": "i32", "stride_x": "i32",
+                          "stride_ids": "i32", "stride_z": "i32", "inv_temp": "fp32", "cap": "fp32"},
+            "constexprs": {"HAS_BIAS": True, "HAS_CAP": capped, "HAS_TARGET": True, "BLOCK_K": k_block},
+            "num_warps": ID_WARPS, "num_stages": 1, "expect_hgmma": False,
+            "divisible_by_16": ["k", "stride_x", "stride_ids", "stride_z"],
+        }, {
+            "name": f"sparse_tail_fill_kernel[{tag}hard bv{GRAD_BLOCK_V}]", "fn": sparse_tail_fill_kernel,
+            "signature": {"x_ptr": "*fp32", "b_ptr": "*bf16", "grad_ptr": "*bf16", "row_ptr": "*fp32",
+                          "w_ptr": "*fp32", "y_ptr": "*i64", "vocab": "i32", "stride_x": "i32", "stride_g": "i32",
+                          "plane_row": "i32", "inv_temp": "fp32", "cap": "fp32", "grad_scale": "fp32"},
+            "constexprs": {"HAS_BIAS": True, "HAS_CAP": capped, "HAS_HARD": True, "BLOCK_V": GRAD_BLOCK_V},
+            "num_warps": NUM_WARPS, "num_stages": 1, "expect_hgmma": False,
+            "divisible_by_16": ["vocab", "stride_x", "stride_g", "plane_row"],
+        }, {
+            "name": f"sparse_tail_fill_colsum_kernel[{tag}hard br{COLSUM_ROWS} bv{COLSUM_COLUMNS}]",
+            "fn": sparse_tail_fill_colsum_kernel,
+            "signature": {"x_ptr": "*fp32", "b_ptr": "*bf16", "grad_ptr": "*bf16", "row_ptr": "*fp32",
+                          "w_ptr": "*fp32", "y_ptr": "*i64", "dbias_ptr": "*fp32", "n_rows": "i32", "vocab": "i32",
+                          "stride_x": "i32", "stride_g": "i32", "plane_row": "i32", "inv_temp": "fp32",
+                          "cap": "fp32", "grad_scale": "fp32"},
+            "constexprs": {"HAS_CAP": capped, "HAS_HARD": True, "BLOCK_R": COLSUM_ROWS, "BLOCK_V": COLSUM_COLUMNS},
+            "num_warps": NUM_WARPS, "num_stages": 1, "expect_hgmma": False,
+            "divisible_by_16": ["n_rows", "vocab", "stride_x", "stride_g", "plane_row"],
+        }]
+    for name, div in (("reverse_kl", DIV_REVERSE), ("forward_kl", DIV_FORWARD), ("jsd", DIV_JSD)):
+        for known in (True, False):
+            specs.append({
+                "name": f"sparse_rows_kernel[{name} hard {'weights' if known else 'steps'} softcap "
+                        f"br{r_block} bk{k_block}]", "fn": sparse_rows_kernel,
+                "signature": {"part_ptr": "*fp32", "zid_ptr": "*fp32", "slope_ptr": "*fp32", "ids_ptr": "*i64",
+                              "a_ptr": "*fp32", "tp_ptr": "*fp32", "tlogp_ptr": "*fp32", "y_ptr": "*i64",
+                              "zy_ptr": "*fp32", "w_ptr": "*fp32", "d_ptr": "*fp32", "lps_ptr": "*fp32",
+                              "lpt_ptr": "*fp32", "grad_ptr": "*bf16", "idv_ptr": "*fp32", "row_ptr": "*fp32",
+                              "n_rows": "i32", "num_splits": "i32", "k": "i32", "stride_z": "i32",
+                              "stride_ids": "i32", "stride_a": "i32", "stride_g": "i32", "plane_idv": "i32",
+                              "plane_row": "i32", "grad_scale": "fp32", "hard_scale": "fp32",
+                              "log_tail_ids": "fp32", "beta": "fp32", "log1m_beta": "fp32", "log_beta": "fp32"},
+                "constexprs": {"DIV": div, "HAS_CAP": True, "HAS_TARGET": True, "HAS_HARD": True, "W_KNOWN": known,
+                               "WRITE_GRAD": True, "BLOCK_R": r_block, "BLOCK_K": k_block, "BLOCK_S": 2},
+                "num_warps": ROW_WARPS, "num_stages": 1, "expect_hgmma": False,
+                "divisible_by_16": ["n_rows", "k", "stride_z", "stride_ids", "stride_a", "stride_g", "plane_idv",
+                                    "plane_row"],
+            })
+    for sampled in (False, True):
+        specs.append({
+            "name": f"sparse_step_weights_kernel[{'sampled' if sampled else 'kl'} hard br{r_block} bk{k_block}]",
+            "fn": sparse_step_weights_kernel,
+            "signature": {"d_ptr": "*fp32", "lps_ptr": "*fp32", "lpt_ptr": "*fp32", "bounds_ptr": "*i64",
+                          "first_ptr": "*i64", "means_ptr": "*fp32", "w_ptr": "*fp32", "ids_ptr": "*i64",
+                          "idv_ptr": "*fp32", "grad_ptr": "*bf16", "s0": "i32", "start": "i32", "k": "i32",
+                          "stride_ids": "i32", "stride_z": "i32", "plane_idv": "i32", "stride_g": "i32",
+                          "grad_scale": "fp32", "epsilon": "fp32", "max_weight": "fp32"},
+            "constexprs": {"SAMPLED": sampled, "HAS_HARD": True, "WRITE_GRAD": True, "BLOCK_N": STEP_BLOCK_N,
+                           "BLOCK_R": r_block, "BLOCK_K": k_block},
+            "num_warps": ROW_WARPS, "num_stages": 1, "expect_hgmma": False,
+            "divisible_by_16": ["k", "stride_ids", "stride_z", "plane_idv", "stride_g"],
+        })
+    return specs

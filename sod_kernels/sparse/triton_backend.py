@@ -34,7 +34,7 @@ from ..core.chunks import (FAST_CHUNK_BYTES, LOW_MEMORY_CHUNK_BYTES, GradAccumul
                            gather_rows, logits_into, row_plan, row_selector)
 from ..core.kernels import logprob_row_stats
 from ..core.tiles import apply_softcap
-from ..logprobs.kernels import column_sum_add, logprob_partials
+from ..logprobs.kernels import logprob_partials
 from ..steps.plan import InPassStepWeights
 from .kernels import (MAX_ROW_BLOCK_K, gather_and_mask, gather_id_logits, row_block_k, rows_terms, sparse_logit_grad,
                       step_weights, tail_fill)
@@ -287,8 +287,8 @@ def _fused_single_pass(p: SparseProblem, chunks: list[tuple[int, int]], source: 
     launches: the logit product, :func:`~sod_kernels.sparse.kernels.gather_rows`, the statistics partials,
     :func:`~sod_kernels.sparse.kernels.rows_terms`, with step weights
     :func:`~sod_kernels.sparse.kernels.step_weights`, :func:`~sod_kernels.sparse.kernels.tail_fill`, then
-    ``d(hidden)``, the ``d(weight)`` fold's copy or product and, with a bias, its column sum: 6 to 8 (plus the
-    fold's product once per fold group).  Host work per chunk is Python integers only (slices and the
+    ``d(hidden)`` and the ``d(weight)`` fold's copy or product: 7, 8 with step weights (plus the fold's product
+    once per fold group; with a bias the tail kernel adds ``d(bias)``'s column sums itself).  Host work per chunk is Python integers only (slices and the
     chunk's first step by bisection of the plan's step starts).  Once per call after the loop:
     ``loss = coef / normalizer * sum(w D) + hard_loss_weight / normalizer * sum(-log p_s(y))`` in float64.
     """
@@ -352,9 +352,8 @@ def _fused_single_pass(p: SparseProblem, chunks: list[tuple[int, int]], source: 
                          idv if idv is not None else zid[None], grad, grad_scale=grad_scale, epsilon=steps.epsilon,
                          delta=steps.delta, sampled=sampled_signal, hard=hard)
         if grads:
-            tail_fill(x, bias, grad, rows, w, y, grad_scale=grad_scale, hard=hard, **cap)
-            if d_bias is not None:
-                column_sum_add(grad, d_bias[:vocab])
+            tail_fill(x, bias, grad, rows, w, y, grad_scale=grad_scale, hard=hard,
+                      d_bias=None if d_bias is None else d_bias[:vocab], **cap)
             if acc.active:
                 acc.add(grad, start, stop, rows_h[start:stop])
     del x_block
