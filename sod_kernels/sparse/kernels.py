@@ -319,9 +319,17 @@ def sparse_rows_kernel(part_ptr, zid_ptr, slope_ptr, ids_ptr, a_ptr, tp_ptr, tlo
         D = beta * (tl.sum(tp, axis=1) + tp_t) + (1.0 - beta) * (tl.sum(qr, axis=1) + qr_t)
         G = (1.0 - beta) * qr
         G_tail = (1.0 - beta) * qr_t
-    sigma = tl.sum(G, axis=1) + G_tail
-    g_ids = G - q * sigma[:, None]
-    g_tail = G_tail - Q * sigma
+    # dD/dz = G_c - q_c sigma with sigma = sum_c G_c.  At the cell holding most of the mass (q_* near 1) that
+    # difference cancels in float32; there it is formed as G_* (1 - q_*) - q_* sum_{c != *} G_c with
+    # 1 - q_* = sum_{c != *} q_c summed directly (exact identities: the cells' masses sum to 1).
+    q_top = tl.max(q, axis=1)
+    star_tail = Q > q_top
+    star = cell & (j[None, :] == tl.argmax(q, axis=1)[:, None]) & (star_tail == 0)[:, None]
+    rest_q = tl.sum(tl.where(star, 0.0, q), axis=1) + tl.where(star_tail, 0.0, Q)
+    rest_g = tl.sum(tl.where(star, 0.0, G), axis=1) + tl.where(star_tail, 0.0, G_tail)
+    sigma = tl.where(star_tail, G_tail, tl.sum(tl.where(star, G, 0.0), axis=1)) + rest_g
+    g_ids = tl.where(star, G * rest_q[:, None] - q * rest_g[:, None], G - q * sigma[:, None])
+    g_tail = tl.where(star_tail, G_tail * rest_q - Q * rest_g, G_tail - Q * sigma)
     tl.store(d_ptr + r, D, mask=ok)
     tl.store(row_ptr + r, tl.where(empty, 0.0, lt), mask=ok)
     tl.store(row_ptr + plane_row + r, g_tail, mask=ok)
@@ -336,7 +344,7 @@ def sparse_rows_kernel(part_ptr, zid_ptr, slope_ptr, ids_ptr, a_ptr, tp_ptr, tlo
         tl.store(lps_ptr + r, lp_s, mask=ok)
         tl.store(lpt_ptr + r, lp_t, mask=ok)
         if HAS_HARD:  # d(-log p_s(y))/dz = p_s - onehot(y): q at the ids, Q times the tail softmax
-            hard_ids = hard_scale * (q - match.to(tl.float32))
+            hard_ids = hard_scale * tl.where(match & star, -rest_q[:, None], q - match.to(tl.float32))
             tl.store(row_ptr + 2 * plane_row + r, hard_scale * Q, mask=ok)
             tl.store(row_ptr + 3 * plane_row + r, tl.where(listed, 0.0, -hard_scale), mask=ok)
     if WRITE_GRAD:
@@ -419,24 +427,25 @@ def sparse_step_weights_kernel(d_ptr, lps_ptr, lpt_ptr, bounds_ptr, first_ptr, m
 def sparse_tail_fill_kernel(x_ptr, b_ptr, grad_ptr, row_ptr, w_ptr, y_ptr, vocab, stride_x, stride_g, plane_row,
                             inv_temp, cap, grad_scale, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
                             HAS_HARD: tl.constexpr, BLOCK_V: tl.constexpr):
-    """``grad[row, v] = (c exp(z_v - lse_tail) + [v = y] t) slope_v`` at every column not masked (``-inf``,
-    the ids, whose values an earlier kernel wrote), with ``c = (w grad_scale) row[1] + row[2]`` (``row[2]``
+    """``grad[row, v] = (c exp(z_v - lse_tail) + [v = y] t) slope_v`` at every column not masked (``-inf`` in the
+    raw block: the ids, whose values an earlier kernel wrote; a raw logit can only be ``-inf`` there by a float32
+    overflow of the product, whose entry is then left as is), with ``c = (w grad_scale) row[1] + row[2]`` (``row[2]``
     and the target term ``t = row[3]`` only with ``HAS_HARD``), ``lse_tail = row[0]`` and the cap's slope
     (1 without ``HAS_CAP``); one read of the raw block."""
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     ok = cols < vocab
     x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=ok, other=float("-inf"))
+    tail = ok & (x != float("-inf"))   # the raw block: a -inf bias entry is a tail column (gradient 0)
     if HAS_BIAS:
         x += tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    tail = ok & (x != float("-inf"))
     if HAS_CAP:
-        t, e = tanh_parts(tl.where(tail, x, 0.0) * (1.0 / cap))
+        t, e = tanh_parts(x * (1.0 / cap))
         z = (cap * t) * inv_temp
         one_e = 1.0 + e
         slope = 4.0 * e / (one_e * one_e)
     else:
-        z = tl.where(tail, x, 0.0) * inv_temp
+        z = x * inv_temp
     c = (tl.load(w_ptr + row) * grad_scale) * tl.load(row_ptr + plane_row + row)
     if HAS_HARD:
         c += tl.load(row_ptr + 2 * plane_row + row)
@@ -467,15 +476,17 @@ def sparse_tail_fill_colsum_kernel(x_ptr, b_ptr, grad_ptr, row_ptr, w_ptr, y_ptr
         okr = r < n_rows
         m2 = okr[:, None] & okc[None, :]
         r64 = r.to(tl.int64)
-        x = tl.load(x_ptr + r64[:, None] * stride_x + cols[None, :], mask=m2, other=float("-inf")) + bias[None, :]
-        tail = m2 & (x != float("-inf"))
+        x = tl.load(x_ptr + r64[:, None] * stride_x + cols[None, :], mask=m2, other=float("-inf"))
+        tail = m2 & (x != float("-inf"))   # the raw block: a -inf bias entry is a tail column (gradient 0)
+        at_ids = m2 & (x == float("-inf"))
+        x = x + bias[None, :]
         if HAS_CAP:
-            t, e = tanh_parts(tl.where(tail, x, 0.0) * (1.0 / cap))
+            t, e = tanh_parts(x * (1.0 / cap))
             z = (cap * t) * inv_temp
             one_e = 1.0 + e
             slope = 4.0 * e / (one_e * one_e)
         else:
-            z = tl.where(tail, x, 0.0) * inv_temp
+            z = x * inv_temp
         c = (tl.load(w_ptr + r, mask=okr, other=0.0) * grad_scale) * tl.load(row_ptr + plane_row + r, mask=okr,
                                                                               other=0.0)
         if HAS_HARD:
@@ -490,7 +501,7 @@ def sparse_tail_fill_colsum_kernel(x_ptr, b_ptr, grad_ptr, row_ptr, w_ptr, y_ptr
         g = g.to(grad_ptr.dtype.element_ty)
         at = grad_ptr + r64[:, None] * stride_g + cols[None, :]
         tl.store(at, g, mask=tail)
-        ids_part = tl.load(at, mask=m2 & (x == float("-inf")), other=0.0).to(tl.float32)
+        ids_part = tl.load(at, mask=at_ids, other=0.0).to(tl.float32)
         acc += tl.sum(tl.where(tail, g.to(tl.float32), ids_part), axis=0)
     tl.store(dbias_ptr + cols, tl.load(dbias_ptr + cols, mask=okc, other=0.0) + acc, mask=okc)
 
