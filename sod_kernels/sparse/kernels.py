@@ -16,6 +16,11 @@ rank's shard holds).  Per chunk:
    gradient dtype: the tail part of ``d(logits)``, exactly 0 at the (masked) id columns.
 5. ``sparse_scatter_kernel`` (grid: rows x id blocks) writes the ``k`` id values of each row over them.
 
+The single pass (:func:`sod_kernels.sparse.triton_backend.single_pass_loss`) uses its own per-chunk kernels,
+listed below the two-pass ones: the gather also reads the sampled token's logit, the row math of step 3 runs in
+``sparse_rows_kernel`` (float32), step weights in ``sparse_step_weights_kernel``, and the id columns of
+``d(logits)`` are written before ``sparse_tail_fill_kernel`` fills the other columns (no scatter kernel).
+
 Bandwidth: the statistics read ``4 C V`` bytes and the gradient reads ``4 C V`` and writes ``2 C V`` (16-bit
 gradient) bytes, as the sampled-token epilogue; the id kernels touch ``O(C k)`` entries.  Deterministic:
 ids are distinct within a row, so no two programs write one address.

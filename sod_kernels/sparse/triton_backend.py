@@ -10,7 +10,12 @@ and where a gradient is formed the tail-gradient and scatter kernels and the two
   steps longer than a chunk): the forward keeps ``O(N k)`` per-row terms, the backward recomputes the logit
   blocks.  ``2 N V H`` FLOPs forward, ``2 N V H + 4 N V H`` backward.
 - :func:`single_pass_loss`: the loss and its gradients in one pass when the weights are known in-pass
-  (:func:`sod_kernels.steps.finish.single_pass_plan`): ``6 N V H`` FLOPs, the single-pass minimum.
+  (:func:`sod_kernels.steps.finish.single_pass_plan`): ``6 N V H`` FLOPs, the single-pass minimum.  Its row
+  math, step weights and the id columns of ``d(logits)`` run in four small kernels
+  (:mod:`sod_kernels.sparse.kernels`, float32 with cancellation-free forms where a float32 difference would
+  lose the float64 reference's accuracy): 7 launches per chunk (8 with in-pass step weights), none of them a
+  host synchronisation, against ~110 with the float64 torch row math it replaces
+  (:func:`sod_kernels.sparse.rows.coarse_grained_rows`, still the two-pass path's and the reference).
 
 The generalized JSD only changes the ``O(C k)`` row math; a hard-label term adds ``O(C k)`` to the cell
 coefficients (:func:`sod_kernels.sparse.rows.logit_coefficients`) and one column per row of the gradient block
@@ -25,6 +30,7 @@ Dtypes: float32, bfloat16, float16 hidden states (float64: use the torch backend
 from __future__ import annotations
 
 import bisect
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,6 +41,7 @@ from ..core.chunks import (FAST_CHUNK_BYTES, LOW_MEMORY_CHUNK_BYTES, GradAccumul
 from ..core.kernels import logprob_row_stats
 from ..core.tiles import apply_softcap
 from ..logprobs.kernels import logprob_partials
+from ..steps.finish import single_pass_plan
 from ..steps.plan import InPassStepWeights
 from .kernels import (MAX_ROW_BLOCK_K, gather_and_mask, gather_id_logits, row_block_k, rows_terms, sparse_logit_grad,
                       step_weights, tail_fill)
@@ -254,13 +261,20 @@ def single_pass_loss(p: SparseProblem, chunks: list[tuple[int, int]],
     return _fused_single_pass(p, chunks, source, **kwargs)
 
 
+def _plan_lambdas() -> tuple:
+    """The code objects of the weight functions :func:`sod_kernels.steps.finish.single_pass_plan` returns (every
+    closure it makes shares its lambda's code object; compared by identity: equal code elsewhere is another
+    function)."""
+    return tuple(c for c in single_pass_plan.__code__.co_consts if isinstance(c, types.CodeType))
+
+
 def _weight_source(chunk_weights: Callable, n_rows: int) -> tuple[str, object] | None:
-    """What a weight function of :func:`sod_kernels.steps.finish.single_pass_plan` computes, read from its
-    closure (no call, no synchronisation): ``("steps", InPassStepWeights)`` (step weights from the chunk's
-    signal), ``("given", w [Na] float32)`` (``token_weights``), ``("ones", None)`` (``step_divergence="none"``),
-    or None for any other callable (the caller then calls it chunk by chunk)."""
+    """What a weight function of :func:`sod_kernels.steps.finish.single_pass_plan` computes, read from its code
+    object and closure (no call, no synchronisation): ``("steps", InPassStepWeights)`` (step weights from the
+    chunk's signal), ``("given", w [Na] float32)`` (``token_weights``), ``("ones", None)``
+    (``step_divergence="none"``), or None for any other callable (the caller then calls it chunk by chunk)."""
     code = getattr(chunk_weights, "__code__", None)
-    if code is None:
+    if code is None or not any(code is c for c in _plan_lambdas()):
         return None
     cells = getattr(chunk_weights, "__closure__", None) or ()
     free = dict(zip(code.co_freevars, (c.cell_contents for c in cells)))
@@ -270,7 +284,7 @@ def _weight_source(chunk_weights: Callable, n_rows: int) -> tuple[str, object] |
     if set(free) == {"w"} and isinstance(w, torch.Tensor) and w.dtype == torch.float32 and w.dim() == 1 \
             and w.numel() == n_rows:
         return "given", w.contiguous()
-    if not free and code.co_names == ("torch", "ones_like"):
+    if not free and "ones_like" in code.co_names:
         return "ones", None
     return None
 
@@ -284,13 +298,14 @@ def _fused_single_pass(p: SparseProblem, chunks: list[tuple[int, int]], source: 
     the one place where ``1 - sum exp(a)`` cancels), the distilled rows' hidden states (one gather unless they
     are all rows), the step plan as tensors (``bounds``, ``first_step`` of
     :class:`~sod_kernels.steps.plan.InPassStepWeights`) and the scratch buffers.  Per chunk of ``C`` rows,
-    launches: the logit product, :func:`~sod_kernels.sparse.kernels.gather_rows`, the statistics partials,
+    launches: the logit product, :func:`~sod_kernels.sparse.kernels.gather_id_logits`, the statistics partials,
     :func:`~sod_kernels.sparse.kernels.rows_terms`, with step weights
     :func:`~sod_kernels.sparse.kernels.step_weights`, :func:`~sod_kernels.sparse.kernels.tail_fill`, then
     ``d(hidden)`` and the ``d(weight)`` fold's copy or product: 7, 8 with step weights (plus the fold's product
-    once per fold group; with a bias the tail kernel adds ``d(bias)``'s column sums itself).  Host work per chunk is Python integers only (slices and the
-    chunk's first step by bisection of the plan's step starts).  Once per call after the loop:
-    ``loss = coef / normalizer * sum(w D) + hard_loss_weight / normalizer * sum(-log p_s(y))`` in float64.
+    once per fold group; with a bias the tail kernel adds ``d(bias)``'s column sums itself).  Host work per
+    chunk is Python integers only (slices and the chunk's first step by bisection of the plan's step starts).
+    Once per call after the loop, in float64:
+    ``loss = coef / normalizer * sum(w D) + hard_loss_weight / normalizer * sum(-log p_s(y))``.
     """
     kind, steps = source
     device = p.head.hidden.device
@@ -341,7 +356,8 @@ def _fused_single_pass(p: SparseProblem, chunks: list[tuple[int, int]], source: 
         w = w_all[start:stop]
         rows_terms(part, zid[:c], None if slope is None else slope[:c], ids, p.logprobs[start:stop],
                    teacher_tail[:, start:stop], y, None if zy is None else zy[:c], None if kind == "steps" else w,
-                   (D[start:stop], None if lp_s is None else lp_s[start:stop], None if lp_t is None else lp_t[start:stop]),
+                   (D[start:stop], None if lp_s is None else lp_s[start:stop],
+                    None if lp_t is None else lp_t[start:stop]),
                    grad, idv, rows, divergence=p.divergence, beta=p.beta, grad_scale=grad_scale,
                    hard_scale=hard_scale, vocab=vocab)
         if kind == "steps":
