@@ -42,8 +42,9 @@ from dataclasses import dataclass
 import torch
 
 from ..core import cpu_epilogue
-from ..core.chunks import LMHead, row_selector
+from ..core.chunks import LMHead
 from ..core.cpu_pass import ComputeHead, StudentGrads
+from ..core.rows import RowChunks, distilled_rows
 from ..core.tiles import apply_softcap, compute_dtype
 from ..steps.cpu_plan import cpu_single_pass_plan
 
@@ -62,7 +63,7 @@ def single_pass_plan(step_rows, row_index, given, step_divergence, epsilon, delt
 
 
 @dataclass
-class KLProblem:
+class KLProblem(RowChunks):
     """The inputs of one call as the chunk loop sees them (the fields :class:`sod_kernels.dense.triton_backend.KLProblem`
     has), with the weights and biases already in the compute dtype."""
 
@@ -84,9 +85,7 @@ class KLProblem:
         if divergence == "jsd" and (beta is None or not 0.0 < float(beta) < 1.0):
             raise ValueError(f"divergence='jsd' needs 0 < beta < 1 here (the ends are the KLs), got {beta!r}")
         vocab = sw.shape[0]
-        rows = row_index.to(torch.int64).contiguous()
-        n = rows.numel()
-        contiguous = n == sh.shape[0] and (n == 0 or bool(rows[-1] == n - 1))
+        rows, contiguous = distilled_rows(row_index, sh.shape[0])
         return cls(LMHead(sh, sw, sb, vocab), LMHead(th, tw, tb, vocab), rows, contiguous,
                    None if target_ids is None else target_ids.to(torch.int64), divergence == "forward_kl",
                    float(temperature), student_softcap, teacher_softcap,
@@ -97,15 +96,8 @@ class KLProblem:
         return self.beta is not None
 
     @property
-    def n_rows(self) -> int:
-        return self.row_index.numel()
-
-    @property
     def vocab(self) -> int:
         return self.student.vocab
-
-    def rows(self, start: int, stop: int):
-        return row_selector(self.row_index, start, stop, self.contiguous)
 
 
 @dataclass

@@ -47,11 +47,12 @@ from dataclasses import dataclass
 import torch
 
 from ..core import cpu_epilogue
-from ..core.chunks import LMHead, row_selector
+from ..core.chunks import LMHead
 from ..core.cpu_pass import ComputeHead, StudentGrads
+from ..core.rows import RowChunks, distilled_rows
 from ..core.tiles import MIN_LOGIT, compute_dtype
 from ..steps.cpu_plan import cpu_single_pass_plan
-from .rows import coarse_grained_rows, logit_coefficients
+from .rows import SinglePassTotals, coarse_grained_rows
 
 CPU_CHUNK_BYTES = 64 << 20        # the [C, V] logit block of a chunk (512 rows at V = 32000, fp32)
 CPU_MAX_CHUNK_BYTES = 256 << 20   # how far a chunk may grow to hold a whole step
@@ -128,7 +129,7 @@ def run_epilogue(name: str, *args, rows: int):
 
 # ------------------------------------------------------------------------------------------- problem
 @dataclass
-class SparseProblem:
+class SparseProblem(RowChunks):
     """One call's inputs as the chunk loop sees them (the fields of
     :class:`sod_kernels.sparse.triton_backend.SparseProblem` that the single pass reads): ``ids``, ``logprobs``,
     ``target_ids`` restricted to the distilled rows (``[Na, k]`` int64, ``[Na, k]``, ``[Na]`` int64 or None)."""
@@ -148,23 +149,14 @@ class SparseProblem:
     def build(cls, hidden, weight, bias, row_index, ids, logprobs, target_ids, divergence, temperature, *,
               softcap: float | None = None, memory: str = "fast", beta: float = 0.5) -> SparseProblem:
         """The signature of :meth:`sod_kernels.sparse.triton_backend.SparseProblem.build` (``memory`` unused)."""
-        rows = row_index.to(torch.int64).contiguous()
-        n = rows.numel()
-        contiguous = n == hidden.shape[0] and (n == 0 or bool(rows[-1] == n - 1))
+        rows, contiguous = distilled_rows(row_index, hidden.shape[0])
         return cls(LMHead(hidden, weight, bias, weight.shape[0]), rows, contiguous, ids.to(torch.int64).contiguous(),
                    logprobs.contiguous(), None if target_ids is None else target_ids.to(torch.int64),
                    divergence, float(temperature), None if softcap is None else float(softcap), float(beta))
 
     @property
-    def n_rows(self) -> int:
-        return self.row_index.numel()
-
-    @property
     def vocab(self) -> int:
         return self.head.vocab
-
-    def rows(self, start: int, stop: int):
-        return row_selector(self.row_index, start, stop, self.contiguous)
 
 
 class _Head(ComputeHead):
@@ -236,16 +228,12 @@ def single_pass_loss(p: SparseProblem, chunks: list[tuple[int, int]],
     s = _Head(p, dt)
     n, V = p.n_rows, p.vocab
     with_targets = p.target_ids is not None
-    D = torch.empty(n, dtype=dt)
-    lp_s = torch.empty(n, dtype=dt) if with_targets else None
-    lp_t = torch.empty(n, dtype=dt) if with_targets else None
+    totals = SinglePassTotals(n, dt, None, with_targets=with_targets, coef=coef, normalizer=normalizer,
+                              temperature=p.temperature, hard_loss_weight=hard_loss_weight,
+                              sampled_signal=sampled_signal)
     grads = StudentGrads(n, s, need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias)
     longest = max((b - a for a, b in chunks), default=1)
     block = torch.empty(longest * V, dtype=dt)
-    total_loss = torch.zeros((), dtype=torch.float64)
-    nll = torch.zeros((), dtype=torch.float64)     # sum of -log p_s(y) (hard-label term)
-    grad_scale = coef / (normalizer * p.temperature)
-    hard_scale = hard_loss_weight / (normalizer * p.temperature)
     for start, stop in chunks:
         c = stop - start
         h = s.rows(p.rows(start, stop))
@@ -261,25 +249,12 @@ def single_pass_loss(p: SparseProblem, chunks: list[tuple[int, int]],
         m, total = run_epilogue("tail_stats", x, s.bias, s.inv_temp, s.cap, s.capped, rows=c)
         t = coarse_grained_rows(z_ids, m + total.log(), p.logprobs[start:stop], divergence=p.divergence,
                                 beta=p.beta, vocab=V, ids=ids, target_ids=y, z_target=z_y)
-        D[start:stop] = t.D
-        if with_targets:
-            lp_s[start:stop], lp_t[start:stop] = t.lp_s, t.lp_t
-        # The weights see the values the public function reports (as the two-pass path does).
-        signal = (lp_s[start:stop] - lp_t[start:stop]).abs() if sampled_signal else D[start:stop]
-        w = chunk_weights(start, stop, D[start:stop], signal).to(torch.float64)
-        total_loss += (w * D[start:stop].to(torch.float64)).sum()
-        if hard_loss_weight:
-            nll -= t.lp_s.sum()
-        if not grads.active:
+        coefs = totals.add(t, start, stop, chunk_weights, grads.active)
+        if coefs is None:
             continue
-        hard = torch.full_like(w, hard_scale) if hard_loss_weight else None
-        coefs = logit_coefficients(t.grad_ids, t.grad_tail, w * grad_scale, hard=hard, prob_ids=t.prob_ids,
-                                   prob_tail=t.prob_tail)
         logit_grad_in_place(x, total, coefs, ids, slope_ids, y, slope_y)
         grads.fold(x, h, s.weight, start, stop)
     del block
-    loss = total_loss * (coef / normalizer)
-    if hard_loss_weight:
-        loss = loss + nll * (hard_loss_weight / normalizer)
-    return SinglePassResult(loss.to(dt), D, lp_s, lp_t, grads.finish(p.head, p.row_index, p.contiguous))
+    return SinglePassResult(totals.loss(dt), totals.D, totals.lp_s, totals.lp_t,
+                            grads.finish(p.head, p.row_index, p.contiguous))
 
