@@ -71,6 +71,18 @@ def load_capped_logits_slope(x_ptr, b_ptr, cols, ok, inv_temp, cap, HAS_BIAS: tl
     return (cap * t) * inv_temp, 4.0 * e / (one_e * one_e)
 
 
+@triton.jit
+def load_logits_and_slope(x_ptr, b_ptr, cols, ok, inv_temp, cap, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr):
+    """``(z, slope)`` of a gradient kernel's student logits: with ``HAS_CAP`` :func:`load_capped_logits_slope`,
+    else ``z = (x + b) / tau`` (:func:`load_logits`) and ``slope = 1`` (multiply by it only with ``HAS_CAP``)."""
+    if HAS_CAP:
+        z, slope = load_capped_logits_slope(x_ptr, b_ptr, cols, ok, inv_temp, cap, HAS_BIAS)
+    else:
+        z = load_logits(x_ptr, b_ptr, cols, ok, inv_temp, HAS_BIAS)
+        slope = 1.0
+    return z, slope
+
+
 def interpreting() -> bool:
     return triton_interpreter_enabled()
 
@@ -128,6 +140,32 @@ def logprob_partial_stats_kernel(x_ptr, b_ptr, part_ptr, n_rows, vocab, stride_x
     tl.store(out + 2 * plane, acc)
 
 
+def logprob_partials(x: torch.Tensor, bias: torch.Tensor | None, *, temperature: float,
+                     softcap: float | None = None, with_entropy: bool = False) -> torch.Tensor:
+    """``part [3, C, splits]`` float32: one launch of ``logprob_partial_stats_kernel`` over the logit block
+    ``x [C, V]`` (float32, unit column stride; ``bias [V]`` or None), the per-split ``(max, sum of
+    exponentials, B' or 0)`` that :func:`logprob_row_stats` merges with tensor operations and the token
+    kernels of :mod:`sod_kernels.logprobs.kernels` in registers."""
+    n_rows, vocab = x.shape
+    block, cols_per_split, splits = vocab_splits(n_rows, vocab)
+    part = torch.empty((NUM_PARTIALS, n_rows, splits), dtype=torch.float32, device=x.device)
+    if n_rows:
+        logprob_partial_stats_kernel[(n_rows, splits)](
+            x, x if bias is None else bias, part, n_rows, vocab, x.stride(0), cols_per_split, splits,
+            1.0 / temperature, cap_arg(softcap), HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy,
+            BLOCK_V=block, HAS_CAP=softcap is not None, num_warps=NUM_WARPS)
+    return part
+
+
+def codegen_spec(name: str, fn, signature: dict, constexprs: dict, divisible_by_16: list[str], *,
+                 num_warps: int = 4) -> dict:
+    """One entry of a kernel module's ``codegen_specs()`` (read by ``benchmarks.codegen``): the kernel ``fn``
+    compiled for sm_90 with ``signature`` (argument -> Triton type), ``constexprs`` and the arguments hinted
+    divisible by 16; one stage, no warpgroup MMA expected (an epilogue kernel)."""
+    return {"name": name, "fn": fn, "signature": signature, "constexprs": constexprs, "num_warps": num_warps,
+            "num_stages": 1, "expect_hgmma": False, "divisible_by_16": divisible_by_16}
+
+
 class LogprobRowStats(NamedTuple):
     """Per-row statistics of one chunk (each ``[C]`` float32): log-sum-exp ``lse``, the max ``M``, the
     shifted mean ``E_p[z] - M`` (``mean``; zeros without entropy) and the entropy (None without it)."""
@@ -142,15 +180,7 @@ def logprob_row_stats(x: torch.Tensor, bias: torch.Tensor | None, *, temperature
                       with_entropy: bool, softcap: float | None = None) -> LogprobRowStats:
     """Statistics of the logit block ``x [C, V]`` (float32, unit column stride); ``bias [V]`` or None;
     ``softcap``: ``cap tanh((x + b) / cap)`` before ``1/tau``, or None."""
-    n_rows, vocab = x.shape
-    block, cols_per_split, splits = vocab_splits(n_rows, vocab)
-    part = torch.empty((NUM_PARTIALS, n_rows, splits), dtype=torch.float32, device=x.device)
-    if n_rows:
-        logprob_partial_stats_kernel[(n_rows, splits)](
-            x, x if bias is None else bias, part, n_rows, vocab, x.stride(0), cols_per_split, splits,
-            1.0 / temperature, cap_arg(softcap), HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy,
-            BLOCK_V=block, HAS_CAP=softcap is not None, num_warps=NUM_WARPS)
-    m, l, b = part.unbind(0)
+    m, l, b = logprob_partials(x, bias, temperature=temperature, softcap=softcap, with_entropy=with_entropy).unbind(0)
     big = m.amax(1)
     shift = m - big[:, None]
     scale = shift.exp()
