@@ -43,6 +43,7 @@ import torch
 
 from ..core import cpu_epilogue
 from ..core.chunks import LMHead
+from ..core.options import SinglePassResult
 from ..core.cpu_pass import ComputeHead, StudentGrads
 from ..core.rows import RowChunks, distilled_rows
 from ..core.tiles import apply_softcap, compute_dtype
@@ -98,19 +99,6 @@ class KLProblem(RowChunks):
     @property
     def vocab(self) -> int:
         return self.student.vocab
-
-
-@dataclass
-class SinglePassResult:
-    """As :class:`sod_kernels.dense.triton_backend.SinglePassResult`: the loss (0-D, float32 or float64), per-row
-    D and sampled log-probs (``[Na]``, the latter None without targets), the student gradients for an upstream
-    gradient of 1 (None where not needed)."""
-
-    loss: torch.Tensor
-    D: torch.Tensor
-    lp_s: torch.Tensor | None
-    lp_t: torch.Tensor | None
-    grads: tuple
 
 
 def _sampled(p: KLProblem, y: torch.Tensor, xs: torch.Tensor, xt: torch.Tensor, s: ComputeHead, t: ComputeHead):

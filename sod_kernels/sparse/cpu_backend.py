@@ -48,6 +48,7 @@ import torch
 
 from ..core import cpu_epilogue
 from ..core.chunks import LMHead
+from ..core.options import SinglePassResult
 from ..core.cpu_pass import ComputeHead, StudentGrads
 from ..core.rows import RowChunks, distilled_rows
 from ..core.tiles import MIN_LOGIT, compute_dtype
@@ -180,19 +181,6 @@ class _Head(ComputeHead):
 
 
 # ----------------------------------------------------------------------------------------- the pass
-@dataclass
-class SinglePassResult:
-    """As :class:`sod_kernels.sparse.triton_backend.SinglePassResult`: the loss (0-D, float32 or float64), per-row
-    ``D`` and sampled log-probs (``[Na]`` in the compute dtype, the latter None without targets), the student
-    gradients for an upstream gradient of 1 (None where not needed)."""
-
-    loss: torch.Tensor
-    D: torch.Tensor
-    lp_s: torch.Tensor | None
-    lp_t: torch.Tensor | None
-    grads: tuple
-
-
 def logit_grad_in_place(x: torch.Tensor, total: torch.Tensor, coefs, ids: torch.Tensor, slope_ids, y, slope_y):
     """``x <- d(logits)`` of a chunk from the block :func:`tail_stats` left (``e * slope``, 0 at the ids).
 

@@ -32,6 +32,7 @@ import torch
 from ..core.chunks import (FAST_CHUNK_BYTES, LOW_MEMORY_CHUNK_BYTES, GradAccumulator, LMHead, chunk_rows, even_chunks,
                            gather_rows, logits_into, row_plan)
 from ..core.kernels import logprob_row_stats
+from ..core.options import SinglePassResult
 from ..core.rows import RowChunks
 from ..core.tiles import apply_softcap
 from .kernels import gather_and_mask, sparse_logit_grad
@@ -210,18 +211,6 @@ def sparse_backward(hidden, weight, bias, row_index, ids, saved: SparseForward, 
                            slope_y)
         acc.add(grad, start, stop, h)
     return acc.finish()
-
-
-@dataclass
-class SinglePassResult:
-    """The loss (0-D float32), per-row D and sampled log-probs (``[Na]`` float32, None without targets), and
-    the student's gradients for an upstream gradient of 1 (None where not needed)."""
-
-    loss: torch.Tensor
-    D: torch.Tensor
-    lp_s: torch.Tensor | None
-    lp_t: torch.Tensor | None
-    grads: tuple
 
 
 def single_pass_loss(p: SparseProblem, chunks: list[tuple[int, int]],
