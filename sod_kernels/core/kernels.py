@@ -110,6 +110,13 @@ NUM_PARTIALS = 3
 
 
 @triton.jit
+def store_split_partial(part_ptr, plane, row, split, n_rows, num_splits, value):
+    """``part[plane, row, split] = value``: one (row, split) program's partial statistic ``plane`` in a
+    statistics kernel's ``part [planes, n_rows, num_splits]`` float32 buffer (merged on the host)."""
+    tl.store(part_ptr + (plane * n_rows + row) * num_splits + split, value)
+
+
+@triton.jit
 def logprob_partial_stats_kernel(x_ptr, b_ptr, part_ptr, n_rows, vocab, stride_x, cols_per_split, num_splits,
                                  inv_temp, cap, HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr,
                                  BLOCK_V: tl.constexpr, HAS_CAP: tl.constexpr):
@@ -133,11 +140,9 @@ def logprob_partial_stats_kernel(x_ptr, b_ptr, part_ptr, n_rows, vocab, stride_x
             acc = alpha * (acc + l * (m - new)) + tl.sum(e * (z - new), axis=0)
         l = l * alpha + tl.sum(e, axis=0)
         m = new
-    out = part_ptr + row * num_splits + split
-    plane = n_rows * num_splits
-    tl.store(out, m)
-    tl.store(out + plane, l)
-    tl.store(out + 2 * plane, acc)
+    store_split_partial(part_ptr, 0, row, split, n_rows, num_splits, m)
+    store_split_partial(part_ptr, 1, row, split, n_rows, num_splits, l)
+    store_split_partial(part_ptr, 2, row, split, n_rows, num_splits, acc)
 
 
 def logprob_partials(x: torch.Tensor, bias: torch.Tensor | None, *, temperature: float,
