@@ -8,7 +8,7 @@ import torch
 from .chunks import row_selector
 
 
-def distilled_rows(row_index: torch.Tensor, n_hidden: int) -> tuple[torch.Tensor, bool]:
+def chunk_row_index(row_index: torch.Tensor, n_hidden: int) -> tuple[torch.Tensor, bool]:
     """``(rows, contiguous)``: ``row_index [Na]`` as contiguous int64 and whether it is ``arange(n_hidden)``."""
     rows = row_index.to(torch.int64).contiguous()
     n = rows.numel()

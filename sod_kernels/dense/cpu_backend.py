@@ -45,7 +45,7 @@ from ..core import cpu_epilogue
 from ..core.chunks import LMHead
 from ..core.options import SinglePassResult
 from ..core.cpu_pass import ComputeHead, StudentGrads
-from ..core.rows import RowChunks, distilled_rows
+from ..core.rows import RowChunks, chunk_row_index
 from ..core.tiles import apply_softcap, compute_dtype
 from ..steps.cpu_plan import cpu_single_pass_plan
 
@@ -86,7 +86,7 @@ class KLProblem(RowChunks):
         if divergence == "jsd" and (beta is None or not 0.0 < float(beta) < 1.0):
             raise ValueError(f"divergence='jsd' needs 0 < beta < 1 here (the ends are the KLs), got {beta!r}")
         vocab = sw.shape[0]
-        rows, contiguous = distilled_rows(row_index, sh.shape[0])
+        rows, contiguous = chunk_row_index(row_index, sh.shape[0])
         return cls(LMHead(sh, sw, sb, vocab), LMHead(th, tw, tb, vocab), rows, contiguous,
                    None if target_ids is None else target_ids.to(torch.int64), divergence == "forward_kl",
                    float(temperature), student_softcap, teacher_softcap,

@@ -27,6 +27,7 @@ import torch
 
 from ..core import cpu_epilogue
 from ..core.chunks import gather_rows, row_selector
+from ..core.rows import chunk_row_index
 from ..core.tiles import apply_softcap, compute_dtype, fold_logit_grad, grads_like
 
 CHUNK_BYTES = 128 << 20
@@ -82,7 +83,7 @@ def _logit_blocks(head: _Head, row_index: torch.Tensor, chunk_size: int | None):
     n, V = row_index.numel(), head.vocab
     C = chunk_rows(n, V, max(torch.finfo(head.dt).bits // 8, 4), chunk_size)
     block = torch.empty(C * V, dtype=head.dt)
-    contiguous = n == head.hidden.shape[0] and (n == 0 or bool(row_index[-1] == n - 1))
+    row_index, contiguous = chunk_row_index(row_index, head.hidden.shape[0])
     for start in range(0, n, C):
         stop = min(start + C, n)
         rows = row_selector(row_index, start, stop, contiguous)

@@ -50,7 +50,7 @@ from ..core import cpu_epilogue
 from ..core.chunks import LMHead
 from ..core.options import SinglePassResult
 from ..core.cpu_pass import ComputeHead, StudentGrads
-from ..core.rows import RowChunks, distilled_rows
+from ..core.rows import RowChunks, chunk_row_index
 from ..core.tiles import MIN_LOGIT, compute_dtype
 from ..steps.cpu_plan import cpu_single_pass_plan
 from .rows import SinglePassTotals, coarse_grained_rows
@@ -150,7 +150,7 @@ class SparseProblem(RowChunks):
     def build(cls, hidden, weight, bias, row_index, ids, logprobs, target_ids, divergence, temperature, *,
               softcap: float | None = None, memory: str = "fast", beta: float = 0.5) -> SparseProblem:
         """The signature of :meth:`sod_kernels.sparse.triton_backend.SparseProblem.build` (``memory`` unused)."""
-        rows, contiguous = distilled_rows(row_index, hidden.shape[0])
+        rows, contiguous = chunk_row_index(row_index, hidden.shape[0])
         return cls(LMHead(hidden, weight, bias, weight.shape[0]), rows, contiguous, ids.to(torch.int64).contiguous(),
                    logprobs.contiguous(), None if target_ids is None else target_ids.to(torch.int64),
                    divergence, float(temperature), None if softcap is None else float(softcap), float(beta))
