@@ -9,7 +9,10 @@
   online log-sum-exp and, with ``WITH_ENTROPY``, the accumulator ``B' = sum exp(z - m) (z - m)`` in the
   max-shifted frame, 3 floats per (row, split); :func:`logprob_row_stats` merges them: ``lse = M + log L``,
   ``E_p[z] - M = B / L`` and the entropy ``H = log L - B / L`` (no difference of large numbers).  It reads
-  ``4 C V`` bytes: bandwidth bound.
+  ``4 C V`` bytes: bandwidth bound.  :func:`logprob_partials` is its launch (the partials alone, for kernels
+  that merge them in registers); ``store_split_partial`` writes one (row, split) partial of any statistics
+  kernel.
+- :func:`codegen_spec`: one entry of a kernel module's ``codegen_specs()`` (the sm_90 compile check).
 """
 
 from __future__ import annotations

@@ -48,8 +48,8 @@ import torch
 
 from ..core import cpu_epilogue
 from ..core.chunks import LMHead
-from ..core.options import SinglePassResult
 from ..core.cpu_pass import ComputeHead, StudentGrads
+from ..core.options import SinglePassResult
 from ..core.rows import RowChunks, chunk_row_index
 from ..core.tiles import MIN_LOGIT, compute_dtype
 from ..steps.cpu_plan import cpu_single_pass_plan
