@@ -152,9 +152,9 @@ def logprob_token_kernel(x_ptr, b_ptr, part_ptr, y_ptr, logp_ptr, lse_ptr, max_p
 def logprob_token_terms(x: torch.Tensor, bias: torch.Tensor | None, part: torch.Tensor, targets: torch.Tensor,
                         out: tuple, *, temperature: float, softcap: float | None) -> None:
     """One launch of ``logprob_token_kernel`` for a chunk of ``C`` rows: ``x [C, V]`` float32, ``bias [V]`` or
-    None, ``part [3, C, splits]`` from :func:`~sod_kernels.core.kernels.logprob_partials`, ``targets [C]`` int64 contiguous;
-    ``out = (logp, lse, max, mean, entropy)`` ``[C]`` float32 views written in place (``mean`` and
-    ``entropy`` None without the entropy)."""
+    None, ``part [3, C, splits]`` from :func:`~sod_kernels.core.kernels.logprob_partials`, ``targets [C]``
+    int64 contiguous; ``out = (logp, lse, max, mean, entropy)`` ``[C]`` float32 views written in place
+    (``mean`` and ``entropy`` None without the entropy)."""
     logp, lse, big, mean, entropy = out
     n_rows, splits = part.shape[1], part.shape[2]
     with_entropy = entropy is not None
@@ -231,7 +231,8 @@ def policy_token_terms(x: torch.Tensor, bias: torch.Tensor | None, part: torch.T
     """One launch of ``policy_token_kernel`` for a chunk of ``C`` rows.
 
     ``x [C, V]`` float32 logit block, ``bias [V]`` or None, ``part [3, C, splits]`` float32 from
-    :func:`~sod_kernels.core.kernels.logprob_partials`, ``targets [C]`` int64, ``old``, ``adv [C]`` float32 (contiguous views),
+    :func:`~sod_kernels.core.kernels.logprob_partials`, ``targets [C]`` int64, ``old``, ``adv [C]`` float32
+    (contiguous views),
     ``clip = (clip_low, clip_high, dual_clip or None)``; ``out = (logp, loss, lse, a)`` ``[C]`` float32,
     written in place (views of the pass's buffers).
     """
