@@ -54,6 +54,19 @@ def _check_divergence(divergence, beta, hard_loss_weight) -> None:
     check_positive(hard_loss_weight, "hard_loss_weight", allow_zero=True)
 
 
+def _distillation_options(divergence, beta, hard_loss_weight, step_divergence, epsilon, delta, temperature, coef,
+                          reduction, return_stats, *, backend, chunk_size) -> dict:
+    """The distillation options every SOD loss module shares (dense or sparse teacher, one process or
+    vocabulary-parallel), checked (``backend`` and ``chunk_size`` are checked with them but not returned), in
+    the order the module shows them."""
+    check_loss_options(divergence, step_divergence, None, reduction, backend, chunk_size, epsilon, delta,
+                       temperature, coef)
+    _check_divergence(divergence, beta, hard_loss_weight)
+    return dict(divergence=divergence, beta=beta, hard_loss_weight=hard_loss_weight, step_divergence=step_divergence,
+                epsilon=epsilon, delta=delta, temperature=temperature, coef=coef, reduction=reduction,
+                return_stats=return_stats)
+
+
 class SODLoss(_Options):
     """:func:`sod_kernels.fused_sod_loss` as a module:
     ``SODLoss(divergence=..., ...)(student_hidden, student_weight, teacher_hidden, teacher_weight, response_mask,
@@ -65,15 +78,13 @@ class SODLoss(_Options):
                  coef: float = 1.0, reduction: str = "token_mean", return_stats: bool = False, backend: str = "auto",
                  memory: str = "fast", chunk_size: int | None = None, check_inputs: bool = True,
                  student_softcap: float | None = None, teacher_softcap: float | None = None):
-        check_loss_options(divergence, step_divergence, None, reduction, backend, chunk_size, epsilon, delta,
-                           temperature, coef)
-        _check_divergence(divergence, beta, hard_loss_weight)
+        options = _distillation_options(divergence, beta, hard_loss_weight, step_divergence, epsilon, delta,
+                                        temperature, coef, reduction, return_stats, backend=backend,
+                                        chunk_size=chunk_size)
         _check_pass(backend, memory, chunk_size, student_softcap=student_softcap, teacher_softcap=teacher_softcap)
-        super().__init__(dict(divergence=divergence, beta=beta,
-                              hard_loss_weight=hard_loss_weight, step_divergence=step_divergence, epsilon=epsilon, delta=delta,
-                              temperature=temperature, coef=coef, reduction=reduction, return_stats=return_stats,
-                              backend=backend, memory=memory, chunk_size=chunk_size, check_inputs=check_inputs,
-                              student_softcap=student_softcap, teacher_softcap=teacher_softcap))
+        super().__init__(dict(**options, backend=backend, memory=memory, chunk_size=chunk_size,
+                              check_inputs=check_inputs, student_softcap=student_softcap,
+                              teacher_softcap=teacher_softcap))
 
     def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
                 teacher_weight: torch.Tensor, response_mask: torch.Tensor | None = None, *,
@@ -96,15 +107,12 @@ class SparseSODLoss(_Options):
                  coef: float = 1.0, reduction: str = "token_mean", return_stats: bool = False, backend: str = "auto",
                  memory: str = "fast", chunk_size: int | None = None, check_inputs: bool = True,
                  student_softcap: float | None = None):
-        check_loss_options(divergence, step_divergence, None, reduction, backend, chunk_size, epsilon, delta,
-                           temperature, coef)
-        _check_divergence(divergence, beta, hard_loss_weight)
+        options = _distillation_options(divergence, beta, hard_loss_weight, step_divergence, epsilon, delta,
+                                        temperature, coef, reduction, return_stats, backend=backend,
+                                        chunk_size=chunk_size)
         _check_pass(backend, memory, chunk_size, student_softcap=student_softcap)
-        super().__init__(dict(divergence=divergence, beta=beta,
-                              hard_loss_weight=hard_loss_weight, step_divergence=step_divergence, epsilon=epsilon, delta=delta,
-                              temperature=temperature, coef=coef, reduction=reduction, return_stats=return_stats,
-                              backend=backend, memory=memory, chunk_size=chunk_size, check_inputs=check_inputs,
-                              student_softcap=student_softcap))
+        super().__init__(dict(**options, backend=backend, memory=memory, chunk_size=chunk_size,
+                              check_inputs=check_inputs, student_softcap=student_softcap))
 
     def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_topk_ids: torch.Tensor,
                 teacher_topk_logprobs: torch.Tensor, response_mask: torch.Tensor | None = None, *,
@@ -172,20 +180,19 @@ class VocabParallelSODLoss(_Options):
     student_bias=..., teacher_bias=...)``."""
 
     def __init__(self, *, process_group=None, vocab_start: int | None = None, divergence: str = "reverse_kl",
-                 beta: float = 0.5, hard_loss_weight: float = 0.0, step_divergence: str | None = None, epsilon: float = DEFAULT_EPSILON, delta: float = DEFAULT_DELTA,
+                 beta: float = 0.5, hard_loss_weight: float = 0.0, step_divergence: str | None = None,
+                 epsilon: float = DEFAULT_EPSILON, delta: float = DEFAULT_DELTA,
                  temperature: float = 1.0, coef: float = 1.0, reduction: str = "token_mean",
                  return_stats: bool = False, backend: str = "auto", chunk_size: int | None = None,
                  check_inputs: bool = True, reduce_hidden_grad: bool = True, student_softcap: float | None = None,
                  teacher_softcap: float | None = None):
         _check_parallel(process_group, vocab_start, reduce_hidden_grad, backend, chunk_size)
-        check_loss_options(divergence, step_divergence, None, reduction, backend, chunk_size, epsilon, delta,
-                           temperature, coef)
-        _check_divergence(divergence, beta, hard_loss_weight)
+        options = _distillation_options(divergence, beta, hard_loss_weight, step_divergence, epsilon, delta,
+                                        temperature, coef, reduction, return_stats, backend=backend,
+                                        chunk_size=chunk_size)
         check_softcap(student_softcap, "student_softcap")
         check_softcap(teacher_softcap, "teacher_softcap")
-        super().__init__(dict(process_group=process_group, vocab_start=vocab_start, divergence=divergence,
-                              beta=beta, hard_loss_weight=hard_loss_weight, step_divergence=step_divergence, epsilon=epsilon, delta=delta, temperature=temperature,
-                              coef=coef, reduction=reduction, return_stats=return_stats, backend=backend,
+        super().__init__(dict(process_group=process_group, vocab_start=vocab_start, **options, backend=backend,
                               chunk_size=chunk_size, check_inputs=check_inputs, reduce_hidden_grad=reduce_hidden_grad,
                               student_softcap=student_softcap, teacher_softcap=teacher_softcap))
 
@@ -206,18 +213,17 @@ class VocabParallelSparseSODLoss(_Options):
     token_weights=..., student_bias=...)``."""
 
     def __init__(self, *, process_group=None, vocab_start: int | None = None, divergence: str = "reverse_kl",
-                 beta: float = 0.5, hard_loss_weight: float = 0.0, step_divergence: str | None = None, epsilon: float = DEFAULT_EPSILON, delta: float = DEFAULT_DELTA,
+                 beta: float = 0.5, hard_loss_weight: float = 0.0, step_divergence: str | None = None,
+                 epsilon: float = DEFAULT_EPSILON, delta: float = DEFAULT_DELTA,
                  temperature: float = 1.0, coef: float = 1.0, reduction: str = "token_mean",
                  return_stats: bool = False, backend: str = "auto", chunk_size: int | None = None,
                  check_inputs: bool = True, reduce_hidden_grad: bool = True, student_softcap: float | None = None):
         _check_parallel(process_group, vocab_start, reduce_hidden_grad, backend, chunk_size)
-        check_loss_options(divergence, step_divergence, None, reduction, backend, chunk_size, epsilon, delta,
-                           temperature, coef)
-        _check_divergence(divergence, beta, hard_loss_weight)
+        options = _distillation_options(divergence, beta, hard_loss_weight, step_divergence, epsilon, delta,
+                                        temperature, coef, reduction, return_stats, backend=backend,
+                                        chunk_size=chunk_size)
         check_softcap(student_softcap, "student_softcap")
-        super().__init__(dict(process_group=process_group, vocab_start=vocab_start, divergence=divergence,
-                              beta=beta, hard_loss_weight=hard_loss_weight, step_divergence=step_divergence, epsilon=epsilon, delta=delta, temperature=temperature,
-                              coef=coef, reduction=reduction, return_stats=return_stats, backend=backend,
+        super().__init__(dict(process_group=process_group, vocab_start=vocab_start, **options, backend=backend,
                               chunk_size=chunk_size, check_inputs=check_inputs, reduce_hidden_grad=reduce_hidden_grad,
                               student_softcap=student_softcap))
 

@@ -85,17 +85,23 @@ def capped_logits_slope(x, b, inv_temp, cap):
     return t * cap * inv_temp, 4.0 * e / (one_e * one_e)
 
 
-def kl_stats(xs: torch.Tensor, xt: torch.Tensor, bs: torch.Tensor, bt: torch.Tensor, inv_temp: torch.Tensor,
-             scap: torch.Tensor, tcap: torch.Tensor, forward_kl: bool, student_capped: bool, teacher_capped: bool):
-    """Row statistics of the raw blocks ``xs``, ``xt`` (``[C, V]``, overwritten as the module docstring says).
+def student_logits(x, b, inv_temp, cap, capped: bool):
+    """``(z, slope)``: the (capped) temperature-scaled logits of a raw block and the cap's slope there (None
+    without a cap), as :func:`capped_logits_slope` forms them."""
+    if capped:
+        return capped_logits_slope(x, b, inv_temp, cap)
+    return capped_logits(x, b, inv_temp, cap, False), None
 
-    ``bs``, ``bt``: ``[V]`` biases (zeros for none); ``inv_temp``, ``scap``, ``tcap``: 0-d tensors.
-    Returns ``(D, lse_s, lse_t, centre, sum_s, sum_t)``, each ``[C]`` in the blocks' dtype.
-    """
-    if student_capped:
-        zs, slope = capped_logits_slope(xs, bs, inv_temp, scap)
-    else:
-        zs, slope = capped_logits(xs, bs, inv_temp, scap, False), None
+
+def shifted_exponentials(xs: torch.Tensor, xt: torch.Tensor, bs: torch.Tensor, bt: torch.Tensor,
+                         inv_temp: torch.Tensor, scap: torch.Tensor, tcap: torch.Tensor, student_capped: bool,
+                         teacher_capped: bool):
+    """The beginning every two-model epilogue shares, from the raw blocks ``xs``, ``xt`` (``[C, V]``; ``bs``,
+    ``bt`` ``[V]`` biases, zeros for none; ``inv_temp``, ``scap``, ``tcap`` 0-d tensors): the capped logits
+    ``z``, row maxima ``M = max z`` (``[C, 1]``), shifted logits ``y = z - M`` and ``e = exp(y)`` (``[C, V]``),
+    row sums ``S = sum e`` (``[C]``).  Returns ``(slope, M_s, M_t, y_s, y_t, e_s, e_t, S_s, S_t)``, ``slope``
+    the student cap's slope (None without a cap)."""
+    zs, slope = student_logits(xs, bs, inv_temp, scap, student_capped)
     zt = capped_logits(xt, bt, inv_temp, tcap, teacher_capped)
     ms = zs.amax(1, keepdim=True)
     mt = zt.amax(1, keepdim=True)
@@ -103,8 +109,18 @@ def kl_stats(xs: torch.Tensor, xt: torch.Tensor, bs: torch.Tensor, bt: torch.Ten
     yt = zt - mt
     es = torch.exp(ys)
     et = torch.exp(yt)
-    sum_s = es.sum(1)
-    sum_t = et.sum(1)
+    return slope, ms, mt, ys, yt, es, et, es.sum(1), et.sum(1)
+
+
+def kl_stats(xs: torch.Tensor, xt: torch.Tensor, bs: torch.Tensor, bt: torch.Tensor, inv_temp: torch.Tensor,
+             scap: torch.Tensor, tcap: torch.Tensor, forward_kl: bool, student_capped: bool, teacher_capped: bool):
+    """Row statistics of the raw blocks ``xs``, ``xt`` (``[C, V]``, overwritten as the module docstring says).
+
+    ``bs``, ``bt``: ``[V]`` biases (zeros for none); ``inv_temp``, ``scap``, ``tcap``: 0-d tensors.
+    Returns ``(D, lse_s, lse_t, centre, sum_s, sum_t)``, each ``[C]`` in the blocks' dtype.
+    """
+    slope, ms, mt, ys, yt, es, et, sum_s, sum_t = shifted_exponentials(xs, xt, bs, bt, inv_temp, scap, tcap,
+                                                                        student_capped, teacher_capped)
     delta = ys - yt
     if forward_kl:       # W = teacher: c' = E_t[(z_t - M_t) - (z_s - M_s)]
         centre = -(et * delta).sum(1) / sum_t
@@ -131,19 +147,8 @@ def jsd_stats(xs: torch.Tensor, xt: torch.Tensor, bs: torch.Tensor, bt: torch.Te
     (``softplus(x) = max(x, 0) + log1p(exp(-|x|))``: the one more ``exp`` + ``log1p`` per entry).
     Returns ``(D, lse_s, lse_t, c, sum_s, sum_t)``, each ``[C]`` in the blocks' dtype, ``c = KL(p_s || M)``.
     """
-    if student_capped:
-        zs, slope = capped_logits_slope(xs, bs, inv_temp, scap)
-    else:
-        zs, slope = capped_logits(xs, bs, inv_temp, scap, False), None
-    zt = capped_logits(xt, bt, inv_temp, tcap, teacher_capped)
-    ms = zs.amax(1, keepdim=True)
-    mt = zt.amax(1, keepdim=True)
-    ys = zs - ms
-    yt = zt - mt
-    es = torch.exp(ys)
-    et = torch.exp(yt)
-    sum_s = es.sum(1)
-    sum_t = et.sum(1)
+    slope, ms, mt, ys, yt, es, et, sum_s, sum_t = shifted_exponentials(xs, xt, bs, bt, inv_temp, scap, tcap,
+                                                                        student_capped, teacher_capped)
     log_sum_s, log_sum_t = sum_s.log(), sum_t.log()
     log_b, log_1mb = torch.log(beta), torch.log1p(-beta)
     d = (yt - ys) + (log_sum_s - log_sum_t + (log_b - log_1mb))[:, None]
@@ -179,10 +184,7 @@ def logprob_stats(x: torch.Tensor, b: torch.Tensor, inv_temp: torch.Tensor, cap:
     ``sum exp(z - M)``, ``entropy`` = ``-sum p log p`` or None).  With ``keep`` it leaves, in place,
     ``x <- exp(z - M) * slope`` (the unnormalized probabilities times the cap's slope) for
     :func:`token_loss_grad`."""
-    if capped:
-        z, slope = capped_logits_slope(x, b, inv_temp, cap)
-    else:
-        z, slope = capped_logits(x, b, inv_temp, cap, False), None
+    z, slope = student_logits(x, b, inv_temp, cap, capped)
     m = z.amax(1, keepdim=True)
     y = z - m
     e = torch.exp(y)

@@ -9,7 +9,10 @@
   online log-sum-exp and, with ``WITH_ENTROPY``, the accumulator ``B' = sum exp(z - m) (z - m)`` in the
   max-shifted frame, 3 floats per (row, split); :func:`logprob_row_stats` merges them: ``lse = M + log L``,
   ``E_p[z] - M = B / L`` and the entropy ``H = log L - B / L`` (no difference of large numbers).  It reads
-  ``4 C V`` bytes: bandwidth bound.
+  ``4 C V`` bytes: bandwidth bound.  :func:`logprob_partials` is its launch (the partials alone, for kernels
+  that merge them in registers); ``store_split_partial`` writes one (row, split) partial of any statistics
+  kernel.
+- :func:`codegen_spec`: one entry of a kernel module's ``codegen_specs()`` (the sm_90 compile check).
 """
 
 from __future__ import annotations
@@ -71,6 +74,18 @@ def load_capped_logits_slope(x_ptr, b_ptr, cols, ok, inv_temp, cap, HAS_BIAS: tl
     return (cap * t) * inv_temp, 4.0 * e / (one_e * one_e)
 
 
+@triton.jit
+def load_logits_and_slope(x_ptr, b_ptr, cols, ok, inv_temp, cap, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr):
+    """``(z, slope)`` of a gradient kernel's student logits: with ``HAS_CAP`` :func:`load_capped_logits_slope`,
+    else ``z = (x + b) / tau`` (:func:`load_logits`) and ``slope = 1`` (multiply by it only with ``HAS_CAP``)."""
+    if HAS_CAP:
+        z, slope = load_capped_logits_slope(x_ptr, b_ptr, cols, ok, inv_temp, cap, HAS_BIAS)
+    else:
+        z = load_logits(x_ptr, b_ptr, cols, ok, inv_temp, HAS_BIAS)
+        slope = 1.0
+    return z, slope
+
+
 def interpreting() -> bool:
     return triton_interpreter_enabled()
 
@@ -98,6 +113,13 @@ NUM_PARTIALS = 3
 
 
 @triton.jit
+def store_split_partial(part_ptr, plane, row, split, n_rows, num_splits, value):
+    """``part[plane, row, split] = value``: one (row, split) program's partial statistic ``plane`` in a
+    statistics kernel's ``part [planes, n_rows, num_splits]`` float32 buffer (merged on the host)."""
+    tl.store(part_ptr + (plane * n_rows + row) * num_splits + split, value)
+
+
+@triton.jit
 def logprob_partial_stats_kernel(x_ptr, b_ptr, part_ptr, n_rows, vocab, stride_x, cols_per_split, num_splits,
                                  inv_temp, cap, HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr,
                                  BLOCK_V: tl.constexpr, HAS_CAP: tl.constexpr):
@@ -121,11 +143,35 @@ def logprob_partial_stats_kernel(x_ptr, b_ptr, part_ptr, n_rows, vocab, stride_x
             acc = alpha * (acc + l * (m - new)) + tl.sum(e * (z - new), axis=0)
         l = l * alpha + tl.sum(e, axis=0)
         m = new
-    out = part_ptr + row * num_splits + split
-    plane = n_rows * num_splits
-    tl.store(out, m)
-    tl.store(out + plane, l)
-    tl.store(out + 2 * plane, acc)
+    store_split_partial(part_ptr, 0, row, split, n_rows, num_splits, m)
+    store_split_partial(part_ptr, 1, row, split, n_rows, num_splits, l)
+    store_split_partial(part_ptr, 2, row, split, n_rows, num_splits, acc)
+
+
+def logprob_partials(x: torch.Tensor, bias: torch.Tensor | None, *, temperature: float,
+                     softcap: float | None = None, with_entropy: bool = False) -> torch.Tensor:
+    """``part [3, C, splits]`` float32: one launch of ``logprob_partial_stats_kernel`` over the logit block
+    ``x [C, V]`` (float32, unit column stride; ``bias [V]`` or None), the per-split ``(max, sum of
+    exponentials, B' or 0)`` that :func:`logprob_row_stats` merges with tensor operations and the token
+    kernels of :mod:`sod_kernels.logprobs.kernels` in registers."""
+    n_rows, vocab = x.shape
+    block, cols_per_split, splits = vocab_splits(n_rows, vocab)
+    part = torch.empty((NUM_PARTIALS, n_rows, splits), dtype=torch.float32, device=x.device)
+    if n_rows:
+        logprob_partial_stats_kernel[(n_rows, splits)](
+            x, x if bias is None else bias, part, n_rows, vocab, x.stride(0), cols_per_split, splits,
+            1.0 / temperature, cap_arg(softcap), HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy,
+            BLOCK_V=block, HAS_CAP=softcap is not None, num_warps=NUM_WARPS)
+    return part
+
+
+def codegen_spec(name: str, fn, signature: dict, constexprs: dict, divisible_by_16: list[str], *,
+                 num_warps: int = 4) -> dict:
+    """One entry of a kernel module's ``codegen_specs()`` (read by ``benchmarks.codegen``): the kernel ``fn``
+    compiled for sm_90 with ``signature`` (argument -> Triton type), ``constexprs`` and the arguments hinted
+    divisible by 16; one stage, no warpgroup MMA expected (an epilogue kernel)."""
+    return {"name": name, "fn": fn, "signature": signature, "constexprs": constexprs, "num_warps": num_warps,
+            "num_stages": 1, "expect_hgmma": False, "divisible_by_16": divisible_by_16}
 
 
 class LogprobRowStats(NamedTuple):
@@ -142,15 +188,7 @@ def logprob_row_stats(x: torch.Tensor, bias: torch.Tensor | None, *, temperature
                       with_entropy: bool, softcap: float | None = None) -> LogprobRowStats:
     """Statistics of the logit block ``x [C, V]`` (float32, unit column stride); ``bias [V]`` or None;
     ``softcap``: ``cap tanh((x + b) / cap)`` before ``1/tau``, or None."""
-    n_rows, vocab = x.shape
-    block, cols_per_split, splits = vocab_splits(n_rows, vocab)
-    part = torch.empty((NUM_PARTIALS, n_rows, splits), dtype=torch.float32, device=x.device)
-    if n_rows:
-        logprob_partial_stats_kernel[(n_rows, splits)](
-            x, x if bias is None else bias, part, n_rows, vocab, x.stride(0), cols_per_split, splits,
-            1.0 / temperature, cap_arg(softcap), HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy,
-            BLOCK_V=block, HAS_CAP=softcap is not None, num_warps=NUM_WARPS)
-    m, l, b = part.unbind(0)
+    m, l, b = logprob_partials(x, bias, temperature=temperature, softcap=softcap, with_entropy=with_entropy).unbind(0)
     big = m.amax(1)
     shift = m - big[:, None]
     scale = shift.exp()

@@ -62,3 +62,18 @@ class SinglePassPlan:
 def input_grads(ctx, grads: tuple) -> tuple:
     """``grads`` for the leading inputs of an autograd function's forward, then None for the rest."""
     return tuple(grads) + (None,) * (len(ctx.needs_input_grad) - len(grads))
+
+
+@dataclass
+class SinglePassResult:
+    """What a backend's single-pass chunk routine returns (read by
+    :func:`sod_kernels.core.runtime.single_pass_outputs`): the loss (0-D, float32, or float64 where the backend
+    computes in float64; the hard-label term included), the per-row soft divergence ``D`` and sampled-token
+    log-probs ``logp_s(y)``, ``logp_t(y)`` (``[Na]``; the latter two None without targets), and the student's
+    gradients ``(d_hidden, d_weight, d_bias)`` for an upstream gradient of 1 (None where not needed)."""
+
+    loss: torch.Tensor
+    D: torch.Tensor
+    lp_s: torch.Tensor | None
+    lp_t: torch.Tensor | None
+    grads: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]

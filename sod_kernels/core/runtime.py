@@ -1,9 +1,11 @@
 """Runtime helpers every loss shares: backend resolution, autocast off, the first-order-only guard, the
-soft-cap option, the single pass's saved gradients, and zero gradients for an empty batch."""
+soft-cap option, the single pass's backend module and saved gradients, and zero gradients for an empty batch."""
 
 from __future__ import annotations
 
+import importlib
 import os
+from types import ModuleType
 
 import torch
 
@@ -22,6 +24,18 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before sod_kernels "
                          f"is imported to run the kernels on {device.type} tensors; use backend='torch' or 'auto'")
     return backend
+
+
+def single_pass_module(name: str, device: torch.device, package: str) -> ModuleType | None:
+    """The module of a loss family's single pass, by name: ``<package>.triton_backend`` for the Triton backend
+    (imported lazily: Triton is only needed there), ``<package>.cpu_backend`` for the torch backend on CPU
+    tensors (whole-vocabulary rows, compiled epilogues), None for the torch backend on other devices (it runs
+    two passes).  ``package``: the family's package name (its ``__package__``)."""
+    if name == "triton":
+        return importlib.import_module(".triton_backend", package)
+    if name == "torch" and device.type == "cpu":
+        return importlib.import_module(".cpu_backend", package)
+    return None
 
 
 def no_autocast(device: torch.device):

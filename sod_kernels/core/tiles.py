@@ -87,6 +87,19 @@ def fold_logit_grad(d_logits: torch.Tensor, hidden_rows: torch.Tensor, weight: t
         d_bias += d_logits.sum(0)
 
 
+def fold_tile_grad(d_logits: torch.Tensor, slope: torch.Tensor | None, hidden_rows: torch.Tensor,
+                   weight_tile: torch.Tensor, columns: slice, d_rows: torch.Tensor | None,
+                   d_weight: torch.Tensor | None, d_bias: torch.Tensor | None) -> None:
+    """Fold one vocabulary tile's ``d(logits) [R, V']`` of a row chunk (the tile ``columns`` of the vocabulary,
+    ``V'`` wide): first ``d(logits) *= slope`` in place (the soft-cap's derivative, skipped for None), then
+    ``d_rows += d(logits) @ weight_tile`` (``d_rows [R, H]``, the chunk's own), ``d_weight[columns] +=
+    d(logits)^T hidden_rows`` and ``d_bias[columns] +=`` column sums (each skipped where None)."""
+    if slope is not None:
+        d_logits.mul_(slope)
+    fold_logit_grad(d_logits, hidden_rows, weight_tile, slice(None), d_rows,
+                    None if d_weight is None else d_weight[columns], None if d_bias is None else d_bias[columns])
+
+
 def grads_like(grads, tensors) -> tuple:
     """The gradients ``grads`` (None where not formed) in the dtypes of the tensors they belong to."""
     return tuple(None if g is None else g.to(t.dtype) for g, t in zip(grads, tensors))

@@ -42,52 +42,29 @@ from dataclasses import dataclass
 import torch
 
 from ..core import cpu_epilogue
-from ..core.chunks import LMHead, chunks_at_boundaries, even_chunks, gather_rows, row_selector
+from ..core.chunks import LMHead
+from ..core.cpu_pass import ComputeHead, StudentGrads
+from ..core.options import SinglePassResult
+from ..core.rows import RowChunks, chunk_row_index
 from ..core.tiles import apply_softcap, compute_dtype
-from ..steps.plan import InPassStepWeights
+from ..steps.cpu_plan import cpu_single_pass_plan
 
 CPU_CHUNK_BYTES = 128 << 20       # the two [C, V] logit blocks of a chunk (512 rows at V = 32000, fp32)
 CPU_MAX_CHUNK_BYTES = 256 << 20   # how far a chunk may grow to hold a whole step
-ROW_MULTIPLE = 32
-MAX_ROWS = 8192
-
-
-def cpu_chunk_rows(n_rows: int, vocab: int, elem: int, budget: int | None = None) -> int:
-    """Rows per chunk: ``budget`` bytes of the two ``[C, V]`` blocks (``elem`` bytes per entry), a multiple of
-    32 rows when above 32, at most ``MAX_ROWS`` and ``n_rows`` (at least 1)."""
-    rows = (CPU_CHUNK_BYTES if budget is None else budget) // max(2 * vocab * elem, 1)
-    rows = min(max(rows, 1), MAX_ROWS)
-    if rows > ROW_MULTIPLE:
-        rows -= rows % ROW_MULTIPLE
-    return max(min(rows, max(n_rows, 1)), 1)
 
 
 def single_pass_plan(step_rows, row_index, given, step_divergence, epsilon, delta, chunk_size, vocab, elem):
     """``(chunks, chunk_weights)`` of the CPU single pass, or None when a step is longer than the largest chunk
-    (``chunk_size`` rows if given, else :data:`CPU_MAX_CHUNK_BYTES` of blocks): then the two-pass path runs."""
-    n = row_index.numel()
-    elem = max(elem, 4)
-    rows = int(chunk_size) if chunk_size is not None else cpu_chunk_rows(n, vocab, elem)
-    if given is not None:
-        w = given.reshape(-1)[row_index]
-        return even_chunks(n, rows), lambda a, b, D, signal: w[a:b]
-    if step_divergence == "none":
-        return even_chunks(n, rows), lambda a, b, D, signal: torch.ones_like(D)
-    steps = InPassStepWeights(step_rows, row_index, epsilon=epsilon, delta=delta)
-    chunks = steps.chunks(rows, n)
-    if chunks is None and chunk_size is None:
-        longest = cpu_chunk_rows(n, vocab, elem, CPU_MAX_CHUNK_BYTES)
-        starts = steps.starts + [n]
-        step_max = max(b - a for a, b in zip(starts[:-1], starts[1:]))
-        if step_max <= longest:
-            chunks = chunks_at_boundaries(steps.starts, n, max(step_max, rows))
-    if chunks is None:
-        return None
-    return chunks, lambda a, b, D, signal: steps.chunk_weights(a, b, signal)
+    (``chunk_size`` rows if given, else :data:`CPU_MAX_CHUNK_BYTES` of the two blocks): then the two-pass path
+    runs (:func:`sod_kernels.steps.cpu_plan.cpu_single_pass_plan`; ``elem`` the hidden states' bytes per entry,
+    the blocks hold at least 4)."""
+    return cpu_single_pass_plan(step_rows, row_index, given, step_divergence, epsilon, delta, chunk_size,
+                                row_bytes=2 * vocab * max(elem, 4), budget=CPU_CHUNK_BYTES,
+                                max_budget=CPU_MAX_CHUNK_BYTES)
 
 
 @dataclass
-class KLProblem:
+class KLProblem(RowChunks):
     """The inputs of one call as the chunk loop sees them (the fields :class:`sod_kernels.dense.triton_backend.KLProblem`
     has), with the weights and biases already in the compute dtype."""
 
@@ -109,9 +86,7 @@ class KLProblem:
         if divergence == "jsd" and (beta is None or not 0.0 < float(beta) < 1.0):
             raise ValueError(f"divergence='jsd' needs 0 < beta < 1 here (the ends are the KLs), got {beta!r}")
         vocab = sw.shape[0]
-        rows = row_index.to(torch.int64).contiguous()
-        n = rows.numel()
-        contiguous = n == sh.shape[0] and (n == 0 or bool(rows[-1] == n - 1))
+        rows, contiguous = chunk_row_index(row_index, sh.shape[0])
         return cls(LMHead(sh, sw, sb, vocab), LMHead(th, tw, tb, vocab), rows, contiguous,
                    None if target_ids is None else target_ids.to(torch.int64), divergence == "forward_kl",
                    float(temperature), student_softcap, teacher_softcap,
@@ -122,49 +97,11 @@ class KLProblem:
         return self.beta is not None
 
     @property
-    def n_rows(self) -> int:
-        return self.row_index.numel()
-
-    @property
     def vocab(self) -> int:
         return self.student.vocab
 
-    def rows(self, start: int, stop: int):
-        return row_selector(self.row_index, start, stop, self.contiguous)
 
-
-@dataclass
-class SinglePassResult:
-    """As :class:`sod_kernels.dense.triton_backend.SinglePassResult`: the loss (0-D, float32 or float64), per-row
-    D and sampled log-probs (``[Na]``, the latter None without targets), the student gradients for an upstream
-    gradient of 1 (None where not needed)."""
-
-    loss: torch.Tensor
-    D: torch.Tensor
-    lp_s: torch.Tensor | None
-    lp_t: torch.Tensor | None
-    grads: tuple
-
-
-class _Head:
-    """One model's weight, bias (zeros for none) and hidden states in the compute dtype."""
-
-    def __init__(self, head: LMHead, dt: torch.dtype):
-        self.weight = head.used_weight.to(dt)
-        if self.weight.stride(-1) != 1:
-            self.weight = self.weight.contiguous()
-        bias = head.used_bias
-        self.has_bias = bias is not None
-        self.bias = torch.zeros(head.vocab, dtype=dt) if bias is None else bias.to(dt).contiguous()
-        self.hidden = head.hidden
-        self.dt = dt
-
-    def rows(self, rows) -> torch.Tensor:
-        h = gather_rows(self.hidden, rows)
-        return h if h.dtype == self.dt else h.to(self.dt)
-
-
-def _sampled(p: KLProblem, y: torch.Tensor, xs: torch.Tensor, xt: torch.Tensor, s: _Head, t: _Head):
+def _sampled(p: KLProblem, y: torch.Tensor, xs: torch.Tensor, xt: torch.Tensor, s: ComputeHead, t: ComputeHead):
     """The sampled tokens' capped, temperature-scaled logits (``[C]`` each) from the raw blocks, and the
     student cap's slope ``1 - tanh^2(x / cap)`` at them (``[C]``, None without a cap)."""
     col = y[:, None]
@@ -186,15 +123,13 @@ def single_pass_loss(p: KLProblem, chunks, chunk_weights, *, coef: float, normal
         raise ValueError("hard_loss_weight > 0 needs target_ids (the tokens whose cross-entropy is added)")
     sh_in = p.student.hidden
     dt = compute_dtype(sh_in.dtype)
-    s, t = _Head(p.student, dt), _Head(p.teacher, dt)
-    n, V, H = p.n_rows, p.vocab, s.weight.shape[1]
+    s, t = ComputeHead(p.student, dt), ComputeHead(p.teacher, dt)
+    n, V = p.n_rows, p.vocab
     D = torch.empty(n, dtype=dt)
     with_targets = p.target_ids is not None
     lp_s = torch.empty(n, dtype=dt) if with_targets else None
     lp_t = torch.empty(n, dtype=dt) if with_targets else None
-    d_hidden = torch.empty(n, H, dtype=dt) if need_hidden else None
-    d_weight = torch.zeros(V, H, dtype=dt) if need_weight else None
-    d_bias = torch.zeros(V, dtype=dt) if (need_bias and s.has_bias) else None
+    grads = StudentGrads(n, s, need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias)
     longest = max((b - a for a, b in chunks), default=1)
     xs_buf = torch.empty(longest * V, dtype=dt)
     xt_buf = torch.empty(longest * V, dtype=dt)
@@ -208,7 +143,6 @@ def single_pass_loss(p: KLProblem, chunks, chunk_weights, *, coef: float, normal
     grad_scale = coef / (normalizer * p.temperature) * (1.0 - p.beta if p.jsd else 1.0)
     hard_scale = hard_loss_weight / (normalizer * p.temperature)
     hard = scalar(hard_scale)
-    active = need_hidden or need_weight or d_bias is not None
     for start, stop in chunks:
         c = stop - start
         rows = p.rows(start, stop)
@@ -232,40 +166,15 @@ def single_pass_loss(p: KLProblem, chunks, chunk_weights, *, coef: float, normal
         signal = (lp_s[start:stop] - lp_t[start:stop]).abs() if sampled_signal else d
         w = chunk_weights(start, stop, d, signal)
         total += (w.to(torch.float64) * d.to(torch.float64)).sum()
-        if not active:
+        if not grads.active:
             continue
         cpu_epilogue.run("kl_grad", xs, xt, centre, sum_s, sum_t, (w * grad_scale).to(dt), hard, p.forward_kl,
                          with_hard, rows=c)
         if with_hard:  # the one-hot part of lambda (p_s - onehot(y)) / tau, times the cap's slope at y
             onehot = xs.new_full((c, 1), -hard_scale) if slope_y is None else (slope_y * -hard_scale)[:, None]
             xs.scatter_add_(1, y[:, None], onehot.to(dt))
-        if d_hidden is not None:
-            torch.mm(xs, s.weight, out=d_hidden[start:stop])
-        if d_weight is not None:
-            d_weight.addmm_(xs.T, hs)
-        if d_bias is not None:
-            d_bias += xs.sum(0)
+        grads.fold(xs, hs, s.weight, start, stop)
     del xs_buf, xt_buf
     loss = ((total * coef + nll_total * hard_loss_weight) / normalizer).to(dt)
-    return SinglePassResult(loss, D, lp_s, lp_t, _finish(p, d_hidden, d_weight, d_bias))
+    return SinglePassResult(loss, D, lp_s, lp_t, grads.finish(p.student, p.row_index, p.contiguous))
 
-
-def _finish(p: KLProblem, d_hidden, d_weight, d_bias):
-    """The gradients in the inputs' dtypes and shapes (zero rows outside ``row_index`` and the padded vocab)."""
-    h, w, b = p.student.hidden, p.student.weight, p.student.bias
-    if d_hidden is not None:
-        if p.contiguous and d_hidden.shape[0] == h.shape[0]:
-            d_hidden = d_hidden.to(h.dtype)
-        else:
-            d_hidden = torch.zeros_like(h).index_copy_(0, p.row_index, d_hidden.to(h.dtype))
-    if d_weight is not None:
-        d_weight = _pad(d_weight.to(w.dtype), w.shape[0])
-    if d_bias is not None:
-        d_bias = _pad(d_bias.to(b.dtype), b.shape[0])
-    return d_hidden, d_weight, d_bias
-
-
-def _pad(x: torch.Tensor, rows: int) -> torch.Tensor:
-    if x.shape[0] == rows:
-        return x
-    return torch.cat([x, x.new_zeros((rows - x.shape[0],) + tuple(x.shape[1:]))])

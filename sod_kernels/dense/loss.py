@@ -15,10 +15,10 @@ import torch
 
 from ..core.options import PassOptions, SinglePassPlan, input_grads
 from ..core.runtime import (check_softcap, needs_student_grad, no_autocast, resolve_backend, single_pass_forward,
-                            single_pass_gradients)
+                            single_pass_gradients, single_pass_module)
 from ..core.tiles import compute_dtype
-from ..core.validation import MEMORY_MODES, check_choice, check_model_pair, check_same_device, resolve_divergence
-from ..steps.finish import check_hard_loss, check_loss_options, check_targets_and_steps, finish_loss, single_pass_plan
+from ..core.validation import check_model_pair, check_same_device
+from ..steps.finish import check_distillation_call, check_targets_and_steps, finish_loss, single_pass_plan
 from ..steps.weights import DEFAULT_DELTA, DEFAULT_EPSILON
 from .autograd import TokenDivergence
 
@@ -32,13 +32,7 @@ def single_pass_backend(name: str, device: torch.device) -> ModuleType | None:
     passes).  Triton: :mod:`~sod_kernels.dense.triton_backend`; the torch
     backend on CPU tensors: :mod:`~sod_kernels.dense.cpu_backend` (whole-vocabulary rows, compiled epilogues);
     the torch backend on other devices runs two passes."""
-    if name == "triton":
-        from . import triton_backend  # imported lazily: Triton is only needed for this path
-        return triton_backend
-    if name == "torch" and device.type == "cpu":
-        from . import cpu_backend
-        return cpu_backend
-    return None
+    return single_pass_module(name, device, __package__)
 
 
 class SinglePassKL(torch.autograd.Function):
@@ -141,12 +135,9 @@ def fused_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
     Returns:
         The loss (float32, or float64 for float64 inputs), or :class:`SODStats` if ``return_stats``.
     """
-    step_divergence, epsilon, delta, temperature, coef = check_loss_options(
-        divergence, step_divergence, token_weights, reduction, backend, chunk_size, epsilon, delta, temperature,
-        coef)
-    divergence, beta = resolve_divergence(divergence, beta)
-    hard_loss_weight = check_hard_loss(hard_loss_weight, target_ids)
-    check_choice(memory, "memory", MEMORY_MODES)
+    divergence, beta, hard_loss_weight, step_divergence, epsilon, delta, temperature, coef = check_distillation_call(
+        divergence, beta, hard_loss_weight, step_divergence, epsilon, delta, temperature, coef, reduction, backend,
+        memory, chunk_size, token_weights, target_ids)
     student_softcap = check_softcap(student_softcap, "student_softcap")
     teacher_softcap = check_softcap(teacher_softcap, "teacher_softcap")
     lead = check_model_pair(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,

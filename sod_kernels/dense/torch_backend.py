@@ -36,7 +36,8 @@ import math
 
 import torch
 
-from ..core.tiles import MIN_LOGIT, compute_dtype, rows_per_tile, tile_logits, tile_logits_and_slope, vocab_tile
+from ..core.tiles import (MIN_LOGIT, compute_dtype, fold_tile_grad, grads_like, rows_per_tile, tile_logits,
+                         tile_logits_and_slope, vocab_tile)
 
 
 def _prepared(weight: torch.Tensor, bias: torch.Tensor | None, vocab: int, dtype: torch.dtype):
@@ -260,19 +261,10 @@ def divergence_backward(student_hidden, student_weight, student_bias, teacher_hi
                 dx, p_s = _tile_logit_grad(divergence, zs, zt, ls, lt, scale, form, beta)
                 if hard:
                     _add_hard_label(dx, p_s, y, g_y, v0, v1)
-                if slope is not None:
-                    dx.mul_(slope)
-                if d_rows is not None:
-                    d_rows.addmm_(dx, w_tile)
-                if d_weight is not None:
-                    d_weight[v0:v1].addmm_(dx.T, h)
-                if d_bias is not None:
-                    d_bias[v0:v1] += dx.sum(0)
+                fold_tile_grad(dx, slope, h, w_tile, slice(v0, v1), d_rows, d_weight, d_bias)
             if d_hidden is not None:
                 d_hidden.index_add_(0, rows, d_rows)
-    cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
-    return cast(d_hidden, student_hidden), cast(d_weight, student_weight), \
-        None if d_bias is None else d_bias.to(student_bias.dtype)
+    return grads_like((d_hidden, d_weight, d_bias), (student_hidden, student_weight, student_bias))
 
 
 def _row_gradient_form(divergence, frame, start, stop, ls, lt, token_divergence, beta, chunk):

@@ -26,7 +26,8 @@ from collections.abc import Callable
 import torch
 
 from ..core import cpu_epilogue
-from ..core.chunks import gather_rows
+from ..core.chunks import gather_rows, row_selector
+from ..core.rows import chunk_row_index
 from ..core.tiles import apply_softcap, compute_dtype, fold_logit_grad, grads_like
 
 CHUNK_BYTES = 128 << 20
@@ -74,31 +75,32 @@ class _Head:
         return (h * self.weight[y]).sum(-1) + self.bias[y]
 
 
-def _selector(row_index: torch.Tensor, start: int, stop: int, contiguous: bool):
-    return slice(start, stop) if contiguous else row_index[start:stop]
-
-
-def _is_arange(row_index: torch.Tensor, n: int) -> bool:
-    return row_index.numel() == n and (n == 0 or bool(row_index[-1] == n - 1))
+def _logit_blocks(head: _Head, row_index: torch.Tensor, chunk_size: int | None):
+    """Yields ``(start, stop, rows, h, x)`` per chunk of the distilled rows ``row_index [n]`` (int64):
+    the chunk's slice ``[start, stop)``, its rows (a slice when ``row_index`` is ``arange``), their hidden
+    states ``h [C, H]`` and raw logits ``x = h W^T [C, V]`` in the compute dtype (a view of one reused block,
+    overwritten by the next chunk)."""
+    n, V = row_index.numel(), head.vocab
+    C = chunk_rows(n, V, max(torch.finfo(head.dt).bits // 8, 4), chunk_size)
+    block = torch.empty(C * V, dtype=head.dt)
+    row_index, contiguous = chunk_row_index(row_index, head.hidden.shape[0])
+    for start in range(0, n, C):
+        stop = min(start + C, n)
+        rows = row_selector(row_index, start, stop, contiguous)
+        h = head.rows(rows)
+        yield start, stop, rows, h, torch.mm(h, head.weight.T, out=block[:(stop - start) * V].view(stop - start, V))
 
 
 def logprob_forward(hidden, weight, bias, row_index, target_ids, *, temperature: float, with_entropy: bool = False,
                     chunk_size: int | None = None, softcap: float | None = None):
     """:func:`sod_kernels.token_logprobs.logprob_forward` on CPU tensors: ``(logp, lse, entropy or None, None)``."""
     head = _Head(hidden, weight, bias, temperature, softcap)
-    dt, V = head.dt, head.vocab
+    dt = head.dt
     n = row_index.numel()
     logp, lse = torch.empty(n, dtype=dt), torch.empty(n, dtype=dt)
     entropy = torch.empty(n, dtype=dt) if with_entropy else None
-    C = chunk_rows(n, V, max(torch.finfo(dt).bits // 8, 4), chunk_size)
-    block = torch.empty(C * V, dtype=dt)
-    contiguous = _is_arange(row_index, hidden.shape[0])
     with torch.no_grad():
-        for start in range(0, n, C):
-            stop = min(start + C, n)
-            rows = _selector(row_index, start, stop, contiguous)
-            h = head.rows(rows)
-            x = torch.mm(h, head.weight.T, out=block[:(stop - start) * V].view(stop - start, V))
+        for start, stop, rows, h, x in _logit_blocks(head, row_index, chunk_size):
             chunk_lse, _, ent = cpu_epilogue.run("logprob_stats", x, head.bias, head.inv_temp, head.cap,
                                                  softcap is not None, with_entropy, False, rows=stop - start)
             z_y = apply_softcap(head.target_logits(h, target_ids[rows]), softcap) / head.temperature
@@ -115,22 +117,14 @@ def logprob_backward(hidden, weight, bias, row_index, target_ids, lse, grad_logp
     """:func:`sod_kernels.token_logprobs.logprob_backward` on CPU tensors (recomputes each chunk's logits)."""
     head = _Head(hidden, weight, bias, temperature, softcap)
     dt, V, H = head.dt, head.vocab, head.weight.shape[1]
-    n = row_index.numel()
     d_hidden = torch.zeros(hidden.shape, dtype=dt) if need_hidden else None
     d_weight = torch.zeros(V, H, dtype=dt) if need_weight else None
     d_bias = torch.zeros(V, dtype=dt) if (need_bias and bias is not None) else None
-    C = chunk_rows(n, V, max(torch.finfo(dt).bits // 8, 4), chunk_size)
-    block = torch.empty(C * V, dtype=dt)
-    contiguous = _is_arange(row_index, hidden.shape[0])
     with_entropy = grad_entropy is not None
     inv_t = 1.0 / head.temperature
     with torch.no_grad():
-        for start in range(0, n, C):
-            stop = min(start + C, n)
+        for start, stop, rows, h, x in _logit_blocks(head, row_index, chunk_size):
             c = stop - start
-            rows = _selector(row_index, start, stop, contiguous)
-            h = head.rows(rows)
-            x = torch.mm(h, head.weight.T, out=block[:c * V].view(c, V))
             scale = grad_logp[start:stop].to(dt) * inv_t
             if with_entropy:
                 scale_h, ent = grad_entropy[start:stop].to(dt) * inv_t, entropy[start:stop].to(dt)
@@ -157,18 +151,11 @@ def single_pass_token_loss(hidden, weight, bias, row_index, target_ids, *, tempe
     d_weight = torch.zeros(V, H, dtype=dt) if need_weight else None
     d_bias = torch.zeros(V, dtype=dt) if (need_bias and bias is not None) else None
     active = d_hidden is not None or d_weight is not None or d_bias is not None
-    C = chunk_rows(n, V, max(torch.finfo(dt).bits // 8, 4), chunk_size)
-    block = torch.empty(C * V, dtype=dt)
-    contiguous = _is_arange(row_index, hidden.shape[0])
     total = torch.zeros((), dtype=torch.float64)
     with torch.no_grad():
-        for start in range(0, n, C):
-            stop = min(start + C, n)
+        for start, stop, rows, h, x in _logit_blocks(head, row_index, chunk_size):
             c = stop - start
-            rows = _selector(row_index, start, stop, contiguous)
-            h = head.rows(rows)
             y = target_ids[rows]
-            x = torch.mm(h, head.weight.T, out=block[:c * V].view(c, V))
             raw_y = head.target_logits(h, y)
             chunk_lse, sums, _ = cpu_epilogue.run("logprob_stats", x, head.bias, head.inv_temp, head.cap,
                                                   softcap is not None, False, True, rows=c)

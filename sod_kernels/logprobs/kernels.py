@@ -11,7 +11,7 @@ small tensor operation (each a kernel launch and a gap on a GPU) runs per chunk.
 
 - The per-split row statistics (max, sum of exponentials, and the entropy's accumulator) come from the
   statistics kernel every loss shares, ``logprob_partial_stats_kernel`` of :mod:`sod_kernels.core.kernels`
-  (:func:`logprob_partials`).
+  (:func:`sod_kernels.core.kernels.logprob_partials`).
 - ``logprob_token_kernel`` (grid: blocks of rows; token log-probs): merges the partials in registers
   (:func:`merge_row_partials`: ``lse``, the max, ``E_p[z] - M`` and the entropy ``H = log L - B / L``) and
   reads the sampled logit, writing ``logp(y)``, ``lse``, the frame and the entropy per row.
@@ -36,9 +36,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..core.kernels import (GRAD_BLOCK_V, INTERPRETER_BLOCK_V, NUM_PARTIALS, NUM_WARPS, STATS_BLOCK_V, LogprobRowStats,
-                            cap_arg, interpreting, load_capped_logits, load_capped_logits_slope, load_logits,
-                            logprob_partial_stats_kernel, vocab_splits)
+from ..core.kernels import (GRAD_BLOCK_V, INTERPRETER_BLOCK_V, NUM_WARPS, STATS_BLOCK_V, LogprobRowStats, cap_arg,
+                            codegen_spec, interpreting, load_capped_logits, load_logits_and_slope,
+                            logprob_partial_stats_kernel)
 
 POLICY_BLOCK_R = 128    # rows per program of policy_token_kernel (a chunk of 512 rows: 4 programs)
 COLSUM_BLOCK_R = 32     # column_sum_add_kernel: rows per loaded tile ...
@@ -54,11 +54,8 @@ def logprob_logit_grad_kernel(x_ptr, b_ptr, y_ptr, grad_ptr, max_ptr, lse_ptr, m
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     ok = cols < vocab
-    x_row = x_ptr + row.to(tl.int64) * stride_x
-    if HAS_CAP:
-        z, slope = load_capped_logits_slope(x_row, b_ptr, cols, ok, inv_temp, cap, HAS_BIAS)
-    else:
-        z = load_logits(x_row, b_ptr, cols, ok, inv_temp, HAS_BIAS)
+    z, slope = load_logits_and_slope(x_ptr + row.to(tl.int64) * stride_x, b_ptr, cols, ok, inv_temp, cap, HAS_BIAS,
+                                     HAS_CAP)
     p = tl.exp(z - tl.load(lse_ptr + row))
     a = tl.load(a_ptr + row)
     y = tl.load(y_ptr + row)
@@ -94,23 +91,6 @@ def logprob_logit_grad_scaled(x: torch.Tensor, bias: torch.Tensor | None, target
     return out
 
 
-def logprob_partials(x: torch.Tensor, bias: torch.Tensor | None, *, temperature: float,
-                     softcap: float | None = None, with_entropy: bool = False) -> torch.Tensor:
-    """``part [3, C, splits]`` float32: one launch of ``logprob_partial_stats_kernel`` over the logit block
-    ``x [C, V]``, the per-split ``(max, sum of exponentials, B' or 0)`` that ``logprob_token_kernel`` /
-    ``policy_token_kernel`` merge (:func:`merge_row_partials`): the statistics of
-    :func:`sod_kernels.core.kernels.logprob_row_stats` without its tensor operations."""
-    n_rows, vocab = x.shape
-    block, cols_per_split, splits = vocab_splits(n_rows, vocab)
-    part = torch.empty((NUM_PARTIALS, n_rows, splits), dtype=torch.float32, device=x.device)
-    if n_rows:
-        logprob_partial_stats_kernel[(n_rows, splits)](
-            x, x if bias is None else bias, part, n_rows, vocab, x.stride(0), cols_per_split, splits,
-            1.0 / temperature, cap_arg(softcap), HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy,
-            BLOCK_V=block, HAS_CAP=softcap is not None, num_warps=NUM_WARPS)
-    return part
-
-
 @triton.jit
 def merge_row_partials(part_ptr, r, ok, n_rows, num_splits, WITH_ENTROPY: tl.constexpr, BLOCK_S: tl.constexpr):
     """``(M, log L, mean)`` of the rows ``r`` (``ok``: in range) from ``part [3, n_rows, num_splits]`` (per split
@@ -135,18 +115,32 @@ def merge_row_partials(part_ptr, r, ok, n_rows, num_splits, WITH_ENTROPY: tl.con
 
 
 @triton.jit
-def logprob_token_kernel(x_ptr, b_ptr, part_ptr, y_ptr, logp_ptr, lse_ptr, max_ptr, mean_ptr, ent_ptr, n_rows,
-                         num_splits, stride_x, inv_temp, cap, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
-                         WITH_ENTROPY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Per row ``r < n_rows`` of a chunk (output and ``y`` pointers at the chunk's first row): the merged
-    statistics (:func:`merge_row_partials`) and ``logp = z_y - lse``; writes ``logp``, ``lse``, ``max`` and,
-    with ``WITH_ENTROPY``, ``mean`` and ``entropy = log L - mean`` (float32)."""
+def sampled_logprobs(x_ptr, b_ptr, part_ptr, y_ptr, n_rows, num_splits, stride_x, inv_temp, cap,
+                     HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK_R: tl.constexpr,
+                     BLOCK_S: tl.constexpr):
+    """The beginning of both token kernels, for this program's ``BLOCK_R`` rows ``r`` of a chunk (``ok``:
+    ``r < n_rows``): the merged statistics ``(M, log L, mean)`` (:func:`merge_row_partials`), ``lse = M + log L``
+    and ``logp = z_y - lse`` with ``z`` as the statistics kernel loads it (``y`` from ``y_ptr``).
+    Returns ``(r, ok, M, log L, mean, lse, logp)``, each ``[BLOCK_R]`` float32 but ``r``, ``ok``."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ok = r < n_rows
     big, log_total, mean = merge_row_partials(part_ptr, r, ok, n_rows, num_splits, WITH_ENTROPY, BLOCK_S)
     lse = big + log_total
     y = tl.load(y_ptr + r, mask=ok, other=0)
     lp = load_capped_logits(x_ptr + r.to(tl.int64) * stride_x, b_ptr, y, ok, inv_temp, cap, HAS_BIAS, HAS_CAP) - lse
+    return r, ok, big, log_total, mean, lse, lp
+
+
+@triton.jit
+def logprob_token_kernel(x_ptr, b_ptr, part_ptr, y_ptr, logp_ptr, lse_ptr, max_ptr, mean_ptr, ent_ptr, n_rows,
+                         num_splits, stride_x, inv_temp, cap, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
+                         WITH_ENTROPY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Per row ``r < n_rows`` of a chunk (output and ``y`` pointers at the chunk's first row): the merged
+    statistics (:func:`merge_row_partials`) and ``logp = z_y - lse``; writes ``logp``, ``lse``, ``max`` and,
+    with ``WITH_ENTROPY``, ``mean`` and ``entropy = log L - mean`` (float32)."""
+    r, ok, big, log_total, mean, lse, lp = sampled_logprobs(x_ptr, b_ptr, part_ptr, y_ptr, n_rows, num_splits,
+                                                            stride_x, inv_temp, cap, HAS_BIAS, HAS_CAP,
+                                                            WITH_ENTROPY, BLOCK_R, BLOCK_S)
     tl.store(logp_ptr + r, lp, mask=ok)
     tl.store(lse_ptr + r, lse, mask=ok)
     tl.store(max_ptr + r, big, mask=ok)
@@ -158,9 +152,9 @@ def logprob_token_kernel(x_ptr, b_ptr, part_ptr, y_ptr, logp_ptr, lse_ptr, max_p
 def logprob_token_terms(x: torch.Tensor, bias: torch.Tensor | None, part: torch.Tensor, targets: torch.Tensor,
                         out: tuple, *, temperature: float, softcap: float | None) -> None:
     """One launch of ``logprob_token_kernel`` for a chunk of ``C`` rows: ``x [C, V]`` float32, ``bias [V]`` or
-    None, ``part [3, C, splits]`` from :func:`logprob_partials`, ``targets [C]`` int64 contiguous;
-    ``out = (logp, lse, max, mean, entropy)`` ``[C]`` float32 views written in place (``mean`` and
-    ``entropy`` None without the entropy)."""
+    None, ``part [3, C, splits]`` from :func:`~sod_kernels.core.kernels.logprob_partials`, ``targets [C]``
+    int64 contiguous; ``out = (logp, lse, max, mean, entropy)`` ``[C]`` float32 views written in place
+    (``mean`` and ``entropy`` None without the entropy)."""
     logp, lse, big, mean, entropy = out
     n_rows, splits = part.shape[1], part.shape[2]
     with_entropy = entropy is not None
@@ -220,12 +214,8 @@ def policy_token_kernel(x_ptr, b_ptr, part_ptr, y_ptr, old_ptr, adv_ptr, logp_pt
     ``logp = z_y - lse`` with ``z`` as the statistics kernel loads it, then ``loss[r]`` and
     ``a[r] = (dloss/dlogp / divisor) / temperature`` (:func:`ppo_dual_clip_terms`); writes ``logp``,
     ``loss``, ``lse`` and ``a`` (float32)."""
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    ok = r < n_rows
-    big, log_total, _ = merge_row_partials(part_ptr, r, ok, n_rows, num_splits, False, BLOCK_S)
-    lse = big + log_total
-    y = tl.load(y_ptr + r, mask=ok, other=0)
-    lp = load_capped_logits(x_ptr + r.to(tl.int64) * stride_x, b_ptr, y, ok, inv_temp, cap, HAS_BIAS, HAS_CAP) - lse
+    r, ok, _, _, _, lse, lp = sampled_logprobs(x_ptr, b_ptr, part_ptr, y_ptr, n_rows, num_splits, stride_x,
+                                               inv_temp, cap, HAS_BIAS, HAS_CAP, False, BLOCK_R, BLOCK_S)
     old = tl.load(old_ptr + r, mask=ok, other=0.0).to(tl.float32)
     adv = tl.load(adv_ptr + r, mask=ok, other=0.0).to(tl.float32)
     loss, dlogp = ppo_dual_clip_terms(lp, old, adv, lo, hi, neg_dual, HAS_DUAL)
@@ -241,7 +231,8 @@ def policy_token_terms(x: torch.Tensor, bias: torch.Tensor | None, part: torch.T
     """One launch of ``policy_token_kernel`` for a chunk of ``C`` rows.
 
     ``x [C, V]`` float32 logit block, ``bias [V]`` or None, ``part [3, C, splits]`` float32 from
-    :func:`logprob_partials`, ``targets [C]`` int64, ``old``, ``adv [C]`` float32 (contiguous views),
+    :func:`~sod_kernels.core.kernels.logprob_partials`, ``targets [C]`` int64, ``old``, ``adv [C]`` float32
+    (contiguous views),
     ``clip = (clip_low, clip_high, dual_clip or None)``; ``out = (logp, loss, lse, a)`` ``[C]`` float32,
     written in place (views of the pass's buffers).
     """
@@ -289,58 +280,41 @@ def codegen_specs() -> list[dict]:
     """The kernels at the headline launch (bf16 gradient blocks, with bias and entropy; the per-row token
     kernels of the log-probs and of the one-pass policy loss at 512-row chunks, two vocabulary splits; the
     d(bias) column sum), and again with the soft-cap on, for ``benchmarks.codegen`` (sm_90 compile check)."""
+    rows = {"x_ptr": "*fp32", "b_ptr": "*bf16", "part_ptr": "*fp32", "y_ptr": "*i64"}   # token kernels' inputs
+    token = {"BLOCK_R": POLICY_BLOCK_R, "BLOCK_S": 2}
     specs = []
     for capped in (False, True):
         tag = "softcap " if capped else ""
-        specs.append({
-            "name": f"policy_token_kernel[{tag}br{POLICY_BLOCK_R}]", "fn": policy_token_kernel,
-            "signature": {"x_ptr": "*fp32", "b_ptr": "*bf16", "part_ptr": "*fp32", "y_ptr": "*i64",
-                          "old_ptr": "*fp32", "adv_ptr": "*fp32", "logp_ptr": "*fp32",
-                          "loss_ptr": "*fp32", "lse_ptr": "*fp32", "a_ptr": "*fp32",
-                          "n_rows": "i32", "num_splits": "i32", "stride_x": "i32", "inv_temp": "fp32",
-                          "cap": "fp32", "lo": "fp32", "hi": "fp32", "neg_dual": "fp32", "divisor": "fp32",
-                          "temperature": "fp32"},
-            "constexprs": {"HAS_BIAS": True, "HAS_CAP": capped, "HAS_DUAL": True, "BLOCK_R": POLICY_BLOCK_R,
-                           "BLOCK_S": 2},
-            "num_warps": 4, "num_stages": 1, "expect_hgmma": False,
-            "divisible_by_16": ["n_rows", "stride_x"],
-        })
-        specs.append({
-            "name": f"logprob_token_kernel[{tag}entropy br{POLICY_BLOCK_R}]", "fn": logprob_token_kernel,
-            "signature": {"x_ptr": "*fp32", "b_ptr": "*bf16", "part_ptr": "*fp32", "y_ptr": "*i64",
-                          "logp_ptr": "*fp32", "lse_ptr": "*fp32", "max_ptr": "*fp32", "mean_ptr": "*fp32",
-                          "ent_ptr": "*fp32", "n_rows": "i32", "num_splits": "i32", "stride_x": "i32",
-                          "inv_temp": "fp32", "cap": "fp32"},
-            "constexprs": {"HAS_BIAS": True, "HAS_CAP": capped, "WITH_ENTROPY": True, "BLOCK_R": POLICY_BLOCK_R,
-                           "BLOCK_S": 2},
-            "num_warps": 4, "num_stages": 1, "expect_hgmma": False,
-            "divisible_by_16": ["n_rows", "stride_x"],
-        })
-    specs.append({
-        "name": f"column_sum_add_kernel[br{COLSUM_BLOCK_R} bv{COLSUM_BLOCK_V}]", "fn": column_sum_add_kernel,
-        "signature": {"g_ptr": "*bf16", "out_ptr": "*fp32", "n_rows": "i32", "vocab": "i32", "stride_g": "i32"},
-        "constexprs": {"BLOCK_R": COLSUM_BLOCK_R, "BLOCK_V": COLSUM_BLOCK_V},
-        "num_warps": 4, "num_stages": 1, "expect_hgmma": False,
-        "divisible_by_16": ["n_rows", "vocab", "stride_g"],
-    })
+        specs.append(codegen_spec(
+            f"policy_token_kernel[{tag}br{POLICY_BLOCK_R}]", policy_token_kernel,
+            {**rows, "old_ptr": "*fp32", "adv_ptr": "*fp32", "logp_ptr": "*fp32", "loss_ptr": "*fp32",
+             "lse_ptr": "*fp32", "a_ptr": "*fp32", "n_rows": "i32", "num_splits": "i32", "stride_x": "i32",
+             "inv_temp": "fp32", "cap": "fp32", "lo": "fp32", "hi": "fp32", "neg_dual": "fp32", "divisor": "fp32",
+             "temperature": "fp32"},
+            {"HAS_BIAS": True, "HAS_CAP": capped, "HAS_DUAL": True, **token}, ["n_rows", "stride_x"]))
+        specs.append(codegen_spec(
+            f"logprob_token_kernel[{tag}entropy br{POLICY_BLOCK_R}]", logprob_token_kernel,
+            {**rows, "logp_ptr": "*fp32", "lse_ptr": "*fp32", "max_ptr": "*fp32", "mean_ptr": "*fp32",
+             "ent_ptr": "*fp32", "n_rows": "i32", "num_splits": "i32", "stride_x": "i32", "inv_temp": "fp32",
+             "cap": "fp32"},
+            {"HAS_BIAS": True, "HAS_CAP": capped, "WITH_ENTROPY": True, **token}, ["n_rows", "stride_x"]))
+    specs.append(codegen_spec(
+        f"column_sum_add_kernel[br{COLSUM_BLOCK_R} bv{COLSUM_BLOCK_V}]", column_sum_add_kernel,
+        {"g_ptr": "*bf16", "out_ptr": "*fp32", "n_rows": "i32", "vocab": "i32", "stride_g": "i32"},
+        {"BLOCK_R": COLSUM_BLOCK_R, "BLOCK_V": COLSUM_BLOCK_V}, ["n_rows", "vocab", "stride_g"]))
     for capped in (False, True):
         tag = "softcap " if capped else ""
-        specs += [{
-            "name": f"logprob_partial_stats_kernel[{tag}bv{STATS_BLOCK_V}]", "fn": logprob_partial_stats_kernel,
-            "signature": {"x_ptr": "*fp32", "b_ptr": "*bf16", "part_ptr": "*fp32", "n_rows": "i32", "vocab": "i32",
-                          "stride_x": "i32", "cols_per_split": "i32", "num_splits": "i32", "inv_temp": "fp32",
-                          "cap": "fp32"},
-            "constexprs": {"HAS_BIAS": True, "WITH_ENTROPY": True, "BLOCK_V": STATS_BLOCK_V, "HAS_CAP": capped},
-            "num_warps": NUM_WARPS, "num_stages": 1, "expect_hgmma": False,
-            "divisible_by_16": ["vocab", "stride_x", "cols_per_split"],
-        }, {
-            "name": f"logprob_logit_grad_kernel[{tag}bv{GRAD_BLOCK_V}]", "fn": logprob_logit_grad_kernel,
-            "signature": {"x_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*i64", "grad_ptr": "*bf16",
-                          "max_ptr": "*fp32", "lse_ptr": "*fp32", "mean_ptr": "*fp32", "a_ptr": "*fp32",
-                          "e_ptr": "*fp32", "vocab": "i32", "stride_x": "i32", "stride_g": "i32",
-                          "inv_temp": "fp32", "cap": "fp32"},
-            "constexprs": {"HAS_BIAS": True, "WITH_ENTROPY": True, "BLOCK_V": GRAD_BLOCK_V, "HAS_CAP": capped},
-            "num_warps": NUM_WARPS, "num_stages": 1, "expect_hgmma": False,
-            "divisible_by_16": ["vocab", "stride_x", "stride_g"],
-        }]
+        specs.append(codegen_spec(
+            f"logprob_partial_stats_kernel[{tag}bv{STATS_BLOCK_V}]", logprob_partial_stats_kernel,
+            {"x_ptr": "*fp32", "b_ptr": "*bf16", "part_ptr": "*fp32", "n_rows": "i32", "vocab": "i32",
+             "stride_x": "i32", "cols_per_split": "i32", "num_splits": "i32", "inv_temp": "fp32", "cap": "fp32"},
+            {"HAS_BIAS": True, "WITH_ENTROPY": True, "BLOCK_V": STATS_BLOCK_V, "HAS_CAP": capped},
+            ["vocab", "stride_x", "cols_per_split"], num_warps=NUM_WARPS))
+        specs.append(codegen_spec(
+            f"logprob_logit_grad_kernel[{tag}bv{GRAD_BLOCK_V}]", logprob_logit_grad_kernel,
+            {"x_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*i64", "grad_ptr": "*bf16", "max_ptr": "*fp32",
+             "lse_ptr": "*fp32", "mean_ptr": "*fp32", "a_ptr": "*fp32", "e_ptr": "*fp32", "vocab": "i32",
+             "stride_x": "i32", "stride_g": "i32", "inv_temp": "fp32", "cap": "fp32"},
+            {"HAS_BIAS": True, "WITH_ENTROPY": True, "BLOCK_V": GRAD_BLOCK_V, "HAS_CAP": capped},
+            ["vocab", "stride_x", "stride_g"], num_warps=NUM_WARPS))
     return specs

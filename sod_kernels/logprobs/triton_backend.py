@@ -31,9 +31,8 @@ import torch
 
 from ..core.chunks import (FAST_CHUNK_BYTES, LOW_MEMORY_CHUNK_BYTES, GradAccumulator, LMHead, chunk_rows, even_chunks,
                            logits_into, row_plan)
-from ..core.kernels import LogprobRowStats
-from .kernels import (column_sum_add, logprob_logit_grad_scaled, logprob_partials, logprob_token_terms,
-                      policy_token_terms)
+from ..core.kernels import LogprobRowStats, logprob_partials
+from .kernels import column_sum_add, logprob_logit_grad_scaled, logprob_token_terms, policy_token_terms
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -15,11 +15,10 @@ import torch
 from ..core.runtime import check_softcap
 from ..core.tiles import compute_dtype
 from ..core.validation import (BACKENDS, DIVERGENCES, REDUCTIONS, STEP_DIVERGENCES, check_chunk_size, check_lm_head,
-                               check_model_pair, check_positive, check_same_device, check_shape, check_tensor,
-                               resolve_divergence)
+                               check_model_pair, check_positive, check_same_device, check_shape, check_tensor)
 from ..logprobs.policy_loss import check_policy_options, check_policy_tensors
 from ..logprobs.token_logprobs import TRITON_DTYPES, check_target_ids, resolve_logprob_backend
-from ..steps.finish import check_hard_loss, check_loss_options, check_token_weights
+from ..steps.finish import check_loss_options, check_token_weights, jsd_and_hard_options
 from ..steps.weights import resolve_step_ids
 from .layout import choice_code, dtype_code, exchange_descriptors, resolve_group
 
@@ -178,14 +177,6 @@ class SODInputs:
     divergence: str = "reverse_kl"
     beta: float = 0.5
     hard_loss_weight: float = 0.0
-
-
-def jsd_and_hard_options(divergence, beta, hard_loss_weight, target_ids) -> tuple[str, float, float]:
-    """``(divergence, beta, hard_loss_weight)`` checked: ``"jsd"`` at ``beta`` 0 / 1 becomes the forward / reverse KL
-    (:func:`~sod_kernels.core.validation.resolve_divergence`), ``beta`` in ``[0, 1]``, ``hard_loss_weight >= 0``
-    (a positive one needs ``target_ids``)."""
-    divergence, beta = resolve_divergence(divergence, beta)
-    return divergence, beta, check_hard_loss(hard_loss_weight, target_ids)
 
 
 def prepare_sod(agreed: dict, student_hidden, student_weight, teacher_hidden, teacher_weight, response_mask, *,

@@ -34,7 +34,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..core.tiles import (compute_dtype, fold_logit_grad, grads_like, rows_per_tile, tile_logits,
+from ..core.tiles import (compute_dtype, fold_tile_grad, grads_like, rows_per_tile, tile_logits,
                           tile_logits_and_slope, vocab_tile)
 from .stats import KLStats, in_dtype, owned_targets
 
@@ -78,6 +78,17 @@ def _tile_logprobs(zs, zt, f: JSDFrame):
     return zs.sub_(f.max_s).sub_(f.norm_s), zt.sub_(f.max_t).sub_(f.norm_t)
 
 
+def _row_chunks(sh, th, row_index, frame: JSDFrame, rows_per_chunk: int, dt: torch.dtype):
+    """Yields ``(start, stop, rows, hs, ht, f)`` per chunk of ``rows_per_chunk`` distilled rows: the chunk's
+    slice ``[start, stop)`` of ``row_index [Na]``, its rows (int64), the student and teacher hidden states there
+    in ``dt`` (``[R, Hs]``, ``[R, Ht]``) and the frame's rows (:meth:`JSDFrame.rows`)."""
+    Na = row_index.numel()
+    for start in range(0, Na, rows_per_chunk):
+        stop = min(start + rows_per_chunk, Na)
+        rows = row_index[start:stop]
+        yield start, stop, rows, sh[rows].to(dt), th[rows].to(dt), frame.rows(start, stop)
+
+
 def jsd_partials_torch(sh, sw, sb, th, tw, tb, row_index, frame: JSDFrame, *, beta: float, temperature: float,
                        chunk_size: int | None = None, student_softcap: float | None = None,
                        teacher_softcap: float | None = None) -> torch.Tensor:
@@ -91,15 +102,10 @@ def jsd_partials_torch(sh, sw, sb, th, tw, tb, row_index, frame: JSDFrame, *, be
     dt = compute_dtype(sh.dtype)
     ws, bs = in_dtype(sw, sb, V, dt)
     wt, bt = in_dtype(tw, tb, V, dt)
-    Na = row_index.numel()
-    out = torch.zeros(JSD_PARTIALS, Na, dtype=dt, device=sh.device)
-    R, BV = rows_per_tile(V, chunk_size), vocab_tile(V)
+    out = torch.zeros(JSD_PARTIALS, row_index.numel(), dtype=dt, device=sh.device)
+    BV = vocab_tile(V)
     with torch.no_grad():
-        for start in range(0, Na, R):
-            stop = min(start + R, Na)
-            rows = row_index[start:stop]
-            hs, ht = sh[rows].to(dt), th[rows].to(dt)
-            f = frame.rows(start, stop)
+        for start, stop, rows, hs, ht, f in _row_chunks(sh, th, row_index, frame, rows_per_tile(V, chunk_size), dt):
             for v0 in range(0, V, BV):
                 v1 = min(v0 + BV, V)
                 zs = tile_logits(hs, ws[v0:v1], None if bs is None else bs[v0:v1], temperature, student_softcap)
@@ -142,14 +148,9 @@ def jsd_shard_backward_torch(sh, sw, sb, th, tw, tb, row_index, frame: JSDFrame,
     d_hidden = torch.zeros(sh.shape, dtype=dt, device=sh.device) if need_hidden else None
     d_weight = torch.zeros(ws.shape, dtype=dt, device=sh.device) if need_weight else None
     d_bias = torch.zeros(V, dtype=dt, device=sh.device) if (need_bias and sb is not None) else None
-    R, BV = rows_per_tile(V, chunk_size), vocab_tile(V)
-    Na = row_index.numel()
+    BV = vocab_tile(V)
     with torch.no_grad():
-        for start in range(0, Na, R):
-            stop = min(start + R, Na)
-            rows = row_index[start:stop]
-            hs, ht = sh[rows].to(dt), th[rows].to(dt)
-            f = frame.rows(start, stop)
+        for start, stop, rows, hs, ht, f in _row_chunks(sh, th, row_index, frame, rows_per_tile(V, chunk_size), dt):
             g_d = None if grad_D is None else grad_D[start:stop, None].to(dt) * ((1.0 - beta) / temperature)
             g_y = None if grad_lp is None else grad_lp[start:stop, None].to(dt) / temperature
             if g_y is not None:
@@ -169,11 +170,7 @@ def jsd_shard_backward_torch(sh, sw, sb, th, tw, tb, row_index, frame: JSDFrame,
                     dx -= p_s.mul_(g_y)
                     hit = torch.nonzero(owned & (local >= v0) & (local < v1)).squeeze(1)
                     dx[hit, local[hit] - v0] += g_y[hit, 0]
-                if slope is not None:
-                    dx.mul_(slope)
-                fold_logit_grad(dx, hs, w_tile, slice(0, stop - start), d_rows,
-                                None if d_weight is None else d_weight[v0:v1],
-                                None if d_bias is None else d_bias[v0:v1])
+                fold_tile_grad(dx, slope, hs, w_tile, slice(v0, v1), d_rows, d_weight, d_bias)
             if d_hidden is not None:
                 d_hidden.index_add_(0, rows, d_rows)
     return grads_like((d_hidden, d_weight, d_bias), (sh, sw, sb))

@@ -41,11 +41,11 @@ from ..sparse.rows import SparseForward, coarse_grained_rows
 from ..sparse.torch_backend import sparse_backward as torch_sparse_backward
 from ..sparse.torch_backend import sweep_tiles
 from ..sparse.validation import check_topk_shapes, check_topk_values
-from ..steps.finish import check_loss_options, check_targets_and_steps, finish_loss
+from ..steps.finish import check_loss_options, check_targets_and_steps, finish_loss, jsd_and_hard_options
 from ..steps.weights import DEFAULT_DELTA, DEFAULT_EPSILON
 from .autograd import ParallelSetup, add_grads, finish_hidden
 from .checks import (COMMON_FIELDS, check_targets_in_vocab, checksum, common, distillation_fields, distilled_rows,
-                     exchange, jsd_and_hard_options, rows_and_targets)
+                     exchange, rows_and_targets)
 from .layout import ShardLayout, dtype_code, gather_stats
 from .stats import owned_targets
 

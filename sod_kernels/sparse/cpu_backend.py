@@ -47,57 +47,29 @@ from dataclasses import dataclass
 import torch
 
 from ..core import cpu_epilogue
-from ..core.chunks import LMHead, chunks_at_boundaries, even_chunks, gather_rows, row_selector
+from ..core.chunks import LMHead
+from ..core.cpu_pass import ComputeHead, StudentGrads
+from ..core.options import SinglePassResult
+from ..core.rows import RowChunks, chunk_row_index
 from ..core.tiles import MIN_LOGIT, compute_dtype
-from ..steps.plan import InPassStepWeights
-from .rows import coarse_grained_rows, logit_coefficients
+from ..steps.cpu_plan import cpu_single_pass_plan
+from .rows import SinglePassTotals, coarse_grained_rows
 
 CPU_CHUNK_BYTES = 64 << 20        # the [C, V] logit block of a chunk (512 rows at V = 32000, fp32)
 CPU_MAX_CHUNK_BYTES = 256 << 20   # how far a chunk may grow to hold a whole step
-ROW_MULTIPLE = 32
-MAX_ROWS = 8192
 
 
 # ------------------------------------------------------------------------------------------ chunk plan
-def cpu_chunk_rows(n_rows: int, vocab: int, elem: int, budget: int | None = None) -> int:
-    """Rows per chunk: ``budget`` bytes (default :data:`CPU_CHUNK_BYTES`) of one ``[C, V]`` block of ``elem``
-    bytes per entry, a multiple of 32 rows when above 32, at most ``MAX_ROWS`` and ``n_rows`` (at least 1)."""
-    rows = (CPU_CHUNK_BYTES if budget is None else budget) // max(vocab * elem, 1)
-    rows = min(max(rows, 1), MAX_ROWS)
-    if rows > ROW_MULTIPLE:
-        rows -= rows % ROW_MULTIPLE
-    return max(min(rows, max(n_rows, 1)), 1)
-
-
 def single_pass_plan(step_rows: torch.Tensor, row_index: torch.Tensor, given: torch.Tensor | None,
                      step_divergence: str, epsilon: float, delta: float, chunk_size: int | None, vocab: int,
                      elem: int):
     """``(chunks, chunk_weights)`` of the CPU single pass, or None when a step is longer than the largest chunk
     (``chunk_size`` rows if given, else :data:`CPU_MAX_CHUNK_BYTES` of block): then the two-pass path runs.
-
-    ``step_rows [B, T]`` int64 step ids, ``row_index [Na]`` the distilled rows, ``given [B, T]`` token weights or
-    None, ``elem`` the hidden states' bytes per entry (the block holds at least 4).
-    ``chunk_weights(start, stop, D, signal)`` returns the rows' weights ``[stop - start]``.
-    """
-    n = row_index.numel()
-    elem = max(elem, 4)
-    rows = int(chunk_size) if chunk_size is not None else cpu_chunk_rows(n, vocab, elem)
-    if given is not None:
-        w = given.reshape(-1)[row_index]
-        return even_chunks(n, rows), lambda a, b, D, signal: w[a:b]
-    if step_divergence == "none":
-        return even_chunks(n, rows), lambda a, b, D, signal: torch.ones_like(D)
-    steps = InPassStepWeights(step_rows, row_index, epsilon=epsilon, delta=delta)
-    chunks = steps.chunks(rows, n)
-    if chunks is None and chunk_size is None:
-        longest = cpu_chunk_rows(n, vocab, elem, CPU_MAX_CHUNK_BYTES)
-        bounds = steps.starts + [n]
-        step_max = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
-        if step_max <= longest:
-            chunks = chunks_at_boundaries(steps.starts, n, max(step_max, rows))
-    if chunks is None:
-        return None
-    return chunks, lambda a, b, D, signal: steps.chunk_weights(a, b, signal)
+    The arguments of :func:`sod_kernels.steps.cpu_plan.cpu_single_pass_plan`, ``vocab`` and ``elem`` the hidden
+    states' bytes per entry (the block holds at least 4)."""
+    return cpu_single_pass_plan(step_rows, row_index, given, step_divergence, epsilon, delta, chunk_size,
+                                row_bytes=vocab * max(elem, 4), budget=CPU_CHUNK_BYTES,
+                                max_budget=CPU_MAX_CHUNK_BYTES)
 
 
 # -------------------------------------------------------------------------------------------- epilogue
@@ -158,7 +130,7 @@ def run_epilogue(name: str, *args, rows: int):
 
 # ------------------------------------------------------------------------------------------- problem
 @dataclass
-class SparseProblem:
+class SparseProblem(RowChunks):
     """One call's inputs as the chunk loop sees them (the fields of
     :class:`sod_kernels.sparse.triton_backend.SparseProblem` that the single pass reads): ``ids``, ``logprobs``,
     ``target_ids`` restricted to the distilled rows (``[Na, k]`` int64, ``[Na, k]``, ``[Na]`` int64 or None)."""
@@ -178,45 +150,25 @@ class SparseProblem:
     def build(cls, hidden, weight, bias, row_index, ids, logprobs, target_ids, divergence, temperature, *,
               softcap: float | None = None, memory: str = "fast", beta: float = 0.5) -> SparseProblem:
         """The signature of :meth:`sod_kernels.sparse.triton_backend.SparseProblem.build` (``memory`` unused)."""
-        rows = row_index.to(torch.int64).contiguous()
-        n = rows.numel()
-        contiguous = n == hidden.shape[0] and (n == 0 or bool(rows[-1] == n - 1))
+        rows, contiguous = chunk_row_index(row_index, hidden.shape[0])
         return cls(LMHead(hidden, weight, bias, weight.shape[0]), rows, contiguous, ids.to(torch.int64).contiguous(),
                    logprobs.contiguous(), None if target_ids is None else target_ids.to(torch.int64),
                    divergence, float(temperature), None if softcap is None else float(softcap), float(beta))
 
     @property
-    def n_rows(self) -> int:
-        return self.row_index.numel()
-
-    @property
     def vocab(self) -> int:
         return self.head.vocab
 
-    def rows(self, start: int, stop: int):
-        return row_selector(self.row_index, start, stop, self.contiguous)
 
-
-class _Head:
-    """The student's weight ``[V, H]``, bias ``[V]`` (zeros for none) and the 0-d epilogue scalars in the
-    compute dtype ``dt`` (a 16-bit weight is converted once per call)."""
+class _Head(ComputeHead):
+    """The student's :class:`~sod_kernels.core.cpu_pass.ComputeHead` with the 0-d epilogue scalars in the
+    compute dtype ``dt``."""
 
     def __init__(self, p: SparseProblem, dt: torch.dtype):
-        head = p.head
-        self.weight = head.used_weight.to(dt)
-        if self.weight.stride(-1) != 1:
-            self.weight = self.weight.contiguous()
-        self.has_bias = head.used_bias is not None
-        self.bias = torch.zeros(head.vocab, dtype=dt) if head.used_bias is None else head.used_bias.to(dt).contiguous()
-        self.hidden = head.hidden
-        self.dt = dt
+        super().__init__(p.head, dt)
         self.inv_temp = torch.tensor(1.0 / p.temperature, dtype=dt)
         self.cap = torch.tensor(p.softcap or 1.0, dtype=dt)
         self.capped = p.softcap is not None
-
-    def rows(self, rows) -> torch.Tensor:
-        h = gather_rows(self.hidden, rows)
-        return h if h.dtype == self.dt else h.to(self.dt)
 
     def logits_at(self, x: torch.Tensor, cols: torch.Tensor):
         """``(z [C, j], slope [C, j] or None)``: the temperature-scaled (capped) logits of the raw block
@@ -229,19 +181,6 @@ class _Head:
 
 
 # ----------------------------------------------------------------------------------------- the pass
-@dataclass
-class SinglePassResult:
-    """As :class:`sod_kernels.sparse.triton_backend.SinglePassResult`: the loss (0-D, float32 or float64), per-row
-    ``D`` and sampled log-probs (``[Na]`` in the compute dtype, the latter None without targets), the student
-    gradients for an upstream gradient of 1 (None where not needed)."""
-
-    loss: torch.Tensor
-    D: torch.Tensor
-    lp_s: torch.Tensor | None
-    lp_t: torch.Tensor | None
-    grads: tuple
-
-
 def logit_grad_in_place(x: torch.Tensor, total: torch.Tensor, coefs, ids: torch.Tensor, slope_ids, y, slope_y):
     """``x <- d(logits)`` of a chunk from the block :func:`tail_stats` left (``e * slope``, 0 at the ids).
 
@@ -275,21 +214,14 @@ def single_pass_loss(p: SparseProblem, chunks: list[tuple[int, int]],
         raise ValueError("single_pass_loss: hard_loss_weight > 0 needs target_ids")
     dt = compute_dtype(p.head.hidden.dtype)
     s = _Head(p, dt)
-    n, V, H = p.n_rows, p.vocab, s.weight.shape[1]
+    n, V = p.n_rows, p.vocab
     with_targets = p.target_ids is not None
-    D = torch.empty(n, dtype=dt)
-    lp_s = torch.empty(n, dtype=dt) if with_targets else None
-    lp_t = torch.empty(n, dtype=dt) if with_targets else None
-    d_hidden = torch.empty(n, H, dtype=dt) if need_hidden else None
-    d_weight = torch.zeros(V, H, dtype=dt) if need_weight else None
-    d_bias = torch.zeros(V, dtype=dt) if (need_bias and s.has_bias) else None
-    active = d_hidden is not None or d_weight is not None or d_bias is not None
+    totals = SinglePassTotals(n, dt, None, with_targets=with_targets, coef=coef, normalizer=normalizer,
+                              temperature=p.temperature, hard_loss_weight=hard_loss_weight,
+                              sampled_signal=sampled_signal)
+    grads = StudentGrads(n, s, need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias)
     longest = max((b - a for a, b in chunks), default=1)
     block = torch.empty(longest * V, dtype=dt)
-    total_loss = torch.zeros((), dtype=torch.float64)
-    nll = torch.zeros((), dtype=torch.float64)     # sum of -log p_s(y) (hard-label term)
-    grad_scale = coef / (normalizer * p.temperature)
-    hard_scale = hard_loss_weight / (normalizer * p.temperature)
     for start, stop in chunks:
         c = stop - start
         h = s.rows(p.rows(start, stop))
@@ -305,44 +237,12 @@ def single_pass_loss(p: SparseProblem, chunks: list[tuple[int, int]],
         m, total = run_epilogue("tail_stats", x, s.bias, s.inv_temp, s.cap, s.capped, rows=c)
         t = coarse_grained_rows(z_ids, m + total.log(), p.logprobs[start:stop], divergence=p.divergence,
                                 beta=p.beta, vocab=V, ids=ids, target_ids=y, z_target=z_y)
-        D[start:stop] = t.D
-        if with_targets:
-            lp_s[start:stop], lp_t[start:stop] = t.lp_s, t.lp_t
-        # The weights see the values the public function reports (as the two-pass path does).
-        signal = (lp_s[start:stop] - lp_t[start:stop]).abs() if sampled_signal else D[start:stop]
-        w = chunk_weights(start, stop, D[start:stop], signal).to(torch.float64)
-        total_loss += (w * D[start:stop].to(torch.float64)).sum()
-        if hard_loss_weight:
-            nll -= t.lp_s.sum()
-        if not active:
+        coefs = totals.add(t, start, stop, chunk_weights, grads.active)
+        if coefs is None:
             continue
-        hard = torch.full_like(w, hard_scale) if hard_loss_weight else None
-        coefs = logit_coefficients(t.grad_ids, t.grad_tail, w * grad_scale, hard=hard, prob_ids=t.prob_ids,
-                                   prob_tail=t.prob_tail)
         logit_grad_in_place(x, total, coefs, ids, slope_ids, y, slope_y)
-        if d_hidden is not None:
-            torch.mm(x, s.weight, out=d_hidden[start:stop])
-        if d_weight is not None:
-            d_weight.addmm_(x.T, h)
-        if d_bias is not None:
-            d_bias += x.sum(0)
+        grads.fold(x, h, s.weight, start, stop)
     del block
-    loss = total_loss * (coef / normalizer)
-    if hard_loss_weight:
-        loss = loss + nll * (hard_loss_weight / normalizer)
-    return SinglePassResult(loss.to(dt), D, lp_s, lp_t, _finish(p, d_hidden, d_weight, d_bias))
+    return SinglePassResult(totals.loss(dt), totals.D, totals.lp_s, totals.lp_t,
+                            grads.finish(p.head, p.row_index, p.contiguous))
 
-
-def _finish(p: SparseProblem, d_hidden, d_weight, d_bias):
-    """The gradients in the inputs' dtypes and shapes (zero rows of ``d(hidden)`` outside ``row_index``)."""
-    h, w, b = p.head.hidden, p.head.weight, p.head.bias
-    if d_hidden is not None:
-        if p.contiguous and d_hidden.shape[0] == h.shape[0]:
-            d_hidden = d_hidden.to(h.dtype)
-        else:
-            d_hidden = torch.zeros_like(h).index_copy_(0, p.row_index, d_hidden.to(h.dtype))
-    if d_weight is not None:
-        d_weight = d_weight.to(w.dtype)
-    if d_bias is not None:
-        d_bias = d_bias.to(b.dtype)
-    return d_hidden, d_weight, d_bias

@@ -27,10 +27,10 @@ import torch
 from ..core.chunks import GradAccumulator, chunk_rows
 from ..core.options import PassOptions, SinglePassPlan, input_grads
 from ..core.runtime import (check_softcap, needs_student_grad, no_autocast, refuse_double_backward, resolve_backend,
-                            single_pass_forward, single_pass_gradients, zero_student_grads)
+                            single_pass_forward, single_pass_gradients, single_pass_module, zero_student_grads)
 from ..core.tiles import compute_dtype
-from ..core.validation import MEMORY_MODES, check_choice, check_lm_head, check_same_device, resolve_divergence
-from ..steps.finish import check_hard_loss, check_loss_options, check_targets_and_steps, finish_loss, single_pass_plan
+from ..core.validation import check_lm_head, check_same_device
+from ..steps.finish import check_distillation_call, check_targets_and_steps, finish_loss, single_pass_plan
 from ..steps.weights import DEFAULT_DELTA, DEFAULT_EPSILON
 from .rows import SparseForward
 from .validation import check_topk_shapes, check_topk_values
@@ -53,13 +53,7 @@ def single_pass_backend(name: str, device: torch.device) -> ModuleType | None:
     two passes: Triton -> :mod:`~sod_kernels.sparse.triton_backend`; the torch backend on CPU tensors ->
     :mod:`~sod_kernels.sparse.cpu_backend` (whole-vocabulary rows, a compiled epilogue); the torch backend on
     other devices -> None."""
-    if name == "triton":
-        from . import triton_backend  # imported lazily: Triton is only needed for this path
-        return triton_backend
-    if name == "torch" and device.type == "cpu":
-        from . import cpu_backend
-        return cpu_backend
-    return None
+    return single_pass_module(name, device, __package__)
 
 
 class SparseDivergence(torch.autograd.Function):
@@ -223,12 +217,9 @@ def fused_sparse_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Te
     Returns:
         The loss (float32, or float64 for float64 inputs), or :class:`sod_kernels.SODStats` if ``return_stats``.
     """
-    step_divergence, epsilon, delta, temperature, coef = check_loss_options(
-        divergence, step_divergence, token_weights, reduction, backend, chunk_size, epsilon, delta, temperature,
-        coef)
-    divergence, beta = resolve_divergence(divergence, beta)
-    hard_loss_weight = check_hard_loss(hard_loss_weight, target_ids)
-    check_choice(memory, "memory", MEMORY_MODES)
+    divergence, beta, hard_loss_weight, step_divergence, epsilon, delta, temperature, coef = check_distillation_call(
+        divergence, beta, hard_loss_weight, step_divergence, epsilon, delta, temperature, coef, reduction, backend,
+        memory, chunk_size, token_weights, target_ids)
     student_softcap = check_softcap(student_softcap, "student_softcap")
     check_lm_head(student_hidden, student_weight, student_bias, hidden_name="student_hidden",
                   weight_name="student_weight", bias_name="student_bias")

@@ -258,3 +258,49 @@ class SparseForward:
             self.lp_s[start:stop], self.lp_t[start:stop] = t.lp_s, t.lp_t
         if self.prob_ids is not None:
             self.prob_ids[start:stop], self.prob_tail[start:stop] = t.prob_ids, t.prob_tail
+
+
+class SinglePassTotals:
+    """What a sparse single pass keeps across its chunks: the per-row ``D``, ``lp_s``, ``lp_t`` (``[n]`` in
+    ``dtype``; the latter two None without targets) and the float64 sums ``sum_i w_i D_i`` and
+    ``sum_i (-log p_s(y_i))`` (the hard-label term, weight ``hard_loss_weight``) of
+    ``L = (coef * sum_i w_i D_i + hard_loss_weight * sum_i (-log p_s(y_i))) / normalizer``."""
+
+    def __init__(self, n: int, dtype: torch.dtype, device, *, with_targets: bool, coef: float, normalizer: float,
+                 temperature: float, hard_loss_weight: float, sampled_signal: bool):
+        self.D = torch.empty(n, dtype=dtype, device=device)
+        self.lp_s = torch.empty_like(self.D) if with_targets else None
+        self.lp_t = torch.empty_like(self.D) if with_targets else None
+        self.total = torch.zeros((), dtype=torch.float64, device=device)
+        self.nll = torch.zeros((), dtype=torch.float64, device=device)
+        self.coef, self.normalizer, self.hard_loss_weight = coef, normalizer, hard_loss_weight
+        self.grad_scale = coef / (normalizer * temperature)
+        self.hard_scale = hard_loss_weight / (normalizer * temperature)
+        self.sampled_signal = sampled_signal
+
+    def add(self, t: SparseRowTerms, start: int, stop: int, chunk_weights, need_grad: bool):
+        """Store the chunk ``[start, stop)``'s terms ``t``, weigh its rows (``chunk_weights(start, stop, D,
+        signal)``, ``signal`` the sampled-token gap ``|lp_s - lp_t|`` or ``D``: the values the public function
+        reports, as the two-pass path sees them) and add its loss terms; returns the chunk's
+        :class:`LogitCoefficients` of ``L`` (temperature-scaled logits) when ``need_grad``, else None."""
+        D = self.D[start:stop]
+        D.copy_(t.D)
+        if self.lp_s is not None:
+            self.lp_s[start:stop], self.lp_t[start:stop] = t.lp_s, t.lp_t
+        signal = (self.lp_s[start:stop] - self.lp_t[start:stop]).abs() if self.sampled_signal else D
+        w = chunk_weights(start, stop, D, signal).to(torch.float64)
+        self.total += (w * D.to(torch.float64)).sum()
+        if self.hard_loss_weight:
+            self.nll -= t.lp_s.sum()
+        if not need_grad:
+            return None
+        hard = torch.full_like(w, self.hard_scale) if self.hard_loss_weight else None
+        return logit_coefficients(t.grad_ids, t.grad_tail, w * self.grad_scale, hard=hard, prob_ids=t.prob_ids,
+                                  prob_tail=t.prob_tail)
+
+    def loss(self, dtype: torch.dtype) -> torch.Tensor:
+        """``L`` (0-D) in ``dtype``."""
+        loss = self.total * (self.coef / self.normalizer)
+        if self.hard_loss_weight:
+            loss = loss + self.nll * (self.hard_loss_weight / self.normalizer)
+        return loss.to(dtype)

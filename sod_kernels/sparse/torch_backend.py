@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from ..core.tiles import compute_dtype, rows_per_tile, tile_logits, tile_logits_and_slope, vocab_tile
+from ..core.tiles import (compute_dtype, fold_tile_grad, grads_like, rows_per_tile, tile_logits, tile_logits_and_slope,
+                         vocab_tile)
 from .rows import SparseForward, coarse_grained_rows, logit_coefficients
 
 MIN_LOGIT = -1e30
@@ -125,18 +126,11 @@ def sparse_backward(hidden, weight, bias, row_index, ids, saved: SparseForward, 
                 if y is not None:            # the hard term's one-hot part: -h at the sampled token's column
                     ry = ((y >= v0) & (y < v1)).nonzero().squeeze(1)
                     dx[ry, y[ry] - v0] += coefs.target[ry]
-                if slope is not None:        # d(capped logit) / d(raw logit), every column
-                    dx.mul_(slope)
-                if d_rows is not None:
-                    d_rows.addmm_(dx, w[v0:v1])
-                if d_weight is not None:
-                    d_weight[v0:v1].addmm_(dx.T, h)
-                if d_bias is not None:
-                    d_bias[v0:v1] += dx.sum(0)
+                # times d(capped logit) / d(raw logit) on every column, then folded
+                fold_tile_grad(dx, slope, h, w[v0:v1], slice(v0, v1), d_rows, d_weight, d_bias)
             if d_hidden is not None:
                 d_hidden.index_add_(0, rows, d_rows)
-    cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
-    return cast(d_hidden, hidden), cast(d_weight, weight), cast(d_bias, bias)
+    return grads_like((d_hidden, d_weight, d_bias), (hidden, weight, bias))
 
 
 def _coefficients(saved: SparseForward, grad_divergence, grad_target_logprob, start: int, stop: int, dt,

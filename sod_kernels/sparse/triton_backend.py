@@ -37,14 +37,16 @@ from dataclasses import dataclass
 import torch
 
 from ..core.chunks import (FAST_CHUNK_BYTES, LOW_MEMORY_CHUNK_BYTES, GradAccumulator, LMHead, chunk_rows, even_chunks,
-                           gather_rows, logits_into, row_plan, row_selector)
+                           gather_rows, logits_into, row_plan)
 from ..core.kernels import logprob_row_stats
+from ..core.options import SinglePassResult
+from ..core.rows import RowChunks
 from ..core.tiles import apply_softcap
 from ..steps.finish import single_pass_plan
 from ..steps.plan import InPassStepWeights
 from .kernels import (MAX_ROW_BLOCK_K, gather_and_mask, gather_id_logits, row_block_k, rows_terms, sparse_logit_grad,
                       step_weights, tail_fill, tail_partials)
-from .rows import (LogitCoefficients, SparseForward, coarse_grained_rows, logit_coefficients,
+from .rows import (LogitCoefficients, SinglePassTotals, SparseForward, coarse_grained_rows, logit_coefficients,
                    teacher_tail_log_mass)
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -52,7 +54,7 @@ MIN_LOGIT = -1e30  # the statistics kernel's starting maximum (sod_kernels.core.
 
 
 @dataclass
-class SparseProblem:
+class SparseProblem(RowChunks):
     """One call's inputs as the chunk loops see them; ``ids``, ``logprobs``, ``target_ids`` are already
     restricted to the distilled rows (``[Na, k]``, ``[Na, k]``, ``[Na]``)."""
 
@@ -83,10 +85,6 @@ class SparseProblem:
         return self.divergence == "forward_kl"
 
     @property
-    def n_rows(self) -> int:
-        return self.row_index.numel()
-
-    @property
     def vocab(self) -> int:
         return self.head.vocab
 
@@ -104,7 +102,7 @@ class Block:
 
     def logits(self, p: SparseProblem, start: int, stop: int):
         """``(hidden rows, masked-to-be logit block)`` of rows ``[start, stop)``."""
-        h = gather_rows(p.head.hidden, row_selector(p.row_index, start, stop, p.contiguous))
+        h = gather_rows(p.head.hidden, p.rows(start, stop))
         return h, logits_into(self.x[: stop - start], h, p.head.used_weight)
 
 
@@ -224,18 +222,6 @@ def sparse_backward(hidden, weight, bias, row_index, ids, saved: SparseForward, 
                            slope_y)
         acc.add(grad, start, stop, h)
     return acc.finish()
-
-
-@dataclass
-class SinglePassResult:
-    """The loss (0-D float32), per-row D and sampled log-probs (``[Na]`` float32, None without targets), and
-    the student's gradients for an upstream gradient of 1 (None where not needed)."""
-
-    loss: torch.Tensor
-    D: torch.Tensor
-    lp_s: torch.Tensor | None
-    lp_t: torch.Tensor | None
-    grads: tuple
 
 
 def single_pass_loss(p: SparseProblem, chunks: list[tuple[int, int]],
@@ -391,36 +377,16 @@ def _single_pass_torch_rows(p: SparseProblem, chunks: list[tuple[int, int]],
     longest = max((b - a for a, b in chunks), default=1)
     acc = GradAccumulator(p.head, p.row_index, p.contiguous, need_hidden=need_hidden, need_weight=need_weight,
                           need_bias=need_bias, block_rows=longest)
-    n, with_targets = p.n_rows, p.target_ids is not None
-    D = torch.empty(n, dtype=torch.float32, device=device)
-    lp_s = torch.empty_like(D) if with_targets else None
-    lp_t = torch.empty_like(D) if with_targets else None
+    totals = SinglePassTotals(p.n_rows, torch.float32, device, with_targets=p.target_ids is not None, coef=coef,
+                              normalizer=normalizer, temperature=p.temperature, hard_loss_weight=hard_loss_weight,
+                              sampled_signal=sampled_signal)
     block = Block(p, longest)
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    nll = torch.zeros((), dtype=torch.float64, device=device)     # sum of -log p_s(y) (hard-label term)
-    grad_scale = coef / (normalizer * p.temperature)
-    hard_scale = hard_loss_weight / (normalizer * p.temperature)
     for start, stop in chunks:
         h, x = block.logits(p, start, stop)
         t, slope, slope_y = _chunk_terms(p, x, start, stop)
-        D[start:stop] = t.D
-        if with_targets:
-            lp_s[start:stop], lp_t[start:stop] = t.lp_s, t.lp_t
-        # The weights see the float32 values the public function reports (as the two-pass path does).
-        signal = (lp_s[start:stop] - lp_t[start:stop]).abs() if sampled_signal else D[start:stop]
-        w = chunk_weights(start, stop, D[start:stop], signal).to(torch.float64)
-        total += (w * D[start:stop].to(torch.float64)).sum()
-        if hard_loss_weight:
-            nll -= t.lp_s.sum()
-        if acc.active:
-            hard = torch.full_like(w, hard_scale) if hard_loss_weight else None
-            coefs = logit_coefficients(t.grad_ids, t.grad_tail, w * grad_scale, hard=hard, prob_ids=t.prob_ids,
-                                       prob_tail=t.prob_tail)
+        coefs = totals.add(t, start, stop, chunk_weights, acc.active)  # weights see the float32 values reported
+        if coefs is not None:
             grad = _grad_block(p, x, start, stop, t.lse_tail, coefs, acc.grad_block(stop - start), slope, slope_y)
             acc.add(grad, start, stop, h)
     del block
-    loss = total * (coef / normalizer)
-    if hard_loss_weight:
-        loss = loss + nll * (hard_loss_weight / normalizer)
-    loss = loss.to(torch.float32)
-    return SinglePassResult(loss, D, lp_s, lp_t, acc.finish())
+    return SinglePassResult(totals.loss(torch.float32), totals.D, totals.lp_s, totals.lp_t, acc.finish())

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 import torch
 
 from ..core.chunks import FAST_CHUNK_BYTES, chunk_rows, even_chunks
-from ..core.validation import (BACKENDS, DIVERGENCES, REDUCTIONS, STEP_DIVERGENCES, check_chunk_size, check_choice,
-                               check_finite_number, check_positive, check_shape, check_tensor)
+from ..core.validation import (BACKENDS, DIVERGENCES, MEMORY_MODES, REDUCTIONS, STEP_DIVERGENCES, check_chunk_size,
+                               check_choice, check_finite_number, check_positive, check_shape, check_tensor,
+                               resolve_divergence)
 from .plan import InPassStepWeights
 from .weights import resolve_step_ids, step_weights_from_divergence, trim_steps
 
@@ -96,6 +97,28 @@ def check_hard_loss(hard_loss_weight, target_ids) -> float:
     if weight and target_ids is None:
         raise ValueError("hard_loss_weight > 0 needs target_ids (the tokens whose cross-entropy is added)")
     return weight
+
+
+def jsd_and_hard_options(divergence, beta, hard_loss_weight, target_ids) -> tuple[str, float, float]:
+    """``(divergence, beta, hard_loss_weight)`` checked: ``"jsd"`` at ``beta`` 0 / 1 becomes the forward / reverse KL
+    (:func:`~sod_kernels.core.validation.resolve_divergence`), ``beta`` in ``[0, 1]``, ``hard_loss_weight >= 0``
+    (a positive one needs ``target_ids``)."""
+    divergence, beta = resolve_divergence(divergence, beta)
+    return divergence, beta, check_hard_loss(hard_loss_weight, target_ids)
+
+
+def check_distillation_call(divergence, beta, hard_loss_weight, step_divergence, epsilon, delta, temperature, coef,
+                            reduction, backend, memory, chunk_size, token_weights, target_ids):
+    """The options of one call of a single-process distillation loss (dense or sparse teacher), checked:
+    returns ``(divergence, beta, hard_loss_weight, step_divergence, epsilon, delta, temperature, coef)``
+    resolved as :func:`check_loss_options` and :func:`jsd_and_hard_options` do; ``memory`` one of
+    :data:`~sod_kernels.core.validation.MEMORY_MODES`."""
+    step_divergence, epsilon, delta, temperature, coef = check_loss_options(
+        divergence, step_divergence, token_weights, reduction, backend, chunk_size, epsilon, delta, temperature,
+        coef)
+    divergence, beta, hard_loss_weight = jsd_and_hard_options(divergence, beta, hard_loss_weight, target_ids)
+    check_choice(memory, "memory", MEMORY_MODES)
+    return divergence, beta, hard_loss_weight, step_divergence, epsilon, delta, temperature, coef
 
 
 def finish_loss(loss, D, lp_s, lp_t, row_index, step_rows, given, *, single: bool, step_divergence: str,
