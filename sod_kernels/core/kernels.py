@@ -148,6 +148,29 @@ def logprob_partial_stats_kernel(x_ptr, b_ptr, part_ptr, n_rows, vocab, stride_x
     store_split_partial(part_ptr, 2, row, split, n_rows, num_splits, acc)
 
 
+@triton.jit
+def merge_row_partials(part_ptr, r, ok, n_rows, num_splits, WITH_ENTROPY: tl.constexpr, BLOCK_S: tl.constexpr):
+    """``(M, log L, mean)`` of the rows ``r`` (``ok``: in range) from ``part [3, n_rows, num_splits]`` (per split
+    ``m``, ``l``, ``B'``), the merge of :func:`logprob_row_stats` in registers (the token kernels, the sparse rows kernel):
+    ``M = max m``, ``L = sum l e^(m - M)`` (``lse = M + log L``) and with ``WITH_ENTROPY``
+    ``mean = sum e^(m - M) (B' + l (m - M)) / L`` (``E_p[z] - M``; the entropy is ``log L - mean``), else 0."""
+    s = tl.arange(0, BLOCK_S)
+    at = r[:, None] * num_splits + s[None, :]
+    ok2 = ok[:, None] & (s[None, :] < num_splits)
+    m = tl.load(part_ptr + at, mask=ok2, other=float("-inf"))
+    l = tl.load(part_ptr + n_rows * num_splits + at, mask=ok2, other=0.0)
+    big = tl.where(ok, tl.max(m, axis=1), 0.0)
+    shift = tl.where(ok2, m - big[:, None], 0.0)
+    scale = tl.where(ok2, tl.exp(shift), 0.0)
+    total = tl.where(ok, tl.sum(l * scale, axis=1), 1.0)
+    log_total = tl.log(total)
+    mean = tl.zeros_like(log_total)
+    if WITH_ENTROPY:
+        b = tl.load(part_ptr + 2 * n_rows * num_splits + at, mask=ok2, other=0.0)
+        mean = tl.sum(scale * (b + l * shift), axis=1) / total
+    return big, log_total, mean
+
+
 def logprob_partials(x: torch.Tensor, bias: torch.Tensor | None, *, temperature: float,
                      softcap: float | None = None, with_entropy: bool = False) -> torch.Tensor:
     """``part [3, C, splits]`` float32: one launch of ``logprob_partial_stats_kernel`` over the logit block

@@ -38,7 +38,7 @@ import triton.language as tl
 
 from ..core.kernels import (GRAD_BLOCK_V, INTERPRETER_BLOCK_V, NUM_WARPS, STATS_BLOCK_V, LogprobRowStats, cap_arg,
                             codegen_spec, interpreting, load_capped_logits, load_logits_and_slope,
-                            logprob_partial_stats_kernel)
+                            logprob_partial_stats_kernel, merge_row_partials)
 
 POLICY_BLOCK_R = 128    # rows per program of policy_token_kernel (a chunk of 512 rows: 4 programs)
 COLSUM_BLOCK_R = 32     # column_sum_add_kernel: rows per loaded tile ...
@@ -89,29 +89,6 @@ def logprob_logit_grad_scaled(x: torch.Tensor, bias: torch.Tensor | None, target
         cap_arg(softcap), HAS_BIAS=bias is not None, WITH_ENTROPY=scale_entropy is not None, BLOCK_V=block,
         HAS_CAP=softcap is not None, num_warps=NUM_WARPS)
     return out
-
-
-@triton.jit
-def merge_row_partials(part_ptr, r, ok, n_rows, num_splits, WITH_ENTROPY: tl.constexpr, BLOCK_S: tl.constexpr):
-    """``(M, log L, mean)`` of the rows ``r`` (``ok``: in range) from ``part [3, n_rows, num_splits]`` (per split
-    ``m``, ``l``, ``B'``), the merge of :func:`sod_kernels.core.kernels.logprob_row_stats` in registers:
-    ``M = max m``, ``L = sum l e^(m - M)`` (``lse = M + log L``) and with ``WITH_ENTROPY``
-    ``mean = sum e^(m - M) (B' + l (m - M)) / L`` (``E_p[z] - M``; the entropy is ``log L - mean``), else 0."""
-    s = tl.arange(0, BLOCK_S)
-    at = r[:, None] * num_splits + s[None, :]
-    ok2 = ok[:, None] & (s[None, :] < num_splits)
-    m = tl.load(part_ptr + at, mask=ok2, other=float("-inf"))
-    l = tl.load(part_ptr + n_rows * num_splits + at, mask=ok2, other=0.0)
-    big = tl.where(ok, tl.max(m, axis=1), 0.0)
-    shift = tl.where(ok2, m - big[:, None], 0.0)
-    scale = tl.where(ok2, tl.exp(shift), 0.0)
-    total = tl.where(ok, tl.sum(l * scale, axis=1), 1.0)
-    log_total = tl.log(total)
-    mean = tl.zeros_like(log_total)
-    if WITH_ENTROPY:
-        b = tl.load(part_ptr + 2 * n_rows * num_splits + at, mask=ok2, other=0.0)
-        mean = tl.sum(scale * (b + l * shift), axis=1) / total
-    return big, log_total, mean
 
 
 @triton.jit

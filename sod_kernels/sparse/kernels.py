@@ -34,9 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..core.kernels import (GRAD_BLOCK_V, INTERPRETER_BLOCK_V, NUM_PARTIALS, NUM_WARPS, cap_arg, interpreting,
-                            load_capped_logits, load_capped_logits_slope, load_logits, logprob_partial_stats_kernel,
-                            tanh_parts, vocab_splits)
+from ..core.kernels import (GRAD_BLOCK_V, INTERPRETER_BLOCK_V, NUM_WARPS, cap_arg, interpreting, load_capped_logits,
+                            load_capped_logits_slope, load_logits, merge_row_partials, tanh_parts)
 
 ID_BLOCK = 128            # ids per program of the gather / scatter kernels
 INTERPRETER_ID_BLOCK = 8  # under the interpreter: small blocks so that tests cross block edges
@@ -201,38 +200,6 @@ DIV_REVERSE, DIV_FORWARD, DIV_JSD = 0, 1, 2
 
 
 
-def tail_partials(x: torch.Tensor, bias: torch.Tensor | None, *, temperature: float,
-                  softcap: float | None = None) -> torch.Tensor:
-    """``part [3, C, splits]`` float32: one launch of the core statistics kernel
-    (:func:`sod_kernels.core.kernels.logprob_partial_stats_kernel`, without the entropy) over the masked block
-    ``x [C, V]``: per vocabulary split the max and the sum of exponentials of the tail, merged in registers by
-    ``sparse_rows_kernel`` (:func:`_merge_partials`) instead of by tensor operations."""
-    n_rows, vocab = x.shape
-    block, cols_per_split, splits = vocab_splits(n_rows, vocab)
-    part = torch.empty((NUM_PARTIALS, n_rows, splits), dtype=torch.float32, device=x.device)
-    if n_rows:
-        logprob_partial_stats_kernel[(n_rows, splits)](
-            x, x if bias is None else bias, part, n_rows, vocab, x.stride(0), cols_per_split, splits,
-            1.0 / temperature, cap_arg(softcap), HAS_BIAS=bias is not None, WITH_ENTROPY=False, BLOCK_V=block,
-            HAS_CAP=softcap is not None, num_warps=NUM_WARPS)
-    return part
-
-
-@triton.jit
-def _merge_partials(part_ptr, r, ok, n_rows, num_splits, BLOCK_S: tl.constexpr):
-    """``(M, log L)`` of the rows ``r`` (``ok``: in range; 0 and 0 elsewhere) from ``part [3, n_rows,
-    num_splits]`` (per split ``m``, ``l``): ``M = max m``, ``L = sum l e^(m - M)``, so ``lse = M + log L``; a row
-    whose columns were all masked keeps ``M = -1e30`` (the statistics kernel's start): an empty tail."""
-    s = tl.arange(0, BLOCK_S)
-    at = r[:, None] * num_splits + s[None, :]
-    ok2 = ok[:, None] & (s[None, :] < num_splits)
-    m = tl.load(part_ptr + at, mask=ok2, other=float("-inf"))
-    l = tl.load(part_ptr + n_rows * num_splits + at, mask=ok2, other=0.0)
-    big = tl.where(ok, tl.max(m, axis=1), 0.0)
-    scale = tl.where(ok2, tl.exp(tl.where(ok2, m - big[:, None], 0.0)), 0.0)
-    total = tl.where(ok, tl.sum(l * scale, axis=1), 1.0)
-    return big, tl.log(total)
-
 @triton.jit
 def sparse_gather_rows_kernel(x_ptr, b_ptr, ids_ptr, y_ptr, zid_ptr, slope_ptr, zy_ptr, k, stride_x, stride_ids,
                               stride_z, inv_temp, cap, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
@@ -317,7 +284,8 @@ def sparse_rows_kernel(part_ptr, zid_ptr, slope_ptr, ids_ptr, a_ptr, tp_ptr, tlo
     ok = r < n_rows
     j = tl.arange(0, BLOCK_K)
     cell = ok[:, None] & (j < k)[None, :]
-    big_t, log_total = _merge_partials(part_ptr, r, ok, n_rows, num_splits, BLOCK_S)
+    big_t, log_total, _ = merge_row_partials(part_ptr, r, ok, n_rows, num_splits, WITH_ENTROPY=False,
+                                             BLOCK_S=BLOCK_S)
     empty = big_t <= -1e30                         # every column an id: no tail
     lt = tl.where(empty, float("-inf"), big_t + log_total)
     r64 = r.to(tl.int64)

@@ -38,14 +38,14 @@ import torch
 
 from ..core.chunks import (FAST_CHUNK_BYTES, LOW_MEMORY_CHUNK_BYTES, GradAccumulator, LMHead, chunk_rows, even_chunks,
                            gather_rows, logits_into, row_plan)
-from ..core.kernels import logprob_row_stats
+from ..core.kernels import logprob_partials, logprob_row_stats
 from ..core.options import SinglePassResult
 from ..core.rows import RowChunks
 from ..core.tiles import apply_softcap
 from ..steps.finish import single_pass_plan
 from ..steps.plan import InPassStepWeights
 from .kernels import (MAX_ROW_BLOCK_K, gather_and_mask, gather_id_logits, row_block_k, rows_terms, sparse_logit_grad,
-                      step_weights, tail_fill, tail_partials)
+                      step_weights, tail_fill)
 from .rows import (LogitCoefficients, SinglePassTotals, SparseForward, coarse_grained_rows, logit_coefficients,
                    teacher_tail_log_mass)
 
@@ -336,7 +336,7 @@ def _fused_single_pass(p: SparseProblem, chunks: list[tuple[int, int]], source: 
         y = targets[start:stop] if with_targets else None
         gather_id_logits(x, bias, ids, y, zid[:c], None if slope is None else slope[:c],
                          None if zy is None else zy[:c], **cap)
-        part = tail_partials(x, bias, **cap)
+        part = logprob_partials(x, bias, **cap)  # the tail's (max, sum) per vocabulary split
         grad = None if not grads else (acc.grad_block(c) if own is None else own[: c * vocab].view(c, vocab))
         w = w_all[start:stop]
         rows_terms(part, zid[:c], None if slope is None else slope[:c], ids, p.logprobs[start:stop],
