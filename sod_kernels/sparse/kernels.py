@@ -43,6 +43,18 @@ ID_WARPS = 4
 
 
 @triton.jit
+def id_logits(x_row, b_ptr, cols, own, ok, slope_out, inv_temp, cap, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr):
+    """The logits ``z`` of one row at the columns ``cols`` (0 where not ``own``); with ``HAS_CAP`` the capped
+    logits, the cap's slope stored at ``slope_out`` (0 where not ``own``; ``ok``: the slots that exist)."""
+    if HAS_CAP:
+        z, slope = load_capped_logits_slope(x_row, b_ptr, cols, own, inv_temp, cap, HAS_BIAS)
+        tl.store(slope_out, tl.where(own, slope, 0.0), mask=ok)
+    else:
+        z = load_logits(x_row, b_ptr, cols, own, inv_temp, HAS_BIAS)
+    return tl.where(own, z, 0.0)
+
+
+@triton.jit
 def sparse_gather_mask_kernel(x_ptr, b_ptr, ids_ptr, out_ptr, slope_ptr, k, stride_x, stride_ids, stride_out,
                               inv_temp, cap, HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, HAS_CAP: tl.constexpr):
     """``out[row, j] = z(x[row, ids[row, j]])`` (float32; ``z = (x + b) / tau``, with ``HAS_CAP``
@@ -54,12 +66,8 @@ def sparse_gather_mask_kernel(x_ptr, b_ptr, ids_ptr, out_ptr, slope_ptr, k, stri
     cols = tl.load(ids_ptr + row * stride_ids + offs, mask=ok, other=-1)
     own = ok & (cols >= 0)
     x_row = x_ptr + row * stride_x
-    if HAS_CAP:
-        z, slope = load_capped_logits_slope(x_row, b_ptr, cols, own, inv_temp, cap, HAS_BIAS)
-        tl.store(slope_ptr + row * stride_out + offs, tl.where(own, slope, 0.0), mask=ok)
-    else:
-        z = load_logits(x_row, b_ptr, cols, own, inv_temp, HAS_BIAS)
-    tl.store(out_ptr + row * stride_out + offs, tl.where(own, z, 0.0), mask=ok)
+    z = id_logits(x_row, b_ptr, cols, own, ok, slope_ptr + row * stride_out + offs, inv_temp, cap, HAS_BIAS, HAS_CAP)
+    tl.store(out_ptr + row * stride_out + offs, z, mask=ok)
     tl.store(x_row + cols, tl.full([BLOCK_K], float("-inf"), tl.float32), mask=own)
 
 
@@ -214,12 +222,7 @@ def sparse_gather_rows_kernel(x_ptr, b_ptr, ids_ptr, y_ptr, zid_ptr, slope_ptr, 
     cols = tl.load(ids_ptr + row * stride_ids + offs, mask=ok, other=-1)
     own = ok & (cols >= 0)
     x_row = x_ptr + row * stride_x
-    if HAS_CAP:
-        z, slope = load_capped_logits_slope(x_row, b_ptr, cols, own, inv_temp, cap, HAS_BIAS)
-        tl.store(slope_ptr + row * stride_z + offs, tl.where(own, slope, 0.0), mask=ok)
-    else:
-        z = load_logits(x_row, b_ptr, cols, own, inv_temp, HAS_BIAS)
-    z = tl.where(own, z, 0.0)
+    z = id_logits(x_row, b_ptr, cols, own, ok, slope_ptr + row * stride_z + offs, inv_temp, cap, HAS_BIAS, HAS_CAP)
     tl.store(zid_ptr + row * stride_z + offs, z, mask=ok)
     if HAS_TARGET:
         y = tl.load(y_ptr + row)
