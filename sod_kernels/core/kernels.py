@@ -69,6 +69,12 @@ def load_capped_logits_slope(x_ptr, b_ptr, cols, ok, inv_temp, cap, HAS_BIAS: tl
     x = tl.load(x_ptr + cols, mask=ok, other=0.0)
     if HAS_BIAS:
         x += tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    return capped_and_slope(x, inv_temp, cap)
+
+
+@triton.jit
+def capped_and_slope(x, inv_temp, cap):
+    """``(cap tanh(x / cap) / tau, 1 - tanh(x / cap)^2)`` of raw logits ``x`` already loaded (float32)."""
     t, e = tanh_parts(x * (1.0 / cap))
     one_e = 1.0 + e
     return (cap * t) * inv_temp, 4.0 * e / (one_e * one_e)

@@ -34,8 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..core.kernels import (GRAD_BLOCK_V, INTERPRETER_BLOCK_V, NUM_WARPS, cap_arg, interpreting, load_capped_logits,
-                            load_capped_logits_slope, load_logits, merge_row_partials, tanh_parts)
+from ..core.kernels import (GRAD_BLOCK_V, INTERPRETER_BLOCK_V, NUM_WARPS, cap_arg, capped_and_slope, interpreting,
+                            load_capped_logits, load_capped_logits_slope, load_logits, merge_row_partials)
 
 ID_BLOCK = 128            # ids per program of the gather / scatter kernels
 INTERPRETER_ID_BLOCK = 8  # under the interpreter: small blocks so that tests cross block edges
@@ -449,10 +449,7 @@ def sparse_tail_fill_kernel(x_ptr, b_ptr, grad_ptr, row_ptr, w_ptr, y_ptr, vocab
     if HAS_BIAS:
         x += tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
     if HAS_CAP:
-        t, e = tanh_parts(x * (1.0 / cap))
-        z = (cap * t) * inv_temp
-        one_e = 1.0 + e
-        slope = 4.0 * e / (one_e * one_e)
+        z, slope = capped_and_slope(x, inv_temp, cap)
     else:
         z = x * inv_temp
     c = (tl.load(w_ptr + row) * grad_scale) * tl.load(row_ptr + plane_row + row)
@@ -490,10 +487,7 @@ def sparse_tail_fill_colsum_kernel(x_ptr, b_ptr, grad_ptr, row_ptr, w_ptr, y_ptr
         at_ids = m2 & (x == float("-inf"))
         x = x + bias[None, :]
         if HAS_CAP:
-            t, e = tanh_parts(x * (1.0 / cap))
-            z = (cap * t) * inv_temp
-            one_e = 1.0 + e
-            slope = 4.0 * e / (one_e * one_e)
+            z, slope = capped_and_slope(x, inv_temp, cap)
         else:
             z = x * inv_temp
         c = (tl.load(w_ptr + r, mask=okr, other=0.0) * grad_scale) * tl.load(row_ptr + plane_row + r, mask=okr,
