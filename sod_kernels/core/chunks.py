@@ -52,6 +52,9 @@ LARGE_ROW_MULTIPLE = 128  # ... and multiples of this above it (whole tensor-cor
 # (1 .. MAX_FOLD_ROWS); more rows, fewer accumulator passes, one more 16-bit C x V block per extra chunk.
 DEFAULT_FOLD_ROWS = 1024
 MAX_FOLD_ROWS = 4096
+# d(bias) of folded blocks as one product ``d(logits)^T @ ones`` per fold (one launch) instead of a column sum and an
+# add (two launches).
+BIAS_BY_PRODUCT = True
 
 
 @dataclass(frozen=True)
@@ -215,8 +218,10 @@ class GradAccumulator:
         self._grad = None                                           # allocated at the first block
         self._cols = block_cols if block_cols is not None else head.vocab
         self._pending = 0                                           # rows of d(logits) not yet in d(weight)
-        self._pending_hidden = torch.empty(self._capacity, h.shape[1], dtype=h.dtype, device=h.device) \
-            if group > 1 else None
+        self._folding = group > 1
+        self._pending_hidden = None                                 # [capacity, H] gathered rows (made lazily)
+        self._view_start = None  # pending hidden rows are hidden[_view_start : + _pending] (no copy), or None
+        self._ones = None        # [capacity, 1] ones: d(bias) as one product per fold
 
     @property
     def active(self) -> bool:
@@ -228,11 +233,70 @@ class GradAccumulator:
         if self._grad is None:
             self._grad = torch.empty(self._capacity * self._cols, dtype=self.head.hidden.dtype,
                                      device=self.head.hidden.device)
-        if self._pending_hidden is None:
+        if not self._folding:
             return self._grad[: n * width].view(n, width)
+        self._reserve(n)
+        return self._grad[self._pending * width: (self._pending + n) * width].view(n, width)
+
+    def _reserve(self, n: int) -> None:
+        """Fold the pending blocks first if ``n`` more rows would not fit."""
         if self._pending + n > self._capacity:
             self._flush()
-        return self._grad[self._pending * width: (self._pending + n) * width].view(n, width)
+
+    def _pending_buffer(self) -> torch.Tensor:
+        h = self.head.hidden
+        if self._pending_hidden is None:
+            self._pending_hidden = torch.empty(self._capacity, h.shape[1], dtype=h.dtype, device=h.device)
+        return self._pending_hidden
+
+    def hidden_rows(self, rows: torch.Tensor | slice, start: int, stop: int) -> torch.Tensor:
+        """The student hidden rows ``[stop - start, H]`` of the next block (distilled rows ``[start, stop)``, selected
+        by ``rows`` as :func:`row_selector` gives them), ready for :meth:`add`: a view for a slice; for an index
+        tensor gathered straight into the d(weight) fold buffer when folding (so :meth:`add` copies nothing),
+        else one gather.  Call it before :meth:`grad_block` of the same block."""
+        h = self.head.hidden
+        if isinstance(rows, slice):
+            return h[rows]
+        if self.d_weight is None or not self._folding:
+            return h.index_select(0, rows)
+        n = stop - start
+        self._reserve(n)
+        self._materialize_view()
+        return torch.index_select(h, 0, rows, out=self._pending_buffer()[self._pending: self._pending + n])
+
+    def _is_hidden_view(self, hidden_rows: torch.Tensor, start: int, stop: int) -> bool:
+        """Whether ``hidden_rows`` is the view ``hidden[start:stop]`` (contiguous rows: no copy needed)."""
+        h = self.head.hidden
+        return (self.contiguous and hidden_rows.dtype == h.dtype and hidden_rows.dim() == 2 and
+                hidden_rows.shape[0] == stop - start and hidden_rows.shape[1] == h.shape[1] and
+                hidden_rows.stride() == h.stride() and stop > start and
+                hidden_rows.data_ptr() == h.data_ptr() + start * h.stride(0) * h.element_size())
+
+    def _materialize_view(self) -> None:
+        """Copy pending rows that are still a view of ``hidden`` into the fold buffer (a block that is not the
+        next contiguous view arrived)."""
+        if self._view_start is not None:
+            if self._pending:
+                a = self._view_start
+                self._pending_buffer()[: self._pending] = self.head.hidden[a: a + self._pending]
+            self._view_start = None
+
+    def _stage_hidden(self, hidden_rows: torch.Tensor, start: int, stop: int) -> None:
+        """Record the hidden rows of a pending block: nothing to do for the next contiguous view of ``hidden``
+        or for rows :meth:`hidden_rows` already gathered into place; else one copy."""
+        n = stop - start
+        if self._pending == 0 and self._is_hidden_view(hidden_rows, start, stop):
+            self._view_start = start
+        elif self._view_start is not None and start == self._view_start + self._pending and \
+                self._is_hidden_view(hidden_rows, start, stop):
+            pass
+        else:
+            self._materialize_view()
+            slot = self._pending_buffer()[self._pending: self._pending + n]
+            if not (hidden_rows.data_ptr() == slot.data_ptr() and hidden_rows.shape == slot.shape and
+                    hidden_rows.stride() == slot.stride() and hidden_rows.dtype == slot.dtype):
+                slot.copy_(hidden_rows)
+        self._pending += n
 
     def add(self, d_logits: torch.Tensor, start: int, stop: int, hidden_rows: torch.Tensor,
             columns: slice | None = None) -> None:
@@ -253,10 +317,9 @@ class GradAccumulator:
                 if self._slice != cols:
                     raise ValueError("GradAccumulator.add: call begin_slice(columns) before adding a slice's blocks")
                 _accumulate_product(self._slice_acc, d_logits.T, hidden_rows)
-            elif self._pending_hidden is not None:  # folded with the next chunk's block by _flush
-                n = stop - start
-                self._pending_hidden[self._pending: self._pending + n] = hidden_rows
-                self._pending += n
+            elif self._folding:  # folded with the next chunks' blocks by _flush (d(bias) too)
+                self._stage_hidden(hidden_rows, start, stop)
+                return
             else:
                 _accumulate_product(self.d_weight, d_logits.T, hidden_rows)
         if self.d_bias is not None:
@@ -266,9 +329,26 @@ class GradAccumulator:
         """``d(weight) += [pending d(logits)]^T [pending hidden rows]`` in one product."""
         if self._pending:
             n = self._pending
-            _accumulate_product(self.d_weight, self._grad[: n * self._cols].view(n, self._cols).T,
-                                self._pending_hidden[:n])
-            self._pending = 0
+            grad = self._grad[: n * self._cols].view(n, self._cols)
+            if self._view_start is not None:
+                hidden = self.head.hidden[self._view_start: self._view_start + n]
+            else:
+                hidden = self._pending_buffer()[:n]
+            _accumulate_product(self.d_weight, grad.T, hidden)
+            if self.d_bias is not None:
+                self._fold_bias(grad)
+            self._pending, self._view_start = 0, None
+
+    def _fold_bias(self, grad: torch.Tensor) -> None:
+        """``d(bias) += colsum(grad)`` for the pending rows: one product ``grad^T @ ones`` (float32 accumulation,
+        a fixed order) with ``BIAS_BY_PRODUCT``, else a column sum and an add (two launches)."""
+        if not BIAS_BY_PRODUCT:
+            self.d_bias += grad.sum(0, dtype=torch.float32)
+            return
+        n = grad.shape[0]
+        if self._ones is None:
+            self._ones = torch.ones(self._capacity, 1, dtype=grad.dtype, device=grad.device)
+        _accumulate_product(self.d_bias.view(-1, 1), grad.T, self._ones[:n])
 
     def begin_slice(self, columns: slice) -> None:
         """Start the blocks of one vocabulary slice (sliced mode): a float32 d(weight) accumulator for it."""
@@ -287,7 +367,7 @@ class GradAccumulator:
         """``(d_hidden [N, H], d_weight [Vw, H], d_bias [Vw])`` in the inputs' dtypes (None where not needed)."""
         if self.d_weight is not None and not self.sliced:
             self._flush()
-        self._grad = self._pending_hidden = None
+        self._grad = self._pending_hidden = self._ones = None
         h, w, b = self.head.hidden, self.head.weight, self.head.bias
         d_hidden = d_weight = d_bias = None
         if self.d_hidden is not None:

@@ -41,7 +41,7 @@ import triton.language as tl
 
 from ..core.kernels import (GRAD_BLOCK_V, INTERPRETER_BLOCK_V, NUM_WARPS, STATS_BLOCK_V, bias_arg, cap_arg,
                             interpreting, load_capped_logits, load_capped_logits_slope, load_logits, vocab_splits)
-from .kernels import KLRowStats, add_hard_label, hard_args
+from .kernels import KLRowStats, add_hard_label, hard_args, merge_kl_splits
 
 NUM_JSD_PARTIALS = 4
 
@@ -76,19 +76,33 @@ def mixture_log_gaps(ls, lt, log_beta, log_one_minus_beta):
 
 
 @triton.jit
-def jsd_partial_sums_kernel(xs_ptr, xt_ptr, sb_ptr, tb_ptr, lse_s_ptr, lse_t_ptr, part_ptr, n_rows, vocab,
-                            stride_xs, stride_xt, cols_per_split, num_splits, inv_temp, scap, tcap, log_beta,
-                            log_one_minus_beta, HAS_SBIAS: tl.constexpr, HAS_TBIAS: tl.constexpr,
-                            BLOCK_V: tl.constexpr, HAS_SCAP: tl.constexpr, HAS_TCAP: tl.constexpr):
+def jsd_partial_sums_kernel(xs_ptr, xt_ptr, sb_ptr, tb_ptr, lse_s_ptr, lse_t_ptr, part_ptr, stats_ptr, max_s_ptr,
+                            max_t_ptr, n_rows, vocab, stride_xs, stride_xt, cols_per_split, num_splits, inv_temp, scap,
+                            tcap, log_beta, log_one_minus_beta, HAS_SBIAS: tl.constexpr, HAS_TBIAS: tl.constexpr,
+                            BLOCK_V: tl.constexpr, HAS_SCAP: tl.constexpr, HAS_TCAP: tl.constexpr,
+                            MERGE_STATS: tl.constexpr):
     """``part [4, n_rows, num_splits]`` float32 <- ``(sum p_t (lt - log M), sum p_s (ls - log M), sum p_t,
     sum p_s)`` over the columns of one (row, split); ``lse_s``, ``lse_t`` ``[n_rows]`` float32 are the rows'
-    log-sum-exps (the masses let the merge normalize by the probabilities as computed)."""
+    log-sum-exps (the masses let the merge normalize by the probabilities as computed).  With ``MERGE_STATS``
+    every program merges its row's reverse-KL statistics partials ``stats [5, n_rows, num_splits]`` itself
+    (:func:`sod_kernels.dense.kernels.merge_kl_splits`, ``O(num_splits)`` loads: no separate merge launch) and
+    the split-0 program writes ``lse_s``, ``lse_t``, ``max_s``, ``max_t`` of the row (outputs then)."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     xs_row = xs_ptr + row.to(tl.int64) * stride_xs
     xt_row = xt_ptr + row.to(tl.int64) * stride_xt
-    lse_s = tl.load(lse_s_ptr + row)
-    lse_t = tl.load(lse_t_ptr + row)
+    if MERGE_STATS:
+        big_s, sum_s, big_t, sum_t, _ = merge_kl_splits(stats_ptr, row, row < n_rows, n_rows, num_splits)
+        lse_s = big_s + tl.log(sum_s)
+        lse_t = big_t + tl.log(sum_t)
+        first = split == 0
+        tl.store(lse_s_ptr + row, lse_s, mask=first)
+        tl.store(lse_t_ptr + row, lse_t, mask=first)
+        tl.store(max_s_ptr + row, big_s, mask=first)
+        tl.store(max_t_ptr + row, big_t, mask=first)
+    else:
+        lse_s = tl.load(lse_s_ptr + row)
+        lse_t = tl.load(lse_t_ptr + row)
     v_begin = split * cols_per_split
     offs = tl.arange(0, BLOCK_V)
     acc_t = tl.zeros([BLOCK_V], dtype=tl.float32)
@@ -156,23 +170,38 @@ def _beta_args(beta: float) -> tuple[float, float]:
 def jsd_partials(xs: torch.Tensor, xt: torch.Tensor, student_bias: torch.Tensor | None,
                  teacher_bias: torch.Tensor | None, lse_s: torch.Tensor, lse_t: torch.Tensor, *, beta: float,
                  temperature: float, student_softcap: float | None = None,
-                 teacher_softcap: float | None = None) -> torch.Tensor:
+                 teacher_softcap: float | None = None, merge_stats: tuple | None = None) -> torch.Tensor:
     """Partial sums ``[4, C, splits]`` float32 (``S_t``, ``c`` unnormalized, and the masses ``sum p_t``,
     ``sum p_s``; see the module docstring) of the logit blocks
     ``xs``, ``xt`` (``[C, V]`` float32, unit column stride) given the rows' ``lse_s``, ``lse_t`` (``[C]``
     float32, over the whole vocabulary); biases ``[V]`` or None.  Partials of several column slices of the same
-    rows may be concatenated along the last dimension before :func:`jsd_row_stats`."""
+    rows may be concatenated along the last dimension before :func:`jsd_row_stats`.
+
+    ``merge_stats = (part [5, C, splits], max_s [C], max_t [C])``: the kernel merges the reverse-KL statistics
+    partials of the same blocks (:func:`sod_kernels.dense.kernels.kl_partials`) itself and *writes* ``lse_s``,
+    ``lse_t``, ``max_s``, ``max_t`` (float32 ``[C]`` views, unit stride) instead of reading the ``lse`` values: the
+    single pass's JSD chunk then needs no merge launch between its statistics and this kernel."""
     n_rows, vocab = xs.shape
     log_beta, log_one_minus_beta = _beta_args(beta)
     block, cols_per_split, splits = vocab_splits(n_rows, vocab)
     part = torch.empty((NUM_JSD_PARTIALS, n_rows, splits), dtype=torch.float32, device=xs.device)
+    merge = merge_stats is not None
+    if merge:
+        stats_part, max_s, max_t = merge_stats
+        if stats_part.shape != (5, n_rows, splits):
+            raise ValueError(f"merge_stats: statistics partials of shape {tuple(stats_part.shape)}, expected "
+                             f"{(5, n_rows, splits)}")
+    else:
+        lse_s, lse_t = lse_s.contiguous(), lse_t.contiguous()
+        stats_part = max_s = max_t = part
     if n_rows:
         jsd_partial_sums_kernel[(n_rows, splits)](
-            xs, xt, bias_arg(student_bias, xs), bias_arg(teacher_bias, xt), lse_s.contiguous(), lse_t.contiguous(),
-            part, n_rows, vocab, xs.stride(0), xt.stride(0), cols_per_split, splits, 1.0 / temperature,
+            xs, xt, bias_arg(student_bias, xs), bias_arg(teacher_bias, xt), lse_s, lse_t, part, stats_part, max_s,
+            max_t, n_rows, vocab, xs.stride(0), xt.stride(0), cols_per_split, splits, 1.0 / temperature,
             cap_arg(student_softcap), cap_arg(teacher_softcap), log_beta, log_one_minus_beta,
             HAS_SBIAS=student_bias is not None, HAS_TBIAS=teacher_bias is not None, BLOCK_V=block,
-            HAS_SCAP=student_softcap is not None, HAS_TCAP=teacher_softcap is not None, num_warps=NUM_WARPS)
+            HAS_SCAP=student_softcap is not None, HAS_TCAP=teacher_softcap is not None, MERGE_STATS=merge,
+            num_warps=NUM_WARPS)
     return part
 
 
@@ -222,10 +251,11 @@ def codegen_specs() -> list[dict]:
         specs.append({
             "name": f"jsd_partial_sums_kernel[{tag} bv{STATS_BLOCK_V}]", "fn": jsd_partial_sums_kernel,
             "signature": {"xs_ptr": "*fp32", "xt_ptr": "*fp32", "sb_ptr": "*bf16", "tb_ptr": "*bf16",
-                          "lse_s_ptr": "*fp32", "lse_t_ptr": "*fp32", "part_ptr": "*fp32", "n_rows": "i32",
+                          "lse_s_ptr": "*fp32", "lse_t_ptr": "*fp32", "part_ptr": "*fp32", "stats_ptr": "*fp32",
+                          "max_s_ptr": "*fp32", "max_t_ptr": "*fp32", "n_rows": "i32",
                           "vocab": "i32", "stride_xs": "i32", "stride_xt": "i32", "cols_per_split": "i32",
                           "num_splits": "i32", **scalars},
-            "constexprs": {**switches, "BLOCK_V": STATS_BLOCK_V},
+            "constexprs": {**switches, "BLOCK_V": STATS_BLOCK_V, "MERGE_STATS": capped},
             "num_warps": NUM_WARPS, "num_stages": 1, "expect_hgmma": False,
             "divisible_by_16": ["vocab", "stride_xs", "stride_xt", "cols_per_split"],
         })

@@ -138,6 +138,177 @@ def kl_logit_grad_kernel(xs_ptr, xt_ptr, sb_ptr, tb_ptr, grad_ptr, max_s_ptr, ls
     tl.store(grad_ptr + row.to(tl.int64) * stride_g + cols, g.to(grad_ptr.dtype.element_ty), mask=ok)
 
 
+
+# ------------------------------------------------------------------------------------------- row finish
+# Rows per block of the row-finish kernel: one program walks a chunk's rows in blocks of this many (512 rows: two
+# per thread at 8 warps); under the interpreter tiny blocks, so small tests cross block boundaries.
+FINISH_BLOCK_R = 512
+INTERPRETER_FINISH_BLOCK_R = 8
+FINISH_NUM_WARPS = 8
+WEIGHTS_NONE, WEIGHTS_GIVEN, WEIGHTS_STEPS = 0, 1, 2
+
+
+@triton.jit
+def merge_kl_splits(part_ptr, rows, ok, n_rows, num_splits):
+    """Merge the ``[5, n_rows, num_splits]`` partials (m_w, l_w, m_o, l_o, A') of ``rows`` (a scalar or a
+    vector, masked by ``ok``) over the splits in a fixed order: ``(M_w, L_w, M_o, L_o, A)`` with the maxima
+    ``M`` over the splits, the sums ``L = sum_s l_s exp(m_s - M)`` and the accumulator re-framed to the
+    common maxima, ``A = sum_s exp(m_w,s - M_w) (A'_s + l_w,s ((m_w,s - M_w) - (m_o,s - M_o)))``."""
+    plane = n_rows * num_splits
+    base = part_ptr + rows * num_splits
+    big_w = tl.load(base, mask=ok, other=0.0)
+    big_o = tl.load(base + 2 * plane, mask=ok, other=0.0)
+    for s in range(1, num_splits):
+        big_w = tl.maximum(big_w, tl.load(base + s, mask=ok, other=0.0))
+        big_o = tl.maximum(big_o, tl.load(base + 2 * plane + s, mask=ok, other=0.0))
+    sum_w = big_w * 0.0
+    sum_o = big_w * 0.0
+    acc = big_w * 0.0
+    for s in range(0, num_splits):
+        shift_w = tl.load(base + s, mask=ok, other=0.0) - big_w
+        shift_o = tl.load(base + 2 * plane + s, mask=ok, other=0.0) - big_o
+        l_w = tl.load(base + plane + s, mask=ok, other=0.0)
+        scale_w = tl.exp(shift_w)
+        sum_w += l_w * scale_w
+        sum_o += tl.load(base + 3 * plane + s, mask=ok, other=0.0) * tl.exp(shift_o)
+        acc += scale_w * (tl.load(base + 4 * plane + s, mask=ok, other=0.0) + l_w * (shift_w - shift_o))
+    return big_w, sum_w, big_o, sum_o, acc
+
+
+@triton.jit
+def step_mean(prefix_ptr, bounds_ptr, step, chunk_start, ok):
+    """``d_k`` (float64) of the steps ``step`` of a chunk of whole steps: ``(P[b1] - P[b0]) / (b1 - b0)`` with the
+    chunk's prefix sums ``P`` of the clamped signal and the step's bounds relative to the chunk start."""
+    b0 = tl.load(bounds_ptr + step, mask=ok, other=0) - chunk_start
+    b1 = tl.load(bounds_ptr + step + 1, mask=ok, other=1) - chunk_start
+    total = tl.load(prefix_ptr + b1, mask=ok, other=0.0) - tl.load(prefix_ptr + b0, mask=ok, other=0.0)
+    return total / (b1 - b0).to(tl.float64), b0
+
+
+@triton.jit
+def kl_row_finish_kernel(part_ptr, jpart_ptr, num_splits, xs_ptr, xt_ptr, sb_ptr, tb_ptr, y_ptr, stride_xs, stride_xt,
+                         d_ptr, lse_s_ptr, lse_t_ptr, frame_ptr, frame_plane, lp_s_ptr, lp_t_ptr, w_ptr, step_ptr,
+                         bounds_ptr, first_ptr, means_ptr, prefix_ptr, params_ptr, scale_ptr, slot_ptr, slot_plane,
+                         n_rows, chunk_start, chunk_step0, inv_temp, scap, tcap, beta,
+                         FORWARD_KL: tl.constexpr, JSD: tl.constexpr, HAS_TARGETS: tl.constexpr,
+                         SAMPLED_SIGNAL: tl.constexpr, HAS_HARD: tl.constexpr, WEIGHTS: tl.constexpr,
+                         HAS_SBIAS: tl.constexpr, HAS_TBIAS: tl.constexpr, HAS_SCAP: tl.constexpr,
+                         HAS_TCAP: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Everything a chunk needs between its statistics and its ``d(logits)``, in one program (grid ``(1,)``).
+
+    Pointers at the chunk's first row: ``d, lse_s, lse_t, lp_s, lp_t [n_rows]``, ``frame [3, .]`` (plane stride
+    ``frame_plane``: max_s, max_t, centre), ``y [n_rows]`` (targets), ``w [n_rows]`` (given weights),
+    ``step [n_rows]`` (step ordinals), ``scale [n_rows]`` (out: the rows' ``w * grad_scale`` for the gradient
+    kernel), ``slot`` (out: the chunk's ``sum w D`` and ``sum -lp_s``, float64, plane stride ``slot_plane``).
+    Whole-call tensors: ``bounds [S + 1]``, ``first [S]`` (ordinal of each step's sequence's first step),
+    ``means [S]`` float64 (the step means: read for first steps of earlier chunks, written for this chunk's),
+    ``params`` float64 ``(epsilon, delta, grad_scale)``, ``prefix [n_rows + 1]`` float64 scratch.
+    KL: merges the statistics kernel's ``part [5, n_rows, num_splits]``; JSD: ``lse_s``, ``lse_t`` and the
+    frame's maxima were written by the JSD partial kernel, which leaves ``jpart [4, n_rows, num_splits]`` here.
+    """
+    offs = tl.arange(0, BLOCK_R)
+    zero64 = tl.zeros([BLOCK_R], dtype=tl.float64)
+    soft = tl.sum(zero64, axis=0)
+    hard = tl.sum(zero64, axis=0)
+    carry = tl.sum(zero64, axis=0)
+    grad_scale = tl.load(params_ptr + 2)
+    if WEIGHTS == 2:
+        tl.store(prefix_ptr, carry)
+    for r0 in range(0, n_rows, BLOCK_R):
+        rows = r0 + offs
+        ok = rows < n_rows
+        if JSD:
+            lse_s = tl.load(lse_s_ptr + rows, mask=ok, other=0.0)
+            lse_t = tl.load(lse_t_ptr + rows, mask=ok, other=0.0)
+            plane = n_rows * num_splits
+            base = jpart_ptr + rows * num_splits
+            s_t = tl.zeros([BLOCK_R], dtype=tl.float32)
+            s_s = tl.zeros([BLOCK_R], dtype=tl.float32)
+            mass_t = tl.zeros([BLOCK_R], dtype=tl.float32)
+            mass_s = tl.zeros([BLOCK_R], dtype=tl.float32)
+            for s in range(0, num_splits):
+                s_t += tl.load(base + s, mask=ok, other=0.0)
+                s_s += tl.load(base + plane + s, mask=ok, other=0.0)
+                mass_t += tl.load(base + 2 * plane + s, mask=ok, other=1.0)
+                mass_s += tl.load(base + 3 * plane + s, mask=ok, other=1.0)
+            centre = s_s / mass_s
+            D = beta * (s_t / mass_t) + (1.0 - beta) * centre
+        else:
+            big_w, sum_w, big_o, sum_o, acc = merge_kl_splits(part_ptr, rows, ok, n_rows, num_splits)
+            sum_w = tl.where(ok, sum_w, 1.0)
+            sum_o = tl.where(ok, sum_o, 1.0)
+            centre = acc / sum_w
+            log_w = tl.log(sum_w)
+            log_o = tl.log(sum_o)
+            D = centre - log_w + log_o
+            if FORWARD_KL:
+                lse_s = big_o + log_o
+                lse_t = big_w + log_w
+                max_s = big_o
+                max_t = big_w
+            else:
+                lse_s = big_w + log_w
+                lse_t = big_o + log_o
+                max_s = big_w
+                max_t = big_o
+            tl.store(lse_s_ptr + rows, lse_s, mask=ok)
+            tl.store(lse_t_ptr + rows, lse_t, mask=ok)
+            tl.store(frame_ptr + rows, max_s, mask=ok)
+            tl.store(frame_ptr + frame_plane + rows, max_t, mask=ok)
+        tl.store(frame_ptr + 2 * frame_plane + rows, centre, mask=ok)
+        tl.store(d_ptr + rows, D, mask=ok)
+        if HAS_TARGETS:
+            y = tl.load(y_ptr + rows, mask=ok, other=0)
+            zs = load_capped_logits(xs_ptr + rows.to(tl.int64) * stride_xs, sb_ptr, y, ok, inv_temp, scap, HAS_SBIAS,
+                                    HAS_SCAP)
+            zt = load_capped_logits(xt_ptr + rows.to(tl.int64) * stride_xt, tb_ptr, y, ok, inv_temp, tcap, HAS_TBIAS,
+                                    HAS_TCAP)
+            lp_s = zs - lse_s
+            lp_t = zt - lse_t
+            tl.store(lp_s_ptr + rows, lp_s, mask=ok)
+            tl.store(lp_t_ptr + rows, lp_t, mask=ok)
+            if HAS_HARD:
+                hard += tl.sum(tl.where(ok, -lp_s.to(tl.float64), 0.0), axis=0)
+        if WEIGHTS == 2:
+            if SAMPLED_SIGNAL:
+                signal = tl.abs(lp_s - lp_t)
+            else:
+                signal = D
+            x = tl.where(ok, tl.maximum(signal.to(tl.float64), 0.0), 0.0)
+            csum = tl.cumsum(x, axis=0) + carry
+            tl.store(prefix_ptr + 1 + rows, csum, mask=ok)
+            carry = tl.sum(tl.where(offs == BLOCK_R - 1, csum, 0.0), axis=0)
+        else:
+            if WEIGHTS == 1:
+                w = tl.load(w_ptr + rows, mask=ok, other=0.0).to(tl.float64)
+            else:
+                w = zero64 + 1.0
+            soft += tl.sum(tl.where(ok, w * D.to(tl.float64), 0.0), axis=0)
+            tl.store(scale_ptr + rows, (w * grad_scale).to(tl.float32), mask=ok)
+    if WEIGHTS == 2:
+        tl.debug_barrier()  # the prefix sums written above are read by other threads below
+        epsilon = tl.load(params_ptr)
+        cap = 1.0 + tl.load(params_ptr + 1)
+        for r0 in range(0, n_rows, BLOCK_R):
+            rows = r0 + offs
+            ok = rows < n_rows
+            step = tl.load(step_ptr + rows, mask=ok, other=0)
+            d_k, b0 = step_mean(prefix_ptr, bounds_ptr, step, chunk_start, ok)
+            first = tl.load(first_ptr + step, mask=ok, other=0)
+            inside = first >= chunk_step0
+            d_1_here, _ = step_mean(prefix_ptr, bounds_ptr, first, chunk_start, ok & inside)
+            d_1_before = tl.load(means_ptr + first, mask=ok & (first < chunk_step0), other=0.0)
+            d_1 = tl.where(inside, d_1_here, d_1_before)
+            w = tl.minimum((d_1 + epsilon) / (d_k + epsilon), cap)
+            w = tl.where(first == step, 1.0, w)
+            tl.store(means_ptr + step, d_k, mask=ok & (rows == b0))
+            D = tl.load(d_ptr + rows, mask=ok, other=0.0)
+            soft += tl.sum(tl.where(ok, w * D.to(tl.float64), 0.0), axis=0)
+            tl.store(scale_ptr + rows, (w * grad_scale).to(tl.float32), mask=ok)
+    tl.store(slot_ptr, soft)
+    tl.store(slot_ptr + slot_plane, hard)
+
+
 class KLRowStats(NamedTuple):
     """Per-row statistics of one chunk (each ``[C]`` float32).
 
@@ -230,6 +401,84 @@ def kl_logit_grad(xs: torch.Tensor, xt: torch.Tensor, student_bias: torch.Tensor
     return out
 
 
+class RowOutputs(NamedTuple):
+    """Where :func:`kl_row_finish` writes a chunk's per-row results: views of the call's ``[Na]`` float32 buffers
+    starting at the chunk's first row (no copies): ``D``, ``lse_s``, ``lse_t``, ``frame`` (``[3, .]``: max_s,
+    max_t, centre), and the sampled log-probs ``lp_s``, ``lp_t`` (None without targets)."""
+
+    D: torch.Tensor
+    lse_s: torch.Tensor
+    lse_t: torch.Tensor
+    frame: torch.Tensor
+    lp_s: torch.Tensor | None
+    lp_t: torch.Tensor | None
+
+
+class ChunkWeightArgs(NamedTuple):
+    """How :func:`kl_row_finish` forms the weights of a chunk's rows.
+
+    mode: ``WEIGHTS_NONE`` (every weight 1), ``WEIGHTS_GIVEN`` (``given [C]`` float32 at the chunk) or
+    ``WEIGHTS_STEPS`` (a chunk of whole steps: ``step [C]`` int64 step ordinals of its rows, the call's
+    ``bounds [S + 1]`` int64 step start positions (``Na`` last), ``first_step [S]`` int64 ordinal of each step's
+    sequence's first step, ``means [S]`` float64 step means buffer, ``chunk_start`` the chunk's first row,
+    ``chunk_step0`` its first step's ordinal, ``prefix`` a float64 scratch of at least ``C + 1`` entries).
+    ``params``: float64 ``[3]`` ``(epsilon, delta, grad_scale)`` (``grad_scale`` = ``dL/d(w D) / tau``)."""
+
+    mode: int
+    params: torch.Tensor
+    given: torch.Tensor | None = None
+    step: torch.Tensor | None = None
+    bounds: torch.Tensor | None = None
+    first_step: torch.Tensor | None = None
+    means: torch.Tensor | None = None
+    prefix: torch.Tensor | None = None
+    chunk_start: int = 0
+    chunk_step0: int = 0
+
+
+def kl_row_finish(part: torch.Tensor, jsd_part: torch.Tensor | None, xs: torch.Tensor, xt: torch.Tensor,
+                  student_bias: torch.Tensor | None, teacher_bias: torch.Tensor | None, targets: torch.Tensor | None,
+                  out: RowOutputs, weights: ChunkWeightArgs, scale: torch.Tensor, slot: torch.Tensor, *,
+                  forward_kl: bool, temperature: float, student_softcap: float | None = None,
+                  teacher_softcap: float | None = None, jsd: bool = False, beta: float = 0.5,
+                  sampled_signal: bool = False, hard: bool = False) -> None:
+    """One launch (grid ``(1,)``) that finishes a chunk of ``C`` rows after its statistics kernel.
+
+    Merges the split partials (``part [5, C, S]`` of :func:`kl_partials`; for the JSD ``jsd_part [4, C, S]`` of
+    :func:`sod_kernels.dense.jsd_kernels.jsd_partials` with ``merge_stats``, which already wrote ``lse`` values and
+    maxima), writes ``D``, ``lse`` values, frame and the sampled log-probs (``targets [C]`` int32, gathered from the
+    float32 blocks ``xs``, ``xt`` with bias, cap and ``1/tau``) into ``out``, forms the rows' weights
+    (``weights``), writes ``scale [C]`` float32 (``w * grad_scale``, the gradient kernel's per-row factor) and
+    ``slot`` (a ``[2]`` float64 column of the call's ``[2, chunks]`` slots, plane stride ``slot.stride(0)``):
+    ``sum w D`` and, with ``hard``, ``sum -lp_s``, both in a fixed order (deterministic, no atomics).
+    ``sampled_signal``: step means of ``|lp_s - lp_t|`` instead of ``D``.
+
+    Cost: ``O(C S)`` floats read and ``O(C)`` written, one program (``C / BLOCK_R`` sequential blocks, about
+    10 us at 512 rows): it replaces the ~30-60 tensor operations (launches) per chunk of a torch epilogue.
+    """
+    n_rows = xs.shape[0]
+    if not n_rows:
+        return
+    splits = part.shape[2]
+    block = INTERPRETER_FINISH_BLOCK_R if interpreting() else FINISH_BLOCK_R
+    f32 = out.D
+    w = weights
+    steps = w.mode == WEIGHTS_STEPS
+    kl_row_finish_kernel[(1,)](
+        part, jsd_part if jsd_part is not None else part, splits, xs, xt, bias_arg(student_bias, xs),
+        bias_arg(teacher_bias, xt), targets if targets is not None else f32, xs.stride(0), xt.stride(0),
+        out.D, out.lse_s, out.lse_t, out.frame, out.frame.stride(0),
+        out.lp_s if out.lp_s is not None else f32, out.lp_t if out.lp_t is not None else f32,
+        w.given if w.mode == WEIGHTS_GIVEN else f32, w.step if steps else f32, w.bounds if steps else f32,
+        w.first_step if steps else f32, w.means if steps else w.params, w.prefix if steps else w.params, w.params,
+        scale, slot, slot.stride(0), n_rows, int(w.chunk_start), int(w.chunk_step0), 1.0 / temperature,
+        cap_arg(student_softcap), cap_arg(teacher_softcap), float(beta),
+        FORWARD_KL=forward_kl, JSD=jsd, HAS_TARGETS=targets is not None, SAMPLED_SIGNAL=sampled_signal,
+        HAS_HARD=hard, WEIGHTS=w.mode, HAS_SBIAS=student_bias is not None, HAS_TBIAS=teacher_bias is not None,
+        HAS_SCAP=student_softcap is not None, HAS_TCAP=teacher_softcap is not None, BLOCK_R=block,
+        num_warps=FINISH_NUM_WARPS)
+
+
 def codegen_specs() -> list[dict]:
     """The two kernels at the headline launch (bf16 gradient blocks, with biases), plus the reverse-KL pair
     with both soft-caps and the hard-label term on, for ``benchmarks.codegen`` (sm_90 compile check:
@@ -260,5 +509,29 @@ def codegen_specs() -> list[dict]:
             "constexprs": {**switches, "BLOCK_V": GRAD_BLOCK_V, "HAS_HARD": capped},
             "num_warps": NUM_WARPS, "num_stages": 1, "expect_hgmma": False,
             "divisible_by_16": ["vocab", "stride_xs", "stride_xt", "stride_g"],
+        })
+    finish = {"part_ptr": "*fp32", "jpart_ptr": "*fp32", "num_splits": "i32", "xs_ptr": "*fp32", "xt_ptr": "*fp32",
+              "sb_ptr": "*bf16", "tb_ptr": "*bf16", "y_ptr": "*i32", "stride_xs": "i32", "stride_xt": "i32",
+              "d_ptr": "*fp32", "lse_s_ptr": "*fp32", "lse_t_ptr": "*fp32", "frame_ptr": "*fp32", "frame_plane": "i32",
+              "lp_s_ptr": "*fp32", "lp_t_ptr": "*fp32", "w_ptr": "*fp32", "step_ptr": "*i64", "bounds_ptr": "*i64",
+              "first_ptr": "*i64", "means_ptr": "*fp64", "prefix_ptr": "*fp64", "params_ptr": "*fp64",
+              "scale_ptr": "*fp32", "slot_ptr": "*fp64", "slot_plane": "i32", "n_rows": "i32", "chunk_start": "i32",
+              "chunk_step0": "i32", "inv_temp": "fp32", "scap": "fp32", "tcap": "fp32", "beta": "fp32"}
+    # (tag, forward_kl, jsd, weights, sampled signal, hard term, caps): the step weights of both signals, given
+    # weights and none, the JSD's finish, each model's cap.
+    for tag, forward_kl, jsd, weights, sampled, hard, capped in (
+            ("reverse kl-steps", False, False, WEIGHTS_STEPS, False, False, False),
+            ("reverse sampled-steps hard softcap", False, False, WEIGHTS_STEPS, True, True, True),
+            ("forward given", True, False, WEIGHTS_GIVEN, False, False, False),
+            ("jsd none hard", False, True, WEIGHTS_NONE, False, True, False),
+            ("jsd kl-steps softcap", False, True, WEIGHTS_STEPS, False, False, True)):
+        specs.append({
+            "name": f"kl_row_finish_kernel[{tag} br{FINISH_BLOCK_R}]", "fn": kl_row_finish_kernel,
+            "signature": finish,
+            "constexprs": {"FORWARD_KL": forward_kl, "JSD": jsd, "HAS_TARGETS": True, "SAMPLED_SIGNAL": sampled,
+                           "HAS_HARD": hard, "WEIGHTS": weights, "HAS_SBIAS": True, "HAS_TBIAS": True,
+                           "HAS_SCAP": capped, "HAS_TCAP": capped, "BLOCK_R": FINISH_BLOCK_R},
+            "num_warps": FINISH_NUM_WARPS, "num_stages": 1, "expect_hgmma": False,
+            "divisible_by_16": ["stride_xs", "stride_xt", "frame_plane"],
         })
     return specs

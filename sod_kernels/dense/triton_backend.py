@@ -44,7 +44,9 @@ from ..core.chunks import (FAST_CHUNK_BYTES, LOW_MEMORY_CHUNK_BYTES, GradAccumul
                            gather_rows, logits_into, row_selector)
 from ..core.tiles import apply_softcap
 from .jsd_kernels import jsd_logit_grad, jsd_partials, jsd_row_stats
-from .kernels import KLRowStats, kl_logit_grad, kl_partials, kl_row_stats, merge_kl_partials
+from ..steps.plan import ChunkWeights
+from .kernels import (WEIGHTS_GIVEN, WEIGHTS_NONE, WEIGHTS_STEPS, ChunkWeightArgs, KLRowStats, RowOutputs,
+                      kl_logit_grad, kl_partials, kl_row_finish, kl_row_stats, merge_kl_partials)
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DIVERGENCE_NAMES = ("reverse_kl", "forward_kl", "jsd")
@@ -102,8 +104,9 @@ class KLProblem:
         _check_inputs(sh, sw, th, tw, divergence, temperature, beta)
         vocab = sw.shape[0]
         rows = row_index.to(torch.int64).contiguous()
-        n = rows.numel()
-        contiguous = n == sh.shape[0] and (n == 0 or bool(rows[-1] == n - 1))  # rows ascend and are unique
+        # row_index ascends strictly within range(N) (every caller's contract), so it is arange(N) exactly when it
+        # has N entries: decided from sizes, without reading the tensor (no host synchronisation).
+        contiguous = rows.numel() == sh.shape[0]
         return cls(LMHead(_row_major(sh), _row_major(sw), sb, vocab), LMHead(_row_major(th), _row_major(tw), tb, vocab),
                    rows, contiguous, None if target_ids is None else target_ids.to(torch.int64), divergence == "forward_kl",
                    float(temperature), None if student_softcap is None else float(student_softcap),
@@ -182,10 +185,13 @@ class _Blocks:
         self.xs = torch.empty(rows, cols, dtype=torch.float32, device=device)
         self.xt = torch.empty(rows, cols, dtype=torch.float32, device=device)
 
-    def logits(self, p: KLProblem, start: int, stop: int, columns: slice | None = None):
-        """``(student hidden rows, xs, xt)`` of rows ``[start, stop)`` and the given vocabulary columns."""
+    def logits(self, p: KLProblem, start: int, stop: int, columns: slice | None = None, acc=None):
+        """``(student hidden rows, xs, xt)`` of rows ``[start, stop)`` and the given vocabulary columns; with a
+        :class:`GradAccumulator` ``acc`` the student rows come from :meth:`GradAccumulator.hidden_rows` (gathered
+        into its fold buffer when rows are not contiguous: no second copy)."""
         rows = p.rows(start, stop)
-        hs, ht = gather_rows(p.student.hidden, rows), gather_rows(p.teacher.hidden, rows)
+        hs = gather_rows(p.student.hidden, rows) if acc is None else acc.hidden_rows(rows, start, stop)
+        ht = gather_rows(p.teacher.hidden, rows)
         ws, wt = p.student.used_weight, p.teacher.used_weight
         if columns is not None:
             ws, wt = ws[columns], wt[columns]
@@ -228,6 +234,12 @@ class ForwardResult:
             stats.max_s, stats.max_t, stats.centre
         if sampled is not None:
             self.lp_s[start:stop], self.lp_t[start:stop] = sampled
+
+    def views(self, start: int) -> RowOutputs:
+        """Views of every per-row buffer from row ``start`` on (where the row-finish kernel writes a chunk)."""
+        tail = lambda x: None if x is None else x[start:]  # noqa: E731
+        return RowOutputs(self.D[start:], self.lse_s[start:], self.lse_t[start:], self.frame[:, start:],
+                          tail(self.lp_s), tail(self.lp_t))
 
     def stats(self, start: int, stop: int) -> KLRowStats:
         return KLRowStats(self.D[start:stop], self.lse_s[start:stop], self.lse_t[start:stop],
@@ -418,40 +430,107 @@ def single_pass_loss(p: KLProblem, chunks: list[tuple[int, int]],
     gradients in one pass over ``chunks``.
 
     ``chunk_weights(start, stop, D, signal)`` returns the ``[stop - start]`` weights of a chunk's rows
-    (``signal`` = the sampled-token gap ``|logp_s(y) - logp_t(y)|`` if ``sampled_signal``, else ``D``).
+    (``signal`` = the sampled-token gap ``|logp_s(y) - logp_t(y)|`` if ``sampled_signal``, else ``D``).  A
+    :class:`~sod_kernels.steps.plan.ChunkWeights` (what :func:`sod_kernels.steps.finish.single_pass_plan` makes) is
+    not called: the row-finish kernel forms the weights from its plan; any other callable is called per chunk
+    (a few more tensor operations per chunk).
     ``hard_loss_weight = lambda >= 0`` (needs the problem's ``target_ids``): the hard-label term, unweighted
     and not times ``coef``; its gradient ``lambda / normalizer * (p_s - onehot(y)) / tau`` is added by the same
     ``d(logits)`` kernel (no extra pass).
+
+    Launches per chunk (contiguous rows): the two logit products, the statistics kernel, for the JSD its partial
+    sums kernel (which merges the statistics itself), the row-finish kernel (:func:`kl_row_finish`: statistics
+    merge, sampled log-probs, weights, the loss partial into a per-chunk slot, the rows' gradient scale, every
+    per-row output written in place), the ``d(logits)`` kernel, the ``d(hidden)`` product, and per fold of
+    :class:`GradAccumulator` the ``d(weight)`` product (and the ``d(bias)`` product): 7 + 1/fold for a KL, one
+    more for the JSD; rows that are not contiguous add one gather per model.  No host synchronisation: the
+    chunk bounds and the steps' ordinals are Python ints of the plan; the loss is the slots' sum after the loop.
     """
     hard_weight = float(hard_loss_weight)
     if hard_weight and p.target_ids is None:
         raise ValueError("hard_loss_weight > 0 needs target_ids")
+    if sampled_signal and p.target_ids is None:
+        raise ValueError("the sampled signal needs target_ids")
     device = p.student.hidden.device
     out = ForwardResult(p.n_rows, device, p.target_ids is not None)
     longest = max((b - a for a, b in chunks), default=1)
     acc = GradAccumulator(p.student, p.row_index, p.contiguous, need_hidden=need_hidden, need_weight=need_weight,
                           need_bias=need_bias, block_rows=longest)
     blocks = _Blocks(longest, p.vocab, device)
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    hard_total = torch.zeros((), dtype=torch.float64, device=device)
     grad_scale = coef / (normalizer * p.temperature)
-    hard_grad_scale = hard_weight / (normalizer * p.temperature)
-    for start, stop in chunks:
-        hs, xs, xt = blocks.logits(p, start, stop)
-        stats = row_stats(p, xs, xt)
-        sampled = _sampled_logprobs(p, start, stop, xs, xt, stats) if p.target_ids is not None else None
-        out.store(start, stop, stats, sampled)
-        signal = (sampled[0] - sampled[1]).abs() if sampled_signal else stats.D
-        w = chunk_weights(start, stop, stats.D, signal)
-        total += (w.to(torch.float64) * stats.D.to(torch.float64)).sum()
-        if hard_weight:
-            hard_total -= sampled[0].to(torch.float64).sum()
+    weights = _ChunkWeightPlan(chunk_weights, grad_scale, longest, device)
+    f32 = torch.float32
+    slots = torch.zeros(2, max(len(chunks), 1), dtype=torch.float64, device=device)  # sum w D, sum -lp_s per chunk
+    scale = torch.empty(longest, dtype=f32, device=device)
+    targets = None
+    if p.target_ids is not None:  # the distilled rows' targets, int32, once per call
+        targets = (p.target_ids if p.contiguous else p.target_ids[p.row_index]).to(torch.int32)
+    hard_scale = torch.full((longest,), hard_weight / (normalizer * p.temperature), dtype=f32, device=device) \
+        if hard_weight and acc.active else None
+    sb, tb = p.bias(p.student), p.bias(p.teacher)
+    for i, (start, stop) in enumerate(chunks):
+        n = stop - start
+        hs, xs, xt = blocks.logits(p, start, stop, acc=acc if acc.active else None)
+        part = kl_partials(xs, xt, sb, tb, **p.epilogue)
+        rows_out = out.views(start)
+        jsd_part = None
+        if p.jsd:
+            jsd_part = jsd_partials(xs, xt, sb, tb, rows_out.lse_s[:n], rows_out.lse_t[:n],
+                                    merge_stats=(part, rows_out.frame[0, :n], rows_out.frame[1, :n]), **p.jsd_epilogue)
+        kl_row_finish(part, jsd_part, xs, xt, sb, tb, None if targets is None else targets[start:stop], rows_out,
+                      weights.args(start, stop), scale[:n], slots[:, i], jsd=p.jsd, beta=p.beta,
+                      sampled_signal=sampled_signal and weights.mode == WEIGHTS_STEPS, hard=bool(hard_weight),
+                      **p.epilogue)
+        if not weights.in_kernel:
+            weights.apply_callable(out, start, stop, sampled_signal, scale, slots[0, i])
         if acc.active:
-            hard = (p.hard_targets(start, stop), stats.lse_s.new_full((stop - start,), hard_grad_scale)) \
-                if hard_weight else None
-            grad = logit_grad(p, xs, xt, stats, (w * grad_scale).to(torch.float32), acc.grad_block(stop - start),
-                              hard=hard)
+            hard = (targets[start:stop], hard_scale[:n]) if hard_weight else None
+            grad = logit_grad(p, xs, xt, out.stats(start, stop), scale[:n], acc.grad_block(n), hard=hard)
             acc.add(grad, start, stop, hs)
     del blocks
-    loss = (total * (coef / normalizer) + hard_total * (hard_weight / normalizer)).to(torch.float32)
+    totals = slots.sum(1)
+    loss = (totals[0] * (coef / normalizer) + totals[1] * (hard_weight / normalizer)).to(f32)
     return SinglePassResult(loss, out.D, out.lp_s, out.lp_t, acc.finish())
+
+
+class _ChunkWeightPlan:
+    """The single pass's weights, as :func:`kl_row_finish` takes them chunk by chunk.
+
+    From a :class:`~sod_kernels.steps.plan.ChunkWeights` (``in_kernel``): the mode and the whole-call tensors, made
+    once (``params`` float64 ``(epsilon, delta, grad_scale)``, the steps' float64 prefix scratch); each chunk's
+    :class:`ChunkWeightArgs` is then views and Python ints (no launch, no sync).  From any other callable: the
+    kernel runs with every weight 1 and :meth:`apply_callable` overwrites the chunk's loss slot and scale."""
+
+    def __init__(self, chunk_weights, grad_scale: float, longest: int, device):
+        self.fn = chunk_weights
+        self.grad_scale = grad_scale
+        self.in_kernel = isinstance(chunk_weights, ChunkWeights)
+        mode = chunk_weights.mode if self.in_kernel else "none"
+        self.mode = {"none": WEIGHTS_NONE, "given": WEIGHTS_GIVEN, "steps": WEIGHTS_STEPS}[mode]
+        steps = chunk_weights.steps if self.mode == WEIGHTS_STEPS else None
+        eps, delta = (steps.epsilon, steps.delta) if steps is not None else (1.0, 0.0)
+        self.params = torch.tensor([eps, delta, grad_scale], dtype=torch.float64, device=device)
+        self.steps = steps
+        self.tensors = steps.kernel_args() if steps is not None else None
+        self.prefix = torch.empty(longest + 1, dtype=torch.float64, device=device) if steps is not None else None
+        self.given = chunk_weights.given if self.mode == WEIGHTS_GIVEN else None
+
+    def args(self, start: int, stop: int) -> ChunkWeightArgs:
+        if self.mode == WEIGHTS_GIVEN:
+            return ChunkWeightArgs(WEIGHTS_GIVEN, self.params, given=self.given[start:stop])
+        if self.mode == WEIGHTS_STEPS:
+            t = self.tensors
+            return ChunkWeightArgs(WEIGHTS_STEPS, self.params, step=t["step"][start:stop], bounds=t["bounds"],
+                                   first_step=t["first_step"], means=t["means"], prefix=self.prefix,
+                                   chunk_start=start, chunk_step0=self.steps.first_step_of_chunk(start))
+        return ChunkWeightArgs(WEIGHTS_NONE, self.params)
+
+    def apply_callable(self, out: ForwardResult, start: int, stop: int, sampled_signal: bool, scale: torch.Tensor,
+                       slot: torch.Tensor) -> None:
+        """A plain ``chunk_weights`` callable: the chunk's weights from torch ops, into ``slot`` (``sum w D``,
+        float64) and ``scale[:C]`` (``w * grad_scale``, float32)."""
+        D = out.D[start:stop]
+        signal = (out.lp_s[start:stop] - out.lp_t[start:stop]).abs() if sampled_signal else D
+        w = self.fn(start, stop, D, signal)
+        slot.copy_((w.to(torch.float64) * D.to(torch.float64)).sum())
+        scale[: stop - start] = (w * self.grad_scale).to(torch.float32)

@@ -46,6 +46,18 @@ class InPassStepWeights:
         self.means = torch.zeros(self.num_steps, dtype=torch.float64, device=row_index.device)
         self.epsilon, self.delta = float(epsilon), float(delta)
 
+    def first_step_of_chunk(self, start: int) -> int:
+        """Ordinal of the first step of the chunk that starts at row ``start`` (a Python int: no sync)."""
+        return _first_step(self.starts, start)
+
+    def kernel_args(self) -> dict:
+        """The whole-call tensors a kernel needs to form the weights of a chunk of whole steps itself:
+        ``step_of_row [Na]``, ``bounds [S + 1]`` (step starts, then ``Na``), ``first_step [S]`` (ordinal of each
+        step's sequence's first step), all int64, and the float64 ``means [S]`` buffer (each chunk writes its
+        steps' means and reads the first steps' means of earlier chunks; a first step in the same chunk is
+        recomputed in the same order, so both reads give the same bits)."""
+        return {"step": self.step_of_row, "bounds": self.bounds, "first_step": self.first_step, "means": self.means}
+
     def chunks(self, max_rows: int, n_rows: int) -> list[tuple[int, int]] | None:
         """Chunks of whole steps with at most ``max_rows`` rows, or None if a step is longer."""
         return chunks_at_boundaries(self.starts, n_rows, max_rows)
@@ -67,6 +79,31 @@ class InPassStepWeights:
         w = torch.clamp((d_1 + self.epsilon) / (d_k + self.epsilon), max=1.0 + self.delta)
         w = torch.where(self.is_first[first:last], torch.ones_like(w), w)
         return w[local]
+
+
+class ChunkWeights:
+    """The weights of a single pass's chunks, in the two forms a backend may use.
+
+    Called as ``chunk_weights(start, stop, D, signal)`` it returns the ``[stop - start]`` weights of a chunk's
+    rows from torch tensors (the contract of every single pass; a few O(C) tensor operations per chunk).  A
+    backend that forms the weights inside a kernel reads the plan instead (no per-chunk tensor operation):
+
+    - ``mode``: ``"none"`` (every weight 1), ``"given"`` (``given [Na]`` float32, the precomputed token weights of
+      the distilled rows) or ``"steps"`` (``steps``: the :class:`InPassStepWeights` of a plan whose chunks hold
+      whole steps; its tensors are what :meth:`InPassStepWeights.kernel_args` lists).
+    """
+
+    def __init__(self, mode: str, *, given: torch.Tensor | None = None, steps: InPassStepWeights | None = None):
+        if mode not in ("none", "given", "steps"):
+            raise ValueError(f"unknown weight mode {mode!r}")
+        self.mode, self.given, self.steps = mode, given, steps
+
+    def __call__(self, start: int, stop: int, D: torch.Tensor, signal: torch.Tensor | None) -> torch.Tensor:
+        if self.mode == "given":
+            return self.given[start:stop]
+        if self.mode == "none":
+            return torch.ones_like(D)
+        return self.steps.chunk_weights(start, stop, signal)
 
 
 def _first_step(starts: list[int], position: int) -> int:
