@@ -4,7 +4,7 @@ results it gives (float64 reference, in-kernel step weights against the torch fo
 Launches are counted with :class:`benchmarks.launches.LaunchCounter` (kernels stubbed: tensor operations that launch
 a kernel on a GPU plus Triton launches) on a call with ``N`` chunks and on the same call with ``2 N`` chunks (twice
 the rows, the same chunk size): the difference over ``N`` is what one more chunk costs, whatever the per-call setup.
-The d(weight) fold is set to two chunks, so its product is counted at its amortized share.  Budget per chunk
+The d(weight) fold is set to two chunks (hidden size 32: the fold buffer may hold two 16-row chunks), so its product is counted at its amortized share.  Budget per chunk
 (contiguous rows): two logit products, the statistics kernel, (JSD: its partial sums kernel,) the row-finish kernel,
 the d(logits) kernel, the d(hidden) product, and per fold of two chunks the d(weight) product (+ the d(bias) product).
 """
@@ -47,7 +47,7 @@ def _options(case: str, lead, device, generator):
     return kw, bias
 
 
-def _launch_inputs(rows_per_seq: int, *, seqs: int = 2, vocab: int = 64, hidden: int = 8, contiguous: bool = True):
+def _launch_inputs(rows_per_seq: int, *, seqs: int = 2, vocab: int = 64, hidden: int = 32, contiguous: bool = True):
     g = torch.Generator().manual_seed(0)
     sh = torch.randn(seqs, rows_per_seq, hidden, generator=g, requires_grad=True)
     sw = (torch.randn(vocab, hidden, generator=g) / hidden ** 0.5).requires_grad_()
