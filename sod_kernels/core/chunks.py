@@ -11,7 +11,9 @@ A loss on this core is a loop over *row chunks* (``C`` distilled tokens against 
 3. ``GradAccumulator.add``: ``d(hidden)[rows] = d(logits) @ W`` (written once per row: every row lies in
    exactly one chunk) and ``d(weight) += d(logits).T @ h[rows]``, ``d(bias) += colsum(d(logits))``,
    accumulated in float32 across chunks by matrix products (each d(weight) product folds at least 1024 rows,
-   two 512-row chunks by default: see :class:`GradAccumulator`).  No atomics: the chunks run in a fixed order
+   two 512-row chunks by default, with d(bias) folded by the same schedule as one ``d(logits)^T @ ones``
+   product; the fold reads contiguous hidden rows in place and gathered ones from where the logit product's
+   gather put them: see :class:`GradAccumulator`).  No atomics: the chunks run in a fixed order
    and each product accumulates in a fixed order, so results are bitwise reproducible on one GPU.
 
 Cost per chunk (student width ``Hs``, teacher ``Ht``, vocabulary ``V``): the logit products
@@ -184,7 +186,12 @@ class GradAccumulator:
     - Vocabulary slices (``sliced=True``, the low-memory path): d(hidden) is a float32 accumulator; d(weight)
       is written slice by slice (:meth:`begin_slice` / :meth:`end_slice`) from a float32 accumulator of one
       slice, so no ``V x H`` float32 buffer exists.
-    d(bias) is a float32 accumulator.  :meth:`finish` returns everything in the inputs' dtypes and shapes:
+    While folding, no hidden row is copied for the fold: rows that are a view of ``hidden`` (contiguous rows) are
+    read in place by the fold's product, and rows gathered by :meth:`hidden_rows` land in the fold buffer already
+    (the gather the logit product needs anyway); only other callers' gathered rows are copied once.  d(bias) is a
+    float32 accumulator, added to once per fold (``BIAS_BY_PRODUCT``: one ``d(logits)^T @ ones`` product) when
+    folding, else once per block.  Per block this leaves the d(hidden) product; per fold the d(weight) product and
+    the d(bias) product.  :meth:`finish` returns everything in the inputs' dtypes and shapes:
     ``d_hidden [N, H]`` (zero on rows outside ``row_index``), ``d_weight [Vw, H]``, ``d_bias [Vw]``.
     """
 

@@ -22,6 +22,16 @@ the KL sum (the student for reverse KL, the teacher for forward KL), O the other
   indices with the row's target, no scatter, no atomics; ``hard_row`` is ``lambda / (normalizer tau)`` in the
   single pass or ``-dL/dlogp_s(y) / tau`` in the two-pass backward), before the cap's slope.
 
+- ``kl_row_finish_kernel`` (grid ``(1,)`` per chunk, the single pass): everything between a chunk's statistics and
+  its ``d(logits)`` in one launch (:func:`kl_row_finish`): the split merge (:func:`merge_kl_splits`, the same
+  algebra as :func:`merge_kl_partials`), ``D``, the frame, the sampled log-probs (the targets' logits gathered
+  from the float32 blocks, bias, cap and ``1/tau`` applied), the rows' weights (given, 1, or the step weights of a
+  chunk of whole steps: float64 prefix sums of the clamped signal in a fixed order, step means, ``d_1`` from the
+  call's step-means buffer or recomputed when the first step is in the chunk), the chunk's ``sum w D`` and
+  ``sum -logp_s(y)`` into a per-chunk float64 slot, and the per-row gradient scale.  Per-row results are written
+  straight into the call's output buffers at the chunk's offset.  It replaces ~30-60 small tensor operations
+  (each a launch and a gap on a GPU) and the host synchronisations of a torch epilogue.
+
 The generalized JSD's kernels (same loaders, same hard-label term) are in :mod:`sod_kernels.dense.jsd_kernels`.
 
 Both kernels are bandwidth bound: the statistics read ``8 C V`` bytes, the gradient reads ``8 C V`` and

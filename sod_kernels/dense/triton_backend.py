@@ -5,8 +5,11 @@ Three ways to run, all deterministic (no atomics) and none holding ``tokens x vo
 
 - :func:`single_pass_loss` (default whenever the weights are known in-pass: ``token_weights``,
   ``step_divergence="none"``, or ``"kl"``/``"sampled"`` with chunks cut at step boundaries; scalar
-  reductions).  Per row chunk: both logit products (float32 output), the statistics kernel, the loss, and
-  right away ``d(logits)`` and its two products.  ``2 N V (Hs + Ht) + 4 N V Hs`` FLOPs: the single-pass
+  reductions).  Per row chunk: both logit products (float32 output), the statistics kernel (for the JSD also its
+  partial sums kernel), one row-finish kernel (split merge, sampled log-probs, weights, the loss partial into a
+  per-chunk slot, the gradient scale), and right away ``d(logits)`` and its d(hidden) product: 6 launches per
+  chunk (7 for the JSD) plus, once per d(weight) fold, the d(weight) product (and the d(bias) product); no host
+  synchronisation inside the pass.  ``2 N V (Hs + Ht) + 4 N V Hs`` FLOPs: the single-pass
   minimum.  The gradients are formed during the forward for an upstream gradient of 1 and scaled by the
   real one in backward.
 - :func:`divergence_forward` / :func:`divergence_backward` (the :class:`~sod_kernels.dense.autograd.TokenDivergence`
@@ -442,8 +445,9 @@ def single_pass_loss(p: KLProblem, chunks: list[tuple[int, int]],
     sums kernel (which merges the statistics itself), the row-finish kernel (:func:`kl_row_finish`: statistics
     merge, sampled log-probs, weights, the loss partial into a per-chunk slot, the rows' gradient scale, every
     per-row output written in place), the ``d(logits)`` kernel, the ``d(hidden)`` product, and per fold of
-    :class:`GradAccumulator` the ``d(weight)`` product (and the ``d(bias)`` product): 7 + 1/fold for a KL, one
-    more for the JSD; rows that are not contiguous add one gather per model.  No host synchronisation: the
+    :class:`GradAccumulator` the ``d(weight)`` product (and the ``d(bias)`` product): ``6 + (1 or 2) / g`` for a
+    KL with ``g`` chunks per fold (2 at 512-row chunks), one more for the JSD; rows that are not contiguous add
+    one gather per model.  No host synchronisation: the
     chunk bounds and the steps' ordinals are Python ints of the plan; the loss is the slots' sum after the loop.
     """
     hard_weight = float(hard_loss_weight)

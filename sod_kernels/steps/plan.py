@@ -6,6 +6,10 @@ chunk made of whole steps knows its step means ``d_k`` as soon as its divergence
 earlier chunk (or this one) computed: the per-step means are kept in a ``[num_steps]`` float64 buffer
 filled chunk by chunk, and ``d_1`` is gathered from it.  Everything is a gather or a cumulative sum in
 a fixed order: deterministic and free of host synchronisation after the one that builds the plan.
+
+:class:`ChunkWeights` carries the plan to a single pass in two forms: a callable (the torch operations below, per
+chunk) and the plan's tensors, which the Triton single pass's row-finish kernel reads to form the same weights in
+its one launch per chunk (:func:`sod_kernels.dense.kernels.kl_row_finish`).
 """
 
 from __future__ import annotations
