@@ -40,10 +40,11 @@ import triton
 import triton.language as tl
 
 from ..core.kernels import (GRAD_BLOCK_V, INTERPRETER_BLOCK_V, NUM_WARPS, STATS_BLOCK_V, bias_arg, cap_arg,
-                            interpreting, load_capped_logits, load_capped_logits_slope, load_logits, vocab_splits)
-from .kernels import KLRowStats, add_hard_label, hard_args, merge_kl_splits
+                            interpreting, load_capped_logits, load_capped_logits_slope, load_logits)
+from .kernels import KLRowStats, add_hard_label, balanced_splits, hard_args, merge_kl_splits
 
 NUM_JSD_PARTIALS = 4
+JSD_PROGRAMS_PER_SM = 3  # jsd_partial_sums_kernel: 75-80 registers x 256 threads (codegen): 3 resident per SM
 
 
 @triton.jit
@@ -77,14 +78,14 @@ def mixture_log_gaps(ls, lt, log_beta, log_one_minus_beta):
 
 @triton.jit
 def jsd_partial_sums_kernel(xs_ptr, xt_ptr, sb_ptr, tb_ptr, lse_s_ptr, lse_t_ptr, part_ptr, stats_ptr, max_s_ptr,
-                            max_t_ptr, n_rows, vocab, stride_xs, stride_xt, cols_per_split, num_splits, inv_temp, scap,
-                            tcap, log_beta, log_one_minus_beta, HAS_SBIAS: tl.constexpr, HAS_TBIAS: tl.constexpr,
-                            BLOCK_V: tl.constexpr, HAS_SCAP: tl.constexpr, HAS_TCAP: tl.constexpr,
-                            MERGE_STATS: tl.constexpr):
+                            max_t_ptr, n_rows, vocab, stride_xs, stride_xt, cols_per_split, num_splits, stats_splits,
+                            inv_temp, scap, tcap, log_beta, log_one_minus_beta, HAS_SBIAS: tl.constexpr,
+                            HAS_TBIAS: tl.constexpr, BLOCK_V: tl.constexpr, HAS_SCAP: tl.constexpr,
+                            HAS_TCAP: tl.constexpr, MERGE_STATS: tl.constexpr):
     """``part [4, n_rows, num_splits]`` float32 <- ``(sum p_t (lt - log M), sum p_s (ls - log M), sum p_t,
     sum p_s)`` over the columns of one (row, split); ``lse_s``, ``lse_t`` ``[n_rows]`` float32 are the rows'
     log-sum-exps (the masses let the merge normalize by the probabilities as computed).  With ``MERGE_STATS``
-    every program merges its row's reverse-KL statistics partials ``stats [5, n_rows, num_splits]`` itself
+    every program merges its row's reverse-KL statistics partials ``stats [5, n_rows, stats_splits]`` itself
     (:func:`sod_kernels.dense.kernels.merge_kl_splits`, ``O(num_splits)`` loads: no separate merge launch) and
     the split-0 program writes ``lse_s``, ``lse_t``, ``max_s``, ``max_t`` of the row (outputs then)."""
     row = tl.program_id(0)
@@ -92,7 +93,7 @@ def jsd_partial_sums_kernel(xs_ptr, xt_ptr, sb_ptr, tb_ptr, lse_s_ptr, lse_t_ptr
     xs_row = xs_ptr + row.to(tl.int64) * stride_xs
     xt_row = xt_ptr + row.to(tl.int64) * stride_xt
     if MERGE_STATS:
-        big_s, sum_s, big_t, sum_t, _ = merge_kl_splits(stats_ptr, row, row < n_rows, n_rows, num_splits)
+        big_s, sum_s, big_t, sum_t, _ = merge_kl_splits(stats_ptr, row, row < n_rows, n_rows, stats_splits)
         lse_s = big_s + tl.log(sum_s)
         lse_t = big_t + tl.log(sum_t)
         first = split == 0
@@ -183,21 +184,22 @@ def jsd_partials(xs: torch.Tensor, xt: torch.Tensor, student_bias: torch.Tensor 
     single pass's JSD chunk then needs no merge launch between its statistics and this kernel."""
     n_rows, vocab = xs.shape
     log_beta, log_one_minus_beta = _beta_args(beta)
-    block, cols_per_split, splits = vocab_splits(n_rows, vocab)
+    block, cols_per_split, splits = balanced_splits(n_rows, vocab, xs.device, JSD_PROGRAMS_PER_SM)
     part = torch.empty((NUM_JSD_PARTIALS, n_rows, splits), dtype=torch.float32, device=xs.device)
     merge = merge_stats is not None
     if merge:
         stats_part, max_s, max_t = merge_stats
-        if stats_part.shape != (5, n_rows, splits):
+        if stats_part.dim() != 3 or stats_part.shape[:2] != (5, n_rows):
             raise ValueError(f"merge_stats: statistics partials of shape {tuple(stats_part.shape)}, expected "
-                             f"{(5, n_rows, splits)}")
+                             f"(5, {n_rows}, splits)")
     else:
         lse_s, lse_t = lse_s.contiguous(), lse_t.contiguous()
         stats_part = max_s = max_t = part
     if n_rows:
         jsd_partial_sums_kernel[(n_rows, splits)](
             xs, xt, bias_arg(student_bias, xs), bias_arg(teacher_bias, xt), lse_s, lse_t, part, stats_part, max_s,
-            max_t, n_rows, vocab, xs.stride(0), xt.stride(0), cols_per_split, splits, 1.0 / temperature,
+            max_t, n_rows, vocab, xs.stride(0), xt.stride(0), cols_per_split, splits, stats_part.shape[2],
+            1.0 / temperature,
             cap_arg(student_softcap), cap_arg(teacher_softcap), log_beta, log_one_minus_beta,
             HAS_SBIAS=student_bias is not None, HAS_TBIAS=teacher_bias is not None, BLOCK_V=block,
             HAS_SCAP=student_softcap is not None, HAS_TCAP=teacher_softcap is not None, MERGE_STATS=merge,
@@ -254,7 +256,7 @@ def codegen_specs() -> list[dict]:
                           "lse_s_ptr": "*fp32", "lse_t_ptr": "*fp32", "part_ptr": "*fp32", "stats_ptr": "*fp32",
                           "max_s_ptr": "*fp32", "max_t_ptr": "*fp32", "n_rows": "i32",
                           "vocab": "i32", "stride_xs": "i32", "stride_xt": "i32", "cols_per_split": "i32",
-                          "num_splits": "i32", **scalars},
+                          "num_splits": "i32", "stats_splits": "i32", **scalars},
             "constexprs": {**switches, "BLOCK_V": STATS_BLOCK_V, "MERGE_STATS": capped},
             "num_warps": NUM_WARPS, "num_stages": 1, "expect_hgmma": False,
             "divisible_by_16": ["vocab", "stride_xs", "stride_xt", "cols_per_split"],

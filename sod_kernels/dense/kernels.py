@@ -40,6 +40,7 @@ writes ``2 C V`` (16-bit gradient) bytes; about ``5 C V`` exponentials in all.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -50,6 +51,67 @@ from ..core.kernels import (GRAD_BLOCK_V, INTERPRETER_BLOCK_V, MIN_LOGIT, NUM_WA
                             interpreting, load_capped_logits, load_capped_logits_slope, load_logits, vocab_splits)
 
 NUM_PARTIALS = 5
+
+
+# ------------------------------------------------------------------------------------- statistics grid
+# The statistics kernels' grid (rows x vocabulary splits), sized for the GPU's resident programs.  At the headline
+# chunk (C = 512 rows, V = 151936, BLOCK_V = 2048: 75 column blocks per row) the generic choice
+# (core.kernels.vocab_splits: 1024 programs, 2 splits of 38 blocks) is 1.29 waves of the 792 programs an H100/H200
+# holds at once (132 SMs x 6: kl_partial_stats_kernel has 40 registers x 256 threads, so 6 programs fit an SM's
+# 65536 registers): the second wave runs 29% full, ~35% of the kernel's time with most SMs idle.
+# balanced_splits picks the split count among those giving at least STATS_MIN_WAVES waves (up to 3x that many
+# splits, at most STATS_MAX_SPLITS) that minimises the modelled time ceil(programs / resident) x blocks per
+# program against the ideal C x blocks / resident: 15 splits of 5 blocks at the headline, 7680 programs = 9.7 waves,
+# 97% of the ideal (equal programs: 75 = 15 x 5).  The row-finish kernel merges the splits (15 x 5 floats per row);
+# the partials are 5 x 512 x 15 floats (150 KB).  The JSD's partial sums kernel (75-80 registers: 3 programs per
+# SM) gets its own count the same way.
+STATS_SMS = 132              # H100 / H200; the device's own count when it is a CUDA device
+KL_STATS_PROGRAMS_PER_SM = 6
+STATS_MIN_WAVES = 4
+STATS_MAX_SPLITS = 32
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device_index: int | None) -> int:
+    if device_index is None or not torch.cuda.is_available():
+        return STATS_SMS
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (``STATS_SMS`` for a non-CUDA device); no synchronisation."""
+    if device.type != "cuda":
+        return STATS_SMS
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=256)
+def _balanced(n_rows: int, n_blocks: int, resident: int) -> tuple[int, int]:
+    """``(blocks per split, splits)`` for ``n_rows`` rows of ``n_blocks`` column blocks on ``resident`` programs."""
+    rows = max(n_rows, 1)
+    low = min(max(1, -(-STATS_MIN_WAVES * resident // rows)), n_blocks, STATS_MAX_SPLITS)
+    best = None
+    for wanted in range(low, min(3 * low, n_blocks, STATS_MAX_SPLITS) + 1):
+        per = -(-n_blocks // wanted)
+        splits = -(-n_blocks // per)
+        modelled = -(-rows * splits // resident) * per  # waves x blocks per program
+        if best is None or modelled < best[0]:
+            best = (modelled, per, splits)
+    return best[1], best[2]
+
+
+def balanced_splits(n_rows: int, vocab: int, device: torch.device,
+                    programs_per_sm: int = KL_STATS_PROGRAMS_PER_SM) -> tuple[int, int, int]:
+    """``(BLOCK_V, columns per split, splits)`` of a statistics kernel over ``n_rows x vocab`` with
+    ``programs_per_sm`` resident programs per SM (see the comment above: >= ``STATS_MIN_WAVES`` waves, the last
+    one as full as the candidates allow); under the interpreter :func:`sod_kernels.core.kernels.vocab_splits`
+    (tiny blocks, two splits)."""
+    if interpreting():
+        return vocab_splits(n_rows, vocab)
+    block = STATS_BLOCK_V
+    n_blocks = max(triton.cdiv(vocab, block), 1)
+    per, splits = _balanced(n_rows, n_blocks, sm_count(device) * programs_per_sm)
+    return block, per * block, splits
 
 
 @triton.jit
@@ -196,9 +258,9 @@ def step_mean(prefix_ptr, bounds_ptr, step, chunk_start, ok):
 
 
 @triton.jit
-def kl_row_finish_kernel(part_ptr, jpart_ptr, num_splits, xs_ptr, xt_ptr, sb_ptr, tb_ptr, y_ptr, stride_xs, stride_xt,
-                         d_ptr, lse_s_ptr, lse_t_ptr, frame_ptr, frame_plane, lp_s_ptr, lp_t_ptr, w_ptr, step_ptr,
-                         bounds_ptr, first_ptr, means_ptr, prefix_ptr, params_ptr, scale_ptr, slot_ptr, slot_plane,
+def kl_row_finish_kernel(part_ptr, jpart_ptr, num_splits, jsd_splits, xs_ptr, xt_ptr, sb_ptr, tb_ptr, y_ptr,
+                         stride_xs, stride_xt, d_ptr, lse_s_ptr, lse_t_ptr, frame_ptr, frame_plane, lp_s_ptr, lp_t_ptr,
+                         w_ptr, step_ptr, bounds_ptr, first_ptr, means_ptr, prefix_ptr, params_ptr, scale_ptr, slot_ptr, slot_plane,
                          n_rows, chunk_start, chunk_step0, inv_temp, scap, tcap, beta,
                          FORWARD_KL: tl.constexpr, JSD: tl.constexpr, HAS_TARGETS: tl.constexpr,
                          SAMPLED_SIGNAL: tl.constexpr, HAS_HARD: tl.constexpr, WEIGHTS: tl.constexpr,
@@ -214,7 +276,7 @@ def kl_row_finish_kernel(part_ptr, jpart_ptr, num_splits, xs_ptr, xt_ptr, sb_ptr
     ``means [S]`` float64 (the step means: read for first steps of earlier chunks, written for this chunk's),
     ``params`` float64 ``(epsilon, delta, grad_scale)``, ``prefix [n_rows + 1]`` float64 scratch.
     KL: merges the statistics kernel's ``part [5, n_rows, num_splits]``; JSD: ``lse_s``, ``lse_t`` and the
-    frame's maxima were written by the JSD partial kernel, which leaves ``jpart [4, n_rows, num_splits]`` here.
+    frame's maxima were written by the JSD partial kernel, which leaves ``jpart [4, n_rows, jsd_splits]`` here.
     """
     offs = tl.arange(0, BLOCK_R)
     zero64 = tl.zeros([BLOCK_R], dtype=tl.float64)
@@ -230,13 +292,13 @@ def kl_row_finish_kernel(part_ptr, jpart_ptr, num_splits, xs_ptr, xt_ptr, sb_ptr
         if JSD:
             lse_s = tl.load(lse_s_ptr + rows, mask=ok, other=0.0)
             lse_t = tl.load(lse_t_ptr + rows, mask=ok, other=0.0)
-            plane = n_rows * num_splits
-            base = jpart_ptr + rows * num_splits
+            plane = n_rows * jsd_splits
+            base = jpart_ptr + rows * jsd_splits
             s_t = tl.zeros([BLOCK_R], dtype=tl.float32)
             s_s = tl.zeros([BLOCK_R], dtype=tl.float32)
             mass_t = tl.zeros([BLOCK_R], dtype=tl.float32)
             mass_s = tl.zeros([BLOCK_R], dtype=tl.float32)
-            for s in range(0, num_splits):
+            for s in range(0, jsd_splits):
                 s_t += tl.load(base + s, mask=ok, other=0.0)
                 s_s += tl.load(base + plane + s, mask=ok, other=0.0)
                 mass_t += tl.load(base + 2 * plane + s, mask=ok, other=1.0)
@@ -343,7 +405,7 @@ def kl_partials(xs: torch.Tensor, xt: torch.Tensor, student_bias: torch.Tensor |
     or None.  Merge with :func:`merge_kl_partials` (partials of several column slices of the same rows may
     be concatenated along the last dimension first)."""
     n_rows, vocab = xs.shape
-    block, cols_per_split, splits = vocab_splits(n_rows, vocab)
+    block, cols_per_split, splits = balanced_splits(n_rows, vocab, xs.device)
     part = torch.empty((NUM_PARTIALS, n_rows, splits), dtype=torch.float32, device=xs.device)
     if n_rows:
         kl_partial_stats_kernel[(n_rows, splits)](
@@ -474,8 +536,9 @@ def kl_row_finish(part: torch.Tensor, jsd_part: torch.Tensor | None, xs: torch.T
     f32 = out.D
     w = weights
     steps = w.mode == WEIGHTS_STEPS
+    jsd_splits = splits if jsd_part is None else jsd_part.shape[2]
     kl_row_finish_kernel[(1,)](
-        part, jsd_part if jsd_part is not None else part, splits, xs, xt, bias_arg(student_bias, xs),
+        part, jsd_part if jsd_part is not None else part, splits, jsd_splits, xs, xt, bias_arg(student_bias, xs),
         bias_arg(teacher_bias, xt), targets if targets is not None else f32, xs.stride(0), xt.stride(0),
         out.D, out.lse_s, out.lse_t, out.frame, out.frame.stride(0),
         out.lp_s if out.lp_s is not None else f32, out.lp_t if out.lp_t is not None else f32,
@@ -520,7 +583,8 @@ def codegen_specs() -> list[dict]:
             "num_warps": NUM_WARPS, "num_stages": 1, "expect_hgmma": False,
             "divisible_by_16": ["vocab", "stride_xs", "stride_xt", "stride_g"],
         })
-    finish = {"part_ptr": "*fp32", "jpart_ptr": "*fp32", "num_splits": "i32", "xs_ptr": "*fp32", "xt_ptr": "*fp32",
+    finish = {"part_ptr": "*fp32", "jpart_ptr": "*fp32", "num_splits": "i32", "jsd_splits": "i32", "xs_ptr": "*fp32",
+              "xt_ptr": "*fp32",
               "sb_ptr": "*bf16", "tb_ptr": "*bf16", "y_ptr": "*i32", "stride_xs": "i32", "stride_xt": "i32",
               "d_ptr": "*fp32", "lse_s_ptr": "*fp32", "lse_t_ptr": "*fp32", "frame_ptr": "*fp32", "frame_plane": "i32",
               "lp_s_ptr": "*fp32", "lp_t_ptr": "*fp32", "w_ptr": "*fp32", "step_ptr": "*i64", "bounds_ptr": "*i64",

@@ -4,9 +4,10 @@ results it gives (float64 reference, in-kernel step weights against the torch fo
 Launches are counted with :class:`benchmarks.launches.LaunchCounter` (kernels stubbed: tensor operations that launch
 a kernel on a GPU plus Triton launches) on a call with ``N`` chunks and on the same call with ``2 N`` chunks (twice
 the rows, the same chunk size): the difference over ``N`` is what one more chunk costs, whatever the per-call setup.
-The d(weight) fold is set to two chunks (hidden size 32: the fold buffer may hold two 16-row chunks), so its product is counted at its amortized share.  Budget per chunk
-(contiguous rows): two logit products, the statistics kernel, (JSD: its partial sums kernel,) the row-finish kernel,
-the d(logits) kernel, the d(hidden) product, and per fold of two chunks the d(weight) product (+ the d(bias) product).
+The d(weight) fold is set to two chunks (hidden size 32: the fold buffer may hold two 16-row chunks), so its product
+is counted at its amortized share.  Budget per chunk (contiguous rows): two logit products, the statistics kernel,
+(JSD: its partial sums kernel,) the row-finish kernel, the d(logits) kernel, the d(hidden) product, and per fold of
+two chunks the d(weight) product (+ the d(bias) product).
 """
 
 from __future__ import annotations
@@ -155,7 +156,8 @@ def test_single_pass_matches_the_float64_reference(case, rows, monkeypatch):
         ref_kw["step_divergence"] = "none"
     ref_loss, _ = ref_fused_sod_loss(ref_leaves[0], ref_leaves[1], up(th), up(tw),
                                      **{k: v.cpu() for k, v in steps.items()}, target_ids=y.cpu(),
-                                     student_bias=ref_leaves[2] if bias else None, teacher_bias=up(tb) if bias else None,
+                                     student_bias=ref_leaves[2] if bias else None,
+                                     teacher_bias=up(tb) if bias else None,
                                      epsilon=1e-3, delta=0.25, coef=0.8, **ref_kw)
     ref_loss.backward()
     assert torch.allclose(loss.double().cpu(), ref_loss.detach(), rtol=1e-5, atol=1e-7), (loss, ref_loss)
@@ -195,3 +197,50 @@ def test_in_kernel_step_weights_equal_the_torch_formula(sampled):
     assert torch.allclose(fused.loss, torch_formula.loss, rtol=1e-6, atol=0)
     for a, b in zip(fused.grads[:2], torch_formula.grads[:2]):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_statistics_grid_fills_the_gpu():
+    """The statistics kernels' split counts (kernels.balanced_splits): at the headline chunk (512 rows of V = 151936
+    in 2048-column blocks) at least 4 waves of the resident programs, equal programs (75 blocks = 15 x 5), and every
+    split non-empty for other shapes."""
+    from sod_kernels.dense import kernels
+
+    resident = 132 * kernels.KL_STATS_PROGRAMS_PER_SM
+    per, splits = kernels._balanced(512, 75, resident)
+    assert (per, splits) == (5, 15) and 512 * splits / resident >= kernels.STATS_MIN_WAVES
+    for rows, blocks in ((1, 75), (256, 75), (1024, 16), (4096, 16), (16, 1), (512, 2), (8192, 3)):
+        for pps in (kernels.KL_STATS_PROGRAMS_PER_SM, 3):
+            per, splits = kernels._balanced(rows, blocks, 132 * pps)
+            assert 1 <= splits <= kernels.STATS_MAX_SPLITS and (splits - 1) * per < blocks <= splits * per
+
+
+def test_jsd_partials_read_statistics_with_another_split_count(monkeypatch):
+    """On a GPU the JSD's partial sums kernel may split the vocabulary differently from the statistics kernel whose
+    partials it merges (3 vs 6 resident programs per SM): forced here (3 JSD splits, 2 statistics splits)."""
+    from sod_kernels.dense import jsd_kernels
+
+    (sh, sw, th, tw, _, _), y = _problem(5)
+    rows = torch.arange(B * T, device=DEVICE)
+
+    def run():
+        p = triton_backend.KLProblem.build(sh.reshape(B * T, HS), sw, None, th.reshape(B * T, HT), tw, None, rows,
+                                           y.reshape(-1), "jsd", 1.0, beta=0.4)
+        return triton_backend.single_pass_loss(p, [(0, 17), (17, B * T)], lambda a, b, D, s: torch.ones_like(D),
+                                               coef=1.0, normalizer=float(B * T), need_hidden=True, need_weight=True,
+                                               need_bias=False)
+
+    same = run()
+    real = jsd_kernels.balanced_splits
+
+    def three_splits(n_rows, vocab, device, programs_per_sm=3):
+        block, _, _ = real(n_rows, vocab, device, programs_per_sm)
+        blocks = -(-vocab // block)
+        per = -(-blocks // 3)
+        return block, per * block, -(-blocks // per)
+
+    monkeypatch.setattr(jsd_kernels, "balanced_splits", three_splits)
+    other = run()
+    assert torch.allclose(same.D, other.D, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(same.loss, other.loss, rtol=1e-5)
+    for a, b in zip(same.grads[:2], other.grads[:2]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
