@@ -260,8 +260,8 @@ def step_mean(prefix_ptr, bounds_ptr, step, chunk_start, ok):
 @triton.jit
 def kl_row_finish_kernel(part_ptr, jpart_ptr, num_splits, jsd_splits, xs_ptr, xt_ptr, sb_ptr, tb_ptr, y_ptr,
                          stride_xs, stride_xt, d_ptr, lse_s_ptr, lse_t_ptr, frame_ptr, frame_plane, lp_s_ptr, lp_t_ptr,
-                         w_ptr, step_ptr, bounds_ptr, first_ptr, means_ptr, prefix_ptr, params_ptr, scale_ptr, slot_ptr, slot_plane,
-                         n_rows, chunk_start, chunk_step0, inv_temp, scap, tcap, beta,
+                         w_ptr, step_ptr, bounds_ptr, first_ptr, means_ptr, prefix_ptr, params_ptr, scale_ptr, slot_ptr,
+                         slot_plane, n_rows, chunk_start, chunk_step0, inv_temp, scap, tcap, beta,
                          FORWARD_KL: tl.constexpr, JSD: tl.constexpr, HAS_TARGETS: tl.constexpr,
                          SAMPLED_SIGNAL: tl.constexpr, HAS_HARD: tl.constexpr, WEIGHTS: tl.constexpr,
                          HAS_SBIAS: tl.constexpr, HAS_TBIAS: tl.constexpr, HAS_SCAP: tl.constexpr,
