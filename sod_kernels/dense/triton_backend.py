@@ -46,8 +46,8 @@ import torch
 from ..core.chunks import (FAST_CHUNK_BYTES, LOW_MEMORY_CHUNK_BYTES, GradAccumulator, LMHead, chunk_rows, even_chunks,
                            gather_rows, logits_into, row_selector)
 from ..core.tiles import apply_softcap
-from .jsd_kernels import jsd_logit_grad, jsd_partials, jsd_row_stats
 from ..steps.plan import ChunkWeights
+from .jsd_kernels import jsd_logit_grad, jsd_partials, jsd_row_stats
 from .kernels import (WEIGHTS_GIVEN, WEIGHTS_NONE, WEIGHTS_STEPS, ChunkWeightArgs, KLRowStats, RowOutputs,
                       kl_logit_grad, kl_partials, kl_row_finish, kl_row_stats, merge_kl_partials)
 
@@ -266,9 +266,10 @@ def divergence_forward(student_hidden, student_weight, student_bias, teacher_hid
 
     Args: ``student_hidden [N, Hs]``, ``student_weight [Vs, Hs]``, ``student_bias [Vs]`` or None,
     ``teacher_hidden [N, Ht]``, ``teacher_weight [Vt >= Vs, Ht]`` (first Vs rows used), ``teacher_bias`` or
-    None; ``row_index [Na]`` int64 ascending; ``target_ids [N]`` int64 or None; ``chunk_size``: rows per
-    chunk (default from the memory budget); ``memory``: ``"fast"`` or ``"low"``; ``student_softcap`` /
-    ``teacher_softcap``: ``cap tanh(x / cap)`` of that model's raw logits before ``1/tau``, or None;
+    None; ``row_index [Na]`` int64 strictly ascending (distinct rows); ``target_ids [N]`` int64 or None;
+    ``chunk_size``: rows per chunk (default from the memory budget); ``memory``: ``"fast"`` or ``"low"``;
+    ``student_softcap`` / ``teacher_softcap``: ``cap tanh(x / cap)`` of that model's raw logits before ``1/tau``, or
+    None;
     ``beta``: the JSD's weight (``divergence="jsd"``, ``0 < beta < 1``).
     Returns ``(D, lse_student, lse_teacher, logp_student(y), logp_teacher(y), frame)``: ``[Na]`` float32
     each (the sampled log-probs None without targets), ``frame [3, Na]`` for :func:`divergence_backward`
