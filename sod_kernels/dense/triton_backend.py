@@ -46,7 +46,7 @@ import torch
 from ..core.chunks import (FAST_CHUNK_BYTES, LOW_MEMORY_CHUNK_BYTES, GradAccumulator, LMHead, chunk_rows, even_chunks,
                            gather_rows, logits_into, row_selector)
 from ..core.tiles import apply_softcap
-from ..steps.plan import ChunkWeights
+from ..steps.plan import kernel_plan
 from .jsd_kernels import jsd_logit_grad, jsd_partials, jsd_row_stats
 from .kernels import (WEIGHTS_GIVEN, WEIGHTS_NONE, WEIGHTS_STEPS, ChunkWeightArgs, KLRowStats, RowOutputs,
                       kl_logit_grad, kl_partials, kl_row_finish, kl_row_stats, merge_kl_partials)
@@ -435,9 +435,9 @@ def single_pass_loss(p: KLProblem, chunks: list[tuple[int, int]],
 
     ``chunk_weights(start, stop, D, signal)`` returns the ``[stop - start]`` weights of a chunk's rows
     (``signal`` = the sampled-token gap ``|logp_s(y) - logp_t(y)|`` if ``sampled_signal``, else ``D``).  A
-    :class:`~sod_kernels.steps.plan.ChunkWeights` (what :func:`sod_kernels.steps.finish.single_pass_plan` makes) is
-    not called: the row-finish kernel forms the weights from its plan; any other callable is called per chunk
-    (a few more tensor operations per chunk).
+    function with a ``kernel_plan`` (:func:`sod_kernels.steps.plan.with_kernel_plan`: what
+    :func:`sod_kernels.steps.finish.single_pass_plan` makes) is not called: the row-finish kernel forms the
+    weights from its plan; any other callable is called per chunk (a few more tensor operations per chunk).
     ``hard_loss_weight = lambda >= 0`` (needs the problem's ``target_ids``): the hard-label term, unweighted
     and not times ``coef``; its gradient ``lambda / normalizer * (p_s - onehot(y)) / tau`` is added by the same
     ``d(logits)`` kernel (no extra pass).
@@ -501,24 +501,26 @@ def single_pass_loss(p: KLProblem, chunks: list[tuple[int, int]],
 class _ChunkWeightPlan:
     """The single pass's weights, as :func:`kl_row_finish` takes them chunk by chunk.
 
-    From a :class:`~sod_kernels.steps.plan.ChunkWeights` (``in_kernel``): the mode and the whole-call tensors, made
-    once (``params`` float64 ``(epsilon, delta, grad_scale)``, the steps' float64 prefix scratch); each chunk's
+    From a weight function's :class:`~sod_kernels.steps.plan.KernelWeightPlan` (``in_kernel``): the mode and the
+    whole-call tensors, made once (``params`` float64 ``(epsilon, delta, grad_scale)``, the steps' float64 prefix
+    scratch); each chunk's
     :class:`ChunkWeightArgs` is then views and Python ints (no launch, no sync).  From any other callable: the
     kernel runs with every weight 1 and :meth:`apply_callable` overwrites the chunk's loss slot and scale."""
 
     def __init__(self, chunk_weights, grad_scale: float, longest: int, device):
         self.fn = chunk_weights
         self.grad_scale = grad_scale
-        self.in_kernel = isinstance(chunk_weights, ChunkWeights)
-        mode = chunk_weights.mode if self.in_kernel else "none"
+        plan = kernel_plan(chunk_weights)
+        self.in_kernel = plan is not None
+        mode = plan.mode if self.in_kernel else "none"
         self.mode = {"none": WEIGHTS_NONE, "given": WEIGHTS_GIVEN, "steps": WEIGHTS_STEPS}[mode]
-        steps = chunk_weights.steps if self.mode == WEIGHTS_STEPS else None
+        steps = plan.steps if self.mode == WEIGHTS_STEPS else None
         eps, delta = (steps.epsilon, steps.delta) if steps is not None else (1.0, 0.0)
         self.params = torch.tensor([eps, delta, grad_scale], dtype=torch.float64, device=device)
         self.steps = steps
         self.tensors = steps.kernel_args() if steps is not None else None
         self.prefix = torch.empty(longest + 1, dtype=torch.float64, device=device) if steps is not None else None
-        self.given = chunk_weights.given if self.mode == WEIGHTS_GIVEN else None
+        self.given = plan.given if self.mode == WEIGHTS_GIVEN else None
 
     def args(self, start: int, stop: int) -> ChunkWeightArgs:
         if self.mode == WEIGHTS_GIVEN:

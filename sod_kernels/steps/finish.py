@@ -14,7 +14,7 @@ from ..core.chunks import FAST_CHUNK_BYTES, chunk_rows, even_chunks
 from ..core.validation import (BACKENDS, DIVERGENCES, MEMORY_MODES, REDUCTIONS, STEP_DIVERGENCES, check_chunk_size,
                                check_choice, check_finite_number, check_positive, check_shape, check_tensor,
                                resolve_divergence)
-from .plan import ChunkWeights, InPassStepWeights
+from .plan import InPassStepWeights, with_kernel_plan
 from .weights import resolve_step_ids, step_weights_from_divergence, trim_steps
 
 
@@ -41,20 +41,21 @@ class SODStats:
 
 def single_pass_plan(step_rows, row_index, given, step_divergence, epsilon, delta, chunk_size, vocab, elem):
     """``(chunks, chunk_weights)`` for :class:`SinglePassKL`, or None when a step is longer than a chunk.
-    ``chunk_weights`` is a :class:`~sod_kernels.steps.plan.ChunkWeights`: callable per chunk, and readable by a
-    backend that forms the weights inside its kernels (the plan's tensors are made here, once per call)."""
+    ``chunk_weights`` is called per chunk, or read without a call: its ``kernel_plan``
+    (:func:`~sod_kernels.steps.plan.with_kernel_plan`) by a backend that forms the weights inside its kernels (the
+    plan's tensors are made here, once per call)."""
     n = row_index.numel()
     rows = chunk_rows(n, vocab, 8 + elem, budget=FAST_CHUNK_BYTES, chunk_size=chunk_size)
     if given is not None:
         w = given.reshape(-1)[row_index].to(torch.float32)
-        return even_chunks(n, rows), ChunkWeights("given", given=w)
+        return even_chunks(n, rows), with_kernel_plan(lambda a, b, D, signal: w[a:b], "given", given=w)
     if step_divergence == "none":
-        return even_chunks(n, rows), ChunkWeights("none")
+        return even_chunks(n, rows), with_kernel_plan(lambda a, b, D, signal: torch.ones_like(D), "none")
     steps = InPassStepWeights(step_rows, row_index, epsilon=epsilon, delta=delta)
     chunks = steps.chunks(rows, n)
     if chunks is None:
         return None
-    return chunks, ChunkWeights("steps", steps=steps)
+    return chunks, with_kernel_plan(lambda a, b, D, signal: steps.chunk_weights(a, b, signal), "steps", steps=steps)
 
 
 def check_targets_and_steps(step_divergence, target_ids, lead, vocab, response_mask, step_ids, token_weights,

@@ -7,9 +7,9 @@ earlier chunk (or this one) computed: the per-step means are kept in a ``[num_st
 filled chunk by chunk, and ``d_1`` is gathered from it.  Everything is a gather or a cumulative sum in
 a fixed order: deterministic and free of host synchronisation after the one that builds the plan.
 
-:class:`ChunkWeights` carries the plan to a single pass in two forms: a callable (the torch operations below, per
-chunk) and the plan's tensors, which the Triton single pass's row-finish kernel reads to form the same weights in
-its one launch per chunk (:func:`sod_kernels.dense.kernels.kl_row_finish`).
+:func:`with_kernel_plan` gives a single pass's weight function (the torch operations below, per chunk) a
+:class:`KernelWeightPlan` too: the plan's tensors, which the Triton single pass's row-finish kernel reads to form
+the same weights in its one launch per chunk (:func:`sod_kernels.dense.kernels.kl_row_finish`).
 """
 
 from __future__ import annotations
@@ -85,12 +85,9 @@ class InPassStepWeights:
         return w[local]
 
 
-class ChunkWeights:
-    """The weights of a single pass's chunks, in the two forms a backend may use.
-
-    Called as ``chunk_weights(start, stop, D, signal)`` it returns the ``[stop - start]`` weights of a chunk's
-    rows from torch tensors (the contract of every single pass; a few O(C) tensor operations per chunk).  A
-    backend that forms the weights inside a kernel reads the plan instead (no per-chunk tensor operation):
+class KernelWeightPlan:
+    """What a single pass's weight function computes, readable by a backend that forms the weights inside a kernel
+    (no per-chunk tensor operation) instead of calling the function chunk by chunk.
 
     - ``mode``: ``"none"`` (every weight 1), ``"given"`` (``given [Na]`` float32, the precomputed token weights of
       the distilled rows) or ``"steps"`` (``steps``: the :class:`InPassStepWeights` of a plan whose chunks hold
@@ -102,12 +99,18 @@ class ChunkWeights:
             raise ValueError(f"unknown weight mode {mode!r}")
         self.mode, self.given, self.steps = mode, given, steps
 
-    def __call__(self, start: int, stop: int, D: torch.Tensor, signal: torch.Tensor | None) -> torch.Tensor:
-        if self.mode == "given":
-            return self.given[start:stop]
-        if self.mode == "none":
-            return torch.ones_like(D)
-        return self.steps.chunk_weights(start, stop, signal)
+
+def with_kernel_plan(fn, mode: str, *, given: torch.Tensor | None = None, steps: InPassStepWeights | None = None):
+    """``fn`` (a weight function ``fn(start, stop, D, signal)``, left as it is: callers may read its code and
+    closure) with the attribute ``kernel_plan`` = :class:`KernelWeightPlan` ``(mode, given, steps)``."""
+    fn.kernel_plan = KernelWeightPlan(mode, given=given, steps=steps)
+    return fn
+
+
+def kernel_plan(fn) -> KernelWeightPlan | None:
+    """The :class:`KernelWeightPlan` of a weight function made by :func:`with_kernel_plan`, else None."""
+    plan = getattr(fn, "kernel_plan", None)
+    return plan if isinstance(plan, KernelWeightPlan) else None
 
 
 def _first_step(starts: list[int], position: int) -> int:
