@@ -30,7 +30,6 @@ Dtypes: float32, bfloat16, float16 hidden states (float64: use the torch backend
 from __future__ import annotations
 
 import bisect
-import types
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -42,8 +41,7 @@ from ..core.kernels import logprob_partials, logprob_row_stats
 from ..core.options import SinglePassResult
 from ..core.rows import RowChunks
 from ..core.tiles import apply_softcap
-from ..steps.finish import single_pass_plan
-from ..steps.plan import InPassStepWeights
+from ..steps.plan import InPassStepWeights, kernel_plan
 from .kernels import (MAX_ROW_BLOCK_K, gather_and_mask, gather_id_logits, row_block_k, rows_terms, sparse_logit_grad,
                       step_weights, tail_fill)
 from .rows import (LogitCoefficients, SinglePassTotals, SparseForward, coarse_grained_rows, logit_coefficients,
@@ -233,7 +231,7 @@ def single_pass_loss(p: SparseProblem, chunks: list[tuple[int, int]],
     ``chunk_weights(start, stop, D, signal)`` as in :func:`sod_kernels.dense.triton_backend.single_pass_loss`.
 
     The weight functions of :func:`sod_kernels.steps.finish.single_pass_plan` (precomputed ``token_weights``,
-    all ones, in-pass step weights: :func:`_weight_source`) run fused (:func:`_fused_single_pass`: at most 8
+    all ones, in-pass step weights, described by their ``kernel_plan``: :func:`_weight_source`) run fused (:func:`_fused_single_pass`: at most 8
     launches per chunk, no host synchronisation in the loop); any other callable, or more than
     ``MAX_ROW_BLOCK_K`` ids per row, runs the torch row math (:func:`_single_pass_torch_rows`)."""
     if hard_loss_weight and p.target_ids is None:
@@ -246,30 +244,22 @@ def single_pass_loss(p: SparseProblem, chunks: list[tuple[int, int]],
     return _fused_single_pass(p, chunks, source, **kwargs)
 
 
-def _plan_lambdas() -> tuple:
-    """The code objects of the weight functions :func:`sod_kernels.steps.finish.single_pass_plan` returns (every
-    closure it makes shares its lambda's code object; compared by identity: equal code elsewhere is another
-    function)."""
-    return tuple(c for c in single_pass_plan.__code__.co_consts if isinstance(c, types.CodeType))
-
-
 def _weight_source(chunk_weights: Callable, n_rows: int) -> tuple[str, object] | None:
-    """What a weight function of :func:`sod_kernels.steps.finish.single_pass_plan` computes, read from its code
-    object and closure (no call, no synchronisation): ``("steps", InPassStepWeights)`` (step weights from the
-    chunk's signal), ``("given", w [Na] float32)`` (``token_weights``), ``("ones", None)``
-    (``step_divergence="none"``), or None for any other callable (the caller then calls it chunk by chunk)."""
-    code = getattr(chunk_weights, "__code__", None)
-    if code is None or not any(code is c for c in _plan_lambdas()):
+    """What a weight function of :func:`sod_kernels.steps.finish.single_pass_plan` computes, read from the
+    :class:`~sod_kernels.steps.plan.KernelWeightPlan` it carries (no call, no synchronisation):
+    ``("steps", InPassStepWeights)`` (step weights from the chunk's signal), ``("given", w [Na] float32)``
+    (``token_weights``), ``("ones", None)`` (``step_divergence="none"``), or None for any other callable (the
+    caller then calls it chunk by chunk)."""
+    plan = kernel_plan(chunk_weights)
+    if plan is None:
         return None
-    cells = getattr(chunk_weights, "__closure__", None) or ()
-    free = dict(zip(code.co_freevars, (c.cell_contents for c in cells)))
-    if set(free) == {"steps"} and isinstance(free["steps"], InPassStepWeights):
-        return "steps", free["steps"]
-    w = free.get("w")
-    if set(free) == {"w"} and isinstance(w, torch.Tensor) and w.dtype == torch.float32 and w.dim() == 1 \
+    if plan.mode == "steps" and isinstance(plan.steps, InPassStepWeights):
+        return "steps", plan.steps
+    w = plan.given
+    if plan.mode == "given" and isinstance(w, torch.Tensor) and w.dtype == torch.float32 and w.dim() == 1 \
             and w.numel() == n_rows:
         return "given", w.contiguous()
-    if not free and "ones_like" in code.co_names:
+    if plan.mode == "none":
         return "ones", None
     return None
 

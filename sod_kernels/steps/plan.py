@@ -101,8 +101,9 @@ class KernelWeightPlan:
 
 
 def with_kernel_plan(fn, mode: str, *, given: torch.Tensor | None = None, steps: InPassStepWeights | None = None):
-    """``fn`` (a weight function ``fn(start, stop, D, signal)``, left as it is: callers may read its code and
-    closure) with the attribute ``kernel_plan`` = :class:`KernelWeightPlan` ``(mode, given, steps)``."""
+    """``fn`` (a weight function ``fn(start, stop, D, signal)``) with the attribute ``kernel_plan`` =
+    :class:`KernelWeightPlan` ``(mode, given, steps)``, which the Triton single passes (dense and sparse) read to
+    form the weights inside their kernels."""
     fn.kernel_plan = KernelWeightPlan(mode, given=given, steps=steps)
     return fn
 
