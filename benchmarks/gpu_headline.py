@@ -272,7 +272,7 @@ def launches(rec: Recorder) -> None:
 
     for case in ("kl", "token_weights", "policy", "sparse"):
         guarded(rec, "launches", case, lambda case=case: {k: v for k, v in single_pass_counts(case).items()
-                                                          if k in ("chunks", "launches", "per_chunk", "syncs")})
+                                                          if k in ("chunks", "launches", "per_chunk", "setup", "syncs")})
 
 
 def determinism_and_accuracy(rec: Recorder) -> None:

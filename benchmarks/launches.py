@@ -157,8 +157,18 @@ def _inputs(n: int, steps: int, vocab: int, hs: int, ht: int, seed: int = 0):
 def single_pass_counts(case: str, *, n: int = 1024, steps: int = 8, vocab: int = 4096, hidden: int = 32,
                        chunk_size: int = 256) -> dict:
     """Launches and syncs of one forward (the single pass) of a loss on the Triton backend, kernels stubbed:
-    ``{"case", "chunks", "launches", "per_chunk", "syncs", "by_op", "by_kernel"}``.  ``case``: ``"kl"``,
+    ``{"case", "chunks", "launches", "per_chunk", "setup", "syncs", "by_op", "by_kernel"}`` for ``n`` tokens;
+    ``per_chunk`` is the marginal cost of a chunk (the same call on ``2 n`` tokens, twice the chunks, minus this
+    one, per added chunk) and ``setup`` what the call costs besides its chunks.  ``case``: ``"kl"``,
     ``"token_weights"``, ``"policy"``, ``"sparse"``."""
+    small = _count(case, n=n, steps=steps, vocab=vocab, hidden=hidden, chunk_size=chunk_size)
+    large = _count(case, n=2 * n, steps=2 * steps, vocab=vocab, hidden=hidden, chunk_size=chunk_size)
+    per_chunk = (large["launches"] - small["launches"]) / max(large["chunks"] - small["chunks"], 1)
+    return {**small, "per_chunk": round(per_chunk, 1),
+            "setup": round(small["launches"] - per_chunk * small["chunks"], 1)}
+
+
+def _count(case: str, *, n: int, steps: int, vocab: int, hidden: int, chunk_size: int) -> dict:
     from sod_kernels import fused_sod_loss, fused_sod_policy_loss, fused_sparse_sod_loss
 
     sh, sw, th, tw, step_ids, y = _inputs(n, steps, vocab, hidden, hidden + 16)
@@ -190,8 +200,7 @@ def single_pass_counts(case: str, *, n: int = 1024, steps: int = 8, vocab: int =
             os.environ.pop("TRITON_INTERPRET")
         else:
             os.environ["TRITON_INTERPRET"] = previous
-    return {"case": case, "chunks": chunks, "launches": count.launches,
-            "per_chunk": round(count.launches / chunks, 1), "syncs": count.syncs,
+    return {"case": case, "chunks": chunks, "launches": count.launches, "syncs": count.syncs,
             "by_op": dict(count.by_op.most_common()), "by_kernel": dict(count.by_kernel),
             "sync_ops": dict(count.sync_ops)}
 
@@ -205,7 +214,7 @@ def main(argv=None) -> None:
     for case in args.cases.split(","):
         r = single_pass_counts(case)
         print(f"{case:14s} chunks {r['chunks']:3d}  launches {r['launches']:5d}  per chunk {r['per_chunk']:6.1f}  "
-              f"syncs {r['syncs']} {r['sync_ops'] if r['syncs'] else ''}")
+              f"setup {r['setup']:6.1f}  syncs {r['syncs']} {r['sync_ops'] if r['syncs'] else ''}")
         if args.verbose:
             print("   ", r["by_kernel"], r["by_op"])
 
