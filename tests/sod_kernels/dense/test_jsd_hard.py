@@ -19,44 +19,21 @@ from reference.sod_reference import ref_token_divergence
 from sod_kernels import fused_sod_loss
 from sod_kernels.core import cpu_epilogue, tiles
 from sod_kernels.dense import cpu_backend, torch_backend
-from tests.helpers import step_masks
+from tests.helpers import PathCounter, dense_problem, relative_error, step_masks
 
 
-def _problem(B, T, Hs, Ht, V, Vt, dtype, seed, bias=True, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    f64 = torch.float64
-    sh = torch.randn(B, T, Hs, generator=g, dtype=f64)
-    sw = torch.randn(V, Hs, generator=g, dtype=f64) * scale / Hs ** 0.5
-    th = torch.randn(B, T, Ht, generator=g, dtype=f64)
-    tw = torch.randn(Vt, Ht, generator=g, dtype=f64) * scale / Ht ** 0.5
-    sb = torch.randn(V, generator=g, dtype=f64) if bias else None
-    tb = torch.randn(Vt, generator=g, dtype=f64) if bias else None
-    y = torch.randint(0, V, (B, T), generator=g)
-    cast = lambda x: None if x is None else x.to(dtype)  # noqa: E731
-    return [cast(x) for x in (sh, sw, th, tw, sb, tb)], y
+def _problem(*args, **kwargs):
+    return dense_problem(*args, **kwargs)
 
 
-def _rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
+_rel = relative_error
 
 
-class _Paths:
-    """Counts which path fused_sod_loss took: the CPU single pass or the two-pass tile sweep."""
+class _Paths(PathCounter):
+    """Counts which path fused_sod_loss took: the CPU single pass or the two-pass chunked backend."""
 
     def __init__(self, monkeypatch):
-        self.single = self.two_pass = 0
-        single, forward = cpu_backend.single_pass_loss, torch_backend.divergence_forward
-
-        def count_single(*a, **k):
-            self.single += 1
-            return single(*a, **k)
-
-        def count_two_pass(*a, **k):
-            self.two_pass += 1
-            return forward(*a, **k)
-
-        monkeypatch.setattr(cpu_backend, "single_pass_loss", count_single)
-        monkeypatch.setattr(torch_backend, "divergence_forward", count_two_pass)
+        super().__init__(monkeypatch, cpu_backend, torch_backend, "divergence_forward")
 
 
 def _compare(mask, inputs, y, dtype, *, memory="fast", token_weights=None, chunk_size=None, upstream_seed=0,

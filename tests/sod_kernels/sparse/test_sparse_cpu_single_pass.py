@@ -20,7 +20,7 @@ from reference import ref_sparse_sod_loss
 from sod_kernels import fused_sparse_sod_loss
 from sod_kernels.core import cpu_epilogue
 from sod_kernels.sparse import cpu_backend, torch_backend
-from tests.helpers import step_masks
+from tests.helpers import PathCounter, step_masks
 
 LOSS_TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 GRAD_TOL = {torch.float32: 1e-4, torch.float64: 1e-9}
@@ -57,23 +57,11 @@ def _rel(got, ref):
     return float((got - ref).norm()) if norm < 1e-12 else float((got - ref).norm()) / norm
 
 
-class _Paths:
+class _Paths(PathCounter):
     """Counts the calls of the CPU single pass and of the two-pass forward."""
 
     def __init__(self, monkeypatch):
-        self.single = self.two_pass = 0
-        single, forward = cpu_backend.single_pass_loss, torch_backend.sparse_forward
-
-        def count_single(*a, **k):
-            self.single += 1
-            return single(*a, **k)
-
-        def count_two_pass(*a, **k):
-            self.two_pass += 1
-            return forward(*a, **k)
-
-        monkeypatch.setattr(cpu_backend, "single_pass_loss", count_single)
-        monkeypatch.setattr(torch_backend, "sparse_forward", count_two_pass)
+        super().__init__(monkeypatch, cpu_backend, torch_backend, "sparse_forward")
 
     @property
     def taken(self):
