@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from ..core.kernels import (GRAD_BLOCK_V, INTERPRETER_BLOCK_V, MIN_LOGIT, NUM_WARPS, STATS_BLOCK_V, bias_arg, cap_arg,
-                            interpreting, load_capped_logits, load_capped_logits_slope, load_logits, vocab_splits)
+                            interpreting, load_capped_logits, load_logits_and_slope, vocab_splits)
 
 NUM_PARTIALS = 5
 
@@ -188,10 +188,7 @@ def kl_logit_grad_kernel(xs_ptr, xt_ptr, sb_ptr, tb_ptr, grad_ptr, max_s_ptr, ls
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     ok = cols < vocab
     xs_row = xs_ptr + row.to(tl.int64) * stride_xs
-    if HAS_SCAP:
-        zs, slope = load_capped_logits_slope(xs_row, sb_ptr, cols, ok, inv_temp, scap, HAS_SBIAS)
-    else:
-        zs = load_logits(xs_row, sb_ptr, cols, ok, inv_temp, HAS_SBIAS)
+    zs, slope = load_logits_and_slope(xs_row, sb_ptr, cols, ok, inv_temp, scap, HAS_SBIAS, HAS_SCAP)
     zt = load_capped_logits(xt_ptr + row.to(tl.int64) * stride_xt, tb_ptr, cols, ok, inv_temp, tcap, HAS_TBIAS,
                              HAS_TCAP)
     scale = tl.load(scale_ptr + row)
