@@ -67,3 +67,10 @@ class PathCounter:
 
         monkeypatch.setattr(single_module, "single_pass_loss", count_single)
         monkeypatch.setattr(two_pass_module, two_pass_name, count_two_pass)
+
+
+def dense_cpu_paths(monkeypatch) -> PathCounter:
+    """A :class:`PathCounter` of fused_sod_loss on CPU tensors: the CPU single pass or the two-pass tile sweep."""
+    from sod_kernels.dense import cpu_backend, torch_backend
+
+    return PathCounter(monkeypatch, cpu_backend, torch_backend, "divergence_forward")

@@ -18,22 +18,11 @@ from reference import ref_fused_sod_loss
 from reference.sod_reference import ref_token_divergence
 from sod_kernels import fused_sod_loss
 from sod_kernels.core import cpu_epilogue, tiles
-from sod_kernels.dense import cpu_backend, torch_backend
-from tests.helpers import PathCounter, dense_problem, relative_error, step_masks
+from sod_kernels.dense import torch_backend
+from tests.helpers import dense_cpu_paths, dense_problem, relative_error, step_masks
 
 
-def _problem(*args, **kwargs):
-    return dense_problem(*args, **kwargs)
-
-
-_rel = relative_error
-
-
-class _Paths(PathCounter):
-    """Counts which path fused_sod_loss took: the CPU single pass or the two-pass chunked backend."""
-
-    def __init__(self, monkeypatch):
-        super().__init__(monkeypatch, cpu_backend, torch_backend, "divergence_forward")
+_problem, _rel, _Paths = dense_problem, relative_error, dense_cpu_paths
 
 
 def _compare(mask, inputs, y, dtype, *, memory="fast", token_weights=None, chunk_size=None, upstream_seed=0,
