@@ -46,10 +46,10 @@ import torch
 from ..core.chunks import (FAST_CHUNK_BYTES, LOW_MEMORY_CHUNK_BYTES, GradAccumulator, LMHead, chunk_rows, even_chunks,
                            gather_rows, logits_into, row_selector)
 from ..core.tiles import apply_softcap
-from ..steps.plan import kernel_plan
 from .jsd_kernels import jsd_logit_grad, jsd_partials, jsd_row_stats
-from .kernels import (WEIGHTS_GIVEN, WEIGHTS_NONE, WEIGHTS_STEPS, ChunkWeightArgs, KLRowStats, RowOutputs,
-                      kl_logit_grad, kl_partials, kl_row_finish, kl_row_stats, merge_kl_partials)
+from .kernels import (WEIGHTS_STEPS, KLRowStats, kl_logit_grad, kl_partials, kl_row_finish, kl_row_stats,
+                      merge_kl_partials)
+from .pass_state import ChunkWeightPlan, ForwardResult
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DIVERGENCE_NAMES = ("reverse_kl", "forward_kl", "jsd")
@@ -218,35 +218,6 @@ def _sampled_logprobs(p: KLProblem, start: int, stop: int, xs, xt, stats: KLRowS
         zt = zt + p.teacher.bias[y].float()
     zs, zt = apply_softcap(zs, p.student_softcap), apply_softcap(zt, p.teacher_softcap)
     return zs / p.temperature - stats.lse_s, zt / p.temperature - stats.lse_t
-
-
-class ForwardResult:
-    """Per-row outputs ``[Na]`` float32: D, lse_s, lse_t, logp_s(y), logp_t(y) (None without targets), and
-    ``frame [3, Na]`` (max_s, max_t, centre) that the backward's gradient kernel needs."""
-
-    def __init__(self, n: int, device, with_targets: bool):
-        empty = lambda: torch.empty(n, dtype=torch.float32, device=device)  # noqa: E731
-        self.D, self.lse_s, self.lse_t = empty(), empty(), empty()
-        self.lp_s = empty() if with_targets else None
-        self.lp_t = empty() if with_targets else None
-        self.frame = torch.empty(3, n, dtype=torch.float32, device=device)
-
-    def store(self, start: int, stop: int, stats: KLRowStats, sampled=None) -> None:
-        self.D[start:stop], self.lse_s[start:stop], self.lse_t[start:stop] = stats.D, stats.lse_s, stats.lse_t
-        self.frame[0, start:stop], self.frame[1, start:stop], self.frame[2, start:stop] = \
-            stats.max_s, stats.max_t, stats.centre
-        if sampled is not None:
-            self.lp_s[start:stop], self.lp_t[start:stop] = sampled
-
-    def views(self, start: int) -> RowOutputs:
-        """Views of every per-row buffer from row ``start`` on (where the row-finish kernel writes a chunk)."""
-        tail = lambda x: None if x is None else x[start:]  # noqa: E731
-        return RowOutputs(self.D[start:], self.lse_s[start:], self.lse_t[start:], self.frame[:, start:],
-                          tail(self.lp_s), tail(self.lp_t))
-
-    def stats(self, start: int, stop: int) -> KLRowStats:
-        return KLRowStats(self.D[start:stop], self.lse_s[start:stop], self.lse_t[start:stop],
-                          self.frame[0, start:stop], self.frame[1, start:stop], self.frame[2, start:stop])
 
 
 def _slices(vocab: int, rows: int, budget: int) -> list[slice]:
@@ -463,7 +434,7 @@ def single_pass_loss(p: KLProblem, chunks: list[tuple[int, int]],
                           need_bias=need_bias, block_rows=longest)
     blocks = _Blocks(longest, p.vocab, device)
     grad_scale = coef / (normalizer * p.temperature)
-    weights = _ChunkWeightPlan(chunk_weights, grad_scale, longest, device)
+    weights = ChunkWeightPlan(chunk_weights, grad_scale, longest, device)
     f32 = torch.float32
     slots = torch.zeros(2, max(len(chunks), 1), dtype=torch.float64, device=device)  # sum w D, sum -lp_s per chunk
     scale = torch.empty(longest, dtype=f32, device=device)
@@ -496,48 +467,3 @@ def single_pass_loss(p: KLProblem, chunks: list[tuple[int, int]],
     totals = slots.sum(1)
     loss = (totals[0] * (coef / normalizer) + totals[1] * (hard_weight / normalizer)).to(f32)
     return SinglePassResult(loss, out.D, out.lp_s, out.lp_t, acc.finish())
-
-
-class _ChunkWeightPlan:
-    """The single pass's weights, as :func:`kl_row_finish` takes them chunk by chunk.
-
-    From a weight function's :class:`~sod_kernels.steps.plan.KernelWeightPlan` (``in_kernel``): the mode and the
-    whole-call tensors, made once (``params`` float64 ``(epsilon, delta, grad_scale)``, the steps' float64 prefix
-    scratch); each chunk's
-    :class:`ChunkWeightArgs` is then views and Python ints (no launch, no sync).  From any other callable: the
-    kernel runs with every weight 1 and :meth:`apply_callable` overwrites the chunk's loss slot and scale."""
-
-    def __init__(self, chunk_weights, grad_scale: float, longest: int, device):
-        self.fn = chunk_weights
-        self.grad_scale = grad_scale
-        plan = kernel_plan(chunk_weights)
-        self.in_kernel = plan is not None
-        mode = plan.mode if self.in_kernel else "none"
-        self.mode = {"none": WEIGHTS_NONE, "given": WEIGHTS_GIVEN, "steps": WEIGHTS_STEPS}[mode]
-        steps = plan.steps if self.mode == WEIGHTS_STEPS else None
-        eps, delta = (steps.epsilon, steps.delta) if steps is not None else (1.0, 0.0)
-        self.params = torch.tensor([eps, delta, grad_scale], dtype=torch.float64, device=device)
-        self.steps = steps
-        self.tensors = steps.kernel_args() if steps is not None else None
-        self.prefix = torch.empty(longest + 1, dtype=torch.float64, device=device) if steps is not None else None
-        self.given = plan.given if self.mode == WEIGHTS_GIVEN else None
-
-    def args(self, start: int, stop: int) -> ChunkWeightArgs:
-        if self.mode == WEIGHTS_GIVEN:
-            return ChunkWeightArgs(WEIGHTS_GIVEN, self.params, given=self.given[start:stop])
-        if self.mode == WEIGHTS_STEPS:
-            t = self.tensors
-            return ChunkWeightArgs(WEIGHTS_STEPS, self.params, step=t["step"][start:stop], bounds=t["bounds"],
-                                   first_step=t["first_step"], means=t["means"], prefix=self.prefix,
-                                   chunk_start=start, chunk_step0=self.steps.first_step_of_chunk(start))
-        return ChunkWeightArgs(WEIGHTS_NONE, self.params)
-
-    def apply_callable(self, out: ForwardResult, start: int, stop: int, sampled_signal: bool, scale: torch.Tensor,
-                       slot: torch.Tensor) -> None:
-        """A plain ``chunk_weights`` callable: the chunk's weights from torch ops, into ``slot`` (``sum w D``,
-        float64) and ``scale[:C]`` (``w * grad_scale``, float32)."""
-        D = out.D[start:stop]
-        signal = (out.lp_s[start:stop] - out.lp_t[start:stop]).abs() if sampled_signal else D
-        w = self.fn(start, stop, D, signal)
-        slot.copy_((w.to(torch.float64) * D.to(torch.float64)).sum())
-        scale[: stop - start] = (w * self.grad_scale).to(torch.float32)
