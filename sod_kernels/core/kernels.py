@@ -30,6 +30,8 @@ STATS_BLOCK_V = 2048
 GRAD_BLOCK_V = 2048
 NUM_WARPS = 8
 INTERPRETER_BLOCK_V = 16
+COLSUM_BLOCK_R = 32     # column_sum_add_kernel: rows per loaded tile ...
+COLSUM_BLOCK_V = 256    # ... and columns per program
 TARGET_PROGRAMS = 1024  # rows x splits of the statistics kernel: enough to fill an H100/H200 several times
 
 
@@ -192,6 +194,34 @@ def logprob_partials(x: torch.Tensor, bias: torch.Tensor | None, *, temperature:
             1.0 / temperature, cap_arg(softcap), HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy,
             BLOCK_V=block, HAS_CAP=softcap is not None, num_warps=NUM_WARPS)
     return part
+
+
+@triton.jit
+def column_sum_add_kernel(g_ptr, out_ptr, n_rows, vocab, stride_g, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+    """``out[cols] += sum_rows g[rows, cols]`` (fp32 accumulation) for one block of columns; each program owns
+    its columns and adds its rows in a fixed order (no atomics: deterministic)."""
+    cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+    ok = cols < vocab
+    offs = tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    for start in range(0, n_rows, BLOCK_R):
+        rows = start + offs
+        tile = tl.load(g_ptr + rows.to(tl.int64)[:, None] * stride_g + cols[None, :],
+                       mask=(rows < n_rows)[:, None] & ok[None, :], other=0.0)
+        acc += tl.sum(tile.to(tl.float32), axis=0)
+    tl.store(out_ptr + cols, tl.load(out_ptr + cols, mask=ok, other=0.0) + acc, mask=ok)
+
+
+def column_sum_add(grad: torch.Tensor, out: torch.Tensor) -> None:
+    """``out [V] += grad.sum(0)`` in one launch: ``grad [C, V]`` (any float dtype, unit column stride),
+    ``out`` float32 contiguous (``d(bias)`` of :class:`sod_kernels.core.loop.DeviceGrads` with ``bias="column_sum"``;
+    GradAccumulator's column sum, in-place add and slice write-back are three launches).  Reads ``C V`` gradient entries once, like the sum it
+    replaces; ``COLSUM_BLOCK_V``-column programs (about 600 at V = 152k) loop over the rows in
+    ``COLSUM_BLOCK_R``-row tiles."""
+    n_rows, vocab = grad.shape
+    block_r, block_v = (4, 16) if interpreting() else (COLSUM_BLOCK_R, COLSUM_BLOCK_V)
+    column_sum_add_kernel[(triton.cdiv(vocab, block_v),)](grad, out, n_rows, vocab, grad.stride(0),
+                                                          BLOCK_R=block_r, BLOCK_V=block_v, num_warps=4)
 
 
 def codegen_spec(name: str, fn, signature: dict, constexprs: dict, divisible_by_16: list[str], *,

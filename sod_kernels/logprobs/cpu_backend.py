@@ -26,9 +26,11 @@ from collections.abc import Callable
 import torch
 
 from ..core import cpu_epilogue
-from ..core.chunks import gather_rows, row_selector
+from ..core.chunks import LMHead, even_chunks
+from ..core.cpu_pass import ComputeHead
+from ..core.loop import CpuBlocks, CpuGrads, longest_chunk, run_chunks
 from ..core.rows import chunk_row_index
-from ..core.tiles import apply_softcap, compute_dtype, fold_logit_grad, grads_like
+from ..core.tiles import apply_softcap, compute_dtype
 
 CHUNK_BYTES = 128 << 20
 MIN_ROWS = 16
@@ -50,45 +52,37 @@ def chunk_rows(n_rows: int, vocab: int, elem: int, chunk_size: int | None) -> in
     return max(min(rows, max(n_rows, 1)), 1)
 
 
-class _Head:
+class _Head(ComputeHead):
+    """The model's :class:`~sod_kernels.core.cpu_pass.ComputeHead` (weight and bias in the compute dtype) with the
+    temperature, the soft-cap and their 0-d epilogue scalars."""
+
     def __init__(self, hidden, weight, bias, temperature, softcap):
-        self.dt = compute_dtype(hidden.dtype)
-        dt = self.dt
-        self.hidden = hidden
-        self.weight = weight.to(dt) if weight.dtype != dt else weight
-        if self.weight.stride(-1) != 1:
-            self.weight = self.weight.contiguous()
-        self.has_bias = bias is not None
-        self.bias = torch.zeros(weight.shape[0], dtype=dt) if bias is None else bias.to(dt).contiguous()
+        self.source = LMHead(hidden, weight, bias, weight.shape[0])
+        super().__init__(self.source, compute_dtype(hidden.dtype))
         self.temperature = float(temperature)
         self.softcap = softcap
-        self.inv_temp = torch.tensor(1.0 / self.temperature, dtype=dt)
-        self.cap = torch.tensor(softcap or 1.0, dtype=dt)
+        self.inv_temp = torch.tensor(1.0 / self.temperature, dtype=self.dt)
+        self.cap = torch.tensor(softcap or 1.0, dtype=self.dt)
         self.vocab = weight.shape[0]
-
-    def rows(self, rows) -> torch.Tensor:
-        h = gather_rows(self.hidden, rows)
-        return h if h.dtype == self.dt else h.to(self.dt)
 
     def target_logits(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Raw logits of the sampled tokens: one gathered dot product per row."""
         return (h * self.weight[y]).sum(-1) + self.bias[y]
 
 
-def _logit_blocks(head: _Head, row_index: torch.Tensor, chunk_size: int | None):
-    """Yields ``(start, stop, rows, h, x)`` per chunk of the distilled rows ``row_index [n]`` (int64):
-    the chunk's slice ``[start, stop)``, its rows (a slice when ``row_index`` is ``arange``), their hidden
-    states ``h [C, H]`` and raw logits ``x = h W^T [C, V]`` in the compute dtype (a view of one reused block,
-    overwritten by the next chunk)."""
-    n, V = row_index.numel(), head.vocab
-    C = chunk_rows(n, V, max(torch.finfo(head.dt).bits // 8, 4), chunk_size)
-    block = torch.empty(C * V, dtype=head.dt)
-    row_index, contiguous = chunk_row_index(row_index, head.hidden.shape[0])
-    for start in range(0, n, C):
-        stop = min(start + C, n)
-        rows = row_selector(row_index, start, stop, contiguous)
-        h = head.rows(rows)
-        yield start, stop, rows, h, torch.mm(h, head.weight.T, out=block[:(stop - start) * V].view(stop - start, V))
+class _Pass:
+    """The chunk plan of one call: ``row_index [n]`` as the loop wants it, the chunks (:data:`CHUNK_BYTES` of
+    logits each, or ``chunk_size`` rows) and the reusable block."""
+
+    def __init__(self, head: _Head, row_index: torch.Tensor, chunk_size: int | None):
+        n = row_index.numel()
+        self.rows, self.contiguous = chunk_row_index(row_index, head.hidden.shape[0])
+        self.chunks = even_chunks(n, chunk_rows(n, head.vocab, max(torch.finfo(head.dt).bits // 8, 4), chunk_size))
+        self.blocks = CpuBlocks((head,), self.rows, self.contiguous, longest_chunk(self.chunks))
+
+    def grads(self, head: _Head, need_hidden: bool, need_weight: bool, need_bias: bool) -> CpuGrads:
+        return CpuGrads(self.rows.numel(), head, head.source, self.rows, self.contiguous, need_hidden=need_hidden,
+                        need_weight=need_weight, need_bias=need_bias)
 
 
 def logprob_forward(hidden, weight, bias, row_index, target_ids, *, temperature: float, with_entropy: bool = False,
@@ -99,15 +93,19 @@ def logprob_forward(hidden, weight, bias, row_index, target_ids, *, temperature:
     n = row_index.numel()
     logp, lse = torch.empty(n, dtype=dt), torch.empty(n, dtype=dt)
     entropy = torch.empty(n, dtype=dt) if with_entropy else None
+    plan = _Pass(head, row_index, chunk_size)
+
+    def epilogue(c):
+        chunk_lse, _, ent = cpu_epilogue.run("logprob_stats", c.logits[0], head.bias, head.inv_temp, head.cap,
+                                             softcap is not None, with_entropy, False, rows=c.size)
+        z_y = apply_softcap(head.target_logits(c.hidden[0], target_ids[c.rows]), softcap) / head.temperature
+        lse[c.start:c.stop] = chunk_lse
+        logp[c.start:c.stop] = z_y - chunk_lse
+        if with_entropy:
+            entropy[c.start:c.stop] = ent
+
     with torch.no_grad():
-        for start, stop, rows, h, x in _logit_blocks(head, row_index, chunk_size):
-            chunk_lse, _, ent = cpu_epilogue.run("logprob_stats", x, head.bias, head.inv_temp, head.cap,
-                                                 softcap is not None, with_entropy, False, rows=stop - start)
-            z_y = apply_softcap(head.target_logits(h, target_ids[rows]), softcap) / head.temperature
-            lse[start:stop] = chunk_lse
-            logp[start:stop] = z_y - chunk_lse
-            if with_entropy:
-                entropy[start:stop] = ent
+        run_chunks(plan.chunks, plan.blocks, epilogue)
     return logp, lse, entropy, None
 
 
@@ -116,24 +114,27 @@ def logprob_backward(hidden, weight, bias, row_index, target_ids, lse, grad_logp
                      need_bias: bool = True, chunk_size: int | None = None, softcap: float | None = None):
     """:func:`sod_kernels.token_logprobs.logprob_backward` on CPU tensors (recomputes each chunk's logits)."""
     head = _Head(hidden, weight, bias, temperature, softcap)
-    dt, V, H = head.dt, head.vocab, head.weight.shape[1]
-    d_hidden = torch.zeros(hidden.shape, dtype=dt) if need_hidden else None
-    d_weight = torch.zeros(V, H, dtype=dt) if need_weight else None
-    d_bias = torch.zeros(V, dtype=dt) if (need_bias and bias is not None) else None
+    dt = head.dt
+    plan = _Pass(head, row_index, chunk_size)
+    grads = plan.grads(head, need_hidden, need_weight, need_bias)
     with_entropy = grad_entropy is not None
     inv_t = 1.0 / head.temperature
+
+    def epilogue(c):
+        start, stop = c.start, c.stop
+        scale = grad_logp[start:stop].to(dt) * inv_t
+        if with_entropy:
+            scale_h, ent = grad_entropy[start:stop].to(dt) * inv_t, entropy[start:stop].to(dt)
+        else:
+            scale_h = ent = scale
+        x = c.grad_block()   # the logits, overwritten with d(logits)
+        cpu_epilogue.run("logprob_grad", x, head.bias, head.inv_temp, head.cap, lse[start:stop].to(dt),
+                         target_ids[c.rows], scale, scale_h, ent, softcap is not None, with_entropy, rows=c.size)
+        return x
+
     with torch.no_grad():
-        for start, stop, rows, h, x in _logit_blocks(head, row_index, chunk_size):
-            c = stop - start
-            scale = grad_logp[start:stop].to(dt) * inv_t
-            if with_entropy:
-                scale_h, ent = grad_entropy[start:stop].to(dt) * inv_t, entropy[start:stop].to(dt)
-            else:
-                scale_h = ent = scale
-            cpu_epilogue.run("logprob_grad", x, head.bias, head.inv_temp, head.cap, lse[start:stop].to(dt),
-                             target_ids[rows], scale, scale_h, ent, softcap is not None, with_entropy, rows=c)
-            fold_logit_grad(x, h, head.weight, rows, d_hidden, d_weight, d_bias)
-    return grads_like((d_hidden, d_weight, d_bias), (hidden, weight, bias))
+        run_chunks(plan.chunks, plan.blocks, epilogue, grads)
+    return grads.finish()
 
 
 def single_pass_token_loss(hidden, weight, bias, row_index, target_ids, *, temperature: float,
@@ -144,34 +145,35 @@ def single_pass_token_loss(hidden, weight, bias, row_index, target_ids, *, tempe
     :func:`sod_kernels.triton_token_logprobs.single_pass_token_loss`, on CPU tensors; ``logp`` in float32, or
     float64 for float64 inputs).  Returns ``(loss float64 0-D, logp [Na], (d_hidden, d_weight, d_bias))``."""
     head = _Head(hidden, weight, bias, temperature, softcap)
-    dt, V, H = head.dt, head.vocab, head.weight.shape[1]
-    n = row_index.numel()
-    logp = torch.empty(n, dtype=dt)
-    d_hidden = torch.zeros(hidden.shape, dtype=dt) if need_hidden else None
-    d_weight = torch.zeros(V, H, dtype=dt) if need_weight else None
-    d_bias = torch.zeros(V, dtype=dt) if (need_bias and bias is not None) else None
-    active = d_hidden is not None or d_weight is not None or d_bias is not None
+    dt = head.dt
+    logp = torch.empty(row_index.numel(), dtype=dt)
+    plan = _Pass(head, row_index, chunk_size)
+    grads = plan.grads(head, need_hidden, need_weight, need_bias)
     total = torch.zeros((), dtype=torch.float64)
+
+    def epilogue(c):
+        nonlocal total
+        start, stop = c.start, c.stop
+        x = c.logits[0]
+        y = target_ids[c.rows]
+        raw_y = head.target_logits(c.hidden[0], y)
+        chunk_lse, sums, _ = cpu_epilogue.run("logprob_stats", x, head.bias, head.inv_temp, head.cap,
+                                              softcap is not None, False, True, rows=c.size)
+        lp = apply_softcap(raw_y, softcap) / head.temperature - chunk_lse
+        logp[start:stop] = lp
+        part, dlogp = token_loss(start, stop, lp)
+        total += part.to(torch.float64)
+        if not grads.active:
+            return None
+        scale = dlogp.to(dt) / head.temperature
+        cpu_epilogue.run("token_loss_grad", x, sums, scale, rows=c.size)
+        at_y = scale if softcap is None else scale * _cap_slope(raw_y, softcap)
+        x.scatter_add_(1, y[:, None], at_y[:, None])
+        return x
+
     with torch.no_grad():
-        for start, stop, rows, h, x in _logit_blocks(head, row_index, chunk_size):
-            c = stop - start
-            y = target_ids[rows]
-            raw_y = head.target_logits(h, y)
-            chunk_lse, sums, _ = cpu_epilogue.run("logprob_stats", x, head.bias, head.inv_temp, head.cap,
-                                                  softcap is not None, False, True, rows=c)
-            lp = apply_softcap(raw_y, softcap) / head.temperature - chunk_lse
-            logp[start:stop] = lp
-            part, dlogp = token_loss(start, stop, lp)
-            total += part.to(torch.float64)
-            if not active:
-                continue
-            scale = dlogp.to(dt) / head.temperature
-            cpu_epilogue.run("token_loss_grad", x, sums, scale, rows=c)
-            at_y = scale if softcap is None else scale * _cap_slope(raw_y, softcap)
-            x.scatter_add_(1, y[:, None], at_y[:, None])
-            fold_logit_grad(x, h, head.weight, rows, d_hidden, d_weight, d_bias)
-    grads = grads_like((d_hidden, d_weight, d_bias), (hidden, weight, bias))
-    return total, logp, grads
+        run_chunks(plan.chunks, plan.blocks, epilogue, grads)
+    return total, logp, grads.finish()
 
 
 def _cap_slope(raw: torch.Tensor, cap: float) -> torch.Tensor:

@@ -24,7 +24,7 @@ small tensor operation (each a kernel launch and a gap on a GPU) runs per chunk.
 - ``logprob_logit_grad_kernel`` (grid: rows x column blocks) writes, in the gradient dtype,
   ``d(logits) = a_row (onehot(y) - p) + e_row (-p ((z - M) - B / L))``: the first term is ``d logp(y)/dz``,
   the second ``dH/dz``; ``a_row`` and ``e_row`` hold the upstream gradients and ``1/tau``.
-- ``column_sum_add_kernel`` (grid: column blocks): ``d(bias) += colsum(d(logits))`` in a fixed row order.
+- (``column_sum_add_kernel``, the d(bias) column sum, lives in :mod:`sod_kernels.core.kernels`; its sm_90 spec is here.)
 
 The statistics and ``d(logits)`` kernels are bandwidth bound: ``4 C V`` bytes read for the statistics,
 ``4 C V`` read and ``2 C V`` written (16-bit gradient) for ``d(logits)``, ``2 C V`` read by the column sum.
@@ -36,13 +36,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..core.kernels import (GRAD_BLOCK_V, INTERPRETER_BLOCK_V, NUM_WARPS, STATS_BLOCK_V, LogprobRowStats, cap_arg,
-                            codegen_spec, interpreting, load_capped_logits, load_logits_and_slope,
-                            logprob_partial_stats_kernel, merge_row_partials)
+from ..core.kernels import (COLSUM_BLOCK_R, COLSUM_BLOCK_V, GRAD_BLOCK_V, INTERPRETER_BLOCK_V, NUM_WARPS, STATS_BLOCK_V,
+                            LogprobRowStats, cap_arg, codegen_spec, column_sum_add_kernel, interpreting,
+                            load_capped_logits, load_logits_and_slope, logprob_partial_stats_kernel, merge_row_partials)
 
 POLICY_BLOCK_R = 128    # rows per program of policy_token_kernel (a chunk of 512 rows: 4 programs)
-COLSUM_BLOCK_R = 32     # column_sum_add_kernel: rows per loaded tile ...
-COLSUM_BLOCK_V = 256    # ... and columns per program
 
 
 @triton.jit
@@ -223,34 +221,6 @@ def policy_token_terms(x: torch.Tensor, bias: torch.Tensor | None, part: torch.T
         -1.0 if dual is None else -float(dual), float(divisor), float(temperature), HAS_BIAS=bias is not None,
         HAS_CAP=softcap is not None, HAS_DUAL=dual is not None, BLOCK_R=block_r,
         BLOCK_S=max(triton.next_power_of_2(splits), 2), num_warps=4)
-
-
-@triton.jit
-def column_sum_add_kernel(g_ptr, out_ptr, n_rows, vocab, stride_g, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
-    """``out[cols] += sum_rows g[rows, cols]`` (fp32 accumulation) for one block of columns; each program owns
-    its columns and adds its rows in a fixed order (no atomics: deterministic)."""
-    cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
-    ok = cols < vocab
-    offs = tl.arange(0, BLOCK_R)
-    acc = tl.zeros((BLOCK_V,), dtype=tl.float32)
-    for start in range(0, n_rows, BLOCK_R):
-        rows = start + offs
-        tile = tl.load(g_ptr + rows.to(tl.int64)[:, None] * stride_g + cols[None, :],
-                       mask=(rows < n_rows)[:, None] & ok[None, :], other=0.0)
-        acc += tl.sum(tile.to(tl.float32), axis=0)
-    tl.store(out_ptr + cols, tl.load(out_ptr + cols, mask=ok, other=0.0) + acc, mask=ok)
-
-
-def column_sum_add(grad: torch.Tensor, out: torch.Tensor) -> None:
-    """``out [V] += grad.sum(0)`` in one launch: ``grad [C, V]`` (any float dtype, unit column stride),
-    ``out`` float32 contiguous (``d(bias)`` of the token log-probs' backward and of the one-pass policy loss;
-    GradAccumulator's column sum, in-place add and slice write-back are three launches).  Reads ``C V`` gradient entries once, like the sum it
-    replaces; ``COLSUM_BLOCK_V``-column programs (about 600 at V = 152k) loop over the rows in
-    ``COLSUM_BLOCK_R``-row tiles."""
-    n_rows, vocab = grad.shape
-    block_r, block_v = (4, 16) if interpreting() else (COLSUM_BLOCK_R, COLSUM_BLOCK_V)
-    column_sum_add_kernel[(triton.cdiv(vocab, block_v),)](grad, out, n_rows, vocab, grad.stride(0),
-                                                          BLOCK_R=block_r, BLOCK_V=block_v, num_warps=4)
 
 
 def codegen_specs() -> list[dict]:

@@ -30,9 +30,10 @@ from dataclasses import dataclass
 import torch
 
 from ..core.chunks import (FAST_CHUNK_BYTES, LOW_MEMORY_CHUNK_BYTES, GradAccumulator, LMHead, chunk_rows, even_chunks,
-                           logits_into, row_plan)
+                           row_plan)
 from ..core.kernels import LogprobRowStats, logprob_partials
-from .kernels import column_sum_add, logprob_logit_grad_scaled, logprob_token_terms, policy_token_terms
+from ..core.loop import DeviceBlocks, DeviceGrads, longest_chunk, run_chunks
+from .kernels import logprob_logit_grad_scaled, logprob_token_terms, policy_token_terms
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -66,32 +67,22 @@ class LogprobProblem:
         return even_chunks(self.n_rows, chunk_rows(self.n_rows, self.head.vocab, per_entry, budget=self.budget,
                                                    chunk_size=chunk_size))
 
-    def active_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(hidden [Na, H], targets [Na] int64 contiguous)`` of the distilled rows, in their order: views when
-        ``row_index`` is ``arange(N)``, else one gather each before the chunk loop (so a chunk's rows are a
-        slice: no per-chunk gather launches; ``Na x H`` more memory in the input dtype)."""
-        if self.contiguous:
-            return self.head.hidden, self.target_ids.contiguous()
-        return self.head.hidden.index_select(0, self.row_index), self.target_ids.index_select(0, self.row_index)
+
+def _blocks(p: LogprobProblem, chunks: list[tuple[int, int]]) -> DeviceBlocks:
+    """The chunks' float32 logit block; the distilled rows' hidden states gathered once before the loop (views
+    when ``row_index`` is ``arange(N)``: no per-chunk gather launches; else ``Na x H`` more memory)."""
+    return DeviceBlocks((p.head,), p.row_index, p.contiguous, longest_chunk(chunks), gather="once")
 
 
-def _bias_grad(bias: torch.Tensor | None, need_bias: bool) -> torch.Tensor | None:
-    """A float32 ``d(bias)`` accumulator ``[Vw]`` (zeros) when one is needed: the loops fold each chunk's
-    column sums into it with one :func:`column_sum_add` launch (GradAccumulator's bias path is three)."""
-    return torch.zeros(bias.shape[0], dtype=torch.float32, device=bias.device) \
-        if (need_bias and bias is not None) else None
+def _targets(p: LogprobProblem) -> torch.Tensor:
+    """The distilled rows' targets ``[Na]`` int64, contiguous (one gather unless the rows are all rows)."""
+    return p.target_ids.contiguous() if p.contiguous else p.target_ids.index_select(0, p.row_index)
 
 
-class _Block:
-    """Reusable float32 logit block of at most ``rows`` rows (gradient blocks: GradAccumulator)."""
-
-    def __init__(self, p: LogprobProblem, rows: int):
-        self.x = torch.empty(rows, p.head.vocab, dtype=torch.float32, device=p.head.hidden.device)
-
-    def logits(self, p: LogprobProblem, rows_h: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """``x [C, V] = rows_h[start:stop] @ W.T`` (float32, one product) for the chunk ``[start, stop)`` of
-        the distilled rows ``rows_h [Na, H]`` (:meth:`LogprobProblem.active_rows`)."""
-        return logits_into(self.x[: stop - start], rows_h[start:stop], p.head.used_weight)
+def _grads(p: LogprobProblem, chunks, need_hidden: bool, need_weight: bool, need_bias: bool) -> DeviceGrads:
+    """d(hidden) and d(weight) by the accumulator, d(bias) by one column-sum launch per chunk."""
+    return DeviceGrads(p.head, p.row_index, p.contiguous, need_hidden=need_hidden, need_weight=need_weight,
+                       need_bias=need_bias, block_rows=longest_chunk(chunks), bias="column_sum")
 
 
 def logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, row_index: torch.Tensor,
@@ -113,17 +104,20 @@ def logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     entropy = torch.empty_like(logp) if with_entropy else None
     frame = torch.zeros(2, n, dtype=torch.float32, device=device)
     chunks = p.chunks(False, chunk_size)
-    block = _Block(p, max((b - a for a, b in chunks), default=1))
-    rows_h, targets = p.active_rows()
-    for start, stop in chunks:  # 3 launches per chunk
-        x = block.logits(p, rows_h, start, stop)
-        part = logprob_partials(x, p.head.used_bias, temperature=p.temperature, softcap=p.softcap,
-                                with_entropy=with_entropy)
-        logprob_token_terms(x, p.head.used_bias, part, targets[start:stop],
+    targets = _targets(p)
+    bias = p.head.used_bias
+
+    def epilogue(c):  # 3 launches per chunk with the product
+        start, stop = c.start, c.stop
+        x = c.logits[0]
+        part = logprob_partials(x, bias, temperature=p.temperature, softcap=p.softcap, with_entropy=with_entropy)
+        logprob_token_terms(x, bias, part, targets[start:stop],
                             (logp[start:stop], lse[start:stop], frame[0, start:stop],
                              frame[1, start:stop] if with_entropy else None,
                              entropy[start:stop] if with_entropy else None),
                             temperature=p.temperature, softcap=p.softcap)
+
+    run_chunks(chunks, _blocks(p, chunks), epilogue)
     return logp, lse, entropy, frame
 
 
@@ -138,63 +132,27 @@ def logprob_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     get zero gradient."""
     p = LogprobProblem.build(hidden, weight, bias, row_index, target_ids, temperature, softcap, memory)
     chunks = p.chunks(True, chunk_size)
-    longest = max((b - a for a, b in chunks), default=1)
-    acc = GradAccumulator(p.head, p.row_index, p.contiguous, need_hidden=need_hidden, need_weight=need_weight,
-                          need_bias=False, block_rows=longest)
-    d_bias = _bias_grad(bias, need_bias)
-    if not (acc.active or d_bias is not None) or p.n_rows == 0:
-        d_hidden, d_weight, _ = acc.finish()
-        return d_hidden, d_weight, d_bias if d_bias is None else d_bias.to(bias.dtype)
+    grads = _grads(p, chunks, need_hidden, need_weight, need_bias)
+    if not grads.active or p.n_rows == 0:
+        return grads.finish()
     if grad_entropy is not None and frame is None:
         raise ValueError("logprob_backward: grad_entropy needs the frame returned by logprob_forward")
-    block = _Block(p, longest)
-    grads = _GradBlocks(p, acc, d_bias, longest)
-    rows_h, targets = p.active_rows()
+    targets = _targets(p)
     # the upstream scales of all rows at once (not per chunk): d logp / dz and dH / dz carry 1 / tau
     scale = (grad_logp.to(torch.float32) / p.temperature).contiguous()
     scale_e = None if grad_entropy is None else (grad_entropy.to(torch.float32) / p.temperature).contiguous()
-    for start, stop in chunks:  # 4 launches per chunk (5 with a bias), the d(weight) fold's product per group
-        x = block.logits(p, rows_h, start, stop)
+
+    def epilogue(c):  # 4 launches per chunk (5 with a bias), the d(weight) fold's product per group
+        start, stop = c.start, c.stop
         stats = LogprobRowStats(lse[start:stop], lse[start:stop] if frame is None else frame[0, start:stop],
                                 lse[start:stop] if frame is None else frame[1, start:stop], None)
-        out = grads.block(stop - start)
-        logprob_logit_grad_scaled(x, p.head.used_bias, targets[start:stop], stats.lse, scale[start:stop], out,
-                                  temperature=p.temperature, softcap=p.softcap, frame=stats,
-                                  scale_entropy=None if scale_e is None else scale_e[start:stop])
-        grads.add(out, start, stop, rows_h[start:stop])
-    return grads.finish(bias)
+        return logprob_logit_grad_scaled(c.logits[0], p.head.used_bias, targets[start:stop], stats.lse,
+                                         scale[start:stop], c.grad_block(), temperature=p.temperature,
+                                         softcap=p.softcap, frame=stats,
+                                         scale_entropy=None if scale_e is None else scale_e[start:stop])
 
-
-class _GradBlocks:
-    """The student's gradients of one pass: :class:`GradAccumulator` for d(hidden) and d(weight) (built
-    without a bias) and a float32 ``d(bias)`` (:func:`_bias_grad`) folded by :func:`column_sum_add`."""
-
-    def __init__(self, p: LogprobProblem, acc: GradAccumulator, d_bias: torch.Tensor | None, rows: int):
-        self.acc, self.d_bias, self.vocab = acc, d_bias, p.head.vocab
-        # only d(bias) needed: a d(logits) block of our own (GradAccumulator holds none)
-        self._own = None if (acc.active or d_bias is None) else \
-            torch.empty(rows * self.vocab, dtype=p.head.hidden.dtype, device=p.head.hidden.device)
-
-    @property
-    def active(self) -> bool:
-        return self.acc.active or self.d_bias is not None
-
-    def block(self, n: int) -> torch.Tensor:
-        """A ``[n, V]`` block (input dtype) for the next chunk's ``d(logits)``."""
-        return self.acc.grad_block(n) if self._own is None else self._own[: n * self.vocab].view(n, self.vocab)
-
-    def add(self, d_logits: torch.Tensor, start: int, stop: int, hidden_rows: torch.Tensor) -> None:
-        """Fold one chunk's ``d(logits) [C, V]``: one column-sum launch for ``d(bias)``, then
-        :meth:`GradAccumulator.add` (``d(hidden)`` product, the d(weight) fold's copy or product)."""
-        if self.d_bias is not None:
-            column_sum_add(d_logits, self.d_bias[: self.vocab])
-        if self.acc.active:
-            self.acc.add(d_logits, start, stop, hidden_rows)
-
-    def finish(self, bias: torch.Tensor | None):
-        """``(d_hidden, d_weight, d_bias)`` in the inputs' dtypes (None where not needed)."""
-        d_hidden, d_weight, _ = self.acc.finish()
-        return d_hidden, d_weight, None if self.d_bias is None else self.d_bias.to(bias.dtype)
+    run_chunks(chunks, _blocks(p, chunks), epilogue, grads)
+    return grads.finish()
 
 
 def single_pass_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -218,17 +176,14 @@ def single_pass_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: to
     :meth:`GradAccumulator.add` (``d(hidden)``, the hidden rows' copy into the ``d(weight)`` fold or the
     product itself) and ``d(bias)``'s column sum (:func:`column_sum_add`, one launch): 6 or 7, plus the
     d(weight) fold's product once per fold group.  The distilled rows' hidden states and targets are
-    gathered once before the loop (:meth:`LogprobProblem.active_rows`).  The per-token losses go to an
+    gathered once before the loop (:class:`~sod_kernels.core.loop.DeviceBlocks` with ``gather="once"``).  The per-token losses go to an
     ``[Na]`` buffer summed once at the end (fixed order: deterministic, no atomics).
     """
     p = LogprobProblem.build(hidden, weight, bias, row_index, target_ids, temperature, softcap)
     device = hidden.device
-    grads = need_hidden or need_weight or (need_bias and bias is not None)
-    chunks = p.chunks(grads, chunk_size)
-    longest = max((b - a for a, b in chunks), default=1)
-    acc = GradAccumulator(p.head, p.row_index, p.contiguous, need_hidden=need_hidden, need_weight=need_weight,
-                          need_bias=False, block_rows=longest)
-    grad_blocks = _GradBlocks(p, acc, _bias_grad(bias, need_bias), longest)
+    chunks = p.chunks(need_hidden or need_weight or (need_bias and bias is not None), chunk_size)
+    longest = longest_chunk(chunks)
+    grads = _grads(p, chunks, need_hidden, need_weight, need_bias)
     n = p.n_rows
     logp = torch.empty(n, dtype=torch.float32, device=device)
     loss_rows = torch.empty(n, dtype=torch.float32, device=device)
@@ -236,18 +191,21 @@ def single_pass_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: to
     scale = torch.empty_like(lse)
     old = old.to(torch.float32).contiguous()
     adv = adv.to(torch.float32).contiguous()
-    rows_h, targets = p.active_rows()
-    block = _Block(p, longest)
-    for start, stop in chunks:
-        c = stop - start
-        x = block.logits(p, rows_h, start, stop)
-        part = logprob_partials(x, p.head.used_bias, temperature=p.temperature, softcap=p.softcap)
-        policy_token_terms(x, p.head.used_bias, part, targets[start:stop], old[start:stop], adv[start:stop], clip,
-                           divisor, (logp[start:stop], loss_rows[start:stop], lse[:c], scale[:c]),
+    targets = _targets(p)
+    bias = p.head.used_bias
+
+    def epilogue(ch):
+        start, stop, c = ch.start, ch.stop, ch.size
+        x = ch.logits[0]
+        part = logprob_partials(x, bias, temperature=p.temperature, softcap=p.softcap)
+        policy_token_terms(x, bias, part, targets[start:stop], old[start:stop], adv[start:stop], clip, divisor,
+                           (logp[start:stop], loss_rows[start:stop], lse[:c], scale[:c]),
                            temperature=p.temperature, softcap=p.softcap)
-        if grad_blocks.active:
-            out = logprob_logit_grad_scaled(x, p.head.used_bias, targets[start:stop], lse[:c], scale[:c],
-                                            grad_blocks.block(c), temperature=p.temperature, softcap=p.softcap)
-            grad_blocks.add(out, start, stop, rows_h[start:stop])
-    del block
-    return loss_rows.sum(dtype=torch.float64), logp, grad_blocks.finish(bias)
+        if grads.active:
+            return logprob_logit_grad_scaled(x, bias, targets[start:stop], lse[:c], scale[:c], ch.grad_block(),
+                                             temperature=p.temperature, softcap=p.softcap)
+        return None
+
+    run_chunks(chunks, _blocks(p, chunks), epilogue, grads)
+    return loss_rows.sum(dtype=torch.float64), logp, grads.finish()
+

@@ -1,0 +1,242 @@
+"""The one chunked loop every loss runs: row chunks, whole-vocabulary logit blocks from matrix products, the
+loss's epilogue, and the contraction of ``d(logits)`` into the student's gradients.
+
+A loss on this core supplies only its *epilogue*, a function of one :class:`Chunk` that reads the chunk's
+raw logit blocks (``x = h W^T``, one ``[C, V]`` block per model), computes whatever the loss needs
+(statistics, per-row terms, weights, the loss partial), and returns the chunk's ``d(logits) [C, V]`` written
+into :meth:`Chunk.grad_block` (or None: forward-only, or nothing to fold).  :func:`run_chunks` owns the
+iteration and folds every returned block; which pair of (blocks, gradients) it runs with is the backend:
+
+- the device path (Triton on a GPU, or its interpreter): :class:`DeviceBlocks` (float32 blocks from
+  :func:`~sod_kernels.core.chunks.logits_into`, whatever the input dtype) and :class:`DeviceGrads`
+  (:class:`~sod_kernels.core.chunks.GradAccumulator`: ``d(logits)`` in the input dtype in its own block,
+  ``d(weight)`` folded over several chunks per product, no atomics);
+- the CPU path: :class:`CpuBlocks` (blocks in the compute dtype: float32, or float64 for float64 inputs) and
+  :class:`CpuGrads` (``d(logits)`` written in place over the student's block, one fold per chunk).
+
+Per chunk the loop itself launches only the logit products (one per model) and, for a returned block, the
+gradient products of the sink (``d(hidden)``, and per fold group ``d(weight)``); gathers of non-contiguous
+rows happen per chunk (``gather="chunk"``: the student's rows straight into the d(weight) fold buffer) or
+once per call before the loop (``gather="once"``: ``Na x H`` more memory, no per-chunk gathers).  Nothing
+here synchronises with the host; the chunk bounds are Python ints.
+
+Knows no loss: nothing in this module reads a divergence, a weight or a target.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .chunks import GradAccumulator, LMHead, gather_rows, logits_into, row_selector
+from .cpu_pass import ComputeHead, StudentGrads
+
+
+class Chunk:
+    """One row chunk as an epilogue sees it.
+
+    index:  the chunk's position in the call's chunk list (for per-chunk slots).
+    start, stop: the chunk's distilled rows ``[start, stop)`` (positions in ``row_index``).
+    rows:   those rows in the hidden states: a slice when ``row_index`` is ``arange``, else int64 indices.
+    hidden: per model, the chunk's hidden rows ``[C, H_m]`` (the student's first).
+    logits: per model, the raw block ``x = h W^T`` ``[C, V]`` (float32 on the device path, the compute dtype on
+            the CPU path; biases, temperature and soft-caps are the epilogue's).
+    """
+
+    __slots__ = ("index", "start", "stop", "rows", "hidden", "logits", "_sink")
+
+    def __init__(self, index: int, start: int, stop: int, rows, hidden: tuple, logits: tuple, sink):
+        self.index, self.start, self.stop, self.rows = index, start, stop, rows
+        self.hidden, self.logits, self._sink = hidden, logits, sink
+
+    @property
+    def size(self) -> int:
+        """``C``, the chunk's number of rows."""
+        return self.stop - self.start
+
+    def grad_block(self) -> torch.Tensor:
+        """Where the epilogue writes the chunk's ``d(logits) [C, V]``: a block of the device sink (input dtype),
+        or on the CPU path the student's logit block itself (overwritten in place)."""
+        if self._sink is None:
+            raise RuntimeError("this chunk loop runs without gradients (no grad_block)")
+        return self._sink.block(self)
+
+
+Epilogue = Callable[[Chunk], "torch.Tensor | None"]
+
+
+def run_chunks(chunks: Sequence[tuple[int, int]], blocks, epilogue: Epilogue, grads=None) -> None:
+    """The chunk loop: for each ``(start, stop)`` of ``chunks`` (in order) the logit blocks of ``blocks``
+    (:class:`DeviceBlocks` or :class:`CpuBlocks`), then ``epilogue(chunk)``; a returned ``d(logits)`` block is
+    folded into ``grads`` (:class:`DeviceGrads` or :class:`CpuGrads`; None for a forward-only loop).  The
+    blocks' buffers are released at the end (the gradients are the sink's :meth:`finish`)."""
+    sink = grads if (grads is not None and grads.active) else None
+    for index, (start, stop) in enumerate(chunks):
+        chunk = blocks.chunk(index, start, stop, sink)
+        d_logits = epilogue(chunk)
+        if d_logits is not None:
+            if sink is None:
+                raise RuntimeError("an epilogue returned d(logits) in a loop without gradients")
+            sink.add(chunk, d_logits)
+    blocks.release()
+
+
+def longest_chunk(chunks: Sequence[tuple[int, int]]) -> int:
+    """Rows of the longest chunk (at least 1): what the reusable blocks are sized for."""
+    return max((b - a for a, b in chunks), default=1) or 1
+
+
+# ------------------------------------------------------------------------------------------ device path
+class DeviceBlocks:
+    """Reusable float32 ``[rows, V]`` logit blocks for each of ``heads`` (the student's first), filled by one
+    matrix product per model and chunk (:func:`~sod_kernels.core.chunks.logits_into`).
+
+    ``gather="chunk"``: a chunk's rows are a slice of the hidden states when ``contiguous``, else gathered per
+    chunk (the student's through :meth:`DeviceGrads.hidden_rows`, straight into the d(weight) fold buffer);
+    ``gather="once"``: the distilled rows of every model are gathered once here (no per-chunk gathers).
+    """
+
+    def __init__(self, heads: Sequence[LMHead], row_index: torch.Tensor, contiguous: bool, rows: int, *,
+                 gather: str = "chunk"):
+        if gather not in ("chunk", "once"):
+            raise ValueError(f"gather must be 'chunk' or 'once', got {gather!r}")
+        self.heads, self.row_index, self.contiguous = tuple(heads), row_index, contiguous
+        device = self.heads[0].hidden.device
+        self._buffers = [torch.empty(rows * h.vocab, dtype=torch.float32, device=device) for h in self.heads]
+        self._once = None
+        if gather == "once":
+            self._once = [h.hidden if contiguous else h.hidden.index_select(0, row_index) for h in self.heads]
+
+    def active_hidden(self, model: int = 0) -> torch.Tensor:
+        """The distilled rows' hidden states ``[Na, H]`` of one model, in ``row_index`` order (``gather="once"``)."""
+        if self._once is None:
+            raise RuntimeError("active_hidden needs gather='once'")
+        return self._once[model]
+
+    def chunk(self, index: int, start: int, stop: int, sink) -> Chunk:
+        n = stop - start
+        rows = row_selector(self.row_index, start, stop, self.contiguous)
+        hidden, logits = [], []
+        for m, (head, buf) in enumerate(zip(self.heads, self._buffers)):
+            if self._once is not None:
+                h = self._once[m][start:stop]
+            elif m == 0 and sink is not None:
+                h = sink.hidden_rows(rows, start, stop)
+            else:
+                h = gather_rows(head.hidden, rows)
+            hidden.append(h)
+            logits.append(logits_into(buf[: n * head.vocab].view(n, head.vocab), h, head.used_weight))
+        return Chunk(index, start, stop, rows, tuple(hidden), tuple(logits), sink)
+
+    def release(self) -> None:
+        self._buffers = []
+
+
+class DeviceGrads:
+    """The student's gradients on the device path: ``d(hidden)``, ``d(weight)`` by
+    :class:`~sod_kernels.core.chunks.GradAccumulator`, and ``d(bias)`` by one of three schedules:
+
+    - ``bias="fold"``: GradAccumulator's own (one ``d(logits)^T @ ones`` product per fold group);
+    - ``bias="column_sum"``: a float32 accumulator added to by one column-sum launch per chunk
+      (:func:`sod_kernels.core.kernels.column_sum_add`);
+    - ``bias="epilogue"``: a float32 accumulator :attr:`d_bias` ``[Vw]`` that the loss's own kernels add to.
+
+    With only ``d(bias)`` wanted (no hidden, no weight gradient) the sink owns a ``d(logits)`` block itself.
+    """
+
+    def __init__(self, head: LMHead, row_index: torch.Tensor, contiguous: bool, *, need_hidden: bool,
+                 need_weight: bool, need_bias: bool, block_rows: int, bias: str = "fold"):
+        if bias not in ("fold", "column_sum", "epilogue"):
+            raise ValueError(f"bias must be 'fold', 'column_sum' or 'epilogue', got {bias!r}")
+        self.head, self.bias_mode = head, bias
+        own_bias = need_bias and head.bias is not None and bias != "fold"
+        self.acc = GradAccumulator(head, row_index, contiguous, need_hidden=need_hidden, need_weight=need_weight,
+                                   need_bias=need_bias and bias == "fold", block_rows=block_rows)
+        self.d_bias = torch.zeros(head.bias.shape[0], dtype=torch.float32, device=head.bias.device) \
+            if own_bias else None
+        self._own = None
+        if self.d_bias is not None and not self.acc.active:
+            self._own = torch.empty(block_rows * head.vocab, dtype=head.hidden.dtype, device=head.hidden.device)
+
+    @property
+    def active(self) -> bool:
+        """Whether any gradient is wanted."""
+        return self.acc.active or self.d_bias is not None
+
+    def hidden_rows(self, rows, start: int, stop: int) -> torch.Tensor:
+        """The student's rows of a chunk (:meth:`GradAccumulator.hidden_rows` when it folds them)."""
+        if self.acc.active:
+            return self.acc.hidden_rows(rows, start, stop)
+        return gather_rows(self.head.hidden, rows)
+
+    def block(self, chunk: Chunk) -> torch.Tensor:
+        """A contiguous ``[C, V]`` block (input dtype) for the chunk's ``d(logits)``."""
+        if self._own is not None:
+            n, v = chunk.size, self.head.vocab
+            return self._own[: n * v].view(n, v)
+        return self.acc.grad_block(chunk.size)
+
+    def add(self, chunk: Chunk, d_logits: torch.Tensor) -> None:
+        """Fold the chunk's block: ``d(bias)``'s column sums (``bias="column_sum"``), then the accumulator's
+        ``d(hidden)`` product and the d(weight) fold's copy or product."""
+        if self.bias_mode == "column_sum" and self.d_bias is not None:
+            from .kernels import column_sum_add  # Triton, imported on the device path only
+            column_sum_add(d_logits, self.d_bias[: self.head.vocab])
+        if self.acc.active:
+            self.acc.add(d_logits, chunk.start, chunk.stop, chunk.hidden[0])
+
+    def finish(self) -> tuple:
+        """``(d_hidden [N, H], d_weight [Vw, H], d_bias [Vw])`` in the inputs' dtypes (None where not needed)."""
+        d_hidden, d_weight, d_bias = self.acc.finish()
+        if self.d_bias is not None:
+            d_bias = self.d_bias.to(self.head.bias.dtype)
+        return d_hidden, d_weight, d_bias
+
+
+# --------------------------------------------------------------------------------------------- CPU path
+class CpuBlocks:
+    """Reusable ``[rows, V]`` blocks in the compute dtype for each of ``heads``
+    (:class:`~sod_kernels.core.cpu_pass.ComputeHead`, the student's first): per chunk the rows' hidden states
+    (gathered and converted to the compute dtype) and one ``torch.mm`` per model into the block."""
+
+    def __init__(self, heads: Sequence[ComputeHead], row_index: torch.Tensor, contiguous: bool, rows: int):
+        self.heads, self.row_index, self.contiguous = tuple(heads), row_index, contiguous
+        self._buffers = [torch.empty(rows * h.weight.shape[0], dtype=h.dt) for h in self.heads]
+
+    def chunk(self, index: int, start: int, stop: int, sink) -> Chunk:
+        n = stop - start
+        rows = row_selector(self.row_index, start, stop, self.contiguous)
+        hidden = tuple(h.rows(rows) for h in self.heads)
+        logits = tuple(torch.mm(h_rows, head.weight.T, out=buf[: n * head.weight.shape[0]].view(n, -1))
+                       for h_rows, head, buf in zip(hidden, self.heads, self._buffers))
+        return Chunk(index, start, stop, rows, hidden, logits, sink)
+
+    def release(self) -> None:
+        self._buffers = []
+
+
+class CpuGrads:
+    """The student's gradients on the CPU path (a :class:`~sod_kernels.core.cpu_pass.StudentGrads`): the
+    epilogue writes ``d(logits)`` over the student's logit block; each chunk folds once (``d(hidden)`` rows,
+    ``d(weight) += d(logits)^T h``, ``d(bias) += colsum``).  ``n`` distilled rows of ``source`` (the student's
+    :class:`~sod_kernels.core.chunks.LMHead`), ``head`` its compute-dtype weights."""
+
+    def __init__(self, n: int, head: ComputeHead, source: LMHead, row_index: torch.Tensor, contiguous: bool, *,
+                 need_hidden: bool, need_weight: bool, need_bias: bool):
+        self.grads = StudentGrads(n, head, need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias)
+        self.head, self.source, self.row_index, self.contiguous = head, source, row_index, contiguous
+
+    @property
+    def active(self) -> bool:
+        return self.grads.active
+
+    def block(self, chunk: Chunk) -> torch.Tensor:
+        return chunk.logits[0]
+
+    def add(self, chunk: Chunk, d_logits: torch.Tensor) -> None:
+        self.grads.fold(d_logits, chunk.hidden[0], self.head.weight, chunk.start, chunk.stop)
+
+    def finish(self) -> tuple:
+        """``(d_hidden [N, H], d_weight [Vw, H], d_bias [Vw])`` in the student's dtypes (None where not needed)."""
+        return self.grads.finish(self.source, self.row_index, self.contiguous)
