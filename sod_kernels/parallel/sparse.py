@@ -96,9 +96,10 @@ def shard_partials_triton(hidden, weight, bias, row_index, ids_local, y_local, *
     ``sparse_gather_mask_kernel`` (the others skipped), and the online statistics of what is left, the tail.
     Same outputs, float32."""
     from ..core.kernels import logprob_row_stats
+    from ..core.loop import run_chunks
     from ..core.tiles import apply_softcap
     from ..sparse.kernels import gather_and_mask
-    from ..sparse.triton_backend import SparseProblem, Block
+    from ..sparse.triton_backend import SparseProblem, blocks
 
     rows = weight.shape[0]
     p = SparseProblem.build(hidden, weight, bias, row_index, shard_ids(ids_local, rows), None, None, "reverse_kl",
@@ -106,10 +107,9 @@ def shard_partials_triton(hidden, weight, bias, row_index, ids_local, y_local, *
     Na, k = ids_local.shape
     tail = torch.empty(2, Na, dtype=torch.float32, device=hidden.device)
     owned = torch.zeros(Na, k + 1, dtype=torch.float32, device=hidden.device)
-    chunks = p.chunks(False, chunk_size)
-    block = Block(p, max((b - a for a, b in chunks), default=1))
-    for start, stop in chunks:
-        _, x = block.logits(p, start, stop)
+
+    def epilogue(c):
+        start, stop, x = c.start, c.stop, c.logits[0]
         if y_local is not None:  # read before the ids are masked
             y = y_local[start:stop]
             col = y.clamp(0, rows - 1)
@@ -123,6 +123,9 @@ def shard_partials_triton(hidden, weight, bias, row_index, ids_local, y_local, *
         stats = logprob_row_stats(x, p.head.used_bias, temperature=temperature, with_entropy=False, softcap=softcap)
         tail[0, start:stop] = stats.max
         tail[1, start:stop] = (stats.lse - stats.max).exp()  # the sum of exponentials; 0 for an empty tail
+
+    chunks = p.chunks(False, chunk_size)
+    run_chunks(chunks, blocks(p, chunks), epilogue)
     return tail, owned
 
 

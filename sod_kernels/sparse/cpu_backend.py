@@ -48,7 +48,8 @@ import torch
 
 from ..core import cpu_epilogue
 from ..core.chunks import LMHead
-from ..core.cpu_pass import ComputeHead, StudentGrads
+from ..core.cpu_pass import ComputeHead
+from ..core.loop import CpuBlocks, CpuGrads, longest_chunk, run_chunks
 from ..core.options import SinglePassResult
 from ..core.rows import RowChunks, chunk_row_index
 from ..core.tiles import MIN_LOGIT, compute_dtype
@@ -214,18 +215,16 @@ def single_pass_loss(p: SparseProblem, chunks: list[tuple[int, int]],
         raise ValueError("single_pass_loss: hard_loss_weight > 0 needs target_ids")
     dt = compute_dtype(p.head.hidden.dtype)
     s = _Head(p, dt)
-    n, V = p.n_rows, p.vocab
+    V = p.vocab
     with_targets = p.target_ids is not None
-    totals = SinglePassTotals(n, dt, None, with_targets=with_targets, coef=coef, normalizer=normalizer,
+    totals = SinglePassTotals(p.n_rows, dt, None, with_targets=with_targets, coef=coef, normalizer=normalizer,
                               temperature=p.temperature, hard_loss_weight=hard_loss_weight,
                               sampled_signal=sampled_signal)
-    grads = StudentGrads(n, s, need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias)
-    longest = max((b - a for a, b in chunks), default=1)
-    block = torch.empty(longest * V, dtype=dt)
-    for start, stop in chunks:
-        c = stop - start
-        h = s.rows(p.rows(start, stop))
-        x = torch.mm(h, s.weight.T, out=block[:c * V].view(c, V))
+    grads = CpuGrads(p.n_rows, s, p.head, p.row_index, p.contiguous, need_hidden=need_hidden,
+                     need_weight=need_weight, need_bias=need_bias)
+
+    def epilogue(c):
+        start, stop, x = c.start, c.stop, c.logits[0]
         ids = p.ids[start:stop]
         y = z_y = slope_y = None
         if with_targets:   # read before the ids are masked
@@ -234,15 +233,14 @@ def single_pass_loss(p: SparseProblem, chunks: list[tuple[int, int]],
             z_y, slope_y = z_y.squeeze(1), None if slope_y is None else slope_y.squeeze(1)
         z_ids, slope_ids = s.logits_at(x, ids)
         x.scatter_(1, ids, float("-inf"))
-        m, total = run_epilogue("tail_stats", x, s.bias, s.inv_temp, s.cap, s.capped, rows=c)
+        m, total = run_epilogue("tail_stats", x, s.bias, s.inv_temp, s.cap, s.capped, rows=c.size)
         t = coarse_grained_rows(z_ids, m + total.log(), p.logprobs[start:stop], divergence=p.divergence,
                                 beta=p.beta, vocab=V, ids=ids, target_ids=y, z_target=z_y)
         coefs = totals.add(t, start, stop, chunk_weights, grads.active)
         if coefs is None:
-            continue
-        logit_grad_in_place(x, total, coefs, ids, slope_ids, y, slope_y)
-        grads.fold(x, h, s.weight, start, stop)
-    del block
-    return SinglePassResult(totals.loss(dt), totals.D, totals.lp_s, totals.lp_t,
-                            grads.finish(p.head, p.row_index, p.contiguous))
+            return None
+        logit_grad_in_place(c.grad_block(), total, coefs, ids, slope_ids, y, slope_y)
+        return x
 
+    run_chunks(chunks, CpuBlocks((s,), p.row_index, p.contiguous, longest_chunk(chunks)), epilogue, grads)
+    return SinglePassResult(totals.loss(dt), totals.D, totals.lp_s, totals.lp_t, grads.finish())

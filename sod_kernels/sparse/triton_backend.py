@@ -1,5 +1,6 @@
-"""GPU backend of :func:`sod_kernels.fused_sparse_sod_loss`: the sparse-teacher epilogue
-(:mod:`sod_kernels.sparse.kernels`) on the chunked core (:mod:`sod_kernels.core.chunks`).
+"""GPU backend of :func:`sod_kernels.fused_sparse_sod_loss`: the sparse-teacher epilogues
+(:mod:`sod_kernels.sparse.kernels`) on the one chunked loop (:mod:`sod_kernels.core.loop`); this module writes
+only the epilogues.
 
 Per row chunk of ``C`` distilled tokens: one logit product ``h[rows] @ W.T`` with float32 output (cuBLAS),
 the gather-and-mask kernel, the online log-sum-exp of the masked block (the tail), ``O(C k)`` row math,
@@ -36,8 +37,9 @@ from dataclasses import dataclass
 import torch
 
 from ..core.chunks import (FAST_CHUNK_BYTES, LOW_MEMORY_CHUNK_BYTES, GradAccumulator, LMHead, chunk_rows, even_chunks,
-                           gather_rows, logits_into, row_plan)
+                           row_plan)
 from ..core.kernels import logprob_partials, logprob_row_stats
+from ..core.loop import DeviceBlocks, DeviceGrads, longest_chunk, run_chunks
 from ..core.options import SinglePassResult
 from ..core.rows import RowChunks
 from ..core.tiles import apply_softcap
@@ -92,16 +94,16 @@ class SparseProblem(RowChunks):
                                                    chunk_size=chunk_size))
 
 
-class Block:
-    """Reusable float32 logit block of at most ``rows`` rows (gradient blocks come from GradAccumulator)."""
+def blocks(p: SparseProblem, chunks: list[tuple[int, int]], gather: str = "chunk") -> DeviceBlocks:
+    """The chunks' reusable float32 logit block (:class:`~sod_kernels.core.loop.DeviceBlocks`)."""
+    return DeviceBlocks((p.head,), p.row_index, p.contiguous, longest_chunk(chunks), gather=gather)
 
-    def __init__(self, p: SparseProblem, rows: int):
-        self.x = torch.empty(rows, p.vocab, dtype=torch.float32, device=p.head.hidden.device)
 
-    def logits(self, p: SparseProblem, start: int, stop: int):
-        """``(hidden rows, masked-to-be logit block)`` of rows ``[start, stop)``."""
-        h = gather_rows(p.head.hidden, p.rows(start, stop))
-        return h, logits_into(self.x[: stop - start], h, p.head.used_weight)
+def grads_of(p: SparseProblem, chunks: list[tuple[int, int]], need_hidden: bool, need_weight: bool, need_bias: bool,
+             bias: str = "fold") -> DeviceGrads:
+    """The student's gradient sink of a pass over ``chunks`` (:class:`~sod_kernels.core.loop.DeviceGrads`)."""
+    return DeviceGrads(p.head, p.row_index, p.contiguous, need_hidden=need_hidden, need_weight=need_weight,
+                       need_bias=need_bias, block_rows=longest_chunk(chunks), bias=bias)
 
 
 def target_logits(p: SparseProblem, x: torch.Tensor, y: torch.Tensor):
@@ -177,10 +179,8 @@ def sparse_forward(hidden, weight, bias, row_index, ids, logprobs, target_ids, *
     out = SparseForward.empty(p.n_rows, p.ids.shape[1], hidden.device, torch.float32, target_ids is not None,
                               keep_probs)
     chunks = p.chunks(False, chunk_size)
-    block = Block(p, max((b - a for a, b in chunks), default=1))
-    for start, stop in chunks:
-        _, x = block.logits(p, start, stop)
-        out.store(start, stop, _chunk_terms(p, x, start, stop)[0])
+    run_chunks(chunks, blocks(p, chunks), lambda c: out.store(c.start, c.stop,
+                                                              _chunk_terms(p, c.logits[0], c.start, c.stop)[0]))
     return out
 
 
@@ -199,16 +199,14 @@ def sparse_backward(hidden, weight, bias, row_index, ids, saved: SparseForward, 
     p = SparseProblem.build(hidden, weight, bias, row_index, ids, None, target_ids if hard else None, "reverse_kl",
                             temperature, softcap=softcap, memory=memory)
     chunks = p.chunks(True, chunk_size)
-    longest = max((b - a for a, b in chunks), default=1)
-    acc = GradAccumulator(p.head, p.row_index, p.contiguous, need_hidden=need_hidden, need_weight=need_weight,
-                          need_bias=need_bias, block_rows=longest)
-    if not acc.active or p.n_rows == 0:
-        return acc.finish()
+    grads = grads_of(p, chunks, need_hidden, need_weight, need_bias)
+    if not grads.active or p.n_rows == 0:
+        return grads.finish()
     scale = grad_divergence.to(torch.float32) / p.temperature
     hard_scale = -grad_target_logprob.to(torch.float32) / p.temperature if hard else None
-    block = Block(p, longest)
-    for start, stop in chunks:
-        h, x = block.logits(p, start, stop)
+
+    def epilogue(c):
+        start, stop, x = c.start, c.stop, c.logits[0]
         slope_y = target_logits(p, x, p.target_ids[start:stop])[1] if hard else None  # before the ids are masked
         _, slope = gather_and_mask(x, p.head.used_bias, p.ids[start:stop], temperature=p.temperature,
                                    softcap=p.softcap)
@@ -216,10 +214,10 @@ def sparse_backward(hidden, weight, bias, row_index, ids, saved: SparseForward, 
         coefs = logit_coefficients(saved.grad_ids[start:stop], saved.grad_tail[start:stop], scale[start:stop],
                                    hard=pick(hard_scale), prob_ids=pick(saved.prob_ids),
                                    prob_tail=pick(saved.prob_tail))
-        grad = _grad_block(p, x, start, stop, saved.lse_tail[start:stop], coefs, acc.grad_block(stop - start), slope,
-                           slope_y)
-        acc.add(grad, start, stop, h)
-    return acc.finish()
+        return _grad_block(p, x, start, stop, saved.lse_tail[start:stop], coefs, c.grad_block(), slope, slope_y)
+
+    run_chunks(chunks, blocks(p, chunks), epilogue, grads)
+    return grads.finish()
 
 
 def single_pass_loss(p: SparseProblem, chunks: list[tuple[int, int]],
@@ -286,14 +284,12 @@ def _fused_single_pass(p: SparseProblem, chunks: list[tuple[int, int]], source: 
     device = p.head.hidden.device
     n, k, vocab = p.n_rows, p.ids.shape[1], p.vocab
     bias = p.head.used_bias
-    longest = max((b - a for a, b in chunks), default=1)
-    acc = GradAccumulator(p.head, p.row_index, p.contiguous, need_hidden=need_hidden, need_weight=need_weight,
-                          need_bias=False, block_rows=longest)
-    d_bias = torch.zeros(p.head.bias.shape[0], dtype=torch.float32, device=device) \
-        if (need_bias and p.head.bias is not None) else None
-    grads = acc.active or d_bias is not None
-    own = torch.empty(longest * vocab, dtype=p.head.hidden.dtype, device=device) \
-        if (d_bias is not None and not acc.active) else None
+    longest = longest_chunk(chunks)
+    # d(bias) comes from the tail kernel's column sums (bias="epilogue"); with only d(bias) wanted the sink owns
+    # the d(logits) block
+    sink = grads_of(p, chunks, need_hidden, need_weight, need_bias, bias="epilogue")
+    grads = sink.active
+    d_bias = sink.d_bias
     with_targets, hard = p.target_ids is not None, bool(hard_loss_weight)
     f32 = torch.float32
     D = torch.empty(n, dtype=f32, device=device)
@@ -301,7 +297,6 @@ def _fused_single_pass(p: SparseProblem, chunks: list[tuple[int, int]], source: 
     lp_t = torch.empty_like(D) if with_targets else None
     P, log_p = teacher_tail_log_mass(p.logprobs, vocab)
     teacher_tail = torch.stack([P, log_p]).to(f32)
-    rows_h = p.head.hidden if p.contiguous else p.head.hidden.index_select(0, p.row_index)
     targets = p.target_ids.contiguous() if with_targets else None
     if kind == "given":
         w_all = steps
@@ -310,7 +305,6 @@ def _fused_single_pass(p: SparseProblem, chunks: list[tuple[int, int]], source: 
     else:
         w_all = torch.empty(n, dtype=f32, device=device)
         plan = (steps.bounds, steps.first_step, torch.empty(steps.num_steps, dtype=f32, device=device))
-    x_block = torch.empty(longest, vocab, dtype=f32, device=device)
     zid = torch.empty(longest, k, dtype=f32, device=device)
     slope = torch.empty_like(zid) if p.softcap is not None else None
     zy = torch.empty(longest, dtype=f32, device=device) if with_targets else None
@@ -319,41 +313,38 @@ def _fused_single_pass(p: SparseProblem, chunks: list[tuple[int, int]], source: 
     grad_scale = coef / (normalizer * p.temperature)
     hard_scale = hard_loss_weight / (normalizer * p.temperature)
     cap = dict(temperature=p.temperature, softcap=p.softcap)
-    for start, stop in chunks:
-        c = stop - start
-        x = logits_into(x_block[:c], rows_h[start:stop], p.head.used_weight)
+    pick = lambda t, start, stop: None if t is None else t[start:stop]  # noqa: E731
+
+    def epilogue(ch):
+        start, stop, c, x = ch.start, ch.stop, ch.size, ch.logits[0]
         ids = p.ids[start:stop]
-        y = targets[start:stop] if with_targets else None
-        gather_id_logits(x, bias, ids, y, zid[:c], None if slope is None else slope[:c],
-                         None if zy is None else zy[:c], **cap)
+        y = pick(targets, start, stop)
+        gather_id_logits(x, bias, ids, y, zid[:c], pick(slope, 0, c), pick(zy, 0, c), **cap)
         part = logprob_partials(x, bias, **cap)  # the tail's (max, sum) per vocabulary split
-        grad = None if not grads else (acc.grad_block(c) if own is None else own[: c * vocab].view(c, vocab))
+        grad = ch.grad_block() if grads else None
         w = w_all[start:stop]
-        rows_terms(part, zid[:c], None if slope is None else slope[:c], ids, p.logprobs[start:stop],
-                   teacher_tail[:, start:stop], y, None if zy is None else zy[:c], None if kind == "steps" else w,
-                   (D[start:stop], None if lp_s is None else lp_s[start:stop],
-                    None if lp_t is None else lp_t[start:stop]),
+        rows_terms(part, zid[:c], pick(slope, 0, c), ids, p.logprobs[start:stop], teacher_tail[:, start:stop], y,
+                   pick(zy, 0, c), None if kind == "steps" else w,
+                   (D[start:stop], pick(lp_s, start, stop), pick(lp_t, start, stop)),
                    grad, idv, rows, divergence=p.divergence, beta=p.beta, grad_scale=grad_scale,
                    hard_scale=hard_scale, vocab=vocab)
         if kind == "steps":
             first = bisect.bisect_left(steps.starts, start)
-            step_weights(D[start:stop], None if lp_s is None else lp_s[start:stop],
-                         None if lp_t is None else lp_t[start:stop], plan, first,
+            step_weights(D[start:stop], pick(lp_s, start, stop), pick(lp_t, start, stop), plan, first,
                          bisect.bisect_left(steps.starts, stop) - first, start, w, ids,
                          idv if idv is not None else zid[None], grad, grad_scale=grad_scale, epsilon=steps.epsilon,
                          delta=steps.delta, sampled=sampled_signal, hard=hard)
-        if grads:
-            tail_fill(x, bias, grad, rows, w, y, grad_scale=grad_scale, hard=hard,
-                      d_bias=None if d_bias is None else d_bias[:vocab], **cap)
-            if acc.active:
-                acc.add(grad, start, stop, rows_h[start:stop])
-    del x_block
+        if not grads:
+            return None
+        tail_fill(x, bias, grad, rows, w, y, grad_scale=grad_scale, hard=hard,
+                  d_bias=None if d_bias is None else d_bias[:vocab], **cap)
+        return grad
+
+    run_chunks(chunks, blocks(p, chunks, gather="once"), epilogue, sink)
     loss = (w_all.to(torch.float64) * D.to(torch.float64)).sum() * (coef / normalizer)
     if hard:
         loss = loss - lp_s.sum(dtype=torch.float64) * (hard_loss_weight / normalizer)
-    d_hidden, d_weight, _ = acc.finish()
-    return SinglePassResult(loss.to(f32), D, lp_s, lp_t,
-                            (d_hidden, d_weight, None if d_bias is None else d_bias.to(p.head.bias.dtype)))
+    return SinglePassResult(loss.to(f32), D, lp_s, lp_t, sink.finish())
 
 
 def _single_pass_torch_rows(p: SparseProblem, chunks: list[tuple[int, int]],
@@ -363,20 +354,18 @@ def _single_pass_torch_rows(p: SparseProblem, chunks: list[tuple[int, int]],
     """:func:`single_pass_loss` with the torch row math (:func:`coarse_grained_rows`, float64) and any
     ``chunk_weights`` callable: ~110 launches per chunk, one host-visible call per chunk.  Kept for weight
     functions the fused pass does not know and for rows of more than ``MAX_ROW_BLOCK_K`` ids."""
-    device = p.head.hidden.device
-    longest = max((b - a for a, b in chunks), default=1)
-    acc = GradAccumulator(p.head, p.row_index, p.contiguous, need_hidden=need_hidden, need_weight=need_weight,
-                          need_bias=need_bias, block_rows=longest)
-    totals = SinglePassTotals(p.n_rows, torch.float32, device, with_targets=p.target_ids is not None, coef=coef,
-                              normalizer=normalizer, temperature=p.temperature, hard_loss_weight=hard_loss_weight,
-                              sampled_signal=sampled_signal)
-    block = Block(p, longest)
-    for start, stop in chunks:
-        h, x = block.logits(p, start, stop)
+    grads = grads_of(p, chunks, need_hidden, need_weight, need_bias)
+    totals = SinglePassTotals(p.n_rows, torch.float32, p.head.hidden.device, with_targets=p.target_ids is not None,
+                              coef=coef, normalizer=normalizer, temperature=p.temperature,
+                              hard_loss_weight=hard_loss_weight, sampled_signal=sampled_signal)
+
+    def epilogue(c):
+        start, stop, x = c.start, c.stop, c.logits[0]
         t, slope, slope_y = _chunk_terms(p, x, start, stop)
-        coefs = totals.add(t, start, stop, chunk_weights, acc.active)  # weights see the float32 values reported
-        if coefs is not None:
-            grad = _grad_block(p, x, start, stop, t.lse_tail, coefs, acc.grad_block(stop - start), slope, slope_y)
-            acc.add(grad, start, stop, h)
-    del block
-    return SinglePassResult(totals.loss(torch.float32), totals.D, totals.lp_s, totals.lp_t, acc.finish())
+        coefs = totals.add(t, start, stop, chunk_weights, grads.active)  # weights see the float32 values reported
+        if coefs is None:
+            return None
+        return _grad_block(p, x, start, stop, t.lse_tail, coefs, c.grad_block(), slope, slope_y)
+
+    run_chunks(chunks, blocks(p, chunks), epilogue, grads)
+    return SinglePassResult(totals.loss(torch.float32), totals.D, totals.lp_s, totals.lp_t, grads.finish())
