@@ -43,7 +43,8 @@ import torch
 
 from ..core import cpu_epilogue
 from ..core.chunks import LMHead
-from ..core.cpu_pass import ComputeHead, StudentGrads
+from ..core.cpu_pass import ComputeHead
+from ..core.loop import CpuBlocks, CpuGrads, longest_chunk, run_chunks
 from ..core.options import SinglePassResult
 from ..core.rows import RowChunks, chunk_row_index
 from ..core.tiles import apply_softcap, compute_dtype
@@ -121,18 +122,15 @@ def single_pass_loss(p: KLProblem, chunks, chunk_weights, *, coef: float, normal
     with_hard = bool(hard_loss_weight)
     if with_hard and p.target_ids is None:
         raise ValueError("hard_loss_weight > 0 needs target_ids (the tokens whose cross-entropy is added)")
-    sh_in = p.student.hidden
-    dt = compute_dtype(sh_in.dtype)
+    dt = compute_dtype(p.student.hidden.dtype)
     s, t = ComputeHead(p.student, dt), ComputeHead(p.teacher, dt)
-    n, V = p.n_rows, p.vocab
+    n = p.n_rows
     D = torch.empty(n, dtype=dt)
     with_targets = p.target_ids is not None
     lp_s = torch.empty(n, dtype=dt) if with_targets else None
     lp_t = torch.empty(n, dtype=dt) if with_targets else None
-    grads = StudentGrads(n, s, need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias)
-    longest = max((b - a for a, b in chunks), default=1)
-    xs_buf = torch.empty(longest * V, dtype=dt)
-    xt_buf = torch.empty(longest * V, dtype=dt)
+    grads = CpuGrads(n, s, p.student, p.row_index, p.contiguous, need_hidden=need_hidden, need_weight=need_weight,
+                     need_bias=need_bias)
     scalar = lambda v: torch.tensor(v, dtype=dt)  # noqa: E731
     inv_temp = scalar(1.0 / p.temperature)
     beta = scalar(p.beta if p.jsd else 0.5)
@@ -143,14 +141,12 @@ def single_pass_loss(p: KLProblem, chunks, chunk_weights, *, coef: float, normal
     grad_scale = coef / (normalizer * p.temperature) * (1.0 - p.beta if p.jsd else 1.0)
     hard_scale = hard_loss_weight / (normalizer * p.temperature)
     hard = scalar(hard_scale)
-    for start, stop in chunks:
-        c = stop - start
-        rows = p.rows(start, stop)
-        hs, ht = s.rows(rows), t.rows(rows)
-        xs = torch.mm(hs, s.weight.T, out=xs_buf[:c * V].view(c, V))
-        xt = torch.mm(ht, t.weight.T, out=xt_buf[:c * V].view(c, V))
+
+    def epilogue(ch):
+        start, stop, c = ch.start, ch.stop, ch.size
+        xs, xt = ch.logits
         if with_targets:
-            y = p.target_ids[rows]
+            y = p.target_ids[ch.rows]
             zy_s, zy_t, slope_y = _sampled(p, y, xs, xt, s, t)
         if p.jsd:
             stats = cpu_epilogue.run("jsd_stats", xs, xt, s.bias, t.bias, inv_temp, scap, tcap, beta, *caps, rows=c)
@@ -162,19 +158,20 @@ def single_pass_loss(p: KLProblem, chunks, chunk_weights, *, coef: float, normal
         if with_targets:
             lp_s[start:stop], lp_t[start:stop] = zy_s - lse_s, zy_t - lse_t
         if with_hard:
-            nll_total -= lp_s[start:stop].to(torch.float64).sum()
+            nll_total.sub_(lp_s[start:stop].to(torch.float64).sum())
         signal = (lp_s[start:stop] - lp_t[start:stop]).abs() if sampled_signal else d
         w = chunk_weights(start, stop, d, signal)
-        total += (w.to(torch.float64) * d.to(torch.float64)).sum()
+        total.add_((w.to(torch.float64) * d.to(torch.float64)).sum())
         if not grads.active:
-            continue
-        cpu_epilogue.run("kl_grad", xs, xt, centre, sum_s, sum_t, (w * grad_scale).to(dt), hard, p.forward_kl,
+            return None
+        grad = ch.grad_block()   # xs, overwritten with d(logits)
+        cpu_epilogue.run("kl_grad", grad, xt, centre, sum_s, sum_t, (w * grad_scale).to(dt), hard, p.forward_kl,
                          with_hard, rows=c)
         if with_hard:  # the one-hot part of lambda (p_s - onehot(y)) / tau, times the cap's slope at y
-            onehot = xs.new_full((c, 1), -hard_scale) if slope_y is None else (slope_y * -hard_scale)[:, None]
-            xs.scatter_add_(1, y[:, None], onehot.to(dt))
-        grads.fold(xs, hs, s.weight, start, stop)
-    del xs_buf, xt_buf
-    loss = ((total * coef + nll_total * hard_loss_weight) / normalizer).to(dt)
-    return SinglePassResult(loss, D, lp_s, lp_t, grads.finish(p.student, p.row_index, p.contiguous))
+            onehot = grad.new_full((c, 1), -hard_scale) if slope_y is None else (slope_y * -hard_scale)[:, None]
+            grad.scatter_add_(1, y[:, None], onehot.to(dt))
+        return grad
 
+    run_chunks(chunks, CpuBlocks((s, t), p.row_index, p.contiguous, longest_chunk(chunks)), epilogue, grads)
+    loss = ((total * coef + nll_total * hard_loss_weight) / normalizer).to(dt)
+    return SinglePassResult(loss, D, lp_s, lp_t, grads.finish())

@@ -45,6 +45,7 @@ import torch
 
 from ..core.chunks import (FAST_CHUNK_BYTES, LOW_MEMORY_CHUNK_BYTES, GradAccumulator, LMHead, chunk_rows, even_chunks,
                            gather_rows, logits_into, row_selector)
+from ..core.loop import DeviceBlocks, DeviceGrads, longest_chunk, run_chunks
 from ..core.tiles import apply_softcap
 from .jsd_kernels import jsd_logit_grad, jsd_partials, jsd_row_stats
 from .kernels import (WEIGHTS_STEPS, KLRowStats, kl_logit_grad, kl_partials, kl_row_finish, kl_row_stats,
@@ -181,25 +182,28 @@ def _row_major(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-class _Blocks:
-    """Reusable ``[rows, cols]`` float32 logit blocks for both models (gradient blocks: GradAccumulator)."""
+class _SliceBlocks:
+    """Reusable ``[rows, width]`` float32 logit blocks of both models for the low-memory mode, whose passes run
+    over ``rows x vocabulary-slice`` blocks (the backward with the slices outermost) rather than the core loop's
+    whole-vocabulary row chunks (gradient blocks: the sliced GradAccumulator)."""
 
     def __init__(self, rows: int, cols: int, device):
         self.xs = torch.empty(rows, cols, dtype=torch.float32, device=device)
         self.xt = torch.empty(rows, cols, dtype=torch.float32, device=device)
 
-    def logits(self, p: KLProblem, start: int, stop: int, columns: slice | None = None, acc=None):
-        """``(student hidden rows, xs, xt)`` of rows ``[start, stop)`` and the given vocabulary columns; with a
-        :class:`GradAccumulator` ``acc`` the student rows come from :meth:`GradAccumulator.hidden_rows` (gathered
-        into its fold buffer when rows are not contiguous: no second copy)."""
+    def logits(self, p: KLProblem, start: int, stop: int, columns: slice):
+        """``(student hidden rows, xs, xt)`` of rows ``[start, stop)`` and the vocabulary ``columns``."""
         rows = p.rows(start, stop)
-        hs = gather_rows(p.student.hidden, rows) if acc is None else acc.hidden_rows(rows, start, stop)
-        ht = gather_rows(p.teacher.hidden, rows)
-        ws, wt = p.student.used_weight, p.teacher.used_weight
-        if columns is not None:
-            ws, wt = ws[columns], wt[columns]
+        hs, ht = gather_rows(p.student.hidden, rows), gather_rows(p.teacher.hidden, rows)
+        ws, wt = p.student.used_weight[columns], p.teacher.used_weight[columns]
         n, width = stop - start, ws.shape[0]
         return hs, logits_into(_view(self.xs, n, width), hs, ws), logits_into(_view(self.xt, n, width), ht, wt)
+
+
+def device_blocks(p: KLProblem, chunks: list[tuple[int, int]]) -> DeviceBlocks:
+    """Both models' reusable float32 whole-vocabulary logit blocks for ``chunks`` (the core loop's; the student's
+    rows of a gradient pass come through the gradient sink, gathered straight into its d(weight) fold buffer)."""
+    return DeviceBlocks((p.student, p.teacher), p.row_index, p.contiguous, longest_chunk(chunks))
 
 
 def _view(buffer: torch.Tensor, n: int, width: int) -> torch.Tensor:
@@ -253,13 +257,16 @@ def divergence_forward(student_hidden, student_weight, student_bias, teacher_hid
     if memory == "low":
         _forward_low_memory(p, out, chunk_size)
     else:
-        rows = chunk_rows(p.n_rows, p.vocab, 8, budget=FAST_CHUNK_BYTES, chunk_size=chunk_size)
-        blocks = _Blocks(min(rows, max(p.n_rows, 1)), p.vocab, student_hidden.device)
-        for start, stop in even_chunks(p.n_rows, rows):
-            _, xs, xt = blocks.logits(p, start, stop)
+        chunks = even_chunks(p.n_rows, chunk_rows(p.n_rows, p.vocab, 8, budget=FAST_CHUNK_BYTES,
+                                                  chunk_size=chunk_size))
+
+        def epilogue(c):
+            xs, xt = c.logits
             stats = row_stats(p, xs, xt)
-            sampled = _sampled_logprobs(p, start, stop, xs, xt, stats) if target_ids is not None else None
-            out.store(start, stop, stats, sampled)
+            sampled = _sampled_logprobs(p, c.start, c.stop, xs, xt, stats) if target_ids is not None else None
+            out.store(c.start, c.stop, stats, sampled)
+
+        run_chunks(chunks, device_blocks(p, chunks), epilogue)
     return out.D, out.lse_s, out.lse_t, out.lp_s, out.lp_t, out.frame
 
 
@@ -269,7 +276,7 @@ def _forward_low_memory(p: KLProblem, out: ForwardResult, chunk_size: int | None
     rows = chunk_size or LOW_MEMORY_ROWS
     slices = _slices(p.vocab, min(rows, max(p.n_rows, 1)), LOW_MEMORY_CHUNK_BYTES)
     width = slices[0].stop - slices[0].start if slices else 1
-    blocks = _Blocks(min(rows, max(p.n_rows, 1)), width, p.student.hidden.device)
+    blocks = _SliceBlocks(min(rows, max(p.n_rows, 1)), width, p.student.hidden.device)
     for start, stop in even_chunks(p.n_rows, rows):
         parts = []
         for cols in slices:
@@ -282,7 +289,7 @@ def _forward_low_memory(p: KLProblem, out: ForwardResult, chunk_size: int | None
         out.store(start, stop, stats, sampled)
 
 
-def _jsd_stats_sliced(p: KLProblem, blocks: _Blocks, start: int, stop: int, slices: list[slice],
+def _jsd_stats_sliced(p: KLProblem, blocks: _SliceBlocks, start: int, stop: int, slices: list[slice],
                       stats: KLRowStats) -> KLRowStats:
     """The JSD's ``D`` and ``c`` of rows ``[start, stop)`` from a second sweep over the vocabulary slices
     (each slice's logit products recomputed: ``2 C V (Hs + Ht)`` FLOPs), given the merged statistics."""
@@ -337,9 +344,14 @@ def divergence_backward(student_hidden, student_weight, student_bias, teacher_hi
                    chunk_size=chunk_size)
     rows = min(rows, max(p.n_rows, 1))
     slices = _slices(p.vocab, rows, LOW_MEMORY_CHUNK_BYTES) if low else None
-    acc = GradAccumulator(p.student, p.row_index, p.contiguous, need_hidden=need_hidden, need_weight=need_weight,
-                          need_bias=need_bias, block_rows=rows,
-                          block_cols=(slices[0].stop - slices[0].start) if low else p.vocab, sliced=low)
+    if low:
+        acc = GradAccumulator(p.student, p.row_index, p.contiguous, need_hidden=need_hidden,
+                              need_weight=need_weight, need_bias=need_bias, block_rows=rows,
+                              block_cols=slices[0].stop - slices[0].start, sliced=True)
+    else:
+        grads = DeviceGrads(p.student, p.row_index, p.contiguous, need_hidden=need_hidden, need_weight=need_weight,
+                            need_bias=need_bias, block_rows=rows)
+        acc = grads.acc
     if not acc.active or p.n_rows == 0:
         return acc.finish()
     scale = torch.zeros(p.n_rows, dtype=torch.float32, device=student_hidden.device) if grad_divergence is None \
@@ -352,14 +364,16 @@ def divergence_backward(student_hidden, student_weight, student_bias, teacher_hi
     if low:
         _backward_low_memory(p, acc, scale, hard_scale, saved, rows, slices)
         return acc.finish()
-    blocks = _Blocks(rows, p.vocab, student_hidden.device)
-    for start, stop in even_chunks(p.n_rows, rows):
-        hs, xs, xt = blocks.logits(p, start, stop)
-        stats = saved.stats(start, stop) if saved is not None else row_stats(p, xs, xt)
-        hard = (p.hard_targets(start, stop), hard_scale[start:stop]) if with_hard else None
-        grad = logit_grad(p, xs, xt, stats, scale[start:stop], acc.grad_block(stop - start), hard=hard)
-        acc.add(grad, start, stop, hs)
-    return acc.finish()
+    chunks = even_chunks(p.n_rows, rows)
+
+    def epilogue(c):
+        xs, xt = c.logits
+        stats = saved.stats(c.start, c.stop) if saved is not None else row_stats(p, xs, xt)
+        hard = (p.hard_targets(c.start, c.stop), hard_scale[c.start:c.stop]) if with_hard else None
+        return logit_grad(p, xs, xt, stats, scale[c.start:c.stop], c.grad_block(), hard=hard)
+
+    run_chunks(chunks, device_blocks(p, chunks), epilogue, grads)
+    return grads.finish()
 
 
 def _backward_low_memory(p: KLProblem, acc: GradAccumulator, scale, hard_scale, saved, rows: int,
@@ -370,7 +384,7 @@ def _backward_low_memory(p: KLProblem, acc: GradAccumulator, scale, hard_scale, 
         fwd = ForwardResult(p.n_rows, p.student.hidden.device, False)
         _forward_low_memory(p, fwd, rows)
         saved = fwd
-    blocks = _Blocks(rows, slices[0].stop - slices[0].start, p.student.hidden.device)
+    blocks = _SliceBlocks(rows, slices[0].stop - slices[0].start, p.student.hidden.device)
     for cols in slices:
         acc.begin_slice(cols)
         for start, stop in even_chunks(p.n_rows, rows):
@@ -429,10 +443,9 @@ def single_pass_loss(p: KLProblem, chunks: list[tuple[int, int]],
         raise ValueError("the sampled signal needs target_ids")
     device = p.student.hidden.device
     out = ForwardResult(p.n_rows, device, p.target_ids is not None)
-    longest = max((b - a for a, b in chunks), default=1)
-    acc = GradAccumulator(p.student, p.row_index, p.contiguous, need_hidden=need_hidden, need_weight=need_weight,
-                          need_bias=need_bias, block_rows=longest)
-    blocks = _Blocks(longest, p.vocab, device)
+    longest = longest_chunk(chunks)
+    grads = DeviceGrads(p.student, p.row_index, p.contiguous, need_hidden=need_hidden, need_weight=need_weight,
+                        need_bias=need_bias, block_rows=longest)
     grad_scale = coef / (normalizer * p.temperature)
     weights = ChunkWeightPlan(chunk_weights, grad_scale, longest, device)
     f32 = torch.float32
@@ -442,11 +455,12 @@ def single_pass_loss(p: KLProblem, chunks: list[tuple[int, int]],
     if p.target_ids is not None:  # the distilled rows' targets, int32, once per call
         targets = (p.target_ids if p.contiguous else p.target_ids[p.row_index]).to(torch.int32)
     hard_scale = torch.full((longest,), hard_weight / (normalizer * p.temperature), dtype=f32, device=device) \
-        if hard_weight and acc.active else None
+        if hard_weight and grads.active else None
     sb, tb = p.bias(p.student), p.bias(p.teacher)
-    for i, (start, stop) in enumerate(chunks):
-        n = stop - start
-        hs, xs, xt = blocks.logits(p, start, stop, acc=acc if acc.active else None)
+
+    def epilogue(c):
+        start, stop, n, i = c.start, c.stop, c.size, c.index
+        xs, xt = c.logits
         part = kl_partials(xs, xt, sb, tb, **p.epilogue)
         rows_out = out.views(start)
         jsd_part = None
@@ -459,11 +473,12 @@ def single_pass_loss(p: KLProblem, chunks: list[tuple[int, int]],
                       **p.epilogue)
         if not weights.in_kernel:
             weights.apply_callable(out, start, stop, sampled_signal, scale, slots[0, i])
-        if acc.active:
-            hard = (targets[start:stop], hard_scale[:n]) if hard_weight else None
-            grad = logit_grad(p, xs, xt, out.stats(start, stop), scale[:n], acc.grad_block(n), hard=hard)
-            acc.add(grad, start, stop, hs)
-    del blocks
+        if not grads.active:
+            return None
+        hard = (targets[start:stop], hard_scale[:n]) if hard_weight else None
+        return logit_grad(p, xs, xt, out.stats(start, stop), scale[:n], c.grad_block(), hard=hard)
+
+    run_chunks(chunks, device_blocks(p, chunks), epilogue, grads)
     totals = slots.sum(1)
     loss = (totals[0] * (coef / normalizer) + totals[1] * (hard_weight / normalizer)).to(f32)
-    return SinglePassResult(loss, out.D, out.lp_s, out.lp_t, acc.finish())
+    return SinglePassResult(loss, out.D, out.lp_s, out.lp_t, grads.finish())

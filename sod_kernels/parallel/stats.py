@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..core.chunks import FAST_CHUNK_BYTES, chunk_rows, even_chunks, logits_into
+from ..core.chunks import FAST_CHUNK_BYTES, chunk_rows, even_chunks
 from ..core.tiles import MIN_LOGIT, apply_softcap, compute_dtype, rows_per_chunk, rows_per_tile, tile_logits, vocab_tile
 from ..logprobs.token_logprobs import MIN_CHUNK_ROWS
 
@@ -149,32 +149,32 @@ def kl_partials_triton(sh, sw, sb, th, tw, tb, row_index, y_local, *, forward_kl
                        teacher_softcap: float | None = None) -> torch.Tensor:
     """:func:`kl_partials_torch` on the chunked core (float32 logit blocks, the Triton statistics kernel);
     float32 / bfloat16 / float16 inputs, float32 partials."""
+    from ..core.loop import run_chunks
     from ..dense.kernels import kl_partials
-    from ..dense.triton_backend import KLProblem
+    from ..dense.triton_backend import KLProblem, device_blocks
 
     divergence = "forward_kl" if forward_kl else "reverse_kl"
     p = KLProblem.build(sh, sw, sb, th, tw, tb, row_index, None, divergence, temperature)
     V, Na = p.vocab, p.n_rows
     out = torch.zeros(KL_PARTIALS + (2 if y_local is not None else 0), Na, dtype=torch.float32, device=sh.device)
-    rows = chunk_rows(Na, V, 8, budget=FAST_CHUNK_BYTES, chunk_size=chunk_size)
-    xs_buf = torch.empty(min(rows, max(Na, 1)) * V, dtype=torch.float32, device=sh.device)
-    xt_buf = torch.empty_like(xs_buf)
     sbias, tbias = p.student.used_bias, p.teacher.used_bias
-    for start, stop in even_chunks(Na, rows):
-        sel = p.rows(start, stop)
-        hs, ht = p.student.hidden[sel], p.teacher.hidden[sel]
-        xs = logits_into(xs_buf[: (stop - start) * V].view(stop - start, V), hs, p.student.used_weight)
-        xt = logits_into(xt_buf[: (stop - start) * V].view(stop - start, V), ht, p.teacher.used_weight)
+
+    def epilogue(c):
+        start, stop = c.start, c.stop
+        xs, xt = c.logits
         part = kl_partials(xs, xt, sbias, tbias, forward_kl=forward_kl, temperature=temperature,
                            student_softcap=student_softcap, teacher_softcap=teacher_softcap)
         out[:KL_PARTIALS, start:stop] = combine_kl(part)
         if y_local is not None:
-            local, owned = owned_targets(y_local[sel], 0, V)
+            local, owned = owned_targets(y_local[c.rows], 0, V)
             for row, x, bias, cap in ((5, xs, sbias, student_softcap), (6, xt, tbias, teacher_softcap)):
                 z = _target_logit(x, local, owned)
                 if bias is not None:
                     z = torch.where(owned, z + bias[local.clamp(0, V - 1)].float(), z)
                 out[row, start:stop] = apply_softcap(z, cap) / temperature
+
+    chunks = even_chunks(Na, chunk_rows(Na, V, 8, budget=FAST_CHUNK_BYTES, chunk_size=chunk_size))
+    run_chunks(chunks, device_blocks(p, chunks), epilogue)
     return out
 
 
@@ -246,25 +246,22 @@ def logprob_partials_triton(hidden, weight, bias, row_index, y_local, *, tempera
     """:func:`logprob_partials_torch` on the chunked core (float32 logit blocks, the Triton statistics
     kernel of :mod:`sod_kernels.core.kernels`); float32 partials."""
     from ..core.kernels import NUM_WARPS, cap_arg, logprob_partial_stats_kernel, vocab_splits
+    from ..core.loop import DeviceBlocks, longest_chunk, run_chunks
     from ..logprobs.triton_backend import LogprobProblem
 
     p = LogprobProblem.build(hidden, weight, bias, row_index, y_local, temperature)
     V, Na, dev = p.head.vocab, p.n_rows, hidden.device
     out = torch.zeros(LOGPROB_PARTIALS + int(with_entropy), Na, dtype=torch.float32, device=dev)
-    chunks = p.chunks(False, chunk_size)
-    longest = max((b - a for a, b in chunks), default=1)
-    buf = torch.empty(longest * V, dtype=torch.float32, device=dev)
-    for start, stop in chunks:
-        n = stop - start
-        sel = p.row_index[start:stop]
-        x = logits_into(buf[: n * V].view(n, V), p.head.hidden[sel], p.head.used_weight)
+
+    def epilogue(c):
+        start, stop, n, x = c.start, c.stop, c.size, c.logits[0]
         block, cols_per_split, splits = vocab_splits(n, V)
         part = torch.empty(3, n, splits, dtype=torch.float32, device=dev)
         logprob_partial_stats_kernel[(n, splits)](
             x, x if p.head.bias is None else p.head.bias, part, n, V, x.stride(0), cols_per_split, splits,
             1.0 / temperature, cap_arg(softcap), HAS_BIAS=p.head.bias is not None, WITH_ENTROPY=with_entropy,
             BLOCK_V=block, HAS_CAP=softcap is not None, num_warps=NUM_WARPS)
-        local, owned = owned_targets(p.target_ids[sel], 0, V)
+        local, owned = owned_targets(p.target_ids[c.rows], 0, V)
         zy = _target_logit(x, local, owned)
         if p.head.bias is not None:
             zy = torch.where(owned, zy + p.head.bias[local.clamp(0, V - 1)].float(), zy)
@@ -272,4 +269,7 @@ def logprob_partials_triton(hidden, weight, bias, row_index, y_local, *, tempera
         merged = combine_logprob(full, with_entropy)
         merged[2] = apply_softcap(zy, softcap) / temperature
         out[:, start:stop] = merged
+
+    chunks = p.chunks(False, chunk_size)
+    run_chunks(chunks, DeviceBlocks((p.head,), p.row_index, p.contiguous, longest_chunk(chunks)), epilogue)
     return out
