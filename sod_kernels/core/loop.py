@@ -12,7 +12,11 @@ iteration and folds every returned block; which pair of (blocks, gradients) it r
   (:class:`~sod_kernels.core.chunks.GradAccumulator`: ``d(logits)`` in the input dtype in its own block,
   ``d(weight)`` folded over several chunks per product, no atomics);
 - the CPU path: :class:`CpuBlocks` (blocks in the compute dtype: float32, or float64 for float64 inputs) and
-  :class:`CpuGrads` (``d(logits)`` written in place over the student's block, one fold per chunk).
+  :class:`CpuGrads` (``d(logits)`` written in place over the student's block, one fold per chunk);
+- the PyTorch tile path (float64, devices without Triton, ``memory="low"`` on a CPU): :class:`TorchRows` (the
+  chunk's rows in the compute dtype, no block: the epilogue sweeps vocabulary tiles with
+  :func:`~sod_kernels.core.tiles.tile_logits`, ``R x BV`` at a time) and :class:`TileGrads` (each tile's
+  ``d(logits)`` folded as it is formed, :meth:`Chunk.fold_tile`; the chunk's ``d(hidden)`` rows added at its end).
 
 Per chunk the loop itself launches only the logit products (one per model) and, for a returned block, the
 gradient products of the sink (``d(hidden)``, and per fold group ``d(weight)``); gathers of non-contiguous
@@ -31,6 +35,7 @@ import torch
 
 from .chunks import GradAccumulator, LMHead, gather_rows, logits_into, row_selector
 from .cpu_pass import ComputeHead, StudentGrads
+from .tiles import fold_tile_grad, grads_like
 
 
 class Chunk:
@@ -62,6 +67,15 @@ class Chunk:
             raise RuntimeError("this chunk loop runs without gradients (no grad_block)")
         return self._sink.block(self)
 
+    def fold_tile(self, d_logits: torch.Tensor, columns: slice, weight_tile: torch.Tensor,
+                  slope: torch.Tensor | None = None) -> None:
+        """Fold one vocabulary tile's ``d(logits) [C, V']`` (the tile path, :class:`TileGrads`): times the
+        soft-cap's ``slope`` (in place; None: none), into the chunk's ``d(hidden)`` rows, ``d(weight)[columns]``
+        and ``d(bias)[columns]``; ``weight_tile [V', H]`` the student's weight rows of the tile."""
+        if self._sink is None:
+            raise RuntimeError("this chunk loop runs without gradients (no fold_tile)")
+        self._sink.fold_tile(self, d_logits, columns, weight_tile, slope)
+
 
 Epilogue = Callable[[Chunk], "torch.Tensor | None"]
 
@@ -72,13 +86,18 @@ def run_chunks(chunks: Sequence[tuple[int, int]], blocks, epilogue: Epilogue, gr
     folded into ``grads`` (:class:`DeviceGrads` or :class:`CpuGrads`; None for a forward-only loop).  The
     blocks' buffers are released at the end (the gradients are the sink's :meth:`finish`)."""
     sink = grads if (grads is not None and grads.active) else None
+    per_chunk = sink is not None and hasattr(sink, "end_chunk")
     for index, (start, stop) in enumerate(chunks):
         chunk = blocks.chunk(index, start, stop, sink)
+        if per_chunk:
+            sink.begin_chunk(chunk)
         d_logits = epilogue(chunk)
         if d_logits is not None:
             if sink is None:
                 raise RuntimeError("an epilogue returned d(logits) in a loop without gradients")
             sink.add(chunk, d_logits)
+        if per_chunk:
+            sink.end_chunk(chunk)
     blocks.release()
 
 
@@ -240,3 +259,69 @@ class CpuGrads:
     def finish(self) -> tuple:
         """``(d_hidden [N, H], d_weight [Vw, H], d_bias [Vw])`` in the student's dtypes (None where not needed)."""
         return self.grads.finish(self.source, self.row_index, self.contiguous)
+
+
+# ----------------------------------------------------------------------------------------- tile path
+class TorchRows:
+    """The PyTorch tile path's chunks: per chunk each model's rows ``[C, H_m]`` in the compute dtype ``dt``
+    (``hiddens``: the models' hidden states, the student's first), and no logit block (``Chunk.logits`` is
+    empty): the epilogue forms ``R x BV`` tiles itself (:func:`~sod_kernels.core.tiles.tile_logits`), so memory
+    stays at a tile whatever the vocabulary."""
+
+    def __init__(self, hiddens: Sequence[torch.Tensor], row_index: torch.Tensor, contiguous: bool,
+                 dt: torch.dtype):
+        self.hiddens, self.row_index, self.contiguous, self.dt = tuple(hiddens), row_index, contiguous, dt
+
+    def chunk(self, index: int, start: int, stop: int, sink) -> Chunk:
+        rows = row_selector(self.row_index, start, stop, self.contiguous)
+        hidden = tuple(gather_rows(h, rows).to(self.dt) for h in self.hiddens)
+        return Chunk(index, start, stop, rows, hidden, (), sink)
+
+    def release(self) -> None:
+        pass
+
+
+class TileGrads:
+    """The student's gradients on the tile path, in the compute dtype ``dt``: ``d_hidden [N, H]`` (each chunk's
+    ``[C, H]`` rows accumulated over its tiles, then written to its rows), ``d_weight [V, H]`` and ``d_bias [V]``
+    (added to tile by tile); each None where not needed.  ``weight [V, H]`` is the student's weight in ``dt``;
+    :meth:`finish` returns the gradients in the dtypes of ``like = (hidden, weight, bias)``."""
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dt: torch.dtype, *,
+                 need_hidden: bool, need_weight: bool, need_bias: bool, like: tuple):
+        device = weight.device
+        self.d_hidden = torch.zeros(hidden.shape, dtype=dt, device=hidden.device) if need_hidden else None
+        self.d_weight = torch.zeros(weight.shape, dtype=dt, device=device) if need_weight else None
+        self.d_bias = torch.zeros(weight.shape[0], dtype=dt, device=device) if (need_bias and bias is not None) \
+            else None
+        self.weight, self.dt, self.width, self.like = weight, dt, weight.shape[1], like
+        self._rows = None
+
+    @property
+    def active(self) -> bool:
+        return self.d_hidden is not None or self.d_weight is not None or self.d_bias is not None
+
+    def begin_chunk(self, chunk: Chunk) -> None:
+        self._rows = torch.zeros(chunk.size, self.width, dtype=self.dt, device=self.d_hidden.device) \
+            if self.d_hidden is not None else None
+
+    def fold_tile(self, chunk: Chunk, d_logits: torch.Tensor, columns: slice, weight_tile: torch.Tensor,
+                  slope: torch.Tensor | None) -> None:
+        fold_tile_grad(d_logits, slope, chunk.hidden[0], weight_tile, columns, self._rows, self.d_weight,
+                       self.d_bias)
+
+    def add(self, chunk: Chunk, d_logits: torch.Tensor) -> None:
+        """A whole-vocabulary ``d(logits) [C, V]`` returned by the epilogue: one tile of every column."""
+        self.fold_tile(chunk, d_logits, slice(0, self.weight.shape[0]), self.weight, None)
+
+    def end_chunk(self, chunk: Chunk) -> None:
+        if self._rows is not None:
+            if isinstance(chunk.rows, slice):
+                self.d_hidden[chunk.rows] += self._rows
+            else:
+                self.d_hidden.index_add_(0, chunk.rows, self._rows)
+        self._rows = None
+
+    def finish(self) -> tuple:
+        """``(d_hidden [N, H], d_weight [V, H], d_bias [V])`` in the dtypes of ``like`` (None where not needed)."""
+        return grads_like((self.d_hidden, self.d_weight, self.d_bias), self.like)

@@ -26,6 +26,15 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def backend_module(name: str, package: str, torch_module: str = "torch_backend") -> ModuleType:
+    """The module of a loss family's two-pass backend, by name: ``<package>.triton_backend`` for the Triton
+    backend (imported lazily: Triton is only needed there), ``<package>.<torch_module>`` for the torch backend.
+    ``package``: the family's package name (its ``__package__``)."""
+    if name == "triton":
+        return importlib.import_module(".triton_backend", package)
+    return importlib.import_module(f".{torch_module}", package)
+
+
 def single_pass_module(name: str, device: torch.device, package: str) -> ModuleType | None:
     """The module of a loss family's single pass, by name: ``<package>.triton_backend`` for the Triton backend
     (imported lazily: Triton is only needed there), ``<package>.cpu_backend`` for the torch backend on CPU

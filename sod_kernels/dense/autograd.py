@@ -23,15 +23,13 @@ from types import ModuleType
 import torch
 
 from ..core.options import PassOptions, input_grads
+from ..core import runtime
 from ..core.runtime import no_autocast, refuse_double_backward, zero_student_grads
-from . import torch_backend
 
 
 def backend_module(name: str) -> ModuleType:
-    if name == "torch":
-        return torch_backend
-    from . import triton_backend  # imported lazily: Triton is only needed for this path
-    return triton_backend
+    """The two-pass backend ``name`` (``"torch"`` or ``"triton"``, the latter imported lazily)."""
+    return runtime.backend_module(name, __package__)
 
 
 class TokenDivergence(torch.autograd.Function):

@@ -36,8 +36,10 @@ import math
 
 import torch
 
-from ..core.tiles import (MIN_LOGIT, compute_dtype, fold_tile_grad, grads_like, rows_per_tile, tile_logits,
-                         tile_logits_and_slope, vocab_tile)
+from ..core.chunks import even_chunks
+from ..core.loop import TileGrads, TorchRows, run_chunks
+from ..core.rows import chunk_row_index
+from ..core.tiles import MIN_LOGIT, compute_dtype, rows_per_tile, tile_logits, tile_logits_and_slope, vocab_tile
 
 
 def _prepared(weight: torch.Tensor, bias: torch.Tensor | None, vocab: int, dtype: torch.dtype):
@@ -87,26 +89,29 @@ def divergence_forward(student_hidden, student_weight, student_bias, teacher_hid
     lp_s = torch.empty_like(D) if target_ids is not None else None
     lp_t = torch.empty_like(D) if target_ids is not None else None
     frame = torch.empty(3, Na, dtype=dt, device=device)
-    R = rows_per_tile(V, chunk_size)
     jsd = divergence == "jsd"
+    rows_idx, contiguous = chunk_row_index(row_index, student_hidden.shape[0])
+
+    def epilogue(c):
+        start, stop = c.start, c.stop
+        hs, ht = c.hidden
+        y = None if target_ids is None else target_ids[c.rows]
+        # The JSD's first sweep runs oriented as the reverse KL: only its lse, maxima and sampled logits are used.
+        d, ls, lt, m_s, m_t, centre, gap, zy_s, zy_t = _kl_sweep(hs, ht, heads, temperature, caps,
+                                                                 divergence != "forward_kl", y)
+        frame_rows = (m_s, m_t, centre)
+        if jsd:
+            d, c_s = _jsd_sweep(hs, ht, heads, temperature, caps, ls, lt, gap, beta)
+            frame_rows = (gap, torch.zeros_like(gap), c_s)
+        D[start:stop] = d
+        lse_s[start:stop], lse_t[start:stop] = ls, lt
+        frame[:, start:stop] = torch.stack(frame_rows)
+        if y is not None:
+            lp_s[start:stop], lp_t[start:stop] = zy_s - ls, zy_t - lt
+
     with torch.no_grad():
-        for start in range(0, Na, R):
-            stop = min(start + R, Na)
-            rows = row_index[start:stop]
-            hs, ht = student_hidden[rows].to(dt), teacher_hidden[rows].to(dt)
-            y = None if target_ids is None else target_ids[rows]
-            # The JSD's first sweep runs oriented as the reverse KL: only its lse, maxima and sampled logits are used.
-            d, ls, lt, m_s, m_t, centre, gap, zy_s, zy_t = _kl_sweep(hs, ht, heads, temperature, caps,
-                                                                     divergence != "forward_kl", y)
-            frame_rows = (m_s, m_t, centre)
-            if jsd:
-                d, c = _jsd_sweep(hs, ht, heads, temperature, caps, ls, lt, gap, beta)
-                frame_rows = (gap, torch.zeros_like(gap), c)
-            D[start:stop] = d
-            lse_s[start:stop], lse_t[start:stop] = ls, lt
-            frame[:, start:stop] = torch.stack(frame_rows)
-            if y is not None:
-                lp_s[start:stop], lp_t[start:stop] = zy_s - ls, zy_t - lt
+        run_chunks(even_chunks(Na, rows_per_tile(V, chunk_size)),
+                   TorchRows((student_hidden, teacher_hidden), rows_idx, contiguous, dt), epilogue)
     return D, lse_s, lse_t, lp_s, lp_t, frame
 
 
@@ -236,35 +241,37 @@ def divergence_backward(student_hidden, student_weight, student_bias, teacher_hi
     heads = _prepared(student_weight, student_bias, V, dt) + _prepared(teacher_weight, teacher_bias, V, dt)
     ws, bs, wt, bt = heads
     caps = (student_softcap, teacher_softcap)
-    d_hidden = torch.zeros(student_hidden.shape, dtype=dt, device=student_hidden.device) if need_hidden else None
-    d_weight = torch.zeros(ws.shape, dtype=dt, device=ws.device) if need_weight else None
-    d_bias = torch.zeros(V, dtype=dt, device=ws.device) if (need_bias and student_bias is not None) else None
+    grads = TileGrads(student_hidden, ws, student_bias, dt, need_hidden=need_hidden, need_weight=need_weight,
+                      need_bias=need_bias, like=(student_hidden, student_weight, student_bias))
+    if not grads.active:
+        return grads.finish()
     hard = grad_target_logprob is not None
-    R, BV = rows_per_tile(V, chunk_size), vocab_tile(V)
+    BV = vocab_tile(V)
+    rows_idx, contiguous = chunk_row_index(row_index, student_hidden.shape[0])
+
+    def epilogue(c):
+        start, stop = c.start, c.stop
+        h, ht = c.hidden
+        scale = grad_divergence[start:stop].to(dt)[:, None] / temperature
+        ls, lt = lse_student[start:stop, None], lse_teacher[start:stop, None]
+        form = _row_gradient_form(divergence, frame, start, stop, ls, lt, token_divergence, beta,
+                                  (h, ht, heads, temperature, caps))
+        y = target_ids[c.rows] if hard else None
+        g_y = grad_target_logprob[start:stop].to(dt)[:, None] / temperature if hard else None
+        for v0 in range(0, V, BV):
+            v1 = min(v0 + BV, V)
+            w_tile, b_tile = _tile(ws, bs, v0, v1)
+            zs, slope = tile_logits_and_slope(h, w_tile, b_tile, temperature, student_softcap)
+            zt = tile_logits(ht, *_tile(wt, bt, v0, v1), temperature, teacher_softcap)
+            dx, p_s = _tile_logit_grad(divergence, zs, zt, ls, lt, scale, form, beta)
+            if hard:
+                _add_hard_label(dx, p_s, y, g_y, v0, v1)
+            c.fold_tile(dx, slice(v0, v1), w_tile, slope)
+
     with torch.no_grad():
-        for start in range(0, row_index.numel(), R):
-            stop = min(start + R, row_index.numel())
-            rows = row_index[start:stop]
-            scale = grad_divergence[start:stop].to(dt)[:, None] / temperature
-            h, ht = student_hidden[rows].to(dt), teacher_hidden[rows].to(dt)
-            ls, lt = lse_student[start:stop, None], lse_teacher[start:stop, None]
-            form = _row_gradient_form(divergence, frame, start, stop, ls, lt, token_divergence, beta,
-                                      (h, ht, heads, temperature, caps))
-            y = target_ids[rows] if hard else None
-            g_y = grad_target_logprob[start:stop].to(dt)[:, None] / temperature if hard else None
-            d_rows = torch.zeros(stop - start, ws.shape[1], dtype=dt, device=ws.device) if need_hidden else None
-            for v0 in range(0, V, BV):
-                v1 = min(v0 + BV, V)
-                w_tile, b_tile = _tile(ws, bs, v0, v1)
-                zs, slope = tile_logits_and_slope(h, w_tile, b_tile, temperature, student_softcap)
-                zt = tile_logits(ht, *_tile(wt, bt, v0, v1), temperature, teacher_softcap)
-                dx, p_s = _tile_logit_grad(divergence, zs, zt, ls, lt, scale, form, beta)
-                if hard:
-                    _add_hard_label(dx, p_s, y, g_y, v0, v1)
-                fold_tile_grad(dx, slope, h, w_tile, slice(v0, v1), d_rows, d_weight, d_bias)
-            if d_hidden is not None:
-                d_hidden.index_add_(0, rows, d_rows)
-    return grads_like((d_hidden, d_weight, d_bias), (student_hidden, student_weight, student_bias))
+        run_chunks(even_chunks(row_index.numel(), rows_per_tile(V, chunk_size)),
+                   TorchRows((student_hidden, teacher_hidden), rows_idx, contiguous, dt), epilogue, grads)
+    return grads.finish()
 
 
 def _row_gradient_form(divergence, frame, start, stop, ls, lt, token_divergence, beta, chunk):

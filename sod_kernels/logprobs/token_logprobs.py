@@ -26,9 +26,12 @@ import torch
 
 from ..core.validation import (BACKENDS, MEMORY_MODES, check_choice, check_chunk_size, check_lm_head, check_positive,
                                check_same_device, check_shape, check_tensor)
-from ..core.tiles import (apply_softcap, compute_dtype, fold_logit_grad, grads_like, rows_per_chunk, tile_logits,
-                          tile_logits_and_slope)
+from ..core.chunks import even_chunks
+from ..core.loop import TileGrads, TorchRows, run_chunks
+from ..core.rows import chunk_row_index
+from ..core.tiles import apply_softcap, compute_dtype, rows_per_chunk, tile_logits, tile_logits_and_slope
 from ..core.options import PassOptions, input_grads
+from ..core import runtime
 from ..core.runtime import check_softcap, no_autocast, refuse_double_backward, resolve_backend, zero_student_grads
 from . import cpu_backend
 
@@ -75,23 +78,26 @@ def logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     logp = torch.empty(Na, dtype=dt, device=hidden.device)
     lse = torch.empty_like(logp)
     entropy = torch.empty_like(logp) if with_entropy else None
-    C = _chunk_rows(w.shape[0], chunk_size)
+    rows_idx, contiguous = chunk_row_index(row_index, hidden.shape[0])
+
+    def epilogue(c):
+        start, stop, h = c.start, c.stop, c.hidden[0]
+        z = tile_logits(h, w, b, temperature, softcap)
+        chunk_lse = torch.logsumexp(z, dim=-1)
+        if with_entropy:  # H = -sum p log p, with log p = z - lse
+            log_p = z.sub_(chunk_lse[:, None])
+            entropy[start:stop] = -(log_p.exp() * log_p).sum(-1)
+        y = target_ids[c.rows]
+        # The one gathered dot product: hidden . weight[y] (+ bias[y]), scaled like the tile logits.
+        target_logit = (h * w[y]).sum(-1)
+        if b is not None:
+            target_logit = target_logit + b[y]
+        lse[start:stop] = chunk_lse
+        logp[start:stop] = apply_softcap(target_logit, softcap) / temperature - chunk_lse
+
     with torch.no_grad():
-        for start in range(0, Na, C):
-            rows = row_index[start:start + C]
-            h = hidden[rows].to(dt)
-            z = tile_logits(h, w, b, temperature, softcap)
-            chunk_lse = torch.logsumexp(z, dim=-1)
-            if with_entropy:  # H = -sum p log p, with log p = z - lse
-                log_p = z.sub_(chunk_lse[:, None])
-                entropy[start:start + C] = -(log_p.exp() * log_p).sum(-1)
-            y = target_ids[rows]
-            # The one gathered dot product: hidden . weight[y] (+ bias[y]), scaled like the tile logits.
-            target_logit = (h * w[y]).sum(-1)
-            if b is not None:
-                target_logit = target_logit + b[y]
-            lse[start:start + C] = chunk_lse
-            logp[start:start + C] = apply_softcap(target_logit, softcap) / temperature - chunk_lse
+        run_chunks(even_chunks(Na, _chunk_rows(w.shape[0], chunk_size)),
+                   TorchRows((hidden,), rows_idx, contiguous, dt), epilogue)
     return logp, lse, entropy, None
 
 
@@ -117,37 +123,36 @@ def logprob_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     dt = compute_dtype(hidden.dtype)
     w, b = _weights_in(dt, weight, bias)
     V = w.shape[0]
-    d_hidden = torch.zeros(hidden.shape, dtype=dt, device=hidden.device) if need_hidden else None
-    d_weight = torch.zeros(w.shape, dtype=dt, device=w.device) if need_weight else None
-    d_bias = torch.zeros(V, dtype=dt, device=w.device) if (need_bias and bias is not None) else None
-    C = _chunk_rows(V, chunk_size)
+    grads = TileGrads(hidden, w, bias, dt, need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias,
+                      like=(hidden, weight, bias))
+    if not grads.active:
+        return grads.finish()
+    rows_idx, contiguous = chunk_row_index(row_index, hidden.shape[0])
+
+    def epilogue(c):
+        start, stop, h = c.start, c.stop, c.hidden[0]
+        scale = grad_logp[start:stop].to(dt)[:, None] / temperature
+        z, slope = tile_logits_and_slope(h, w, b, temperature, softcap)
+        log_p = z.sub_(lse[start:stop, None])
+        p = log_p.exp()
+        dx = p.neg()
+        dx.scatter_add_(1, target_ids[c.rows][:, None], torch.ones_like(dx[:, :1]))
+        dx *= scale
+        if grad_entropy is not None:
+            g_h = grad_entropy[start:stop].to(dt)[:, None] / temperature
+            dx -= g_h * p * log_p.add_(entropy[start:stop, None].to(dt))
+        c.fold_tile(dx, slice(0, V), w, slope)   # one tile: the whole vocabulary
+
     with torch.no_grad():
-        for start in range(0, row_index.numel(), C):
-            rows = row_index[start:start + C]
-            scale = grad_logp[start:start + C].to(dt)[:, None] / temperature
-            h = hidden[rows].to(dt)
-            z, slope = tile_logits_and_slope(h, w, b, temperature, softcap)
-            log_p = z.sub_(lse[start:start + C, None])
-            p = log_p.exp()
-            dx = p.neg()
-            dx.scatter_add_(1, target_ids[rows][:, None], torch.ones_like(dx[:, :1]))
-            dx *= scale
-            if grad_entropy is not None:
-                g_h = grad_entropy[start:start + C].to(dt)[:, None] / temperature
-                dx -= g_h * p * log_p.add_(entropy[start:start + C, None].to(dt))
-            if slope is not None:
-                dx *= slope
-            fold_logit_grad(dx, h, w, rows, d_hidden, d_weight, d_bias)
-    return grads_like((d_hidden, d_weight, d_bias), (hidden, weight, bias))
+        run_chunks(even_chunks(row_index.numel(), _chunk_rows(V, chunk_size)),
+                   TorchRows((hidden,), rows_idx, contiguous, dt), epilogue, grads)
+    return grads.finish()
 
 
 # --------------------------------------------------------------------------------------------- autograd
 def backend_module(name: str) -> ModuleType:
-    if name == "torch":
-        import sys
-        return sys.modules[__name__]
-    from . import triton_backend  # imported lazily: Triton is only needed for this path
-    return triton_backend
+    """The two-pass backend ``name``: this module's chunked torch path, or the Triton module (imported lazily)."""
+    return runtime.backend_module(name, __package__, torch_module="token_logprobs")
 
 
 class TokenLogprobs(torch.autograd.Function):

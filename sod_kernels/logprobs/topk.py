@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 
 from ..core.validation import MEMORY_MODES, check_choice, check_chunk_size, check_lm_head, check_positive
-from ..core.chunks import FAST_CHUNK_BYTES, LOW_MEMORY_CHUNK_BYTES, chunk_rows, even_chunks, logits_into
+from ..core.chunks import FAST_CHUNK_BYTES, LOW_MEMORY_CHUNK_BYTES, LMHead, chunk_rows, even_chunks
+from ..core.loop import DeviceBlocks, longest_chunk, run_chunks
 from ..core.runtime import check_softcap, no_autocast
 
 BYTES_PER_ENTRY = 24          # float32 logits + int64 keys + int32 temporaries
@@ -85,24 +86,29 @@ def fused_topk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, k: int, *, b
     ids = torch.empty(N, k, dtype=torch.int64, device=h.device)
     logprobs = torch.empty(N, k, dtype=torch.float32, device=h.device)
     lse_sum = torch.zeros((), dtype=torch.float32, device=h.device)
-    block = torch.empty(min(rows, max(N, 1)), V, dtype=torch.float32, device=h.device)
+    chunks = even_chunks(N, rows)
+    if h.dtype != w.dtype:
+        h = h.to(w.dtype)   # the products take one dtype (a float32 copy of float64 or CPU 16-bit states)
+    blocks = DeviceBlocks((LMHead(h, w, None, V),), torch.arange(N, device=h.device), True, longest_chunk(chunks))
+
+    def epilogue(c):
+        z = c.logits[0]
+        if b is not None:
+            z += b
+        if softcap is not None:  # cap * tanh(x / cap), in place on the float32 block
+            z.div_(softcap).tanh_().mul_(softcap)
+        if temperature != 1.0:
+            z /= temperature
+        z += 0.0  # -0.0 -> +0.0, so that equal values have equal keys
+        lse = torch.logsumexp(z, dim=1)
+        lse_sum.add_(lse.sum())
+        top = _order_keys(z).topk(k, dim=1).values
+        cols = (V - 1) - (top & 0xFFFFFFFF)
+        ids[c.start:c.stop] = cols
+        logprobs[c.start:c.stop] = z.gather(1, cols) - lse[:, None]
+
     with torch.no_grad(), no_autocast(h.device):
-        for start, stop in even_chunks(N, rows):
-            x = h[start:stop]
-            z = logits_into(block[: stop - start], x if x.dtype == w.dtype else x.to(w.dtype), w)
-            if b is not None:
-                z += b
-            if softcap is not None:  # cap * tanh(x / cap), in place on the float32 block
-                z.div_(softcap).tanh_().mul_(softcap)
-            if temperature != 1.0:
-                z /= temperature
-            z += 0.0  # -0.0 -> +0.0, so that equal values have equal keys
-            lse = torch.logsumexp(z, dim=1)
-            lse_sum += lse.sum()
-            top = _order_keys(z).topk(k, dim=1).values
-            cols = (V - 1) - (top & 0xFFFFFFFF)
-            ids[start:stop] = cols
-            logprobs[start:stop] = z.gather(1, cols) - lse[:, None]
+        run_chunks(chunks, blocks, epilogue)
     if N and not torch.isfinite(lse_sum):
         raise ValueError("the logits are not finite: hidden, weight or bias hold NaN or Inf (or the logits "
                          "overflow float32)")

@@ -170,37 +170,41 @@ def logprob_shard_backward_torch(hidden, weight, bias, row_index, y_local, lse, 
     ``(d_hidden [N, H] partial, d_weight [Vr, H], d_bias [Vr])`` in the inputs' dtypes (None where not needed).
     With ``softcap`` the logits are capped and ``d(logits)`` is multiplied by the cap's slope.
     """
-    from ..core.tiles import compute_dtype, fold_logit_grad, grads_like, rows_per_chunk, tile_logits_and_slope
+    from ..core.chunks import even_chunks
+    from ..core.loop import TileGrads, TorchRows, run_chunks
+    from ..core.rows import chunk_row_index
+    from ..core.tiles import compute_dtype, rows_per_chunk, tile_logits_and_slope
     from ..logprobs.token_logprobs import MIN_CHUNK_ROWS
     from .stats import in_dtype
 
     dt = compute_dtype(hidden.dtype)
     V = weight.shape[0]
     w, b = in_dtype(weight, bias, V, dt)
-    d_hidden = torch.zeros(hidden.shape, dtype=dt, device=hidden.device) if need_hidden else None
-    d_weight = torch.zeros(w.shape, dtype=dt, device=w.device) if need_weight else None
-    d_bias = torch.zeros(V, dtype=dt, device=w.device) if (need_bias and bias is not None) else None
+    grads = TileGrads(hidden, w, bias, dt, need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias,
+                      like=(hidden, weight, bias))
+    if not grads.active:
+        return grads.finish()
     C = rows_per_chunk(V, chunk_size) if chunk_size is not None else max(rows_per_chunk(V), MIN_CHUNK_ROWS)
+
+    def epilogue(c):
+        start, stop = c.start, c.stop
+        z, slope = tile_logits_and_slope(c.hidden[0], w, b, temperature, softcap)
+        p = (z - lse[start:stop, None]).exp_()
+        a = grad_logp[start:stop].to(dt) / temperature
+        dx = p * (-a[:, None])
+        local, owned = owned_targets(y_local[c.rows], 0, V)
+        hit = torch.nonzero(owned).squeeze(1)
+        dx[hit, local[hit]] += a[hit]
+        if grad_entropy is not None:
+            e = grad_entropy[start:stop].to(dt) / temperature
+            centred = z.sub_(big[start:stop, None]).sub_(mean[start:stop, None])
+            dx -= e[:, None] * p * centred
+        c.fold_tile(dx, slice(0, V), w, slope)   # one tile: the shard's whole vocabulary
+
+    rows_idx, contiguous = chunk_row_index(row_index, hidden.shape[0])
     with torch.no_grad():
-        for start in range(0, row_index.numel(), C):
-            stop = min(start + C, row_index.numel())
-            rows = row_index[start:stop]
-            h = hidden[rows].to(dt)
-            z, slope = tile_logits_and_slope(h, w, b, temperature, softcap)
-            p = (z - lse[start:stop, None]).exp_()
-            a = grad_logp[start:stop].to(dt) / temperature
-            dx = p * (-a[:, None])
-            local, owned = owned_targets(y_local[rows], 0, V)
-            hit = torch.nonzero(owned).squeeze(1)
-            dx[hit, local[hit]] += a[hit]
-            if grad_entropy is not None:
-                e = grad_entropy[start:stop].to(dt) / temperature
-                centred = z.sub_(big[start:stop, None]).sub_(mean[start:stop, None])
-                dx -= e[:, None] * p * centred
-            if slope is not None:
-                dx.mul_(slope)
-            fold_logit_grad(dx, h, w, rows, d_hidden, d_weight, d_bias)
-    return grads_like((d_hidden, d_weight, d_bias), (hidden, weight, bias))
+        run_chunks(even_chunks(row_index.numel(), C), TorchRows((hidden,), rows_idx, contiguous, dt), epilogue, grads)
+    return grads.finish()
 
 
 class VocabParallelLogprobs(torch.autograd.Function):

@@ -34,8 +34,10 @@ from typing import NamedTuple
 
 import torch
 
-from ..core.tiles import (compute_dtype, fold_tile_grad, grads_like, rows_per_tile, tile_logits,
-                          tile_logits_and_slope, vocab_tile)
+from ..core.chunks import even_chunks
+from ..core.loop import TileGrads, TorchRows, run_chunks
+from ..core.rows import chunk_row_index
+from ..core.tiles import compute_dtype, rows_per_tile, tile_logits, tile_logits_and_slope, vocab_tile
 from .stats import KLStats, in_dtype, owned_targets
 
 JSD_PARTIALS = 2  # D', c'
@@ -78,15 +80,11 @@ def _tile_logprobs(zs, zt, f: JSDFrame):
     return zs.sub_(f.max_s).sub_(f.norm_s), zt.sub_(f.max_t).sub_(f.norm_t)
 
 
-def _row_chunks(sh, th, row_index, frame: JSDFrame, rows_per_chunk: int, dt: torch.dtype):
-    """Yields ``(start, stop, rows, hs, ht, f)`` per chunk of ``rows_per_chunk`` distilled rows: the chunk's
-    slice ``[start, stop)`` of ``row_index [Na]``, its rows (int64), the student and teacher hidden states there
-    in ``dt`` (``[R, Hs]``, ``[R, Ht]``) and the frame's rows (:meth:`JSDFrame.rows`)."""
-    Na = row_index.numel()
-    for start in range(0, Na, rows_per_chunk):
-        stop = min(start + rows_per_chunk, Na)
-        rows = row_index[start:stop]
-        yield start, stop, rows, sh[rows].to(dt), th[rows].to(dt), frame.rows(start, stop)
+def _rows(sh, th, row_index, dt: torch.dtype) -> TorchRows:
+    """The tile path's chunks of the distilled rows ``row_index [Na]``: the student's and the teacher's hidden
+    states there in ``dt`` (``[R, Hs]``, ``[R, Ht]``)."""
+    rows, contiguous = chunk_row_index(row_index, sh.shape[0])
+    return TorchRows((sh, th), rows, contiguous, dt)
 
 
 def jsd_partials_torch(sh, sw, sb, th, tw, tb, row_index, frame: JSDFrame, *, beta: float, temperature: float,
@@ -104,19 +102,26 @@ def jsd_partials_torch(sh, sw, sb, th, tw, tb, row_index, frame: JSDFrame, *, be
     wt, bt = in_dtype(tw, tb, V, dt)
     out = torch.zeros(JSD_PARTIALS, row_index.numel(), dtype=dt, device=sh.device)
     BV = vocab_tile(V)
+
+    def epilogue(c):
+        start, stop = c.start, c.stop
+        hs, ht = c.hidden
+        f = frame.rows(start, stop)
+        for v0 in range(0, V, BV):
+            v1 = min(v0 + BV, V)
+            zs = tile_logits(hs, ws[v0:v1], None if bs is None else bs[v0:v1], temperature, student_softcap)
+            zt = tile_logits(ht, wt[v0:v1], None if bt is None else bt[v0:v1], temperature, teacher_softcap)
+            ls, lt = _tile_logprobs(zs, zt, f)
+            lm = log_mixture(ls, lt, beta)
+            p_s, p_t = ls.exp(), lt.exp()
+            r_s = ls.sub_(lm).mul_(p_s)               # p_s (log p_s - log M)
+            r_t = lt.sub_(lm).mul_(p_t)               # p_t (log p_t - log M)
+            out[1, start:stop] += r_s.sum(1)
+            out[0, start:stop] += (r_t.mul_(beta).add_(r_s, alpha=1.0 - beta)).sum(1)
+
     with torch.no_grad():
-        for start, stop, rows, hs, ht, f in _row_chunks(sh, th, row_index, frame, rows_per_tile(V, chunk_size), dt):
-            for v0 in range(0, V, BV):
-                v1 = min(v0 + BV, V)
-                zs = tile_logits(hs, ws[v0:v1], None if bs is None else bs[v0:v1], temperature, student_softcap)
-                zt = tile_logits(ht, wt[v0:v1], None if bt is None else bt[v0:v1], temperature, teacher_softcap)
-                ls, lt = _tile_logprobs(zs, zt, f)
-                lm = log_mixture(ls, lt, beta)
-                p_s, p_t = ls.exp(), lt.exp()
-                r_s = ls.sub_(lm).mul_(p_s)               # p_s (log p_s - log M)
-                r_t = lt.sub_(lm).mul_(p_t)               # p_t (log p_t - log M)
-                out[1, start:stop] += r_s.sum(1)
-                out[0, start:stop] += (r_t.mul_(beta).add_(r_s, alpha=1.0 - beta)).sum(1)
+        run_chunks(even_chunks(row_index.numel(), rows_per_tile(V, chunk_size)), _rows(sh, th, row_index, dt),
+                   epilogue)
     return out
 
 
@@ -145,35 +150,40 @@ def jsd_shard_backward_torch(sh, sw, sb, th, tw, tb, row_index, frame: JSDFrame,
     dt = compute_dtype(sh.dtype)
     ws, bs = in_dtype(sw, sb, V, dt)
     wt, bt = in_dtype(tw, tb, V, dt)
-    d_hidden = torch.zeros(sh.shape, dtype=dt, device=sh.device) if need_hidden else None
-    d_weight = torch.zeros(ws.shape, dtype=dt, device=sh.device) if need_weight else None
-    d_bias = torch.zeros(V, dtype=dt, device=sh.device) if (need_bias and sb is not None) else None
+    grads = TileGrads(sh, ws, sb, dt, need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias,
+                      like=(sh, sw, sb))
+    if not grads.active:
+        return grads.finish()
     BV = vocab_tile(V)
+
+    def epilogue(c):
+        start, stop = c.start, c.stop
+        hs, ht = c.hidden
+        f = frame.rows(start, stop)
+        g_d = None if grad_D is None else grad_D[start:stop, None].to(dt) * ((1.0 - beta) / temperature)
+        g_y = None if grad_lp is None else grad_lp[start:stop, None].to(dt) / temperature
+        if g_y is not None:
+            local, owned = owned_targets(y_local[c.rows], 0, V)
+        for v0 in range(0, V, BV):
+            v1 = min(v0 + BV, V)
+            w_tile, b_tile = ws[v0:v1], None if bs is None else bs[v0:v1]
+            zs, slope = tile_logits_and_slope(hs, w_tile, b_tile, temperature, student_softcap)
+            zt = tile_logits(ht, wt[v0:v1], None if bt is None else bt[v0:v1], temperature, teacher_softcap)
+            ls, lt = _tile_logprobs(zs, zt, f)
+            p_s = ls.exp()
+            dx = torch.zeros_like(p_s)
+            if g_d is not None:  # (1 - beta) p_s (r - c)
+                dx += (ls - log_mixture(ls, lt, beta)).sub_(f.c).mul_(p_s).mul_(g_d)
+            if g_y is not None:  # onehot(y) - p_s
+                dx -= p_s.mul_(g_y)
+                hit = torch.nonzero(owned & (local >= v0) & (local < v1)).squeeze(1)
+                dx[hit, local[hit] - v0] += g_y[hit, 0]
+            c.fold_tile(dx, slice(v0, v1), w_tile, slope)
+
     with torch.no_grad():
-        for start, stop, rows, hs, ht, f in _row_chunks(sh, th, row_index, frame, rows_per_tile(V, chunk_size), dt):
-            g_d = None if grad_D is None else grad_D[start:stop, None].to(dt) * ((1.0 - beta) / temperature)
-            g_y = None if grad_lp is None else grad_lp[start:stop, None].to(dt) / temperature
-            if g_y is not None:
-                local, owned = owned_targets(y_local[rows], 0, V)
-            d_rows = torch.zeros(stop - start, ws.shape[1], dtype=dt, device=sh.device) if need_hidden else None
-            for v0 in range(0, V, BV):
-                v1 = min(v0 + BV, V)
-                w_tile, b_tile = ws[v0:v1], None if bs is None else bs[v0:v1]
-                zs, slope = tile_logits_and_slope(hs, w_tile, b_tile, temperature, student_softcap)
-                zt = tile_logits(ht, wt[v0:v1], None if bt is None else bt[v0:v1], temperature, teacher_softcap)
-                ls, lt = _tile_logprobs(zs, zt, f)
-                p_s = ls.exp()
-                dx = torch.zeros_like(p_s)
-                if g_d is not None:  # (1 - beta) p_s (r - c)
-                    dx += (ls - log_mixture(ls, lt, beta)).sub_(f.c).mul_(p_s).mul_(g_d)
-                if g_y is not None:  # onehot(y) - p_s
-                    dx -= p_s.mul_(g_y)
-                    hit = torch.nonzero(owned & (local >= v0) & (local < v1)).squeeze(1)
-                    dx[hit, local[hit] - v0] += g_y[hit, 0]
-                fold_tile_grad(dx, slope, hs, w_tile, slice(v0, v1), d_rows, d_weight, d_bias)
-            if d_hidden is not None:
-                d_hidden.index_add_(0, rows, d_rows)
-    return grads_like((d_hidden, d_weight, d_bias), (sh, sw, sb))
+        run_chunks(even_chunks(row_index.numel(), rows_per_tile(V, chunk_size)), _rows(sh, th, row_index, dt),
+                   epilogue, grads)
+    return grads.finish()
 
 
 # ------------------------------------------------------------------------------------------ sparse teacher

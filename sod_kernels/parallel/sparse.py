@@ -32,7 +32,10 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
+from ..core.chunks import even_chunks
+from ..core.loop import TorchRows, run_chunks
 from ..core.options import input_grads
+from ..core.rows import chunk_row_index
 from ..core.runtime import check_softcap, no_autocast, refuse_double_backward, zero_student_grads
 from ..core.tiles import compute_dtype, grads_like, rows_per_tile, vocab_tile
 from ..core.validation import check_lm_head, check_same_device
@@ -70,17 +73,21 @@ def shard_partials(hidden, weight, bias, row_index, ids_local, y_local, *, tempe
     Na, k = ids_local.shape
     tail = torch.empty(2, Na, dtype=dt, device=device)
     owned = torch.zeros(Na, k + 1, dtype=dt, device=device)
-    R, BV = rows_per_tile(Vr, chunk_size), vocab_tile(Vr)
+    BV = vocab_tile(Vr)
+
+    def epilogue(c):
+        start, stop = c.start, c.stop
+        y = None if y_local is None else y_local[start:stop]
+        z_ids, z_y, m, l = sweep_tiles(c.hidden[0], w, b, ids_local[start:stop], y, Vr, BV, temperature, softcap)
+        owned[start:stop, :k] = z_ids
+        if z_y is not None:
+            owned[start:stop, k] = z_y
+        tail[0, start:stop], tail[1, start:stop] = m, l
+
+    rows_idx, contiguous = chunk_row_index(row_index, hidden.shape[0])
     with torch.no_grad():
-        for start in range(0, Na, R):
-            stop = min(start + R, Na)
-            h = hidden[row_index[start:stop]].to(dt)
-            y = None if y_local is None else y_local[start:stop]
-            z_ids, z_y, m, l = sweep_tiles(h, w, b, ids_local[start:stop], y, Vr, BV, temperature, softcap)
-            owned[start:stop, :k] = z_ids
-            if z_y is not None:
-                owned[start:stop, k] = z_y
-            tail[0, start:stop], tail[1, start:stop] = m, l
+        run_chunks(even_chunks(Na, rows_per_tile(Vr, chunk_size)), TorchRows((hidden,), rows_idx, contiguous, dt),
+                   epilogue)
     return tail, owned
 
 

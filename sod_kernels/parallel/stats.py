@@ -25,6 +25,8 @@ from typing import NamedTuple
 import torch
 
 from ..core.chunks import FAST_CHUNK_BYTES, chunk_rows, even_chunks
+from ..core.loop import TorchRows, run_chunks
+from ..core.rows import chunk_row_index
 from ..core.tiles import MIN_LOGIT, apply_softcap, compute_dtype, rows_per_chunk, rows_per_tile, tile_logits, vocab_tile
 from ..logprobs.token_logprobs import MIN_CHUNK_ROWS
 
@@ -64,39 +66,43 @@ def kl_partials_torch(sh, sw, sb, th, tw, tb, row_index, y_local, *, forward_kl:
     wt, bt = in_dtype(tw, tb, V, dt)
     Na = row_index.numel()
     out = torch.zeros(KL_PARTIALS + (2 if y_local is not None else 0), Na, dtype=dt, device=sh.device)
-    R, BV = rows_per_tile(V, chunk_size), vocab_tile(V)
-    with torch.no_grad():
-        for start in range(0, Na, R):
-            stop = min(start + R, Na)
-            rows, n = row_index[start:stop], stop - start
-            hs, ht = sh[rows].to(dt), th[rows].to(dt)
-            m_w = torch.full((n,), MIN_LOGIT, dtype=dt, device=sh.device)
-            m_o = m_w.clone()
-            l_w, l_o, acc = (torch.zeros(n, dtype=dt, device=sh.device) for _ in range(3))
+    BV = vocab_tile(V)
+
+    def epilogue(c):
+        start, stop, n = c.start, c.stop, c.size
+        hs, ht = c.hidden
+        m_w = torch.full((n,), MIN_LOGIT, dtype=dt, device=sh.device)
+        m_o = m_w.clone()
+        l_w, l_o, acc = (torch.zeros(n, dtype=dt, device=sh.device) for _ in range(3))
+        if y_local is not None:
+            local, owned = owned_targets(y_local[c.rows], 0, V)
+        for v0 in range(0, V, BV):
+            v1 = min(v0 + BV, V)
+            zs = tile_logits(hs, ws[v0:v1], None if bs is None else bs[v0:v1], temperature, student_softcap)
+            zt = tile_logits(ht, wt[v0:v1], None if bt is None else bt[v0:v1], temperature, teacher_softcap)
             if y_local is not None:
-                local, owned = owned_targets(y_local[rows], 0, V)
-            for v0 in range(0, V, BV):
-                v1 = min(v0 + BV, V)
-                zs = tile_logits(hs, ws[v0:v1], None if bs is None else bs[v0:v1], temperature, student_softcap)
-                zt = tile_logits(ht, wt[v0:v1], None if bt is None else bt[v0:v1], temperature, teacher_softcap)
-                if y_local is not None:
-                    inside = owned & (local >= v0) & (local < v1)
-                    out[5, start:stop] += _target_logit(zs, local - v0, inside)
-                    out[6, start:stop] += _target_logit(zt, local - v0, inside)
-                z_w, z_o = (zt, zs) if forward_kl else (zs, zt)
-                new_w, new_o = torch.maximum(m_w, z_w.amax(1)), torch.maximum(m_o, z_o.amax(1))
-                acc.add_(l_w * ((m_w - new_w) - (m_o - new_o))).mul_((m_w - new_w).exp_())  # re-frame A'
-                l_w.mul_((m_w - new_w).exp_())
-                l_o.mul_((m_o - new_o).exp_())
-                z_w.sub_(new_w[:, None])
-                z_o.sub_(new_o[:, None])
-                l_o.add_(z_o.exp().sum(1))
-                e_w = z_w.exp()
-                l_w.add_(e_w.sum(1))
-                acc.add_((e_w * (z_w - z_o)).sum(1))
-                m_w, m_o = new_w, new_o
-            out[0, start:stop], out[1, start:stop], out[2, start:stop] = m_w, l_w, m_o
-            out[3, start:stop], out[4, start:stop] = l_o, acc
+                inside = owned & (local >= v0) & (local < v1)
+                out[5, start:stop] += _target_logit(zs, local - v0, inside)
+                out[6, start:stop] += _target_logit(zt, local - v0, inside)
+            z_w, z_o = (zt, zs) if forward_kl else (zs, zt)
+            new_w, new_o = torch.maximum(m_w, z_w.amax(1)), torch.maximum(m_o, z_o.amax(1))
+            acc.add_(l_w * ((m_w - new_w) - (m_o - new_o))).mul_((m_w - new_w).exp_())  # re-frame A'
+            l_w.mul_((m_w - new_w).exp_())
+            l_o.mul_((m_o - new_o).exp_())
+            z_w.sub_(new_w[:, None])
+            z_o.sub_(new_o[:, None])
+            l_o.add_(z_o.exp().sum(1))
+            e_w = z_w.exp()
+            l_w.add_(e_w.sum(1))
+            acc.add_((e_w * (z_w - z_o)).sum(1))
+            m_w, m_o = new_w, new_o
+        out[0, start:stop], out[1, start:stop], out[2, start:stop] = m_w, l_w, m_o
+        out[3, start:stop], out[4, start:stop] = l_o, acc
+
+    rows_idx, contiguous = chunk_row_index(row_index, sh.shape[0])
+    with torch.no_grad():
+        run_chunks(even_chunks(Na, rows_per_tile(V, chunk_size)), TorchRows((sh, th), rows_idx, contiguous, dt),
+                   epilogue)
     return out
 
 
@@ -190,19 +196,22 @@ def logprob_partials_torch(hidden, weight, bias, row_index, y_local, *, temperat
     Na = row_index.numel()
     out = torch.zeros(LOGPROB_PARTIALS + int(with_entropy), Na, dtype=dt, device=hidden.device)
     C = rows_per_chunk(V, chunk_size) if chunk_size is not None else max(rows_per_chunk(V), MIN_CHUNK_ROWS)
+
+    def epilogue(c):
+        start, stop = c.start, c.stop
+        z = tile_logits(c.hidden[0], w, b, temperature, softcap)
+        local, owned = owned_targets(y_local[c.rows], 0, V)
+        out[2, start:stop] = _target_logit(z, local, owned)
+        m = z.amax(1)
+        z.sub_(m[:, None])
+        e = z.exp()
+        out[0, start:stop], out[1, start:stop] = m, e.sum(1)
+        if with_entropy:
+            out[3, start:stop] = (e * z).sum(1)
+
+    rows_idx, contiguous = chunk_row_index(row_index, hidden.shape[0])
     with torch.no_grad():
-        for start in range(0, Na, C):
-            stop = min(start + C, Na)
-            rows = row_index[start:stop]
-            z = tile_logits(hidden[rows].to(dt), w, b, temperature, softcap)
-            local, owned = owned_targets(y_local[rows], 0, V)
-            out[2, start:stop] = _target_logit(z, local, owned)
-            m = z.amax(1)
-            z.sub_(m[:, None])
-            e = z.exp()
-            out[0, start:stop], out[1, start:stop] = m, e.sum(1)
-            if with_entropy:
-                out[3, start:stop] = (e * z).sum(1)
+        run_chunks(even_chunks(Na, C), TorchRows((hidden,), rows_idx, contiguous, dt), epilogue)
     return out
 
 

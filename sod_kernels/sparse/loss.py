@@ -26,8 +26,8 @@ import torch
 
 from ..core.chunks import GradAccumulator, chunk_rows
 from ..core.options import PassOptions, SinglePassPlan, input_grads
-from ..core.runtime import (check_softcap, needs_student_grad, no_autocast, refuse_double_backward, resolve_backend,
-                            single_pass_forward, single_pass_gradients, single_pass_module, zero_student_grads)
+from ..core.runtime import (backend_module, check_softcap, needs_student_grad, no_autocast, refuse_double_backward,
+                            resolve_backend, single_pass_forward, single_pass_gradients, single_pass_module, zero_student_grads)
 from ..core.tiles import compute_dtype
 from ..core.validation import check_lm_head, check_same_device
 from ..steps.finish import check_distillation_call, check_targets_and_steps, finish_loss, single_pass_plan
@@ -39,11 +39,8 @@ NAME = "fused_sparse_sod_loss"
 
 
 def _backend(name: str) -> ModuleType:
-    if name == "torch":
-        from . import torch_backend
-        return torch_backend
-    from . import triton_backend  # imported lazily: Triton is only needed for this path
-    return triton_backend
+    """The two-pass backend ``name`` (``"torch"`` or ``"triton"``, the latter imported lazily)."""
+    return backend_module(name, __package__)
 
 
 def single_pass_backend(name: str, device: torch.device) -> ModuleType | None:

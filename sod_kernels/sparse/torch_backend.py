@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import torch
 
-from ..core.tiles import (compute_dtype, fold_tile_grad, grads_like, rows_per_tile, tile_logits, tile_logits_and_slope,
-                         vocab_tile)
+from ..core.chunks import even_chunks
+from ..core.loop import TileGrads, TorchRows, run_chunks
+from ..core.rows import chunk_row_index
+from ..core.tiles import compute_dtype, rows_per_tile, tile_logits, tile_logits_and_slope, vocab_tile
 from .rows import SparseForward, coarse_grained_rows, logit_coefficients
 
 MIN_LOGIT = -1e30
@@ -77,17 +79,21 @@ def sparse_forward(hidden, weight, bias, row_index, ids, logprobs, target_ids, *
     w, b = _head(weight, bias, dt)
     Na, k = ids.shape
     out = SparseForward.empty(Na, k, device, dt, target_ids is not None, keep_probs)
-    R, BV = rows_per_tile(V, chunk_size), vocab_tile(V)
+    rows_idx, contiguous = chunk_row_index(row_index, hidden.shape[0])
+    BV = vocab_tile(V)
+
+    def epilogue(c):
+        start, stop = c.start, c.stop
+        I = ids[start:stop]
+        y = None if target_ids is None else target_ids[start:stop]
+        z_ids, z_y, m, l = sweep_tiles(c.hidden[0], w, b, I, y, V, BV, temperature, softcap)
+        t = coarse_grained_rows(z_ids, m + l.log(), logprobs[start:stop], divergence=divergence, beta=beta,
+                                vocab=V, ids=I, target_ids=y, z_target=z_y)
+        out.store(start, stop, t)
+
     with torch.no_grad():
-        for start in range(0, Na, R):
-            stop = min(start + R, Na)
-            h = hidden[row_index[start:stop]].to(dt)
-            I = ids[start:stop]
-            y = None if target_ids is None else target_ids[start:stop]
-            z_ids, z_y, m, l = sweep_tiles(h, w, b, I, y, V, BV, temperature, softcap)
-            t = coarse_grained_rows(z_ids, m + l.log(), logprobs[start:stop], divergence=divergence, beta=beta,
-                                    vocab=V, ids=I, target_ids=y, z_target=z_y)
-            out.store(start, stop, t)
+        run_chunks(even_chunks(Na, rows_per_tile(V, chunk_size)), TorchRows((hidden,), rows_idx, contiguous, dt),
+                   epilogue)
     return out
 
 
@@ -101,36 +107,37 @@ def sparse_backward(hidden, weight, bias, row_index, ids, saved: SparseForward, 
         raise ValueError("sparse_backward: grad_target_logprob needs target_ids")
     V, dt = weight.shape[0], compute_dtype(hidden.dtype)
     w, b = _head(weight, bias, dt)
-    d_hidden = torch.zeros(hidden.shape, dtype=dt, device=hidden.device) if need_hidden else None
-    d_weight = torch.zeros(w.shape, dtype=dt, device=w.device) if need_weight else None
-    d_bias = torch.zeros(V, dtype=dt, device=w.device) if (need_bias and bias is not None) else None
-    R, BV = rows_per_tile(V, chunk_size), vocab_tile(V)
-    Na = ids.shape[0]
+    grads = TileGrads(hidden, w, bias, dt, need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias,
+                      like=(hidden, weight, bias))
+    if not grads.active:
+        return grads.finish()
+    BV = vocab_tile(V)
+    rows_idx, contiguous = chunk_row_index(row_index, hidden.shape[0])
+
+    def epilogue(c):
+        start, stop = c.start, c.stop
+        coefs = _coefficients(saved, grad_divergence, grad_target_logprob, start, stop, dt, temperature)
+        tail, values = coefs.tail[:, None], coefs.ids
+        lse_tail = saved.lse_tail[start:stop].to(dt)[:, None]
+        h = c.hidden[0]
+        I = ids[start:stop]
+        y = None if coefs.target is None else target_ids[start:stop]
+        for v0 in range(0, V, BV):
+            v1 = min(v0 + BV, V)
+            z, slope = tile_logits_and_slope(h, *_tile(w, b, v0, v1), temperature, softcap)
+            dx = z.sub_(lse_tail).exp_().mul_(tail)
+            r, j, cols = _ids_in(I, v0, v1)
+            dx[r, cols] = values[r, j]   # the id columns: their own values (overwriting the tail formula)
+            if y is not None:            # the hard term's one-hot part: -h at the sampled token's column
+                ry = ((y >= v0) & (y < v1)).nonzero().squeeze(1)
+                dx[ry, y[ry] - v0] += coefs.target[ry]
+            # times d(capped logit) / d(raw logit) on every column, then folded
+            c.fold_tile(dx, slice(v0, v1), w[v0:v1], slope)
+
     with torch.no_grad():
-        for start in range(0, Na, R):
-            stop = min(start + R, Na)
-            rows = row_index[start:stop]
-            coefs = _coefficients(saved, grad_divergence, grad_target_logprob, start, stop, dt, temperature)
-            tail, values = coefs.tail[:, None], coefs.ids
-            lse_tail = saved.lse_tail[start:stop].to(dt)[:, None]
-            h = hidden[rows].to(dt)
-            I = ids[start:stop]
-            y = None if coefs.target is None else target_ids[start:stop]
-            d_rows = torch.zeros(stop - start, w.shape[1], dtype=dt, device=w.device) if need_hidden else None
-            for v0 in range(0, V, BV):
-                v1 = min(v0 + BV, V)
-                z, slope = tile_logits_and_slope(h, *_tile(w, b, v0, v1), temperature, softcap)
-                dx = z.sub_(lse_tail).exp_().mul_(tail)
-                r, j, cols = _ids_in(I, v0, v1)
-                dx[r, cols] = values[r, j]   # the id columns: their own values (overwriting the tail formula)
-                if y is not None:            # the hard term's one-hot part: -h at the sampled token's column
-                    ry = ((y >= v0) & (y < v1)).nonzero().squeeze(1)
-                    dx[ry, y[ry] - v0] += coefs.target[ry]
-                # times d(capped logit) / d(raw logit) on every column, then folded
-                fold_tile_grad(dx, slope, h, w[v0:v1], slice(v0, v1), d_rows, d_weight, d_bias)
-            if d_hidden is not None:
-                d_hidden.index_add_(0, rows, d_rows)
-    return grads_like((d_hidden, d_weight, d_bias), (hidden, weight, bias))
+        run_chunks(even_chunks(ids.shape[0], rows_per_tile(V, chunk_size)),
+                   TorchRows((hidden,), rows_idx, contiguous, dt), epilogue, grads)
+    return grads.finish()
 
 
 def _coefficients(saved: SparseForward, grad_divergence, grad_target_logprob, start: int, stop: int, dt,
