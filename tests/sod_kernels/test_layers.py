@@ -49,3 +49,55 @@ def test_layer_rule_catches_a_violation():
 def test_no_import_cycle(packages):
     found = layering.cycles(layering.graph(packages))
     assert not found, f"import cycles: {found}"
+
+
+# The one row-chunk loop outside core: the low-memory Triton mode sweeps rows x vocabulary slices (the backward with
+# the slices outermost, so that its float32 d(weight) accumulator is one slice), which the core loop's
+# whole-vocabulary row chunks do not express.
+CHUNK_LOOPS_ALLOWED = {("sod_kernels.dense.triton_backend", "_forward_low_memory"),
+                       ("sod_kernels.dense.triton_backend", "_backward_low_memory")}
+
+
+def _row_chunk_loops(tree) -> list[tuple[str, int]]:
+    """``(function, line)`` of every ``for`` over row starts (a target named ``start``) outside Triton kernels."""
+    import ast
+
+    found = []
+
+    def visit(node, function, in_kernel):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            kernel = any("jit" in ast.unparse(d) for d in node.decorator_list)
+            function = function if function and function != "<module>" and not kernel else node.name
+            in_kernel = in_kernel or kernel
+        if isinstance(node, ast.For) and not in_kernel:
+            names = {n.id for n in ast.walk(node.target) if isinstance(n, ast.Name)}
+            if "start" in names:
+                found.append((function, node.lineno))
+        for child in ast.iter_child_nodes(node):
+            visit(child, function, in_kernel)
+
+    visit(tree, "<module>", False)
+    return found
+
+
+def test_every_loss_runs_the_one_chunk_loop():
+    """Row chunks are iterated once, in ``sod_kernels.core.loop.run_chunks``: a loss family's (or the
+    vocabulary-parallel) module writes epilogues, not loops over row starts (Triton kernels' own loops over columns aside; the low-memory slice sweep is the named
+    exception)."""
+    import ast
+    offenders = []
+    for module, path in layering.modules_of("sod_kernels").items():
+        if layering.layer_of(module) not in (*layering.FAMILIES, "parallel"):
+            continue
+        for function, line in _row_chunk_loops(ast.parse(path.read_text())):
+            if (module, function) not in CHUNK_LOOPS_ALLOWED:
+                offenders.append(f"{path.relative_to(layering.ROOT)}:{line} ({function})")
+    assert not offenders, "row-chunk loops outside core.loop: " + ", ".join(offenders)
+
+
+def test_chunk_loop_detector_sees_a_loop():
+    import ast
+    tree = ast.parse("def f(chunks):\n    for start, stop in chunks:\n        pass\n")
+    assert _row_chunk_loops(tree) == [("f", 2)]
+    kernel = ast.parse("@triton.jit\ndef k(n):\n    for start in range(0, n, 4):\n        pass\n")
+    assert _row_chunk_loops(kernel) == []
