@@ -86,7 +86,31 @@ def imports_of(module: str, path: Path, known: dict[str, Path]) -> set[str]:
                     target = target.rpartition(".")[0]
                 if target:
                     found.add(target)
+    found |= _dispatched_backends(module, is_package, tree, known)
     found.discard(module)
+    return found
+
+
+# Calls that import a family's backend module by name (``sod_kernels.core.runtime``): counted as imports of the
+# sibling modules they can return, so that the module counts stay honest.
+DISPATCHERS = {"backend_module": ("triton_backend", "torch_backend"),
+               "single_pass_module": ("triton_backend", "cpu_backend")}
+
+
+def _dispatched_backends(module: str, is_package: bool, tree: ast.AST, known: dict[str, Path]) -> set[str]:
+    package = module if is_package else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+        if name not in DISPATCHERS or not any(isinstance(a, ast.Name) and a.id == "__package__" for a in node.args):
+            continue
+        targets = list(DISPATCHERS[name])
+        for kw in node.keywords:   # backend_module(..., torch_module="token_logprobs")
+            if kw.arg == "torch_module" and isinstance(kw.value, ast.Constant):
+                targets[1] = kw.value.value
+        found |= {f"{package}.{t}" for t in targets if f"{package}.{t}" in known}
     return found
 
 
