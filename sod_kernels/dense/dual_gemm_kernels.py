@@ -70,9 +70,10 @@ FP16_MAX = tl.constexpr(65504.0)
 
 @triton.jit
 def _tile_product(acc, h_ptr, w_ptr, rows, cols, row_ok, col_ok, k_dim, stride_h, stride_w,
-                  BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr):
+                  BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     """``acc + h[rows] @ w[cols]^T`` over the K dimension ``k_dim`` in steps of ``BLOCK_K`` (float32 accumulation;
-    float32 inputs multiply in IEEE float32, not TF32)."""
+    float32 inputs multiply in IEEE float32, not TF32; ``UPCAST``: 16-bit tiles converted to float32 first, for
+    the interpreter only)."""
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = h_ptr + rows[:, None] * stride_h + ks[None, :]
     b_ptrs = w_ptr + cols[:, None] * stride_w + ks[None, :]
@@ -84,7 +85,10 @@ def _tile_product(acc, h_ptr, w_ptr, rows, cols, row_ok, col_ok, k_dim, stride_h
             k_ok = (k + ks) < k_dim
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        if IEEE:
+        if UPCAST:  # the interpreter's 16-bit tl.dot is wrong (Triton 3.9): multiply the exact float32 values
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if IEEE or UPCAST:
             acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
         else:
             acc = tl.dot(a, tl.trans(b), acc)
@@ -99,7 +103,7 @@ def dual_gemm_stats_kernel(hs_ptr, ws_ptr, ht_ptr, wt_ptr, sb_ptr, tb_ptr, y_ptr
                            stride_a, tiles_per_split, num_splits, n_tiles, inv_temp, HAS_SBIAS: tl.constexpr,
                            HAS_TBIAS: tl.constexpr, FORWARD_KL: tl.constexpr, HAS_TARGETS: tl.constexpr,
                            CLAMP: tl.constexpr, WIDE: tl.constexpr, S_EVEN_K: tl.constexpr, T_EVEN_K: tl.constexpr,
-                           S_IEEE: tl.constexpr, T_IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+                           S_IEEE: tl.constexpr, T_IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One (row block, split): both logit tiles of every tile of the split, the statistics (``part [5, n_rows,
     num_splits]``), the tile frame (``frame [3, n_rows, n_tiles]``), the 16-bit arrays ``a``, ``b`` ``[n_rows, V]``
@@ -123,9 +127,9 @@ def dual_gemm_stats_kernel(hs_ptr, ws_ptr, ht_ptr, wt_ptr, sb_ptr, tb_ptr, y_ptr
         cols = tile * BLOCK_N + offs_n
         col_ok = cols < vocab
         xs = _tile_product(tl.zeros([BLOCK_M, BLOCK_N], tl.float32), hs_ptr, ws_ptr, rows, cols, row_ok, col_ok,
-                           hs_dim, stride_hs, stride_ws, BLOCK_K, S_EVEN_K, S_IEEE)
+                           hs_dim, stride_hs, stride_ws, BLOCK_K, S_EVEN_K, S_IEEE, UPCAST)
         xt = _tile_product(tl.zeros([BLOCK_M, BLOCK_N], tl.float32), ht_ptr, wt_ptr, rows, cols, row_ok, col_ok,
-                           ht_dim, stride_ht, stride_wt, BLOCK_K, T_EVEN_K, T_IEEE)
+                           ht_dim, stride_ht, stride_wt, BLOCK_K, T_EVEN_K, T_IEEE, UPCAST)
         if HAS_SBIAS:
             xs += tl.load(sb_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_TBIAS:
@@ -273,7 +277,7 @@ def dual_gemm_stats(hs: torch.Tensor, ws: torch.Tensor, ht: torch.Tensor, wt: to
         a.stride(0), tiles_per_split, splits, n_tiles, 1.0 / temperature,
         HAS_SBIAS=sb is not None, HAS_TBIAS=tb is not None, FORWARD_KL=forward_kl, HAS_TARGETS=targets is not None,
         CLAMP=a.dtype == torch.float16, WIDE=n_rows * a.stride(0) >= 2 ** 31, S_EVEN_K=hs.shape[1] % bk == 0, T_EVEN_K=ht.shape[1] % bk == 0,
-        S_IEEE=hs.dtype == f32, T_IEEE=ht.dtype == f32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        S_IEEE=hs.dtype == f32, T_IEEE=ht.dtype == f32, UPCAST=interpreting(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES)
 
 
@@ -317,7 +321,7 @@ def codegen_specs() -> list[dict]:
                           "tiles_per_split": "i32", "num_splits": "i32", "n_tiles": "i32", "inv_temp": "fp32"},
             "constexprs": {"HAS_SBIAS": True, "HAS_TBIAS": True, "FORWARD_KL": forward_kl, "HAS_TARGETS": targets,
                            "CLAMP": store == "fp16", "WIDE": False, "S_EVEN_K": True, "T_EVEN_K": True, "S_IEEE": False,
-                           "T_IEEE": False, "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K},
+                           "T_IEEE": False, "UPCAST": False, "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K},
             "num_warps": NUM_WARPS, "num_stages": NUM_STAGES, "expect_hgmma": True,
             "divisible_by_16": ["vocab", "hs_dim", "ht_dim", "stride_hs", "stride_ws", "stride_ht", "stride_wt",
                                 "stride_a"],

@@ -25,6 +25,19 @@ from .autograd import TokenDivergence
 IMPLS = ("default", "dual_gemm")
 
 
+def check_impl(impl: str, backend: str, memory: str) -> None:
+    """``impl`` is ``"default"`` or ``"dual_gemm"``; the latter needs the Triton backend (``"auto"`` passes here and
+    is checked again once resolved) and ``memory="fast"``.  ValueError otherwise."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "dual_gemm":
+        if backend not in ("triton", "auto"):
+            raise ValueError(f"impl='dual_gemm' needs the Triton backend (got backend={backend!r}: the torch backend "
+                             "on CPU tensors, or backend='torch'); use impl='default'")
+        if memory != "fast":
+            raise ValueError(f"impl='dual_gemm' is a single pass: it needs memory='fast', got memory={memory!r}")
+
+
 def dual_gemm_supports(divergence: str, student_softcap: float | None, teacher_softcap: float | None) -> bool:
     """Whether ``impl="dual_gemm"`` computes a call's single pass (a KL without soft-caps); other calls run the
     default path.  Kept here (no Triton import) so that the check costs nothing on CPU-only installs."""
@@ -178,15 +191,10 @@ def fused_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
                                   check_inputs)
     if token_weights is not None:
         check_same_device(student_hidden=student_hidden, token_weights=token_weights)
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    check_impl(impl, backend, memory)
     resolved = resolve_backend(backend, student_hidden.device)
     if impl == "dual_gemm":
-        if resolved != "triton":
-            raise ValueError(f"impl='dual_gemm' needs the Triton backend (backend={backend!r} resolved to "
-                             f"{resolved!r}); use impl='default'")
-        if memory != "fast":
-            raise ValueError("impl='dual_gemm' is a single pass: it needs memory='fast', got memory='low'")
+        check_impl(impl, resolved, memory)
         if not dual_gemm_supports(divergence, student_softcap, teacher_softcap):
             impl = "default"  # the JSD and soft-capped logits run the default path (documented above)
 
