@@ -66,17 +66,23 @@ FRAME_PLANES = 3
 MIN_PROGRAMS = 4 * 132  # row blocks x splits: several waves of an H100/H200
 STORE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 FP16_MAX = tl.constexpr(65504.0)
+FORCE_WIDE = False  # tests: 64-bit offsets at any size
 
 
 @triton.jit
 def _tile_product(acc, h_ptr, w_ptr, rows, cols, row_ok, col_ok, k_dim, stride_h, stride_w,
-                  BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                  BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                  WIDE: tl.constexpr):
     """``acc + h[rows] @ w[cols]^T`` over the K dimension ``k_dim`` in steps of ``BLOCK_K`` (float32 accumulation;
     float32 inputs multiply in IEEE float32, not TF32; ``UPCAST``: 16-bit tiles converted to float32 first, for
     the interpreter only)."""
     ks = tl.arange(0, BLOCK_K)
-    a_ptrs = h_ptr + rows[:, None] * stride_h + ks[None, :]
-    b_ptrs = w_ptr + cols[:, None] * stride_w + ks[None, :]
+    if WIDE:  # 64-bit offsets only where 32 bits could overflow (they cost registers)
+        a_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_h + ks[None, :]
+        b_ptrs = w_ptr + cols.to(tl.int64)[:, None] * stride_w + ks[None, :]
+    else:
+        a_ptrs = h_ptr + rows[:, None] * stride_h + ks[None, :]
+        b_ptrs = w_ptr + cols[:, None] * stride_w + ks[None, :]
     for k in range(0, k_dim, BLOCK_K):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
@@ -127,9 +133,9 @@ def dual_gemm_stats_kernel(hs_ptr, ws_ptr, ht_ptr, wt_ptr, sb_ptr, tb_ptr, y_ptr
         cols = tile * BLOCK_N + offs_n
         col_ok = cols < vocab
         xs = _tile_product(tl.zeros([BLOCK_M, BLOCK_N], tl.float32), hs_ptr, ws_ptr, rows, cols, row_ok, col_ok,
-                           hs_dim, stride_hs, stride_ws, BLOCK_K, S_EVEN_K, S_IEEE, UPCAST)
+                           hs_dim, stride_hs, stride_ws, BLOCK_K, S_EVEN_K, S_IEEE, UPCAST, WIDE)
         xt = _tile_product(tl.zeros([BLOCK_M, BLOCK_N], tl.float32), ht_ptr, wt_ptr, rows, cols, row_ok, col_ok,
-                           ht_dim, stride_ht, stride_wt, BLOCK_K, T_EVEN_K, T_IEEE, UPCAST)
+                           ht_dim, stride_ht, stride_wt, BLOCK_K, T_EVEN_K, T_IEEE, UPCAST, WIDE)
         if HAS_SBIAS:
             xs += tl.load(sb_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_TBIAS:
@@ -270,13 +276,16 @@ def dual_gemm_stats(hs: torch.Tensor, ws: torch.Tensor, ht: torch.Tensor, wt: to
     bm, bn, bk = tile_config()
     n_tiles, splits = frame.shape[2], part.shape[2]
     f32 = torch.float32
+    # 32-bit element offsets unless a [C, V] array, a hidden block or the used weights could exceed them
+    wide = FORCE_WIDE or max(n_rows * a.stride(0), n_rows * max(hs.stride(0), ht.stride(0)),
+               (vocab + n_tiles * bn) * max(ws.stride(0), wt.stride(0))) >= 2 ** 31
     dual_gemm_stats_kernel[(triton.cdiv(n_rows, bm), splits)](
         hs, ws, ht, wt, sb if sb is not None else part, tb if tb is not None else part,
         targets if targets is not None else part, part, frame, a, b, gx if gx is not None else part,
         n_rows, vocab, hs.shape[1], ht.shape[1], hs.stride(0), ws.stride(0), ht.stride(0), wt.stride(0),
         a.stride(0), tiles_per_split, splits, n_tiles, 1.0 / temperature,
         HAS_SBIAS=sb is not None, HAS_TBIAS=tb is not None, FORWARD_KL=forward_kl, HAS_TARGETS=targets is not None,
-        CLAMP=a.dtype == torch.float16, WIDE=n_rows * a.stride(0) >= 2 ** 31, S_EVEN_K=hs.shape[1] % bk == 0, T_EVEN_K=ht.shape[1] % bk == 0,
+        CLAMP=a.dtype == torch.float16, WIDE=wide, S_EVEN_K=hs.shape[1] % bk == 0, T_EVEN_K=ht.shape[1] % bk == 0,
         S_IEEE=hs.dtype == f32, T_IEEE=ht.dtype == f32, UPCAST=interpreting(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES)
 

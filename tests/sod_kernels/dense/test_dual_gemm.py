@@ -51,11 +51,13 @@ def _reference(inputs, mask, y, **options):
     (torch.float32, "reverse_kl", "none", 0.5, False, 56),
     (torch.bfloat16, "reverse_kl", "kl", 0.0, False, 56),
     (torch.bfloat16, "forward_kl", "kl", 0.2, True, 56),
+    (torch.float16, "reverse_kl", "sampled", 0.0, True, 56),
 ])
 def test_matches_float64_reference(dtype, divergence, step_divergence, hard, many_steps, Ht):
     B, T = 2, 37
-    inputs, y = dense_problem(B, T, 40, Ht, V, VT, dtype, seed=int(torch.randint(0, 2**31 - 1, (1,))))
-    mask = _mask(B, T, seed=int(torch.randint(0, 2**31 - 1, (1,))), many_steps=many_steps)
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))  # fresh inputs each run; the seed is in every failure message
+    inputs, y = dense_problem(B, T, 40, Ht, V, VT, dtype, seed=seed)
+    mask = _mask(B, T, seed=seed + 1, many_steps=many_steps)
     options = dict(divergence=divergence, step_divergence=step_divergence, hard_loss_weight=hard, temperature=0.8,
                    coef=0.7, epsilon=1e-4)
     chunk = {"chunk_size": 16} if many_steps else {}
@@ -63,27 +65,28 @@ def test_matches_float64_reference(dtype, divergence, step_divergence, hard, man
     ref_loss, ref, ref_grads = _reference(inputs, mask, y, **options)
     assert stats.loss.dtype == torch.float32
     # The loss and D come from exact float32 statistics (as on the default path).
-    assert relative_error(stats.loss.detach(), ref_loss.detach()) < 1e-5
-    assert relative_error(stats.token_divergence, ref["token_divergence"].detach()) < 1e-5
-    assert torch.allclose(stats.token_weights.double(), ref["token_weights"], rtol=1e-4, atol=1e-5)
+    assert relative_error(stats.loss.detach(), ref_loss.detach()) < 1e-5, seed
+    assert relative_error(stats.token_divergence, ref["token_divergence"].detach()) < 1e-5, seed
+    assert torch.allclose(stats.token_weights.double(), ref["token_weights"], rtol=1e-4, atol=1e-5), seed
     # d(logits) goes through the 16-bit (fp16) stored arrays: ~1e-4 instead of 1e-7 for float32 inputs.
     tol = 5e-4 if dtype == torch.float32 else 2e-2
     for g, r in zip(grads, ref_grads):
         assert g.dtype == dtype
-        assert relative_error(g, r) < tol
+        assert relative_error(g, r) < tol, seed
 
 
 def test_bf16_storage_and_option(monkeypatch):
     B, T = 1, 37
-    inputs, y = dense_problem(B, T, 40, 56, V, VT, torch.float32, seed=int(torch.randint(0, 2**31 - 1, (1,))))
-    mask = _mask(B, T, seed=5)
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    inputs, y = dense_problem(B, T, 40, 56, V, VT, torch.float32, seed=seed)
+    mask = _mask(B, T, seed=seed + 1)
     options = dict(divergence="reverse_kl", step_divergence="kl")
     monkeypatch.setenv(dual_gemm.STORE_ENV, "bf16")
     stats, grads = _run("dual_gemm", inputs, mask, y, **options)
     ref_loss, _, ref_grads = _reference(inputs, mask, y, **options)
-    assert relative_error(stats.loss.detach(), ref_loss.detach()) < 1e-5
+    assert relative_error(stats.loss.detach(), ref_loss.detach()) < 1e-5, seed
     errors = [relative_error(g, r) for g, r in zip(grads, ref_grads)]
-    assert max(errors) < 5e-3
+    assert max(errors) < 1e-2, (seed, errors)
     monkeypatch.setenv(dual_gemm.STORE_ENV, "fp8")
     with pytest.raises(ValueError, match="SOD_KERNELS_DUAL_GEMM_STORE"):
         _run("dual_gemm", inputs, mask, y, **options)
@@ -122,11 +125,18 @@ def test_unsupported_calls_run_the_default_path(monkeypatch, options):
     assert torch.equal(out["default"][0], out["dual_gemm"][0]) and torch.equal(out["default"][1], out["dual_gemm"][1])
 
 
-def test_supported_call_runs_the_dual_gemm_pass(monkeypatch):
+@pytest.mark.parametrize("wide", [False, True])
+def test_supported_call_runs_the_dual_gemm_pass(monkeypatch, wide):
+    from sod_kernels.dense import dual_gemm_kernels
+
+    monkeypatch.setattr(dual_gemm_kernels, "FORCE_WIDE", wide)  # 64-bit offsets (large heads) give the same values
     inputs, y = dense_problem(1, 9, 16, 24, 40, 40, torch.float32, seed=2)
     calls = _count_dual(monkeypatch)
-    _run("dual_gemm", inputs, _mask(1, 9, seed=3), y)
+    stats, grads = _run("dual_gemm", inputs, _mask(1, 9, seed=3), y)
     assert calls == [1]
+    default, default_grads = _run("default", inputs, _mask(1, 9, seed=3), y)
+    assert relative_error(stats.loss.detach(), default.loss.detach()) < 1e-6
+    assert all(relative_error(g, r) < 1e-3 for g, r in zip(grads, default_grads))
 
 
 def test_bad_impl_errors():
