@@ -6,8 +6,8 @@ correlated), input dtype (float32, bfloat16) and divergence (reverse / forward K
 default single pass and through the dual-GEMM pass with fp16 and with bf16 stored arrays; each is compared with
 the float64 reference (``reference.ref_fused_sod_loss``) on the same (input-dtype-rounded) values.  Reported:
 relative errors ``|x - ref| / |ref|`` (Frobenius norms, as in the tests) of the loss, ``D`` (per token), and the
-gradients ``d(hidden)``, ``d(weight)``, plus the largest per-token relative error of ``D``.  The table is printed as
-Markdown and written to ``benchmarks/results/cpu/dual-gemm-accuracy-<commit>.md``.
+gradients ``d(hidden)``, ``d(weight)``, plus the largest per-token relative error of ``D``; then saturated softmaxes
+(logits up to 1e5, identity lm_head) in float32 ulps of the largest logit.  The tables are printed as Markdown and written to ``benchmarks/results/cpu/dual-gemm-accuracy-<commit>.md``.
 """
 
 from __future__ import annotations
@@ -82,7 +82,47 @@ def measure(family: str, dtype: torch.dtype, divergence: str, seed: int = 0) -> 
     return rows
 
 
-def markdown(rows: list[dict], rev: str) -> str:
+SATURATED = ((3.0, 3.0), (3000.0, 10.0), (3000.0, 3000.0), (3.0, 30000.0))
+
+
+def saturated(student_std: float, teacher_std: float) -> list[dict]:
+    """Reverse KL on logits of the given spreads (identity lm_head, 64 tokens x 64 columns, float32): the loss's
+    relative error and the largest error of d(logits) in float32 ulps of the largest logit, per variant."""
+    import math
+
+    from sod_kernels import fused_sod_loss
+    from sod_kernels.dense.dual_gemm import STORE_ENV
+
+    g = torch.Generator().manual_seed(0)
+    z_s = torch.randn(64, 64, generator=g) * student_std
+    z_t = torch.randn(64, 64, generator=g) * teacher_std
+    exact = z_s.double().requires_grad_()
+    log_s, log_t = torch.log_softmax(exact, -1), torch.log_softmax(z_t.double(), -1)
+    loss64 = (log_s.exp() * (log_s - log_t)).sum()
+    loss64.backward()
+    largest = max(z_s.abs().max().item(), z_t.abs().max().item())
+    ulp = 2.0 ** (math.frexp(largest)[1] - 24)
+    eye = torch.eye(64)
+    rows = []
+    for impl, store in VARIANTS:
+        if store is not None:
+            os.environ[STORE_ENV] = store
+        try:
+            z = z_s.clone().requires_grad_()
+            loss = fused_sod_loss(z[None], eye, z_t[None], eye, torch.ones(1, 64, dtype=torch.int64),
+                                  step_divergence="none", reduction="sum", backend="triton", impl=impl)
+            loss.backward()
+        finally:
+            os.environ.pop(STORE_ENV, None)
+        err = (z.grad.double() - exact.grad)
+        rows.append({"spread": f"{student_std:g} / {teacher_std:g}",
+                     "impl": impl if store is None else f"{impl} ({store} stored)",
+                     "loss": abs(loss.item() - loss64.item()) / abs(loss64.item()),
+                     "ulps": err.abs().max().item() / ulp, "grad": _rel(z.grad, exact.grad)})
+    return rows
+
+
+def markdown(rows: list[dict], rev: str, sat: list[dict] = ()) -> str:
     import triton
 
     N, V, Hs, Ht = (SIZES[k] for k in ("N", "V", "Hs", "Ht"))
@@ -106,6 +146,18 @@ def markdown(rows: list[dict], rev: str) -> str:
         lines.append(f"| {r['family']} | {r['dtype']} | {r['divergence']} | {r['impl']} | {r['loss']:.1e} | "
                      f"{r['D']:.1e} | {r['D_max_token']:.1e} | {r['d_hidden']:.1e} | {r['d_weight']:.1e} | "
                      f"{r['seconds']} |")
+    if sat:
+        lines += [
+            "",
+            "Saturated softmaxes (reverse KL, identity lm_head, 64 tokens x 64 columns, float32 logits of standard "
+            "deviation `student / teacher`): the loss's relative error, the largest d(logits) error in float32 ulps "
+            "of the largest logit, and the gradient's relative error (norms).",
+            "",
+            "| logit spread (student / teacher) | impl | loss | max d(logits) error (ulps of max logit) | d(logits) |",
+            "|---|---|---|---|---|",
+        ]
+        for r in sat:
+            lines.append(f"| {r['spread']} | {r['impl']} | {r['loss']:.1e} | {r['ulps']:.2g} | {r['grad']:.1e} |")
     return "\n".join(lines) + "\n"
 
 
@@ -123,8 +175,9 @@ def main(argv=None) -> int:
             for divergence in divergences:
                 rows += measure(family, dtype, divergence)
                 print(f"{family} {dtype} {divergence} done", file=sys.stderr, flush=True)
+    sat = [r for spreads in SATURATED for r in saturated(*spreads)]
     rev = commit()
-    table = markdown(rows, rev)
+    table = markdown(rows, rev, sat)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"dual-gemm-accuracy-{rev}.md").write_text(table)
