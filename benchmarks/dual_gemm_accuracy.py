@@ -7,7 +7,8 @@ default single pass and through the dual-GEMM pass with fp16 and with bf16 store
 the float64 reference (``reference.ref_fused_sod_loss``) on the same (input-dtype-rounded) values.  Reported:
 relative errors ``|x - ref| / |ref|`` (Frobenius norms, as in the tests) of the loss, ``D`` (per token), and the
 gradients ``d(hidden)``, ``d(weight)``, plus the largest per-token relative error of ``D``; then saturated softmaxes
-(logits up to 1e5, identity lm_head) in float32 ulps of the largest logit.  The tables are printed as Markdown and written to ``benchmarks/results/cpu/dual-gemm-accuracy-<commit>.md``.
+(logits up to 1e5, identity lm_head) in float32 ulps of the largest logit.  The tables are printed as Markdown
+and written to ``benchmarks/results/cpu/dual-gemm-accuracy-<commit>.md``.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ Same contract and result as :func:`sod_kernels.dense.triton_backend.single_pass_
 
 Supported: ``"reverse_kl"`` and ``"forward_kl"``, biases, temperature, sampled targets (the sampled signal and
 the hard-label term), every weight mode of the plan; float32, bfloat16, float16 inputs.  Not supported (the loss
-routes these calls to the default path, see :func:`sod_kernels.dense.loss.dual_gemm_supports`): the JSD and logit soft-caps.
+routes these calls to the default path, see :func:`sod_kernels.dense.loss.dual_gemm_supports`): the JSD and
+logit soft-caps.
 
 ``store`` (``SOD_KERNELS_DUAL_GEMM_STORE``: ``"fp16"`` by default, or ``"bf16"``) is the dtype of the two stored
 arrays: fp16 keeps 8x finer differences (measured on the interpreter: ``benchmarks/dual_gemm_accuracy.py``);
@@ -30,7 +31,7 @@ import torch
 
 from ..core.chunks import GradAccumulator, gather_rows
 from ..core.options import SinglePassResult
-from .dual_gemm_kernels import STORE_DTYPES, dual_gemm_stats, dual_logit_grad, new_partials, split_plan
+from .dual_gemm_kernels import STORE_DTYPES, dual_gemm_stats, dual_logit_grad, split_plan
 from .kernels import WEIGHTS_STEPS, RowOutputs, kl_row_finish
 from .pass_state import ChunkWeightPlan, ForwardResult
 from .triton_backend import KLProblem

@@ -37,7 +37,8 @@ in its epilogue, where the float32 accumulators are:
 What it trades: ``d(logits)`` carries the rounding of the stored 16-bit entries (fp16 by default: about
 ``2^-11`` relative per entry; bf16 ``2^-8``); ``D``, the loss, the weights and the sampled log-probs are exact
 float32 as on the default path.  fp16 entries of the reverse KL's ``b`` saturate at 65504 (a difference of
-logits that large is clamped): use bf16 storage for logits of that size.  No soft-caps and no JSD (the loss routes those to the default path).
+logits that large is clamped): use bf16 storage for logits of that size.  No soft-caps and no JSD (the loss routes
+those to the default path).
 
 Bytes per (row, column): the two 16-bit arrays written once and read once (8), ``d(logits)`` written (2 for
 16-bit inputs), against 8 + 16 + 2 on the default path (float32 blocks written, read twice).
@@ -50,7 +51,7 @@ import triton
 import triton.language as tl
 
 from ..core.kernels import MIN_LOGIT, interpreting
-from .kernels import NUM_PARTIALS, add_hard_label
+from .kernels import add_hard_label
 
 # The headline configuration (sm_90, 16-bit inputs): 64 x 128 logit tiles, 64-wide K steps, 8 warps (two
 # warpgroups), 3 pipeline stages: warpgroup MMA, 225 registers, no spills, 72 KiB shared memory (benchmarks.codegen,
@@ -308,10 +309,6 @@ def dual_logit_grad(a: torch.Tensor, b: torch.Tensor, frame: torch.Tensor, stats
     return out
 
 
-def new_partials(n_rows: int, splits: int, device) -> torch.Tensor:
-    return torch.empty((NUM_PARTIALS, n_rows, splits), dtype=torch.float32, device=device)
-
-
 # --------------------------------------------------------------------------------------------- codegen
 def codegen_specs() -> list[dict]:
     """The dual-GEMM kernel at the headline configuration (bf16 inputs, Hs = 1024, Ht = 2560, biases, fp16 and
@@ -330,7 +327,8 @@ def codegen_specs() -> list[dict]:
                           "tiles_per_split": "i32", "num_splits": "i32", "n_tiles": "i32", "inv_temp": "fp32"},
             "constexprs": {"HAS_SBIAS": True, "HAS_TBIAS": True, "FORWARD_KL": forward_kl, "HAS_TARGETS": targets,
                            "CLAMP": store == "fp16", "WIDE": False, "S_EVEN_K": True, "T_EVEN_K": True, "S_IEEE": False,
-                           "T_IEEE": False, "UPCAST": False, "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K},
+                           "T_IEEE": False, "UPCAST": False, "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N,
+                           "BLOCK_K": BLOCK_K},
             "num_warps": NUM_WARPS, "num_stages": NUM_STAGES, "expect_hgmma": True,
             "divisible_by_16": ["vocab", "hs_dim", "ht_dim", "stride_hs", "stride_ws", "stride_ht", "stride_wt",
                                 "stride_a"],

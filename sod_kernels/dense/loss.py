@@ -158,23 +158,24 @@ def fused_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
             distillation term).  ``hard_loss_weight = 1`` with ``coef = 0`` is the plain (token-mean)
             cross-entropy of the labels.
         impl: ``"default"`` (unchanged behaviour) or ``"dual_gemm"`` (experimental; Triton backend with
-            ``memory="fast"`` only, else ValueError): wherever the default would run the single pass, one Triton
-            kernel per row chunk computes both logit tiles (a dual GEMM, float32 accumulation) and keeps the exact
-            float32 row statistics in its epilogue, so the loss, ``D``, the weights and the sampled log-probs are
-            computed as on the default path; for the gradient it stores two 16-bit ``[C, V]`` arrays (``exp(z_s - tile
-            max)`` and the tile-centred ``z_s - z_t``, or for forward KL ``exp(z_t - tile max)``; fp16 by default,
-            ``SOD_KERNELS_DUAL_GEMM_STORE=bf16`` for bf16) instead of keeping two float32 logit blocks: 8 instead of 24 bytes of epilogue traffic per
-            (token, vocabulary) entry, for ``d(logits)`` rounded through 16 bits.  Measured against float64 under
-            the Triton interpreter (``benchmarks/dual_gemm_accuracy.py``: near-uniform and LM-like inputs, N=64,
-            V=512): on float32 inputs gradient errors of 0.6-1.8e-4 relative with fp16 storage and 0.9-3.5e-3 with
-            bf16 storage, against 0.4-2.4e-6 on the default path; on bfloat16 inputs fp16 storage adds nothing
-            measurable (3.4-3.9e-3 on both paths: the bf16 gradients' own rounding), bf16 storage up to 6.4e-3.
-            Loss and ``D`` agree with the default path's (float32 statistics).  Saturated softmaxes (logits of
-            magnitude 1e4) keep the default path's gradient precision (the stored differences are centred per tile
-            where the probability sits); teacher logits spread over ~1e4 or more around small student logits exceed
-            fp16's range or spacing (1.8e-2 relative at a spread of 3e4; bf16 storage 3.9e-3).  Calls it does not cover (``divergence="jsd"``,
-            soft-caps) and calls the default runs in two passes (``reduction="none"``, no gradient needed, steps
-            longer than a chunk) take the default path.  fp16 storage clamps logit differences beyond 65504.
+            ``memory="fast"`` only, else ValueError).  Wherever the default would run the single pass, one Triton
+            kernel per row chunk computes both logit tiles (a dual GEMM, float32 accumulation) and keeps exact
+            float32 row statistics in its epilogue: the loss, ``D``, the weights and the sampled log-probs are as
+            on the default path.  For the gradient it stores two 16-bit ``[C, V]`` arrays (``exp(z_s - tile max)``
+            and the tile-centred ``z_s - z_t``; for forward KL ``exp(z_t - tile max)``; fp16 by default,
+            ``SOD_KERNELS_DUAL_GEMM_STORE=bf16`` for bf16) instead of two float32 logit blocks: 8 instead of 24
+            bytes of epilogue traffic per (token, vocabulary) entry, for ``d(logits)`` rounded through 16 bits.
+            Measured against float64 under the Triton interpreter (``benchmarks/dual_gemm_accuracy.py``:
+            near-uniform and LM-like inputs, N=64, V=512): on float32 inputs gradient errors of 0.6-1.8e-4
+            relative with fp16 storage and 0.9-3.5e-3 with bf16 storage, against 0.4-2.4e-6 on the default path;
+            on bfloat16 inputs fp16 storage adds nothing measurable (3.4-3.9e-3 on both paths: the bf16
+            gradients' own rounding), bf16 storage up to 6.4e-3.  Saturated softmaxes (logits of magnitude 1e4)
+            keep the default path's gradient precision (the stored differences are centred per tile where the
+            probability sits); teacher logits spread over ~1e4 or more around small student logits exceed fp16's
+            spacing and range (1.8e-2 relative at a spread of 3e4, bf16 storage 3.9e-3; fp16 clamps differences
+            beyond 65504).  Calls it does not cover (``divergence="jsd"``, soft-caps) and calls the default runs
+            in two passes (``reduction="none"``, no gradient needed, steps longer than a chunk) take the default
+            path.
     Returns:
         The loss (float32, or float64 for float64 inputs), or :class:`SODStats` if ``return_stats``.
     """
