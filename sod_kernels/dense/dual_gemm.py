@@ -10,7 +10,11 @@ Same contract and result as :func:`sod_kernels.dense.triton_backend.single_pass_
    log-probs (from the gathered target logits, read as a one-column block), the weights, the loss slots and the
    gradient scale.
 3. :func:`~sod_kernels.dense.dual_gemm_kernels.dual_logit_grad`: ``d(logits)`` in the input dtype from the 16-bit
-   arrays, then :class:`~sod_kernels.core.chunks.GradAccumulator` folds it exactly as the default pass does.
+   arrays, folded by :class:`~sod_kernels.core.loop.DeviceGrads` (the
+   :class:`~sod_kernels.core.chunks.GradAccumulator` products) exactly as in the default pass.
+
+The chunks run in :func:`sod_kernels.core.loop.run_chunks` with :class:`HiddenRows` as its blocks: the chunk's
+hidden rows only, no logit products.
 
 Supported: ``"reverse_kl"`` and ``"forward_kl"``, biases, temperature, sampled targets (the sampled signal and
 the hard-label term), every weight mode of the plan; float32, bfloat16, float16 inputs.  Not supported (the loss
@@ -29,10 +33,11 @@ from collections.abc import Callable
 
 import torch
 
-from ..core.chunks import GradAccumulator, gather_rows
+from ..core.chunks import LMHead, gather_rows, row_selector
+from ..core.loop import Chunk, DeviceGrads, longest_chunk, run_chunks
 from ..core.options import SinglePassResult
 from .dual_gemm_kernels import STORE_DTYPES, dual_gemm_stats, dual_logit_grad, split_plan
-from .kernels import WEIGHTS_STEPS, RowOutputs, kl_row_finish
+from .kernels import WEIGHTS_STEPS, kl_row_finish
 from .pass_state import ChunkWeightPlan, ForwardResult
 from .triton_backend import KLProblem
 
@@ -47,6 +52,23 @@ def store_dtype(store: str | None = None) -> torch.dtype:
     if name not in STORE_DTYPES:
         raise ValueError(f"{STORE_ENV} / store must be one of {tuple(STORE_DTYPES)}, got {name!r}")
     return STORE_DTYPES[name]
+
+
+class HiddenRows:
+    """The chunk loop's blocks (:func:`sod_kernels.core.loop.run_chunks`) for a pass that forms its logits itself:
+    per chunk both models' hidden rows in the input dtype (the student's through the gradient sink, gathered
+    straight into its d(weight) fold buffer when rows are not contiguous) and no logit product."""
+
+    def __init__(self, student: LMHead, teacher: LMHead, row_index: torch.Tensor, contiguous: bool):
+        self.student, self.teacher, self.row_index, self.contiguous = student, teacher, row_index, contiguous
+
+    def chunk(self, index: int, start: int, stop: int, sink) -> Chunk:
+        rows = row_selector(self.row_index, start, stop, self.contiguous)
+        hs = sink.hidden_rows(rows, start, stop) if sink is not None else gather_rows(self.student.hidden, rows)
+        return Chunk(index, start, stop, rows, (hs, gather_rows(self.teacher.hidden, rows)), (), sink)
+
+    def release(self) -> None:
+        pass
 
 
 def single_pass_loss(p: KLProblem, chunks: list[tuple[int, int]],
@@ -74,9 +96,9 @@ def single_pass_loss(p: KLProblem, chunks: list[tuple[int, int]],
     device = p.student.hidden.device
     f32 = torch.float32
     out = ForwardResult(p.n_rows, device, p.target_ids is not None)
-    longest = max((b - a for a, b in chunks), default=1)
-    acc = GradAccumulator(p.student, p.row_index, p.contiguous, need_hidden=need_hidden, need_weight=need_weight,
-                          need_bias=need_bias, block_rows=longest)
+    longest = longest_chunk(chunks)
+    grads = DeviceGrads(p.student, p.row_index, p.contiguous, need_hidden=need_hidden, need_weight=need_weight,
+                        need_bias=need_bias, block_rows=longest)
     vocab = p.vocab
     n_tiles, per_split, splits = split_plan(longest, vocab)
     a_buf = torch.empty(longest, vocab, dtype=half, device=device)
@@ -93,14 +115,13 @@ def single_pass_loss(p: KLProblem, chunks: list[tuple[int, int]],
         gx_buf = torch.empty(2 * longest, dtype=f32, device=device)
         zero_cols = torch.zeros(longest, dtype=torch.int32, device=device)
     hard_scale = torch.full((longest,), hard_weight / (normalizer * p.temperature), dtype=f32, device=device) \
-        if hard_weight and acc.active else None
+        if hard_weight and grads.active else None
     sb, tb = p.bias(p.student), p.bias(p.teacher)
     ws, wt = p.student.used_weight, p.teacher.used_weight
-    for i, (start, stop) in enumerate(chunks):
-        n = stop - start
-        rows = p.rows(start, stop)
-        hs = acc.hidden_rows(rows, start, stop) if acc.active else gather_rows(p.student.hidden, rows)
-        ht = gather_rows(p.teacher.hidden, rows)
+
+    def epilogue(c):
+        start, stop, n, i = c.start, c.stop, c.size, c.index
+        hs, ht = c.hidden
         a, b = a_buf[:n], b_buf[:n]
         frame = frame_buf[: 3 * n * n_tiles].view(3, n, n_tiles)
         part = part_buf[: 5 * n * splits].view(5, n, splits)
@@ -108,22 +129,22 @@ def single_pass_loss(p: KLProblem, chunks: list[tuple[int, int]],
         chunk_targets = targets[start:stop] if targets is not None else None
         dual_gemm_stats(hs, ws, ht, wt, sb, tb, chunk_targets, part, frame, a, b, gx, forward_kl=p.forward_kl,
                         temperature=p.temperature, tiles_per_split=per_split)
-        rows_out: RowOutputs = out.views(start)
         # The target logits (bias included) as one-column blocks read at column 0: kl_row_finish unchanged.
         gxs = gx[0].view(n, 1) if gx is not None else a
         gxt = gx[1].view(n, 1) if gx is not None else a
-        kl_row_finish(part, None, gxs, gxt, None, None, zero_cols[:n] if gx is not None else None, rows_out,
+        kl_row_finish(part, None, gxs, gxt, None, None, zero_cols[:n] if gx is not None else None, out.views(start),
                       weights.args(start, stop), scale[:n], slots[:, i], forward_kl=p.forward_kl,
                       temperature=p.temperature, sampled_signal=sampled_signal and weights.mode == WEIGHTS_STEPS,
                       hard=bool(hard_weight))
         if not weights.in_kernel:
             weights.apply_callable(out, start, stop, sampled_signal, scale, slots[0, i])
-        if acc.active:
-            hard = (chunk_targets, hard_scale[:n]) if hard_weight else None
-            grad = dual_logit_grad(a, b, frame, out.stats(start, stop), scale[:n], acc.grad_block(n),
-                                   forward_kl=p.forward_kl, hard=hard)
-            acc.add(grad, start, stop, hs)
-    del a_buf, b_buf
+        if not grads.active:
+            return None
+        hard = (chunk_targets, hard_scale[:n]) if hard_weight else None
+        return dual_logit_grad(a, b, frame, out.stats(start, stop), scale[:n], c.grad_block(),
+                               forward_kl=p.forward_kl, hard=hard)
+
+    run_chunks(chunks, HiddenRows(p.student, p.teacher, p.row_index, p.contiguous), epilogue, grads)
     totals = slots.sum(1)
     loss = (totals[0] * (coef / normalizer) + totals[1] * (hard_weight / normalizer)).to(f32)
-    return SinglePassResult(loss, out.D, out.lp_s, out.lp_t, acc.finish())
+    return SinglePassResult(loss, out.D, out.lp_s, out.lp_t, grads.finish())
