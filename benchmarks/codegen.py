@@ -58,6 +58,7 @@ from pathlib import Path
 KERNEL_MODULES = (
     "sod_kernels.dense.kernels",
     "sod_kernels.dense.jsd_kernels",
+    "sod_kernels.dense.dual_gemm_kernels",
     "sod_kernels.logprobs.kernels",
     "sod_kernels.sparse.kernels",
 )

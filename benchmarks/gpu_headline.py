@@ -238,6 +238,7 @@ def tuning(rec: Recorder) -> None:
                         lambda: bench(ours(chunk_size=chunk), grads), **sizes())
         finally:
             os.environ.pop("SOD_KERNELS_FOLD_ROWS", None)
+    dual_gemm_rows(rec, sh, sw, th, tw, x.step_ids, grads)
     for beta in (0.5,):
         guarded(rec, "tuning", f"ours fast, jsd beta={beta}",
                 lambda: bench(ours(divergence="jsd", beta=beta), grads), **sizes())
@@ -263,6 +264,25 @@ def tuning(rec: Recorder) -> None:
             lambda: bench(lambda: fused_sparse_sod_loss(sh, sw, ids[None], logprobs[None], step_ids=x.step_ids,
                                                         check_inputs=False).backward(), grads), **sizes())
     del x, ids, logprobs
+
+
+def dual_gemm_rows(rec: Recorder, sh, sw, th, tw, step_ids, grads) -> None:
+    """The experimental dual-GEMM single pass (``impl="dual_gemm"``: both logit tiles and the exact statistics in
+    one Triton kernel per chunk, 16-bit stored arrays for the gradient), headline fwd+bwd with "kl" step weights,
+    fp16 and bf16 storage; compare with "ours fast, kl weights (fwd+bwd)" of the same run."""
+    from sod_kernels import fused_sod_loss
+
+    def step():
+        fused_sod_loss(sh, sw, th, tw, step_ids=step_ids, backend="triton", check_inputs=False,
+                       impl="dual_gemm").backward()
+
+    for store in ("fp16", "bf16"):
+        os.environ["SOD_KERNELS_DUAL_GEMM_STORE"] = store
+        try:
+            guarded(rec, "tuning", f"ours fast, kl, impl=dual_gemm ({store} stored differences)",
+                    lambda: bench(step, grads), **sizes())
+        finally:
+            os.environ.pop("SOD_KERNELS_DUAL_GEMM_STORE", None)
 
 
 def launches(rec: Recorder) -> None:

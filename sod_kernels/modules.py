@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .dense.loss import fused_sod_loss
+from .dense.loss import check_impl, fused_sod_loss
 from .logprobs.policy_loss import fused_sod_policy_loss
 from .core.runtime import check_softcap
 from .core.validation import (BACKENDS, MEMORY_MODES, check_choice, check_chunk_size, check_positive,
@@ -77,14 +77,15 @@ class SODLoss(_Options):
                  epsilon: float = DEFAULT_EPSILON, delta: float = DEFAULT_DELTA, temperature: float = 1.0,
                  coef: float = 1.0, reduction: str = "token_mean", return_stats: bool = False, backend: str = "auto",
                  memory: str = "fast", chunk_size: int | None = None, check_inputs: bool = True,
-                 student_softcap: float | None = None, teacher_softcap: float | None = None):
+                 student_softcap: float | None = None, teacher_softcap: float | None = None, impl: str = "default"):
         options = _distillation_options(divergence, beta, hard_loss_weight, step_divergence, epsilon, delta,
                                         temperature, coef, reduction, return_stats, backend=backend,
                                         chunk_size=chunk_size)
         _check_pass(backend, memory, chunk_size, student_softcap=student_softcap, teacher_softcap=teacher_softcap)
+        check_impl(impl, backend, memory)
         super().__init__(dict(**options, backend=backend, memory=memory, chunk_size=chunk_size,
                               check_inputs=check_inputs, student_softcap=student_softcap,
-                              teacher_softcap=teacher_softcap))
+                              teacher_softcap=teacher_softcap, impl=impl))
 
     def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
                 teacher_weight: torch.Tensor, response_mask: torch.Tensor | None = None, *,

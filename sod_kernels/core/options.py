@@ -24,6 +24,8 @@ class PassOptions:
     student_softcap: ``cap tanh(x / cap)`` of the student's raw logits before ``1/tau``, or None.
     teacher_softcap: the same for the teacher (dense teacher only), or None.
     with_entropy:    also the entropy (log-prob losses).
+    impl:            ``"default"`` or ``"dual_gemm"`` (the dense KL's experimental dual-GEMM single pass; set by
+                     ``fused_sod_loss`` only where that pass supports the call).
     """
 
     backend: str = "torch"
@@ -35,6 +37,7 @@ class PassOptions:
     student_softcap: float | None = None
     teacher_softcap: float | None = None
     with_entropy: bool = False
+    impl: str = "default"
 
     def softcaps(self) -> dict:
         """The soft-cap keywords that are set (backends take them as keyword arguments)."""

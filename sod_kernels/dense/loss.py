@@ -22,6 +22,27 @@ from ..steps.finish import check_distillation_call, check_targets_and_steps, fin
 from ..steps.weights import DEFAULT_DELTA, DEFAULT_EPSILON
 from .autograd import TokenDivergence
 
+IMPLS = ("default", "dual_gemm")
+
+
+def check_impl(impl: str, backend: str, memory: str) -> None:
+    """``impl`` is ``"default"`` or ``"dual_gemm"``; the latter needs the Triton backend (``"auto"`` passes here and
+    is checked again once resolved) and ``memory="fast"``.  ValueError otherwise."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "dual_gemm":
+        if backend not in ("triton", "auto"):
+            raise ValueError(f"impl='dual_gemm' needs the Triton backend (got backend={backend!r}: the torch backend "
+                             "on CPU tensors, or backend='torch'); use impl='default'")
+        if memory != "fast":
+            raise ValueError(f"impl='dual_gemm' is a single pass: it needs memory='fast', got memory={memory!r}")
+
+
+def dual_gemm_supports(divergence: str, student_softcap: float | None, teacher_softcap: float | None) -> bool:
+    """Whether ``impl="dual_gemm"`` computes a call's single pass (a KL without soft-caps); other calls run the
+    default path.  Kept here (no Triton import) so that the check costs nothing on CPU-only installs."""
+    return divergence in ("reverse_kl", "forward_kl") and student_softcap is None and teacher_softcap is None
+
 
 def single_pass_backend(name: str, device: torch.device) -> ModuleType | None:
     """Where a backend supplies its single-pass chunk routine: the backend module offering ``KLProblem.build(...)``
@@ -55,7 +76,11 @@ class SinglePassKL(torch.autograd.Function):
         problem = backend.KLProblem.build(sh, sw, sb, th, tw, tb, row_index, y, options.divergence,
                                           options.temperature, student_softcap=options.student_softcap,
                                           teacher_softcap=options.teacher_softcap, **extra)
-        return single_pass_forward(ctx, backend.single_pass_loss, problem, plan)
+        routine = backend.single_pass_loss
+        if options.impl == "dual_gemm":
+            from . import dual_gemm  # imported lazily: the experimental Triton path
+            routine = dual_gemm.single_pass_loss
+        return single_pass_forward(ctx, routine, problem, plan)
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
@@ -73,7 +98,7 @@ def fused_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
                    reduction: str = "token_mean", return_stats: bool = False, backend: str = "auto",
                    memory: str = "fast", chunk_size: int | None = None, check_inputs: bool = True,
                    student_softcap: float | None = None, teacher_softcap: float | None = None,
-                   beta: float = 0.5, hard_loss_weight: float = 0.0):
+                   beta: float = 0.5, hard_loss_weight: float = 0.0, impl: str = "default"):
     """Step-weighted on-policy distillation loss from hidden states, without materializing logits.
 
     ``L = coef * sum_{b,t} m[b,t] * w[b,t] * D[b,t] / normalizer
@@ -132,6 +157,25 @@ def fused_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
             samples, so it sharpens the student towards what it sampled (an SFT-style anchor next to the
             distillation term).  ``hard_loss_weight = 1`` with ``coef = 0`` is the plain (token-mean)
             cross-entropy of the labels.
+        impl: ``"default"`` (unchanged behaviour) or ``"dual_gemm"`` (experimental; Triton backend with
+            ``memory="fast"`` only, else ValueError).  Wherever the default would run the single pass, one Triton
+            kernel per row chunk computes both logit tiles (a dual GEMM, float32 accumulation) and keeps exact
+            float32 row statistics in its epilogue: the loss, ``D``, the weights and the sampled log-probs are as
+            on the default path.  For the gradient it stores two 16-bit ``[C, V]`` arrays (``exp(z_s - tile max)``
+            and the tile-centred ``z_s - z_t``; for forward KL ``exp(z_t - tile max)``; fp16 by default,
+            ``SOD_KERNELS_DUAL_GEMM_STORE=bf16`` for bf16) instead of two float32 logit blocks: 8 instead of 24
+            bytes of epilogue traffic per (token, vocabulary) entry, for ``d(logits)`` rounded through 16 bits.
+            Measured against float64 under the Triton interpreter (``benchmarks/dual_gemm_accuracy.py``:
+            near-uniform and LM-like inputs, N=64, V=512): on float32 inputs gradient errors of 0.6-1.8e-4
+            relative with fp16 storage and 0.9-3.5e-3 with bf16 storage, against 0.4-2.4e-6 on the default path;
+            on bfloat16 inputs fp16 storage adds nothing measurable (3.4-3.9e-3 on both paths: the bf16
+            gradients' own rounding), bf16 storage up to 6.4e-3.  Saturated softmaxes (logits of magnitude 1e4)
+            keep the default path's gradient precision (the stored differences are centred per tile where the
+            probability sits); teacher logits spread over ~1e4 or more around small student logits exceed fp16's
+            spacing and range (1.8e-2 relative at a spread of 3e4, bf16 storage 3.9e-3; fp16 clamps differences
+            beyond 65504).  Calls it does not cover (``divergence="jsd"``, soft-caps) and calls the default runs
+            in two passes (``reduction="none"``, no gradient needed, steps longer than a chunk) take the default
+            path.
     Returns:
         The loss (float32, or float64 for float64 inputs), or :class:`SODStats` if ``return_stats``.
     """
@@ -153,7 +197,12 @@ def fused_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
                                   check_inputs)
     if token_weights is not None:
         check_same_device(student_hidden=student_hidden, token_weights=token_weights)
-    impl = resolve_backend(backend, student_hidden.device)
+    check_impl(impl, backend, memory)
+    resolved = resolve_backend(backend, student_hidden.device)
+    if impl == "dual_gemm":
+        check_impl(impl, resolved, memory)
+        if not dual_gemm_supports(divergence, student_softcap, teacher_softcap):
+            impl = "default"  # the JSD and soft-capped logits run the default path (documented above)
 
     single = student_hidden.dim() == 2
     step_rows = ids.unsqueeze(0) if single else ids
@@ -167,12 +216,12 @@ def fused_sod_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
     sw, tw = student_weight.contiguous(), teacher_weight.contiguous()
     acc = compute_dtype(student_hidden.dtype)
     given = None if token_weights is None else token_weights.detach().to(acc).reshape(B, T)
-    options = PassOptions(backend=impl, memory=memory, chunk_size=chunk_size, temperature=temperature,
+    options = PassOptions(backend=resolved, memory=memory, chunk_size=chunk_size, temperature=temperature,
                           divergence=divergence, beta=beta, student_softcap=student_softcap,
-                          teacher_softcap=teacher_softcap)
+                          teacher_softcap=teacher_softcap, impl=impl)
     loss = None
     with no_autocast(student_hidden.device):
-        backend = single_pass_backend(impl, student_hidden.device) if memory == "fast" else None
+        backend = single_pass_backend(resolved, student_hidden.device) if memory == "fast" else None
         if backend is not None and reduction != "none" and num_active and \
                 needs_student_grad(student_hidden, student_weight, student_bias):
             plan = getattr(backend, "single_pass_plan", single_pass_plan)(
