@@ -197,7 +197,8 @@ def _accumulate(impl, monkeypatch, hidden, weight, bias, grads, row_index, block
 def test_grad_accumulator_with_each_fold_impl(impl, dtype, contiguous, seed):
     """Every implementation gives the d(weight) of ``addmm`` within float32 rounding (and of float64 truth), the
     same d(hidden) and d(bias), over folds of several 7-row chunks (fold rows 20: two or three chunks per
-    product, as the fold buffer's memory cap allows, the last fold partial), with contiguous rows (read in place) and gathered, non-contiguous ones."""
+    product, as the fold buffer's memory cap allows, the last fold partial), with contiguous rows (read in
+    place) and gathered, non-contiguous ones."""
     N, V, H, C = 50, 53, 19, 7
     h64, w64, b64 = _draw(seed, (N, H), (V + 3, H), (V + 3,))
     hidden, weight, bias = (x.to(dtype).to(DEVICE) for x in (h64, w64, b64))
