@@ -56,6 +56,7 @@ import tempfile
 from pathlib import Path
 
 KERNEL_MODULES = (
+    "sod_kernels.core.fold_kernels",
     "sod_kernels.dense.kernels",
     "sod_kernels.dense.jsd_kernels",
     "sod_kernels.dense.dual_gemm_kernels",

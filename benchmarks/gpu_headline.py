@@ -215,8 +215,10 @@ def headline(rec: Recorder, family: str, names=None) -> None:
 
 def tuning(rec: Recorder) -> None:
     """What the next kernel changes hinge on, on worst-case inputs: how many chunks one d(weight) product
-    folds (``SOD_KERNELS_FOLD_ROWS``), the chunk size (the 512-row plan against 256- and 1024-row chunks), the
-    generalized JSD and the hard-label term, logit soft-capping, and the sparse teacher (k = 64)."""
+    folds (``SOD_KERNELS_FOLD_ROWS``), the chunk size (the 512-row plan against 256- and 1024-row chunks), how
+    the fold runs (``SOD_KERNELS_FOLD_IMPL``: addmm, the Triton fold kernel, a transposed accumulator; the
+    headline fwd+bwd and one 1024-row fold alone), the generalized JSD and the hard-label term, logit
+    soft-capping, and the sparse teacher (k = 64)."""
     from sod_kernels import fused_sod_loss, fused_sparse_sod_loss, fused_topk_logprobs
     from .inputs import make_inputs
 
@@ -238,6 +240,47 @@ def tuning(rec: Recorder) -> None:
                         lambda: bench(ours(chunk_size=chunk), grads), **sizes())
         finally:
             os.environ.pop("SOD_KERNELS_FOLD_ROWS", None)
+    from sod_kernels.core.chunks import DEFAULT_FOLD_ROWS, FOLD_IMPLS, _accumulate_product
+
+    def fold_alone(impl: str) -> dict:
+        """One d(weight) fold of DEFAULT_FOLD_ROWS bf16 rows into the float32 accumulator, as ``impl`` runs it
+        (the headline pass makes N / DEFAULT_FOLD_ROWS of them), and its distance to addmm's."""
+        gen = torch.Generator(device=DEVICE).manual_seed(2)
+        dl = torch.randn(fold_k, V, device=DEVICE, generator=gen).to(torch.bfloat16)
+        h = torch.randn(fold_k, Hs, device=DEVICE, generator=gen).to(torch.bfloat16)
+        ref = torch.zeros(V, Hs, device=DEVICE)
+        _accumulate_product(ref, dl.T, h)
+        if impl == "transposed":
+            acc = torch.zeros(Hs, V, device=DEVICE)
+            fold = lambda: _accumulate_product(acc, h.T, dl)  # noqa: E731
+        elif impl == "triton":
+            from sod_kernels.core.fold_kernels import fold_into
+            acc = torch.zeros(V, Hs, device=DEVICE)
+            fold = lambda: fold_into(acc, dl, h)  # noqa: E731
+        else:
+            acc = torch.zeros(V, Hs, device=DEVICE)
+            fold = lambda: _accumulate_product(acc, dl.T, h)  # noqa: E731
+        fold()
+        got = acc.T if impl == "transposed" else acc
+        rel = float((got - ref).norm() / ref.norm())
+        ms = timed_ms(fold, rep=200)
+        return {"ms": round(ms, 3), "per_headline_ms": round(ms * N / fold_k, 2),
+                "rel_diff_to_addmm": f"{rel:.1e}"}
+
+    fold_k = min(DEFAULT_FOLD_ROWS, N)
+    previous_impl = os.environ.get("SOD_KERNELS_FOLD_IMPL")
+    try:
+        for impl in FOLD_IMPLS:
+            os.environ["SOD_KERNELS_FOLD_IMPL"] = impl
+            guarded(rec, "tuning", f"ours fast, kl: SOD_KERNELS_FOLD_IMPL={impl}", lambda: bench(ours(), grads),
+                    **sizes())
+            guarded(rec, "tuning", f"d(weight) fold alone, {fold_k} rows: {impl}",
+                    lambda: fold_alone(impl), **sizes())
+    finally:
+        if previous_impl is None:
+            os.environ.pop("SOD_KERNELS_FOLD_IMPL", None)
+        else:
+            os.environ["SOD_KERNELS_FOLD_IMPL"] = previous_impl
     dual_gemm_rows(rec, sh, sw, th, tw, x.step_ids, grads)
     for beta in (0.5,):
         guarded(rec, "tuning", f"ours fast, jsd beta={beta}",

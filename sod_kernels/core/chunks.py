@@ -38,6 +38,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .runtime import triton_interpreter_enabled
+
 # Bytes the fast path's per-chunk blocks may take by default.  At V = 152k the KL loss's blocks (two float32
 # logit blocks and one 16-bit gradient block, 10 bytes per entry) give 512-row chunks: with the d(weight) fold
 # buffer (1024 rows of 16-bit d(logits), 0.3 GB) and the float32 d(weight) accumulator of a 152k x 1024 head
@@ -54,6 +56,10 @@ LARGE_ROW_MULTIPLE = 128  # ... and multiples of this above it (whole tensor-cor
 # (1 .. MAX_FOLD_ROWS); more rows, fewer accumulator passes, one more 16-bit C x V block per extra chunk.
 DEFAULT_FOLD_ROWS = 1024
 MAX_FOLD_ROWS = 4096
+# How the fast path's d(weight) fold runs (SOD_KERNELS_FOLD_IMPL, see fold_impl()): "addmm" (the default),
+# "triton" (sod_kernels.core.fold_kernels) or "transposed" (a [H, V] accumulator).
+FOLD_IMPLS = ("addmm", "triton", "transposed")
+DEFAULT_FOLD_IMPL = "addmm"
 # d(bias) of folded blocks as one product ``d(logits)^T @ ones`` per fold (one launch) instead of a column sum and an
 # add (two launches).
 BIAS_BY_PRODUCT = True
@@ -108,6 +114,27 @@ def fold_rows() -> int:
     if not 1 <= value <= MAX_FOLD_ROWS:
         raise ValueError(f"SOD_KERNELS_FOLD_ROWS must be an integer in [1, {MAX_FOLD_ROWS}], got {raw!r}")
     return value
+
+
+def fold_impl() -> str:
+    """How the fast path folds ``d(logits)`` into the float32 d(weight) accumulator: ``SOD_KERNELS_FOLD_IMPL`` if
+    set (one of :data:`FOLD_IMPLS`), else ``DEFAULT_FOLD_IMPL``.
+
+    - ``"addmm"``: ``acc[V, H] += d(logits)^T @ h`` by ``addmm`` (cuBLAS on a GPU), the default;
+    - ``"triton"``: the same product by :func:`sod_kernels.core.fold_kernels.fold_into`, a Triton GEMM that loads
+      each accumulator tile before its K loop (the accumulator traffic overlaps the products).  CUDA tensors, and
+      CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``, how the tests run it); plain CPU tensors
+      fall back to ``"addmm"``;
+    - ``"transposed"``: the accumulator kept as ``[H, V]`` and folded by ``acc_T += h^T @ d(logits)``, transposed
+      once by :meth:`GradAccumulator.finish`.
+    Read once per :class:`GradAccumulator`; only its whole-vocabulary (not ``sliced``) d(weight) fold depends on it.
+    """
+    raw = os.environ.get("SOD_KERNELS_FOLD_IMPL", "").strip()
+    if not raw:
+        return DEFAULT_FOLD_IMPL
+    if raw not in FOLD_IMPLS:
+        raise ValueError(f"SOD_KERNELS_FOLD_IMPL must be one of {', '.join(map(repr, FOLD_IMPLS))}, got {raw!r}")
+    return raw
 
 
 def fold_group(block_rows: int, rows: int | None = None) -> int:
@@ -191,7 +218,9 @@ class GradAccumulator:
     (the gather the logit product needs anyway); only other callers' gathered rows are copied once.  d(bias) is a
     float32 accumulator, added to once per fold (``BIAS_BY_PRODUCT``: one ``d(logits)^T @ ones`` product) when
     folding, else once per block.  Per block this leaves the d(hidden) product; per fold the d(weight) product and
-    the d(bias) product.  :meth:`finish` returns everything in the inputs' dtypes and shapes:
+    the d(bias) product.  The d(weight) product of the whole-vocabulary path runs as :func:`fold_impl` says (read
+    once, here): ``addmm``, the Triton fold kernel, or ``addmm`` into a transposed ``[H, V]`` accumulator.
+    :meth:`finish` returns everything in the inputs' dtypes and shapes:
     ``d_hidden [N, H]`` (zero on rows outside ``row_index``), ``d_weight [Vw, H]``, ``d_bias [Vw]``.
     """
 
@@ -206,9 +235,17 @@ class GradAccumulator:
         f32 = torch.float32
         self.d_hidden = torch.zeros(n_active, h.shape[1], dtype=f32 if sliced else h.dtype, device=h.device) \
             if need_hidden else None
+        impl = fold_impl()
+        if sliced or (impl == "triton" and w.device.type != "cuda" and not triton_interpreter_enabled()):
+            impl = "addmm"  # the sliced path keeps its products; Triton needs CUDA tensors or the interpreter
+        self._fold_impl = impl
         if need_weight:
-            self.d_weight = torch.empty(head.vocab, w.shape[1], dtype=w.dtype, device=w.device) if sliced else \
-                torch.zeros(head.vocab, w.shape[1], dtype=f32, device=w.device)
+            if sliced:
+                self.d_weight = torch.empty(head.vocab, w.shape[1], dtype=w.dtype, device=w.device)
+            elif impl == "transposed":  # [H, V], transposed once by finish()
+                self.d_weight = torch.zeros(w.shape[1], head.vocab, dtype=f32, device=w.device)
+            else:
+                self.d_weight = torch.zeros(head.vocab, w.shape[1], dtype=f32, device=w.device)
         else:
             self.d_weight = None
         self._slice, self._slice_acc = None, None
@@ -328,7 +365,7 @@ class GradAccumulator:
                 self._stage_hidden(hidden_rows, start, stop)
                 return
             else:
-                _accumulate_product(self.d_weight, d_logits.T, hidden_rows)
+                self._fold_weight(d_logits, hidden_rows)
         if self.d_bias is not None:
             self.d_bias[cols] += d_logits.sum(0, dtype=torch.float32)
 
@@ -341,10 +378,22 @@ class GradAccumulator:
                 hidden = self.head.hidden[self._view_start: self._view_start + n]
             else:
                 hidden = self._pending_buffer()[:n]
-            _accumulate_product(self.d_weight, grad.T, hidden)
+            self._fold_weight(grad, hidden)
             if self.d_bias is not None:
                 self._fold_bias(grad)
             self._pending, self._view_start = 0, None
+
+    def _fold_weight(self, grad: torch.Tensor, hidden: torch.Tensor) -> None:
+        """``d(weight) += grad^T @ hidden`` (``grad [K, V]``, ``hidden [K, H]``, float32 accumulation) the
+        :func:`fold_impl` way."""
+        if self._fold_impl == "triton":
+            from .fold_kernels import fold_into  # Triton only on this path
+
+            fold_into(self.d_weight, grad, hidden)
+        elif self._fold_impl == "transposed":
+            _accumulate_product(self.d_weight, hidden.T, grad)  # [H, V] += [H, K] @ [K, V]
+        else:
+            _accumulate_product(self.d_weight, grad.T, hidden)
 
     def _fold_bias(self, grad: torch.Tensor) -> None:
         """``d(bias) += colsum(grad)`` for the pending rows: one product ``grad^T @ ones`` (float32 accumulation,
@@ -384,7 +433,10 @@ class GradAccumulator:
             else:
                 d_hidden = torch.zeros_like(h).index_copy_(0, self.row_index, d_active)
         if self.d_weight is not None:
-            d_weight = _pad_rows(self.d_weight.to(w.dtype), w.shape[0])
+            if self._fold_impl == "transposed":  # [H, V] -> [V, H]: one transposing copy (with the cast)
+                d_weight = _pad_rows(self.d_weight.T.to(w.dtype, memory_format=torch.contiguous_format), w.shape[0])
+            else:
+                d_weight = _pad_rows(self.d_weight.to(w.dtype), w.shape[0])
         if self.d_bias is not None:
             d_bias = _pad_rows(self.d_bias.to(b.dtype), b.shape[0])
         self.d_hidden = self.d_weight = self.d_bias = None
