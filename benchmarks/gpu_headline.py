@@ -13,8 +13,11 @@ short still reports what it measured):
    compiled, Liger's fused linear cross-entropy (the same FLOPs); the step helpers against the authors'
    per-token loop on CUDA tensors;
 4. tuning at the headline size: how many chunks one d(weight) product folds (1, 2, 4) and the chunk size,
-   the low-memory mode's rows and block budget, logit soft-capping, and the sparse teacher at k = 64
-   (``fused_topk_logprobs``, ``fused_sparse_sod_loss``);
+   how the fold runs (``SOD_KERNELS_FOLD_IMPL``: cuBLAS ``addmm``, the Triton fold kernel, a transposed
+   accumulator; each in the whole pass and one fold alone), the experimental dual-GEMM pass
+   (``impl="dual_gemm"``, fp16 and bf16 storage), the JSD, the hard-label term, the low-memory mode's rows and
+   block budget, logit soft-capping, and the sparse teacher at k = 64 (``fused_topk_logprobs``,
+   ``fused_sparse_sod_loss``);
 5. determinism (two identical calls, bitwise) and accuracy at the full vocabulary against a float64
    reference on a row subset;
 6. sweeps over N and V (ours and Liger compiled) until the deadline.

@@ -1,7 +1,7 @@
 """Static codegen checks: every Triton kernel compiles for Hopper (sm_90) without a GPU and nothing spills
 to local memory, at the configs used for the headline size (N=16384, Hs=1024, Ht=2560, V=151936, bf16).
-(The matrix products themselves are cuBLAS calls; a kernel that had ``tl.dot`` would also be checked for
-warpgroup MMA instructions.)
+The kernels with ``tl.dot`` (the d(weight) fold kernel, the experimental dual-GEMM kernel) are also checked for
+warpgroup MMA (wgmma) instructions; the default path's matrix products are cuBLAS calls.
 
 The compile runs in a subprocess without TRITON_INTERPRET (conftest sets it for the interpreter tests,
 and it turns kernels into interpreted functions that cannot be compiled): ``python -m benchmarks.codegen
