@@ -178,6 +178,18 @@ def analyse(spec: dict) -> dict:
     }
 
 
+def _commit() -> str:
+    """The sources' commit (``SOD_GIT_COMMIT`` if set, else ``git rev-parse --short HEAD``; "unknown" without git)."""
+    sha = os.environ.get("SOD_GIT_COMMIT")
+    if sha:
+        return sha
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parents[1],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def markdown(rows: list[dict], absent: list[str]) -> str:
     import triton
 
@@ -185,7 +197,7 @@ def markdown(rows: list[dict], absent: list[str]) -> str:
         "# Codegen for sm_90 (compiled without a GPU)",
         "",
         f"Triton {triton.__version__}, target GPUTarget{HOPPER_TARGET}, headline-size configs "
-        "(N=16384, Hs=1024, Ht=2560, V=151936, bf16). Produced by `python -m benchmarks.codegen`.",
+        f"(N=16384, Hs=1024, Ht=2560, V=151936, bf16); commit {_commit()}. Produced by `python -m benchmarks.codegen`.",
         "",
         "| kernel | config | warps | stages | regs/thread | shared mem (KiB) | spills (LDL/STL, local bytes) "
         "| HGMMA | occupancy (blocks, warps / SM) |",
