@@ -11,7 +11,8 @@ import torch
 
 from sod_kernels.core.chunks import LMHead, even_chunks
 from sod_kernels.core.cpu_pass import ComputeHead
-from sod_kernels.core.loop import CpuBlocks, CpuGrads, DeviceBlocks, DeviceGrads, longest_chunk, run_chunks
+from sod_kernels.core.loop import (CpuBlocks, CpuGrads, DeviceBlocks, DeviceGrads, TileGrads, TorchRows, longest_chunk,
+                                   run_chunks)
 from sod_kernels.core.rows import chunk_row_index
 
 
@@ -156,3 +157,32 @@ def test_empty_call_and_misuse_are_errors_not_silence():
         DeviceBlocks((head,), rows, True, 5, gather="sometimes")
     with pytest.raises(ValueError, match="bias"):
         DeviceGrads(head, rows, True, need_hidden=True, need_weight=True, need_bias=True, block_rows=5, bias="sum")
+
+
+@pytest.mark.parametrize("gathered", [False, True])
+@pytest.mark.parametrize("whole_rows", [False, True])
+def test_tile_path_folds_every_tile_and_each_chunk_once(gathered, whole_rows):
+    """``TorchRows`` + ``TileGrads``: tiles of 8 columns folded with ``fold_tile`` (or one whole-vocabulary block
+    returned by the epilogue), the chunk's d(hidden) rows written at its end; float64 like the torch backends."""
+    rows = torch.tensor([0, 3, 4, 9, 10, 11, 17, 22, 30, 33, 36]) if gathered else None
+    hidden, weight, b, row_index, G = _problem(rows=rows)
+    hidden, weight, b, G = hidden.double(), weight.double(), b.double(), G.double()
+    idx, contiguous = chunk_row_index(row_index, hidden.shape[0])
+    grads = TileGrads(hidden, weight, b, torch.float64, need_hidden=True, need_weight=True, need_bias=True,
+                      like=(hidden, weight, b))
+    V = weight.shape[0]
+
+    def epilogue(c):
+        assert c.logits == () and c.hidden[0].dtype == torch.float64
+        if whole_rows:
+            return G[c.start:c.stop].clone()
+        for v0 in range(0, V, 8):
+            v1 = min(v0 + 8, V)
+            c.fold_tile(G[c.start:c.stop, v0:v1].clone(), slice(v0, v1), weight[v0:v1])
+        return None
+
+    run_chunks(even_chunks(idx.numel(), 4), TorchRows((hidden,), idx, contiguous, torch.float64), epilogue, grads)
+    got = grads.finish()
+    d_hidden, d_weight, d_bias, _ = _expected(hidden, weight, b, row_index, G)
+    for a, e in zip(got, (d_hidden, d_weight, d_bias)):
+        assert torch.allclose(a, e, rtol=1e-12, atol=1e-12)
