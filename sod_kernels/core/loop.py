@@ -10,7 +10,8 @@ iteration and folds every returned block; which pair of (blocks, gradients) it r
 - the device path (Triton on a GPU, or its interpreter): :class:`DeviceBlocks` (float32 blocks from
   :func:`~sod_kernels.core.chunks.logits_into`, whatever the input dtype) and :class:`DeviceGrads`
   (:class:`~sod_kernels.core.chunks.GradAccumulator`: ``d(logits)`` in the input dtype in its own block,
-  ``d(weight)`` folded over several chunks per product, no atomics);
+  ``d(weight)`` folded over several chunks per product, no atomics); :class:`HiddenRows` instead of the blocks for
+  a pass whose kernel multiplies its own logit tiles (the chunk's hidden rows, no product);
 - the CPU path: :class:`CpuBlocks` (blocks in the compute dtype: float32, or float64 for float64 inputs) and
   :class:`CpuGrads` (``d(logits)`` written in place over the student's block, one fold per chunk);
 - the PyTorch tile path (float64, devices without Triton, ``memory="low"`` on a CPU): :class:`TorchRows` (the
@@ -150,6 +151,25 @@ class DeviceBlocks:
 
     def release(self) -> None:
         self._buffers = []
+
+
+class HiddenRows:
+    """Blocks for a device pass that forms its logits itself (a fused kernel multiplying tiles): per chunk each of
+    ``heads``' hidden rows in the input dtype (the student's, first, through the gradient sink: gathered straight
+    into its d(weight) fold buffer when the rows are not contiguous) and no logit product (``Chunk.logits`` is
+    empty)."""
+
+    def __init__(self, heads: Sequence[LMHead], row_index: torch.Tensor, contiguous: bool):
+        self.heads, self.row_index, self.contiguous = tuple(heads), row_index, contiguous
+
+    def chunk(self, index: int, start: int, stop: int, sink) -> Chunk:
+        rows = row_selector(self.row_index, start, stop, self.contiguous)
+        hidden = tuple(sink.hidden_rows(rows, start, stop) if (m == 0 and sink is not None)
+                       else gather_rows(head.hidden, rows) for m, head in enumerate(self.heads))
+        return Chunk(index, start, stop, rows, hidden, (), sink)
+
+    def release(self) -> None:
+        pass
 
 
 class DeviceGrads:

@@ -13,8 +13,8 @@ Same contract and result as :func:`sod_kernels.dense.triton_backend.single_pass_
    arrays, folded by :class:`~sod_kernels.core.loop.DeviceGrads` (the
    :class:`~sod_kernels.core.chunks.GradAccumulator` products) exactly as in the default pass.
 
-The chunks run in :func:`sod_kernels.core.loop.run_chunks` with :class:`HiddenRows` as its blocks: the chunk's
-hidden rows only, no logit products.
+The chunks run in :func:`sod_kernels.core.loop.run_chunks` with :class:`~sod_kernels.core.loop.HiddenRows` as its
+blocks: the chunk's hidden rows only, no logit products.
 
 Supported: ``"reverse_kl"`` and ``"forward_kl"``, biases, temperature, sampled targets (the sampled signal and
 the hard-label term), every weight mode of the plan; float32, bfloat16, float16 inputs.  Not supported (the loss
@@ -33,8 +33,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..core.chunks import LMHead, gather_rows, row_selector
-from ..core.loop import Chunk, DeviceGrads, longest_chunk, run_chunks
+from ..core.loop import DeviceGrads, HiddenRows, longest_chunk, run_chunks
 from ..core.options import SinglePassResult
 from .dual_gemm_kernels import STORE_DTYPES, dual_gemm_stats, dual_logit_grad, split_plan
 from .kernels import WEIGHTS_STEPS, kl_row_finish
@@ -52,23 +51,6 @@ def store_dtype(store: str | None = None) -> torch.dtype:
     if name not in STORE_DTYPES:
         raise ValueError(f"{STORE_ENV} / store must be one of {tuple(STORE_DTYPES)}, got {name!r}")
     return STORE_DTYPES[name]
-
-
-class HiddenRows:
-    """The chunk loop's blocks (:func:`sod_kernels.core.loop.run_chunks`) for a pass that forms its logits itself:
-    per chunk both models' hidden rows in the input dtype (the student's through the gradient sink, gathered
-    straight into its d(weight) fold buffer when rows are not contiguous) and no logit product."""
-
-    def __init__(self, student: LMHead, teacher: LMHead, row_index: torch.Tensor, contiguous: bool):
-        self.student, self.teacher, self.row_index, self.contiguous = student, teacher, row_index, contiguous
-
-    def chunk(self, index: int, start: int, stop: int, sink) -> Chunk:
-        rows = row_selector(self.row_index, start, stop, self.contiguous)
-        hs = sink.hidden_rows(rows, start, stop) if sink is not None else gather_rows(self.student.hidden, rows)
-        return Chunk(index, start, stop, rows, (hs, gather_rows(self.teacher.hidden, rows)), (), sink)
-
-    def release(self) -> None:
-        pass
 
 
 def single_pass_loss(p: KLProblem, chunks: list[tuple[int, int]],
@@ -144,7 +126,7 @@ def single_pass_loss(p: KLProblem, chunks: list[tuple[int, int]],
         return dual_logit_grad(a, b, frame, out.stats(start, stop), scale[:n], c.grad_block(),
                                forward_kl=p.forward_kl, hard=hard)
 
-    run_chunks(chunks, HiddenRows(p.student, p.teacher, p.row_index, p.contiguous), epilogue, grads)
+    run_chunks(chunks, HiddenRows((p.student, p.teacher), p.row_index, p.contiguous), epilogue, grads)
     totals = slots.sum(1)
     loss = (totals[0] * (coef / normalizer) + totals[1] * (hard_weight / normalizer)).to(f32)
     return SinglePassResult(loss, out.D, out.lp_s, out.lp_t, grads.finish())
