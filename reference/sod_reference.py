@@ -66,6 +66,20 @@ def ref_token_divergence(student_hidden, student_weight, teacher_hidden, teacher
 
 
 # ------------------------------------------------------------------------------------------------ steps
+def ref_saturated_reverse_kl(student_std: float, teacher_std: float, n: int = 64, seed: int = 0):
+    """A reverse-KL case on logits of the given spreads (``n`` tokens x ``n`` columns, float32 logits drawn from
+    N(0, std^2)): ``(z_s, z_t, loss, grad)`` with ``loss = sum_rows KL(p_s || p_t)`` and ``grad = d loss / d z_s``
+    in float64 (fed through an identity lm_head, the logits are the hidden states)."""
+    g = torch.Generator().manual_seed(seed)
+    z_s = torch.randn(n, n, generator=g) * student_std
+    z_t = torch.randn(n, n, generator=g) * teacher_std
+    exact = z_s.double().requires_grad_()
+    log_s, log_t = torch.log_softmax(exact, -1), torch.log_softmax(z_t.double(), -1)
+    loss = (log_s.exp() * (log_s - log_t)).sum()
+    loss.backward()
+    return z_s, z_t, loss.detach(), exact.grad
+
+
 def ref_step_ids_from_mask(response_mask: torch.Tensor) -> torch.Tensor:
     """Walk each row: a 1 after a 0 (or at the row start) opens a new step."""
     mask = response_mask.reshape(-1, response_mask.shape[-1]).tolist()
