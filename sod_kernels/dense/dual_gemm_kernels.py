@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 
 from ..core.kernels import MIN_LOGIT, interpreting
-from .kernels import add_hard_label
+from .kernels import add_hard_label, kl_orientation
 
 # The headline configuration (sm_90, 16-bit inputs): 64 x 128 logit tiles, 64-wide K steps, 8 warps (two
 # warpgroups), 3 pipeline stages: warpgroup MMA, 225 registers, no spills, 72 KiB shared memory (benchmarks.codegen,
@@ -148,12 +148,7 @@ def dual_gemm_stats_kernel(hs_ptr, ws_ptr, ht_ptr, wt_ptr, sb_ptr, tb_ptr, y_ptr
             tl.store(gx_ptr + n_rows + rows, tl.sum(tl.where(hit, xt, 0.0), axis=1), mask=mine)
         zs = tl.where(col_ok[None, :], xs * inv_temp, MIN_LOGIT)
         zt = tl.where(col_ok[None, :], xt * inv_temp, MIN_LOGIT)
-        if FORWARD_KL:
-            z_w = zt
-            z_o = zs
-        else:
-            z_w = zs
-            z_o = zt
+        z_w, z_o = kl_orientation(zs, zt, FORWARD_KL)
         m_w = tl.max(z_w, axis=1)
         m_o = tl.max(z_o, axis=1)
         sh_w = z_w - m_w[:, None]

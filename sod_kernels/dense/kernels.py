@@ -115,6 +115,19 @@ def balanced_splits(n_rows: int, vocab: int, device: torch.device,
 
 
 @triton.jit
+def kl_orientation(zs, zt, FORWARD_KL: tl.constexpr):
+    """``(z_w, z_o)``: the logits of the model whose probabilities weigh the KL (the teacher's for the forward KL,
+    the student's for the reverse KL) and the other model's."""
+    if FORWARD_KL:
+        z_w = zt
+        z_o = zs
+    else:
+        z_w = zs
+        z_o = zt
+    return z_w, z_o
+
+
+@triton.jit
 def kl_partial_stats_kernel(xs_ptr, xt_ptr, sb_ptr, tb_ptr, part_ptr, n_rows, vocab, stride_xs, stride_xt,
                             cols_per_split, num_splits, inv_temp, scap, tcap, HAS_SBIAS: tl.constexpr,
                             HAS_TBIAS: tl.constexpr, FORWARD_KL: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -138,12 +151,7 @@ def kl_partial_stats_kernel(xs_ptr, xt_ptr, sb_ptr, tb_ptr, part_ptr, n_rows, vo
                       MIN_LOGIT)
         zt = tl.where(ok, load_capped_logits(xt_row, tb_ptr, cols, ok, inv_temp, tcap, HAS_TBIAS, HAS_TCAP),
                       MIN_LOGIT)
-        if FORWARD_KL:
-            z_w = zt
-            z_o = zs
-        else:
-            z_w = zs
-            z_o = zt
+        z_w, z_o = kl_orientation(zs, zt, FORWARD_KL)
         new_w = tl.maximum(m_w, tl.max(z_w, axis=0))
         new_o = tl.maximum(m_o, tl.max(z_o, axis=0))
         alpha_w = tl.exp(m_w - new_w)
