@@ -9,6 +9,8 @@ inputs, one trajectory cut into "kl" steps of 256 tokens), forward + backward of
 - ``sod_jsd_fast``: the default ``fused_sod_loss`` with ``divergence="jsd", beta=0.5`` (the generalized JSD: one
   more ``exp`` and ``log`` per entry than the KL in the single pass);
 - ``sod_fast_eager``: ``memory="fast"`` with ``SOD_KERNELS_CPU_COMPILE=0`` (optional: ``--methods``);
+- ``sod_fast_nopool``: ``memory="fast"`` with ``SOD_KERNELS_CPU_POOL=0`` (one multi-threaded product per matrix
+  product instead of vocabulary tiles on the pool; optional);
 - ``liger_compiled``: Liger-Kernel's ``LigerFusedLinearJSDLoss(beta=1, compiled=True)`` (the unweighted
   reverse KL: Liger has no step weights; ``liger``: the same uncompiled, optional);
 - ``naive``: both ``[N, V]`` logit matrices, ``log_softmax``, the step-weighted KL, autograd;
@@ -24,8 +26,12 @@ once), a warm-up call, one call measured for memory (peak RSS during the call mi
 kernel's peak counter reset), then ``--reps`` rounds in which every method runs once (round robin, so a
 load change on a shared machine hits all methods alike); times are the medians of the rounds and ratios are
 taken between them.  The load average before and after is recorded.  Results go to
-``<out>/<date>-<cpu>-<commit>.json`` and ``.md`` (default ``benchmarks/results/cpu/``; ``--quick``:
+``<out>/<date>-<cpu>-<commit>.json`` and ``.md`` (``--contend K``: ``-shared`` appended; default
+``benchmarks/results/cpu/``; ``--quick``:
 ``runs/cpu-headline-quick/``, at N = 512, V = 4096, Hs = 64, Ht = 96).
+
+``--contend K`` measures on a *shared* machine reproducibly: K busy processes (each spins one core in pure
+Python) run from before the first call to the end of the worker, and the report says so.
 """
 
 from __future__ import annotations
@@ -47,12 +53,13 @@ JUDGED = {"N": 4096, "V": 32000, "Hs": 256, "Ht": 384}
 QUICK = {"N": 512, "V": 4096, "Hs": 64, "Ht": 96}
 DEFAULT_METHODS = ("sod_fast", "sod_low", "sod_jsd_fast", "liger_compiled", "naive", "logprobs_fused",
                    "logprobs_naive", "policy_fused", "policy_naive")
-ALL_METHODS = DEFAULT_METHODS + ("sod_fast_eager", "liger")
-KL_METHODS = ("sod_fast", "sod_low", "sod_fast_eager", "sod_jsd_fast", "liger_compiled", "liger", "naive")
+ALL_METHODS = DEFAULT_METHODS + ("sod_fast_eager", "sod_fast_nopool", "liger")
+KL_METHODS = ("sod_fast", "sod_low", "sod_fast_eager", "sod_fast_nopool", "sod_jsd_fast", "liger_compiled", "liger", "naive")
 LABELS = {
     "sod_fast": "ours, memory=\"fast\" (default)",
     "sod_low": "ours, memory=\"low\"",
     "sod_fast_eager": "ours, memory=\"fast\", eager epilogue",
+    "sod_fast_nopool": "ours, memory=\"fast\", SOD_KERNELS_CPU_POOL=0",
     "sod_jsd_fast": "ours, JSD (beta=0.5), memory=\"fast\"",
     "liger_compiled": "Liger fused linear JSD (beta=1), compiled",
     "liger": "Liger fused linear JSD (beta=1), eager",
@@ -74,15 +81,18 @@ def _step(name: str, x):
     from benchmarks.methods import make_step
     from sod_kernels import fused_sod_loss, fused_token_logprobs
 
+    default_pool = os.environ.get("SOD_KERNELS_CPU_POOL", "1")
     sh, sw, th, tw, ids, y = (x.student_hidden, x.student_weight, x.teacher_hidden, x.teacher_weight, x.step_ids,
                               x.target_ids)
-    if name in ("sod_fast", "sod_low", "sod_fast_eager", "sod_jsd_fast"):
+    if name in ("sod_fast", "sod_low", "sod_fast_eager", "sod_fast_nopool", "sod_jsd_fast"):
         memory = "low" if name == "sod_low" else "fast"
         compile_flag = "0" if name == "sod_fast_eager" else os.environ.get("SOD_KERNELS_CPU_COMPILE", "1")
+        pool_flag = "0" if name == "sod_fast_nopool" else os.environ.get("SOD_KERNELS_CPU_POOL", "1")
         divergence = {"divergence": "jsd", "beta": 0.5} if name == "sod_jsd_fast" else {}
 
         def step():
             os.environ["SOD_KERNELS_CPU_COMPILE"] = compile_flag
+            os.environ["SOD_KERNELS_CPU_POOL"] = pool_flag
             loss = fused_sod_loss(sh[None], sw, th[None], tw, step_ids=ids, memory=memory, **divergence)
             loss.backward()
             return loss.detach()
@@ -91,6 +101,7 @@ def _step(name: str, x):
         return make_step(name, x, "fwd_bwd")
     if name == "logprobs_fused":
         def step():
+            os.environ["SOD_KERNELS_CPU_POOL"] = default_pool
             lp = fused_token_logprobs(sh, sw, y)
             lp.sum().backward()
             return lp.detach().sum()
@@ -112,6 +123,7 @@ def _step(name: str, x):
         mask = torch.ones(1, n, dtype=torch.int64)
 
         def step():
+            os.environ["SOD_KERNELS_CPU_POOL"] = default_pool
             if name == "policy_fused":
                 loss = fused_sod_policy_loss(sh[None], sw, y[None], old[None], adv[None], mask)
             else:
@@ -203,6 +215,14 @@ def _ratio(a, b):
     return None if (a is None or b is None or b == 0) else a / b
 
 
+def _contend_note(doc: dict) -> str:
+    k = doc.get("contend", 0)
+    if not k:
+        return " Calm machine: nothing else was started."
+    return (f" Shared machine: {k} busy process{'es' if k > 1 else ''} (one core each, pure-Python spin) ran "
+            "throughout the measurement.")
+
+
 def render(doc: dict) -> str:
     """The Markdown report of one run."""
     s, m = doc["size"], doc["methods"]
@@ -211,7 +231,7 @@ def render(doc: dict) -> str:
              f"{doc['device']} ({doc['threads']} threads), float32, worst-case inputs; {doc['date']}, commit "
              f"{doc['commit']}, torch {doc['torch']}, liger-kernel {doc['versions'].get('liger-kernel')}; "
              f"load average {doc['load_before'][0]:.2f} before, {doc['load_after'][0]:.2f} after "
-             f"({doc['cpus']} CPUs).",
+             f"({doc['cpus']} CPUs)." + _contend_note(doc),
              "",
              f"Distillation loss, forward + backward: N = {s['N']} tokens, V = {s['V']}, Hs = {s['Hs']}, "
              f"Ht = {s['Ht']}, reverse KL (the JSD row: divergence=\"jsd\", beta=0.5), \"kl\" steps of 256 tokens "
@@ -264,6 +284,8 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=None, help="round-robin rounds (default 5; 3 with --quick)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--contend", type=int, default=0, metavar="K",
+                   help="measure on a shared machine: K busy processes spin one core each during the run")
     p.add_argument("--out", default=None, help="output folder")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -279,7 +301,15 @@ def main(argv=None) -> int:
     cmd = [sys.executable, "-m", "benchmarks.cpu_headline", "--worker", "--methods", ",".join(args.methods),
            "--reps", str(args.reps), "--seed", str(args.seed)] + (["--quick"] if args.quick else []) + \
         (["--threads", str(args.threads)] if args.threads else [])
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if args.contend < 0:
+        p.error("--contend must be >= 0")
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.contend)]
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr)
         return proc.returncode
@@ -288,17 +318,18 @@ def main(argv=None) -> int:
     cpu = _cpu_name()
     commit = _commit()
     shown = ["python -m benchmarks.cpu_headline"] + (["--quick"] if args.quick else []) + \
-        ([f"--methods {','.join(args.methods)}"] if tuple(args.methods) != DEFAULT_METHODS else [])
+        ([f"--methods {','.join(args.methods)}"] if tuple(args.methods) != DEFAULT_METHODS else []) + \
+        ([f"--contend {args.contend}"] if args.contend else [])
     doc = {"device": cpu, "cpus": os.cpu_count(), "threads": res["threads"], "date": now.strftime("%Y-%m-%d %H:%M UTC"),
            "commit": commit, "torch": res["torch"], "versions": _versions(), "dtype": "float32",
            "family": "worst_case", "size": QUICK if args.quick else JUDGED, "reps": args.reps,
            "load_before": res["load_before"], "load_after": res["load_after"], "methods": res["methods"],
            "command": " ".join(shown),
-           "compile_env": os.environ.get("SOD_KERNELS_CPU_COMPILE", "1")}
+           "compile_env": os.environ.get("SOD_KERNELS_CPU_COMPILE", "1"), "contend": args.contend}
     out = Path(args.out) if args.out else REPO / ("runs/cpu-headline-quick" if args.quick else "benchmarks/results/cpu")
     out.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", cpu.lower()).strip("-")[:40] or "cpu"
-    stem = out / f"{now.strftime('%Y%m%d')}-{slug}-{commit}"
+    stem = out / (f"{now.strftime('%Y%m%d')}-{slug}-{commit}" + ("-shared" if args.contend else ""))
     stem.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
     text = render(doc)
     stem.with_suffix(".md").write_text(text)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from . import cpu_products
 from .chunks import LMHead, gather_rows
 
 ROW_MULTIPLE = 32   # chunk sizes are multiples of this when they exceed it
@@ -66,13 +67,10 @@ class StudentGrads:
     def fold(self, d_logits: torch.Tensor, hidden_rows: torch.Tensor, weight: torch.Tensor, start: int,
              stop: int) -> None:
         """Fold the chunk ``[start, stop)``'s ``d(logits) [C, V]``: ``d_hidden[start:stop] = d(logits) W``,
-        ``d_weight += d(logits)^T h`` (``hidden_rows [C, H]``), ``d_bias += column sums``."""
-        if self.d_hidden is not None:
-            torch.mm(d_logits, weight, out=self.d_hidden[start:stop])
-        if self.d_weight is not None:
-            self.d_weight.addmm_(d_logits.T, hidden_rows)
-        if self.d_bias is not None:
-            self.d_bias += d_logits.sum(0)
+        ``d_weight += d(logits)^T h`` (``hidden_rows [C, H]``), ``d_bias += column sums``
+        (:func:`~sod_kernels.core.cpu_products.fold`: vocabulary groups on the CPU pool)."""
+        d_hidden = None if self.d_hidden is None else self.d_hidden[start:stop]
+        cpu_products.fold(d_logits, hidden_rows, weight, d_hidden, self.d_weight, self.d_bias)
 
     def finish(self, head: LMHead, row_index: torch.Tensor, contiguous: bool) -> tuple:
         """``(d_hidden [N, H], d_weight [Vw, H], d_bias [Vw])`` in the dtypes and shapes of ``head``'s tensors:

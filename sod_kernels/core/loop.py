@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .chunks import GradAccumulator, LMHead, gather_rows, logits_into, row_selector
+from . import cpu_products
 from .cpu_pass import ComputeHead, StudentGrads
 from .tiles import fold_tile_grad, grads_like
 
@@ -237,7 +238,8 @@ class DeviceGrads:
 class CpuBlocks:
     """Reusable ``[rows, V]`` blocks in the compute dtype for each of ``heads``
     (:class:`~sod_kernels.core.cpu_pass.ComputeHead`, the student's first): per chunk the rows' hidden states
-    (gathered and converted to the compute dtype) and one ``torch.mm`` per model into the block."""
+    (gathered and converted to the compute dtype) and each model's product into its block
+    (:func:`~sod_kernels.core.cpu_products.logits_into`: vocabulary tiles on the CPU pool)."""
 
     def __init__(self, heads: Sequence[ComputeHead], row_index: torch.Tensor, contiguous: bool, rows: int):
         self.heads, self.row_index, self.contiguous = tuple(heads), row_index, contiguous
@@ -247,8 +249,9 @@ class CpuBlocks:
         n = stop - start
         rows = row_selector(self.row_index, start, stop, self.contiguous)
         hidden = tuple(h.rows(rows) for h in self.heads)
-        logits = tuple(torch.mm(h_rows, head.weight.T, out=buf[: n * head.weight.shape[0]].view(n, -1))
-                       for h_rows, head, buf in zip(hidden, self.heads, self._buffers))
+        logits = tuple(buf[: n * head.weight.shape[0]].view(n, -1) for head, buf in zip(self.heads, self._buffers))
+        cpu_products.logits_into([(h_rows, head.weight, out)
+                                  for h_rows, head, out in zip(hidden, self.heads, logits)])
         return Chunk(index, start, stop, rows, hidden, logits, sink)
 
     def release(self) -> None:

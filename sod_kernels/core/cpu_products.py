@@ -1,0 +1,185 @@
+"""The CPU single passes' matrix products, split into vocabulary tiles and shared out on a small pool of threads.
+
+The products are nine tenths of a CPU pass's time (per chunk of ``C`` rows: the logit blocks ``x = h W^T`` of
+each model, then ``d(hidden) = d(logits) W`` and ``d(weight) += d(logits)^T h``).  One ``torch.mm`` per product
+splits its work statically over torch's threads: when another process takes one core for a while, the whole
+product waits for the thread on that core.  Here each product is cut into vocabulary tiles (columns of ``x``,
+rows of ``W``) that the pool's workers take one after the other, each tile a single-threaded product: a slowed
+worker takes fewer tiles, so a shared machine costs the pass less, and a calm one the same.
+
+- :func:`logits_into` writes ``out[:, a:b] = h W[a:b]^T`` tile by tile (every model's tiles in one queue);
+- :func:`fold` forms ``d(hidden) = sum_g d(logits)[:, g] W[g]`` over ``P`` fixed contiguous vocabulary groups
+  (group ``0`` straight into the output rows, the others into ``[C, H]`` partials added in group order) and
+  ``d(weight)[g] += d(logits)[:, g]^T h``, ``d(bias)[g] += colsum`` per group.
+
+Results depend on the tiles, which depend only on ``V`` and the thread count: bitwise the same run to run.
+While the tiles run, torch's own thread count is set to 1 (so each tile is single-threaded) and restored
+afterwards; the epilogues between the products run with torch's threads as usual.  With one thread, or
+``SOD_KERNELS_CPU_POOL=0`` (``off``/``false``/``no``), every product is one plain ``torch.mm`` as before.
+A process forked while the pool exists starts a fresh pool in the child.
+
+Knows no loss: plain products of the blocks it is given.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+ENV_POOL = "SOD_KERNELS_CPU_POOL"
+TILES_PER_WORKER = 8        # logit tiles per worker (at least), so a slowed worker hands work to the others
+TILE_COLUMNS = 4096         # ... and at most this many vocabulary columns per logit tile
+MIN_TILE_COLUMNS = 512      # never narrower than this (the products keep their efficiency)
+GROUPS_PER_WORKER = 4       # d(hidden) / d(weight) groups per worker
+PARTIAL_BYTES = 32 << 20    # the d(hidden) partials of one fold, at most
+
+_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+_pool_workers = 0
+
+
+def pool_enabled() -> bool:
+    """Whether products are shared out on the pool: ``SOD_KERNELS_CPU_POOL`` unset or not ``0``/``off``/
+    ``false``/``no``.  Any other value than those and ``1``/``on``/``true``/``yes`` is a ``ValueError``."""
+    value = os.environ.get(ENV_POOL, "1").strip().lower()
+    if value in ("0", "off", "false", "no"):
+        return False
+    if value in ("", "1", "on", "true", "yes"):
+        return True
+    raise ValueError(f"{ENV_POOL} must be 1/on or 0/off, got {os.environ.get(ENV_POOL)!r}")
+
+
+def workers() -> int:
+    """The pool's size for the next product: torch's thread count when the pool is enabled, else 1."""
+    return max(torch.get_num_threads(), 1) if pool_enabled() else 1
+
+
+def _executor(n: int) -> ThreadPoolExecutor:
+    global _pool, _pool_workers
+    with _lock:
+        if _pool is None or _pool_workers != n:
+            if _pool is not None:
+                _pool.shutdown(wait=True)
+            _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="sod_kernels_cpu")
+            _pool_workers = n
+        return _pool
+
+
+def _forget_pool_in_child() -> None:
+    # the parent's worker threads do not exist in a forked child: build a new pool on first use there
+    global _pool, _pool_workers
+    _pool, _pool_workers = None, 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
+def _no_grad(fn: Callable) -> Callable:
+    def task(arg):
+        with torch.no_grad():   # grad mode is per thread: the workers' products never record a graph
+            fn(arg)
+    return task
+
+
+def run_tasks(fn: Callable, args: Sequence, n: int) -> None:
+    """``fn(a)`` for every ``a`` in ``args`` on ``n`` workers (inline when ``n == 1`` or one task), with torch's
+    thread count at 1 while they run (restored after, also on an exception, which is re-raised here)."""
+    if n <= 1 or len(args) <= 1:
+        for a in args:
+            fn(a)
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in _executor(n).map(_no_grad(fn), args):
+            pass
+    finally:
+        torch.set_num_threads(threads)
+
+
+def column_tiles(vocab: int, n_workers: int) -> list[tuple[int, int]]:
+    """The logit products' vocabulary tiles ``[(a, b), ...]`` covering ``[0, vocab)``: at least
+    :data:`TILES_PER_WORKER` per worker and at most :data:`TILE_COLUMNS` wide, never narrower than
+    :data:`MIN_TILE_COLUMNS` (one tile with one worker)."""
+    if n_workers <= 1 or vocab <= MIN_TILE_COLUMNS:
+        return [(0, vocab)]
+    count = max(TILES_PER_WORKER * n_workers, math.ceil(vocab / TILE_COLUMNS))
+    count = max(min(count, vocab // MIN_TILE_COLUMNS), 1)
+    return _even_splits(vocab, count)
+
+
+def fold_groups(vocab: int, rows: int, hidden: int, elem: int, n_workers: int) -> list[tuple[int, int]]:
+    """The fold's vocabulary groups: :data:`GROUPS_PER_WORKER` per worker, at least :data:`MIN_TILE_COLUMNS`
+    wide, and few enough that the ``d(hidden)`` partials (``groups - 1`` of ``[rows, hidden]``) stay within
+    :data:`PARTIAL_BYTES`."""
+    if n_workers <= 1 or vocab <= MIN_TILE_COLUMNS:
+        return [(0, vocab)]
+    count = min(GROUPS_PER_WORKER * n_workers, vocab // MIN_TILE_COLUMNS)
+    count = min(count, 1 + PARTIAL_BYTES // max(rows * hidden * elem, 1))
+    return _even_splits(vocab, max(count, 1))
+
+
+def _even_splits(total: int, count: int) -> list[tuple[int, int]]:
+    edges = [total * i // count for i in range(count + 1)]
+    return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+def logits_into(products: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+    """``out = h W^T`` for each ``(h [C, H], W [V, H], out [C, V])`` of ``products`` (same dtype, CPU, ``out``
+    with unit column stride), by vocabulary tiles on the pool."""
+    n = workers()
+    tasks = []
+    for h, w, out in products:
+        for a, b in column_tiles(w.shape[0], n):
+            tasks.append((h, w, out, a, b))
+
+    def tile(task):
+        h, w, out, a, b = task
+        torch.mm(h, w[a:b].T, out=out[:, a:b])
+
+    if n <= 1 or len(tasks) == len(products):   # one tile per product: the plain product
+        for h, w, out in products:
+            torch.mm(h, w.T, out=out)
+        return
+    run_tasks(tile, tasks, n)
+
+
+def fold(d_logits: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, d_hidden: torch.Tensor | None,
+         d_weight: torch.Tensor | None, d_bias: torch.Tensor | None) -> None:
+    """Fold one chunk's ``d(logits) [C, V]``: ``d_hidden [C, H] = d(logits) W`` (written), ``d_weight [V, H] +=
+    d(logits)^T hidden`` and ``d_bias [V] += column sums`` (added); each None is skipped.  ``hidden [C, H]``,
+    ``weight [V, H]``, all in one dtype."""
+    C, V = d_logits.shape
+    n = workers()
+    groups = fold_groups(V, C, weight.shape[1], weight.element_size(), n) if C else [(0, V)]
+    if len(groups) == 1:
+        if d_hidden is not None:
+            torch.mm(d_logits, weight, out=d_hidden)
+        if d_weight is not None:
+            d_weight.addmm_(d_logits.T, hidden)
+        if d_bias is not None:
+            d_bias += d_logits.sum(0)
+        return
+    partials = (torch.empty(len(groups) - 1, C, weight.shape[1], dtype=weight.dtype)
+                if d_hidden is not None else None)
+
+    def group(j):
+        a, b = groups[j]
+        g = d_logits[:, a:b]
+        if d_hidden is not None:
+            torch.mm(g, weight[a:b], out=d_hidden if j == 0 else partials[j - 1])
+        if d_weight is not None:
+            d_weight[a:b].addmm_(g.T, hidden)
+        if d_bias is not None:
+            d_bias[a:b] += g.sum(0)
+
+    run_tasks(group, list(range(len(groups))), n)
+    if partials is not None:
+        for p in partials:      # fixed order: bitwise the same run to run
+            d_hidden += p
