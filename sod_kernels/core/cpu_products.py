@@ -13,8 +13,8 @@ worker takes fewer tiles, so a shared machine costs the pass less, and a calm on
   ``d(weight)[g] += d(logits)[:, g]^T h``, ``d(bias)[g] += colsum`` per group.
 
 Results depend on the tiles, which depend only on ``V`` and the thread count: bitwise the same run to run.
-While the tiles run, torch's own thread count is set to 1 (so each tile is single-threaded) and restored
-afterwards; the epilogues between the products run with torch's threads as usual.  With one thread, or
+The pool's workers are single-threaded (their own torch thread count is 1); the caller's count, and that of
+any other thread, stays torch's, and the epilogues between the products use it as usual.  With one thread, or
 ``SOD_KERNELS_CPU_POOL=0`` (``off``/``false``/``no``), every product is one plain ``torch.mm`` as before.
 A process forked while the pool exists starts a fresh pool in the child.
 
@@ -43,6 +43,7 @@ _pool: ThreadPoolExecutor | None = None
 _pool_workers = 0
 
 
+
 def pool_enabled() -> bool:
     """Whether products are shared out on the pool: ``SOD_KERNELS_CPU_POOL`` unset or not ``0``/``off``/
     ``false``/``no``.  Any other value than those and ``1``/``on``/``true``/``yes`` is a ``ValueError``."""
@@ -59,14 +60,30 @@ def workers() -> int:
     return max(torch.get_num_threads(), 1) if pool_enabled() else 1
 
 
+def _single_threaded_worker() -> None:
+    # torch's count is per thread once a thread has used it (initialised lazily from a process-wide value):
+    # initialise it here, then make this worker's products single-threaded (OpenMP and MKL alike)
+    torch.get_num_threads()
+    torch.set_num_threads(1)
+
+
 def _executor(n: int) -> ThreadPoolExecutor:
+    """The pool of ``n`` single-threaded workers, built when first needed or when ``n`` changes.  Building it
+    starts all ``n`` threads at once and then restores the process-wide thread count that setting the workers'
+    own count also wrote (threads started later, and the caller, keep torch's count)."""
     global _pool, _pool_workers
     with _lock:
         if _pool is None or _pool_workers != n:
             if _pool is not None:
                 _pool.shutdown(wait=True)
-            _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="sod_kernels_cpu")
-            _pool_workers = n
+            threads = torch.get_num_threads()
+            pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="sod_kernels_cpu",
+                                      initializer=_single_threaded_worker)
+            all_started = threading.Barrier(n, timeout=60)
+            for f in [pool.submit(all_started.wait) for _ in range(n)]:   # none idle: each submit starts a thread
+                f.result()
+            torch.set_num_threads(threads)
+            _pool, _pool_workers = pool, n
         return _pool
 
 
@@ -88,19 +105,14 @@ def _no_grad(fn: Callable) -> Callable:
 
 
 def run_tasks(fn: Callable, args: Sequence, n: int) -> None:
-    """``fn(a)`` for every ``a`` in ``args`` on ``n`` workers (inline when ``n == 1`` or one task), with torch's
-    thread count at 1 while they run (restored after, also on an exception, which is re-raised here)."""
+    """``fn(a)`` for every ``a`` in ``args`` on the pool's ``n`` single-threaded workers (inline when ``n == 1``
+    or one task); an exception in a task is re-raised here.  Nothing changes the caller's thread count."""
     if n <= 1 or len(args) <= 1:
         for a in args:
             fn(a)
         return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for _ in _executor(n).map(_no_grad(fn), args):
-            pass
-    finally:
-        torch.set_num_threads(threads)
+    for _ in _executor(n).map(_no_grad(fn), args):
+        pass
 
 
 def column_tiles(vocab: int, n_workers: int) -> list[tuple[int, int]]:

@@ -34,8 +34,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .chunks import GradAccumulator, LMHead, gather_rows, logits_into, row_selector
 from . import cpu_products
+from .chunks import GradAccumulator, LMHead, gather_rows, logits_into, row_selector
 from .cpu_pass import ComputeHead, StudentGrads
 from .tiles import fold_tile_grad, grads_like
 

@@ -116,6 +116,18 @@ def test_thread_count_restored_also_after_an_error(three_workers):
     with pytest.raises(RuntimeError, match="tile failed"):
         cpu_products.run_tasks(boom, [0, 1, 2], 3)
     assert torch.get_num_threads() == before
+    assert _count_in_new_thread() == before
+
+
+def test_workers_are_single_threaded_and_no_other_count_changes(three_workers):
+    before = torch.get_num_threads()
+    seen = []
+    pool = cpu_products._executor(4)          # a new pool (four workers): built, then the global count restored
+    for f in [pool.submit(torch.get_num_threads) for _ in range(12)]:
+        seen.append(f.result())
+    assert seen == [1] * 12
+    assert torch.get_num_threads() == before
+    assert _count_in_new_thread() == before
 
 
 def test_workers_never_record_a_graph(three_workers):
@@ -125,6 +137,70 @@ def test_workers_never_record_a_graph(three_workers):
     with torch.no_grad():       # the caller's no_grad does not reach the pool's threads: each task sets its own
         cpu_products.logits_into([(h, w, out)])
     _close(out, h.detach().double() @ w.detach().double().T, torch.float32)
+
+
+def test_concurrent_callers_restore_the_thread_count(three_workers):
+    """Two Python threads running products at once: the count is torch's own again when both are done."""
+    import threading
+
+    before = torch.get_num_threads()
+    h, w = torch.randn(64, 32), torch.randn(3000, 32)
+    errors = []
+
+    def caller():
+        try:
+            for _ in range(5):
+                out = torch.empty(64, 3000)
+                cpu_products.logits_into([(h, w, out)])
+                _close(out, h.double() @ w.double().T, torch.float32)
+        except Exception as exc:   # noqa: BLE001 - reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=caller) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert torch.get_num_threads() == before
+    assert _count_in_new_thread() == before
+
+
+def test_overlapping_callers_leaving_in_any_order_restore_the_thread_count(three_workers):
+    """Caller A enters, B enters, A leaves, B leaves: B must not restore the 1 that A had set."""
+    import threading
+
+    before = torch.get_num_threads()
+    b_entered, a_done = threading.Event(), threading.Event()
+
+    def task_a(_):
+        assert b_entered.wait(30)
+
+    def task_b(_):
+        b_entered.set()
+        assert a_done.wait(30)
+
+    def caller_a():
+        cpu_products.run_tasks(task_a, [0, 1], 3)
+        a_done.set()
+    ta = threading.Thread(target=caller_a)
+    tb = threading.Thread(target=cpu_products.run_tasks, args=(task_b, [0, 1], 3))
+    ta.start()
+    tb.start()
+    ta.join(60)
+    tb.join(60)
+    assert a_done.is_set()
+    assert torch.get_num_threads() == before
+    assert _count_in_new_thread() == before     # what a thread started afterwards gets (torch's global count)
+
+
+def _count_in_new_thread() -> int:
+    import threading
+
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    return seen[0]
 
 
 @pytest.mark.parametrize("value,enabled", [("0", False), ("off", False), ("no", False), ("1", True), ("ON", True)])
