@@ -47,6 +47,10 @@ import torch
 
 ENV_COMPILE = "SOD_KERNELS_CPU_COMPILE"
 RECOMPILE_LIMIT = 64       # variants (dtype x flags) per epilogue before Dynamo would give up and run eagerly
+# [rows, V] temporaries an epilogue's compiled code allocates (read off Inductor's generated code; the others keep
+# none: they update the blocks in place), and how many bytes of them one call may hold (run_row_blocks)
+TEMPORARIES = {"jsd_stats": 4}
+TEMPORARY_BYTES = 32 << 20
 
 _lock = threading.Lock()
 _compiled: dict[str, Callable] = {}
@@ -236,6 +240,20 @@ def _compiled_fn(name: str) -> Callable:
             fn = torch.compile(EPILOGUES[name], dynamic=True, fullgraph=True)
             _compiled[name] = fn
         return fn
+
+
+def run_row_blocks(name: str, xs: torch.Tensor, xt: torch.Tensor, *args, rows: int):
+    """:func:`run` of a two-block epilogue (``xs``, ``xt``: ``[rows, V]``, then ``args``) over row sub-blocks small
+    enough that its ``[rows, V]`` temporaries (:data:`TEMPORARIES`) stay within :data:`TEMPORARY_BYTES`; the
+    per-row outputs (a tuple of ``[rows]`` tensors) concatenated.  Rows are independent, so the results are
+    those of one call; an epilogue without temporaries runs as one call."""
+    per_row = TEMPORARIES.get(name, 0) * xs.shape[1] * xs.element_size()
+    step = max(TEMPORARY_BYTES // per_row, 2) if per_row else rows
+    if step >= rows:
+        return run(name, xs, xt, *args, rows=rows)
+    parts = [run(name, xs[a:a + step], xt[a:a + step], *args, rows=min(step, rows - a))
+             for a in range(0, rows, step)]
+    return tuple(torch.cat(column) for column in zip(*parts))
 
 
 def run(name: str, *args, rows: int):

@@ -149,7 +149,8 @@ def single_pass_loss(p: KLProblem, chunks, chunk_weights, *, coef: float, normal
             y = p.target_ids[ch.rows]
             zy_s, zy_t, slope_y = _sampled(p, y, xs, xt, s, t)
         if p.jsd:
-            stats = cpu_epilogue.run("jsd_stats", xs, xt, s.bias, t.bias, inv_temp, scap, tcap, beta, *caps, rows=c)
+            stats = cpu_epilogue.run_row_blocks("jsd_stats", xs, xt, s.bias, t.bias, inv_temp, scap, tcap, beta,
+                                                *caps, rows=c)
         else:
             stats = cpu_epilogue.run("kl_stats", xs, xt, s.bias, t.bias, inv_temp, scap, tcap, p.forward_kl, *caps,
                                      rows=c)

@@ -65,9 +65,9 @@ def _compare(mask, inputs, y, dtype, *, memory="fast", token_weights=None, chunk
        temperature=st.sampled_from([1.0, 0.6, 1.7]), bias=st.booleans(),
        caps=st.sampled_from([(None, None), (1.5, None), (None, 2.5), (1.5, 2.5)]),
        dtype=st.sampled_from([torch.float32, torch.float64]), chunk=st.sampled_from([None, 1, 5, 16]),
-       vocab_tile=st.sampled_from([None, 1, 7]), seed=st.integers(0, 2**31 - 1))
+       vocab_tile=st.sampled_from([None, 1, 7]), row_blocks=st.booleans(), seed=st.integers(0, 2**31 - 1))
 def test_jsd_matches_the_reference(mask, Hs, Ht, V, pad, beta, hard, weighting, reduction, memory, temperature, bias,
-                                   caps, dtype, chunk, vocab_tile, seed):
+                                   caps, dtype, chunk, vocab_tile, row_blocks, seed):
     inputs, y = _problem(*mask.shape, Hs, Ht, V, V + pad, dtype, seed, bias, scale=3.0)
     token_weights = None
     if weighting == "token_weights":
@@ -75,6 +75,8 @@ def test_jsd_matches_the_reference(mask, Hs, Ht, V, pad, beta, hard, weighting, 
     with pytest.MonkeyPatch.context() as mp:
         if vocab_tile is not None:  # several vocabulary tiles per row in the two-pass sweeps
             mp.setattr(tiles, "VOCAB_TILE", vocab_tile)
+        if row_blocks:              # the single pass's JSD statistics over sub-blocks of 2 rows
+            mp.setattr(cpu_epilogue, "TEMPORARY_BYTES", 1)
         _compare(mask, inputs, y, dtype, memory=memory, token_weights=token_weights, divergence="jsd", beta=beta,
                  hard_loss_weight=hard, step_divergence="none" if weighting == "token_weights" else weighting,
                  reduction=reduction, temperature=temperature, chunk_size=chunk, student_softcap=caps[0],
@@ -266,6 +268,24 @@ def test_bf16_inputs_compute_in_float32():
         assert loss.dtype == torch.float32 and abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item())
         for g_, r_ in zip((leaves[0].grad, leaves[1].grad), (ref_leaves[0].grad, ref_leaves[1].grad)):
             assert g_.dtype == torch.bfloat16 and _rel(g_, r_) < 2e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_jsd_statistics_in_row_blocks_equal_one_call(dtype, monkeypatch):
+    """run_row_blocks splits only rows: each row's statistics are those of one call, bitwise, odd row counts."""
+    g = torch.Generator().manual_seed(5)
+    C, V = 37, 301
+    xs, xt = torch.randn(C, V, generator=g, dtype=dtype) * 4, torch.randn(C, V, generator=g, dtype=dtype) * 4
+    bs, bt = torch.randn(V, generator=g, dtype=dtype), torch.zeros(V, dtype=dtype)
+    args = (bs, bt, torch.tensor(0.8, dtype=dtype), torch.tensor(1.0, dtype=dtype), torch.tensor(1.0, dtype=dtype),
+            torch.tensor(0.3, dtype=dtype), False, False)
+    one = (xs.clone(), xt.clone())
+    whole = cpu_epilogue.run("jsd_stats", *one, *args, rows=C)
+    monkeypatch.setattr(cpu_epilogue, "TEMPORARY_BYTES", 5 * 4 * V * xs.element_size())   # 5 rows per call
+    blocks = (xs.clone(), xt.clone())
+    split = cpu_epilogue.run_row_blocks("jsd_stats", *blocks, *args, rows=C)
+    assert all(torch.equal(a, b) for a, b in zip(whole, split))
+    assert torch.equal(one[0], blocks[0]) and torch.equal(one[1], blocks[1])
 
 
 def test_bitwise_reproducible():
