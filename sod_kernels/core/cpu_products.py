@@ -43,7 +43,6 @@ _pool: ThreadPoolExecutor | None = None
 _pool_workers = 0
 
 
-
 def pool_enabled() -> bool:
     """Whether products are shared out on the pool: ``SOD_KERNELS_CPU_POOL`` unset or not ``0``/``off``/
     ``false``/``no``.  Any other value than those and ``1``/``on``/``true``/``yes`` is a ``ValueError``."""
@@ -68,14 +67,13 @@ def _single_threaded_worker() -> None:
 
 
 def _executor(n: int) -> ThreadPoolExecutor:
-    """The pool of ``n`` single-threaded workers, built when first needed or when ``n`` changes.  Building it
-    starts all ``n`` threads at once and then restores the process-wide thread count that setting the workers'
-    own count also wrote (threads started later, and the caller, keep torch's count)."""
+    """The pool of ``n`` single-threaded workers, built when first needed or when ``n`` changes (a replaced pool
+    is not shut down: a concurrent caller may still be using it; its idle threads end when it is collected).
+    Building it starts all ``n`` threads at once and then restores the process-wide thread count that setting
+    the workers' own count also wrote (threads started later, and the caller, keep torch's count)."""
     global _pool, _pool_workers
     with _lock:
         if _pool is None or _pool_workers != n:
-            if _pool is not None:
-                _pool.shutdown(wait=True)
             threads = torch.get_num_threads()
             pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="sod_kernels_cpu",
                                       initializer=_single_threaded_worker)
@@ -88,9 +86,10 @@ def _executor(n: int) -> ThreadPoolExecutor:
 
 
 def _forget_pool_in_child() -> None:
-    # the parent's worker threads do not exist in a forked child: build a new pool on first use there
-    global _pool, _pool_workers
-    _pool, _pool_workers = None, 0
+    # the parent's worker threads do not exist in a forked child (and the lock may have been held by one of the
+    # parent's threads at the fork): a new lock, and a new pool on first use there
+    global _pool, _pool_workers, _lock
+    _pool, _pool_workers, _lock = None, 0, threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):

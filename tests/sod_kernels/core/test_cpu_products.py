@@ -130,6 +130,14 @@ def test_workers_are_single_threaded_and_no_other_count_changes(three_workers):
     assert _count_in_new_thread() == before
 
 
+def test_a_replaced_pool_still_serves_its_caller(three_workers):
+    """A caller holding the pool while another thread count replaces it can still run its tasks."""
+    old = cpu_products._executor(3)
+    new = cpu_products._executor(2)
+    assert new is not old and cpu_products._executor(2) is new
+    assert old.submit(lambda: 41 + 1).result(timeout=30) == 42
+
+
 def test_workers_never_record_a_graph(three_workers):
     h = torch.randn(5, 4, requires_grad=True)
     w = torch.randn(400, 4, requires_grad=True)
