@@ -13,6 +13,8 @@ worker takes fewer tiles, so a shared machine costs the pass less, and a calm on
   ``d(weight)[g] += d(logits)[:, g]^T h``, ``d(bias)[g] += colsum`` per group.
 
 Results depend on the tiles, which depend only on ``V`` and the thread count: bitwise the same run to run.
+Machines where torch runs more than :data:`MAX_POOL_THREADS` threads keep one multi-threaded product per matrix
+product (measured on 2 threads only; with many workers the Python side of each task would start to count).
 The pool's workers are single-threaded (their own torch thread count is 1); the caller's count, and that of
 any other thread, stays torch's, and the epilogues between the products use it as usual.  With one thread, or
 ``SOD_KERNELS_CPU_POOL=0`` (``off``/``false``/``no``), every product is one plain ``torch.mm`` as before.
@@ -37,6 +39,8 @@ TILE_COLUMNS = 4096         # ... and at most this many vocabulary columns per l
 MIN_TILE_COLUMNS = 512      # never narrower than this (the products keep their efficiency)
 GROUPS_PER_WORKER = 4       # d(hidden) / d(weight) groups per worker
 PARTIAL_BYTES = 32 << 20    # the d(hidden) partials of one fold, at most
+MAX_POOL_THREADS = 8        # above this many torch threads the products stay single multi-threaded torch.mm calls:
+                            # the pool is measured on small machines, and each task holds the GIL briefly
 
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
@@ -55,8 +59,12 @@ def pool_enabled() -> bool:
 
 
 def workers() -> int:
-    """The pool's size for the next product: torch's thread count when the pool is enabled, else 1."""
-    return max(torch.get_num_threads(), 1) if pool_enabled() else 1
+    """The pool's size for the next product: torch's thread count when the pool is enabled and that count is at
+    most :data:`MAX_POOL_THREADS`; else 1 (each product one ``torch.mm`` with torch's threads)."""
+    if not pool_enabled():
+        return 1
+    threads = torch.get_num_threads()
+    return threads if 1 < threads <= MAX_POOL_THREADS else 1
 
 
 def _single_threaded_worker() -> None:

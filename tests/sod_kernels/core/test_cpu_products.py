@@ -219,6 +219,20 @@ def test_env_switch(value, enabled, monkeypatch):
         assert cpu_products.workers() == 1
 
 
+def test_many_threads_keep_one_product(monkeypatch):
+    monkeypatch.setenv(cpu_products.ENV_POOL, "1")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(cpu_products.MAX_POOL_THREADS + 1)
+        assert cpu_products.workers() == 1
+        torch.set_num_threads(2)
+        assert cpu_products.workers() == 2
+        torch.set_num_threads(1)
+        assert cpu_products.workers() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_bad_env_value_names_the_variable(monkeypatch):
     monkeypatch.setenv(cpu_products.ENV_POOL, "sometimes")
     with pytest.raises(ValueError, match=cpu_products.ENV_POOL):
