@@ -11,6 +11,8 @@ inputs, one trajectory cut into "kl" steps of 256 tokens), forward + backward of
 - ``sod_fast_eager``: ``memory="fast"`` with ``SOD_KERNELS_CPU_COMPILE=0`` (optional: ``--methods``);
 - ``sod_fast_nopool``: ``memory="fast"`` with ``SOD_KERNELS_CPU_POOL=0`` (one multi-threaded product per matrix
   product instead of vocabulary tiles on the pool; optional);
+- ``sod_fast_nonative``: ``memory="fast"`` with ``SOD_KERNELS_CPU_NATIVE=0`` (the compiled PyTorch KL statistics
+  instead of the C++ kernel; optional);
 - ``liger_compiled``: Liger-Kernel's ``LigerFusedLinearJSDLoss(beta=1, compiled=True)`` (the unweighted
   reverse KL: Liger has no step weights; ``liger``: the same uncompiled, optional);
 - ``naive``: both ``[N, V]`` logit matrices, ``log_softmax``, the step-weighted KL, autograd;
@@ -53,13 +55,15 @@ JUDGED = {"N": 4096, "V": 32000, "Hs": 256, "Ht": 384}
 QUICK = {"N": 512, "V": 4096, "Hs": 64, "Ht": 96}
 DEFAULT_METHODS = ("sod_fast", "sod_low", "sod_jsd_fast", "liger_compiled", "naive", "logprobs_fused",
                    "logprobs_naive", "policy_fused", "policy_naive")
-ALL_METHODS = DEFAULT_METHODS + ("sod_fast_eager", "sod_fast_nopool", "liger")
-KL_METHODS = ("sod_fast", "sod_low", "sod_fast_eager", "sod_fast_nopool", "sod_jsd_fast", "liger_compiled", "liger", "naive")
+ALL_METHODS = DEFAULT_METHODS + ("sod_fast_eager", "sod_fast_nopool", "sod_fast_nonative", "liger")
+KL_METHODS = ("sod_fast", "sod_low", "sod_fast_eager", "sod_fast_nopool", "sod_fast_nonative", "sod_jsd_fast",
+              "liger_compiled", "liger", "naive")
 LABELS = {
     "sod_fast": "ours, memory=\"fast\" (default)",
     "sod_low": "ours, memory=\"low\"",
     "sod_fast_eager": "ours, memory=\"fast\", eager epilogue",
     "sod_fast_nopool": "ours, memory=\"fast\", SOD_KERNELS_CPU_POOL=0",
+    "sod_fast_nonative": "ours, memory=\"fast\", SOD_KERNELS_CPU_NATIVE=0",
     "sod_jsd_fast": "ours, JSD (beta=0.5), memory=\"fast\"",
     "liger_compiled": "Liger fused linear JSD (beta=1), compiled",
     "liger": "Liger fused linear JSD (beta=1), eager",
@@ -84,15 +88,17 @@ def _step(name: str, x):
     default_pool = os.environ.get("SOD_KERNELS_CPU_POOL", "1")
     sh, sw, th, tw, ids, y = (x.student_hidden, x.student_weight, x.teacher_hidden, x.teacher_weight, x.step_ids,
                               x.target_ids)
-    if name in ("sod_fast", "sod_low", "sod_fast_eager", "sod_fast_nopool", "sod_jsd_fast"):
+    if name in ("sod_fast", "sod_low", "sod_fast_eager", "sod_fast_nopool", "sod_fast_nonative", "sod_jsd_fast"):
         memory = "low" if name == "sod_low" else "fast"
         compile_flag = "0" if name == "sod_fast_eager" else os.environ.get("SOD_KERNELS_CPU_COMPILE", "1")
         pool_flag = "0" if name == "sod_fast_nopool" else os.environ.get("SOD_KERNELS_CPU_POOL", "1")
+        native_flag = "0" if name == "sod_fast_nonative" else os.environ.get("SOD_KERNELS_CPU_NATIVE", "1")
         divergence = {"divergence": "jsd", "beta": 0.5} if name == "sod_jsd_fast" else {}
 
         def step():
             os.environ["SOD_KERNELS_CPU_COMPILE"] = compile_flag
             os.environ["SOD_KERNELS_CPU_POOL"] = pool_flag
+            os.environ["SOD_KERNELS_CPU_NATIVE"] = native_flag
             loss = fused_sod_loss(sh[None], sw, th[None], tw, step_ids=ids, memory=memory, **divergence)
             loss.backward()
             return loss.detach()

@@ -1,0 +1,152 @@
+"""The C++ KL statistics kernel (sod_kernels.core.cpu_native) against the PyTorch epilogue it replaces, its
+dispatch from cpu_epilogue.run, its switch and its fallback, and fused_sod_loss with and without it."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from sod_kernels import fused_sod_loss
+from sod_kernels.core import cpu_epilogue, cpu_native
+
+TOL = {torch.float32: 2e-6, torch.float64: 1e-13}
+
+
+def _blocks(C, V, dtype, seed, ld=None, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    ld = ld or V
+    xs = torch.randn(C, ld, generator=g, dtype=dtype) * scale
+    xt = torch.randn(C, ld, generator=g, dtype=dtype) * scale
+    bs, bt = torch.randn(V, generator=g, dtype=dtype), torch.randn(V, generator=g, dtype=dtype)
+    return xs, xt, bs, bt
+
+
+def _scalars(dtype, temperature):
+    return torch.tensor(1.0 / temperature, dtype=dtype), torch.tensor(1.0, dtype=dtype), torch.tensor(1.0, dtype=dtype)
+
+
+@pytest.fixture(autouse=True)
+def compiled_epilogues(monkeypatch):
+    """The suite runs the CPU epilogues eagerly (tests/conftest.py); the kernel belongs to the compiled path."""
+    monkeypatch.setenv(cpu_epilogue.ENV_COMPILE, "1")
+
+
+@pytest.fixture
+def lib():
+    built = cpu_native.library()
+    if built is None:   # pragma: no cover - every machine that runs torch.compile on the CPU builds it
+        pytest.fail(f"the C++ kernel did not build here: {cpu_native._broken}")
+    return built
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("forward_kl", [False, True])
+@pytest.mark.parametrize("C,V,ld", [(1, 1, None), (3, 15, None), (5, 16, None), (7, 17, 40), (37, 1003, None),
+                                    (64, 4099, 4101)])
+def test_kernel_matches_the_pytorch_epilogue(lib, C, V, ld, dtype, forward_kl):
+    xs, xt, bs, bt = _blocks(C, V, dtype, seed=C * V, ld=ld)
+    xs, xt = xs[:, :V], xt[:, :V]                 # a row stride above V where ld is given: views like the blocks
+    inv_temp, scap, tcap = _scalars(dtype, 0.7)
+    ref_blocks = (xs.clone(), xt.clone())
+    expected = cpu_epilogue.kl_stats(*ref_blocks, bs, bt, inv_temp, scap, tcap, forward_kl, False, False)
+    got = cpu_native.kl_stats(lib, xs, xt, bs, bt, float(inv_temp), forward_kl)
+    for a, b in zip(got, expected):
+        assert a.dtype == dtype and a.shape == (C,)
+        assert float(((a - b).abs() / b.abs().clamp_min(1.0)).max()) < TOL[dtype]
+    for a, b in zip((xs, xt), ref_blocks):       # the blocks the gradient epilogue reads
+        assert float((a - b).abs().max()) < TOL[dtype] * 8
+
+
+def test_kernel_is_bitwise_repeatable(lib):
+    xs, xt, bs, bt = _blocks(33, 2000, torch.float32, seed=1)
+    runs = []
+    for _ in range(3):
+        a, b = xs.clone(), xt.clone()
+        runs.append(cpu_native.kl_stats(lib, a, b, bs, bt, 1.0, False) + (a, b))
+    for other in runs[1:]:
+        assert all(torch.equal(x, y) for x, y in zip(runs[0], other))
+
+
+def test_extreme_logits_stay_finite(lib):
+    xs, xt, bs, bt = _blocks(4, 300, torch.float32, seed=2, scale=3e4)
+    D, lse_s, lse_t, centre, sum_s, sum_t = cpu_native.kl_stats(lib, xs, xt, bs * 0, bt * 0, 1.0, False)
+    assert all(bool(torch.isfinite(x).all()) for x in (D, lse_s, lse_t, centre, sum_s, sum_t))
+    assert bool((D >= -1e-3).all()) and bool((sum_s >= 1).all())
+
+
+def test_run_dispatches_to_the_kernel_only_without_caps(lib, monkeypatch):
+    calls = []
+    real = cpu_native.kl_stats
+    monkeypatch.setattr(cpu_native, "kl_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
+    xs, xt, bs, bt = _blocks(6, 50, torch.float32, seed=3)
+    inv_temp, scap, tcap = _scalars(torch.float32, 1.0)
+    cpu_epilogue.run("kl_stats", xs.clone(), xt.clone(), bs, bt, inv_temp, scap, tcap, False, False, False, rows=6)
+    assert calls == [1]
+    cpu_epilogue.run("kl_stats", xs.clone(), xt.clone(), bs, bt, inv_temp, scap, tcap, False, True, False, rows=6)
+    assert calls == [1]                           # a soft-cap: the compiled epilogue
+    monkeypatch.setenv(cpu_native.ENV_NATIVE, "0")
+    cpu_epilogue.run("kl_stats", xs.clone(), xt.clone(), bs, bt, inv_temp, scap, tcap, False, False, False, rows=6)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("value,enabled", [("0", False), ("off", False), ("1", True), ("Yes", True), ("", True)])
+def test_switch(value, enabled, monkeypatch):
+    monkeypatch.setenv(cpu_native.ENV_NATIVE, value)
+    assert cpu_native.native_enabled() is enabled
+
+
+def test_bad_switch_value_names_the_variable(monkeypatch):
+    monkeypatch.setenv(cpu_native.ENV_NATIVE, "maybe")
+    with pytest.raises(ValueError, match=cpu_native.ENV_NATIVE):
+        cpu_native.library()
+
+
+def test_a_failed_build_warns_once_and_the_epilogue_runs_compiled(monkeypatch):
+    monkeypatch.setattr(cpu_native, "_library", [])
+    monkeypatch.setattr(cpu_native, "_broken", [])
+
+    def no_compiler():
+        raise OSError("no C++ compiler")
+    monkeypatch.setattr(cpu_native, "_build", no_compiler)
+    xs, xt, bs, bt = _blocks(6, 70, torch.float64, seed=4)
+    inv_temp, scap, tcap = _scalars(torch.float64, 1.3)
+    ref = cpu_epilogue.kl_stats(xs.clone(), xt.clone(), bs, bt, inv_temp, scap, tcap, False, False, False)
+    with pytest.warns(RuntimeWarning, match="KL statistics kernel"):
+        got = cpu_epilogue.run("kl_stats", xs.clone(), xt.clone(), bs, bt, inv_temp, scap, tcap, False, False,
+                               False, rows=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")           # once only
+        cpu_epilogue.run("kl_stats", xs.clone(), xt.clone(), bs, bt, inv_temp, scap, tcap, False, False, False,
+                         rows=6)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl"])
+def test_fused_sod_loss_with_and_without_the_kernel(divergence, monkeypatch):
+    g = torch.Generator().manual_seed(9)
+    N, V, Hs, Ht = 45, 517, 12, 20
+    sh = torch.randn(N, Hs, generator=g, dtype=torch.float64)
+    sw = torch.randn(V, Hs, generator=g, dtype=torch.float64) * 0.4
+    th = torch.randn(N, Ht, generator=g, dtype=torch.float64)
+    tw = torch.randn(V, Ht, generator=g, dtype=torch.float64) * 0.4
+    ids = torch.arange(N)[None] // 7
+
+    def run():
+        a, b = sh.clone().requires_grad_(), sw.clone().requires_grad_()
+        loss = fused_sod_loss(a[None], b, th[None], tw, step_ids=ids, divergence=divergence, temperature=0.8)
+        loss.backward()
+        return loss.detach(), a.grad, b.grad
+
+    monkeypatch.setenv(cpu_native.ENV_NATIVE, "0")
+    without = run()
+    monkeypatch.setenv(cpu_native.ENV_NATIVE, "1")
+    calls = []
+    real = cpu_native.kl_stats
+    monkeypatch.setattr(cpu_native, "kl_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with_kernel = run()
+    assert calls                                  # the kernel ran
+    for a, b in zip(with_kernel, without):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)
