@@ -112,6 +112,86 @@ static void sod_kl_stats(T* xs, T* xt, const T* bs, const T* bt, T* out, int64_t
     }
 }
 
+// The CPU products as vocabulary tiles shared out dynamically over torch's OpenMP threads, each tile one
+// single-threaded BLAS call (MKL / OpenBLAS run sequentially inside a parallel region).  Row-major [R, K] with
+// row stride ld is column-major [K, R] with leading dimension ld.
+extern "C" void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                       const int*, const float*, const int*, const float*, float*, const int*);
+extern "C" void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
+                       const double*, const int*, const double*, const int*, const double*, double*, const int*);
+
+static inline void gemm(const char* ta, const char* tb, int m, int n, int k, float alpha, const float* a, int lda,
+                        const float* b, int ldb, float beta, float* c, int ldc) {
+    sgemm_(ta, tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+static inline void gemm(const char* ta, const char* tb, int m, int n, int k, double alpha, const double* a, int lda,
+                        const double* b, int ldb, double beta, double* c, int ldc) {
+    dgemm_(ta, tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+
+// out[:, a:b] = h W[a:b]^T for each of `tiles` even column tiles (out [C, V] row stride ldo; h [C, H] row
+// stride ldh; W [V, H] row stride ldw).
+template <typename T>
+static void sod_tiled_logits(const T* h, int64_t ldh, const T* w, int64_t ldw, T* out, int64_t ldo, int64_t C,
+                             int64_t V, int64_t H, int64_t tiles) {
+    #pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t a = V * t / tiles, b = V * (t + 1) / tiles;
+        if (b > a)
+            gemm("T", "N", (int)(b - a), (int)C, (int)H, T(1), w + a * ldw, (int)ldw, h, (int)ldh, T(0), out + a,
+                 (int)ldo);
+    }
+}
+
+// Per even vocabulary group j of `groups`: d_hidden (j == 0) or partials[j - 1] ([C, H] contiguous) =
+// g[:, a:b] W[a:b]; d_weight[a:b] += g[:, a:b]^T h (d_weight [V, H] contiguous); d_bias[a:b] += column sums;
+// then d_hidden += partials in group order.  A null pointer skips that gradient.
+template <typename T>
+static void sod_tiled_fold(const T* g, int64_t ldg, const T* h, int64_t ldh, const T* w, int64_t ldw, T* d_hidden,
+                           T* partials, T* d_weight, T* d_bias, int64_t C, int64_t V, int64_t H, int64_t groups) {
+    #pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t j = 0; j < groups; ++j) {
+        const int64_t a = V * j / groups, b = V * (j + 1) / groups;
+        if (b <= a)
+            continue;
+        if (d_hidden) {
+            T* target = j == 0 ? d_hidden : partials + (j - 1) * C * H;
+            gemm("N", "N", (int)H, (int)C, (int)(b - a), T(1), w + a * ldw, (int)ldw, g + a, (int)ldg, T(0),
+                 target, (int)H);
+        }
+        if (d_weight)
+            gemm("N", "T", (int)H, (int)(b - a), (int)C, T(1), h, (int)ldh, g + a, (int)ldg, T(1),
+                 d_weight + a * H, (int)H);
+        if (d_bias)
+            for (int64_t r = 0; r < C; ++r)
+                for (int64_t v = a; v < b; ++v)
+                    d_bias[v] += g[r * ldg + v];
+    }
+    if (d_hidden)
+        for (int64_t j = 1; j < groups; ++j)
+            for (int64_t i = 0; i < C * H; ++i)
+                d_hidden[i] += partials[(j - 1) * C * H + i];
+}
+
+extern "C" void sod_tiled_logits_f32(const float* h, int64_t ldh, const float* w, int64_t ldw, float* out,
+                                     int64_t ldo, int64_t C, int64_t V, int64_t H, int64_t tiles) {
+    sod_tiled_logits<float>(h, ldh, w, ldw, out, ldo, C, V, H, tiles);
+}
+extern "C" void sod_tiled_logits_f64(const double* h, int64_t ldh, const double* w, int64_t ldw, double* out,
+                                     int64_t ldo, int64_t C, int64_t V, int64_t H, int64_t tiles) {
+    sod_tiled_logits<double>(h, ldh, w, ldw, out, ldo, C, V, H, tiles);
+}
+extern "C" void sod_tiled_fold_f32(const float* g, int64_t ldg, const float* h, int64_t ldh, const float* w,
+                                   int64_t ldw, float* d_hidden, float* partials, float* d_weight, float* d_bias,
+                                   int64_t C, int64_t V, int64_t H, int64_t groups) {
+    sod_tiled_fold<float>(g, ldg, h, ldh, w, ldw, d_hidden, partials, d_weight, d_bias, C, V, H, groups);
+}
+extern "C" void sod_tiled_fold_f64(const double* g, int64_t ldg, const double* h, int64_t ldh, const double* w,
+                                   int64_t ldw, double* d_hidden, double* partials, double* d_weight,
+                                   double* d_bias, int64_t C, int64_t V, int64_t H, int64_t groups) {
+    sod_tiled_fold<double>(g, ldg, h, ldh, w, ldw, d_hidden, partials, d_weight, d_bias, C, V, H, groups);
+}
+
 extern "C" void sod_kl_stats_f32(float* xs, float* xt, const float* bs, const float* bt, float* out, int64_t C,
                                  int64_t V, int64_t ld, double inv_temp, int64_t forward) {
     sod_kl_stats<float>(xs, xt, bs, bt, out, C, V, ld, inv_temp, forward);
@@ -148,6 +228,13 @@ def _build():
         fn = getattr(lib, name)
         fn.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, f64, i64]
         fn.restype = None
+    for suffix in ("f32", "f64"):
+        fn = getattr(lib, f"sod_tiled_logits_{suffix}")
+        fn.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64, i64, i64, i64]
+        fn.restype = None
+        fn = getattr(lib, f"sod_tiled_fold_{suffix}")
+        fn.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, i64]
+        fn.restype = None
     return lib
 
 
@@ -161,11 +248,47 @@ def library():
                 _library.append(_build())
             except Exception as exc:  # no compiler, no Inductor code cache, ...: the compiled epilogue instead
                 _broken.append(f"{type(exc).__name__}: {exc}")
-                warnings.warn(f"sod_kernels: building the CPU KL statistics kernel failed ({type(exc).__name__}); "
-                              f"using the compiled epilogue (set {ENV_NATIVE}=0 to skip the attempt)",
+                warnings.warn(f"sod_kernels: building the CPU kernels (KL statistics, tiled products) failed "
+                              f"({type(exc).__name__}); using the compiled epilogue and the thread pool (set "
+                              f"{ENV_NATIVE}=0 to skip the attempt)",
                               RuntimeWarning, stacklevel=3)
                 return None
         return _library[0] if _library else None
+
+
+def _rows_ok(t: torch.Tensor) -> bool:
+    return t.dim() == 2 and t.stride(1) == 1 and t.stride(0) >= max(t.shape[1], 1) and t.device.type == "cpu"
+
+
+def products_supported(dtype: torch.dtype, *tensors: torch.Tensor | None) -> bool:
+    """Whether :func:`tiled_logits` / :func:`tiled_fold` take these ``[R, K]`` tensors: float32 / float64, one
+    dtype, unit column stride (None entries are skipped)."""
+    return dtype in (torch.float32, torch.float64) and all(
+        t is None or (t.dtype == dtype and _rows_ok(t)) for t in tensors)
+
+
+def tiled_logits(lib, h: torch.Tensor, w: torch.Tensor, out: torch.Tensor, tiles: int) -> None:
+    """``out [C, V] = h [C, H] w [V, H]^T`` over ``tiles`` even vocabulary tiles on torch's threads."""
+    (C, H), V = h.shape, w.shape[0]
+    fn = lib.sod_tiled_logits_f32 if h.dtype == torch.float32 else lib.sod_tiled_logits_f64
+    if C and V:
+        fn(h.data_ptr(), h.stride(0), w.data_ptr(), w.stride(0), out.data_ptr(), out.stride(0), C, V, H, tiles)
+
+
+def tiled_fold(lib, g: torch.Tensor, h: torch.Tensor, w: torch.Tensor, d_hidden, d_weight, d_bias,
+               groups: int) -> None:
+    """``d_hidden [C, H] = g w`` (written), ``d_weight [V, H] += g^T h``, ``d_bias [V] += colsum(g)`` over
+    ``groups`` even vocabulary groups on torch's threads (``d_hidden``, ``d_weight``, ``d_bias`` contiguous or
+    None)."""
+    (C, V), H = g.shape, w.shape[1]
+    partials = (torch.empty(groups - 1, C, H, dtype=g.dtype) if d_hidden is not None and groups > 1 else None)
+    ptr = (lambda t: None if t is None else t.data_ptr())  # noqa: E731
+    fn = lib.sod_tiled_fold_f32 if g.dtype == torch.float32 else lib.sod_tiled_fold_f64
+    if C and V:
+        fn(g.data_ptr(), g.stride(0), h.data_ptr(), h.stride(0), w.data_ptr(), w.stride(0), ptr(d_hidden),
+           ptr(partials), ptr(d_weight), ptr(d_bias), C, V, H, groups)
+    elif d_hidden is not None:
+        d_hidden.zero_()
 
 
 def kl_stats_supported(xs: torch.Tensor, xt: torch.Tensor, capped: bool) -> bool:

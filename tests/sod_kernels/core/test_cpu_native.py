@@ -113,7 +113,7 @@ def test_a_failed_build_warns_once_and_the_epilogue_runs_compiled(monkeypatch):
     xs, xt, bs, bt = _blocks(6, 70, torch.float64, seed=4)
     inv_temp, scap, tcap = _scalars(torch.float64, 1.3)
     ref = cpu_epilogue.kl_stats(xs.clone(), xt.clone(), bs, bt, inv_temp, scap, tcap, False, False, False)
-    with pytest.warns(RuntimeWarning, match="KL statistics kernel"):
+    with pytest.warns(RuntimeWarning, match="CPU kernels"):
         got = cpu_epilogue.run("kl_stats", xs.clone(), xt.clone(), bs, bt, inv_temp, scap, tcap, False, False,
                                False, rows=6)
     with warnings.catch_warnings():

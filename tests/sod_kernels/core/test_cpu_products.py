@@ -10,15 +10,17 @@ import pytest
 import torch
 
 from sod_kernels import fused_sod_loss, fused_token_logprobs
-from sod_kernels.core import cpu_products
+from sod_kernels.core import cpu_native, cpu_products
 
 DTYPES = [torch.float32, torch.float64]
 TOL = {torch.float32: 2e-5, torch.float64: 1e-12}
 
 
-@pytest.fixture
-def three_workers(monkeypatch):
-    """Three pool workers whatever this machine has, and tiles small enough that odd sizes get many."""
+@pytest.fixture(params=["native", "pool"])
+def three_workers(request, monkeypatch):
+    """Tiles for three workers whatever this machine has, small enough that odd sizes get many; run by the C++
+    kernels on torch's threads ("native") or by the Python pool."""
+    monkeypatch.setenv(cpu_native.ENV_NATIVE, "1" if request.param == "native" else "0")
     monkeypatch.setenv(cpu_products.ENV_POOL, "1")
     monkeypatch.setattr(cpu_products, "workers", lambda: 3)
     monkeypatch.setattr(cpu_products, "MIN_TILE_COLUMNS", 7)
@@ -247,7 +249,10 @@ def _child_products(queue):
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_forked_child_gets_its_own_pool(three_workers):
+def test_forked_child_gets_its_own_pool(three_workers, monkeypatch):
+    # the Python pool (the C++ tiles run on OpenMP threads, which GNU OpenMP cannot use in a forked child, as for
+    # any of torch's own multi-threaded ops: fork before using them, or use the "spawn" start method)
+    monkeypatch.setenv(cpu_native.ENV_NATIVE, "0")
     cpu_products.logits_into([(torch.ones(3, 2), torch.ones(2000, 2), torch.empty(3, 2000))])   # pool exists
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
