@@ -168,7 +168,8 @@ def logits_into(products: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tenso
     """``out = h W^T`` for each ``(h [C, H], W [V, H], out [C, V])`` of ``products`` (same dtype, CPU, ``out``
     with unit column stride), by vocabulary tiles on torch's threads (the C++ kernel) or on the pool."""
     n = workers()
-    lib = _native(n, products[0][0].dtype, *(t for p in products for t in p)) if products else None
+    several = any(len(column_tiles(w.shape[0], n)) > 1 for _, w, _ in products)
+    lib = _native(n, products[0][0].dtype, *(t for p in products for t in p)) if several else None
     if lib is not None:
         for h, w, out in products:
             cpu_native.tiled_logits(lib, h, w, out, len(column_tiles(w.shape[0], n)))

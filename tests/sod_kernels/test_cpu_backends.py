@@ -243,6 +243,7 @@ def test_compiled_epilogue_is_not_recompiled_per_call_or_chunk(compiled):
 
 def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch):
     monkeypatch.setenv(cpu_epilogue.ENV_COMPILE, "1")
+    monkeypatch.setenv("SOD_KERNELS_CPU_NATIVE", "0")   # the PyTorch epilogues alone (the C++ one: test_cpu_native)
     monkeypatch.setattr(cpu_epilogue, "_broken", [])
     monkeypatch.setattr(cpu_epilogue, "_compiled", {})
 
