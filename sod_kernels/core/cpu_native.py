@@ -1,5 +1,7 @@
-"""A hand-written C++ kernel for the CPU single pass's KL statistics (``kl_stats`` without soft-caps), built once
-per machine through the C++ toolchain ``torch.compile`` already uses on the CPU.
+"""Hand-written C++ kernels for the CPU single passes, built once per machine through the C++ toolchain
+``torch.compile`` already uses on the CPU: the KL statistics (``kl_stats`` without soft-caps), and the matrix
+products as vocabulary tiles on torch's OpenMP threads (:func:`tiled_logits`, :func:`tiled_fold`, used by
+:mod:`sod_kernels.core.cpu_products`; one BLAS call per tile, the BLAS torch links).
 
 The compiled PyTorch epilogue (:func:`sod_kernels.core.cpu_epilogue.kl_stats`) becomes four row loops over the
 ``[C, V]`` blocks (Inductor does not fuse the two maxima and the sums into one outer loop), so each block is read
@@ -10,8 +12,8 @@ two exponentials per pair, ``at::vec`` / Sleef ``exp``, sums blocked in vector r
 so results agree to rounding; rows are shared out dynamically over torch's OpenMP threads (a row is computed by
 one thread, in a fixed order: bitwise the same run to run).
 
-Used automatically for float32 and float64 blocks with unit column stride and no soft-cap; everything else
-runs the compiled epilogue.  ``SOD_KERNELS_CPU_NATIVE=0`` (``off``/``false``/``no``) turns it off; if building
+The statistics kernel is used for float32 and float64 blocks with unit column stride and no soft-cap; everything
+else runs the compiled epilogue.  ``SOD_KERNELS_CPU_NATIVE=0`` (``off``/``false``/``no``) turns it off; if building
 or loading it fails (no compiler, an Inductor without the code cache), the compiled epilogue runs instead, with
 one ``RuntimeWarning``.
 """
