@@ -21,12 +21,12 @@ one ``RuntimeWarning``.
 from __future__ import annotations
 
 import ctypes
-import os
 import threading
 import warnings
 
 import torch
 
+from .runtime import env_switch
 ENV_NATIVE = "SOD_KERNELS_CPU_NATIVE"
 
 _SOURCE = r"""
@@ -213,12 +213,7 @@ _broken: list[str] = []    # the first build error, if any
 def native_enabled() -> bool:
     """``SOD_KERNELS_CPU_NATIVE`` unset or ``1``/``on``/``true``/``yes``: True; ``0``/``off``/``false``/``no``:
     False; anything else is a ``ValueError``."""
-    value = os.environ.get(ENV_NATIVE, "1").strip().lower()
-    if value in ("0", "off", "false", "no"):
-        return False
-    if value in ("", "1", "on", "true", "yes"):
-        return True
-    raise ValueError(f"{ENV_NATIVE} must be 1/on or 0/off, got {os.environ.get(ENV_NATIVE)!r}")
+    return env_switch(ENV_NATIVE)
 
 
 def _build():

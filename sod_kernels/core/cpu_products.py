@@ -40,6 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from . import cpu_native
+from .runtime import env_switch
 
 ENV_POOL = "SOD_KERNELS_CPU_POOL"
 TILES_PER_WORKER = 8        # logit tiles per worker (at least), so a slowed worker hands work to the others
@@ -58,12 +59,7 @@ _pool_workers = 0
 def pool_enabled() -> bool:
     """Whether products are shared out on the pool: ``SOD_KERNELS_CPU_POOL`` unset or not ``0``/``off``/
     ``false``/``no``.  Any other value than those and ``1``/``on``/``true``/``yes`` is a ``ValueError``."""
-    value = os.environ.get(ENV_POOL, "1").strip().lower()
-    if value in ("0", "off", "false", "no"):
-        return False
-    if value in ("", "1", "on", "true", "yes"):
-        return True
-    raise ValueError(f"{ENV_POOL} must be 1/on or 0/off, got {os.environ.get(ENV_POOL)!r}")
+    return env_switch(ENV_POOL)
 
 
 def workers() -> int:

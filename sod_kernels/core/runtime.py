@@ -12,6 +12,17 @@ import torch
 from .validation import check_positive
 
 
+def env_switch(name: str) -> bool:
+    """An on/off environment switch that defaults to on: unset, empty, ``1``/``on``/``true``/``yes`` -> True;
+    ``0``/``off``/``false``/``no`` -> False; anything else is a ``ValueError`` naming the variable."""
+    value = os.environ.get(name, "1").strip().lower()
+    if value in ("0", "off", "false", "no"):
+        return False
+    if value in ("", "1", "on", "true", "yes"):
+        return True
+    raise ValueError(f"{name} must be 1/on or 0/off, got {os.environ.get(name)!r}")
+
+
 def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

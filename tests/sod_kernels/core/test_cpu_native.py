@@ -10,6 +10,7 @@ import torch
 
 from sod_kernels import fused_sod_loss
 from sod_kernels.core import cpu_epilogue, cpu_native
+from tests.helpers import dense_problem
 
 TOL = {torch.float32: 2e-6, torch.float64: 1e-13}
 
@@ -126,17 +127,13 @@ def test_a_failed_build_warns_once_and_the_epilogue_runs_compiled(monkeypatch):
 
 @pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl"])
 def test_fused_sod_loss_with_and_without_the_kernel(divergence, monkeypatch):
-    g = torch.Generator().manual_seed(9)
-    N, V, Hs, Ht = 45, 517, 12, 20
-    sh = torch.randn(N, Hs, generator=g, dtype=torch.float64)
-    sw = torch.randn(V, Hs, generator=g, dtype=torch.float64) * 0.4
-    th = torch.randn(N, Ht, generator=g, dtype=torch.float64)
-    tw = torch.randn(V, Ht, generator=g, dtype=torch.float64) * 0.4
+    N, V = 45, 517
+    (sh, sw, th, tw, _, _), _ = dense_problem(1, N, 12, 20, V, V, torch.float64, seed=9, bias=False, scale=2.0)
     ids = torch.arange(N)[None] // 7
 
     def run():
         a, b = sh.clone().requires_grad_(), sw.clone().requires_grad_()
-        loss = fused_sod_loss(a[None], b, th[None], tw, step_ids=ids, divergence=divergence, temperature=0.8)
+        loss = fused_sod_loss(a, b, th, tw, step_ids=ids, divergence=divergence, temperature=0.8)
         loss.backward()
         return loss.detach(), a.grad, b.grad
 
