@@ -164,26 +164,22 @@ def logits_into(products: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tenso
     """``out = h W^T`` for each ``(h [C, H], W [V, H], out [C, V])`` of ``products`` (same dtype, CPU, ``out``
     with unit column stride), by vocabulary tiles on torch's threads (the C++ kernel) or on the pool."""
     n = workers()
-    several = any(len(column_tiles(w.shape[0], n)) > 1 for _, w, _ in products)
-    lib = _native(n, products[0][0].dtype, *(t for p in products for t in p)) if several else None
-    if lib is not None:
+    tiles = [column_tiles(w.shape[0], n) for _, w, _ in products]
+    if all(len(t) == 1 for t in tiles):          # one tile per product: the plain product
         for h, w, out in products:
-            cpu_native.tiled_logits(lib, h, w, out, len(column_tiles(w.shape[0], n)))
+            torch.mm(h, w.T, out=out)
         return
-    tasks = []
-    for h, w, out in products:
-        for a, b in column_tiles(w.shape[0], n):
-            tasks.append((h, w, out, a, b))
+    lib = _native(n, products[0][0].dtype, *(t for p in products for t in p))
+    if lib is not None:
+        for (h, w, out), t in zip(products, tiles):
+            cpu_native.tiled_logits(lib, h, w, out, len(t))
+        return
 
     def tile(task):
         h, w, out, a, b = task
         torch.mm(h, w[a:b].T, out=out[:, a:b])
 
-    if n <= 1 or len(tasks) == len(products):   # one tile per product: the plain product
-        for h, w, out in products:
-            torch.mm(h, w.T, out=out)
-        return
-    run_tasks(tile, tasks, n)
+    run_tasks(tile, [(h, w, out, a, b) for (h, w, out), t in zip(products, tiles) for a, b in t], n)
 
 
 def fold(d_logits: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, d_hidden: torch.Tensor | None,
