@@ -234,6 +234,26 @@ EPILOGUES = {"kl_stats": kl_stats, "jsd_stats": jsd_stats, "kl_grad": kl_grad, "
              "token_loss_grad": token_loss_grad, "logprob_grad": logprob_grad}
 
 
+# The C++ kernels (sod_kernels.core.cpu_native) that replace an epilogue where they apply: name -> (whether they
+# take these arguments, the call), both with the epilogue's own arguments.
+_NATIVE = {
+    "kl_stats": (
+        lambda xs, xt, bs, bt, inv_temp, scap, tcap, forward_kl, s_capped, t_capped:
+            cpu_native.kl_stats_supported(xs, xt, s_capped or t_capped),
+        lambda lib, xs, xt, bs, bt, inv_temp, scap, tcap, forward_kl, s_capped, t_capped:
+            cpu_native.kl_stats(lib, xs, xt, bs, bt, float(inv_temp), forward_kl)),
+    "logprob_stats": (
+        lambda x, b, inv_temp, cap, capped, with_entropy, keep: cpu_native.logprob_supported(x, capped),
+        lambda lib, x, b, inv_temp, cap, capped, with_entropy, keep:
+            cpu_native.logprob_stats(lib, x, b, float(inv_temp), with_entropy, keep)),
+    "logprob_grad": (
+        lambda x, b, inv_temp, cap, lse, y, scale, scale_h, ent, capped, with_entropy:
+            cpu_native.logprob_supported(x, capped),
+        lambda lib, x, b, inv_temp, cap, lse, y, scale, scale_h, ent, capped, with_entropy:
+            cpu_native.logprob_grad(lib, x, b, float(inv_temp), lse, y, scale, scale_h, ent, with_entropy)),
+}
+
+
 # --------------------------------------------------------------------------------------- compile once
 def _compiled_fn(name: str) -> Callable:
     with _lock:
@@ -261,18 +281,18 @@ def run_row_blocks(name: str, xs: torch.Tensor, xt: torch.Tensor, *args, rows: i
 def run(name: str, *args, rows: int):
     """Run epilogue ``name`` compiled (when :func:`compile_enabled` and the chunk has more than one row: a
     one-row chunk runs eagerly rather than compile a size-1 specialization) or eagerly.  ``kl_stats`` without
-    soft-caps runs the C++ kernel of :mod:`sod_kernels.core.cpu_native` where it is available (same results to
-    rounding, one read of each block instead of four)."""
+    soft-caps, ``logprob_stats`` and ``logprob_grad`` without a soft-cap run the C++ kernels of
+    :mod:`sod_kernels.core.cpu_native` where they are available (same results to rounding, fewer reads of the
+    blocks)."""
     fn = EPILOGUES[name]
     if rows <= 1 or not compile_enabled():
         with torch.no_grad():
             return fn(*args)
-    if name == "kl_stats":
-        xs, xt, bs, bt, inv_temp, _, _, forward_kl, student_capped, teacher_capped = args
-        if cpu_native.kl_stats_supported(xs, xt, student_capped or teacher_capped):
-            lib = cpu_native.library()
-            if lib is not None:
-                return cpu_native.kl_stats(lib, xs, xt, bs, bt, float(inv_temp), forward_kl)
+    native = _NATIVE.get(name)
+    if native is not None and native[0](*args):
+        lib = cpu_native.library()
+        if lib is not None:
+            return native[1](lib, *args)
     try:
         with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
             return _compiled_fn(name)(*args)

@@ -1,5 +1,7 @@
 """Hand-written C++ kernels for the CPU single passes, built once per machine through the C++ toolchain
-``torch.compile`` already uses on the CPU: the KL statistics (``kl_stats`` without soft-caps), and the matrix
+``torch.compile`` already uses on the CPU: the KL statistics (``kl_stats`` without soft-caps), the token
+log-prob statistics and gradient (``logprob_stats`` / ``logprob_grad`` without soft-caps: the row maximum, then
+one exponential per entry from L2, in one row loop each), and the matrix
 products as vocabulary tiles on torch's OpenMP threads (:func:`tiled_logits`, :func:`tiled_fold`, used by
 :mod:`sod_kernels.core.cpu_products`; one BLAS call per tile, the BLAS torch links).
 
@@ -12,7 +14,7 @@ two exponentials per pair, ``at::vec`` / Sleef ``exp``, sums blocked in vector r
 so results agree to rounding; rows are shared out dynamically over torch's OpenMP threads (a row is computed by
 one thread, in a fixed order: bitwise the same run to run).
 
-The statistics kernel is used for float32 and float64 blocks with unit column stride and no soft-cap; everything
+The epilogue kernels are used for float32 and float64 blocks with unit column stride and no soft-cap; everything
 else runs the compiled epilogue.  ``SOD_KERNELS_CPU_NATIVE=0`` (``off``/``false``/``no``) turns it off; if building
 or loading it fails (no compiler, an Inductor without the code cache), the compiled epilogue runs instead, with
 one ``RuntimeWarning``.
@@ -114,6 +116,101 @@ static void sod_kl_stats(T* xs, T* xt, const T* bs, const T* bt, T* out, int64_t
     }
 }
 
+// Token log-prob statistics of a raw block x [C, V] (row stride ld), z = (x + b) * inv_temp: per row one pass for
+// the maximum M, one (from L2) for e = exp(z - M), S = sum e and, with_entropy, A = sum e (z - M); with keep,
+// x <- e.  out [3, C]: lse = M + log S, S, entropy = log S - A / S.
+template <typename T>
+static void sod_logprob_stats(T* x, const T* b, T* out, int64_t C, int64_t V, int64_t ld, double inv_temp,
+                              int64_t with_entropy, int64_t keep) {
+    using Vec = at::vec::Vectorized<T>;
+    constexpr int64_t L = Vec::size();
+    constexpr int64_t BLOCK = 64 * L;
+    const T it = static_cast<T>(inv_temp);
+    const Vec itv(it);
+    const int64_t Vv = V - V % L;
+    auto vmax = [](Vec& a, Vec& c) { return at::vec::maximum(a, c); };
+    auto vadd = [](Vec& a, Vec& c) { return a + c; };
+    #pragma omp parallel for schedule(dynamic, 4)
+    for (int64_t r = 0; r < C; ++r) {
+        T* p = x + r * ld;
+        Vec mx(-std::numeric_limits<T>::infinity());
+        for (int64_t v = 0; v < Vv; v += L)
+            mx = at::vec::maximum(mx, (Vec::loadu(p + v) + Vec::loadu(b + v)) * itv);
+        T m = at::vec::vec_reduce_all<T>(vmax, mx);
+        for (int64_t v = Vv; v < V; ++v)
+            m = std::max(m, (p[v] + b[v]) * it);
+        const Vec mv(m);
+        double S = 0, A = 0;
+        for (int64_t b0 = 0; b0 < Vv; b0 += BLOCK) {
+            const int64_t b1 = std::min(b0 + BLOCK, Vv);
+            Vec s(0), acc(0);
+            for (int64_t v = b0; v < b1; v += L) {
+                Vec y = (Vec::loadu(p + v) + Vec::loadu(b + v)) * itv - mv;
+                Vec e = y.exp();
+                s = s + e;
+                if (with_entropy)
+                    acc = acc + e * y;
+                if (keep)
+                    e.store(p + v);
+            }
+            S += at::vec::vec_reduce_all<T>(vadd, s);
+            if (with_entropy)
+                A += at::vec::vec_reduce_all<T>(vadd, acc);
+        }
+        for (int64_t v = Vv; v < V; ++v) {
+            const T y = (p[v] + b[v]) * it - m, e = std::exp(y);
+            S += e;
+            A += e * y;
+            if (keep)
+                p[v] = e;
+        }
+        const T total = static_cast<T>(S), log_total = std::log(total);
+        out[r] = m + log_total;
+        out[C + r] = total;
+        out[2 * C + r] = with_entropy ? static_cast<T>(log_total - A / S) : T(0);
+    }
+}
+
+// The recomputing backward's d(logits) in place of a raw block x [C, V] (row stride ld): with
+// log p = (x + b) * inv_temp - lse, g = scale (onehot(y) - p) - scale_h p (log p + ent) (the entropy term only
+// with_entropy).
+template <typename T>
+static void sod_logprob_grad(T* x, const T* b, const T* lse, const int64_t* y, const T* scale, const T* scale_h,
+                             const T* ent, int64_t C, int64_t V, int64_t ld, double inv_temp, int64_t with_entropy) {
+    using Vec = at::vec::Vectorized<T>;
+    constexpr int64_t L = Vec::size();
+    const T it = static_cast<T>(inv_temp);
+    const Vec itv(it);
+    const int64_t Vv = V - V % L;
+    #pragma omp parallel for schedule(dynamic, 4)
+    for (int64_t r = 0; r < C; ++r) {
+        T* p = x + r * ld;
+        const T l = lse[r], s = scale[r], sh = with_entropy ? scale_h[r] : T(0), h = with_entropy ? ent[r] : T(0);
+        const int64_t target = y[r];
+        const T lp_y = (p[target] + b[target]) * it - l, p_y = std::exp(lp_y);
+        const Vec lv(l), nsv(-s), shv(sh), hv(h);
+        for (int64_t v = 0; v < Vv; v += L) {
+            Vec lp = (Vec::loadu(p + v) + Vec::loadu(b + v)) * itv - lv;
+            Vec q = lp.exp();
+            Vec g = q * nsv;
+            if (with_entropy)
+                g = g - shv * q * (lp + hv);
+            g.store(p + v);
+        }
+        for (int64_t v = Vv; v < V; ++v) {
+            const T lp = (p[v] + b[v]) * it - l, q = std::exp(lp);
+            T g = -q * s;
+            if (with_entropy)
+                g = g - sh * q * (lp + h);
+            p[v] = g;
+        }
+        T g_y = (T(1) - p_y) * s;
+        if (with_entropy)
+            g_y = g_y - sh * p_y * (lp_y + h);
+        p[target] = g_y;
+    }
+}
+
 // The CPU products as vocabulary tiles shared out dynamically over torch's OpenMP threads, each tile one
 // single-threaded BLAS call (MKL / OpenBLAS run sequentially inside a parallel region).  Row-major [R, K] with
 // row stride ld is column-major [K, R] with leading dimension ld.
@@ -194,6 +291,25 @@ extern "C" void sod_tiled_fold_f64(const double* g, int64_t ldg, const double* h
     sod_tiled_fold<double>(g, ldg, h, ldh, w, ldw, d_hidden, partials, d_weight, d_bias, C, V, H, groups);
 }
 
+extern "C" void sod_logprob_stats_f32(float* x, const float* b, float* out, int64_t C, int64_t V, int64_t ld,
+                                      double inv_temp, int64_t with_entropy, int64_t keep) {
+    sod_logprob_stats<float>(x, b, out, C, V, ld, inv_temp, with_entropy, keep);
+}
+extern "C" void sod_logprob_stats_f64(double* x, const double* b, double* out, int64_t C, int64_t V, int64_t ld,
+                                      double inv_temp, int64_t with_entropy, int64_t keep) {
+    sod_logprob_stats<double>(x, b, out, C, V, ld, inv_temp, with_entropy, keep);
+}
+extern "C" void sod_logprob_grad_f32(float* x, const float* b, const float* lse, const int64_t* y,
+                                     const float* scale, const float* scale_h, const float* ent, int64_t C,
+                                     int64_t V, int64_t ld, double inv_temp, int64_t with_entropy) {
+    sod_logprob_grad<float>(x, b, lse, y, scale, scale_h, ent, C, V, ld, inv_temp, with_entropy);
+}
+extern "C" void sod_logprob_grad_f64(double* x, const double* b, const double* lse, const int64_t* y,
+                                     const double* scale, const double* scale_h, const double* ent, int64_t C,
+                                     int64_t V, int64_t ld, double inv_temp, int64_t with_entropy) {
+    sod_logprob_grad<double>(x, b, lse, y, scale, scale_h, ent, C, V, ld, inv_temp, with_entropy);
+}
+
 extern "C" void sod_kl_stats_f32(float* xs, float* xt, const float* bs, const float* bt, float* out, int64_t C,
                                  int64_t V, int64_t ld, double inv_temp, int64_t forward) {
     sod_kl_stats<float>(xs, xt, bs, bt, out, C, V, ld, inv_temp, forward);
@@ -224,6 +340,13 @@ def _build():
     for name in ("sod_kl_stats_f32", "sod_kl_stats_f64"):
         fn = getattr(lib, name)
         fn.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, f64, i64]
+        fn.restype = None
+    for suffix in ("f32", "f64"):
+        fn = getattr(lib, f"sod_logprob_stats_{suffix}")
+        fn.argtypes = [ptr, ptr, ptr, i64, i64, i64, f64, i64, i64]
+        fn.restype = None
+        fn = getattr(lib, f"sod_logprob_grad_{suffix}")
+        fn.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, f64, i64]
         fn.restype = None
     for suffix in ("f32", "f64"):
         fn = getattr(lib, f"sod_tiled_logits_{suffix}")
@@ -311,3 +434,42 @@ def kl_stats(lib, xs: torch.Tensor, xt: torch.Tensor, bs: torch.Tensor, bt: torc
         fn(xs.data_ptr(), xt.data_ptr(), bs.data_ptr(), bt.data_ptr(), out.data_ptr(), C, V, xs.stride(0),
            float(inv_temp), int(bool(forward_kl)))
     return tuple(out.unbind(0))
+
+
+def logprob_supported(x: torch.Tensor, capped: bool) -> bool:
+    """Whether :func:`logprob_stats` / :func:`logprob_grad` take this block: a float32 / float64 CPU ``[C, V]``
+    block with unit column stride, no soft-cap."""
+    return (not capped and x.dtype in (torch.float32, torch.float64) and x.device.type == "cpu" and _rows_ok(x))
+
+
+def logprob_stats(lib, x: torch.Tensor, b: torch.Tensor, inv_temp: float, with_entropy: bool, keep: bool) -> tuple:
+    """The contract of :func:`sod_kernels.core.cpu_epilogue.logprob_stats` without a soft-cap: raw block ``x``
+    ``[C, V]`` (``keep``: overwritten with ``exp(z - M)``), bias ``b [V]`` (zeros for none),
+    ``z = (x + b) * inv_temp``.  Returns ``(lse, total, entropy or None)``, each ``[C]`` in the block's dtype."""
+    C, V = x.shape
+    out = torch.empty(3, C, dtype=x.dtype)
+    b = b.to(x.dtype).contiguous()
+    fn = lib.sod_logprob_stats_f32 if x.dtype == torch.float32 else lib.sod_logprob_stats_f64
+    if C:
+        fn(x.data_ptr(), b.data_ptr(), out.data_ptr(), C, V, x.stride(0), float(inv_temp), int(bool(with_entropy)),
+           int(bool(keep)))
+    return out[0], out[1], (out[2] if with_entropy else None)
+
+
+def logprob_grad(lib, x: torch.Tensor, b: torch.Tensor, inv_temp: float, lse: torch.Tensor, y: torch.Tensor,
+                 scale: torch.Tensor, scale_entropy: torch.Tensor, entropy: torch.Tensor,
+                 with_entropy: bool) -> None:
+    """The contract of :func:`sod_kernels.core.cpu_epilogue.logprob_grad` without a soft-cap: ``x [C, V]`` raw
+    logits, overwritten with ``d(logits)``; ``lse``, ``scale``, ``scale_entropy``, ``entropy`` ``[C]``, ``y [C]``
+    the sampled columns (in ``[0, V)``)."""
+    C, V = x.shape
+    if not C:
+        return
+    dt = x.dtype
+    col = (lambda t: t.to(dt).contiguous())  # noqa: E731
+    lse, scale = col(lse), col(scale)
+    scale_entropy, entropy = (col(scale_entropy), col(entropy)) if with_entropy else (scale, scale)
+    b, y = col(b), y.to(torch.int64).contiguous()
+    fn = lib.sod_logprob_grad_f32 if dt == torch.float32 else lib.sod_logprob_grad_f64
+    fn(x.data_ptr(), b.data_ptr(), lse.data_ptr(), y.data_ptr(), scale.data_ptr(), scale_entropy.data_ptr(),
+       entropy.data_ptr(), C, V, x.stride(0), float(inv_temp), int(bool(with_entropy)))

@@ -235,26 +235,64 @@ class DeviceGrads:
 
 
 # --------------------------------------------------------------------------------------------- CPU path
+class KeptBlocks:
+    """The logit blocks of a pass's last chunk, kept for a later pass over the same chunks (a backward after its
+    forward): the rows ``[start, stop)`` and the pass's reusable buffers, whose first ``(stop - start) * V``
+    entries hold the raw blocks ``x = h W^T`` per model.  See :class:`CpuBlocks`."""
+
+    __slots__ = ("start", "stop", "buffers")
+
+    def __init__(self, start: int, stop: int, buffers: list[torch.Tensor]):
+        self.start, self.stop, self.buffers = start, stop, buffers
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers)
+
+
 class CpuBlocks:
     """Reusable ``[rows, V]`` blocks in the compute dtype for each of ``heads``
     (:class:`~sod_kernels.core.cpu_pass.ComputeHead`, the student's first): per chunk the rows' hidden states
     (gathered and converted to the compute dtype) and each model's product into its block
-    (:func:`~sod_kernels.core.cpu_products.logits_into`: vocabulary tiles on the CPU pool)."""
+    (:func:`~sod_kernels.core.cpu_products.logits_into`: vocabulary tiles on the CPU pool).
 
-    def __init__(self, heads: Sequence[ComputeHead], row_index: torch.Tensor, contiguous: bool, rows: int):
+    ``keep_last``: :meth:`release` keeps the last chunk's blocks as :attr:`kept` (a :class:`KeptBlocks`) instead
+    of freeing the buffers (for a pass whose epilogue only reads the blocks).  ``reuse``: such blocks from an earlier pass over the same chunks; if the first chunk
+    this object serves has their rows, its blocks are taken as they are (no product) and their buffers become
+    this pass's (the caller runs that chunk first, as the kept blocks are overwritten by the next chunk)."""
+
+    def __init__(self, heads: Sequence[ComputeHead], row_index: torch.Tensor, contiguous: bool, rows: int, *,
+                 keep_last: bool = False, reuse: KeptBlocks | None = None):
         self.heads, self.row_index, self.contiguous = tuple(heads), row_index, contiguous
-        self._buffers = [torch.empty(rows * h.weight.shape[0], dtype=h.dt) for h in self.heads]
+        sizes = [rows * h.weight.shape[0] for h in self.heads]
+        if reuse is not None and not (
+                len(reuse.buffers) == len(sizes)
+                and all(b.numel() >= n and b.dtype == h.dt for b, n, h in zip(reuse.buffers, sizes, self.heads))):
+            reuse = None
+        self._reuse = reuse
+        self._buffers = (list(reuse.buffers) if reuse is not None
+                         else [torch.empty(n, dtype=h.dt) for n, h in zip(sizes, self.heads)])
+        self._keep_last, self._last = keep_last, None
+        self.kept: KeptBlocks | None = None
+        self.reused = False
 
     def chunk(self, index: int, start: int, stop: int, sink) -> Chunk:
         n = stop - start
         rows = row_selector(self.row_index, start, stop, self.contiguous)
         hidden = tuple(h.rows(rows) for h in self.heads)
         logits = tuple(buf[: n * head.weight.shape[0]].view(n, -1) for head, buf in zip(self.heads, self._buffers))
-        cpu_products.logits_into([(h_rows, head.weight, out)
-                                  for h_rows, head, out in zip(hidden, self.heads, logits)])
+        reuse, self._reuse = self._reuse, None          # only the first chunk may find its blocks intact
+        if reuse is not None and (reuse.start, reuse.stop) == (start, stop):
+            self.reused = True
+        else:
+            cpu_products.logits_into([(h_rows, head.weight, out)
+                                      for h_rows, head, out in zip(hidden, self.heads, logits)])
+        self._last = (start, stop)
         return Chunk(index, start, stop, rows, hidden, logits, sink)
 
     def release(self) -> None:
+        if self._keep_last and self._last is not None:
+            self.kept = KeptBlocks(*self._last, self._buffers)
         self._buffers = []
 
 

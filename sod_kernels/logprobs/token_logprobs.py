@@ -55,7 +55,8 @@ def _weights_in(dtype: torch.dtype, weight: torch.Tensor, bias: torch.Tensor | N
 
 def logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, row_index: torch.Tensor,
                     target_ids: torch.Tensor, *, temperature: float, with_entropy: bool = False,
-                    chunk_size: int | None = None, softcap: float | None = None, memory: str = "fast"):
+                    chunk_size: int | None = None, softcap: float | None = None, memory: str = "fast",
+                    keep_block: bool = False):
     """Sampled-token log-probs of the rows ``row_index`` (chunked PyTorch; both ``memory`` modes run the same
     row chunks).
 
@@ -64,14 +65,17 @@ def logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         row_index: ``[Na]`` int64 rows to compute.
         target_ids: ``[N]`` int64 in ``[0, V)``.
         softcap: ``cap tanh(x / cap)`` of the raw logits ``x`` (before the temperature), or None.
+        keep_block: on the CPU path (``memory="fast"``, CPU tensors) keep the last chunk's logit block for
+            :func:`logprob_backward` (a backward will follow).
     Returns:
-        ``(logp [Na], lse [Na], entropy [Na] or None, None)`` in float32 (float64 for float64 inputs); ``lse``
+        ``(logp [Na], lse [Na], entropy [Na] or None, kept)`` in float32 (float64 for float64 inputs); ``lse``
         is the log-sum-exp of the temperature-scaled logits, saved for the backward pass; ``entropy`` is
-        that of the softmax (``with_entropy``).
+        that of the softmax (``with_entropy``); ``kept`` the CPU path's kept block (``keep_block``) or None.
     """
     if memory == "fast" and cpu_backend.enabled(hidden):  # whole-row chunks, compiled epilogue (cpu_backend.py)
         return cpu_backend.logprob_forward(hidden, weight, bias, row_index, target_ids, temperature=temperature,
-                                            with_entropy=with_entropy, chunk_size=chunk_size, softcap=softcap)
+                                            with_entropy=with_entropy, chunk_size=chunk_size, softcap=softcap,
+                                            keep_block=keep_block)
     dt = compute_dtype(hidden.dtype)
     w, b = _weights_in(dt, weight, bias)
     Na = row_index.numel()
@@ -105,21 +109,23 @@ def logprob_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
                      target_ids: torch.Tensor, lse: torch.Tensor, grad_logp: torch.Tensor, *, temperature: float,
                      grad_entropy: torch.Tensor | None = None, entropy: torch.Tensor | None = None,
                      need_hidden: bool = True, need_weight: bool = True, need_bias: bool = True,
-                     chunk_size: int | None = None, softcap: float | None = None, memory: str = "fast"):
+                     chunk_size: int | None = None, softcap: float | None = None, memory: str = "fast",
+                     kept=None):
     """Gradients of ``sum_i grad_logp[i] logp[i] (+ grad_entropy[i] H[i])`` w.r.t. hidden ``[N, H]``, weight
     ``[V, H]``, bias ``[V]``.
 
     Per row, with raw logits ``x``: ``d logp / dx = (onehot(y) - p) / tau`` and
     ``dH / dx = -p (log p + H) / tau`` (``entropy`` = H is needed with ``grad_entropy``); with ``softcap`` both
     are multiplied by the cap's slope ``1 - tanh^2(x / cap)``.  Rows outside
-    ``row_index`` get zero gradient.  Returns the three gradients in the inputs' dtypes (None where not
+    ``row_index`` get zero gradient.  ``kept``: the forward's kept block (:func:`logprob_forward`), used and
+    overwritten on the CPU path, whose product it saves.  Returns the three gradients in the inputs' dtypes (None where not
     needed).
     """
     if memory == "fast" and cpu_backend.enabled(hidden):
         return cpu_backend.logprob_backward(hidden, weight, bias, row_index, target_ids, lse, grad_logp,
                                              temperature=temperature, grad_entropy=grad_entropy, entropy=entropy,
                                              need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias,
-                                             chunk_size=chunk_size, softcap=softcap)
+                                             chunk_size=chunk_size, softcap=softcap, kept=kept)
     dt = compute_dtype(hidden.dtype)
     w, b = _weights_in(dt, weight, bias)
     V = w.shape[0]
@@ -168,9 +174,12 @@ class TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, row_index, target_ids, options: PassOptions):
+        # the torch backend's CPU path keeps its last logit block for the backward (frame) when one will follow
+        keep = {"keep_block": any(ctx.needs_input_grad[:3])} if options.backend == "torch" else {}
         with no_autocast(hidden.device):
             logp, lse, entropy, frame = backend_module(options.backend).logprob_forward(
-                hidden, weight, bias, row_index, target_ids, with_entropy=options.with_entropy, **_kwargs(options))
+                hidden, weight, bias, row_index, target_ids, with_entropy=options.with_entropy, **_kwargs(options),
+                **keep)
         if entropy is None:
             entropy = logp.new_empty(0)
         ctx.save_for_backward(hidden, weight, bias, row_index, target_ids, lse)
@@ -184,14 +193,18 @@ class TokenLogprobs(torch.autograd.Function):
         hidden, weight, bias, row_index, target_ids, lse = ctx.saved_tensors
         options: PassOptions = ctx.options
         entropy, frame = ctx.extra
+        if options.backend == "torch":   # the kept block is overwritten: a second backward recomputes it
+            extra_kept, ctx.extra = {"kept": frame}, (entropy, None)
+        else:
+            extra_kept = {}
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         if grad_logp is None and grad_entropy is None or row_index.numel() == 0:
             return input_grads(ctx, zero_student_grads(hidden, weight, bias, need_h, need_w, need_b))
         if grad_logp is None:
             grad_logp = lse.new_zeros(lse.shape)
-        extra = {}
+        extra = dict(extra_kept)
         if options.with_entropy and grad_entropy is not None:
-            extra = {"grad_entropy": grad_entropy.contiguous()}
+            extra["grad_entropy"] = grad_entropy.contiguous()
             extra.update({"frame": frame} if options.backend == "triton" else {"entropy": entropy})
         with no_autocast(hidden.device):
             dh, dw, db = backend_module(options.backend).logprob_backward(
@@ -252,7 +265,9 @@ def fused_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, target_ids:
         ``[B, T]`` (or ``[T]``) float32 (float64 for float64 inputs) log-probabilities, or
         ``(logprobs, entropy)`` with ``return_entropy``.
     Memory beyond the inputs and gradients: O(N) statistics and about two ``C x V`` chunk blocks (plus a
-    float32 d(weight) accumulator on the Triton path); the ``N x V`` logits are never stored.  Time: the
+    float32 d(weight) accumulator on the Triton path); the ``N x V`` logits are never stored.  On CPU tensors
+    (``memory="fast"``) the forward keeps its last chunk's block (at most 128 MiB) until the backward, which
+    starts from it instead of recomputing it; nothing is kept when no input needs a gradient.  Time: the
     ``2 N V H`` FLOPs of the logit product forward; backward the recomputed product plus ``4 N V H``.
     """
     check_lm_head(hidden, weight, bias, hidden_name="hidden", weight_name="weight", bias_name="bias")

@@ -1,5 +1,6 @@
-"""The C++ KL statistics kernel (sod_kernels.core.cpu_native) against the PyTorch epilogue it replaces, its
-dispatch from cpu_epilogue.run, its switch and its fallback, and fused_sod_loss with and without it."""
+"""The C++ epilogue kernels (sod_kernels.core.cpu_native: KL statistics, token log-prob statistics and gradient)
+against the PyTorch epilogues they replace, their dispatch from cpu_epilogue.run, the switch and the fallback,
+and fused_sod_loss, fused_token_logprobs and fused_sod_policy_loss with and without them."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import warnings
 import pytest
 import torch
 
-from sod_kernels import fused_sod_loss
+from reference import ref_token_logprobs
+from sod_kernels import fused_sod_loss, fused_sod_policy_loss, fused_token_logprobs
 from sod_kernels.core import cpu_epilogue, cpu_native
 from tests.helpers import dense_problem
 
@@ -147,3 +149,142 @@ def test_fused_sod_loss_with_and_without_the_kernel(divergence, monkeypatch):
     assert calls                                  # the kernel ran
     for a, b in zip(with_kernel, without):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)
+
+
+# ------------------------------------------------------------------------- token log-prob kernels
+def _logprob_block(C, V, dtype, seed, ld=None, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(C, ld or V, generator=g, dtype=dtype) * scale)[:, :V]
+    b = torch.randn(V, generator=g, dtype=dtype)
+    rows = [torch.randn(C, generator=g, dtype=dtype) for _ in range(2)] + [torch.rand(C, generator=g, dtype=dtype)]
+    return x, b, torch.randint(0, V, (C,), generator=g), rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("with_entropy", [False, True])
+@pytest.mark.parametrize("keep", [False, True])
+@pytest.mark.parametrize("C,V,ld", [(1, 1, None), (3, 15, None), (5, 16, None), (7, 17, 40), (37, 1003, None),
+                                    (64, 4099, 4101)])
+def test_logprob_stats_kernel_matches_the_pytorch_epilogue(lib, C, V, ld, dtype, with_entropy, keep):
+    x, b, _, _ = _logprob_block(C, V, dtype, seed=C + V, ld=ld)
+    inv_temp, cap, _ = _scalars(dtype, 0.7)
+    ref_x = x.clone()
+    expected = cpu_epilogue.logprob_stats(ref_x, b, inv_temp, cap, False, with_entropy, keep)
+    before = x.clone()
+    got = cpu_native.logprob_stats(lib, x, b, float(inv_temp), with_entropy, keep)
+    assert (got[2] is None) is (not with_entropy)
+    for a, e in zip(got, expected):
+        if e is None:
+            continue
+        assert a.dtype == dtype and a.shape == (C,)
+        assert float(((a - e).abs() / e.abs().clamp_min(1.0)).max()) < TOL[dtype]
+    if keep:                                       # x <- exp(z - M), what token_loss_grad reads
+        assert float((x - ref_x).abs().max()) < TOL[dtype] * 8
+    else:                                          # read only: the block may be kept for the backward
+        assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("with_entropy", [False, True])
+@pytest.mark.parametrize("C,V,ld", [(1, 1, None), (3, 15, None), (7, 17, 40), (37, 1003, None), (64, 4099, 4101)])
+def test_logprob_grad_kernel_matches_the_pytorch_epilogue(lib, C, V, ld, dtype, with_entropy):
+    x, b, y, (scale, scale_h, ent) = _logprob_block(C, V, dtype, seed=3 * C + V, ld=ld)
+    inv_temp, cap, _ = _scalars(dtype, 1.3)
+    lse = cpu_epilogue.logprob_stats(x.clone(), b, inv_temp, cap, False, False, False)[0]
+    ref_x = x.clone()
+    cpu_epilogue.logprob_grad(ref_x, b, inv_temp, cap, lse, y, scale, scale_h, ent, False, with_entropy)
+    cpu_native.logprob_grad(lib, x, b, float(inv_temp), lse, y, scale, scale_h, ent, with_entropy)
+    assert float((x - ref_x).abs().max()) < TOL[dtype]
+    if not with_entropy:                           # rows of scale * (onehot - p) sum to 0
+        assert float((x.sum(1) / scale.abs().clamp_min(1e-3)).abs().max()) < TOL[dtype] * V
+
+
+def test_logprob_kernels_are_bitwise_repeatable(lib):
+    x, b, y, (scale, scale_h, ent) = _logprob_block(29, 2000, torch.float32, seed=5)
+    stats = [cpu_native.logprob_stats(lib, x.clone(), b, 0.9, True, False) for _ in range(3)]
+    grads = []
+    for _ in range(3):
+        g = x.clone()
+        cpu_native.logprob_grad(lib, g, b, 0.9, stats[0][0], y, scale, scale_h, ent, True)
+        grads.append(g)
+    assert all(torch.equal(a, c) for other in stats[1:] for a, c in zip(stats[0], other))
+    assert all(torch.equal(grads[0], g) for g in grads[1:])
+
+
+def test_run_dispatches_the_logprob_kernels_only_without_caps(lib, monkeypatch):
+    calls = []
+    for name in ("logprob_stats", "logprob_grad"):
+        real = getattr(cpu_native, name)
+        monkeypatch.setattr(cpu_native, name, lambda *a, _real=real, _name=name, **k: calls.append(_name)
+                            or _real(*a, **k))
+    x, b, y, (scale, scale_h, ent) = _logprob_block(6, 50, torch.float32, seed=6)
+    inv_temp, cap, _ = _scalars(torch.float32, 1.0)
+    lse = cpu_epilogue.run("logprob_stats", x.clone(), b, inv_temp, cap, False, False, False, rows=6)[0]
+    cpu_epilogue.run("logprob_grad", x.clone(), b, inv_temp, cap, lse, y, scale, scale_h, ent, False, False, rows=6)
+    assert calls == ["logprob_stats", "logprob_grad"]
+    cpu_epilogue.run("logprob_stats", x.clone(), b, inv_temp, cap * 5, True, False, False, rows=6)
+    cpu_epilogue.run("logprob_grad", x.clone(), b, inv_temp, cap * 5, lse, y, scale, scale_h, ent, True, False,
+                     rows=6)
+    assert len(calls) == 2                         # soft-capped: the compiled epilogues
+
+
+@pytest.mark.parametrize("entropy", [False, True])
+def test_fused_token_logprobs_with_the_kernels_matches_the_reference(entropy, monkeypatch):
+    g = torch.Generator().manual_seed(11)
+    N, H, V = 70, 24, 701
+    h0, w0, b0 = (torch.randn(N, H, generator=g, dtype=torch.float64),
+                  torch.randn(V, H, generator=g, dtype=torch.float64) / 3, torch.randn(V, generator=g,
+                                                                                        dtype=torch.float64))
+    y = torch.randint(0, V, (N,), generator=g)
+    up = torch.randn(N, generator=g, dtype=torch.float64)
+    calls = []
+    real = cpu_native.logprob_grad
+    monkeypatch.setattr(cpu_native, "logprob_grad", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def grads(fn):
+        ins = [t.clone().requires_grad_() for t in (h0, w0, b0)]
+        out = fn(*ins)
+        lp, ent = out if isinstance(out, tuple) else (out, None)
+        loss = (lp * up).sum() + (0.3 * ent.sum() if ent is not None else 0)
+        loss.backward()
+        return [lp.detach()] + [t.grad for t in ins]
+
+    got = grads(lambda h, w, b: fused_token_logprobs(h, w, y, bias=b, temperature=0.8, chunk_size=16,
+                                                     return_entropy=entropy))
+    assert calls                                   # the C++ gradient kernel ran
+    if entropy:   # the reference has no entropy: compare with the kernels off (the compiled PyTorch epilogues)
+        monkeypatch.setenv(cpu_native.ENV_NATIVE, "0")
+        want = grads(lambda h, w, b: fused_token_logprobs(h, w, y, bias=b, temperature=0.8, chunk_size=16,
+                                                          return_entropy=True))
+    else:
+        want = grads(lambda h, w, b: ref_token_logprobs(h, w, y, b, 0.8))
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-11, atol=1e-12)
+
+
+def test_fused_sod_policy_loss_with_and_without_the_kernels(monkeypatch):
+    g = torch.Generator().manual_seed(12)
+    B, T, H, V = 2, 23, 16, 389
+    h0 = torch.randn(B, T, H, generator=g, dtype=torch.float64)
+    w0 = torch.randn(V, H, generator=g, dtype=torch.float64) / 3
+    y = torch.randint(0, V, (B, T), generator=g)
+    old = torch.randn(B, T, generator=g, dtype=torch.float64) * 0.1 - 6.0
+    adv = torch.randn(B, T, generator=g, dtype=torch.float64)
+    mask = (torch.rand(B, T, generator=g) < 0.8).long()
+
+    def run():
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        loss = fused_sod_policy_loss(h, w, y, old, adv, mask)
+        loss.backward()
+        return loss.detach(), h.grad, w.grad
+
+    monkeypatch.setenv(cpu_native.ENV_NATIVE, "0")
+    without = run()
+    monkeypatch.setenv(cpu_native.ENV_NATIVE, "1")
+    calls = []
+    real = cpu_native.logprob_stats
+    monkeypatch.setattr(cpu_native, "logprob_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with_kernel = run()
+    assert calls
+    for a, e in zip(with_kernel, without):
+        torch.testing.assert_close(a, e, rtol=1e-11, atol=1e-13)
