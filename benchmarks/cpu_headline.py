@@ -198,7 +198,10 @@ def _commit() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+        # uncommitted changes to what is measured (the library, the reference, the benchmark code; not docs or
+        # earlier results) mark the commit "-dirty"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "sod_kernels",
+                                "reference", "benchmarks", ":(exclude)benchmarks/results"], cwd=REPO,
                                capture_output=True, text=True).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
