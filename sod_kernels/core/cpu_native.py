@@ -34,6 +34,27 @@ ENV_NATIVE = "SOD_KERNELS_CPU_NATIVE"
 _SOURCE = r"""
 #include <torch/csrc/inductor/cpp_prefix.h>
 
+// max over v < V of (p[v] + b[v]) * it (the scaled logits of one row)
+template <typename T>
+static inline T scaled_row_max(const T* p, const T* b, int64_t V, T it) {
+    using Vec = at::vec::Vectorized<T>;
+    constexpr int64_t L = Vec::size();
+    const int64_t Vv = V - V % L;
+    const Vec itv(it);
+    Vec mx(-std::numeric_limits<T>::infinity());
+    for (int64_t v = 0; v < Vv; v += L)
+        mx = at::vec::maximum(mx, (Vec::loadu(p + v) + Vec::loadu(b + v)) * itv);
+    T m = at::vec::vec_reduce_all<T>([](Vec& a, Vec& c) { return at::vec::maximum(a, c); }, mx);
+    for (int64_t v = Vv; v < V; ++v)
+        m = std::max(m, (p[v] + b[v]) * it);
+    return m;
+}
+
+template <typename T>
+static inline double lane_sum(at::vec::Vectorized<T> a) {
+    return at::vec::vec_reduce_all<T>([](at::vec::Vectorized<T>& x, at::vec::Vectorized<T>& y) { return x + y; }, a);
+}
+
 template <typename T>
 static void sod_kl_stats(T* xs, T* xt, const T* bs, const T* bt, T* out, int64_t C, int64_t V, int64_t ld,
                          double inv_temp, int64_t forward) {
@@ -43,22 +64,11 @@ static void sod_kl_stats(T* xs, T* xt, const T* bs, const T* bt, T* out, int64_t
     const T it = static_cast<T>(inv_temp);
     const Vec itv(it);
     const int64_t Vv = V - V % L;
-    auto vmax = [](Vec& a, Vec& b) { return at::vec::maximum(a, b); };
-    auto vadd = [](Vec& a, Vec& b) { return a + b; };
     #pragma omp parallel for schedule(dynamic, 4)
     for (int64_t r = 0; r < C; ++r) {
         T* ps = xs + r * ld;
         T* pt = xt + r * ld;
-        Vec mxs(-std::numeric_limits<T>::infinity()), mxt(-std::numeric_limits<T>::infinity());
-        for (int64_t v = 0; v < Vv; v += L) {
-            mxs = at::vec::maximum(mxs, (Vec::loadu(ps + v) + Vec::loadu(bs + v)) * itv);
-            mxt = at::vec::maximum(mxt, (Vec::loadu(pt + v) + Vec::loadu(bt + v)) * itv);
-        }
-        T ms = at::vec::vec_reduce_all<T>(vmax, mxs), mt = at::vec::vec_reduce_all<T>(vmax, mxt);
-        for (int64_t v = Vv; v < V; ++v) {
-            ms = std::max(ms, (ps[v] + bs[v]) * it);
-            mt = std::max(mt, (pt[v] + bt[v]) * it);
-        }
+        const T ms = scaled_row_max(ps, bs, V, it), mt = scaled_row_max(pt, bt, V, it);
         const Vec msv(ms), mtv(mt);
         double Ss = 0, St = 0, A = 0;
         for (int64_t b0 = 0; b0 < Vv; b0 += BLOCK) {
@@ -80,9 +90,9 @@ static void sod_kl_stats(T* xs, T* xt, const T* bs, const T* bt, T* out, int64_t
                 }
                 es.store(ps + v);
             }
-            Ss += at::vec::vec_reduce_all<T>(vadd, ss);
-            St += at::vec::vec_reduce_all<T>(vadd, st);
-            A += at::vec::vec_reduce_all<T>(vadd, acc);
+            Ss += lane_sum(ss);
+            St += lane_sum(st);
+            A += lane_sum(acc);
         }
         for (int64_t v = Vv; v < V; ++v) {
             const T ys = (ps[v] + bs[v]) * it - ms, yt = (pt[v] + bt[v]) * it - mt;
@@ -128,17 +138,10 @@ static void sod_logprob_stats(T* x, const T* b, T* out, int64_t C, int64_t V, in
     const T it = static_cast<T>(inv_temp);
     const Vec itv(it);
     const int64_t Vv = V - V % L;
-    auto vmax = [](Vec& a, Vec& c) { return at::vec::maximum(a, c); };
-    auto vadd = [](Vec& a, Vec& c) { return a + c; };
     #pragma omp parallel for schedule(dynamic, 4)
     for (int64_t r = 0; r < C; ++r) {
         T* p = x + r * ld;
-        Vec mx(-std::numeric_limits<T>::infinity());
-        for (int64_t v = 0; v < Vv; v += L)
-            mx = at::vec::maximum(mx, (Vec::loadu(p + v) + Vec::loadu(b + v)) * itv);
-        T m = at::vec::vec_reduce_all<T>(vmax, mx);
-        for (int64_t v = Vv; v < V; ++v)
-            m = std::max(m, (p[v] + b[v]) * it);
+        const T m = scaled_row_max(p, b, V, it);
         const Vec mv(m);
         double S = 0, A = 0;
         for (int64_t b0 = 0; b0 < Vv; b0 += BLOCK) {
@@ -153,9 +156,9 @@ static void sod_logprob_stats(T* x, const T* b, T* out, int64_t C, int64_t V, in
                 if (keep)
                     e.store(p + v);
             }
-            S += at::vec::vec_reduce_all<T>(vadd, s);
+            S += lane_sum(s);
             if (with_entropy)
-                A += at::vec::vec_reduce_all<T>(vadd, acc);
+                A += lane_sum(acc);
         }
         for (int64_t v = Vv; v < V; ++v) {
             const T y = (p[v] + b[v]) * it - m, e = std::exp(y);
