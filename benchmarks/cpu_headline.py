@@ -235,7 +235,7 @@ def _contend_note(doc: dict) -> str:
 def render(doc: dict) -> str:
     """The Markdown report of one run."""
     s, m = doc["size"], doc["methods"]
-    lines = [f"# CPU: fused_sod_loss and fused_token_logprobs against Liger and naive PyTorch",
+    lines = ["# CPU: fused_sod_loss and fused_token_logprobs against Liger and naive PyTorch",
              "",
              f"{doc['device']} ({doc['threads']} threads), float32, worst-case inputs; {doc['date']}, commit "
              f"{doc['commit']}, torch {doc['torch']}, liger-kernel {doc['versions'].get('liger-kernel')}; "

@@ -257,9 +257,10 @@ class CpuBlocks:
     (:func:`~sod_kernels.core.cpu_products.logits_into`: vocabulary tiles on the CPU pool).
 
     ``keep_last``: :meth:`release` keeps the last chunk's blocks as :attr:`kept` (a :class:`KeptBlocks`) instead
-    of freeing the buffers (for a pass whose epilogue only reads the blocks).  ``reuse``: such blocks from an earlier pass over the same chunks; if the first chunk
-    this object serves has their rows, its blocks are taken as they are (no product) and their buffers become
-    this pass's (the caller runs that chunk first, as the kept blocks are overwritten by the next chunk)."""
+    of freeing the buffers (for a pass whose epilogue only reads the blocks).  ``reuse``: such blocks from an
+    earlier pass over the same chunks; if the first chunk this object serves has their rows, its blocks are
+    taken as they are (no product, :attr:`reused` set) and their buffers become this pass's (the caller runs
+    that chunk first, as the kept blocks are overwritten by the next chunk)."""
 
     def __init__(self, heads: Sequence[ComputeHead], row_index: torch.Tensor, contiguous: bool, rows: int, *,
                  keep_last: bool = False, reuse: KeptBlocks | None = None):

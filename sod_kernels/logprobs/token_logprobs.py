@@ -118,8 +118,8 @@ def logprob_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     ``dH / dx = -p (log p + H) / tau`` (``entropy`` = H is needed with ``grad_entropy``); with ``softcap`` both
     are multiplied by the cap's slope ``1 - tanh^2(x / cap)``.  Rows outside
     ``row_index`` get zero gradient.  ``kept``: the forward's kept block (:func:`logprob_forward`), used and
-    overwritten on the CPU path, whose product it saves.  Returns the three gradients in the inputs' dtypes (None where not
-    needed).
+    overwritten on the CPU path, whose product it saves.  Returns the three gradients in the inputs' dtypes
+    (None where not needed).
     """
     if memory == "fast" and cpu_backend.enabled(hidden):
         return cpu_backend.logprob_backward(hidden, weight, bias, row_index, target_ids, lse, grad_logp,
