@@ -23,6 +23,9 @@ namespace (``--unshare-user``; the init process is root there only) and starts t
 namespace's first process (``--as-pid-1``, so that the code, whose uid maps to the same user, cannot signal
 it); and the tool process, instead of ``setresuid``, enters a new user namespace of its own whose only
 uid/gid are the dedicated ones, mapped to the user, and is left without capabilities by ``execve``.
+When a run is killed (timeout, output cap), the kernel ends the namespaces' processes after the launcher
+dies, asynchronously; :func:`run_python` then kills and waits for every process of the run's user
+namespace before it returns, so nothing of the run is still alive when the result comes back.
 
 The launcher is a freshly exec'd, single-threaded interpreter (:mod:`trainer.sandbox.launcher`), so
 nothing runs in a ``fork`` of the multi-threaded trainer.  It dies with the trainer (PR_SET_PDEATHSIG), and

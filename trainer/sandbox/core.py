@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 
 from . import launcher as _launcher
@@ -385,8 +386,9 @@ def _launch(plan: dict, code: bytes, timeout_s: float, max_output_bytes: int) ->
             if proc is not None:
                 # Kill and clean up before reaping the launcher, so that its pid (the group id, the uid's and
                 # the cgroup's suffix) is not reused meanwhile.
+                ended_alone = pidfd is not None and _wait_readable(pidfd, 0)  # exited; not reaped yet
                 _kill_group(proc.pid)
-                _clean_up_after(plan, proc.pid)
+                _clean_up_after(plan, proc.pid, killed=not ended_alone)
                 launcher_status = proc.wait()
                 proc.stdout.close()
             events = _read_status(status_read)
@@ -400,8 +402,17 @@ def _launch(plan: dict, code: bytes, timeout_s: float, max_output_bytes: int) ->
                        sandbox_uid=SANDBOX_UID_BASE + proc.pid if plan["use"][PRIVILEGE_DROP] else None)
 
 
-def _clean_up_after(plan: dict, launcher_pid: int) -> None:
-    """What a launcher killed before its own cleanup may have left: processes, its cgroup, its run folder."""
+def _clean_up_after(plan: dict, launcher_pid: int, killed: bool = True) -> None:
+    """What a launcher killed before its own cleanup may have left: processes, its cgroup, its run folder.
+
+    ``killed``: the launcher was killed here (timeout, truncation, an exception) rather than ending by itself.
+    As an ordinary user the sandbox's processes then die with its namespaces, asynchronously: wait for them.
+    """
+    if killed and plan["use"][PRIVILEGE_DROP] and plan["unprivileged"]:
+        uid = SANDBOX_UID_BASE + launcher_pid
+        if not _launcher.kill_user_namespace(uid):
+            warnings.warn(f"sandbox: processes of the run's user namespace (uid {uid}) survived SIGKILL: "
+                          f"{_launcher.processes_in_user_namespace(uid)}", RuntimeWarning, stacklevel=3)
     if plan["cgroup"]:
         _launcher.remove_cgroup(os.path.join(plan["cgroup"]["base"], f"{CGROUP_PREFIX}{launcher_pid}"))
     if plan["use"][PRIVILEGE_DROP] and not plan["unprivileged"]:  # a host uid only when root dropped to it

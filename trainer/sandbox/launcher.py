@@ -158,6 +158,51 @@ def kill_uid(uid: int) -> None:
         time.sleep(UID_SWEEP_PAUSE_S)
 
 
+def processes_in_user_namespace(uid: int) -> list[int]:
+    """Pids of the live processes in a user namespace whose uid map starts at ``uid`` (an ordinary user's runs).
+
+    As an ordinary user the run's dedicated uid exists only inside the tool's own user namespace (the host
+    sees the user's own uid), so the namespace's uid map, not the real uid, tells the run's processes apart.
+    """
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/uid_map", encoding="ascii") as handle:
+                first = handle.read().split()[:1]
+            if first != [str(uid)]:
+                continue
+            with open(f"/proc/{entry}/status", encoding="ascii", errors="replace") as handle:
+                state = next(line for line in handle if line.startswith("State:")).split()[1]
+            if state not in DEAD_STATES:
+                pids.append(int(entry))
+        except (OSError, ValueError, StopIteration, IndexError):
+            continue
+    return pids
+
+
+def kill_user_namespace(uid: int) -> bool:
+    """SIGKILL every process of the run's user namespace (uid map starting at ``uid``) until none is left.
+
+    Killing the launcher ends the sandbox's pid namespace (bubblewrap's ``--die-with-parent``), but the
+    kernel tears it down after the launcher is reaped; this waits for that (and kills whatever it finds) so
+    that nothing of a timed-out or truncated run still runs when the call returns.  False if something was
+    still alive when the rounds ran out.
+    """
+    for _ in range(UID_SWEEP_ROUNDS):
+        pids = processes_in_user_namespace(uid)
+        if not pids:
+            return True
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        time.sleep(UID_SWEEP_PAUSE_S)
+    return not processes_in_user_namespace(uid)
+
+
 def remove_cgroup(path: str) -> None:
     """Kill every process in cgroup ``path`` and remove it (a no-op if it does not exist)."""
     if not os.path.isdir(path):

@@ -1,4 +1,5 @@
-"""The sandbox as an ordinary user: the probe and every case of tests/trainer/sandbox/test_sandbox.py, run under an unprivileged uid.
+"""The sandbox as an ordinary user: the probe and every case of tests/trainer/sandbox/test_sandbox.py and
+test_sandbox_cleanup.py, run under an unprivileged uid.
 
 Run as root (CI), these tests start a child as a fresh unprivileged uid (no supplementary groups, no
 capabilities) and check that it gets the same protections as root, through user namespaces, and passes
@@ -116,7 +117,8 @@ def test_an_ordinary_user_gets_every_protection_root_gets(unprivileged_home):
 
 def test_the_sandbox_tests_pass_as_an_ordinary_user(unprivileged_home):
     done = run_unprivileged(["-m", "pytest", "-p", "no:cacheprovider", "-q", "-x",
-                             f"--basetemp={unprivileged_home / 'pytest'}", "tests/trainer/sandbox/test_sandbox.py"],
+                             f"--basetemp={unprivileged_home / 'pytest'}", "tests/trainer/sandbox/test_sandbox.py",
+                             "tests/trainer/sandbox/test_sandbox_cleanup.py"],
                             unprivileged_home)
     tail = (done.stdout + done.stderr)[-4000:]
     assert done.returncode == 0 and " passed" in tail and "failed" not in tail, tail
