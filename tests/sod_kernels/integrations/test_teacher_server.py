@@ -253,12 +253,18 @@ def test_requests_are_batched_concurrent_and_carry_the_fields(server):
 
 def test_requests_run_concurrently_and_one_failure_fails_the_call(server):
     seqs = sequences(seed=8, lengths=(4, 5, 6, 7))
-    slow = (200, lambda body: server.answer("/v1/completions", body)[1], 0.4)
-    server.script = [slow] * 4
-    start = time.monotonic()
-    top = client(server.url, max_batch_size=1, concurrency=4).topk(seqs)
-    assert time.monotonic() - start < 1.2  # four 0.4 s answers at once, not one after another
+    # Each answer waits until all four requests are in the server at once: requests sent one after another
+    # break the barrier (its timeout), their answers never come, and the call fails.  No timing involved.
+    together = threading.Barrier(4, timeout=30)
+
+    def at_once(body):
+        together.wait()
+        return server.answer("/v1/completions", body)[1]
+
+    server.script = [(200, at_once, 0.0)] * 4
+    top = client(server.url, max_batch_size=1, concurrency=4, timeout=60).topk(seqs)
     assert len(server.requests) == 4 and top.response_mask.sum() == 3 + 4 + 5 + 6
+    slow = (200, lambda body: server.answer("/v1/completions", body)[1], 0.4)
     server.script = [slow, (400, json.dumps({"error": {"message": "bad prompt"}}).encode(), 0.0), slow, slow]
     with pytest.raises(TeacherHTTPError, match="bad prompt"):
         client(server.url, max_batch_size=1, concurrency=4).topk(seqs)
@@ -391,11 +397,11 @@ def test_connection_refused():
 
 
 def test_timeout_is_bounded_and_reported(server):
-    server.script = [(200, b"{}", 1.5), (200, b"{}", 1.5)]
+    server.script = [(200, b"{}", 4.0), (200, b"{}", 4.0)]
     start = time.monotonic()
     with pytest.raises(TeacherTimeoutError, match="within 0.3 s \\(2 attempts\\)"):
         client(server.url, timeout=0.3, max_retries=1).topk([[1, 2, 3]])
-    assert time.monotonic() - start < 1.4
+    assert time.monotonic() - start < 3.0  # two 0.3 s attempts and a back-off; one 4 s answer would exceed it
     assert issubclass(TeacherTimeoutError, TeacherServerError)
 
 
