@@ -140,22 +140,13 @@ def processes_of_uid(uid: int) -> list[int]:
     return pids
 
 
-def kill_uid(uid: int) -> None:
+def kill_uid(uid: int) -> bool:
     """SIGKILL every process of the run's dedicated ``uid`` until none is left (or the rounds run out).
 
     The pid namespace and the cgroup already make this a no-op in the normal case; it is the backstop for
-    processes that left the process group when neither is available.
+    processes that left the process group when neither is available.  False if some survived.
     """
-    for _ in range(UID_SWEEP_ROUNDS):
-        pids = processes_of_uid(uid)
-        if not pids:
-            return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        time.sleep(UID_SWEEP_PAUSE_S)
+    return _kill_until_gone(processes_of_uid, uid)
 
 
 def processes_in_user_namespace(uid: int) -> list[int]:
@@ -190,8 +181,13 @@ def kill_user_namespace(uid: int) -> bool:
     that nothing of a timed-out or truncated run still runs when the call returns.  False if something was
     still alive when the rounds ran out.
     """
+    return _kill_until_gone(processes_in_user_namespace, uid)
+
+
+def _kill_until_gone(find, uid: int) -> bool:
+    """SIGKILL the pids ``find(uid)`` returns, in rounds, until it returns none; False if the rounds run out."""
     for _ in range(UID_SWEEP_ROUNDS):
-        pids = processes_in_user_namespace(uid)
+        pids = find(uid)
         if not pids:
             return True
         for pid in pids:
@@ -200,7 +196,7 @@ def kill_user_namespace(uid: int) -> bool:
             except (ProcessLookupError, PermissionError):
                 pass
         time.sleep(UID_SWEEP_PAUSE_S)
-    return not processes_in_user_namespace(uid)
+    return not find(uid)
 
 
 def remove_cgroup(path: str) -> None:
